@@ -1,0 +1,1 @@
+//! tenax-actors (being written)

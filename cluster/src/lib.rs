@@ -1,0 +1,1 @@
+//! tenax-cluster (being written)

@@ -1,0 +1,1 @@
+//! tenax-data (being written)

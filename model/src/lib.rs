@@ -1,0 +1,1 @@
+//! tenax-model (being written)

@@ -1,0 +1,1 @@
+//! tenax-storage (being written)
