@@ -1,1 +1,23 @@
-//! tenax-actors (being written)
+//! tenax-actors: the ractor supervision tree that runs training.
+//!
+//! Modules:
+//! - [`rank`]: one data-parallel rank as an actor. Its model and optimizer live on a
+//!   dedicated compute thread (candle work never runs inside a message handler); the
+//!   actor forwards jobs to that thread and awaits their results with a timeout.
+//! - [`supervisor`]: the `TrainSupervisor` over N rank actors, and [`Trainer`], the
+//!   handle the CLI drives step by step.
+//!
+//! Restart policy (the embedded, single-process case): a rank is never restarted in
+//! place, because its state could only come back from a peer (the elasticity issue). A
+//! rank that fails aborts the collective, so its peers stop waiting at once, and the
+//! supervisor stops the run with an error naming the rank; checkpoints already
+//! committed are untouched and `--resume` continues from the newest one.
+//!
+//! Still to come: the node supervisor of `tenax daemon` with Membership, Checkpoint and
+//! Control children.
+
+pub mod rank;
+pub mod supervisor;
+
+pub use rank::{RankOutcome, TrainData, TrainSetup};
+pub use supervisor::{ActorsError, Snapshot, StepReport, Trainer};

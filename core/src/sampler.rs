@@ -65,6 +65,17 @@ pub fn epoch_permutation(seed: u64, epoch: u64, num_windows: u64) -> Vec<u32> {
     perm
 }
 
+/// The validation windows an evaluation reads: the first `count` windows of a seeded
+/// permutation of the validation split (cycling when `count > num_windows`). Every
+/// evaluation of a run reads the same windows, so val losses are comparable over time.
+pub fn eval_windows(seed: u64, num_windows: u64, count: u64) -> Vec<u64> {
+    if num_windows == 0 {
+        return Vec::new();
+    }
+    let perm = epoch_permutation(seed ^ 0x7661_6c00, 0, num_windows);
+    (0..count).map(|i| u64::from(perm[(i % num_windows) as usize])).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +99,17 @@ mod tests {
         assert_ne!(e0, e1);
         let mut b = Sampler::new(2, 1000);
         assert_ne!(e0, b.windows(0, 1000));
+    }
+
+    #[test]
+    fn eval_windows_are_fixed_and_cycle() {
+        assert_eq!(eval_windows(1, 5, 7), eval_windows(1, 5, 7));
+        let w = eval_windows(1, 5, 10);
+        assert_eq!(&w[..5], &w[5..]);
+        let mut first: Vec<u64> = w[..5].to_vec();
+        first.sort_unstable();
+        assert_eq!(first, vec![0, 1, 2, 3, 4]);
+        assert!(eval_windows(1, 0, 3).is_empty());
     }
 
     proptest! {

@@ -1,1 +1,32 @@
-//! tenax-data (being written)
+//! tenax-data: the text a model trains on, turned into token ids.
+//!
+//! A [`Corpus`] comes from user files ([`load_corpus`]) or from the built-in corpus of Rust
+//! sources of tenax's own dependencies ([`default_corpus`]). A [`Tokenizer`] (bytes, char or
+//! GPT-2) encodes it; [`prepare_dataset`] splits the tokens 90/10 into train and val as
+//! nanoGPT does and caches both as verified token shards; [`window`] cuts the fixed
+//! `block_size + 1` windows that training samples.
+//!
+//! Modules:
+//! - [`corpus`] — [`Corpus`], [`load_corpus`], [`default_corpus`].
+//! - [`tokenizer`] — [`TokenizerKind`], [`TokenizerSpec`], [`Tokenizer`].
+//! - [`shard`] — the on-disk token shard format, [`write_shard`], [`read_shard`].
+//! - [`dataset`] — [`Dataset`], [`prepare_dataset`], [`num_windows`], [`window`].
+//! - [`error`] — [`DataError`].
+//!
+//! Nothing here is async or touches the network; the only I/O is reading corpus files and
+//! reading and writing shards in a cache directory.
+
+pub mod corpus;
+pub mod dataset;
+pub mod error;
+pub mod shard;
+pub mod tokenizer;
+
+pub use corpus::{default_corpus, load_corpus, Corpus, DEFAULT_CORPUS_MAX_BYTES, DEFAULT_CORPUS_PER_CRATE_BYTES};
+pub use dataset::{
+    cache_key, checked_num_windows, num_windows, prepare_dataset, shard_paths, window, CacheStatus,
+    Dataset,
+};
+pub use error::DataError;
+pub use shard::{read_shard, read_shard_with_vocab, write_shard};
+pub use tokenizer::{Tokenizer, TokenizerKind, TokenizerSpec, GPT2_VOCAB_SIZE};

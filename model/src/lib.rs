@@ -1,1 +1,30 @@
-//! tenax-model (being written)
+//! tenax-model: the GPT that tenax trains, in candle on the CPU, and the pure pieces of
+//! its training step.
+//!
+//! Parameters, gradients and optimiser state are flat `f32` vectors in one fixed order
+//! (the [`ParamLayout`]: parameters sorted by name, each row-major), which is what the
+//! rest of tenax all-reduces, checkpoints and restores.
+//!
+//! Modules:
+//! - [`config`]: [`GptConfig`] and its named presets.
+//! - [`params`]: [`ParamLayout`] (names, shapes, offsets, decay flags) and nanoGPT
+//!   initialisation [`init_params`] from a seed.
+//! - [`gpt`]: [`Gpt`]: forward pass, summed cross-entropy and its gradient, sampling.
+//! - [`optim`]: [`AdamW`] (PyTorch semantics, plain loops), [`clip_grad_norm`] and
+//!   [`NamedTensor`] conversions for checkpoints.
+//! - [`schedule`]: [`LrSchedule`], warmup plus cosine decay.
+//! - [`error`]: the error type [`ModelError`].
+
+pub mod config;
+pub mod error;
+pub mod gpt;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+
+pub use config::GptConfig;
+pub use error::ModelError;
+pub use gpt::Gpt;
+pub use optim::{clip_grad_norm, named_params, params_from_named, AdamW, AdamWConfig, NamedTensor};
+pub use params::{init_params, ParamEntry, ParamLayout};
+pub use schedule::LrSchedule;

@@ -1,0 +1,212 @@
+//! One data-parallel rank: an actor in front of a compute thread.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tenax_cluster::{Collective, SlotContribution};
+use tenax_core::sampler::Sampler;
+use tenax_core::slots::{slots_for_rank, BatchLayout};
+use tenax_model::{clip_grad_norm, AdamW, AdamWConfig, Gpt, GptConfig};
+
+/// Token streams shared by every rank (read-only).
+#[derive(Debug)]
+pub struct TrainData {
+    /// Training split.
+    pub train: Vec<u32>,
+    /// Validation split.
+    pub val: Vec<u32>,
+}
+
+/// Everything that fixes the math of a step; identical on every rank.
+#[derive(Clone, Debug)]
+pub struct TrainSetup {
+    /// Model shape.
+    pub model: GptConfig,
+    /// Optimizer hyper-parameters (the learning rate comes per step).
+    pub adamw: AdamWConfig,
+    /// Global-norm clip; 0 disables clipping.
+    pub grad_clip: f32,
+    /// Global batch and micro-batch (slot) size.
+    pub batch: BatchLayout,
+    /// Data-order seed.
+    pub seed: u64,
+    /// Number of data-parallel ranks.
+    pub ranks: usize,
+    /// Deadline of one step (compute plus collective) and of every actor call.
+    pub step_timeout: Duration,
+}
+
+/// What one rank reports for one step. Every rank reports the same values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RankOutcome {
+    /// Mean token loss of the global batch (slot-ordered sum / tokens).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// True when the loss or gradient was not finite and the update was skipped.
+    pub skipped: bool,
+}
+
+/// The state a compute thread owns.
+pub(crate) struct RankCompute {
+    pub(crate) rank: usize,
+    pub(crate) setup: TrainSetup,
+    pub(crate) data: Arc<TrainData>,
+    pub(crate) collective: Arc<dyn Collective>,
+    pub(crate) model: Gpt,
+    pub(crate) params: Vec<f32>,
+    pub(crate) opt: AdamW,
+    sampler: Sampler,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+impl RankCompute {
+    /// Build the rank's model from the shared initial state.
+    pub(crate) fn new(
+        rank: usize,
+        setup: TrainSetup,
+        data: Arc<TrainData>,
+        collective: Arc<dyn Collective>,
+        params: Vec<f32>,
+        opt: AdamW,
+    ) -> Result<Self, String> {
+        let model = Gpt::new(setup.model.clone()).map_err(|e| format!("rank {rank}: cannot build the model: {e}"))?;
+        model.set_params(&params).map_err(|e| format!("rank {rank}: cannot load parameters: {e}"))?;
+        let windows = tenax_data::num_windows(data.train.len(), setup.model.block_size) as u64;
+        if windows == 0 {
+            return Err(format!("the training split has {} tokens, fewer than one window of {}", data.train.len(), setup.model.block_size + 1));
+        }
+        let sampler = Sampler::new(setup.seed, windows);
+        Ok(Self { rank, setup, data, collective, model, params, opt, sampler, inputs: Vec::new(), targets: Vec::new() })
+    }
+
+    /// Fill the input/target buffers with the given windows of `tokens`.
+    fn fill(&mut self, windows: &[u64], split_val: bool) {
+        let bs = self.setup.model.block_size;
+        self.inputs.clear();
+        self.targets.clear();
+        let tokens = if split_val { &self.data.val } else { &self.data.train };
+        let (mut i, mut t) = (Vec::with_capacity(bs), Vec::with_capacity(bs));
+        for &w in windows {
+            tenax_data::window(tokens, bs, w as usize, &mut i, &mut t);
+            self.inputs.extend_from_slice(&i);
+            self.targets.extend_from_slice(&t);
+        }
+    }
+
+    /// Compute this rank's slots of `step`, reduce, and apply the update.
+    pub(crate) fn step(&mut self, step: u64, cursor: u64, lr: f32) -> Result<RankOutcome, String> {
+        let layout = self.setup.batch;
+        let my_slots = slots_for_rank(layout.num_slots(), self.setup.ranks as u64, self.rank as u64);
+        for slot in my_slots {
+            let samples = layout.slot_samples(cursor, slot);
+            let windows = self.sampler.windows(samples.start, samples.end - samples.start);
+            self.fill(&windows, false);
+            let (loss_sum, grad) = self
+                .model
+                .loss_sum_and_grad(&self.inputs, &self.targets, windows.len())
+                .map_err(|e| format!("rank {}: step {step} slot {slot}: {e}", self.rank))?;
+            self.collective.contribute(step, SlotContribution { slot, loss_sum, grad }).map_err(|e| format!("rank {}: {e}", self.rank))?;
+        }
+        let reduced = self.collective.reduced(step, self.setup.step_timeout).map_err(|e| format!("rank {}: {e}", self.rank))?;
+        let tokens = (layout.batch_size as usize * self.setup.model.block_size) as f32;
+        let loss = reduced.loss_sum / f64::from(tokens);
+        let mut grad: Vec<f32> = reduced.grad_sum.iter().map(|g| g / tokens).collect();
+        let grad_norm = clip_grad_norm(&mut grad, self.setup.grad_clip);
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Ok(RankOutcome { loss, grad_norm, skipped: true });
+        }
+        self.opt.update(&mut self.params, &grad, lr, self.model.layout(), &self.setup.adamw);
+        self.model.set_params(&self.params).map_err(|e| format!("rank {}: cannot load parameters: {e}", self.rank))?;
+        Ok(RankOutcome { loss, grad_norm, skipped: false })
+    }
+
+    /// Mean token loss over the given validation windows, in batches of the micro-batch size.
+    pub(crate) fn eval(&mut self, windows: &[u64]) -> Result<f64, String> {
+        let mb = self.setup.batch.micro_batch_size as usize;
+        let mut sum = 0.0f64;
+        for chunk in windows.chunks(mb.max(1)) {
+            self.fill(chunk, true);
+            sum += f64::from(self.model.loss_sum(&self.inputs, &self.targets, chunk.len()).map_err(|e| format!("eval: {e}"))?);
+        }
+        Ok(sum / (windows.len() * self.setup.model.block_size) as f64)
+    }
+
+    /// A hex SHA-256 of the parameter bits.
+    pub(crate) fn param_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for p in &self.params {
+            h.update(p.to_le_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// A job for the compute thread.
+pub(crate) type Job = Box<dyn FnOnce(&mut RankCompute) + Send>;
+
+/// Messages a rank actor takes.
+pub(crate) enum RankMsg {
+    /// Run a job on the compute thread; the job sends its own reply.
+    Run(Job),
+}
+
+/// The rank actor: it owns the sending half of its compute thread's queue.
+pub(crate) struct RankActor;
+
+/// Arguments of a rank actor: the already-built compute state.
+pub(crate) struct RankArgs {
+    pub(crate) compute: RankCompute,
+}
+
+/// State of a rank actor.
+pub(crate) struct RankState {
+    jobs: mpsc::SyncSender<Job>,
+    collective: Arc<dyn Collective>,
+    rank: usize,
+}
+
+impl Actor for RankActor {
+    type Msg = RankMsg;
+    type State = RankState;
+    type Arguments = RankArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: RankArgs) -> Result<RankState, ActorProcessingErr> {
+        let rank = args.compute.rank;
+        let collective = Arc::clone(&args.compute.collective);
+        // A bounded queue: the supervisor never has more than a few jobs in flight per rank.
+        let (tx, rx) = mpsc::sync_channel::<Job>(4);
+        let mut compute = args.compute;
+        std::thread::Builder::new()
+            .name(format!("tenax-rank-{rank}"))
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut compute)));
+                    if run.is_err() {
+                        // The job's reply is dropped with it; make the peers stop waiting too.
+                        compute.collective.abort(&format!("rank {rank} panicked"));
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("rank {rank}: cannot start its compute thread: {e}"))?;
+        Ok(RankState { jobs: tx, collective, rank })
+    }
+
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: RankMsg, state: &mut RankState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RankMsg::Run(job) => {
+                if state.jobs.try_send(job).is_err() {
+                    let reason = format!("rank {}: compute thread is gone or its queue is full", state.rank);
+                    state.collective.abort(&reason);
+                    return Err(reason.into());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,311 @@
+//! AdamW with flat state, gradient clipping and named tensors for checkpoints.
+//!
+//! Everything here is plain `f32` loops over flat vectors in layout order, so a step is
+//! bit-for-bit deterministic and independent of candle.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+use crate::params::ParamLayout;
+
+/// AdamW hyper-parameters other than the learning rate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// Decay rate of the first moment.
+    pub beta1: f32,
+    /// Decay rate of the second moment.
+    pub beta2: f32,
+    /// Added to the root of the second moment.
+    pub eps: f32,
+    /// Decoupled weight decay, applied to parameters whose layout entry has `decay`.
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    /// nanoGPT's values for small models: betas (0.9, 0.99), eps 1e-8, decay 0.1.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 }
+    }
+}
+
+/// AdamW state: first and second moments, flat in layout order, and the step count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    /// First moment (moving average of gradients).
+    pub m: Vec<f32>,
+    /// Second moment (moving average of squared gradients).
+    pub v: Vec<f32>,
+    /// Number of updates applied so far.
+    pub step: u64,
+}
+
+/// A named, shaped `f32` tensor as stored in checkpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    /// Tensor name, e.g. `wte.weight` or `adamw.m.wte.weight`.
+    pub name: String,
+    /// Shape (row-major).
+    pub shape: Vec<usize>,
+    /// Values, row-major; length is the product of `shape`.
+    pub data: Vec<f32>,
+}
+
+const M_PREFIX: &str = "adamw.m.";
+const V_PREFIX: &str = "adamw.v.";
+
+impl AdamW {
+    /// Zero state for `n` parameters.
+    pub fn new(n: usize) -> Self {
+        Self { m: vec![0.0; n], v: vec![0.0; n], step: 0 }
+    }
+
+    /// One AdamW step with PyTorch semantics: for decay parameters `p -= lr * wd * p`
+    /// first; then `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2` and
+    /// `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)` with `t` the new step
+    /// count. Bias corrections are computed in f64 and rounded to f32 once, as PyTorch
+    /// does with Python floats.
+    ///
+    /// # Panics
+    /// If `params`, `grad`, the state and the layout disagree on the length.
+    pub fn update(&mut self, params: &mut [f32], grad: &[f32], lr: f32, layout: &ParamLayout, cfg: &AdamWConfig) {
+        let n = layout.total;
+        assert!(
+            params.len() == n && grad.len() == n && self.m.len() == n && self.v.len() == n,
+            "AdamW::update: params {}, grad {}, m {}, v {} but layout has {n}",
+            params.len(),
+            grad.len(),
+            self.m.len(),
+            self.v.len()
+        );
+        self.step += 1;
+        let t = i32::try_from(self.step).unwrap_or(i32::MAX);
+        let bias1 = 1.0 - f64::from(cfg.beta1).powi(t);
+        let bias2 = 1.0 - f64::from(cfg.beta2).powi(t);
+        let step_size = (f64::from(lr) / bias1) as f32;
+        let bias2_sqrt = bias2.sqrt() as f32;
+        let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
+        let decay_factor = 1.0 - lr * cfg.weight_decay;
+        for entry in &layout.entries {
+            let r = entry.range();
+            let (p, g) = (&mut params[r.clone()], &grad[r.clone()]);
+            let (m, v) = (&mut self.m[r.clone()], &mut self.v[r]);
+            if entry.decay && cfg.weight_decay != 0.0 {
+                p.iter_mut().for_each(|x| *x *= decay_factor);
+            }
+            for i in 0..p.len() {
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let denom = v[i].sqrt() / bias2_sqrt + eps;
+                p[i] -= step_size * m[i] / denom;
+            }
+        }
+    }
+
+    /// The moments as named tensors, `adamw.m.<param>` for every parameter then
+    /// `adamw.v.<param>`, each with its parameter's shape. The step count is not a
+    /// tensor: store [`AdamW::step`] next to them.
+    pub fn named_state(&self, layout: &ParamLayout) -> Vec<NamedTensor> {
+        let mut out = Vec::with_capacity(2 * layout.entries.len());
+        for (prefix, flat) in [(M_PREFIX, &self.m), (V_PREFIX, &self.v)] {
+            out.extend(layout.entries.iter().map(|e| NamedTensor {
+                name: format!("{prefix}{}", e.name),
+                shape: e.shape.clone(),
+                data: flat[e.range()].to_vec(),
+            }));
+        }
+        out
+    }
+
+    /// Rebuilds the state from [`AdamW::named_state`] tensors (any order; other names are
+    /// ignored) and the saved step count. Every moment of every parameter must be
+    /// present with the right shape; the error names the first that is not.
+    pub fn from_named_state(layout: &ParamLayout, tensors: &[NamedTensor], step: u64) -> Result<Self, ModelError> {
+        let m = gather_flat(layout, tensors, M_PREFIX)?;
+        let v = gather_flat(layout, tensors, V_PREFIX)?;
+        Ok(Self { m, v, step })
+    }
+}
+
+/// Finds `<prefix><param>` for every parameter, checks it and copies it to a flat vector.
+fn gather_flat(layout: &ParamLayout, tensors: &[NamedTensor], prefix: &str) -> Result<Vec<f32>, ModelError> {
+    let by_name: std::collections::HashMap<&str, &NamedTensor> =
+        tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut flat = vec![0f32; layout.total];
+    for e in &layout.entries {
+        let name = format!("{prefix}{}", e.name);
+        let t = by_name.get(name.as_str()).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+        if t.shape != e.shape || t.data.len() != e.len {
+            return Err(ModelError::TensorShape {
+                name,
+                expected: e.shape.clone(),
+                got: t.shape.clone(),
+                got_len: t.data.len(),
+            });
+        }
+        flat[e.range()].copy_from_slice(&t.data);
+    }
+    Ok(flat)
+}
+
+/// The parameters as named tensors `<param>`, layout order.
+///
+/// # Panics
+/// If `flat` is not `layout.total` long.
+pub fn named_params(layout: &ParamLayout, flat: &[f32]) -> Vec<NamedTensor> {
+    assert_eq!(flat.len(), layout.total, "named_params: flat vector length vs layout");
+    layout
+        .entries
+        .iter()
+        .map(|e| NamedTensor { name: e.name.clone(), shape: e.shape.clone(), data: flat[e.range()].to_vec() })
+        .collect()
+}
+
+/// The flat parameter vector from [`named_params`] tensors (any order; other names are
+/// ignored). The error names the first missing or mis-shaped parameter.
+pub fn params_from_named(layout: &ParamLayout, tensors: &[NamedTensor]) -> Result<Vec<f32>, ModelError> {
+    gather_flat(layout, tensors, "")
+}
+
+/// Global-norm gradient clipping. The norm is `sqrt` of the sum of squares accumulated in
+/// f64 in index order; if it exceeds `max_norm` every element is scaled by
+/// `max_norm / (norm + 1e-6)`. Returns the norm before clipping (NaN or infinite if the
+/// gradient is; then nothing is scaled). `max_norm <= 0` disables clipping.
+pub fn clip_grad_norm(grad: &mut [f32], max_norm: f32) -> f64 {
+    let norm = grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt();
+    if max_norm > 0.0 && norm > f64::from(max_norm) {
+        let scale = (f64::from(max_norm) / (norm + 1e-6)) as f32;
+        grad.iter_mut().for_each(|g| *g *= scale);
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GptConfig;
+    use crate::params::{ParamEntry, ParamLayout};
+
+    /// A layout with one decayed 2-element weight and one undecayed 1-element bias.
+    fn small_layout() -> ParamLayout {
+        ParamLayout {
+            entries: vec![
+                ParamEntry { name: "a.bias".into(), shape: vec![1], offset: 0, len: 1, decay: false },
+                ParamEntry { name: "a.weight".into(), shape: vec![1, 2], offset: 1, len: 2, decay: true },
+            ],
+            total: 3,
+        }
+    }
+
+    #[test]
+    fn adamw_matches_hand_computed_steps() {
+        let layout = small_layout();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+        let lr = 0.1;
+        // Elements: bias (no decay), weight[0], weight[1] (decay 0.1).
+        let mut p = vec![1.0f32, 1.0, 1.0];
+        let mut opt = AdamW::new(3);
+        // Step 1: m_hat = g, v_hat = g^2, so the Adam step is lr * sign(g) (eps negligible).
+        opt.update(&mut p, &[0.5, 0.5, 0.5], lr, &layout, &cfg);
+        // bias: 1 - 0.1 = 0.9; weights: 1 * (1 - 0.01) - 0.1 = 0.89.
+        let want1 = [0.9f32, 0.89, 0.89];
+        // Step 2, gradients 0.5 (constant) for bias and weight[0], -1.0 for weight[1]:
+        // constant g: again lr * sign(g): bias 0.8, weight[0] 0.89 * 0.99 - 0.1 = 0.7811.
+        // weight[1]: m = 0.9*0.05 - 0.1 = -0.055, v = 0.99*0.0025 + 0.01 = 0.012475,
+        // m_hat = -0.055/0.19 = -0.28947368, v_hat = 0.012475/0.0199 = 0.62688442,
+        // step = 0.1 * -0.28947368 / 0.79176033 = -0.03656077;
+        // p = 0.89 * 0.99 + 0.03656077 = 0.91766077.
+        for (got, want) in p.iter().zip(want1) {
+            assert!((got - want).abs() < 1e-6, "step 1: {p:?} vs {want1:?}");
+        }
+        opt.update(&mut p, &[0.5, 0.5, -1.0], lr, &layout, &cfg);
+        let want2 = [0.8f32, 0.7811, 0.917_660_8];
+        for (got, want) in p.iter().zip(want2) {
+            assert!((got - want).abs() < 1e-6, "step 2: {p:?} vs {want2:?}");
+        }
+        assert_eq!(opt.step, 2);
+        assert!((opt.m[2] - -0.055).abs() < 1e-7 && (opt.v[2] - 0.012475).abs() < 1e-7);
+
+        // Without decay the weights follow the bias exactly.
+        let no_decay = AdamWConfig { weight_decay: 0.0, ..cfg };
+        let mut p = vec![1.0f32, 1.0, 1.0];
+        let mut opt = AdamW::new(3);
+        opt.update(&mut p, &[0.5, 0.5, 0.5], lr, &layout, &no_decay);
+        opt.update(&mut p, &[0.5, 0.5, -1.0], lr, &layout, &no_decay);
+        let want = [0.8f32, 0.8, 0.936_560_77];
+        for (got, want) in p.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "no decay: {p:?}");
+        }
+    }
+
+    #[test]
+    fn adamw_named_state_round_trips_and_reports_missing() {
+        let c = GptConfig::preset("tiny", 13).unwrap();
+        let layout = ParamLayout::for_config(&c);
+        let mut opt = AdamW::new(layout.total);
+        for (i, (m, v)) in opt.m.iter_mut().zip(opt.v.iter_mut()).enumerate() {
+            *m = i as f32 * 0.5;
+            *v = i as f32 * 0.25;
+        }
+        opt.step = 17;
+        let mut named = opt.named_state(&layout);
+        assert_eq!(named.len(), 2 * layout.entries.len());
+        assert!(named.iter().any(|t| t.name == "adamw.m.h.01.mlp.c_fc.weight" && t.shape == vec![32, 128]));
+        named.reverse(); // order must not matter
+        let back = AdamW::from_named_state(&layout, &named, 17).unwrap();
+        assert_eq!(back, opt);
+
+        let missing: Vec<NamedTensor> =
+            named.iter().filter(|t| t.name != "adamw.v.wpe.weight").cloned().collect();
+        let err = AdamW::from_named_state(&layout, &missing, 17).unwrap_err();
+        assert!(matches!(&err, ModelError::MissingTensor { name } if name == "adamw.v.wpe.weight"), "{err}");
+        assert!(err.to_string().contains("adamw.v.wpe.weight"));
+
+        let mut bad = named.clone();
+        let t = bad.iter_mut().find(|t| t.name == "adamw.m.ln_f.bias").unwrap();
+        t.shape = vec![31];
+        t.data.pop();
+        let err = AdamW::from_named_state(&layout, &bad, 17).unwrap_err();
+        assert!(matches!(&err, ModelError::TensorShape { name, .. } if name == "adamw.m.ln_f.bias"), "{err}");
+    }
+
+    #[test]
+    fn named_params_round_trip() {
+        let c = GptConfig::preset("tiny", 13).unwrap();
+        let layout = ParamLayout::for_config(&c);
+        let flat: Vec<f32> = (0..layout.total).map(|i| i as f32).collect();
+        let named = named_params(&layout, &flat);
+        assert_eq!(named[0].name, layout.entries[0].name);
+        assert_eq!(params_from_named(&layout, &named).unwrap(), flat);
+        let err = params_from_named(&layout, &named[1..]).unwrap_err();
+        assert!(matches!(&err, ModelError::MissingTensor { name } if *name == layout.entries[0].name));
+    }
+
+    #[test]
+    fn clip_grad_norm_table() {
+        // (grad, max_norm, want pre-clip norm, want grad after)
+        let s = (1.0 / (5.0 + 1e-6)) as f32;
+        let table: Vec<(Vec<f32>, f32, f64, Vec<f32>)> = vec![
+            (vec![3.0, 4.0], 10.0, 5.0, vec![3.0, 4.0]),            // below: untouched
+            (vec![3.0, 4.0], 5.0, 5.0, vec![3.0, 4.0]),             // equal: untouched
+            (vec![3.0, 4.0], 1.0, 5.0, vec![3.0 * s, 4.0 * s]),     // clipped to ~1
+            (vec![3.0, 4.0], 0.0, 5.0, vec![3.0, 4.0]),             // disabled
+            (vec![3.0, 4.0], -1.0, 5.0, vec![3.0, 4.0]),            // disabled
+            (vec![], 1.0, 0.0, vec![]),                             // empty
+            (vec![0.0, 0.0, 0.0], 1.0, 0.0, vec![0.0, 0.0, 0.0]),   // zero
+            (vec![1.0, 1.0, 1.0, 1.0], 1.0, 2.0, vec![(1.0 / (2.0 + 1e-6)) as f32; 4]),
+        ];
+        for (grad, max_norm, want_norm, want) in table {
+            let mut g = grad.clone();
+            let norm = clip_grad_norm(&mut g, max_norm);
+            assert!((norm - want_norm).abs() < 1e-12, "{grad:?} {max_norm}: norm {norm}");
+            assert_eq!(g, want, "{grad:?} max_norm {max_norm}");
+        }
+        let mut g = vec![f32::NAN, 1.0];
+        assert!(clip_grad_norm(&mut g, 1.0).is_nan());
+        // Accumulated in f64: 1e20^2 overflows f32 but not f64.
+        let mut g = vec![1e20f32, 1e20];
+        let norm = clip_grad_norm(&mut g, 1.0);
+        assert!((norm / (2f64.sqrt() * 1e20) - 1.0).abs() < 1e-6);
+        assert!((g[0] - 1.0 / 2f32.sqrt()).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,285 @@
+//! The training configuration: flags, an optional TOML file with the same keys, and the
+//! values a resumed run inherits from its checkpoint.
+//!
+//! Precedence: flag > config file > checkpoint (on `--resume`) > default. Keys that fix
+//! the math of a step (model, data, batch, optimizer, schedule, seed) must agree with
+//! the checkpoint a run resumes from; keys that only say where and how long to run
+//! (`steps`, `ranks`, `run_dir`, `store`, `ckpt_every`, `eval_every`) may change.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Every training key, each optional: what a flag or a config file says.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct TrainArgs {
+    /// Model size: tiny (tests), nano (nanoGPT's CPU recipe) or gpt2-small.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Text files or directories to train on (repeatable). Default: Rust sources of
+    /// tenax's own dependencies from the local cargo registry.
+    #[arg(long = "data", value_name = "PATH")]
+    pub data: Option<Vec<PathBuf>>,
+    /// Tokenizer: bytes, char (vocabulary from the corpus) or gpt2 (BPE).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Stop after this many optimizer steps in total (a resumed run counts from 0 too).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Samples (sequences) per optimizer step: the global batch.
+    #[arg(long)]
+    pub batch_size: Option<u64>,
+    /// Samples per forward/backward pass (one slot). Must divide --batch-size.
+    #[arg(long)]
+    pub micro_batch_size: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning rate at the end of the cosine decay.
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Length of the cosine decay in steps (default: --steps of the run that started it;
+    /// a resumed run keeps it, so a larger --steps continues the same schedule).
+    #[arg(long)]
+    pub lr_decay_steps: Option<u64>,
+    /// AdamW decoupled weight decay (2-D weights only).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// AdamW beta1.
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// AdamW beta2.
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Seed of weight init and data order.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Data-parallel ranks in this process (at most batch / micro-batch).
+    #[arg(long)]
+    pub ranks: Option<usize>,
+    /// Where metrics.jsonl, loss.png, token shards and (by default) checkpoints go.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Checkpoint store URL (file:///abs/path, s3://bucket/prefix, memory://).
+    /// Default: file://<run-dir>/checkpoints.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long)]
+    pub ckpt_every: Option<u64>,
+    /// Evaluate validation loss every N steps (0: only at the end).
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    /// Validation batches (of --micro-batch-size samples) per evaluation.
+    #[arg(long)]
+    pub eval_batches: Option<u64>,
+    /// Stop with an error after this many consecutive non-finite steps.
+    #[arg(long)]
+    pub max_bad_steps: Option<u64>,
+}
+
+impl TrainArgs {
+    /// Fill every unset key of `self` from `other`.
+    pub fn or(self, other: TrainArgs) -> TrainArgs {
+        macro_rules! pick { ($($f:ident),*) => { TrainArgs { $($f: self.$f.or(other.$f)),* } } }
+        pick!(
+            preset, data, tokenizer, steps, batch_size, micro_batch_size, lr, min_lr, warmup_steps, lr_decay_steps,
+            weight_decay, beta1, beta2, grad_clip, seed, ranks, run_dir, store, ckpt_every, eval_every, eval_batches,
+            max_bad_steps
+        )
+    }
+
+    /// Read a TOML config file with the same keys as the flags (snake_case).
+    pub fn from_toml_file(path: &std::path::Path) -> Result<TrainArgs> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("config file {}: cannot read it", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.message()))
+    }
+}
+
+/// The resolved training configuration: nothing optional left.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Model preset name.
+    pub preset: String,
+    /// Corpus paths (empty: the built-in corpus).
+    pub data: Vec<PathBuf>,
+    /// Tokenizer kind.
+    pub tokenizer: String,
+    /// Where this run stops.
+    pub steps: u64,
+    /// Global batch in samples.
+    pub batch_size: u64,
+    /// Samples per slot.
+    pub micro_batch_size: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate.
+    pub min_lr: f64,
+    /// Warmup steps.
+    pub warmup_steps: u64,
+    /// Cosine decay length.
+    pub lr_decay_steps: u64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// Gradient clip.
+    pub grad_clip: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Ranks.
+    pub ranks: usize,
+    /// Run directory.
+    pub run_dir: PathBuf,
+    /// Checkpoint store URL.
+    pub store: String,
+    /// Checkpoint period in steps (0: only at the end).
+    pub ckpt_every: u64,
+    /// Eval period in steps (0: only at the end).
+    pub eval_every: u64,
+    /// Eval batches.
+    pub eval_batches: u64,
+    /// Consecutive non-finite steps tolerated.
+    pub max_bad_steps: u64,
+}
+
+/// The keys that fix the math of a step, and so must match on resume.
+pub const MATH_KEYS: &[&str] = &[
+    "preset", "tokenizer", "batch_size", "micro_batch_size", "lr", "min_lr", "warmup_steps", "lr_decay_steps",
+    "weight_decay", "beta1", "beta2", "grad_clip", "seed",
+];
+
+impl TrainConfig {
+    /// Resolve: unset keys take the checkpoint's value (when resuming), else the default.
+    pub fn resolve(args: TrainArgs, from_checkpoint: Option<&TrainConfig>) -> Result<TrainConfig> {
+        let args = match from_checkpoint {
+            Some(c) => args.or(c.as_args()),
+            None => args,
+        };
+        let steps = args.steps.unwrap_or(500);
+        let run_dir = args.run_dir.unwrap_or_else(|| PathBuf::from("runs/default"));
+        let cfg = TrainConfig {
+            preset: args.preset.unwrap_or_else(|| "nano".into()),
+            data: args.data.unwrap_or_default(),
+            tokenizer: args.tokenizer.unwrap_or_else(|| "bytes".into()),
+            steps,
+            batch_size: args.batch_size.unwrap_or(12),
+            micro_batch_size: args.micro_batch_size.unwrap_or(4),
+            lr: args.lr.unwrap_or(1e-3),
+            min_lr: args.min_lr.unwrap_or(1e-4),
+            warmup_steps: args.warmup_steps.unwrap_or(100.min(steps / 10)),
+            lr_decay_steps: args.lr_decay_steps.unwrap_or(steps),
+            weight_decay: args.weight_decay.unwrap_or(0.1),
+            beta1: args.beta1.unwrap_or(0.9),
+            beta2: args.beta2.unwrap_or(0.99),
+            grad_clip: args.grad_clip.unwrap_or(1.0),
+            seed: args.seed.unwrap_or(1337),
+            ranks: args.ranks.unwrap_or(1),
+            store: args.store.unwrap_or_default(),
+            run_dir,
+            ckpt_every: args.ckpt_every.unwrap_or(0),
+            eval_every: args.eval_every.unwrap_or(0),
+            eval_batches: args.eval_batches.unwrap_or(20),
+            max_bad_steps: args.max_bad_steps.unwrap_or(5),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr {} is not a positive number", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            bail!("--beta1 {} / --beta2 {} must lie in [0, 1)", self.beta1, self.beta2);
+        }
+        if self.ranks == 0 {
+            bail!("--ranks must be at least 1");
+        }
+        if self.eval_batches == 0 {
+            bail!("--eval-batches must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Back to the optional form (for precedence merging).
+    pub fn as_args(&self) -> TrainArgs {
+        TrainArgs {
+            preset: Some(self.preset.clone()),
+            data: Some(self.data.clone()),
+            tokenizer: Some(self.tokenizer.clone()),
+            steps: Some(self.steps),
+            batch_size: Some(self.batch_size),
+            micro_batch_size: Some(self.micro_batch_size),
+            lr: Some(self.lr),
+            min_lr: Some(self.min_lr),
+            warmup_steps: Some(self.warmup_steps),
+            lr_decay_steps: Some(self.lr_decay_steps),
+            weight_decay: Some(self.weight_decay),
+            beta1: Some(self.beta1),
+            beta2: Some(self.beta2),
+            grad_clip: Some(self.grad_clip),
+            seed: Some(self.seed),
+            ranks: Some(self.ranks),
+            run_dir: Some(self.run_dir.clone()),
+            store: Some(self.store.clone()),
+            ckpt_every: Some(self.ckpt_every),
+            eval_every: Some(self.eval_every),
+            eval_batches: Some(self.eval_batches),
+            max_bad_steps: Some(self.max_bad_steps),
+        }
+    }
+
+    /// The math keys as one JSON object, in a fixed order.
+    pub fn math(&self) -> serde_json::Map<String, serde_json::Value> {
+        let all = serde_json::to_value(self).expect("config serialises");
+        MATH_KEYS.iter().map(|k| (k.to_string(), all[*k].clone())).collect()
+    }
+
+    /// Keys whose values differ from `other`'s among the math keys, as "key: a -> b".
+    pub fn math_differences(&self, other: &TrainConfig) -> Vec<String> {
+        let (a, b) = (self.math(), other.math());
+        MATH_KEYS.iter().filter(|k| a[**k] != b[**k]).map(|k| format!("{k}: checkpoint has {}, this run has {}", b[*k], a[*k])).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_flag_over_checkpoint_over_default() {
+        let ckpt = TrainConfig::resolve(TrainArgs { steps: Some(10), lr: Some(3e-4), ..Default::default() }, None).unwrap();
+        assert_eq!(ckpt.lr_decay_steps, 10);
+        let resumed = TrainConfig::resolve(TrainArgs { steps: Some(20), ..Default::default() }, Some(&ckpt)).unwrap();
+        assert_eq!(resumed.steps, 20);
+        assert_eq!(resumed.lr, 3e-4);
+        assert_eq!(resumed.lr_decay_steps, 10, "a resumed run keeps its schedule");
+        assert!(resumed.math_differences(&ckpt).is_empty());
+        let changed = TrainConfig::resolve(TrainArgs { seed: Some(5), ..Default::default() }, Some(&ckpt)).unwrap();
+        assert_eq!(changed.math_differences(&ckpt).len(), 1);
+    }
+
+    #[test]
+    fn toml_rejects_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("tenax-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "preset = \"tiny\"\nsteps = 3\n").unwrap();
+        let a = TrainArgs::from_toml_file(&p).unwrap();
+        assert_eq!(a.preset.as_deref(), Some("tiny"));
+        std::fs::write(&p, "stpes = 3\n").unwrap();
+        let err = TrainArgs::from_toml_file(&p).unwrap_err().to_string();
+        assert!(err.contains("stpes"), "{err}");
+    }
+}

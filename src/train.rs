@@ -1,0 +1,392 @@
+//! `tenax train`: one process, N data-parallel rank actors, local checkpoints.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tenax_actors::{TrainData, TrainSetup, Trainer};
+use tenax_core::sampler::eval_windows;
+use tenax_core::slots::BatchLayout;
+use tenax_data::{Tokenizer, TokenizerKind, TokenizerSpec};
+use tenax_model::{AdamW, AdamWConfig, GptConfig, LrSchedule, ParamLayout};
+use tenax_storage::{CheckpointContent, Store, TensorData};
+
+use crate::config::{TrainArgs, TrainConfig};
+use crate::plot::{plot_loss, LossPoint};
+
+/// Name of the parameter shard in a checkpoint.
+pub const PARAMS_FILE: &str = "params.safetensors";
+/// Name of the optimizer shard in a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Everything a checkpoint's `config` field holds.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StoredConfig {
+    /// The resolved training config.
+    pub train: TrainConfig,
+    /// The model shape (vocabulary included).
+    pub model: GptConfig,
+    /// The tokenizer, with its vocabulary.
+    pub tokenizer: TokenizerSpec,
+    /// SHA-256 of the corpus text.
+    pub corpus_sha256: String,
+}
+
+impl StoredConfig {
+    /// Hash of everything that fixes the math of a step.
+    pub fn hash(&self) -> String {
+        let v = json!({"math": self.train.math(), "model": self.model, "tokenizer": self.tokenizer, "corpus": self.corpus_sha256});
+        hex::encode(Sha256::digest(v.to_string().as_bytes()))
+    }
+}
+
+/// The default checkpoint store of a run dir.
+pub fn default_store(run_dir: &Path) -> Result<String> {
+    let abs = std::path::absolute(run_dir).with_context(|| format!("run dir {}: cannot resolve it", run_dir.display()))?;
+    Ok(format!("file://{}", abs.join("checkpoints").display()))
+}
+
+fn create_run_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow!("run dir {}: cannot create it ({e}): pick a writable --run-dir", dir.display()))?;
+    let probe = dir.join(".tenax-write-probe");
+    std::fs::write(&probe, b"ok").map_err(|e| anyhow!("run dir {}: not writable ({e}): pick a writable --run-dir", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+fn tensors_from(named: Vec<tenax_model::NamedTensor>) -> Vec<TensorData> {
+    named.into_iter().map(|t| TensorData { name: t.name, shape: t.shape, data: t.data }).collect()
+}
+
+fn named_from(tensors: &[TensorData]) -> Vec<tenax_model::NamedTensor> {
+    tensors.iter().map(|t| tenax_model::NamedTensor { name: t.name.clone(), shape: t.shape.clone(), data: t.data.clone() }).collect()
+}
+
+/// Where a resumed run starts.
+struct Start {
+    step: u64,
+    cursor: u64,
+    params: Vec<f32>,
+    opt: AdamW,
+}
+
+/// Run `tenax train`.
+pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
+    // Where things go: the run dir and the store, before anything else is read.
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs/default"));
+    create_run_dir(&run_dir)?;
+    let store_url = match &args.store {
+        Some(s) if !s.is_empty() => s.clone(),
+        _ => default_store(&run_dir)?,
+    };
+    let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
+
+    // The checkpoint to resume from, if any, decides the keys left unset.
+    let mut resumed = None;
+    if resume {
+        match tenax_storage::latest_verified(&store).await.map_err(|e| anyhow!("{e}"))? {
+            None => bail!("--resume: no checkpoint in {store_url}: run without --resume to start, or point --run-dir/--store at the run to continue"),
+            Some((ckpt, warnings)) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                resumed = Some(ckpt);
+            }
+        }
+    } else {
+        let listing = tenax_storage::list_checkpoints(&store).await.map_err(|e| anyhow!("{e}"))?;
+        if let Some(newest) = listing.committed.last() {
+            let step = newest.manifest.as_ref().map(|m| m.step.to_string()).unwrap_or_else(|_| "?".into());
+            bail!("{store_url} already holds checkpoints (newest at step {step}): pass --resume to continue that run, or choose another --run-dir");
+        }
+    }
+    let stored: Option<StoredConfig> = match &resumed {
+        Some(c) => Some(
+            serde_json::from_value(c.manifest.config.clone())
+                .map_err(|e| anyhow!("checkpoint {}: its config does not parse ({e}): it was not written by this version of tenax", c.url))?,
+        ),
+        None => None,
+    };
+    let mut args = args;
+    args.run_dir = Some(run_dir.clone());
+    args.store = Some(store_url.clone());
+    let cfg = TrainConfig::resolve(args, stored.as_ref().map(|s| &s.train))?;
+    if let Some(s) = &stored {
+        let diffs = cfg.math_differences(&s.train);
+        if !diffs.is_empty() {
+            bail!(
+                "cannot resume from {}: this run's training config differs ({}): use the checkpoint's values or a new --run-dir",
+                resumed.as_ref().map(|c| c.url.as_str()).unwrap_or(""),
+                diffs.join("; ")
+            );
+        }
+    }
+    let layout = BatchLayout::new(cfg.batch_size, cfg.micro_batch_size).map_err(|e| anyhow!("{e}"))?;
+    layout.check_ranks(cfg.ranks as u64).map_err(|e| anyhow!("--ranks: {e}"))?;
+    let kind: TokenizerKind = cfg.tokenizer.parse().map_err(|e| anyhow!("--tokenizer: {e}"))?;
+    // Check the preset name before the (slow) data preparation.
+    GptConfig::preset(&cfg.preset, 256).map_err(|e| anyhow!("--preset: {e}"))?;
+
+    // Data.
+    let corpus = if cfg.data.is_empty() { tenax_data::default_corpus() } else { tenax_data::load_corpus(&cfg.data) }
+        .map_err(|e| anyhow!("{e}"))?;
+    println!("corpus: {}; {} bytes; sha256 {}", corpus.description, corpus.bytes(), corpus.sha256);
+    if let Some(s) = &stored {
+        if s.corpus_sha256 != corpus.sha256 {
+            bail!("cannot resume: the corpus changed since the checkpoint (sha256 {} then, {} now): train on the same data or start a new --run-dir", s.corpus_sha256, corpus.sha256);
+        }
+    }
+    let dataset = tenax_data::prepare_dataset(&corpus, kind, &run_dir.join("data")).map_err(|e| anyhow!("{e}"))?;
+    drop(corpus);
+    let tokenizer: Tokenizer = dataset.tokenizer;
+    let model_cfg = GptConfig::preset(&cfg.preset, tokenizer.vocab_size()).map_err(|e| anyhow!("--preset: {e}"))?;
+    for (split, tokens) in [("training", &dataset.train), ("validation", &dataset.val)] {
+        if tenax_data::num_windows(tokens.len(), model_cfg.block_size) == 0 {
+            bail!(
+                "the {split} split has {} tokens, fewer than one sample of {} tokens for preset {}: give more data (--data) or a smaller --preset",
+                tokens.len(),
+                model_cfg.block_size + 1,
+                cfg.preset
+            );
+        }
+    }
+    let stored_cfg = StoredConfig { train: cfg.clone(), model: model_cfg.clone(), tokenizer: tokenizer.spec(), corpus_sha256: dataset.corpus_sha256.clone() };
+    let config_hash = stored_cfg.hash();
+    println!(
+        "tokenizer: {}, vocab {}; train {} tokens, val {} tokens",
+        cfg.tokenizer,
+        tokenizer.vocab_size(),
+        dataset.train.len(),
+        dataset.val.len()
+    );
+    let param_layout = ParamLayout::for_config(&model_cfg);
+    println!(
+        "model: {} ({} layers, {} heads, {} dims, block {}), {:.2}M parameters; batch {} = {} slots of {}; {} rank(s)",
+        cfg.preset,
+        model_cfg.n_layer,
+        model_cfg.n_head,
+        model_cfg.n_embd,
+        model_cfg.block_size,
+        param_layout.total as f64 / 1e6,
+        cfg.batch_size,
+        layout.num_slots(),
+        cfg.micro_batch_size,
+        cfg.ranks
+    );
+
+    // Initial state: fresh, or from the checkpoint.
+    let start = match &resumed {
+        None => Start {
+            step: 0,
+            cursor: 0,
+            params: tenax_model::init_params(&model_cfg, &param_layout, cfg.seed),
+            opt: AdamW::new(param_layout.total),
+        },
+        Some(c) => {
+            let shard = |name: &str| {
+                c.shards.iter().find(|(f, _)| f == name).map(|(_, t)| t.as_slice()).ok_or_else(|| anyhow!("checkpoint {}: no {name}", c.url))
+            };
+            let params = tenax_model::params_from_named(&param_layout, &named_from(shard(PARAMS_FILE)?))
+                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
+            let adamw_step = c.manifest.extra.get("adamw_step").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("checkpoint {}: manifest has no adamw_step", c.url))?;
+            let opt = AdamW::from_named_state(&param_layout, &named_from(shard(OPTIMIZER_FILE)?), adamw_step)
+                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
+            println!("resumed from step {} ({})", c.manifest.step, c.url);
+            Start { step: c.manifest.step, cursor: c.manifest.data_cursor, params, opt }
+        }
+    };
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut history = load_history(&metrics_path, start.step)?;
+    let mut metrics = open_metrics(&metrics_path, &history)?;
+
+    let setup = TrainSetup {
+        model: model_cfg.clone(),
+        adamw: AdamWConfig { beta1: cfg.beta1 as f32, beta2: cfg.beta2 as f32, eps: 1e-8, weight_decay: cfg.weight_decay as f32 },
+        grad_clip: cfg.grad_clip as f32,
+        batch: layout,
+        seed: cfg.seed,
+        ranks: cfg.ranks,
+        step_timeout: Duration::from_secs(600),
+    };
+    let schedule = LrSchedule { max_lr: cfg.lr, min_lr: cfg.min_lr, warmup_steps: cfg.warmup_steps, decay_steps: cfg.lr_decay_steps };
+    let val_windows = eval_windows(
+        cfg.seed,
+        tenax_data::num_windows(dataset.val.len(), model_cfg.block_size) as u64,
+        cfg.eval_batches * cfg.micro_batch_size,
+    );
+    let data = Arc::new(TrainData { train: dataset.train, val: dataset.val });
+    let trainer = Trainer::start(setup, data, start.params, start.opt).await.map_err(|e| anyhow!("{e}"))?;
+    let result = train_loop(&trainer, &cfg, &schedule, &val_windows, &store, &stored_cfg, &config_hash, start.step, start.cursor, &mut metrics, &mut history).await;
+    let end = match result {
+        Ok(end) => end,
+        Err(e) => {
+            trainer.shutdown().await;
+            return Err(e);
+        }
+    };
+
+    // A short sample of what the model learnt.
+    let prompt = tokenizer.encode("\n").unwrap_or_default();
+    let prompt = if prompt.is_empty() { vec![0] } else { prompt };
+    match trainer.generate(prompt, 200, cfg.seed).await {
+        Ok(ids) => println!("--- sample ---\n{}\n--------------", tokenizer.decode(&ids)),
+        Err(e) => eprintln!("warning: could not sample text: {e}"),
+    }
+    trainer.shutdown().await;
+
+    let png = run_dir.join("loss.png");
+    let title = format!("tenax {} on {} ({} tokenizer)", cfg.preset, if cfg.data.is_empty() { "built-in corpus" } else { "--data" }, cfg.tokenizer);
+    match plot_loss(&png, &title, &history) {
+        Ok(()) => {}
+        Err(e) => eprintln!("warning: {e}"),
+    }
+    println!(
+        "done: step {}, loss {:.4}{}, {:.0} tokens/s; metrics {}, plot {}, checkpoints {}",
+        end.step,
+        end.loss,
+        end.val_loss.map(|v| format!(", val loss {v:.4}")).unwrap_or_default(),
+        end.tokens_per_s,
+        metrics_path.display(),
+        png.display(),
+        store_url
+    );
+    Ok(())
+}
+
+struct End {
+    step: u64,
+    loss: f64,
+    val_loss: Option<f64>,
+    tokens_per_s: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn train_loop(
+    trainer: &Trainer,
+    cfg: &TrainConfig,
+    schedule: &LrSchedule,
+    val_windows: &[u64],
+    store: &Store,
+    stored_cfg: &StoredConfig,
+    config_hash: &str,
+    start_step: u64,
+    start_cursor: u64,
+    metrics: &mut std::fs::File,
+    history: &mut Vec<LossPoint>,
+) -> Result<End> {
+    let tokens_per_step = (cfg.batch_size as usize * stored_cfg.model.block_size) as f64;
+    let bar = ProgressBar::new(cfg.steps);
+    bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} (eta {eta})").expect("valid template").progress_chars("=> "));
+    bar.set_position(start_step);
+    let mut cursor = start_cursor;
+    let mut saved_step = if start_step > 0 { Some(start_step) } else { None };
+    let mut bad_in_a_row = 0u64;
+    let mut end = End { step: start_step, loss: f64::NAN, val_loss: None, tokens_per_s: 0.0 };
+    let mut tps_sum = 0.0;
+    for step in start_step..cfg.steps {
+        let lr = schedule.lr_at(step);
+        let t0 = Instant::now();
+        let report = trainer.step(step, cursor, lr as f32).await.map_err(|e| anyhow!("training stopped at step {}: {e}", step + 1))?;
+        let secs = t0.elapsed().as_secs_f64();
+        cursor += cfg.batch_size;
+        let done = step + 1;
+        let tokens_per_s = tokens_per_step / secs.max(1e-9);
+        tps_sum += tokens_per_s;
+        if report.skipped {
+            bad_in_a_row += 1;
+            bar.suspend(|| eprintln!("warning: step {done}: non-finite loss ({}) or gradient norm ({}): update skipped", report.loss, report.grad_norm));
+            if bad_in_a_row >= cfg.max_bad_steps {
+                bar.abandon();
+                bail!("stopping: {bad_in_a_row} non-finite steps in a row (last at step {done}); nothing was saved after the last checkpoint: lower --lr or check the data, then --resume");
+            }
+        } else {
+            bad_in_a_row = 0;
+        }
+        let last = done == cfg.steps;
+        let val_loss = if (cfg.eval_every > 0 && done % cfg.eval_every == 0) || last {
+            let v = trainer.eval(val_windows.to_vec()).await.map_err(|e| anyhow!("evaluation at step {done}: {e}"))?;
+            bar.suspend(|| println!("step {done}: loss {:.4}, val loss {v:.4}", report.loss));
+            Some(v)
+        } else {
+            None
+        };
+        let mut line = json!({"step": done, "loss": report.loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": report.grad_norm, "skipped": report.skipped});
+        if let Some(v) = val_loss {
+            line["val_loss"] = json!(v);
+        }
+        writeln!(metrics, "{line}").context("metrics.jsonl: cannot append")?;
+        history.push(LossPoint { step: done, loss: report.loss, val_loss });
+        bar.set_position(done);
+        bar.set_message(format!("loss {:.4} | {:.0} tok/s", report.loss, tokens_per_s));
+        if (cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last {
+            let url = save(trainer, store, stored_cfg, config_hash, done, cursor).await?;
+            saved_step = Some(done);
+            bar.suspend(|| println!("checkpoint step {done} -> {url}"));
+        }
+        end = End { step: done, loss: report.loss, val_loss: val_loss.or(end.val_loss), tokens_per_s: tps_sum / (done - start_step) as f64 };
+    }
+    bar.finish_and_clear();
+    if saved_step != Some(end.step) {
+        let url = save(trainer, store, stored_cfg, config_hash, end.step, cursor).await?;
+        println!("checkpoint step {} -> {url}", end.step);
+    }
+    Ok(end)
+}
+
+async fn save(trainer: &Trainer, store: &Store, stored_cfg: &StoredConfig, config_hash: &str, step: u64, cursor: u64) -> Result<String> {
+    let snap = trainer.snapshot().await.map_err(|e| anyhow!("checkpoint at step {step}: {e}"))?;
+    let layout = ParamLayout::for_config(&stored_cfg.model);
+    let content = CheckpointContent {
+        step,
+        generation: 0,
+        config: serde_json::to_value(stored_cfg).expect("config serialises"),
+        config_hash: config_hash.to_string(),
+        data_cursor: cursor,
+        rng: json!({"seed": stored_cfg.train.seed, "sampler": "splitmix64-fisher-yates-v1"}),
+        extra: json!({"adamw_step": snap.opt.step}),
+        shards: vec![
+            (PARAMS_FILE.to_string(), tensors_from(tenax_model::named_params(&layout, &snap.params))),
+            (OPTIMIZER_FILE.to_string(), tensors_from(snap.opt.named_state(&layout))),
+        ],
+    };
+    let saved = tenax_storage::save_checkpoint(store, &content).await.map_err(|e| anyhow!("checkpoint at step {step}: {e}"))?;
+    Ok(saved.url)
+}
+
+/// Read metrics.jsonl, keeping the steps up to `upto` (a resumed run redoes the rest).
+fn load_history(path: &Path, upto: u64) -> Result<Vec<LossPoint>> {
+    if upto == 0 || !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let step = v["step"].as_u64()?;
+            (step <= upto).then(|| LossPoint { step, loss: v["loss"].as_f64().unwrap_or(f64::NAN), val_loss: v["val_loss"].as_f64() })
+        })
+        .collect())
+}
+
+/// Rewrite metrics.jsonl with `history` and open it for appending.
+fn open_metrics(path: &Path, history: &[LossPoint]) -> Result<std::fs::File> {
+    let mut kept = String::new();
+    if !history.is_empty() {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let upto = history.last().map_or(0, |p| p.step);
+        for l in text.lines() {
+            if serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= upto) {
+                kept.push_str(l);
+                kept.push('\n');
+            }
+        }
+    }
+    std::fs::write(path, kept).map_err(|e| anyhow!("{}: cannot write ({e}): pick a writable --run-dir", path.display()))?;
+    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("{}: cannot open", path.display()))
+}
