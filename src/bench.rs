@@ -38,14 +38,25 @@ pub struct BenchTrainArgs {
 /// Run the benchmark.
 pub async fn train(a: BenchTrainArgs) -> Result<()> {
     let model = GptConfig::preset(&a.preset, a.vocab).map_err(|e| anyhow!("--preset: {e}"))?;
-    let batch = BatchLayout::new(a.batch_size, a.micro_batch_size.unwrap_or(a.batch_size)).map_err(|e| anyhow!("{e}"))?;
+    let batch = BatchLayout::new(a.batch_size, a.micro_batch_size.unwrap_or(a.batch_size))
+        .map_err(|e| anyhow!("{e}"))?;
     let layout = ParamLayout::for_config(&model);
     let mut rng = SplitMix64::new(7);
-    let tokens: Vec<u32> = (0..(model.block_size + 1) * 512).map(|_| rng.below(a.vocab as u64) as u32).collect();
-    let data = Arc::new(TrainData { train: tokens.clone(), val: tokens });
+    let tokens: Vec<u32> = (0..(model.block_size + 1) * 512)
+        .map(|_| rng.below(a.vocab as u64) as u32)
+        .collect();
+    let data = Arc::new(TrainData {
+        train: tokens.clone(),
+        val: tokens,
+    });
     let setup = TrainSetup {
         model: model.clone(),
-        adamw: AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
+        adamw: AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
         grad_clip: 1.0,
         batch,
         seed: 1,
@@ -53,11 +64,16 @@ pub async fn train(a: BenchTrainArgs) -> Result<()> {
         step_timeout: Duration::from_secs(600),
     };
     let params = tenax_model::init_params(&model, &layout, 1);
-    let trainer = Trainer::start(setup, data, params, AdamW::new(layout.total)).await.map_err(|e| anyhow!("{e}"))?;
+    let trainer = Trainer::start(setup, data, params, AdamW::new(layout.total))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let mut times = Vec::new();
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        trainer.step(step, step * a.batch_size, 1e-3).await.map_err(|e| anyhow!("{e}"))?;
+        trainer
+            .step(step, step * a.batch_size, 1e-3)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
         if step >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }

@@ -5,7 +5,9 @@ use tenax_storage::{ListedCheckpoint, Store};
 
 async fn listing(url: &str) -> Result<(Store, tenax_storage::Listing)> {
     let store = Store::open(url).map_err(|e| anyhow!("{e}"))?;
-    let listing = tenax_storage::list_checkpoints(&store).await.map_err(|e| anyhow!("{e}"))?;
+    let listing = tenax_storage::list_checkpoints(&store)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     Ok((store, listing))
 }
 
@@ -16,18 +18,35 @@ pub async fn list(url: &str) -> Result<()> {
         println!("no checkpoints in {url}");
         return Ok(());
     }
-    println!("{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  folder", "step", "gen", "attempt", "size", "created (unix ms)");
+    println!(
+        "{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  folder",
+        "step", "gen", "attempt", "size", "created (unix ms)"
+    );
     for c in &l.committed {
         match &c.manifest {
             Ok(m) => {
                 let size: u64 = m.files.iter().map(|f| f.size).sum();
-                println!("{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  {}", m.step, m.generation, m.attempt, human(size), m.created_unix_ms, c.folder);
+                println!(
+                    "{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  {}",
+                    m.step,
+                    m.generation,
+                    m.attempt,
+                    human(size),
+                    m.created_unix_ms,
+                    c.folder
+                );
             }
-            Err(e) => println!("{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  {} (bad manifest: {e})", "?", "?", "?", "?", "?", c.folder),
+            Err(e) => println!(
+                "{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  {} (bad manifest: {e})",
+                "?", "?", "?", "?", "?", c.folder
+            ),
         }
     }
     for f in &l.uncommitted {
-        println!("{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  {f} (uncommitted: no manifest)", "-", "-", "-", "-", "-");
+        println!(
+            "{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  {f} (uncommitted: no manifest)",
+            "-", "-", "-", "-", "-"
+        );
     }
     Ok(())
 }
@@ -41,14 +60,24 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn pick<'a>(l: &'a tenax_storage::Listing, url: &str, step: Option<u64>) -> Result<Vec<&'a ListedCheckpoint>> {
+fn pick<'a>(
+    l: &'a tenax_storage::Listing,
+    url: &str,
+    step: Option<u64>,
+) -> Result<Vec<&'a ListedCheckpoint>> {
     let chosen: Vec<&ListedCheckpoint> = match step {
         None => l.committed.iter().collect(),
-        Some(s) => l.committed.iter().filter(|c| c.manifest.as_ref().is_ok_and(|m| m.step == s)).collect(),
+        Some(s) => l
+            .committed
+            .iter()
+            .filter(|c| c.manifest.as_ref().is_ok_and(|m| m.step == s))
+            .collect(),
     };
     if chosen.is_empty() {
         match step {
-            Some(s) => bail!("no checkpoint of step {s} in {url}: `tenax ckpt list {url}` shows what exists"),
+            Some(s) => bail!(
+                "no checkpoint of step {s} in {url}: `tenax ckpt list {url}` shows what exists"
+            ),
             None => bail!("no checkpoints in {url}"),
         }
     }
@@ -59,10 +88,19 @@ fn pick<'a>(l: &'a tenax_storage::Listing, url: &str, step: Option<u64>) -> Resu
 pub async fn inspect(url: &str, step: Option<u64>) -> Result<()> {
     let (_, l) = listing(url).await?;
     let c = *pick(&l, url, step)?.last().expect("non-empty");
-    let m = c.manifest.as_ref().map_err(|e| anyhow!("checkpoint {}: bad manifest: {e}", c.url))?;
+    let m = c
+        .manifest
+        .as_ref()
+        .map_err(|e| anyhow!("checkpoint {}: bad manifest: {e}", c.url))?;
     println!("checkpoint {}", c.url);
-    println!("  step {}  generation {}  attempt {}  format v{}", m.step, m.generation, m.attempt, m.format_version);
-    println!("  data cursor {}  config hash {}", m.data_cursor, m.config_hash);
+    println!(
+        "  step {}  generation {}  attempt {}  format v{}",
+        m.step, m.generation, m.attempt, m.format_version
+    );
+    println!(
+        "  data cursor {}  config hash {}",
+        m.data_cursor, m.config_hash
+    );
     println!("  rng {}", m.rng);
     println!("  extra {}", m.extra);
     if let Some(t) = m.config.get("train") {
@@ -74,7 +112,12 @@ pub async fn inspect(url: &str, step: Option<u64>) -> Result<()> {
     for f in &m.files {
         println!("  file {}  {}  sha256 {}", f.name, human(f.size), f.sha256);
     }
-    let params: usize = m.tensors.iter().filter(|t| t.file == crate::train::PARAMS_FILE).map(|t| t.shape.iter().product::<usize>()).sum();
+    let params: usize = m
+        .tensors
+        .iter()
+        .filter(|t| t.file == crate::train::PARAMS_FILE)
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     println!("  {} tensors, {} parameters", m.tensors.len(), params);
     Ok(())
 }
@@ -85,7 +128,13 @@ pub async fn verify(url: &str, step: Option<u64>) -> Result<()> {
     let mut bad = Vec::new();
     for c in pick(&l, url, step)? {
         match tenax_storage::verify_checkpoint(&store, &c.folder).await {
-            Ok(r) => println!("ok   {}  ({} files, {}, {} tensors)", c.url, r.files, human(r.bytes), r.tensors),
+            Ok(r) => println!(
+                "ok   {}  ({} files, {}, {} tensors)",
+                c.url,
+                r.files,
+                human(r.bytes),
+                r.tensors
+            ),
             Err(e) => {
                 println!("BAD  {e}");
                 bad.push(c.url.clone());
@@ -93,7 +142,11 @@ pub async fn verify(url: &str, step: Option<u64>) -> Result<()> {
         }
     }
     if !bad.is_empty() {
-        bail!("{} of the checkpoints in {url} failed verification: {}", bad.len(), bad.join(", "));
+        bail!(
+            "{} of the checkpoints in {url} failed verification: {}",
+            bad.len(),
+            bad.join(", ")
+        );
     }
     Ok(())
 }

@@ -91,16 +91,37 @@ impl TrainArgs {
     pub fn or(self, other: TrainArgs) -> TrainArgs {
         macro_rules! pick { ($($f:ident),*) => { TrainArgs { $($f: self.$f.or(other.$f)),* } } }
         pick!(
-            preset, data, tokenizer, steps, batch_size, micro_batch_size, lr, min_lr, warmup_steps, lr_decay_steps,
-            weight_decay, beta1, beta2, grad_clip, seed, ranks, run_dir, store, ckpt_every, eval_every, eval_batches,
+            preset,
+            data,
+            tokenizer,
+            steps,
+            batch_size,
+            micro_batch_size,
+            lr,
+            min_lr,
+            warmup_steps,
+            lr_decay_steps,
+            weight_decay,
+            beta1,
+            beta2,
+            grad_clip,
+            seed,
+            ranks,
+            run_dir,
+            store,
+            ckpt_every,
+            eval_every,
+            eval_batches,
             max_bad_steps
         )
     }
 
     /// Read a TOML config file with the same keys as the flags (snake_case).
     pub fn from_toml_file(path: &std::path::Path) -> Result<TrainArgs> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("config file {}: cannot read it", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.message()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("config file {}: cannot read it", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.message()))
     }
 }
 
@@ -155,8 +176,19 @@ pub struct TrainConfig {
 
 /// The keys that fix the math of a step, and so must match on resume.
 pub const MATH_KEYS: &[&str] = &[
-    "preset", "tokenizer", "batch_size", "micro_batch_size", "lr", "min_lr", "warmup_steps", "lr_decay_steps",
-    "weight_decay", "beta1", "beta2", "grad_clip", "seed",
+    "preset",
+    "tokenizer",
+    "batch_size",
+    "micro_batch_size",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "lr_decay_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "seed",
 ];
 
 impl TrainConfig {
@@ -167,7 +199,9 @@ impl TrainConfig {
             None => args,
         };
         let steps = args.steps.unwrap_or(500);
-        let run_dir = args.run_dir.unwrap_or_else(|| PathBuf::from("runs/default"));
+        let run_dir = args
+            .run_dir
+            .unwrap_or_else(|| PathBuf::from("runs/default"));
         let cfg = TrainConfig {
             preset: args.preset.unwrap_or_else(|| "nano".into()),
             data: args.data.unwrap_or_default(),
@@ -201,7 +235,11 @@ impl TrainConfig {
             bail!("--lr {} is not a positive number", self.lr);
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            bail!("--beta1 {} / --beta2 {} must lie in [0, 1)", self.beta1, self.beta2);
+            bail!(
+                "--beta1 {} / --beta2 {} must lie in [0, 1)",
+                self.beta1,
+                self.beta2
+            );
         }
         if self.ranks == 0 {
             bail!("--ranks must be at least 1");
@@ -243,13 +281,20 @@ impl TrainConfig {
     /// The math keys as one JSON object, in a fixed order.
     pub fn math(&self) -> serde_json::Map<String, serde_json::Value> {
         let all = serde_json::to_value(self).expect("config serialises");
-        MATH_KEYS.iter().map(|k| (k.to_string(), all[*k].clone())).collect()
+        MATH_KEYS
+            .iter()
+            .map(|k| (k.to_string(), all[*k].clone()))
+            .collect()
     }
 
     /// Keys whose values differ from `other`'s among the math keys, as "key: a -> b".
     pub fn math_differences(&self, other: &TrainConfig) -> Vec<String> {
         let (a, b) = (self.math(), other.math());
-        MATH_KEYS.iter().filter(|k| a[**k] != b[**k]).map(|k| format!("{k}: checkpoint has {}, this run has {}", b[*k], a[*k])).collect()
+        MATH_KEYS
+            .iter()
+            .filter(|k| a[**k] != b[**k])
+            .map(|k| format!("{k}: checkpoint has {}, this run has {}", b[*k], a[*k]))
+            .collect()
     }
 }
 
@@ -259,14 +304,39 @@ mod tests {
 
     #[test]
     fn precedence_flag_over_checkpoint_over_default() {
-        let ckpt = TrainConfig::resolve(TrainArgs { steps: Some(10), lr: Some(3e-4), ..Default::default() }, None).unwrap();
+        let ckpt = TrainConfig::resolve(
+            TrainArgs {
+                steps: Some(10),
+                lr: Some(3e-4),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
         assert_eq!(ckpt.lr_decay_steps, 10);
-        let resumed = TrainConfig::resolve(TrainArgs { steps: Some(20), ..Default::default() }, Some(&ckpt)).unwrap();
+        let resumed = TrainConfig::resolve(
+            TrainArgs {
+                steps: Some(20),
+                ..Default::default()
+            },
+            Some(&ckpt),
+        )
+        .unwrap();
         assert_eq!(resumed.steps, 20);
         assert_eq!(resumed.lr, 3e-4);
-        assert_eq!(resumed.lr_decay_steps, 10, "a resumed run keeps its schedule");
+        assert_eq!(
+            resumed.lr_decay_steps, 10,
+            "a resumed run keeps its schedule"
+        );
         assert!(resumed.math_differences(&ckpt).is_empty());
-        let changed = TrainConfig::resolve(TrainArgs { seed: Some(5), ..Default::default() }, Some(&ckpt)).unwrap();
+        let changed = TrainConfig::resolve(
+            TrainArgs {
+                seed: Some(5),
+                ..Default::default()
+            },
+            Some(&ckpt),
+        )
+        .unwrap();
         assert_eq!(changed.math_differences(&ckpt).len(), 1);
     }
 

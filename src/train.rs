@@ -47,24 +47,49 @@ impl StoredConfig {
 
 /// The default checkpoint store of a run dir.
 pub fn default_store(run_dir: &Path) -> Result<String> {
-    let abs = std::path::absolute(run_dir).with_context(|| format!("run dir {}: cannot resolve it", run_dir.display()))?;
+    let abs = std::path::absolute(run_dir)
+        .with_context(|| format!("run dir {}: cannot resolve it", run_dir.display()))?;
     Ok(format!("file://{}", abs.join("checkpoints").display()))
 }
 
 fn create_run_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| anyhow!("run dir {}: cannot create it ({e}): pick a writable --run-dir", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        anyhow!(
+            "run dir {}: cannot create it ({e}): pick a writable --run-dir",
+            dir.display()
+        )
+    })?;
     let probe = dir.join(".tenax-write-probe");
-    std::fs::write(&probe, b"ok").map_err(|e| anyhow!("run dir {}: not writable ({e}): pick a writable --run-dir", dir.display()))?;
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        anyhow!(
+            "run dir {}: not writable ({e}): pick a writable --run-dir",
+            dir.display()
+        )
+    })?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
 
 fn tensors_from(named: Vec<tenax_model::NamedTensor>) -> Vec<TensorData> {
-    named.into_iter().map(|t| TensorData { name: t.name, shape: t.shape, data: t.data }).collect()
+    named
+        .into_iter()
+        .map(|t| TensorData {
+            name: t.name,
+            shape: t.shape,
+            data: t.data,
+        })
+        .collect()
 }
 
 fn named_from(tensors: &[TensorData]) -> Vec<tenax_model::NamedTensor> {
-    tensors.iter().map(|t| tenax_model::NamedTensor { name: t.name.clone(), shape: t.shape.clone(), data: t.data.clone() }).collect()
+    tensors
+        .iter()
+        .map(|t| tenax_model::NamedTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            data: t.data.clone(),
+        })
+        .collect()
 }
 
 /// Where a resumed run starts.
@@ -78,7 +103,10 @@ struct Start {
 /// Run `tenax train`.
 pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     // Where things go: the run dir and the store, before anything else is read.
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| PathBuf::from("runs/default"));
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs/default"));
     create_run_dir(&run_dir)?;
     let store_url = match &args.store {
         Some(s) if !s.is_empty() => s.clone(),
@@ -99,9 +127,15 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
             }
         }
     } else {
-        let listing = tenax_storage::list_checkpoints(&store).await.map_err(|e| anyhow!("{e}"))?;
+        let listing = tenax_storage::list_checkpoints(&store)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
         if let Some(newest) = listing.committed.last() {
-            let step = newest.manifest.as_ref().map(|m| m.step.to_string()).unwrap_or_else(|_| "?".into());
+            let step = newest
+                .manifest
+                .as_ref()
+                .map(|m| m.step.to_string())
+                .unwrap_or_else(|_| "?".into());
             bail!("{store_url} already holds checkpoints (newest at step {step}): pass --resume to continue that run, or choose another --run-dir");
         }
     }
@@ -126,25 +160,42 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
             );
         }
     }
-    let layout = BatchLayout::new(cfg.batch_size, cfg.micro_batch_size).map_err(|e| anyhow!("{e}"))?;
-    layout.check_ranks(cfg.ranks as u64).map_err(|e| anyhow!("--ranks: {e}"))?;
-    let kind: TokenizerKind = cfg.tokenizer.parse().map_err(|e| anyhow!("--tokenizer: {e}"))?;
+    let layout =
+        BatchLayout::new(cfg.batch_size, cfg.micro_batch_size).map_err(|e| anyhow!("{e}"))?;
+    layout
+        .check_ranks(cfg.ranks as u64)
+        .map_err(|e| anyhow!("--ranks: {e}"))?;
+    let kind: TokenizerKind = cfg
+        .tokenizer
+        .parse()
+        .map_err(|e| anyhow!("--tokenizer: {e}"))?;
     // Check the preset name before the (slow) data preparation.
     GptConfig::preset(&cfg.preset, 256).map_err(|e| anyhow!("--preset: {e}"))?;
 
     // Data.
-    let corpus = if cfg.data.is_empty() { tenax_data::default_corpus() } else { tenax_data::load_corpus(&cfg.data) }
-        .map_err(|e| anyhow!("{e}"))?;
-    println!("corpus: {}; {} bytes; sha256 {}", corpus.description, corpus.bytes(), corpus.sha256);
+    let corpus = if cfg.data.is_empty() {
+        tenax_data::default_corpus()
+    } else {
+        tenax_data::load_corpus(&cfg.data)
+    }
+    .map_err(|e| anyhow!("{e}"))?;
+    println!(
+        "corpus: {}; {} bytes; sha256 {}",
+        corpus.description,
+        corpus.bytes(),
+        corpus.sha256
+    );
     if let Some(s) = &stored {
         if s.corpus_sha256 != corpus.sha256 {
             bail!("cannot resume: the corpus changed since the checkpoint (sha256 {} then, {} now): train on the same data or start a new --run-dir", s.corpus_sha256, corpus.sha256);
         }
     }
-    let dataset = tenax_data::prepare_dataset(&corpus, kind, &run_dir.join("data")).map_err(|e| anyhow!("{e}"))?;
+    let dataset = tenax_data::prepare_dataset(&corpus, kind, &run_dir.join("data"))
+        .map_err(|e| anyhow!("{e}"))?;
     drop(corpus);
     let tokenizer: Tokenizer = dataset.tokenizer;
-    let model_cfg = GptConfig::preset(&cfg.preset, tokenizer.vocab_size()).map_err(|e| anyhow!("--preset: {e}"))?;
+    let model_cfg = GptConfig::preset(&cfg.preset, tokenizer.vocab_size())
+        .map_err(|e| anyhow!("--preset: {e}"))?;
     for (split, tokens) in [("training", &dataset.train), ("validation", &dataset.val)] {
         if tenax_data::num_windows(tokens.len(), model_cfg.block_size) == 0 {
             bail!(
@@ -155,7 +206,12 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
             );
         }
     }
-    let stored_cfg = StoredConfig { train: cfg.clone(), model: model_cfg.clone(), tokenizer: tokenizer.spec(), corpus_sha256: dataset.corpus_sha256.clone() };
+    let stored_cfg = StoredConfig {
+        train: cfg.clone(),
+        model: model_cfg.clone(),
+        tokenizer: tokenizer.spec(),
+        corpus_sha256: dataset.corpus_sha256.clone(),
+    };
     let config_hash = stored_cfg.hash();
     println!(
         "tokenizer: {}, vocab {}; train {} tokens, val {} tokens",
@@ -189,15 +245,34 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         },
         Some(c) => {
             let shard = |name: &str| {
-                c.shards.iter().find(|(f, _)| f == name).map(|(_, t)| t.as_slice()).ok_or_else(|| anyhow!("checkpoint {}: no {name}", c.url))
+                c.shards
+                    .iter()
+                    .find(|(f, _)| f == name)
+                    .map(|(_, t)| t.as_slice())
+                    .ok_or_else(|| anyhow!("checkpoint {}: no {name}", c.url))
             };
-            let params = tenax_model::params_from_named(&param_layout, &named_from(shard(PARAMS_FILE)?))
-                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
-            let adamw_step = c.manifest.extra.get("adamw_step").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("checkpoint {}: manifest has no adamw_step", c.url))?;
-            let opt = AdamW::from_named_state(&param_layout, &named_from(shard(OPTIMIZER_FILE)?), adamw_step)
-                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
+            let params =
+                tenax_model::params_from_named(&param_layout, &named_from(shard(PARAMS_FILE)?))
+                    .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
+            let adamw_step = c
+                .manifest
+                .extra
+                .get("adamw_step")
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| anyhow!("checkpoint {}: manifest has no adamw_step", c.url))?;
+            let opt = AdamW::from_named_state(
+                &param_layout,
+                &named_from(shard(OPTIMIZER_FILE)?),
+                adamw_step,
+            )
+            .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
             println!("resumed from step {} ({})", c.manifest.step, c.url);
-            Start { step: c.manifest.step, cursor: c.manifest.data_cursor, params, opt }
+            Start {
+                step: c.manifest.step,
+                cursor: c.manifest.data_cursor,
+                params,
+                opt,
+            }
         }
     };
     let metrics_path = run_dir.join("metrics.jsonl");
@@ -206,22 +281,50 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
 
     let setup = TrainSetup {
         model: model_cfg.clone(),
-        adamw: AdamWConfig { beta1: cfg.beta1 as f32, beta2: cfg.beta2 as f32, eps: 1e-8, weight_decay: cfg.weight_decay as f32 },
+        adamw: AdamWConfig {
+            beta1: cfg.beta1 as f32,
+            beta2: cfg.beta2 as f32,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay as f32,
+        },
         grad_clip: cfg.grad_clip as f32,
         batch: layout,
         seed: cfg.seed,
         ranks: cfg.ranks,
         step_timeout: Duration::from_secs(600),
     };
-    let schedule = LrSchedule { max_lr: cfg.lr, min_lr: cfg.min_lr, warmup_steps: cfg.warmup_steps, decay_steps: cfg.lr_decay_steps };
+    let schedule = LrSchedule {
+        max_lr: cfg.lr,
+        min_lr: cfg.min_lr,
+        warmup_steps: cfg.warmup_steps,
+        decay_steps: cfg.lr_decay_steps,
+    };
     let val_windows = eval_windows(
         cfg.seed,
         tenax_data::num_windows(dataset.val.len(), model_cfg.block_size) as u64,
         cfg.eval_batches * cfg.micro_batch_size,
     );
-    let data = Arc::new(TrainData { train: dataset.train, val: dataset.val });
-    let trainer = Trainer::start(setup, data, start.params, start.opt).await.map_err(|e| anyhow!("{e}"))?;
-    let result = train_loop(&trainer, &cfg, &schedule, &val_windows, &store, &stored_cfg, &config_hash, start.step, start.cursor, &mut metrics, &mut history).await;
+    let data = Arc::new(TrainData {
+        train: dataset.train,
+        val: dataset.val,
+    });
+    let trainer = Trainer::start(setup, data, start.params, start.opt)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let result = train_loop(
+        &trainer,
+        &cfg,
+        &schedule,
+        &val_windows,
+        &store,
+        &stored_cfg,
+        &config_hash,
+        start.step,
+        start.cursor,
+        &mut metrics,
+        &mut history,
+    )
+    .await;
     let end = match result {
         Ok(end) => end,
         Err(e) => {
@@ -240,7 +343,16 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     trainer.shutdown().await;
 
     let png = run_dir.join("loss.png");
-    let title = format!("tenax {} on {} ({} tokenizer)", cfg.preset, if cfg.data.is_empty() { "built-in corpus" } else { "--data" }, cfg.tokenizer);
+    let title = format!(
+        "tenax {} on {} ({} tokenizer)",
+        cfg.preset,
+        if cfg.data.is_empty() {
+            "built-in corpus"
+        } else {
+            "--data"
+        },
+        cfg.tokenizer
+    );
     match plot_loss(&png, &title, &history) {
         Ok(()) => {}
         Err(e) => eprintln!("warning: {e}"),
@@ -249,7 +361,9 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         "done: step {}, loss {:.4}{}, {:.0} tokens/s; metrics {}, plot {}, checkpoints {}",
         end.step,
         end.loss,
-        end.val_loss.map(|v| format!(", val loss {v:.4}")).unwrap_or_default(),
+        end.val_loss
+            .map(|v| format!(", val loss {v:.4}"))
+            .unwrap_or_default(),
         end.tokens_per_s,
         metrics_path.display(),
         png.display(),
@@ -281,17 +395,33 @@ async fn train_loop(
 ) -> Result<End> {
     let tokens_per_step = (cfg.batch_size as usize * stored_cfg.model.block_size) as f64;
     let bar = ProgressBar::new(cfg.steps);
-    bar.set_style(ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} (eta {eta})").expect("valid template").progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} (eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     bar.set_position(start_step);
     let mut cursor = start_cursor;
-    let mut saved_step = if start_step > 0 { Some(start_step) } else { None };
+    let mut saved_step = if start_step > 0 {
+        Some(start_step)
+    } else {
+        None
+    };
     let mut bad_in_a_row = 0u64;
-    let mut end = End { step: start_step, loss: f64::NAN, val_loss: None, tokens_per_s: 0.0 };
+    let mut end = End {
+        step: start_step,
+        loss: f64::NAN,
+        val_loss: None,
+        tokens_per_s: 0.0,
+    };
     let mut tps_sum = 0.0;
     for step in start_step..cfg.steps {
         let lr = schedule.lr_at(step);
         let t0 = Instant::now();
-        let report = trainer.step(step, cursor, lr as f32).await.map_err(|e| anyhow!("training stopped at step {}: {e}", step + 1))?;
+        let report = trainer
+            .step(step, cursor, lr as f32)
+            .await
+            .map_err(|e| anyhow!("training stopped at step {}: {e}", step + 1))?;
         let secs = t0.elapsed().as_secs_f64();
         cursor += cfg.batch_size;
         let done = step + 1;
@@ -309,7 +439,10 @@ async fn train_loop(
         }
         let last = done == cfg.steps;
         let val_loss = if (cfg.eval_every > 0 && done % cfg.eval_every == 0) || last {
-            let v = trainer.eval(val_windows.to_vec()).await.map_err(|e| anyhow!("evaluation at step {done}: {e}"))?;
+            let v = trainer
+                .eval(val_windows.to_vec())
+                .await
+                .map_err(|e| anyhow!("evaluation at step {done}: {e}"))?;
             bar.suspend(|| println!("step {done}: loss {:.4}, val loss {v:.4}", report.loss));
             Some(v)
         } else {
@@ -320,15 +453,27 @@ async fn train_loop(
             line["val_loss"] = json!(v);
         }
         writeln!(metrics, "{line}").context("metrics.jsonl: cannot append")?;
-        history.push(LossPoint { step: done, loss: report.loss, val_loss });
+        history.push(LossPoint {
+            step: done,
+            loss: report.loss,
+            val_loss,
+        });
         bar.set_position(done);
-        bar.set_message(format!("loss {:.4} | {:.0} tok/s", report.loss, tokens_per_s));
+        bar.set_message(format!(
+            "loss {:.4} | {:.0} tok/s",
+            report.loss, tokens_per_s
+        ));
         if (cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last {
             let url = save(trainer, store, stored_cfg, config_hash, done, cursor).await?;
             saved_step = Some(done);
             bar.suspend(|| println!("checkpoint step {done} -> {url}"));
         }
-        end = End { step: done, loss: report.loss, val_loss: val_loss.or(end.val_loss), tokens_per_s: tps_sum / (done - start_step) as f64 };
+        end = End {
+            step: done,
+            loss: report.loss,
+            val_loss: val_loss.or(end.val_loss),
+            tokens_per_s: tps_sum / (done - start_step) as f64,
+        };
     }
     bar.finish_and_clear();
     if saved_step != Some(end.step) {
@@ -338,8 +483,18 @@ async fn train_loop(
     Ok(end)
 }
 
-async fn save(trainer: &Trainer, store: &Store, stored_cfg: &StoredConfig, config_hash: &str, step: u64, cursor: u64) -> Result<String> {
-    let snap = trainer.snapshot().await.map_err(|e| anyhow!("checkpoint at step {step}: {e}"))?;
+async fn save(
+    trainer: &Trainer,
+    store: &Store,
+    stored_cfg: &StoredConfig,
+    config_hash: &str,
+    step: u64,
+    cursor: u64,
+) -> Result<String> {
+    let snap = trainer
+        .snapshot()
+        .await
+        .map_err(|e| anyhow!("checkpoint at step {step}: {e}"))?;
     let layout = ParamLayout::for_config(&stored_cfg.model);
     let content = CheckpointContent {
         step,
@@ -350,11 +505,19 @@ async fn save(trainer: &Trainer, store: &Store, stored_cfg: &StoredConfig, confi
         rng: json!({"seed": stored_cfg.train.seed, "sampler": "splitmix64-fisher-yates-v1"}),
         extra: json!({"adamw_step": snap.opt.step}),
         shards: vec![
-            (PARAMS_FILE.to_string(), tensors_from(tenax_model::named_params(&layout, &snap.params))),
-            (OPTIMIZER_FILE.to_string(), tensors_from(snap.opt.named_state(&layout))),
+            (
+                PARAMS_FILE.to_string(),
+                tensors_from(tenax_model::named_params(&layout, &snap.params)),
+            ),
+            (
+                OPTIMIZER_FILE.to_string(),
+                tensors_from(snap.opt.named_state(&layout)),
+            ),
         ],
     };
-    let saved = tenax_storage::save_checkpoint(store, &content).await.map_err(|e| anyhow!("checkpoint at step {step}: {e}"))?;
+    let saved = tenax_storage::save_checkpoint(store, &content)
+        .await
+        .map_err(|e| anyhow!("checkpoint at step {step}: {e}"))?;
     Ok(saved.url)
 }
 
@@ -363,13 +526,18 @@ fn load_history(path: &Path, upto: u64) -> Result<Vec<LossPoint>> {
     if upto == 0 || !path.exists() {
         return Ok(Vec::new());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     Ok(text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| {
             let step = v["step"].as_u64()?;
-            (step <= upto).then(|| LossPoint { step, loss: v["loss"].as_f64().unwrap_or(f64::NAN), val_loss: v["val_loss"].as_f64() })
+            (step <= upto).then(|| LossPoint {
+                step,
+                loss: v["loss"].as_f64().unwrap_or(f64::NAN),
+                val_loss: v["val_loss"].as_f64(),
+            })
         })
         .collect())
 }
@@ -381,12 +549,24 @@ fn open_metrics(path: &Path, history: &[LossPoint]) -> Result<std::fs::File> {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let upto = history.last().map_or(0, |p| p.step);
         for l in text.lines() {
-            if serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= upto) {
+            if serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= upto)
+            {
                 kept.push_str(l);
                 kept.push('\n');
             }
         }
     }
-    std::fs::write(path, kept).map_err(|e| anyhow!("{}: cannot write ({e}): pick a writable --run-dir", path.display()))?;
-    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("{}: cannot open", path.display()))
+    std::fs::write(path, kept).map_err(|e| {
+        anyhow!(
+            "{}: cannot write ({e}): pick a writable --run-dir",
+            path.display()
+        )
+    })?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))
 }

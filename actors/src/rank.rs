@@ -73,14 +73,32 @@ impl RankCompute {
         params: Vec<f32>,
         opt: AdamW,
     ) -> Result<Self, String> {
-        let model = Gpt::new(setup.model.clone()).map_err(|e| format!("rank {rank}: cannot build the model: {e}"))?;
-        model.set_params(&params).map_err(|e| format!("rank {rank}: cannot load parameters: {e}"))?;
+        let model = Gpt::new(setup.model.clone())
+            .map_err(|e| format!("rank {rank}: cannot build the model: {e}"))?;
+        model
+            .set_params(&params)
+            .map_err(|e| format!("rank {rank}: cannot load parameters: {e}"))?;
         let windows = tenax_data::num_windows(data.train.len(), setup.model.block_size) as u64;
         if windows == 0 {
-            return Err(format!("the training split has {} tokens, fewer than one window of {}", data.train.len(), setup.model.block_size + 1));
+            return Err(format!(
+                "the training split has {} tokens, fewer than one window of {}",
+                data.train.len(),
+                setup.model.block_size + 1
+            ));
         }
         let sampler = Sampler::new(setup.seed, windows);
-        Ok(Self { rank, setup, data, collective, model, params, opt, sampler, inputs: Vec::new(), targets: Vec::new() })
+        Ok(Self {
+            rank,
+            setup,
+            data,
+            collective,
+            model,
+            params,
+            opt,
+            sampler,
+            inputs: Vec::new(),
+            targets: Vec::new(),
+        })
     }
 
     /// Fill the input/target buffers with the given windows of `tokens`.
@@ -88,7 +106,11 @@ impl RankCompute {
         let bs = self.setup.model.block_size;
         self.inputs.clear();
         self.targets.clear();
-        let tokens = if split_val { &self.data.val } else { &self.data.train };
+        let tokens = if split_val {
+            &self.data.val
+        } else {
+            &self.data.train
+        };
         let (mut i, mut t) = (Vec::with_capacity(bs), Vec::with_capacity(bs));
         for &w in windows {
             tenax_data::window(tokens, bs, w as usize, &mut i, &mut t);
@@ -100,28 +122,62 @@ impl RankCompute {
     /// Compute this rank's slots of `step`, reduce, and apply the update.
     pub(crate) fn step(&mut self, step: u64, cursor: u64, lr: f32) -> Result<RankOutcome, String> {
         let layout = self.setup.batch;
-        let my_slots = slots_for_rank(layout.num_slots(), self.setup.ranks as u64, self.rank as u64);
+        let my_slots = slots_for_rank(
+            layout.num_slots(),
+            self.setup.ranks as u64,
+            self.rank as u64,
+        );
         for slot in my_slots {
             let samples = layout.slot_samples(cursor, slot);
-            let windows = self.sampler.windows(samples.start, samples.end - samples.start);
+            let windows = self
+                .sampler
+                .windows(samples.start, samples.end - samples.start);
             self.fill(&windows, false);
             let (loss_sum, grad) = self
                 .model
                 .loss_sum_and_grad(&self.inputs, &self.targets, windows.len())
                 .map_err(|e| format!("rank {}: step {step} slot {slot}: {e}", self.rank))?;
-            self.collective.contribute(step, SlotContribution { slot, loss_sum, grad }).map_err(|e| format!("rank {}: {e}", self.rank))?;
+            self.collective
+                .contribute(
+                    step,
+                    SlotContribution {
+                        slot,
+                        loss_sum,
+                        grad,
+                    },
+                )
+                .map_err(|e| format!("rank {}: {e}", self.rank))?;
         }
-        let reduced = self.collective.reduced(step, self.setup.step_timeout).map_err(|e| format!("rank {}: {e}", self.rank))?;
+        let reduced = self
+            .collective
+            .reduced(step, self.setup.step_timeout)
+            .map_err(|e| format!("rank {}: {e}", self.rank))?;
         let tokens = (layout.batch_size as usize * self.setup.model.block_size) as f32;
         let loss = reduced.loss_sum / f64::from(tokens);
         let mut grad: Vec<f32> = reduced.grad_sum.iter().map(|g| g / tokens).collect();
         let grad_norm = clip_grad_norm(&mut grad, self.setup.grad_clip);
         if !loss.is_finite() || !grad_norm.is_finite() {
-            return Ok(RankOutcome { loss, grad_norm, skipped: true });
+            return Ok(RankOutcome {
+                loss,
+                grad_norm,
+                skipped: true,
+            });
         }
-        self.opt.update(&mut self.params, &grad, lr, self.model.layout(), &self.setup.adamw);
-        self.model.set_params(&self.params).map_err(|e| format!("rank {}: cannot load parameters: {e}", self.rank))?;
-        Ok(RankOutcome { loss, grad_norm, skipped: false })
+        self.opt.update(
+            &mut self.params,
+            &grad,
+            lr,
+            self.model.layout(),
+            &self.setup.adamw,
+        );
+        self.model
+            .set_params(&self.params)
+            .map_err(|e| format!("rank {}: cannot load parameters: {e}", self.rank))?;
+        Ok(RankOutcome {
+            loss,
+            grad_norm,
+            skipped: false,
+        })
     }
 
     /// Mean token loss over the given validation windows, in batches of the micro-batch size.
@@ -130,7 +186,11 @@ impl RankCompute {
         let mut sum = 0.0f64;
         for chunk in windows.chunks(mb.max(1)) {
             self.fill(chunk, true);
-            sum += f64::from(self.model.loss_sum(&self.inputs, &self.targets, chunk.len()).map_err(|e| format!("eval: {e}"))?);
+            sum += f64::from(
+                self.model
+                    .loss_sum(&self.inputs, &self.targets, chunk.len())
+                    .map_err(|e| format!("eval: {e}"))?,
+            );
         }
         Ok(sum / (windows.len() * self.setup.model.block_size) as f64)
     }
@@ -175,7 +235,11 @@ impl Actor for RankActor {
     type State = RankState;
     type Arguments = RankArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: RankArgs) -> Result<RankState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: RankArgs,
+    ) -> Result<RankState, ActorProcessingErr> {
         let rank = args.compute.rank;
         let collective = Arc::clone(&args.compute.collective);
         // A bounded queue: the supervisor never has more than a few jobs in flight per rank.
@@ -185,7 +249,9 @@ impl Actor for RankActor {
             .name(format!("tenax-rank-{rank}"))
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut compute)));
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        job(&mut compute)
+                    }));
                     if run.is_err() {
                         // The job's reply is dropped with it; make the peers stop waiting too.
                         compute.collective.abort(&format!("rank {rank} panicked"));
@@ -194,14 +260,26 @@ impl Actor for RankActor {
                 }
             })
             .map_err(|e| format!("rank {rank}: cannot start its compute thread: {e}"))?;
-        Ok(RankState { jobs: tx, collective, rank })
+        Ok(RankState {
+            jobs: tx,
+            collective,
+            rank,
+        })
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: RankMsg, state: &mut RankState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: RankMsg,
+        state: &mut RankState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             RankMsg::Run(job) => {
                 if state.jobs.try_send(job).is_err() {
-                    let reason = format!("rank {}: compute thread is gone or its queue is full", state.rank);
+                    let reason = format!(
+                        "rank {}: compute thread is gone or its queue is full",
+                        state.rank
+                    );
                     state.collective.abort(&reason);
                     return Err(reason.into());
                 }

@@ -58,13 +58,26 @@ type Reply<T> = RpcReplyPort<Result<T, ActorsError>>;
 /// Messages of the supervisor.
 pub(crate) enum SupervisorMsg {
     /// Run one step on every rank.
-    Step { step: u64, cursor: u64, lr: f32, reply: Reply<StepReport> },
+    Step {
+        step: u64,
+        cursor: u64,
+        lr: f32,
+        reply: Reply<StepReport>,
+    },
     /// Copy rank 0's state.
     Snapshot { reply: Reply<Snapshot> },
     /// Mean validation loss over these windows (rank 0).
-    Eval { windows: Vec<u64>, reply: Reply<f64> },
+    Eval {
+        windows: Vec<u64>,
+        reply: Reply<f64>,
+    },
     /// Sample text (rank 0).
-    Generate { prompt: Vec<u32>, max_new: usize, seed: u64, reply: Reply<Vec<u32>> },
+    Generate {
+        prompt: Vec<u32>,
+        max_new: usize,
+        seed: u64,
+        reply: Reply<Vec<u32>>,
+    },
     /// Every rank's parameter hash, in rank order.
     ParamHashes { reply: Reply<Vec<String>> },
 }
@@ -101,8 +114,13 @@ fn on_rank<T: Send + 'static>(
     async move {
         sent?;
         match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(ActorsError::Timeout { what, timeout_s: timeout.as_secs() }),
-            Ok(Err(_)) => Err(ActorsError::Rank(format!("{what}: the rank's compute thread died"))),
+            Err(_) => Err(ActorsError::Timeout {
+                what,
+                timeout_s: timeout.as_secs(),
+            }),
+            Ok(Err(_)) => Err(ActorsError::Rank(format!(
+                "{what}: the rank's compute thread died"
+            ))),
             Ok(Ok(r)) => r.map_err(ActorsError::Rank),
         }
     }
@@ -113,8 +131,13 @@ impl Actor for TrainSupervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
-        let collective: Arc<dyn Collective> = Arc::new(InProcessCollective::new(args.setup.batch.num_slots()));
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let collective: Arc<dyn Collective> =
+            Arc::new(InProcessCollective::new(args.setup.batch.num_slots()));
         let mut ranks = Vec::with_capacity(args.setup.ranks);
         for rank in 0..args.setup.ranks {
             let compute = RankCompute::new(
@@ -125,22 +148,42 @@ impl Actor for TrainSupervisor {
                 args.params.clone(),
                 args.opt.clone(),
             )?;
-            let (r, _) = Actor::spawn_linked(None, RankActor, RankArgs { compute }, myself.get_cell()).await?;
+            let (r, _) =
+                Actor::spawn_linked(None, RankActor, RankArgs { compute }, myself.get_cell())
+                    .await?;
             ranks.push(r);
         }
-        Ok(SupervisorState { ranks, collective, timeout: args.setup.step_timeout })
+        Ok(SupervisorState {
+            ranks,
+            collective,
+            timeout: args.setup.step_timeout,
+        })
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: SupervisorMsg, st: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: SupervisorMsg,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         let timeout = st.timeout;
         // The awaiting happens in a task, so this actor stays free to see supervision events.
         match msg {
-            SupervisorMsg::Step { step, cursor, lr, reply } => {
+            SupervisorMsg::Step {
+                step,
+                cursor,
+                lr,
+                reply,
+            } => {
                 let calls: Vec<_> = st
                     .ranks
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| on_rank(r, timeout, format!("rank {i}: step {step}"), move |c| c.step(step, cursor, lr)))
+                    .map(|(i, r)| {
+                        on_rank(r, timeout, format!("rank {i}: step {step}"), move |c| {
+                            c.step(step, cursor, lr)
+                        })
+                    })
                     .collect();
                 let collective = Arc::clone(&st.collective);
                 tokio::spawn(async move {
@@ -149,24 +192,56 @@ impl Actor for TrainSupervisor {
                 });
             }
             SupervisorMsg::Snapshot { reply } => {
-                let call = on_rank(&st.ranks[0], timeout, "snapshot".into(), |c| Ok(Snapshot { params: c.params.clone(), opt: c.opt.clone() }));
-                tokio::spawn(async move { let _ = reply.send(call.await); });
+                let call = on_rank(&st.ranks[0], timeout, "snapshot".into(), |c| {
+                    Ok(Snapshot {
+                        params: c.params.clone(),
+                        opt: c.opt.clone(),
+                    })
+                });
+                tokio::spawn(async move {
+                    let _ = reply.send(call.await);
+                });
             }
             SupervisorMsg::Eval { windows, reply } => {
-                let call = on_rank(&st.ranks[0], timeout, "eval".into(), move |c| c.eval(&windows));
-                tokio::spawn(async move { let _ = reply.send(call.await); });
-            }
-            SupervisorMsg::Generate { prompt, max_new, seed, reply } => {
-                let call = on_rank(&st.ranks[0], timeout, "generate".into(), move |c| {
-                    c.model.generate(&prompt, max_new, 0.8, 40, seed).map_err(|e| format!("generate: {e}"))
+                let call = on_rank(&st.ranks[0], timeout, "eval".into(), move |c| {
+                    c.eval(&windows)
                 });
-                tokio::spawn(async move { let _ = reply.send(call.await); });
+                tokio::spawn(async move {
+                    let _ = reply.send(call.await);
+                });
+            }
+            SupervisorMsg::Generate {
+                prompt,
+                max_new,
+                seed,
+                reply,
+            } => {
+                let call = on_rank(&st.ranks[0], timeout, "generate".into(), move |c| {
+                    c.model
+                        .generate(&prompt, max_new, 0.8, 40, seed)
+                        .map_err(|e| format!("generate: {e}"))
+                });
+                tokio::spawn(async move {
+                    let _ = reply.send(call.await);
+                });
             }
             SupervisorMsg::ParamHashes { reply } => {
-                let calls: Vec<_> =
-                    st.ranks.iter().enumerate().map(|(i, r)| on_rank(r, timeout, format!("rank {i}: hash"), |c| Ok(c.param_hash()))).collect();
+                let calls: Vec<_> = st
+                    .ranks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        on_rank(
+                            r,
+                            timeout,
+                            format!("rank {i}: hash"),
+                            |c| Ok(c.param_hash()),
+                        )
+                    })
+                    .collect();
                 tokio::spawn(async move {
-                    let r: Result<Vec<String>, ActorsError> = join_all(calls).await.into_iter().collect();
+                    let r: Result<Vec<String>, ActorsError> =
+                        join_all(calls).await.into_iter().collect();
                     let _ = reply.send(r);
                 });
             }
@@ -174,7 +249,12 @@ impl Actor for TrainSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match evt {
             SupervisionEvent::ActorFailed(who, err) => {
                 let reason = format!("rank actor {} failed: {err}", who.get_id());
@@ -182,7 +262,11 @@ impl Actor for TrainSupervisor {
                 myself.stop(Some(reason));
             }
             SupervisionEvent::ActorTerminated(who, _, why) => {
-                let reason = format!("rank actor {} stopped: {}", who.get_id(), why.unwrap_or_default());
+                let reason = format!(
+                    "rank actor {} stopped: {}",
+                    who.get_id(),
+                    why.unwrap_or_default()
+                );
                 st.collective.abort(&reason);
                 myself.stop(Some(reason));
             }
@@ -193,7 +277,11 @@ impl Actor for TrainSupervisor {
 }
 
 /// Every rank must report the same outcome: they reduced the same gradients.
-fn agree(step: u64, outcomes: Vec<Result<RankOutcome, ActorsError>>, collective: &dyn Collective) -> Result<StepReport, ActorsError> {
+fn agree(
+    step: u64,
+    outcomes: Vec<Result<RankOutcome, ActorsError>>,
+    collective: &dyn Collective,
+) -> Result<StepReport, ActorsError> {
     let mut first: Option<RankOutcome> = None;
     for (rank, o) in outcomes.into_iter().enumerate() {
         match o {
@@ -205,7 +293,8 @@ fn agree(step: u64, outcomes: Vec<Result<RankOutcome, ActorsError>>, collective:
                 None => first = Some(o),
                 Some(f) if f.loss.to_bits() == o.loss.to_bits() && f.skipped == o.skipped => {}
                 Some(f) => {
-                    let msg = format!("step {step}: rank {rank} disagrees with rank 0 ({o:?} vs {f:?})");
+                    let msg =
+                        format!("step {step}: rank {rank} disagrees with rank 0 ({o:?} vs {f:?})");
                     collective.abort(&msg);
                     return Err(ActorsError::Rank(msg));
                 }
@@ -213,7 +302,11 @@ fn agree(step: u64, outcomes: Vec<Result<RankOutcome, ActorsError>>, collective:
         }
     }
     let o = first.ok_or_else(|| ActorsError::Rank(format!("step {step}: no rank answered")))?;
-    Ok(StepReport { loss: o.loss, grad_norm: o.grad_norm, skipped: o.skipped })
+    Ok(StepReport {
+        loss: o.loss,
+        grad_norm: o.grad_norm,
+        skipped: o.skipped,
+    })
 }
 
 /// The handle the CLI drives: a running supervisor and its ranks.
@@ -225,49 +318,99 @@ pub struct Trainer {
 
 impl Trainer {
     /// Start `setup.ranks` ranks from one initial state (parameters and optimizer).
-    pub async fn start(setup: TrainSetup, data: Arc<TrainData>, params: Vec<f32>, opt: AdamW) -> Result<Self, ActorsError> {
-        setup.batch.check_ranks(setup.ranks as u64).map_err(|e| ActorsError::Start(e.to_string()))?;
-        let timeout = setup.step_timeout;
-        let (sup, handle) = Actor::spawn(None, TrainSupervisor, SupervisorArgs { setup, data, params, opt })
-            .await
+    pub async fn start(
+        setup: TrainSetup,
+        data: Arc<TrainData>,
+        params: Vec<f32>,
+        opt: AdamW,
+    ) -> Result<Self, ActorsError> {
+        setup
+            .batch
+            .check_ranks(setup.ranks as u64)
             .map_err(|e| ActorsError::Start(e.to_string()))?;
-        Ok(Self { sup, handle, timeout })
+        let timeout = setup.step_timeout;
+        let (sup, handle) = Actor::spawn(
+            None,
+            TrainSupervisor,
+            SupervisorArgs {
+                setup,
+                data,
+                params,
+                opt,
+            },
+        )
+        .await
+        .map_err(|e| ActorsError::Start(e.to_string()))?;
+        Ok(Self {
+            sup,
+            handle,
+            timeout,
+        })
     }
 
-    async fn ask<T: Send + 'static>(&self, what: &str, build: impl FnOnce(Reply<T>) -> SupervisorMsg) -> Result<T, ActorsError> {
+    async fn ask<T: Send + 'static>(
+        &self,
+        what: &str,
+        build: impl FnOnce(Reply<T>) -> SupervisorMsg,
+    ) -> Result<T, ActorsError> {
         // The supervisor's own deadline is the rank timeout; give the call a little more.
         let deadline = self.timeout + Duration::from_secs(5);
         match self.sup.call(build, Some(deadline)).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
-            Ok(ractor::rpc::CallResult::Timeout) => Err(ActorsError::Timeout { what: what.into(), timeout_s: deadline.as_secs() }),
-            Ok(ractor::rpc::CallResult::SenderError) => Err(ActorsError::Stopped(format!("{what}: no reply"))),
+            Ok(ractor::rpc::CallResult::Timeout) => Err(ActorsError::Timeout {
+                what: what.into(),
+                timeout_s: deadline.as_secs(),
+            }),
+            Ok(ractor::rpc::CallResult::SenderError) => {
+                Err(ActorsError::Stopped(format!("{what}: no reply")))
+            }
             Err(e) => Err(ActorsError::Stopped(format!("{what}: {e}"))),
         }
     }
 
     /// Run `step`, whose global batch starts at sample `cursor`, at learning rate `lr`.
     pub async fn step(&self, step: u64, cursor: u64, lr: f32) -> Result<StepReport, ActorsError> {
-        self.ask("step", |reply| SupervisorMsg::Step { step, cursor, lr, reply }).await
+        self.ask("step", |reply| SupervisorMsg::Step {
+            step,
+            cursor,
+            lr,
+            reply,
+        })
+        .await
     }
 
     /// Copy the training state (parameters and optimizer) out of rank 0.
     pub async fn snapshot(&self) -> Result<Snapshot, ActorsError> {
-        self.ask("snapshot", |reply| SupervisorMsg::Snapshot { reply }).await
+        self.ask("snapshot", |reply| SupervisorMsg::Snapshot { reply })
+            .await
     }
 
     /// Mean token loss over the given validation windows.
     pub async fn eval(&self, windows: Vec<u64>) -> Result<f64, ActorsError> {
-        self.ask("eval", |reply| SupervisorMsg::Eval { windows, reply }).await
+        self.ask("eval", |reply| SupervisorMsg::Eval { windows, reply })
+            .await
     }
 
     /// Sample `max_new` tokens after `prompt`.
-    pub async fn generate(&self, prompt: Vec<u32>, max_new: usize, seed: u64) -> Result<Vec<u32>, ActorsError> {
-        self.ask("generate", |reply| SupervisorMsg::Generate { prompt, max_new, seed, reply }).await
+    pub async fn generate(
+        &self,
+        prompt: Vec<u32>,
+        max_new: usize,
+        seed: u64,
+    ) -> Result<Vec<u32>, ActorsError> {
+        self.ask("generate", |reply| SupervisorMsg::Generate {
+            prompt,
+            max_new,
+            seed,
+            reply,
+        })
+        .await
     }
 
     /// Every rank's parameter hash, in rank order (they must all be equal).
     pub async fn param_hashes(&self) -> Result<Vec<String>, ActorsError> {
-        self.ask("param hashes", |reply| SupervisorMsg::ParamHashes { reply }).await
+        self.ask("param hashes", |reply| SupervisorMsg::ParamHashes { reply })
+            .await
     }
 
     /// Stop the supervisor and its ranks.

@@ -90,7 +90,14 @@ pub struct SlotFold {
 impl SlotFold {
     /// An empty fold for `num_slots` slots of `step`.
     pub fn new(step: u64, num_slots: u64) -> Self {
-        Self { step, num_slots, next: 0, loss_sum: 0.0, acc: None, pending: Default::default() }
+        Self {
+            step,
+            num_slots,
+            next: 0,
+            loss_sum: 0.0,
+            acc: None,
+            pending: Default::default(),
+        }
     }
 
     /// The step this fold belongs to.
@@ -110,16 +117,27 @@ impl SlotFold {
 
     /// Add one slot; errors on a duplicate, out-of-range or wrongly sized slot.
     pub fn add(&mut self, c: SlotContribution) -> Result<(), CollectiveError> {
-        let bad = |reason: String| CollectiveError::BadContribution { step: self.step, reason };
+        let bad = |reason: String| CollectiveError::BadContribution {
+            step: self.step,
+            reason,
+        };
         if c.slot >= self.num_slots {
-            return Err(bad(format!("slot {} out of range 0..{}", c.slot, self.num_slots)));
+            return Err(bad(format!(
+                "slot {} out of range 0..{}",
+                c.slot, self.num_slots
+            )));
         }
         if c.slot < self.next || self.pending.contains_key(&c.slot) {
             return Err(bad(format!("slot {} contributed twice", c.slot)));
         }
         if let Some(acc) = &self.acc {
             if acc.len() != c.grad.len() {
-                return Err(bad(format!("slot {} has {} gradient values, expected {}", c.slot, c.grad.len(), acc.len())));
+                return Err(bad(format!(
+                    "slot {} has {} gradient values, expected {}",
+                    c.slot,
+                    c.grad.len(),
+                    acc.len()
+                )));
             }
         }
         self.pending.insert(c.slot, c);
@@ -131,7 +149,12 @@ impl SlotFold {
                     if acc.len() != c.grad.len() {
                         return Err(CollectiveError::BadContribution {
                             step: self.step,
-                            reason: format!("slot {} has {} gradient values, expected {}", c.slot, c.grad.len(), acc.len()),
+                            reason: format!(
+                                "slot {} has {} gradient values, expected {}",
+                                c.slot,
+                                c.grad.len(),
+                                acc.len()
+                            ),
                         });
                     }
                     for (a, g) in acc.iter_mut().zip(&c.grad) {
@@ -149,7 +172,11 @@ impl SlotFold {
         if !self.is_complete() {
             return None;
         }
-        Some(Reduced { step: self.step, loss_sum: self.loss_sum, grad_sum: self.acc.take().unwrap_or_default() })
+        Some(Reduced {
+            step: self.step,
+            loss_sum: self.loss_sum,
+            grad_sum: self.acc.take().unwrap_or_default(),
+        })
     }
 }
 
@@ -159,7 +186,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn contribution(slot: u64, grad: Vec<f32>) -> SlotContribution {
-        SlotContribution { slot, loss_sum: slot as f32 + 0.5, grad }
+        SlotContribution {
+            slot,
+            loss_sum: slot as f32 + 0.5,
+            grad,
+        }
     }
 
     proptest! {
@@ -188,9 +219,18 @@ mod tests {
     fn rejects_duplicates_and_out_of_range() {
         let mut fold = SlotFold::new(1, 2);
         fold.add(contribution(0, vec![1.0])).unwrap();
-        assert!(matches!(fold.add(contribution(0, vec![1.0])), Err(CollectiveError::BadContribution { .. })));
-        assert!(matches!(fold.add(contribution(2, vec![1.0])), Err(CollectiveError::BadContribution { .. })));
-        assert!(matches!(fold.add(contribution(1, vec![1.0, 2.0])), Err(CollectiveError::BadContribution { .. })));
+        assert!(matches!(
+            fold.add(contribution(0, vec![1.0])),
+            Err(CollectiveError::BadContribution { .. })
+        ));
+        assert!(matches!(
+            fold.add(contribution(2, vec![1.0])),
+            Err(CollectiveError::BadContribution { .. })
+        ));
+        assert!(matches!(
+            fold.add(contribution(1, vec![1.0, 2.0])),
+            Err(CollectiveError::BadContribution { .. })
+        ));
         assert!(fold.finish().is_none());
     }
 }

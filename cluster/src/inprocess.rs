@@ -28,7 +28,15 @@ struct State {
 impl InProcessCollective {
     /// A collective reducing `num_slots` slots per step.
     pub fn new(num_slots: u64) -> Self {
-        Self { num_slots, state: Mutex::new(State { fold: None, result: None, aborted: None }), changed: Condvar::new() }
+        Self {
+            num_slots,
+            state: Mutex::new(State {
+                fold: None,
+                result: None,
+                aborted: None,
+            }),
+            changed: Condvar::new(),
+        }
     }
 }
 
@@ -36,16 +44,28 @@ impl Collective for InProcessCollective {
     fn contribute(&self, step: u64, contribution: SlotContribution) -> Result<(), CollectiveError> {
         let mut st = self.state.lock().expect("collective lock poisoned");
         if let Some(reason) = &st.aborted {
-            return Err(CollectiveError::Aborted { reason: reason.clone() });
+            return Err(CollectiveError::Aborted {
+                reason: reason.clone(),
+            });
         }
-        let current = st.fold.as_ref().map(SlotFold::step).or(st.result.as_ref().map(|r| r.step));
+        let current = st
+            .fold
+            .as_ref()
+            .map(SlotFold::step)
+            .or(st.result.as_ref().map(|r| r.step));
         match current {
             Some(s) if s == step => {}
             Some(s) if s > step => {
-                return Err(CollectiveError::BadContribution { step, reason: format!("step {step} is older than the current step {s}") });
+                return Err(CollectiveError::BadContribution {
+                    step,
+                    reason: format!("step {step} is older than the current step {s}"),
+                });
             }
             Some(s) if st.fold.as_ref().is_some_and(|f| !f.is_complete()) => {
-                return Err(CollectiveError::BadContribution { step, reason: format!("step {s} is still being reduced") });
+                return Err(CollectiveError::BadContribution {
+                    step,
+                    reason: format!("step {s} is still being reduced"),
+                });
             }
             _ => {
                 st.fold = Some(SlotFold::new(step, self.num_slots));
@@ -53,7 +73,10 @@ impl Collective for InProcessCollective {
             }
         }
         let Some(fold) = st.fold.as_mut() else {
-            return Err(CollectiveError::BadContribution { step, reason: format!("step {step} is already reduced") });
+            return Err(CollectiveError::BadContribution {
+                step,
+                reason: format!("step {step} is already reduced"),
+            });
         };
         fold.add(contribution)?;
         if fold.is_complete() {
@@ -70,17 +93,32 @@ impl Collective for InProcessCollective {
         let mut st = self.state.lock().expect("collective lock poisoned");
         loop {
             if let Some(reason) = &st.aborted {
-                return Err(CollectiveError::Aborted { reason: reason.clone() });
+                return Err(CollectiveError::Aborted {
+                    reason: reason.clone(),
+                });
             }
             if let Some(r) = st.result.as_ref().filter(|r| r.step == step) {
                 return Ok(Arc::clone(r));
             }
             let waited = start.elapsed();
             if waited >= timeout {
-                let arrived = st.fold.as_ref().filter(|f| f.step() == step).map_or(0, SlotFold::arrived);
-                return Err(CollectiveError::Timeout { step, waited_ms: waited.as_millis() as u64, arrived, expected: self.num_slots });
+                let arrived = st
+                    .fold
+                    .as_ref()
+                    .filter(|f| f.step() == step)
+                    .map_or(0, SlotFold::arrived);
+                return Err(CollectiveError::Timeout {
+                    step,
+                    waited_ms: waited.as_millis() as u64,
+                    arrived,
+                    expected: self.num_slots,
+                });
             }
-            st = self.changed.wait_timeout(st, timeout - waited).expect("collective lock poisoned").0;
+            st = self
+                .changed
+                .wait_timeout(st, timeout - waited)
+                .expect("collective lock poisoned")
+                .0;
         }
     }
 
@@ -96,7 +134,11 @@ mod tests {
     use super::*;
 
     fn c(slot: u64, v: f32) -> SlotContribution {
-        SlotContribution { slot, loss_sum: v, grad: vec![v, -v] }
+        SlotContribution {
+            slot,
+            loss_sum: v,
+            grad: vec![v, -v],
+        }
     }
 
     #[test]
@@ -108,7 +150,8 @@ mod tests {
                     let coll = Arc::clone(&coll);
                     std::thread::spawn(move || {
                         for slot in rank * 2..rank * 2 + 2 {
-                            coll.contribute(step, c(slot, slot as f32 + step as f32)).unwrap();
+                            coll.contribute(step, c(slot, slot as f32 + step as f32))
+                                .unwrap();
                         }
                         coll.reduced(step, Duration::from_secs(10)).unwrap()
                     })
@@ -126,10 +169,26 @@ mod tests {
         let coll = InProcessCollective::new(2);
         coll.contribute(0, c(0, 1.0)).unwrap();
         let err = coll.reduced(0, Duration::from_millis(20)).unwrap_err();
-        assert!(matches!(err, CollectiveError::Timeout { arrived: 1, expected: 2, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CollectiveError::Timeout {
+                    arrived: 1,
+                    expected: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         coll.abort("rank 1 failed");
-        assert!(matches!(coll.reduced(0, Duration::from_secs(5)), Err(CollectiveError::Aborted { .. })));
-        assert!(matches!(coll.contribute(0, c(1, 1.0)), Err(CollectiveError::Aborted { .. })));
+        assert!(matches!(
+            coll.reduced(0, Duration::from_secs(5)),
+            Err(CollectiveError::Aborted { .. })
+        ));
+        assert!(matches!(
+            coll.contribute(0, c(1, 1.0)),
+            Err(CollectiveError::Aborted { .. })
+        ));
     }
 
     #[test]
@@ -137,6 +196,9 @@ mod tests {
         let coll = InProcessCollective::new(1);
         coll.contribute(5, c(0, 1.0)).unwrap();
         assert!(coll.reduced(5, Duration::from_secs(1)).is_ok());
-        assert!(matches!(coll.contribute(4, c(0, 1.0)), Err(CollectiveError::BadContribution { .. })));
+        assert!(matches!(
+            coll.contribute(4, c(0, 1.0)),
+            Err(CollectiveError::BadContribution { .. })
+        ));
     }
 }

@@ -27,8 +27,16 @@ impl Sampler {
     /// # Panics
     /// If `num_windows` is 0 or above `u32::MAX`.
     pub fn new(seed: u64, num_windows: u64) -> Self {
-        assert!(num_windows > 0 && num_windows <= u64::from(u32::MAX), "bad window count {num_windows}");
-        Self { seed, num_windows, cached_epoch: None, cached_perm: Vec::new() }
+        assert!(
+            num_windows > 0 && num_windows <= u64::from(u32::MAX),
+            "bad window count {num_windows}"
+        );
+        Self {
+            seed,
+            num_windows,
+            cached_epoch: None,
+            cached_perm: Vec::new(),
+        }
     }
 
     /// Number of windows in one epoch.
@@ -56,7 +64,10 @@ impl Sampler {
 /// The permutation of `0..num_windows` visited in `epoch` (Fisher-Yates driven by a
 /// SplitMix64 stream derived from `(seed, epoch)`).
 pub fn epoch_permutation(seed: u64, epoch: u64, num_windows: u64) -> Vec<u32> {
-    let mut rng = SplitMix64::derive(seed ^ crate::rng::mix(epoch.wrapping_add(1)), "sampler-epoch");
+    let mut rng = SplitMix64::derive(
+        seed ^ crate::rng::mix(epoch.wrapping_add(1)),
+        "sampler-epoch",
+    );
     let mut perm: Vec<u32> = (0..num_windows as u32).collect();
     for i in (1..perm.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
@@ -73,7 +84,9 @@ pub fn eval_windows(seed: u64, num_windows: u64, count: u64) -> Vec<u64> {
         return Vec::new();
     }
     let perm = epoch_permutation(seed ^ 0x7661_6c00, 0, num_windows);
-    (0..count).map(|i| u64::from(perm[(i % num_windows) as usize])).collect()
+    (0..count)
+        .map(|i| u64::from(perm[(i % num_windows) as usize]))
+        .collect()
 }
 
 #[cfg(test)]

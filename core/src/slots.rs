@@ -50,12 +50,21 @@ impl BatchLayout {
     /// A checked layout.
     pub fn new(batch_size: u64, micro_batch_size: u64) -> Result<Self, SlotError> {
         if batch_size == 0 || micro_batch_size == 0 {
-            return Err(SlotError::Zero { batch_size, micro_batch_size });
+            return Err(SlotError::Zero {
+                batch_size,
+                micro_batch_size,
+            });
         }
         if batch_size % micro_batch_size != 0 {
-            return Err(SlotError::NotAMultiple { batch_size, micro_batch_size });
+            return Err(SlotError::NotAMultiple {
+                batch_size,
+                micro_batch_size,
+            });
         }
-        Ok(Self { batch_size, micro_batch_size })
+        Ok(Self {
+            batch_size,
+            micro_batch_size,
+        })
     }
 
     /// Slots per step.
@@ -72,7 +81,10 @@ impl BatchLayout {
     /// Checks that `ranks` ranks can share the slots.
     pub fn check_ranks(&self, ranks: u64) -> Result<(), SlotError> {
         if ranks == 0 || ranks > self.num_slots() {
-            return Err(SlotError::TooManyRanks { ranks, num_slots: self.num_slots() });
+            return Err(SlotError::TooManyRanks {
+                ranks,
+                num_slots: self.num_slots(),
+            });
         }
         Ok(())
     }
@@ -106,19 +118,30 @@ mod tests {
             (3, 4, &[0..1, 1..2, 2..3, 3..3]),
         ];
         for (slots, ranks, want) in table {
-            let got: Vec<_> = (0..*ranks).map(|r| slots_for_rank(*slots, *ranks, r)).collect();
+            let got: Vec<_> = (0..*ranks)
+                .map(|r| slots_for_rank(*slots, *ranks, r))
+                .collect();
             assert_eq!(&got, want, "slots {slots} ranks {ranks}");
         }
     }
 
     #[test]
     fn layout_errors() {
-        assert!(matches!(BatchLayout::new(12, 5), Err(SlotError::NotAMultiple { .. })));
-        assert!(matches!(BatchLayout::new(0, 1), Err(SlotError::Zero { .. })));
+        assert!(matches!(
+            BatchLayout::new(12, 5),
+            Err(SlotError::NotAMultiple { .. })
+        ));
+        assert!(matches!(
+            BatchLayout::new(0, 1),
+            Err(SlotError::Zero { .. })
+        ));
         let l = BatchLayout::new(12, 4).unwrap();
         assert_eq!(l.num_slots(), 3);
         assert!(l.check_ranks(3).is_ok());
-        assert!(matches!(l.check_ranks(4), Err(SlotError::TooManyRanks { .. })));
+        assert!(matches!(
+            l.check_ranks(4),
+            Err(SlotError::TooManyRanks { .. })
+        ));
         assert_eq!(l.slot_samples(24, 2), 32..36);
     }
 

@@ -22,7 +22,9 @@ pub mod error;
 pub mod shard;
 pub mod tokenizer;
 
-pub use corpus::{default_corpus, load_corpus, Corpus, DEFAULT_CORPUS_MAX_BYTES, DEFAULT_CORPUS_PER_CRATE_BYTES};
+pub use corpus::{
+    default_corpus, load_corpus, Corpus, DEFAULT_CORPUS_MAX_BYTES, DEFAULT_CORPUS_PER_CRATE_BYTES,
+};
 pub use dataset::{
     cache_key, checked_num_windows, num_windows, prepare_dataset, shard_paths, window, CacheStatus,
     Dataset,

@@ -39,7 +39,13 @@ impl GptConfig {
                 })
             }
         };
-        let config = Self { vocab_size, n_layer, n_head, n_embd, block_size };
+        let config = Self {
+            vocab_size,
+            n_layer,
+            n_head,
+            n_embd,
+            block_size,
+        };
         config.validate()?;
         Ok(config)
     }

@@ -1,8 +1,9 @@
 //! The GPT itself: a nanoGPT-style decoder built from basic candle-core ops.
 //!
 //! candle-nn's fused `softmax_last_dim`, `layer_norm`, `rms_norm` and `sdpa` record no
-//! gradient, silently, so this module builds layer norm, softmax, the causal mask and the
-//! cross-entropy from elementary ops that all have a backward pass. Every parameter's
+//! gradient, silently, so this module builds layer norm, softmax and the causal mask from
+//! elementary ops that all have a backward pass; the cross-entropy is a custom op with a
+//! hand-written backward (module `loss`). Every parameter's
 //! gradient is checked against finite differences in the tests below.
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -10,6 +11,7 @@ use tenax_core::rng::SplitMix64;
 
 use crate::config::GptConfig;
 use crate::error::ModelError;
+use crate::loss::cross_entropy_rows;
 use crate::params::{block_prefix, ParamLayout};
 
 /// LayerNorm epsilon, as torch's default.
@@ -43,7 +45,10 @@ struct Weights<'a> {
 
 impl Weights<'_> {
     fn get(&self, name: &str) -> &Tensor {
-        let i = self.layout.index_of(name).unwrap_or_else(|| panic!("no parameter `{name}`"));
+        let i = self
+            .layout
+            .index_of(name)
+            .unwrap_or_else(|| panic!("no parameter `{name}`"));
         &self.tensors[i]
     }
 }
@@ -71,8 +76,16 @@ impl Gpt {
             .iter()
             .map(|e| Var::zeros(e.shape.as_slice(), dtype, &Device::Cpu))
             .collect::<Result<Vec<_>, _>>()?;
-        let block_prefixes = (0..config.n_layer).map(|i| block_prefix(&config, i)).collect();
-        Ok(Self { config, layout, dtype, vars, block_prefixes })
+        let block_prefixes = (0..config.n_layer)
+            .map(|i| block_prefix(&config, i))
+            .collect();
+        Ok(Self {
+            config,
+            layout,
+            dtype,
+            vars,
+            block_prefixes,
+        })
     }
 
     /// The model's shape.
@@ -122,7 +135,12 @@ impl Gpt {
     pub fn params(&self) -> Result<Vec<f32>, ModelError> {
         let mut flat = Vec::with_capacity(self.layout.total);
         for var in &self.vars {
-            flat.extend(var.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            flat.extend(
+                var.as_tensor()
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
         }
         Ok(flat)
     }
@@ -131,15 +149,28 @@ impl Gpt {
         let tensors = self
             .vars
             .iter()
-            .map(|v| if track_grad { v.as_tensor().clone() } else { v.as_detached_tensor() })
+            .map(|v| {
+                if track_grad {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_detached_tensor()
+                }
+            })
             .collect();
-        Weights { layout: &self.layout, tensors }
+        Weights {
+            layout: &self.layout,
+            tensors,
+        }
     }
 
     /// Checks a token batch and returns `t`, the row length.
     fn check_tokens(&self, tokens: &[u32], batch: usize) -> Result<usize, ModelError> {
         let block_size = self.config.block_size;
-        let bad = ModelError::BatchShape { tokens: tokens.len(), batch, block_size };
+        let bad = ModelError::BatchShape {
+            tokens: tokens.len(),
+            batch,
+            block_size,
+        };
         if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) {
             return Err(bad);
         }
@@ -147,8 +178,10 @@ impl Gpt {
         if t > block_size {
             return Err(bad);
         }
-        if let Some((position, &token)) =
-            tokens.iter().enumerate().find(|(_, &x)| x as usize >= self.config.vocab_size)
+        if let Some((position, &token)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x as usize >= self.config.vocab_size)
         {
             return Err(ModelError::TokenOutOfRange {
                 token,
@@ -160,19 +193,35 @@ impl Gpt {
     }
 
     /// Logits `(batch * t, vocab)` for a checked token batch.
-    fn logits_2d(&self, w: &Weights, tokens: &[u32], batch: usize, t: usize) -> Result<Tensor, ModelError> {
+    fn logits_2d(
+        &self,
+        w: &Weights,
+        tokens: &[u32],
+        batch: usize,
+        t: usize,
+    ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let n = batch * t;
         let ids = Tensor::from_slice(tokens, n, &Device::Cpu)?;
         let wte = w.get("wte.weight");
         let tok = wte.index_select(&ids, 0)?; // (n, C)
         let pos = w.get("wpe.weight").narrow(0, 0, t)?; // (t, C)
-        let mut x = tok.reshape((batch, t, c.n_embd))?.broadcast_add(&pos)?.reshape((n, c.n_embd))?;
+        let mut x = tok
+            .reshape((batch, t, c.n_embd))?
+            .broadcast_add(&pos)?
+            .reshape((n, c.n_embd))?;
         let mask = causal_mask(t, self.dtype)?;
         for p in &self.block_prefixes {
             let g = |s: &str| w.get(&format!("{p}.{s}"));
             let h = layer_norm(&x, g("ln_1.weight"), g("ln_1.bias"))?;
-            let h = self.attention(&h, g("attn.c_attn.weight"), g("attn.c_attn.bias"), &mask, batch, t)?;
+            let h = self.attention(
+                &h,
+                g("attn.c_attn.weight"),
+                g("attn.c_attn.bias"),
+                &mask,
+                batch,
+                t,
+            )?;
             let h = linear(&h, g("attn.c_proj.weight"), g("attn.c_proj.bias"))?;
             x = (x + h)?;
             let h = layer_norm(&x, g("ln_2.weight"), g("ln_2.bias"))?;
@@ -221,7 +270,13 @@ impl Gpt {
     }
 
     /// The scalar loss tensor (sum of cross-entropies) in the model dtype.
-    fn loss_tensor(&self, w: &Weights, inputs: &[u32], targets: &[u32], batch: usize) -> Result<Tensor, ModelError> {
+    fn loss_tensor(
+        &self,
+        w: &Weights,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<Tensor, ModelError> {
         let t = self.check_tokens(inputs, batch)?;
         if targets.len() != inputs.len() {
             return Err(ModelError::Length {
@@ -233,19 +288,28 @@ impl Gpt {
         }
         self.check_tokens(targets, batch)?;
         let logits = self.logits_2d(w, inputs, batch, t)?;
-        let targets = Tensor::from_slice(targets, (batch * t, 1), &Device::Cpu)?;
-        cross_entropy_sum(&logits, &targets)
+        Ok(cross_entropy_rows(&logits, targets)?.sum_all()?)
     }
 
     /// Sum (not mean) of the next-token cross-entropy over all `batch * t` positions.
-    pub fn loss_sum(&self, inputs: &[u32], targets: &[u32], batch: usize) -> Result<f32, ModelError> {
+    pub fn loss_sum(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<f32, ModelError> {
         let loss = self.loss_tensor(&self.weights(false), inputs, targets, batch)?;
         Ok(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?)
     }
 
     /// [`Gpt::loss_sum`] in f64 (exact when the model dtype is F64).
     #[doc(hidden)]
-    pub fn loss_sum_f64(&self, inputs: &[u32], targets: &[u32], batch: usize) -> Result<f64, ModelError> {
+    pub fn loss_sum_f64(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<f64, ModelError> {
         let loss = self.loss_tensor(&self.weights(false), inputs, targets, batch)?;
         Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     }
@@ -267,7 +331,9 @@ impl Gpt {
             .map(|(entry, var)| {
                 store
                     .remove(var.as_tensor())
-                    .ok_or_else(|| ModelError::MissingGrad { name: entry.name.clone() })
+                    .ok_or_else(|| ModelError::MissingGrad {
+                        name: entry.name.clone(),
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((loss, grads))
@@ -355,7 +421,10 @@ fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// `erf` rather than candle's fused `gelu_erf`, whose backward rounds 1/sqrt(2 pi) to six
 /// digits; `erf`'s backward is exact, so gradients match finite differences to ~1e-8.
 fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    let cdf = x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()?.affine(0.5, 0.5)?;
+    let cdf = x
+        .affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?
+        .erf()?
+        .affine(0.5, 0.5)?;
     x.mul(&cdf)
 }
 
@@ -385,15 +454,6 @@ fn causal_mask(t: usize, dtype: DType) -> candle_core::Result<Tensor> {
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Tensor::from_vec(data, (t, t), &Device::Cpu)?.to_dtype(dtype)
-}
-
-/// Sum over rows of `-log softmax(logits)[target]`, `logits` `(n, V)`, `targets` `(n, 1)` u32.
-fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor, ModelError> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (n, 1)
-    let picked = shifted.gather(targets, D::Minus1)?; // (n, 1)
-    Ok((log_sum_exp - picked)?.sum_all()?)
 }
 
 /// Draws one id from `logits` (see [`Gpt::generate`] for the rules).
@@ -449,7 +509,13 @@ mod tests {
     use crate::params::init_params;
 
     fn gradcheck_config() -> GptConfig {
-        GptConfig { vocab_size: 11, n_layer: 2, n_head: 2, n_embd: 8, block_size: 5 }
+        GptConfig {
+            vocab_size: 11,
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 8,
+            block_size: 5,
+        }
     }
 
     fn random_tokens(rng: &mut SplitMix64, n: usize, vocab: usize) -> Vec<u32> {
@@ -506,9 +572,16 @@ mod tests {
                     ));
                 }
             }
-            eprintln!("gradcheck {:<28} worst rel err {worst:.2e}, max |fd| {max_fd:.2e}", entry.name);
+            eprintln!(
+                "gradcheck {:<28} worst rel err {worst:.2e}, max |fd| {max_fd:.2e}",
+                entry.name
+            );
             // A check on a parameter the loss does not depend on would prove nothing.
-            assert!(max_fd > 1e-6, "{}: finite differences are all ~0 ({max_fd:e})", entry.name);
+            assert!(
+                max_fd > 1e-6,
+                "{}: finite differences are all ~0 ({max_fd:e})",
+                entry.name
+            );
         }
         model.set_params_f64(p0).unwrap();
         failures
@@ -526,35 +599,54 @@ mod tests {
             .entries
             .iter()
             .flat_map(|e| {
-                let base = if e.name.contains("ln_") && e.name.ends_with(".weight") { 1.0 } else { 0.0 };
-                (0..e.len).map(|_| base + 0.3 * rng.next_normal()).collect::<Vec<_>>()
+                let base = if e.name.contains("ln_") && e.name.ends_with(".weight") {
+                    1.0
+                } else {
+                    0.0
+                };
+                (0..e.len)
+                    .map(|_| base + 0.3 * rng.next_normal())
+                    .collect::<Vec<_>>()
             })
             .collect();
         model.set_params_f64(&p0).unwrap();
         let (batch, t) = (2, config.block_size);
         let inputs = random_tokens(&mut rng, batch * t, config.vocab_size);
         let targets = random_tokens(&mut rng, batch * t, config.vocab_size);
-        let (loss, grad) = model.loss_sum_and_grad_f64(&inputs, &targets, batch).unwrap();
+        let (loss, grad) = model
+            .loss_sum_and_grad_f64(&inputs, &targets, batch)
+            .unwrap();
         assert!((loss - model.loss_sum_f64(&inputs, &targets, batch).unwrap()).abs() < 1e-12);
         let failures = check_gradient(&model, &p0, &grad, &inputs, &targets, batch);
-        assert!(failures.is_empty(), "gradient mismatches:\n{}", failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "gradient mismatches:\n{}",
+            failures.join("\n")
+        );
 
         // The checker itself must catch a gradient that is silently zero.
         let mut broken = grad.clone();
         let e = model.layout().get("h.01.mlp.c_fc.bias").unwrap();
         broken[e.range()].fill(0.0);
         let failures = check_gradient(&model, &p0, &broken, &inputs, &targets, batch);
-        assert!(!failures.is_empty() && failures.iter().all(|f| f.starts_with("h.01.mlp.c_fc.bias")));
+        assert!(
+            !failures.is_empty() && failures.iter().all(|f| f.starts_with("h.01.mlp.c_fc.bias"))
+        );
 
         // The f32 entry point agrees with the f64 one.
         let (loss32, grad32) = model.loss_sum_and_grad(&inputs, &targets, batch).unwrap();
         assert!((f64::from(loss32) - loss).abs() < 1e-4 * loss.abs());
-        assert!(grad32.iter().zip(&grad).all(|(a, b)| (f64::from(*a) - b).abs() <= 1e-6 * b.abs() + 1e-30));
+        assert!(grad32
+            .iter()
+            .zip(&grad)
+            .all(|(a, b)| (f64::from(*a) - b).abs() <= 1e-6 * b.abs() + 1e-30));
     }
 
     fn tiny_model(vocab: usize, seed: u64) -> Gpt {
         let model = Gpt::new(GptConfig::preset("tiny", vocab).unwrap()).unwrap();
-        model.set_params(&init_params(model.config(), model.layout(), seed)).unwrap();
+        model
+            .set_params(&init_params(model.config(), model.layout(), seed))
+            .unwrap();
         model
     }
 
@@ -563,13 +655,31 @@ mod tests {
         let model = tiny_model(37, 5);
         let again = tiny_model(37, 5);
         assert_eq!(
-            model.params().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            again.params().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            model
+                .params()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            again
+                .params()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
         );
         let mut rng = SplitMix64::new(1);
         let inputs = random_tokens(&mut rng, 3 * 16, 37);
         let targets = random_tokens(&mut rng, 3 * 16, 37);
-        let bits = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let bits = |t: Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
         let a = bits(model.forward(&inputs, 3).unwrap());
         let b = bits(model.forward(&inputs, 3).unwrap());
         let c = bits(again.forward(&inputs, 3).unwrap());
@@ -579,11 +689,26 @@ mod tests {
         let (l1, g1) = model.loss_sum_and_grad(&inputs, &targets, 3).unwrap();
         let (l2, g2) = again.loss_sum_and_grad(&inputs, &targets, 3).unwrap();
         assert_eq!(l1.to_bits(), l2.to_bits());
-        assert_eq!(g1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), g2.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-        assert_eq!(l1.to_bits(), model.loss_sum(&inputs, &targets, 3).unwrap().to_bits());
+        assert_eq!(
+            g1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            g2.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            l1.to_bits(),
+            model.loss_sum(&inputs, &targets, 3).unwrap().to_bits()
+        );
         // At init the logits are near zero, so the loss is near n * ln(vocab).
         let uniform = 48.0 * (37f32).ln();
-        assert!((l1 - uniform).abs() < 0.05 * uniform, "loss {l1}, uniform {uniform}");
+        assert!(
+            (l1 - uniform).abs() < 0.05 * uniform,
+            "loss {l1}, uniform {uniform}"
+        );
+    }
+
+    #[test]
+    fn gpt_can_move_to_a_compute_thread() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Gpt>();
     }
 
     #[test]
@@ -618,15 +743,49 @@ mod tests {
     fn bad_token_batches_are_rejected() {
         let model = tiny_model(10, 1);
         let seq = vec![1u32; 6];
-        assert!(matches!(model.forward(&seq, 4), Err(ModelError::BatchShape { .. })));
-        assert!(matches!(model.forward(&seq, 0), Err(ModelError::BatchShape { .. })));
-        assert!(matches!(model.forward(&[], 1), Err(ModelError::BatchShape { .. })));
-        assert!(matches!(model.forward(&[1; 17], 1), Err(ModelError::BatchShape { .. })));
+        assert!(matches!(
+            model.forward(&seq, 4),
+            Err(ModelError::BatchShape { .. })
+        ));
+        assert!(matches!(
+            model.forward(&seq, 0),
+            Err(ModelError::BatchShape { .. })
+        ));
+        assert!(matches!(
+            model.forward(&[], 1),
+            Err(ModelError::BatchShape { .. })
+        ));
+        assert!(matches!(
+            model.forward(&[1; 17], 1),
+            Err(ModelError::BatchShape { .. })
+        ));
         let err = model.forward(&[1, 2, 10], 1).unwrap_err();
-        assert!(matches!(err, ModelError::TokenOutOfRange { token: 10, position: 2, .. }), "{err}");
-        assert!(matches!(model.loss_sum(&seq, &seq[1..], 1), Err(ModelError::Length { .. })));
-        assert!(matches!(model.loss_sum(&seq, &[11; 6], 1), Err(ModelError::TokenOutOfRange { .. })));
-        assert!(matches!(Gpt::new(GptConfig { n_head: 3, ..model.config().clone() }), Err(ModelError::InvalidConfig { .. })));
+        assert!(
+            matches!(
+                err,
+                ModelError::TokenOutOfRange {
+                    token: 10,
+                    position: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(matches!(
+            model.loss_sum(&seq, &seq[1..], 1),
+            Err(ModelError::Length { .. })
+        ));
+        assert!(matches!(
+            model.loss_sum(&seq, &[11; 6], 1),
+            Err(ModelError::TokenOutOfRange { .. })
+        ));
+        assert!(matches!(
+            Gpt::new(GptConfig {
+                n_head: 3,
+                ..model.config().clone()
+            }),
+            Err(ModelError::InvalidConfig { .. })
+        ));
         let err = GptConfig::preset("huge", 10).unwrap_err();
         assert!(err.to_string().contains("tiny, nano, gpt2-small"), "{err}");
     }
@@ -653,7 +812,11 @@ mod tests {
         // Greedy continuation of a memorised prefix reproduces the pattern.
         let out = model.generate(&pattern[..8], 4, 0.0, 0, 0).unwrap();
         assert_eq!(out.len(), 4);
-        assert_eq!(model.generate(&pattern[..8], 4, 1.0, 1, 99).unwrap(), out, "top_k 1 is greedy");
+        assert_eq!(
+            model.generate(&pattern[..8], 4, 1.0, 1, 99).unwrap(),
+            out,
+            "top_k 1 is greedy"
+        );
     }
 
     #[test]
@@ -666,8 +829,14 @@ mod tests {
         assert_eq!(model.generate(&prompt, 20, 1.0, 10, 7).unwrap(), a);
         assert_ne!(model.generate(&prompt, 20, 1.0, 10, 8).unwrap(), a);
         assert!(model.generate(&prompt, 0, 1.0, 10, 7).unwrap().is_empty());
-        assert!(matches!(model.generate(&[], 3, 1.0, 0, 7), Err(ModelError::EmptyPrompt)));
-        assert!(matches!(model.generate(&[30], 3, 1.0, 0, 7), Err(ModelError::TokenOutOfRange { .. })));
+        assert!(matches!(
+            model.generate(&[], 3, 1.0, 0, 7),
+            Err(ModelError::EmptyPrompt)
+        ));
+        assert!(matches!(
+            model.generate(&[30], 3, 1.0, 0, 7),
+            Err(ModelError::TokenOutOfRange { .. })
+        ));
     }
 
     #[test]
@@ -692,7 +861,9 @@ mod tests {
         for vocab in [65, 50304] {
             let config = GptConfig::preset("nano", vocab).unwrap();
             let model = Gpt::new(config.clone()).unwrap();
-            model.set_params(&init_params(&config, model.layout(), 0)).unwrap();
+            model
+                .set_params(&init_params(&config, model.layout(), 0))
+                .unwrap();
             let mut rng = SplitMix64::new(0);
             let n = 12 * config.block_size;
             let inputs = random_tokens(&mut rng, n, vocab);

@@ -10,6 +10,7 @@
 //! - [`params`]: [`ParamLayout`] (names, shapes, offsets, decay flags) and nanoGPT
 //!   initialisation [`init_params`] from a seed.
 //! - [`gpt`]: [`Gpt`]: forward pass, summed cross-entropy and its gradient, sampling.
+//! - `loss` (private): fused softmax cross-entropy (a candle custom op with its own backward).
 //! - [`optim`]: [`AdamW`] (PyTorch semantics, plain loops), [`clip_grad_norm`] and
 //!   [`NamedTensor`] conversions for checkpoints.
 //! - [`schedule`]: [`LrSchedule`], warmup plus cosine decay.
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod error;
 pub mod gpt;
+mod loss;
 pub mod optim;
 pub mod params;
 pub mod schedule;

@@ -24,7 +24,12 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// nanoGPT's values for small models: betas (0.9, 0.99), eps 1e-8, decay 0.1.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
     }
 }
 
@@ -56,7 +61,11 @@ const V_PREFIX: &str = "adamw.v.";
 impl AdamW {
     /// Zero state for `n` parameters.
     pub fn new(n: usize) -> Self {
-        Self { m: vec![0.0; n], v: vec![0.0; n], step: 0 }
+        Self {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            step: 0,
+        }
     }
 
     /// One AdamW step with PyTorch semantics: for decay parameters `p -= lr * wd * p`
@@ -67,7 +76,14 @@ impl AdamW {
     ///
     /// # Panics
     /// If `params`, `grad`, the state and the layout disagree on the length.
-    pub fn update(&mut self, params: &mut [f32], grad: &[f32], lr: f32, layout: &ParamLayout, cfg: &AdamWConfig) {
+    pub fn update(
+        &mut self,
+        params: &mut [f32],
+        grad: &[f32],
+        lr: f32,
+        layout: &ParamLayout,
+        cfg: &AdamWConfig,
+    ) {
         let n = layout.total;
         assert!(
             params.len() == n && grad.len() == n && self.m.len() == n && self.v.len() == n,
@@ -119,7 +135,11 @@ impl AdamW {
     /// Rebuilds the state from [`AdamW::named_state`] tensors (any order; other names are
     /// ignored) and the saved step count. Every moment of every parameter must be
     /// present with the right shape; the error names the first that is not.
-    pub fn from_named_state(layout: &ParamLayout, tensors: &[NamedTensor], step: u64) -> Result<Self, ModelError> {
+    pub fn from_named_state(
+        layout: &ParamLayout,
+        tensors: &[NamedTensor],
+        step: u64,
+    ) -> Result<Self, ModelError> {
         let m = gather_flat(layout, tensors, M_PREFIX)?;
         let v = gather_flat(layout, tensors, V_PREFIX)?;
         Ok(Self { m, v, step })
@@ -127,13 +147,19 @@ impl AdamW {
 }
 
 /// Finds `<prefix><param>` for every parameter, checks it and copies it to a flat vector.
-fn gather_flat(layout: &ParamLayout, tensors: &[NamedTensor], prefix: &str) -> Result<Vec<f32>, ModelError> {
+fn gather_flat(
+    layout: &ParamLayout,
+    tensors: &[NamedTensor],
+    prefix: &str,
+) -> Result<Vec<f32>, ModelError> {
     let by_name: std::collections::HashMap<&str, &NamedTensor> =
         tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut flat = vec![0f32; layout.total];
     for e in &layout.entries {
         let name = format!("{prefix}{}", e.name);
-        let t = by_name.get(name.as_str()).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+        let t = by_name
+            .get(name.as_str())
+            .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
         if t.shape != e.shape || t.data.len() != e.len {
             return Err(ModelError::TensorShape {
                 name,
@@ -152,17 +178,28 @@ fn gather_flat(layout: &ParamLayout, tensors: &[NamedTensor], prefix: &str) -> R
 /// # Panics
 /// If `flat` is not `layout.total` long.
 pub fn named_params(layout: &ParamLayout, flat: &[f32]) -> Vec<NamedTensor> {
-    assert_eq!(flat.len(), layout.total, "named_params: flat vector length vs layout");
+    assert_eq!(
+        flat.len(),
+        layout.total,
+        "named_params: flat vector length vs layout"
+    );
     layout
         .entries
         .iter()
-        .map(|e| NamedTensor { name: e.name.clone(), shape: e.shape.clone(), data: flat[e.range()].to_vec() })
+        .map(|e| NamedTensor {
+            name: e.name.clone(),
+            shape: e.shape.clone(),
+            data: flat[e.range()].to_vec(),
+        })
         .collect()
 }
 
 /// The flat parameter vector from [`named_params`] tensors (any order; other names are
 /// ignored). The error names the first missing or mis-shaped parameter.
-pub fn params_from_named(layout: &ParamLayout, tensors: &[NamedTensor]) -> Result<Vec<f32>, ModelError> {
+pub fn params_from_named(
+    layout: &ParamLayout,
+    tensors: &[NamedTensor],
+) -> Result<Vec<f32>, ModelError> {
     gather_flat(layout, tensors, "")
 }
 
@@ -171,7 +208,11 @@ pub fn params_from_named(layout: &ParamLayout, tensors: &[NamedTensor]) -> Resul
 /// `max_norm / (norm + 1e-6)`. Returns the norm before clipping (NaN or infinite if the
 /// gradient is; then nothing is scaled). `max_norm <= 0` disables clipping.
 pub fn clip_grad_norm(grad: &mut [f32], max_norm: f32) -> f64 {
-    let norm = grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt();
+    let norm = grad
+        .iter()
+        .map(|&g| f64::from(g) * f64::from(g))
+        .sum::<f64>()
+        .sqrt();
     if max_norm > 0.0 && norm > f64::from(max_norm) {
         let scale = (f64::from(max_norm) / (norm + 1e-6)) as f32;
         grad.iter_mut().for_each(|g| *g *= scale);
@@ -189,8 +230,20 @@ mod tests {
     fn small_layout() -> ParamLayout {
         ParamLayout {
             entries: vec![
-                ParamEntry { name: "a.bias".into(), shape: vec![1], offset: 0, len: 1, decay: false },
-                ParamEntry { name: "a.weight".into(), shape: vec![1, 2], offset: 1, len: 2, decay: true },
+                ParamEntry {
+                    name: "a.bias".into(),
+                    shape: vec![1],
+                    offset: 0,
+                    len: 1,
+                    decay: false,
+                },
+                ParamEntry {
+                    name: "a.weight".into(),
+                    shape: vec![1, 2],
+                    offset: 1,
+                    len: 2,
+                    decay: true,
+                },
             ],
             total: 3,
         }
@@ -199,7 +252,12 @@ mod tests {
     #[test]
     fn adamw_matches_hand_computed_steps() {
         let layout = small_layout();
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let lr = 0.1;
         // Elements: bias (no decay), weight[0], weight[1] (decay 0.1).
         let mut p = vec![1.0f32, 1.0, 1.0];
@@ -226,7 +284,10 @@ mod tests {
         assert!((opt.m[2] - -0.055).abs() < 1e-7 && (opt.v[2] - 0.012475).abs() < 1e-7);
 
         // Without decay the weights follow the bias exactly.
-        let no_decay = AdamWConfig { weight_decay: 0.0, ..cfg };
+        let no_decay = AdamWConfig {
+            weight_decay: 0.0,
+            ..cfg
+        };
         let mut p = vec![1.0f32, 1.0, 1.0];
         let mut opt = AdamW::new(3);
         opt.update(&mut p, &[0.5, 0.5, 0.5], lr, &layout, &no_decay);
@@ -249,23 +310,37 @@ mod tests {
         opt.step = 17;
         let mut named = opt.named_state(&layout);
         assert_eq!(named.len(), 2 * layout.entries.len());
-        assert!(named.iter().any(|t| t.name == "adamw.m.h.01.mlp.c_fc.weight" && t.shape == vec![32, 128]));
+        assert!(named
+            .iter()
+            .any(|t| t.name == "adamw.m.h.01.mlp.c_fc.weight" && t.shape == vec![32, 128]));
         named.reverse(); // order must not matter
         let back = AdamW::from_named_state(&layout, &named, 17).unwrap();
         assert_eq!(back, opt);
 
-        let missing: Vec<NamedTensor> =
-            named.iter().filter(|t| t.name != "adamw.v.wpe.weight").cloned().collect();
+        let missing: Vec<NamedTensor> = named
+            .iter()
+            .filter(|t| t.name != "adamw.v.wpe.weight")
+            .cloned()
+            .collect();
         let err = AdamW::from_named_state(&layout, &missing, 17).unwrap_err();
-        assert!(matches!(&err, ModelError::MissingTensor { name } if name == "adamw.v.wpe.weight"), "{err}");
+        assert!(
+            matches!(&err, ModelError::MissingTensor { name } if name == "adamw.v.wpe.weight"),
+            "{err}"
+        );
         assert!(err.to_string().contains("adamw.v.wpe.weight"));
 
         let mut bad = named.clone();
-        let t = bad.iter_mut().find(|t| t.name == "adamw.m.ln_f.bias").unwrap();
+        let t = bad
+            .iter_mut()
+            .find(|t| t.name == "adamw.m.ln_f.bias")
+            .unwrap();
         t.shape = vec![31];
         t.data.pop();
         let err = AdamW::from_named_state(&layout, &bad, 17).unwrap_err();
-        assert!(matches!(&err, ModelError::TensorShape { name, .. } if name == "adamw.m.ln_f.bias"), "{err}");
+        assert!(
+            matches!(&err, ModelError::TensorShape { name, .. } if name == "adamw.m.ln_f.bias"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -277,7 +352,9 @@ mod tests {
         assert_eq!(named[0].name, layout.entries[0].name);
         assert_eq!(params_from_named(&layout, &named).unwrap(), flat);
         let err = params_from_named(&layout, &named[1..]).unwrap_err();
-        assert!(matches!(&err, ModelError::MissingTensor { name } if *name == layout.entries[0].name));
+        assert!(
+            matches!(&err, ModelError::MissingTensor { name } if *name == layout.entries[0].name)
+        );
     }
 
     #[test]
@@ -285,19 +362,27 @@ mod tests {
         // (grad, max_norm, want pre-clip norm, want grad after)
         let s = (1.0 / (5.0 + 1e-6)) as f32;
         let table: Vec<(Vec<f32>, f32, f64, Vec<f32>)> = vec![
-            (vec![3.0, 4.0], 10.0, 5.0, vec![3.0, 4.0]),            // below: untouched
-            (vec![3.0, 4.0], 5.0, 5.0, vec![3.0, 4.0]),             // equal: untouched
-            (vec![3.0, 4.0], 1.0, 5.0, vec![3.0 * s, 4.0 * s]),     // clipped to ~1
-            (vec![3.0, 4.0], 0.0, 5.0, vec![3.0, 4.0]),             // disabled
-            (vec![3.0, 4.0], -1.0, 5.0, vec![3.0, 4.0]),            // disabled
-            (vec![], 1.0, 0.0, vec![]),                             // empty
-            (vec![0.0, 0.0, 0.0], 1.0, 0.0, vec![0.0, 0.0, 0.0]),   // zero
-            (vec![1.0, 1.0, 1.0, 1.0], 1.0, 2.0, vec![(1.0 / (2.0 + 1e-6)) as f32; 4]),
+            (vec![3.0, 4.0], 10.0, 5.0, vec![3.0, 4.0]), // below: untouched
+            (vec![3.0, 4.0], 5.0, 5.0, vec![3.0, 4.0]),  // equal: untouched
+            (vec![3.0, 4.0], 1.0, 5.0, vec![3.0 * s, 4.0 * s]), // clipped to ~1
+            (vec![3.0, 4.0], 0.0, 5.0, vec![3.0, 4.0]),  // disabled
+            (vec![3.0, 4.0], -1.0, 5.0, vec![3.0, 4.0]), // disabled
+            (vec![], 1.0, 0.0, vec![]),                  // empty
+            (vec![0.0, 0.0, 0.0], 1.0, 0.0, vec![0.0, 0.0, 0.0]), // zero
+            (
+                vec![1.0, 1.0, 1.0, 1.0],
+                1.0,
+                2.0,
+                vec![(1.0 / (2.0 + 1e-6)) as f32; 4],
+            ),
         ];
         for (grad, max_norm, want_norm, want) in table {
             let mut g = grad.clone();
             let norm = clip_grad_norm(&mut g, max_norm);
-            assert!((norm - want_norm).abs() < 1e-12, "{grad:?} {max_norm}: norm {norm}");
+            assert!(
+                (norm - want_norm).abs() < 1e-12,
+                "{grad:?} {max_norm}: norm {norm}"
+            );
             assert_eq!(g, want, "{grad:?} max_norm {max_norm}");
         }
         let mut g = vec![f32::NAN, 1.0];

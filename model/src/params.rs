@@ -80,12 +80,21 @@ impl ParamLayout {
             .into_iter()
             .map(|(name, shape)| {
                 let len = shape.iter().product();
-                let entry = ParamEntry { decay: shape.len() == 2, name, shape, offset, len };
+                let entry = ParamEntry {
+                    decay: shape.len() == 2,
+                    name,
+                    shape,
+                    offset,
+                    len,
+                };
                 offset += len;
                 entry
             })
             .collect();
-        Self { entries, total: offset }
+        Self {
+            entries,
+            total: offset,
+        }
     }
 
     /// The entry called `name`, if any.
@@ -95,7 +104,9 @@ impl ParamLayout {
 
     /// Position of `name` in `entries` (binary search: entries are sorted).
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.entries.binary_search_by(|e| e.name.as_str().cmp(name)).ok()
+        self.entries
+            .binary_search_by(|e| e.name.as_str().cmp(name))
+            .ok()
     }
 }
 
@@ -148,7 +159,11 @@ mod tests {
     fn std_of(xs: &[f32]) -> f64 {
         let n = xs.len() as f64;
         let mean = xs.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-        (xs.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n).sqrt()
+        (xs.iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt()
     }
 
     #[test]
@@ -171,12 +186,21 @@ mod tests {
             assert_eq!(l.entries.len(), 4 + 12 * c.n_layer);
         }
         // nanoGPT's GPT-2 124M, position embeddings included.
-        assert_eq!(GptConfig::preset("gpt2-small", 50257).unwrap().num_params(), 124_439_808);
+        assert_eq!(
+            GptConfig::preset("gpt2-small", 50257).unwrap().num_params(),
+            124_439_808
+        );
     }
 
     #[test]
     fn block_names_sort_numerically() {
-        let c = GptConfig { vocab_size: 3, n_layer: 12, n_head: 1, n_embd: 2, block_size: 2 };
+        let c = GptConfig {
+            vocab_size: 3,
+            n_layer: 12,
+            n_head: 1,
+            n_embd: 2,
+            block_size: 2,
+        };
         let l = ParamLayout::for_config(&c);
         let blocks: Vec<&str> = l
             .entries
@@ -211,11 +235,18 @@ mod tests {
         let l = ParamLayout::for_config(&c);
         let p = init_params(&c, &l, 1);
         let wte = &p[l.get("wte.weight").unwrap().range()];
-        assert!((std_of(wte) - 0.02).abs() < 0.0005, "wte std {}", std_of(wte));
+        assert!(
+            (std_of(wte) - 0.02).abs() < 0.0005,
+            "wte std {}",
+            std_of(wte)
+        );
         let proj_std = 0.02 / (2.0 * c.n_layer as f64).sqrt();
         for name in ["h.00.attn.c_proj.weight", "h.03.mlp.c_proj.weight"] {
             let s = std_of(&p[l.get(name).unwrap().range()]);
-            assert!((s - proj_std).abs() < 0.05 * proj_std, "{name} std {s}, want {proj_std}");
+            assert!(
+                (s - proj_std).abs() < 0.05 * proj_std,
+                "{name} std {s}, want {proj_std}"
+            );
         }
         let fc = std_of(&p[l.get("h.01.mlp.c_fc.weight").unwrap().range()]);
         assert!((fc - 0.02).abs() < 0.0005, "c_fc std {fc}");

@@ -31,7 +31,8 @@ impl LrSchedule {
         if self.decay_steps <= self.warmup_steps {
             return self.max_lr;
         }
-        let ratio = (step - self.warmup_steps) as f64 / (self.decay_steps - self.warmup_steps) as f64;
+        let ratio =
+            (step - self.warmup_steps) as f64 / (self.decay_steps - self.warmup_steps) as f64;
         let coeff = 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos());
         self.min_lr + coeff * (self.max_lr - self.min_lr)
     }
@@ -43,7 +44,12 @@ mod tests {
 
     #[test]
     fn lr_schedule_table() {
-        let s = LrSchedule { max_lr: 1e-3, min_lr: 1e-4, warmup_steps: 9, decay_steps: 109 };
+        let s = LrSchedule {
+            max_lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 9,
+            decay_steps: 109,
+        };
         // (step, expected lr, what)
         let table = [
             (0, 1e-4, "first warmup step: max * 1/10"),
@@ -51,23 +57,40 @@ mod tests {
             (8, 9e-4, "last warmup step: max * 9/10"),
             (9, 1e-3, "peak: cosine starts at max"),
             (59, 5.5e-4, "cosine middle: (max + min) / 2"),
-            (34, 1e-4 + 0.5 * (1.0 + (std::f64::consts::PI * 0.25).cos()) * 9e-4, "quarter"),
+            (
+                34,
+                1e-4 + 0.5 * (1.0 + (std::f64::consts::PI * 0.25).cos()) * 9e-4,
+                "quarter",
+            ),
             (109, 1e-4, "end of decay: min"),
             (110, 1e-4, "after decay: min"),
             (1_000_000, 1e-4, "long after decay: min"),
         ];
         for (step, want, what) in table {
             let got = s.lr_at(step);
-            assert!((got - want).abs() < 1e-15, "step {step} ({what}): got {got}, want {want}");
+            assert!(
+                (got - want).abs() < 1e-15,
+                "step {step} ({what}): got {got}, want {want}"
+            );
         }
     }
 
     #[test]
     fn degenerate_schedules_stay_finite() {
-        let s = LrSchedule { max_lr: 1.0, min_lr: 0.1, warmup_steps: 0, decay_steps: 0 };
+        let s = LrSchedule {
+            max_lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 0,
+            decay_steps: 0,
+        };
         assert_eq!(s.lr_at(0), 1.0);
         assert_eq!(s.lr_at(1), 0.1);
-        let s = LrSchedule { max_lr: 1.0, min_lr: 0.1, warmup_steps: 5, decay_steps: 3 };
+        let s = LrSchedule {
+            max_lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 5,
+            decay_steps: 3,
+        };
         assert_eq!(s.lr_at(2), 0.5);
         assert_eq!(s.lr_at(5), 0.1);
         assert_eq!(s.lr_at(6), 0.1);
