@@ -15,73 +15,73 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct TrainArgs {
-    /// Model size: tiny (tests), nano (nanoGPT's CPU recipe) or gpt2-small.
+    /// Model size: tiny (tests), nano (nanoGPT's CPU recipe) or gpt2-small [default: nano].
     #[arg(long)]
     pub preset: Option<String>,
     /// Text files or directories to train on (repeatable). Default: Rust sources of
     /// tenax's own dependencies from the local cargo registry.
     #[arg(long = "data", value_name = "PATH")]
     pub data: Option<Vec<PathBuf>>,
-    /// Tokenizer: bytes, char (vocabulary from the corpus) or gpt2 (BPE).
+    /// Tokenizer: bytes, char (vocabulary from the corpus) or gpt2 (BPE) [default: bytes].
     #[arg(long)]
     pub tokenizer: Option<String>,
-    /// Stop after this many optimizer steps in total (a resumed run counts from 0 too).
+    /// Stop after this many optimizer steps in total, counted from the run's start [default: 500].
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Samples (sequences) per optimizer step: the global batch.
+    /// Samples (sequences) per optimizer step: the global batch [default: 12].
     #[arg(long)]
     pub batch_size: Option<u64>,
-    /// Samples per forward/backward pass (one slot). Must divide --batch-size.
+    /// Samples per forward/backward pass (one slot); must divide --batch-size [default: 4].
     #[arg(long)]
     pub micro_batch_size: Option<u64>,
-    /// Peak learning rate.
+    /// Peak learning rate [default: 1e-3].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Learning rate at the end of the cosine decay.
+    /// Learning rate at the end of the cosine decay [default: 1e-4].
     #[arg(long)]
     pub min_lr: Option<f64>,
-    /// Linear warmup steps.
+    /// Linear warmup steps [default: 100, or --steps/10 if smaller].
     #[arg(long)]
     pub warmup_steps: Option<u64>,
     /// Length of the cosine decay in steps (default: --steps of the run that started it;
     /// a resumed run keeps it, so a larger --steps continues the same schedule).
     #[arg(long)]
     pub lr_decay_steps: Option<u64>,
-    /// AdamW decoupled weight decay (2-D weights only).
+    /// AdamW decoupled weight decay, on 2-D weights only [default: 0.1].
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// AdamW beta1.
+    /// AdamW beta1 [default: 0.9].
     #[arg(long)]
     pub beta1: Option<f64>,
-    /// AdamW beta2.
+    /// AdamW beta2 [default: 0.99].
     #[arg(long)]
     pub beta2: Option<f64>,
-    /// Global gradient-norm clip (0 disables).
+    /// Global gradient-norm clip, 0 disables [default: 1.0].
     #[arg(long)]
     pub grad_clip: Option<f64>,
-    /// Seed of weight init and data order.
+    /// Seed of weight init and data order [default: 1337].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Data-parallel ranks in this process (at most batch / micro-batch).
+    /// Data-parallel ranks in this process, at most batch / micro-batch [default: 1].
     #[arg(long)]
     pub ranks: Option<usize>,
-    /// Where metrics.jsonl, loss.png, token shards and (by default) checkpoints go.
+    /// Where metrics.jsonl, loss.png, token shards and (by default) checkpoints go [default: runs/default].
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// Checkpoint store URL (file:///abs/path, s3://bucket/prefix, memory://).
     /// Default: file://<run-dir>/checkpoints.
     #[arg(long)]
     pub store: Option<String>,
-    /// Save a checkpoint every N steps (0: only at the end).
+    /// Save a checkpoint every N steps, 0: only at the end [default: 0].
     #[arg(long)]
     pub ckpt_every: Option<u64>,
-    /// Evaluate validation loss every N steps (0: only at the end).
+    /// Evaluate validation loss every N steps, 0: only at the end [default: 0].
     #[arg(long)]
     pub eval_every: Option<u64>,
-    /// Validation batches (of --micro-batch-size samples) per evaluation.
+    /// Validation batches (of --micro-batch-size samples) per evaluation [default: 20].
     #[arg(long)]
     pub eval_batches: Option<u64>,
-    /// Stop with an error after this many consecutive non-finite steps.
+    /// Stop with an error after this many consecutive non-finite steps [default: 5].
     #[arg(long)]
     pub max_bad_steps: Option<u64>,
 }

@@ -222,7 +222,7 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     );
     let param_layout = ParamLayout::for_config(&model_cfg);
     println!(
-        "model: {} ({} layers, {} heads, {} dims, block {}), {:.2}M parameters; batch {} = {} slots of {}; {} rank(s)",
+        "model: {} ({} layers, {} heads, {} dims, block {}), {:.2}M parameters; batch {} in {} slot(s) of {}; {} rank(s)",
         cfg.preset,
         model_cfg.n_layer,
         model_cfg.n_head,
