@@ -343,19 +343,20 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     trainer.shutdown().await;
 
     let png = run_dir.join("loss.png");
+    let data_name = match cfg.data.as_slice() {
+        [] => "the built-in corpus".to_string(),
+        [one] => one.file_name().map_or_else(
+            || one.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+        many => format!("{} paths", many.len()),
+    };
     let title = format!(
-        "tenax {} on {} ({} tokenizer)",
-        cfg.preset,
-        if cfg.data.is_empty() {
-            "built-in corpus"
-        } else {
-            "--data"
-        },
-        cfg.tokenizer
+        "tenax {} on {data_name} ({} tokenizer)",
+        cfg.preset, cfg.tokenizer
     );
-    match plot_loss(&png, &title, &history) {
-        Ok(()) => {}
-        Err(e) => eprintln!("warning: {e}"),
+    if let Err(e) = plot_loss(&png, &title, &history) {
+        eprintln!("warning: {e}");
     }
     println!(
         "done: step {}, loss {:.4}{}, {:.0} tokens/s; metrics {}, plot {}, checkpoints {}",
