@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         resume: bool,
         #[command(flatten)]
-        args: config::TrainArgs,
+        args: Box<config::TrainArgs>,
     },
     /// List, inspect and verify checkpoints in a store (file://, s3://).
     Ckpt {
@@ -109,8 +109,8 @@ fn main() -> ExitCode {
                 args,
             } => {
                 let args = match config {
-                    Some(path) => args.or(config::TrainArgs::from_toml_file(&path)?),
-                    None => args,
+                    Some(path) => (*args).or(config::TrainArgs::from_toml_file(&path)?),
+                    None => *args,
                 };
                 train::run(args, resume).await
             }

@@ -55,7 +55,7 @@ impl BatchLayout {
                 micro_batch_size,
             });
         }
-        if batch_size % micro_batch_size != 0 {
+        if !batch_size.is_multiple_of(micro_batch_size) {
             return Err(SlotError::NotAMultiple {
                 batch_size,
                 micro_batch_size,
@@ -107,6 +107,7 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn table_of_assignments() {
         // (slots, ranks) -> each rank's range
         let table: &[(u64, u64, &[Range<u64>])] = &[
