@@ -222,22 +222,7 @@ impl Tokenizer {
     /// valid UTF-8 (a bytes or gpt2 sequence cut mid-character), become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
         match &self.inner {
-            Inner::Bytes => {
-                let mut bytes = Vec::with_capacity(ids.len());
-                let mut out = String::new();
-                for &id in ids {
-                    match u8::try_from(id) {
-                        Ok(b) => bytes.push(b),
-                        Err(_) => {
-                            out.push_str(&String::from_utf8_lossy(&bytes));
-                            bytes.clear();
-                            out.push(char::REPLACEMENT_CHARACTER);
-                        }
-                    }
-                }
-                out.push_str(&String::from_utf8_lossy(&bytes));
-                out
-            }
+            Inner::Bytes => decode_lossy(ids, |id| u8::try_from(id).ok().map(|b| vec![b])),
             Inner::Char { chars, .. } => ids
                 .iter()
                 .map(|&id| {
@@ -249,22 +234,7 @@ impl Tokenizer {
                 .collect(),
             Inner::Gpt2(bpe) => match bpe.decode_bytes(ids) {
                 Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-                Err(_) => {
-                    let mut out = String::new();
-                    let mut bytes = Vec::new();
-                    for &id in ids {
-                        match bpe.decode_bytes(&[id]) {
-                            Ok(b) => bytes.extend(b),
-                            Err(_) => {
-                                out.push_str(&String::from_utf8_lossy(&bytes));
-                                bytes.clear();
-                                out.push(char::REPLACEMENT_CHARACTER);
-                            }
-                        }
-                    }
-                    out.push_str(&String::from_utf8_lossy(&bytes));
-                    out
-                }
+                Err(_) => decode_lossy(ids, |id| bpe.decode_bytes(&[id]).ok()),
             },
         }
     }
@@ -287,6 +257,25 @@ fn gpt2() -> Result<&'static CoreBPE, DataError> {
         .map_err(|reason| DataError::Gpt2 {
             reason: reason.clone(),
         })
+}
+
+/// Decode id by id: the bytes of known ids are joined and read as UTF-8 (lossily), and
+/// an id with no bytes (unknown to the vocabulary) becomes U+FFFD.
+fn decode_lossy(ids: &[u32], bytes_of: impl Fn(u32) -> Option<Vec<u8>>) -> String {
+    let mut out = String::new();
+    let mut bytes = Vec::with_capacity(ids.len());
+    for &id in ids {
+        match bytes_of(id) {
+            Some(b) => bytes.extend(b),
+            None => {
+                out.push_str(&String::from_utf8_lossy(&bytes));
+                bytes.clear();
+                out.push(char::REPLACEMENT_CHARACTER);
+            }
+        }
+    }
+    out.push_str(&String::from_utf8_lossy(&bytes));
+    out
 }
 
 #[cfg(test)]
