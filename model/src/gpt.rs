@@ -339,6 +339,21 @@ impl Gpt {
         Ok((loss, grads))
     }
 
+    /// The summed loss and every parameter's gradient, flat in layout order, read out as `T`.
+    fn flat_loss_and_grad<T: candle_core::WithDType>(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<(T, Vec<T>), ModelError> {
+        let (loss, grads) = self.loss_and_grad_tensors(inputs, targets, batch)?;
+        let mut flat = Vec::with_capacity(self.layout.total);
+        for g in grads {
+            flat.extend(g.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?);
+        }
+        Ok((loss.to_dtype(T::DTYPE)?.to_scalar::<T>()?, flat))
+    }
+
     /// Sum (not mean) of next-token cross-entropy over all `batch * t` positions, and its
     /// gradient for every parameter, flattened in layout order.
     pub fn loss_sum_and_grad(
@@ -347,12 +362,7 @@ impl Gpt {
         targets: &[u32],
         batch: usize,
     ) -> Result<(f32, Vec<f32>), ModelError> {
-        let (loss, grads) = self.loss_and_grad_tensors(inputs, targets, batch)?;
-        let mut flat = Vec::with_capacity(self.layout.total);
-        for g in grads {
-            flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-        }
-        Ok((loss.to_dtype(DType::F32)?.to_scalar::<f32>()?, flat))
+        self.flat_loss_and_grad::<f32>(inputs, targets, batch)
     }
 
     /// [`Gpt::loss_sum_and_grad`] in f64.
@@ -363,12 +373,7 @@ impl Gpt {
         targets: &[u32],
         batch: usize,
     ) -> Result<(f64, Vec<f64>), ModelError> {
-        let (loss, grads) = self.loss_and_grad_tensors(inputs, targets, batch)?;
-        let mut flat = Vec::with_capacity(self.layout.total);
-        for g in grads {
-            flat.extend(g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
-        }
-        Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, flat))
+        self.flat_loss_and_grad::<f64>(inputs, targets, batch)
     }
 
     /// Samples `max_new` tokens after `prompt` and returns them (the new tokens only,
