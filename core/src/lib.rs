@@ -5,6 +5,8 @@
 //! table tests and property tests.
 //!
 //! Modules:
+//! - [`ckpt`]: the checkpoint save plan (which rank writes which tensor slices), the load
+//!   plan for another number of ranks, and retention (which checkpoint folders to delete).
 //! - [`rng`]: a small, versioned, seedable RNG (SplitMix64) and the normal sampler the
 //!   model uses to initialise weights, so that one seed gives the same weights on every
 //!   machine and every version of every dependency.
@@ -14,6 +16,7 @@
 //! - [`slots`]: how a step's global batch is cut into micro-batch slots and how slots are
 //!   spread over data-parallel ranks.
 
+pub mod ckpt;
 pub mod rng;
 pub mod sampler;
 pub mod slots;

@@ -1,0 +1,1 @@
+//! Checkpoint planning (being written).
