@@ -1,54 +1,35 @@
-//! `tenax ckpt list|inspect|verify`: operating on the checkpoints of a store.
+//! `tenax ckpt list|inspect|verify|prune|export`: operating on the checkpoints of a store.
+//!
+//! Every command takes a store URL (the root given to `tenax train --store`); `inspect`,
+//! `verify` and `export` also take the URL of one checkpoint folder inside it.
 
-use anyhow::{anyhow, bail, Result};
-use tenax_storage::{ListedCheckpoint, Store};
+use std::collections::HashMap;
+use std::path::Path;
 
-async fn listing(url: &str) -> Result<(Store, tenax_storage::Listing)> {
-    let store = Store::open(url).map_err(|e| anyhow!("{e}"))?;
-    let listing = tenax_storage::list_checkpoints(&store)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    Ok((store, listing))
-}
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::json;
+use tenax_core::ckpt::RetentionPolicy;
+use tenax_storage::manifest::parse_folder_name;
+use tenax_storage::{AttemptStatus, ListedAttempt, Listing, Store};
 
-/// `tenax ckpt list URL`.
-pub async fn list(url: &str) -> Result<()> {
-    let (_, l) = listing(url).await?;
-    if l.committed.is_empty() && l.uncommitted.is_empty() {
-        println!("no checkpoints in {url}");
-        return Ok(());
-    }
-    println!(
-        "{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  folder",
-        "step", "gen", "attempt", "size", "created (unix ms)"
-    );
-    for c in &l.committed {
-        match &c.manifest {
-            Ok(m) => {
-                let size: u64 = m.files.iter().map(|f| f.size).sum();
-                println!(
-                    "{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  {}",
-                    m.step,
-                    m.generation,
-                    m.attempt,
-                    human(size),
-                    m.created_unix_ms,
-                    c.folder
-                );
-            }
-            Err(e) => println!(
-                "{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  {} (bad manifest: {e})",
-                "?", "?", "?", "?", "?", c.folder
-            ),
+use crate::train::OPTIMIZER_PREFIX;
+
+/// The store, and the one checkpoint folder the URL names (if it names one).
+fn open(url: &str) -> Result<(Store, Option<String>)> {
+    let trimmed = url.trim_end_matches('/');
+    if let Some((parent, last)) = trimmed.rsplit_once('/') {
+        if parse_folder_name(last).is_some() && !parent.ends_with(':') && !parent.ends_with(":/") {
+            let store = Store::open(parent).map_err(|e| anyhow!("{e}"))?;
+            return Ok((store, Some(last.to_string())));
         }
     }
-    for f in &l.uncommitted {
-        println!(
-            "{:>10}  {:>4}  {:<14}  {:>10}  {:<24}  {f} (uncommitted: no manifest)",
-            "-", "-", "-", "-", "-"
-        );
-    }
-    Ok(())
+    Ok((Store::open(url).map_err(|e| anyhow!("{e}"))?, None))
+}
+
+async fn listing(store: &Store) -> Result<Listing> {
+    tenax_storage::list_checkpoints(store)
+        .await
+        .map_err(|e| anyhow!("{e}"))
 }
 
 fn human(bytes: u64) -> String {
@@ -60,42 +41,113 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn pick<'a>(
-    l: &'a tenax_storage::Listing,
-    url: &str,
-    step: Option<u64>,
-) -> Result<Vec<&'a ListedCheckpoint>> {
-    let chosen: Vec<&ListedCheckpoint> = match step {
-        None => l.committed.iter().collect(),
-        Some(s) => l
-            .committed
+fn status_detail(a: &ListedAttempt) -> String {
+    match &a.status {
+        AttemptStatus::Committed => "committed".into(),
+        AttemptStatus::Incomplete => "incomplete (no manifest)".into(),
+        AttemptStatus::Corrupt { file, reason } => format!("corrupt ({file}: {reason})"),
+    }
+}
+
+/// `tenax ckpt list URL [--json]`.
+pub async fn list(url: &str, as_json: bool) -> Result<()> {
+    let (store, folder) = open(url)?;
+    if folder.is_some() {
+        bail!("{url} is one checkpoint; `tenax ckpt list` takes the store URL above it");
+    }
+    let l = listing(&store).await?;
+    if as_json {
+        let rows: Vec<_> = l
+            .attempts
             .iter()
-            .filter(|c| c.manifest.as_ref().is_ok_and(|m| m.step == s))
-            .collect(),
-    };
+            .map(|a| {
+                let mut row = json!({
+                    "step": a.step,
+                    "generation": a.generation,
+                    "attempt": a.attempt,
+                    "status": a.status.label(),
+                    "bytes": a.bytes(),
+                    "url": a.url,
+                    "folder": a.folder,
+                });
+                if let Some(m) = &a.manifest {
+                    row["created_unix_ms"] = json!(m.created_unix_ms);
+                    row["data_cursor"] = json!(m.data_cursor);
+                }
+                if let AttemptStatus::Corrupt { file, reason } = &a.status {
+                    row["problem"] = json!(format!("{file}: {reason}"));
+                }
+                row
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    if l.attempts.is_empty() {
+        println!("no checkpoints in {url}");
+        return Ok(());
+    }
+    println!(
+        "{:>10}  {:>4}  {:<12}  {:>10}  folder  status",
+        "step", "gen", "attempt", "size"
+    );
+    for a in &l.attempts {
+        println!(
+            "{:>10}  {:>4}  {:<12}  {:>10}  {}  {}",
+            a.step,
+            a.generation,
+            a.attempt,
+            human(a.bytes()),
+            a.folder,
+            status_detail(a)
+        );
+    }
+    Ok(())
+}
+
+/// The attempts with a manifest that a command acts on: the one the URL names, `--step`'s, or
+/// all of them.
+fn pick<'a>(
+    l: &'a Listing,
+    url: &str,
+    folder: Option<&str>,
+    step: Option<u64>,
+) -> Result<Vec<&'a ListedAttempt>> {
+    let chosen: Vec<&ListedAttempt> = l
+        .with_manifest()
+        .filter(|a| folder.is_none_or(|f| a.folder == f))
+        .filter(|a| step.is_none_or(|s| a.step == s))
+        .collect();
     if chosen.is_empty() {
-        match step {
-            Some(s) => bail!(
-                "no checkpoint of step {s} in {url}: `tenax ckpt list {url}` shows what exists"
+        match (folder, step) {
+            (Some(f), _) => bail!("no committed checkpoint {f} in the store: `tenax ckpt list` on the store URL shows what exists"),
+            (None, Some(s)) => bail!(
+                "no committed checkpoint of step {s} in {url}: `tenax ckpt list {url}` shows what exists"
             ),
-            None => bail!("no checkpoints in {url}"),
+            (None, None) => bail!("no committed checkpoints in {url}"),
         }
     }
     Ok(chosen)
 }
 
-/// `tenax ckpt inspect URL [--step N]`: the newest (or the given step's) manifest.
+/// `tenax ckpt inspect URL [--step N]`: the newest (or the given) checkpoint's manifest.
 pub async fn inspect(url: &str, step: Option<u64>) -> Result<()> {
-    let (_, l) = listing(url).await?;
-    let c = *pick(&l, url, step)?.last().expect("non-empty");
-    let m = c
-        .manifest
-        .as_ref()
-        .map_err(|e| anyhow!("checkpoint {}: bad manifest: {e}", c.url))?;
-    println!("checkpoint {}", c.url);
+    let (store, folder) = open(url)?;
+    let l = listing(&store).await?;
+    let a = *pick(&l, url, folder.as_deref(), step)?
+        .last()
+        .expect("non-empty");
+    let m = a.manifest.as_ref().ok_or_else(|| {
+        anyhow!(
+            "checkpoint {}: {}",
+            a.url,
+            status_detail(a).trim_start_matches("corrupt ")
+        )
+    })?;
+    println!("checkpoint {}  [{}]", a.url, status_detail(a));
     println!(
-        "  step {}  generation {}  attempt {}  format v{}",
-        m.step, m.generation, m.attempt, m.format_version
+        "  step {}  generation {}  attempt {}  format v{}  created {} (unix ms)",
+        m.step, m.generation, m.attempt, m.format_version, m.created_unix_ms
     );
     println!(
         "  data cursor {}  config hash {}",
@@ -110,43 +162,171 @@ pub async fn inspect(url: &str, step: Option<u64>) -> Result<()> {
         println!("  model {t}");
     }
     for f in &m.files {
-        println!("  file {}  {}  sha256 {}", f.name, human(f.size), f.sha256);
+        let slices = m.tensors_in(&f.name).count();
+        println!(
+            "  file {}  {}  {slices} tensor slices  sha256 {}",
+            f.name,
+            human(f.size),
+            f.sha256
+        );
     }
-    let params: usize = m
-        .tensors
+    let shapes = m.tensor_shapes();
+    let params: usize = shapes
         .iter()
-        .filter(|t| t.file == crate::train::PARAMS_FILE)
-        .map(|t| t.shape.iter().product::<usize>())
+        .filter(|(n, _)| !n.starts_with(OPTIMIZER_PREFIX))
+        .map(|(_, s)| s.iter().product::<usize>())
         .sum();
-    println!("  {} tensors, {} parameters", m.tensors.len(), params);
+    println!(
+        "  {} tensors ({} slices), {} model parameters",
+        shapes.len(),
+        m.tensors.len(),
+        params
+    );
     Ok(())
 }
 
-/// `tenax ckpt verify URL [--step N]`: re-hash every file; fails if any checkpoint is bad.
+/// `tenax ckpt verify URL [--step N]`: re-hash every file; fails naming each bad file.
 pub async fn verify(url: &str, step: Option<u64>) -> Result<()> {
-    let (store, l) = listing(url).await?;
+    let (store, folder) = open(url)?;
+    let l = listing(&store).await?;
     let mut bad = Vec::new();
-    for c in pick(&l, url, step)? {
-        match tenax_storage::verify_checkpoint(&store, &c.folder).await {
+    for a in pick(&l, url, folder.as_deref(), step)? {
+        match tenax_storage::verify_checkpoint(&store, &a.folder).await {
             Ok(r) => println!(
-                "ok   {}  ({} files, {}, {} tensors)",
-                c.url,
+                "ok   {}  ({} files, {}, {} tensor slices)",
+                a.url,
                 r.files,
                 human(r.bytes),
                 r.tensors
             ),
-            Err(e) => {
+            Err(e @ tenax_storage::StorageError::Corrupt { .. }) => {
                 println!("BAD  {e}");
-                bad.push(c.url.clone());
+                bad.push(a.url.clone());
             }
+            Err(e) => return Err(anyhow!("{e}")),
         }
     }
     if !bad.is_empty() {
         bail!(
-            "{} of the checkpoints in {url} failed verification: {}",
+            "{} checkpoint(s) failed verification: {}",
             bad.len(),
             bad.join(", ")
         );
     }
+    Ok(())
+}
+
+/// `tenax ckpt prune URL --keep-last K [--keep-every M] [--min-age-s S] [--dry-run]`.
+pub async fn prune(
+    url: &str,
+    keep_last: usize,
+    keep_every: u64,
+    min_age_s: u64,
+    dry_run: bool,
+) -> Result<()> {
+    let (store, folder) = open(url)?;
+    if folder.is_some() {
+        bail!("{url} is one checkpoint; `tenax ckpt prune` takes the store URL above it");
+    }
+    let policy = RetentionPolicy {
+        keep_last,
+        keep_every,
+        min_uncommitted_age_ms: min_age_s.saturating_mul(1000),
+    };
+    let report = tenax_storage::prune(
+        &store,
+        &policy,
+        &[],
+        tenax_storage::now_unix_ms(),
+        dry_run,
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+    if report.decisions.is_empty() {
+        println!("no checkpoints in {url}");
+        return Ok(());
+    }
+    for d in &report.decisions {
+        let verb = match (d.keep, dry_run) {
+            (true, _) => "keep  ",
+            (false, true) => "would delete",
+            (false, false) => "delete",
+        };
+        println!("{verb}  {}  ({})", d.folder, d.reason);
+    }
+    let n = report.decisions.iter().filter(|d| !d.keep).count();
+    if dry_run {
+        println!(
+            "dry run: {n} folder(s), {} would be deleted; nothing was deleted",
+            human(report.deleted_bytes)
+        );
+    } else {
+        println!(
+            "deleted {n} folder(s): {} objects, {}",
+            report.deleted_objects,
+            human(report.deleted_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// `tenax ckpt export URL --out FILE`: the model weights of one checkpoint (or the newest good
+/// one of a store) as one safetensors file. Tensor names are the model's parameter names
+/// (`wte.weight`, `h.00.attn.c_attn.weight`, ...); the only metadata is `tenax_model`, the model
+/// config as JSON, so identical weights of one model give a byte-identical file.
+pub async fn export(url: &str, step: Option<u64>, out: &Path) -> Result<()> {
+    let (store, folder) = open(url)?;
+    let loaded = match (&folder, step) {
+        (None, None) => {
+            let (loaded, warnings) = tenax_storage::latest_verified(&store)
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+                .ok_or_else(|| anyhow!("no checkpoints in {url}: nothing to export"))?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            loaded
+        }
+        _ => {
+            let l = listing(&store).await?;
+            let a = *pick(&l, url, folder.as_deref(), step)?
+                .last()
+                .expect("non-empty");
+            tenax_storage::load_checkpoint(&store, &a.folder)
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+        }
+    };
+    let weights: Vec<tenax_storage::TensorData> = loaded
+        .tensors
+        .iter()
+        .filter(|t| !t.name.starts_with(OPTIMIZER_PREFIX))
+        .cloned()
+        .collect();
+    if weights.is_empty() {
+        bail!("checkpoint {}: it holds no model weights", loaded.url);
+    }
+    let model = loaded.manifest.config.get("model").cloned().unwrap_or_default();
+    let metadata = HashMap::from([("tenax_model".to_string(), model.to_string())]);
+    let bytes = tenax_storage::shard::encode_shard_with_metadata(&weights, Some(metadata))
+        .map_err(|e| anyhow!("checkpoint {}: cannot encode the weights: {e}", loaded.url))?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--out {}: cannot create its directory", out.display()))?;
+    }
+    let tmp = out.with_extension("safetensors.partial");
+    std::fs::write(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, out))
+        .map_err(|e| anyhow!("--out {}: cannot write it ({e})", out.display()))?;
+    let params: usize = weights.iter().map(|t| t.data.len()).sum();
+    println!(
+        "exported {} tensors, {params} parameters, step {} of {} -> {} ({}, sha256 {})",
+        weights.len(),
+        loaded.manifest.step,
+        loaded.url,
+        out.display(),
+        human(bytes.len() as u64),
+        tenax_storage::manifest::sha256_hex(&bytes)
+    );
     Ok(())
 }

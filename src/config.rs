@@ -4,7 +4,8 @@
 //! Precedence: flag > config file > checkpoint (on `--resume`) > default. Keys that fix
 //! the math of a step (model, data, batch, optimizer, schedule, seed) must agree with
 //! the checkpoint a run resumes from; keys that only say where and how long to run
-//! (`steps`, `ranks`, `run_dir`, `store`, `ckpt_every`, `eval_every`) may change.
+//! (`steps`, `ranks`, `run_dir`, `store`, `ckpt_every`, `keep_last`, `keep_every`,
+//! `eval_every`) may change.
 
 use std::path::PathBuf;
 
@@ -75,6 +76,13 @@ pub struct TrainArgs {
     /// Save a checkpoint every N steps, 0: only at the end [default: 0].
     #[arg(long)]
     pub ckpt_every: Option<u64>,
+    /// Retention: keep the newest K checkpoints (older ones are deleted after each save
+    /// unless --keep-every keeps them; the newest good one is never deleted), 0: keep all [default: 0].
+    #[arg(long)]
+    pub keep_last: Option<u64>,
+    /// Retention: also keep every checkpoint whose step is a multiple of M, 0: off [default: 0].
+    #[arg(long)]
+    pub keep_every: Option<u64>,
     /// Evaluate validation loss every N steps, 0: only at the end [default: 0].
     #[arg(long)]
     pub eval_every: Option<u64>,
@@ -110,6 +118,8 @@ impl TrainArgs {
             run_dir,
             store,
             ckpt_every,
+            keep_last,
+            keep_every,
             eval_every,
             eval_batches,
             max_bad_steps
@@ -166,6 +176,12 @@ pub struct TrainConfig {
     pub store: String,
     /// Checkpoint period in steps (0: only at the end).
     pub ckpt_every: u64,
+    /// Retention: newest checkpoints kept (0: all).
+    #[serde(default)]
+    pub keep_last: u64,
+    /// Retention: steps that are multiples of this are kept (0: off).
+    #[serde(default)]
+    pub keep_every: u64,
     /// Eval period in steps (0: only at the end).
     pub eval_every: u64,
     /// Eval batches.
@@ -222,6 +238,8 @@ impl TrainConfig {
             store: args.store.unwrap_or_default(),
             run_dir,
             ckpt_every: args.ckpt_every.unwrap_or(0),
+            keep_last: args.keep_last.unwrap_or(0),
+            keep_every: args.keep_every.unwrap_or(0),
             eval_every: args.eval_every.unwrap_or(0),
             eval_batches: args.eval_batches.unwrap_or(20),
             max_bad_steps: args.max_bad_steps.unwrap_or(5),
@@ -272,6 +290,8 @@ impl TrainConfig {
             run_dir: Some(self.run_dir.clone()),
             store: Some(self.store.clone()),
             ckpt_every: Some(self.ckpt_every),
+            keep_last: Some(self.keep_last),
+            keep_every: Some(self.keep_every),
             eval_every: Some(self.eval_every),
             eval_batches: Some(self.eval_batches),
             max_bad_steps: Some(self.max_bad_steps),

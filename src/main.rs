@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Train a GPT in this process (N data-parallel ranks, local checkpoints).
+    /// Train a GPT in this process (N data-parallel ranks, checkpoints to any store).
     ///
     /// With no flags it trains the `nano` preset for 500 steps on a built-in corpus
     /// (the Rust sources of tenax's dependencies) and writes runs/default/.
@@ -38,7 +38,10 @@ enum Command {
         #[command(flatten)]
         args: Box<config::TrainArgs>,
     },
-    /// List, inspect and verify checkpoints in a store (file://, s3://).
+    /// List, inspect, verify, prune and export checkpoints in a store (file://, s3://).
+    ///
+    /// S3 is configured by the standard environment: AWS_ENDPOINT, AWS_ALLOW_HTTP,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (default us-east-1).
     Ckpt {
         #[command(subcommand)]
         command: CkptCommand,
@@ -52,26 +55,67 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CkptCommand {
-    /// Every checkpoint in the store, oldest first, and attempts that never committed.
+    /// Every save attempt in the store, oldest first: committed, incomplete or corrupt.
+    ///
+    /// Reads the manifests and compares file sizes with the listing; `verify` re-hashes.
     List {
-        /// Store URL, e.g. file:///abs/runs/default/checkpoints.
+        /// Store URL, e.g. file:///abs/runs/default/checkpoints or s3://bucket/prefix.
         url: String,
+        /// One JSON array, an object per attempt: step, generation, attempt, status,
+        /// bytes, url, folder (and created_unix_ms, data_cursor, problem where known).
+        #[arg(long)]
+        json: bool,
     },
-    /// The manifest of the newest checkpoint (or of --step).
+    /// The manifest of the newest checkpoint (or of --step, or of the checkpoint URL given).
     Inspect {
-        /// Store URL.
+        /// Store URL, or one checkpoint's URL (<store>/step-...).
         url: String,
         /// Which step (default: the newest).
         #[arg(long)]
         step: Option<u64>,
     },
-    /// Re-read and re-hash every checkpoint (or --step's); exits 1 if any is bad.
+    /// Re-read and re-hash every checkpoint (or --step's, or the one given); exits 1 naming
+    /// each bad file.
     Verify {
-        /// Store URL.
+        /// Store URL, or one checkpoint's URL.
         url: String,
         /// Which step (default: all).
         #[arg(long)]
         step: Option<u64>,
+    },
+    /// Delete old checkpoints: keep the newest K and every Mth; never the newest good one.
+    ///
+    /// The newest checkpoints are re-hashed until one verifies; that one is always kept.
+    /// Attempts that never committed are deleted once older than --min-age-s. Each folder
+    /// is deleted manifest first, so an interrupted prune never leaves a torn checkpoint.
+    Prune {
+        /// Store URL.
+        url: String,
+        /// Keep the newest K committed checkpoints (0: keep all committed).
+        #[arg(long, value_name = "K")]
+        keep_last: usize,
+        /// Also keep checkpoints whose step is a multiple of M (0: off).
+        #[arg(long, value_name = "M", default_value_t = 0)]
+        keep_every: u64,
+        /// Incomplete attempts younger than this may still be being written: kept.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+        min_age_s: u64,
+        /// Print what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write the model weights as one safetensors file (names as in the model:
+    /// wte.weight, h.00.attn.c_attn.weight, ...), from the newest good checkpoint of a
+    /// store, or from --step, or from the checkpoint URL given.
+    Export {
+        /// Store URL, or one checkpoint's URL.
+        url: String,
+        /// Which step (default: the newest that verifies).
+        #[arg(long)]
+        step: Option<u64>,
+        /// Output file.
+        #[arg(long, value_name = "FILE.safetensors")]
+        out: PathBuf,
     },
 }
 
@@ -115,9 +159,17 @@ fn main() -> ExitCode {
                 train::run(args, resume).await
             }
             Command::Ckpt { command } => match command {
-                CkptCommand::List { url } => ckpt::list(&url).await,
+                CkptCommand::List { url, json } => ckpt::list(&url, json).await,
                 CkptCommand::Inspect { url, step } => ckpt::inspect(&url, step).await,
                 CkptCommand::Verify { url, step } => ckpt::verify(&url, step).await,
+                CkptCommand::Prune {
+                    url,
+                    keep_last,
+                    keep_every,
+                    min_age_s,
+                    dry_run,
+                } => ckpt::prune(&url, keep_last, keep_every, min_age_s, dry_run).await,
+                CkptCommand::Export { url, step, out } => ckpt::export(&url, step, &out).await,
             },
             Command::Bench { command } => match command {
                 BenchCommand::Train(a) => bench::train(a).await,

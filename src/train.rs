@@ -1,4 +1,5 @@
-//! `tenax train`: one process, N data-parallel rank actors, local checkpoints.
+//! `tenax train`: one process, N data-parallel rank actors, checkpoints saved in the
+//! background by the Checkpoint actor to any store URL.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,20 +10,25 @@ use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tenax_actors::{TrainData, TrainSetup, Trainer};
+use tenax_actors::{
+    CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, TrainData, TrainSetup, Trainer,
+};
+use tenax_core::ckpt::RetentionPolicy;
 use tenax_core::sampler::eval_windows;
 use tenax_core::slots::BatchLayout;
 use tenax_data::{Tokenizer, TokenizerKind, TokenizerSpec};
 use tenax_model::{AdamW, AdamWConfig, GptConfig, LrSchedule, ParamLayout};
-use tenax_storage::{CheckpointContent, Store, TensorData};
+use tenax_storage::{CheckpointMeta, Store, TensorData};
 
 use crate::config::{TrainArgs, TrainConfig};
 use crate::plot::{plot_loss, LossPoint};
 
-/// Name of the parameter shard in a checkpoint.
-pub const PARAMS_FILE: &str = "params.safetensors";
-/// Name of the optimizer shard in a checkpoint.
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Prefix of the optimizer-state tensors in a checkpoint (`adamw.m.<param>`, `adamw.v.<param>`);
+/// every other tensor is a model parameter under its model name.
+pub const OPTIMIZER_PREFIX: &str = "adamw.";
+
+/// How long the end of a run waits for checkpoint uploads still in flight.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// Everything a checkpoint's `config` field holds.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -130,13 +136,8 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         let listing = tenax_storage::list_checkpoints(&store)
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        if let Some(newest) = listing.committed.last() {
-            let step = newest
-                .manifest
-                .as_ref()
-                .map(|m| m.step.to_string())
-                .unwrap_or_else(|_| "?".into());
-            bail!("{store_url} already holds checkpoints (newest at step {step}): pass --resume to continue that run, or choose another --run-dir");
+        if let Some(newest) = listing.with_manifest().last() {
+            bail!("{store_url} already holds checkpoints (newest at step {}): pass --resume to continue that run, or choose another --run-dir or --store", newest.step);
         }
     }
     let stored: Option<StoredConfig> = match &resumed {
@@ -244,28 +245,17 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
             opt: AdamW::new(param_layout.total),
         },
         Some(c) => {
-            let shard = |name: &str| {
-                c.shards
-                    .iter()
-                    .find(|(f, _)| f == name)
-                    .map(|(_, t)| t.as_slice())
-                    .ok_or_else(|| anyhow!("checkpoint {}: no {name}", c.url))
-            };
-            let params =
-                tenax_model::params_from_named(&param_layout, &named_from(shard(PARAMS_FILE)?))
-                    .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
+            let all = named_from(&c.tensors);
+            let params = tenax_model::params_from_named(&param_layout, &all)
+                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
             let adamw_step = c
                 .manifest
                 .extra
                 .get("adamw_step")
                 .and_then(|v| v.as_u64())
                 .ok_or_else(|| anyhow!("checkpoint {}: manifest has no adamw_step", c.url))?;
-            let opt = AdamW::from_named_state(
-                &param_layout,
-                &named_from(shard(OPTIMIZER_FILE)?),
-                adamw_step,
-            )
-            .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
+            let opt = AdamW::from_named_state(&param_layout, &all, adamw_step)
+                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
             println!("resumed from step {} ({})", c.manifest.step, c.url);
             Start {
                 step: c.manifest.step,
@@ -311,8 +301,29 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     let trainer = Trainer::start(setup, data, start.params, start.opt)
         .await
         .map_err(|e| anyhow!("{e}"))?;
+    let retention = (cfg.keep_last > 0 || cfg.keep_every > 0).then(|| RetentionPolicy {
+        keep_last: cfg.keep_last as usize,
+        keep_every: cfg.keep_every,
+        min_uncommitted_age_ms: 3_600_000,
+    });
+    let mut checkpointer = match Checkpointer::start(
+        store.clone(),
+        CheckpointPolicy {
+            writers: cfg.ranks as u32,
+            retention,
+        },
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            trainer.shutdown().await;
+            return Err(anyhow!("{e}"));
+        }
+    };
     let result = train_loop(
         &trainer,
+        &mut checkpointer,
         &cfg,
         &schedule,
         &val_windows,
@@ -328,10 +339,15 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     let end = match result {
         Ok(end) => end,
         Err(e) => {
+            // Let saves already handed over finish: they are older, consistent states.
+            let _ = checkpointer.flush(FLUSH_TIMEOUT).await;
+            report_events(&mut checkpointer, None);
+            checkpointer.shutdown().await;
             trainer.shutdown().await;
             return Err(e);
         }
     };
+    checkpointer.shutdown().await;
 
     // A short sample of what the model learnt.
     let prompt = tokenizer.encode("\n").unwrap_or_default();
@@ -380,9 +396,54 @@ struct End {
     tokens_per_s: f64,
 }
 
+/// Print what the checkpoint actor reported; returns the step of the last failed save, if any.
+fn report_events(checkpointer: &mut Checkpointer, bar: Option<&ProgressBar>) -> Option<u64> {
+    let mut failed = None;
+    for event in checkpointer.take_events() {
+        let line = match event {
+            CheckpointEvent::Committed {
+                step,
+                url,
+                bytes,
+                save_s,
+                recovered_by_read_back,
+            } => format!(
+                "checkpoint step {step} -> {url} ({:.1} MiB in {save_s:.2} s{})",
+                bytes as f64 / (1u64 << 20) as f64,
+                if recovered_by_read_back {
+                    "; the commit's response was lost, read back and confirmed"
+                } else {
+                    ""
+                }
+            ),
+            CheckpointEvent::Failed { step, error } => {
+                failed = Some(step);
+                format!("warning: checkpoint at step {step} failed, training goes on: {error}")
+            }
+            CheckpointEvent::Superseded { step, by_step } => format!(
+                "note: checkpoint at step {step} skipped: the previous one was still uploading, step {by_step} is saved instead"
+            ),
+            CheckpointEvent::Pruned { folders, bytes } => format!(
+                "retention: deleted {} old checkpoint folder(s), {:.1} MiB",
+                folders.len(),
+                bytes as f64 / (1u64 << 20) as f64
+            ),
+            CheckpointEvent::PruneFailed { error } => {
+                format!("warning: retention failed (checkpoints are intact): {error}")
+            }
+        };
+        match bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+    failed
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn train_loop(
     trainer: &Trainer,
+    checkpointer: &mut Checkpointer,
     cfg: &TrainConfig,
     schedule: &LrSchedule,
     val_windows: &[u64],
@@ -465,10 +526,14 @@ async fn train_loop(
             report.loss, tokens_per_s
         ));
         if (cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last {
-            let url = save(trainer, store, stored_cfg, config_hash, done, cursor).await?;
+            let t_save = Instant::now();
+            save(trainer, checkpointer, stored_cfg, config_hash, done, cursor).await?;
+            let stall_s = t_save.elapsed().as_secs_f64();
             saved_step = Some(done);
-            bar.suspend(|| println!("checkpoint step {done} -> {url}"));
+            writeln!(metrics, "{}", json!({"step": done, "ckpt_stall_s": stall_s}))
+                .context("metrics.jsonl: cannot append")?;
         }
+        report_events(checkpointer, Some(&bar));
         end = End {
             step: done,
             loss: report.loss,
@@ -478,26 +543,39 @@ async fn train_loop(
     }
     bar.finish_and_clear();
     if saved_step != Some(end.step) {
-        let url = save(trainer, store, stored_cfg, config_hash, end.step, cursor).await?;
-        println!("checkpoint step {} -> {url}", end.step);
+        save(trainer, checkpointer, stored_cfg, config_hash, end.step, cursor).await?;
+    }
+    checkpointer
+        .flush(FLUSH_TIMEOUT)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if let Some(step) = report_events(checkpointer, None) {
+        if step == end.step {
+            bail!(
+                "the final checkpoint (step {step}) was not saved to {}: fix the store, then rerun with --resume to redo the steps after the last good checkpoint",
+                store.url()
+            );
+        }
     }
     Ok(end)
 }
 
+/// Take a host-memory snapshot and hand it to the checkpoint actor: all the training loop
+/// pays for a save.
 async fn save(
     trainer: &Trainer,
-    store: &Store,
+    checkpointer: &Checkpointer,
     stored_cfg: &StoredConfig,
     config_hash: &str,
     step: u64,
     cursor: u64,
-) -> Result<String> {
+) -> Result<()> {
     let snap = trainer
         .snapshot()
         .await
         .map_err(|e| anyhow!("checkpoint at step {step}: {e}"))?;
     let layout = ParamLayout::for_config(&stored_cfg.model);
-    let content = CheckpointContent {
+    let meta = CheckpointMeta {
         step,
         generation: 0,
         config: serde_json::to_value(stored_cfg).expect("config serialises"),
@@ -505,21 +583,17 @@ async fn save(
         data_cursor: cursor,
         rng: json!({"seed": stored_cfg.train.seed, "sampler": "splitmix64-fisher-yates-v1"}),
         extra: json!({"adamw_step": snap.opt.step}),
-        shards: vec![
-            (
-                PARAMS_FILE.to_string(),
-                tensors_from(tenax_model::named_params(&layout, &snap.params)),
-            ),
-            (
-                OPTIMIZER_FILE.to_string(),
-                tensors_from(snap.opt.named_state(&layout)),
-            ),
-        ],
     };
-    let saved = tenax_storage::save_checkpoint(store, &content)
-        .await
-        .map_err(|e| anyhow!("checkpoint at step {step}: {e}"))?;
-    Ok(saved.url)
+    checkpointer
+        .save(SaveJob {
+            meta,
+            build: Box::new(move || {
+                let mut tensors = tensors_from(tenax_model::named_params(&layout, &snap.params));
+                tensors.extend(tensors_from(snap.opt.named_state(&layout)));
+                tensors
+            }),
+        })
+        .map_err(|e| anyhow!("checkpoint at step {step}: {e}"))
 }
 
 /// Read metrics.jsonl, keeping the steps up to `upto` (a resumed run redoes the rest).

@@ -1,6 +1,8 @@
 //! tenax-actors: the ractor supervision tree that runs training.
 //!
 //! Modules:
+//! - [`checkpoint`]: the Checkpoint actor ([`Checkpointer`]): saves in the background while
+//!   training goes on, one in flight and at most one waiting, then applies retention.
 //! - [`rank`]: one data-parallel rank as an actor. Its model and optimizer live on a
 //!   dedicated compute thread (candle work never runs inside a message handler); the
 //!   actor forwards jobs to that thread and awaits their results with a timeout.
@@ -13,11 +15,13 @@
 //! supervisor stops the run with an error naming the rank; checkpoints already
 //! committed are untouched and `--resume` continues from the newest one.
 //!
-//! Still to come: the node supervisor of `tenax daemon` with Membership, Checkpoint and
-//! Control children.
+//! Still to come: the node supervisor of `tenax daemon` with Membership and Control
+//! children (and the Checkpoint actor under it).
 
+pub mod checkpoint;
 pub mod rank;
 pub mod supervisor;
 
+pub use checkpoint::{CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob};
 pub use rank::{RankOutcome, TrainData, TrainSetup};
 pub use supervisor::{ActorsError, Snapshot, StepReport, Trainer};

@@ -1,11 +1,19 @@
-//! Saving, listing, verifying and loading checkpoints in a [`Store`].
+//! Saving, listing, verifying, loading and pruning checkpoints in a [`Store`].
 //!
-//! Save writes every shard once (`PutMode::Create`) into a fresh folder
-//! `step-<step:010>-g<gen>-<attempt>`, then `MANIFEST.json` last: the manifest is the commit.
+//! A save is planned by [`tenax_core::ckpt::save_plan`]: every tensor is cut by rows among the
+//! ranks that hold an identical copy of it, so that replicas share the writing and nothing is
+//! written twice. Each writer puts its one shard file (`shard-<rank>.safetensors`, once, into the
+//! attempt's fresh folder `step-<step:010>-g<gen>-<attempt>`), then one committer puts
+//! `MANIFEST.json` with `PutMode::Create`: the manifest is the commit. The three steps are
+//! separate functions ([`begin_save`], [`write_shard`], [`commit_save`]) so that writers can be
+//! on different machines; [`save_checkpoint`] runs them all in this process.
+//!
 //! Readers trust nothing they have not hashed: verify and load re-read every file and check its
 //! size, SHA-256 and tensors against the manifest; [`latest_verified`] falls back to older
-//! checkpoints when the newest one does not verify.
+//! checkpoints when the newest one does not verify. Loading assembles whole tensors from the
+//! slices with [`tenax_core::ckpt::load_plan`], whatever number of ranks wrote them.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,21 +21,25 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tenax_core::ckpt::{
+    load_plan, replicated_needs, retention, row_elems, save_plan, FolderInfo, FolderState,
+    RetentionDecision, RetentionPolicy, TensorSpec, WriterShard,
+};
 
 use crate::error::StorageError;
 use crate::manifest::{
-    check_file, parse_folder_name, sha256_hex, FileEntry, Manifest, TensorEntry, DTYPE_F32,
-    FORMAT_VERSION, MANIFEST_FILE,
+    check_file, folder_name, parse_folder_name, sha256_hex, FileEntry, Manifest, TensorEntry,
+    DTYPE_F32, FORMAT_VERSION, MANIFEST_FILE,
 };
 use crate::shard::{decode_shard, encode_shard, TensorData};
-use crate::store::{is_plain_segment, Store};
+use crate::store::{ObjectInfo, Store};
 
-/// At most this many objects are uploaded or downloaded at once by one call.
+/// At most this many files are uploaded or downloaded at once by one call.
 const MAX_CONCURRENT_TRANSFERS: usize = 4;
 
-/// What the trainer hands over: a host-memory snapshot.
+/// Everything of a checkpoint except its tensors.
 #[derive(Clone, Debug)]
-pub struct CheckpointContent {
+pub struct CheckpointMeta {
     /// Optimizer steps completed.
     pub step: u64,
     /// Cluster generation saving it.
@@ -42,9 +54,37 @@ pub struct CheckpointContent {
     pub rng: Value,
     /// E.g. `{"adamw_step": 10}` (opaque here).
     pub extra: Value,
-    /// `(file name, tensors)`, e.g. `("params.safetensors", ..)`; file names are plain,
-    /// unique, and not `MANIFEST.json`.
-    pub shards: Vec<(String, Vec<TensorData>)>,
+}
+
+/// What the trainer hands over: a host-memory snapshot of whole tensors.
+#[derive(Clone, Debug)]
+pub struct CheckpointContent {
+    /// Step, generation, config, cursor...
+    pub meta: CheckpointMeta,
+    /// Every tensor, whole; names unique.
+    pub tensors: Vec<TensorData>,
+}
+
+/// A save attempt that has a folder but no manifest yet.
+#[derive(Clone, Debug)]
+pub struct PendingSave {
+    /// The attempt's folder, relative to the store.
+    pub folder: String,
+    /// The attempt id (12 hex chars).
+    pub attempt: String,
+    /// Creation time written into the manifest.
+    pub created_unix_ms: u64,
+    /// What the manifest will say besides files and tensors.
+    pub meta: CheckpointMeta,
+}
+
+/// One shard file, written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WrittenShard {
+    /// The file's manifest entry (name, size, SHA-256).
+    pub file: FileEntry,
+    /// Its tensor slices' manifest entries.
+    pub tensors: Vec<TensorEntry>,
 }
 
 /// A committed save.
@@ -56,27 +96,111 @@ pub struct SavedCheckpoint {
     pub manifest: Manifest,
     /// The folder, relative to the store.
     pub folder: String,
+    /// True when the manifest PUT failed (e.g. its response was lost) but reading it back
+    /// showed it committed.
+    pub recovered_by_read_back: bool,
 }
 
-/// One committed (manifest-bearing) folder.
+/// What a listing says of one save attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttemptStatus {
+    /// It has a manifest that parses and describes this folder, and every file it lists is
+    /// there with the listed size (hashes are checked by verify, not by listing).
+    Committed,
+    /// No manifest: a save that failed, was killed, or is still being written.
+    Incomplete,
+    /// It has a manifest, but the manifest or a file is wrong.
+    Corrupt {
+        /// The bad file (`MANIFEST.json` or a shard).
+        file: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl AttemptStatus {
+    /// `committed`, `incomplete` or `corrupt`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AttemptStatus::Committed => "committed",
+            AttemptStatus::Incomplete => "incomplete",
+            AttemptStatus::Corrupt { .. } => "corrupt",
+        }
+    }
+}
+
+/// One save attempt (checkpoint folder) of a store.
 #[derive(Clone, Debug)]
-pub struct ListedCheckpoint {
+pub struct ListedAttempt {
     /// The folder, relative to the store.
     pub folder: String,
     /// Store URL + folder.
     pub url: String,
-    /// The parsed manifest, or why it does not parse.
-    pub manifest: Result<Manifest, String>,
+    /// Step, from the folder name.
+    pub step: u64,
+    /// Generation, from the folder name.
+    pub generation: u64,
+    /// Attempt id, from the folder name.
+    pub attempt: String,
+    /// What the listing found.
+    pub status: AttemptStatus,
+    /// The manifest, when it parses.
+    pub manifest: Option<Manifest>,
+    /// Every object in the folder.
+    pub objects: Vec<ObjectInfo>,
 }
 
-/// The checkpoint folders of a store.
+impl ListedAttempt {
+    /// Total size of the folder's objects.
+    pub fn bytes(&self) -> u64 {
+        self.objects.iter().map(|o| o.size).sum()
+    }
+
+    /// Newest object time in the folder.
+    pub fn modified_unix_ms(&self) -> u64 {
+        self.objects
+            .iter()
+            .map(|o| o.modified_unix_ms)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether it has a `MANIFEST.json` object at all (committed or corrupt).
+    pub fn has_manifest(&self) -> bool {
+        !matches!(self.status, AttemptStatus::Incomplete)
+    }
+
+    /// (step, created time, attempt): the order saves happened in.
+    fn sort_key(&self) -> (u64, u64, String) {
+        let created = self
+            .manifest
+            .as_ref()
+            .map_or_else(|| self.modified_unix_ms(), |m| m.created_unix_ms);
+        (self.step, created, self.attempt.clone())
+    }
+}
+
+/// The save attempts of a store.
 #[derive(Clone, Debug, Default)]
 pub struct Listing {
-    /// Folders with a `MANIFEST.json`, oldest first by (step, created_unix_ms, attempt);
-    /// a manifest that does not parse sorts by its folder's step, as if created at time 0.
-    pub committed: Vec<ListedCheckpoint>,
-    /// Checkpoint folders without a manifest (abandoned or in-progress saves), sorted by name.
-    pub uncommitted: Vec<String>,
+    /// Oldest first by (step, creation time, attempt id); for one step the newest attempt
+    /// sorts last.
+    pub attempts: Vec<ListedAttempt>,
+}
+
+impl Listing {
+    /// The attempts with a manifest (committed or corrupt), oldest first.
+    pub fn with_manifest(&self) -> impl DoubleEndedIterator<Item = &ListedAttempt> {
+        self.attempts.iter().filter(|a| a.has_manifest())
+    }
+
+    /// The newest attempt whose status is committed (not hash-checked).
+    pub fn newest_committed(&self) -> Option<&ListedAttempt> {
+        self.attempts
+            .iter()
+            .rev()
+            .find(|a| a.status == AttemptStatus::Committed)
+    }
 }
 
 /// What verification read.
@@ -86,7 +210,7 @@ pub struct VerifyReport {
     pub files: usize,
     /// Their total size.
     pub bytes: u64,
-    /// Tensors checked.
+    /// Tensor slices checked.
     pub tensors: usize,
 }
 
@@ -99,8 +223,18 @@ pub struct LoadedCheckpoint {
     pub url: String,
     /// The folder, relative to the store.
     pub folder: String,
-    /// `(file name, tensors)` in manifest order.
-    pub shards: Vec<(String, Vec<TensorData>)>,
+    /// Every tensor, whole (assembled from its slices), sorted by name.
+    pub tensors: Vec<TensorData>,
+}
+
+impl LoadedCheckpoint {
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorData> {
+        self.tensors
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.tensors[i])
+    }
 }
 
 /// A fresh attempt id: 12 hex chars mixing the time, the process id and a process-wide counter.
@@ -118,14 +252,19 @@ fn new_attempt_id() -> String {
     hex::encode(&h.finalize()[..6])
 }
 
+/// Wall-clock ms since the epoch.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Wall-clock ms since the epoch, strictly increasing within this process, so that two saves of
 /// one step by one process always order as they happened.
 fn created_now_ms() -> u64 {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now = now_unix_ms();
     let prev = LAST
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
             Some(now.max(last + 1))
@@ -134,145 +273,298 @@ fn created_now_ms() -> u64 {
     now.max(prev + 1)
 }
 
-/// Save a checkpoint into a new folder: every shard as safetensors (F32, little endian) with
-/// `PutMode::Create`, then `MANIFEST.json` with `PutMode::Create`. Nothing is ever overwritten;
-/// saving a step again makes a new folder. Content that cannot be encoded is
-/// [`StorageError::Format`] and writes nothing. A failure part-way leaves an uncommitted folder.
+/// Start a save attempt: pick its attempt id and folder. Writes nothing.
+pub fn begin_save(meta: CheckpointMeta) -> PendingSave {
+    let attempt = new_attempt_id();
+    PendingSave {
+        folder: folder_name(meta.step, meta.generation, &attempt),
+        attempt,
+        created_unix_ms: created_now_ms(),
+        meta,
+    }
+}
+
+/// Write one writer's shard of a save plan into the attempt's folder: copy its row slices out
+/// of `tensors` (whole tensors by name), encode them as safetensors, hash, and upload once
+/// (multipart when large). Encoding and hashing run on a blocking thread.
+pub async fn write_shard(
+    store: &Store,
+    pending: &PendingSave,
+    shard: &WriterShard,
+    tensors: &BTreeMap<String, TensorData>,
+) -> Result<WrittenShard, StorageError> {
+    let format_err = |reason: String| StorageError::Format {
+        url: store.url().to_string(),
+        reason,
+    };
+    let mut slices = Vec::with_capacity(shard.slices.len());
+    let mut entries = Vec::with_capacity(shard.slices.len());
+    for s in &shard.slices {
+        let t = tensors
+            .get(&s.tensor)
+            .ok_or_else(|| format_err(format!("the save plan names tensor {:?}, which the snapshot does not have", s.tensor)))?;
+        if t.shape != s.shape {
+            return Err(format_err(format!(
+                "tensor {:?} has shape {:?}, the save plan says {:?}",
+                s.tensor, t.shape, s.shape
+            )));
+        }
+        let per_row = row_elems(&t.shape);
+        let mut shape = t.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = s.rows.len();
+        }
+        let data = t
+            .data
+            .get(s.rows.start * per_row..s.rows.end * per_row)
+            .ok_or_else(|| {
+                format_err(format!(
+                    "tensor {:?} has {} values, too few for its shape {:?}",
+                    t.name,
+                    t.data.len(),
+                    t.shape
+                ))
+            })?
+            .to_vec();
+        slices.push(TensorData {
+            name: t.name.clone(),
+            shape,
+            data,
+        });
+        entries.push(TensorEntry {
+            name: t.name.clone(),
+            file: shard.file.clone(),
+            dtype: DTYPE_F32.to_string(),
+            shape: t.shape.clone(),
+            rows: Some([s.rows.start, s.rows.end]),
+        });
+    }
+    let (bytes, sha256) = tokio::task::spawn_blocking(move || {
+        encode_shard(&slices).map(|bytes| {
+            let sha = sha256_hex(&bytes);
+            (bytes, sha)
+        })
+    })
+    .await
+    .map_err(|e| format_err(format!("encoding {} panicked: {e}", shard.file)))?
+    .map_err(|e| format_err(format!("{}: {e}", shard.file)))?;
+    let file = FileEntry {
+        name: shard.file.clone(),
+        size: bytes.len() as u64,
+        sha256,
+    };
+    store
+        .put_large(&format!("{}/{}", pending.folder, shard.file), Bytes::from(bytes))
+        .await?;
+    Ok(WrittenShard {
+        file,
+        tensors: entries,
+    })
+}
+
+/// Commit a save: write `MANIFEST.json` (listing every written shard) with `PutMode::Create`.
+/// If the PUT fails in a way that leaves its outcome unknown (a lost response, or a retry that
+/// found the key taken), the manifest is read back: identical bytes mean it is committed.
+pub async fn commit_save(
+    store: &Store,
+    pending: &PendingSave,
+    written: Vec<WrittenShard>,
+) -> Result<SavedCheckpoint, StorageError> {
+    let mut files = Vec::with_capacity(written.len());
+    let mut tensors = Vec::new();
+    for w in written {
+        files.push(w.file);
+        tensors.extend(w.tensors);
+    }
+    let m = &pending.meta;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        step: m.step,
+        generation: m.generation,
+        attempt: pending.attempt.clone(),
+        created_unix_ms: pending.created_unix_ms,
+        config: m.config.clone(),
+        config_hash: m.config_hash.clone(),
+        data_cursor: m.data_cursor,
+        rng: m.rng.clone(),
+        extra: m.extra.clone(),
+        files,
+        tensors,
+    };
+    manifest.check().map_err(|reason| StorageError::Format {
+        url: store.url().to_string(),
+        reason,
+    })?;
+    let json = manifest.to_json();
+    let key = format!("{}/{MANIFEST_FILE}", pending.folder);
+    let mut recovered_by_read_back = false;
+    if let Err(put_err) = store.put_new(&key, Bytes::from(json.clone())).await {
+        match store.get(&key).await {
+            Ok(Some(there)) if there.as_ref() == json.as_slice() => recovered_by_read_back = true,
+            _ => return Err(put_err),
+        }
+    }
+    Ok(SavedCheckpoint {
+        url: store.url_of(&pending.folder),
+        folder: pending.folder.clone(),
+        manifest,
+        recovered_by_read_back,
+    })
+}
+
+/// Save a checkpoint from this process as `writers` data-parallel ranks would: plan (every
+/// tensor held by ranks `0..writers`), write the shards (at most 4 at once), commit. Nothing is
+/// ever overwritten; saving a step again makes a new folder. Content that cannot be saved is
+/// [`StorageError::Format`] and writes nothing. A failure part-way leaves an incomplete folder.
 pub async fn save_checkpoint(
     store: &Store,
     content: &CheckpointContent,
+    writers: u32,
 ) -> Result<SavedCheckpoint, StorageError> {
     let format_err = |reason: String| StorageError::Format {
         url: store.url().to_string(),
         reason,
     };
-    let mut files = Vec::with_capacity(content.shards.len());
-    let mut tensors = Vec::new();
-    let mut encoded = Vec::with_capacity(content.shards.len());
-    for (name, shard) in &content.shards {
-        if !is_plain_segment(name) || name == MANIFEST_FILE {
+    if writers == 0 {
+        return Err(format_err("a save needs at least one writer".into()));
+    }
+    let holders: Vec<u32> = (0..writers).collect();
+    let held: Vec<(TensorSpec, Vec<u32>)> = content
+        .tensors
+        .iter()
+        .map(|t| {
+            (
+                TensorSpec {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                },
+                holders.clone(),
+            )
+        })
+        .collect();
+    let plan = save_plan(&held).map_err(|e| format_err(e.to_string()))?;
+    let mut by_name = BTreeMap::new();
+    for t in &content.tensors {
+        let want: usize = t.shape.iter().product();
+        if t.data.len() != want {
             return Err(format_err(format!(
-                "shard file name {name:?} is not allowed"
+                "tensor {:?} has {} values but shape {:?} needs {want}",
+                t.name,
+                t.data.len(),
+                t.shape
             )));
         }
-        if files.iter().any(|f: &FileEntry| &f.name == name) {
-            return Err(format_err(format!("shard file {name:?} appears twice")));
-        }
-        let bytes = encode_shard(shard).map_err(|e| format_err(format!("{name}: {e}")))?;
-        files.push(FileEntry {
-            name: name.clone(),
-            size: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
-        });
-        tensors.extend(shard.iter().map(|t| TensorEntry {
-            name: t.name.clone(),
-            file: name.clone(),
-            dtype: DTYPE_F32.to_string(),
-            shape: t.shape.clone(),
-        }));
-        encoded.push((name.clone(), Bytes::from(bytes)));
+        by_name.insert(t.name.clone(), t.clone());
     }
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        step: content.step,
-        generation: content.generation,
-        attempt: new_attempt_id(),
-        created_unix_ms: created_now_ms(),
-        config: content.config.clone(),
-        config_hash: content.config_hash.clone(),
-        data_cursor: content.data_cursor,
-        rng: content.rng.clone(),
-        extra: content.extra.clone(),
-        files,
-        tensors,
-    };
-    manifest.check().map_err(format_err)?;
-    let folder = manifest.folder();
-
-    futures::stream::iter(encoded)
-        .map(|(name, bytes)| {
-            let key = format!("{folder}/{name}");
-            async move { store.put_new(&key, bytes).await }
-        })
-        .buffer_unordered(MAX_CONCURRENT_TRANSFERS)
-        .try_collect::<Vec<()>>()
+    let pending = begin_save(content.meta.clone());
+    let pending_ref = &pending;
+    let by_name_ref = &by_name;
+    let written: Vec<WrittenShard> = futures::stream::iter(plan.shards)
+        .map(|shard| async move { write_shard(store, pending_ref, &shard, by_name_ref).await })
+        .buffered(MAX_CONCURRENT_TRANSFERS)
+        .try_collect()
         .await?;
-    store
-        .put_new(
-            &format!("{folder}/{MANIFEST_FILE}"),
-            manifest.to_json().into(),
-        )
-        .await?;
-    Ok(SavedCheckpoint {
-        url: store.url_of(&folder),
-        manifest,
-        folder,
-    })
+    commit_save(store, &pending, written).await
 }
 
-/// List the store's checkpoint folders (`step-...` folders directly under it; anything else is
-/// ignored): those with a `MANIFEST.json` as committed (parsed, or the reason it does not parse),
-/// the rest as uncommitted.
+/// The status of a folder whose manifest object exists.
+fn manifest_status(
+    folder: &str,
+    parsed: &Result<Manifest, String>,
+    objects: &[ObjectInfo],
+) -> AttemptStatus {
+    let corrupt = |file: &str, reason: String| AttemptStatus::Corrupt {
+        file: file.to_string(),
+        reason,
+    };
+    let m = match parsed {
+        Ok(m) => m,
+        Err(reason) => return corrupt(MANIFEST_FILE, reason.clone()),
+    };
+    if m.folder() != folder {
+        return corrupt(
+            MANIFEST_FILE,
+            format!("describes {} but sits in folder {folder}", m.folder()),
+        );
+    }
+    for f in &m.files {
+        let key = format!("{folder}/{}", f.name);
+        match objects.iter().find(|o| o.key == key) {
+            None => {
+                return corrupt(
+                    &f.name,
+                    "missing: listed in MANIFEST.json but not in the store".into(),
+                )
+            }
+            Some(o) if o.size != f.size => {
+                return corrupt(
+                    &f.name,
+                    format!(
+                        "size mismatch (expected {} bytes, got {})",
+                        f.size, o.size
+                    ),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    AttemptStatus::Committed
+}
+
+/// List the store's save attempts (`step-...` folders directly under it; anything else is
+/// ignored), reading each manifest and comparing file sizes with the listing; no hashing.
 pub async fn list_checkpoints(store: &Store) -> Result<Listing, StorageError> {
-    let mut folders = std::collections::BTreeMap::<String, bool>::new();
-    for key in store.list_keys().await? {
-        let Some((folder, rest)) = key.split_once('/') else {
+    let mut folders = BTreeMap::<String, Vec<ObjectInfo>>::new();
+    for object in store.list_objects().await? {
+        let Some((folder, _)) = object.key.split_once('/') else {
             continue;
         };
         if parse_folder_name(folder).is_none() {
             continue;
         }
-        *folders.entry(folder.to_string()).or_default() |= rest == MANIFEST_FILE;
+        folders.entry(folder.to_string()).or_default().push(object);
     }
-    let uncommitted = folders
-        .iter()
-        .filter(|(_, committed)| !**committed)
-        .map(|(f, _)| f.clone())
-        .collect();
-    let committed_folders: Vec<String> = folders
-        .into_iter()
-        .filter(|(_, committed)| *committed)
-        .map(|(f, _)| f)
-        .collect();
-    let fetched: Vec<Option<ListedCheckpoint>> = futures::stream::iter(committed_folders)
-        .map(|folder| async move {
-            let Some(bytes) = store.get(&format!("{folder}/{MANIFEST_FILE}")).await? else {
-                // Deleted between the listing and the read (pruned): not there any more.
-                return Ok(None);
+    let fetched: Vec<Option<ListedAttempt>> = futures::stream::iter(folders)
+        .map(|(folder, objects)| async move {
+            let name = parse_folder_name(&folder).expect("only checkpoint folders are kept");
+            let manifest_key = format!("{folder}/{MANIFEST_FILE}");
+            let (status, manifest) = if objects.iter().any(|o| o.key == manifest_key) {
+                let Some(bytes) = store.get(&manifest_key).await? else {
+                    // Deleted between the listing and the read (pruned): not there any more.
+                    return Ok(None);
+                };
+                let parsed = Manifest::parse(&bytes);
+                let status = manifest_status(&folder, &parsed, &objects);
+                (status, parsed.ok())
+            } else {
+                (AttemptStatus::Incomplete, None)
             };
-            Ok(Some(ListedCheckpoint {
+            Ok::<_, StorageError>(Some(ListedAttempt {
                 url: store.url_of(&folder),
-                manifest: Manifest::parse(&bytes),
+                step: name.step,
+                generation: name.generation,
+                attempt: name.attempt,
+                status,
+                manifest,
+                objects,
                 folder,
             }))
         })
-        .buffered(MAX_CONCURRENT_TRANSFERS)
+        .buffered(MAX_CONCURRENT_TRANSFERS * 2)
         .try_collect()
         .await?;
-    let mut committed: Vec<ListedCheckpoint> = fetched.into_iter().flatten().collect();
-    committed.sort_by_cached_key(|c| match &c.manifest {
-        Ok(m) => {
-            let (step, created, attempt) = m.sort_key();
-            (step, created, attempt.to_string())
-        }
-        Err(_) => {
-            let name = parse_folder_name(&c.folder).expect("only checkpoint folders are listed");
-            (name.step, 0, name.attempt)
-        }
-    });
-    Ok(Listing {
-        committed,
-        uncommitted,
-    })
+    let mut attempts: Vec<ListedAttempt> = fetched.into_iter().flatten().collect();
+    attempts.sort_by_cached_key(ListedAttempt::sort_key);
+    Ok(Listing { attempts })
 }
 
-/// Read a committed checkpoint and check everything against its manifest; with `decode`, also
-/// return the tensors.
+/// Read a committed checkpoint and check everything against its manifest; with `assemble`,
+/// also return its whole tensors.
 async fn read_checkpoint(
     store: &Store,
     folder: &str,
-    decode: bool,
-) -> Result<(Manifest, Vec<(String, Vec<TensorData>)>, VerifyReport), StorageError> {
+    assemble: bool,
+) -> Result<(Manifest, Vec<TensorData>, VerifyReport), StorageError> {
     let url = store.url_of(folder);
     let corrupt = |file: &str, reason: String| StorageError::Corrupt {
         url: url.clone(),
@@ -296,7 +588,7 @@ async fn read_checkpoint(
     }
     let manifest_ref = &manifest;
     let corrupt_ref = &corrupt;
-    let shards: Vec<(String, Vec<TensorData>, u64)> = futures::stream::iter(&manifest.files)
+    let shards: Vec<(String, Vec<TensorData>, u64)> = futures::stream::iter(manifest.files.clone())
         .map(|entry| async move {
             let bytes = store
                 .get(&format!("{folder}/{}", entry.name))
@@ -307,11 +599,17 @@ async fn read_checkpoint(
                         "missing: listed in MANIFEST.json but not in the store".into(),
                     )
                 })?;
-            check_file(entry, &bytes).map_err(|e| corrupt_ref(&entry.name, e))?;
-            let expected: Vec<&TensorEntry> = manifest_ref.tensors_in(&entry.name).collect();
-            let tensors =
-                decode_shard(&bytes, &expected, decode).map_err(|e| corrupt_ref(&entry.name, e))?;
-            Ok::<_, StorageError>((entry.name.clone(), tensors, bytes.len() as u64))
+            let expected: Vec<TensorEntry> = manifest_ref.tensors_in(&entry.name).cloned().collect();
+            let entry_owned = entry.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                check_file(&entry_owned, &bytes)?;
+                let refs: Vec<&TensorEntry> = expected.iter().collect();
+                decode_shard(&bytes, &refs, assemble).map(|t| (t, bytes.len() as u64))
+            })
+            .await
+            .map_err(|e| corrupt_ref(&entry.name, format!("checking panicked: {e}")))?;
+            let (tensors, size) = checked.map_err(|e| corrupt_ref(&entry.name, e))?;
+            Ok::<_, StorageError>((entry.name.clone(), tensors, size))
         })
         .buffered(MAX_CONCURRENT_TRANSFERS)
         .try_collect()
@@ -321,48 +619,98 @@ async fn read_checkpoint(
         bytes: shards.iter().map(|s| s.2).sum(),
         tensors: shards.iter().map(|s| s.1.len()).sum(),
     };
-    let shards = shards.into_iter().map(|(name, t, _)| (name, t)).collect();
-    Ok((manifest, shards, report))
+    if !assemble {
+        return Ok((manifest, Vec::new(), report));
+    }
+    let tensors = assemble_tensors(&manifest, shards)
+        .map_err(|reason| corrupt(MANIFEST_FILE, reason))?;
+    Ok((manifest, tensors, report))
+}
+
+/// Whole tensors from decoded slices, following the load plan for one rank.
+fn assemble_tensors(
+    manifest: &Manifest,
+    shards: Vec<(String, Vec<TensorData>, u64)>,
+) -> Result<Vec<TensorData>, String> {
+    let saved = manifest.saved_slices();
+    let plan = load_plan(&saved, &replicated_needs(&saved, 1)).map_err(|e| e.to_string())?;
+    let mut slices: BTreeMap<(String, String), TensorData> = BTreeMap::new();
+    for (file, tensors, _) in shards {
+        for t in tensors {
+            slices.insert((file.clone(), t.name.clone()), t);
+        }
+    }
+    let mut out: BTreeMap<String, TensorData> = manifest
+        .tensor_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product();
+            (
+                name.clone(),
+                TensorData {
+                    name,
+                    shape,
+                    data: vec![0.0; n],
+                },
+            )
+        })
+        .collect();
+    let rank = plan.ranks.first().ok_or("the load plan is empty")?;
+    for read in &rank.reads {
+        let src = slices
+            .get(&(read.file.clone(), read.tensor.clone()))
+            .ok_or_else(|| format!("{} is not in {}", read.tensor, read.file))?;
+        let dst = out
+            .get_mut(&read.tensor)
+            .ok_or_else(|| format!("{} has no shape", read.tensor))?;
+        let per_row = row_elems(&dst.shape);
+        let from = &src.data[read.src_rows.start * per_row..read.src_rows.end * per_row];
+        dst.data[read.dst_rows.start * per_row..read.dst_rows.end * per_row].copy_from_slice(from);
+    }
+    Ok(out.into_values().collect())
 }
 
 /// Re-read every file of a committed checkpoint and check its size and SHA-256 against the
-/// manifest, and that every tensor the manifest names is in its file with that dtype and shape
-/// (and nothing else is). Problems are [`StorageError::Corrupt`] naming the file.
+/// manifest, and that every tensor slice the manifest names is in its file with that dtype and
+/// shape (and nothing else is). Problems are [`StorageError::Corrupt`] naming the file.
 pub async fn verify_checkpoint(store: &Store, folder: &str) -> Result<VerifyReport, StorageError> {
     read_checkpoint(store, folder, false)
         .await
         .map(|(_, _, report)| report)
 }
 
-/// Load a committed checkpoint, verifying it as it reads (see [`verify_checkpoint`]).
+/// Load a committed checkpoint, verifying it as it reads (see [`verify_checkpoint`]), and
+/// assemble every tensor whole from its slices.
 pub async fn load_checkpoint(
     store: &Store,
     folder: &str,
 ) -> Result<LoadedCheckpoint, StorageError> {
-    let (manifest, shards, _) = read_checkpoint(store, folder, true).await?;
+    let (manifest, tensors, _) = read_checkpoint(store, folder, true).await?;
     Ok(LoadedCheckpoint {
         manifest,
         url: store.url_of(folder),
         folder: folder.to_string(),
-        shards,
+        tensors,
     })
 }
 
-/// The newest committed checkpoint that verifies, with a one-line warning for each newer one
-/// skipped (its manifest does not parse, or it is corrupt). `Ok(None)` when the store has no
-/// committed checkpoint; [`StorageError::NoneVerify`] when it has some but none verifies.
-/// Object store failures (network, permissions) are returned, not skipped: a store that cannot
-/// be read says nothing about which checkpoint is good.
+/// The newest checkpoint that verifies, with a one-line warning for each newer one skipped
+/// (corrupt manifest, missing or bad file). `Ok(None)` when the store has no manifest at all;
+/// [`StorageError::NoneVerify`] when it has some but none verifies. Object store failures
+/// (network, permissions) are returned, not skipped: a store that cannot be read says nothing
+/// about which checkpoint is good.
 pub async fn latest_verified(
     store: &Store,
 ) -> Result<Option<(LoadedCheckpoint, Vec<String>)>, StorageError> {
     let listing = list_checkpoints(store).await?;
     let mut warnings = Vec::new();
     let mut newest_problem = None;
-    for listed in listing.committed.iter().rev() {
-        let problem = match &listed.manifest {
-            Err(reason) => format!("checkpoint {}: {MANIFEST_FILE}: {reason}", listed.url),
-            Ok(_) => match load_checkpoint(store, &listed.folder).await {
+    for listed in listing.with_manifest().rev() {
+        let problem = match &listed.status {
+            AttemptStatus::Corrupt { file, reason } => {
+                format!("checkpoint {}: {file}: {reason}", listed.url)
+            }
+            _ => match load_checkpoint(store, &listed.folder).await {
                 Ok(loaded) => return Ok(Some((loaded, warnings))),
                 Err(e @ StorageError::Corrupt { .. }) => e.to_string(),
                 Err(e) => return Err(e),
@@ -378,4 +726,94 @@ pub async fn latest_verified(
             newest_problem,
         }),
     }
+}
+
+/// What [`prune`] decided and did.
+#[derive(Clone, Debug, Default)]
+pub struct PruneReport {
+    /// One decision per save attempt, oldest first.
+    pub decisions: Vec<RetentionDecision>,
+    /// Objects deleted (0 on a dry run).
+    pub deleted_objects: usize,
+    /// Bytes deleted, or that would be on a dry run.
+    pub deleted_bytes: u64,
+}
+
+/// Apply a retention policy to a store. Committed attempts are hash-verified newest first until
+/// one verifies (that newest good checkpoint is never deleted); older committed ones are not
+/// re-hashed. `in_progress` names folders being written right now (never deleted). A folder is
+/// deleted manifest first, so a prune that dies half-way leaves an incomplete folder, never a
+/// committed one with missing files. With `dry_run`, nothing is deleted.
+pub async fn prune(
+    store: &Store,
+    policy: &RetentionPolicy,
+    in_progress: &[String],
+    now_unix_ms: u64,
+    dry_run: bool,
+) -> Result<PruneReport, StorageError> {
+    let listing = list_checkpoints(store).await?;
+    let mut states: Vec<FolderState> = listing
+        .attempts
+        .iter()
+        .map(|a| match &a.status {
+            AttemptStatus::Incomplete => FolderState::Uncommitted {
+                in_progress: in_progress.contains(&a.folder),
+            },
+            AttemptStatus::Corrupt { file, reason } => FolderState::Bad {
+                reason: format!("{file}: {reason}"),
+            },
+            AttemptStatus::Committed => FolderState::Unverified,
+        })
+        .collect();
+    for (i, a) in listing.attempts.iter().enumerate().rev() {
+        if states[i] != FolderState::Unverified {
+            continue;
+        }
+        match verify_checkpoint(store, &a.folder).await {
+            Ok(_) => {
+                states[i] = FolderState::Good;
+                break;
+            }
+            Err(StorageError::Corrupt { file, reason, .. }) => {
+                states[i] = FolderState::Bad {
+                    reason: format!("{file}: {reason}"),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let infos: Vec<FolderInfo> = listing
+        .attempts
+        .iter()
+        .zip(states)
+        .map(|(a, state)| FolderInfo {
+            folder: a.folder.clone(),
+            step: a.step,
+            created_unix_ms: match (&state, &a.manifest) {
+                (FolderState::Uncommitted { .. }, _) | (_, None) => a.modified_unix_ms(),
+                (_, Some(m)) => m.created_unix_ms,
+            },
+            state,
+        })
+        .collect();
+    let decisions = retention(&infos, policy, now_unix_ms);
+    let mut report = PruneReport::default();
+    for (a, d) in listing.attempts.iter().zip(&decisions) {
+        if d.keep {
+            continue;
+        }
+        report.deleted_bytes += a.bytes();
+        if dry_run {
+            continue;
+        }
+        let manifest_key = format!("{}/{MANIFEST_FILE}", a.folder);
+        let mut keys: Vec<&str> = a.objects.iter().map(|o| o.key.as_str()).collect();
+        keys.sort_by_key(|k| *k != manifest_key);
+        for key in keys {
+            store.delete(key).await?;
+            report.deleted_objects += 1;
+        }
+    }
+    report.decisions = decisions;
+    Ok(report)
 }

@@ -30,7 +30,7 @@ pub enum StorageError {
     },
 
     /// An object store call failed (network, permissions, disk).
-    #[error("checkpoint store {url}: {op} failed: {cause}")]
+    #[error("checkpoint store {url}: {op} failed: {cause}{}", hint(.cause))]
     ObjectStore {
         /// The store URL.
         url: String,
@@ -81,4 +81,36 @@ pub enum StorageError {
         /// What is wrong with the content, e.g. a tensor whose data does not fill its shape.
         reason: String,
     },
+}
+
+/// What to do about a failed object store call, recognised from the error (empty if nothing
+/// specific is known).
+pub fn hint(cause: &object_store::Error) -> &'static str {
+    let text = cause.to_string();
+    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    if has(&["NoSuchBucket", "bucket does not exist"]) {
+        " (the bucket does not exist: create it or fix the bucket in the URL)"
+    } else if has(&[
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "403 Forbidden",
+        "ExpiredToken",
+    ]) {
+        " (the credentials were refused: check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)"
+    } else if has(&[
+        "error sending request",
+        "Connection refused",
+        "connection refused",
+        "dns error",
+        "timed out",
+        "tcp connect",
+        "client error (Connect)",
+    ]) {
+        " (the endpoint is unreachable: check AWS_ENDPOINT / the URL and the network)"
+    } else if matches!(cause, object_store::Error::PermissionDenied { .. }) {
+        " (permission denied: check the store's access rights)"
+    } else {
+        ""
+    }
 }

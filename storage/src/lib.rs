@@ -1,18 +1,22 @@
 //! tenax-storage: object store backends and the checkpoint writer/reader.
 //!
 //! A checkpoint store is a URL (`file:///abs/path`, `memory://`, `s3://bucket/prefix`). Each save
-//! is a fresh folder `step-<step:010>-g<gen>-<attempt>` of write-once safetensors shards plus
-//! `MANIFEST.json`, written last as the commit. Readers hash everything and fall back to the
-//! newest checkpoint that verifies.
+//! is a fresh folder `step-<step:010>-g<gen>-<attempt>` of write-once safetensors shards (one
+//! per writer, tensors cut by rows so replicas share the writing) plus `MANIFEST.json`, written
+//! last as the commit. Readers hash everything, assemble tensors whatever number of ranks wrote
+//! them, and fall back to the newest checkpoint that verifies. Retention (`prune`) deletes
+//! manifest first, and never the newest good checkpoint.
 //!
 //! Modules:
-//! - `store`: [`Store`], parsing a store URL into an `object_store` backend and prefix;
-//!   write-once puts, gets and listing by key.
+//! - `store`: [`Store`], parsing a store URL into an `object_store` backend and prefix, with
+//!   bounded timeouts and retries ([`StoreOptions`]); write-once puts, multipart uploads for
+//!   large files, gets, deletes and listing.
 //! - `manifest`: [`Manifest`] and its entries, folder names, self-consistency and file hash
 //!   checks (pure).
 //! - `shard`: [`TensorData`] to and from safetensors bytes, checked against the manifest (pure).
-//! - `checkpoint`: [`save_checkpoint`], [`list_checkpoints`], [`verify_checkpoint`],
-//!   [`load_checkpoint`], [`latest_verified`] (async, tokio).
+//! - `checkpoint`: [`save_checkpoint`] (or its steps [`begin_save`], [`write_shard`],
+//!   [`commit_save`]), [`list_checkpoints`], [`verify_checkpoint`], [`load_checkpoint`],
+//!   [`latest_verified`], [`prune`] (async, tokio).
 //! - `error`: [`StorageError`].
 //!
 //! Invariants: no checkpoint file is ever overwritten (every put is `PutMode::Create`); a
@@ -26,10 +30,12 @@ pub mod shard;
 pub mod store;
 
 pub use checkpoint::{
-    latest_verified, list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint,
-    CheckpointContent, ListedCheckpoint, Listing, LoadedCheckpoint, SavedCheckpoint, VerifyReport,
+    begin_save, commit_save, latest_verified, list_checkpoints, load_checkpoint, now_unix_ms,
+    prune, save_checkpoint, verify_checkpoint, write_shard, AttemptStatus, CheckpointContent,
+    CheckpointMeta, ListedAttempt, Listing, LoadedCheckpoint, PendingSave, PruneReport,
+    SavedCheckpoint, VerifyReport, WrittenShard,
 };
 pub use error::StorageError;
 pub use manifest::{FileEntry, Manifest, TensorEntry, FORMAT_VERSION, MANIFEST_FILE};
-pub use shard::TensorData;
-pub use store::Store;
+pub use shard::{encode_shard, TensorData};
+pub use store::{part_size_for, ObjectInfo, Store, StoreOptions};

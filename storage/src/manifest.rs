@@ -3,15 +3,23 @@
 //! A checkpoint is the folder `step-<step:010>-g<gen>-<attempt>` holding safetensors shards and,
 //! written last, `MANIFEST.json`. The manifest is the commit: a folder without one is an
 //! abandoned attempt.
+//!
+//! Format version 2 (this build writes it; it also reads version 1): a tensor may be split by
+//! rows (dimension 0) over several shard files, each slice written once by one writer; every
+//! [`TensorEntry`] names its file, the full shape and the rows the file holds.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use tenax_core::ckpt::{check_tiling, rows_of, RowRange, SavedSlice};
+
 use crate::store::is_plain_segment;
 
-/// The manifest format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The manifest format this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest manifest format this build reads (version 1: every tensor whole in one file).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// The commit file, written last in every checkpoint folder.
 pub const MANIFEST_FILE: &str = "MANIFEST.json";
 /// The only tensor dtype written so far.
@@ -57,17 +65,44 @@ pub struct FileEntry {
     pub sha256: String,
 }
 
-/// One tensor of a checkpoint.
+/// One tensor slice of a checkpoint: the rows `rows` (along dimension 0) of the tensor `name`,
+/// stored in `file` under the same name with shape `shape` except `rows` rows.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct TensorEntry {
-    /// Tensor name, unique within its file.
+    /// Tensor name; unique within its file, one entry per slice across files.
     pub name: String,
-    /// The file (a [`FileEntry::name`]) that holds it.
+    /// The file (a [`FileEntry::name`]) that holds this slice.
     pub file: String,
     /// Element type; always [`DTYPE_F32`] for now.
     pub dtype: String,
-    /// Dimensions.
+    /// Dimensions of the whole tensor.
     pub shape: Vec<usize>,
+    /// `[start, end)` rows of the tensor that this file holds; absent (version 1) means all.
+    /// A scalar counts as one row.
+    #[serde(default)]
+    pub rows: Option<[usize; 2]>,
+}
+
+impl TensorEntry {
+    /// The rows this entry holds.
+    pub fn row_range(&self) -> RowRange {
+        match self.rows {
+            Some([start, end]) => RowRange { start, end },
+            None => RowRange {
+                start: 0,
+                end: rows_of(&self.shape),
+            },
+        }
+    }
+
+    /// The shape of the slice as stored in its file.
+    pub fn stored_shape(&self) -> Vec<usize> {
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = self.row_range().len();
+        }
+        shape
+    }
 }
 
 /// The parts of a checkpoint folder name.
@@ -132,9 +167,9 @@ impl Manifest {
 
     /// The self-consistency checks of [`Manifest::parse`].
     pub fn check(&self) -> Result<(), String> {
-        if self.format_version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&self.format_version) {
             return Err(format!(
-                "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                "format_version {} is not supported (this build reads {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})",
                 self.format_version
             ));
         }
@@ -176,8 +211,41 @@ impl Manifest {
                     t.name, t.file
                 ));
             }
+            if t.rows.is_some() && self.format_version < 2 {
+                return Err(format!(
+                    "tensor {:?} has rows, which format_version {} does not have",
+                    t.name, self.format_version
+                ));
+            }
         }
-        Ok(())
+        check_tiling(&self.saved_slices()).map_err(|e| e.to_string())
+    }
+
+    /// Every tensor slice, as the load planner takes them.
+    pub fn saved_slices(&self) -> Vec<SavedSlice> {
+        self.tensors
+            .iter()
+            .map(|t| SavedSlice {
+                tensor: t.name.clone(),
+                shape: t.shape.clone(),
+                file: t.file.clone(),
+                rows: t.row_range(),
+            })
+            .collect()
+    }
+
+    /// Every tensor name with its full shape, sorted by name, once each.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut seen = std::collections::BTreeMap::new();
+        for t in &self.tensors {
+            seen.entry(t.name.clone()).or_insert_with(|| t.shape.clone());
+        }
+        seen.into_iter().collect()
+    }
+
+    /// Total bytes of the shard files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
     }
 
     /// The tensors of one file, in manifest order.
@@ -268,6 +336,7 @@ mod tests {
                 file: "a.safetensors".into(),
                 dtype: DTYPE_F32.into(),
                 shape: vec![1],
+                rows: Some([0, 1]),
             }],
         }
     }
@@ -276,7 +345,14 @@ mod tests {
     fn inconsistent_manifests_are_rejected() {
         type Edit = fn(&mut Manifest);
         let cases: &[(&str, Edit, &str)] = &[
-            ("version", |m| m.format_version = 2, "format_version 2"),
+            ("version", |m| m.format_version = 3, "format_version 3"),
+            (
+                "rows in v1",
+                |m| m.format_version = 1,
+                "which format_version 1 does not have",
+            ),
+            ("gap", |m| m.tensors[0].shape = vec![2], "w"),
+            ("rows past the end", |m| m.tensors[0].rows = Some([0, 2]), "w"),
             (
                 "traversal",
                 |m| m.files[0].name = "../x".into(),
@@ -308,6 +384,19 @@ mod tests {
                 |m| m.tensors.push(m.tensors[0].clone()),
                 "listed twice",
             ),
+            (
+                "overlap across files",
+                |m| {
+                    m.files.push(FileEntry {
+                        name: "b.safetensors".into(),
+                        ..m.files[0].clone()
+                    });
+                    let mut t = m.tensors[0].clone();
+                    t.file = "b.safetensors".into();
+                    m.tensors.push(t);
+                },
+                "w",
+            ),
         ];
         assert_eq!(manifest().check(), Ok(()));
         for (what, edit, want) in cases {
@@ -318,6 +407,10 @@ mod tests {
             assert!(Manifest::parse(&m.to_json()).is_err(), "{what}");
         }
         assert_eq!(Manifest::parse(&manifest().to_json()), Ok(manifest()));
+        let mut v1 = manifest();
+        v1.format_version = 1;
+        v1.tensors[0].rows = None;
+        assert_eq!(v1.check(), Ok(()), "version 1 manifests still read");
     }
 
     #[test]

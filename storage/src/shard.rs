@@ -20,6 +20,17 @@ pub struct TensorData {
 /// Encode tensors as one safetensors file. Errors (as a reason) on a duplicate name or data
 /// that does not fill its shape.
 pub fn encode_shard(tensors: &[TensorData]) -> Result<Vec<u8>, String> {
+    encode_shard_with_metadata(tensors, None)
+}
+
+/// [`encode_shard`] with a safetensors `__metadata__` map. The output depends only on the
+/// tensors and the metadata (tensors are laid out sorted by name), so equal inputs give
+/// byte-identical files; keep the metadata to one key for that (a map of several keys is
+/// serialised in no fixed order).
+pub fn encode_shard_with_metadata(
+    tensors: &[TensorData],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>, String> {
     let mut names = BTreeSet::new();
     let mut le = Vec::with_capacity(tensors.len());
     for t in tensors {
@@ -54,12 +65,14 @@ pub fn encode_shard(tensors: &[TensorData]) -> Result<Vec<u8>, String> {
                 .map_err(|e| format!("tensor {:?}: {e}", t.name))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    safetensors::serialize(views, None).map_err(|e| format!("safetensors encoding failed: {e}"))
+    safetensors::serialize(views, metadata)
+        .map_err(|e| format!("safetensors encoding failed: {e}"))
 }
 
-/// Check a safetensors file against the tensors a manifest lists for it: every listed tensor is
-/// present with dtype F32 and the listed shape, and the file holds nothing else. With `decode`,
-/// return the tensors in `expected` order; otherwise return them with empty `data`.
+/// Check a safetensors file against the tensor slices a manifest lists for it: every listed
+/// slice is present with dtype F32 and the slice's shape, and the file holds nothing else. With
+/// `decode`, return the slices (shape as stored) in `expected` order; otherwise return them
+/// with empty `data`.
 /// Errors are reasons, without the file name.
 pub fn decode_shard(
     bytes: &[u8],
@@ -84,12 +97,13 @@ pub fn decode_shard(
                 entry.dtype
             ));
         }
-        if view.shape() != entry.shape.as_slice() {
+        let stored = entry.stored_shape();
+        if view.shape() != stored.as_slice() {
             return Err(format!(
                 "tensor {:?} has shape {:?}, MANIFEST.json says {:?}",
                 entry.name,
                 view.shape(),
-                entry.shape
+                stored
             ));
         }
         let data = if decode {
@@ -102,7 +116,7 @@ pub fn decode_shard(
         };
         out.push(TensorData {
             name: entry.name.clone(),
-            shape: entry.shape.clone(),
+            shape: stored,
             data,
         });
     }
@@ -141,6 +155,7 @@ mod tests {
             file: "f".into(),
             dtype: DTYPE_F32.into(),
             shape: t.shape.clone(),
+            rows: None,
         }
     }
 

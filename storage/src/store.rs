@@ -5,16 +5,79 @@
 //! [`Store::put_new`], which never overwrites.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig,
+};
 
 use crate::error::StorageError;
+
+/// S3 has a hard limit of 10,000 parts per multipart upload.
+pub const S3_MAX_PARTS: u64 = 10_000;
+/// S3 refuses parts smaller than 5 MiB (except the last one).
+pub const S3_MIN_PART_BYTES: u64 = 5 << 20;
+
+/// How a store talks to its backend. The defaults bound every call so that a command against
+/// an unreachable endpoint fails in about 12 s rather than after minutes of retries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreOptions {
+    /// TCP connect timeout of one HTTP request (S3 only).
+    pub connect_timeout_s: f64,
+    /// Timeout of one whole HTTP request, body included (S3 only).
+    pub request_timeout_s: f64,
+    /// Retries of one failed request (5xx, dropped connection, timeout), S3 only.
+    pub max_retries: usize,
+    /// No retry starts later than this after a request's first try (S3 only).
+    pub retry_window_s: f64,
+    /// Objects larger than this are uploaded as multipart uploads; smaller ones with one PUT.
+    pub multipart_threshold_bytes: u64,
+    /// Smallest multipart part; grown for big objects so no upload needs more than
+    /// [`S3_MAX_PARTS`] parts (see [`part_size_for`]).
+    pub min_part_bytes: u64,
+    /// Parts of one multipart upload in flight at once.
+    pub part_concurrency: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            connect_timeout_s: 2.0,
+            request_timeout_s: 120.0,
+            max_retries: 10,
+            retry_window_s: 8.0,
+            multipart_threshold_bytes: 32 << 20,
+            min_part_bytes: 8 << 20,
+            part_concurrency: 4,
+        }
+    }
+}
+
+/// The part size for a multipart upload of `size` bytes: at least `min_part_bytes` (and S3's
+/// 5 MiB), grown in whole MiB so that the upload needs at most [`S3_MAX_PARTS`] parts.
+pub fn part_size_for(size: u64, min_part_bytes: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    let needed = size.div_ceil(S3_MAX_PARTS).div_ceil(MIB) * MIB;
+    needed.max(min_part_bytes).max(S3_MIN_PART_BYTES)
+}
+
+/// One object of a store, as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the store.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modified, ms since the Unix epoch.
+    pub modified_unix_ms: u64,
+}
 
 /// An object store plus the prefix inside it that this store URL names.
 #[derive(Clone, Debug)]
@@ -25,6 +88,8 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     /// Where this store's keys live inside `inner` (empty for `file://` and `memory://`).
     prefix: Path,
+    /// Upload settings.
+    options: StoreOptions,
 }
 
 impl Store {
@@ -37,8 +102,13 @@ impl Store {
     ///   environment (`AWS_ENDPOINT`, `AWS_ALLOW_HTTP`, credentials...); region `us-east-1`
     ///   unless the environment names one; path-style requests. Building makes no request.
     ///
-    /// Anything else is [`StorageError::BadUrl`].
+    /// Anything else is [`StorageError::BadUrl`]. Uses [`StoreOptions::default`].
     pub fn open(url: &str) -> Result<Store, StorageError> {
+        Store::open_with(url, StoreOptions::default())
+    }
+
+    /// [`Store::open`] with explicit options.
+    pub fn open_with(url: &str, options: StoreOptions) -> Result<Store, StorageError> {
         let bad = |reason: String| StorageError::BadUrl {
             url: url.to_string(),
             reason,
@@ -52,6 +122,7 @@ impl Store {
                 url: url.to_string(),
                 inner: Arc::new(InMemory::new()),
                 prefix,
+                options,
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| {
@@ -76,6 +147,7 @@ impl Store {
                     url: url.to_string(),
                     inner: Arc::new(local),
                     prefix: Path::default(),
+                    options,
                 })
             }
             "s3" => {
@@ -83,7 +155,23 @@ impl Store {
                     return Err(bad("no bucket; write s3://bucket/prefix".into()));
                 }
                 let prefix = parse_prefix(parsed.path()).map_err(bad)?;
-                let mut builder = AmazonS3Builder::from_env().with_url(url);
+                let secs = |s: f64| Duration::from_secs_f64(s.max(0.001));
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .with_client_options(
+                        ClientOptions::new()
+                            .with_connect_timeout(secs(options.connect_timeout_s))
+                            .with_timeout(secs(options.request_timeout_s)),
+                    )
+                    .with_retry(RetryConfig {
+                        backoff: BackoffConfig {
+                            init_backoff: Duration::from_millis(100),
+                            max_backoff: Duration::from_secs(2),
+                            base: 2.0,
+                        },
+                        max_retries: options.max_retries,
+                        retry_timeout: secs(options.retry_window_s),
+                    });
                 let region_set = ["AWS_REGION", "AWS_DEFAULT_REGION"]
                     .iter()
                     .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
@@ -97,6 +185,7 @@ impl Store {
                     url: url.to_string(),
                     inner: Arc::new(s3),
                     prefix,
+                    options,
                 })
             }
             other => Err(bad(format!("unsupported scheme {other:?}"))),
@@ -115,7 +204,19 @@ impl Store {
             url: url.to_string(),
             inner,
             prefix,
+            options: StoreOptions::default(),
         }
+    }
+
+    /// The same store with other upload options (e.g. a small multipart threshold in tests).
+    pub fn with_options(mut self, options: StoreOptions) -> Store {
+        self.options = options;
+        self
+    }
+
+    /// The store's options.
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
     }
 
     /// The URL the store was opened with.
@@ -146,6 +247,7 @@ impl Store {
             url,
             inner: Arc::clone(&self.inner),
             prefix: self.prefix.clone().join(name),
+            options: self.options.clone(),
         })
     }
 
@@ -205,8 +307,67 @@ impl Store {
         }
     }
 
+    /// Write a possibly large object: one `PutMode::Create` PUT up to
+    /// [`StoreOptions::multipart_threshold_bytes`], a multipart upload above it (parts of
+    /// [`part_size_for`], at most [`StoreOptions::part_concurrency`] in flight; aborted on
+    /// failure). A multipart upload cannot be conditional, so callers only use this for keys
+    /// that nobody else writes (a checkpoint attempt's own folder).
+    pub async fn put_large(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        let size = bytes.len() as u64;
+        if size <= self.options.multipart_threshold_bytes {
+            return self.put_new(key, bytes).await;
+        }
+        let part = part_size_for(size, self.options.min_part_bytes) as usize;
+        let path = self.path(key);
+        let mut upload = self
+            .inner
+            .put_multipart(&path)
+            .await
+            .map_err(|e| self.os_error("start multipart upload of", key, e))?;
+        let parts: Vec<_> = (0..bytes.len())
+            .step_by(part)
+            .map(|start| {
+                let end = (start + part).min(bytes.len());
+                upload.put_part(PutPayload::from(bytes.slice(start..end)))
+            })
+            .collect();
+        let sent = futures::stream::iter(parts)
+            .buffered(self.options.part_concurrency.max(1))
+            .try_collect::<Vec<()>>()
+            .await;
+        let done = match sent {
+            Ok(_) => upload.complete().await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            // Best effort: an upload left open costs storage until the bucket's lifecycle rule
+            // removes it; it is never visible as an object.
+            let _ = upload.abort().await;
+            return Err(self.os_error("multipart upload of", key, e));
+        }
+        Ok(())
+    }
+
+    /// Delete one object (deleting a missing one is not an error).
+    pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        match self.inner.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.os_error("delete", key, e)),
+        }
+    }
+
     /// Every key under this store, relative to it, sorted.
     pub async fn list_keys(&self) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .list_objects()
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
+    }
+
+    /// Every object under this store with its size and time, sorted by key.
+    pub async fn list_objects(&self) -> Result<Vec<ObjectInfo>, StorageError> {
         let prefix = (!self.prefix.is_root()).then_some(&self.prefix);
         let metas: Vec<_> = self
             .inner
@@ -214,16 +375,45 @@ impl Store {
             .try_collect()
             .await
             .map_err(|e| self.os_error("list", "", e))?;
-        let mut keys: Vec<String> = metas
+        let mut objects: Vec<ObjectInfo> = metas
             .iter()
             .filter_map(|m| {
                 let rel = m.location.prefix_match(&self.prefix)?;
                 let parts: Vec<String> = rel.map(|p| p.as_ref().to_string()).collect();
-                (!parts.is_empty()).then(|| parts.join("/"))
+                (!parts.is_empty()).then(|| ObjectInfo {
+                    key: parts.join("/"),
+                    size: m.size,
+                    modified_unix_ms: m.last_modified.timestamp_millis().max(0) as u64,
+                })
             })
             .collect();
-        keys.sort();
-        Ok(keys)
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes_respect_s3_limits() {
+        const MIB: u64 = 1 << 20;
+        const GIB: u64 = 1 << 30;
+        // (object size, min part, expected part size)
+        let cases = [
+            (0, 8 * MIB, 8 * MIB),
+            (100 * MIB, 8 * MIB, 8 * MIB),
+            (1, MIB, 5 * MIB),
+            (80 * GIB, 8 * MIB, 9 * MIB),
+            (5 * 1024 * GIB, 8 * MIB, 525 * MIB),
+        ];
+        for (size, min, want) in cases {
+            let part = part_size_for(size, min);
+            assert_eq!(part, want, "size {size}");
+            assert!(size.div_ceil(part) <= S3_MAX_PARTS, "size {size}");
+            assert!(part >= S3_MIN_PART_BYTES);
+        }
     }
 }
 

@@ -1,0 +1,447 @@
+//! The Checkpoint actor: saves run in the background while training goes on.
+//!
+//! The training loop pays only for a host-memory snapshot and one message
+//! ([`Checkpointer::save`]); building the tensors, encoding, hashing, uploading (multipart for
+//! large shards) and committing happen here, followed by retention when a policy is set.
+//!
+//! Policy when a save comes due while another is still uploading: one save is in flight and
+//! at most one waits. A newer save replaces the waiting one, which is reported as
+//! [`CheckpointEvent::Superseded`] and never written: checkpoints never stack without bound,
+//! memory holds at most two snapshots, and the newest state always gets saved next. A failed
+//! save is reported as [`CheckpointEvent::Failed`]; training goes on and the next save tries
+//! afresh (a new attempt folder). [`Checkpointer::flush`] waits until nothing is in flight or
+//! waiting, e.g. before the process exits.
+
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tenax_core::ckpt::RetentionPolicy;
+use tenax_storage::{CheckpointContent, CheckpointMeta, Store, TensorData};
+use tokio::sync::mpsc;
+
+use crate::supervisor::ActorsError;
+
+/// Builds the tensors of a snapshot (runs on a blocking thread in the background).
+pub type BuildTensors = Box<dyn FnOnce() -> Vec<TensorData> + Send>;
+
+/// One save: what the manifest says, and how to get the tensors from the snapshot.
+pub struct SaveJob {
+    /// Step, generation, config, cursor...
+    pub meta: CheckpointMeta,
+    /// Turns the host-memory snapshot into named tensors, off the training loop.
+    pub build: BuildTensors,
+}
+
+/// How the checkpoint actor saves.
+#[derive(Clone, Debug)]
+pub struct CheckpointPolicy {
+    /// Data-parallel replicas that share the writing (one shard file each).
+    pub writers: u32,
+    /// Retention applied after every committed save; `None` keeps everything.
+    pub retention: Option<RetentionPolicy>,
+}
+
+/// What happened to a save, reported in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CheckpointEvent {
+    /// The save committed.
+    Committed {
+        /// Its step.
+        step: u64,
+        /// Its URL.
+        url: String,
+        /// Bytes of its shard files.
+        bytes: u64,
+        /// Seconds from the start of the background work to the commit.
+        save_s: f64,
+        /// The manifest PUT failed but reading it back showed it committed.
+        recovered_by_read_back: bool,
+    },
+    /// The save failed; nothing of it is committed.
+    Failed {
+        /// Its step.
+        step: u64,
+        /// Why.
+        error: String,
+    },
+    /// The save was waiting behind an upload and a newer one replaced it.
+    Superseded {
+        /// The step that was not saved.
+        step: u64,
+        /// The step saved instead.
+        by_step: u64,
+    },
+    /// Retention deleted these attempts after a commit.
+    Pruned {
+        /// Folders deleted.
+        folders: Vec<String>,
+        /// Bytes deleted.
+        bytes: u64,
+    },
+    /// Retention failed (the checkpoint itself is committed).
+    PruneFailed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// Events kept for the caller before the oldest are dropped.
+const EVENT_QUEUE: usize = 256;
+
+enum Msg {
+    Save(SaveJob),
+    Done(Vec<CheckpointEvent>),
+    Flush(RpcReplyPort<()>),
+}
+
+struct CheckpointActor;
+
+struct State {
+    store: Store,
+    policy: CheckpointPolicy,
+    events: mpsc::Sender<CheckpointEvent>,
+    in_flight: Option<u64>,
+    waiting: Option<SaveJob>,
+    flushers: Vec<RpcReplyPort<()>>,
+}
+
+impl State {
+    fn emit(&self, event: CheckpointEvent) {
+        if self.events.try_send(event).is_err() {
+            tracing::warn!("checkpoint event dropped: the event queue is full or closed");
+        }
+    }
+
+    fn start(&mut self, myself: &ActorRef<Msg>, job: SaveJob) {
+        self.in_flight = Some(job.meta.step);
+        let store = self.store.clone();
+        let policy = self.policy.clone();
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let events = run_save(&store, &policy, job).await;
+            let _ = myself.cast(Msg::Done(events));
+        });
+    }
+}
+
+/// Build, save and (on success) prune; the events to report.
+async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec<CheckpointEvent> {
+    let t0 = Instant::now();
+    let step = job.meta.step;
+    let build = job.build;
+    let tensors = match tokio::task::spawn_blocking(build).await {
+        Ok(t) => t,
+        Err(e) => {
+            return vec![CheckpointEvent::Failed {
+                step,
+                error: format!("building the snapshot's tensors panicked: {e}"),
+            }]
+        }
+    };
+    let content = CheckpointContent {
+        meta: job.meta,
+        tensors,
+    };
+    let saved = match tenax_storage::save_checkpoint(store, &content, policy.writers).await {
+        Ok(saved) => saved,
+        Err(e) => {
+            return vec![CheckpointEvent::Failed {
+                step,
+                error: e.to_string(),
+            }]
+        }
+    };
+    drop(content);
+    let mut events = vec![CheckpointEvent::Committed {
+        step,
+        url: saved.url.clone(),
+        bytes: saved.manifest.total_bytes(),
+        save_s: t0.elapsed().as_secs_f64(),
+        recovered_by_read_back: saved.recovered_by_read_back,
+    }];
+    if let Some(retention) = &policy.retention {
+        let now = tenax_storage::now_unix_ms();
+        match tenax_storage::prune(store, retention, &[], now, false).await {
+            Ok(report) => {
+                let folders: Vec<String> = report
+                    .decisions
+                    .iter()
+                    .filter(|d| !d.keep)
+                    .map(|d| d.folder.clone())
+                    .collect();
+                if !folders.is_empty() {
+                    events.push(CheckpointEvent::Pruned {
+                        folders,
+                        bytes: report.deleted_bytes,
+                    });
+                }
+            }
+            Err(e) => events.push(CheckpointEvent::PruneFailed {
+                error: e.to_string(),
+            }),
+        }
+    }
+    events
+}
+
+impl Actor for CheckpointActor {
+    type Msg = Msg;
+    type State = State;
+    type Arguments = (Store, CheckpointPolicy, mpsc::Sender<CheckpointEvent>);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Msg>,
+        (store, policy, events): Self::Arguments,
+    ) -> Result<State, ActorProcessingErr> {
+        Ok(State {
+            store,
+            policy,
+            events,
+            in_flight: None,
+            waiting: None,
+            flushers: Vec::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Msg>,
+        msg: Msg,
+        st: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            Msg::Save(job) => {
+                if st.in_flight.is_none() {
+                    st.start(&myself, job);
+                } else {
+                    let by_step = job.meta.step;
+                    if let Some(old) = st.waiting.replace(job) {
+                        st.emit(CheckpointEvent::Superseded {
+                            step: old.meta.step,
+                            by_step,
+                        });
+                    }
+                }
+            }
+            Msg::Done(events) => {
+                for e in events {
+                    st.emit(e);
+                }
+                st.in_flight = None;
+                if let Some(next) = st.waiting.take() {
+                    st.start(&myself, next);
+                } else {
+                    for f in st.flushers.drain(..) {
+                        let _ = f.send(());
+                    }
+                }
+            }
+            Msg::Flush(reply) => {
+                if st.in_flight.is_none() {
+                    let _ = reply.send(());
+                } else {
+                    st.flushers.push(reply);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Handle to the checkpoint actor.
+pub struct Checkpointer {
+    actor: ActorRef<Msg>,
+    handle: tokio::task::JoinHandle<()>,
+    events: mpsc::Receiver<CheckpointEvent>,
+}
+
+impl Checkpointer {
+    /// Start the actor saving into `store`.
+    pub async fn start(store: Store, policy: CheckpointPolicy) -> Result<Checkpointer, ActorsError> {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let (actor, handle) = Actor::spawn(None, CheckpointActor, (store, policy, tx))
+            .await
+            .map_err(|e| ActorsError::Start(format!("checkpoint actor: {e}")))?;
+        Ok(Checkpointer {
+            actor,
+            handle,
+            events: rx,
+        })
+    }
+
+    /// Hand a save over; returns at once (see the module doc for what happens when a save is
+    /// already uploading).
+    pub fn save(&self, job: SaveJob) -> Result<(), ActorsError> {
+        self.actor
+            .cast(Msg::Save(job))
+            .map_err(|e| ActorsError::Stopped(format!("checkpoint actor: {e}")))
+    }
+
+    /// Wait until no save is in flight or waiting (at most `timeout`).
+    pub async fn flush(&self, timeout: Duration) -> Result<(), ActorsError> {
+        match self.actor.call(Msg::Flush, Some(timeout)).await {
+            Ok(ractor::rpc::CallResult::Success(())) => Ok(()),
+            Ok(ractor::rpc::CallResult::Timeout) => Err(ActorsError::Timeout {
+                what: "waiting for checkpoint uploads".into(),
+                timeout_s: timeout.as_secs(),
+            }),
+            Ok(ractor::rpc::CallResult::SenderError) => {
+                Err(ActorsError::Stopped("checkpoint actor: no reply".into()))
+            }
+            Err(e) => Err(ActorsError::Stopped(format!("checkpoint actor: {e}"))),
+        }
+    }
+
+    /// The events reported since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<CheckpointEvent> {
+        let mut out = Vec::new();
+        while let Ok(e) = self.events.try_recv() {
+            out.push(e);
+        }
+        out
+    }
+
+    /// Stop the actor (an upload in flight is abandoned: its folder stays uncommitted).
+    pub async fn shutdown(self) {
+        self.actor.stop(None);
+        let _ = self.handle.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(step: u64) -> SaveJob {
+        SaveJob {
+            meta: CheckpointMeta {
+                step,
+                generation: 0,
+                config: json!({}),
+                config_hash: "h".into(),
+                data_cursor: step,
+                rng: json!(null),
+                extra: json!(null),
+            },
+            build: Box::new(move || {
+                vec![TensorData {
+                    name: "w".into(),
+                    shape: vec![4, 2],
+                    data: (0..8).map(|i| (i as u64 + step) as f32).collect(),
+                }]
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn saves_commit_in_the_background_and_a_waiting_save_is_superseded() {
+        let store = Store::open("memory://").unwrap();
+        let mut ck = Checkpointer::start(
+            store.clone(),
+            CheckpointPolicy {
+                writers: 2,
+                retention: None,
+            },
+        )
+        .await
+        .unwrap();
+        // Three saves handed over back to back: 1 starts, 2 waits, 3 replaces 2.
+        ck.save(job(1)).unwrap();
+        ck.save(job(2)).unwrap();
+        ck.save(job(3)).unwrap();
+        ck.flush(Duration::from_secs(30)).await.unwrap();
+        let events = ck.take_events();
+        let committed: Vec<u64> = events
+            .iter()
+            .filter_map(|e| match e {
+                CheckpointEvent::Committed { step, .. } => Some(*step),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(committed, vec![1, 3], "{events:?}");
+        assert!(events.contains(&CheckpointEvent::Superseded {
+            step: 2,
+            by_step: 3
+        }));
+        let (loaded, _) = tenax_storage::latest_verified(&store).await.unwrap().unwrap();
+        assert_eq!(loaded.manifest.step, 3);
+        assert_eq!(loaded.manifest.files.len(), 2, "two writers, two shards");
+        assert_eq!(
+            loaded.tensor("w").unwrap().data,
+            (3..11).map(|v| v as f32).collect::<Vec<_>>()
+        );
+        ck.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn retention_runs_after_each_commit() {
+        let store = Store::open("memory://").unwrap();
+        let mut ck = Checkpointer::start(
+            store.clone(),
+            CheckpointPolicy {
+                writers: 1,
+                retention: Some(RetentionPolicy {
+                    keep_last: 2,
+                    keep_every: 0,
+                    min_uncommitted_age_ms: 60_000,
+                }),
+            },
+        )
+        .await
+        .unwrap();
+        for step in 1..=4 {
+            ck.save(job(step)).unwrap();
+            ck.flush(Duration::from_secs(30)).await.unwrap();
+        }
+        let steps: Vec<u64> = tenax_storage::list_checkpoints(&store)
+            .await
+            .unwrap()
+            .attempts
+            .iter()
+            .map(|a| a.step)
+            .collect();
+        assert_eq!(steps, vec![3, 4]);
+        assert!(ck
+            .take_events()
+            .iter()
+            .any(|e| matches!(e, CheckpointEvent::Pruned { .. })));
+        ck.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_is_reported_and_the_next_one_still_runs() {
+        let store = Store::open("memory://").unwrap();
+        let mut ck = Checkpointer::start(
+            store.clone(),
+            CheckpointPolicy {
+                writers: 1,
+                retention: None,
+            },
+        )
+        .await
+        .unwrap();
+        let mut bad = job(1);
+        bad.build = Box::new(|| {
+            vec![TensorData {
+                name: "w".into(),
+                shape: vec![3],
+                data: vec![1.0],
+            }]
+        });
+        ck.save(bad).unwrap();
+        ck.save(job(2)).unwrap();
+        ck.flush(Duration::from_secs(30)).await.unwrap();
+        let events = ck.take_events();
+        assert!(
+            matches!(&events[0], CheckpointEvent::Failed { step: 1, error } if error.contains("needs 3")),
+            "{events:?}"
+        );
+        assert!(matches!(
+            &events[1],
+            CheckpointEvent::Committed { step: 2, .. }
+        ));
+        ck.shutdown().await;
+    }
+}
