@@ -1,9 +1,15 @@
-//! `tenax bench train`: training throughput on synthetic tokens, printed as one JSON line.
+//! `tenax bench ...`: measurements printed as one JSON line each.
+//!
+//! - `train`: training throughput on synthetic tokens.
+//! - `ckpt-kill`: kill -9 training processes during saves; count torn loads (must be 0) and
+//!   compare finished runs with one never killed, bit for bit.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use tenax_storage::{AttemptStatus, Store};
 use tenax_actors::{TrainData, TrainSetup, Trainer};
 use tenax_core::rng::SplitMix64;
 use tenax_core::slots::BatchLayout;
@@ -92,4 +98,280 @@ pub async fn train(a: BenchTrainArgs) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// Options of `tenax bench ckpt-kill`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchCkptKillArgs {
+    /// How many times to kill -9 the training process.
+    #[arg(long, default_value_t = 50)]
+    pub kills: u64,
+    /// Seed of the kill times (printed first, so a failing run can be replayed).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Checkpoint store root for the killed runs (each run gets a folder under it).
+    /// Default: file://<work-dir>/stores. S3 URLs use the AWS_* environment.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Where runs, the corpus and the reference go (default: a fresh temporary directory).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Steps of each run; every step is checkpointed.
+    #[arg(long, default_value_t = 200)]
+    pub steps: u64,
+}
+
+/// The training flags of every run of the kill benchmark.
+fn kill_run_args(corpus: &Path, run_dir: &Path, store: &str, steps: u64) -> Vec<String> {
+    [
+        "train",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        "char",
+        "--batch-size",
+        "6",
+        "--micro-batch-size",
+        "2",
+        "--ranks",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "3e-3",
+        "--eval-batches",
+        "1",
+        "--ckpt-every",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--steps".into(),
+        steps.to_string(),
+        "--lr-decay-steps".into(),
+        steps.to_string(),
+        "--data".into(),
+        corpus.display().to_string(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+        "--store".into(),
+        store.to_string(),
+    ])
+    .collect()
+}
+
+/// A small deterministic text corpus.
+fn synthetic_corpus(path: &Path) -> Result<()> {
+    let words = [
+        "the", "king", "shall", "speak", "of", "love", "and", "war", "to", "thee", "my", "lord",
+    ];
+    let mut rng = SplitMix64::new(99);
+    let mut text = String::new();
+    while text.len() < 40_000 {
+        for _ in 0..(3 + rng.below(8)) {
+            text.push_str(words[rng.below(words.len() as u64) as usize]);
+            text.push(' ');
+        }
+        text.push_str(if rng.below(4) == 0 { ".\n" } else { ",\n" });
+    }
+    std::fs::write(path, text).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// The newest verified checkpoint's step, cursor and tensors (bit patterns), if any.
+type StateBits = (u64, u64, Vec<(String, Vec<u32>)>);
+
+async fn newest_state(store: &Store) -> Result<Option<(StateBits, Vec<String>)>> {
+    let Some((c, warnings)) = tenax_storage::latest_verified(store)
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+    else {
+        return Ok(None);
+    };
+    let bits = c
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.data.iter().map(|v| v.to_bits()).collect()))
+        .collect();
+    Ok(Some((
+        (c.manifest.step, c.manifest.data_cursor, bits),
+        warnings,
+    )))
+}
+
+/// Kill -9 training processes at random moments (checkpointing every step) and check that
+/// every resume loads a complete checkpoint and that finished runs match a run never killed.
+pub async fn ckpt_kill(a: BenchCkptKillArgs) -> Result<()> {
+    let tmp;
+    let work = match &a.work_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile_dir()?;
+            tmp.clone()
+        }
+    };
+    std::fs::create_dir_all(&work)
+        .with_context(|| format!("--work-dir {}: cannot create it", work.display()))?;
+    let work = std::path::absolute(&work)?;
+    eprintln!("seed {}; work dir {}", a.seed, work.display());
+    let corpus = work.join("corpus.txt");
+    synthetic_corpus(&corpus)?;
+    let store_root = match &a.store {
+        Some(s) => s.trim_end_matches('/').to_string(),
+        None => format!("file://{}", work.join("stores").display()),
+    };
+    let exe = std::env::current_exe().context("cannot find the tenax executable")?;
+    let run = |args: Vec<String>| {
+        std::process::Command::new(&exe)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start tenax train")
+    };
+
+    // The reference: the same run, never killed.
+    let ref_store = format!("{store_root}/reference");
+    let t_ref = Instant::now();
+    let out = run(kill_run_args(
+        &corpus,
+        &work.join("reference"),
+        &ref_store,
+        a.steps,
+    ))?
+    .wait_with_output()?;
+    // Kills land uniformly over the length of an unkilled run.
+    let span_ms = (t_ref.elapsed().as_millis() as u64).max(10);
+    if !out.status.success() {
+        bail!(
+            "the reference run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let reference = newest_state(&Store::open(&ref_store).map_err(|e| anyhow!("{e}"))?)
+        .await?
+        .ok_or_else(|| anyhow!("the reference run saved no checkpoint"))?
+        .0;
+
+    let mut rng = SplitMix64::new(a.seed);
+    let (mut kills, mut resumes, mut torn, mut completed, mut mismatched) = (0u64, 0, 0, 0, 0);
+    let mut incomplete_seen = 0usize;
+    let mut run_no = 0u64;
+    let mut problems: Vec<String> = Vec::new();
+    let bar = indicatif::ProgressBar::new(a.kills);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} kills {pos}/{len} [{bar:30}] {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    // Bounded: every iteration either kills (at most `kills` times) or finishes a run, and a
+    // run finishes after at most `steps` more steps; cap the iterations anyway.
+    let max_iterations = a.kills * 4 + 20;
+    let mut iteration = 0;
+    let mut final_pass = false;
+    loop {
+        iteration += 1;
+        if iteration > max_iterations {
+            bail!("gave up after {max_iterations} process starts");
+        }
+        let store_url = format!("{store_root}/run-{run_no:04}");
+        let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
+        let listing = tenax_storage::list_checkpoints(&store)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        incomplete_seen += listing
+            .attempts
+            .iter()
+            .filter(|x| x.status == AttemptStatus::Incomplete)
+            .count();
+        for x in &listing.attempts {
+            if let AttemptStatus::Corrupt { file, reason } = &x.status {
+                torn += 1;
+                problems.push(format!("{}: listed corrupt: {file}: {reason}", x.url));
+            }
+        }
+        let resuming = listing.with_manifest().next().is_some();
+        let mut args = kill_run_args(&corpus, &work.join(format!("run-{run_no:04}")), &store_url, a.steps);
+        if resuming {
+            args.push("--resume".into());
+            resumes += 1;
+        }
+        let mut child = run(args)?;
+        let killing = !final_pass && kills < a.kills;
+        if killing {
+            let delay = 1 + rng.below(span_ms);
+            let deadline = Instant::now() + Duration::from_millis(delay);
+            while Instant::now() < deadline && child.try_wait()?.is_none() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let finished_alone = child.try_wait()?.is_some();
+        if killing && !finished_alone {
+            child.kill()?;
+            let _ = child.wait()?;
+            kills += 1;
+            bar.set_position(kills);
+            continue;
+        }
+        let out = child.wait_with_output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if resuming && stderr.contains("skipped, trying an older checkpoint") {
+            torn += 1;
+            problems.push(format!("{store_url}: a resume skipped a committed checkpoint: {stderr}"));
+        }
+        if !out.status.success() {
+            bail!("run {store_url} failed on its own: {stderr}");
+        }
+        if resuming && !stdout.contains("resumed from step") {
+            bail!("run {store_url} did not say where it resumed: {stdout}");
+        }
+        // A run that reached its last step: compare with the reference, bit for bit.
+        completed += 1;
+        match newest_state(&store).await? {
+            Some((state, _)) if state == reference => {}
+            Some((state, _)) => {
+                mismatched += 1;
+                problems.push(format!(
+                    "{store_url}: final state (step {}, cursor {}) differs from the reference",
+                    state.0, state.1
+                ));
+            }
+            None => bail!("{store_url}: finished but has no checkpoint"),
+        }
+        bar.set_message(format!("{completed} run(s) completed"));
+        if final_pass || kills >= a.kills {
+            break;
+        }
+        run_no += 1;
+        final_pass = kills >= a.kills;
+    }
+    bar.finish_and_clear();
+    for p in &problems {
+        eprintln!("problem: {p}");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "ckpt-kill", "seed": a.seed, "store": store_root, "run_ms": span_ms, "kills": kills,
+            "resumes": resumes, "completed_runs": completed, "torn_loads": torn,
+            "final_mismatches": mismatched, "incomplete_attempts_seen": incomplete_seen,
+        })
+    );
+    if torn > 0 || mismatched > 0 {
+        bail!("{torn} torn load(s), {mismatched} final mismatch(es): see the problems above");
+    }
+    Ok(())
+}
+
+/// A fresh directory under the system temp dir (kept: it holds the evidence of the run).
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "tenax-ckpt-kill-{}-{}",
+        std::process::id(),
+        tenax_storage::now_unix_ms()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    Ok(dir)
 }

@@ -123,6 +123,10 @@ enum CkptCommand {
 enum BenchCommand {
     /// Training throughput (tokens/s) on synthetic data.
     Train(bench::BenchTrainArgs),
+    /// Kill -9 training runs at random moments while they checkpoint every step; check
+    /// that every resume loads a complete checkpoint and that finished runs match a run
+    /// never killed, bit for bit.
+    CkptKill(bench::BenchCkptKillArgs),
 }
 
 fn main() -> ExitCode {
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
             },
             Command::Bench { command } => match command {
                 BenchCommand::Train(a) => bench::train(a).await,
+                BenchCommand::CkptKill(a) => bench::ckpt_kill(a).await,
             },
         }
     });

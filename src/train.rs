@@ -510,11 +510,7 @@ async fn train_loop(
         } else {
             None
         };
-        let mut line = json!({"step": done, "loss": report.loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": report.grad_norm, "skipped": report.skipped});
-        if let Some(v) = val_loss {
-            line["val_loss"] = json!(v);
-        }
-        writeln!(metrics, "{line}").context("metrics.jsonl: cannot append")?;
+
         history.push(LossPoint {
             step: done,
             loss: report.loss,
@@ -525,14 +521,18 @@ async fn train_loop(
             "loss {:.4} | {:.0} tok/s",
             report.loss, tokens_per_s
         ));
+        let mut line = json!({"step": done, "loss": report.loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": report.grad_norm, "skipped": report.skipped});
+        if let Some(v) = val_loss {
+            line["val_loss"] = json!(v);
+        }
         if (cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last {
+            // What a save costs the training loop: the snapshot and one message.
             let t_save = Instant::now();
             save(trainer, checkpointer, stored_cfg, config_hash, done, cursor).await?;
-            let stall_s = t_save.elapsed().as_secs_f64();
+            line["ckpt_stall_s"] = json!(t_save.elapsed().as_secs_f64());
             saved_step = Some(done);
-            writeln!(metrics, "{}", json!({"step": done, "ckpt_stall_s": stall_s}))
-                .context("metrics.jsonl: cannot append")?;
         }
+        writeln!(metrics, "{line}").context("metrics.jsonl: cannot append")?;
         report_events(checkpointer, Some(&bar));
         end = End {
             step: done,

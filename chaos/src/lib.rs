@@ -7,4 +7,24 @@
 //! (every slot consumed exactly once, no stale-generation commit, final parameters
 //! bit-identical to a fault-free run), then write a report with a timeline plot.
 //!
-//! Nothing is here yet: it needs the daemon and elasticity work first.
+//! The cluster runner and the invariant checks need the daemon and elasticity work
+//! first. What exists now are the storage-side tools, usable from any crate's tests:
+//!
+//! - [`moto`]: [`MotoServer`], a real local S3-compatible server (`moto_server`) on a
+//!   free port, killed on drop, plus the `AWS_*` environment to reach it.
+//! - [`http_proxy`]: [`FaultProxy`], a seeded HTTP/1.1 proxy in front of such a server
+//!   that injects S3 errors (503 `SlowDown`, 500 `InternalError`), dropped connections,
+//!   lost responses and latency, so that object_store's own retries get exercised.
+//! - [`fault_store`]: [`FaultStore`], an `ObjectStore` wrapper that "crashes" at a
+//!   [`CrashPoint`] (after N bytes, before or after a given put) and fails every call
+//!   from then on, like a dead process.
+
+#![warn(missing_docs)]
+
+pub mod fault_store;
+pub mod http_proxy;
+pub mod moto;
+
+pub use fault_store::{CrashPoint, FaultStore};
+pub use http_proxy::{FaultAction, FaultDecision, FaultProxy, ProxyEvent, ProxyFaults, ProxyStats};
+pub use moto::{s3_env_for, MotoServer};

@@ -1,0 +1,248 @@
+//! A real local S3-compatible server for tests: the `moto_server` executable from the
+//! PyPI package `moto[server]` (installed by `scripts/setup`).
+//!
+//! [`MotoServer::start`] picks a free port, starts the server with its output in a log
+//! file, and waits until it answers HTTP. Dropping the handle kills the process (by its
+//! PID, through [`std::process::Child::kill`]) and reaps it. Moto keeps everything in
+//! memory and does not check request signatures, so any credentials work; use
+//! [`MotoServer::s3_env`] or [`s3_env_for`] for the `AWS_*` settings object_store reads.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The executable started by [`MotoServer::start`].
+pub const MOTO_EXECUTABLE: &str = "moto_server";
+
+/// How long [`MotoServer::start`] waits for one server process to answer HTTP.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many ports [`MotoServer::start`] tries when a server fails to bind its port.
+const PORT_ATTEMPTS: usize = 3;
+
+/// How much of the log [`MotoServer::log_tail`] returns.
+const LOG_TAIL_BYTES: u64 = 4096;
+
+/// The most bytes read from one raw HTTP response.
+const MAX_RESPONSE_BYTES: u64 = 1 << 20;
+
+/// A running `moto_server` process on `127.0.0.1`, killed when dropped.
+#[derive(Debug)]
+pub struct MotoServer {
+    child: Child,
+    addr: SocketAddr,
+    log_path: PathBuf,
+    // Holds the log file's directory; removed on drop, after the process is gone.
+    _dir: tempfile::TempDir,
+}
+
+impl MotoServer {
+    /// Starts `moto_server` on a free port of 127.0.0.1 and waits (at most
+    /// [`START_TIMEOUT`]) until it answers an HTTP request.
+    ///
+    /// A port is chosen by binding `127.0.0.1:0` and releasing it; if another process
+    /// takes it first and the server exits, a new port is tried (3 attempts in all).
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::NotFound`] when `moto_server` is not installed; otherwise an
+    /// error carrying the tail of the server's log when it exits or does not answer.
+    pub fn start() -> io::Result<MotoServer> {
+        let mut last_err = None;
+        for _ in 0..PORT_ATTEMPTS {
+            match Self::start_once()? {
+                Ok(server) => return Ok(server),
+                Err(port_err) => last_err = Some(port_err),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("moto_server did not start")))
+    }
+
+    /// One attempt on one port. The outer error is fatal; the inner one means "the port
+    /// could not be bound, try another".
+    fn start_once() -> io::Result<io::Result<MotoServer>> {
+        let port = free_port()?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let dir = tempfile::Builder::new().prefix("tenax-moto-").tempdir()?;
+        let log_path = dir.path().join("moto.log");
+        let log = File::create(&log_path)?;
+        let child = Command::new(MOTO_EXECUTABLE)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    not_found()
+                } else {
+                    io::Error::new(e.kind(), format!("starting {MOTO_EXECUTABLE}: {e}"))
+                }
+            })?;
+        let mut server = MotoServer {
+            child,
+            addr,
+            log_path,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                let tail = server.log_tail();
+                // A pyenv shim without the command exits 127 ("command not found").
+                if status.code() == Some(127) || tail.contains("command not found") {
+                    return Err(not_found());
+                }
+                let msg = format!(
+                    "{MOTO_EXECUTABLE} on port {port} exited with {status}; log tail:\n{tail}"
+                );
+                if tail.contains("Address already in use") || tail.contains("in use by another") {
+                    return Ok(Err(io::Error::new(io::ErrorKind::AddrInUse, msg)));
+                }
+                return Err(io::Error::other(msg));
+            }
+            if http_request(addr, "GET", "/", Duration::from_secs(2)).is_ok() {
+                return Ok(Ok(server));
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{MOTO_EXECUTABLE} on port {port} did not answer within {:?}; log tail:\n{}",
+                        START_TIMEOUT,
+                        server.log_tail()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The server's base URL, `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The server's socket address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The server process's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Creates bucket `name` with an unsigned `PUT /name` (moto does not check
+    /// signatures).
+    ///
+    /// # Errors
+    /// On a connection failure or any answer other than `200`.
+    pub fn create_bucket(&self, name: &str) -> io::Result<()> {
+        let (status, response) = http_request(
+            self.addr,
+            "PUT",
+            &format!("/{name}"),
+            Duration::from_secs(10),
+        )?;
+        if status != 200 {
+            return Err(io::Error::other(format!(
+                "creating bucket {name:?} on {}: HTTP {status}: {response}",
+                self.endpoint()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The `AWS_*` environment that points object_store (`AmazonS3Builder::from_env`)
+    /// at this server; see [`s3_env_for`].
+    pub fn s3_env(&self) -> Vec<(String, String)> {
+        s3_env_for(&self.endpoint())
+    }
+
+    /// The last few KB of the server's stdout and stderr, for error messages.
+    pub fn log_tail(&self) -> String {
+        let read = || -> io::Result<String> {
+            let mut f = File::open(&self.log_path)?;
+            let len = f.metadata()?.len();
+            f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
+            let mut buf = Vec::new();
+            f.take(LOG_TAIL_BYTES).read_to_end(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf).into_owned())
+        };
+        read().unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path.display()))
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        // Only our own child, by PID; then reap it so that no zombie is left.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `AWS_*` environment for an S3-compatible server at `endpoint` (moto, or a
+/// [`FaultProxy`](crate::http_proxy::FaultProxy) in front of it): plain HTTP,
+/// path-style requests, region `us-east-1`, credentials `testing`/`testing`.
+pub fn s3_env_for(endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT", endpoint),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "false"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn not_found() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        "moto_server not found on PATH: run scripts/setup (pip install \"moto[server]\")",
+    )
+}
+
+/// A port that was free a moment ago (bound, read and released).
+fn free_port() -> io::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Sends one bodiless HTTP/1.1 request and returns the status code and the whole
+/// response (read until the server closes, at most 1 MiB, every step under `timeout`).
+fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    stream.flush()?;
+    let mut buf = Vec::new();
+    stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not an HTTP response from {addr}: {text:?}"),
+            )
+        })?;
+    Ok((status, text))
+}
