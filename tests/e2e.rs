@@ -8,6 +8,14 @@ use std::process::{Command, Output};
 
 use tenax_core::rng::SplitMix64;
 
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 fn tenax(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tenax"))
         .args(args)
@@ -114,14 +122,32 @@ impl Run {
             })
             .expect("checkpoint folder of step")
     }
-    /// Every parameter tensor of the checkpoint of `step`, as (name, raw bytes).
-    fn params(&self, step: u64) -> Vec<(String, Vec<u8>)> {
-        let bytes = std::fs::read(self.folder_of_step(step).join("params.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<(String, Vec<u8>)> = st
-            .tensors()
+    /// Every tensor of the checkpoint of `step` (parameters and optimizer state, assembled
+    /// from however many shards), as (name, bit patterns), sorted by name.
+    fn state(&self, step: u64) -> Vec<(String, Vec<u32>)> {
+        let folder = self.folder_of_step(step);
+        let name = folder.file_name().unwrap().to_string_lossy().to_string();
+        let store = tenax_storage::Store::open(&self.store()).unwrap();
+        let loaded = block_on(tenax_storage::load_checkpoint(&store, &name)).unwrap();
+        loaded
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.data.iter().map(|v| v.to_bits()).collect()))
+            .collect()
+    }
+    /// The model parameters of the checkpoint of `step` (no optimizer state).
+    fn params(&self, step: u64) -> Vec<(String, Vec<u32>)> {
+        self.state(step)
             .into_iter()
-            .map(|(n, t)| (n, t.data().to_vec()))
+            .filter(|(n, _)| !n.starts_with("adamw."))
+            .collect()
+    }
+    /// Shard files of the checkpoint of `step`.
+    fn shard_files(&self, step: u64) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.folder_of_step(step))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("shard-"))
             .collect();
         v.sort();
         v
@@ -204,9 +230,9 @@ fn resume_is_bit_identical_to_a_straight_run() {
         "metrics.jsonl holds each step once"
     );
     assert_eq!(
-        first.params(20),
-        straight.params(20),
-        "final parameters differ after resume"
+        first.state(20),
+        straight.state(20),
+        "final parameters or optimizer state differ after resume"
     );
 }
 
@@ -234,9 +260,9 @@ fn same_seed_same_bits_for_any_rank_count() {
             r.dir
         );
         assert_eq!(
-            r.params(8),
-            runs[0].params(8),
-            "parameters differ for {:?}",
+            r.state(8),
+            runs[0].state(8),
+            "parameters or optimizer state differ for {:?}",
             r.dir
         );
     }
@@ -415,8 +441,8 @@ fn corrupt_checkpoint_is_never_loaded() {
     let data = corpus(tmp.path());
     let dir = tmp.path().join("run");
     let (run, _) = train(&data, &dir, &["--steps", "4", "--ckpt-every", "2"]);
-    // Flip one byte in the newest checkpoint's parameters.
-    let newest = run.folder_of_step(4).join("params.safetensors");
+    // Flip one byte in the newest checkpoint's (only) shard.
+    let newest = run.folder_of_step(4).join("shard-00000.safetensors");
     let mut bytes = std::fs::read(&newest).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0x40;
@@ -427,7 +453,7 @@ fn corrupt_checkpoint_is_never_loaded() {
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("BAD") && stdout.contains("params.safetensors"),
+        stdout.contains("BAD") && stdout.contains("shard-00000.safetensors"),
         "{stdout}"
     );
 
@@ -441,7 +467,7 @@ fn corrupt_checkpoint_is_never_loaded() {
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("resumed from step 2"), "{stdout}");
     assert!(
-        stderr.contains("warning") && stderr.contains("params.safetensors"),
+        stderr.contains("warning") && stderr.contains("shard-00000.safetensors"),
         "{stderr}"
     );
     assert_eq!(
@@ -452,7 +478,7 @@ fn corrupt_checkpoint_is_never_loaded() {
 
     // With every checkpoint bad, resume refuses.
     for folder in run.ckpt_folders() {
-        let p = folder.join("params.safetensors");
+        let p = folder.join("shard-00000.safetensors");
         let mut b = std::fs::read(&p).unwrap();
         let n = b.len();
         b[n - 1] ^= 0x01;
@@ -514,4 +540,171 @@ fn config_file_takes_the_flag_keys() {
     std::fs::write(&cfg, "preset = \"tiny\"\nbatchsize = 4\n").unwrap();
     let err = fails(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(err.contains("batchsize"), "{err}");
+}
+
+/// Runs tenax with extra environment variables; returns the output.
+fn tenax_env(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tenax"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("CANDLE_NUM_THREADS", "1")
+        .env_remove("TENAX_LOG")
+        .output()
+        .expect("run tenax")
+}
+
+fn ok_env(args: &[&str], env: &[(String, String)]) -> String {
+    let out = tenax_env(args, env);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "tenax {args:?} failed:\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn saved_from_2_ranks_resumes_into_1_and_from_1_into_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let common = ["--lr-decay-steps", "12", "--ckpt-every", "6"];
+    let with = |steps: &'static str, ranks: &'static str, resume: bool| {
+        let mut v = common.to_vec();
+        v.extend_from_slice(&["--steps", steps, "--ranks", ranks]);
+        if resume {
+            v.push("--resume");
+        }
+        v
+    };
+    let (straight, _) = train(&data, &tmp.path().join("straight"), &with("12", "1", false));
+    let (two, _) = train(&data, &tmp.path().join("two"), &with("6", "2", false));
+    assert_eq!(
+        two.shard_files(6),
+        ["shard-00000.safetensors", "shard-00001.safetensors"],
+        "two replicas share the writing"
+    );
+    assert_eq!(straight.shard_files(6), ["shard-00000.safetensors"]);
+    assert_eq!(
+        two.state(6),
+        straight.state(6),
+        "the 2-writer checkpoint holds the same state"
+    );
+    let (_, out) = train(&data, &tmp.path().join("two"), &with("12", "1", true));
+    assert!(out.contains("resumed from step 6"), "{out}");
+    assert_eq!(two.state(12), straight.state(12), "2 ranks -> 1 rank");
+
+    let (one, _) = train(&data, &tmp.path().join("one"), &with("6", "1", false));
+    train(&data, &tmp.path().join("one"), &with("12", "3", true));
+    assert_eq!(one.shard_files(12).len(), 3);
+    assert_eq!(one.state(12), straight.state(12), "1 rank -> 3 ranks");
+}
+
+#[test]
+fn ckpt_ops_list_json_prune_and_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let (run, _) = train(
+        &data,
+        &tmp.path().join("run"),
+        &["--steps", "10", "--ckpt-every", "2", "--ranks", "2"],
+    );
+    let store = run.store();
+    // A save that never committed: a shard without a manifest.
+    let torn = run.dir.join("checkpoints/step-0000000012-g0-0123456789ab");
+    std::fs::create_dir_all(&torn).unwrap();
+    std::fs::write(torn.join("shard-00000.safetensors"), b"partial").unwrap();
+    // A committed checkpoint whose shard was truncated.
+    let bad = run.folder_of_step(4).join("shard-00001.safetensors");
+    let bytes = std::fs::read(&bad).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+
+    let listed: serde_json::Value = serde_json::from_str(&ok(&["ckpt", "list", &store, "--json"])).unwrap();
+    let rows = listed.as_array().unwrap();
+    let status_of = |step: u64| -> Vec<String> {
+        rows.iter()
+            .filter(|r| r["step"] == step)
+            .map(|r| r["status"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(rows.len(), 6, "{listed}");
+    assert_eq!(status_of(2), ["committed"]);
+    assert_eq!(status_of(4), ["corrupt"]);
+    assert_eq!(status_of(12), ["incomplete"]);
+    for r in rows {
+        assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["url"].as_str().unwrap().starts_with("file://"), "{r}");
+    }
+    let out = tenax(&["ckpt", "verify", &store]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("BAD") && stdout.contains("shard-00001.safetensors"), "{stdout}");
+
+    // Export: from the root (newest good), and from that checkpoint's own URL: same bytes.
+    let a = tmp.path().join("a.safetensors");
+    let b = tmp.path().join("b.safetensors");
+    let out = ok(&["ckpt", "export", &store, "--out", a.to_str().unwrap()]);
+    assert!(out.contains("step 10"), "{out}");
+    let folder10 = run.folder_of_step(10);
+    let url10 = format!("{store}/{}", folder10.file_name().unwrap().to_string_lossy());
+    ok(&["ckpt", "export", &url10, "--out", b.to_str().unwrap()]);
+    let exported = std::fs::read(&a).unwrap();
+    assert_eq!(exported, std::fs::read(&b).unwrap(), "export is byte-identical");
+    let st = safetensors::SafeTensors::deserialize(&exported).unwrap();
+    let mut names = st.names();
+    names.sort();
+    let want: Vec<String> = run.params(10).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, want.iter().collect::<Vec<_>>(), "only model weights, model names");
+    for (name, bits) in run.params(10) {
+        let t = st.tensor(&name).unwrap();
+        let got: Vec<u32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(got, bits, "{name}");
+    }
+
+    // Prune: dry run first (deletes nothing), then for real.
+    let before = run.ckpt_folders();
+    let dry = ok(&["ckpt", "prune", &store, "--keep-last", "2", "--min-age-s", "0", "--dry-run"]);
+    assert!(dry.contains("would delete"), "{dry}");
+    assert_eq!(run.ckpt_folders(), before);
+    let out = ok(&["ckpt", "prune", &store, "--keep-last", "2", "--keep-every", "6", "--min-age-s", "0"]);
+    assert!(out.contains("deleted 3 folder(s)"), "{out}");
+    let left: Vec<u64> = serde_json::from_str::<serde_json::Value>(&ok(&["ckpt", "list", &store, "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(left, [6, 8, 10], "keep the newest 2 and every 6th; corrupt 4 and the torn attempt go");
+    ok(&["ckpt", "verify", &store]);
+}
+
+#[test]
+fn a_flipped_byte_in_the_manifest_is_named_and_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let dir = tmp.path().join("run");
+    let (run, _) = train(&data, &dir, &["--steps", "4", "--ckpt-every", "2"]);
+    let manifest = run.folder_of_step(4).join("MANIFEST.json");
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    // Change one digit of the data cursor: still valid JSON, but no longer the saved state.
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    let at = text.find("\"data_cursor\": ").unwrap() + "\"data_cursor\": ".len();
+    bytes[at] = if bytes[at] == b'9' { b'8' } else { bytes[at] + 1 };
+    std::fs::write(&manifest, &bytes).unwrap();
+    // The manifest carries a checksum of its own bytes, so even a plausible edit is caught.
+    let out = tenax(&["ckpt", "verify", &run.store()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("BAD") && stdout.contains("MANIFEST.json"), "{stdout}");
+    let (d, r) = (data.to_str().unwrap(), dir.to_str().unwrap());
+    let out = tenax(&tiny_args(d, r, &["--steps", "6", "--resume"]));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("resumed from step 2"), "{stdout}");
+    assert!(stderr.contains("MANIFEST.json"), "{stderr}");
 }

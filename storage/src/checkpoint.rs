@@ -390,12 +390,17 @@ pub async fn commit_save(
         extra: m.extra.clone(),
         files,
         tensors,
+        manifest_sha256: String::new(),
     };
     manifest.check().map_err(|reason| StorageError::Format {
         url: store.url().to_string(),
         reason,
     })?;
     let json = manifest.to_json();
+    let manifest = Manifest::parse(&json).map_err(|reason| StorageError::Format {
+        url: store.url().to_string(),
+        reason,
+    })?;
     let key = format!("{}/{MANIFEST_FILE}", pending.folder);
     let mut recovered_by_read_back = false;
     if let Err(put_err) = store.put_new(&key, Bytes::from(json.clone())).await {

@@ -52,6 +52,28 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     /// Every tensor, in the order the trainer gave them, with the file it is in.
     pub tensors: Vec<TensorEntry>,
+    /// SHA-256 of the exact bytes of `MANIFEST.json` with this field's value written as 64
+    /// zeros (version 2; empty in version 1), so that any changed byte of the manifest
+    /// itself is caught, not only changed shard files. Set by [`Manifest::to_json`].
+    #[serde(default)]
+    pub manifest_sha256: String,
+}
+
+/// The key of the manifest's self-checksum, as it appears in the JSON.
+const SELF_HASH_KEY: &str = "\"manifest_sha256\": \"";
+
+/// The SHA-256 of manifest bytes with the self-checksum's value zeroed, and where that value
+/// sits; `None` if the bytes have no self-checksum field of 64 characters.
+fn self_hash(bytes: &[u8]) -> Option<(String, usize)> {
+    let key = SELF_HASH_KEY.as_bytes();
+    let at = bytes.windows(key.len()).position(|w| w == key)? + key.len();
+    let value = bytes.get(at..at + 64)?;
+    if bytes.get(at + 64) != Some(&b'"') || value.contains(&b'"') {
+        return None;
+    }
+    let mut zeroed = bytes.to_vec();
+    zeroed[at..at + 64].fill(b'0');
+    Some((sha256_hex(&zeroed), at))
 }
 
 /// One shard file of a checkpoint.
@@ -148,10 +170,19 @@ impl Manifest {
         folder_name(self.step, self.generation, &self.attempt)
     }
 
-    /// Pretty JSON, as written to `MANIFEST.json`.
+    /// Pretty JSON, as written to `MANIFEST.json`, with its self-checksum filled in (for
+    /// version 2; a version-1 manifest is written as it is).
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serialises");
+        let mut m = self.clone();
+        if m.format_version >= 2 {
+            m.manifest_sha256 = "0".repeat(64);
+        }
+        let mut out = serde_json::to_vec_pretty(&m).expect("a manifest always serialises");
         out.push(b'\n');
+        if m.format_version >= 2 {
+            let (hash, at) = self_hash(&out).expect("the self-checksum field was just written");
+            out[at..at + 64].copy_from_slice(hash.as_bytes());
+        }
         out
     }
 
@@ -161,6 +192,18 @@ impl Manifest {
     pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
         let m: Manifest = serde_json::from_slice(bytes)
             .map_err(|e| format!("does not parse as a checkpoint manifest ({e})"))?;
+        if m.format_version >= 2 {
+            match self_hash(bytes) {
+                Some((hash, _)) if hash == m.manifest_sha256 => {}
+                Some(_) => {
+                    return Err(
+                        "self-checksum mismatch: MANIFEST.json was altered after it was written"
+                            .into(),
+                    )
+                }
+                None => return Err("has no manifest_sha256 self-checksum".into()),
+            }
+        }
         m.check()?;
         Ok(m)
     }
@@ -338,6 +381,7 @@ mod tests {
                 shape: vec![1],
                 rows: Some([0, 1]),
             }],
+            manifest_sha256: String::new(),
         }
     }
 
@@ -406,7 +450,19 @@ mod tests {
             assert!(err.contains(want), "{what}: {err}");
             assert!(Manifest::parse(&m.to_json()).is_err(), "{what}");
         }
-        assert_eq!(Manifest::parse(&manifest().to_json()), Ok(manifest()));
+        let written = manifest().to_json();
+        let mut parsed = Manifest::parse(&written).unwrap();
+        assert_eq!(parsed.manifest_sha256.len(), 64);
+        parsed.manifest_sha256.clear();
+        assert_eq!(parsed, manifest());
+        // Any flipped byte is caught: a parse error, a self-checksum mismatch or a failed check.
+        for i in 0..written.len() {
+            for bit in [0x01u8, 0x20, 0x80] {
+                let mut b = written.clone();
+                b[i] ^= bit;
+                assert!(Manifest::parse(&b).is_err(), "byte {i} ^ {bit:#x} went unnoticed");
+            }
+        }
         let mut v1 = manifest();
         v1.format_version = 1;
         v1.tensors[0].rows = None;
