@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use tenax_storage::{AttemptStatus, Store};
 use tenax_actors::{TrainData, TrainSetup, Trainer};
 use tenax_core::rng::SplitMix64;
 use tenax_core::slots::BatchLayout;
 use tenax_model::{AdamW, AdamWConfig, GptConfig, ParamLayout};
+use tenax_storage::{AttemptStatus, Store};
 
 /// Options of `tenax bench train`.
 #[derive(Clone, Debug, clap::Args)]
@@ -292,7 +292,12 @@ pub async fn ckpt_kill(a: BenchCkptKillArgs) -> Result<()> {
             }
         }
         let resuming = listing.with_manifest().next().is_some();
-        let mut args = kill_run_args(&corpus, &work.join(format!("run-{run_no:04}")), &store_url, a.steps);
+        let mut args = kill_run_args(
+            &corpus,
+            &work.join(format!("run-{run_no:04}")),
+            &store_url,
+            a.steps,
+        );
         if resuming {
             args.push("--resume".into());
             resumes += 1;
@@ -319,7 +324,9 @@ pub async fn ckpt_kill(a: BenchCkptKillArgs) -> Result<()> {
         let stdout = String::from_utf8_lossy(&out.stdout);
         if resuming && stderr.contains("skipped, trying an older checkpoint") {
             torn += 1;
-            problems.push(format!("{store_url}: a resume skipped a committed checkpoint: {stderr}"));
+            problems.push(format!(
+                "{store_url}: a resume skipped a committed checkpoint: {stderr}"
+            ));
         }
         if !out.status.success() {
             bail!("run {store_url} failed on its own: {stderr}");

@@ -233,15 +233,9 @@ pub async fn prune(
         keep_every,
         min_uncommitted_age_ms: min_age_s.saturating_mul(1000),
     };
-    let report = tenax_storage::prune(
-        &store,
-        &policy,
-        &[],
-        tenax_storage::now_unix_ms(),
-        dry_run,
-    )
-    .await
-    .map_err(|e| anyhow!("{e}"))?;
+    let report = tenax_storage::prune(&store, &policy, &[], tenax_storage::now_unix_ms(), dry_run)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     if report.decisions.is_empty() {
         println!("no checkpoints in {url}");
         return Ok(());
@@ -306,7 +300,12 @@ pub async fn export(url: &str, step: Option<u64>, out: &Path) -> Result<()> {
     if weights.is_empty() {
         bail!("checkpoint {}: it holds no model weights", loaded.url);
     }
-    let model = loaded.manifest.config.get("model").cloned().unwrap_or_default();
+    let model = loaded
+        .manifest
+        .config
+        .get("model")
+        .cloned()
+        .unwrap_or_default();
     let metadata = HashMap::from([("tenax_model".to_string(), model.to_string())]);
     let bytes = tenax_storage::shard::encode_shard_with_metadata(&weights, Some(metadata))
         .map_err(|e| anyhow!("checkpoint {}: cannot encode the weights: {e}", loaded.url))?;

@@ -543,7 +543,15 @@ async fn train_loop(
     }
     bar.finish_and_clear();
     if saved_step != Some(end.step) {
-        save(trainer, checkpointer, stored_cfg, config_hash, end.step, cursor).await?;
+        save(
+            trainer,
+            checkpointer,
+            stored_cfg,
+            config_hash,
+            end.step,
+            cursor,
+        )
+        .await?;
     }
     checkpointer
         .flush(FLUSH_TIMEOUT)

@@ -619,7 +619,8 @@ fn ckpt_ops_list_json_prune_and_export() {
     let bytes = std::fs::read(&bad).unwrap();
     std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
 
-    let listed: serde_json::Value = serde_json::from_str(&ok(&["ckpt", "list", &store, "--json"])).unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&["ckpt", "list", &store, "--json"])).unwrap();
     let rows = listed.as_array().unwrap();
     let status_of = |step: u64| -> Vec<String> {
         rows.iter()
@@ -638,7 +639,10 @@ fn ckpt_ops_list_json_prune_and_export() {
     let out = tenax(&["ckpt", "verify", &store]);
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("BAD") && stdout.contains("shard-00001.safetensors"), "{stdout}");
+    assert!(
+        stdout.contains("BAD") && stdout.contains("shard-00001.safetensors"),
+        "{stdout}"
+    );
 
     // Export: from the root (newest good), and from that checkpoint's own URL: same bytes.
     let a = tmp.path().join("a.safetensors");
@@ -646,15 +650,26 @@ fn ckpt_ops_list_json_prune_and_export() {
     let out = ok(&["ckpt", "export", &store, "--out", a.to_str().unwrap()]);
     assert!(out.contains("step 10"), "{out}");
     let folder10 = run.folder_of_step(10);
-    let url10 = format!("{store}/{}", folder10.file_name().unwrap().to_string_lossy());
+    let url10 = format!(
+        "{store}/{}",
+        folder10.file_name().unwrap().to_string_lossy()
+    );
     ok(&["ckpt", "export", &url10, "--out", b.to_str().unwrap()]);
     let exported = std::fs::read(&a).unwrap();
-    assert_eq!(exported, std::fs::read(&b).unwrap(), "export is byte-identical");
+    assert_eq!(
+        exported,
+        std::fs::read(&b).unwrap(),
+        "export is byte-identical"
+    );
     let st = safetensors::SafeTensors::deserialize(&exported).unwrap();
     let mut names = st.names();
     names.sort();
     let want: Vec<String> = run.params(10).into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, want.iter().collect::<Vec<_>>(), "only model weights, model names");
+    assert_eq!(
+        names,
+        want.iter().collect::<Vec<_>>(),
+        "only model weights, model names"
+    );
     for (name, bits) in run.params(10) {
         let t = st.tensor(&name).unwrap();
         let got: Vec<u32> = t
@@ -667,19 +682,43 @@ fn ckpt_ops_list_json_prune_and_export() {
 
     // Prune: dry run first (deletes nothing), then for real.
     let before = run.ckpt_folders();
-    let dry = ok(&["ckpt", "prune", &store, "--keep-last", "2", "--min-age-s", "0", "--dry-run"]);
+    let dry = ok(&[
+        "ckpt",
+        "prune",
+        &store,
+        "--keep-last",
+        "2",
+        "--min-age-s",
+        "0",
+        "--dry-run",
+    ]);
     assert!(dry.contains("would delete"), "{dry}");
     assert_eq!(run.ckpt_folders(), before);
-    let out = ok(&["ckpt", "prune", &store, "--keep-last", "2", "--keep-every", "6", "--min-age-s", "0"]);
+    let out = ok(&[
+        "ckpt",
+        "prune",
+        &store,
+        "--keep-last",
+        "2",
+        "--keep-every",
+        "6",
+        "--min-age-s",
+        "0",
+    ]);
     assert!(out.contains("deleted 3 folder(s)"), "{out}");
-    let left: Vec<u64> = serde_json::from_str::<serde_json::Value>(&ok(&["ckpt", "list", &store, "--json"]))
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(left, [6, 8, 10], "keep the newest 2 and every 6th; corrupt 4 and the torn attempt go");
+    let left: Vec<u64> =
+        serde_json::from_str::<serde_json::Value>(&ok(&["ckpt", "list", &store, "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+    assert_eq!(
+        left,
+        [6, 8, 10],
+        "keep the newest 2 and every 6th; corrupt 4 and the torn attempt go"
+    );
     ok(&["ckpt", "verify", &store]);
 }
 
@@ -694,17 +733,400 @@ fn a_flipped_byte_in_the_manifest_is_named_and_skipped() {
     // Change one digit of the data cursor: still valid JSON, but no longer the saved state.
     let text = String::from_utf8(bytes.clone()).unwrap();
     let at = text.find("\"data_cursor\": ").unwrap() + "\"data_cursor\": ".len();
-    bytes[at] = if bytes[at] == b'9' { b'8' } else { bytes[at] + 1 };
+    bytes[at] = if bytes[at] == b'9' {
+        b'8'
+    } else {
+        bytes[at] + 1
+    };
     std::fs::write(&manifest, &bytes).unwrap();
     // The manifest carries a checksum of its own bytes, so even a plausible edit is caught.
     let out = tenax(&["ckpt", "verify", &run.store()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
-    assert!(stdout.contains("BAD") && stdout.contains("MANIFEST.json"), "{stdout}");
+    assert!(
+        stdout.contains("BAD") && stdout.contains("MANIFEST.json"),
+        "{stdout}"
+    );
     let (d, r) = (data.to_str().unwrap(), dir.to_str().unwrap());
     let out = tenax(&tiny_args(d, r, &["--steps", "6", "--resume"]));
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("resumed from step 2"), "{stdout}");
     assert!(stderr.contains("MANIFEST.json"), "{stderr}");
+}
+
+/// A moto S3 server with one bucket, started for one test and stopped (by PID) on drop.
+fn moto_with_bucket(bucket: &str) -> tenax_chaos::MotoServer {
+    let moto =
+        tenax_chaos::MotoServer::start().expect("start moto_server (scripts/setup installs it)");
+    moto.create_bucket(bucket).expect("create the bucket");
+    moto
+}
+
+/// `tenax ckpt export` of a store's newest checkpoint, as bytes.
+fn export_bytes(store: &str, env: &[(String, String)], out: &Path) -> Vec<u8> {
+    ok_env(
+        &["ckpt", "export", store, "--out", out.to_str().unwrap()],
+        env,
+    );
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn s3_store_end_to_end_with_resume_and_ops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let d = data.to_str().unwrap();
+    let moto = moto_with_bucket("tenax-e2e");
+    let env = moto.s3_env();
+    let store = "s3://tenax-e2e/jobs/a";
+
+    let dir = tmp.path().join("s3run");
+    let r = dir.to_str().unwrap();
+    let flags = [
+        "--lr-decay-steps",
+        "10",
+        "--ckpt-every",
+        "3",
+        "--ranks",
+        "2",
+        "--store",
+        store,
+    ];
+    let with = |steps: &'static str, resume: bool| {
+        let mut v = flags.to_vec();
+        v.extend_from_slice(&["--steps", steps]);
+        if resume {
+            v.push("--resume");
+        }
+        v
+    };
+    ok_env(&tiny_args(d, r, &with("6", false)), &env);
+    let out = ok_env(&tiny_args(d, r, &with("10", true)), &env);
+    assert!(
+        out.contains("resumed from step 6 (s3://tenax-e2e/jobs/a/step-0000000006-g0-"),
+        "{out}"
+    );
+    // The same run on local disk, never interrupted: the exported weights are identical.
+    let (local, _) = train(
+        &data,
+        &tmp.path().join("local"),
+        &[
+            "--steps",
+            "10",
+            "--lr-decay-steps",
+            "10",
+            "--ckpt-every",
+            "3",
+        ],
+    );
+    assert_eq!(
+        export_bytes(store, &env, &tmp.path().join("s3.safetensors")),
+        export_bytes(&local.store(), &[], &tmp.path().join("local.safetensors")),
+        "S3 + resume + 2 ranks gives the same weights as one local run"
+    );
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok_env(&["ckpt", "list", store, "--json"], &env)).unwrap();
+    let steps: Vec<(u64, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                r["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let committed = |s: u64| (s, "committed".to_string());
+    assert_eq!(
+        steps,
+        [committed(3), committed(6), committed(9), committed(10)]
+    );
+    let verify = ok_env(&["ckpt", "verify", store], &env);
+    assert_eq!(
+        verify.lines().filter(|l| l.starts_with("ok ")).count(),
+        4,
+        "{verify}"
+    );
+    ok_env(&["ckpt", "prune", store, "--keep-last", "1"], &env);
+    let left: serde_json::Value =
+        serde_json::from_str(&ok_env(&["ckpt", "list", store, "--json"], &env)).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["step"], 10);
+
+    // Errors name the URL and what to do.
+    let out = tenax_env(&["ckpt", "list", "s3://no-such-bucket/x"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("s3://no-such-bucket/x") && stderr.contains("bucket does not exist"),
+        "{stderr}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let t0 = std::time::Instant::now();
+    let out = tenax_env(
+        &["ckpt", "list", store],
+        &tenax_chaos::s3_env_for(&dead_endpoint),
+    );
+    let elapsed = t0.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(store) && stderr.contains("unreachable"),
+        "{stderr}"
+    );
+    // Not a speed verdict: retries are bounded (8 s window), so this returns, not hangs.
+    assert!(elapsed.as_secs() < 120, "took {elapsed:?}");
+    eprintln!("unreachable endpoint reported after {elapsed:?}");
+}
+
+#[test]
+fn s3_saves_through_injected_faults_commit_or_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let d = data.to_str().unwrap();
+    let moto = moto_with_bucket("faults");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let faults = tenax_chaos::ProxyFaults {
+        error_rate: 0.2,
+        drop_before_rate: 0.0,
+        drop_after_rate: 0.05,
+        latency_rate: 0.1,
+        latency_ms: (1, 30),
+    };
+    let proxy = tenax_chaos::FaultProxy::start(moto.addr(), faults, 7).unwrap();
+    let store = "s3://faults/run";
+    let dir = tmp.path().join("run");
+    let out = tenax_env(
+        &tiny_args(
+            d,
+            dir.to_str().unwrap(),
+            &[
+                "--steps",
+                "12",
+                "--lr-decay-steps",
+                "12",
+                "--ckpt-every",
+                "1",
+                "--ranks",
+                "2",
+                "--store",
+                store,
+            ],
+        ),
+        &tenax_chaos::s3_env_for(&proxy.endpoint()),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let stats = proxy.stats();
+    eprintln!("proxy: {stats:?}");
+    assert!(
+        stats.errors_injected > 0 && stats.dropped_after > 0,
+        "{stats:?}"
+    );
+    // Every save either committed or failed with a warning; the run itself may fail only
+    // because its final save failed, and then it says so.
+    if !out.status.success() {
+        assert!(stderr.contains("final checkpoint"), "{stderr}");
+    }
+    // Read directly from S3 (no proxy): nothing is half-visible. Every attempt with a
+    // manifest verifies; the others are incomplete.
+    let env = moto.s3_env();
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok_env(&["ckpt", "list", store, "--json"], &env)).unwrap();
+    let rows = listed.as_array().unwrap();
+    assert!(rows.iter().all(|r| r["status"] != "corrupt"), "{listed}");
+    let committed = rows.iter().filter(|r| r["status"] == "committed").count();
+    assert!(committed > 0, "{listed}\n{stderr}");
+    let verify = ok_env(&["ckpt", "verify", store], &env);
+    assert_eq!(
+        verify.lines().filter(|l| l.starts_with("ok ")).count(),
+        committed,
+        "{verify}"
+    );
+    // Many more saves, straight through the storage API and the same faulty proxy: each one
+    // commits (through object_store's retries, or by reading back a lost commit) or fails
+    // cleanly; read directly afterwards, every committed one verifies and loads.
+    let direct = tenax_storage::Store::from_object_store(
+        "s3://faults/direct",
+        s3_client(&proxy.endpoint(), "faults", 10),
+        "direct",
+    );
+    let (mut ok_saves, mut failed_saves, mut read_back) = (0, 0, 0);
+    for step in 1..=30u64 {
+        let content = tenax_storage::CheckpointContent {
+            meta: tenax_storage::CheckpointMeta {
+                step,
+                generation: 0,
+                config: serde_json::json!({}),
+                config_hash: "h".into(),
+                data_cursor: step,
+                rng: serde_json::Value::Null,
+                extra: serde_json::Value::Null,
+            },
+            tensors: vec![tenax_storage::TensorData {
+                name: "w".into(),
+                shape: vec![16, 8],
+                data: (0..128).map(|i| (i as u64 * step) as f32).collect(),
+            }],
+        };
+        match rt.block_on(tenax_storage::save_checkpoint(&direct, &content, 3)) {
+            Ok(saved) => {
+                ok_saves += 1;
+                read_back += saved.recovered_by_read_back as u32;
+            }
+            Err(_) => failed_saves += 1,
+        }
+    }
+    let clean = tenax_storage::Store::from_object_store(
+        "s3://faults/direct",
+        s3_client(&moto.endpoint(), "faults", 0),
+        "direct",
+    );
+    let listing = rt
+        .block_on(tenax_storage::list_checkpoints(&clean))
+        .unwrap();
+    let mut committed_direct = 0;
+    for a in &listing.attempts {
+        assert_ne!(a.status.label(), "corrupt", "{a:?}");
+        if a.status == tenax_storage::AttemptStatus::Committed {
+            committed_direct += 1;
+            let loaded = rt
+                .block_on(tenax_storage::load_checkpoint(&clean, &a.folder))
+                .unwrap();
+            let want: Vec<f32> = (0..128).map(|i| (i as u64 * a.step) as f32).collect();
+            assert_eq!(loaded.tensor("w").unwrap().data, want);
+        }
+    }
+    assert_eq!(
+        committed_direct, ok_saves,
+        "every reported commit is visible, nothing else is"
+    );
+    eprintln!("direct saves: {ok_saves} committed ({read_back} by read-back), {failed_saves} failed cleanly; proxy {:?}", proxy.stats());
+    assert!(ok_saves > 0);
+
+    if out.status.success() {
+        // Faults change nothing in the math: same weights as a fault-free local run.
+        let (local, _) = train(
+            &data,
+            &tmp.path().join("local"),
+            &["--steps", "12", "--lr-decay-steps", "12", "--ranks", "2"],
+        );
+        assert_eq!(
+            export_bytes(store, &env, &tmp.path().join("s3.safetensors")),
+            export_bytes(&local.store(), &[], &tmp.path().join("local.safetensors")),
+        );
+    }
+}
+
+/// An S3 client for a moto bucket (or a proxy in front of it) with bounded, quick retries,
+/// built without touching this process's environment.
+fn s3_client(
+    endpoint: &str,
+    bucket: &str,
+    max_retries: usize,
+) -> std::sync::Arc<dyn object_store::ObjectStore> {
+    let s3 = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_region("us-east-1")
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .with_virtual_hosted_style_request(false)
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .with_retry(object_store::RetryConfig {
+            max_retries,
+            retry_timeout: std::time::Duration::from_secs(8),
+            backoff: object_store::BackoffConfig {
+                init_backoff: std::time::Duration::from_millis(10),
+                max_backoff: std::time::Duration::from_millis(200),
+                base: 2.0,
+            },
+        })
+        .build()
+        .unwrap();
+    std::sync::Arc::new(s3)
+}
+
+#[test]
+fn a_lost_manifest_response_is_resolved_by_reading_back() {
+    let moto = moto_with_bucket("lost");
+    block_on(async {
+        let s3 = s3_client(&moto.endpoint(), "lost", 0);
+        let faulty = std::sync::Arc::new(tenax_chaos::FaultStore::new(
+            s3,
+            tenax_chaos::CrashPoint::LoseResponse("MANIFEST.json".into()),
+        ));
+        let store = tenax_storage::Store::from_object_store("s3://lost/x", faulty, "x");
+        let content = tenax_storage::CheckpointContent {
+            meta: tenax_storage::CheckpointMeta {
+                step: 7,
+                generation: 1,
+                config: serde_json::json!({}),
+                config_hash: "h".into(),
+                data_cursor: 42,
+                rng: serde_json::Value::Null,
+                extra: serde_json::Value::Null,
+            },
+            tensors: vec![tenax_storage::TensorData {
+                name: "w".into(),
+                shape: vec![3, 2],
+                data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            }],
+        };
+        let saved = tenax_storage::save_checkpoint(&store, &content, 2)
+            .await
+            .unwrap();
+        assert!(
+            saved.recovered_by_read_back,
+            "the lost response was read back"
+        );
+        let (loaded, warnings) = tenax_storage::latest_verified(&store)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(loaded.manifest.data_cursor, 42);
+        assert_eq!(loaded.tensor("w").unwrap().data, content.tensors[0].data);
+    });
+}
+
+#[test]
+fn kill_9_during_s3_saves_never_tears_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = moto_with_bucket("kills");
+    let out = tenax_env(
+        &[
+            "bench",
+            "ckpt-kill",
+            "--kills",
+            "5",
+            "--steps",
+            "40",
+            "--seed",
+            "3",
+            "--store",
+            "s3://kills/bench",
+            "--work-dir",
+            tmp.path().to_str().unwrap(),
+        ],
+        &moto.s3_env(),
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["kills"], 5, "{report}");
+    assert_eq!(report["torn_loads"], 0, "{report}");
+    assert_eq!(report["final_mismatches"], 0, "{report}");
+    assert!(report["completed_runs"].as_u64().unwrap() >= 1, "{report}");
 }

@@ -258,7 +258,10 @@ pub struct Checkpointer {
 
 impl Checkpointer {
     /// Start the actor saving into `store`.
-    pub async fn start(store: Store, policy: CheckpointPolicy) -> Result<Checkpointer, ActorsError> {
+    pub async fn start(
+        store: Store,
+        policy: CheckpointPolicy,
+    ) -> Result<Checkpointer, ActorsError> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let (actor, handle) = Actor::spawn(None, CheckpointActor, (store, policy, tx))
             .await
@@ -365,7 +368,10 @@ mod tests {
             step: 2,
             by_step: 3
         }));
-        let (loaded, _) = tenax_storage::latest_verified(&store).await.unwrap().unwrap();
+        let (loaded, _) = tenax_storage::latest_verified(&store)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(loaded.manifest.step, 3);
         assert_eq!(loaded.manifest.files.len(), 2, "two writers, two shards");
         assert_eq!(

@@ -38,6 +38,10 @@ pub enum CrashPoint {
     /// The first put (single, or multipart complete) whose path contains this string is
     /// written, then returns an error (a lost response); every later call fails.
     AfterPut(String),
+    /// The first put (single, or multipart complete) whose path contains this string is
+    /// written, then returns an error as if its response was lost; the store is not
+    /// crashed: later calls (a retry, a read-back) work.
+    LoseResponse(String),
 }
 
 /// An [`ObjectStore`] that delegates to an inner store until its [`CrashPoint`], and
@@ -56,6 +60,8 @@ pub struct FaultStore {
 #[derive(Debug, Default)]
 struct State {
     crashed: AtomicBool,
+    /// Whether the one [`CrashPoint::LoseResponse`] has happened.
+    response_lost: AtomicBool,
     /// Bytes written (reserved before each write, given back if it fails), and the
     /// reason of the crash once crashed. One lock so that check-and-reserve is atomic.
     inner: Mutex<Accounting>,
@@ -213,12 +219,21 @@ fn after_put(
     result: Result<PutResult>,
 ) -> Result<PutResult> {
     let result = result?;
-    if let CrashPoint::AfterPut(needle) = crash {
-        if location.as_ref().contains(needle.as_str()) {
-            return Err(state.crash_now(format!("after put of {location}")));
+    match crash {
+        CrashPoint::AfterPut(needle) if location.as_ref().contains(needle.as_str()) => {
+            Err(state.crash_now(format!("after put of {location}")))
         }
+        CrashPoint::LoseResponse(needle)
+            if location.as_ref().contains(needle.as_str())
+                && !state.response_lost.swap(true, Ordering::SeqCst) =>
+        {
+            Err(object_store::Error::Generic {
+                store: "FaultStore",
+                source: format!("injected lost response (put of {location} was written)").into(),
+            })
+        }
+        _ => Ok(result),
     }
-    Ok(result)
 }
 
 #[async_trait]

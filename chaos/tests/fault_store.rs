@@ -199,3 +199,28 @@ async fn streams_handed_out_before_the_crash_fail_after_it() {
     assert_injected(&pending_get.bytes().await.unwrap_err());
     assert_injected(&pending_list.try_collect::<Vec<_>>().await.unwrap_err());
 }
+
+#[tokio::test]
+async fn lose_response_writes_reports_an_error_once_and_keeps_working() {
+    let (inner, store) = setup(CrashPoint::LoseResponse("MANIFEST".into()));
+    store
+        .put(&Path::from("c/shard"), payload(3, 1))
+        .await
+        .unwrap();
+    let e = store
+        .put(&Path::from("c/MANIFEST.json"), payload(4, 2))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("injected lost response"), "{e}");
+    assert!(!store.crashed());
+    assert!(
+        exists(inner.as_ref(), "c/MANIFEST.json").await,
+        "it was written"
+    );
+    // Only the first matching put loses its response; reads and later puts work.
+    assert!(exists(&store, "c/MANIFEST.json").await);
+    store
+        .put(&Path::from("d/MANIFEST.json"), payload(4, 3))
+        .await
+        .unwrap();
+}

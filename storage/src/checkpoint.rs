@@ -300,9 +300,12 @@ pub async fn write_shard(
     let mut slices = Vec::with_capacity(shard.slices.len());
     let mut entries = Vec::with_capacity(shard.slices.len());
     for s in &shard.slices {
-        let t = tensors
-            .get(&s.tensor)
-            .ok_or_else(|| format_err(format!("the save plan names tensor {:?}, which the snapshot does not have", s.tensor)))?;
+        let t = tensors.get(&s.tensor).ok_or_else(|| {
+            format_err(format!(
+                "the save plan names tensor {:?}, which the snapshot does not have",
+                s.tensor
+            ))
+        })?;
         if t.shape != s.shape {
             return Err(format_err(format!(
                 "tensor {:?} has shape {:?}, the save plan says {:?}",
@@ -354,7 +357,10 @@ pub async fn write_shard(
         sha256,
     };
     store
-        .put_large(&format!("{}/{}", pending.folder, shard.file), Bytes::from(bytes))
+        .put_large(
+            &format!("{}/{}", pending.folder, shard.file),
+            Bytes::from(bytes),
+        )
         .await?;
     Ok(WrittenShard {
         file,
@@ -402,13 +408,7 @@ pub async fn commit_save(
         reason,
     })?;
     let key = format!("{}/{MANIFEST_FILE}", pending.folder);
-    let mut recovered_by_read_back = false;
-    if let Err(put_err) = store.put_new(&key, Bytes::from(json.clone())).await {
-        match store.get(&key).await {
-            Ok(Some(there)) if there.as_ref() == json.as_slice() => recovered_by_read_back = true,
-            _ => return Err(put_err),
-        }
-    }
+    let recovered_by_read_back = store.put_new_or_same(&key, Bytes::from(json)).await?;
     Ok(SavedCheckpoint {
         url: store.url_of(&pending.folder),
         folder: pending.folder.clone(),
@@ -504,10 +504,7 @@ fn manifest_status(
             Some(o) if o.size != f.size => {
                 return corrupt(
                     &f.name,
-                    format!(
-                        "size mismatch (expected {} bytes, got {})",
-                        f.size, o.size
-                    ),
+                    format!("size mismatch (expected {} bytes, got {})", f.size, o.size),
                 )
             }
             Some(_) => {}
@@ -604,7 +601,8 @@ async fn read_checkpoint(
                         "missing: listed in MANIFEST.json but not in the store".into(),
                     )
                 })?;
-            let expected: Vec<TensorEntry> = manifest_ref.tensors_in(&entry.name).cloned().collect();
+            let expected: Vec<TensorEntry> =
+                manifest_ref.tensors_in(&entry.name).cloned().collect();
             let entry_owned = entry.clone();
             let checked = tokio::task::spawn_blocking(move || {
                 check_file(&entry_owned, &bytes)?;
@@ -627,8 +625,8 @@ async fn read_checkpoint(
     if !assemble {
         return Ok((manifest, Vec::new(), report));
     }
-    let tensors = assemble_tensors(&manifest, shards)
-        .map_err(|reason| corrupt(MANIFEST_FILE, reason))?;
+    let tensors =
+        assemble_tensors(&manifest, shards).map_err(|reason| corrupt(MANIFEST_FILE, reason))?;
     Ok((manifest, tensors, report))
 }
 

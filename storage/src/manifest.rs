@@ -281,7 +281,8 @@ impl Manifest {
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let mut seen = std::collections::BTreeMap::new();
         for t in &self.tensors {
-            seen.entry(t.name.clone()).or_insert_with(|| t.shape.clone());
+            seen.entry(t.name.clone())
+                .or_insert_with(|| t.shape.clone());
         }
         seen.into_iter().collect()
     }
@@ -396,7 +397,11 @@ mod tests {
                 "which format_version 1 does not have",
             ),
             ("gap", |m| m.tensors[0].shape = vec![2], "w"),
-            ("rows past the end", |m| m.tensors[0].rows = Some([0, 2]), "w"),
+            (
+                "rows past the end",
+                |m| m.tensors[0].rows = Some([0, 2]),
+                "w",
+            ),
             (
                 "traversal",
                 |m| m.files[0].name = "../x".into(),
@@ -460,7 +465,10 @@ mod tests {
             for bit in [0x01u8, 0x20, 0x80] {
                 let mut b = written.clone();
                 b[i] ^= bit;
-                assert!(Manifest::parse(&b).is_err(), "byte {i} ^ {bit:#x} went unnoticed");
+                assert!(
+                    Manifest::parse(&b).is_err(),
+                    "byte {i} ^ {bit:#x} went unnoticed"
+                );
             }
         }
         let mut v1 = manifest();

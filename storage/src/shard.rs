@@ -65,8 +65,7 @@ pub fn encode_shard_with_metadata(
                 .map_err(|e| format!("tensor {:?}: {e}", t.name))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    safetensors::serialize(views, metadata)
-        .map_err(|e| format!("safetensors encoding failed: {e}"))
+    safetensors::serialize(views, metadata).map_err(|e| format!("safetensors encoding failed: {e}"))
 }
 
 /// Check a safetensors file against the tensor slices a manifest lists for it: every listed

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
     RetryConfig,
 };
 
@@ -156,12 +156,18 @@ impl Store {
                 }
                 let prefix = parse_prefix(parsed.path()).map_err(bad)?;
                 let secs = |s: f64| Duration::from_secs_f64(s.max(0.001));
+                // Timeouts go in as config keys: with_client_options would replace the
+                // client settings from_env read (AWS_ALLOW_HTTP among them).
+                let ms = |s: f64| format!("{}ms", (s.max(0.001) * 1000.0).round() as u64);
                 let mut builder = AmazonS3Builder::from_env()
                     .with_url(url)
-                    .with_client_options(
-                        ClientOptions::new()
-                            .with_connect_timeout(secs(options.connect_timeout_s))
-                            .with_timeout(secs(options.request_timeout_s)),
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        ms(options.connect_timeout_s),
+                    )
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                        ms(options.request_timeout_s),
                     )
                     .with_retry(RetryConfig {
                         backoff: BackoffConfig {
@@ -293,6 +299,20 @@ impl Store {
         }
     }
 
+    /// [`Store::put_new`], resolving an unknown outcome by reading back: when the PUT fails
+    /// (a lost response, or a retry that found the key taken by the first try), the object is
+    /// read; if it holds exactly `bytes` the write happened and this returns `Ok(true)`.
+    /// `Ok(false)` is a plain success.
+    pub async fn put_new_or_same(&self, key: &str, bytes: Bytes) -> Result<bool, StorageError> {
+        match self.put_new(key, bytes.clone()).await {
+            Ok(()) => Ok(false),
+            Err(put_err) => match self.get(key).await {
+                Ok(Some(there)) if there == bytes => Ok(true),
+                _ => Err(put_err),
+            },
+        }
+    }
+
     /// Read a whole object; `Ok(None)` if there is none at `key`.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
         let got = match self.inner.get(&self.path(key)).await {
@@ -308,14 +328,15 @@ impl Store {
     }
 
     /// Write a possibly large object: one `PutMode::Create` PUT up to
-    /// [`StoreOptions::multipart_threshold_bytes`], a multipart upload above it (parts of
+    /// [`StoreOptions::multipart_threshold_bytes`] (an unknown outcome resolved by reading
+    /// back, see [`Store::put_new_or_same`]), a multipart upload above it (parts of
     /// [`part_size_for`], at most [`StoreOptions::part_concurrency`] in flight; aborted on
     /// failure). A multipart upload cannot be conditional, so callers only use this for keys
     /// that nobody else writes (a checkpoint attempt's own folder).
     pub async fn put_large(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
         let size = bytes.len() as u64;
         if size <= self.options.multipart_threshold_bytes {
-            return self.put_new(key, bytes).await;
+            return self.put_new_or_same(key, bytes).await.map(drop);
         }
         let part = part_size_for(size, self.options.min_part_bytes) as usize;
         let path = self.path(key);

@@ -1,58 +1,31 @@
 //! Checkpoints end to end on `memory://` and `file://` stores.
 
+mod common;
+
 use std::path::Path;
 
 use bytes::Bytes;
-use serde_json::json;
+use common::{content, file_url, flip_byte, on_disk, sorted, tensor};
+use serde_json::{json, Value};
 use tenax_storage::{
     latest_verified, list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint,
-    CheckpointContent, Manifest, StorageError, Store, TensorData, MANIFEST_FILE,
+    AttemptStatus, CheckpointContent, Manifest, StorageError, Store, FORMAT_VERSION, MANIFEST_FILE,
 };
 
-fn tensor(name: &str, shape: &[usize], seed: f32) -> TensorData {
-    let n: usize = shape.iter().product();
-    TensorData {
-        name: name.into(),
-        shape: shape.to_vec(),
-        data: (0..n).map(|i| seed + i as f32 * 0.25).collect(),
-    }
-}
+const S0: &str = "shard-00000.safetensors";
+const S1: &str = "shard-00001.safetensors";
 
-fn content(step: u64, generation: u64) -> CheckpointContent {
-    let s = step as f32;
-    CheckpointContent {
-        step,
-        generation,
-        config: json!({"model": {"d_model": 8}, "train": {"steps": 100}}),
-        config_hash: "cafe".into(),
-        data_cursor: step * 32,
-        rng: json!({"seed": 7, "counter": step}),
-        extra: json!({"adamw_step": step}),
-        shards: vec![
-            (
-                "params.safetensors".into(),
-                vec![tensor("wte", &[4, 2], s), tensor("ln.bias", &[2], -s)],
-            ),
-            (
-                "optim.safetensors".into(),
-                vec![tensor("m.wte", &[4, 2], 0.5), tensor("scalar", &[], s)],
-            ),
-        ],
-    }
-}
-
-fn file_url(dir: &Path) -> String {
-    format!("file://{}", dir.display())
-}
-
-/// The on-disk path of a checkpoint file in a `file://` store.
-fn on_disk(dir: &Path, folder: &str, file: &str) -> std::path::PathBuf {
-    dir.join(folder).join(file)
+/// (tensor, file, rows) of every slice of a manifest, in manifest order.
+fn layout(m: &Manifest) -> Vec<(String, String, Option<[usize; 2]>)> {
+    m.tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.file.clone(), t.rows))
+        .collect()
 }
 
 async fn round_trip(store: &Store) {
     let want = content(10, 2);
-    let saved = save_checkpoint(store, &want).await.unwrap();
+    let saved = save_checkpoint(store, &want, 2).await.unwrap();
     assert!(
         saved.folder.starts_with("step-0000000010-g2-"),
         "{}",
@@ -60,36 +33,72 @@ async fn round_trip(store: &Store) {
     );
     assert_eq!(saved.url, store.url_of(&saved.folder));
     assert_eq!(saved.manifest.attempt.len(), 12);
+    assert_eq!(saved.manifest.format_version, FORMAT_VERSION);
+    assert!(!saved.recovered_by_read_back);
+    let files: Vec<&str> = saved
+        .manifest
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(files, [S0, S1]);
+    // 19 elements in name order (ln.bias 2, m.wte 8, scalar 1, wte 8), cut at row boundary 8.
+    let s =
+        |name: &str, file: &str, rows: [usize; 2]| (name.to_string(), file.to_string(), Some(rows));
+    assert_eq!(
+        layout(&saved.manifest),
+        vec![
+            s("ln.bias", S0, [0, 2]),
+            s("m.wte", S0, [0, 3]),
+            s("m.wte", S1, [3, 4]),
+            s("scalar", S1, [0, 1]),
+            s("wte", S1, [0, 4]),
+        ]
+    );
 
     let listing = list_checkpoints(store).await.unwrap();
-    assert_eq!(listing.uncommitted, Vec::<String>::new());
-    assert_eq!(listing.committed.len(), 1);
-    assert_eq!(listing.committed[0].folder, saved.folder);
+    assert_eq!(listing.attempts.len(), 1);
+    let listed = &listing.attempts[0];
+    assert_eq!(listed.folder, saved.folder);
+    assert_eq!(listed.url, saved.url);
+    assert_eq!((listed.step, listed.generation), (10, 2));
+    assert_eq!(listed.attempt, saved.manifest.attempt);
+    assert_eq!(listed.status, AttemptStatus::Committed);
+    assert_eq!(listed.status.label(), "committed");
+    assert_eq!(listed.manifest.as_ref(), Some(&saved.manifest));
+    assert_eq!(listed.objects.len(), 3);
     assert_eq!(
-        listing.committed[0].manifest.as_ref().unwrap(),
-        &saved.manifest
+        listed.bytes(),
+        saved.manifest.total_bytes() + saved.manifest.to_json().len() as u64
+    );
+    assert_eq!(
+        listing.newest_committed().map(|a| a.folder.as_str()),
+        Some(saved.folder.as_str())
     );
 
     let report = verify_checkpoint(store, &saved.folder).await.unwrap();
     assert_eq!(report.files, 2);
-    assert_eq!(report.tensors, 4);
-    assert_eq!(
-        report.bytes,
-        saved.manifest.files.iter().map(|f| f.size).sum::<u64>()
-    );
+    assert_eq!(report.tensors, 5);
+    assert_eq!(report.bytes, saved.manifest.total_bytes());
 
     let loaded = load_checkpoint(store, &saved.folder).await.unwrap();
     assert_eq!(
-        loaded.shards, want.shards,
-        "tensors, files and order survive"
+        loaded.tensors,
+        sorted(&want.tensors),
+        "whole tensors, sorted by name"
     );
+    assert_eq!(loaded.tensor("m.wte"), Some(&want.tensors[2]));
+    assert_eq!(loaded.tensor("scalar"), Some(&want.tensors[3]));
+    assert_eq!(loaded.tensor("nope"), None);
     assert_eq!(loaded.url, saved.url);
+    assert_eq!(loaded.folder, saved.folder);
     let m = &loaded.manifest;
+    assert_eq!(m, &saved.manifest);
     assert_eq!((m.step, m.generation, m.data_cursor), (10, 2, 320));
-    assert_eq!(m.config, want.config);
+    assert_eq!(m.config, want.meta.config);
     assert_eq!(m.config_hash, "cafe");
-    assert_eq!(m.rng, want.rng);
-    assert_eq!(m.extra, want.extra);
+    assert_eq!(m.rng, want.meta.rng);
+    assert_eq!(m.extra, want.meta.extra);
 
     let (latest, warnings) = latest_verified(store).await.unwrap().unwrap();
     assert_eq!(latest.folder, saved.folder);
@@ -108,14 +117,26 @@ async fn round_trip_on_disk_lays_out_plain_files() {
     let store = Store::open(&file_url(&dir)).unwrap();
     assert!(dir.is_dir(), "open creates the directory");
     round_trip(&store).await;
-    let folder = &list_checkpoints(&store).await.unwrap().committed[0].folder;
-    for file in [MANIFEST_FILE, "params.safetensors", "optim.safetensors"] {
-        assert!(on_disk(&dir, folder, file).is_file(), "{file}");
-    }
+    let folder = &list_checkpoints(&store).await.unwrap().attempts[0].folder;
+    let mut names: Vec<String> = std::fs::read_dir(dir.join(folder))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, [MANIFEST_FILE, S0, S1]);
     let manifest: Manifest =
         serde_json::from_slice(&std::fs::read(on_disk(&dir, folder, MANIFEST_FILE)).unwrap())
             .unwrap();
     assert_eq!(manifest.step, 10);
+    assert_eq!(manifest.format_version, 2);
+    let raw: Value =
+        serde_json::from_slice(&std::fs::read(on_disk(&dir, folder, MANIFEST_FILE)).unwrap())
+            .unwrap();
+    assert_eq!(
+        raw["tensors"][0]["rows"],
+        json!([0, 2]),
+        "rows: [start, end]"
+    );
 }
 
 #[tokio::test]
@@ -123,29 +144,34 @@ async fn empty_store_has_no_latest() {
     let store = Store::open("memory://").unwrap();
     assert!(latest_verified(&store).await.unwrap().is_none());
     let listing = list_checkpoints(&store).await.unwrap();
-    assert!(listing.committed.is_empty() && listing.uncommitted.is_empty());
+    assert!(listing.attempts.is_empty());
+    assert!(listing.newest_committed().is_none());
 }
 
 #[tokio::test]
 async fn saving_a_step_twice_makes_two_folders_and_latest_is_the_newer() {
     let store = Store::open("memory://").unwrap();
-    let first = save_checkpoint(&store, &content(5, 0)).await.unwrap();
+    let first = save_checkpoint(&store, &content(5, 0), 2).await.unwrap();
     let mut again = content(5, 1);
-    again.data_cursor = 999;
-    let second = save_checkpoint(&store, &again).await.unwrap();
+    again.meta.data_cursor = 999;
+    let second = save_checkpoint(&store, &again, 2).await.unwrap();
     assert_ne!(first.folder, second.folder);
     assert!(second.manifest.created_unix_ms > first.manifest.created_unix_ms);
 
     let listing = list_checkpoints(&store).await.unwrap();
-    let folders: Vec<_> = listing.committed.iter().map(|c| c.folder.clone()).collect();
+    let folders: Vec<_> = listing.attempts.iter().map(|c| c.folder.clone()).collect();
     assert_eq!(folders, vec![first.folder.clone(), second.folder.clone()]);
+    assert!(listing
+        .attempts
+        .iter()
+        .all(|a| a.status == AttemptStatus::Committed));
 
     let (latest, _) = latest_verified(&store).await.unwrap().unwrap();
     assert_eq!(latest.folder, second.folder);
     assert_eq!(latest.manifest.data_cursor, 999);
 
     // An older step saved later still loses to the higher step.
-    save_checkpoint(&store, &content(4, 2)).await.unwrap();
+    save_checkpoint(&store, &content(4, 2), 2).await.unwrap();
     let (latest, _) = latest_verified(&store).await.unwrap().unwrap();
     assert_eq!(latest.folder, second.folder);
 }
@@ -154,19 +180,18 @@ async fn saving_a_step_twice_makes_two_folders_and_latest_is_the_newer() {
 async fn a_flipped_byte_fails_verify_and_latest_falls_back() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&file_url(tmp.path())).unwrap();
-    let old = save_checkpoint(&store, &content(1, 0)).await.unwrap();
-    let new = save_checkpoint(&store, &content(2, 0)).await.unwrap();
+    let old = save_checkpoint(&store, &content(1, 0), 2).await.unwrap();
+    let new = save_checkpoint(&store, &content(2, 0), 2).await.unwrap();
 
-    let path = on_disk(tmp.path(), &new.folder, "params.safetensors");
-    let mut bytes = std::fs::read(&path).unwrap();
-    *bytes.last_mut().unwrap() ^= 0x01;
-    std::fs::write(&path, bytes).unwrap();
+    let path = on_disk(tmp.path(), &new.folder, S0);
+    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    flip_byte(&path, len - 1);
 
     let err = verify_checkpoint(&store, &new.folder).await.unwrap_err();
     match &err {
         StorageError::Corrupt { url, file, reason } => {
             assert_eq!(url, &new.url);
-            assert_eq!(file, "params.safetensors");
+            assert_eq!(file, S0);
             assert!(
                 reason.starts_with("SHA-256 mismatch (expected "),
                 "{reason}"
@@ -176,10 +201,7 @@ async fn a_flipped_byte_fails_verify_and_latest_falls_back() {
     }
     let msg = err.to_string();
     assert!(
-        msg.starts_with(&format!(
-            "checkpoint {}: params.safetensors: SHA-256 mismatch",
-            new.url
-        )),
+        msg.starts_with(&format!("checkpoint {}: {S0}: SHA-256 mismatch", new.url)),
         "{msg}"
     );
     assert!(load_checkpoint(&store, &new.folder).await.is_err());
@@ -190,7 +212,7 @@ async fn a_flipped_byte_fails_verify_and_latest_falls_back() {
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains(&new.url), "{}", warnings[0]);
     assert!(
-        warnings[0].contains("params.safetensors: SHA-256 mismatch"),
+        warnings[0].contains(&format!("{S0}: SHA-256 mismatch")),
         "{}",
         warnings[0]
     );
@@ -201,8 +223,8 @@ async fn a_flipped_byte_fails_verify_and_latest_falls_back() {
 async fn a_truncated_or_missing_shard_is_corrupt() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&file_url(tmp.path())).unwrap();
-    let saved = save_checkpoint(&store, &content(1, 0)).await.unwrap();
-    let path = on_disk(tmp.path(), &saved.folder, "optim.safetensors");
+    let saved = save_checkpoint(&store, &content(1, 0), 2).await.unwrap();
+    let path = on_disk(tmp.path(), &saved.folder, S1);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
     let err = verify_checkpoint(&store, &saved.folder)
@@ -210,7 +232,11 @@ async fn a_truncated_or_missing_shard_is_corrupt() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("optim.safetensors: size mismatch (expected"),
+        err.contains(&format!(
+            "{S1}: size mismatch (expected {} bytes, got {})",
+            bytes.len(),
+            bytes.len() - 3
+        )),
         "{err}"
     );
 
@@ -219,15 +245,15 @@ async fn a_truncated_or_missing_shard_is_corrupt() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("optim.safetensors: missing"), "{err}");
+    assert!(err.contains(&format!("{S1}: missing")), "{err}");
 }
 
 #[tokio::test]
-async fn a_garbage_manifest_is_listed_bad_and_skipped() {
+async fn a_garbage_manifest_is_listed_corrupt_and_skipped() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&file_url(tmp.path())).unwrap();
-    let good = save_checkpoint(&store, &content(1, 0)).await.unwrap();
-    let truncated = save_checkpoint(&store, &content(2, 0)).await.unwrap();
+    let good = save_checkpoint(&store, &content(1, 0), 2).await.unwrap();
+    let truncated = save_checkpoint(&store, &content(2, 0), 2).await.unwrap();
     let path = on_disk(tmp.path(), &truncated.folder, MANIFEST_FILE);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
@@ -237,37 +263,66 @@ async fn a_garbage_manifest_is_listed_bad_and_skipped() {
     std::fs::write(on_disk(tmp.path(), garbage, MANIFEST_FILE), b"\x00not json").unwrap();
 
     let listing = list_checkpoints(&store).await.unwrap();
-    let summary: Vec<(String, bool)> = listing
-        .committed
+    let summary: Vec<(String, &str, Option<&str>, bool)> = listing
+        .attempts
         .iter()
-        .map(|c| (c.folder.clone(), c.manifest.is_ok()))
+        .map(|a| {
+            let file = match &a.status {
+                AttemptStatus::Corrupt { file, .. } => Some(file.as_str()),
+                _ => None,
+            };
+            (
+                a.folder.clone(),
+                a.status.label(),
+                file,
+                a.manifest.is_some(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
         vec![
-            (good.folder.clone(), true),
-            (truncated.folder.clone(), false),
-            (garbage.to_string(), false),
+            (good.folder.clone(), "committed", None, true),
+            (
+                truncated.folder.clone(),
+                "corrupt",
+                Some(MANIFEST_FILE),
+                false
+            ),
+            (garbage.to_string(), "corrupt", Some(MANIFEST_FILE), false),
         ]
     );
-    let reason = listing.committed[2].manifest.as_ref().unwrap_err();
-    assert!(reason.contains("does not parse"), "{reason}");
+    match &listing.attempts[2].status {
+        AttemptStatus::Corrupt { reason, .. } => {
+            assert!(reason.contains("does not parse"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(listing.with_manifest().count(), 3);
+    assert_eq!(
+        listing.newest_committed().map(|a| a.folder.as_str()),
+        Some(good.folder.as_str())
+    );
 
     let (latest, warnings) = latest_verified(&store).await.unwrap().unwrap();
     assert_eq!(latest.folder, good.folder);
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     assert!(warnings[0].contains(garbage), "newest first: {warnings:?}");
     assert!(warnings[1].contains(&truncated.folder), "{warnings:?}");
+    assert!(
+        warnings.iter().all(|w| w.contains(MANIFEST_FILE)),
+        "{warnings:?}"
+    );
 }
 
 #[tokio::test]
 async fn all_corrupt_is_none_verify() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&file_url(tmp.path())).unwrap();
-    let a = save_checkpoint(&store, &content(1, 0)).await.unwrap();
-    let b = save_checkpoint(&store, &content(2, 0)).await.unwrap();
+    let a = save_checkpoint(&store, &content(1, 0), 2).await.unwrap();
+    let b = save_checkpoint(&store, &content(2, 0), 2).await.unwrap();
     std::fs::write(on_disk(tmp.path(), &a.folder, MANIFEST_FILE), b"{").unwrap();
-    std::fs::remove_file(on_disk(tmp.path(), &b.folder, "params.safetensors")).unwrap();
+    std::fs::remove_file(on_disk(tmp.path(), &b.folder, S0)).unwrap();
 
     match latest_verified(&store).await {
         Err(StorageError::NoneVerify {
@@ -277,7 +332,7 @@ async fn all_corrupt_is_none_verify() {
             assert_eq!(url, store.url());
             assert!(newest_problem.contains(&b.url), "{newest_problem}");
             assert!(
-                newest_problem.contains("params.safetensors: missing"),
+                newest_problem.contains(&format!("{S0}: missing")),
                 "{newest_problem}"
             );
         }
@@ -286,12 +341,12 @@ async fn all_corrupt_is_none_verify() {
 }
 
 #[tokio::test]
-async fn shards_without_a_manifest_are_uncommitted_and_never_latest() {
+async fn shards_without_a_manifest_are_incomplete_and_never_latest() {
     let store = Store::open("memory://").unwrap();
-    let uncommitted = "step-0000000009-g0-0123456789ab";
-    let shard = tenax_storage::shard::encode_shard(&[tensor("wte", &[2], 1.0)]).unwrap();
+    let incomplete = "step-0000000009-g0-0123456789ab";
+    let shard = tenax_storage::encode_shard(&[tensor("wte", &[2], 1.0)]).unwrap();
     store
-        .put_new(&format!("{uncommitted}/params.safetensors"), shard.into())
+        .put_new(&format!("{incomplete}/{S0}"), shard.into())
         .await
         .unwrap();
     // Not a checkpoint folder at all: ignored.
@@ -301,58 +356,145 @@ async fn shards_without_a_manifest_are_uncommitted_and_never_latest() {
         .unwrap();
 
     let listing = list_checkpoints(&store).await.unwrap();
-    assert!(listing.committed.is_empty());
-    assert_eq!(listing.uncommitted, vec![uncommitted.to_string()]);
+    assert_eq!(listing.attempts.len(), 1);
+    let a = &listing.attempts[0];
+    assert_eq!(a.folder, incomplete);
+    assert_eq!(a.status, AttemptStatus::Incomplete);
+    assert_eq!(a.status.label(), "incomplete");
+    assert!(a.manifest.is_none());
+    assert!(!a.has_manifest());
+    assert_eq!(listing.with_manifest().count(), 0);
+    assert!(listing.newest_committed().is_none());
     assert!(latest_verified(&store).await.unwrap().is_none());
-    let err = load_checkpoint(&store, uncommitted)
+    let err = load_checkpoint(&store, incomplete)
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("MANIFEST.json: missing"), "{err}");
 
-    let committed = save_checkpoint(&store, &content(1, 0)).await.unwrap();
+    let committed = save_checkpoint(&store, &content(1, 0), 2).await.unwrap();
     let (latest, warnings) = latest_verified(&store).await.unwrap().unwrap();
     assert_eq!(latest.folder, committed.folder);
     assert!(warnings.is_empty());
 }
 
-/// Rewrite a committed manifest on disk (as tampering would).
-fn tamper_manifest(dir: &Path, folder: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+/// Rewrite a committed manifest on disk (as tampering would). With `reseal`, the edited
+/// manifest is written by [`Manifest::to_json`], so its self-checksum matches again (a forger
+/// who knows the format); without, the JSON is written as edited.
+fn tamper_manifest(dir: &Path, folder: &str, reseal: bool, edit: impl FnOnce(&mut Value)) {
     let path = on_disk(dir, folder, MANIFEST_FILE);
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     edit(&mut m);
-    std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+    let bytes = if reseal {
+        serde_json::from_value::<Manifest>(m).unwrap().to_json()
+    } else {
+        serde_json::to_vec_pretty(&m).unwrap()
+    };
+    std::fs::write(&path, bytes).unwrap();
+}
+
+/// The manifest entry of the slice of `name` stored in `file`.
+fn slice_mut<'a>(m: &'a mut Value, name: &str, file: &str) -> &'a mut Value {
+    m["tensors"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|t| t["name"] == name && t["file"] == file)
+        .unwrap_or_else(|| panic!("no slice of {name} in {file}"))
+}
+
+fn remove_slice(m: &mut Value, name: &str, file: &str) {
+    m["tensors"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|t| !(t["name"] == name && t["file"] == file));
 }
 
 #[tokio::test]
 async fn manifest_and_files_must_agree() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&file_url(tmp.path())).unwrap();
-    type Edit = fn(&mut serde_json::Value);
+    // The layout (see round_trip): S0 = ln.bias [0,2), m.wte [0,3);
+    // S1 = m.wte [3,4), scalar, wte [0,4).
+    type Edit = fn(&mut Value);
     let cases: &[(&str, Edit, &str, &str)] = &[
+        (
+            "any edit without resealing",
+            |m| m["data_cursor"] = json!(12345),
+            MANIFEST_FILE,
+            "self-checksum mismatch: MANIFEST.json was altered after it was written",
+        ),
+        (
+            "self-checksum removed",
+            |m| {
+                m.as_object_mut().unwrap().remove("manifest_sha256");
+            },
+            MANIFEST_FILE,
+            "has no manifest_sha256 self-checksum",
+        ),
         (
             "tensor missing from its file",
             |m| {
                 m["tensors"].as_array_mut().unwrap().push(json!(
-                    {"name": "ghost", "file": "params.safetensors", "dtype": "F32", "shape": [1]}
+                    {"name": "ghost", "file": S0, "dtype": "F32", "shape": [1], "rows": [0, 1]}
                 ))
             },
-            "params.safetensors",
+            S0,
             "tensor \"ghost\" listed in MANIFEST.json is missing from the file",
         ),
         (
             "wrong shape",
-            |m| m["tensors"][0]["shape"] = json!([8]),
-            "params.safetensors",
+            |m| {
+                let t = slice_mut(m, "wte", S1);
+                t["shape"] = json!([8]);
+                t["rows"] = json!([0, 8]);
+            },
+            S1,
             "has shape [4, 2], MANIFEST.json says [8]",
         ),
         (
             "tensor dropped from the manifest",
-            |m| {
-                m["tensors"].as_array_mut().unwrap().remove(1);
-            },
-            "params.safetensors",
+            |m| remove_slice(m, "ln.bias", S0),
+            S0,
             "\"ln.bias\" is in the file but not in MANIFEST.json",
+        ),
+        (
+            "rows moved between files (still a tiling)",
+            |m| {
+                slice_mut(m, "m.wte", S0)["rows"] = json!([0, 2]);
+                slice_mut(m, "m.wte", S1)["rows"] = json!([2, 4]);
+            },
+            S0,
+            "tensor \"m.wte\" has shape [3, 2], MANIFEST.json says [2, 2]",
+        ),
+        (
+            "overlapping rows",
+            |m| slice_mut(m, "m.wte", S0)["rows"] = json!([0, 4]),
+            MANIFEST_FILE,
+            "tensor `m.wte` rows 3..4 were saved in both `shard-00000.safetensors` and `shard-00001.safetensors`",
+        ),
+        (
+            "no rows in a version 2 manifest means the whole tensor",
+            |m| {
+                slice_mut(m, "m.wte", S1)
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("rows");
+            },
+            MANIFEST_FILE,
+            "were saved in both",
+        ),
+        (
+            "rows saved nowhere",
+            |m| remove_slice(m, "m.wte", S1),
+            MANIFEST_FILE,
+            "tensor `m.wte` rows 3..4 were saved in no file",
+        ),
+        (
+            "rows in a version 1 manifest",
+            |m| m["format_version"] = json!(1),
+            MANIFEST_FILE,
+            "which format_version 1 does not have",
         ),
         (
             "manifest moved to another step's folder",
@@ -363,23 +505,30 @@ async fn manifest_and_files_must_agree() {
         (
             "hash edited",
             |m| m["files"][1]["sha256"] = json!("00".repeat(32)),
-            "optim.safetensors",
+            S1,
             "SHA-256 mismatch",
         ),
     ];
     for (what, edit, file, want) in cases {
-        let saved = save_checkpoint(&store, &content(10, 0)).await.unwrap();
-        tamper_manifest(tmp.path(), &saved.folder, edit);
+        let saved = save_checkpoint(&store, &content(10, 0), 2).await.unwrap();
+        let reseal = !what.contains("resealing") && !what.contains("self-checksum");
+        tamper_manifest(tmp.path(), &saved.folder, reseal, edit);
         match verify_checkpoint(&store, &saved.folder).await {
             Err(StorageError::Corrupt {
                 file: got_file,
                 reason,
                 ..
             }) => {
-                assert_eq!(&got_file, file, "{what}");
+                assert_eq!(&got_file, file, "{what}: {reason}");
                 assert!(reason.contains(want), "{what}: {reason}");
             }
             other => panic!("{what}: want Corrupt, got {other:?}"),
+        }
+        match load_checkpoint(&store, &saved.folder).await {
+            Err(StorageError::Corrupt { file: got_file, .. }) => {
+                assert_eq!(&got_file, file, "{what}")
+            }
+            other => panic!("{what}: load: want Corrupt, got {other:?}"),
         }
     }
 }
@@ -388,30 +537,39 @@ async fn manifest_and_files_must_agree() {
 async fn bad_content_is_refused_and_writes_nothing() {
     let store = Store::open("memory://").unwrap();
     type Edit = fn(&mut CheckpointContent);
-    let cases: &[(Edit, &str)] = &[
+    let cases: &[(Edit, u32, &str)] = &[
         (
-            |c| c.shards[0].1[0].data.pop().map(drop).unwrap(),
+            |c| {
+                c.tensors[0].data.pop();
+            },
+            2,
             "has 7 values but shape [4, 2] needs 8",
         ),
         (
-            |c| c.shards[1].0 = "params.safetensors".into(),
-            "appears twice",
+            |c| c.tensors[3].data.push(1.0),
+            1,
+            "has 2 values but shape [] needs 1",
         ),
-        (|c| c.shards[1].0 = MANIFEST_FILE.into(), "not allowed"),
-        (|c| c.shards[1].0 = "a/b".into(), "not allowed"),
-        (|c| c.shards[1].0 = String::new(), "not allowed"),
+        (
+            |c| c.tensors[1].name = "wte".into(),
+            2,
+            "tensor `wte` is listed twice",
+        ),
         (
             |c| {
-                let t = c.shards[0].1[0].clone();
-                c.shards[0].1.push(t)
+                let t = c.tensors[0].clone();
+                c.tensors.push(t)
             },
-            "appears twice",
+            3,
+            "listed twice",
         ),
+        (|c| c.tensors[1].name = String::new(), 2, "empty name"),
+        (|_| {}, 0, "a save needs at least one writer"),
     ];
-    for (edit, want) in cases {
+    for (edit, writers, want) in cases {
         let mut c = content(1, 0);
         edit(&mut c);
-        match save_checkpoint(&store, &c).await {
+        match save_checkpoint(&store, &c, *writers).await {
             Err(e @ StorageError::Format { .. }) => {
                 assert!(e.to_string().contains(want), "{e}")
             }
@@ -450,9 +608,9 @@ async fn child_stores_share_the_backend_under_a_folder() {
     let root = Store::open("memory://").unwrap();
     let job = root.child("job-1").unwrap();
     assert_eq!(job.url(), "memory://job-1");
-    let saved = save_checkpoint(&job, &content(3, 0)).await.unwrap();
+    let saved = save_checkpoint(&job, &content(3, 0), 2).await.unwrap();
     assert_eq!(saved.url, format!("memory://job-1/{}", saved.folder));
-    assert!(list_checkpoints(&root).await.unwrap().committed.is_empty());
+    assert!(list_checkpoints(&root).await.unwrap().attempts.is_empty());
     let keys = root.list_keys().await.unwrap();
     assert!(
         keys.contains(&format!("job-1/{}/{MANIFEST_FILE}", saved.folder)),
@@ -469,7 +627,7 @@ async fn a_wrapped_object_store_keeps_keys_under_its_prefix() {
     let inner: std::sync::Arc<dyn ObjectStore> =
         std::sync::Arc::new(object_store::memory::InMemory::new());
     let store = Store::from_object_store("test://wrapped", inner.clone(), "runs/a");
-    let saved = save_checkpoint(&store, &content(1, 0)).await.unwrap();
+    let saved = save_checkpoint(&store, &content(1, 0), 2).await.unwrap();
     assert_eq!(saved.url, format!("test://wrapped/{}", saved.folder));
     let outside = Store::from_object_store("test://root", inner, "");
     let keys = outside.list_keys().await.unwrap();
@@ -480,7 +638,7 @@ async fn a_wrapped_object_store_keeps_keys_under_its_prefix() {
     assert!(list_checkpoints(&outside)
         .await
         .unwrap()
-        .committed
+        .attempts
         .is_empty());
     load_checkpoint(&store, &saved.folder).await.unwrap();
 }
