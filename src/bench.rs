@@ -1,6 +1,8 @@
 //! `tenax bench ...`: measurements printed as one JSON line each.
 //!
 //! - `train`: training throughput on synthetic tokens.
+//! - `ckpt`: training stall per asynchronous save, and checkpoint upload/restore throughput
+//!   as ratios to raw object_store puts/gets of the same bytes, side by side.
 //! - `ckpt-kill`: kill -9 training processes during saves; count torn loads (must be 0) and
 //!   compare finished runs with one never killed, bit for bit.
 
@@ -9,11 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use tenax_actors::{TrainData, TrainSetup, Trainer};
+use futures::{StreamExt, TryStreamExt};
+use tenax_actors::{
+    CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, TrainData, TrainSetup, Trainer,
+};
 use tenax_core::rng::SplitMix64;
 use tenax_core::slots::BatchLayout;
 use tenax_model::{AdamW, AdamWConfig, GptConfig, ParamLayout};
-use tenax_storage::{AttemptStatus, Store};
+use tenax_storage::{AttemptStatus, CheckpointMeta, Store, TensorData};
 
 /// Options of `tenax bench train`.
 #[derive(Clone, Debug, clap::Args)]
@@ -381,4 +386,246 @@ fn tempfile_dir() -> Result<PathBuf> {
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     Ok(dir)
+}
+
+/// Options of `tenax bench ckpt`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchCkptArgs {
+    /// Model preset (nano: 10.7M parameters, 128 MB of state per checkpoint).
+    #[arg(long, default_value = "nano")]
+    pub preset: String,
+    /// Checkpoint store (default: file:// in a fresh temporary directory). S3 URLs use the
+    /// AWS_* environment.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Data-parallel ranks (and checkpoint writers).
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// Samples per step.
+    #[arg(long, default_value_t = 12)]
+    pub batch_size: u64,
+    /// Save every this many steps in the timed phase with saves.
+    #[arg(long, default_value_t = 10)]
+    pub ckpt_every: u64,
+    /// Timed steps per phase; phases alternate without and with saves, twice each.
+    #[arg(long, default_value_t = 20)]
+    pub steps: u64,
+    /// Repeats of the upload/restore comparison.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Training stall per save (async checkpoints) and checkpoint upload/restore throughput as
+/// ratios to raw object_store puts/gets of the same bytes, measured side by side.
+pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
+    let model = GptConfig::preset(&a.preset, 65).map_err(|e| anyhow!("--preset: {e}"))?;
+    let batch = BatchLayout::new(a.batch_size, 4.min(a.batch_size)).map_err(|e| anyhow!("{e}"))?;
+    let layout = ParamLayout::for_config(&model);
+    let mut rng = SplitMix64::new(7);
+    let tokens: Vec<u32> = (0..(model.block_size + 1) * 512)
+        .map(|_| rng.below(65) as u32)
+        .collect();
+    let data = Arc::new(TrainData {
+        train: tokens.clone(),
+        val: tokens,
+    });
+    let tmp = tempfile_dir()?;
+    let store_url = a
+        .store
+        .clone()
+        .unwrap_or_else(|| format!("file://{}", tmp.join("store").display()));
+    let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
+    let setup = TrainSetup {
+        model: model.clone(),
+        adamw: AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+        grad_clip: 1.0,
+        batch,
+        seed: 1,
+        ranks: a.ranks,
+        step_timeout: Duration::from_secs(600),
+    };
+    let params = tenax_model::init_params(&model, &layout, 1);
+    let trainer = Trainer::start(setup, data, params, AdamW::new(layout.total))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut checkpointer = Checkpointer::start(
+        store.clone(),
+        CheckpointPolicy {
+            writers: a.ranks as u32,
+            retention: None,
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+    let meta = |step: u64| CheckpointMeta {
+        step,
+        generation: 0,
+        config: serde_json::json!({"bench": "ckpt"}),
+        config_hash: "bench".into(),
+        data_cursor: step,
+        rng: serde_json::Value::Null,
+        extra: serde_json::Value::Null,
+    };
+    let snapshot_tensors = |snap: tenax_actors::Snapshot, layout: ParamLayout| {
+        let mut t: Vec<TensorData> = tenax_model::named_params(&layout, &snap.params)
+            .into_iter()
+            .chain(snap.opt.named_state(&layout))
+            .map(|n| TensorData {
+                name: n.name,
+                shape: n.shape,
+                data: n.data,
+            })
+            .collect();
+        t.sort_by(|x, y| x.name.cmp(&y.name));
+        t
+    };
+
+    let mut step = 0u64;
+    for _ in 0..3 {
+        trainer
+            .step(step, step * a.batch_size, 1e-3)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        step += 1;
+    }
+    // Alternate phases: plain, with saves, plain, with saves.
+    let (mut plain_s, mut saving_s, mut stalls) = (0.0, 0.0, Vec::new());
+    let mut saves = 0u64;
+    for phase in 0..4 {
+        let with_saves = phase % 2 == 1;
+        let t0 = Instant::now();
+        for i in 0..a.steps {
+            trainer
+                .step(step, step * a.batch_size, 1e-3)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            step += 1;
+            if with_saves && (i + 1) % a.ckpt_every == 0 {
+                let t_save = Instant::now();
+                let snap = trainer.snapshot().await.map_err(|e| anyhow!("{e}"))?;
+                let l = layout.clone();
+                checkpointer
+                    .save(SaveJob {
+                        meta: meta(step),
+                        build: Box::new(move || snapshot_tensors(snap, l)),
+                    })
+                    .map_err(|e| anyhow!("{e}"))?;
+                stalls.push(t_save.elapsed().as_secs_f64());
+                saves += 1;
+            }
+        }
+        if with_saves {
+            saving_s += t0.elapsed().as_secs_f64();
+            // Uploads still running after the phase are waited for outside the timing; the
+            // next plain phase starts with an idle store.
+            checkpointer
+                .flush(Duration::from_secs(1800))
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+        } else {
+            plain_s += t0.elapsed().as_secs_f64();
+        }
+    }
+    let events = checkpointer.take_events();
+    let committed = events
+        .iter()
+        .filter(|e| matches!(e, CheckpointEvent::Committed { .. }))
+        .count();
+    let failed = events
+        .iter()
+        .filter(|e| matches!(e, CheckpointEvent::Failed { .. }))
+        .count();
+    let steps_per_phase_pair = (2 * a.steps) as f64;
+    let step_s = plain_s / steps_per_phase_pair;
+    let stall_s = median(stalls.clone());
+    let slowdown_per_save_s = (saving_s - plain_s) / saves.max(1) as f64;
+    let cycle_s = a.ckpt_every as f64 * step_s;
+
+    // Upload and restore throughput against raw object_store calls on the same bytes.
+    let snap = trainer.snapshot().await.map_err(|e| anyhow!("{e}"))?;
+    trainer.shutdown().await;
+    checkpointer.shutdown().await;
+    let content = tenax_storage::CheckpointContent {
+        meta: meta(step),
+        tensors: snapshot_tensors(snap, layout.clone()),
+    };
+    let (mut save_ratio, mut load_ratio, mut save_mb_s, mut load_mb_s) =
+        (vec![], vec![], vec![], vec![]);
+    let mut bytes_total = 0u64;
+    for r in 0..a.repeats {
+        let t0 = Instant::now();
+        let saved = tenax_storage::save_checkpoint(&store, &content, a.ranks as u32)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let t_save = t0.elapsed().as_secs_f64();
+        // The same files' bytes, put raw (same concurrency, same part size rule).
+        let mut files = Vec::new();
+        for f in &saved.manifest.files {
+            let b = store
+                .get(&format!("{}/{}", saved.folder, f.name))
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+                .ok_or_else(|| anyhow!("{} vanished", f.name))?;
+            files.push((format!("raw-{r}/{}", f.name), b));
+        }
+        bytes_total = files.iter().map(|(_, b)| b.len() as u64).sum();
+        let t0 = Instant::now();
+        futures::stream::iter(files.clone())
+            .map(|(key, bytes)| {
+                let store = &store;
+                async move { store.put_large(&key, bytes).await }
+            })
+            .buffer_unordered(4)
+            .try_collect::<Vec<()>>()
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let t_raw_put = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let loaded = tenax_storage::load_checkpoint(&store, &saved.folder)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let t_load = t0.elapsed().as_secs_f64();
+        drop(loaded);
+        let t0 = Instant::now();
+        futures::stream::iter(files.iter().map(|(k, _)| k.clone()))
+            .map(|key| {
+                let store = &store;
+                async move { store.get(&key).await }
+            })
+            .buffer_unordered(4)
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let t_raw_get = t0.elapsed().as_secs_f64();
+        save_ratio.push(t_raw_put / t_save);
+        load_ratio.push(t_raw_get / t_load);
+        save_mb_s.push(bytes_total as f64 / 1e6 / t_save);
+        load_mb_s.push(bytes_total as f64 / 1e6 / t_load);
+    }
+    let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "ckpt", "preset": a.preset, "store": store_url, "ranks": a.ranks, "threads": threads,
+            "checkpoint_bytes": bytes_total, "ckpt_every": a.ckpt_every, "saves": saves,
+            "committed": committed, "failed": failed,
+            "step_ms": step_s * 1e3, "stall_ms_per_save_median": stall_s * 1e3,
+            "stall_share_of_cycle": stall_s / cycle_s,
+            "slowdown_ms_per_save": slowdown_per_save_s * 1e3,
+            "slowdown_share_of_cycle": slowdown_per_save_s / cycle_s,
+            "save_mb_s_median": median(save_mb_s), "upload_ratio_to_raw_put_median": median(save_ratio),
+            "load_mb_s_median": median(load_mb_s), "restore_ratio_to_raw_get_median": median(load_ratio),
+        })
+    );
+    Ok(())
 }

@@ -127,6 +127,9 @@ enum BenchCommand {
     /// that every resume loads a complete checkpoint and that finished runs match a run
     /// never killed, bit for bit.
     CkptKill(bench::BenchCkptKillArgs),
+    /// Training stall per checkpoint save, and upload/restore throughput as ratios to raw
+    /// object_store puts/gets of the same bytes to the same store.
+    Ckpt(bench::BenchCkptArgs),
 }
 
 fn main() -> ExitCode {
@@ -178,6 +181,7 @@ fn main() -> ExitCode {
             Command::Bench { command } => match command {
                 BenchCommand::Train(a) => bench::train(a).await,
                 BenchCommand::CkptKill(a) => bench::ckpt_kill(a).await,
+                BenchCommand::Ckpt(a) => bench::ckpt(a).await,
             },
         }
     });

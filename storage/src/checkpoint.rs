@@ -15,10 +15,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use safetensors::SafeTensors;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tenax_core::ckpt::{
@@ -28,10 +30,10 @@ use tenax_core::ckpt::{
 
 use crate::error::StorageError;
 use crate::manifest::{
-    check_file, folder_name, parse_folder_name, sha256_hex, FileEntry, Manifest, TensorEntry,
-    DTYPE_F32, FORMAT_VERSION, MANIFEST_FILE,
+    folder_name, parse_folder_name, sha256_hex, FileEntry, Manifest, TensorEntry, DTYPE_F32,
+    FORMAT_VERSION, MANIFEST_FILE,
 };
-use crate::shard::{decode_shard, encode_shard, TensorData};
+use crate::shard::{decode_shard, encode_refs, read_rows_into, TensorData, TensorRef};
 use crate::store::{ObjectInfo, Store};
 
 /// At most this many files are uploaded or downloaded at once by one call.
@@ -284,20 +286,19 @@ pub fn begin_save(meta: CheckpointMeta) -> PendingSave {
     }
 }
 
-/// Write one writer's shard of a save plan into the attempt's folder: copy its row slices out
-/// of `tensors` (whole tensors by name), encode them as safetensors, hash, and upload once
-/// (multipart when large). Encoding and hashing run on a blocking thread.
+/// Write one writer's shard of a save plan into the attempt's folder: encode its row slices
+/// of `tensors` (whole tensors by name) as safetensors, then upload (multipart when large) and
+/// hash at the same time. Encoding and hashing run on blocking threads.
 pub async fn write_shard(
     store: &Store,
     pending: &PendingSave,
     shard: &WriterShard,
-    tensors: &BTreeMap<String, TensorData>,
+    tensors: &Arc<BTreeMap<String, TensorData>>,
 ) -> Result<WrittenShard, StorageError> {
     let format_err = |reason: String| StorageError::Format {
         url: store.url().to_string(),
         reason,
     };
-    let mut slices = Vec::with_capacity(shard.slices.len());
     let mut entries = Vec::with_capacity(shard.slices.len());
     for s in &shard.slices {
         let t = tensors.get(&s.tensor).ok_or_else(|| {
@@ -312,28 +313,15 @@ pub async fn write_shard(
                 s.tensor, t.shape, s.shape
             )));
         }
-        let per_row = row_elems(&t.shape);
-        let mut shape = t.shape.clone();
-        if let Some(first) = shape.first_mut() {
-            *first = s.rows.len();
+        let want: usize = t.shape.iter().product();
+        if t.data.len() != want {
+            return Err(format_err(format!(
+                "tensor {:?} has {} values but shape {:?} needs {want}",
+                t.name,
+                t.data.len(),
+                t.shape
+            )));
         }
-        let data = t
-            .data
-            .get(s.rows.start * per_row..s.rows.end * per_row)
-            .ok_or_else(|| {
-                format_err(format!(
-                    "tensor {:?} has {} values, too few for its shape {:?}",
-                    t.name,
-                    t.data.len(),
-                    t.shape
-                ))
-            })?
-            .to_vec();
-        slices.push(TensorData {
-            name: t.name.clone(),
-            shape,
-            data,
-        });
         entries.push(TensorEntry {
             name: t.name.clone(),
             file: shard.file.clone(),
@@ -342,28 +330,40 @@ pub async fn write_shard(
             rows: Some([s.rows.start, s.rows.end]),
         });
     }
-    let (bytes, sha256) = tokio::task::spawn_blocking(move || {
-        encode_shard(&slices).map(|bytes| {
-            let sha = sha256_hex(&bytes);
-            (bytes, sha)
-        })
+    let shared = Arc::clone(tensors);
+    let slices = shard.slices.clone();
+    let bytes = tokio::task::spawn_blocking(move || {
+        let refs: Vec<TensorRef<'_>> = slices
+            .iter()
+            .map(|s| {
+                let t = &shared[&s.tensor];
+                let per_row = row_elems(&t.shape);
+                let mut shape = t.shape.clone();
+                if let Some(first) = shape.first_mut() {
+                    *first = s.rows.len();
+                }
+                let data = &t.data[s.rows.start * per_row..s.rows.end * per_row];
+                (t.name.as_str(), shape, data)
+            })
+            .collect();
+        encode_refs(&refs, None)
     })
     .await
     .map_err(|e| format_err(format!("encoding {} panicked: {e}", shard.file)))?
     .map_err(|e| format_err(format!("{}: {e}", shard.file)))?;
-    let file = FileEntry {
-        name: shard.file.clone(),
-        size: bytes.len() as u64,
-        sha256,
-    };
-    store
-        .put_large(
-            &format!("{}/{}", pending.folder, shard.file),
-            Bytes::from(bytes),
-        )
-        .await?;
+    let bytes = Bytes::from(bytes);
+    let to_hash = bytes.clone();
+    let hashing = tokio::task::spawn_blocking(move || sha256_hex(&to_hash));
+    let key = format!("{}/{}", pending.folder, shard.file);
+    let (put, sha256) = tokio::join!(store.put_large(&key, bytes.clone()), hashing);
+    put?;
+    let sha256 = sha256.map_err(|e| format_err(format!("hashing {} panicked: {e}", shard.file)))?;
     Ok(WrittenShard {
-        file,
+        file: FileEntry {
+            name: shard.file.clone(),
+            size: bytes.len() as u64,
+            sha256,
+        },
         tensors: entries,
     })
 }
@@ -461,6 +461,7 @@ pub async fn save_checkpoint(
         }
         by_name.insert(t.name.clone(), t.clone());
     }
+    let by_name = Arc::new(by_name);
     let pending = begin_save(content.meta.clone());
     let pending_ref = &pending;
     let by_name_ref = &by_name;
@@ -560,8 +561,8 @@ pub async fn list_checkpoints(store: &Store) -> Result<Listing, StorageError> {
     Ok(Listing { attempts })
 }
 
-/// Read a committed checkpoint and check everything against its manifest; with `assemble`,
-/// also return its whole tensors.
+/// Read a committed checkpoint and check everything against its manifest (each file hashed
+/// as it downloads); with `assemble`, also return its whole tensors.
 async fn read_checkpoint(
     store: &Store,
     folder: &str,
@@ -590,10 +591,10 @@ async fn read_checkpoint(
     }
     let manifest_ref = &manifest;
     let corrupt_ref = &corrupt;
-    let shards: Vec<(String, Vec<TensorData>, u64)> = futures::stream::iter(manifest.files.clone())
+    let files: Vec<(String, Bytes, usize)> = futures::stream::iter(manifest.files.clone())
         .map(|entry| async move {
-            let bytes = store
-                .get(&format!("{folder}/{}", entry.name))
+            let (bytes, sha256) = store
+                .get_hashed(&format!("{folder}/{}", entry.name))
                 .await?
                 .ok_or_else(|| {
                     corrupt_ref(
@@ -601,48 +602,65 @@ async fn read_checkpoint(
                         "missing: listed in MANIFEST.json but not in the store".into(),
                     )
                 })?;
+            check_hashed(&entry, bytes.len() as u64, &sha256)
+                .map_err(|e| corrupt_ref(&entry.name, e))?;
             let expected: Vec<TensorEntry> =
                 manifest_ref.tensors_in(&entry.name).cloned().collect();
-            let entry_owned = entry.clone();
-            let checked = tokio::task::spawn_blocking(move || {
-                check_file(&entry_owned, &bytes)?;
+            let structure = bytes.clone();
+            let slices = tokio::task::spawn_blocking(move || {
                 let refs: Vec<&TensorEntry> = expected.iter().collect();
-                decode_shard(&bytes, &refs, assemble).map(|t| (t, bytes.len() as u64))
+                decode_shard(&structure, &refs, false).map(|t| t.len())
             })
             .await
-            .map_err(|e| corrupt_ref(&entry.name, format!("checking panicked: {e}")))?;
-            let (tensors, size) = checked.map_err(|e| corrupt_ref(&entry.name, e))?;
-            Ok::<_, StorageError>((entry.name.clone(), tensors, size))
+            .map_err(|e| corrupt_ref(&entry.name, format!("checking panicked: {e}")))?
+            .map_err(|e| corrupt_ref(&entry.name, e))?;
+            Ok::<_, StorageError>((entry.name.clone(), bytes, slices))
         })
         .buffered(MAX_CONCURRENT_TRANSFERS)
         .try_collect()
         .await?;
     let report = VerifyReport {
-        files: shards.len(),
-        bytes: shards.iter().map(|s| s.2).sum(),
-        tensors: shards.iter().map(|s| s.1.len()).sum(),
+        files: files.len(),
+        bytes: files.iter().map(|f| f.1.len() as u64).sum(),
+        tensors: files.iter().map(|f| f.2).sum(),
     };
     if !assemble {
         return Ok((manifest, Vec::new(), report));
     }
-    let tensors =
-        assemble_tensors(&manifest, shards).map_err(|reason| corrupt(MANIFEST_FILE, reason))?;
+    let for_assembly = manifest.clone();
+    let tensors = tokio::task::spawn_blocking(move || {
+        let files: Vec<(String, Bytes)> = files.into_iter().map(|(n, b, _)| (n, b)).collect();
+        assemble_tensors(&for_assembly, &files)
+    })
+    .await
+    .map_err(|e| corrupt(MANIFEST_FILE, format!("assembling panicked: {e}")))?
+    .map_err(|reason| corrupt(MANIFEST_FILE, reason))?;
     Ok((manifest, tensors, report))
 }
 
-/// Whole tensors from decoded slices, following the load plan for one rank.
+/// Check a downloaded file's size and hash against its manifest entry.
+fn check_hashed(entry: &FileEntry, size: u64, sha256: &str) -> Result<(), String> {
+    if size != entry.size {
+        return Err(format!(
+            "size mismatch (expected {} bytes, got {size})",
+            entry.size
+        ));
+    }
+    if !sha256.eq_ignore_ascii_case(&entry.sha256) {
+        return Err(format!(
+            "SHA-256 mismatch (expected {}, got {sha256})",
+            entry.sha256
+        ));
+    }
+    Ok(())
+}
+
+/// Whole tensors from verified shard files, following the load plan for one rank: each value
+/// is converted once, straight from the file bytes into its place.
 fn assemble_tensors(
     manifest: &Manifest,
-    shards: Vec<(String, Vec<TensorData>, u64)>,
+    files: &[(String, Bytes)],
 ) -> Result<Vec<TensorData>, String> {
-    let saved = manifest.saved_slices();
-    let plan = load_plan(&saved, &replicated_needs(&saved, 1)).map_err(|e| e.to_string())?;
-    let mut slices: BTreeMap<(String, String), TensorData> = BTreeMap::new();
-    for (file, tensors, _) in shards {
-        for t in tensors {
-            slices.insert((file.clone(), t.name.clone()), t);
-        }
-    }
     let mut out: BTreeMap<String, TensorData> = manifest
         .tensor_shapes()
         .into_iter()
@@ -658,17 +676,31 @@ fn assemble_tensors(
             )
         })
         .collect();
+    if out.is_empty() {
+        return Ok(Vec::new());
+    }
+    let saved = manifest.saved_slices();
+    let plan = load_plan(&saved, &replicated_needs(&saved, 1)).map_err(|e| e.to_string())?;
+    let parsed: BTreeMap<&str, SafeTensors<'_>> = files
+        .iter()
+        .map(|(name, bytes)| {
+            SafeTensors::deserialize(bytes)
+                .map(|st| (name.as_str(), st))
+                .map_err(|e| format!("{name}: not a readable safetensors file ({e})"))
+        })
+        .collect::<Result<_, String>>()?;
     let rank = plan.ranks.first().ok_or("the load plan is empty")?;
     for read in &rank.reads {
-        let src = slices
-            .get(&(read.file.clone(), read.tensor.clone()))
-            .ok_or_else(|| format!("{} is not in {}", read.tensor, read.file))?;
+        let st = parsed
+            .get(read.file.as_str())
+            .ok_or_else(|| format!("{} is not among the files read", read.file))?;
         let dst = out
             .get_mut(&read.tensor)
             .ok_or_else(|| format!("{} has no shape", read.tensor))?;
         let per_row = row_elems(&dst.shape);
-        let from = &src.data[read.src_rows.start * per_row..read.src_rows.end * per_row];
-        dst.data[read.dst_rows.start * per_row..read.dst_rows.end * per_row].copy_from_slice(from);
+        let target = &mut dst.data[read.dst_rows.start * per_row..read.dst_rows.end * per_row];
+        read_rows_into(st, &read.tensor, read.src_rows.start, per_row, target)
+            .map_err(|e| format!("{}: {e}", read.file))?;
     }
     Ok(out.into_values().collect())
 }

@@ -66,7 +66,9 @@ const SELF_HASH_KEY: &str = "\"manifest_sha256\": \"";
 /// sits; `None` if the bytes have no self-checksum field of 64 characters.
 fn self_hash(bytes: &[u8]) -> Option<(String, usize)> {
     let key = SELF_HASH_KEY.as_bytes();
-    let at = bytes.windows(key.len()).position(|w| w == key)? + key.len();
+    // The field is the manifest's last: a key of the same name inside config, rng or extra
+    // comes earlier.
+    let at = bytes.windows(key.len()).rposition(|w| w == key)? + key.len();
     let value = bytes.get(at..at + 64)?;
     if bytes.get(at + 64) != Some(&b'"') || value.contains(&b'"') {
         return None;

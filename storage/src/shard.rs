@@ -17,6 +17,9 @@ pub struct TensorData {
     pub data: Vec<f32>,
 }
 
+/// A borrowed tensor (or row slice of one) to encode: name, shape as stored, values.
+pub type TensorRef<'a> = (&'a str, Vec<usize>, &'a [f32]);
+
 /// Encode tensors as one safetensors file. Errors (as a reason) on a duplicate name or data
 /// that does not fill its shape.
 pub fn encode_shard(tensors: &[TensorData]) -> Result<Vec<u8>, String> {
@@ -31,41 +34,92 @@ pub fn encode_shard_with_metadata(
     tensors: &[TensorData],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<Vec<u8>, String> {
+    let refs: Vec<TensorRef<'_>> = tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.clone(), t.data.as_slice()))
+        .collect();
+    encode_refs(&refs, metadata)
+}
+
+/// The little-endian bytes of f32 values: borrowed as they are on a little-endian machine,
+/// converted on a big-endian one.
+fn le_bytes(data: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: f32 has no padding and every bit pattern is a valid u8; the slice covers
+        // exactly the `len * 4` initialised bytes of `data`, borrowed for its lifetime.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
+        };
+        std::borrow::Cow::Borrowed(bytes)
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        std::borrow::Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+}
+
+/// Encode borrowed tensors (or row slices) as one safetensors file, copying each value
+/// once. Errors as [`encode_shard`].
+pub fn encode_refs(
+    tensors: &[TensorRef<'_>],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>, String> {
     let mut names = BTreeSet::new();
-    let mut le = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        if t.name.is_empty() {
+    for (name, shape, data) in tensors {
+        if name.is_empty() {
             return Err("a tensor has an empty name".into());
         }
-        if !names.insert(t.name.as_str()) {
-            return Err(format!("tensor {:?} appears twice", t.name));
+        if !names.insert(*name) {
+            return Err(format!("tensor {name:?} appears twice"));
         }
-        let want: usize = t.shape.iter().product();
-        if t.data.len() != want {
+        let want: usize = shape.iter().product();
+        if data.len() != want {
             return Err(format!(
-                "tensor {:?} has {} values but shape {:?} needs {want}",
-                t.name,
-                t.data.len(),
-                t.shape
+                "tensor {name:?} has {} values but shape {shape:?} needs {want}",
+                data.len()
             ));
         }
-        le.push(
-            t.data
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        );
     }
+    let bytes: Vec<std::borrow::Cow<'_, [u8]>> =
+        tensors.iter().map(|(_, _, data)| le_bytes(data)).collect();
     let views = tensors
         .iter()
-        .zip(&le)
-        .map(|(t, bytes)| {
-            TensorView::new(Dtype::F32, t.shape.clone(), bytes)
-                .map(|v| (t.name.as_str(), v))
-                .map_err(|e| format!("tensor {:?}: {e}", t.name))
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (*name, v))
+                .map_err(|e| format!("tensor {name:?}: {e}"))
         })
         .collect::<Result<Vec<_>, String>>()?;
     safetensors::serialize(views, metadata).map_err(|e| format!("safetensors encoding failed: {e}"))
+}
+
+/// The f32 values of `rows` rows (of `row_elems` values each) of a tensor stored in a
+/// safetensors file, starting at row `first_row` of what the file holds, written into `out`.
+/// Errors (as a reason) if the file does not hold those rows of that tensor as F32.
+pub fn read_rows_into(
+    st: &SafeTensors<'_>,
+    name: &str,
+    first_row: usize,
+    row_elems: usize,
+    out: &mut [f32],
+) -> Result<(), String> {
+    let view = st
+        .tensor(name)
+        .map_err(|_| format!("tensor {name:?} is missing from the file"))?;
+    if view.dtype() != Dtype::F32 {
+        return Err(format!("tensor {name:?} is not F32"));
+    }
+    let start = first_row * row_elems * 4;
+    let src = view
+        .data()
+        .get(start..start + out.len() * 4)
+        .ok_or_else(|| format!("tensor {name:?} holds fewer rows than MANIFEST.json says"))?;
+    for (d, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+        *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    Ok(())
 }
 
 /// Check a safetensors file against the tensor slices a manifest lists for it: every listed

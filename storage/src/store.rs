@@ -17,6 +17,7 @@ use object_store::{
     BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
     RetryConfig,
 };
+use sha2::{Digest, Sha256};
 
 use crate::error::StorageError;
 
@@ -313,6 +314,31 @@ impl Store {
         }
     }
 
+    /// Read a whole object and its SHA-256 (lowercase hex), hashing each chunk as it arrives
+    /// so that hashing overlaps the download; `Ok(None)` if there is none at `key`.
+    pub async fn get_hashed(&self, key: &str) -> Result<Option<(Bytes, String)>, StorageError> {
+        let got = match self.inner.get(&self.path(key)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.os_error("get", key, e)),
+        };
+        let mut buf = bytes::BytesMut::with_capacity(usize::try_from(got.meta.size).unwrap_or(0));
+        let mut hasher = Sha256::new();
+        let mut stream = got.into_stream();
+        loop {
+            match stream.try_next().await {
+                Ok(Some(chunk)) => {
+                    hasher.update(&chunk);
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.os_error("get", key, e)),
+            }
+        }
+        Ok(Some((buf.freeze(), hex::encode(hasher.finalize()))))
+    }
+
     /// Read a whole object; `Ok(None)` if there is none at `key`.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
         let got = match self.inner.get(&self.path(key)).await {
@@ -340,6 +366,18 @@ impl Store {
         }
         let part = part_size_for(size, self.options.min_part_bytes) as usize;
         let path = self.path(key);
+        // A multipart upload cannot be conditional: refuse a key that is already there (a
+        // racing writer could still slip in between; keys are per attempt, so none does).
+        match self.inner.head(&path).await {
+            Ok(_) => {
+                return Err(StorageError::AlreadyExists {
+                    url: self.url.clone(),
+                    key: key.to_string(),
+                })
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.os_error("head", key, e)),
+        }
         let mut upload = self
             .inner
             .put_multipart(&path)
@@ -413,6 +451,20 @@ impl Store {
     }
 }
 
+/// A `/`-separated prefix as an object store path (leading and trailing `/` ignored).
+fn parse_prefix(prefix: &str) -> Result<Path, String> {
+    let trimmed = prefix.trim_matches('/');
+    if trimmed.split('/').any(|s| s == "." || s == "..") {
+        return Err(format!("prefix {trimmed:?} has a . or .. segment"));
+    }
+    Path::parse(trimmed).map_err(|e| format!("bad prefix {trimmed:?}: {e}"))
+}
+
+/// A name usable as one path segment: non-empty, no `/`, not `.` or `..`.
+pub(crate) fn is_plain_segment(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && !name.contains('\\') && name != "." && name != ".."
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,18 +488,4 @@ mod tests {
             assert!(part >= S3_MIN_PART_BYTES);
         }
     }
-}
-
-/// A `/`-separated prefix as an object store path (leading and trailing `/` ignored).
-fn parse_prefix(prefix: &str) -> Result<Path, String> {
-    let trimmed = prefix.trim_matches('/');
-    if trimmed.split('/').any(|s| s == "." || s == "..") {
-        return Err(format!("prefix {trimmed:?} has a . or .. segment"));
-    }
-    Path::parse(trimmed).map_err(|e| format!("bad prefix {trimmed:?}: {e}"))
-}
-
-/// A name usable as one path segment: non-empty, no `/`, not `.` or `..`.
-pub(crate) fn is_plain_segment(name: &str) -> bool {
-    !name.is_empty() && !name.contains('/') && !name.contains('\\') && name != "." && name != ".."
 }
