@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
 use tenax_actors::{
     CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, TrainData, TrainSetup, Trainer,
 };
@@ -413,6 +414,13 @@ pub struct BenchCkptArgs {
     /// Repeats of the upload/restore comparison.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Compare upload/restore on a synthetic state of this many MiB (16 tensors) instead of
+    /// the trained model's snapshot, e.g. to see a gpt2-size checkpoint (1,400 MiB).
+    #[arg(long, value_name = "MIB")]
+    pub state_mib: Option<usize>,
+    /// Files larger than this are uploaded as multipart uploads (default: the store's, 32).
+    #[arg(long, value_name = "MIB")]
+    pub multipart_threshold_mib: Option<u64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -439,7 +447,11 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
         .store
         .clone()
         .unwrap_or_else(|| format!("file://{}", tmp.join("store").display()));
-    let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
+    let mut options = tenax_storage::StoreOptions::default();
+    if let Some(mib) = a.multipart_threshold_mib {
+        options.multipart_threshold_bytes = mib << 20;
+    }
+    let store = Store::open_with(&store_url, options).map_err(|e| anyhow!("{e}"))?;
     let setup = TrainSetup {
         model: model.clone(),
         adamw: AdamWConfig {
@@ -555,58 +567,108 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
     let snap = trainer.snapshot().await.map_err(|e| anyhow!("{e}"))?;
     trainer.shutdown().await;
     checkpointer.shutdown().await;
+    let tensors = match a.state_mib {
+        None => snapshot_tensors(snap, layout.clone()),
+        Some(mib) => {
+            drop(snap);
+            let rows = (mib << 20) / 4 / 1024 / 16;
+            (0..16)
+                .map(|i| TensorData {
+                    name: format!("synthetic.{i:02}"),
+                    shape: vec![rows, 1024],
+                    data: (0..rows * 1024)
+                        .map(|j| (j % 1000) as f32 * 1e-3 + i as f32)
+                        .collect(),
+                })
+                .collect()
+        }
+    };
     let content = tenax_storage::CheckpointContent {
         meta: meta(step),
-        tensors: snapshot_tensors(snap, layout.clone()),
+        tensors,
     };
     let (mut save_ratio, mut load_ratio, mut save_mb_s, mut load_mb_s) =
         (vec![], vec![], vec![], vec![]);
     let mut bytes_total = 0u64;
     for r in 0..a.repeats {
-        let t0 = Instant::now();
-        let saved = tenax_storage::save_checkpoint(&store, &content, a.ranks as u32)
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        let t_save = t0.elapsed().as_secs_f64();
-        // The same files' bytes, put raw (same concurrency, same part size rule).
-        let mut files = Vec::new();
-        for f in &saved.manifest.files {
-            let b = store
-                .get(&format!("{}/{}", saved.folder, f.name))
-                .await
-                .map_err(|e| anyhow!("{e}"))?
-                .ok_or_else(|| anyhow!("{} vanished", f.name))?;
-            files.push((format!("raw-{r}/{}", f.name), b));
+        // The same bytes as our files, put and got with plain object_store calls (one PUT and
+        // one GET per file, all files at once); ours and raw alternate which goes first.
+        let ours_first = r % 2 == 0;
+        let mut t_save = 0.0;
+        let mut saved = None;
+        let mut t_raw_put = 0.0;
+        let mut files: Vec<(object_store::path::Path, bytes::Bytes)> = Vec::new();
+        for turn in 0..2 {
+            if (turn == 0) == ours_first {
+                let t0 = Instant::now();
+                let s = tenax_storage::save_checkpoint(&store, &content, a.ranks as u32)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                t_save = t0.elapsed().as_secs_f64();
+                if files.is_empty() {
+                    for f in &s.manifest.files {
+                        let b = store
+                            .get(&format!("{}/{}", s.folder, f.name))
+                            .await
+                            .map_err(|e| anyhow!("{e}"))?
+                            .ok_or_else(|| anyhow!("{} vanished", f.name))?;
+                        files.push((store.path(&format!("raw-{r}/{}", f.name)), b));
+                    }
+                }
+                saved = Some(s);
+            } else {
+                if files.is_empty() {
+                    // Raw goes first: encode the same files without timing it.
+                    let probe = tenax_storage::save_checkpoint(&store, &content, a.ranks as u32)
+                        .await
+                        .map_err(|e| anyhow!("{e}"))?;
+                    for f in &probe.manifest.files {
+                        let b = store
+                            .get(&format!("{}/{}", probe.folder, f.name))
+                            .await
+                            .map_err(|e| anyhow!("{e}"))?
+                            .ok_or_else(|| anyhow!("{} vanished", f.name))?;
+                        files.push((store.path(&format!("raw-{r}/{}", f.name)), b));
+                    }
+                }
+                let t0 = Instant::now();
+                futures::stream::iter(files.clone())
+                    .map(|(path, bytes)| {
+                        let inner = store.inner();
+                        async move { inner.put(&path, bytes.into()).await }
+                    })
+                    .buffer_unordered(4)
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(|e| anyhow!("raw put: {e}"))?;
+                t_raw_put = t0.elapsed().as_secs_f64();
+            }
         }
+        let saved = saved.expect("ours ran");
         bytes_total = files.iter().map(|(_, b)| b.len() as u64).sum();
-        let t0 = Instant::now();
-        futures::stream::iter(files.clone())
-            .map(|(key, bytes)| {
-                let store = &store;
-                async move { store.put_large(&key, bytes).await }
-            })
-            .buffer_unordered(4)
-            .try_collect::<Vec<()>>()
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        let t_raw_put = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        let loaded = tenax_storage::load_checkpoint(&store, &saved.folder)
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        let t_load = t0.elapsed().as_secs_f64();
-        drop(loaded);
-        let t0 = Instant::now();
-        futures::stream::iter(files.iter().map(|(k, _)| k.clone()))
-            .map(|key| {
-                let store = &store;
-                async move { store.get(&key).await }
-            })
-            .buffer_unordered(4)
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        let t_raw_get = t0.elapsed().as_secs_f64();
+        let (mut t_load, mut t_raw_get) = (0.0, 0.0);
+        for turn in 0..2 {
+            if (turn == 0) == ours_first {
+                let t0 = Instant::now();
+                let loaded = tenax_storage::load_checkpoint(&store, &saved.folder)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                t_load = t0.elapsed().as_secs_f64();
+                drop(loaded);
+            } else {
+                let t0 = Instant::now();
+                futures::stream::iter(files.iter().map(|(p, _)| p.clone()))
+                    .map(|path| {
+                        let inner = store.inner();
+                        async move { inner.get(&path).await?.bytes().await }
+                    })
+                    .buffer_unordered(4)
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(|e| anyhow!("raw get: {e}"))?;
+                t_raw_get = t0.elapsed().as_secs_f64();
+            }
+        }
         save_ratio.push(t_raw_put / t_save);
         load_ratio.push(t_raw_get / t_load);
         save_mb_s.push(bytes_total as f64 / 1e6 / t_save);

@@ -301,7 +301,7 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     let trainer = Trainer::start(setup, data, start.params, start.opt)
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let retention = (cfg.keep_last > 0 || cfg.keep_every > 0).then(|| RetentionPolicy {
+    let retention = (cfg.keep_last > 0 || cfg.keep_every > 0).then_some(RetentionPolicy {
         keep_last: cfg.keep_last as usize,
         keep_every: cfg.keep_every,
         min_uncommitted_age_ms: 3_600_000,

@@ -594,7 +594,7 @@ async fn read_checkpoint(
     let files: Vec<(String, Bytes, usize)> = futures::stream::iter(manifest.files.clone())
         .map(|entry| async move {
             let (bytes, sha256) = store
-                .get_hashed(&format!("{folder}/{}", entry.name))
+                .get_hashed(&format!("{folder}/{}", entry.name), Some(entry.size))
                 .await?
                 .ok_or_else(|| {
                     corrupt_ref(

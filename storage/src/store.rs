@@ -21,6 +21,9 @@ use sha2::{Digest, Sha256};
 
 use crate::error::StorageError;
 
+/// Downloaded chunks waiting for the hashing thread, at most.
+const HASH_QUEUE_CHUNKS: usize = 256;
+
 /// S3 has a hard limit of 10,000 parts per multipart upload.
 pub const S3_MAX_PARTS: u64 = 10_000;
 /// S3 refuses parts smaller than 5 MiB (except the last one).
@@ -45,6 +48,12 @@ pub struct StoreOptions {
     pub min_part_bytes: u64,
     /// Parts of one multipart upload in flight at once.
     pub part_concurrency: usize,
+    /// Remote objects larger than this are read as parallel ranged GETs of this size; 0
+    /// (the default) reads each object with one streamed GET. Ranged reads pay off on real
+    /// S3, where one stream is throttled; against moto they are slower (it copies a
+    /// multipart object whole for every range), so they are off until measured on the
+    /// target store.
+    pub range_read_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -57,6 +66,7 @@ impl Default for StoreOptions {
             multipart_threshold_bytes: 32 << 20,
             min_part_bytes: 8 << 20,
             part_concurrency: 4,
+            range_read_bytes: 0,
         }
     }
 }
@@ -91,6 +101,9 @@ pub struct Store {
     prefix: Path,
     /// Upload settings.
     options: StoreOptions,
+    /// Whether the backend is across a network (S3, or a wrapped store of unknown kind):
+    /// large reads then go as parallel ranged GETs, hashed as they arrive.
+    remote: bool,
 }
 
 impl Store {
@@ -124,6 +137,7 @@ impl Store {
                 inner: Arc::new(InMemory::new()),
                 prefix,
                 options,
+                remote: false,
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| {
@@ -149,6 +163,7 @@ impl Store {
                     inner: Arc::new(local),
                     prefix: Path::default(),
                     options,
+                    remote: false,
                 })
             }
             "s3" => {
@@ -193,6 +208,7 @@ impl Store {
                     inner: Arc::new(s3),
                     prefix,
                     options,
+                    remote: true,
                 })
             }
             other => Err(bad(format!("unsupported scheme {other:?}"))),
@@ -212,6 +228,7 @@ impl Store {
             inner,
             prefix,
             options: StoreOptions::default(),
+            remote: true,
         }
     }
 
@@ -255,6 +272,7 @@ impl Store {
             inner: Arc::clone(&self.inner),
             prefix: self.prefix.clone().join(name),
             options: self.options.clone(),
+            remote: self.remote,
         })
     }
 
@@ -267,8 +285,8 @@ impl Store {
         }
     }
 
-    /// The backend path of a key.
-    fn path(&self, key: &str) -> Path {
+    /// The backend path of a key (for calling the backend directly, e.g. in benchmarks).
+    pub fn path(&self, key: &str) -> Path {
         key.split('/')
             .filter(|s| !s.is_empty())
             .fold(self.prefix.clone(), |p, seg| p.join(seg))
@@ -314,24 +332,100 @@ impl Store {
         }
     }
 
-    /// Read a whole object and its SHA-256 (lowercase hex), hashing each chunk as it arrives
-    /// so that hashing overlaps the download; `Ok(None)` if there is none at `key`.
-    pub async fn get_hashed(&self, key: &str) -> Result<Option<(Bytes, String)>, StorageError> {
+    /// Read a whole object and its SHA-256 (lowercase hex); `Ok(None)` if there is none at
+    /// `key`. Local objects are read whole and hashed on a blocking thread. Remote objects
+    /// are streamed and hashed chunk by chunk as they arrive, so hashing overlaps the
+    /// download; with [`StoreOptions::range_read_bytes`] set, objects larger than it are
+    /// read as ranged GETs instead, at most [`StoreOptions::part_concurrency`] in flight.
+    ///
+    /// `expected_size` (e.g. from a manifest) saves a size request before ranged reads.
+    pub async fn get_hashed(
+        &self,
+        key: &str,
+        expected_size: Option<u64>,
+    ) -> Result<Option<(Bytes, String)>, StorageError> {
+        if !self.remote {
+            let Some(bytes) = self.get(key).await? else {
+                return Ok(None);
+            };
+            let for_hash = bytes.clone();
+            let sha = tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&for_hash)))
+                .await
+                .map_err(|e| StorageError::Format {
+                    url: self.url.clone(),
+                    reason: format!("hashing {key} panicked: {e}"),
+                })?;
+            return Ok(Some((bytes, sha)));
+        }
+        let range = self.options.range_read_bytes;
+        if range > 0 && expected_size.is_none_or(|n| n > range) {
+            return self.get_ranges_hashed(key, range).await;
+        }
         let got = match self.inner.get(&self.path(key)).await {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.os_error("get", key, e)),
         };
         let mut buf = bytes::BytesMut::with_capacity(usize::try_from(got.meta.size).unwrap_or(0));
-        let mut hasher = Sha256::new();
+        // A blocking thread hashes the chunks while the download goes on (bounded queue).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE_CHUNKS);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = Sha256::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hex::encode(hasher.finalize())
+        });
         let mut stream = got.into_stream();
         loop {
             match stream.try_next().await {
                 Ok(Some(chunk)) => {
+                    buf.extend_from_slice(&chunk);
+                    if tx.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.os_error("get", key, e)),
+            }
+        }
+        drop(tx);
+        let sha = hasher.await.map_err(|e| StorageError::Format {
+            url: self.url.clone(),
+            reason: format!("hashing {key} panicked: {e}"),
+        })?;
+        Ok(Some((buf.freeze(), sha)))
+    }
+
+    /// [`Store::get_hashed`] as ranged GETs of `range` bytes, hashed in order.
+    async fn get_ranges_hashed(
+        &self,
+        key: &str,
+        range: u64,
+    ) -> Result<Option<(Bytes, String)>, StorageError> {
+        let path = self.path(key);
+        let size = match self.inner.head(&path).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.os_error("head", key, e)),
+        };
+        let mut buf = bytes::BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
+        let mut hasher = Sha256::new();
+        let path_ref = &path;
+        let mut chunks = futures::stream::iter((0..size).step_by(range as usize))
+            .map(|start| async move {
+                self.inner
+                    .get_range(path_ref, start..(start + range).min(size))
+                    .await
+            })
+            .buffered(self.options.part_concurrency.max(1));
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Ok(chunk) => {
                     hasher.update(&chunk);
                     buf.extend_from_slice(&chunk);
                 }
-                Ok(None) => break,
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
                 Err(e) => return Err(self.os_error("get", key, e)),
             }
