@@ -690,18 +690,58 @@ fn assemble_tensors(
         })
         .collect::<Result<_, String>>()?;
     let rank = plan.ranks.first().ok_or("the load plan is empty")?;
+    let mut reads_of: BTreeMap<&str, Vec<&tenax_core::ckpt::Read>> = BTreeMap::new();
     for read in &rank.reads {
-        let st = parsed
-            .get(read.file.as_str())
-            .ok_or_else(|| format!("{} is not among the files read", read.file))?;
-        let dst = out
-            .get_mut(&read.tensor)
-            .ok_or_else(|| format!("{} has no shape", read.tensor))?;
-        let per_row = row_elems(&dst.shape);
-        let target = &mut dst.data[read.dst_rows.start * per_row..read.dst_rows.end * per_row];
-        read_rows_into(st, &read.tensor, read.src_rows.start, per_row, target)
-            .map_err(|e| format!("{}: {e}", read.file))?;
+        if !parsed.contains_key(read.file.as_str()) {
+            return Err(format!("{} is not among the files read", read.file));
+        }
+        reads_of.entry(read.tensor.as_str()).or_default().push(read);
     }
+    // Tensors are disjoint: fill them on a few threads, biggest first to the least loaded.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let mut jobs: Vec<&mut TensorData> = out.values_mut().collect();
+    jobs.sort_by_key(|t| std::cmp::Reverse(t.data.len()));
+    let mut groups: Vec<(usize, Vec<&mut TensorData>)> =
+        (0..threads).map(|_| (0, Vec::new())).collect();
+    for t in jobs {
+        let g = groups
+            .iter_mut()
+            .min_by_key(|(load, _)| *load)
+            .expect("at least one thread");
+        g.0 += t.data.len();
+        g.1.push(t);
+    }
+    let (parsed, reads_of) = (&parsed, &reads_of);
+    let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|(_, group)| {
+                scope.spawn(move || {
+                    for dst in group {
+                        let per_row = row_elems(&dst.shape);
+                        for read in reads_of.get(dst.name.as_str()).into_iter().flatten() {
+                            let target = &mut dst.data
+                                [read.dst_rows.start * per_row..read.dst_rows.end * per_row];
+                            read_rows_into(
+                                &parsed[read.file.as_str()],
+                                &read.tensor,
+                                read.src_rows.start,
+                                per_row,
+                                target,
+                            )
+                            .map_err(|e| format!("{}: {e}", read.file))?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("assembly panicked".into())))
+            .collect()
+    });
+    results.into_iter().collect::<Result<(), String>>()?;
     Ok(out.into_values().collect())
 }
 
