@@ -925,12 +925,7 @@ fn s3_saves_through_injected_faults_commit_or_fail_cleanly() {
         &tenax_chaos::s3_env_for(&proxy.endpoint()),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let stats = proxy.stats();
-    eprintln!("proxy: {stats:?}");
-    assert!(
-        stats.errors_injected > 0 && stats.dropped_after > 0,
-        "{stats:?}"
-    );
+    eprintln!("proxy after the training run: {:?}", proxy.stats());
     // Every save either committed or failed with a warning; the run itself may fail only
     // because its final save failed, and then it says so.
     if !out.status.success() {
@@ -1009,8 +1004,16 @@ fn s3_saves_through_injected_faults_commit_or_fail_cleanly() {
         committed_direct, ok_saves,
         "every reported commit is visible, nothing else is"
     );
-    eprintln!("direct saves: {ok_saves} committed ({read_back} by read-back), {failed_saves} failed cleanly; proxy {:?}", proxy.stats());
+    let stats = proxy.stats();
+    eprintln!(
+        "direct saves: {ok_saves} committed ({read_back} by read-back), {failed_saves} failed cleanly; proxy {stats:?}"
+    );
     assert!(ok_saves > 0);
+    // The faults really happened (about 190 requests at these rates).
+    assert!(
+        stats.errors_injected > 0 && stats.dropped_after > 0,
+        "{stats:?}"
+    );
 
     if out.status.success() {
         // Faults change nothing in the math: same weights as a fault-free local run.
