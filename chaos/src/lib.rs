@@ -15,16 +15,21 @@
 //! - [`http_proxy`]: [`FaultProxy`], a seeded HTTP/1.1 proxy in front of such a server
 //!   that injects S3 errors (503 `SlowDown`, 500 `InternalError`), dropped connections,
 //!   lost responses and latency, so that object_store's own retries get exercised.
+//! - [`etcd`]: [`EtcdServer`], a real local one-member etcd (`etcd`) on free ports with a
+//!   temporary data directory: stop (kill -9), restart on the same ports and data, killed
+//!   on drop.
 //! - [`fault_store`]: [`FaultStore`], an `ObjectStore` wrapper that "crashes" at a
 //!   [`CrashPoint`] (after N bytes, before or after a given put) and fails every call
 //!   from then on, like a dead process.
 
 #![warn(missing_docs)]
 
+pub mod etcd;
 pub mod fault_store;
 pub mod http_proxy;
 pub mod moto;
 
+pub use etcd::EtcdServer;
 pub use fault_store::{CrashPoint, FaultStore};
 pub use http_proxy::{FaultAction, FaultDecision, FaultProxy, ProxyEvent, ProxyFaults, ProxyStats};
 pub use moto::{s3_env_for, MotoServer};

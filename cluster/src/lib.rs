@@ -4,12 +4,15 @@
 //! - [`collective`]: the [`Collective`] trait every backend implements, and the exact
 //!   slot-ordered reduction that makes a step's result independent of the number of ranks.
 //! - [`inprocess`]: the backend for ranks that share one process (`tenax train --ranks N`).
+//! - [`etcd`]: the etcd driver for membership and fencing: member leases and keep-alive,
+//!   leader election, the generation plan (one value, written by a guarded txn, watched),
+//!   and fenced commits (txns that compare the generation and the writer's lease).
 //!
-//! Still to come (daemon and membership issues): the CPU backend over the peer gRPC stream,
-//! NCCL through cudarc behind the `cuda` feature, and the etcd driver for membership and
-//! fencing.
+//! Still to come (daemon issues): the CPU backend over the peer gRPC stream and NCCL
+//! through cudarc behind the `cuda` feature.
 
 pub mod collective;
+pub mod etcd;
 pub mod inprocess;
 
 pub use collective::{Collective, CollectiveError, Reduced, SlotContribution, SlotFold};

@@ -7,6 +7,11 @@
 //! Modules:
 //! - [`ckpt`]: the checkpoint save plan (which rank writes which tensor slices), the load
 //!   plan for another number of ranks, and retention (which checkpoint folders to delete).
+//! - [`detector`]: failure detection: a peer is suspected after missing k x the observed
+//!   p99 of an operation, and a suspicion is confirmed (second reporter or failed probe)
+//!   before its lease is revoked.
+//! - [`membership`]: the group planner as a state machine (events in, effects out) and
+//!   the plan of a generation: D x S grid, stable ranks, state transfers, reasons.
 //! - [`rng`]: a small, versioned, seedable RNG (SplitMix64) and the normal sampler the
 //!   model uses to initialise weights, so that one seed gives the same weights on every
 //!   machine and every version of every dependency.
@@ -17,6 +22,8 @@
 //!   spread over data-parallel ranks.
 
 pub mod ckpt;
+pub mod detector;
+pub mod membership;
 pub mod rng;
 pub mod sampler;
 pub mod slots;

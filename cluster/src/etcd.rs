@@ -1,0 +1,1951 @@
+//! The etcd driver for membership and fencing of one job (async, tokio).
+//!
+//! Everything a job keeps in etcd lives under `/tenax/<job>/`:
+//!
+//! | key | value | written by |
+//! |---|---|---|
+//! | `members/<id>` | the member's info bytes, under the member's lease | [`EtcdMembership::register`] |
+//! | `leader/<lease hex>` | the member id of a campaigner (etcd's election keys) | [`EtcdMembership::campaign`] |
+//! | `gen` | the plan envelope `{"generation":N,"plan":<plan JSON>}` (one value) | [`EtcdMembership::write_plan`] |
+//! | anything else, e.g. `commits/<...>` | caller bytes | [`EtcdMembership::fenced_put`] |
+//!
+//! Fencing: a plan write and every commit is ONE etcd txn whose compares are the
+//! generation (the `gen` key's `mod_revision` that carried it, or its absence for the
+//! first plan) and the writer's lease (`lease(members/<id>) == writer lease`, false when the
+//! key is gone). A member whose lease expired, or that still believes in an older
+//! generation, cannot commit anything, whatever its clock says: safety rests on etcd
+//! revisions, never on lease timing.
+//!
+//! Every etcd call has a timeout ([`EtcdConfig::op_timeout`]); transient failures
+//! (unavailable, timeout, connection reset) are retried inside each call with bounded
+//! exponential backoff ([`EtcdConfig::max_retries`]), then surface as a typed
+//! [`EtcdError`] that names the endpoints and the key. Background tasks (lease
+//! keep-alive, plan watch) never panic: they report through tokio watch channels and end
+//! when their handle is dropped, when the lease is gone, or after
+//! [`EtcdConfig::give_up_after`] without an answer from etcd.
+//!
+//! Every request sent to etcd is counted ([`EtcdMembership::requests`]), so that a
+//! benchmark can report etcd requests per re-formation and per training step.
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse, KeyValue,
+    LeaderKey, LeaseKeepAliveStream, LeaseKeeper, PutOptions, ResignOptions, SortOrder, SortTarget,
+    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// HTTP/2 ping interval on open streams (watch, keep-alive): finds a dead or hung etcd
+/// on a long-lived stream. etcd refuses pings more often than every 5 s.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long an HTTP/2 ping may stay unanswered before the connection is dropped.
+const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The shortest keep-alive period, whatever the TTL.
+const MIN_KEEPALIVE_PERIOD: Duration = Duration::from_millis(200);
+
+/// How many times a plan write or a fenced put re-reads the `gen` key after finding its
+/// cached revision stale, before giving up with a [`EtcdError::Protocol`].
+const FENCE_ROUNDS: u32 = 3;
+
+/// The smallest lease TTL etcd grants with its default timing (3.4: 2 s).
+pub const MIN_LEASE_TTL_S: i64 = 2;
+
+/// Settings of one [`EtcdMembership`]. [`EtcdConfig::new`] fills in the defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// etcd client URLs, `http://host:port` (several for a cluster; the client balances).
+    pub endpoints: Vec<String>,
+    /// The job name: every key lives under `/tenax/<job>/`. Letters, digits, `.`, `_`, `-`.
+    pub job: String,
+    /// Member lease TTL in seconds (at least [`MIN_LEASE_TTL_S`]); keep-alives are sent
+    /// every third of it.
+    pub lease_ttl_s: i64,
+    /// Timeout of one etcd request (one attempt).
+    pub op_timeout: Duration,
+    /// Timeout of the first contact in [`EtcdMembership::connect`] and of each TCP connect.
+    pub connect_timeout: Duration,
+    /// Retries of a request after a transient failure (so `max_retries + 1` attempts).
+    pub max_retries: u32,
+    /// Backoff before the first retry; doubled per retry (with jitter) up to `backoff_max`.
+    pub backoff_initial: Duration,
+    /// The longest backoff between two retries.
+    pub backoff_max: Duration,
+    /// How long a background task (keep-alive, plan watch) keeps retrying without any
+    /// answer from etcd before it gives up and reports it.
+    pub give_up_after: Duration,
+    /// Capacity of the channel of a [`PlanWatch`] (the watch waits when it is full).
+    pub watch_buffer: usize,
+}
+
+impl EtcdConfig {
+    /// A config for `job` on `endpoints` with the defaults: lease TTL 5 s, request
+    /// timeout 5 s, connect timeout 3 s, 5 retries with backoff from 100 ms to 2 s,
+    /// background tasks give up after 10 min without etcd, watch buffer 64.
+    pub fn new(endpoints: Vec<String>, job: impl Into<String>) -> Self {
+        EtcdConfig {
+            endpoints,
+            job: job.into(),
+            lease_ttl_s: 5,
+            op_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            max_retries: 5,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            give_up_after: Duration::from_secs(600),
+            watch_buffer: 64,
+        }
+    }
+
+    /// Checks every field; the error says which one and what is allowed.
+    fn validate(&self) -> Result<(), EtcdError> {
+        let bad = |detail: String| Err(EtcdError::InvalidConfig { detail });
+        if self.endpoints.is_empty() {
+            return bad("no etcd endpoint given: pass at least one http://host:port".into());
+        }
+        for e in &self.endpoints {
+            if !e.starts_with("http://") {
+                return bad(format!(
+                    "etcd endpoint {e:?} is not an http:// URL (TLS is not supported yet): \
+                     write it as http://host:port"
+                ));
+            }
+        }
+        if self.job.is_empty()
+            || !self
+                .job
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return bad(format!(
+                "job name {:?} is empty or has characters other than letters, digits, '.', '_', '-'",
+                self.job
+            ));
+        }
+        if self.lease_ttl_s < MIN_LEASE_TTL_S {
+            return bad(format!(
+                "lease_ttl_s {} is below etcd's minimum of {MIN_LEASE_TTL_S} s",
+                self.lease_ttl_s
+            ));
+        }
+        if self.op_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return bad("op_timeout and connect_timeout must be above zero".into());
+        }
+        if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
+            return bad(format!(
+                "backoff_initial {:?} must be above zero and at most backoff_max {:?}",
+                self.backoff_initial, self.backoff_max
+            ));
+        }
+        if self.watch_buffer == 0 {
+            return bad("watch_buffer must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for EtcdConfig {
+    /// Job `default` on a local etcd, `http://127.0.0.1:2379`.
+    fn default() -> Self {
+        EtcdConfig::new(vec!["http://127.0.0.1:2379".to_string()], "default")
+    }
+}
+
+/// What went wrong talking to etcd. Every variant names the endpoints and the key (or
+/// the setting) concerned, and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// A setting of [`EtcdConfig`] is out of range.
+    #[error("invalid etcd configuration: {detail}")]
+    InvalidConfig {
+        /// Which setting, and what is allowed.
+        detail: String,
+    },
+    /// An argument of a call is not allowed (a reserved key, a generation that does not
+    /// grow, a plan that is not JSON).
+    #[error("invalid argument to {what}: {detail}")]
+    InvalidArgument {
+        /// The operation.
+        what: &'static str,
+        /// What is wrong and what is allowed.
+        detail: String,
+    },
+    /// etcd could not be reached (connection refused or reset, unavailable) after every
+    /// retry.
+    #[error(
+        "etcd at {endpoints} is unreachable: {what} {key} failed {attempts} time(s), last \
+         error: {last_error}; check that etcd runs there and that the endpoint list is right"
+    )]
+    Unreachable {
+        /// The endpoints tried, comma-separated.
+        endpoints: String,
+        /// The operation.
+        what: &'static str,
+        /// The key (or key prefix) concerned.
+        key: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last error seen.
+        last_error: String,
+    },
+    /// etcd did not answer within [`EtcdConfig::op_timeout`], on every attempt.
+    #[error(
+        "etcd at {endpoints} did not answer {what} {key} within {timeout:?} ({attempts} \
+         attempt(s)); etcd may be overloaded, partitioned or without a leader: retry later"
+    )]
+    Timeout {
+        /// The endpoints tried, comma-separated.
+        endpoints: String,
+        /// The operation.
+        what: &'static str,
+        /// The key concerned.
+        key: String,
+        /// The timeout of one attempt.
+        timeout: Duration,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The member's lease expired or was revoked: its keys are gone and nothing it
+    /// writes is accepted any more.
+    #[error(
+        "lease {lease:#x} of member {member_id} is gone (expired or revoked) at {endpoints}; \
+         register again to rejoin the job"
+    )]
+    LeaseLost {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// The member whose lease it was.
+        member_id: String,
+        /// The lease.
+        lease: i64,
+    },
+    /// etcd refused the request for a reason that a retry does not fix.
+    #[error("etcd at {endpoints} refused {what} {key}: {source}")]
+    Rejected {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// The operation.
+        what: &'static str,
+        /// The key concerned.
+        key: String,
+        /// etcd's answer.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// etcd answered with something the driver does not understand (a missing header, a
+    /// malformed plan value written by another tool).
+    #[error("etcd at {endpoints} answered {what} {key} with something unexpected: {detail}")]
+    Protocol {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// The operation.
+        what: &'static str,
+        /// The key concerned.
+        key: String,
+        /// What was unexpected, and what to do.
+        detail: String,
+    },
+}
+
+impl EtcdError {
+    /// Whether etcd said the lease does not exist (expired or revoked).
+    fn is_lease_not_found(&self) -> bool {
+        matches!(self, EtcdError::Rejected { source, .. } if lease_not_found(source))
+    }
+}
+
+/// The identity a fenced write is checked against: the member key
+/// `/tenax/<job>/members/<member_id>` must exist under `lease`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Writer {
+    /// The member id the writer registered with.
+    pub member_id: String,
+    /// The writer's lease.
+    pub lease: i64,
+}
+
+/// One member as registered in etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The member id (the last part of its key).
+    pub id: String,
+    /// The info bytes it registered with.
+    pub info: Vec<u8>,
+    /// Its lease.
+    pub lease: i64,
+}
+
+/// The state of a registration's lease, as its keep-alive task last saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    /// The last keep-alive was answered with a positive TTL.
+    Alive,
+    /// The last refresh got no answer after every retry (etcd down or unreachable); the
+    /// lease may or may not still exist. The task keeps trying.
+    Unconfirmed {
+        /// Refreshes in a row that got no answer.
+        failed_refreshes: u32,
+    },
+    /// The lease is gone (etcd said so, or etcd gave no answer for
+    /// [`EtcdConfig::give_up_after`]). The keep-alive task has ended.
+    Lost {
+        /// Why, for logs.
+        reason: String,
+    },
+    /// [`Registration::stop_keepalive`] was called: the lease expires after its TTL.
+    Stopped,
+}
+
+/// A registered member: its lease, kept alive by a background task until the lease is
+/// lost, [`Registration::stop_keepalive`] or [`Registration::revoke`] is called, or the
+/// handle is dropped (then the lease expires after its TTL).
+#[derive(Debug)]
+pub struct Registration {
+    /// The membership that registered it (for revoke).
+    membership: EtcdMembership,
+    /// Member id and lease.
+    writer: Writer,
+    /// The TTL etcd granted, in seconds.
+    ttl_s: i64,
+    /// Test and chaos hook: while set, the keep-alive task sends nothing.
+    paused: Arc<AtomicBool>,
+    /// The keep-alive task's reports.
+    state_tx: Arc<watch::Sender<LeaseState>>,
+    /// A receiver kept so that the state can always be read.
+    state_rx: watch::Receiver<LeaseState>,
+    /// The keep-alive task; aborted on stop and on drop.
+    task: Option<JoinHandle<()>>,
+}
+
+impl Registration {
+    /// The member id.
+    pub fn member_id(&self) -> &str {
+        &self.writer.member_id
+    }
+
+    /// The lease the member key lives under.
+    pub fn lease_id(&self) -> i64 {
+        self.writer.lease
+    }
+
+    /// The TTL etcd granted (at least the requested one).
+    pub fn ttl_s(&self) -> i64 {
+        self.ttl_s
+    }
+
+    /// The identity to pass to fenced writes and to [`EtcdMembership::campaign`].
+    pub fn writer(&self) -> Writer {
+        self.writer.clone()
+    }
+
+    /// A receiver of the lease state: `changed().await` wakes on every change, e.g. to
+    /// [`LeaseState::Lost`].
+    pub fn lease_state(&self) -> watch::Receiver<LeaseState> {
+        self.state_rx.clone()
+    }
+
+    /// Whether the keep-alive task found the lease gone.
+    pub fn is_lost(&self) -> bool {
+        matches!(*self.state_rx.borrow(), LeaseState::Lost { .. })
+    }
+
+    /// Test and chaos hook: stop sending keep-alives (nothing else changes), so that the
+    /// lease expires after its TTL as if the member hung or was partitioned.
+    pub fn pause_keepalive(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Undoes [`Registration::pause_keepalive`]; the next refresh finds out whether the
+    /// lease survived (if not, the state becomes [`LeaseState::Lost`]).
+    pub fn resume_keepalive(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops the keep-alive task; the lease then expires after its TTL. The state becomes
+    /// [`LeaseState::Stopped`] unless it was already [`LeaseState::Lost`].
+    pub fn stop_keepalive(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.state_tx.send_if_modified(|s| {
+            if matches!(s, LeaseState::Lost { .. } | LeaseState::Stopped) {
+                false
+            } else {
+                *s = LeaseState::Stopped;
+                true
+            }
+        });
+    }
+
+    /// Leaves the job now: stops the keep-alive and revokes the lease, which deletes the
+    /// member key (and any election key under it) at once.
+    ///
+    /// # Errors
+    /// As [`EtcdMembership::revoke_lease`]; a lease already gone is not an error.
+    pub async fn revoke(mut self) -> Result<(), EtcdError> {
+        self.stop_keepalive();
+        self.membership.revoke_lease(self.writer.lease).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The stored plan: its generation, the caller's plan bytes, and the revision that wrote
+/// it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanRecord {
+    /// The generation.
+    pub generation: u64,
+    /// The plan exactly as the caller passed it to [`EtcdMembership::write_plan`].
+    pub plan: Vec<u8>,
+    /// The `mod_revision` of the `gen` key: the etcd revision of the write.
+    pub mod_revision: i64,
+}
+
+/// What [`EtcdMembership::write_plan`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The plan is stored, at this revision.
+    Written {
+        /// The etcd revision of the write.
+        revision: i64,
+    },
+    /// The stored generation is not the expected previous one: someone else re-formed
+    /// the group first. Nothing was written.
+    Conflict {
+        /// The generation stored now (`None`: no plan yet).
+        current_generation: Option<u64>,
+    },
+}
+
+/// Why a fenced write was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FenceRefusal {
+    /// No plan is stored, so no generation can be current.
+    NoPlan,
+    /// The writer's generation is not the current one.
+    StaleGeneration {
+        /// The writer's generation.
+        writer: u64,
+        /// The current generation.
+        current: u64,
+    },
+    /// The writer's member key is gone or under another lease: its lease expired or was
+    /// revoked, or it registered again.
+    WriterLeaseGone {
+        /// The member id.
+        member_id: String,
+        /// The lease the writer holds.
+        lease: i64,
+        /// The lease of its member key now (`None`: no key).
+        current_lease: Option<i64>,
+    },
+}
+
+impl fmt::Display for FenceRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FenceRefusal::NoPlan => write!(f, "no plan is stored, so no generation is current"),
+            FenceRefusal::StaleGeneration { writer, current } => write!(
+                f,
+                "the writer is in generation {writer} but the current one is {current}"
+            ),
+            FenceRefusal::WriterLeaseGone {
+                member_id,
+                lease,
+                current_lease,
+            } => match current_lease {
+                None => write!(
+                    f,
+                    "member {member_id} is no longer registered (its lease {lease:#x} expired \
+                     or was revoked)"
+                ),
+                Some(l) => write!(
+                    f,
+                    "member {member_id} registered again under lease {l:#x}; the writer holds \
+                     the old lease {lease:#x}"
+                ),
+            },
+        }
+    }
+}
+
+/// What [`EtcdMembership::fenced_put`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FenceOutcome {
+    /// The value is stored, at this revision.
+    Committed {
+        /// The etcd revision of the write.
+        revision: i64,
+    },
+    /// The fence refused the write; nothing was written.
+    Refused {
+        /// Why.
+        reason: FenceRefusal,
+    },
+}
+
+/// The current leader of the job's election.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderInfo {
+    /// The leader's member id (the value it campaigned with).
+    pub member_id: String,
+    /// The lease its election key lives under.
+    pub lease: i64,
+    /// The create revision of its election key: grows with every new leadership.
+    pub create_revision: i64,
+}
+
+/// Leadership won by [`EtcdMembership::campaign`]; pass it to
+/// [`EtcdMembership::resign`]. It lasts while the lease lives and the election key is
+/// not deleted.
+#[derive(Clone, Debug)]
+pub struct Leadership {
+    /// The leader (this member).
+    pub info: LeaderInfo,
+    /// etcd's handle on the election key.
+    key: LeaderKey,
+}
+
+/// A position in the plan history: the generation delivered last and the revision that
+/// carried it. A [`PlanWatch`] started from it delivers only later plans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanCursor {
+    /// The generation delivered last.
+    pub generation: u64,
+    /// The etcd revision that wrote it.
+    pub revision: i64,
+}
+
+/// A new plan, as delivered by a [`PlanWatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanUpdate {
+    /// The generation.
+    pub generation: u64,
+    /// The plan bytes, as written.
+    pub plan: Vec<u8>,
+    /// The etcd revision that wrote it.
+    pub revision: i64,
+}
+
+impl PlanUpdate {
+    /// The cursor to resume a watch after this update.
+    pub fn cursor(&self) -> PlanCursor {
+        PlanCursor {
+            generation: self.generation,
+            revision: self.revision,
+        }
+    }
+}
+
+/// The state of a [`PlanWatch`]'s background task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchStatus {
+    /// Reading the current plan or opening the watch.
+    Connecting,
+    /// The watch is open; new plans are delivered as they are written.
+    Watching,
+    /// The connection broke (etcd restarted, network); reconnecting with backoff.
+    Reconnecting {
+        /// Failed attempts in a row.
+        attempts: u32,
+        /// The last error.
+        last_error: String,
+    },
+    /// The watch gave up (etcd unreachable for [`EtcdConfig::give_up_after`], or a
+    /// malformed plan value); the channel is closed. Start a new watch from the last
+    /// cursor once the cause is fixed.
+    Failed {
+        /// Why, naming the key and the endpoints.
+        error: String,
+    },
+}
+
+/// A watch of the job's plan: [`PlanWatch::recv`] yields every new plan in generation
+/// order, never an older generation than one already delivered. The background task
+/// survives disconnects and etcd restarts (it resumes from the last revision seen) and
+/// compactions (it re-reads the current plan and continues from there: plans that were
+/// compacted away before it could see them are skipped, the newest is delivered).
+/// Dropping the handle ends the task.
+#[derive(Debug)]
+pub struct PlanWatch {
+    /// Bounded channel of updates ([`EtcdConfig::watch_buffer`]).
+    rx: mpsc::Receiver<PlanUpdate>,
+    /// The task's state.
+    status: watch::Receiver<WatchStatus>,
+    /// Times the task reopened the watch after a broken connection.
+    reconnects: Arc<AtomicU64>,
+    /// Times the task re-read the plan after finding its revision compacted.
+    resyncs: Arc<AtomicU64>,
+    /// The task; aborted on drop.
+    task: JoinHandle<()>,
+}
+
+impl PlanWatch {
+    /// The next plan, or `None` once the task has ended (see [`PlanWatch::status`]).
+    pub async fn recv(&mut self) -> Option<PlanUpdate> {
+        self.rx.recv().await
+    }
+
+    /// The task's state now.
+    pub fn status(&self) -> WatchStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of the task's state, to wait for changes.
+    pub fn status_receiver(&self) -> watch::Receiver<WatchStatus> {
+        self.status.clone()
+    }
+
+    /// Times the watch was reopened after a broken connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Times the plan was re-read because the watch's revision had been compacted.
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PlanWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The etcd driver of one job. Cheap to clone (clones share the connection and the
+/// request counter); every method takes `&self`, so a campaign can wait in its own task
+/// while others read and write.
+#[derive(Clone, Debug)]
+pub struct EtcdMembership {
+    inner: Arc<Inner>,
+}
+
+/// What clones of an [`EtcdMembership`] share.
+struct Inner {
+    /// The etcd client (clones share its channel).
+    client: Client,
+    /// The settings.
+    config: EtcdConfig,
+    /// The endpoints, comma-separated, for messages.
+    endpoints: String,
+    /// `/tenax/<job>/`.
+    prefix: String,
+    /// Requests sent to etcd.
+    requests: AtomicU64,
+    /// The newest (generation, mod_revision) of the `gen` key this driver has seen: lets
+    /// a fenced write skip the read of the `gen` key.
+    plan_rev: Mutex<Option<PlanCursor>>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("requests", &self.requests)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdMembership {
+    /// Connects to etcd and checks, within [`EtcdConfig::connect_timeout`], that it
+    /// answers (one read of the job's `gen` key).
+    ///
+    /// # Errors
+    /// [`EtcdError::InvalidConfig`] for a bad setting; [`EtcdError::Unreachable`] naming
+    /// the endpoints when etcd does not answer in time.
+    pub async fn connect(config: EtcdConfig) -> Result<Self, EtcdError> {
+        config.validate()?;
+        let endpoints = config.endpoints.join(",");
+        let prefix = format!("/tenax/{}/", config.job);
+        let options = ConnectOptions::new()
+            .with_connect_timeout(config.connect_timeout)
+            .with_keep_alive(HTTP2_PING_INTERVAL, HTTP2_PING_TIMEOUT);
+        let unreachable = |last_error: String| EtcdError::Unreachable {
+            endpoints: endpoints.clone(),
+            what: "connect",
+            key: prefix.clone(),
+            attempts: 1,
+            last_error,
+        };
+        let client = match tokio::time::timeout(
+            config.connect_timeout,
+            Client::connect(&config.endpoints, Some(options)),
+        )
+        .await
+        {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no connection within {:?}",
+                    config.connect_timeout
+                )))
+            }
+        };
+        let inner = Arc::new(Inner {
+            client,
+            endpoints: endpoints.clone(),
+            prefix: prefix.clone(),
+            requests: AtomicU64::new(0),
+            plan_rev: Mutex::new(None),
+            config,
+        });
+        // The client connects lazily: one read proves that etcd answers.
+        let gen_key = inner.key("gen");
+        inner.requests.fetch_add(1, Ordering::Relaxed);
+        let mut kv = inner.client.kv_client();
+        let probe = tokio::time::timeout(
+            inner.config.connect_timeout,
+            kv.get(gen_key, Some(GetOptions::new().with_count_only())),
+        )
+        .await;
+        match probe {
+            Ok(Ok(_)) => Ok(EtcdMembership { inner }),
+            Ok(Err(e)) => Err(unreachable(e.to_string())),
+            Err(_) => Err(unreachable(format!(
+                "no answer within {:?}",
+                inner.config.connect_timeout
+            ))),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &EtcdConfig {
+        &self.inner.config
+    }
+
+    /// The key prefix of the job, `/tenax/<job>/`.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// Requests sent to etcd so far by this driver and its clones (every attempt of every
+    /// call, keep-alives, watch and campaign requests).
+    pub fn requests(&self) -> u64 {
+        self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    /// Registers `member_id`: grants a lease of [`EtcdConfig::lease_ttl_s`], puts
+    /// `/tenax/<job>/members/<member_id>` = `info` under it, and starts a task that
+    /// refreshes the lease every third of its TTL. Registering an id again replaces the
+    /// previous registration's key (which fences the previous holder out).
+    ///
+    /// # Errors
+    /// [`EtcdError::InvalidArgument`] for an id with `/` or control characters; the
+    /// errors of a call otherwise (the lease is revoked if the put fails).
+    pub async fn register(&self, member_id: &str, info: &[u8]) -> Result<Registration, EtcdError> {
+        check_id("register", member_id)?;
+        let inner = &self.inner;
+        let key = inner.member_key(member_id);
+        let ttl = inner.config.lease_ttl_s;
+        let grant = inner
+            .call("lease grant for", &key, |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?;
+        let lease = grant.id();
+        let ttl_s = grant.ttl().max(ttl);
+        let put = inner
+            .call("put", &key, |mut c| {
+                let key = key.clone();
+                let info = info.to_vec();
+                async move {
+                    c.put(key, info, Some(PutOptions::new().with_lease(lease)))
+                        .await
+                }
+            })
+            .await;
+        if let Err(e) = put {
+            // Best effort: the lease would expire anyway after its TTL.
+            let _ = self.revoke_lease(lease).await;
+            return Err(e);
+        }
+        let writer = Writer {
+            member_id: member_id.to_string(),
+            lease,
+        };
+        let paused = Arc::new(AtomicBool::new(false));
+        let (state_tx, state_rx) = watch::channel(LeaseState::Alive);
+        let state_tx = Arc::new(state_tx);
+        let period = Duration::from_millis((ttl_s as u64) * 1000 / 3).max(MIN_KEEPALIVE_PERIOD);
+        let task = tokio::spawn(keepalive_task(
+            self.inner.clone(),
+            writer.clone(),
+            period,
+            paused.clone(),
+            state_tx.clone(),
+        ));
+        Ok(Registration {
+            membership: self.clone(),
+            writer,
+            ttl_s,
+            paused,
+            state_tx,
+            state_rx,
+            task: Some(task),
+        })
+    }
+
+    /// Every registered member, sorted by id.
+    ///
+    /// # Errors
+    /// The errors of a call.
+    pub async fn members(&self) -> Result<Vec<Member>, EtcdError> {
+        let inner = &self.inner;
+        let prefix = inner.member_key("");
+        let resp = inner
+            .call("get", &prefix, |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let mut members = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            let id = kv
+                .key()
+                .strip_prefix(prefix.as_bytes())
+                .and_then(|id| std::str::from_utf8(id).ok())
+                .ok_or_else(|| inner.protocol("get", &prefix, "a member key is not UTF-8"))?;
+            members.push(Member {
+                id: id.to_string(),
+                info: kv.value().to_vec(),
+                lease: kv.lease(),
+            });
+        }
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(members)
+    }
+
+    /// Revokes `lease` at once (the leader evicting a confirmed-dead member, or a member
+    /// leaving): every key under it is deleted, its election key included. Returns
+    /// whether the lease still existed.
+    ///
+    /// # Errors
+    /// The errors of a call; a lease already gone is `Ok(false)`.
+    pub async fn revoke_lease(&self, lease: i64) -> Result<bool, EtcdError> {
+        let label = format!("{lease:#x}");
+        let result = self
+            .inner
+            .call("revoke lease", &label, |mut c| async move {
+                c.lease_revoke(lease).await
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_lease_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Campaigns for leadership of the job (etcd election `/tenax/<job>/leader`, value
+    /// the member id, the election key under the writer's lease). Resolves when this
+    /// member leads, or with `Ok(None)` when it does not lead within `max_wait` (the
+    /// candidacy is then withdrawn: call again to keep waiting). Run it in its own task
+    /// so that a non-leader waits without blocking anything else.
+    ///
+    /// # Errors
+    /// [`EtcdError::LeaseLost`] when the writer's lease is gone; the errors of a call
+    /// when etcd stays unreachable.
+    pub async fn campaign(
+        &self,
+        writer: &Writer,
+        max_wait: Duration,
+    ) -> Result<Option<Leadership>, EtcdError> {
+        let inner = &self.inner;
+        let name = inner.election_name();
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let mut last_error = String::new();
+        let mut attempts = 0;
+        while attempts <= inner.config.max_retries {
+            if attempts > 0 {
+                let pause = inner.backoff(attempts);
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Ok(None);
+                }
+                tokio::time::sleep(pause).await;
+            }
+            attempts += 1;
+            inner.requests.fetch_add(1, Ordering::Relaxed);
+            let mut election = inner.client.election_client();
+            let campaign = election.campaign(name.clone(), writer.member_id.clone(), writer.lease);
+            let mut resp = match tokio::time::timeout_at(deadline, campaign).await {
+                // Dropping the request cancels it: etcd withdraws the candidacy.
+                Err(_) => return Ok(None),
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) if lease_not_found(&e) => return Err(inner.lease_lost(writer)),
+                Ok(Err(e)) if is_transient(&e) => {
+                    last_error = e.to_string();
+                    continue;
+                }
+                Ok(Err(e)) => return Err(inner.rejected("campaign on", &name, e)),
+            };
+            let key = resp.take_leader().ok_or_else(|| {
+                inner.protocol("campaign on", &name, "no leader key in the answer")
+            })?;
+            // etcd resolves a campaign whose own key vanished meanwhile (lease expired):
+            // check that the key still exists under our lease.
+            let key_str = String::from_utf8_lossy(key.key()).into_owned();
+            let check = inner
+                .call("get", &key_str, |mut c| {
+                    let k = key.key().to_vec();
+                    async move { c.get(k, None).await }
+                })
+                .await?;
+            let ours = check
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.lease() == writer.lease && kv.create_revision() == key.rev());
+            if !ours {
+                return Err(inner.lease_lost(writer));
+            }
+            return Ok(Some(Leadership {
+                info: LeaderInfo {
+                    member_id: writer.member_id.clone(),
+                    lease: key.lease(),
+                    create_revision: key.rev(),
+                },
+                key,
+            }));
+        }
+        Err(EtcdError::Unreachable {
+            endpoints: inner.endpoints.clone(),
+            what: "campaign on",
+            key: name,
+            attempts,
+            last_error,
+        })
+    }
+
+    /// The current leader, if any: the election key with the lowest create revision
+    /// (what etcd's own `Leader` call returns), read in one request.
+    ///
+    /// # Errors
+    /// The errors of a call.
+    pub async fn leader(&self) -> Result<Option<LeaderInfo>, EtcdError> {
+        let inner = &self.inner;
+        let prefix = format!("{}/", inner.election_name());
+        let resp = inner
+            .call("get", &prefix, |mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    let opts = GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(1);
+                    c.get(prefix, Some(opts)).await
+                }
+            })
+            .await?;
+        Ok(resp.kvs().first().map(|kv| LeaderInfo {
+            member_id: String::from_utf8_lossy(kv.value()).into_owned(),
+            lease: kv.lease(),
+            create_revision: kv.create_revision(),
+        }))
+    }
+
+    /// Gives up `leadership` (deletes its election key, so the next candidate leads).
+    /// Leadership already lost is not an error.
+    ///
+    /// # Errors
+    /// The errors of a call.
+    pub async fn resign(&self, leadership: Leadership) -> Result<(), EtcdError> {
+        let inner = &self.inner;
+        let name = inner.election_name();
+        let result = inner
+            .call("resign from", &name, |mut c| {
+                let key = leadership.key.clone();
+                async move { c.resign(Some(ResignOptions::new().with_leader(key))).await }
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(EtcdError::Rejected { source, .. })
+                if source.to_string().contains("not leader") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the plan at `/tenax/<job>/gen`.
+    ///
+    /// # Errors
+    /// [`EtcdError::Protocol`] when the value is not a plan envelope; the errors of a
+    /// call otherwise.
+    pub async fn read_plan(&self) -> Result<Option<PlanRecord>, EtcdError> {
+        let inner = &self.inner;
+        let key = inner.key("gen");
+        let resp = inner
+            .call("get", &key, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        let record = match resp.kvs().first() {
+            Some(kv) => Some(inner.decode_plan("get", kv)?),
+            None => None,
+        };
+        if let Some(r) = &record {
+            inner.note_plan(r.generation, r.mod_revision);
+        }
+        Ok(record)
+    }
+
+    /// Writes the plan of `generation` in ONE txn: it succeeds only if the stored
+    /// generation is `expected_prev_generation` (`None`: no plan stored yet) and the
+    /// writer's member key exists under the writer's lease. `plan` must be JSON (the
+    /// caller serialises it); it is stored with the generation in one value,
+    /// `{"generation":N,"plan":<plan>}`.
+    ///
+    /// A retry after an ambiguous failure (a timeout after the txn was applied) that
+    /// finds exactly this plan stored at this generation reports `Written`.
+    ///
+    /// # Errors
+    /// [`EtcdError::InvalidArgument`] when `generation` does not grow or `plan` is not
+    /// JSON; [`EtcdError::LeaseLost`] when the writer's lease is gone; the errors of a
+    /// call otherwise.
+    pub async fn write_plan(
+        &self,
+        expected_prev_generation: Option<u64>,
+        generation: u64,
+        plan: &[u8],
+        writer: &Writer,
+    ) -> Result<WriteOutcome, EtcdError> {
+        let inner = &self.inner;
+        if let Some(prev) = expected_prev_generation {
+            if generation <= prev {
+                return Err(EtcdError::InvalidArgument {
+                    what: "write_plan",
+                    detail: format!(
+                        "generation {generation} does not grow past the previous one, {prev}"
+                    ),
+                });
+            }
+        }
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(plan) {
+            return Err(EtcdError::InvalidArgument {
+                what: "write_plan",
+                detail: format!(
+                    "the plan of generation {generation} is not JSON ({e}); serialise it with \
+                     serde_json"
+                ),
+            });
+        }
+        check_id("write_plan", &writer.member_id)?;
+        let gen_key = inner.key("gen");
+        let member_key = inner.member_key(&writer.member_id);
+        let envelope = encode_envelope(generation, plan);
+        for _ in 0..FENCE_ROUNDS {
+            let gen_cmp = match expected_prev_generation {
+                None => Compare::version(gen_key.clone(), CompareOp::Equal, 0),
+                Some(prev) => match inner.cached_plan_rev(prev) {
+                    Some(rev) => Compare::mod_revision(gen_key.clone(), CompareOp::Equal, rev),
+                    None => match self.read_plan().await? {
+                        Some(r) if r.generation == prev => {
+                            Compare::mod_revision(gen_key.clone(), CompareOp::Equal, r.mod_revision)
+                        }
+                        // The same plan, stored by an earlier attempt of ours.
+                        Some(r) if r.generation == generation && r.plan == plan => {
+                            return Ok(WriteOutcome::Written {
+                                revision: r.mod_revision,
+                            })
+                        }
+                        other => {
+                            return Ok(WriteOutcome::Conflict {
+                                current_generation: other.map(|r| r.generation),
+                            })
+                        }
+                    },
+                },
+            };
+            let txn = Txn::new()
+                .when(vec![
+                    gen_cmp,
+                    Compare::lease(member_key.clone(), CompareOp::Equal, writer.lease),
+                ])
+                .and_then(vec![TxnOp::put(gen_key.clone(), envelope.clone(), None)])
+                .or_else(vec![
+                    TxnOp::get(gen_key.clone(), None),
+                    TxnOp::get(member_key.clone(), None),
+                ]);
+            let resp = inner.txn("write plan txn on", &gen_key, txn).await?;
+            if resp.succeeded() {
+                let revision = inner.header_revision("write plan txn on", &gen_key, &resp)?;
+                inner.note_plan(generation, revision);
+                return Ok(WriteOutcome::Written { revision });
+            }
+            let (current, member) = inner.else_gets("write plan txn on", &gen_key, &resp)?;
+            let current = match current {
+                Some(kv) => Some(inner.decode_plan("write plan txn on", &kv)?),
+                None => None,
+            };
+            if let Some(r) = &current {
+                inner.note_plan(r.generation, r.mod_revision);
+                if r.generation == generation && r.plan == plan {
+                    return Ok(WriteOutcome::Written {
+                        revision: r.mod_revision,
+                    });
+                }
+            }
+            if member.as_ref().map(KeyValue::lease) != Some(writer.lease) {
+                return Err(inner.lease_lost(writer));
+            }
+            let current_generation = current.as_ref().map(|r| r.generation);
+            if current_generation != expected_prev_generation {
+                return Ok(WriteOutcome::Conflict { current_generation });
+            }
+            // The generation is the expected one but under another revision than we
+            // compared (a stale cache): compare again with the revision just read.
+        }
+        Err(inner.protocol(
+            "write plan txn on",
+            &gen_key,
+            &format!("the txn failed {FENCE_ROUNDS} times although the generation matched"),
+        ))
+    }
+
+    /// Puts `value` at `/tenax/<job>/<key_suffix>` in ONE txn that succeeds only if the
+    /// current plan's generation is `generation` (the `gen` key's `mod_revision` equals
+    /// the revision that wrote that generation) and the writer's member key exists under
+    /// the writer's lease. For checkpoint commit records (`commits/<...>`) and every other
+    /// commit of a generation.
+    ///
+    /// # Errors
+    /// [`EtcdError::InvalidArgument`] for a reserved suffix (`gen`, `members/...`,
+    /// `leader...`) or an empty one; the errors of a call otherwise.
+    pub async fn fenced_put(
+        &self,
+        key_suffix: &str,
+        value: &[u8],
+        generation: u64,
+        writer: &Writer,
+    ) -> Result<FenceOutcome, EtcdError> {
+        let inner = &self.inner;
+        check_suffix(key_suffix)?;
+        check_id("fenced_put", &writer.member_id)?;
+        let gen_key = inner.key("gen");
+        let member_key = inner.member_key(&writer.member_id);
+        let key = inner.key(key_suffix);
+        for _ in 0..FENCE_ROUNDS {
+            let gen_rev = match inner.cached_plan_rev(generation) {
+                Some(rev) => rev,
+                None => match self.read_plan().await? {
+                    None => {
+                        return Ok(FenceOutcome::Refused {
+                            reason: FenceRefusal::NoPlan,
+                        })
+                    }
+                    Some(r) if r.generation != generation => {
+                        return Ok(FenceOutcome::Refused {
+                            reason: FenceRefusal::StaleGeneration {
+                                writer: generation,
+                                current: r.generation,
+                            },
+                        })
+                    }
+                    Some(r) => r.mod_revision,
+                },
+            };
+            let txn = Txn::new()
+                .when(vec![
+                    Compare::mod_revision(gen_key.clone(), CompareOp::Equal, gen_rev),
+                    Compare::lease(member_key.clone(), CompareOp::Equal, writer.lease),
+                ])
+                .and_then(vec![TxnOp::put(key.clone(), value.to_vec(), None)])
+                .or_else(vec![
+                    TxnOp::get(gen_key.clone(), None),
+                    TxnOp::get(member_key.clone(), None),
+                ]);
+            let resp = inner.txn("fenced put txn on", &key, txn).await?;
+            if resp.succeeded() {
+                let revision = inner.header_revision("fenced put txn on", &key, &resp)?;
+                return Ok(FenceOutcome::Committed { revision });
+            }
+            let (current, member) = inner.else_gets("fenced put txn on", &key, &resp)?;
+            let current_lease = member.as_ref().map(KeyValue::lease);
+            if current_lease != Some(writer.lease) {
+                return Ok(FenceOutcome::Refused {
+                    reason: FenceRefusal::WriterLeaseGone {
+                        member_id: writer.member_id.clone(),
+                        lease: writer.lease,
+                        current_lease,
+                    },
+                });
+            }
+            let Some(kv) = current else {
+                return Ok(FenceOutcome::Refused {
+                    reason: FenceRefusal::NoPlan,
+                });
+            };
+            let r = inner.decode_plan("fenced put txn on", &kv)?;
+            inner.note_plan(r.generation, r.mod_revision);
+            if r.generation != generation {
+                return Ok(FenceOutcome::Refused {
+                    reason: FenceRefusal::StaleGeneration {
+                        writer: generation,
+                        current: r.generation,
+                    },
+                });
+            }
+            // Same generation under another revision than we compared (a stale cache):
+            // compare again with the revision just read.
+        }
+        Err(inner.protocol(
+            "fenced put txn on",
+            &key,
+            &format!("the txn failed {FENCE_ROUNDS} times although the generation matched"),
+        ))
+    }
+
+    /// Watches the plan from now on: the current plan (if any) is delivered first, then
+    /// every new one. See [`PlanWatch`].
+    pub async fn watch_plan(&self) -> PlanWatch {
+        self.watch_plan_from(None).await
+    }
+
+    /// Watches the plan after `cursor` (`None`: from the current plan, delivered first):
+    /// delivers every plan written after the cursor's revision whose generation is above
+    /// the cursor's. A cursor whose revision was compacted resumes from the current plan.
+    pub async fn watch_plan_from(&self, cursor: Option<PlanCursor>) -> PlanWatch {
+        let (tx, rx) = mpsc::channel(self.inner.config.watch_buffer);
+        let (status_tx, status) = watch::channel(WatchStatus::Connecting);
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let resyncs = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(plan_watch_task(
+            self.inner.clone(),
+            cursor,
+            tx,
+            status_tx,
+            reconnects.clone(),
+            resyncs.clone(),
+        ));
+        PlanWatch {
+            rx,
+            status,
+            reconnects,
+            resyncs,
+            task,
+        }
+    }
+}
+
+impl Inner {
+    /// `/tenax/<job>/<suffix>`.
+    fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    /// `/tenax/<job>/members/<id>`.
+    fn member_key(&self, id: &str) -> String {
+        self.key(&format!("members/{id}"))
+    }
+
+    /// `/tenax/<job>/leader`: the election name (its keys are `<name>/<lease hex>`).
+    fn election_name(&self) -> String {
+        self.key("leader")
+    }
+
+    /// The backoff before retry number `attempt` (1-based): `backoff_initial * 2^(n-1)`,
+    /// capped at `backoff_max`, then scaled by a random factor in [0.5, 1].
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(20);
+        let base = self
+            .config
+            .backoff_initial
+            .saturating_mul(1u32 << exp)
+            .min(self.config.backoff_max);
+        let jitter = RandomState::new().hash_one(attempt) % 1000;
+        base.mul_f64(0.5 + jitter as f64 / 2000.0)
+    }
+
+    /// Runs one etcd request with a timeout per attempt and bounded retries of transient
+    /// failures. `op` gets a clone of the client for each attempt.
+    async fn call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        key: &str,
+        mut op: F,
+    ) -> Result<T, EtcdError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last_error = String::new();
+        let mut timeouts = 0;
+        let attempts = self.config.max_retries + 1;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(self.backoff(attempt)).await;
+            }
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            match tokio::time::timeout(self.config.op_timeout, op(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if is_transient(&e) => last_error = e.to_string(),
+                Ok(Err(e)) => return Err(self.rejected(what, key, e)),
+                Err(_) => {
+                    timeouts += 1;
+                    last_error = format!("no answer within {:?}", self.config.op_timeout);
+                }
+            }
+            tracing::debug!(what, key, attempt, error = %last_error, "etcd request failed; retrying");
+        }
+        if timeouts == attempts {
+            Err(EtcdError::Timeout {
+                endpoints: self.endpoints.clone(),
+                what,
+                key: key.to_string(),
+                timeout: self.config.op_timeout,
+                attempts,
+            })
+        } else {
+            Err(EtcdError::Unreachable {
+                endpoints: self.endpoints.clone(),
+                what,
+                key: key.to_string(),
+                attempts,
+                last_error,
+            })
+        }
+    }
+
+    /// Runs `txn` through [`Inner::call`].
+    async fn txn(&self, what: &'static str, key: &str, txn: Txn) -> Result<TxnResponse, EtcdError> {
+        self.call(what, key, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    /// The revision in a txn answer's header.
+    fn header_revision(
+        &self,
+        what: &'static str,
+        key: &str,
+        resp: &TxnResponse,
+    ) -> Result<i64, EtcdError> {
+        resp.header()
+            .map(|h| h.revision())
+            .ok_or_else(|| self.protocol(what, key, "no header in the txn answer"))
+    }
+
+    /// The two gets of a failed fence txn's `or_else`: the `gen` key and the member key.
+    fn else_gets(
+        &self,
+        what: &'static str,
+        key: &str,
+        resp: &TxnResponse,
+    ) -> Result<(Option<KeyValue>, Option<KeyValue>), EtcdError> {
+        let responses = resp.op_responses();
+        let first = |r: Option<&TxnOpResponse>| match r {
+            Some(TxnOpResponse::Get(g)) => Ok(first_kv(g)),
+            _ => Err(self.protocol(what, key, "the failed txn did not return its two reads")),
+        };
+        Ok((first(responses.first())?, first(responses.get(1))?))
+    }
+
+    /// Decodes the plan envelope of the `gen` key.
+    fn decode_plan(&self, what: &'static str, kv: &KeyValue) -> Result<PlanRecord, EtcdError> {
+        let key = String::from_utf8_lossy(kv.key());
+        let (generation, plan) =
+            decode_envelope(kv.value()).map_err(|detail| self.protocol(what, &key, &detail))?;
+        Ok(PlanRecord {
+            generation,
+            plan,
+            mod_revision: kv.mod_revision(),
+        })
+    }
+
+    /// Remembers that `generation` was written at `mod_revision`, if it is the newest seen.
+    fn note_plan(&self, generation: u64, mod_revision: i64) {
+        let mut cache = self.plan_rev.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.is_none_or(|c| mod_revision >= c.revision) {
+            *cache = Some(PlanCursor {
+                generation,
+                revision: mod_revision,
+            });
+        }
+    }
+
+    /// The cached revision of `generation`, if it is the newest seen.
+    fn cached_plan_rev(&self, generation: u64) -> Option<i64> {
+        let cache = self.plan_rev.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .filter(|c| c.generation == generation)
+            .map(|c| c.revision)
+    }
+
+    fn rejected(&self, what: &'static str, key: &str, source: etcd_client::Error) -> EtcdError {
+        EtcdError::Rejected {
+            endpoints: self.endpoints.clone(),
+            what,
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    fn protocol(&self, what: &'static str, key: &str, detail: &str) -> EtcdError {
+        EtcdError::Protocol {
+            endpoints: self.endpoints.clone(),
+            what,
+            key: key.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn lease_lost(&self, writer: &Writer) -> EtcdError {
+        EtcdError::LeaseLost {
+            endpoints: self.endpoints.clone(),
+            member_id: writer.member_id.clone(),
+            lease: writer.lease,
+        }
+    }
+}
+
+/// The first key-value of a get answer.
+fn first_kv(resp: &GetResponse) -> Option<KeyValue> {
+    resp.kvs().first().cloned()
+}
+
+/// Whether a failure may pass on a retry: etcd down or restarting, no leader, a timeout,
+/// a broken connection.
+fn is_transient(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match e {
+        E::TransportError(_) | E::IoError(_) | E::WatchError(_) => true,
+        E::LeaseKeepAliveError(msg) => !msg.contains("not found"),
+        E::GRpcStatus(s) => match s.code() {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted => true,
+            Code::Unknown | Code::Internal | Code::Cancelled => {
+                let m = s.message().to_ascii_lowercase();
+                [
+                    "transport",
+                    "connection",
+                    "broken pipe",
+                    "reset",
+                    "h2 protocol",
+                    "connect",
+                ]
+                .iter()
+                .any(|w| m.contains(w))
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Whether etcd said a lease does not exist.
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        _ => false,
+    }
+}
+
+/// Member ids are one key segment: non-empty, no `/`, no control characters.
+fn check_id(what: &'static str, id: &str) -> Result<(), EtcdError> {
+    if id.is_empty() || id.contains('/') || id.chars().any(char::is_control) {
+        return Err(EtcdError::InvalidArgument {
+            what,
+            detail: format!(
+                "member id {id:?} is empty or has '/' or control characters; use one key segment"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A fenced key suffix must not touch the keys the driver owns.
+fn check_suffix(suffix: &str) -> Result<(), EtcdError> {
+    let reserved =
+        suffix == "gen" || suffix.starts_with("members/") || suffix.starts_with("leader");
+    if suffix.is_empty() || suffix.starts_with('/') || reserved {
+        return Err(EtcdError::InvalidArgument {
+            what: "fenced_put",
+            detail: format!(
+                "key suffix {suffix:?} is empty, starts with '/', or names a key the driver owns \
+                 (gen, members/..., leader...); use e.g. commits/<step>"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The start of every plan envelope.
+const ENVELOPE_HEAD: &[u8] = b"{\"generation\":";
+/// Between the generation and the plan.
+const ENVELOPE_MID: &[u8] = b",\"plan\":";
+
+/// `{"generation":N,"plan":<plan>}`: valid JSON when `plan` is, and the plan bytes come
+/// back exactly as given.
+fn encode_envelope(generation: u64, plan: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(plan.len() + 48);
+    v.extend_from_slice(ENVELOPE_HEAD);
+    v.extend_from_slice(generation.to_string().as_bytes());
+    v.extend_from_slice(ENVELOPE_MID);
+    v.extend_from_slice(plan);
+    v.push(b'}');
+    v
+}
+
+/// The inverse of [`encode_envelope`]; the error says what is wrong.
+fn decode_envelope(value: &[u8]) -> Result<(u64, Vec<u8>), String> {
+    let bad = || {
+        format!(
+            "the value ({} bytes) is not a tenax plan envelope {{\"generation\":N,\"plan\":...}}; \
+             it was written by another tool: delete the key or restore it from a tenax writer",
+            value.len()
+        )
+    };
+    let rest = value.strip_prefix(ENVELOPE_HEAD).ok_or_else(bad)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let generation: u64 = std::str::from_utf8(&rest[..digits])
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(bad)?;
+    let plan = rest[digits..]
+        .strip_prefix(ENVELOPE_MID)
+        .and_then(|p| p.strip_suffix(b"}"))
+        .ok_or_else(bad)?;
+    if serde_json::from_slice::<serde_json::Value>(plan).is_err() {
+        return Err(bad());
+    }
+    Ok((generation, plan.to_vec()))
+}
+
+/// The lease keep-alive loop of one registration. Ends when the lease is gone, after
+/// `give_up_after` without an answer, or when aborted (stop, revoke, drop).
+async fn keepalive_task(
+    inner: Arc<Inner>,
+    writer: Writer,
+    period: Duration,
+    paused: Arc<AtomicBool>,
+    state: Arc<watch::Sender<LeaseState>>,
+) {
+    let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+    let mut last_answer = Instant::now();
+    let mut failed_refreshes = 0u32;
+    // The lease was just granted: the first refresh is due one period from now.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if paused.load(Ordering::SeqCst) {
+            stream = None;
+            continue;
+        }
+        match refresh(&inner, &writer, &mut stream).await {
+            Refresh::Alive => {
+                last_answer = Instant::now();
+                failed_refreshes = 0;
+                state.send_if_modified(|s| {
+                    let changed = *s != LeaseState::Alive;
+                    *s = LeaseState::Alive;
+                    changed
+                });
+            }
+            Refresh::Gone => {
+                tracing::warn!(member = %writer.member_id, lease = writer.lease, "lease lost");
+                state.send_replace(LeaseState::Lost {
+                    reason: format!(
+                        "etcd at {} says lease {:#x} of member {} does not exist (expired or \
+                         revoked)",
+                        inner.endpoints, writer.lease, writer.member_id
+                    ),
+                });
+                return;
+            }
+            Refresh::NoAnswer(error) => {
+                failed_refreshes += 1;
+                if last_answer.elapsed() >= inner.config.give_up_after {
+                    state.send_replace(LeaseState::Lost {
+                        reason: format!(
+                            "no answer from etcd at {} for {:?} while refreshing lease {:#x} of \
+                             member {} (last error: {error}); it has surely expired",
+                            inner.endpoints,
+                            inner.config.give_up_after,
+                            writer.lease,
+                            writer.member_id
+                        ),
+                    });
+                    return;
+                }
+                tracing::debug!(member = %writer.member_id, %error, "lease refresh got no answer");
+                state.send_replace(LeaseState::Unconfirmed { failed_refreshes });
+            }
+        }
+    }
+}
+
+/// The result of one refresh.
+enum Refresh {
+    /// etcd answered with a positive TTL.
+    Alive,
+    /// etcd says the lease does not exist.
+    Gone,
+    /// No answer after every retry.
+    NoAnswer(String),
+}
+
+/// One lease refresh: a keep-alive on the open stream (opening one first if needed),
+/// with a timeout per attempt and bounded retries.
+async fn refresh(
+    inner: &Inner,
+    writer: &Writer,
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+) -> Refresh {
+    let timeout = inner.config.op_timeout;
+    let mut last_error = String::new();
+    for attempt in 0..=inner.config.max_retries {
+        if attempt > 0 {
+            tokio::time::sleep(inner.backoff(attempt)).await;
+        }
+        inner.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some((keeper, responses)) = stream.as_mut() {
+            let exchange = async {
+                keeper.keep_alive().await?;
+                responses.message().await
+            };
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => return Refresh::Alive,
+                Ok(Ok(Some(_))) => return Refresh::Gone,
+                Ok(Ok(None)) => last_error = "keep-alive stream closed by etcd".into(),
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => last_error = format!("no keep-alive answer within {timeout:?}"),
+            }
+            *stream = None;
+        } else {
+            let mut lease = inner.client.lease_client();
+            // Opening the stream sends one keep-alive and reads its answer.
+            match tokio::time::timeout(timeout, lease.keep_alive(writer.lease)).await {
+                Ok(Ok(opened)) => {
+                    *stream = Some(opened);
+                    return Refresh::Alive;
+                }
+                Ok(Err(e)) if lease_not_found(&e) => return Refresh::Gone,
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => last_error = format!("no keep-alive answer within {timeout:?}"),
+            }
+        }
+    }
+    Refresh::NoAnswer(last_error)
+}
+
+/// Why one watch session ended.
+enum SessionEnd {
+    /// The receiver was dropped: stop.
+    Closed,
+    /// The start revision was compacted: re-read the plan.
+    Compacted,
+    /// The connection broke or etcd refused: reconnect with backoff.
+    Broken(String),
+    /// A malformed plan value: give up.
+    Fatal(String),
+}
+
+/// The plan watch loop. Ends when the receiver is dropped, on a malformed plan value, or
+/// after `give_up_after` without a working connection.
+async fn plan_watch_task(
+    inner: Arc<Inner>,
+    cursor: Option<PlanCursor>,
+    tx: mpsc::Sender<PlanUpdate>,
+    status: watch::Sender<WatchStatus>,
+    reconnects: Arc<AtomicU64>,
+    resyncs: Arc<AtomicU64>,
+) {
+    let gen_key = inner.key("gen");
+    // The generation delivered last, and the revision to watch from.
+    let mut delivered = cursor.map(|c| c.generation);
+    let mut next_rev = cursor.map(|c| c.revision + 1);
+    let mut failures = 0u32;
+    let mut outage_start: Option<Instant> = None;
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        if failures > 0 {
+            let since = *outage_start.get_or_insert_with(Instant::now);
+            if since.elapsed() >= inner.config.give_up_after {
+                status.send_replace(WatchStatus::Failed {
+                    error: format!(
+                        "watch of {gen_key} at {}: no working connection for {:?}",
+                        inner.endpoints, inner.config.give_up_after
+                    ),
+                });
+                return;
+            }
+            tokio::time::sleep(inner.backoff(failures.min(30))).await;
+        }
+        let from = match next_rev {
+            Some(rev) => rev,
+            // Read the current plan, deliver it if new, and watch from the next revision.
+            None => match sync_plan(&inner, &gen_key, &tx, &mut delivered).await {
+                Ok(Some(rev)) => rev,
+                Ok(None) => return,
+                Err(SessionEnd::Fatal(error)) => {
+                    status.send_replace(WatchStatus::Failed { error });
+                    return;
+                }
+                Err(SessionEnd::Broken(e)) => {
+                    failures += 1;
+                    status.send_replace(WatchStatus::Reconnecting {
+                        attempts: failures,
+                        last_error: e,
+                    });
+                    continue;
+                }
+                Err(SessionEnd::Closed | SessionEnd::Compacted) => return,
+            },
+        };
+        next_rev = Some(from);
+        let end = watch_session(
+            &inner,
+            &gen_key,
+            from,
+            &tx,
+            &status,
+            &mut delivered,
+            &mut next_rev,
+        )
+        .await;
+        if matches!(*status.borrow(), WatchStatus::Watching) {
+            // The session worked: a later break starts a fresh outage.
+            failures = 0;
+            outage_start = None;
+        }
+        match end {
+            SessionEnd::Closed => return,
+            SessionEnd::Fatal(error) => {
+                status.send_replace(WatchStatus::Failed { error });
+                return;
+            }
+            SessionEnd::Compacted => {
+                resyncs.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(key = %gen_key, from, "watch revision compacted; re-reading the plan");
+                next_rev = None;
+                failures = 0;
+                outage_start = None;
+            }
+            SessionEnd::Broken(e) => {
+                reconnects.fetch_add(1, Ordering::Relaxed);
+                failures += 1;
+                status.send_replace(WatchStatus::Reconnecting {
+                    attempts: failures,
+                    last_error: e,
+                });
+            }
+        }
+    }
+}
+
+/// Reads the `gen` key once (one attempt, with a timeout), delivers its plan if newer
+/// than `delivered`, and returns the revision to watch from (`Ok(None)`: receiver gone).
+async fn sync_plan(
+    inner: &Inner,
+    gen_key: &str,
+    tx: &mpsc::Sender<PlanUpdate>,
+    delivered: &mut Option<u64>,
+) -> Result<Option<i64>, SessionEnd> {
+    inner.requests.fetch_add(1, Ordering::Relaxed);
+    let mut kv = inner.client.kv_client();
+    let resp = match tokio::time::timeout(inner.config.op_timeout, kv.get(gen_key, None)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return Err(SessionEnd::Broken(e.to_string())),
+        Err(_) => {
+            return Err(SessionEnd::Broken(format!(
+                "no answer within {:?}",
+                inner.config.op_timeout
+            )))
+        }
+    };
+    let header_rev = resp
+        .header()
+        .map(|h| h.revision())
+        .ok_or_else(|| SessionEnd::Broken("no header in the get answer".into()))?;
+    if let Some(kv) = resp.kvs().first() {
+        let record = inner
+            .decode_plan("watch", kv)
+            .map_err(|e| SessionEnd::Fatal(e.to_string()))?;
+        inner.note_plan(record.generation, record.mod_revision);
+        if delivered.is_none_or(|d| record.generation > d) {
+            let update = PlanUpdate {
+                generation: record.generation,
+                plan: record.plan,
+                revision: record.mod_revision,
+            };
+            if tx.send(update).await.is_err() {
+                return Ok(None);
+            }
+            *delivered = Some(record.generation);
+        }
+    }
+    Ok(Some(header_rev + 1))
+}
+
+/// One watch stream from revision `from`: delivers plans newer than `delivered` and
+/// advances `next_rev` past every event seen, until the stream ends.
+async fn watch_session(
+    inner: &Inner,
+    gen_key: &str,
+    from: i64,
+    tx: &mpsc::Sender<PlanUpdate>,
+    status: &watch::Sender<WatchStatus>,
+    delivered: &mut Option<u64>,
+    next_rev: &mut Option<i64>,
+) -> SessionEnd {
+    inner.requests.fetch_add(1, Ordering::Relaxed);
+    let mut client = inner.client.watch_client();
+    let opts = WatchOptions::new().with_start_revision(from);
+    let mut stream = match tokio::time::timeout(
+        inner.config.op_timeout,
+        client.watch(gen_key, Some(opts)),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return SessionEnd::Broken(e.to_string()),
+        Err(_) => {
+            return SessionEnd::Broken(format!(
+                "watch not opened within {:?}",
+                inner.config.op_timeout
+            ))
+        }
+    };
+    // The stream may stay silent for hours; HTTP/2 pings (see HTTP2_PING_INTERVAL)
+    // break it when etcd is gone, and dropping the PlanWatch aborts the task.
+    loop {
+        let resp = tokio::select! {
+            r = stream.message() => r,
+            () = tx.closed() => return SessionEnd::Closed,
+        };
+        let resp = match resp {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return SessionEnd::Broken("watch stream closed by etcd".into()),
+            Err(e) => return SessionEnd::Broken(e.to_string()),
+        };
+        if resp.created() {
+            status.send_replace(WatchStatus::Watching);
+        }
+        if resp.compact_revision() > 0 {
+            return SessionEnd::Compacted;
+        }
+        if resp.canceled() {
+            return SessionEnd::Broken(format!("watch canceled by etcd: {}", resp.cancel_reason()));
+        }
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            *next_rev = Some(kv.mod_revision() + 1);
+            if event.event_type() != EventType::Put {
+                continue;
+            }
+            let record = match inner.decode_plan("watch", kv) {
+                Ok(r) => r,
+                Err(e) => return SessionEnd::Fatal(e.to_string()),
+            };
+            inner.note_plan(record.generation, record.mod_revision);
+            if delivered.is_some_and(|d| record.generation <= d) {
+                continue;
+            }
+            let update = PlanUpdate {
+                generation: record.generation,
+                plan: record.plan,
+                revision: record.mod_revision,
+            };
+            if tx.send(update).await.is_err() {
+                return SessionEnd::Closed;
+            }
+            *delivered = Some(record.generation);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_the_plan_bytes_exactly() {
+        let plan = br#"{ "members": ["b", "a"],  "d": 2 }"#;
+        let v = encode_envelope(7, plan);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&v).unwrap()["generation"],
+            7
+        );
+        assert_eq!(decode_envelope(&v).unwrap(), (7, plan.to_vec()));
+    }
+
+    #[test]
+    fn malformed_envelopes_are_refused() {
+        for bad in [
+            &b""[..],
+            b"{}",
+            b"{\"generation\":x,\"plan\":{}}",
+            b"{\"generation\":1,\"plan\":{}",
+            b"{\"generation\":1,\"plan\":nope}",
+            b"{\"generation\":1,\"plan\":{}}}",
+        ] {
+            assert!(
+                decode_envelope(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn config_validation_names_the_setting() {
+        let mut c = EtcdConfig::default();
+        assert!(c.validate().is_ok());
+        c.lease_ttl_s = 1;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("lease_ttl_s 1"));
+        let c = EtcdConfig {
+            job: "a/b".into(),
+            ..EtcdConfig::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("\"a/b\""));
+        let c = EtcdConfig {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            ..EtcdConfig::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("http://"));
+    }
+
+    #[test]
+    fn reserved_suffixes_are_refused() {
+        for s in ["", "/x", "gen", "members/a", "leader", "leader/1"] {
+            assert!(check_suffix(s).is_err(), "{s}");
+        }
+        assert!(check_suffix("commits/100").is_ok());
+        assert!(check_suffix("generation-notes").is_ok());
+    }
+}
