@@ -16,8 +16,8 @@
 //! client's `compact` call).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,14 +29,8 @@ pub const ETCD_EXECUTABLE: &str = "etcd";
 /// report itself healthy.
 pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How many port pairs [`EtcdServer::start`] tries when the server fails to bind one.
-const PORT_ATTEMPTS: usize = 3;
-
 /// How much of the log [`EtcdServer::log_tail`] returns.
 const LOG_TAIL_BYTES: u64 = 4096;
-
-/// The most bytes read from one health answer.
-const MAX_RESPONSE_BYTES: u64 = 64 * 1024;
 
 /// The member name of the one-member cluster.
 const MEMBER_NAME: &str = "tenax-chaos";
@@ -69,14 +63,7 @@ impl EtcdServer {
     /// [`io::ErrorKind::NotFound`] when `etcd` is not installed; otherwise an error
     /// carrying the tail of the server's log when it exits or does not become healthy.
     pub fn start() -> io::Result<EtcdServer> {
-        let mut last_err = None;
-        for _ in 0..PORT_ATTEMPTS {
-            match Self::start_once()? {
-                Ok(server) => return Ok(server),
-                Err(port_err) => last_err = Some(port_err),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| io::Error::other("etcd did not start")))
+        crate::local::with_port_attempts("etcd", Self::start_once)
     }
 
     /// One attempt on one pair of ports. The outer error is fatal; the inner one means
@@ -179,7 +166,9 @@ impl EtcdServer {
                 }
                 return Err(io::Error::other(msg));
             }
-            if let Ok((200, body)) = http_get(addr, "/health", Duration::from_secs(2)) {
+            if let Ok((200, body)) =
+                crate::local::http_request(addr, "GET", "/health", Duration::from_secs(2))
+            {
                 if body.contains("\"health\":\"true\"") {
                     return Ok(());
                 }
@@ -228,7 +217,7 @@ impl EtcdServer {
     /// Whether `GET /health` answers healthy right now (2 s timeout).
     pub fn is_healthy(&self) -> bool {
         matches!(
-            http_get(self.addr(), "/health", Duration::from_secs(2)),
+            crate::local::http_request(self.addr(), "GET", "/health", Duration::from_secs(2)),
             Ok((200, body)) if body.contains("\"health\":\"true\"")
         )
     }
@@ -278,15 +267,7 @@ impl EtcdServer {
     /// The last few KB of the server's stdout and stderr (all starts), for error
     /// messages.
     pub fn log_tail(&self) -> String {
-        let read = || -> io::Result<String> {
-            let mut f = File::open(&self.log_path)?;
-            let len = f.metadata()?.len();
-            f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
-            let mut buf = Vec::new();
-            f.take(LOG_TAIL_BYTES).read_to_end(&mut buf)?;
-            Ok(String::from_utf8_lossy(&buf).into_owned())
-        };
-        read().unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path.display()))
+        crate::local::log_tail(&self.log_path, LOG_TAIL_BYTES)
     }
 
     /// Kills and reaps the child, ignoring errors (drop and failed starts).
@@ -317,31 +298,4 @@ fn free_port_pair() -> io::Result<(u16, u16)> {
     let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok((a.local_addr()?.port(), b.local_addr()?.port()))
-}
-
-/// Sends one `GET` and returns the status code and the whole response (read until the
-/// server closes, at most 64 KiB, every step under `timeout`).
-fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    stream.flush()?;
-    let mut buf = Vec::new();
-    stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .strip_prefix("HTTP/1.")
-        .and_then(|rest| rest.get(2..5))
-        .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("not an HTTP response from {addr}: {text:?}"),
-            )
-        })?;
-    Ok((status, text))
 }

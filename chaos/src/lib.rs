@@ -27,6 +27,7 @@
 pub mod etcd;
 pub mod fault_store;
 pub mod http_proxy;
+mod local;
 pub mod moto;
 
 pub use etcd::EtcdServer;

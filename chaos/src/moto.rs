@@ -8,8 +8,8 @@
 //! [`MotoServer::s3_env`] or [`s3_env_for`] for the `AWS_*` settings object_store reads.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,14 +20,8 @@ pub const MOTO_EXECUTABLE: &str = "moto_server";
 /// How long [`MotoServer::start`] waits for one server process to answer HTTP.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How many ports [`MotoServer::start`] tries when a server fails to bind its port.
-const PORT_ATTEMPTS: usize = 3;
-
 /// How much of the log [`MotoServer::log_tail`] returns.
 const LOG_TAIL_BYTES: u64 = 4096;
-
-/// The most bytes read from one raw HTTP response.
-const MAX_RESPONSE_BYTES: u64 = 1 << 20;
 
 /// A running `moto_server` process on `127.0.0.1`, killed when dropped.
 #[derive(Debug)]
@@ -50,14 +44,7 @@ impl MotoServer {
     /// [`io::ErrorKind::NotFound`] when `moto_server` is not installed; otherwise an
     /// error carrying the tail of the server's log when it exits or does not answer.
     pub fn start() -> io::Result<MotoServer> {
-        let mut last_err = None;
-        for _ in 0..PORT_ATTEMPTS {
-            match Self::start_once()? {
-                Ok(server) => return Ok(server),
-                Err(port_err) => last_err = Some(port_err),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| io::Error::other("moto_server did not start")))
+        crate::local::with_port_attempts("moto_server", Self::start_once)
     }
 
     /// One attempt on one port. The outer error is fatal; the inner one means "the port
@@ -104,7 +91,7 @@ impl MotoServer {
                 }
                 return Err(io::Error::other(msg));
             }
-            if http_request(addr, "GET", "/", Duration::from_secs(2)).is_ok() {
+            if crate::local::http_request(addr, "GET", "/", Duration::from_secs(2)).is_ok() {
                 return Ok(Ok(server));
             }
             if Instant::now() >= deadline {
@@ -142,7 +129,7 @@ impl MotoServer {
     /// # Errors
     /// On a connection failure or any answer other than `200`.
     pub fn create_bucket(&self, name: &str) -> io::Result<()> {
-        let (status, response) = http_request(
+        let (status, response) = crate::local::http_request(
             self.addr,
             "PUT",
             &format!("/{name}"),
@@ -165,15 +152,7 @@ impl MotoServer {
 
     /// The last few KB of the server's stdout and stderr, for error messages.
     pub fn log_tail(&self) -> String {
-        let read = || -> io::Result<String> {
-            let mut f = File::open(&self.log_path)?;
-            let len = f.metadata()?.len();
-            f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
-            let mut buf = Vec::new();
-            f.take(LOG_TAIL_BYTES).read_to_end(&mut buf)?;
-            Ok(String::from_utf8_lossy(&buf).into_owned())
-        };
-        read().unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path.display()))
+        crate::local::log_tail(&self.log_path, LOG_TAIL_BYTES)
     }
 }
 
@@ -213,36 +192,4 @@ fn not_found() -> io::Error {
 fn free_port() -> io::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
-}
-
-/// Sends one bodiless HTTP/1.1 request and returns the status code and the whole
-/// response (read until the server closes, at most 1 MiB, every step under `timeout`).
-fn http_request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    timeout: Duration,
-) -> io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    stream.flush()?;
-    let mut buf = Vec::new();
-    stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .strip_prefix("HTTP/1.")
-        .and_then(|rest| rest.get(2..5))
-        .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("not an HTTP response from {addr}: {text:?}"),
-            )
-        })?;
-    Ok((status, text))
 }
