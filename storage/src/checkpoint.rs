@@ -286,6 +286,21 @@ pub fn begin_save(meta: CheckpointMeta) -> PendingSave {
     }
 }
 
+/// Whether a tensor's values exactly fill its shape (the reason if not).
+fn check_fills_shape(t: &TensorData) -> Result<(), String> {
+    let want: usize = t.shape.iter().product();
+    if t.data.len() == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "tensor {:?} has {} values but shape {:?} needs {want}",
+            t.name,
+            t.data.len(),
+            t.shape
+        ))
+    }
+}
+
 /// Write one writer's shard of a save plan into the attempt's folder: encode its row slices
 /// of `tensors` (whole tensors by name) as safetensors, then upload (multipart when large) and
 /// hash at the same time. Encoding and hashing run on blocking threads.
@@ -313,15 +328,7 @@ pub async fn write_shard(
                 s.tensor, t.shape, s.shape
             )));
         }
-        let want: usize = t.shape.iter().product();
-        if t.data.len() != want {
-            return Err(format_err(format!(
-                "tensor {:?} has {} values but shape {:?} needs {want}",
-                t.name,
-                t.data.len(),
-                t.shape
-            )));
-        }
+        check_fills_shape(t).map_err(format_err)?;
         entries.push(TensorEntry {
             name: t.name.clone(),
             file: shard.file.clone(),
@@ -450,15 +457,7 @@ pub async fn save_checkpoint(
     let plan = save_plan(&held).map_err(|e| format_err(e.to_string()))?;
     let mut by_name = BTreeMap::new();
     for t in &content.tensors {
-        let want: usize = t.shape.iter().product();
-        if t.data.len() != want {
-            return Err(format_err(format!(
-                "tensor {:?} has {} values but shape {:?} needs {want}",
-                t.name,
-                t.data.len(),
-                t.shape
-            )));
-        }
+        check_fills_shape(t).map_err(format_err)?;
         by_name.insert(t.name.clone(), t.clone());
     }
     let by_name = Arc::new(by_name);
