@@ -5,8 +5,11 @@
 //!   as ratios to raw object_store puts/gets of the same bytes, side by side.
 //! - `ckpt-kill`: kill -9 training processes during saves; count torn loads (must be 0) and
 //!   compare finished runs with one never killed, bit for bit.
+//! - `rendezvous`: N members on one etcd form a generation; one lease is revoked; time and
+//!   etcd requests until every member has observed the next generation.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +19,10 @@ use object_store::ObjectStoreExt;
 use tenax_actors::{
     CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, TrainData, TrainSetup, Trainer,
 };
+use tenax_chaos::EtcdServer;
+use tenax_cluster::etcd::{EtcdConfig, EtcdMembership, PlanWatch, Registration};
+use tenax_cluster::member::{Member, MemberConfig};
+use tenax_core::membership::{MemberId, MemberInfo, PlannerConfig};
 use tenax_core::rng::SplitMix64;
 use tenax_core::slots::BatchLayout;
 use tenax_model::{AdamW, AdamWConfig, GptConfig, ParamLayout};
@@ -689,5 +696,274 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
             "load_mb_s_median": median(load_mb_s), "restore_ratio_to_raw_get_median": median(load_ratio),
         })
     );
+    Ok(())
+}
+
+/// Options of `tenax bench rendezvous`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchRendezvousArgs {
+    /// etcd client URL, http://host:port (default: start a local etcd; needs `etcd` on PATH).
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// Members in the job.
+    #[arg(long, default_value_t = 10)]
+    pub members: usize,
+    /// Lease TTL of every member, in seconds (etcd's minimum is 2).
+    #[arg(long, default_value_t = 2)]
+    pub ttl_s: i64,
+    /// The planner's settle window after a membership change, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub settle_ms: u64,
+    /// Full members (each a `Member`: campaigns, plans when leader, watches its own key);
+    /// the others are light (register under their own lease and watch the plan).
+    #[arg(long, default_value_t = 3)]
+    pub full_members: usize,
+    /// etcd connections the members share (round-robin).
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+}
+
+/// How long the first generation with every member may take to form.
+const RENDEZVOUS_FORM_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long the re-formation after the revocation may take.
+const RENDEZVOUS_REFORM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Registrations in flight at once while the light members join.
+const RENDEZVOUS_REGISTER_CONCURRENCY: usize = 32;
+
+/// A light member: a lease and a plan watch, its newest generation in `seen`.
+struct LightMember {
+    /// Its registration (lease kept alive).
+    registration: Registration,
+    /// The newest generation its plan watch delivered.
+    seen: Arc<AtomicU64>,
+}
+
+/// Polls `done` every millisecond until it holds, at most `limit`.
+async fn poll_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > limit {
+            bail!("{what}: not within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// N members on one etcd form a generation; one light member's lease is revoked; prints
+/// the time until every other member has observed the next generation (`reform_s`) and
+/// the etcd requests all members' connections sent meanwhile (`etcd_requests`, the
+/// revocation and the keep-alives included; `keepalive_requests` says how many were
+/// keep-alives).
+pub async fn rendezvous(a: BenchRendezvousArgs) -> Result<()> {
+    if a.members < 2 {
+        bail!(
+            "--members {} is too few: one member is revoked, so at least 2",
+            a.members
+        );
+    }
+    if a.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let full = a.full_members.clamp(1, a.members);
+    // Keep the etcd server (if we started one) alive until the end.
+    let (endpoint, _server) = match &a.etcd {
+        Some(url) => (url.clone(), None),
+        None => {
+            let server = tokio::task::spawn_blocking(EtcdServer::start)
+                .await?
+                .context("starting a local etcd (pass --etcd URL to use a running one)")?;
+            (server.endpoint(), Some(server))
+        }
+    };
+    let job = format!(
+        "bench-rendezvous-{}-{}",
+        std::process::id(),
+        tenax_storage::now_unix_ms()
+    );
+    let mut etcd_config = EtcdConfig::new(vec![endpoint.clone()], job);
+    etcd_config.lease_ttl_s = a.ttl_s;
+    let mut conns = Vec::with_capacity(a.connections);
+    for _ in 0..a.connections {
+        conns.push(
+            EtcdMembership::connect(etcd_config.clone())
+                .await
+                .with_context(|| format!("connecting to etcd at {endpoint}"))?,
+        );
+    }
+    let requests = |conns: &[EtcdMembership]| -> (u64, u64) {
+        conns.iter().fold((0, 0), |(r, k), c| {
+            (r + c.requests(), k + c.keepalive_requests())
+        })
+    };
+    // min_members N - 1: the group forms once (nearly) everyone registered, and the
+    // revocation of one member still leaves enough.
+    let planner = PlannerConfig {
+        min_members: a.members - 1,
+        max_members: a.members,
+        pp_depth: 1,
+        max_ranks_per_member: 1,
+        settle_ms: a.settle_ms,
+        settle_max_ms: 3 * a.settle_ms,
+        max_known_members: a.members + 16,
+        ..PlannerConfig::default()
+    };
+
+    let t_start = Instant::now();
+    let mut full_members = Vec::with_capacity(full);
+    for i in 0..full {
+        let config = MemberConfig {
+            etcd: etcd_config.clone(),
+            planner: planner.clone(),
+            id: format!("full-{i:05}"),
+            devices: 1,
+        };
+        let m = Member::start_with(conns[i % conns.len()].clone(), config)
+            .await
+            .with_context(|| format!("starting full member {i}"))?;
+        full_members.push(m);
+    }
+    let light_ids: Vec<String> = (0..a.members - full)
+        .map(|i| format!("light-{i:05}"))
+        .collect();
+    let mut watchers = tokio::task::JoinSet::new();
+    let registered: Vec<(Registration, PlanWatch)> =
+        futures::stream::iter(light_ids.iter().enumerate())
+            .map(|(i, id)| {
+                let conn = conns[i % conns.len()].clone();
+                async move {
+                    let info = MemberInfo {
+                        id: MemberId::new(id.clone()),
+                        devices: 1,
+                        joined_gen: 0,
+                    };
+                    let registration = conn.register(id, &serde_json::to_vec(&info)?).await?;
+                    let watch = conn.watch_plan().await;
+                    anyhow::Ok((registration, watch))
+                }
+            })
+            .buffer_unordered(RENDEZVOUS_REGISTER_CONCURRENCY)
+            .try_collect()
+            .await?;
+    let mut light = Vec::with_capacity(registered.len());
+    for (registration, mut watch) in registered {
+        let seen = Arc::new(AtomicU64::new(0));
+        let s = seen.clone();
+        watchers.spawn(async move {
+            while let Some(update) = watch.recv().await {
+                s.fetch_max(update.generation, Ordering::Relaxed);
+            }
+        });
+        light.push(LightMember { registration, seen });
+    }
+    let registered_s = t_start.elapsed().as_secs_f64();
+
+    // The first generation with everyone, observed by everyone.
+    let mut formed = None;
+    poll_until(
+        &format!("a generation of all {} members", a.members),
+        RENDEZVOUS_FORM_TIMEOUT,
+        || {
+            let Some(plan) = full_members[0].current_plan() else {
+                return false;
+            };
+            let g = plan.generation;
+            let done = plan.members.len() == a.members
+                && full_members.iter().all(|m| m.generation() == Some(g))
+                && light.iter().all(|l| l.seen.load(Ordering::Relaxed) >= g);
+            if done {
+                formed = Some(plan);
+            }
+            done
+        },
+    )
+    .await?;
+    let formed = formed.context("the formed plan")?;
+    let form_s = t_start.elapsed().as_secs_f64();
+
+    // Revoke one member's lease: a light one (else a full one that does not lead).
+    let victim_id: MemberId;
+    let victim_lease;
+    let victim_light = if light.is_empty() {
+        None
+    } else {
+        Some(light.len() / 2)
+    };
+    match victim_light {
+        Some(v) => {
+            victim_id = MemberId::new(light[v].registration.member_id());
+            victim_lease = light[v].registration.lease_id();
+        }
+        None => {
+            let m = full_members
+                .iter()
+                .find(|m| !m.is_leader())
+                .context("a full member that does not lead")?;
+            victim_id = m.id().clone();
+            victim_lease = m.writer().lease;
+        }
+    }
+    let g = formed.generation;
+    let (req0, ka0) = requests(&conns);
+    let t0 = Instant::now();
+    conns[0].revoke_lease(victim_lease).await?;
+    let others_full: Vec<&Member> = full_members
+        .iter()
+        .filter(|m| *m.id() != victim_id)
+        .collect();
+    let others_light: Vec<&LightMember> = light
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != victim_light)
+        .map(|(_, l)| l)
+        .collect();
+    poll_until(
+        "every member observes the next generation",
+        RENDEZVOUS_REFORM_TIMEOUT,
+        || {
+            others_full.iter().all(|m| m.generation() > Some(g))
+                && others_light
+                    .iter()
+                    .all(|l| l.seen.load(Ordering::Relaxed) > g)
+        },
+    )
+    .await?;
+    let reform_s = t0.elapsed().as_secs_f64();
+    let (req1, ka1) = requests(&conns);
+    let plan = others_full[0].current_plan().context("the new plan")?;
+    if plan.contains(&victim_id) || plan.members.len() != a.members - 1 {
+        bail!(
+            "gen {} has {} members (victim {victim_id} included: {}): {}",
+            plan.generation,
+            plan.members.len(),
+            plan.contains(&victim_id),
+            plan.reason
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "rendezvous", "members": a.members, "reform_s": reform_s,
+            "etcd_requests": req1 - req0, "keepalive_requests": ka1 - ka0,
+            "generation": plan.generation, "form_s": form_s, "registered_s": registered_s,
+            "ttl_s": a.ttl_s, "settle_ms": a.settle_ms, "full_members": full,
+            "connections": a.connections,
+        })
+    );
+
+    // Leave: stop the watches, revoke every lease still held.
+    watchers.abort_all();
+    for m in full_members {
+        if *m.id() != victim_id {
+            let _ = m.shutdown().await;
+        }
+    }
+    futures::stream::iter(light)
+        .map(|l| l.registration.revoke())
+        .buffer_unordered(RENDEZVOUS_REGISTER_CONCURRENCY)
+        .for_each(|_| async {})
+        .await;
     Ok(())
 }

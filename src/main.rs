@@ -130,6 +130,9 @@ enum BenchCommand {
     /// Training stall per checkpoint save, and upload/restore throughput as ratios to raw
     /// object_store puts/gets of the same bytes to the same store.
     Ckpt(bench::BenchCkptArgs),
+    /// Membership on etcd: N members form a generation, one lease is revoked; time and
+    /// etcd requests until every member has observed the next generation.
+    Rendezvous(bench::BenchRendezvousArgs),
 }
 
 fn main() -> ExitCode {
@@ -182,6 +185,7 @@ fn main() -> ExitCode {
                 BenchCommand::Train(a) => bench::train(a).await,
                 BenchCommand::CkptKill(a) => bench::ckpt_kill(a).await,
                 BenchCommand::Ckpt(a) => bench::ckpt(a).await,
+                BenchCommand::Rendezvous(a) => bench::rendezvous(a).await,
             },
         }
     });

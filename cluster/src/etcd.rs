@@ -24,8 +24,13 @@
 //! when their handle is dropped, when the lease is gone, or after
 //! [`EtcdConfig::give_up_after`] without an answer from etcd.
 //!
-//! Every request sent to etcd is counted ([`EtcdMembership::requests`]), so that a
-//! benchmark can report etcd requests per re-formation and per training step.
+//! Every request sent to etcd is counted ([`EtcdMembership::requests`], keep-alives also
+//! apart: [`EtcdMembership::keepalive_requests`]), so that a benchmark can report etcd
+//! requests per re-formation and per training step.
+//!
+//! Member keys are watched with [`EtcdMembership::watch_members`] (the leader's view of
+//! who is registered) and [`EtcdMembership::watch_member`] (a member watching its own
+//! key): a snapshot, then every put and delete, as [`MemberEvent`]s.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -630,6 +635,83 @@ impl Drop for PlanWatch {
     }
 }
 
+/// What a [`MemberWatch`] delivers, in etcd revision order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberEvent {
+    /// Every member of the watched range at `revision`, sorted by id. Delivered first,
+    /// and again after the watch found its revision compacted: it then replaces the
+    /// receiver's view (members missing from it are gone).
+    Snapshot {
+        /// The members.
+        members: Vec<Member>,
+        /// The etcd revision of the read.
+        revision: i64,
+    },
+    /// A member key was put: a registration, or a re-registration under a new lease.
+    Put {
+        /// The member as registered now.
+        member: Member,
+        /// The etcd revision of the put.
+        revision: i64,
+    },
+    /// A member key was deleted: its lease was revoked or expired (member keys live
+    /// under their lease), or someone deleted it by hand.
+    Deleted {
+        /// The member id.
+        id: String,
+        /// The etcd revision of the deletion.
+        revision: i64,
+    },
+}
+
+/// A watch of member keys ([`EtcdMembership::watch_members`],
+/// [`EtcdMembership::watch_member`]): a snapshot, then every change in order. Like a
+/// [`PlanWatch`], the background task resumes from the last revision seen after a
+/// disconnect or an etcd restart, re-reads (a new snapshot) after a compaction, gives up
+/// after [`EtcdConfig::give_up_after`] without a working connection, and ends when the
+/// handle is dropped.
+#[derive(Debug)]
+pub struct MemberWatch {
+    /// Bounded channel of events ([`EtcdConfig::watch_buffer`]).
+    rx: mpsc::Receiver<MemberEvent>,
+    /// The task's state.
+    status: watch::Receiver<WatchStatus>,
+    /// Times the task reopened the watch after a broken connection.
+    reconnects: Arc<AtomicU64>,
+    /// Times the task re-read the members after finding its revision compacted.
+    resyncs: Arc<AtomicU64>,
+    /// The task; aborted on drop.
+    task: JoinHandle<()>,
+}
+
+impl MemberWatch {
+    /// The next event, or `None` once the task has ended (see [`MemberWatch::status`]).
+    pub async fn recv(&mut self) -> Option<MemberEvent> {
+        self.rx.recv().await
+    }
+
+    /// The task's state now.
+    pub fn status(&self) -> WatchStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Times the watch was reopened after a broken connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Times the members were re-read because the watch's revision had been compacted.
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for MemberWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The etcd driver of one job. Cheap to clone (clones share the connection and the
 /// request counter); every method takes `&self`, so a campaign can wait in its own task
 /// while others read and write.
@@ -650,6 +732,8 @@ struct Inner {
     prefix: String,
     /// Requests sent to etcd.
     requests: AtomicU64,
+    /// The part of `requests` that were lease keep-alives.
+    keepalive_requests: AtomicU64,
     /// The newest (generation, mod_revision) of the `gen` key this driver has seen: lets
     /// a fenced write skip the read of the `gen` key.
     plan_rev: Mutex<Option<PlanCursor>>,
@@ -706,6 +790,7 @@ impl EtcdMembership {
             endpoints: endpoints.clone(),
             prefix: prefix.clone(),
             requests: AtomicU64::new(0),
+            keepalive_requests: AtomicU64::new(0),
             plan_rev: Mutex::new(None),
             config,
         });
@@ -742,6 +827,12 @@ impl EtcdMembership {
     /// call, keep-alives, watch and campaign requests).
     pub fn requests(&self) -> u64 {
         self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    /// The part of [`EtcdMembership::requests`] that were lease keep-alives (refreshes of
+    /// a lease: they write nothing and change no revision).
+    pub fn keepalive_requests(&self) -> u64 {
+        self.inner.keepalive_requests.load(Ordering::Relaxed)
     }
 
     /// Registers `member_id`: grants a lease of [`EtcdConfig::lease_ttl_s`], puts
@@ -818,21 +909,7 @@ impl EtcdMembership {
                 async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
-        let mut members = Vec::with_capacity(resp.kvs().len());
-        for kv in resp.kvs() {
-            let id = kv
-                .key()
-                .strip_prefix(prefix.as_bytes())
-                .and_then(|id| std::str::from_utf8(id).ok())
-                .ok_or_else(|| inner.protocol("get", &prefix, "a member key is not UTF-8"))?;
-            members.push(Member {
-                id: id.to_string(),
-                info: kv.value().to_vec(),
-                lease: kv.lease(),
-            });
-        }
-        members.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(members)
+        inner.parse_members("get", resp.kvs())
     }
 
     /// Revokes `lease` at once (the leader evicting a confirmed-dead member, or a member
@@ -1247,9 +1324,76 @@ impl EtcdMembership {
             task,
         }
     }
+
+    /// Watches every member key of the job: a [`MemberEvent::Snapshot`] of the registered
+    /// members first, then every registration and deletion. See [`MemberWatch`].
+    pub fn watch_members(&self) -> MemberWatch {
+        self.start_member_watch(self.inner.member_key(""), true)
+    }
+
+    /// Watches the member key of `member_id` alone (a member watching its own
+    /// registration): a snapshot (zero or one member) first, then its puts and deletes.
+    ///
+    /// # Errors
+    /// [`EtcdError::InvalidArgument`] for an id with `/` or control characters.
+    pub fn watch_member(&self, member_id: &str) -> Result<MemberWatch, EtcdError> {
+        check_id("watch_member", member_id)?;
+        Ok(self.start_member_watch(self.inner.member_key(member_id), false))
+    }
+
+    fn start_member_watch(&self, key: String, prefix: bool) -> MemberWatch {
+        let (tx, rx) = mpsc::channel(self.inner.config.watch_buffer);
+        let (status_tx, status) = watch::channel(WatchStatus::Connecting);
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let resyncs = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(member_watch_task(
+            self.inner.clone(),
+            MemberRange { key, prefix },
+            tx,
+            status_tx,
+            reconnects.clone(),
+            resyncs.clone(),
+        ));
+        MemberWatch {
+            rx,
+            status,
+            reconnects,
+            resyncs,
+            task,
+        }
+    }
 }
 
 impl Inner {
+    /// The member (id, info, lease) of one key under `members/`.
+    fn parse_member(&self, what: &'static str, kv: &KeyValue) -> Result<Member, EtcdError> {
+        let prefix = self.member_key("");
+        let id = kv
+            .key()
+            .strip_prefix(prefix.as_bytes())
+            .and_then(|id| std::str::from_utf8(id).ok())
+            .ok_or_else(|| self.protocol(what, &prefix, "a member key is not UTF-8"))?;
+        Ok(Member {
+            id: id.to_string(),
+            info: kv.value().to_vec(),
+            lease: kv.lease(),
+        })
+    }
+
+    /// The members of a range read, sorted by id.
+    fn parse_members(
+        &self,
+        what: &'static str,
+        kvs: &[KeyValue],
+    ) -> Result<Vec<Member>, EtcdError> {
+        let mut members = kvs
+            .iter()
+            .map(|kv| self.parse_member(what, kv))
+            .collect::<Result<Vec<_>, _>>()?;
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(members)
+    }
+
     /// `/tenax/<job>/<suffix>`.
     fn key(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix)
@@ -1627,6 +1771,7 @@ async fn refresh(
             tokio::time::sleep(inner.backoff(attempt)).await;
         }
         inner.requests.fetch_add(1, Ordering::Relaxed);
+        inner.keepalive_requests.fetch_add(1, Ordering::Relaxed);
         if let Some((keeper, responses)) = stream.as_mut() {
             let exchange = async {
                 keeper.keep_alive().await?;
@@ -1881,6 +2026,206 @@ async fn watch_session(
                 return SessionEnd::Closed;
             }
             *delivered = Some(record.generation);
+        }
+    }
+}
+
+/// The key range of a [`MemberWatch`]: one member key, or the members prefix.
+struct MemberRange {
+    /// The key, or the prefix.
+    key: String,
+    /// Whether `key` is a prefix.
+    prefix: bool,
+}
+
+/// The member watch loop, the same shape as [`plan_watch_task`]: snapshot, watch from
+/// the next revision, resume after a break, re-read after a compaction.
+async fn member_watch_task(
+    inner: Arc<Inner>,
+    range: MemberRange,
+    tx: mpsc::Sender<MemberEvent>,
+    status: watch::Sender<WatchStatus>,
+    reconnects: Arc<AtomicU64>,
+    resyncs: Arc<AtomicU64>,
+) {
+    let mut next_rev: Option<i64> = None;
+    let mut failures = 0u32;
+    let mut outage_start: Option<Instant> = None;
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        if failures > 0 {
+            let since = *outage_start.get_or_insert_with(Instant::now);
+            if since.elapsed() >= inner.config.give_up_after {
+                status.send_replace(WatchStatus::Failed {
+                    error: format!(
+                        "watch of {} at {}: no working connection for {:?}",
+                        range.key, inner.endpoints, inner.config.give_up_after
+                    ),
+                });
+                return;
+            }
+            tokio::time::sleep(inner.backoff(failures.min(30))).await;
+        }
+        let from = match next_rev {
+            Some(rev) => rev,
+            None => match member_snapshot(&inner, &range, &tx).await {
+                Ok(Some(rev)) => rev,
+                Ok(None) => return,
+                Err(SessionEnd::Fatal(error)) => {
+                    status.send_replace(WatchStatus::Failed { error });
+                    return;
+                }
+                Err(SessionEnd::Broken(e)) => {
+                    failures += 1;
+                    status.send_replace(WatchStatus::Reconnecting {
+                        attempts: failures,
+                        last_error: e,
+                    });
+                    continue;
+                }
+                Err(SessionEnd::Closed | SessionEnd::Compacted) => return,
+            },
+        };
+        next_rev = Some(from);
+        let end = member_watch_session(&inner, &range, from, &tx, &status, &mut next_rev).await;
+        if matches!(*status.borrow(), WatchStatus::Watching) {
+            failures = 0;
+            outage_start = None;
+        }
+        match end {
+            SessionEnd::Closed => return,
+            SessionEnd::Fatal(error) => {
+                status.send_replace(WatchStatus::Failed { error });
+                return;
+            }
+            SessionEnd::Compacted => {
+                resyncs.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(key = %range.key, from, "watch revision compacted; re-reading the members");
+                next_rev = None;
+                failures = 0;
+                outage_start = None;
+            }
+            SessionEnd::Broken(e) => {
+                reconnects.fetch_add(1, Ordering::Relaxed);
+                failures += 1;
+                status.send_replace(WatchStatus::Reconnecting {
+                    attempts: failures,
+                    last_error: e,
+                });
+            }
+        }
+    }
+}
+
+/// Reads the range once (one attempt, with a timeout), delivers it as a snapshot, and
+/// returns the revision to watch from (`Ok(None)`: receiver gone).
+async fn member_snapshot(
+    inner: &Inner,
+    range: &MemberRange,
+    tx: &mpsc::Sender<MemberEvent>,
+) -> Result<Option<i64>, SessionEnd> {
+    inner.requests.fetch_add(1, Ordering::Relaxed);
+    let mut kv = inner.client.kv_client();
+    let opts = range.prefix.then(|| GetOptions::new().with_prefix());
+    let resp = match tokio::time::timeout(inner.config.op_timeout, kv.get(range.key.as_str(), opts))
+        .await
+    {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return Err(SessionEnd::Broken(e.to_string())),
+        Err(_) => {
+            return Err(SessionEnd::Broken(format!(
+                "no answer within {:?}",
+                inner.config.op_timeout
+            )))
+        }
+    };
+    let revision = resp
+        .header()
+        .map(|h| h.revision())
+        .ok_or_else(|| SessionEnd::Broken("no header in the get answer".into()))?;
+    let members = inner
+        .parse_members("watch", resp.kvs())
+        .map_err(|e| SessionEnd::Fatal(e.to_string()))?;
+    if tx
+        .send(MemberEvent::Snapshot { members, revision })
+        .await
+        .is_err()
+    {
+        return Ok(None);
+    }
+    Ok(Some(revision + 1))
+}
+
+/// One watch stream of the range from revision `from`: delivers every put and delete
+/// and advances `next_rev` past every event seen, until the stream ends.
+async fn member_watch_session(
+    inner: &Inner,
+    range: &MemberRange,
+    from: i64,
+    tx: &mpsc::Sender<MemberEvent>,
+    status: &watch::Sender<WatchStatus>,
+    next_rev: &mut Option<i64>,
+) -> SessionEnd {
+    inner.requests.fetch_add(1, Ordering::Relaxed);
+    let mut client = inner.client.watch_client();
+    let mut opts = WatchOptions::new().with_start_revision(from);
+    if range.prefix {
+        opts = opts.with_prefix();
+    }
+    let mut stream = match tokio::time::timeout(
+        inner.config.op_timeout,
+        client.watch(range.key.as_str(), Some(opts)),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return SessionEnd::Broken(e.to_string()),
+        Err(_) => {
+            return SessionEnd::Broken(format!(
+                "watch not opened within {:?}",
+                inner.config.op_timeout
+            ))
+        }
+    };
+    loop {
+        let resp = tokio::select! {
+            r = stream.message() => r,
+            () = tx.closed() => return SessionEnd::Closed,
+        };
+        let resp = match resp {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return SessionEnd::Broken("watch stream closed by etcd".into()),
+            Err(e) => return SessionEnd::Broken(e.to_string()),
+        };
+        if resp.created() {
+            status.send_replace(WatchStatus::Watching);
+        }
+        if resp.compact_revision() > 0 {
+            return SessionEnd::Compacted;
+        }
+        if resp.canceled() {
+            return SessionEnd::Broken(format!("watch canceled by etcd: {}", resp.cancel_reason()));
+        }
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            let revision = kv.mod_revision();
+            *next_rev = Some(revision + 1);
+            let member = match inner.parse_member("watch", kv) {
+                Ok(m) => m,
+                Err(e) => return SessionEnd::Fatal(e.to_string()),
+            };
+            let ev = match event.event_type() {
+                EventType::Put => MemberEvent::Put { member, revision },
+                EventType::Delete => MemberEvent::Deleted {
+                    id: member.id,
+                    revision,
+                },
+            };
+            if tx.send(ev).await.is_err() {
+                return SessionEnd::Closed;
+            }
         }
     }
 }

@@ -6,7 +6,12 @@
 //! - [`inprocess`]: the backend for ranks that share one process (`tenax train --ranks N`).
 //! - [`etcd`]: the etcd driver for membership and fencing: member leases and keep-alive,
 //!   leader election, the generation plan (one value, written by a guarded txn, watched),
-//!   and fenced commits (txns that compare the generation and the writer's lease).
+//!   and fenced commits (txns that compare the generation and the writer's lease), and
+//!   watches of the member keys.
+//! - [`member`]: [`member::Member`], the async agent of one node: registers under a
+//!   lease, campaigns, runs the membership planner when leader (member watch in, plan
+//!   writes and revocations out), watches the plan and commits fenced on the generation
+//!   it observed.
 //!
 //! Still to come (daemon issues): the CPU backend over the peer gRPC stream and NCCL
 //! through cudarc behind the `cuda` feature.
@@ -14,6 +19,7 @@
 pub mod collective;
 pub mod etcd;
 pub mod inprocess;
+pub mod member;
 
 pub use collective::{Collective, CollectiveError, Reduced, SlotContribution, SlotFold};
 pub use inprocess::InProcessCollective;

@@ -11,8 +11,8 @@ use anyhow::{bail, ensure, Context, Result};
 use etcd_client::CompactionOptions;
 use tenax_chaos::EtcdServer;
 use tenax_cluster::etcd::{
-    EtcdConfig, EtcdError, EtcdMembership, FenceOutcome, FenceRefusal, LeaseState, PlanCursor,
-    PlanUpdate, PlanWatch, WatchStatus, WriteOutcome,
+    EtcdConfig, EtcdError, EtcdMembership, FenceOutcome, FenceRefusal, LeaseState, MemberEvent,
+    MemberWatch, PlanCursor, PlanUpdate, PlanWatch, WatchStatus, WriteOutcome,
 };
 
 /// The most any single wait in these tests may take; far above what it needs.
@@ -506,5 +506,85 @@ async fn connecting_to_a_closed_port_fails_fast_and_names_the_endpoint() -> Resu
     assert!(matches!(err, EtcdError::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains(&endpoint), "{err}");
     assert!(took < Duration::from_secs(10), "{took:?}");
+    Ok(())
+}
+
+/// The next event of `watch`, at most [`WAIT`] away.
+async fn next_member(watch: &mut MemberWatch) -> Result<MemberEvent> {
+    match tokio::time::timeout(WAIT, watch.recv()).await {
+        Ok(Some(e)) => Ok(e),
+        Ok(None) => bail!("the member watch ended: {:?}", watch.status()),
+        Err(_) => bail!(
+            "no member event within {WAIT:?}; status {:?}",
+            watch.status()
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_watches_see_registrations_and_deletions_across_a_restart() -> Result<()> {
+    let mut etcd = start_etcd()?;
+    let m = EtcdMembership::connect(config(&etcd, "mwatch", 5)).await?;
+    let a = m.register("a", b"A").await?;
+    let mut all = m.watch_members();
+    let mut only_b = m.watch_member("b")?;
+    match next_member(&mut all).await? {
+        MemberEvent::Snapshot { members, .. } => {
+            let got: Vec<_> = members.iter().map(|x| (x.id.as_str(), x.lease)).collect();
+            assert_eq!(got, [("a", a.lease_id())]);
+        }
+        other => bail!("expected a snapshot, got {other:?}"),
+    }
+    match next_member(&mut only_b).await? {
+        MemberEvent::Snapshot { members, .. } => assert!(members.is_empty(), "{members:?}"),
+        other => bail!("expected a snapshot, got {other:?}"),
+    }
+    let b = m.register("b", b"B").await?;
+    for w in [&mut all, &mut only_b] {
+        match next_member(w).await? {
+            MemberEvent::Put { member, .. } => {
+                assert_eq!(
+                    (member.id.as_str(), member.info.as_slice(), member.lease),
+                    ("b", &b"B"[..], b.lease_id())
+                );
+            }
+            other => bail!("expected b's put, got {other:?}"),
+        }
+    }
+
+    // etcd restarts: both watches resume from their last revision, nothing is lost.
+    tokio::task::block_in_place(|| etcd.restart())?;
+    a.revoke().await?;
+    let b2 = m.register("b", b"B2").await?;
+    match next_member(&mut all).await? {
+        MemberEvent::Deleted { id, .. } => assert_eq!(id, "a"),
+        other => bail!("expected a's deletion, got {other:?}"),
+    }
+    for w in [&mut all, &mut only_b] {
+        match next_member(w).await? {
+            MemberEvent::Put { member, .. } => assert_eq!(
+                (member.id.as_str(), member.lease),
+                ("b", b2.lease_id()),
+                "b's key moved to its new lease"
+            ),
+            other => bail!("expected b's new put, got {other:?}"),
+        }
+    }
+    eprintln!(
+        "reconnects after the restart: all {}, only_b {}",
+        all.reconnects(),
+        only_b.reconnects()
+    );
+    assert!(all.reconnects() >= 1 && only_b.reconnects() >= 1);
+    b2.revoke().await?;
+    for w in [&mut all, &mut only_b] {
+        match next_member(w).await? {
+            MemberEvent::Deleted { id, .. } => assert_eq!(id, "b"),
+            other => bail!("expected b's deletion, got {other:?}"),
+        }
+    }
+    // b's first lease no longer holds any key; revoking it deletes nothing.
+    drop(b);
+    assert!(m.watch_member("x/y").is_err());
     Ok(())
 }

@@ -1,0 +1,968 @@
+//! The membership agent of one node: [`Member`] glues the etcd driver ([`crate::etcd`])
+//! to the pure planner ([`tenax_core::membership::Planner`]).
+//!
+//! What a member does, from [`Member::start`] to [`Member::shutdown`]:
+//!
+//! - Registers `/tenax/<job>/members/<id>` under its own lease, the value its
+//!   [`MemberInfo`] as JSON with `joined_gen` = the generation stored at registration.
+//!   The generation is read before and after the registration; if it changed meanwhile,
+//!   `joined_gen` may be too low (the planner would believe the member holds state of a
+//!   plan made without it), so that registration is stale: its lease is released
+//!   (revoked) and the member registers again, at most [`REGISTER_ATTEMPTS`] times.
+//!   A failed registration releases its lease too (the driver revokes it).
+//! - Watches the plan: every member exposes the newest plan it observed
+//!   ([`Member::current_plan`], [`Member::plan_receiver`]) and commits in that
+//!   generation ([`Member::fenced_commit`]); etcd's txn is the fence, never local state.
+//! - Watches its own member key. If the key is deleted or moved to another lease (the
+//!   same id registered elsewhere, a stale put, a hand edit) while its lease lives, the
+//!   member does NOT register again: it releases its lease, reports
+//!   [`MemberState::Lost`] and stops. Releasing matters: a lease without its member key
+//!   could keep this node's election key, so it would lead while every plan write it
+//!   makes fails the fence. Rejoining is a new [`Member`], whose new `joined_gen` tells
+//!   the planner it holds no state.
+//! - A lost lease (the keep-alive task finds it gone) is the same: [`MemberState::Lost`],
+//!   and the member stops.
+//! - Campaigns for leadership in the background (etcd election, the key under the
+//!   member's lease, so leadership ends with the lease). The leader watches every member
+//!   key and runs the [`Planner`]: registrations are `MemberJoined`, deletions
+//!   `LeaseExpired` (member keys only disappear with their lease, or by hand),
+//!   `ArmSettleTimer` becomes a tokio timer that feeds `SettleTimerFired`, `WritePlan`
+//!   is [`EtcdMembership::write_plan`] (then `PlanCommitted` or `PlanWriteFailed`),
+//!   `RevokeLease` is [`EtcdMembership::revoke_lease`]. `Probe` needs the peer transport
+//!   (not there yet): it is logged and never answered, so a suspicion with one reporter
+//!   does not evict anyone.
+//!
+//! Shape: one task per member (the agent) owns the planner and every watch, and runs
+//! one `select!` loop; etcd calls that may wait (campaign, plan write, revocation) run
+//! as jobs in a [`JoinSet`] that the agent owns, and their results come back into the
+//! loop. Every etcd call has the driver's timeout and bounded retries; every loop ends
+//! on [`Member::shutdown`] (a cancellation token) or when the member is lost. Dropping a
+//! [`Member`] aborts the agent, which drops its jobs and watches (aborting them) and the
+//! registration (its lease then expires after its TTL).
+//!
+//! In steady state a member writes nothing to etcd: lease keep-alives (refreshes, no
+//! revision), open watches, and one re-campaign per follower every [`CAMPAIGN_WAIT`].
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tenax_core::membership::{Effect, Event, MemberId, MemberInfo, Plan, Planner, PlannerConfig};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::etcd::{
+    EtcdConfig, EtcdError, EtcdMembership, FenceOutcome, FenceRefusal, Leadership, LeaseState,
+    Member as EtcdMember, MemberEvent, MemberWatch, PlanUpdate, PlanWatch, Registration,
+    WriteOutcome, Writer,
+};
+
+/// How many times [`Member::start`] registers when the generation keeps changing
+/// during registration.
+pub const REGISTER_ATTEMPTS: u32 = 3;
+
+/// How long one campaign waits before it is withdrawn and made again. Long, because
+/// each new campaign writes a candidate key; the wait is cancelled on shutdown.
+pub const CAMPAIGN_WAIT: Duration = Duration::from_secs(600);
+
+/// The first pause after a failed campaign; doubled per failure up to
+/// [`CAMPAIGN_BACKOFF_MAX`].
+const CAMPAIGN_BACKOFF: Duration = Duration::from_millis(200);
+
+/// The longest pause between two failed campaigns.
+const CAMPAIGN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Settings of one [`Member`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberConfig {
+    /// The etcd endpoints, job and timing (the lease TTL among them).
+    pub etcd: EtcdConfig,
+    /// The planner's limits and timing (the same on every member of a job).
+    pub planner: PlannerConfig,
+    /// The member id: one key segment, unique in the job.
+    pub id: String,
+    /// How many ranks this node can host (at least 1).
+    pub devices: u32,
+}
+
+/// Where a [`Member`] stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberState {
+    /// Registered: following, or leading ([`Member::is_leader`]).
+    Active,
+    /// The registration is gone: the lease expired or was revoked, the member key was
+    /// deleted or moved to another lease, or a watch gave up. The member released its
+    /// lease and stopped; start a new [`Member`] to rejoin.
+    Lost {
+        /// What happened, for logs.
+        reason: String,
+    },
+    /// [`Member::shutdown`] ran: the member left the job.
+    Stopped,
+}
+
+/// What went wrong starting or using a [`Member`].
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    /// A setting of [`MemberConfig`] is out of range.
+    #[error("invalid member configuration: {detail}")]
+    InvalidConfig {
+        /// Which setting, and what is allowed.
+        detail: String,
+    },
+    /// An etcd call failed (it names the endpoints and the key).
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// Every registration attempt saw the generation change while it registered.
+    #[error(
+        "member {member_id}: the plan's generation changed during each of {attempts} \
+         registrations (the group keeps re-forming); start the member again later"
+    )]
+    RegistrationRaced {
+        /// The member id.
+        member_id: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The member is not in the plan it observed, so it has nothing to commit in it.
+    #[error(
+        "member {member_id} is not a member of generation {generation}, the newest plan it \
+         observed: only members of a generation commit in it; wait for a plan that admits it"
+    )]
+    NotInPlan {
+        /// The member id.
+        member_id: String,
+        /// The generation observed.
+        generation: u64,
+    },
+}
+
+/// The agent of one node in the job. See the module docs.
+#[derive(Debug)]
+pub struct Member {
+    /// What this member registered.
+    info: MemberInfo,
+    /// The driver (clones share its connection and request counter).
+    etcd: EtcdMembership,
+    /// Member id and lease: the identity of fenced writes.
+    writer: Writer,
+    /// The registration (its lease keep-alive); taken by whoever releases it.
+    registration: Arc<Mutex<Option<Registration>>>,
+    /// The newest plan observed.
+    plan_rx: watch::Receiver<Option<Plan>>,
+    /// The member's state.
+    state_tx: Arc<watch::Sender<MemberState>>,
+    /// A receiver kept so that the state can always be read.
+    state_rx: watch::Receiver<MemberState>,
+    /// Whether this member leads (its planner believes so).
+    leader_rx: watch::Receiver<bool>,
+    /// Ends the agent's loop.
+    cancel: CancellationToken,
+    /// The agent task; aborted on drop.
+    agent: Option<JoinHandle<()>>,
+}
+
+impl Member {
+    /// Connects to etcd with `config.etcd`, then as [`Member::start_with`].
+    ///
+    /// # Errors
+    /// As [`EtcdMembership::connect`] and [`Member::start_with`].
+    pub async fn start(config: MemberConfig) -> Result<Member, MemberError> {
+        let etcd = EtcdMembership::connect(config.etcd.clone()).await?;
+        Member::start_with(etcd, config).await
+    }
+
+    /// Starts a member on an existing connection (whose settings must be
+    /// `config.etcd`): registers (see the module docs for the stale-registration rule),
+    /// opens the plan watch and the watch of its own key, and starts the agent, which
+    /// campaigns for leadership. Returns once registered.
+    ///
+    /// # Errors
+    /// [`MemberError::InvalidConfig`] for a bad setting or a connection made with other
+    /// settings; [`MemberError::RegistrationRaced`]; the driver's errors.
+    pub async fn start_with(
+        etcd: EtcdMembership,
+        config: MemberConfig,
+    ) -> Result<Member, MemberError> {
+        let MemberConfig {
+            etcd: etcd_config,
+            planner,
+            id,
+            devices,
+        } = config;
+        if *etcd.config() != etcd_config {
+            return Err(MemberError::InvalidConfig {
+                detail: format!(
+                    "the connection was made with other etcd settings than config.etcd \
+                     (job {:?} vs {:?}); pass the same EtcdConfig to both",
+                    etcd.config().job,
+                    etcd_config.job
+                ),
+            });
+        }
+        if devices == 0 {
+            return Err(MemberError::InvalidConfig {
+                detail: format!("member {id:?} has 0 devices; a member hosts at least one rank"),
+            });
+        }
+        let planner = Planner::new(planner).map_err(|e| MemberError::InvalidConfig {
+            detail: e.to_string(),
+        })?;
+        let (registration, info) = register(&etcd, &id, devices).await?;
+        let writer = registration.writer();
+        let lease_rx = registration.lease_state();
+        let own_watch = etcd.watch_member(&id)?;
+        let plan_watch = etcd.watch_plan().await;
+        let registration = Arc::new(Mutex::new(Some(registration)));
+        let (plan_tx, plan_rx) = watch::channel(None);
+        let (state_tx, state_rx) = watch::channel(MemberState::Active);
+        let state_tx = Arc::new(state_tx);
+        let (leader_tx, leader_rx) = watch::channel(false);
+        let cancel = CancellationToken::new();
+        let agent = Agent {
+            etcd: etcd.clone(),
+            writer: writer.clone(),
+            planner,
+            epoch: Instant::now(),
+            registration: registration.clone(),
+            lease_rx,
+            plan_watch,
+            own_watch,
+            members_watch: None,
+            leases: BTreeMap::new(),
+            leadership: None,
+            campaign_failures: 0,
+            jobs: JoinSet::new(),
+            plan_tx,
+            state_tx: state_tx.clone(),
+            leader_tx,
+            cancel: cancel.clone(),
+        };
+        tracing::info!(member = %id, lease = writer.lease, joined_gen = info.joined_gen, "member registered");
+        let agent = tokio::spawn(agent.run());
+        Ok(Member {
+            info,
+            etcd,
+            writer,
+            registration,
+            plan_rx,
+            state_tx,
+            state_rx,
+            leader_rx,
+            cancel,
+            agent: Some(agent),
+        })
+    }
+
+    /// The member id.
+    pub fn id(&self) -> &MemberId {
+        &self.info.id
+    }
+
+    /// What this member registered (its `joined_gen` among it).
+    pub fn info(&self) -> &MemberInfo {
+        &self.info
+    }
+
+    /// The identity of this member's fenced writes (id and lease).
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
+    /// The driver this member uses (e.g. for its request counters).
+    pub fn etcd(&self) -> &EtcdMembership {
+        &self.etcd
+    }
+
+    /// The newest plan this member observed (a clone).
+    pub fn current_plan(&self) -> Option<Plan> {
+        self.plan_rx.borrow().clone()
+    }
+
+    /// The generation of the newest plan observed.
+    pub fn generation(&self) -> Option<u64> {
+        self.plan_rx.borrow().as_ref().map(|p| p.generation)
+    }
+
+    /// A receiver of the newest plan observed: `changed().await` wakes on every new one.
+    pub fn plan_receiver(&self) -> watch::Receiver<Option<Plan>> {
+        self.plan_rx.clone()
+    }
+
+    /// The member's state now.
+    pub fn state(&self) -> MemberState {
+        self.state_rx.borrow().clone()
+    }
+
+    /// A receiver of the member's state.
+    pub fn state_receiver(&self) -> watch::Receiver<MemberState> {
+        self.state_rx.clone()
+    }
+
+    /// Whether this member leads the job now.
+    pub fn is_leader(&self) -> bool {
+        *self.leader_rx.borrow()
+    }
+
+    /// A receiver of whether this member leads.
+    pub fn leader_receiver(&self) -> watch::Receiver<bool> {
+        self.leader_rx.clone()
+    }
+
+    /// Puts `value` at `/tenax/<job>/<key_suffix>` fenced on the generation of the newest
+    /// plan this member observed and on its lease ([`EtcdMembership::fenced_put`]):
+    /// etcd refuses it when that generation is no longer current or this member's key is
+    /// gone or on another lease, whatever this member believes.
+    ///
+    /// # Errors
+    /// [`MemberError::NotInPlan`] when the observed plan does not admit this member (no
+    /// request is sent); the driver's errors. No plan observed yet is
+    /// `Ok(Refused { NoPlan })`.
+    pub async fn fenced_commit(
+        &self,
+        key_suffix: &str,
+        value: &[u8],
+    ) -> Result<FenceOutcome, MemberError> {
+        let (generation, admitted) = match &*self.plan_rx.borrow() {
+            None => {
+                return Ok(FenceOutcome::Refused {
+                    reason: FenceRefusal::NoPlan,
+                })
+            }
+            Some(p) => (p.generation, p.contains(&self.info.id)),
+        };
+        if !admitted {
+            return Err(MemberError::NotInPlan {
+                member_id: self.info.id.to_string(),
+                generation,
+            });
+        }
+        Ok(self
+            .etcd
+            .fenced_put(key_suffix, value, generation, &self.writer)
+            .await?)
+    }
+
+    /// Test and chaos hook: stops sending keep-alives, as if the node hung or was cut
+    /// off; the lease expires after its TTL and the member finds itself lost.
+    pub fn pause_keepalive(&self) {
+        if let Some(reg) = lock(&self.registration).as_ref() {
+            reg.pause_keepalive();
+        }
+    }
+
+    /// Leaves the job: ends the agent (its jobs and watches), then revokes the lease,
+    /// which deletes the member key and, for a leader, the election key at once. The
+    /// state becomes [`MemberState::Stopped`] (a lost member stays
+    /// [`MemberState::Lost`]).
+    ///
+    /// # Errors
+    /// The revocation's errors (the lease then expires after its TTL anyway).
+    pub async fn shutdown(mut self) -> Result<(), MemberError> {
+        self.cancel.cancel();
+        if let Some(agent) = self.agent.take() {
+            if let Err(e) = agent.await {
+                tracing::warn!(member = %self.info.id, error = %e, "member agent ended abnormally");
+            }
+        }
+        let registration = lock(&self.registration).take();
+        let result = match registration {
+            Some(reg) => reg.revoke().await.map_err(MemberError::from),
+            None => Ok(()),
+        };
+        self.state_tx.send_if_modified(|s| {
+            if matches!(s, MemberState::Active) {
+                *s = MemberState::Stopped;
+                true
+            } else {
+                false
+            }
+        });
+        result
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(agent) = self.agent.take() {
+            agent.abort();
+        }
+    }
+}
+
+/// Locks a mutex, recovering from poisoning (the data is an `Option` taken whole).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The generation stored now (0: no plan).
+async fn stored_generation(etcd: &EtcdMembership) -> Result<u64, EtcdError> {
+    Ok(etcd.read_plan().await?.map_or(0, |r| r.generation))
+}
+
+/// Registers `id` with `joined_gen` = the generation stored before and after the
+/// registration; a registration during which it changed is released and made again.
+async fn register(
+    etcd: &EtcdMembership,
+    id: &str,
+    devices: u32,
+) -> Result<(Registration, MemberInfo), MemberError> {
+    for attempt in 1..=REGISTER_ATTEMPTS {
+        let before = stored_generation(etcd).await?;
+        let info = MemberInfo {
+            id: MemberId::new(id),
+            devices,
+            joined_gen: before,
+        };
+        let bytes = serde_json::to_vec(&info).map_err(|e| MemberError::InvalidConfig {
+            detail: format!("member info of {id:?} does not serialise: {e}"),
+        })?;
+        let registration = etcd.register(id, &bytes).await?;
+        match stored_generation(etcd).await {
+            Ok(after) if after == before => return Ok((registration, info)),
+            Ok(after) => {
+                tracing::info!(
+                    member = id,
+                    attempt,
+                    before,
+                    after,
+                    "the generation changed during registration: releasing it and registering again"
+                );
+                if let Err(e) = registration.revoke().await {
+                    tracing::warn!(member = id, error = %e, "releasing a stale registration failed; its lease expires after its TTL");
+                }
+            }
+            Err(e) => {
+                if let Err(r) = registration.revoke().await {
+                    tracing::warn!(member = id, error = %r, "releasing a registration failed; its lease expires after its TTL");
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    Err(MemberError::RegistrationRaced {
+        member_id: id.to_string(),
+        attempts: REGISTER_ATTEMPTS,
+    })
+}
+
+/// Leadership won, with what the new leader needs to start planning.
+struct Won {
+    /// The election key.
+    leadership: Leadership,
+    /// The watch of every member key, its snapshot already taken.
+    watch: MemberWatch,
+    /// The registered members when leadership began.
+    snapshot: Vec<EtcdMember>,
+    /// The plan stored when leadership began (already decoded).
+    current: Option<Plan>,
+}
+
+/// How a campaign job ended.
+enum CampaignEnd {
+    /// This member leads.
+    Won(Box<Won>),
+    /// Not leader within [`CAMPAIGN_WAIT`]: campaign again.
+    NotYet,
+    /// The member's lease or key is gone.
+    LeaseLost(String),
+    /// etcd did not answer, or answered something unusable: retry after a pause.
+    Failed(String),
+}
+
+/// The result of a job of the agent.
+enum Job {
+    /// A campaign (and, when won, the start of leadership).
+    Campaign(CampaignEnd),
+    /// A plan write.
+    Write {
+        /// The plan written.
+        plan: Plan,
+        /// What etcd said.
+        result: Result<WriteOutcome, EtcdError>,
+    },
+    /// A lease revocation asked for by the planner.
+    Revoke {
+        /// The member evicted.
+        member: MemberId,
+        /// Its lease.
+        lease: i64,
+        /// Whether the lease still existed.
+        result: Result<bool, EtcdError>,
+    },
+}
+
+/// The task of one member: owns the planner and the watches; see the module docs.
+struct Agent {
+    /// The driver.
+    etcd: EtcdMembership,
+    /// This member's identity.
+    writer: Writer,
+    /// The planner (leader or follower).
+    planner: Planner,
+    /// Time zero of the planner's milliseconds.
+    epoch: Instant,
+    /// The registration, released when the member is lost.
+    registration: Arc<Mutex<Option<Registration>>>,
+    /// The keep-alive task's view of the lease.
+    lease_rx: watch::Receiver<LeaseState>,
+    /// The plan watch.
+    plan_watch: PlanWatch,
+    /// The watch of this member's own key.
+    own_watch: MemberWatch,
+    /// The watch of every member key, while leader.
+    members_watch: Option<MemberWatch>,
+    /// While leader: the lease of each registered member (for revocations).
+    leases: BTreeMap<MemberId, i64>,
+    /// The election key, while leader.
+    leadership: Option<Leadership>,
+    /// Failed campaigns in a row (for the backoff).
+    campaign_failures: u32,
+    /// Campaign, plan-write and revocation jobs; aborted when the agent ends.
+    jobs: JoinSet<Job>,
+    /// The newest plan observed.
+    plan_tx: watch::Sender<Option<Plan>>,
+    /// The member's state.
+    state_tx: Arc<watch::Sender<MemberState>>,
+    /// Whether this member leads.
+    leader_tx: watch::Sender<bool>,
+    /// Set by shutdown.
+    cancel: CancellationToken,
+}
+
+/// The next event of an optional watch; pending forever without one.
+async fn next_member_event(watch: &mut Option<MemberWatch>) -> Option<MemberEvent> {
+    match watch {
+        Some(w) => w.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Agent {
+    /// The agent's loop: runs until shutdown or until the member is lost.
+    async fn run(mut self) {
+        self.spawn_campaign(Duration::ZERO);
+        let lost = loop {
+            let settle = self
+                .planner
+                .settle_deadline_ms()
+                .map(|ms| self.epoch + Duration::from_millis(ms));
+            let step = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => break None,
+                changed = self.lease_rx.changed() => match changed {
+                    Err(_) => Err("the lease keep-alive task is gone".to_string()),
+                    Ok(()) => self.on_lease_state(),
+                },
+                event = self.own_watch.recv() => self.on_own_key(event),
+                update = self.plan_watch.recv() => self.on_plan_update(update),
+                event = next_member_event(&mut self.members_watch),
+                    if self.members_watch.is_some() => self.on_member_event(event),
+                done = self.jobs.join_next(), if !self.jobs.is_empty() => match done {
+                    Some(Ok(job)) => self.on_job(job),
+                    Some(Err(e)) if e.is_cancelled() => Ok(()),
+                    Some(Err(e)) => Err(format!("a member job failed: {e}")),
+                    None => Ok(()),
+                },
+                () = tokio::time::sleep_until(settle.unwrap_or_else(Instant::now)),
+                    if settle.is_some() => {
+                    self.feed(Event::SettleTimerFired);
+                    Ok(())
+                }
+            };
+            if let Err(reason) = step {
+                break Some(reason);
+            }
+        };
+        if let Some(reason) = lost {
+            self.lose(reason).await;
+        }
+    }
+
+    /// Milliseconds since the agent started: the planner's clock.
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Feeds one event to the planner and executes its effects.
+    fn feed(&mut self, event: Event) {
+        let effects = self.planner.handle(event, self.now_ms());
+        for effect in effects {
+            self.execute(effect);
+        }
+    }
+
+    fn execute(&mut self, effect: Effect) {
+        let me = &self.writer.member_id;
+        match effect {
+            Effect::WritePlan {
+                plan,
+                expected_prev_generation,
+            } => {
+                tracing::info!(member = %me, generation = plan.generation, reason = %plan.reason, "writing a plan");
+                let etcd = self.etcd.clone();
+                let writer = self.writer.clone();
+                let expected = (expected_prev_generation > 0).then_some(expected_prev_generation);
+                self.jobs.spawn(async move {
+                    let result = match serde_json::to_vec(&plan) {
+                        Ok(json) => {
+                            etcd.write_plan(expected, plan.generation, &json, &writer)
+                                .await
+                        }
+                        Err(e) => Err(EtcdError::InvalidArgument {
+                            what: "write_plan",
+                            detail: format!("the plan does not serialise: {e}"),
+                        }),
+                    };
+                    Job::Write { plan, result }
+                });
+            }
+            Effect::RevokeLease { member, reason } => match self.leases.get(&member) {
+                Some(&lease) => {
+                    tracing::warn!(member = %me, target = %member, %reason, "revoking a member's lease");
+                    let etcd = self.etcd.clone();
+                    self.jobs.spawn(async move {
+                        let result = etcd.revoke_lease(lease).await;
+                        Job::Revoke {
+                            member,
+                            lease,
+                            result,
+                        }
+                    });
+                }
+                None => {
+                    tracing::info!(member = %me, target = %member, %reason, "revocation asked for a member with no known lease: nothing to revoke")
+                }
+            },
+            Effect::Probe { member, reason } => {
+                tracing::warn!(member = %me, target = %member, %reason, "probe not sent: no peer transport yet");
+            }
+            Effect::ArmSettleTimer { at_ms, reason } => {
+                tracing::debug!(member = %me, at_ms, %reason, "settle timer");
+            }
+            Effect::Wait { reason } => tracing::debug!(member = %me, %reason, "planner waits"),
+        }
+    }
+
+    /// Starts a campaign after `delay`; when won, it also opens the members watch, takes
+    /// its snapshot and reads the stored plan, so that the planner starts with a view.
+    fn spawn_campaign(&mut self, delay: Duration) {
+        let etcd = self.etcd.clone();
+        let writer = self.writer.clone();
+        self.jobs.spawn(async move {
+            tokio::time::sleep(delay).await;
+            Job::Campaign(campaign(etcd, writer).await)
+        });
+    }
+
+    fn on_lease_state(&mut self) -> Result<(), String> {
+        let state = self.lease_rx.borrow_and_update().clone();
+        match state {
+            LeaseState::Lost { reason } => Err(reason),
+            LeaseState::Unconfirmed { failed_refreshes } => {
+                tracing::warn!(member = %self.writer.member_id, failed_refreshes, "lease refreshes get no answer");
+                Ok(())
+            }
+            LeaseState::Alive | LeaseState::Stopped => Ok(()),
+        }
+    }
+
+    /// This member's own key: deleted or moved to another lease means lost.
+    fn on_own_key(&mut self, event: Option<MemberEvent>) -> Result<(), String> {
+        let w = &self.writer;
+        let moved = |lease: i64| {
+            format!(
+                "member key of {} moved from lease {:#x} to lease {lease:#x} (registered again \
+                 elsewhere, or a stale registration)",
+                w.member_id, w.lease
+            )
+        };
+        match event {
+            None => Err(format!(
+                "the watch of member key {} ended: {:?}",
+                w.member_id,
+                self.own_watch.status()
+            )),
+            Some(MemberEvent::Snapshot { members, revision }) => {
+                match members.iter().find(|m| m.id == w.member_id) {
+                    None => Err(format!(
+                        "member key of {} is gone (read at revision {revision})",
+                        w.member_id
+                    )),
+                    Some(m) if m.lease != w.lease => Err(moved(m.lease)),
+                    Some(_) => Ok(()),
+                }
+            }
+            Some(MemberEvent::Put { member, .. }) if member.lease != w.lease => {
+                Err(moved(member.lease))
+            }
+            Some(MemberEvent::Put { .. }) => Ok(()),
+            Some(MemberEvent::Deleted { revision, .. }) => Err(format!(
+                "member key of {} was deleted at revision {revision} (lease {:#x} revoked or \
+                 expired)",
+                w.member_id, w.lease
+            )),
+        }
+    }
+
+    /// Publishes `plan` if it is newer than the one observed.
+    fn publish(&self, plan: &Plan) {
+        self.plan_tx.send_if_modified(|cur| {
+            if cur.as_ref().is_none_or(|c| c.generation < plan.generation) {
+                *cur = Some(plan.clone());
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn on_plan_update(&mut self, update: Option<PlanUpdate>) -> Result<(), String> {
+        let Some(update) = update else {
+            return Err(format!(
+                "the plan watch ended: {:?}",
+                self.plan_watch.status()
+            ));
+        };
+        match decode_plan(update.generation, &update.plan) {
+            Ok(plan) => {
+                self.publish(&plan);
+                self.feed(Event::PlanCommitted(plan));
+            }
+            Err(e) => {
+                tracing::warn!(member = %self.writer.member_id, generation = update.generation, error = %e, "ignoring a plan that does not decode");
+            }
+        }
+        Ok(())
+    }
+
+    /// A member key event while leader.
+    fn on_member_event(&mut self, event: Option<MemberEvent>) -> Result<(), String> {
+        match event {
+            None => Err(format!(
+                "the watch of member keys ended while leading: {:?}",
+                self.members_watch.as_ref().map(MemberWatch::status)
+            )),
+            Some(MemberEvent::Snapshot { members, .. }) => {
+                self.reconcile(&members);
+                Ok(())
+            }
+            Some(MemberEvent::Put { member, .. }) => {
+                self.joined(&member);
+                Ok(())
+            }
+            Some(MemberEvent::Deleted { id, .. }) => {
+                let id = MemberId::new(id);
+                self.leases.remove(&id);
+                self.feed(Event::LeaseExpired(id));
+                Ok(())
+            }
+        }
+    }
+
+    /// A registration seen: feeds `MemberJoined` when its info decodes.
+    fn joined(&mut self, member: &EtcdMember) {
+        match serde_json::from_slice::<MemberInfo>(&member.info) {
+            Ok(info) if info.id.as_str() == member.id => {
+                self.leases.insert(info.id.clone(), member.lease);
+                self.feed(Event::MemberJoined(info));
+            }
+            Ok(info) => {
+                tracing::warn!(key = %member.id, info_id = %info.id, "ignoring a member key whose info names another id");
+            }
+            Err(e) => {
+                tracing::warn!(key = %member.id, error = %e, "ignoring a member key whose value is not a MemberInfo");
+            }
+        }
+    }
+
+    /// Brings the planner's view in line with a snapshot of the member keys.
+    fn reconcile(&mut self, members: &[EtcdMember]) {
+        let gone: Vec<MemberId> = self
+            .planner
+            .known_members()
+            .map(|m| m.id.clone())
+            .filter(|id| !members.iter().any(|m| m.id == id.as_str()))
+            .collect();
+        for id in gone {
+            self.leases.remove(&id);
+            self.feed(Event::LeaseExpired(id));
+        }
+        for m in members {
+            self.joined(m);
+        }
+    }
+
+    fn on_job(&mut self, job: Job) -> Result<(), String> {
+        let me = self.writer.member_id.clone();
+        match job {
+            Job::Campaign(CampaignEnd::Won(won)) => {
+                let Won {
+                    leadership,
+                    watch,
+                    snapshot,
+                    current,
+                } = *won;
+                self.campaign_failures = 0;
+                tracing::info!(member = %me, create_revision = leadership.info.create_revision, members = snapshot.len(), "became leader");
+                // The view first (recorded as a follower), then leadership: the planner
+                // starts its term knowing who is registered.
+                self.reconcile(&snapshot);
+                if let Some(plan) = &current {
+                    self.publish(plan);
+                }
+                self.leadership = Some(leadership);
+                self.members_watch = Some(watch);
+                self.leader_tx.send_replace(true);
+                self.feed(Event::BecameLeader { current });
+                Ok(())
+            }
+            Job::Campaign(CampaignEnd::NotYet) => {
+                self.spawn_campaign(Duration::ZERO);
+                Ok(())
+            }
+            Job::Campaign(CampaignEnd::LeaseLost(reason)) => Err(reason),
+            Job::Campaign(CampaignEnd::Failed(error)) => {
+                self.campaign_failures = self.campaign_failures.saturating_add(1);
+                let pause = CAMPAIGN_BACKOFF
+                    .saturating_mul(1 << self.campaign_failures.min(8))
+                    .min(CAMPAIGN_BACKOFF_MAX);
+                tracing::warn!(member = %me, %error, ?pause, "campaign failed; campaigning again");
+                self.spawn_campaign(pause);
+                Ok(())
+            }
+            Job::Write { plan, result } => {
+                let generation = plan.generation;
+                match result {
+                    Ok(WriteOutcome::Written { revision }) => {
+                        tracing::info!(member = %me, generation, revision, "plan written");
+                        self.publish(&plan);
+                        self.feed(Event::PlanCommitted(plan));
+                    }
+                    Ok(WriteOutcome::Conflict { current_generation }) => {
+                        self.feed(Event::PlanWriteFailed {
+                            generation,
+                            reason: format!(
+                                "the stored generation is {current_generation:?}, not the expected previous one"
+                            ),
+                        });
+                    }
+                    Err(e @ EtcdError::LeaseLost { .. }) => return Err(e.to_string()),
+                    Err(e) => self.feed(Event::PlanWriteFailed {
+                        generation,
+                        reason: e.to_string(),
+                    }),
+                }
+                Ok(())
+            }
+            Job::Revoke {
+                member,
+                lease,
+                result,
+            } => {
+                match result {
+                    Ok(existed) => {
+                        tracing::info!(member = %me, target = %member, lease, existed, "lease revoked")
+                    }
+                    Err(e) => {
+                        tracing::warn!(member = %me, target = %member, lease, error = %e, "revocation failed")
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The member is lost: reports it, ends leadership and the jobs, and releases the
+    /// lease if it still exists (a lease whose member key is gone must not keep the
+    /// election key).
+    async fn lose(&mut self, reason: String) {
+        tracing::warn!(member = %self.writer.member_id, %reason, "member lost");
+        self.jobs.abort_all();
+        self.members_watch = None;
+        if let Some(l) = self.leadership.take() {
+            tracing::warn!(member = %self.writer.member_id, create_revision = l.info.create_revision, "leadership ends with the member");
+        }
+        let now = self.now_ms();
+        self.planner.handle(Event::LostLeadership, now);
+        self.leader_tx.send_replace(false);
+        self.state_tx.send_replace(MemberState::Lost { reason });
+        let registration = lock(&self.registration).take();
+        if let Some(reg) = registration {
+            tokio::select! {
+                () = self.cancel.cancelled() => {}
+                released = reg.revoke() => {
+                    if let Err(e) = released {
+                        tracing::warn!(member = %self.writer.member_id, error = %e, "releasing the lease failed; it expires after its TTL");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decodes a plan and checks that it carries the generation of its envelope.
+fn decode_plan(generation: u64, bytes: &[u8]) -> Result<Plan, String> {
+    let plan: Plan = serde_json::from_slice(bytes).map_err(|e| format!("not a tenax plan: {e}"))?;
+    if plan.generation != generation {
+        return Err(format!(
+            "the plan says generation {} but is stored as generation {generation}",
+            plan.generation
+        ));
+    }
+    Ok(plan)
+}
+
+/// One campaign; when won, the members snapshot and the stored plan.
+async fn campaign(etcd: EtcdMembership, writer: Writer) -> CampaignEnd {
+    let leadership = match etcd.campaign(&writer, CAMPAIGN_WAIT).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return CampaignEnd::NotYet,
+        Err(e @ EtcdError::LeaseLost { .. }) => return CampaignEnd::LeaseLost(e.to_string()),
+        Err(e) => return CampaignEnd::Failed(e.to_string()),
+    };
+    // Bounded like one driver call with all its retries.
+    let config = etcd.config();
+    let limit = config
+        .op_timeout
+        .saturating_mul(config.max_retries.saturating_add(1))
+        .saturating_add(config.backoff_max.saturating_mul(config.max_retries));
+    let mut watch = etcd.watch_members();
+    let snapshot = match tokio::time::timeout(limit, watch.recv()).await {
+        Ok(Some(MemberEvent::Snapshot { members, .. })) => members,
+        Ok(other) => {
+            return CampaignEnd::Failed(format!(
+                "the members watch began with {other:?} instead of a snapshot: {:?}",
+                watch.status()
+            ))
+        }
+        Err(_) => {
+            return CampaignEnd::Failed(format!(
+                "no snapshot of the member keys within {limit:?}: {:?}",
+                watch.status()
+            ))
+        }
+    };
+    let current = match etcd.read_plan().await {
+        Ok(None) => None,
+        Ok(Some(record)) => match decode_plan(record.generation, &record.plan) {
+            Ok(plan) => Some(plan),
+            Err(e) => {
+                return CampaignEnd::Failed(format!(
+                    "the stored plan of generation {} does not decode: {e}",
+                    record.generation
+                ))
+            }
+        },
+        Err(e) => return CampaignEnd::Failed(e.to_string()),
+    };
+    CampaignEnd::Won(Box::new(Won {
+        leadership,
+        watch,
+        snapshot,
+        current,
+    }))
+}
