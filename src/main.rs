@@ -104,9 +104,11 @@ enum CkptCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Write the model weights as one safetensors file (names as in the model:
-    /// wte.weight, h.00.attn.c_attn.weight, ...), from the newest good checkpoint of a
-    /// store, or from --step, or from the checkpoint URL given.
+    /// Write a checkpoint's model weights as one safetensors file.
+    ///
+    /// Names as in the model (wte.weight, h.00.attn.c_attn.weight, ...); from the newest
+    /// good checkpoint of a store, or from --step, or from the checkpoint URL given.
+    /// Identical weights give a byte-identical file.
     Export {
         /// Store URL, or one checkpoint's URL.
         url: String,
@@ -123,15 +125,21 @@ enum CkptCommand {
 enum BenchCommand {
     /// Training throughput (tokens/s) on synthetic data.
     Train(bench::BenchTrainArgs),
-    /// Kill -9 training runs at random moments while they checkpoint every step; check
-    /// that every resume loads a complete checkpoint and that finished runs match a run
-    /// never killed, bit for bit.
+    /// Kill -9 training runs during saves; count torn loads (must be 0).
+    ///
+    /// Runs checkpoint every step; each is killed at a seeded random moment and resumed
+    /// until it finishes, and every finished run must match a run never killed, bit for
+    /// bit.
     CkptKill(bench::BenchCkptKillArgs),
-    /// Training stall per checkpoint save, and upload/restore throughput as ratios to raw
-    /// object_store puts/gets of the same bytes to the same store.
+    /// Training stall per checkpoint save; upload/restore throughput versus plain puts/gets.
+    ///
+    /// The ratios compare our save and load with plain object_store puts and gets of the
+    /// same bytes to the same store, side by side.
     Ckpt(bench::BenchCkptArgs),
-    /// Membership on etcd: N members form a generation, one lease is revoked; time and
-    /// etcd requests until every member has observed the next generation.
+    /// Membership on etcd: time and etcd requests to re-form N members after one leaves.
+    ///
+    /// N members form a generation, one lease is revoked; reform_s runs until every
+    /// member has observed the next generation.
     Rendezvous(bench::BenchRendezvousArgs),
 }
 
