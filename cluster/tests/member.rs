@@ -270,6 +270,20 @@ async fn a_hung_member_is_dropped_and_its_commits_are_refused() -> Result<()> {
             m.id()
         );
     }
+
+    // The lost node rejoins cleanly: a new Member under the same id joins the next
+    // generation (as a member holding no state) and commits in it.
+    let victim_id = victim.id().as_str().to_string();
+    let rejoined = Member::start(config(&etcd, "hang", &victim_id, 1)).await?;
+    let mut everyone: Vec<&Member> = survivors.clone();
+    everyone.push(&rejoined);
+    let (back, took) = await_plan(&everyone, &["a", "b", "c"], plan.generation).await?;
+    eprintln!(
+        "{victim_id} rejoined: gen {} with all three after {took:?}",
+        back.generation
+    );
+    let out = rejoined.fenced_commit("commits/rejoined", b"ok").await?;
+    assert!(matches!(out, FenceOutcome::Committed { .. }), "{out:?}");
     Ok(())
 }
 
