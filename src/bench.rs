@@ -54,15 +54,18 @@ pub struct BenchTrainArgs {
     pub steps: u64,
 }
 
-/// Run the benchmark.
-pub async fn train(a: BenchTrainArgs) -> Result<()> {
-    let model = GptConfig::preset(&a.preset, a.vocab).map_err(|e| anyhow!("--preset: {e}"))?;
-    let batch = BatchLayout::new(a.batch_size, a.micro_batch_size.unwrap_or(a.batch_size))
-        .map_err(|e| anyhow!("{e}"))?;
-    let layout = ParamLayout::for_config(&model);
+/// A trainer of a freshly initialised `model` (seed 1) on 512 windows of uniformly random
+/// tokens below `vocab`.
+async fn synthetic_trainer(
+    model: &GptConfig,
+    vocab: usize,
+    batch: BatchLayout,
+    ranks: usize,
+) -> Result<Trainer> {
+    let layout = ParamLayout::for_config(model);
     let mut rng = SplitMix64::new(7);
     let tokens: Vec<u32> = (0..(model.block_size + 1) * 512)
-        .map(|_| rng.below(a.vocab as u64) as u32)
+        .map(|_| rng.below(vocab as u64) as u32)
         .collect();
     let data = Arc::new(TrainData {
         train: tokens.clone(),
@@ -79,13 +82,22 @@ pub async fn train(a: BenchTrainArgs) -> Result<()> {
         grad_clip: 1.0,
         batch,
         seed: 1,
-        ranks: a.ranks,
+        ranks,
         step_timeout: Duration::from_secs(600),
     };
-    let params = tenax_model::init_params(&model, &layout, 1);
-    let trainer = Trainer::start(setup, data, params, AdamW::new(layout.total))
+    let params = tenax_model::init_params(model, &layout, 1);
+    Trainer::start(setup, data, params, AdamW::new(layout.total))
         .await
+        .map_err(|e| anyhow!("{e}"))
+}
+
+/// Run the benchmark.
+pub async fn train(a: BenchTrainArgs) -> Result<()> {
+    let model = GptConfig::preset(&a.preset, a.vocab).map_err(|e| anyhow!("--preset: {e}"))?;
+    let batch = BatchLayout::new(a.batch_size, a.micro_batch_size.unwrap_or(a.batch_size))
         .map_err(|e| anyhow!("{e}"))?;
+    let layout = ParamLayout::for_config(&model);
+    let trainer = synthetic_trainer(&model, a.vocab, batch, a.ranks).await?;
     let mut times = Vec::new();
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
@@ -441,14 +453,6 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
     let model = GptConfig::preset(&a.preset, 65).map_err(|e| anyhow!("--preset: {e}"))?;
     let batch = BatchLayout::new(a.batch_size, 4.min(a.batch_size)).map_err(|e| anyhow!("{e}"))?;
     let layout = ParamLayout::for_config(&model);
-    let mut rng = SplitMix64::new(7);
-    let tokens: Vec<u32> = (0..(model.block_size + 1) * 512)
-        .map(|_| rng.below(65) as u32)
-        .collect();
-    let data = Arc::new(TrainData {
-        train: tokens.clone(),
-        val: tokens,
-    });
     let tmp = tempfile_dir()?;
     let store_url = a
         .store
@@ -459,24 +463,7 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
         options.multipart_threshold_bytes = mib << 20;
     }
     let store = Store::open_with(&store_url, options).map_err(|e| anyhow!("{e}"))?;
-    let setup = TrainSetup {
-        model: model.clone(),
-        adamw: AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.99,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-        grad_clip: 1.0,
-        batch,
-        seed: 1,
-        ranks: a.ranks,
-        step_timeout: Duration::from_secs(600),
-    };
-    let params = tenax_model::init_params(&model, &layout, 1);
-    let trainer = Trainer::start(setup, data, params, AdamW::new(layout.total))
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let trainer = synthetic_trainer(&model, 65, batch, a.ranks).await?;
     let mut checkpointer = Checkpointer::start(
         store.clone(),
         CheckpointPolicy {
