@@ -582,29 +582,28 @@ pub enum WatchStatus {
     },
 }
 
-/// A watch of the job's plan: [`PlanWatch::recv`] yields every new plan in generation
-/// order, never an older generation than one already delivered. The background task
-/// survives disconnects and etcd restarts (it resumes from the last revision seen) and
-/// compactions (it re-reads the current plan and continues from there: plans that were
-/// compacted away before it could see them are skipped, the newest is delivered).
-/// Dropping the handle ends the task.
+/// A resumable etcd watch running in a background task: [`KeyWatch::recv`] yields what it
+/// delivers, in etcd revision order. The task survives disconnects and etcd restarts (it
+/// resumes from the last revision seen) and compactions (it re-reads the key or range and
+/// continues from there), gives up after [`EtcdConfig::give_up_after`] without a working
+/// connection, and ends when the handle is dropped.
 #[derive(Debug)]
-pub struct PlanWatch {
-    /// Bounded channel of updates ([`EtcdConfig::watch_buffer`]).
-    rx: mpsc::Receiver<PlanUpdate>,
+pub struct KeyWatch<T> {
+    /// Bounded channel of deliveries ([`EtcdConfig::watch_buffer`]).
+    rx: mpsc::Receiver<T>,
     /// The task's state.
     status: watch::Receiver<WatchStatus>,
     /// Times the task reopened the watch after a broken connection.
     reconnects: Arc<AtomicU64>,
-    /// Times the task re-read the plan after finding its revision compacted.
+    /// Times the task re-read after finding its revision compacted.
     resyncs: Arc<AtomicU64>,
     /// The task; aborted on drop.
     task: JoinHandle<()>,
 }
 
-impl PlanWatch {
-    /// The next plan, or `None` once the task has ended (see [`PlanWatch::status`]).
-    pub async fn recv(&mut self) -> Option<PlanUpdate> {
+impl<T> KeyWatch<T> {
+    /// The next delivery, or `None` once the task has ended (see [`KeyWatch::status`]).
+    pub async fn recv(&mut self) -> Option<T> {
         self.rx.recv().await
     }
 
@@ -623,17 +622,23 @@ impl PlanWatch {
         self.reconnects.load(Ordering::Relaxed)
     }
 
-    /// Times the plan was re-read because the watch's revision had been compacted.
+    /// Times the key or range was re-read because the watch's revision had been compacted.
     pub fn resyncs(&self) -> u64 {
         self.resyncs.load(Ordering::Relaxed)
     }
 }
 
-impl Drop for PlanWatch {
+impl<T> Drop for KeyWatch<T> {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
+
+/// A watch of the job's plan: [`KeyWatch::recv`] yields every new plan in generation
+/// order, never an older generation than one already delivered. After a compaction it
+/// re-reads the current plan: plans compacted away before it could see them are skipped,
+/// the newest is delivered.
+pub type PlanWatch = KeyWatch<PlanUpdate>;
 
 /// What a [`MemberWatch`] delivers, in etcd revision order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -665,52 +670,9 @@ pub enum MemberEvent {
 }
 
 /// A watch of member keys ([`EtcdMembership::watch_members`],
-/// [`EtcdMembership::watch_member`]): a snapshot, then every change in order. Like a
-/// [`PlanWatch`], the background task resumes from the last revision seen after a
-/// disconnect or an etcd restart, re-reads (a new snapshot) after a compaction, gives up
-/// after [`EtcdConfig::give_up_after`] without a working connection, and ends when the
-/// handle is dropped.
-#[derive(Debug)]
-pub struct MemberWatch {
-    /// Bounded channel of events ([`EtcdConfig::watch_buffer`]).
-    rx: mpsc::Receiver<MemberEvent>,
-    /// The task's state.
-    status: watch::Receiver<WatchStatus>,
-    /// Times the task reopened the watch after a broken connection.
-    reconnects: Arc<AtomicU64>,
-    /// Times the task re-read the members after finding its revision compacted.
-    resyncs: Arc<AtomicU64>,
-    /// The task; aborted on drop.
-    task: JoinHandle<()>,
-}
-
-impl MemberWatch {
-    /// The next event, or `None` once the task has ended (see [`MemberWatch::status`]).
-    pub async fn recv(&mut self) -> Option<MemberEvent> {
-        self.rx.recv().await
-    }
-
-    /// The task's state now.
-    pub fn status(&self) -> WatchStatus {
-        self.status.borrow().clone()
-    }
-
-    /// Times the watch was reopened after a broken connection.
-    pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
-    }
-
-    /// Times the members were re-read because the watch's revision had been compacted.
-    pub fn resyncs(&self) -> u64 {
-        self.resyncs.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for MemberWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+/// [`EtcdMembership::watch_member`]): a [`MemberEvent::Snapshot`], then every change in
+/// order; a new snapshot after a compaction.
+pub type MemberWatch = KeyWatch<MemberEvent>;
 
 /// The etcd driver of one job. Cheap to clone (clones share the connection and the
 /// request counter); every method takes `&self`, so a campaign can wait in its own task
@@ -1304,25 +1266,11 @@ impl EtcdMembership {
     /// delivers every plan written after the cursor's revision whose generation is above
     /// the cursor's. A cursor whose revision was compacted resumes from the current plan.
     pub async fn watch_plan_from(&self, cursor: Option<PlanCursor>) -> PlanWatch {
-        let (tx, rx) = mpsc::channel(self.inner.config.watch_buffer);
-        let (status_tx, status) = watch::channel(WatchStatus::Connecting);
-        let reconnects = Arc::new(AtomicU64::new(0));
-        let resyncs = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(plan_watch_task(
-            self.inner.clone(),
-            cursor,
-            tx,
-            status_tx,
-            reconnects.clone(),
-            resyncs.clone(),
-        ));
-        PlanWatch {
-            rx,
-            status,
-            reconnects,
-            resyncs,
-            task,
-        }
+        let source = PlanSource {
+            key: self.inner.key("gen"),
+            delivered: cursor.map(|c| c.generation),
+        };
+        self.start_watch(source, cursor.map(|c| c.revision + 1))
     }
 
     /// Watches every member key of the job: a [`MemberEvent::Snapshot`] of the registered
@@ -1342,19 +1290,26 @@ impl EtcdMembership {
     }
 
     fn start_member_watch(&self, key: String, prefix: bool) -> MemberWatch {
+        self.start_watch(MemberSource { key, prefix }, None)
+    }
+
+    /// Starts the background task of a resumable watch of `source`, from `next_rev`
+    /// (`None`: read the key or range first).
+    fn start_watch<S: WatchSource>(&self, source: S, next_rev: Option<i64>) -> KeyWatch<S::Item> {
         let (tx, rx) = mpsc::channel(self.inner.config.watch_buffer);
         let (status_tx, status) = watch::channel(WatchStatus::Connecting);
         let reconnects = Arc::new(AtomicU64::new(0));
         let resyncs = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(member_watch_task(
+        let task = tokio::spawn(watch_task(
             self.inner.clone(),
-            MemberRange { key, prefix },
+            source,
+            next_rev,
             tx,
             status_tx,
             reconnects.clone(),
             resyncs.clone(),
         ));
-        MemberWatch {
+        KeyWatch {
             rx,
             status,
             reconnects,
@@ -1806,28 +1761,164 @@ async fn refresh(
 enum SessionEnd {
     /// The receiver was dropped: stop.
     Closed,
-    /// The start revision was compacted: re-read the plan.
+    /// The start revision was compacted: re-read the key or range.
     Compacted,
     /// The connection broke or etcd refused: reconnect with backoff.
     Broken(String),
-    /// A malformed plan value: give up.
+    /// A malformed value: give up.
     Fatal(String),
 }
 
-/// The plan watch loop. Ends when the receiver is dropped, on a malformed plan value, or
-/// after `give_up_after` without a working connection.
-async fn plan_watch_task(
+/// What a resumable watch reads and delivers: the plan key, or member keys.
+trait WatchSource: Send + 'static {
+    /// What the watch delivers.
+    type Item: Send + 'static;
+    /// What is re-read after a compaction, for the log.
+    const WHAT: &'static str;
+    /// The key, or the prefix.
+    fn key(&self) -> &str;
+    /// Whether [`WatchSource::key`] is a prefix.
+    fn prefix(&self) -> bool;
+    /// What a fresh read of the key or range at `revision` delivers, in order.
+    fn snapshot(
+        &mut self,
+        inner: &Inner,
+        kvs: &[KeyValue],
+        revision: i64,
+    ) -> Result<Vec<Self::Item>, EtcdError>;
+    /// What one watch event delivers, if anything.
+    fn event(
+        &mut self,
+        inner: &Inner,
+        kind: EventType,
+        kv: &KeyValue,
+    ) -> Result<Option<Self::Item>, EtcdError>;
+}
+
+/// The plan key: delivers plans whose generation is above the last one delivered.
+struct PlanSource {
+    /// The `gen` key.
+    key: String,
+    /// The generation delivered last.
+    delivered: Option<u64>,
+}
+
+impl PlanSource {
+    /// The update of a plan value, if its generation is new (and then it counts as
+    /// delivered).
+    fn update(&mut self, inner: &Inner, kv: &KeyValue) -> Result<Option<PlanUpdate>, EtcdError> {
+        let record = inner.decode_plan("watch", kv)?;
+        inner.note_plan(record.generation, record.mod_revision);
+        if self.delivered.is_some_and(|d| record.generation <= d) {
+            return Ok(None);
+        }
+        self.delivered = Some(record.generation);
+        Ok(Some(PlanUpdate {
+            generation: record.generation,
+            plan: record.plan,
+            revision: record.mod_revision,
+        }))
+    }
+}
+
+impl WatchSource for PlanSource {
+    type Item = PlanUpdate;
+    const WHAT: &'static str = "the plan";
+
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn prefix(&self) -> bool {
+        false
+    }
+
+    fn snapshot(
+        &mut self,
+        inner: &Inner,
+        kvs: &[KeyValue],
+        _revision: i64,
+    ) -> Result<Vec<PlanUpdate>, EtcdError> {
+        match kvs.first() {
+            Some(kv) => Ok(self.update(inner, kv)?.into_iter().collect()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn event(
+        &mut self,
+        inner: &Inner,
+        kind: EventType,
+        kv: &KeyValue,
+    ) -> Result<Option<PlanUpdate>, EtcdError> {
+        if kind != EventType::Put {
+            return Ok(None);
+        }
+        self.update(inner, kv)
+    }
+}
+
+/// Member keys: one member's, or the members prefix.
+struct MemberSource {
+    /// The key, or the prefix.
+    key: String,
+    /// Whether `key` is a prefix.
+    prefix: bool,
+}
+
+impl WatchSource for MemberSource {
+    type Item = MemberEvent;
+    const WHAT: &'static str = "the members";
+
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn prefix(&self) -> bool {
+        self.prefix
+    }
+
+    fn snapshot(
+        &mut self,
+        inner: &Inner,
+        kvs: &[KeyValue],
+        revision: i64,
+    ) -> Result<Vec<MemberEvent>, EtcdError> {
+        let members = inner.parse_members("watch", kvs)?;
+        Ok(vec![MemberEvent::Snapshot { members, revision }])
+    }
+
+    fn event(
+        &mut self,
+        inner: &Inner,
+        kind: EventType,
+        kv: &KeyValue,
+    ) -> Result<Option<MemberEvent>, EtcdError> {
+        let revision = kv.mod_revision();
+        let member = inner.parse_member("watch", kv)?;
+        Ok(Some(match kind {
+            EventType::Put => MemberEvent::Put { member, revision },
+            EventType::Delete => MemberEvent::Deleted {
+                id: member.id,
+                revision,
+            },
+        }))
+    }
+}
+
+/// The watch loop: read the key or range (unless resuming from `next_rev`), watch from
+/// the next revision, resume after a break, re-read after a compaction. Ends when the
+/// receiver is dropped, on a malformed value, or after `give_up_after` without a working
+/// connection.
+async fn watch_task<S: WatchSource>(
     inner: Arc<Inner>,
-    cursor: Option<PlanCursor>,
-    tx: mpsc::Sender<PlanUpdate>,
+    mut source: S,
+    mut next_rev: Option<i64>,
+    tx: mpsc::Sender<S::Item>,
     status: watch::Sender<WatchStatus>,
     reconnects: Arc<AtomicU64>,
     resyncs: Arc<AtomicU64>,
 ) {
-    let gen_key = inner.key("gen");
-    // The generation delivered last, and the revision to watch from.
-    let mut delivered = cursor.map(|c| c.generation);
-    let mut next_rev = cursor.map(|c| c.revision + 1);
     let mut failures = 0u32;
     let mut outage_start: Option<Instant> = None;
     loop {
@@ -1839,8 +1930,10 @@ async fn plan_watch_task(
             if since.elapsed() >= inner.config.give_up_after {
                 status.send_replace(WatchStatus::Failed {
                     error: format!(
-                        "watch of {gen_key} at {}: no working connection for {:?}",
-                        inner.endpoints, inner.config.give_up_after
+                        "watch of {} at {}: no working connection for {:?}",
+                        source.key(),
+                        inner.endpoints,
+                        inner.config.give_up_after
                     ),
                 });
                 return;
@@ -1849,8 +1942,8 @@ async fn plan_watch_task(
         }
         let from = match next_rev {
             Some(rev) => rev,
-            // Read the current plan, deliver it if new, and watch from the next revision.
-            None => match sync_plan(&inner, &gen_key, &tx, &mut delivered).await {
+            // Read the current value(s), deliver them, and watch from the next revision.
+            None => match sync(&inner, &mut source, &tx).await {
                 Ok(Some(rev)) => rev,
                 Ok(None) => return,
                 Err(SessionEnd::Fatal(error)) => {
@@ -1869,16 +1962,7 @@ async fn plan_watch_task(
             },
         };
         next_rev = Some(from);
-        let end = watch_session(
-            &inner,
-            &gen_key,
-            from,
-            &tx,
-            &status,
-            &mut delivered,
-            &mut next_rev,
-        )
-        .await;
+        let end = session(&inner, &mut source, from, &tx, &status, &mut next_rev).await;
         if matches!(*status.borrow(), WatchStatus::Watching) {
             // The session worked: a later break starts a fresh outage.
             failures = 0;
@@ -1892,7 +1976,7 @@ async fn plan_watch_task(
             }
             SessionEnd::Compacted => {
                 resyncs.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(key = %gen_key, from, "watch revision compacted; re-reading the plan");
+                tracing::info!(key = %source.key(), from, "watch revision compacted; re-reading {}", S::WHAT);
                 next_rev = None;
                 failures = 0;
                 outage_start = None;
@@ -1909,17 +1993,18 @@ async fn plan_watch_task(
     }
 }
 
-/// Reads the `gen` key once (one attempt, with a timeout), delivers its plan if newer
-/// than `delivered`, and returns the revision to watch from (`Ok(None)`: receiver gone).
-async fn sync_plan(
+/// Reads the key or range once (one attempt, with a timeout), delivers what the source
+/// makes of it, and returns the revision to watch from (`Ok(None)`: receiver gone).
+async fn sync<S: WatchSource>(
     inner: &Inner,
-    gen_key: &str,
-    tx: &mpsc::Sender<PlanUpdate>,
-    delivered: &mut Option<u64>,
+    source: &mut S,
+    tx: &mpsc::Sender<S::Item>,
 ) -> Result<Option<i64>, SessionEnd> {
     inner.requests.fetch_add(1, Ordering::Relaxed);
     let mut kv = inner.client.kv_client();
-    let resp = match tokio::time::timeout(inner.config.op_timeout, kv.get(gen_key, None)).await {
+    let opts = source.prefix().then(|| GetOptions::new().with_prefix());
+    let resp = match tokio::time::timeout(inner.config.op_timeout, kv.get(source.key(), opts)).await
+    {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => return Err(SessionEnd::Broken(e.to_string())),
         Err(_) => {
@@ -1929,47 +2014,40 @@ async fn sync_plan(
             )))
         }
     };
-    let header_rev = resp
+    let revision = resp
         .header()
         .map(|h| h.revision())
         .ok_or_else(|| SessionEnd::Broken("no header in the get answer".into()))?;
-    if let Some(kv) = resp.kvs().first() {
-        let record = inner
-            .decode_plan("watch", kv)
-            .map_err(|e| SessionEnd::Fatal(e.to_string()))?;
-        inner.note_plan(record.generation, record.mod_revision);
-        if delivered.is_none_or(|d| record.generation > d) {
-            let update = PlanUpdate {
-                generation: record.generation,
-                plan: record.plan,
-                revision: record.mod_revision,
-            };
-            if tx.send(update).await.is_err() {
-                return Ok(None);
-            }
-            *delivered = Some(record.generation);
+    let items = source
+        .snapshot(inner, resp.kvs(), revision)
+        .map_err(|e| SessionEnd::Fatal(e.to_string()))?;
+    for item in items {
+        if tx.send(item).await.is_err() {
+            return Ok(None);
         }
     }
-    Ok(Some(header_rev + 1))
+    Ok(Some(revision + 1))
 }
 
-/// One watch stream from revision `from`: delivers plans newer than `delivered` and
-/// advances `next_rev` past every event seen, until the stream ends.
-async fn watch_session(
+/// One watch stream from revision `from`: delivers what the source makes of each event
+/// and advances `next_rev` past every event seen, until the stream ends.
+async fn session<S: WatchSource>(
     inner: &Inner,
-    gen_key: &str,
+    source: &mut S,
     from: i64,
-    tx: &mpsc::Sender<PlanUpdate>,
+    tx: &mpsc::Sender<S::Item>,
     status: &watch::Sender<WatchStatus>,
-    delivered: &mut Option<u64>,
     next_rev: &mut Option<i64>,
 ) -> SessionEnd {
     inner.requests.fetch_add(1, Ordering::Relaxed);
     let mut client = inner.client.watch_client();
-    let opts = WatchOptions::new().with_start_revision(from);
+    let mut opts = WatchOptions::new().with_start_revision(from);
+    if source.prefix() {
+        opts = opts.with_prefix();
+    }
     let mut stream = match tokio::time::timeout(
         inner.config.op_timeout,
-        client.watch(gen_key, Some(opts)),
+        client.watch(source.key(), Some(opts)),
     )
     .await
     {
@@ -1983,7 +2061,7 @@ async fn watch_session(
         }
     };
     // The stream may stay silent for hours; HTTP/2 pings (see HTTP2_PING_INTERVAL)
-    // break it when etcd is gone, and dropping the PlanWatch aborts the task.
+    // break it when etcd is gone, and dropping the handle aborts the task.
     loop {
         let resp = tokio::select! {
             r = stream.message() => r,
@@ -2006,225 +2084,14 @@ async fn watch_session(
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
             *next_rev = Some(kv.mod_revision() + 1);
-            if event.event_type() != EventType::Put {
-                continue;
-            }
-            let record = match inner.decode_plan("watch", kv) {
-                Ok(r) => r,
-                Err(e) => return SessionEnd::Fatal(e.to_string()),
-            };
-            inner.note_plan(record.generation, record.mod_revision);
-            if delivered.is_some_and(|d| record.generation <= d) {
-                continue;
-            }
-            let update = PlanUpdate {
-                generation: record.generation,
-                plan: record.plan,
-                revision: record.mod_revision,
-            };
-            if tx.send(update).await.is_err() {
-                return SessionEnd::Closed;
-            }
-            *delivered = Some(record.generation);
-        }
-    }
-}
-
-/// The key range of a [`MemberWatch`]: one member key, or the members prefix.
-struct MemberRange {
-    /// The key, or the prefix.
-    key: String,
-    /// Whether `key` is a prefix.
-    prefix: bool,
-}
-
-/// The member watch loop, the same shape as [`plan_watch_task`]: snapshot, watch from
-/// the next revision, resume after a break, re-read after a compaction.
-async fn member_watch_task(
-    inner: Arc<Inner>,
-    range: MemberRange,
-    tx: mpsc::Sender<MemberEvent>,
-    status: watch::Sender<WatchStatus>,
-    reconnects: Arc<AtomicU64>,
-    resyncs: Arc<AtomicU64>,
-) {
-    let mut next_rev: Option<i64> = None;
-    let mut failures = 0u32;
-    let mut outage_start: Option<Instant> = None;
-    loop {
-        if tx.is_closed() {
-            return;
-        }
-        if failures > 0 {
-            let since = *outage_start.get_or_insert_with(Instant::now);
-            if since.elapsed() >= inner.config.give_up_after {
-                status.send_replace(WatchStatus::Failed {
-                    error: format!(
-                        "watch of {} at {}: no working connection for {:?}",
-                        range.key, inner.endpoints, inner.config.give_up_after
-                    ),
-                });
-                return;
-            }
-            tokio::time::sleep(inner.backoff(failures.min(30))).await;
-        }
-        let from = match next_rev {
-            Some(rev) => rev,
-            None => match member_snapshot(&inner, &range, &tx).await {
-                Ok(Some(rev)) => rev,
-                Ok(None) => return,
-                Err(SessionEnd::Fatal(error)) => {
-                    status.send_replace(WatchStatus::Failed { error });
-                    return;
+            match source.event(inner, event.event_type(), kv) {
+                Ok(Some(item)) => {
+                    if tx.send(item).await.is_err() {
+                        return SessionEnd::Closed;
+                    }
                 }
-                Err(SessionEnd::Broken(e)) => {
-                    failures += 1;
-                    status.send_replace(WatchStatus::Reconnecting {
-                        attempts: failures,
-                        last_error: e,
-                    });
-                    continue;
-                }
-                Err(SessionEnd::Closed | SessionEnd::Compacted) => return,
-            },
-        };
-        next_rev = Some(from);
-        let end = member_watch_session(&inner, &range, from, &tx, &status, &mut next_rev).await;
-        if matches!(*status.borrow(), WatchStatus::Watching) {
-            failures = 0;
-            outage_start = None;
-        }
-        match end {
-            SessionEnd::Closed => return,
-            SessionEnd::Fatal(error) => {
-                status.send_replace(WatchStatus::Failed { error });
-                return;
-            }
-            SessionEnd::Compacted => {
-                resyncs.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(key = %range.key, from, "watch revision compacted; re-reading the members");
-                next_rev = None;
-                failures = 0;
-                outage_start = None;
-            }
-            SessionEnd::Broken(e) => {
-                reconnects.fetch_add(1, Ordering::Relaxed);
-                failures += 1;
-                status.send_replace(WatchStatus::Reconnecting {
-                    attempts: failures,
-                    last_error: e,
-                });
-            }
-        }
-    }
-}
-
-/// Reads the range once (one attempt, with a timeout), delivers it as a snapshot, and
-/// returns the revision to watch from (`Ok(None)`: receiver gone).
-async fn member_snapshot(
-    inner: &Inner,
-    range: &MemberRange,
-    tx: &mpsc::Sender<MemberEvent>,
-) -> Result<Option<i64>, SessionEnd> {
-    inner.requests.fetch_add(1, Ordering::Relaxed);
-    let mut kv = inner.client.kv_client();
-    let opts = range.prefix.then(|| GetOptions::new().with_prefix());
-    let resp = match tokio::time::timeout(inner.config.op_timeout, kv.get(range.key.as_str(), opts))
-        .await
-    {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return Err(SessionEnd::Broken(e.to_string())),
-        Err(_) => {
-            return Err(SessionEnd::Broken(format!(
-                "no answer within {:?}",
-                inner.config.op_timeout
-            )))
-        }
-    };
-    let revision = resp
-        .header()
-        .map(|h| h.revision())
-        .ok_or_else(|| SessionEnd::Broken("no header in the get answer".into()))?;
-    let members = inner
-        .parse_members("watch", resp.kvs())
-        .map_err(|e| SessionEnd::Fatal(e.to_string()))?;
-    if tx
-        .send(MemberEvent::Snapshot { members, revision })
-        .await
-        .is_err()
-    {
-        return Ok(None);
-    }
-    Ok(Some(revision + 1))
-}
-
-/// One watch stream of the range from revision `from`: delivers every put and delete
-/// and advances `next_rev` past every event seen, until the stream ends.
-async fn member_watch_session(
-    inner: &Inner,
-    range: &MemberRange,
-    from: i64,
-    tx: &mpsc::Sender<MemberEvent>,
-    status: &watch::Sender<WatchStatus>,
-    next_rev: &mut Option<i64>,
-) -> SessionEnd {
-    inner.requests.fetch_add(1, Ordering::Relaxed);
-    let mut client = inner.client.watch_client();
-    let mut opts = WatchOptions::new().with_start_revision(from);
-    if range.prefix {
-        opts = opts.with_prefix();
-    }
-    let mut stream = match tokio::time::timeout(
-        inner.config.op_timeout,
-        client.watch(range.key.as_str(), Some(opts)),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return SessionEnd::Broken(e.to_string()),
-        Err(_) => {
-            return SessionEnd::Broken(format!(
-                "watch not opened within {:?}",
-                inner.config.op_timeout
-            ))
-        }
-    };
-    loop {
-        let resp = tokio::select! {
-            r = stream.message() => r,
-            () = tx.closed() => return SessionEnd::Closed,
-        };
-        let resp = match resp {
-            Ok(Some(resp)) => resp,
-            Ok(None) => return SessionEnd::Broken("watch stream closed by etcd".into()),
-            Err(e) => return SessionEnd::Broken(e.to_string()),
-        };
-        if resp.created() {
-            status.send_replace(WatchStatus::Watching);
-        }
-        if resp.compact_revision() > 0 {
-            return SessionEnd::Compacted;
-        }
-        if resp.canceled() {
-            return SessionEnd::Broken(format!("watch canceled by etcd: {}", resp.cancel_reason()));
-        }
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            let revision = kv.mod_revision();
-            *next_rev = Some(revision + 1);
-            let member = match inner.parse_member("watch", kv) {
-                Ok(m) => m,
+                Ok(None) => {}
                 Err(e) => return SessionEnd::Fatal(e.to_string()),
-            };
-            let ev = match event.event_type() {
-                EventType::Put => MemberEvent::Put { member, revision },
-                EventType::Delete => MemberEvent::Deleted {
-                    id: member.id,
-                    revision,
-                },
-            };
-            if tx.send(ev).await.is_err() {
-                return SessionEnd::Closed;
             }
         }
     }
