@@ -161,7 +161,7 @@ async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec
     }];
     if let Some(retention) = &policy.retention {
         let now = tenax_storage::now_unix_ms();
-        match tenax_storage::prune(store, retention, &[], now, false).await {
+        match tenax_storage::prune_after_save(store, retention, &saved.folder, now).await {
             Ok(report) => {
                 let folders: Vec<String> = report
                     .decisions

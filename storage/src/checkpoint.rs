@@ -825,6 +825,28 @@ pub async fn prune(
     now_unix_ms: u64,
     dry_run: bool,
 ) -> Result<PruneReport, StorageError> {
+    prune_knowing(store, policy, in_progress, None, now_unix_ms, dry_run).await
+}
+
+/// [`prune`] right after this process committed `saved` (whose bytes it hashed as it wrote
+/// them): that folder counts as verified, so the newest checkpoint is not read back.
+pub async fn prune_after_save(
+    store: &Store,
+    policy: &RetentionPolicy,
+    saved: &str,
+    now_unix_ms: u64,
+) -> Result<PruneReport, StorageError> {
+    prune_knowing(store, policy, &[], Some(saved), now_unix_ms, false).await
+}
+
+async fn prune_knowing(
+    store: &Store,
+    policy: &RetentionPolicy,
+    in_progress: &[String],
+    known_good: Option<&str>,
+    now_unix_ms: u64,
+    dry_run: bool,
+) -> Result<PruneReport, StorageError> {
     let listing = list_checkpoints(store).await?;
     let mut states: Vec<FolderState> = listing
         .attempts
@@ -842,6 +864,10 @@ pub async fn prune(
     for (i, a) in listing.attempts.iter().enumerate().rev() {
         if states[i] != FolderState::Unverified {
             continue;
+        }
+        if known_good == Some(a.folder.as_str()) {
+            states[i] = FolderState::Good;
+            break;
         }
         match verify_checkpoint(store, &a.folder).await {
             Ok(_) => {
