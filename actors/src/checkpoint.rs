@@ -142,7 +142,7 @@ async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec
         meta: job.meta,
         tensors,
     };
-    let saved = match tenax_storage::save_checkpoint(store, &content, policy.writers).await {
+    let saved = match tenax_storage::save_owned(store, content, policy.writers).await {
         Ok(saved) => saved,
         Err(e) => {
             return vec![CheckpointEvent::Failed {
@@ -151,7 +151,6 @@ async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec
             }]
         }
     };
-    drop(content);
     let mut events = vec![CheckpointEvent::Committed {
         step,
         url: saved.url.clone(),

@@ -433,6 +433,16 @@ pub async fn save_checkpoint(
     content: &CheckpointContent,
     writers: u32,
 ) -> Result<SavedCheckpoint, StorageError> {
+    save_owned(store, content.clone(), writers).await
+}
+
+/// [`save_checkpoint`] taking the content by value, so that the snapshot's tensors are not
+/// copied once more (the Checkpoint actor's path).
+pub async fn save_owned(
+    store: &Store,
+    content: CheckpointContent,
+    writers: u32,
+) -> Result<SavedCheckpoint, StorageError> {
     let format_err = |reason: String| StorageError::Format {
         url: store.url().to_string(),
         reason,
@@ -456,12 +466,12 @@ pub async fn save_checkpoint(
         .collect();
     let plan = save_plan(&held).map_err(|e| format_err(e.to_string()))?;
     let mut by_name = BTreeMap::new();
-    for t in &content.tensors {
-        check_fills_shape(t).map_err(format_err)?;
-        by_name.insert(t.name.clone(), t.clone());
+    for t in content.tensors {
+        check_fills_shape(&t).map_err(format_err)?;
+        by_name.insert(t.name.clone(), t);
     }
     let by_name = Arc::new(by_name);
-    let pending = begin_save(content.meta.clone());
+    let pending = begin_save(content.meta);
     let pending_ref = &pending;
     let by_name_ref = &by_name;
     let written: Vec<WrittenShard> = futures::stream::iter(plan.shards)
