@@ -806,6 +806,8 @@ pub async fn rendezvous(a: BenchRendezvousArgs) -> Result<()> {
             planner: planner.clone(),
             id: format!("full-{i:05}"),
             devices: 1,
+            addr: String::new(),
+            metrics_addr: String::new(),
         };
         let m = Member::start_with(conns[i % conns.len()].clone(), config)
             .await
@@ -825,6 +827,8 @@ pub async fn rendezvous(a: BenchRendezvousArgs) -> Result<()> {
                         id: MemberId::new(id.clone()),
                         devices: 1,
                         joined_gen: 0,
+                        addr: String::new(),
+                        metrics_addr: String::new(),
                     };
                     let registration = conn.register(id, &serde_json::to_vec(&info)?).await?;
                     let watch = conn.watch_plan().await;

@@ -85,6 +85,11 @@ pub struct MemberConfig {
     pub id: String,
     /// How many ranks this node can host (at least 1).
     pub devices: u32,
+    /// Where this node's gRPC services listen (`host:port`), registered for its peers and
+    /// for `tenax status`; may be empty.
+    pub addr: String,
+    /// Where this node's `/metrics` endpoint listens (`host:port`); may be empty.
+    pub metrics_addr: String,
 }
 
 /// Where a [`Member`] stands.
@@ -191,6 +196,8 @@ impl Member {
             planner,
             id,
             devices,
+            addr,
+            metrics_addr,
         } = config;
         if *etcd.config() != etcd_config {
             return Err(MemberError::InvalidConfig {
@@ -210,7 +217,7 @@ impl Member {
         let planner = Planner::new(planner).map_err(|e| MemberError::InvalidConfig {
             detail: e.to_string(),
         })?;
-        let (registration, info) = register(&etcd, &id, devices).await?;
+        let (registration, info) = register(&etcd, &id, devices, &addr, &metrics_addr).await?;
         let writer = registration.writer();
         let lease_rx = registration.lease_state();
         let own_watch = etcd.watch_member(&id)?;
@@ -409,6 +416,8 @@ async fn register(
     etcd: &EtcdMembership,
     id: &str,
     devices: u32,
+    addr: &str,
+    metrics_addr: &str,
 ) -> Result<(Registration, MemberInfo), MemberError> {
     for attempt in 1..=REGISTER_ATTEMPTS {
         let before = stored_generation(etcd).await?;
@@ -416,6 +425,8 @@ async fn register(
             id: MemberId::new(id),
             devices,
             joined_gen: before,
+            addr: addr.to_string(),
+            metrics_addr: metrics_addr.to_string(),
         };
         let bytes = serde_json::to_vec(&info).map_err(|e| MemberError::InvalidConfig {
             detail: format!("member info of {id:?} does not serialise: {e}"),

@@ -65,6 +65,8 @@ fn config(server: &EtcdServer, job: &str, id: &str, min_members: usize) -> Membe
         planner: planner(min_members),
         id: id.to_string(),
         devices: 1,
+        addr: String::new(),
+        metrics_addr: String::new(),
     }
 }
 

@@ -83,6 +83,13 @@ pub struct MemberInfo {
     /// admission (earlier first) and tells a member that survived a plan
     /// (`joined_gen < plan.generation`) from one that re-registered after it.
     pub joined_gen: u64,
+    /// Where its gRPC services (peer data plane and control) listen, `host:port`; empty
+    /// for members that serve none (tests, simulations).
+    #[serde(default)]
+    pub addr: String,
+    /// Where its Prometheus `/metrics` endpoint listens, `host:port`; empty if none.
+    #[serde(default)]
+    pub metrics_addr: String,
 }
 
 /// One rank of a plan: which member hosts it and where it sits in the D x S grid.
@@ -1194,6 +1201,8 @@ mod tests {
             id: id(s),
             devices,
             joined_gen,
+            addr: String::new(),
+            metrics_addr: String::new(),
         }
     }
 
@@ -1898,7 +1907,7 @@ mod tests {
                         let joined_gen = if matches!(op, Op::Rejoin(_)) { etcd_gen } else {
                             registered.get(&name(i)).map_or(etcd_gen, |m| m.joined_gen)
                         };
-                        let m = MemberInfo { id: name(i), devices: devices_of(i), joined_gen };
+                        let m = MemberInfo { id: name(i), devices: devices_of(i), joined_gen, addr: String::new(), metrics_addr: String::new() };
                         registered.insert(m.id.clone(), m.clone());
                         Event::MemberJoined(m)
                     }
@@ -2006,7 +2015,7 @@ mod tests {
             pp in 1u32..4,
         ) {
             let c = PlannerConfig { max_members: 8, ..cfg(pp) };
-            let mk = |i: u8, g: u64| MemberInfo { id: id(&format!("m{i:02}")), devices: devices_of(i), joined_gen: g };
+            let mk = |i: u8, g: u64| MemberInfo { id: id(&format!("m{i:02}")), devices: devices_of(i), joined_gen: g, addr: String::new(), metrics_addr: String::new() };
             let b: Vec<MemberInfo> = before.iter().map(|&i| mk(i, 0)).collect();
             let Ok(prev) = compute_plan(None, &b, &c, 1) else { return Ok(()); };
             prev.validate().map_err(|e| TestCaseError::fail(e.to_string()))?;

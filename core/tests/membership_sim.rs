@@ -815,6 +815,8 @@ impl Sim {
                     id: id.clone(),
                     devices: self.m[i].devices,
                     joined_gen: self.current_gen(),
+                    addr: String::new(),
+                    metrics_addr: String::new(),
                 };
                 self.etcd.nodes.insert(id, (info.clone(), lease));
                 self.etcd.watchers.insert(i);
