@@ -958,3 +958,156 @@ pub async fn rendezvous(a: BenchRendezvousArgs) -> Result<()> {
         .await;
     Ok(())
 }
+
+/// Flags of `tenax bench daemons`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchDaemonsArgs {
+    /// Daemons (and ranks of the in-process run).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Model preset.
+    #[arg(long, default_value = "nano")]
+    pub preset: String,
+    /// Steps per run; the first `--warmup` steps are not measured.
+    #[arg(long, default_value_t = 30)]
+    pub steps: u64,
+    /// Steps left out of the medians (start-up, first allocations).
+    #[arg(long, default_value_t = 5)]
+    pub warmup: u64,
+    /// Global batch (samples per step).
+    #[arg(long, default_value_t = 12)]
+    pub batch_size: u64,
+    /// Samples per slot.
+    #[arg(long, default_value_t = 4)]
+    pub micro_batch_size: u64,
+    /// Text to train on (default: a small synthetic corpus).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+/// Median step time of a run, from its metrics.jsonl (tokens/s per step), after `warmup`.
+fn median_step_s(metrics: &Path, tokens_per_step: f64, warmup: u64) -> Result<f64> {
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("{}: cannot read", metrics.display()))?;
+    let v: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["step"].as_u64().is_some_and(|s| s > warmup))
+        .filter_map(|m| m["tokens_per_s"].as_f64())
+        .map(|t| tokens_per_step / t)
+        .collect();
+    if v.is_empty() {
+        bail!("{}: no measured steps", metrics.display());
+    }
+    Ok(median(v))
+}
+
+/// Step time of N daemons (processes, gRPC, exact and ring reduction) against
+/// `tenax train --ranks N` in one process, on the same machine, one after the other.
+pub async fn daemons(a: BenchDaemonsArgs) -> Result<()> {
+    use tenax_chaos::cluster::{ClusterSpec, LocalCluster};
+    let tmp = tempfile::tempdir().context("temp dir")?;
+    let data = match &a.data {
+        Some(p) => p.clone(),
+        None => {
+            let p = tmp.path().join("corpus.txt");
+            synthetic_corpus(&p)?;
+            p
+        }
+    };
+    let exe = std::env::current_exe().context("the tenax binary")?;
+    let flags: Vec<String> = [
+        "--preset",
+        &a.preset,
+        "--data",
+        data.to_str().unwrap_or_default(),
+        "--tokenizer",
+        "char",
+        "--batch-size",
+        &a.batch_size.to_string(),
+        "--micro-batch-size",
+        &a.micro_batch_size.to_string(),
+        "--steps",
+        &a.steps.to_string(),
+        "--eval-batches",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let block = tenax_model::GptConfig::preset(&a.preset, 256)
+        .map_err(|e| anyhow!("--preset: {e}"))?
+        .block_size;
+    let tokens_per_step = (a.batch_size as usize * block) as f64;
+
+    // One process, N rank actors.
+    let run = tmp.path().join("inproc");
+    let status = std::process::Command::new(&exe)
+        .arg("train")
+        .args(&flags)
+        .args(["--ranks", &a.nodes.to_string(), "--run-dir"])
+        .arg(&run)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running tenax train")?;
+    if !status.success() {
+        bail!("tenax train --ranks {} failed", a.nodes);
+    }
+    let inproc = median_step_s(&run.join("metrics.jsonl"), tokens_per_step, a.warmup)?;
+
+    let mut results = serde_json::Map::new();
+    for reduction in ["exact", "ring"] {
+        let job = format!("bench-{reduction}");
+        let mut args = flags.clone();
+        args.extend(
+            [
+                "--start-nodes",
+                &a.nodes.to_string(),
+                "--reduction",
+                reduction,
+                "--settle-ms",
+                "300",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        let mut c = LocalCluster::start(ClusterSpec {
+            tenax_bin: exe.clone(),
+            job: job.clone(),
+            bucket: format!("{job}-bucket"),
+            daemon_args: args,
+            env: vec![],
+        })
+        .context("starting etcd and the S3 server")?;
+        for n in 0..a.nodes {
+            c.spawn_daemon(n, &[]).context("starting a daemon")?;
+        }
+        for n in 0..a.nodes {
+            match c.wait(n, Duration::from_secs(3600))? {
+                Some(s) if s.success() => {}
+                other => bail!("daemon {n} ended with {other:?}:\n{}", c.log_tail(n)),
+            }
+        }
+        let step_s = median_step_s(
+            &c.run_dir(0).join("metrics.jsonl"),
+            tokens_per_step,
+            a.warmup,
+        )?;
+        results.insert(reduction.to_string(), serde_json::json!(step_s));
+    }
+    let exact = results["exact"].as_f64().unwrap_or(f64::NAN);
+    let ring = results["ring"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "daemons", "nodes": a.nodes, "preset": a.preset, "steps": a.steps,
+            "batch_size": a.batch_size, "micro_batch_size": a.micro_batch_size,
+            "params": tenax_model::ParamLayout::for_config(&tenax_model::GptConfig::preset(&a.preset, 256).map_err(|e| anyhow!("{e}"))?).total,
+            "train_ranks_step_s": inproc, "daemons_exact_step_s": exact, "daemons_ring_step_s": ring,
+            "daemons_exact_over_train": exact / inproc, "daemons_ring_over_train": ring / inproc,
+            "exact_over_ring": exact / ring,
+        })
+    );
+    Ok(())
+}

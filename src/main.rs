@@ -1,12 +1,16 @@
 //! tenax: pre-train GPT-style language models, and keep training when machines fail.
 //!
 //! This binary only wires subcommands to the crates that do the work:
-//! `train` (src/train.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs).
+//! `train` (src/train.rs), `daemon` (src/daemon.rs), `status` and `control`
+//! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs).
 
 mod bench;
 mod ckpt;
 mod config;
+mod daemon;
+mod metrics;
 mod plot;
+mod status;
 mod train;
 
 use std::path::PathBuf;
@@ -37,6 +41,21 @@ enum Command {
         resume: bool,
         #[command(flatten)]
         args: Box<config::TrainArgs>,
+    },
+    /// Run one node of a distributed job: join it through etcd, train with the other
+    /// nodes, checkpoint to <store>/<job>/, serve control gRPC and /metrics.
+    ///
+    /// Start one per node with the same --job, --etcd, --store and training flags; the
+    /// job starts once --min-nodes have joined and ends (exit 0) at --steps, after the
+    /// final checkpoint. Starting the nodes again resumes from the last committed
+    /// checkpoint. SIGTERM drains the node with a final checkpoint.
+    Daemon(Box<daemon::DaemonArgs>),
+    /// Show a job's members, generation, step, loss and checkpoints (asks each node).
+    Status(status::StatusArgs),
+    /// Ask a node to drain, checkpoint now, pause or resume.
+    Control {
+        #[command(subcommand)]
+        command: status::ControlCommand,
     },
     /// List, inspect, verify, prune and export checkpoints in a store (file://, s3://).
     ///
@@ -136,6 +155,9 @@ enum BenchCommand {
     /// The ratios compare our save and load with plain object_store puts and gets of the
     /// same bytes to the same store, side by side.
     Ckpt(bench::BenchCkptArgs),
+    /// Step time of N daemons (processes + gRPC; exact and ring reduction) against
+    /// `tenax train --ranks N` in one process, on this machine (starts etcd and moto).
+    Daemons(bench::BenchDaemonsArgs),
     /// Membership on etcd: time and etcd requests to re-form N members after one leaves.
     ///
     /// N members form a generation, one lease is revoked; reform_s runs until every
@@ -176,6 +198,9 @@ fn main() -> ExitCode {
                 };
                 train::run(args, resume).await
             }
+            Command::Daemon(args) => daemon::run(*args).await,
+            Command::Status(args) => status::status(args).await,
+            Command::Control { command } => status::control(command).await,
             Command::Ckpt { command } => match command {
                 CkptCommand::List { url, json } => ckpt::list(&url, json).await,
                 CkptCommand::Inspect { url, step } => ckpt::inspect(&url, step).await,
@@ -193,6 +218,7 @@ fn main() -> ExitCode {
                 BenchCommand::Train(a) => bench::train(a).await,
                 BenchCommand::CkptKill(a) => bench::ckpt_kill(a).await,
                 BenchCommand::Ckpt(a) => bench::ckpt(a).await,
+                BenchCommand::Daemons(a) => bench::daemons(a).await,
                 BenchCommand::Rendezvous(a) => bench::rendezvous(a).await,
             },
         }

@@ -18,7 +18,7 @@ use tenax_core::sampler::eval_windows;
 use tenax_core::slots::BatchLayout;
 use tenax_data::{Tokenizer, TokenizerKind, TokenizerSpec};
 use tenax_model::{AdamW, AdamWConfig, GptConfig, LrSchedule, ParamLayout};
-use tenax_storage::{CheckpointMeta, Store, TensorData};
+use tenax_storage::{CheckpointMeta, LoadedCheckpoint, Store, TensorData};
 
 use crate::config::{TrainArgs, TrainConfig};
 use crate::plot::{plot_loss, LossPoint};
@@ -98,69 +98,49 @@ fn named_from(tensors: &[TensorData]) -> Vec<tenax_model::NamedTensor> {
         .collect()
 }
 
-/// Where a resumed run starts.
-struct Start {
-    step: u64,
-    cursor: u64,
-    params: Vec<f32>,
-    opt: AdamW,
+/// Where a run starts.
+pub struct Start {
+    /// Steps already done.
+    pub step: u64,
+    /// Samples already consumed.
+    pub cursor: u64,
+    /// Parameters, flat in layout order.
+    pub params: Vec<f32>,
+    /// Optimizer state.
+    pub opt: AdamW,
 }
 
-/// Run `tenax train`.
-pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
-    // Where things go: the run dir and the store, before anything else is read.
-    let run_dir = args
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs/default"));
-    create_run_dir(&run_dir)?;
-    let store_url = match &args.store {
-        Some(s) if !s.is_empty() => s.clone(),
-        _ => default_store(&run_dir)?,
-    };
-    let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
+/// Everything a run needs besides its starting state: the resolved config, the data, the
+/// model shape and the schedule. `tenax train` and `tenax daemon` share it.
+pub struct Prepared {
+    /// The resolved training config.
+    pub cfg: TrainConfig,
+    /// What a checkpoint's `config` field holds.
+    pub stored_cfg: StoredConfig,
+    /// [`StoredConfig::hash`]: what must agree on resume and across a job's nodes.
+    pub config_hash: String,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Where each parameter sits in the flat vector.
+    pub param_layout: ParamLayout,
+    /// The math of a step, for the rank actors (`ranks` = this process's ranks).
+    pub setup: TrainSetup,
+    /// The learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// The validation windows evaluated.
+    pub val_windows: Vec<u64>,
+    /// The token streams.
+    pub data: Arc<TrainData>,
+}
 
-    // The checkpoint to resume from, if any, decides the keys left unset.
-    let mut resumed = None;
-    if resume {
-        match tenax_storage::latest_verified(&store).await.map_err(|e| anyhow!("{e}"))? {
-            None => bail!("--resume: no checkpoint in {store_url}: run without --resume to start, or point --run-dir/--store at the run to continue"),
-            Some((ckpt, warnings)) => {
-                for w in warnings {
-                    eprintln!("warning: {w}");
-                }
-                resumed = Some(ckpt);
-            }
-        }
-    } else {
-        let listing = tenax_storage::list_checkpoints(&store)
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        if let Some(newest) = listing.with_manifest().last() {
-            bail!("{store_url} already holds checkpoints (newest at step {}): pass --resume to continue that run, or choose another --run-dir or --store", newest.step);
-        }
-    }
-    let stored: Option<StoredConfig> = match &resumed {
-        Some(c) => Some(
-            serde_json::from_value(c.manifest.config.clone())
-                .map_err(|e| anyhow!("checkpoint {}: its config does not parse ({e}): it was not written by this version of tenax", c.url))?,
-        ),
-        None => None,
-    };
-    let mut args = args;
-    args.run_dir = Some(run_dir.clone());
-    args.store = Some(store_url.clone());
-    let cfg = TrainConfig::resolve(args, stored.as_ref().map(|s| &s.train))?;
-    if let Some(s) = &stored {
-        let diffs = cfg.math_differences(&s.train);
-        if !diffs.is_empty() {
-            bail!(
-                "cannot resume from {}: this run's training config differs ({}): use the checkpoint's values or a new --run-dir",
-                resumed.as_ref().map(|c| c.url.as_str()).unwrap_or(""),
-                diffs.join("; ")
-            );
-        }
-    }
+/// Check `cfg`, load and tokenize the data (caching token shards under `run_dir/data`) and
+/// build the model shape; `stored` is the config of the checkpoint being resumed, whose
+/// corpus must match.
+pub fn prepare(
+    cfg: TrainConfig,
+    stored: Option<&StoredConfig>,
+    run_dir: &Path,
+) -> Result<Prepared> {
     let layout =
         BatchLayout::new(cfg.batch_size, cfg.micro_batch_size).map_err(|e| anyhow!("{e}"))?;
     layout
@@ -236,39 +216,6 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         cfg.ranks
     );
 
-    // Initial state: fresh, or from the checkpoint.
-    let start = match &resumed {
-        None => Start {
-            step: 0,
-            cursor: 0,
-            params: tenax_model::init_params(&model_cfg, &param_layout, cfg.seed),
-            opt: AdamW::new(param_layout.total),
-        },
-        Some(c) => {
-            let all = named_from(&c.tensors);
-            let params = tenax_model::params_from_named(&param_layout, &all)
-                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
-            let adamw_step = c
-                .manifest
-                .extra
-                .get("adamw_step")
-                .and_then(|v| v.as_u64())
-                .ok_or_else(|| anyhow!("checkpoint {}: manifest has no adamw_step", c.url))?;
-            let opt = AdamW::from_named_state(&param_layout, &all, adamw_step)
-                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
-            println!("resumed from step {} ({})", c.manifest.step, c.url);
-            Start {
-                step: c.manifest.step,
-                cursor: c.manifest.data_cursor,
-                params,
-                opt,
-            }
-        }
-    };
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let mut history = load_history(&metrics_path, start.step)?;
-    let mut metrics = open_metrics(&metrics_path, &history)?;
-
     let setup = TrainSetup {
         model: model_cfg.clone(),
         adamw: AdamWConfig {
@@ -298,6 +245,123 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         train: dataset.train,
         val: dataset.val,
     });
+    Ok(Prepared {
+        cfg,
+        stored_cfg,
+        config_hash,
+        tokenizer,
+        param_layout,
+        setup,
+        schedule,
+        val_windows,
+        data,
+    })
+}
+
+/// The state a run starts from: fresh from the seed, or the checkpoint's.
+pub fn start_state(prep: &Prepared, resumed: Option<&LoadedCheckpoint>) -> Result<Start> {
+    Ok(match resumed {
+        None => Start {
+            step: 0,
+            cursor: 0,
+            params: tenax_model::init_params(&prep.setup.model, &prep.param_layout, prep.cfg.seed),
+            opt: AdamW::new(prep.param_layout.total),
+        },
+        Some(c) => {
+            let all = named_from(&c.tensors);
+            let params = tenax_model::params_from_named(&prep.param_layout, &all)
+                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
+            let adamw_step = c
+                .manifest
+                .extra
+                .get("adamw_step")
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| anyhow!("checkpoint {}: manifest has no adamw_step", c.url))?;
+            let opt = AdamW::from_named_state(&prep.param_layout, &all, adamw_step)
+                .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
+            println!("resumed from step {} ({})", c.manifest.step, c.url);
+            Start {
+                step: c.manifest.step,
+                cursor: c.manifest.data_cursor,
+                params,
+                opt,
+            }
+        }
+    })
+}
+
+/// Run `tenax train`.
+pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
+    // Where things go: the run dir and the store, before anything else is read.
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs/default"));
+    create_run_dir(&run_dir)?;
+    let store_url = match &args.store {
+        Some(s) if !s.is_empty() => s.clone(),
+        _ => default_store(&run_dir)?,
+    };
+    let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
+
+    // The checkpoint to resume from, if any, decides the keys left unset.
+    let mut resumed = None;
+    if resume {
+        match tenax_storage::latest_verified(&store).await.map_err(|e| anyhow!("{e}"))? {
+            None => bail!("--resume: no checkpoint in {store_url}: run without --resume to start, or point --run-dir/--store at the run to continue"),
+            Some((ckpt, warnings)) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                resumed = Some(ckpt);
+            }
+        }
+    } else {
+        let listing = tenax_storage::list_checkpoints(&store)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        if let Some(newest) = listing.with_manifest().last() {
+            bail!("{store_url} already holds checkpoints (newest at step {}): pass --resume to continue that run, or choose another --run-dir or --store", newest.step);
+        }
+    }
+    let stored: Option<StoredConfig> = match &resumed {
+        Some(c) => Some(
+            serde_json::from_value(c.manifest.config.clone())
+                .map_err(|e| anyhow!("checkpoint {}: its config does not parse ({e}): it was not written by this version of tenax", c.url))?,
+        ),
+        None => None,
+    };
+    let mut args = args;
+    args.run_dir = Some(run_dir.clone());
+    args.store = Some(store_url.clone());
+    let cfg = TrainConfig::resolve(args, stored.as_ref().map(|s| &s.train))?;
+    if let Some(s) = &stored {
+        let diffs = cfg.math_differences(&s.train);
+        if !diffs.is_empty() {
+            bail!(
+                "cannot resume from {}: this run's training config differs ({}): use the checkpoint's values or a new --run-dir",
+                resumed.as_ref().map(|c| c.url.as_str()).unwrap_or(""),
+                diffs.join("; ")
+            );
+        }
+    }
+    let prep = prepare(cfg, stored.as_ref(), &run_dir)?;
+    let start = start_state(&prep, resumed.as_ref())?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut history = load_history(&metrics_path, start.step)?;
+    let mut metrics = open_metrics(&metrics_path, &history)?;
+
+    let Prepared {
+        cfg,
+        stored_cfg,
+        config_hash,
+        tokenizer,
+        setup,
+        schedule,
+        val_windows,
+        data,
+        ..
+    } = prep;
     let trainer = Trainer::start(setup, data, start.params, start.opt)
         .await
         .map_err(|e| anyhow!("{e}"))?;
@@ -528,7 +592,16 @@ async fn train_loop(
         if (cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last {
             // What a save costs the training loop: the snapshot and one message.
             let t_save = Instant::now();
-            save(trainer, checkpointer, stored_cfg, config_hash, done, cursor).await?;
+            save(
+                trainer,
+                checkpointer,
+                stored_cfg,
+                config_hash,
+                done,
+                cursor,
+                0,
+            )
+            .await?;
             line["ckpt_stall_s"] = json!(t_save.elapsed().as_secs_f64());
             saved_step = Some(done);
         }
@@ -550,6 +623,7 @@ async fn train_loop(
             config_hash,
             end.step,
             cursor,
+            0,
         )
         .await?;
     }
@@ -570,13 +644,14 @@ async fn train_loop(
 
 /// Take a host-memory snapshot and hand it to the checkpoint actor: all the training loop
 /// pays for a save.
-async fn save(
+pub(crate) async fn save(
     trainer: &Trainer,
     checkpointer: &Checkpointer,
     stored_cfg: &StoredConfig,
     config_hash: &str,
     step: u64,
     cursor: u64,
+    generation: u64,
 ) -> Result<()> {
     let snap = trainer
         .snapshot()
@@ -585,7 +660,7 @@ async fn save(
     let layout = ParamLayout::for_config(&stored_cfg.model);
     let meta = CheckpointMeta {
         step,
-        generation: 0,
+        generation,
         config: serde_json::to_value(stored_cfg).expect("config serialises"),
         config_hash: config_hash.to_string(),
         data_cursor: cursor,
@@ -605,7 +680,7 @@ async fn save(
 }
 
 /// Read metrics.jsonl, keeping the steps up to `upto` (a resumed run redoes the rest).
-fn load_history(path: &Path, upto: u64) -> Result<Vec<LossPoint>> {
+pub(crate) fn load_history(path: &Path, upto: u64) -> Result<Vec<LossPoint>> {
     if upto == 0 || !path.exists() {
         return Ok(Vec::new());
     }
@@ -626,7 +701,7 @@ fn load_history(path: &Path, upto: u64) -> Result<Vec<LossPoint>> {
 }
 
 /// Rewrite metrics.jsonl with `history` and open it for appending.
-fn open_metrics(path: &Path, history: &[LossPoint]) -> Result<std::fs::File> {
+pub(crate) fn open_metrics(path: &Path, history: &[LossPoint]) -> Result<std::fs::File> {
     let mut kept = String::new();
     if !history.is_empty() {
         let text = std::fs::read_to_string(path).unwrap_or_default();

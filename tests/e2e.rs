@@ -1120,3 +1120,354 @@ fn kill_9_during_s3_saves_never_tears_a_checkpoint() {
     assert_eq!(report["final_mismatches"], 0, "{report}");
     assert!(report["completed_runs"].as_u64().unwrap() >= 1, "{report}");
 }
+
+// ---------------------------------------------------------------------------
+// `tenax daemon`: whole clusters of daemon processes with a real etcd and a real
+// S3-compatible server (tenax_chaos::LocalCluster), compared bit for bit with
+// `tenax train --ranks 3`.
+// ---------------------------------------------------------------------------
+
+use std::time::{Duration, Instant};
+
+use tenax_chaos::cluster::{ClusterSpec, LocalCluster, Signal};
+
+/// The training flags every daemon test uses (and the reference `tenax train` run).
+fn daemon_train_flags(data: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--preset",
+        "tiny",
+        "--data",
+        data.to_str().unwrap(),
+        "--tokenizer",
+        "char",
+        "--batch-size",
+        "12",
+        "--micro-batch-size",
+        "2",
+        "--eval-batches",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--lr",
+        "3e-3",
+        "--lr-decay-steps",
+        "40",
+        "--steps",
+        &steps.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn cluster(job: &str, data: &Path, steps: u64, extra: &[&str]) -> LocalCluster {
+    let mut daemon_args = daemon_train_flags(data, steps, extra);
+    daemon_args.extend(
+        ["--settle-ms", "300", "--lease-ttl-s", "3"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    LocalCluster::start(ClusterSpec {
+        tenax_bin: PathBuf::from(env!("CARGO_BIN_EXE_tenax")),
+        job: job.to_string(),
+        bucket: format!("{job}-bucket"),
+        daemon_args,
+        env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
+    })
+    .expect("start etcd and the S3 server (scripts/setup installs them)")
+}
+
+/// The final weights of `tenax train --ranks 3` with the daemon tests' flags.
+fn reference_export(data: &Path, dir: &Path, steps: u64) -> Vec<u8> {
+    let run = dir.join("reference");
+    let mut args: Vec<String> = vec!["train".into()];
+    args.extend(daemon_train_flags(data, steps, &[]));
+    args.extend(["--ranks", "3", "--run-dir", run.to_str().unwrap()].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&refs);
+    let store = format!("file://{}", run.join("checkpoints").display());
+    export_bytes(&store, &[], &dir.join("reference.safetensors"))
+}
+
+/// Waits for every daemon to exit; asserts each exited 0, printing its log otherwise.
+fn wait_all_ok(c: &mut LocalCluster, nodes: &[usize], timeout: Duration) {
+    for &n in nodes {
+        let status = c.wait(n, timeout).unwrap();
+        match status {
+            Some(s) if s.success() => {}
+            other => panic!("node {n} ended with {other:?}; log:\n{}", c.log(n)),
+        }
+    }
+}
+
+/// `(step, param_hash)` of every step a node recorded.
+fn node_hashes(c: &LocalCluster, node: usize) -> Vec<(u64, String)> {
+    let text = std::fs::read_to_string(c.run_dir(node).join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|m| {
+            (
+                m["step"].as_u64().unwrap(),
+                m["param_hash"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn status_json(c: &LocalCluster, job: &str) -> Option<serde_json::Value> {
+    let out = tenax(&[
+        "status",
+        "--etcd",
+        &c.etcd_endpoint(),
+        "--job",
+        job,
+        "--json",
+    ]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Polls `tenax status --json` until `pred` holds (bounded); returns the last status.
+fn wait_status(
+    c: &LocalCluster,
+    job: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Some(s) = status_json(c, job) {
+            if pred(&s) {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; logs:\n{}\n{}\n{}",
+            c.log(0),
+            c.log(1),
+            c.log(2)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn job_export(c: &LocalCluster, job: &str, out: &Path) -> Vec<u8> {
+    let store = format!("{}/{job}", c.store_url());
+    export_bytes(&store, &c.s3_env(), out)
+}
+
+#[test]
+fn three_daemons_train_bit_identically_to_train_ranks_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let steps = 8;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "three";
+    let mut c = cluster(job, &data, steps, &["--ckpt-every", "4"]);
+    for n in 0..3 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
+            .unwrap();
+    }
+    wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(300));
+    let h0 = node_hashes(&c, 0);
+    assert_eq!(
+        h0.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>(),
+        "node 0 recorded every step once"
+    );
+    for n in 1..3 {
+        assert_eq!(
+            node_hashes(&c, n),
+            h0,
+            "node {n} agrees with node 0 at every step"
+        );
+    }
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(
+        got == want,
+        "the job's final weights differ from tenax train --ranks 3"
+    );
+    let listing = ok_env(
+        &[
+            "ckpt",
+            "list",
+            &format!("{}/{job}", c.store_url()),
+            "--json",
+        ],
+        &c.s3_env(),
+    );
+    let attempts: Vec<serde_json::Value> = serde_json::from_str(&listing).unwrap();
+    let committed: Vec<u64> = attempts
+        .iter()
+        .filter(|a| a["status"] == "committed")
+        .map(|a| a["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(committed, [4, 8], "{listing}");
+}
+
+#[test]
+fn drain_and_sigterm_shrink_the_group_without_losing_a_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    // Long enough (tiny steps take tens of ms) that the drain and the SIGTERM, sent a
+    // few steps in, land well before the end whatever the machine's speed.
+    let steps = 300;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "shrink";
+    let mut c = cluster(job, &data, steps, &[]);
+    for n in 0..3 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
+            .unwrap();
+    }
+    let s = wait_status(&c, job, "3 members at step 3", |s| {
+        s["members"].as_array().is_some_and(|m| m.len() == 3) && s["step"].as_u64() >= Some(3)
+    });
+    for key in [
+        "generation",
+        "step",
+        "loss",
+        "tokens_per_s",
+        "last_checkpoint",
+        "members",
+    ] {
+        assert!(s.get(key).is_some(), "status lacks {key}: {s}");
+    }
+    for m in s["members"].as_array().unwrap() {
+        for key in ["id", "addr", "rank", "step", "param_hash"] {
+            assert!(m.get(key).is_some(), "member lacks {key}: {m}");
+        }
+    }
+    // Drain node 2 through the control API.
+    ok(&[
+        "control",
+        "drain",
+        "--etcd",
+        &c.etcd_endpoint(),
+        "--job",
+        job,
+        "--node",
+        "node-2",
+    ]);
+    wait_all_ok(&mut c, &[2], Duration::from_secs(120));
+    let drained_at = node_hashes(&c, 2).last().map(|(s, _)| *s).unwrap();
+    assert!(
+        drained_at < steps,
+        "node 2 left before the end ({drained_at})"
+    );
+    // Preempt node 1: SIGTERM drains it with a final checkpoint.
+    wait_status(&c, job, "the pair past the drain", |s| {
+        s["step"].as_u64() >= Some(drained_at + 3)
+    });
+    c.signal(1, Signal::Term).unwrap();
+    wait_all_ok(&mut c, &[1], Duration::from_secs(120));
+    assert!(c.log(1).contains("SIGTERM"), "{}", c.log(1));
+    let term_at = node_hashes(&c, 1).last().map(|(s, _)| *s).unwrap();
+    assert!(
+        c.log(1)
+            .contains(&format!("checkpoint of step {term_at} committed")),
+        "SIGTERM saves a final checkpoint:\n{}",
+        c.log(1)
+    );
+    wait_all_ok(&mut c, &[0], Duration::from_secs(300));
+
+    // No step lost or repeated on the survivor, and every member agreed at every step.
+    let h0 = node_hashes(&c, 0);
+    assert_eq!(
+        h0.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>()
+    );
+    for n in [1, 2] {
+        for (step, hash) in node_hashes(&c, n) {
+            assert_eq!(h0[step as usize - 1].1, hash, "node {n} at step {step}");
+        }
+    }
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(
+        got == want,
+        "shrinking 3 -> 2 -> 1 changed the final weights"
+    );
+}
+
+#[test]
+fn a_whole_job_restart_resumes_at_the_last_committed_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    // Long enough that the kill lands well before the end.
+    let steps = 200;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "restart";
+    let mut c = cluster(job, &data, steps, &["--ckpt-every", "10"]);
+    for n in 0..3 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
+            .unwrap();
+    }
+    let s = wait_status(&c, job, "a committed checkpoint", |s| {
+        s["last_checkpoint"]["step"].as_u64() >= Some(10)
+    });
+    c.kill_all();
+    let committed = s["last_checkpoint"]["step"].as_u64().unwrap();
+    for n in 0..3 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
+            .unwrap();
+    }
+    wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(300));
+    let log = c.log(0);
+    let resumed: u64 = log
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("resuming from the committed checkpoint of step ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("node 0 did not resume:\n{log}"));
+    assert!(
+        resumed >= committed && resumed < steps,
+        "resumed at {resumed}"
+    );
+    assert_eq!(resumed % 10, 0);
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(got == want, "the restarted job's final weights differ");
+    // The second run's metrics start right after the resumed step.
+    let h0 = node_hashes(&c, 0);
+    assert_eq!(h0.last().map(|(s, _)| *s), Some(steps));
+}
+
+#[test]
+fn a_daemon_with_another_training_config_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let job = "mismatch";
+    let mut c = cluster(job, &data, 10, &[]);
+    c.spawn_daemon(0, &["--start-nodes".into(), "2".into()])
+        .unwrap();
+    c.spawn_daemon(
+        1,
+        &[
+            "--start-nodes".into(),
+            "2".into(),
+            "--weight-decay".into(),
+            "0.05".into(),
+        ],
+    )
+    .unwrap();
+    let status = c.wait(1, Duration::from_secs(120)).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "node 1 must be refused:\n{}",
+        c.log(1)
+    );
+    let log = c.log(1);
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(
+        errors[0].contains("training config differs") && errors[0].contains("weight_decay"),
+        "{}",
+        errors[0]
+    );
+    c.kill_all();
+}

@@ -86,6 +86,10 @@ struct TrainSupervisor;
 
 struct SupervisorArgs {
     setup: TrainSetup,
+    /// The global ranks this process hosts (`0..setup.ranks` for `tenax train`).
+    local_ranks: Vec<usize>,
+    /// The collective to use; `None` builds an in-process one.
+    collective: Option<Arc<dyn Collective>>,
     data: Arc<TrainData>,
     params: Vec<f32>,
     opt: AdamW,
@@ -136,10 +140,12 @@ impl Actor for TrainSupervisor {
         myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
-        let collective: Arc<dyn Collective> =
-            Arc::new(InProcessCollective::new(args.setup.batch.num_slots()));
-        let mut ranks = Vec::with_capacity(args.setup.ranks);
-        for rank in 0..args.setup.ranks {
+        let collective: Arc<dyn Collective> = match args.collective {
+            Some(c) => c,
+            None => Arc::new(InProcessCollective::new(args.setup.batch.num_slots())),
+        };
+        let mut ranks = Vec::with_capacity(args.local_ranks.len());
+        for &rank in &args.local_ranks {
             let compute = RankCompute::new(
                 rank,
                 args.setup.clone(),
@@ -324,16 +330,39 @@ impl Trainer {
         params: Vec<f32>,
         opt: AdamW,
     ) -> Result<Self, ActorsError> {
+        let local_ranks = (0..setup.ranks).collect();
+        Self::start_group(setup, local_ranks, None, data, params, opt).await
+    }
+
+    /// Start the ranks `local_ranks` (global rank numbers in `0..setup.ranks`) of a group
+    /// whose other ranks live in other processes, all meeting in `collective` (`None`: an
+    /// in-process one). Every process of the group starts from the same state.
+    pub async fn start_group(
+        setup: TrainSetup,
+        local_ranks: Vec<usize>,
+        collective: Option<Arc<dyn Collective>>,
+        data: Arc<TrainData>,
+        params: Vec<f32>,
+        opt: AdamW,
+    ) -> Result<Self, ActorsError> {
         setup
             .batch
             .check_ranks(setup.ranks as u64)
             .map_err(|e| ActorsError::Start(e.to_string()))?;
+        if local_ranks.is_empty() || local_ranks.iter().any(|&r| r >= setup.ranks) {
+            return Err(ActorsError::Start(format!(
+                "local ranks {local_ranks:?} do not fit a world of {} ranks",
+                setup.ranks
+            )));
+        }
         let timeout = setup.step_timeout;
         let (sup, handle) = Actor::spawn(
             None,
             TrainSupervisor,
             SupervisorArgs {
                 setup,
+                local_ranks,
+                collective,
                 data,
                 params,
                 opt,

@@ -7,9 +7,14 @@
 //! (every slot consumed exactly once, no stale-generation commit, final parameters
 //! bit-identical to a fault-free run), then write a report with a timeline plot.
 //!
-//! The cluster runner and the invariant checks need the daemon and elasticity work
-//! first. What exists now are the storage-side tools, usable from any crate's tests:
+//! The invariant checks need the daemon and elasticity work first. What exists now are
+//! the local cluster runner and the storage-side tools, usable from any crate's tests:
 //!
+//! - [`cluster`]: [`LocalCluster`], a real local cluster from a [`ClusterSpec`]: an
+//!   [`EtcdServer`], a [`MotoServer`] with the checkpoint bucket, and N `tenax daemon`
+//!   processes on free loopback ports in a temporary directory, one log per node;
+//!   faults by [`Signal`] (SIGTERM, SIGKILL, SIGSTOP, SIGCONT) to a daemon's PID, nodes
+//!   restartable, and every daemon killed by PID on drop, even when a test fails.
 //! - [`moto`]: [`MotoServer`], a real local S3-compatible server (`moto_server`) on a
 //!   free port, killed on drop, plus the `AWS_*` environment to reach it.
 //! - [`http_proxy`]: [`FaultProxy`], a seeded HTTP/1.1 proxy in front of such a server
@@ -24,12 +29,14 @@
 
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod etcd;
 pub mod fault_store;
 pub mod http_proxy;
 mod local;
 pub mod moto;
 
+pub use cluster::{ClusterSpec, LocalCluster, Signal};
 pub use etcd::EtcdServer;
 pub use fault_store::{CrashPoint, FaultStore};
 pub use http_proxy::{FaultAction, FaultDecision, FaultProxy, ProxyEvent, ProxyFaults, ProxyStats};

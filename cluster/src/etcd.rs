@@ -1050,6 +1050,66 @@ impl EtcdMembership {
         Ok(record)
     }
 
+    /// The value at `/tenax/<job>/<key_suffix>`, if any (one read, no write).
+    ///
+    /// # Errors
+    /// The errors of a call.
+    pub async fn get(&self, key_suffix: &str) -> Result<Option<Vec<u8>>, EtcdError> {
+        let inner = &self.inner;
+        let key = inner.key(key_suffix);
+        let resp = inner
+            .call("get", &key, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Puts `value` at `/tenax/<job>/<key_suffix>` unless the key exists (one txn on its
+    /// create revision); returns the value stored afterwards: `value` itself when this
+    /// call (or an earlier attempt of it) wrote it, the existing value otherwise. Used for
+    /// facts the first node of a job fixes for all, such as the training-config hash.
+    ///
+    /// # Errors
+    /// The errors of a call.
+    pub async fn put_if_absent(
+        &self,
+        key_suffix: &str,
+        value: &[u8],
+    ) -> Result<Vec<u8>, EtcdError> {
+        let inner = &self.inner;
+        let key = inner.key(key_suffix);
+        let resp = inner
+            .call("txn", &key, |mut c| {
+                let key = key.clone();
+                let value = value.to_vec();
+                async move {
+                    let txn = Txn::new()
+                        .when(vec![Compare::create_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            0,
+                        )])
+                        .and_then(vec![TxnOp::put(key.clone(), value, None)])
+                        .or_else(vec![TxnOp::get(key, None)]);
+                    c.txn(txn).await
+                }
+            })
+            .await?;
+        if resp.succeeded() {
+            return Ok(value.to_vec());
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = op {
+                if let Some(kv) = g.kvs().first() {
+                    return Ok(kv.value().to_vec());
+                }
+            }
+        }
+        Ok(value.to_vec())
+    }
+
     /// Writes the plan of `generation` in ONE txn: it succeeds only if the stored
     /// generation is `expected_prev_generation` (`None`: no plan stored yet) and the
     /// writer's member key exists under the writer's lease. `plan` must be JSON (the

@@ -13,13 +13,18 @@
 //!   writes and revocations out), watches the plan and commits fenced on the generation
 //!   it observed.
 //!
-//! Still to come (daemon issues): the CPU backend over the peer gRPC stream and NCCL
-//! through cudarc behind the `cuda` feature.
+//! - [`peer`]: the CPU backend over gRPC between daemons: [`peer::PeerHub`] (the served
+//!   `Peer` service) and [`peer::GrpcCollective`] (one generation's communicator:
+//!   slot-ordered exact reduce-scatter/all-gather, or a ring all-reduce).
+//!
+//! Still to come (daemon issues): NCCL through cudarc behind the `cuda` feature.
 
 pub mod collective;
 pub mod etcd;
 pub mod inprocess;
 pub mod member;
+pub mod peer;
 
 pub use collective::{Collective, CollectiveError, Reduced, SlotContribution, SlotFold};
 pub use inprocess::InProcessCollective;
+pub use peer::{CommSpec, GrpcCollective, PeerAddr, PeerHub, Reduction};

@@ -1,0 +1,823 @@
+//! [`GrpcCollective`]: the communicator of one generation on one member.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tenax_proto::v1::peer_client::PeerClient;
+use tenax_proto::v1::{ExchangeReply, FrameKind, PeerFrame};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use super::hub::{Counters, PeerHub};
+use super::step::{Geometry, Outgoing, StepState};
+use super::{message_limit_bytes, piece_count, CommSpec, MemberState, PeerAddr, Reduction};
+use crate::collective::{Collective, CollectiveError, Reduced, SlotContribution};
+
+/// Most attempts of the first connect to a peer (within [`CommSpec::connect_deadline`]).
+pub const MAX_CONNECT_ATTEMPTS: u32 = 64;
+
+/// Spare frames in every send queue besides two steps' worth of traffic.
+const QUEUE_SLACK: usize = 16;
+
+/// The communicator of one generation on one member: a [`Collective`] whose ranks live
+/// in several processes, talking through [`PeerHub`]s.
+///
+/// Built by [`GrpcCollective::new`] inside a tokio runtime; used by the local ranks'
+/// compute threads (plain threads, outside the runtime) through [`Collective`].
+/// `reduced` blocks its thread on a condition variable; `contribute` never waits (its
+/// frames go to bounded queues; a full queue aborts). See the [module docs](super).
+pub struct GrpcCollective {
+    spec: CommSpec,
+    geo: Geometry,
+    counters: Arc<Counters>,
+    state: Mutex<State>,
+    changed: Condvar,
+    notify: watch::Sender<u64>,
+    /// One send queue per member (`None` for this member and after [`Self::close`]).
+    links: Mutex<Vec<Option<mpsc::Sender<PeerFrame>>>>,
+    queue_bounds: Vec<usize>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    cancel: CancellationToken,
+}
+
+struct Taken {
+    result: Arc<Reduced>,
+    takers: usize,
+}
+
+#[derive(Default)]
+struct State {
+    aborted: Option<String>,
+    closed: bool,
+    steps: BTreeMap<u64, StepState>,
+    results: BTreeMap<u64, Taken>,
+    finished_max: Option<u64>,
+    states: Vec<Option<MemberState>>,
+}
+
+impl std::fmt::Debug for GrpcCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcCollective")
+            .field("job", &self.spec.job)
+            .field("generation", &self.spec.generation)
+            .field("me", &self.spec.members[self.spec.me].id)
+            .field("reduction", &self.spec.reduction)
+            .field("aborted", &self.lock().aborted)
+            .finish()
+    }
+}
+
+impl GrpcCollective {
+    /// Builds the communicator of `spec.generation` and installs it in `hub`, aborting
+    /// the previously installed one ("superseded by generation g"). Frames of this
+    /// generation that the hub buffered are delivered now. Starts one sending task per
+    /// other member (on the current tokio runtime), which connects (retrying until
+    /// `spec.connect_deadline`) and opens the `Exchange` stream.
+    ///
+    /// Fails (as [`CollectiveError::Aborted`]) if the spec is invalid, does not match the
+    /// hub (job, frame size), is not newer than the installed generation, or if called
+    /// outside a tokio runtime.
+    pub fn new(hub: &PeerHub, spec: CommSpec) -> Result<Arc<Self>, CollectiveError> {
+        let generation = spec.generation;
+        let invalid = |reason: String| CollectiveError::Aborted {
+            reason: format!("cannot build the communicator of generation {generation}: {reason}"),
+        };
+        spec.validate().map_err(|e| invalid(e.to_string()))?;
+        if spec.job != hub.job() {
+            return Err(invalid(format!(
+                "job {:?} but the hub serves job {:?}",
+                spec.job,
+                hub.job()
+            )));
+        }
+        if spec.max_frame_floats > hub.config().max_frame_floats {
+            return Err(invalid(format!(
+                "max_frame_floats {} exceeds the hub's {}",
+                spec.max_frame_floats,
+                hub.config().max_frame_floats
+            )));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| invalid("must be built inside a tokio runtime".into()))?;
+        let geo = Geometry::new(&spec);
+        let m = spec.members.len();
+        let mut links = Vec::with_capacity(m);
+        let mut receivers = Vec::with_capacity(m);
+        let mut queue_bounds = Vec::with_capacity(m);
+        for k in 0..m {
+            if k == spec.me {
+                links.push(None);
+                receivers.push(None);
+                queue_bounds.push(0);
+            } else {
+                let bound = 2 * geo.frames_per_step_to(k) + QUEUE_SLACK;
+                let (tx, rx) = mpsc::channel(bound);
+                links.push(Some(tx));
+                receivers.push(Some(rx));
+                queue_bounds.push(bound);
+            }
+        }
+        let comm = Arc::new(Self {
+            geo,
+            counters: hub.counters(),
+            state: Mutex::new(State {
+                states: vec![None; m],
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+            notify: watch::channel(0).0,
+            links: Mutex::new(links),
+            queue_bounds,
+            tasks: Mutex::new(Vec::new()),
+            cancel: CancellationToken::new(),
+            spec,
+        });
+        let (old, buffered) = hub
+            .install(generation, Arc::clone(&comm))
+            .map_err(invalid)?;
+        if let Some(old) = old {
+            old.abort(&format!("superseded by generation {generation}"));
+        }
+        let limit = message_limit_bytes(comm.spec.max_frame_floats);
+        let mut tasks = Vec::new();
+        for (k, rx) in receivers.into_iter().enumerate() {
+            let Some(rx) = rx else { continue };
+            let link = Link {
+                comm: Arc::downgrade(&comm),
+                peer: comm.spec.members[k].clone(),
+                connect_deadline: comm.spec.connect_deadline,
+                message_limit: limit,
+                counters: Arc::clone(&comm.counters),
+                cancel: comm.cancel.clone(),
+            };
+            tasks.push(runtime.spawn(link.run(rx)));
+        }
+        *comm.tasks.lock().unwrap_or_else(PoisonError::into_inner) = tasks;
+        hub.deliver_buffered(&comm, buffered);
+        tracing::debug!(
+            job = %comm.spec.job,
+            generation,
+            me = %comm.spec.members[comm.spec.me].id,
+            members = m,
+            reduction = %comm.spec.reduction,
+            "communicator installed"
+        );
+        Ok(comm)
+    }
+
+    /// The spec this communicator was built from.
+    pub fn spec(&self) -> &CommSpec {
+        &self.spec
+    }
+
+    /// The generation.
+    pub fn generation(&self) -> u64 {
+        self.spec.generation
+    }
+
+    /// Why it was aborted, if it was.
+    pub fn aborted(&self) -> Option<String> {
+        self.lock().aborted.clone()
+    }
+
+    /// The send queue bound (in frames) towards member `k` (0 for this member).
+    pub fn queue_bound(&self, k: usize) -> usize {
+        self.queue_bounds.get(k).copied().unwrap_or(0)
+    }
+
+    /// Every member sends its state (`step`, `param_hash`) to every other; returns all
+    /// members' states in member order, this member's included, once every one is in.
+    /// Waits at most `timeout` ([`CollectiveError::Timeout`] counts members, not slots);
+    /// fails at once if the communicator is aborted.
+    pub async fn exchange_state(
+        &self,
+        step: u64,
+        param_hash: &str,
+        timeout: Duration,
+    ) -> Result<Vec<MemberState>, CollectiveError> {
+        let start = Instant::now();
+        let mut rx = self.notify.subscribe();
+        {
+            let mut st = self.lock();
+            if let Some(reason) = &st.aborted {
+                return Err(CollectiveError::Aborted {
+                    reason: reason.clone(),
+                });
+            }
+            st.states[self.spec.me] = Some(MemberState {
+                id: self.spec.members[self.spec.me].id.clone(),
+                step,
+                param_hash: param_hash.to_string(),
+            });
+        }
+        let frames: Vec<_> = self
+            .others()
+            .map(|k| {
+                (
+                    k,
+                    self.frame(
+                        step,
+                        FrameKind::State,
+                        0,
+                        0,
+                        0,
+                        0.0,
+                        param_hash.as_bytes().to_vec(),
+                    ),
+                )
+            })
+            .collect();
+        self.send(frames)?;
+        let deadline = tokio::time::Instant::from_std(start + timeout);
+        loop {
+            {
+                let st = self.lock();
+                if let Some(reason) = &st.aborted {
+                    return Err(CollectiveError::Aborted {
+                        reason: reason.clone(),
+                    });
+                }
+                if st.states.iter().all(Option::is_some) {
+                    return Ok(st.states.iter().flatten().cloned().collect());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(CollectiveError::Timeout {
+                        step,
+                        waited_ms: start.elapsed().as_millis() as u64,
+                        arrived: st.states.iter().flatten().count() as u64,
+                        expected: st.states.len() as u64,
+                    });
+                }
+            }
+            // The sender lives in `self`, so `changed` only ends by the deadline.
+            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+        }
+    }
+
+    /// Ends this communicator's outgoing streams gracefully: no more frames are taken
+    /// (later contributions fail), each `Exchange` stream completes once its queue is
+    /// drained, and the receivers' replies are awaited, at most `timeout` (then the
+    /// streams are cut). Used by a member that leaves after a step, so that everything
+    /// it sent is delivered before it exits. Received frames are still taken.
+    pub async fn close(&self, timeout: Duration) {
+        self.lock().closed = true;
+        for link in self
+            .links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter_mut()
+        {
+            *link = None;
+        }
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        if tokio::time::timeout(timeout, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                generation = self.spec.generation,
+                timeout_ms = timeout.as_millis() as u64,
+                "closing the peer streams timed out; cutting them"
+            );
+            self.cancel.cancel();
+        }
+    }
+
+    /// Hands one received frame (of this communicator's job and generation) in. A bad
+    /// frame aborts the communicator; the error says why it was refused.
+    pub(super) fn deliver(&self, frame: PeerFrame) -> Result<(), String> {
+        match self.take_frame(&frame) {
+            Ok(()) => Ok(()),
+            // The frame was taken, but what it made this member send could not be queued.
+            Err(FrameError::Send(reason)) => {
+                self.abort(&reason);
+                Ok(())
+            }
+            Err(FrameError::Aborted(reason)) => Err(format!("communicator aborted: {reason}")),
+            Err(FrameError::Protocol(e)) => {
+                let reason = format!(
+                    "protocol error: frame from {:?} (step {}, kind {}): {e}",
+                    frame.from_member, frame.step, frame.kind
+                );
+                self.abort(&reason);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Takes a frame under the state lock. What it makes this member send (reduced
+    /// chunks, ring rounds) is queued before the lock is released, so that a step's
+    /// result is never visible (and [`Self::close`] never runs) before its forwards are
+    /// queued.
+    fn take_frame(&self, frame: &PeerFrame) -> Result<(), FrameError> {
+        let mut st = self.lock();
+        if let Some(reason) = &st.aborted {
+            return Err(FrameError::Aborted(reason.clone()));
+        }
+        let from = self
+            .spec
+            .members
+            .iter()
+            .position(|m| m.id == frame.from_member)
+            .filter(|&k| k != self.spec.me)
+            .ok_or_else(|| FrameError::Protocol("the sender is not another member".into()))?;
+        let kind = FrameKind::try_from(frame.kind)
+            .map_err(|_| FrameError::Protocol(format!("unknown frame kind {}", frame.kind)))?;
+        match kind {
+            FrameKind::Unspecified => Err(FrameError::Protocol("frame kind unspecified".into())),
+            FrameKind::State => {
+                let hash = String::from_utf8(frame.data.clone())
+                    .map_err(|_| FrameError::Protocol("state hash is not UTF-8".into()))?;
+                st.states[from] = Some(MemberState {
+                    id: frame.from_member.clone(),
+                    step: frame.step,
+                    param_hash: hash,
+                });
+                drop(st);
+                self.notify.send_modify(|v| *v += 1);
+                Ok(())
+            }
+            _ => {
+                let step = frame.step;
+                check_step(&st, step).map_err(FrameError::Protocol)?;
+                let s = st
+                    .steps
+                    .entry(step)
+                    .or_insert_with(|| StepState::new(&self.geo, step));
+                let out = s
+                    .frame(
+                        &self.geo,
+                        from,
+                        kind,
+                        frame.index,
+                        frame.chunk,
+                        frame.offset,
+                        frame.loss_sum,
+                        &frame.data,
+                    )
+                    .map_err(FrameError::Protocol)?;
+                let queued = self.queue(self.encode_all(step, out));
+                self.complete_if_done(&mut st, step);
+                queued.map_err(FrameError::Send)
+            }
+        }
+    }
+
+    /// Moves a complete step's result to `results` and wakes the waiters.
+    fn complete_if_done(&self, st: &mut State, step: u64) {
+        let Some(s) = st.steps.get_mut(&step) else {
+            return;
+        };
+        let Some(reduced) = s.finish(&self.geo) else {
+            return;
+        };
+        st.steps.remove(&step);
+        st.results.insert(
+            step,
+            Taken {
+                result: Arc::new(reduced),
+                takers: 0,
+            },
+        );
+        st.finished_max = Some(st.finished_max.map_or(step, |f| f.max(step)));
+        // Results no local rank came for (it failed) do not pile up.
+        st.results.retain(|&s, _| s + 2 >= step);
+        self.changed.notify_all();
+        self.notify.send_modify(|v| *v += 1);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn others(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.spec.members.len()).filter(move |&k| k != self.spec.me)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn frame(
+        &self,
+        step: u64,
+        kind: FrameKind,
+        index: u64,
+        chunk: u32,
+        offset: u64,
+        loss_sum: f64,
+        data: Vec<u8>,
+    ) -> PeerFrame {
+        PeerFrame {
+            job: self.spec.job.clone(),
+            generation: self.spec.generation,
+            from_member: self.spec.members[self.spec.me].id.clone(),
+            step,
+            kind: kind as i32,
+            index,
+            chunk,
+            offset,
+            loss_sum,
+            data,
+        }
+    }
+
+    /// Cuts `values` into pieces of at most `max_frame_floats` and queues a frame per
+    /// piece for every destination.
+    #[allow(clippy::too_many_arguments)]
+    fn pieces(
+        &self,
+        step: u64,
+        kind: FrameKind,
+        index: u64,
+        chunk: u32,
+        loss_sum: f64,
+        values: &[f32],
+        dests: &[usize],
+        out: &mut Vec<(usize, PeerFrame)>,
+    ) {
+        let mff = self.spec.max_frame_floats;
+        for i in 0..piece_count(values.len(), mff) {
+            let offset = i * mff;
+            let piece = &values[offset..values.len().min(offset + mff)];
+            let mut data = Vec::with_capacity(4 * piece.len());
+            for v in piece {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            let frame = self.frame(step, kind, index, chunk, offset as u64, loss_sum, data);
+            for &d in dests {
+                out.push((d, frame.clone()));
+            }
+        }
+    }
+
+    fn encode_all(&self, step: u64, outgoing: Vec<Outgoing>) -> Vec<(usize, PeerFrame)> {
+        let mut frames = Vec::new();
+        for o in outgoing {
+            self.pieces(
+                step,
+                o.kind,
+                o.index,
+                o.chunk,
+                o.loss_sum,
+                &o.values,
+                &o.dests,
+                &mut frames,
+            );
+        }
+        frames
+    }
+
+    /// Queues frames without waiting; a full or gone queue aborts the communicator.
+    fn send(&self, frames: Vec<(usize, PeerFrame)>) -> Result<(), CollectiveError> {
+        self.queue(frames).map_err(|reason| self.fail(&reason))
+    }
+
+    /// Queues frames without waiting; says why if a queue is full, closed or gone.
+    fn queue(&self, frames: Vec<(usize, PeerFrame)>) -> Result<(), String> {
+        let failure = {
+            let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut failure = None;
+            for (dest, frame) in frames {
+                let peer = &self.spec.members[dest];
+                let problem = match links.get(dest).and_then(Option::as_ref) {
+                    None => Some(format!(
+                        "the stream to peer {} at {} is closed",
+                        peer.id, peer.addr
+                    )),
+                    Some(tx) => match tx.try_send(frame) {
+                        Ok(()) => None,
+                        Err(TrySendError::Full(_)) => Some(format!(
+                            "the send queue to peer {} at {} is full ({} frames, two steps' \
+                             worth): the peer is not keeping up",
+                            peer.id, peer.addr, self.queue_bounds[dest]
+                        )),
+                        Err(TrySendError::Closed(_)) => Some(format!(
+                            "the stream to peer {} at {} has ended",
+                            peer.id, peer.addr
+                        )),
+                    },
+                };
+                if problem.is_some() {
+                    failure = problem;
+                    break;
+                }
+            }
+            failure
+        };
+        match failure {
+            None => Ok(()),
+            Some(reason) => Err(reason),
+        }
+    }
+
+    /// Aborts with `reason` (unless already aborted) and returns the abort error with
+    /// the first reason.
+    fn fail(&self, reason: &str) -> CollectiveError {
+        self.abort(reason);
+        CollectiveError::Aborted {
+            reason: self.aborted().unwrap_or_else(|| reason.to_string()),
+        }
+    }
+}
+
+impl Drop for GrpcCollective {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+enum FrameError {
+    /// The communicator was aborted before: refused, nothing else happens.
+    Aborted(String),
+    /// A bad frame: refused, and the communicator aborts.
+    Protocol(String),
+    /// Taken, but its consequences could not be queued: the communicator aborts.
+    Send(String),
+}
+
+/// Frames and contributions are taken for steps not yet reduced and at most two ahead
+/// of the oldest step not reduced.
+fn check_step(st: &State, step: u64) -> Result<(), String> {
+    if let Some(f) = st.finished_max {
+        if step <= f {
+            return Err(format!("step {step} is already reduced"));
+        }
+    }
+    let base = st
+        .finished_max
+        .map(|f| f + 1)
+        .or_else(|| st.steps.keys().next().copied());
+    if let Some(b) = base {
+        if step > b.saturating_add(2) {
+            return Err(format!(
+                "step {step} is more than two steps ahead of step {b}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Collective for GrpcCollective {
+    fn contribute(&self, step: u64, c: SlotContribution) -> Result<(), CollectiveError> {
+        let bad = |reason: String| CollectiveError::BadContribution { step, reason };
+        if c.grad.len() != self.geo.p {
+            return Err(bad(format!(
+                "slot {} has {} gradient values, expected {}",
+                c.slot,
+                c.grad.len(),
+                self.geo.p
+            )));
+        }
+        if !self.geo.is_mine(c.slot) {
+            return Err(bad(format!(
+                "slot {} is not computed by member {} (local ranks {:?})",
+                c.slot, self.spec.members[self.spec.me].id, self.spec.local_ranks
+            )));
+        }
+        let SlotContribution {
+            slot,
+            loss_sum,
+            grad,
+        } = c;
+        let (local, grad) = match self.geo.reduction {
+            Reduction::Exact => (grad[self.geo.chunk(self.spec.me)].to_vec(), grad),
+            Reduction::Ring => (grad, Vec::new()),
+        };
+        let out = {
+            let mut st = self.lock();
+            if let Some(reason) = &st.aborted {
+                return Err(CollectiveError::Aborted {
+                    reason: reason.clone(),
+                });
+            }
+            if st.closed {
+                return Err(CollectiveError::Aborted {
+                    reason: "the communicator is closed".into(),
+                });
+            }
+            check_step(&st, step).map_err(bad)?;
+            let s = st
+                .steps
+                .entry(step)
+                .or_insert_with(|| StepState::new(&self.geo, step));
+            if s.has_local(slot) {
+                return Err(bad(format!("slot {slot} contributed twice")));
+            }
+            let out = s.local(&self.geo, slot, loss_sum, local).map_err(bad)?;
+            self.complete_if_done(&mut st, step);
+            out
+        };
+        let mut frames = Vec::new();
+        let others: Vec<usize> = self.others().collect();
+        for &k in &others {
+            frames.push((
+                k,
+                self.frame(
+                    step,
+                    FrameKind::Loss,
+                    slot,
+                    0,
+                    0,
+                    f64::from(loss_sum),
+                    Vec::new(),
+                ),
+            ));
+        }
+        if self.geo.reduction == Reduction::Exact {
+            for &k in &others {
+                self.pieces(
+                    step,
+                    FrameKind::Slot,
+                    slot,
+                    k as u32,
+                    f64::from(loss_sum),
+                    &grad[self.geo.chunk(k)],
+                    &[k],
+                    &mut frames,
+                );
+            }
+        }
+        frames.extend(self.encode_all(step, out));
+        self.send(frames)
+    }
+
+    fn reduced(&self, step: u64, timeout: Duration) -> Result<Arc<Reduced>, CollectiveError> {
+        let start = Instant::now();
+        let mut st = self.lock();
+        loop {
+            if let Some(reason) = &st.aborted {
+                return Err(CollectiveError::Aborted {
+                    reason: reason.clone(),
+                });
+            }
+            if let Some(t) = st.results.get_mut(&step) {
+                let result = Arc::clone(&t.result);
+                t.takers += 1;
+                if t.takers >= self.spec.local_ranks.len() {
+                    st.results.remove(&step);
+                }
+                return Ok(result);
+            }
+            if st.finished_max.is_some_and(|f| step <= f) {
+                return Err(CollectiveError::BadContribution {
+                    step,
+                    reason: format!(
+                        "step {step} was reduced and its result taken by every local rank"
+                    ),
+                });
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(CollectiveError::Timeout {
+                    step,
+                    waited_ms: waited.as_millis() as u64,
+                    arrived: st.steps.get(&step).map_or(0, StepState::losses_in),
+                    expected: self.geo.num_slots,
+                });
+            }
+            st = self
+                .changed
+                .wait_timeout(st, timeout - waited)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn abort(&self, reason: &str) {
+        {
+            let mut st = self.lock();
+            if st.aborted.is_none() {
+                tracing::warn!(
+                    generation = self.spec.generation,
+                    me = %self.spec.members[self.spec.me].id,
+                    reason,
+                    "peer collective aborted"
+                );
+                st.aborted = Some(reason.to_string());
+            }
+        }
+        self.changed.notify_all();
+        self.notify.send_modify(|v| *v += 1);
+        self.cancel.cancel();
+    }
+}
+
+/// The sending side towards one peer: connect, then one `Exchange` stream fed from the
+/// queue until the queue is closed (graceful end) or the communicator is cancelled.
+struct Link {
+    comm: Weak<GrpcCollective>,
+    peer: PeerAddr,
+    connect_deadline: Duration,
+    message_limit: usize,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+}
+
+impl Link {
+    async fn run(self, rx: mpsc::Receiver<PeerFrame>) {
+        let result = tokio::select! {
+            _ = self.cancel.cancelled() => return,
+            r = self.stream(rx) => r,
+        };
+        match result {
+            Ok(reply) if reply.refused_stale + reply.refused_other > 0 => tracing::warn!(
+                peer = %self.peer.id,
+                accepted = reply.accepted,
+                refused_stale = reply.refused_stale,
+                refused_other = reply.refused_other,
+                "peer refused some frames"
+            ),
+            Ok(reply) => {
+                tracing::debug!(
+                    peer = %self.peer.id,
+                    accepted = reply.accepted,
+                    "peer stream closed"
+                )
+            }
+            Err(e) => {
+                if let Some(comm) = self.comm.upgrade() {
+                    comm.abort(&format!("peer {} at {}: {e}", self.peer.id, self.peer.addr));
+                }
+            }
+        }
+    }
+
+    async fn stream(&self, rx: mpsc::Receiver<PeerFrame>) -> Result<ExchangeReply, String> {
+        let channel = self.connect().await?;
+        let mut client = PeerClient::new(channel)
+            .max_decoding_message_size(self.message_limit)
+            .max_encoding_message_size(self.message_limit);
+        let counters = Arc::clone(&self.counters);
+        let frames = ReceiverStream::new(rx).map(move |f| {
+            counters
+                .bytes_sent
+                .fetch_add(f.encoded_len() as u64, Ordering::Relaxed);
+            f
+        });
+        client
+            .exchange(frames)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| format!("the stream failed: {} ({:?})", s.message(), s.code()))
+    }
+
+    /// Connects, retrying with backoff until the connect deadline.
+    async fn connect(&self) -> Result<Channel, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.peer.addr))
+            .map_err(|e| format!("bad address: {e}"))?
+            .connect_timeout(
+                self.connect_deadline
+                    .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            )
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(20);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match endpoint.connect().await {
+                Ok(channel) => return Ok(channel),
+                Err(e) => {
+                    if attempt >= MAX_CONNECT_ATTEMPTS
+                        || start.elapsed() + delay >= self.connect_deadline
+                    {
+                        return Err(format!(
+                            "could not connect after {attempt} attempts in {} ms: {}",
+                            start.elapsed().as_millis(),
+                            error_chain(&e)
+                        ));
+                    }
+                    tracing::debug!(
+                        peer = %self.peer.id,
+                        attempt,
+                        error = %error_chain(&e),
+                        "connect failed; retrying"
+                    );
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// An error and its sources, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

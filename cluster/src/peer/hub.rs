@@ -1,0 +1,331 @@
+//! The served side of the data plane: [`PeerHub`] takes every member's `Exchange`
+//! streams and routes each frame to the communicator of the installed generation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use prost::Message;
+use tenax_proto::v1::peer_server::{Peer, PeerServer};
+use tenax_proto::v1::{ExchangeReply, PeerFrame};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::comm::GrpcCollective;
+use super::{message_limit_bytes, DEFAULT_MAX_FRAME_FLOATS};
+
+/// Limits of a [`PeerHub`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubConfig {
+    /// Most values a frame may carry; sets the gRPC message size limit
+    /// ([`super::message_limit_bytes`]). Communicators may use less, not more.
+    pub max_frame_floats: usize,
+    /// Most bytes of frames of a not yet installed (newer) generation held at once.
+    pub max_buffered_bytes: usize,
+    /// Most frames of a not yet installed (newer) generation held at once.
+    pub max_buffered_frames: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_floats: DEFAULT_MAX_FRAME_FLOATS,
+            max_buffered_bytes: 256 << 20,
+            max_buffered_frames: 1 << 16,
+        }
+    }
+}
+
+/// Counters shared by the hub and its communicators.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub stale_refused: AtomicU64,
+    pub other_refused: AtomicU64,
+    pub accepted: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The peer service of one daemon (cheap to clone: an `Arc` inside).
+///
+/// The daemon serves [`PeerHub::service`] with its tonic server; every
+/// [`GrpcCollective`] built on the hub ([`GrpcCollective::new`]) is installed in it and
+/// receives the frames of its generation. Frames of another job are refused, frames of
+/// an older generation are refused as stale, frames of a newer generation wait in a
+/// bounded buffer until their generation is installed (over the bound they are refused;
+/// buffered frames of a generation older than the one installed are dropped and counted
+/// as stale). Every refusal is counted, both in the stream's [`ExchangeReply`] and in
+/// the hub's counters.
+#[derive(Clone)]
+pub struct PeerHub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    job: String,
+    config: HubConfig,
+    counters: Arc<Counters>,
+    state: Mutex<HubState>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct HubState {
+    installed: Option<(u64, Arc<GrpcCollective>)>,
+    buffer: Vec<PeerFrame>,
+    buffered_bytes: usize,
+}
+
+/// What became of one received frame.
+enum Verdict {
+    Accepted,
+    Stale,
+    Other,
+}
+
+impl std::fmt::Debug for PeerHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerHub")
+            .field("job", &self.inner.job)
+            .field("installed_generation", &self.installed_generation())
+            .field("frames_accepted", &self.frames_accepted())
+            .field("stale_refused", &self.stale_refused())
+            .finish()
+    }
+}
+
+impl PeerHub {
+    /// A hub for job `job`, with nothing installed yet (frames of every generation are
+    /// buffered until the first install).
+    pub fn new(job: impl Into<String>, config: HubConfig) -> Self {
+        Self {
+            inner: Arc::new(HubInner {
+                job: job.into(),
+                config,
+                counters: Arc::new(Counters::default()),
+                state: Mutex::new(HubState::default()),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The job whose frames this hub takes.
+    pub fn job(&self) -> &str {
+        &self.inner.job
+    }
+
+    /// The hub's limits.
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    /// The tonic service to add to the daemon's server, with message size limits of
+    /// [`super::message_limit_bytes`]`(config.max_frame_floats)` both ways.
+    pub fn service(&self) -> PeerServer<PeerHub> {
+        let limit = message_limit_bytes(self.inner.config.max_frame_floats);
+        PeerServer::new(self.clone())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
+    }
+
+    /// The generation of the installed communicator, if any.
+    pub fn installed_generation(&self) -> Option<u64> {
+        self.lock().installed.as_ref().map(|(g, _)| *g)
+    }
+
+    /// The installed communicator, if any.
+    pub fn installed(&self) -> Option<Arc<GrpcCollective>> {
+        self.lock().installed.as_ref().map(|(_, c)| Arc::clone(c))
+    }
+
+    /// Frames refused because their generation is older than the installed one.
+    pub fn stale_refused(&self) -> u64 {
+        self.inner.counters.stale_refused.load(Ordering::Relaxed)
+    }
+
+    /// Frames refused for any other reason: another job, a full buffer, a protocol
+    /// error, an aborted communicator.
+    pub fn other_refused(&self) -> u64 {
+        self.inner.counters.other_refused.load(Ordering::Relaxed)
+    }
+
+    /// Frames taken (delivered, or buffered for a newer generation).
+    pub fn frames_accepted(&self) -> u64 {
+        self.inner.counters.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Protobuf bytes of frames sent by this hub's communicators.
+    pub fn bytes_sent(&self) -> u64 {
+        self.inner.counters.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Protobuf bytes of frames received by this hub.
+    pub fn bytes_received(&self) -> u64 {
+        self.inner.counters.bytes_received.load(Ordering::Relaxed)
+    }
+
+    /// Frames held for a generation not installed yet.
+    pub fn buffered_frames(&self) -> usize {
+        self.lock().buffer.len()
+    }
+
+    /// Ends every open and future `Exchange` stream with `UNAVAILABLE`, so that peers
+    /// notice at once instead of waiting for their keep-alive. The daemon calls this
+    /// before it stops its server (a graceful server shutdown waits for open streams).
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    pub(super) fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.inner.counters)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Installs `comm` as generation `generation`: returns the communicator it replaces
+    /// and the buffered frames of that generation (older buffered frames are dropped).
+    pub(super) fn install(
+        &self,
+        generation: u64,
+        comm: Arc<GrpcCollective>,
+    ) -> Result<(Option<Arc<GrpcCollective>>, Vec<PeerFrame>), String> {
+        let mut st = self.lock();
+        if let Some((g, _)) = &st.installed {
+            if *g >= generation {
+                return Err(format!(
+                    "generation {generation} is not newer than the installed generation {g}"
+                ));
+            }
+        }
+        let old = st.installed.replace((generation, comm)).map(|(_, c)| c);
+        let buffer = std::mem::take(&mut st.buffer);
+        let mut mine = Vec::new();
+        let mut dropped = 0u64;
+        for f in buffer {
+            if f.generation == generation {
+                mine.push(f);
+            } else if f.generation > generation {
+                st.buffer.push(f);
+            } else {
+                dropped += 1;
+            }
+        }
+        st.buffered_bytes = st.buffer.iter().map(|f| f.encoded_len()).sum();
+        drop(st);
+        if dropped > 0 {
+            tracing::debug!(
+                generation,
+                dropped,
+                "dropped buffered frames of older generations"
+            );
+            Counters::add(&self.inner.counters.stale_refused, dropped);
+        }
+        Ok((old, mine))
+    }
+
+    /// Hands buffered frames to the communicator they waited for.
+    pub(super) fn deliver_buffered(&self, comm: &GrpcCollective, frames: Vec<PeerFrame>) {
+        for f in frames {
+            if let Err(e) = comm.deliver(f) {
+                tracing::debug!(error = %e, "buffered frame refused");
+                Counters::add(&self.inner.counters.other_refused, 1);
+            }
+        }
+    }
+
+    fn accept(&self, frame: PeerFrame) -> Verdict {
+        let size = frame.encoded_len();
+        let counters = &self.inner.counters;
+        Counters::add(&counters.bytes_received, size as u64);
+        let verdict = self.route(frame, size);
+        match verdict {
+            Verdict::Accepted => Counters::add(&counters.accepted, 1),
+            Verdict::Stale => Counters::add(&counters.stale_refused, 1),
+            Verdict::Other => Counters::add(&counters.other_refused, 1),
+        }
+        verdict
+    }
+
+    fn route(&self, frame: PeerFrame, size: usize) -> Verdict {
+        if frame.job != self.inner.job {
+            tracing::debug!(
+                job = %frame.job,
+                from = %frame.from_member,
+                "frame of another job refused"
+            );
+            return Verdict::Other;
+        }
+        let mut st = self.lock();
+        let installed = st.installed.as_ref().map(|(g, c)| (*g, Arc::clone(c)));
+        match installed {
+            Some((g, _)) if frame.generation < g => Verdict::Stale,
+            Some((g, comm)) if frame.generation == g => {
+                drop(st);
+                match comm.deliver(frame) {
+                    Ok(()) => Verdict::Accepted,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "frame refused");
+                        Verdict::Other
+                    }
+                }
+            }
+            _ => {
+                let cfg = &self.inner.config;
+                if st.buffer.len() >= cfg.max_buffered_frames
+                    || st.buffered_bytes.saturating_add(size) > cfg.max_buffered_bytes
+                {
+                    tracing::warn!(
+                        generation = frame.generation,
+                        from = %frame.from_member,
+                        frames = st.buffer.len(),
+                        bytes = st.buffered_bytes,
+                        "buffer for newer generations is full; frame refused"
+                    );
+                    return Verdict::Other;
+                }
+                st.buffered_bytes += size;
+                st.buffer.push(frame);
+                Verdict::Accepted
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerHub {
+    async fn exchange(
+        &self,
+        request: Request<Streaming<PeerFrame>>,
+    ) -> Result<Response<ExchangeReply>, Status> {
+        let mut stream = request.into_inner();
+        let mut reply = ExchangeReply::default();
+        loop {
+            let next = tokio::select! {
+                _ = self.inner.shutdown.cancelled() => {
+                    return Err(Status::unavailable("peer hub is shutting down"));
+                }
+                next = stream.message() => next,
+            };
+            match next {
+                Ok(Some(frame)) => match self.accept(frame) {
+                    Verdict::Accepted => reply.accepted += 1,
+                    Verdict::Stale => reply.refused_stale += 1,
+                    Verdict::Other => reply.refused_other += 1,
+                },
+                Ok(None) => return Ok(Response::new(reply)),
+                // The sender went away (aborted, died): nothing to answer.
+                Err(status) => return Err(status),
+            }
+        }
+    }
+}

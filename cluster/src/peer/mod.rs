@@ -1,0 +1,268 @@
+//! The CPU collective over gRPC: the peer data plane between daemons.
+//!
+//! Every daemon serves one [`PeerHub`] (the tonic `Peer` service, see
+//! [`PeerHub::service`]). For each generation of the job's plan it builds one
+//! [`GrpcCollective`] ([`GrpcCollective::new`]) from a [`CommSpec`]; building installs
+//! it in the hub and aborts the communicator of the previous generation. The compute
+//! threads of the member's local ranks then use it through the
+//! [`Collective`](crate::Collective) trait, exactly like [`crate::InProcessCollective`].
+//!
+//! # Transport
+//!
+//! One client-streaming `Exchange` call per (generation, destination member) carries
+//! every frame this member has for that destination, in order. Frames are queued in a
+//! bounded queue per destination (room for two steps' worth of traffic); a full queue,
+//! a failed connect or a failed stream aborts the communicator with an error naming the
+//! peer. Every frame carries its job and generation: the hub refuses frames of another
+//! job and of older generations (counted), holds frames of newer generations in a
+//! bounded buffer until that generation is installed, and hands the rest to the
+//! installed communicator. A gradient chunk travels in pieces of at most
+//! [`CommSpec::max_frame_floats`] values that the receiver reassembles.
+//!
+//! # Reductions
+//!
+//! - [`Reduction::Exact`] (the default): the flat gradient is cut into one contiguous
+//!   chunk per member ([`chunk_range`]); member `k` owns chunk `k`. Every slot's chunk
+//!   `k` goes to member `k`, which folds it over slots in slot order with
+//!   [`SlotFold`](crate::SlotFold) (a left fold from slot 0), then sends the reduced
+//!   chunk to every member. Each element sees exactly the additions a single
+//!   [`SlotFold`](crate::SlotFold) over whole vectors does, so the result is
+//!   bit-identical to [`crate::InProcessCollective`] for any number of members and ranks.
+//! - [`Reduction::Ring`]: each member first sums its own slots in slot order, then a
+//!   classic ring all-reduce over members in plan order (M-1 reduce-scatter rounds, M-1
+//!   all-gather rounds). Deterministic, and every member gets identical bits, but the
+//!   additions are grouped by member, so the bits differ from `Exact` (and depend on
+//!   how slots are spread over members). Each member sends and receives about
+//!   `2 (M-1)/M` gradients per step instead of `slots/M + 1`.
+//!
+//! In both, the loss is the exact fold of [`SlotFold`](crate::SlotFold): every slot's
+//! loss sum is sent to every member (`FRAME_KIND_LOSS`), and each member adds them in
+//! `f64` in slot order from `0.0`. (The `loss_sum` of REDUCED frames is informational:
+//! the owner's total if it already has every loss, else 0; receivers ignore it.)
+//!
+//! # Steps
+//!
+//! A communicator keeps state per step. It accepts frames of any step that is not yet
+//! reduced and at most two steps ahead of the oldest one not reduced (a faster member may
+//! start the next step while this one still assembles the current one); anything else
+//! is a protocol error that aborts the communicator. A step's state is dropped once
+//! every local rank took its result.
+
+mod comm;
+mod hub;
+mod step;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use comm::{GrpcCollective, MAX_CONNECT_ATTEMPTS};
+pub use hub::{HubConfig, PeerHub};
+
+/// Default for [`CommSpec::max_frame_floats`] and [`HubConfig::max_frame_floats`]:
+/// 2^20 values, 4 MiB of gradient per frame.
+pub const DEFAULT_MAX_FRAME_FLOATS: usize = 1 << 20;
+
+/// Default for [`CommSpec::connect_deadline`].
+pub const DEFAULT_CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Room a frame needs besides its values in a gRPC message (routing fields, framing).
+pub const FRAME_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// The gRPC message size limit (decoding and encoding) for frames of at most
+/// `max_frame_floats` values: `4 * max_frame_floats + 64 KiB`.
+pub fn message_limit_bytes(max_frame_floats: usize) -> usize {
+    max_frame_floats
+        .saturating_mul(4)
+        .saturating_add(FRAME_OVERHEAD_BYTES)
+}
+
+/// One member of a generation, as the plan lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerAddr {
+    /// The member's id (unique in the job).
+    pub id: String,
+    /// Where its [`PeerHub`] is served, `host:port`.
+    pub addr: String,
+}
+
+/// How a step's gradients are reduced over members.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Reduction {
+    /// Slot-ordered reduce-scatter and all-gather: bit-identical to a single
+    /// [`SlotFold`](crate::SlotFold) over all slots, whatever the members and ranks.
+    #[default]
+    Exact,
+    /// Ring all-reduce of per-member partial sums: deterministic and identical on every
+    /// member, but not bit-identical to `Exact`.
+    Ring,
+}
+
+impl Reduction {
+    /// The name accepted by [`FromStr`] and written by [`fmt::Display`].
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reduction::Exact => "exact",
+            Reduction::Ring => "ring",
+        }
+    }
+}
+
+impl fmt::Display for Reduction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A reduction name that is neither `exact` nor `ring`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown reduction {0:?}: use \"exact\" or \"ring\"")]
+pub struct ParseReductionError(pub String);
+
+impl FromStr for Reduction {
+    type Err = ParseReductionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "exact" => Ok(Reduction::Exact),
+            "ring" => Ok(Reduction::Ring),
+            _ => Err(ParseReductionError(s.to_string())),
+        }
+    }
+}
+
+/// Everything a communicator of one generation needs to know. Every member of the
+/// generation must agree on all of it except `me` and `local_ranks`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommSpec {
+    /// The job; frames of other jobs are refused.
+    pub job: String,
+    /// The plan's generation; frames of other generations never reach this communicator.
+    pub generation: u64,
+    /// The members that host ranks, in plan order. Member `k` owns gradient chunk `k`.
+    pub members: Vec<PeerAddr>,
+    /// This member's index in `members`.
+    pub me: usize,
+    /// The global ranks this member hosts (each calls the [`Collective`](crate::Collective)
+    /// from its own thread).
+    pub local_ranks: Vec<u32>,
+    /// Ranks in the generation.
+    pub world: u32,
+    /// Slots per step; rank `r` computes `tenax_core::slots::slots_for_rank(num_slots, world, r)`.
+    pub num_slots: u64,
+    /// Gradient values per slot (the flat parameter count).
+    pub num_params: usize,
+    /// How gradients are reduced; all members must use the same.
+    pub reduction: Reduction,
+    /// Most values one frame carries (all members must use the same); at most the
+    /// hub's [`HubConfig::max_frame_floats`].
+    pub max_frame_floats: usize,
+    /// How long the first connect to each peer is retried.
+    pub connect_deadline: Duration,
+}
+
+/// A [`CommSpec`] that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Something in the spec is inconsistent.
+    #[error("invalid communicator spec: {0}")]
+    Invalid(String),
+}
+
+impl CommSpec {
+    /// Checks the spec on its own (the hub checks job and frame size on install).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |s: String| Err(SpecError::Invalid(s));
+        if self.members.is_empty() {
+            return bad("no members".into());
+        }
+        if self.me >= self.members.len() {
+            return bad(format!(
+                "me = {} but only {} members",
+                self.me,
+                self.members.len()
+            ));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for m in &self.members {
+            if m.id.is_empty() || m.addr.is_empty() {
+                return bad(format!("member {m:?} has an empty id or address"));
+            }
+            if !ids.insert(m.id.as_str()) {
+                return bad(format!("member id {:?} listed twice", m.id));
+            }
+        }
+        if self.members.len() > u32::MAX as usize {
+            return bad("too many members".into());
+        }
+        if self.world == 0 {
+            return bad("world is 0".into());
+        }
+        if self.local_ranks.is_empty() {
+            return bad("this member hosts no rank".into());
+        }
+        let mut ranks = std::collections::BTreeSet::new();
+        for &r in &self.local_ranks {
+            if r >= self.world {
+                return bad(format!("local rank {r} is not below world {}", self.world));
+            }
+            if !ranks.insert(r) {
+                return bad(format!("local rank {r} listed twice"));
+            }
+        }
+        if self.num_slots == 0 {
+            return bad("num_slots is 0".into());
+        }
+        if self.max_frame_floats == 0 {
+            return bad("max_frame_floats is 0".into());
+        }
+        Ok(())
+    }
+
+    /// The slots this member computes (the union over its local ranks), ascending.
+    pub fn my_slots(&self) -> Vec<u64> {
+        let mut slots: Vec<u64> = self
+            .local_ranks
+            .iter()
+            .flat_map(|&r| {
+                tenax_core::slots::slots_for_rank(
+                    self.num_slots,
+                    u64::from(self.world),
+                    u64::from(r),
+                )
+            })
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        slots
+    }
+}
+
+/// A member's training state, as exchanged by [`GrpcCollective::exchange_state`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberState {
+    /// The member's id.
+    pub id: String,
+    /// The step it will run next.
+    pub step: u64,
+    /// Hex SHA-256 of its parameters.
+    pub param_hash: String,
+}
+
+/// The values of chunk `k` of `num_params` values cut into `members` chunks:
+/// `k * P / M .. (k + 1) * P / M` (integer division), so sizes differ by at most one.
+pub fn chunk_range(num_params: usize, members: usize, k: usize) -> Range<usize> {
+    let p = num_params as u128;
+    let m = members.max(1) as u128;
+    let at = |i: usize| (i as u128 * p / m) as usize;
+    at(k)..at(k + 1)
+}
+
+/// How many pieces a chunk of `len` values travels as (at least one, so that an empty
+/// chunk still announces itself).
+pub(crate) fn piece_count(len: usize, max_frame_floats: usize) -> usize {
+    len.div_ceil(max_frame_floats.max(1)).max(1)
+}

@@ -1,0 +1,1554 @@
+//! `tenax daemon`: one node of a job. It joins the job through etcd, trains its ranks of
+//! every generation's plan with the other nodes over the gRPC peer data plane, saves
+//! checkpoints to `<store>/<job>/` committed through a fenced etcd record, and serves the
+//! control API and `/metrics`.
+//!
+//! The node's tree: this module's [`run`] is the node supervisor. Its children are the
+//! membership agent ([`Member`]), the trainer (a [`Trainer`]: one rank actor per device,
+//! rebuilt for each generation), the Checkpoint actor ([`Checkpointer`]) and the gRPC
+//! server (peer data plane and control), plus the `/metrics` server. Restart policy:
+//! the trainer is rebuilt from its last state at each generation; a trainer that fails
+//! outside a re-formation, a lost membership or a server that stops makes the node leave
+//! the job (it releases its lease) and exit non-zero, so that systemd or Kubernetes
+//! restarts it as a new member: no in-process flapping.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tenax_actors::{CheckpointEvent, CheckpointPolicy, Checkpointer, Trainer};
+use tenax_cluster::etcd::{EtcdConfig, EtcdMembership, FenceOutcome};
+use tenax_cluster::member::{Member, MemberConfig, MemberState};
+use tenax_cluster::peer::{CommSpec, GrpcCollective, HubConfig, PeerAddr, PeerHub, Reduction};
+use tenax_cluster::Collective;
+use tenax_core::membership::{MemberInfo, Plan, PlannerConfig};
+use tenax_proto::v1 as pb;
+use tenax_storage::{LoadedCheckpoint, Store};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{TrainArgs, TrainConfig};
+use crate::metrics::{MetricKind, Sample};
+use crate::train::{prepare, start_state, Prepared, Start, StoredConfig};
+
+/// The etcd key (under `/tenax/<job>/`) of the job's training-config record.
+const CONFIG_KEY: &str = "config";
+
+/// The etcd key (under `/tenax/<job>/`) of the newest committed checkpoint: written by a
+/// fenced txn, the authority on which checkpoint a restarted job resumes from.
+pub const CHECKPOINT_KEY: &str = "checkpoint";
+
+/// How long the end of a job waits for the final checkpoint (upload and commit).
+const FINAL_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// Flags of `tenax daemon` (the TOML file given by `--config` may hold the same keys).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct DaemonArgs {
+    /// The job name: every node of one training run passes the same (letters, digits, . _ -).
+    #[arg(long, env = "TENAX_JOB")]
+    pub job: Option<String>,
+    /// etcd client URL(s), comma-separated, e.g. http://10.0.0.5:2379.
+    #[arg(long, env = "TENAX_ETCD")]
+    pub etcd: Option<String>,
+    /// Address the gRPC services (peer data plane and control) listen on [default: 0.0.0.0:7070].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Address the other nodes and `tenax status` reach this node at [default: the
+    /// listen address, with 127.0.0.1 for an unspecified IP].
+    #[arg(long, value_name = "ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Address of the Prometheus `/metrics` endpoint; empty disables it [default: none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// This node's id, unique in the job [default: <hostname>-<pid>].
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Ranks (CPU slots or GPUs) this node hosts [default: 1].
+    #[arg(long)]
+    pub devices: Option<u32>,
+    /// The job trains only with at least this many nodes; below it, it waits [default: 1].
+    #[arg(long)]
+    pub min_nodes: Option<usize>,
+    /// This node starts training only in a group of at least this many nodes (a fresh
+    /// job or a whole-job restart waits for all its nodes) [default: --min-nodes].
+    #[arg(long)]
+    pub start_nodes: Option<usize>,
+    /// Gradient reduction: exact (slot-ordered reduce-scatter + all-gather, bit-identical
+    /// to `tenax train --ranks N`) or ring (plain ring all-reduce) [default: exact].
+    #[arg(long)]
+    pub reduction: Option<String>,
+    /// On SIGTERM: drain and save a final checkpoint within this many seconds, then exit [default: 60].
+    #[arg(long)]
+    pub grace_period_s: Option<u64>,
+    /// Membership lease TTL in seconds: how fast a dead node is noticed (at least 2) [default: 5].
+    #[arg(long)]
+    pub lease_ttl_s: Option<i64>,
+    /// After a membership change, wait this long for more before re-planning [default: 1000].
+    #[arg(long)]
+    pub settle_ms: Option<u64>,
+    /// Deadline of one step, collective included [default: 300].
+    #[arg(long)]
+    pub step_timeout_s: Option<u64>,
+    /// TOML file with the daemon's and the training's keys (snake_case); flags win.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Training flags, as for `tenax train` (`--store` is the job's store root: checkpoints
+    /// go under <store>/<job>/; `--ranks` does not apply, see --devices).
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// The daemon's own keys in a TOML config file; the rest are training keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DaemonToml {
+    job: Option<String>,
+    etcd: Option<String>,
+    listen: Option<String>,
+    advertise_addr: Option<String>,
+    metrics_listen: Option<String>,
+    node_id: Option<String>,
+    devices: Option<u32>,
+    min_nodes: Option<usize>,
+    start_nodes: Option<usize>,
+    reduction: Option<String>,
+    grace_period_s: Option<u64>,
+    lease_ttl_s: Option<i64>,
+    settle_ms: Option<u64>,
+    step_timeout_s: Option<u64>,
+}
+
+const DAEMON_KEYS: &[&str] = &[
+    "job",
+    "etcd",
+    "listen",
+    "advertise_addr",
+    "metrics_listen",
+    "node_id",
+    "devices",
+    "min_nodes",
+    "start_nodes",
+    "reduction",
+    "grace_period_s",
+    "lease_ttl_s",
+    "settle_ms",
+    "step_timeout_s",
+];
+
+impl DaemonArgs {
+    /// Fill unset flags from the `--config` file.
+    fn with_file(mut self) -> Result<DaemonArgs> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("config file {}: cannot read it", path.display()))?;
+        let mut table: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow!("config file {}: {}", path.display(), e.message()))?;
+        let mut own = toml::Table::new();
+        for k in DAEMON_KEYS {
+            if let Some(v) = table.remove(*k) {
+                own.insert(k.to_string(), v);
+            }
+        }
+        let own: DaemonToml = own.try_into().map_err(|e: toml::de::Error| {
+            anyhow!("config file {}: {}", path.display(), e.message())
+        })?;
+        let train: TrainArgs = table.try_into().map_err(|e: toml::de::Error| {
+            anyhow!("config file {}: {}", path.display(), e.message())
+        })?;
+        macro_rules! fill {
+            ($($k:ident),*) => { $( if self.$k.is_none() { self.$k = own.$k; } )* };
+        }
+        fill!(
+            job,
+            etcd,
+            listen,
+            advertise_addr,
+            metrics_listen,
+            node_id,
+            devices,
+            min_nodes,
+            start_nodes,
+            reduction,
+            grace_period_s,
+            lease_ttl_s,
+            settle_ms,
+            step_timeout_s
+        );
+        self.train = self.train.or(train);
+        Ok(self)
+    }
+}
+
+/// What `/tenax/<job>/checkpoint` holds.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointRecord {
+    /// Steps the checkpoint holds.
+    pub step: u64,
+    /// Its folder, relative to the job's store.
+    pub folder: String,
+    /// Its URL.
+    pub url: String,
+    /// The generation that committed it.
+    pub generation: u64,
+    /// The member that committed it.
+    pub member: String,
+}
+
+/// What `/tenax/<job>/config` holds: the first node's training config.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ConfigRecord {
+    config_hash: String,
+    math: serde_json::Map<String, serde_json::Value>,
+    corpus_sha256: String,
+    node: String,
+}
+
+/// Operator requests, set by the control service and read at step boundaries.
+#[derive(Debug, Default)]
+struct Requests {
+    /// Leave after the current step.
+    drain: AtomicBool,
+    /// ... and save a final checkpoint first.
+    drain_checkpoint: AtomicBool,
+    /// Save a checkpoint at the next step boundary.
+    checkpoint_now: AtomicBool,
+}
+
+/// What the node shows through Status and `/metrics`.
+#[derive(Debug, Default, Clone)]
+struct NodeView {
+    generation: u64,
+    ranks: Vec<u32>,
+    world: u32,
+    step: u64,
+    target_steps: u64,
+    loss: f64,
+    tokens_per_s: f64,
+    param_hash: String,
+    last_checkpoint_step: u64,
+    last_checkpoint_url: String,
+    phase: String,
+    leader: bool,
+    checkpoints_committed: u64,
+    checkpoint_failures: u64,
+    last_save_s: f64,
+    save_s_sum: f64,
+    reforms: u64,
+}
+
+/// State shared by the loop, the control service and the metrics endpoint.
+struct Shared {
+    job: String,
+    member_id: String,
+    addr: String,
+    metrics_addr: String,
+    config_hash: String,
+    view: Mutex<NodeView>,
+    requests: Requests,
+    paused: watch::Sender<bool>,
+    hub: PeerHub,
+}
+
+impl Shared {
+    fn view(&self) -> std::sync::MutexGuard<'_, NodeView> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_phase(&self, phase: &str) {
+        self.view().phase = phase.to_string();
+    }
+
+    fn status(&self) -> pb::StatusReply {
+        let v = self.view().clone();
+        pb::StatusReply {
+            job: self.job.clone(),
+            member_id: self.member_id.clone(),
+            addr: self.addr.clone(),
+            generation: v.generation,
+            ranks: v.ranks,
+            world: v.world,
+            step: v.step,
+            target_steps: v.target_steps,
+            loss: v.loss,
+            tokens_per_s: v.tokens_per_s,
+            param_hash: v.param_hash,
+            last_checkpoint_step: v.last_checkpoint_step,
+            last_checkpoint_url: v.last_checkpoint_url,
+            phase: v.phase,
+            leader: v.leader,
+            stale_refused: self.hub.stale_refused(),
+            metrics_addr: self.metrics_addr.clone(),
+            config_hash: self.config_hash.clone(),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let v = self.view().clone();
+        let node = |s: Sample| s.label("job", &self.job).label("node", &self.member_id);
+        let g = MetricKind::Gauge;
+        let c = MetricKind::Counter;
+        let samples = vec![
+            node(Sample::new(
+                "tenax_step",
+                "Optimizer steps completed.",
+                g,
+                v.step as f64,
+            )),
+            node(Sample::new(
+                "tenax_target_steps",
+                "The job's target step.",
+                g,
+                v.target_steps as f64,
+            )),
+            node(Sample::new(
+                "tenax_loss",
+                "Mean token loss of the last step.",
+                g,
+                v.loss,
+            )),
+            node(Sample::new(
+                "tenax_tokens_per_second",
+                "Training throughput of the last step (whole group).",
+                g,
+                v.tokens_per_s,
+            )),
+            node(Sample::new(
+                "tenax_generation",
+                "Generation of the group plan this node trains in.",
+                g,
+                v.generation as f64,
+            )),
+            node(Sample::new(
+                "tenax_world_ranks",
+                "Ranks in the current generation.",
+                g,
+                f64::from(v.world),
+            )),
+            node(Sample::new(
+                "tenax_leader",
+                "1 if this node leads the job.",
+                g,
+                if v.leader { 1.0 } else { 0.0 },
+            )),
+            node(Sample::new(
+                "tenax_reformations_total",
+                "Generations this node has trained in after its first.",
+                c,
+                v.reforms as f64,
+            )),
+            node(Sample::new(
+                "tenax_checkpoints_committed_total",
+                "Checkpoints this node committed.",
+                c,
+                v.checkpoints_committed as f64,
+            )),
+            node(Sample::new(
+                "tenax_checkpoint_failures_total",
+                "Checkpoint saves of this node that failed.",
+                c,
+                v.checkpoint_failures as f64,
+            )),
+            node(Sample::new(
+                "tenax_checkpoint_save_seconds_last",
+                "Duration of the last checkpoint save (upload and commit).",
+                g,
+                v.last_save_s,
+            )),
+            node(Sample::new(
+                "tenax_checkpoint_save_seconds_sum",
+                "Total time spent in checkpoint saves.",
+                c,
+                v.save_s_sum,
+            )),
+            node(Sample::new(
+                "tenax_last_checkpoint_step",
+                "Step of the newest committed checkpoint this node knows.",
+                g,
+                v.last_checkpoint_step as f64,
+            )),
+            node(Sample::new(
+                "tenax_peer_stale_refused_total",
+                "Peer frames refused because they came from an older generation.",
+                c,
+                self.hub.stale_refused() as f64,
+            )),
+            node(Sample::new(
+                "tenax_peer_frames_accepted_total",
+                "Peer frames accepted.",
+                c,
+                self.hub.frames_accepted() as f64,
+            )),
+        ];
+        crate::metrics::render(&samples)
+    }
+}
+
+/// The control service.
+struct ControlService {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    async fn status(
+        &self,
+        _: tonic::Request<pb::StatusRequest>,
+    ) -> Result<tonic::Response<pb::StatusReply>, tonic::Status> {
+        Ok(tonic::Response::new(self.shared.status()))
+    }
+
+    async fn drain(
+        &self,
+        req: tonic::Request<pb::DrainRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        let r = &self.shared.requests;
+        if req.get_ref().checkpoint {
+            r.drain_checkpoint.store(true, Ordering::SeqCst);
+        }
+        r.drain.store(true, Ordering::SeqCst);
+        // A paused node must get to its step boundary to leave.
+        self.shared.paused.send_replace(false);
+        Ok(reply(
+            true,
+            format!(
+                "node {} leaves the job after its current step{}",
+                self.shared.member_id,
+                if req.get_ref().checkpoint {
+                    ", after saving a checkpoint"
+                } else {
+                    ""
+                }
+            ),
+        ))
+    }
+
+    async fn checkpoint_now(
+        &self,
+        _: tonic::Request<pb::CheckpointNowRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.shared
+            .requests
+            .checkpoint_now
+            .store(true, Ordering::SeqCst);
+        Ok(reply(
+            true,
+            format!(
+                "node {} saves a checkpoint at its next step boundary",
+                self.shared.member_id
+            ),
+        ))
+    }
+
+    async fn pause(
+        &self,
+        _: tonic::Request<pb::PauseRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.shared.paused.send_replace(true);
+        Ok(reply(true, format!("node {} pauses at its next step boundary (pause every node of the job; a peer waits at most --step-timeout-s in a step)", self.shared.member_id)))
+    }
+
+    async fn resume(
+        &self,
+        _: tonic::Request<pb::ResumeRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.shared.paused.send_replace(false);
+        Ok(reply(
+            true,
+            format!("node {} goes on training", self.shared.member_id),
+        ))
+    }
+}
+
+fn reply(accepted: bool, message: String) -> tonic::Response<pb::ControlReply> {
+    tonic::Response::new(pb::ControlReply { accepted, message })
+}
+
+/// Resolved daemon settings.
+struct Settings {
+    job: String,
+    etcd: Vec<String>,
+    listen: SocketAddr,
+    advertise: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    node_id: String,
+    devices: u32,
+    min_nodes: usize,
+    start_nodes: usize,
+    reduction: Reduction,
+    grace: Duration,
+    lease_ttl_s: i64,
+    settle_ms: u64,
+    step_timeout: Duration,
+    store_root: String,
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{host}-{}", std::process::id())
+}
+
+fn parse_addr(flag: &str, s: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| anyhow!("{flag} {s:?}: not an address: give host:port, e.g. 0.0.0.0:7070"))
+}
+
+fn settings(args: &mut DaemonArgs) -> Result<Settings> {
+    let job = args
+        .job
+        .clone()
+        .ok_or_else(|| anyhow!("--job: missing: name the training job (the same on every node)"))?;
+    if job.is_empty()
+        || !job
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        bail!("--job {job:?}: use letters, digits, '.', '_' and '-' only");
+    }
+    let etcd: Vec<String> = args
+        .etcd
+        .clone()
+        .ok_or_else(|| {
+            anyhow!("--etcd: missing: give the etcd client URL, e.g. http://127.0.0.1:2379")
+        })?
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if etcd.is_empty() {
+        bail!("--etcd: empty: give the etcd client URL, e.g. http://127.0.0.1:2379");
+    }
+    let store_root = args.train.store.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
+        anyhow!("--store: missing: give the job's checkpoint store, e.g. s3://bucket/prefix or file:///shared/ckpt (checkpoints go under <store>/<job>/)")
+    })?;
+    if args.train.ranks.is_some() {
+        bail!("--ranks is for `tenax train`; a daemon hosts --devices ranks");
+    }
+    let listen = parse_addr("--listen", args.listen.as_deref().unwrap_or("0.0.0.0:7070"))?;
+    let metrics_listen = match args.metrics_listen.as_deref() {
+        None | Some("") => None,
+        Some(a) => Some(parse_addr("--metrics-listen", a)?),
+    };
+    let reduction: Reduction = args
+        .reduction
+        .as_deref()
+        .unwrap_or("exact")
+        .parse()
+        .map_err(|e| anyhow!("--reduction: {e}"))?;
+    let devices = args.devices.unwrap_or(1);
+    if devices == 0 {
+        bail!("--devices 0: a node hosts at least one rank");
+    }
+    let min_nodes = args.min_nodes.unwrap_or(1);
+    if min_nodes == 0 {
+        bail!("--min-nodes 0: a job needs at least one node");
+    }
+    let lease_ttl_s = args.lease_ttl_s.unwrap_or(5);
+    if lease_ttl_s < tenax_cluster::etcd::MIN_LEASE_TTL_S {
+        bail!(
+            "--lease-ttl-s {lease_ttl_s}: etcd grants at least {} s",
+            tenax_cluster::etcd::MIN_LEASE_TTL_S
+        );
+    }
+    Ok(Settings {
+        job,
+        etcd,
+        listen,
+        advertise: args.advertise_addr.clone(),
+        metrics_listen,
+        node_id: args.node_id.clone().unwrap_or_else(default_node_id),
+        devices,
+        min_nodes,
+        start_nodes: args.start_nodes.unwrap_or(min_nodes).max(min_nodes),
+        reduction,
+        grace: Duration::from_secs(args.grace_period_s.unwrap_or(60)),
+        lease_ttl_s,
+        settle_ms: args.settle_ms.unwrap_or(1000),
+        step_timeout: Duration::from_secs(args.step_timeout_s.unwrap_or(300).max(1)),
+        store_root,
+    })
+}
+
+/// `<root>/<job>`, whatever the root's trailing slash.
+fn job_store_url(root: &str, job: &str) -> String {
+    format!("{}/{job}", root.trim_end_matches('/'))
+}
+
+/// Where a restarted job resumes: the fenced etcd record, or (when etcd lost its data)
+/// the newest checkpoint of the store that verifies.
+async fn find_resume_point(
+    etcd: &EtcdMembership,
+    store: &Store,
+) -> Result<Option<LoadedCheckpoint>> {
+    let record = etcd.get(CHECKPOINT_KEY).await.map_err(|e| anyhow!("{e}"))?;
+    if let Some(bytes) = record {
+        let rec: CheckpointRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow!("etcd key {CHECKPOINT_KEY} of job {}: not a checkpoint record ({e}): delete it with etcdctl to fall back to the store's manifests", etcd.config().job)
+        })?;
+        match tenax_storage::load_checkpoint(store, &rec.folder).await {
+            Ok(c) => {
+                println!(
+                    "resuming from the committed checkpoint of step {} ({})",
+                    rec.step, rec.url
+                );
+                return Ok(Some(c));
+            }
+            Err(e) => eprintln!(
+                "warning: the committed checkpoint of step {} ({}) does not load ({e}); falling back to the newest checkpoint that verifies",
+                rec.step, rec.url
+            ),
+        }
+    }
+    match tenax_storage::latest_verified(store)
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+    {
+        None => Ok(None),
+        Some((c, warnings)) => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "resuming from step {} ({}): found in the store's manifests (no usable etcd record)",
+                c.manifest.step, c.url
+            );
+            Ok(Some(c))
+        }
+    }
+}
+
+/// Fix the job's training config in etcd (the first node does) or check ours against it.
+async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> Result<()> {
+    let ours = ConfigRecord {
+        config_hash: prep.config_hash.clone(),
+        math: prep.cfg.math(),
+        corpus_sha256: prep.stored_cfg.corpus_sha256.clone(),
+        node: node.to_string(),
+    };
+    let bytes = serde_json::to_vec(&ours).expect("config record serialises");
+    let stored = etcd
+        .put_if_absent(CONFIG_KEY, &bytes)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let theirs: ConfigRecord = serde_json::from_slice(&stored).map_err(|e| {
+        anyhow!(
+            "etcd key {CONFIG_KEY} of job {}: not a config record ({e})",
+            etcd.config().job
+        )
+    })?;
+    if theirs.config_hash == ours.config_hash {
+        return Ok(());
+    }
+    let mut diffs: Vec<String> = theirs
+        .math
+        .iter()
+        .filter(|(k, v)| ours.math.get(*k) != Some(v))
+        .map(|(k, v)| {
+            format!(
+                "{k}: job has {v}, this node has {}",
+                ours.math.get(k).cloned().unwrap_or_default()
+            )
+        })
+        .collect();
+    if theirs.corpus_sha256 != ours.corpus_sha256 {
+        diffs.push(format!(
+            "corpus sha256: job has {}, this node has {}",
+            theirs.corpus_sha256, ours.corpus_sha256
+        ));
+    }
+    if diffs.is_empty() {
+        diffs.push("model or tokenizer".to_string());
+    }
+    bail!(
+        "node {node} refused: its training config differs from job {}'s (set by node {}): {}; start it with the job's config, or use another --job",
+        etcd.config().job,
+        theirs.node,
+        diffs.join("; ")
+    )
+}
+
+/// Run `tenax daemon` until the job reaches its target step (exit 0) or the node leaves.
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    let mut args = args.with_file()?;
+    let s = settings(&mut args)?;
+    let started = Instant::now();
+
+    // etcd and the store first: without them there is nothing to join.
+    let mut etcd_cfg = EtcdConfig::new(s.etcd.clone(), s.job.clone());
+    etcd_cfg.lease_ttl_s = s.lease_ttl_s;
+    let etcd = EtcdMembership::connect(etcd_cfg.clone())
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let store_url = job_store_url(&s.store_root, &s.job);
+    let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
+    let resumed = find_resume_point(&etcd, &store).await?;
+    let stored: Option<StoredConfig> = match &resumed {
+        Some(c) => Some(serde_json::from_value(c.manifest.config.clone()).map_err(|e| {
+            anyhow!("checkpoint {}: its config does not parse ({e}): it was not written by this version of tenax", c.url)
+        })?),
+        None => None,
+    };
+
+    // The training config, checked against the checkpoint and the job.
+    let run_dir = args
+        .train
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/{}/{}", s.job, s.node_id)));
+    std::fs::create_dir_all(&run_dir).map_err(|e| {
+        anyhow!(
+            "run dir {}: cannot create it ({e}): pick a writable --run-dir",
+            run_dir.display()
+        )
+    })?;
+    let mut train_args = args.train.clone();
+    train_args.run_dir = Some(run_dir.clone());
+    train_args.store = Some(store_url.clone());
+    train_args.ranks = Some(1);
+    let cfg = TrainConfig::resolve(train_args, stored.as_ref().map(|s| &s.train))?;
+    if let Some(st) = &stored {
+        let diffs = cfg.math_differences(&st.train);
+        if !diffs.is_empty() {
+            bail!(
+                "cannot resume job {} from {}: this node's training config differs ({}): use the checkpoint's values or a new --job",
+                s.job,
+                resumed.as_ref().map(|c| c.url.as_str()).unwrap_or(""),
+                diffs.join("; ")
+            );
+        }
+    }
+    let mut prep = prepare(cfg, stored.as_ref(), &run_dir)?;
+    prep.setup.step_timeout = s.step_timeout;
+    agree_on_config(&etcd, &s.node_id, &prep).await?;
+    let start = start_state(&prep, resumed.as_ref())?;
+    drop(resumed);
+
+    // The gRPC server (peer data plane + control) and /metrics.
+    let listener = tokio::net::TcpListener::bind(s.listen)
+        .await
+        .map_err(|e| anyhow!("--listen {}: cannot bind ({e}): pick a free port", s.listen))?;
+    let bound = listener.local_addr().context("listen address")?;
+    let advertise = match &s.advertise {
+        Some(a) => a.clone(),
+        None if bound.ip().is_unspecified() => format!("127.0.0.1:{}", bound.port()),
+        None => bound.to_string(),
+    };
+    let metrics_listener =
+        match s.metrics_listen {
+            None => None,
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| {
+                anyhow!("--metrics-listen {a}: cannot bind ({e}): pick a free port")
+            })?),
+        };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| {
+            if a.ip().is_unspecified() {
+                format!("127.0.0.1:{}", a.port())
+            } else {
+                a.to_string()
+            }
+        })
+        .unwrap_or_default();
+    let hub = PeerHub::new(s.job.clone(), HubConfig::default());
+    let (paused_tx, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        job: s.job.clone(),
+        member_id: s.node_id.clone(),
+        addr: advertise.clone(),
+        metrics_addr: metrics_addr.clone(),
+        config_hash: prep.config_hash.clone(),
+        view: Mutex::new(NodeView {
+            step: start.step,
+            target_steps: prep.cfg.steps,
+            phase: "joining".into(),
+            loss: f64::NAN,
+            ..Default::default()
+        }),
+        requests: Requests::default(),
+        paused: paused_tx,
+        hub: hub.clone(),
+    });
+    let shutdown = CancellationToken::new();
+    let server = {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let control = pb::control_server::ControlServer::new(ControlService {
+            shared: shared.clone(),
+        });
+        let router = tonic::transport::Server::builder()
+            .add_service(hub.service())
+            .add_service(control);
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, token.cancelled())
+                .await
+        })
+    };
+    if let Some(l) = metrics_listener {
+        let sh = shared.clone();
+        tokio::spawn(crate::metrics::serve(
+            l,
+            Arc::new(move || sh.metrics()),
+            shutdown.clone(),
+        ));
+    }
+    println!(
+        "node {} of job {}: gRPC on {} (advertised {advertise}){}; store {store_url}; config {}",
+        s.node_id,
+        s.job,
+        bound,
+        if metrics_addr.is_empty() {
+            String::new()
+        } else {
+            format!(", metrics on http://{metrics_addr}/metrics")
+        },
+        &prep.config_hash[..12]
+    );
+
+    // SIGTERM/SIGINT: drain with a final checkpoint, bounded by the grace period.
+    {
+        let sh = shared.clone();
+        let grace = s.grace;
+        tokio::spawn(async move {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            eprintln!(
+                "node {}: SIGTERM: draining with a final checkpoint (grace period {} s)",
+                sh.member_id,
+                grace.as_secs()
+            );
+            sh.requests.drain_checkpoint.store(true, Ordering::SeqCst);
+            sh.requests.drain.store(true, Ordering::SeqCst);
+            sh.paused.send_replace(false);
+            tokio::time::sleep(grace).await;
+            eprintln!(
+                "error: node {}: the grace period of {} s ran out before the drain finished; exiting",
+                sh.member_id,
+                grace.as_secs()
+            );
+            std::process::exit(3);
+        });
+    }
+
+    // Join the job.
+    let planner = PlannerConfig {
+        min_members: s.min_nodes,
+        max_ranks_per_member: s.devices,
+        settle_ms: s.settle_ms,
+        settle_max_ms: s.settle_ms.saturating_mul(3).max(s.settle_ms),
+        ..Default::default()
+    };
+    let member = Member::start_with(
+        etcd.clone(),
+        MemberConfig {
+            etcd: etcd_cfg,
+            planner,
+            id: s.node_id.clone(),
+            devices: s.devices,
+            addr: advertise.clone(),
+            metrics_addr,
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+
+    let checkpointer = Checkpointer::start(
+        store.clone(),
+        CheckpointPolicy {
+            writers: 1,
+            retention: None,
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+    let mut node = Node {
+        s: &s,
+        shared: shared.clone(),
+        member,
+        etcd,
+        checkpointer,
+        prep: &prep,
+        run_dir,
+        metrics: None,
+        history: Vec::new(),
+    };
+    let outcome = node.train(start).await;
+    let Node {
+        member,
+        checkpointer,
+        ..
+    } = node;
+    checkpointer.shutdown().await;
+    if let Err(e) = member.shutdown().await {
+        eprintln!("warning: leaving the job: {e} (the lease expires after its TTL)");
+    }
+    shared.hub.shutdown();
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let end = outcome?;
+    println!(
+        "node {}: {} at step {} after {:.1} s",
+        s.node_id,
+        end,
+        shared.view().step,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The node's training loop and its parts.
+struct Node<'a> {
+    s: &'a Settings,
+    shared: Arc<Shared>,
+    member: Member,
+    etcd: EtcdMembership,
+    checkpointer: Checkpointer,
+    prep: &'a Prepared,
+    run_dir: PathBuf,
+    metrics: Option<std::fs::File>,
+    history: Vec<crate::plot::LossPoint>,
+}
+
+/// How one generation ended.
+enum GenEnd {
+    /// The job reached its target step.
+    Done,
+    /// A newer plan arrived; train in it from this state.
+    Reform,
+    /// This node leaves the job (drain or SIGTERM).
+    Leave,
+}
+
+impl Node<'_> {
+    /// Train generation after generation until done or leaving. Returns what happened.
+    async fn train(&mut self, start: Start) -> Result<&'static str> {
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        self.history = crate::train::load_history(&metrics_path, start.step)?;
+        self.metrics = Some(crate::train::open_metrics(&metrics_path, &self.history)?);
+        let mut state = start;
+        let mut plan_rx = self.member.plan_receiver();
+        let mut last_gen: Option<u64> = None;
+        loop {
+            if self.shared.requests.drain.load(Ordering::SeqCst) && last_gen.is_none() {
+                return Ok("left the job before training (drained)");
+            }
+            self.shared.set_phase("waiting for a plan");
+            let plan = self.wait_for_plan(&mut plan_rx, last_gen).await?;
+            if last_gen.is_some() {
+                self.shared.view().reforms += 1;
+            }
+            last_gen = Some(plan.generation);
+            let (end, next) = self.generation(&plan, state).await?;
+            state = next;
+            match end {
+                GenEnd::Done => {
+                    self.plot();
+                    return Ok("job done");
+                }
+                GenEnd::Leave => return Ok("left the job (drained)"),
+                GenEnd::Reform => continue,
+            }
+        }
+    }
+
+    /// Wait for a plan newer than `after` that gives this node ranks.
+    async fn wait_for_plan(
+        &self,
+        rx: &mut watch::Receiver<Option<Plan>>,
+        after: Option<u64>,
+    ) -> Result<Plan> {
+        let me = self.member.id().clone();
+        let mut announced = false;
+        loop {
+            if let MemberState::Lost { reason } = self.member.state() {
+                bail!("node {me}: lost its membership ({reason}); restart it to rejoin");
+            }
+            let current = rx.borrow_and_update().clone();
+            if let Some(p) = current {
+                if after.is_none_or(|g| p.generation > g) {
+                    let nodes = p
+                        .members
+                        .iter()
+                        .filter(|m| !p.ranks_of(m).is_empty())
+                        .count();
+                    let enough = after.is_some() || nodes >= self.s.start_nodes;
+                    if !p.ranks_of(&me).is_empty() && enough {
+                        return Ok(p);
+                    }
+                    if !enough {
+                        if !announced {
+                            println!(
+                                "node {me}: generation {} has {nodes} node(s); waiting for {} (--start-nodes)",
+                                p.generation, self.s.start_nodes
+                            );
+                            announced = true;
+                        }
+                    } else if !announced {
+                        println!(
+                            "node {me}: generation {} has no rank for this node ({}); waiting",
+                            p.generation, p.reason
+                        );
+                        announced = true;
+                    }
+                }
+            }
+            tokio::select! {
+                r = rx.changed() => { r.map_err(|_| anyhow!("node {me}: the membership agent stopped"))?; }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            if self.shared.requests.drain.load(Ordering::SeqCst) {
+                bail!("node {me}: drained while waiting for a plan");
+            }
+        }
+    }
+
+    /// The members of `plan` that host ranks, in order of their first rank, with addresses.
+    async fn peers(&self, plan: &Plan) -> Result<Vec<PeerAddr>> {
+        let registered = self.etcd.members().await.map_err(|e| anyhow!("{e}"))?;
+        let mut addrs = BTreeMap::new();
+        for m in registered {
+            if let Ok(info) = serde_json::from_slice::<MemberInfo>(&m.info) {
+                addrs.insert(info.id.to_string(), info.addr);
+            }
+        }
+        let mut order: Vec<(u32, String)> = Vec::new();
+        for a in &plan.ranks {
+            let id = a.member.to_string();
+            if !order.iter().any(|(_, m)| *m == id) {
+                order.push((a.rank, id));
+            }
+        }
+        order
+            .into_iter()
+            .map(|(_, id)| {
+                let addr = addrs
+                    .get(&id)
+                    .cloned()
+                    .filter(|a| !a.is_empty())
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "member {id} of generation {} has no registered address (it left?)",
+                            plan.generation
+                        )
+                    })?;
+                Ok(PeerAddr { id, addr })
+            })
+            .collect()
+    }
+
+    /// Train in one generation. Returns how it ended and the state to go on from.
+    async fn generation(&mut self, plan: &Plan, state: Start) -> Result<(GenEnd, Start)> {
+        let me = self.member.id().clone();
+        let local: Vec<u32> = plan.ranks_of(&me);
+        let peers = self.peers(plan).await?;
+        let my_index = peers
+            .iter()
+            .position(|p| p.id == me.to_string())
+            .ok_or_else(|| {
+                anyhow!(
+                    "node {me} is not among the members of generation {}",
+                    plan.generation
+                )
+            })?;
+        let committer = plan.member_of(0).map(|m| m.to_string()) == Some(me.to_string());
+        {
+            let mut v = self.shared.view();
+            v.generation = plan.generation;
+            v.ranks = local.clone();
+            v.world = plan.world;
+            v.leader = self.member.is_leader();
+            v.phase = "forming".into();
+        }
+        println!(
+            "node {me}: generation {}: ranks {:?} of {} on {} node(s){}; {}",
+            plan.generation,
+            local,
+            plan.world,
+            peers.len(),
+            if committer {
+                "; commits checkpoints"
+            } else {
+                ""
+            },
+            plan.reason
+        );
+        let spec = CommSpec {
+            job: self.s.job.clone(),
+            generation: plan.generation,
+            members: peers.clone(),
+            me: my_index,
+            local_ranks: local.clone(),
+            world: plan.world,
+            num_slots: self.prep.setup.batch.num_slots(),
+            num_params: self.prep.param_layout.total,
+            reduction: self.s.reduction,
+            max_frame_floats: HubConfig::default().max_frame_floats,
+            connect_deadline: Duration::from_secs(10),
+        };
+        let comm = GrpcCollective::new(&self.shared.hub, spec).map_err(|e| anyhow!("{e}"))?;
+        let mut setup = self.prep.setup.clone();
+        setup.ranks = plan.world as usize;
+        let step0 = state.step;
+        let cursor0 = state.cursor;
+        let hash0 = param_hash(&state.params);
+        let collective: Arc<dyn Collective> = comm.clone();
+        let trainer = Trainer::start_group(
+            setup,
+            local.iter().map(|&r| r as usize).collect(),
+            Some(collective),
+            self.prep.data.clone(),
+            state.params,
+            state.opt,
+        )
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+
+        // A newer plan or a lost membership aborts the step in flight.
+        let watcher = {
+            let mut rx = self.member.plan_receiver();
+            let mut state_rx = self.member.state_receiver();
+            let comm = comm.clone();
+            let gen = plan.generation;
+            tokio::spawn(async move {
+                loop {
+                    let newer = rx.borrow_and_update().as_ref().map(|p| p.generation);
+                    if newer.is_some_and(|g| g > gen) {
+                        comm.abort(&format!(
+                            "generation {} was planned; generation {gen} ends",
+                            newer.unwrap_or_default()
+                        ));
+                        return;
+                    }
+                    if let MemberState::Lost { reason } = state_rx.borrow_and_update().clone() {
+                        comm.abort(&format!("this node lost its membership: {reason}"));
+                        return;
+                    }
+                    tokio::select! {
+                        r = rx.changed() => if r.is_err() { return },
+                        r = state_rx.changed() => if r.is_err() { return },
+                    }
+                }
+            })
+        };
+        let result = self
+            .run_steps(plan, &trainer, &comm, committer, step0, cursor0, &hash0)
+            .await;
+        watcher.abort();
+        // The state to go on from: the last completed step (an aborted step applies nothing).
+        let snap = trainer.snapshot().await;
+        let step_now = self.shared.view().step.max(step0);
+        trainer.shutdown().await;
+        let (end, step, cursor) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                comm.abort("this node stops");
+                return Err(e);
+            }
+        };
+        let snap = snap.map_err(|e| {
+            anyhow!(
+                "node {me}: cannot read its state after generation {}: {e}",
+                plan.generation
+            )
+        })?;
+        let _ = step_now;
+        if matches!(end, GenEnd::Leave) {
+            comm.close(Duration::from_secs(10)).await;
+        }
+        Ok((
+            end,
+            Start {
+                step,
+                cursor,
+                params: snap.params,
+                opt: snap.opt,
+            },
+        ))
+    }
+
+    /// The steps of one generation. Returns how it ended, and the step and cursor reached.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_steps(
+        &mut self,
+        plan: &Plan,
+        trainer: &Trainer,
+        comm: &Arc<GrpcCollective>,
+        committer: bool,
+        step0: u64,
+        cursor0: u64,
+        hash0: &str,
+    ) -> Result<(GenEnd, u64, u64)> {
+        let me = self.member.id().to_string();
+        let cfg = &self.prep.cfg;
+        let mut step = step0;
+        let mut cursor = cursor0;
+
+        // Everyone must start this generation from the same state.
+        let states = match comm.exchange_state(step, hash0, self.s.step_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                return self
+                    .after_failure(plan, step, cursor, format!("state exchange: {e}"))
+                    .await;
+            }
+        };
+        if let Some(other) = states
+            .iter()
+            .find(|o| o.step != step || o.param_hash != hash0)
+        {
+            bail!(
+                "node {me}: generation {}: member {} is at step {} with parameters {} but this node is at step {step} with {}: members disagree on the state (copying state between members is not supported yet); restart the job to resume from the last committed checkpoint",
+                plan.generation,
+                other.id,
+                other.step,
+                &other.param_hash[..other.param_hash.len().min(12)],
+                &hash0[..hash0.len().min(12)]
+            );
+        }
+        self.shared.set_phase("training");
+        let tokens_per_step =
+            (cfg.batch_size as usize * self.prep.stored_cfg.model.block_size) as f64;
+        let log_every = (cfg.steps / 20).max(1);
+        while step < cfg.steps {
+            // Step boundary: operator requests.
+            if self.shared.requests.drain.load(Ordering::SeqCst) {
+                if self.shared.requests.drain_checkpoint.load(Ordering::SeqCst) {
+                    self.shared.set_phase("saving before leaving");
+                    self.save_and_commit(trainer, plan, step, cursor, true)
+                        .await?;
+                }
+                self.shared.set_phase("leaving");
+                println!("node {me}: drained: leaving the job after step {step}");
+                return Ok((GenEnd::Leave, step, cursor));
+            }
+            if *self.shared.paused.borrow() {
+                self.shared.set_phase("paused");
+                println!("node {me}: paused after step {step}");
+                let mut rx = self.shared.paused.subscribe();
+                while *rx.borrow_and_update() {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+                println!("node {me}: resumed");
+                self.shared.set_phase("training");
+                continue;
+            }
+            if self
+                .shared
+                .requests
+                .checkpoint_now
+                .swap(false, Ordering::SeqCst)
+            {
+                self.save_and_commit(trainer, plan, step, cursor, false)
+                    .await?;
+            }
+
+            let lr = self.prep.schedule.lr_at(step);
+            let t0 = Instant::now();
+            let report = match trainer.step(step, cursor, lr as f32).await {
+                Ok(r) => r,
+                Err(e) => {
+                    return self.after_failure(plan, step, cursor, e.to_string()).await;
+                }
+            };
+            let secs = t0.elapsed().as_secs_f64();
+            step += 1;
+            cursor += cfg.batch_size;
+            let hash = trainer
+                .param_hashes()
+                .await
+                .map_err(|e| anyhow!("node {me}: step {step}: {e}"))?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let tokens_per_s = tokens_per_step / secs.max(1e-9);
+            {
+                let mut v = self.shared.view();
+                v.step = step;
+                v.loss = report.loss;
+                v.tokens_per_s = tokens_per_s;
+                v.param_hash = hash.clone();
+            }
+            let last = step == cfg.steps;
+            let val_loss =
+                if committer && ((cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || last) {
+                    Some(
+                        trainer
+                            .eval(self.prep.val_windows.clone())
+                            .await
+                            .map_err(|e| anyhow!("evaluation at step {step}: {e}"))?,
+                    )
+                } else {
+                    None
+                };
+            if step.is_multiple_of(log_every) || last {
+                println!(
+                    "node {me}: step {step}/{}: loss {:.4}{}, {:.0} tokens/s, generation {}",
+                    cfg.steps,
+                    report.loss,
+                    val_loss
+                        .map(|v| format!(", val loss {v:.4}"))
+                        .unwrap_or_default(),
+                    tokens_per_s,
+                    plan.generation
+                );
+            }
+            let mut line = json!({"step": step, "loss": report.loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                "grad_norm": report.grad_norm, "skipped": report.skipped, "generation": plan.generation,
+                "world": plan.world, "param_hash": hash});
+            if let Some(v) = val_loss {
+                line["val_loss"] = json!(v);
+            }
+            if let Some(f) = self.metrics.as_mut() {
+                writeln!(f, "{line}").context("metrics.jsonl: cannot append")?;
+            }
+            self.history.push(crate::plot::LossPoint {
+                step,
+                loss: report.loss,
+                val_loss,
+            });
+            if committer && !last && cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every) {
+                self.save_and_commit(trainer, plan, step, cursor, false)
+                    .await?;
+            }
+            self.note_checkpoint_events(plan).await;
+        }
+
+        // The end of the job: the committer writes the final checkpoint; the others wait
+        // until it is committed, so that nobody leaves (and re-forms the group) before.
+        self.shared.set_phase("final checkpoint");
+        if committer {
+            self.save_and_commit(trainer, plan, step, cursor, true)
+                .await?;
+        } else {
+            self.wait_for_final(step).await?;
+        }
+        self.shared.set_phase("done");
+        Ok((GenEnd::Done, step, cursor))
+    }
+
+    /// A step failed: if a newer plan arrives within the re-formation window, re-form;
+    /// otherwise the node leaves with the error.
+    async fn after_failure(
+        &self,
+        plan: &Plan,
+        step: u64,
+        cursor: u64,
+        error: String,
+    ) -> Result<(GenEnd, u64, u64)> {
+        let me = self.member.id().to_string();
+        self.shared.set_phase("re-forming");
+        // Long enough for a lease to expire and the leader to settle and plan.
+        let window = Duration::from_secs(self.s.lease_ttl_s as u64 + 2)
+            + Duration::from_millis(self.s.settle_ms.saturating_mul(3) + 2_000);
+        let mut rx = self.member.plan_receiver();
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            if rx
+                .borrow_and_update()
+                .as_ref()
+                .is_some_and(|p| p.generation > plan.generation)
+            {
+                println!(
+                    "node {me}: generation {} ended during step {} ({error}); re-forming",
+                    plan.generation,
+                    step + 1
+                );
+                return Ok((GenEnd::Reform, step, cursor));
+            }
+            if let MemberState::Lost { reason } = self.member.state() {
+                bail!("node {me}: lost its membership ({reason}) at step {step}; restart it to rejoin");
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { bail!("node {me}: the membership agent stopped") },
+                _ = tokio::time::sleep_until(deadline) => {
+                    bail!("node {me}: training stopped at step {}: {error} (no new plan within {} s)", step + 1, window.as_secs());
+                }
+            }
+        }
+    }
+
+    /// Snapshot now, save through the Checkpoint actor, and (when `wait`) wait for the
+    /// commit and its fenced etcd record; otherwise the commit is recorded when its event
+    /// comes back.
+    async fn save_and_commit(
+        &mut self,
+        trainer: &Trainer,
+        plan: &Plan,
+        step: u64,
+        cursor: u64,
+        wait: bool,
+    ) -> Result<()> {
+        crate::train::save(
+            trainer,
+            &self.checkpointer,
+            &self.prep.stored_cfg,
+            &self.prep.config_hash,
+            step,
+            cursor,
+            plan.generation,
+        )
+        .await?;
+        if wait {
+            self.checkpointer
+                .flush(FINAL_CHECKPOINT_TIMEOUT)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            let committed = self.note_checkpoint_events(plan).await;
+            if committed != Some(step) {
+                bail!(
+                    "the checkpoint of step {step} was not committed to {}: fix the store; the job resumes from its last committed checkpoint",
+                    self.checkpointer_url()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpointer_url(&self) -> String {
+        job_store_url(&self.s.store_root, &self.s.job)
+    }
+
+    /// Record committed saves in etcd (fenced), log failures. Returns the newest step
+    /// committed and recorded in etcd by this call.
+    async fn note_checkpoint_events(&mut self, plan: &Plan) -> Option<u64> {
+        let mut recorded = None;
+        let me = self.member.id().to_string();
+        for event in self.checkpointer.take_events() {
+            match event {
+                CheckpointEvent::Committed {
+                    step, url, save_s, ..
+                } => {
+                    let folder = url
+                        .strip_prefix(&format!("{}/", self.checkpointer_url()))
+                        .unwrap_or(&url)
+                        .to_string();
+                    let rec = CheckpointRecord {
+                        step,
+                        folder,
+                        url: url.clone(),
+                        generation: plan.generation,
+                        member: me.clone(),
+                    };
+                    let bytes = serde_json::to_vec(&rec).expect("record serialises");
+                    match self.member.fenced_commit(CHECKPOINT_KEY, &bytes).await {
+                        Ok(FenceOutcome::Committed { .. }) => {
+                            println!("node {me}: checkpoint of step {step} committed ({url}, {save_s:.2} s)");
+                            let mut v = self.shared.view();
+                            v.last_checkpoint_step = step;
+                            v.last_checkpoint_url = url;
+                            v.checkpoints_committed += 1;
+                            v.last_save_s = save_s;
+                            v.save_s_sum += save_s;
+                            recorded = Some(step);
+                        }
+                        Ok(FenceOutcome::Refused { reason }) => eprintln!(
+                            "warning: node {me}: checkpoint of step {step} is in the store ({url}) but its etcd record was refused ({reason:?}): a newer generation commits instead"
+                        ),
+                        Err(e) => eprintln!(
+                            "warning: node {me}: checkpoint of step {step} is in the store ({url}) but recording it in etcd failed: {e}"
+                        ),
+                    }
+                }
+                CheckpointEvent::Failed { step, error } => {
+                    self.shared.view().checkpoint_failures += 1;
+                    eprintln!("warning: node {me}: checkpoint at step {step} failed, training goes on: {error}");
+                }
+                CheckpointEvent::Superseded { step, by_step } => eprintln!(
+                    "note: node {me}: checkpoint at step {step} skipped, step {by_step} is saved instead"
+                ),
+                CheckpointEvent::Pruned { .. } | CheckpointEvent::PruneFailed { .. } => {}
+            }
+        }
+        recorded
+    }
+
+    /// Wait until the job's checkpoint record reaches `step` (another node commits it).
+    async fn wait_for_final(&self, step: u64) -> Result<()> {
+        let me = self.member.id().to_string();
+        let deadline = Instant::now() + FINAL_CHECKPOINT_TIMEOUT;
+        loop {
+            match self.etcd.get(CHECKPOINT_KEY).await {
+                Ok(Some(bytes)) => {
+                    if let Ok(rec) = serde_json::from_slice::<CheckpointRecord>(&bytes) {
+                        if rec.step >= step {
+                            println!(
+                                "node {me}: the final checkpoint (step {}) was committed by {}: {}",
+                                rec.step, rec.member, rec.url
+                            );
+                            let mut v = self.shared.view();
+                            v.last_checkpoint_step = rec.step;
+                            v.last_checkpoint_url = rec.url;
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => eprintln!("warning: node {me}: reading the checkpoint record: {e}"),
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {me}: the final checkpoint of step {step} was not committed within {} s",
+                    FINAL_CHECKPOINT_TIMEOUT.as_secs()
+                );
+            }
+            if let MemberState::Lost { reason } = self.member.state() {
+                bail!("node {me}: lost its membership ({reason}) while waiting for the final checkpoint");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn plot(&self) {
+        let png = self.run_dir.join("loss.png");
+        let title = format!("tenax job {} ({})", self.s.job, self.prep.cfg.preset);
+        if let Err(e) = crate::plot::plot_loss(&png, &title, &self.history) {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+/// Hex SHA-256 of the parameter bits (as the rank actors compute it).
+fn param_hash(params: &[f32]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in params {
+        h.update(p.to_le_bytes());
+    }
+    hex::encode(h.finalize())
+}

@@ -1,0 +1,1296 @@
+//! `tenax status` and `tenax control`: operator commands that talk to the daemons of a
+//! job over their gRPC Control service.
+//!
+//! - [`status`] finds the job's registered members in etcd (read only: it never writes
+//!   there), asks every member's `Control.Status` at once, each under a deadline, and
+//!   prints a table (or, with `--json`, one JSON object). A member that does not answer
+//!   is listed with its error; it is not fatal.
+//! - [`control`] sends one of Drain, CheckpointNow, Pause, Resume to one member, found
+//!   by id in etcd (`--node`) or by address (`--addr`, which skips etcd), and prints its
+//!   answer; a refusal is an error (non-zero exit).
+//!
+//! The formatting is pure ([`summarize`], [`render_table`]) and table-tested.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Value};
+use tenax_cluster::etcd::{EtcdConfig, EtcdError, EtcdMembership, Member};
+use tenax_core::membership::{MemberId, MemberInfo};
+use tenax_proto::v1::control_client::ControlClient;
+use tenax_proto::v1::{
+    CheckpointNowRequest, ControlReply, DrainRequest, PauseRequest, ResumeRequest, StatusReply,
+    StatusRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
+/// The etcd endpoint used when neither `--etcd` nor `TENAX_ETCD` is given.
+pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
+
+/// The job used when neither `--job` nor `TENAX_JOB` is given.
+pub const DEFAULT_JOB: &str = "default";
+
+/// How many characters of a parameter hash the table shows.
+const HASH_CHARS: usize = 12;
+
+/// Arguments of `tenax status`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// etcd client URL(s), comma-separated; `http://` is added when missing.
+    #[arg(long, env = "TENAX_ETCD", value_name = "URL[,URL...]", default_value = DEFAULT_ETCD)]
+    pub etcd: String,
+    /// The job whose members to ask.
+    #[arg(long, env = "TENAX_JOB", value_name = "NAME", default_value = DEFAULT_JOB)]
+    pub job: String,
+    /// Print exactly one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Deadline of each etcd call and of each member's answer, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_timeout)]
+    pub timeout_s: f64,
+}
+
+/// Which member a `tenax control` command goes to: `--node ID` (looked up in etcd) or
+/// `--addr HOST:PORT` (etcd is not contacted).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Target {
+    /// etcd client URL(s), comma-separated; `http://` is added when missing.
+    #[arg(long, env = "TENAX_ETCD", value_name = "URL[,URL...]", default_value = DEFAULT_ETCD)]
+    pub etcd: String,
+    /// The job the member belongs to.
+    #[arg(long, env = "TENAX_JOB", value_name = "NAME", default_value = DEFAULT_JOB)]
+    pub job: String,
+    /// The member id (as `tenax status` lists it); its address is read from etcd.
+    #[arg(
+        long,
+        value_name = "ID",
+        required_unless_present = "addr",
+        conflicts_with = "addr"
+    )]
+    pub node: Option<String>,
+    /// The member's control address, host:port; etcd is not contacted.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub addr: Option<String>,
+    /// Deadline of each etcd call and of the member's answer, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_timeout)]
+    pub timeout_s: f64,
+}
+
+/// `tenax control`: one request to one member of a running job.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ControlCommand {
+    /// Make the member leave the job after the current step (the others re-form
+    /// without it).
+    Drain {
+        #[command(flatten)]
+        target: Target,
+        /// Also save a final checkpoint first (what SIGTERM does).
+        #[arg(long)]
+        checkpoint: bool,
+    },
+    /// Save a group checkpoint at the next step boundary.
+    Checkpoint {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Hold training at the next step boundary (the whole group waits).
+    Pause {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Go on training after a pause.
+    Resume {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// `tenax status`: prints the job's state and one line per registered member (or one
+/// JSON object with `--json`).
+///
+/// # Errors
+/// etcd unreachable; the job has no registered members; none of the members answered
+/// (after printing what is known).
+pub async fn status(args: StatusArgs) -> Result<()> {
+    let summary = collect(&args).await?;
+    if args.json {
+        println!("{summary}");
+    } else {
+        print!("{}", render_table(&summary));
+    }
+    let members = summary["members"].as_array().map_or(0, Vec::len);
+    let answered = summary["members"]
+        .as_array()
+        .map_or(0, |m| m.iter().filter(|m| m["error"].is_null()).count());
+    if answered == 0 {
+        bail!(
+            "none of the {members} registered member(s) of job {} answered (see above)",
+            args.job
+        );
+    }
+    Ok(())
+}
+
+/// Reads the members and the plan generation from etcd, asks every member, summarizes.
+async fn collect(args: &StatusArgs) -> Result<Value> {
+    let timeout = Duration::from_secs_f64(args.timeout_s);
+    let endpoints = parse_endpoints(&args.etcd)?;
+    let url = endpoints.join(",");
+    let (members, plan_gen) = read_job(&endpoints, &args.job, timeout).await?;
+    if members.is_empty() {
+        bail!(no_members(&args.job, &url));
+    }
+    let queries = members.iter().map(|m| async move {
+        match parse_member(m) {
+            Ok(info) => {
+                let reply = query_status(&info.addr, timeout).await;
+                (info, reply)
+            }
+            Err((info, e)) => (info, Err(e)),
+        }
+    });
+    let replies = futures::future::join_all(queries).await;
+    Ok(summarize(&args.job, plan_gen, replies))
+}
+
+/// The members registered for `job` and the generation of the stored plan (if any).
+async fn read_job(
+    endpoints: &[String],
+    job: &str,
+    timeout: Duration,
+) -> Result<(Vec<Member>, Option<u64>)> {
+    let url = endpoints.join(",");
+    let etcd = connect_etcd(endpoints, job, timeout).await?;
+    let members = etcd.members().await.map_err(|e| etcd_failure(&url, e))?;
+    let plan_gen = match etcd.read_plan().await {
+        Ok(plan) => plan.map(|p| p.generation),
+        // A plan value another tool wrote badly: fall back to the members' generation.
+        Err(EtcdError::Protocol { .. }) => None,
+        Err(e) => return Err(etcd_failure(&url, e)),
+    };
+    Ok((members, plan_gen))
+}
+
+/// A read-only etcd client for `job` with `timeout` per call and one retry.
+async fn connect_etcd(
+    endpoints: &[String],
+    job: &str,
+    timeout: Duration,
+) -> Result<EtcdMembership> {
+    let url = endpoints.join(",");
+    let mut config = EtcdConfig::new(endpoints.to_vec(), job);
+    config.op_timeout = timeout;
+    config.connect_timeout = timeout;
+    config.max_retries = 1;
+    config.backoff_initial = Duration::from_millis(100);
+    config.backoff_max = Duration::from_millis(500);
+    EtcdMembership::connect(config)
+        .await
+        .map_err(|e| etcd_failure(&url, e))
+}
+
+/// The operator-facing error for an etcd failure.
+fn etcd_failure(url: &str, e: EtcdError) -> anyhow::Error {
+    match e {
+        EtcdError::Unreachable { last_error, .. } => anyhow!(
+            "etcd at {url} is unreachable ({}): start etcd or fix --etcd",
+            short_reason(&last_error)
+        ),
+        EtcdError::Timeout { timeout, .. } => anyhow!(
+            "etcd at {url} is unreachable (no answer within {timeout:?}): start etcd or fix --etcd"
+        ),
+        other => anyhow!(other),
+    }
+}
+
+/// A connection error in a few words where it is a common one (the etcd client's
+/// errors carry a debug dump of the whole chain); otherwise the text, at most 300 chars.
+fn short_reason(error: &str) -> String {
+    let lower = error.to_lowercase();
+    if lower.contains("connection refused") || lower.contains("connectionrefused") {
+        "connection refused".to_string()
+    } else if lower.contains("dns error") || lower.contains("failed to lookup") {
+        "unknown host".to_string()
+    } else if lower.contains("timed out") || lower.contains("deadline") {
+        "timed out".to_string()
+    } else if lower.contains("no route to host") || lower.contains("unreachable") {
+        "no route to host".to_string()
+    } else if error.chars().count() > 300 {
+        format!("{}...", error.chars().take(300).collect::<String>())
+    } else {
+        error.to_string()
+    }
+}
+
+/// The error when a job has no registered member.
+fn no_members(job: &str, url: &str) -> String {
+    format!(
+        "job {job} has no registered members in etcd at {url}: is the daemon running, and is \
+         --job right?"
+    )
+}
+
+/// Splits a comma-separated endpoint list, adding `http://` where no scheme is given.
+fn parse_endpoints(list: &str) -> Result<Vec<String>> {
+    let endpoints: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            if e.contains("://") {
+                e.to_string()
+            } else {
+                format!("http://{e}")
+            }
+        })
+        .collect();
+    if endpoints.is_empty() {
+        bail!("--etcd is empty: pass at least one URL, e.g. {DEFAULT_ETCD}");
+    }
+    Ok(endpoints)
+}
+
+/// Parses `--timeout-s`: a finite number of seconds above 0 (at most a day).
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v > 0.0 && v <= 86_400.0) {
+        return Err(format!("{s} must be above 0 and at most 86400 seconds"));
+    }
+    Ok(v)
+}
+
+/// A member's registration, or (a placeholder with its id, why it is unreadable).
+fn parse_member(m: &Member) -> Result<MemberInfo, (MemberInfo, String)> {
+    match serde_json::from_slice::<MemberInfo>(&m.info) {
+        Ok(mut info) => {
+            // The key is the authority on the id.
+            info.id = MemberId::new(m.id.clone());
+            Ok(info)
+        }
+        Err(e) => Err((
+            MemberInfo {
+                id: MemberId::new(m.id.clone()),
+                devices: 0,
+                joined_gen: 0,
+                addr: String::new(),
+                metrics_addr: String::new(),
+            },
+            format!("its registration in etcd is not readable: {e}"),
+        )),
+    }
+}
+
+/// The URI of a control address: `host:port` gets `http://`.
+fn control_uri(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// An error and its sources, `a: b: c` (tonic's transport errors hide the cause).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// A gRPC error in a line.
+fn describe_status(s: &tonic::Status) -> String {
+    if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        format!("{:?}: {}", s.code(), s.message())
+    }
+}
+
+/// A client of the Control service at `addr`, connected within `timeout`.
+async fn connect_control(addr: &str, timeout: Duration) -> Result<ControlClient<Channel>, String> {
+    let endpoint = Endpoint::from_shared(control_uri(addr))
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let channel = endpoint.connect().await.map_err(|e| {
+        let chain = error_chain(&e);
+        // "transport error: tcp connect error: ..." says nothing the rest does not.
+        chain
+            .strip_prefix("transport error: ")
+            .map_or(chain.clone(), str::to_string)
+    })?;
+    Ok(ControlClient::new(channel))
+}
+
+/// Runs `f` (connect and call) under `timeout`, as one line of error on failure.
+async fn with_deadline<T>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// A member's `Control.Status`, or why there is none.
+async fn query_status(addr: &str, timeout: Duration) -> Result<StatusReply, String> {
+    if addr.is_empty() {
+        return Err("it registered no control address".to_string());
+    }
+    with_deadline(timeout, async {
+        let mut client = connect_control(addr, timeout).await?;
+        let mut request = tonic::Request::new(StatusRequest {});
+        request.set_timeout(timeout);
+        client
+            .status(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| describe_status(&s))
+    })
+    .await
+}
+
+/// `v` as JSON, or null when it is NaN or infinite.
+fn finite(v: f64) -> Value {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        Value::Null
+    }
+}
+
+/// A string as JSON, or null when it is empty.
+fn non_empty(s: &str) -> Value {
+    if s.is_empty() {
+        Value::Null
+    } else {
+        json!(s)
+    }
+}
+
+/// The `--json` object of `tenax status` for `job`, from the stored plan's generation
+/// and each registered member's answer (or error).
+///
+/// Job-level `step` is the highest member step; `target_steps`, `loss` and
+/// `tokens_per_s` come from a member at that step (the leader if it is one);
+/// `generation` is the plan's, else the highest a member reports; `last_checkpoint` is
+/// the newest one any member knows (null if none); `leader` is the member that says it
+/// leads (the one in the highest generation if several do). Members are sorted by id. A
+/// member that answers under another member id is listed with an error.
+pub fn summarize(
+    job: &str,
+    plan_gen: Option<u64>,
+    replies: Vec<(MemberInfo, Result<StatusReply, String>)>,
+) -> Value {
+    let mut replies = replies;
+    replies.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    // A reply from someone other than the registered member is not this member's.
+    let replies: Vec<(MemberInfo, Result<StatusReply, String>)> = replies
+        .into_iter()
+        .map(|(info, r)| {
+            let r = match r {
+                Ok(s) if !s.member_id.is_empty() && s.member_id != info.id.as_str() => {
+                    Err(format!(
+                        "{} answered as member {}: the registration is stale",
+                        info.addr, s.member_id
+                    ))
+                }
+                r => r,
+            };
+            (info, r)
+        })
+        .collect();
+    let ok: Vec<(&MemberInfo, &StatusReply)> = replies
+        .iter()
+        .filter_map(|(i, r)| r.as_ref().ok().map(|r| (i, r)))
+        .collect();
+    let best = ok
+        .iter()
+        .max_by_key(|(_, r)| (r.step, r.leader, r.generation))
+        .map(|(_, r)| *r);
+    let generation = plan_gen.or_else(|| ok.iter().map(|(_, r)| r.generation).max());
+    let leader = ok
+        .iter()
+        .filter(|(_, r)| r.leader)
+        .max_by_key(|(_, r)| r.generation)
+        .map(|(i, _)| i.id.as_str());
+    let last_checkpoint = ok
+        .iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.last_checkpoint_step > 0)
+        .max_by_key(|r| r.last_checkpoint_step)
+        .map(|r| json!({"step": r.last_checkpoint_step, "url": r.last_checkpoint_url}));
+    let members: Vec<Value> = replies
+        .iter()
+        .map(|(info, r)| match r {
+            Ok(r) => json!({
+                "id": info.id.as_str(),
+                "addr": non_empty(&info.addr),
+                "rank": r.ranks.first(),
+                "ranks": r.ranks,
+                "step": r.step,
+                "param_hash": non_empty(&r.param_hash),
+                "loss": finite(r.loss),
+                "phase": non_empty(&r.phase),
+                "leader": r.leader,
+                "generation": r.generation,
+                "stale_refused": r.stale_refused,
+                "metrics_addr": if r.metrics_addr.is_empty() {
+                    non_empty(&info.metrics_addr)
+                } else {
+                    json!(r.metrics_addr)
+                },
+                "error": Value::Null,
+            }),
+            Err(e) => json!({
+                "id": info.id.as_str(),
+                "addr": non_empty(&info.addr),
+                "rank": Value::Null,
+                "ranks": Value::Null,
+                "step": Value::Null,
+                "param_hash": Value::Null,
+                "loss": Value::Null,
+                "phase": Value::Null,
+                "leader": Value::Null,
+                "generation": Value::Null,
+                "stale_refused": Value::Null,
+                "metrics_addr": non_empty(&info.metrics_addr),
+                "error": e,
+            }),
+        })
+        .collect();
+    json!({
+        "job": job,
+        "generation": generation,
+        "step": best.map(|r| r.step),
+        "target_steps": best.map(|r| r.target_steps),
+        "loss": best.map_or(Value::Null, |r| finite(r.loss)),
+        "tokens_per_s": best.map_or(Value::Null, |r| finite(r.tokens_per_s)),
+        "last_checkpoint": last_checkpoint,
+        "leader": leader,
+        "members": members,
+    })
+}
+
+/// Ranks as a short list with runs of three or more collapsed: `0-3,6,7`.
+fn format_ranks(ranks: &[u64]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j < i + 2 {
+            (i..=j)
+                .map(|k| ranks[k].to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            format!("{}-{}", ranks[i], ranks[j])
+        });
+        i = j + 1;
+    }
+    if parts.is_empty() {
+        "-".to_string()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// A JSON scalar as table text; null is `-`.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A number with `decimals` decimals, or `-`.
+fn number(v: &Value, decimals: usize) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_string(), |x| format!("{x:.decimals$}"))
+}
+
+/// The human table of `tenax status`, from a [`summarize`] object: two lines about the
+/// job, a blank line, then a header and one line per member (id, addr, ranks, step,
+/// phase, the first 12 characters of the parameter hash, then notes: `leader`, a
+/// generation other than the job's, a parameter hash that differs from the
+/// leading member's at the same step, or `(unreachable: ...)`).
+pub fn render_table(summary: &Value) -> String {
+    let step = match (summary["step"].as_u64(), summary["target_steps"].as_u64()) {
+        (Some(s), Some(t)) if t > 0 => format!("{s}/{t}"),
+        (Some(s), _) => s.to_string(),
+        _ => "-".to_string(),
+    };
+    let checkpoint = match summary["last_checkpoint"].as_object() {
+        Some(c) => match c.get("url").and_then(Value::as_str) {
+            Some(url) if !url.is_empty() => format!("step {} ({url})", cell(&c["step"])),
+            _ => format!("step {}", cell(&c["step"])),
+        },
+        None => "none".to_string(),
+    };
+    let mut out = format!(
+        "job {}   generation {}   leader {}\nstep {step}   loss {}   tokens/s {}   last checkpoint {checkpoint}\n\n",
+        cell(&summary["job"]),
+        cell(&summary["generation"]),
+        cell(&summary["leader"]),
+        number(&summary["loss"], 4),
+        number(&summary["tokens_per_s"], 1),
+    );
+    let job_gen = summary["generation"].as_u64();
+    let job_step = summary["step"].as_u64();
+    let empty = Vec::new();
+    let members = summary["members"].as_array().unwrap_or(&empty);
+    // The reference hash: the leader's at the job step, else the first at that step.
+    let at_job_step = |m: &&Value| job_step.is_some() && m["step"].as_u64() == job_step;
+    let reference_hash = members
+        .iter()
+        .filter(at_job_step)
+        .find(|m| m["leader"] == json!(true))
+        .or_else(|| members.iter().find(at_job_step))
+        .and_then(|m| m["param_hash"].as_str());
+
+    let mut rows = vec![[
+        "ID".to_string(),
+        "ADDR".to_string(),
+        "RANKS".to_string(),
+        "STEP".to_string(),
+        "PHASE".to_string(),
+        "PARAM_HASH".to_string(),
+        String::new(),
+    ]];
+    for m in members {
+        let mut notes = Vec::new();
+        if let Some(e) = m["error"].as_str() {
+            notes.push(format!("(unreachable: {e})"));
+        } else {
+            if m["leader"] == json!(true) {
+                notes.push("leader".to_string());
+            }
+            if let (Some(g), Some(jg)) = (m["generation"].as_u64(), job_gen) {
+                if g != jg {
+                    notes.push(format!("generation {g}"));
+                }
+            }
+            if let (Some(h), Some(r)) = (m["param_hash"].as_str(), reference_hash) {
+                if at_job_step(&m) && h != r {
+                    notes.push("param_hash differs".to_string());
+                }
+            }
+        }
+        let ranks: Vec<u64> = m["ranks"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        let hash: String = cell(&m["param_hash"]).chars().take(HASH_CHARS).collect();
+        rows.push([
+            cell(&m["id"]),
+            cell(&m["addr"]),
+            if m["ranks"].is_null() {
+                "-".to_string()
+            } else {
+                format_ranks(&ranks)
+            },
+            cell(&m["step"]),
+            cell(&m["phase"]),
+            hash,
+            notes.join(", "),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (c, w)) in row.iter().zip(widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(c);
+            if i + 1 < row.len() {
+                line.push_str(&" ".repeat(w - c.chars().count()));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `tenax control ...`: sends the request to the target member and prints its answer.
+///
+/// # Errors
+/// The member cannot be found or reached, or it does not accept the request (the error
+/// carries its message).
+pub async fn control(cmd: ControlCommand) -> Result<()> {
+    let (target, what) = match &cmd {
+        ControlCommand::Drain { target, .. } => (target, "drain"),
+        ControlCommand::Checkpoint { target } => (target, "checkpoint"),
+        ControlCommand::Pause { target } => (target, "pause"),
+        ControlCommand::Resume { target } => (target, "resume"),
+    };
+    let timeout = Duration::from_secs_f64(target.timeout_s);
+    let (who, addr) = resolve(target, timeout).await?;
+    let reply = with_deadline(timeout, async {
+        let mut client = connect_control(&addr, timeout).await?;
+        let reply = match &cmd {
+            ControlCommand::Drain { checkpoint, .. } => {
+                client
+                    .drain(timed(
+                        DrainRequest {
+                            checkpoint: *checkpoint,
+                        },
+                        timeout,
+                    ))
+                    .await
+            }
+            ControlCommand::Checkpoint { .. } => {
+                client
+                    .checkpoint_now(timed(CheckpointNowRequest {}, timeout))
+                    .await
+            }
+            ControlCommand::Pause { .. } => client.pause(timed(PauseRequest {}, timeout)).await,
+            ControlCommand::Resume { .. } => client.resume(timed(ResumeRequest {}, timeout)).await,
+        };
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| describe_status(&s))
+    })
+    .await
+    .map_err(|e| anyhow!("{who} at {addr} could not be asked to {what}: {e}"))?;
+    accepted(&who, what, reply).map(|message| println!("{message}"))
+}
+
+/// A request with a gRPC deadline.
+fn timed<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// The message to print for an accepted reply, or the error for a refused one.
+fn accepted(who: &str, what: &str, reply: ControlReply) -> Result<String> {
+    let message = if reply.message.is_empty() {
+        if reply.accepted {
+            "accepted"
+        } else {
+            "no reason given"
+        }
+        .to_string()
+    } else {
+        reply.message
+    };
+    if reply.accepted {
+        Ok(message)
+    } else {
+        Err(anyhow!("{who} refused to {what}: {message}"))
+    }
+}
+
+/// (how to name the target in messages, its control address).
+async fn resolve(target: &Target, timeout: Duration) -> Result<(String, String)> {
+    if let Some(addr) = &target.addr {
+        return Ok((format!("the member at {addr}"), addr.clone()));
+    }
+    let Some(node) = &target.node else {
+        bail!("pass --node ID (looked up in etcd) or --addr HOST:PORT");
+    };
+    let endpoints = parse_endpoints(&target.etcd)?;
+    let url = endpoints.join(",");
+    let etcd = connect_etcd(&endpoints, &target.job, timeout).await?;
+    let members = etcd.members().await.map_err(|e| etcd_failure(&url, e))?;
+    let addr = member_addr(node, &target.job, &url, &members)?;
+    Ok((format!("member {node}"), addr))
+}
+
+/// The control address member `node` registered, or an error naming who is registered.
+fn member_addr(node: &str, job: &str, url: &str, members: &[Member]) -> Result<String> {
+    if members.is_empty() {
+        bail!(no_members(job, url));
+    }
+    let Some(m) = members.iter().find(|m| m.id == node) else {
+        let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+        bail!(
+            "member {node} is not registered in job {job} at {url}; registered: {}",
+            ids.join(", ")
+        );
+    };
+    let info = parse_member(m).map_err(|(_, e)| anyhow!("member {node}: {e}"))?;
+    if info.addr.is_empty() {
+        bail!("member {node} registered no control address: pass --addr HOST:PORT");
+    }
+    Ok(info.addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use tenax_proto::v1::control_server::{Control, ControlServer};
+    use tokio_util::sync::CancellationToken;
+
+    fn info(id: &str, addr: &str) -> MemberInfo {
+        MemberInfo {
+            id: MemberId::new(id),
+            devices: 1,
+            joined_gen: 0,
+            addr: addr.to_string(),
+            metrics_addr: format!("{addr}9"),
+        }
+    }
+
+    fn reply(id: &str, step: u64, ranks: Vec<u32>, leader: bool) -> StatusReply {
+        StatusReply {
+            job: "j".into(),
+            member_id: id.into(),
+            addr: String::new(),
+            generation: 3,
+            ranks,
+            world: 4,
+            step,
+            target_steps: 100,
+            loss: 2.5 + step as f64 / 100.0,
+            tokens_per_s: 1000.0 + step as f64,
+            param_hash: format!("{:0>64}", step),
+            last_checkpoint_step: step / 10 * 10,
+            last_checkpoint_url: if step >= 10 {
+                format!("file:///c/{}", step / 10 * 10)
+            } else {
+                String::new()
+            },
+            phase: "training".into(),
+            leader,
+            stale_refused: 1,
+            metrics_addr: String::new(),
+            config_hash: "cfg".into(),
+        }
+    }
+
+    #[test]
+    fn summarize_table() {
+        struct Case {
+            what: &'static str,
+            plan_gen: Option<u64>,
+            replies: Vec<(MemberInfo, Result<StatusReply, String>)>,
+            want: Value,
+        }
+        let cases = vec![
+            Case {
+                what: "two members, one unreachable, plan generation wins",
+                plan_gen: Some(4),
+                replies: vec![
+                    (info("b", "h:2"), Err("connection refused".into())),
+                    (info("a", "h:1"), Ok(reply("a", 42, vec![0, 1], true))),
+                ],
+                want: json!({
+                    "job": "j", "generation": 4, "step": 42, "target_steps": 100,
+                    "loss": 2.92, "tokens_per_s": 1042.0,
+                    "last_checkpoint": {"step": 40, "url": "file:///c/40"},
+                    "leader": "a",
+                    "members": [
+                        {"id": "a", "addr": "h:1", "rank": 0, "ranks": [0, 1], "step": 42,
+                         "param_hash": format!("{:0>64}", 42), "loss": 2.92, "phase": "training",
+                         "leader": true, "generation": 3, "stale_refused": 1,
+                         "metrics_addr": "h:19", "error": null},
+                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "step": null,
+                         "param_hash": null, "loss": null, "phase": null, "leader": null,
+                         "generation": null, "stale_refused": null, "metrics_addr": "h:29",
+                         "error": "connection refused"},
+                    ],
+                }),
+            },
+            Case {
+                what:
+                    "max step wins, no plan: max member generation, NaN loss is null, no checkpoint",
+                plan_gen: None,
+                replies: vec![
+                    (info("a", "h:1"), Ok(reply("a", 5, vec![], true))),
+                    (
+                        info("b", ""),
+                        Ok({
+                            let mut r = reply("b", 7, vec![2], false);
+                            r.loss = f64::NAN;
+                            r.generation = 5;
+                            r.metrics_addr = "m:1".into();
+                            r
+                        }),
+                    ),
+                ],
+                want: json!({
+                    "job": "j", "generation": 5, "step": 7, "target_steps": 100,
+                    "loss": null, "tokens_per_s": 1007.0, "last_checkpoint": null,
+                    "leader": "a",
+                    "members": [
+                        {"id": "a", "addr": "h:1", "rank": null, "ranks": [], "step": 5,
+                         "param_hash": format!("{:0>64}", 5), "loss": 2.55, "phase": "training",
+                         "leader": true, "generation": 3, "stale_refused": 1,
+                         "metrics_addr": "h:19", "error": null},
+                        {"id": "b", "addr": null, "rank": 2, "ranks": [2], "step": 7,
+                         "param_hash": format!("{:0>64}", 7), "loss": null, "phase": "training",
+                         "leader": false, "generation": 5, "stale_refused": 1,
+                         "metrics_addr": "m:1", "error": null},
+                    ],
+                }),
+            },
+            Case {
+                what: "nobody answers; a wrong member id is an error",
+                plan_gen: None,
+                replies: vec![
+                    (info("a", "h:1"), Ok(reply("z", 5, vec![0], true))),
+                    (info("b", "h:2"), Err("no answer within 5s".into())),
+                ],
+                want: json!({
+                    "job": "j", "generation": null, "step": null, "target_steps": null,
+                    "loss": null, "tokens_per_s": null, "last_checkpoint": null, "leader": null,
+                    "members": [
+                        {"id": "a", "addr": "h:1", "rank": null, "ranks": null, "step": null,
+                         "param_hash": null, "loss": null, "phase": null, "leader": null,
+                         "generation": null, "stale_refused": null, "metrics_addr": "h:19",
+                         "error": "h:1 answered as member z: the registration is stale"},
+                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "step": null,
+                         "param_hash": null, "loss": null, "phase": null, "leader": null,
+                         "generation": null, "stale_refused": null, "metrics_addr": "h:29",
+                         "error": "no answer within 5s"},
+                    ],
+                }),
+            },
+            Case {
+                what: "newest checkpoint from any member; leader in the highest generation",
+                plan_gen: Some(9),
+                replies: vec![
+                    (info("a", "h:1"), Ok(reply("a", 25, vec![0], true))),
+                    (
+                        info("b", "h:2"),
+                        Ok({
+                            let mut r = reply("b", 19, vec![1], true);
+                            r.generation = 9;
+                            r.last_checkpoint_step = 30;
+                            r.last_checkpoint_url = "s3://b/30".into();
+                            r
+                        }),
+                    ),
+                ],
+                want: json!({
+                    "job": "j", "generation": 9, "step": 25, "target_steps": 100,
+                    "loss": 2.75, "tokens_per_s": 1025.0,
+                    "last_checkpoint": {"step": 30, "url": "s3://b/30"},
+                    "leader": "b",
+                    "members": [
+                        {"id": "a", "addr": "h:1", "rank": 0, "ranks": [0], "step": 25,
+                         "param_hash": format!("{:0>64}", 25), "loss": 2.75, "phase": "training",
+                         "leader": true, "generation": 3, "stale_refused": 1,
+                         "metrics_addr": "h:19", "error": null},
+                        {"id": "b", "addr": "h:2", "rank": 1, "ranks": [1], "step": 19,
+                         "param_hash": format!("{:0>64}", 19), "loss": 2.69, "phase": "training",
+                         "leader": true, "generation": 9, "stale_refused": 1,
+                         "metrics_addr": "h:29", "error": null},
+                    ],
+                }),
+            },
+        ];
+        for c in cases {
+            let got = summarize("j", c.plan_gen, c.replies);
+            assert_eq!(got, c.want, "case {}:\n{got:#}", c.what);
+        }
+    }
+
+    #[test]
+    fn render_table_cases() {
+        let summary = summarize(
+            "j",
+            Some(4),
+            vec![
+                (
+                    info("a", "10.0.0.1:7000"),
+                    Ok(reply("a", 42, vec![0, 1, 2, 5], true)),
+                ),
+                (
+                    info("c", "10.0.0.3:7000"),
+                    Ok({
+                        let mut r = reply("c", 42, vec![6], false);
+                        r.generation = 4;
+                        r.param_hash = "f".repeat(64);
+                        r
+                    }),
+                ),
+                (info("b", "10.0.0.2:7000"), Err("connection refused".into())),
+            ],
+        );
+        let want = "\
+job j   generation 4   leader a
+step 42/100   loss 2.9200   tokens/s 1042.0   last checkpoint step 40 (file:///c/40)
+
+ID  ADDR           RANKS  STEP  PHASE     PARAM_HASH
+a   10.0.0.1:7000  0-2,5  42    training  000000000000  leader, generation 3
+b   10.0.0.2:7000  -      -     -         -             (unreachable: connection refused)
+c   10.0.0.3:7000  6      42    training  ffffffffffff  param_hash differs
+";
+        assert_eq!(render_table(&summary), want);
+
+        let nobody = summarize("j", None, vec![(info("a", "h:1"), Err("x".into()))]);
+        let want = "\
+job j   generation -   leader -
+step -   loss -   tokens/s -   last checkpoint none
+
+ID  ADDR  RANKS  STEP  PHASE  PARAM_HASH
+a   h:1   -      -     -      -           (unreachable: x)
+";
+        assert_eq!(render_table(&nobody), want);
+    }
+
+    #[test]
+    fn small_helpers() {
+        assert_eq!(format_ranks(&[]), "-");
+        assert_eq!(format_ranks(&[3]), "3");
+        assert_eq!(format_ranks(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9,10");
+        assert_eq!(
+            short_reason("grpc: ConnectError(Os { kind: ConnectionRefused })"),
+            "connection refused"
+        );
+        assert_eq!(short_reason("odd"), "odd");
+        assert_eq!(
+            parse_endpoints(" a:1, http://b:2 ,").unwrap(),
+            vec!["http://a:1".to_string(), "http://b:2".to_string()]
+        );
+        assert!(parse_endpoints(" , ").is_err());
+        assert_eq!(parse_timeout("0.5"), Ok(0.5));
+        for bad in ["0", "-1", "nan", "inf", "x"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+        assert_eq!(control_uri("h:1"), "http://h:1");
+        assert_eq!(control_uri("http://h:1"), "http://h:1");
+        assert_eq!(
+            accepted(
+                "m",
+                "pause",
+                ControlReply {
+                    accepted: true,
+                    message: String::new()
+                }
+            )
+            .unwrap(),
+            "accepted"
+        );
+        let refused = accepted(
+            "m",
+            "pause",
+            ControlReply {
+                accepted: false,
+                message: "already paused".into(),
+            },
+        );
+        assert_eq!(
+            refused.unwrap_err().to_string(),
+            "m refused to pause: already paused"
+        );
+
+        let member = |id: &str, info: &[u8]| Member {
+            id: id.into(),
+            info: info.to_vec(),
+            lease: 1,
+        };
+        let good = serde_json::to_vec(&info("a", "h:1")).unwrap();
+        let no_addr = serde_json::to_vec(&info("b", "")).unwrap();
+        let members = vec![member("a", &good), member("b", &no_addr), member("c", b"{")];
+        assert_eq!(member_addr("a", "j", "u", &members).unwrap(), "h:1");
+        let e = member_addr("x", "j", "u", &members)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "member x is not registered in job j at u; registered: a, b, c"
+        );
+        assert!(member_addr("b", "j", "u", &members)
+            .unwrap_err()
+            .to_string()
+            .contains("no control address"));
+        assert!(member_addr("c", "j", "u", &members)
+            .unwrap_err()
+            .to_string()
+            .contains("not readable"));
+        assert_eq!(
+            member_addr("a", "j", "u", &[]).unwrap_err().to_string(),
+            "job j has no registered members in etcd at u: is the daemon running, and is --job right?"
+        );
+    }
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: ControlCommand,
+    }
+
+    #[test]
+    fn control_arguments() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["t"], args].concat());
+        let Cli {
+            cmd: ControlCommand::Drain { target, checkpoint },
+        } = parse(&["drain", "--node", "n1", "--checkpoint", "--job", "x"]).unwrap()
+        else {
+            panic!("not drain")
+        };
+        assert!(checkpoint);
+        assert_eq!(target.node.as_deref(), Some("n1"));
+        assert_eq!(target.job, "x");
+        assert_eq!(target.timeout_s, 5.0);
+        assert!(parse(&["pause", "--addr", "h:1"]).is_ok());
+        assert!(parse(&["resume"]).is_err(), "needs --node or --addr");
+        assert!(
+            parse(&["checkpoint", "--node", "a", "--addr", "h:1"]).is_err(),
+            "not both"
+        );
+        assert!(parse(&["pause", "--addr", "h:1", "--timeout-s", "0"]).is_err());
+    }
+
+    /// A Control service with a fixed Status reply that accepts everything but Pause.
+    struct Fake {
+        status: StatusReply,
+    }
+
+    #[tonic::async_trait]
+    impl Control for Fake {
+        async fn status(
+            &self,
+            _: tonic::Request<StatusRequest>,
+        ) -> Result<tonic::Response<StatusReply>, tonic::Status> {
+            Ok(tonic::Response::new(self.status.clone()))
+        }
+        async fn drain(
+            &self,
+            r: tonic::Request<DrainRequest>,
+        ) -> Result<tonic::Response<ControlReply>, tonic::Status> {
+            let message = format!("draining (checkpoint: {})", r.into_inner().checkpoint);
+            Ok(tonic::Response::new(ControlReply {
+                accepted: true,
+                message,
+            }))
+        }
+        async fn checkpoint_now(
+            &self,
+            _: tonic::Request<CheckpointNowRequest>,
+        ) -> Result<tonic::Response<ControlReply>, tonic::Status> {
+            Ok(tonic::Response::new(ControlReply {
+                accepted: true,
+                message: "saving".into(),
+            }))
+        }
+        async fn pause(
+            &self,
+            _: tonic::Request<PauseRequest>,
+        ) -> Result<tonic::Response<ControlReply>, tonic::Status> {
+            Ok(tonic::Response::new(ControlReply {
+                accepted: false,
+                message: "already paused".into(),
+            }))
+        }
+        async fn resume(
+            &self,
+            _: tonic::Request<ResumeRequest>,
+        ) -> Result<tonic::Response<ControlReply>, tonic::Status> {
+            Err(tonic::Status::unavailable("shutting down"))
+        }
+    }
+
+    /// Serves a [`Fake`] on a free port until the token is cancelled.
+    async fn fake_server(status: StatusReply) -> (SocketAddr, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(ControlServer::from_arc(Arc::new(Fake { status })))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                )
+                .await
+                .unwrap();
+        });
+        (addr, token)
+    }
+
+    /// A local port nobody listens on.
+    async fn closed_port() -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    }
+
+    fn target(addr: Option<String>, node: Option<&str>, etcd: &str, job: &str) -> Target {
+        Target {
+            etcd: etcd.into(),
+            job: job.into(),
+            node: node.map(str::to_string),
+            addr,
+            timeout_s: 2.0,
+        }
+    }
+
+    #[tokio::test]
+    async fn control_and_query_against_a_fake_daemon() {
+        let (addr, stop) = fake_server(reply("a", 3, vec![0], true)).await;
+        let t = target(Some(addr.to_string()), None, DEFAULT_ETCD, "j");
+
+        control(ControlCommand::Drain {
+            target: t.clone(),
+            checkpoint: true,
+        })
+        .await
+        .unwrap();
+        control(ControlCommand::Checkpoint { target: t.clone() })
+            .await
+            .unwrap();
+        let e = control(ControlCommand::Pause { target: t.clone() })
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("refused to pause: already paused"),
+            "{e}"
+        );
+        let e = control(ControlCommand::Resume { target: t })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("shutting down"), "{e}");
+
+        let got = query_status(&addr.to_string(), Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(got.step, 3);
+
+        let dead = closed_port().await.to_string();
+        let e = query_status(&dead, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(e.to_lowercase().contains("refused"), "{e}");
+        let e = control(ControlCommand::Pause {
+            target: target(Some(dead), None, DEFAULT_ETCD, "j"),
+        })
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("could not be asked to pause"), "{e}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn unreachable_etcd_is_one_clear_line() {
+        let dead = format!("http://{}", closed_port().await);
+        let args = StatusArgs {
+            etcd: dead.clone(),
+            job: "j".into(),
+            json: true,
+            timeout_s: 2.0,
+        };
+        let e = status(args).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("etcd at {dead} is unreachable (")),
+            "{e}"
+        );
+        assert_eq!(
+            e,
+            format!("etcd at {dead} is unreachable (connection refused): start etcd or fix --etcd")
+        );
+        let e = control(ControlCommand::Pause {
+            target: target(None, Some("a"), &dead, "j"),
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(&format!("etcd at {dead} is unreachable (")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_end_to_end_with_etcd() {
+        let server = match tokio::task::spawn_blocking(tenax_chaos::etcd::EtcdServer::start)
+            .await
+            .unwrap()
+        {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("skipped: etcd is not installed");
+                return;
+            }
+            Err(e) => panic!("starting etcd: {e}"),
+        };
+        let url = server.endpoint();
+        let job = format!("status-test-{}", std::process::id());
+        let args = StatusArgs {
+            etcd: url.clone(),
+            job: job.clone(),
+            json: true,
+            timeout_s: 2.0,
+        };
+        let e = collect(&args).await.unwrap_err().to_string();
+        assert_eq!(e, no_members(&job, &url));
+
+        let (addr, stop) = fake_server(reply("a", 12, vec![0, 1], true)).await;
+        let dead = closed_port().await;
+        let etcd = EtcdMembership::connect(EtcdConfig::new(vec![url.clone()], job.clone()))
+            .await
+            .unwrap();
+        let reg_a = etcd
+            .register(
+                "a",
+                &serde_json::to_vec(&info("a", &addr.to_string())).unwrap(),
+            )
+            .await
+            .unwrap();
+        let _reg_b = etcd
+            .register(
+                "b",
+                &serde_json::to_vec(&info("b", &dead.to_string())).unwrap(),
+            )
+            .await
+            .unwrap();
+        etcd.write_plan(None, 6, br#"{"any":"plan"}"#, &reg_a.writer())
+            .await
+            .unwrap();
+
+        let summary = collect(&args).await.unwrap();
+        assert_eq!(summary["generation"], json!(6));
+        assert_eq!(summary["step"], json!(12));
+        assert_eq!(summary["leader"], json!("a"));
+        assert_eq!(summary["members"][0]["ranks"], json!([0, 1]));
+        assert!(summary["members"][0]["error"].is_null());
+        assert!(summary["members"][1]["error"].is_string(), "{summary}");
+        status(args.clone()).await.unwrap();
+
+        // --node resolves through etcd.
+        control(ControlCommand::Checkpoint {
+            target: target(None, Some("a"), &url, &job),
+        })
+        .await
+        .unwrap();
+        let e = control(ControlCommand::Checkpoint {
+            target: target(None, Some("zz"), &url, &job),
+        })
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("registered: a, b"), "{e}");
+
+        // Nobody answers: the status is printed, then it is an error.
+        stop.cancel();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let e = status(args).await.unwrap_err().to_string();
+        assert!(e.contains("none of the 2 registered member(s)"), "{e}");
+    }
+}
