@@ -3,14 +3,14 @@
 //! checkpoints to `<store>/<job>/` committed through a fenced etcd record, and serves the
 //! control API and `/metrics`.
 //!
-//! The node's tree: this module's [`run`] is the node supervisor. Its children are the
-//! membership agent ([`Member`]), the trainer (a [`Trainer`]: one rank actor per device,
-//! rebuilt for each generation), the Checkpoint actor ([`Checkpointer`]) and the gRPC
-//! server (peer data plane and control), plus the `/metrics` server. Restart policy:
-//! the trainer is rebuilt from its last state at each generation; a trainer that fails
-//! outside a re-formation, a lost membership or a server that stops makes the node leave
-//! the job (it releases its lease) and exit non-zero, so that systemd or Kubernetes
-//! restarts it as a new member: no in-process flapping.
+//! The node's tree: the gRPC server (peer data plane and control) and the `/metrics`
+//! endpoint run as children of a [`NodeSupervisor`] actor, each restarted on failure at
+//! most 3 times a minute; one failure more and the node leaves the job after its current
+//! step and exits non-zero. The membership agent ([`Member`]) holds the lease; a lost
+//! membership ends the node (systemd or Kubernetes start a fresh one, which rejoins). The
+//! trainer ([`Trainer`]: one rank actor per device, candle on dedicated threads) is
+//! rebuilt from its last state at every generation. The Checkpoint actor
+//! ([`Checkpointer`]) uploads in the background. [`run`] drives the training loop.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,12 +23,18 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tenax_actors::{CheckpointEvent, CheckpointPolicy, Checkpointer, Trainer};
+use tenax_actors::{
+    CheckpointEvent, CheckpointPolicy, Checkpointer, NodeSupervisor, ServiceSpec, Trainer,
+};
 use tenax_cluster::etcd::{EtcdConfig, EtcdMembership, FenceOutcome};
 use tenax_cluster::member::{Member, MemberConfig, MemberState};
-use tenax_cluster::peer::{CommSpec, GrpcCollective, HubConfig, PeerAddr, PeerHub, Reduction};
+use tenax_cluster::peer::{
+    CommSpec, GrpcCollective, HubConfig, PeerAddr, PeerHub, Reduction, CONNECTION_WINDOW_BYTES,
+    STREAM_WINDOW_BYTES,
+};
 use tenax_cluster::Collective;
-use tenax_core::membership::{MemberInfo, Plan, PlannerConfig};
+use tenax_core::membership::{members_holding_reference_state, MemberInfo, Plan, PlannerConfig};
+use tenax_core::restart::RestartPolicy;
 use tenax_proto::v1 as pb;
 use tenax_storage::{LoadedCheckpoint, Store};
 use tokio::sync::watch;
@@ -256,6 +262,8 @@ struct Shared {
     requests: Requests,
     paused: watch::Sender<bool>,
     hub: PeerHub,
+    /// Why the node must leave (a service kept failing), if it must.
+    fatal: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -794,30 +802,99 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         requests: Requests::default(),
         paused: paused_tx,
         hub: hub.clone(),
+        fatal: Mutex::new(None),
     });
+    // The node's services run under the node supervisor, each with a restart policy: a
+    // restart binds the same address again; too many failures make the node leave.
     let shutdown = CancellationToken::new();
-    let server = {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let control = pb::control_server::ControlServer::new(ControlService {
-            shared: shared.clone(),
-        });
-        let router = tonic::transport::Server::builder()
-            .add_service(hub.service())
-            .add_service(control);
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(incoming, token.cancelled())
-                .await
-        })
+    let policy = RestartPolicy {
+        max_restarts: 3,
+        window_ms: 60_000,
     };
+    let mut services = vec![ServiceSpec {
+        name: "grpc".into(),
+        policy,
+        start: {
+            let first = Arc::new(Mutex::new(Some(listener)));
+            let shared = shared.clone();
+            let token = shutdown.clone();
+            Arc::new(move |_run| {
+                let first = first.clone();
+                let shared = shared.clone();
+                let token = token.clone();
+                Box::pin(async move {
+                    let taken = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let listener = match taken {
+                        Some(l) => l,
+                        None => tokio::net::TcpListener::bind(bound)
+                            .await
+                            .map_err(|e| format!("binding {bound} again: {e}"))?,
+                    };
+                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                    let control = pb::control_server::ControlServer::new(ControlService {
+                        shared: shared.clone(),
+                    });
+                    tonic::transport::Server::builder()
+                        .tcp_nodelay(true)
+                        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+                        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+                        .add_service(shared.hub.service())
+                        .add_service(control)
+                        .serve_with_incoming_shutdown(incoming, token.cancelled())
+                        .await
+                        .map_err(|e| format!("gRPC server on {bound}: {e}"))
+                })
+            })
+        },
+    }];
     if let Some(l) = metrics_listener {
+        let addr = l.local_addr().context("metrics address")?;
+        let first = Arc::new(Mutex::new(Some(l)));
+        let shared = shared.clone();
+        let token = shutdown.clone();
+        services.push(ServiceSpec {
+            name: "metrics".into(),
+            policy,
+            start: Arc::new(move |_run| {
+                let first = first.clone();
+                let shared = shared.clone();
+                let token = token.clone();
+                Box::pin(async move {
+                    let taken = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let listener = match taken {
+                        Some(l) => l,
+                        None => tokio::net::TcpListener::bind(addr)
+                            .await
+                            .map_err(|e| format!("binding {addr} again: {e}"))?,
+                    };
+                    let sh = shared.clone();
+                    crate::metrics::serve(listener, Arc::new(move || sh.metrics()), token).await;
+                    Ok(())
+                })
+            }),
+        });
+    }
+    let supervisor = NodeSupervisor::start(services)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    {
+        // A service that keeps failing: leave the job after the current step.
+        let mut failed = supervisor.failed();
         let sh = shared.clone();
-        tokio::spawn(crate::metrics::serve(
-            l,
-            Arc::new(move || sh.metrics()),
-            shutdown.clone(),
-        ));
+        tokio::spawn(async move {
+            loop {
+                if let Some(reason) = failed.borrow_and_update().clone() {
+                    eprintln!("node {}: {reason}: leaving the job", sh.member_id);
+                    *sh.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                    sh.requests.drain.store(true, Ordering::SeqCst);
+                    sh.paused.send_replace(false);
+                    return;
+                }
+                if failed.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
     println!(
         "node {} of job {}: gRPC on {} (advertised {advertise}){}; store {store_url}; config {}",
@@ -917,9 +994,21 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         eprintln!("warning: leaving the job: {e} (the lease expires after its TTL)");
     }
     shared.hub.shutdown();
+    supervisor.shutdown().await;
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let end = outcome?;
+    if let Some(reason) = shared
+        .fatal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    {
+        bail!(
+            "node {} left the job at step {}: {reason}; restart it to rejoin",
+            s.node_id,
+            shared.view().step
+        );
+    }
     println!(
         "node {}: {} at step {} after {:.1} s",
         s.node_id,
@@ -1226,18 +1315,44 @@ impl Node<'_> {
                     .await;
             }
         };
-        if let Some(other) = states
+        let pairs: Vec<(u64, &str)> = states
             .iter()
-            .find(|o| o.step != step || o.param_hash != hash0)
-        {
-            bail!(
-                "node {me}: generation {}: member {} is at step {} with parameters {} but this node is at step {step} with {}: members disagree on the state (copying state between members is not supported yet); restart the job to resume from the last committed checkpoint",
-                plan.generation,
-                other.id,
-                other.step,
-                &other.param_hash[..other.param_hash.len().min(12)],
-                &hash0[..hash0.len().min(12)]
-            );
+            .map(|o| (o.step, o.param_hash.as_str()))
+            .collect();
+        let keep = members_holding_reference_state(&pairs);
+        if keep.iter().any(|k| !k) {
+            let mine = states.iter().position(|o| o.id == me);
+            let reference = keep
+                .iter()
+                .position(|k| *k)
+                .map(|i| &states[i])
+                .ok_or_else(|| anyhow!("no reference state"))?;
+            if mine.is_none_or(|i| !keep[i]) {
+                // Copying state between members is the elasticity issue's; until then a
+                // member that does not hold the group's state leaves, and the rest go on.
+                bail!(
+                    "node {me}: generation {}: this node is at step {step} (parameters {}) but the group is at step {} (parameters {}, e.g. member {}): copying state between members is not supported yet, so this node leaves and the others go on; it can rejoin when the whole job restarts",
+                    plan.generation,
+                    &hash0[..hash0.len().min(12)],
+                    reference.step,
+                    &reference.param_hash[..reference.param_hash.len().min(12)],
+                    reference.id
+                );
+            }
+            let behind: Vec<&str> = states
+                .iter()
+                .zip(&keep)
+                .filter(|(_, k)| !**k)
+                .map(|(o, _)| o.id.as_str())
+                .collect();
+            return self
+                .after_failure(
+                    plan,
+                    step,
+                    cursor,
+                    format!("member(s) {} do not hold the group's state and leave", behind.join(", ")),
+                )
+                .await;
         }
         self.shared.set_phase("training");
         let tokens_per_step =
@@ -1305,17 +1420,18 @@ impl Node<'_> {
                 v.param_hash = hash.clone();
             }
             let last = step == cfg.steps;
-            let val_loss =
-                if committer && ((cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || last) {
-                    Some(
-                        trainer
-                            .eval(self.prep.val_windows.clone())
-                            .await
-                            .map_err(|e| anyhow!("evaluation at step {step}: {e}"))?,
-                    )
-                } else {
-                    None
-                };
+            let val_loss = if committer
+                && ((cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || last)
+            {
+                Some(
+                    trainer
+                        .eval(self.prep.val_windows.clone())
+                        .await
+                        .map_err(|e| anyhow!("evaluation at step {step}: {e}"))?,
+                )
+            } else {
+                None
+            };
             if step.is_multiple_of(log_every) || last {
                 println!(
                     "node {me}: step {step}/{}: loss {:.4}{}, {:.0} tokens/s, generation {}",

@@ -1445,6 +1445,12 @@ fn a_daemon_with_another_training_config_is_refused() {
     let mut c = cluster(job, &data, 10, &[]);
     c.spawn_daemon(0, &["--start-nodes".into(), "2".into()])
         .unwrap();
+    // Node 0 fixes the job's config: wait until it has joined.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !c.log(0).contains("waiting for 2") {
+        assert!(Instant::now() < deadline, "node 0 did not join:\n{}", c.log(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     c.spawn_daemon(
         1,
         &[
@@ -1470,4 +1476,35 @@ fn a_daemon_with_another_training_config_is_refused() {
         errors[0]
     );
     c.kill_all();
+}
+
+#[test]
+fn a_node_started_into_a_running_job_is_turned_away_and_the_job_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let steps = 300;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "joiner";
+    let mut c = cluster(job, &data, steps, &[]);
+    for n in 0..2 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "2".into()]).unwrap();
+    }
+    wait_status(&c, job, "the pair at step 5", |s| s["step"].as_u64() >= Some(5));
+    // A node that comes up late (say, restarted by systemd) holds the initial state.
+    c.spawn_daemon(2, &[]).unwrap();
+    let status = c.wait(2, Duration::from_secs(120)).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "{}", c.log(2));
+    let log = c.log(2);
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(errors[0].contains("the others go on"), "{}", errors[0]);
+    wait_all_ok(&mut c, &[0, 1], Duration::from_secs(300));
+    let h0 = node_hashes(&c, 0);
+    assert_eq!(
+        h0.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=steps).collect::<Vec<_>>()
+    );
+    assert_eq!(node_hashes(&c, 1), h0);
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(got == want, "the turned-away joiner changed the final weights");
 }

@@ -3,6 +3,9 @@
 //! Modules:
 //! - [`checkpoint`]: the Checkpoint actor ([`Checkpointer`]): saves in the background while
 //!   training goes on, one in flight and at most one waiting, then applies retention.
+//! - [`node`]: the [`NodeSupervisor`] of `tenax daemon`: child actors running the node's
+//!   services (gRPC server, `/metrics`) with a restart policy each; a child that fails too
+//!   often makes the node give up and leave the job instead of flapping.
 //! - [`rank`]: one data-parallel rank as an actor. Its model and optimizer live on a
 //!   dedicated compute thread (candle work never runs inside a message handler); the
 //!   actor forwards jobs to that thread and awaits their results with a timeout.
@@ -15,13 +18,13 @@
 //! supervisor stops the run with an error naming the rank; checkpoints already
 //! committed are untouched and `--resume` continues from the newest one.
 //!
-//! Still to come: the node supervisor of `tenax daemon` with Membership and Control
-//! children (and the Checkpoint actor under it).
 
 pub mod checkpoint;
+pub mod node;
 pub mod rank;
 pub mod supervisor;
 
 pub use checkpoint::{CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob};
+pub use node::{NodeSupervisor, ServiceFactory, ServiceFuture, ServiceSpec};
 pub use rank::{RankOutcome, TrainData, TrainSetup};
 pub use supervisor::{ActorsError, Snapshot, StepReport, Trainer};

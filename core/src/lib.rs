@@ -12,6 +12,8 @@
 //!   before its lease is revoked.
 //! - [`membership`]: the group planner as a state machine (events in, effects out) and
 //!   the plan of a generation: D x S grid, stable ranks, state transfers, reasons.
+//! - [`restart`]: the restart policy of a supervised child (restart, or give up after
+//!   too many failures within a window so that the node leaves instead of flapping).
 //! - [`rng`]: a small, versioned, seedable RNG (SplitMix64) and the normal sampler the
 //!   model uses to initialise weights, so that one seed gives the same weights on every
 //!   machine and every version of every dependency.
@@ -24,6 +26,7 @@
 pub mod ckpt;
 pub mod detector;
 pub mod membership;
+pub mod restart;
 pub mod rng;
 pub mod sampler;
 pub mod slots;

@@ -2040,3 +2040,54 @@ mod tests {
         }
     }
 }
+
+/// Which members of a new generation keep training when they do not all hold the same
+/// state, given each member's `(step, param_hash)` in member order: the reference is the
+/// highest step and, among the members at it, the parameter hash most of them hold (ties:
+/// the first such member's). `true` for the members that hold the reference state; the
+/// others must get the state from a peer or leave (copying state is the elasticity
+/// issue's job; today they leave).
+pub fn members_holding_reference_state(states: &[(u64, &str)]) -> Vec<bool> {
+    let Some(best_step) = states.iter().map(|(s, _)| *s).max() else {
+        return Vec::new();
+    };
+    let mut best: Option<(&str, usize)> = None;
+    for (_, h) in states.iter().filter(|(s, _)| *s == best_step) {
+        let n = states
+            .iter()
+            .filter(|(s, x)| *s == best_step && x == h)
+            .count();
+        if best.is_none_or(|(_, m)| n > m) {
+            best = Some((h, n));
+        }
+    }
+    let reference = best.map(|(h, _)| h).unwrap_or_default();
+    states
+        .iter()
+        .map(|(s, h)| *s == best_step && *h == reference)
+        .collect()
+}
+
+#[cfg(test)]
+mod reference_state_tests {
+    use super::members_holding_reference_state as keep;
+
+    #[test]
+    fn table() {
+        let cases: &[(&[(u64, &str)], &[bool])] = &[
+            (&[], &[]),
+            (&[(5, "a"), (5, "a"), (5, "a")], &[true, true, true]),
+            // A restarted member behind the group.
+            (&[(5, "a"), (0, "z"), (5, "a")], &[true, false, true]),
+            // One member completed a step the others did not: the highest step wins.
+            (&[(5, "a"), (6, "b"), (5, "a")], &[false, true, false]),
+            // Same step, a diverged member: the majority wins.
+            (&[(5, "x"), (5, "a"), (5, "a")], &[false, true, true]),
+            // A tie: the first member's hash.
+            (&[(5, "x"), (5, "a")], &[true, false]),
+        ];
+        for (states, want) in cases {
+            assert_eq!(keep(states), *want, "{states:?}");
+        }
+    }
+}

@@ -776,6 +776,10 @@ impl Link {
                     .clamp(Duration::from_millis(100), Duration::from_secs(5)),
             )
             .tcp_nodelay(true)
+            // HTTP/2's default 64 KiB windows make a gradient chunk crawl: one
+            // round trip per window. Open them to a few frames.
+            .initial_stream_window_size(Some(super::STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(super::CONNECTION_WINDOW_BYTES))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);

@@ -73,6 +73,13 @@ pub const DEFAULT_CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 pub const FRAME_OVERHEAD_BYTES: usize = 64 * 1024;
 
 /// The gRPC message size limit (decoding and encoding) for frames of at most
+/// HTTP/2 flow-control window of one peer stream (client and server side): large enough
+/// that a 4 MiB frame is never held back for a window update.
+pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
+
+/// HTTP/2 flow-control window of one peer connection.
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+
 /// `max_frame_floats` values: `4 * max_frame_floats + 64 KiB`.
 pub fn message_limit_bytes(max_frame_floats: usize) -> usize {
     max_frame_floats
