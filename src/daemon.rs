@@ -1056,7 +1056,9 @@ impl Node<'_> {
                 return Ok("left the job before training (drained)");
             }
             self.shared.set_phase("waiting for a plan");
-            let plan = self.wait_for_plan(&mut plan_rx, last_gen).await?;
+            let Some(plan) = self.wait_for_plan(&mut plan_rx, last_gen).await? else {
+                return Ok("left the job (drained while waiting for a plan)");
+            };
             if last_gen.is_some() {
                 self.shared.view().reforms += 1;
             }
@@ -1074,12 +1076,13 @@ impl Node<'_> {
         }
     }
 
-    /// Wait for a plan newer than `after` that gives this node ranks.
+    /// Wait for a plan newer than `after` that gives this node ranks; `None` when the
+    /// node is drained while it waits.
     async fn wait_for_plan(
         &self,
         rx: &mut watch::Receiver<Option<Plan>>,
         after: Option<u64>,
-    ) -> Result<Plan> {
+    ) -> Result<Option<Plan>> {
         let me = self.member.id().clone();
         let mut announced = false;
         loop {
@@ -1096,7 +1099,7 @@ impl Node<'_> {
                         .count();
                     let enough = after.is_some() || nodes >= self.s.start_nodes;
                     if !p.ranks_of(&me).is_empty() && enough {
-                        return Ok(p);
+                        return Ok(Some(p));
                     }
                     if !enough {
                         if !announced {
@@ -1120,7 +1123,7 @@ impl Node<'_> {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             if self.shared.requests.drain.load(Ordering::SeqCst) {
-                bail!("node {me}: drained while waiting for a plan");
+                return Ok(None);
             }
         }
     }
@@ -1350,7 +1353,10 @@ impl Node<'_> {
                     plan,
                     step,
                     cursor,
-                    format!("member(s) {} do not hold the group's state and leave", behind.join(", ")),
+                    format!(
+                        "member(s) {} do not hold the group's state and leave",
+                        behind.join(", ")
+                    ),
                 )
                 .await;
         }

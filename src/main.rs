@@ -46,7 +46,7 @@ enum Command {
     /// nodes, checkpoint to <store>/<job>/, serve control gRPC and /metrics.
     ///
     /// Start one per node with the same --job, --etcd, --store and training flags; the
-    /// job starts once --min-nodes have joined and ends (exit 0) at --steps, after the
+    /// job starts once --start-nodes have joined and ends (exit 0) at --steps, after the
     /// final checkpoint. Starting the nodes again resumes from the last committed
     /// checkpoint. SIGTERM drains the node with a final checkpoint.
     Daemon(Box<daemon::DaemonArgs>),
