@@ -461,7 +461,7 @@ impl pb::control_server::Control for ControlService {
         _: tonic::Request<pb::PauseRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
         self.shared.paused.send_replace(true);
-        Ok(reply(true, format!("node {} pauses at its next step boundary (pause every node of the job; a peer waits at most --step-timeout-s in a step)", self.shared.member_id)))
+        Ok(reply(true, format!("node {} pauses at its next step boundary (pause the whole job with `tenax control pause --all`; a peer waits at most --step-timeout-s inside a step)", self.shared.member_id)))
     }
 
     async fn resume(

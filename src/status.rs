@@ -64,13 +64,16 @@ pub struct Target {
     #[arg(
         long,
         value_name = "ID",
-        required_unless_present = "addr",
-        conflicts_with = "addr"
+        required_unless_present_any = ["addr", "all"],
+        conflicts_with_all = ["addr", "all"]
     )]
     pub node: Option<String>,
     /// The member's control address, host:port; etcd is not contacted.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "all")]
     pub addr: Option<String>,
+    /// Every member registered in etcd (e.g. to pause or resume the whole job).
+    #[arg(long)]
+    pub all: bool,
     /// Deadline of each etcd call and of the member's answer, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_timeout)]
     pub timeout_s: f64,
@@ -93,7 +96,8 @@ pub enum ControlCommand {
         #[command(flatten)]
         target: Target,
     },
-    /// Hold training at the next step boundary (the whole group waits).
+    /// Hold training at the next step boundary (its peers wait for it inside their next
+    /// step, at most --step-timeout-s); `--all` pauses the whole job.
     Pause {
         #[command(flatten)]
         target: Target,
@@ -645,9 +649,58 @@ pub async fn control(cmd: ControlCommand) -> Result<()> {
         ControlCommand::Resume { target } => (target, "resume"),
     };
     let timeout = Duration::from_secs_f64(target.timeout_s);
-    let (who, addr) = resolve(target, timeout).await?;
+    let targets = if target.all {
+        all_members(target, timeout).await?
+    } else {
+        vec![resolve(target, timeout).await?]
+    };
+    let mut failures = Vec::new();
+    for (who, addr) in targets {
+        match control_one(&cmd, what, &who, &addr, timeout).await {
+            Ok(message) => println!("{message}"),
+            Err(e) => {
+                if target.all {
+                    eprintln!("warning: {e:#}");
+                }
+                failures.push(e);
+            }
+        }
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 if !target.all => Err(failures.remove(0)),
+        n => bail!("{n} member(s) did not accept the request to {what} (see the warnings above)"),
+    }
+}
+
+/// Every registered member's name and control address (`--all`).
+async fn all_members(target: &Target, timeout: Duration) -> Result<Vec<(String, String)>> {
+    let endpoints = parse_endpoints(&target.etcd)?;
+    let url = endpoints.join(",");
+    let etcd = connect_etcd(&endpoints, &target.job, timeout).await?;
+    let members = etcd.members().await.map_err(|e| etcd_failure(&url, e))?;
+    if members.is_empty() {
+        bail!(no_members(&target.job, &url));
+    }
+    members
+        .iter()
+        .map(|m| {
+            let addr = member_addr(&m.id, &target.job, &url, &members)?;
+            Ok((format!("member {}", m.id), addr))
+        })
+        .collect()
+}
+
+/// Sends one control request; returns the message to print.
+async fn control_one(
+    cmd: &ControlCommand,
+    what: &str,
+    who: &str,
+    addr: &str,
+    timeout: Duration,
+) -> Result<String> {
     let reply = with_deadline(timeout, async {
-        let mut client = connect_control(&addr, timeout).await?;
+        let mut client = connect_control(addr, timeout).await?;
         let reply = match &cmd {
             ControlCommand::Drain { checkpoint, .. } => {
                 client
@@ -673,7 +726,7 @@ pub async fn control(cmd: ControlCommand) -> Result<()> {
     })
     .await
     .map_err(|e| anyhow!("{who} at {addr} could not be asked to {what}: {e}"))?;
-    accepted(&who, what, reply).map(|message| println!("{message}"))
+    accepted(who, what, reply)
 }
 
 /// A request with a gRPC deadline.
@@ -1139,6 +1192,7 @@ a   h:1   -      -     -      -           (unreachable: x)
             job: job.into(),
             node: node.map(str::to_string),
             addr,
+            all: false,
             timeout_s: 2.0,
         }
     }

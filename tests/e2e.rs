@@ -1465,6 +1465,12 @@ fn a_daemon_with_another_training_config_is_refused() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // `tenax control --all` reaches every registered member (here the one).
+    let etcd = c.etcd_endpoint();
+    for (verb, word) in [("pause", "pauses"), ("resume", "goes on")] {
+        let out = ok(&["control", verb, "--all", "--etcd", &etcd, "--job", job]);
+        assert!(out.contains("node-0") && out.contains(word), "{out}");
+    }
     c.spawn_daemon(
         1,
         &[
