@@ -1166,7 +1166,16 @@ impl Node<'_> {
     async fn generation(&mut self, plan: &Plan, state: Start) -> Result<(GenEnd, Start)> {
         let me = self.member.id().clone();
         let local: Vec<u32> = plan.ranks_of(&me);
-        let peers = self.peers(plan).await?;
+        let peers = match self.peers(plan).await {
+            Ok(p) => p,
+            Err(e) => {
+                // A member of the plan is already gone: wait for the plan without it.
+                let (end, _, _) = self
+                    .after_failure(plan, state.step, state.cursor, format!("{e:#}"))
+                    .await?;
+                return Ok((end, state));
+            }
+        };
         let my_index = peers
             .iter()
             .position(|p| p.id == me.to_string())
