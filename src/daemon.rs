@@ -1225,7 +1225,7 @@ impl Node<'_> {
         setup.ranks = plan.world as usize;
         let step0 = state.step;
         let cursor0 = state.cursor;
-        let hash0 = param_hash(&state.params);
+        let hash0 = tenax_actors::param_hash(&state.params);
         let collective: Arc<dyn Collective> = comm.clone();
         let trainer = Trainer::start_group(
             setup,
@@ -1271,7 +1271,6 @@ impl Node<'_> {
         watcher.abort();
         // The state to go on from: the last completed step (an aborted step applies nothing).
         let snap = trainer.snapshot().await;
-        let step_now = self.shared.view().step.max(step0);
         trainer.shutdown().await;
         let (end, step, cursor) = match result {
             Ok(r) => r,
@@ -1286,7 +1285,6 @@ impl Node<'_> {
                 plan.generation
             )
         })?;
-        let _ = step_now;
         if matches!(end, GenEnd::Leave) {
             comm.close(Duration::from_secs(10)).await;
         }
@@ -1672,14 +1670,4 @@ impl Node<'_> {
             eprintln!("warning: {e}");
         }
     }
-}
-
-/// Hex SHA-256 of the parameter bits (as the rank actors compute it).
-fn param_hash(params: &[f32]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for p in params {
-        h.update(p.to_le_bytes());
-    }
-    hex::encode(h.finalize())
 }

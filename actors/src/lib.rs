@@ -26,5 +26,5 @@ pub mod supervisor;
 
 pub use checkpoint::{CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob};
 pub use node::{NodeSupervisor, ServiceFactory, ServiceFuture, ServiceSpec};
-pub use rank::{RankOutcome, TrainData, TrainSetup};
+pub use rank::{param_hash, RankOutcome, TrainData, TrainSetup};
 pub use supervisor::{ActorsError, Snapshot, StepReport, Trainer};

@@ -197,13 +197,19 @@ impl RankCompute {
 
     /// A hex SHA-256 of the parameter bits.
     pub(crate) fn param_hash(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        for p in &self.params {
-            h.update(p.to_le_bytes());
-        }
-        hex::encode(h.finalize())
+        param_hash(&self.params)
     }
+}
+
+/// Hex SHA-256 of parameter bits (little-endian f32 in layout order): what members compare
+/// to know they hold the same state.
+pub fn param_hash(params: &[f32]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in params {
+        h.update(p.to_le_bytes());
+    }
+    hex::encode(h.finalize())
 }
 
 /// A job for the compute thread.
