@@ -33,7 +33,9 @@ use tenax_cluster::peer::{
     STREAM_WINDOW_BYTES,
 };
 use tenax_cluster::Collective;
-use tenax_core::membership::{members_holding_reference_state, MemberInfo, Plan, PlannerConfig};
+use tenax_core::membership::{
+    keeps_every_member, members_holding_reference_state, MemberInfo, Plan, PlannerConfig,
+};
 use tenax_core::restart::RestartPolicy;
 use tenax_proto::v1 as pb;
 use tenax_storage::{LoadedCheckpoint, Store};
@@ -50,6 +52,10 @@ const CONFIG_KEY: &str = "config";
 /// The etcd key (under `/tenax/<job>/`) of the newest committed checkpoint: written by a
 /// fenced txn, the authority on which checkpoint a restarted job resumes from.
 pub const CHECKPOINT_KEY: &str = "checkpoint";
+
+/// How long the step in flight may still take to complete once a newer plan that keeps
+/// every member has arrived, before it is abandoned.
+const REFORM_GRACE: Duration = Duration::from_secs(2);
 
 /// How long the end of a job waits for the final checkpoint (upload and commit).
 const FINAL_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -1238,19 +1244,32 @@ impl Node<'_> {
         .await
         .map_err(|e| anyhow!("{e}"))?;
 
-        // A newer plan or a lost membership aborts the step in flight.
+        // A newer plan ends this generation at the next step boundary. If it keeps every
+        // member, the step in flight can still complete, so it gets REFORM_GRACE to do so
+        // (aborting it at once could leave some members past it and others not); if a
+        // member is gone, or the step does not complete in time, it is abandoned.
+        let reform = Arc::new(AtomicBool::new(false));
         let watcher = {
             let mut rx = self.member.plan_receiver();
             let mut state_rx = self.member.state_receiver();
             let comm = comm.clone();
+            let current = plan.clone();
+            let reform = reform.clone();
             let gen = plan.generation;
             tokio::spawn(async move {
                 loop {
-                    let newer = rx.borrow_and_update().as_ref().map(|p| p.generation);
-                    if newer.is_some_and(|g| g > gen) {
+                    let newer = rx
+                        .borrow_and_update()
+                        .clone()
+                        .filter(|p| p.generation > gen);
+                    if let Some(next) = newer {
+                        reform.store(true, Ordering::SeqCst);
+                        if keeps_every_member(&current, &next) {
+                            tokio::time::sleep(REFORM_GRACE).await;
+                        }
                         comm.abort(&format!(
                             "generation {} was planned; generation {gen} ends",
-                            newer.unwrap_or_default()
+                            next.generation
                         ));
                         return;
                     }
@@ -1266,7 +1285,9 @@ impl Node<'_> {
             })
         };
         let result = self
-            .run_steps(plan, &trainer, &comm, committer, step0, cursor0, &hash0)
+            .run_steps(
+                plan, &trainer, &comm, &reform, committer, step0, cursor0, &hash0,
+            )
             .await;
         watcher.abort();
         // The state to go on from: the last completed step (an aborted step applies nothing).
@@ -1306,6 +1327,7 @@ impl Node<'_> {
         plan: &Plan,
         trainer: &Trainer,
         comm: &Arc<GrpcCollective>,
+        reform: &AtomicBool,
         committer: bool,
         step0: u64,
         cursor0: u64,
@@ -1372,7 +1394,15 @@ impl Node<'_> {
             (cfg.batch_size as usize * self.prep.stored_cfg.model.block_size) as f64;
         let log_every = (cfg.steps / 20).max(1);
         while step < cfg.steps {
-            // Step boundary: operator requests.
+            // Step boundary: a newer plan ends this generation here.
+            if reform.load(Ordering::SeqCst) {
+                println!(
+                    "node {me}: generation {} ends after step {step}; re-forming",
+                    plan.generation
+                );
+                return Ok((GenEnd::Reform, step, cursor));
+            }
+            // Operator requests.
             if self.shared.requests.drain.load(Ordering::SeqCst) {
                 if self.shared.requests.drain_checkpoint.load(Ordering::SeqCst) {
                     self.shared.set_phase("saving before leaving");

@@ -2091,3 +2091,50 @@ mod reference_state_tests {
         }
     }
 }
+
+/// Whether every member hosting a rank in `current` hosts one in `next` too: a plan that
+/// only adds members (or moves ranks among the same members). Then the step in flight can
+/// still complete, and members finish it before they re-form; otherwise a member it needs
+/// is gone and the step is abandoned at once.
+pub fn keeps_every_member(current: &Plan, next: &Plan) -> bool {
+    current
+        .ranks
+        .iter()
+        .all(|a| next.ranks.iter().any(|b| b.member == a.member))
+}
+
+#[cfg(test)]
+mod keeps_every_member_tests {
+    use super::*;
+
+    fn plan(generation: u64, members: &[&str]) -> Plan {
+        let infos: Vec<MemberInfo> = members
+            .iter()
+            .map(|m| MemberInfo {
+                id: MemberId::new(*m),
+                devices: 1,
+                joined_gen: 0,
+                addr: String::new(),
+                metrics_addr: String::new(),
+            })
+            .collect();
+        compute_plan(None, &infos, &PlannerConfig::default(), generation).unwrap()
+    }
+
+    #[test]
+    fn table() {
+        let cases: &[(&[&str], &[&str], bool)] = &[
+            (&["a", "b"], &["a", "b"], true),
+            (&["a", "b"], &["a", "b", "c"], true),
+            (&["a", "b", "c"], &["a", "c"], false),
+            (&["a"], &["b"], false),
+        ];
+        for (cur, next, want) in cases {
+            assert_eq!(
+                keeps_every_member(&plan(1, cur), &plan(2, next)),
+                *want,
+                "{cur:?} -> {next:?}"
+            );
+        }
+    }
+}
