@@ -486,6 +486,32 @@ fn reply(accepted: bool, message: String) -> tonic::Response<pb::ControlReply> {
     tonic::Response::new(pb::ControlReply { accepted, message })
 }
 
+/// A service's listener: the one bound at start-up first, then (after a restart) a new
+/// one on the same address.
+struct Rebind {
+    first: Mutex<Option<tokio::net::TcpListener>>,
+    addr: SocketAddr,
+}
+
+impl Rebind {
+    fn new(first: tokio::net::TcpListener, addr: SocketAddr) -> Self {
+        Self {
+            first: Mutex::new(Some(first)),
+            addr,
+        }
+    }
+
+    async fn listener(&self) -> Result<tokio::net::TcpListener, String> {
+        let taken = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match taken {
+            Some(l) => Ok(l),
+            None => tokio::net::TcpListener::bind(self.addr)
+                .await
+                .map_err(|e| format!("binding {} again: {e}", self.addr)),
+        }
+    }
+}
+
 /// Resolved daemon settings.
 struct Settings {
     job: String,
@@ -821,21 +847,15 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         name: "grpc".into(),
         policy,
         start: {
-            let first = Arc::new(Mutex::new(Some(listener)));
+            let listeners = Arc::new(Rebind::new(listener, bound));
             let shared = shared.clone();
             let token = shutdown.clone();
             Arc::new(move |_run| {
-                let first = first.clone();
+                let listeners = listeners.clone();
                 let shared = shared.clone();
                 let token = token.clone();
                 Box::pin(async move {
-                    let taken = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    let listener = match taken {
-                        Some(l) => l,
-                        None => tokio::net::TcpListener::bind(bound)
-                            .await
-                            .map_err(|e| format!("binding {bound} again: {e}"))?,
-                    };
+                    let listener = listeners.listener().await?;
                     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
                     let control = pb::control_server::ControlServer::new(ControlService {
                         shared: shared.clone(),
@@ -855,24 +875,18 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     }];
     if let Some(l) = metrics_listener {
         let addr = l.local_addr().context("metrics address")?;
-        let first = Arc::new(Mutex::new(Some(l)));
+        let listeners = Arc::new(Rebind::new(l, addr));
         let shared = shared.clone();
         let token = shutdown.clone();
         services.push(ServiceSpec {
             name: "metrics".into(),
             policy,
             start: Arc::new(move |_run| {
-                let first = first.clone();
+                let listeners = listeners.clone();
                 let shared = shared.clone();
                 let token = token.clone();
                 Box::pin(async move {
-                    let taken = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-                    let listener = match taken {
-                        Some(l) => l,
-                        None => tokio::net::TcpListener::bind(addr)
-                            .await
-                            .map_err(|e| format!("binding {addr} again: {e}"))?,
-                    };
+                    let listener = listeners.listener().await?;
                     let sh = shared.clone();
                     crate::metrics::serve(listener, Arc::new(move || sh.metrics()), token).await;
                     Ok(())
