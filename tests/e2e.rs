@@ -585,11 +585,14 @@ fn saved_from_2_ranks_resumes_into_1_and_from_1_into_3() {
 fn ckpt_ops_list_json_prune_and_export() {
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());
-    let (run, _) = train(
-        &data,
-        &tmp.path().join("run"),
-        &["--steps", "10", "--ckpt-every", "2", "--ranks", "2"],
-    );
+    // One run per checkpoint, so that each save is the run's final one and is waited for:
+    // with --ckpt-every a save that waits behind an upload may be superseded, and which
+    // ones are depends on the machine's speed.
+    let dir = tmp.path().join("run");
+    let (run, _) = train(&data, &dir, &["--steps", "2", "--ranks", "2"]);
+    for steps in ["4", "6", "8", "10"] {
+        train(&data, &dir, &["--steps", steps, "--ranks", "2", "--resume"]);
+    }
     let store = run.store();
     // A save that never committed: a shard without a manifest.
     let torn = run.dir.join("checkpoints/step-0000000012-g0-0123456789ab");
