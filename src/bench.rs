@@ -1111,3 +1111,294 @@ pub async fn daemons(a: BenchDaemonsArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// Flags of `tenax bench recovery`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchRecoveryArgs {
+    /// Daemons in the job.
+    #[arg(long, default_value_t = 4)]
+    pub nodes: usize,
+    /// SIGKILLs, each of one daemon that is not the leader, restarted after the others
+    /// re-formed.
+    #[arg(long, default_value_t = 10)]
+    pub kills: usize,
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Seed of the victims' choice.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// The daemons' --settle-ms.
+    #[arg(long, default_value_t = 200)]
+    pub settle_ms: u64,
+    /// The daemons' --lease-ttl-s (the backstop when nobody reports a failure).
+    #[arg(long, default_value_t = 2)]
+    pub lease_ttl_s: i64,
+    /// The daemons' --suspect-after-ms.
+    #[arg(long, default_value_t = 1000)]
+    pub suspect_after_ms: u64,
+    /// Text to train on (default: a small synthetic corpus).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+/// One line of a daemon's step log.
+struct LoggedStep {
+    step: u64,
+    generation: u64,
+    t_ms: u64,
+}
+
+fn logged_steps(metrics: &Path) -> Vec<LoggedStep> {
+    std::fs::read_to_string(metrics)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|m| {
+            Some(LoggedStep {
+                step: m["step"].as_u64()?,
+                generation: m["generation"].as_u64()?,
+                t_ms: m["t_ms"].as_u64()?,
+            })
+        })
+        .collect()
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Waits (polling every 50 ms, at most `limit`) until `f` gives a value.
+async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {} s waiting for {what}", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+/// SIGKILL one daemon of N at a time and measure the recovery: time from the kill to the
+/// first step the survivors complete in the next generation, steps lost (applied by the
+/// dead lineage and redone), and the throughput of the state copy the restarted daemon
+/// makes from a peer.
+pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
+    use tenax_chaos::cluster::{ClusterSpec, LocalCluster, Signal};
+    if a.nodes < 2 {
+        bail!(
+            "--nodes {}: a kill needs survivors; use at least 2",
+            a.nodes
+        );
+    }
+    let tmp = tempfile::tempdir().context("temp dir")?;
+    let data = match &a.data {
+        Some(p) => p.clone(),
+        None => {
+            let p = tmp.path().join("corpus.txt");
+            synthetic_corpus(&p)?;
+            p
+        }
+    };
+    let exe = std::env::current_exe().context("the tenax binary")?;
+    let flags: Vec<String> = [
+        "--preset",
+        &a.preset,
+        "--data",
+        data.to_str().unwrap_or_default(),
+        "--tokenizer",
+        "char",
+        "--batch-size",
+        "12",
+        "--micro-batch-size",
+        "2",
+        "--steps",
+        "100000000",
+        "--eval-every",
+        "0",
+        "--settle-ms",
+        &a.settle_ms.to_string(),
+        "--lease-ttl-s",
+        &a.lease_ttl_s.to_string(),
+        "--suspect-after-ms",
+        &a.suspect_after_ms.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let job = "bench-recovery".to_string();
+    let mut c = LocalCluster::start(ClusterSpec {
+        tenax_bin: exe.clone(),
+        job: job.clone(),
+        bucket: format!("{job}-bucket"),
+        daemon_args: flags,
+        env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
+    })
+    .context("starting etcd and the S3 server")?;
+    for n in 0..a.nodes {
+        c.spawn_daemon(n, &["--start-nodes".into(), a.nodes.to_string()])
+            .context("starting a daemon")?;
+    }
+    let logs: Vec<PathBuf> = (0..a.nodes)
+        .map(|n| c.run_dir(n).join("metrics.jsonl"))
+        .collect();
+    let mut rng = SplitMix64::new(a.seed);
+    let (mut recoveries_s, mut lost, mut copies_gbps, mut copy_mb) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let bar = indicatif::ProgressBar::new(a.kills as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} kills {pos}/{len} [{bar:30}] {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let result: Result<()> = async {
+        for _ in 0..a.kills {
+            // Steady: every daemon has done 5 steps in the newest generation.
+            let generation = wait_for(
+                "all daemons training in one generation",
+                Duration::from_secs(120),
+                || {
+                    let per: Vec<Vec<LoggedStep>> = logs.iter().map(|p| logged_steps(p)).collect();
+                    let g = per
+                        .iter()
+                        .filter_map(|l| l.last().map(|s| s.generation))
+                        .max()?;
+                    per.iter()
+                        .all(|l| l.iter().filter(|s| s.generation == g).count() >= 5)
+                        .then_some(g)
+                },
+            )
+            .await?;
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "status",
+                    "--etcd",
+                    &c.etcd_endpoint(),
+                    "--job",
+                    &job,
+                    "--json",
+                ])
+                .output()
+                .context("tenax status")?;
+            let status: serde_json::Value =
+                serde_json::from_slice(&out.stdout).with_context(|| {
+                    format!("tenax status: {}", String::from_utf8_lossy(&out.stderr))
+                })?;
+            let leader: Option<usize> = status["members"].as_array().and_then(|m| {
+                m.iter()
+                    .find(|m| m["leader"] == true)
+                    .and_then(|m| m["id"].as_str()?.strip_prefix("node-")?.parse().ok())
+            });
+            let candidates: Vec<usize> = (0..a.nodes).filter(|&n| Some(n) != leader).collect();
+            let victim = candidates[(rng.next_u64() % candidates.len() as u64) as usize];
+            let copies_before = c.log(victim).matches("copied the state of step").count();
+            let t_kill = unix_ms_now();
+            c.signal(victim, Signal::Kill)?;
+            c.wait(victim, Duration::from_secs(10))?;
+            let survivors: Vec<usize> = (0..a.nodes).filter(|&n| n != victim).collect();
+            let first_new = wait_for(
+                "a step in the next generation",
+                Duration::from_secs(60),
+                || {
+                    survivors
+                        .iter()
+                        .flat_map(|&n| logged_steps(&logs[n]))
+                        .filter(|s| s.generation > generation)
+                        .min_by_key(|s| s.t_ms)
+                },
+            )
+            .await?;
+            recoveries_s.push(first_new.t_ms.saturating_sub(t_kill) as f64 / 1000.0);
+            let done_old = (0..a.nodes)
+                .flat_map(|n| logged_steps(&logs[n]))
+                .filter(|s| s.generation <= generation)
+                .map(|s| s.step)
+                .max()
+                .unwrap_or(0);
+            lost.push(done_old.saturating_sub(first_new.step.saturating_sub(1)) as f64);
+            // The victim restarts and copies the state from a peer.
+            c.spawn_daemon(victim, &[])?;
+            let line = wait_for(
+                "the restarted daemon's state copy",
+                Duration::from_secs(120),
+                || {
+                    let log = c.log(victim);
+                    if log.matches("copied the state of step").count() > copies_before {
+                        log.lines()
+                            .rev()
+                            .find(|l| l.contains("copied the state of step"))
+                            .map(str::to_string)
+                    } else {
+                        None
+                    }
+                },
+            )
+            .await?;
+            // "... (1.2 MB in 0.004 s, 0.30 GB/s; ..."
+            let field = |unit: &str| -> Option<f64> {
+                let at = line.find(unit)?;
+                line[..at]
+                    .trim_end()
+                    .rsplit([' ', '('])
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            if let (Some(g), Some(mb)) = (field(" GB/s"), field(" MB in")) {
+                copies_gbps.push(g);
+                copy_mb.push(mb);
+            }
+            bar.inc(1);
+            bar.set_message(format!(
+                "last: {:.2} s to recover, {} step(s) lost",
+                recoveries_s.last().unwrap_or(&0.0),
+                lost.last().unwrap_or(&0.0)
+            ));
+        }
+        Ok(())
+    }
+    .await;
+    bar.finish_and_clear();
+    c.kill_all();
+    if let Ok(dir) = std::env::var("TENAX_BENCH_KEEP_LOGS") {
+        for n in 0..a.nodes {
+            let _ = std::fs::write(format!("{dir}/node-{n}.log"), c.log(n));
+        }
+    }
+    if let Err(e) = result {
+        let tails: Vec<String> = (0..a.nodes)
+            .map(|n| format!("node-{n}:\n{}", c.log_tail(n)))
+            .collect();
+        bail!("{e:#}\n{}", tails.join("\n"));
+    }
+    let mut sorted = recoveries_s.clone();
+    sorted.sort_by(f64::total_cmp);
+    let max_lost = lost.iter().copied().fold(0.0, f64::max);
+    let mean_lost = lost.iter().sum::<f64>() / lost.len().max(1) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "recovery", "nodes": a.nodes, "kills": a.kills, "preset": a.preset,
+            "settle_ms": a.settle_ms, "lease_ttl_s": a.lease_ttl_s, "suspect_after_ms": a.suspect_after_ms,
+            "recovery_s": recoveries_s, "recovery_p50_s": percentile(&sorted, 50.0), "recovery_p99_s": percentile(&sorted, 99.0),
+            "steps_lost": lost, "steps_lost_mean": mean_lost, "steps_lost_max": max_lost,
+            "state_copy_mb": copy_mb.first().copied().unwrap_or(f64::NAN),
+            "state_copy_gb_per_s_median": if copies_gbps.is_empty() { f64::NAN } else { median(copies_gbps.clone()) },
+        })
+    );
+    Ok(())
+}

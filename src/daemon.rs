@@ -27,14 +27,15 @@ use tenax_actors::{
     CheckpointEvent, CheckpointPolicy, Checkpointer, NodeSupervisor, ServiceSpec, Trainer,
 };
 use tenax_cluster::etcd::{EtcdConfig, EtcdMembership, FenceOutcome};
-use tenax_cluster::member::{Member, MemberConfig, MemberState};
+use tenax_cluster::member::{Detection, Member, MemberConfig, MemberState, Prober};
 use tenax_cluster::peer::{
-    CommSpec, GrpcCollective, HubConfig, PeerAddr, PeerHub, Reduction, CONNECTION_WINDOW_BYTES,
-    STREAM_WINDOW_BYTES,
+    fetch_state, CommSpec, GrpcCollective, HubConfig, MemberState as PeerState, PeerAddr, PeerHub,
+    Reduction, StateSnapshot, CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES,
 };
 use tenax_cluster::Collective;
+use tenax_core::detector::{DetectorConfig, FailureDetector};
 use tenax_core::membership::{
-    keeps_every_member, members_holding_reference_state, MemberInfo, Plan, PlannerConfig,
+    keeps_every_member, state_donors, MemberId, MemberInfo, Plan, PlannerConfig,
 };
 use tenax_core::restart::RestartPolicy;
 use tenax_proto::v1 as pb;
@@ -108,6 +109,15 @@ pub struct DaemonArgs {
     /// Deadline of one step, collective included [default: 300].
     #[arg(long)]
     pub step_timeout_s: Option<u64>,
+    /// A step that takes longer than max(this, 3 x the p99 of recent steps) makes the
+    /// members it waits for suspects (the leader probes them; a confirmed one is evicted
+    /// at once) [default: 2000].
+    #[arg(long)]
+    pub suspect_after_ms: Option<u64>,
+    /// Every N steps the members compare parameter hashes; a member that differs copies
+    /// the state from a peer, and the mismatch is logged and counted; 0: never [default: 100].
+    #[arg(long)]
+    pub hash_check_every: Option<u64>,
     /// TOML file with the daemon's and the training's keys (snake_case); flags win.
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -135,6 +145,8 @@ struct DaemonToml {
     lease_ttl_s: Option<i64>,
     settle_ms: Option<u64>,
     step_timeout_s: Option<u64>,
+    suspect_after_ms: Option<u64>,
+    hash_check_every: Option<u64>,
 }
 
 const DAEMON_KEYS: &[&str] = &[
@@ -152,6 +164,8 @@ const DAEMON_KEYS: &[&str] = &[
     "lease_ttl_s",
     "settle_ms",
     "step_timeout_s",
+    "suspect_after_ms",
+    "hash_check_every",
 ];
 
 impl DaemonArgs {
@@ -193,7 +207,9 @@ impl DaemonArgs {
             grace_period_s,
             lease_ttl_s,
             settle_ms,
-            step_timeout_s
+            step_timeout_s,
+            suspect_after_ms,
+            hash_check_every
         );
         self.train = self.train.or(train);
         Ok(self)
@@ -255,6 +271,12 @@ struct NodeView {
     last_save_s: f64,
     save_s_sum: f64,
     reforms: u64,
+    state_copies_in: u64,
+    state_copies_out: u64,
+    state_bytes_in: u64,
+    last_copy_gb_per_s: f64,
+    hash_mismatches: u64,
+    suspicions: u64,
 }
 
 /// State shared by the loop, the control service and the metrics endpoint.
@@ -401,6 +423,42 @@ impl Shared {
                 c,
                 self.hub.frames_accepted() as f64,
             )),
+            node(Sample::new(
+                "tenax_state_copies_received_total",
+                "Times this node copied the group's state from a peer (join, behind, diverged).",
+                c,
+                v.state_copies_in as f64,
+            )),
+            node(Sample::new(
+                "tenax_state_copies_served_total",
+                "Times this node sent its state to peers that lacked it.",
+                c,
+                v.state_copies_out as f64,
+            )),
+            node(Sample::new(
+                "tenax_state_bytes_received_total",
+                "Bytes of state copied from peers.",
+                c,
+                v.state_bytes_in as f64,
+            )),
+            node(Sample::new(
+                "tenax_state_copy_gigabytes_per_second_last",
+                "Throughput of the last state copy from a peer.",
+                g,
+                v.last_copy_gb_per_s,
+            )),
+            node(Sample::new(
+                "tenax_param_hash_mismatches_total",
+                "Periodic comparisons that found members with different parameters (each resyncs the odd ones).",
+                c,
+                v.hash_mismatches as f64,
+            )),
+            node(Sample::new(
+                "tenax_suspicions_reported_total",
+                "Peers this node reported as suspects (a broken stream or a late step).",
+                c,
+                v.suspicions as f64,
+            )),
         ];
         crate::metrics::render(&samples)
     }
@@ -528,6 +586,8 @@ struct Settings {
     lease_ttl_s: i64,
     settle_ms: u64,
     step_timeout: Duration,
+    suspect_after_ms: u64,
+    hash_check_every: u64,
     store_root: String,
 }
 
@@ -630,6 +690,8 @@ fn settings(args: &mut DaemonArgs) -> Result<Settings> {
         lease_ttl_s,
         settle_ms: args.settle_ms.unwrap_or(1000),
         step_timeout: Duration::from_secs(args.step_timeout_s.unwrap_or(300).max(1)),
+        suspect_after_ms: args.suspect_after_ms.unwrap_or(2000).max(1),
+        hash_check_every: args.hash_check_every.unwrap_or(100),
         store_root,
     })
 }
@@ -969,19 +1031,15 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         settle_max_ms: s.settle_ms.saturating_mul(3).max(s.settle_ms),
         ..Default::default()
     };
-    let member = Member::start_with(
-        etcd.clone(),
-        MemberConfig {
-            etcd: etcd_cfg,
-            planner,
-            id: s.node_id.clone(),
-            devices: s.devices,
-            addr: advertise.clone(),
-            metrics_addr,
-        },
-    )
-    .await
-    .map_err(|e| anyhow!("{e}"))?;
+    let join = MemberConfig {
+        etcd: etcd_cfg,
+        planner,
+        id: s.node_id.clone(),
+        devices: s.devices,
+        addr: advertise.clone(),
+        metrics_addr,
+    };
+    let member = start_member(&etcd, &join).await?;
 
     let checkpointer = Checkpointer::start(
         store.clone(),
@@ -1000,8 +1058,21 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         checkpointer,
         prep: &prep,
         run_dir,
+        join,
+        rejoins: 0,
         metrics: None,
         history: Vec::new(),
+        deadline: FailureDetector::new(
+            "step",
+            DetectorConfig {
+                window: 256,
+                k: 3,
+                min_deadline_ms: s.suspect_after_ms,
+                min_samples: 8,
+            },
+        )
+        .map_err(|e| anyhow!("--suspect-after-ms: {e}"))?,
+        flipped: false,
     };
     let outcome = node.train(start).await;
     let Node {
@@ -1048,8 +1119,64 @@ struct Node<'a> {
     checkpointer: Checkpointer,
     prep: &'a Prepared,
     run_dir: PathBuf,
+    /// How the node registers (again, after losing its membership).
+    join: MemberConfig,
+    /// Registrations after the first.
+    rejoins: u32,
     metrics: Option<std::fs::File>,
     history: Vec<crate::plot::LossPoint>,
+    /// Step durations: the deadline past which a step's laggards are reported.
+    deadline: FailureDetector,
+    /// The chaos bit flip was done (it is done once).
+    flipped: bool,
+}
+
+/// Most times a node registers again after losing its membership (evicted while hung,
+/// cut off from etcd past its lease) before it gives up and exits.
+const MAX_REJOINS: u32 = 20;
+
+/// How long the leader's probe of a suspect waits for its Control service to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Registers this node in the job, with the leader's probe of suspects.
+async fn start_member(etcd: &EtcdMembership, join: &MemberConfig) -> Result<Member> {
+    let prober: Prober = Arc::new(|info: MemberInfo| {
+        Box::pin(async move { crate::status::probe_control(&info.addr, PROBE_TIMEOUT).await })
+    });
+    Member::start_detecting(
+        etcd.clone(),
+        join.clone(),
+        Detection {
+            prober: Some(prober),
+            probe_timeout: PROBE_TIMEOUT,
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))
+}
+
+/// Wall-clock milliseconds since the Unix epoch (step logs; recovery benchmarks compare
+/// them across processes on one machine).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A chaos hook's step, from the environment: tests make a daemon fail at a chosen
+/// moment with it. Unset (always, outside tests): `None`.
+fn chaos_step(var: &str) -> Option<u64> {
+    std::env::var(var).ok()?.trim().parse().ok()
+}
+
+/// What waiting for a plan ended with.
+enum Waited {
+    /// A plan with ranks for this node.
+    Plan(Plan),
+    /// The node was drained meanwhile.
+    Drained,
+    /// The node lost its membership meanwhile: register again.
+    Lost,
 }
 
 /// How one generation ended.
@@ -1060,24 +1187,49 @@ enum GenEnd {
     Reform,
     /// This node leaves the job (drain or SIGTERM).
     Leave,
+    /// A periodic comparison found members with different parameters (their states
+    /// are given): copy the reference state, then train on in this generation.
+    Resync(Vec<PeerState>),
 }
 
 impl Node<'_> {
     /// Train generation after generation until done or leaving. Returns what happened.
     async fn train(&mut self, start: Start) -> Result<&'static str> {
         let metrics_path = self.run_dir.join("metrics.jsonl");
-        self.history = crate::train::load_history(&metrics_path, start.step)?;
-        self.metrics = Some(crate::train::open_metrics(&metrics_path, &self.history)?);
+        // A node's metrics.jsonl is its step log: what it did, appended across restarts
+        // (a step redone after a whole-job restart appears again; the plot keeps the last).
+        let mut by_step = BTreeMap::new();
+        for p in crate::train::load_history(&metrics_path, u64::MAX)? {
+            by_step.insert(p.step, p);
+        }
+        self.history = by_step.into_values().collect();
+        self.metrics = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| {
+                    anyhow!(
+                        "{}: cannot open for appending ({e}): pick a writable --run-dir",
+                        metrics_path.display()
+                    )
+                })?,
+        );
         let mut state = start;
-        let mut plan_rx = self.member.plan_receiver();
         let mut last_gen: Option<u64> = None;
         loop {
             if self.shared.requests.drain.load(Ordering::SeqCst) && last_gen.is_none() {
                 return Ok("left the job before training (drained)");
             }
+            if let MemberState::Lost { reason } = self.member.state() {
+                self.rejoin(&reason).await?;
+            }
             self.shared.set_phase("waiting for a plan");
-            let Some(plan) = self.wait_for_plan(&mut plan_rx, last_gen).await? else {
-                return Ok("left the job (drained while waiting for a plan)");
+            let mut plan_rx = self.member.plan_receiver();
+            let plan = match self.wait_for_plan(&mut plan_rx, last_gen).await? {
+                Waited::Plan(p) => p,
+                Waited::Drained => return Ok("left the job (drained while waiting for a plan)"),
+                Waited::Lost => continue,
             };
             if last_gen.is_some() {
                 self.shared.view().reforms += 1;
@@ -1091,23 +1243,44 @@ impl Node<'_> {
                     return Ok("job done");
                 }
                 GenEnd::Leave => return Ok("left the job (drained)"),
-                GenEnd::Reform => continue,
+                GenEnd::Reform | GenEnd::Resync(_) => continue,
             }
         }
     }
 
-    /// Wait for a plan newer than `after` that gives this node ranks; `None` when the
-    /// node is drained while it waits.
+    /// Registers again after the membership was lost (the lease was revoked while this
+    /// node hung, or expired while it was cut off): the node keeps its state, which the
+    /// next generation compares and copies over where it is behind.
+    async fn rejoin(&mut self, reason: &str) -> Result<()> {
+        let me = self.member.id().clone();
+        self.rejoins += 1;
+        if self.rejoins > MAX_REJOINS {
+            bail!(
+                "node {me}: lost its membership {} times (last: {reason}); restart it to rejoin",
+                self.rejoins
+            );
+        }
+        println!("node {me}: lost its membership ({reason}); registering again");
+        self.shared.set_phase("rejoining");
+        let fresh = start_member(&self.etcd, &self.join).await?;
+        let old = std::mem::replace(&mut self.member, fresh);
+        if let Err(e) = old.shutdown().await {
+            eprintln!("note: node {me}: releasing the old registration: {e}");
+        }
+        Ok(())
+    }
+
+    /// Wait for a plan newer than `after` that gives this node ranks.
     async fn wait_for_plan(
         &self,
         rx: &mut watch::Receiver<Option<Plan>>,
         after: Option<u64>,
-    ) -> Result<Option<Plan>> {
+    ) -> Result<Waited> {
         let me = self.member.id().clone();
         let mut announced = false;
         loop {
-            if let MemberState::Lost { reason } = self.member.state() {
-                bail!("node {me}: lost its membership ({reason}); restart it to rejoin");
+            if let MemberState::Lost { .. } = self.member.state() {
+                return Ok(Waited::Lost);
             }
             let current = rx.borrow_and_update().clone();
             if let Some(p) = current {
@@ -1119,7 +1292,7 @@ impl Node<'_> {
                         .count();
                     let enough = after.is_some() || nodes >= self.s.start_nodes;
                     if !p.ranks_of(&me).is_empty() && enough {
-                        return Ok(Some(p));
+                        return Ok(Waited::Plan(p));
                     }
                     if !enough {
                         if !announced {
@@ -1143,7 +1316,7 @@ impl Node<'_> {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             if self.shared.requests.drain.load(Ordering::SeqCst) {
-                return Ok(None);
+                return Ok(Waited::Drained);
             }
         }
     }
@@ -1183,7 +1356,7 @@ impl Node<'_> {
     }
 
     /// Train in one generation. Returns how it ended and the state to go on from.
-    async fn generation(&mut self, plan: &Plan, state: Start) -> Result<(GenEnd, Start)> {
+    async fn generation(&mut self, plan: &Plan, mut state: Start) -> Result<(GenEnd, Start)> {
         let me = self.member.id().clone();
         let local: Vec<u32> = plan.ranks_of(&me);
         let peers = match self.peers(plan).await {
@@ -1227,6 +1400,7 @@ impl Node<'_> {
             },
             plan.reason
         );
+        let num_slots = self.prep.setup.batch.num_slots();
         let spec = CommSpec {
             job: self.s.job.clone(),
             generation: plan.generation,
@@ -1234,29 +1408,31 @@ impl Node<'_> {
             me: my_index,
             local_ranks: local.clone(),
             world: plan.world,
-            num_slots: self.prep.setup.batch.num_slots(),
+            num_slots,
             num_params: self.prep.param_layout.total,
             reduction: self.s.reduction,
             max_frame_floats: HubConfig::default().max_frame_floats,
             connect_deadline: Duration::from_secs(10),
         };
         let comm = GrpcCollective::new(&self.shared.hub, spec).map_err(|e| anyhow!("{e}"))?;
-        let mut setup = self.prep.setup.clone();
-        setup.ranks = plan.world as usize;
-        let step0 = state.step;
-        let cursor0 = state.cursor;
-        let hash0 = tenax_actors::param_hash(&state.params);
-        let collective: Arc<dyn Collective> = comm.clone();
-        let trainer = Trainer::start_group(
-            setup,
-            local.iter().map(|&r| r as usize).collect(),
-            Some(collective),
-            self.prep.data.clone(),
-            state.params,
-            state.opt,
-        )
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+        if let Some(step) = chaos_step("TENAX_CHAOS_EXIT_IN_ALL_GATHER") {
+            comm.exit_during_all_gather(step);
+        }
+        // Which member computes each slot: a late step names the members it waits for.
+        let mut slot_owner = vec![0usize; num_slots as usize];
+        for a in &plan.ranks {
+            let k = peers
+                .iter()
+                .position(|p| p.id == a.member.as_str())
+                .unwrap_or(0);
+            for slot in tenax_core::slots::slots_for_rank(
+                num_slots,
+                u64::from(plan.world),
+                u64::from(a.rank),
+            ) {
+                slot_owner[slot as usize] = k;
+            }
+        }
 
         // A newer plan ends this generation at the next step boundary. If it keeps every
         // member, the step in flight can still complete, so it gets REFORM_GRACE to do so
@@ -1298,40 +1474,322 @@ impl Node<'_> {
                 }
             })
         };
-        let result = self
-            .run_steps(
-                plan, &trainer, &comm, &reform, committer, step0, cursor0, &hash0,
-            )
-            .await;
-        watcher.abort();
-        // The state to go on from: the last completed step (an aborted step applies nothing).
-        let snap = trainer.snapshot().await;
-        trainer.shutdown().await;
-        let (end, step, cursor) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                comm.abort("this node stops");
-                return Err(e);
+
+        // Everyone trains from the same state: compare (round 0 now, later rounds at the
+        // periodic hash checks) and copy it from a peer where it differs.
+        let mut round = 0u64;
+        let mut known: Option<Vec<PeerState>> = None;
+        let end = loop {
+            let (synced, outcome) = self
+                .sync_state(plan, &peers, &comm, state, round, known.take())
+                .await;
+            state = synced;
+            if let Err(e) = outcome {
+                self.suspect_failed_peers(&comm);
+                let r = self.after_failure(plan, state.step, state.cursor, e).await;
+                match r {
+                    Ok((end, _, _)) => break end,
+                    Err(e) => {
+                        watcher.abort();
+                        return Err(e);
+                    }
+                }
             }
-        };
-        let snap = snap.map_err(|e| {
-            anyhow!(
-                "node {me}: cannot read its state after generation {}: {e}",
-                plan.generation
+            if let Some(at) = chaos_step("TENAX_CHAOS_FLIP_PARAM_AT_STEP") {
+                if state.step >= at && !self.flipped {
+                    // Silent corruption on this node only: one bit of one parameter.
+                    self.flipped = true;
+                    // The largest parameter's top mantissa bit: a change updates do not absorb.
+                    let i = (0..state.params.len())
+                        .max_by(|&a, &b| state.params[a].abs().total_cmp(&state.params[b].abs()))
+                        .unwrap_or(0);
+                    state.params[i] = f32::from_bits(state.params[i].to_bits() ^ (1 << 22));
+                    eprintln!(
+                        "chaos: node {me} flipped one bit of its parameters at step {}",
+                        state.step
+                    );
+                }
+            }
+            let mut setup = self.prep.setup.clone();
+            setup.ranks = plan.world as usize;
+            let collective: Arc<dyn Collective> = comm.clone();
+            let trainer = match Trainer::start_group(
+                setup,
+                local.iter().map(|&r| r as usize).collect(),
+                Some(collective),
+                self.prep.data.clone(),
+                state.params,
+                state.opt,
             )
-        })?;
-        if matches!(end, GenEnd::Leave) {
-            comm.close(Duration::from_secs(10)).await;
-        }
-        Ok((
-            end,
-            Start {
+            .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    watcher.abort();
+                    return Err(anyhow!("{e}"));
+                }
+            };
+            let result = self
+                .run_steps(
+                    plan,
+                    &trainer,
+                    &comm,
+                    &reform,
+                    committer,
+                    state.step,
+                    state.cursor,
+                    &slot_owner,
+                )
+                .await;
+            // The state to go on from: the last completed step (an aborted step applies nothing).
+            let snap = trainer.snapshot().await;
+            trainer.shutdown().await;
+            let (end, step, cursor) = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    watcher.abort();
+                    comm.abort("this node stops");
+                    return Err(e);
+                }
+            };
+            let snap = match snap {
+                Ok(s) => s,
+                Err(e) => {
+                    watcher.abort();
+                    bail!(
+                        "node {me}: cannot read its state after generation {}: {e}",
+                        plan.generation
+                    );
+                }
+            };
+            state = Start {
                 step,
                 cursor,
                 params: snap.params,
                 opt: snap.opt,
+            };
+            match end {
+                GenEnd::Resync(states) => {
+                    round = step;
+                    known = Some(states);
+                }
+                other => break other,
+            }
+        };
+        watcher.abort();
+        if matches!(end, GenEnd::Leave) {
+            comm.close(Duration::from_secs(10)).await;
+        }
+        Ok((end, state))
+    }
+
+    /// Compare this member's state with the group's (`known`: the states of a round
+    /// already exchanged; otherwise round `round` is exchanged now) and copy the reference
+    /// state from a peer when this member lacks it, or serve it to the members that copy
+    /// from this one ([`state_donors`]). Returns the state to train from and, when the
+    /// generation cannot go on, why.
+    async fn sync_state(
+        &mut self,
+        plan: &Plan,
+        peers: &[PeerAddr],
+        comm: &Arc<GrpcCollective>,
+        state: Start,
+        round: u64,
+        known: Option<Vec<PeerState>>,
+    ) -> (Start, std::result::Result<(), String>) {
+        let me = self.member.id().to_string();
+        let my_index = comm.spec().me;
+        let hash = tenax_actors::param_hash(&state.params);
+        let states = match known {
+            Some(s) => s,
+            None => {
+                self.shared.set_phase("comparing state");
+                match comm
+                    .compare_state(round, state.step, &hash, self.s.step_timeout)
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => return (state, Err(format!("state exchange: {e}"))),
+                }
+            }
+        };
+        let pairs: Vec<(u64, &str)> = states
+            .iter()
+            .map(|o| (o.step, o.param_hash.as_str()))
+            .collect();
+        let donors = state_donors(&pairs);
+        if let Some(d) = donors.get(my_index).copied().flatten() {
+            let donor = &peers[d];
+            let want = &states[d];
+            self.shared.set_phase("copying state");
+            let t0 = Instant::now();
+            let fetched = fetch_state(
+                &self.shared.hub,
+                plan.generation,
+                &me,
+                donor,
+                want.step,
+                &want.param_hash,
+                self.s.step_timeout,
+            )
+            .await;
+            let (snap, stats) = match fetched {
+                Ok(x) => x,
+                Err(e) => {
+                    return (
+                        state,
+                        Err(format!(
+                            "copying the state of step {} from {}: {e}",
+                            want.step, donor.id
+                        )),
+                    )
+                }
+            };
+            let got = tenax_actors::param_hash(&snap.params);
+            if got != want.param_hash {
+                return (
+                    state,
+                    Err(format!(
+                        "the state copied from {} hashes to {} instead of {}",
+                        donor.id,
+                        &got[..12],
+                        &want.param_hash[..want.param_hash.len().min(12)]
+                    )),
+                );
+            }
+            println!(
+                "node {me}: generation {}: copied the state of step {} from {} ({:.1} MB in {:.3} s, {:.2} GB/s; it was at step {} with parameters {})",
+                plan.generation,
+                snap.step,
+                donor.id,
+                stats.bytes as f64 / 1e6,
+                t0.elapsed().as_secs_f64(),
+                stats.gb_per_s(),
+                state.step,
+                &hash[..12]
+            );
+            {
+                let mut v = self.shared.view();
+                v.state_copies_in += 1;
+                v.state_bytes_in += stats.bytes;
+                v.last_copy_gb_per_s = stats.gb_per_s();
+                v.step = snap.step;
+                v.param_hash = got;
+            }
+            let opt = tenax_model::AdamW {
+                m: snap.m,
+                v: snap.v,
+                step: snap.opt_step,
+            };
+            return (
+                Start {
+                    step: snap.step,
+                    cursor: snap.cursor,
+                    params: snap.params,
+                    opt,
+                },
+                Ok(()),
+            );
+        }
+        let receivers: Vec<&str> = donors
+            .iter()
+            .zip(&states)
+            .filter(|(d, _)| **d == Some(my_index))
+            .map(|(_, s)| s.id.as_str())
+            .collect();
+        if receivers.is_empty() {
+            return (state, Ok(()));
+        }
+        self.shared.set_phase("sending state");
+        let Start {
+            step,
+            cursor,
+            params,
+            opt,
+        } = state;
+        let snap = Arc::new(StateSnapshot {
+            step,
+            cursor,
+            opt_step: opt.step,
+            param_hash: hash,
+            params,
+            m: opt.m,
+            v: opt.v,
+        });
+        let publication = self.shared.hub.publish_state(plan.generation, snap.clone());
+        let served = publication
+            .wait_served(receivers.len() as u64, self.s.step_timeout)
+            .await;
+        drop(publication);
+        let snap = Arc::try_unwrap(snap).unwrap_or_else(|a| StateSnapshot::clone(&a));
+        let state = Start {
+            step: snap.step,
+            cursor: snap.cursor,
+            params: snap.params,
+            opt: tenax_model::AdamW {
+                m: snap.m,
+                v: snap.v,
+                step: snap.opt_step,
             },
-        ))
+        };
+        match served {
+            Ok(()) => {
+                println!(
+                    "node {me}: generation {}: sent its state of step {step} to {}",
+                    plan.generation,
+                    receivers.join(", ")
+                );
+                self.shared.view().state_copies_out += 1;
+                (state, Ok(()))
+            }
+            Err(e) => (
+                state,
+                Err(format!("sending state to {}: {e}", receivers.join(", "))),
+            ),
+        }
+    }
+
+    /// Report the peers whose streams failed as suspects (the leader probes them, and a
+    /// confirmed one is evicted without waiting for its lease to expire).
+    fn suspect_failed_peers(&self, comm: &GrpcCollective) {
+        for (id, what) in comm.failed_peers() {
+            self.shared.view().suspicions += 1;
+            self.member.suspect(MemberId::new(id), what);
+        }
+    }
+
+    /// Step `step` is past its deadline: report the members it waits for.
+    fn suspect_late(
+        &self,
+        comm: &GrpcCollective,
+        step: u64,
+        slot_owner: &[usize],
+        waited: Duration,
+    ) {
+        let Some((losses, chunks)) = comm.progress(step) else {
+            return;
+        };
+        let chunks = (self.s.reduction == Reduction::Exact).then_some(chunks);
+        let late = tenax_core::detector::late_members(slot_owner, &losses, chunks.as_deref());
+        let me = comm.spec().me;
+        for k in late.into_iter().filter(|&k| k != me) {
+            let id = comm.spec().members[k].id.clone();
+            eprintln!(
+                "warning: node {}: step {} waits for {id} after {} ms: reporting it as a suspect",
+                self.member.id(),
+                step + 1,
+                waited.as_millis()
+            );
+            self.shared.view().suspicions += 1;
+            self.member.suspect(
+                MemberId::new(id),
+                format!(
+                    "step {} still waits for it after {} ms",
+                    step + 1,
+                    waited.as_millis()
+                ),
+            );
+        }
     }
 
     /// The steps of one generation. Returns how it ended, and the step and cursor reached.
@@ -1345,64 +1803,13 @@ impl Node<'_> {
         committer: bool,
         step0: u64,
         cursor0: u64,
-        hash0: &str,
+        slot_owner: &[usize],
     ) -> Result<(GenEnd, u64, u64)> {
         let me = self.member.id().to_string();
         let cfg = &self.prep.cfg;
         let mut step = step0;
         let mut cursor = cursor0;
-
-        // Everyone must start this generation from the same state.
-        let states = match comm.exchange_state(step, hash0, self.s.step_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                return self
-                    .after_failure(plan, step, cursor, format!("state exchange: {e}"))
-                    .await;
-            }
-        };
-        let pairs: Vec<(u64, &str)> = states
-            .iter()
-            .map(|o| (o.step, o.param_hash.as_str()))
-            .collect();
-        let keep = members_holding_reference_state(&pairs);
-        if keep.iter().any(|k| !k) {
-            let mine = states.iter().position(|o| o.id == me);
-            let reference = keep
-                .iter()
-                .position(|k| *k)
-                .map(|i| &states[i])
-                .ok_or_else(|| anyhow!("no reference state"))?;
-            if mine.is_none_or(|i| !keep[i]) {
-                // Copying state between members is the elasticity issue's; until then a
-                // member that does not hold the group's state leaves, and the rest go on.
-                bail!(
-                    "node {me}: generation {}: this node is at step {step} (parameters {}) but the group is at step {} (parameters {}, e.g. member {}): copying state between members is not supported yet, so this node leaves and the others go on; it can rejoin when the whole job restarts",
-                    plan.generation,
-                    &hash0[..hash0.len().min(12)],
-                    reference.step,
-                    &reference.param_hash[..reference.param_hash.len().min(12)],
-                    reference.id
-                );
-            }
-            let behind: Vec<&str> = states
-                .iter()
-                .zip(&keep)
-                .filter(|(_, k)| !**k)
-                .map(|(o, _)| o.id.as_str())
-                .collect();
-            return self
-                .after_failure(
-                    plan,
-                    step,
-                    cursor,
-                    format!(
-                        "member(s) {} do not hold the group's state and leave",
-                        behind.join(", ")
-                    ),
-                )
-                .await;
-        }
+        let my_slots = comm.spec().my_slots();
         self.shared.set_phase("training");
         let tokens_per_step =
             (cfg.batch_size as usize * self.prep.stored_cfg.model.block_size) as f64;
@@ -1452,13 +1859,36 @@ impl Node<'_> {
 
             let lr = self.prep.schedule.lr_at(step);
             let t0 = Instant::now();
-            let report = match trainer.step(step, cursor, lr as f32).await {
+            // Past the deadline a step is not abandoned: the members it waits for are
+            // reported, and the leader decides (probe, second reporter). The first step
+            // of a generation also waits for connections and state copies.
+            let first = step == step0;
+            let deadline = Duration::from_millis(self.deadline.deadline_ms()).max(if first {
+                Duration::from_secs(10)
+            } else {
+                Duration::ZERO
+            });
+            let fut = trainer.step(step, cursor, lr as f32);
+            tokio::pin!(fut);
+            let result = tokio::select! {
+                r = &mut fut => r,
+                _ = tokio::time::sleep(deadline) => {
+                    self.suspect_late(comm, step, slot_owner, deadline);
+                    fut.await
+                }
+            };
+            let report = match result {
                 Ok(r) => r,
                 Err(e) => {
+                    self.suspect_failed_peers(comm);
                     return self.after_failure(plan, step, cursor, e.to_string()).await;
                 }
             };
             let secs = t0.elapsed().as_secs_f64();
+            if !first {
+                self.deadline.observe(t0.elapsed().as_millis() as u64);
+            }
+            let step_cursor = cursor;
             step += 1;
             cursor += cfg.batch_size;
             let hash = trainer
@@ -1475,6 +1905,49 @@ impl Node<'_> {
                 v.loss = report.loss;
                 v.tokens_per_s = tokens_per_s;
                 v.param_hash = hash.clone();
+                v.leader = self.member.is_leader();
+            }
+            let mut line = json!({"step": step, "loss": report.loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                "grad_norm": report.grad_norm, "skipped": report.skipped, "generation": plan.generation,
+                "world": plan.world, "param_hash": hash, "cursor": step_cursor, "slots": my_slots, "t_ms": unix_ms()});
+            // Every N steps the members compare parameters; the odd ones copy the group's.
+            if self.s.hash_check_every > 0
+                && step.is_multiple_of(self.s.hash_check_every)
+                && step < cfg.steps
+            {
+                let states = match comm
+                    .compare_state(step, step, &hash, self.s.step_timeout)
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.suspect_failed_peers(comm);
+                        return self
+                            .after_failure(plan, step, cursor, format!("parameter check: {e}"))
+                            .await;
+                    }
+                };
+                if states
+                    .iter()
+                    .any(|o| o.param_hash != hash || o.step != step)
+                {
+                    let odd: Vec<String> = states
+                        .iter()
+                        .map(|o| {
+                            format!("{} {}", o.id, &o.param_hash[..o.param_hash.len().min(12)])
+                        })
+                        .collect();
+                    eprintln!(
+                        "ALARM: node {me}: generation {}: parameters differ between members after step {step} ({}): resyncing the odd ones from a peer",
+                        plan.generation,
+                        odd.join(", ")
+                    );
+                    self.shared.view().hash_mismatches += 1;
+                    if let Some(f) = self.metrics.as_mut() {
+                        writeln!(f, "{line}").context("metrics.jsonl: cannot append")?;
+                    }
+                    return Ok((GenEnd::Resync(states), step, cursor));
+                }
             }
             let last = step == cfg.steps;
             let val_loss = if committer
@@ -1501,9 +1974,6 @@ impl Node<'_> {
                     plan.generation
                 );
             }
-            let mut line = json!({"step": step, "loss": report.loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                "grad_norm": report.grad_norm, "skipped": report.skipped, "generation": plan.generation,
-                "world": plan.world, "param_hash": hash});
             if let Some(v) = val_loss {
                 line["val_loss"] = json!(v);
             }
@@ -1565,7 +2035,8 @@ impl Node<'_> {
                 return Ok((GenEnd::Reform, step, cursor));
             }
             if let MemberState::Lost { reason } = self.member.state() {
-                bail!("node {me}: lost its membership ({reason}) at step {step}; restart it to rejoin");
+                println!("node {me}: generation {} ended during step {}: this node lost its membership ({reason})", plan.generation, step + 1);
+                return Ok((GenEnd::Reform, step, cursor));
             }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { bail!("node {me}: the membership agent stopped") },

@@ -163,6 +163,10 @@ enum BenchCommand {
     /// N members form a generation, one lease is revoked; reform_s runs until every
     /// member has observed the next generation.
     Rendezvous(bench::BenchRendezvousArgs),
+    /// SIGKILL one of N daemons at a time: time to the survivors' first step in the next
+    /// generation (p50, p99), steps lost per failure, and the restarted daemon's state
+    /// copy from a peer (starts etcd and moto).
+    Recovery(bench::BenchRecoveryArgs),
 }
 
 fn main() -> ExitCode {
@@ -220,6 +224,7 @@ fn main() -> ExitCode {
                 BenchCommand::Ckpt(a) => bench::ckpt(a).await,
                 BenchCommand::Daemons(a) => bench::daemons(a).await,
                 BenchCommand::Rendezvous(a) => bench::rendezvous(a).await,
+                BenchCommand::Recovery(a) => bench::recovery(a).await,
             },
         }
     });

@@ -790,6 +790,20 @@ fn member_addr(node: &str, job: &str, url: &str, members: &[Member]) -> Result<S
     Ok(info.addr)
 }
 
+/// Whether the Control service at `addr` answers a Status call within `timeout`: the
+/// membership leader's probe of a suspected member.
+pub(crate) async fn probe_control(addr: &str, timeout: Duration) -> bool {
+    with_deadline(timeout, async {
+        let mut client = connect_control(addr, timeout).await?;
+        client
+            .status(tenax_proto::v1::StatusRequest {})
+            .await
+            .map_err(|s| s.to_string())
+    })
+    .await
+    .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

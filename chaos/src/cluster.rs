@@ -275,6 +275,17 @@ impl LocalCluster {
     /// stopped); otherwise when the log or run directory cannot be made or the binary
     /// cannot be executed.
     pub fn spawn_daemon(&mut self, node: usize, extra_args: &[String]) -> io::Result<()> {
+        self.spawn_daemon_env(node, extra_args, &[])
+    }
+
+    /// As [`Self::spawn_daemon`], with extra environment variables for this start only
+    /// (e.g. a chaos hook that makes this one daemon fail at a chosen moment).
+    pub fn spawn_daemon_env(
+        &mut self,
+        node: usize,
+        extra_args: &[String],
+        env: &[(String, String)],
+    ) -> io::Result<()> {
         if self.nodes.len() <= node {
             self.nodes.resize_with(node + 1, NodeSlot::default);
         }
@@ -341,6 +352,7 @@ impl LocalCluster {
                 .args(&args)
                 .envs(self.s3_env())
                 .envs(self.spec.env.iter().cloned())
+                .envs(env.iter().cloned())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log.try_clone()?)

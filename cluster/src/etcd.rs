@@ -7,6 +7,7 @@
 //! | `members/<id>` | the member's info bytes, under the member's lease | [`EtcdMembership::register`] |
 //! | `leader/<lease hex>` | the member id of a campaigner (etcd's election keys) | [`EtcdMembership::campaign`] |
 //! | `gen` | the plan envelope `{"generation":N,"plan":<plan JSON>}` (one value) | [`EtcdMembership::write_plan`] |
+//! | `suspects/<suspect>/<reporter>` | a suspicion report `{"reporter":..,"reason":..,"at_ms":..}`, under the reporter's lease | [`EtcdMembership::report_suspect`] |
 //! | anything else, e.g. `commits/<...>` | caller bytes | [`EtcdMembership::fenced_put`] |
 //!
 //! Fencing: a plan write and every commit is ONE etcd txn whose compares are the
@@ -30,7 +31,9 @@
 //!
 //! Member keys are watched with [`EtcdMembership::watch_members`] (the leader's view of
 //! who is registered) and [`EtcdMembership::watch_member`] (a member watching its own
-//! key): a snapshot, then every put and delete, as [`MemberEvent`]s.
+//! key): a snapshot, then every put and delete, as [`MemberEvent`]s. Suspicion reports
+//! are watched with [`EtcdMembership::watch_suspects`] (the leader hearing the followers'
+//! reports): only reports put after the watch started, as [`SuspectEvent`]s.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -64,6 +67,10 @@ const FENCE_ROUNDS: u32 = 3;
 
 /// The smallest lease TTL etcd grants with its default timing (3.4: 2 s).
 pub const MIN_LEASE_TTL_S: i64 = 2;
+
+/// The longest reason a suspicion report carries, in bytes; a longer one is cut (at a
+/// character boundary) by [`EtcdMembership::report_suspect`].
+pub const MAX_REPORT_REASON_BYTES: usize = 1024;
 
 /// Settings of one [`EtcdMembership`]. [`EtcdConfig::new`] fills in the defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -673,6 +680,44 @@ pub enum MemberEvent {
 /// [`EtcdMembership::watch_member`]): a [`MemberEvent::Snapshot`], then every change in
 /// order; a new snapshot after a compaction.
 pub type MemberWatch = KeyWatch<MemberEvent>;
+
+/// One suspicion report, as put by [`EtcdMembership::report_suspect`] and delivered by a
+/// [`SuspectWatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SuspectReport {
+    /// The suspected member id (from the key).
+    pub suspect: String,
+    /// The reporting member id (from the key; the value names the same one).
+    pub reporter: String,
+    /// What the reporter saw.
+    pub reason: String,
+    /// When the reporter reported it: its wall clock, milliseconds since the Unix epoch
+    /// (informational: nothing is decided on another node's clock).
+    pub at_ms: u64,
+    /// The etcd revision of the put.
+    pub revision: i64,
+}
+
+/// What a [`SuspectWatch`] delivers, in etcd revision order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SuspectEvent {
+    /// The watch read the reports prefix at `revision` and watches from the next
+    /// revision on. Reports stored before are NOT delivered (they were made to an earlier
+    /// leader, or are old). Delivered first, and again after the watch found its
+    /// revision compacted (reports in the compacted gap are not delivered).
+    Synced {
+        /// The etcd revision of the read.
+        revision: i64,
+    },
+    /// A report was put (a new one, or a reporter repeating itself). Deletions (a
+    /// reporter's lease ending) are not delivered; nor are malformed keys or values
+    /// (logged and skipped).
+    Report(SuspectReport),
+}
+
+/// A watch of the suspicion reports of a job ([`EtcdMembership::watch_suspects`]): a
+/// [`SuspectEvent::Synced`], then every report put after it.
+pub type SuspectWatch = KeyWatch<SuspectEvent>;
 
 /// The etcd driver of one job. Cheap to clone (clones share the connection and the
 /// request counter); every method takes `&self`, so a campaign can wait in its own task
@@ -1349,6 +1394,69 @@ impl EtcdMembership {
         Ok(self.start_member_watch(self.inner.member_key(member_id), false))
     }
 
+    /// Watches the suspicion reports of the job (the leader hearing its followers): a
+    /// [`SuspectEvent::Synced`] once the prefix `/tenax/<job>/suspects/` is read, then a
+    /// [`SuspectEvent::Report`] for every report put after that read. Like every watch
+    /// it resumes from its revision after a break and gives up after
+    /// [`EtcdConfig::give_up_after`] without a working connection. See [`SuspectWatch`].
+    pub fn watch_suspects(&self) -> SuspectWatch {
+        let source = SuspectSource {
+            key: self.inner.suspects_prefix(),
+        };
+        self.start_watch(source, None)
+    }
+
+    /// Reports that the writer suspects `suspect`: puts
+    /// `/tenax/<job>/suspects/<suspect>/<writer id>` =
+    /// `{"reporter":<writer id>,"reason":<reason>,"at_ms":<at_ms>}` under the WRITER's
+    /// lease, so that the report vanishes with its reporter. A report replaces the same
+    /// reporter's earlier report of the same suspect. The leader hears it through
+    /// [`EtcdMembership::watch_suspects`]. `reason` is cut to
+    /// [`MAX_REPORT_REASON_BYTES`]; `at_ms` is the reporter's wall clock (ms since the
+    /// Unix epoch). Returns the revision of the put.
+    ///
+    /// # Errors
+    /// [`EtcdError::InvalidArgument`] for an id with `/` or control characters;
+    /// [`EtcdError::LeaseLost`] when the writer's lease is gone; the errors of a call.
+    pub async fn report_suspect(
+        &self,
+        writer: &Writer,
+        suspect: &str,
+        reason: &str,
+        at_ms: u64,
+    ) -> Result<i64, EtcdError> {
+        check_id("report_suspect", suspect)?;
+        check_id("report_suspect", &writer.member_id)?;
+        let inner = &self.inner;
+        let key = format!("{}{suspect}/{}", inner.suspects_prefix(), writer.member_id);
+        let mut cut = reason.len().min(MAX_REPORT_REASON_BYTES);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let value = serde_json::json!({
+            "reporter": writer.member_id,
+            "reason": &reason[..cut],
+            "at_ms": at_ms,
+        })
+        .to_string();
+        let lease = writer.lease;
+        let result = inner
+            .call("put", &key, |mut c| {
+                let key = key.clone();
+                let value = value.clone();
+                async move {
+                    c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                        .await
+                }
+            })
+            .await;
+        match result {
+            Ok(resp) => Ok(resp.header().map_or(0, |h| h.revision())),
+            Err(e) if e.is_lease_not_found() => Err(inner.lease_lost(writer)),
+            Err(e) => Err(e),
+        }
+    }
+
     fn start_member_watch(&self, key: String, prefix: bool) -> MemberWatch {
         self.start_watch(MemberSource { key, prefix }, None)
     }
@@ -1417,6 +1525,11 @@ impl Inner {
     /// `/tenax/<job>/members/<id>`.
     fn member_key(&self, id: &str) -> String {
         self.key(&format!("members/{id}"))
+    }
+
+    /// `/tenax/<job>/suspects/`: the prefix of the suspicion reports.
+    fn suspects_prefix(&self) -> String {
+        self.key("suspects/")
     }
 
     /// `/tenax/<job>/leader`: the election name (its keys are `<name>/<lease hex>`).
@@ -1642,14 +1755,16 @@ fn check_id(what: &'static str, id: &str) -> Result<(), EtcdError> {
 
 /// A fenced key suffix must not touch the keys the driver owns.
 fn check_suffix(suffix: &str) -> Result<(), EtcdError> {
-    let reserved =
-        suffix == "gen" || suffix.starts_with("members/") || suffix.starts_with("leader");
+    let reserved = suffix == "gen"
+        || suffix.starts_with("members/")
+        || suffix.starts_with("leader")
+        || suffix.starts_with("suspects/");
     if suffix.is_empty() || suffix.starts_with('/') || reserved {
         return Err(EtcdError::InvalidArgument {
             what: "fenced_put",
             detail: format!(
                 "key suffix {suffix:?} is empty, starts with '/', or names a key the driver owns \
-                 (gen, members/..., leader...); use e.g. commits/<step>"
+                 (gen, members/..., leader..., suspects/...); use e.g. commits/<step>"
             ),
         });
     }
@@ -1839,6 +1954,11 @@ trait WatchSource: Send + 'static {
     fn key(&self) -> &str;
     /// Whether [`WatchSource::key`] is a prefix.
     fn prefix(&self) -> bool;
+    /// Whether a fresh read only needs the revision, not the values (then
+    /// [`WatchSource::snapshot`] gets no key-values).
+    fn count_only(&self) -> bool {
+        false
+    }
     /// What a fresh read of the key or range at `revision` delivers, in order.
     fn snapshot(
         &mut self,
@@ -1966,6 +2086,94 @@ impl WatchSource for MemberSource {
     }
 }
 
+/// The suspicion reports: a sync marker for each read of the prefix, then the reports
+/// put after it.
+struct SuspectSource {
+    /// `/tenax/<job>/suspects/`.
+    key: String,
+}
+
+impl SuspectSource {
+    /// The report of one put key-value, or why it is malformed.
+    fn parse(&self, kv: &KeyValue) -> Result<SuspectReport, String> {
+        let key = String::from_utf8_lossy(kv.key());
+        let (suspect, reporter) = key
+            .strip_prefix(self.key.as_str())
+            .and_then(|rest| rest.split_once('/'))
+            .filter(|(s, r)| !s.is_empty() && !r.is_empty() && !r.contains('/'))
+            .ok_or_else(|| format!("key {key} is not {}<suspect>/<reporter>", self.key))?;
+        let value: serde_json::Value = serde_json::from_slice(kv.value())
+            .map_err(|e| format!("the value of {key} is not JSON: {e}"))?;
+        let named = value.get("reporter").and_then(serde_json::Value::as_str);
+        if named != Some(reporter) {
+            return Err(format!(
+                "the value of {key} names reporter {named:?}, not the key's {reporter:?}"
+            ));
+        }
+        Ok(SuspectReport {
+            suspect: suspect.to_string(),
+            reporter: reporter.to_string(),
+            reason: value
+                .get("reason")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            at_ms: value
+                .get("at_ms")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or_default(),
+            revision: kv.mod_revision(),
+        })
+    }
+}
+
+impl WatchSource for SuspectSource {
+    type Item = SuspectEvent;
+    const WHAT: &'static str = "the suspicion reports";
+
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn prefix(&self) -> bool {
+        true
+    }
+
+    /// Stored reports are not delivered: the read only fixes the revision.
+    fn count_only(&self) -> bool {
+        true
+    }
+
+    fn snapshot(
+        &mut self,
+        _inner: &Inner,
+        _kvs: &[KeyValue],
+        revision: i64,
+    ) -> Result<Vec<SuspectEvent>, EtcdError> {
+        Ok(vec![SuspectEvent::Synced { revision }])
+    }
+
+    fn event(
+        &mut self,
+        _inner: &Inner,
+        kind: EventType,
+        kv: &KeyValue,
+    ) -> Result<Option<SuspectEvent>, EtcdError> {
+        if kind != EventType::Put {
+            return Ok(None);
+        }
+        match self.parse(kv) {
+            Ok(report) => Ok(Some(SuspectEvent::Report(report))),
+            Err(detail) => {
+                // One bad value (another tool, a hand edit) must not end the leader's
+                // watch: it is skipped.
+                tracing::warn!(%detail, "ignoring a malformed suspicion report");
+                Ok(None)
+            }
+        }
+    }
+}
+
 /// The watch loop: read the key or range (unless resuming from `next_rev`), watch from
 /// the next revision, resume after a break, re-read after a compaction. Ends when the
 /// receiver is dropped, on a malformed value, or after `give_up_after` without a working
@@ -2062,7 +2270,12 @@ async fn sync<S: WatchSource>(
 ) -> Result<Option<i64>, SessionEnd> {
     inner.requests.fetch_add(1, Ordering::Relaxed);
     let mut kv = inner.client.kv_client();
-    let opts = source.prefix().then(|| GetOptions::new().with_prefix());
+    let opts = match (source.prefix(), source.count_only()) {
+        (false, false) => None,
+        (false, true) => Some(GetOptions::new().with_count_only()),
+        (true, false) => Some(GetOptions::new().with_prefix()),
+        (true, true) => Some(GetOptions::new().with_prefix().with_count_only()),
+    };
     let resp = match tokio::time::timeout(inner.config.op_timeout, kv.get(source.key(), opts)).await
     {
         Ok(Ok(resp)) => resp,
@@ -2214,7 +2427,15 @@ mod tests {
 
     #[test]
     fn reserved_suffixes_are_refused() {
-        for s in ["", "/x", "gen", "members/a", "leader", "leader/1"] {
+        for s in [
+            "",
+            "/x",
+            "gen",
+            "members/a",
+            "leader",
+            "leader/1",
+            "suspects/a/b",
+        ] {
             assert!(check_suffix(s).is_err(), "{s}");
         }
         assert!(check_suffix("commits/100").is_ok());

@@ -28,27 +28,48 @@
 //!   `LeaseExpired` (member keys only disappear with their lease, or by hand),
 //!   `ArmSettleTimer` becomes a tokio timer that feeds `SettleTimerFired`, `WritePlan`
 //!   is [`EtcdMembership::write_plan`] (then `PlanCommitted` or `PlanWriteFailed`),
-//!   `RevokeLease` is [`EtcdMembership::revoke_lease`]. `Probe` needs the peer transport
-//!   (not there yet): it is logged and never answered, so a suspicion with one reporter
-//!   does not evict anyone.
+//!   `RevokeLease` is [`EtcdMembership::revoke_lease`].
+//! - Fast failure detection ([`Member::start_detecting`] with a [`Detection`]): anyone
+//!   who finds a peer late calls [`Member::suspect`] (non-blocking). The leader feeds its
+//!   own suspicions straight to its planner as `Suspected`; a follower puts a report at
+//!   `/tenax/<job>/suspects/<suspect>/<reporter>` under its own lease
+//!   ([`EtcdMembership::report_suspect`]; at most one per suspect every
+//!   [`REPORT_INTERVAL`]), which the leader hears through the suspects watch it opens
+//!   with leadership ([`EtcdMembership::watch_suspects`]; reports stored before are
+//!   ignored). The planner's confirmation rule decides: a second distinct reporter
+//!   confirms; a first report makes it ask for a `Probe`, which the agent runs with the
+//!   injected [`Prober`] (bounded by [`Detection::probe_timeout`], a timeout is dead)
+//!   and answers with `ProbeResult`; a dead probe confirms, a live one clears. Confirmed
+//!   means `RevokeLease`: the member key goes at once, well before its TTL, and the
+//!   member watch turns it into `LeaseExpired` and a new plan. Without a prober, a
+//!   `Probe` is logged and never answered: a suspicion with one reporter waits for a
+//!   second reporter or expires, so one reporter alone evicts nobody.
 //!
 //! Shape: one task per member (the agent) owns the planner and every watch, and runs
-//! one `select!` loop; etcd calls that may wait (campaign, plan write, revocation) run
-//! as jobs in a [`JoinSet`] that the agent owns, and their results come back into the
-//! loop. Every etcd call has the driver's timeout and bounded retries; every loop ends
-//! on [`Member::shutdown`] (a cancellation token) or when the member is lost. Dropping a
+//! one `select!` loop; calls that may wait (campaign, plan write, revocation, suspicion
+//! report, probe) run as jobs in a [`JoinSet`] that the agent owns, and their results
+//! come back into the loop. Every etcd call has the driver's timeout and bounded
+//! retries, every probe [`Detection::probe_timeout`]; every loop ends on
+//! [`Member::shutdown`] (a cancellation token) or when the member is lost. Dropping a
 //! [`Member`] aborts the agent, which drops its jobs and watches (aborting them) and the
 //! registration (its lease then expires after its TTL).
 //!
 //! In steady state a member writes nothing to etcd: lease keep-alives (refreshes, no
 //! revision), open watches, and one re-campaign per follower every [`CAMPAIGN_WAIT`].
+//! Suspicion reports are written only when something is suspected.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use tenax_core::membership::{Effect, Event, MemberId, MemberInfo, Plan, Planner, PlannerConfig};
-use tokio::sync::watch;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +77,7 @@ use tokio_util::sync::CancellationToken;
 use crate::etcd::{
     EtcdConfig, EtcdError, EtcdMembership, FenceOutcome, FenceRefusal, Leadership, LeaseState,
     Member as EtcdMember, MemberEvent, MemberWatch, PlanUpdate, PlanWatch, Registration,
-    WriteOutcome, Writer,
+    SuspectEvent, SuspectWatch, WriteOutcome, Writer,
 };
 
 /// How many times [`Member::start`] registers when the generation keeps changing
@@ -73,6 +94,66 @@ const CAMPAIGN_BACKOFF: Duration = Duration::from_millis(200);
 
 /// The longest pause between two failed campaigns.
 const CAMPAIGN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The default of [`Detection::probe_timeout`].
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// A member reports the same suspect at most once per this interval (later
+/// [`Member::suspect`] calls about it are dropped until it has passed).
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How many [`Member::suspect`] calls may wait for the agent; more are dropped (with a
+/// warning).
+pub const SUSPECT_QUEUE: usize = 64;
+
+/// How many suspects a member remembers having reported (for [`REPORT_INTERVAL`]); the
+/// oldest is forgotten first.
+const MAX_REPORTED: usize = 1024;
+
+/// Asks a member whether it is alive (e.g. a gRPC Status call to its `addr`); `true` if
+/// it answered. The agent bounds every probe by [`Detection::probe_timeout`] (a timeout
+/// is `false`).
+pub type Prober = Arc<dyn Fn(MemberInfo) -> BoxFuture<'static, bool> + Send + Sync>;
+
+/// Failure-detection settings of a [`Member`] ([`Member::start_detecting`]). The default
+/// has no prober: a leader's `Probe` is then logged and never answered.
+#[derive(Clone)]
+pub struct Detection {
+    /// How the leader probes a suspect; `None`: probes are not sent.
+    pub prober: Option<Prober>,
+    /// The longest a probe may take before it counts as dead (above zero). Default
+    /// [`DEFAULT_PROBE_TIMEOUT`].
+    pub probe_timeout: Duration,
+}
+
+impl Default for Detection {
+    fn default() -> Self {
+        Detection {
+            prober: None,
+            probe_timeout: DEFAULT_PROBE_TIMEOUT,
+        }
+    }
+}
+
+impl fmt::Debug for Detection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Detection")
+            .field("prober", &self.prober.as_ref().map_or("none", |_| "set"))
+            .field("probe_timeout", &self.probe_timeout)
+            .finish()
+    }
+}
+
+/// Counters of one member's failure detection, shared by the agent and the handle.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Probes the agent started.
+    probes_sent: AtomicU64,
+    /// Leases revoked (that still existed) as leader.
+    revocations: AtomicU64,
+    /// Suspicions reported: fed to the own planner as leader, or written to etcd.
+    suspicions_reported: AtomicU64,
+}
 
 /// Settings of one [`Member`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,6 +248,10 @@ pub struct Member {
     cancel: CancellationToken,
     /// The agent task; aborted on drop.
     agent: Option<JoinHandle<()>>,
+    /// Suspicions for the agent ([`Member::suspect`]).
+    suspect_tx: mpsc::Sender<(MemberId, String)>,
+    /// Failure-detection counters.
+    counters: Arc<Counters>,
 }
 
 impl Member {
@@ -182,7 +267,8 @@ impl Member {
     /// Starts a member on an existing connection (whose settings must be
     /// `config.etcd`): registers (see the module docs for the stale-registration rule),
     /// opens the plan watch and the watch of its own key, and starts the agent, which
-    /// campaigns for leadership. Returns once registered.
+    /// campaigns for leadership. Returns once registered. Failure detection runs with
+    /// [`Detection::default`] (no prober); see [`Member::start_detecting`].
     ///
     /// # Errors
     /// [`MemberError::InvalidConfig`] for a bad setting or a connection made with other
@@ -191,6 +277,27 @@ impl Member {
         etcd: EtcdMembership,
         config: MemberConfig,
     ) -> Result<Member, MemberError> {
+        Member::start_detecting(etcd, config, Detection::default()).await
+    }
+
+    /// As [`Member::start_with`], with the failure-detection settings `detection`: the
+    /// prober the agent runs when, as leader, its planner asks to probe a suspect.
+    ///
+    /// # Errors
+    /// As [`Member::start_with`]; [`MemberError::InvalidConfig`] for a zero
+    /// [`Detection::probe_timeout`].
+    pub async fn start_detecting(
+        etcd: EtcdMembership,
+        config: MemberConfig,
+        detection: Detection,
+    ) -> Result<Member, MemberError> {
+        if detection.probe_timeout.is_zero() {
+            return Err(MemberError::InvalidConfig {
+                detail: "detection.probe_timeout is zero; give a probe at least a few \
+                         milliseconds (default 1500 ms)"
+                    .into(),
+            });
+        }
         let MemberConfig {
             etcd: etcd_config,
             planner,
@@ -228,6 +335,8 @@ impl Member {
         let state_tx = Arc::new(state_tx);
         let (leader_tx, leader_rx) = watch::channel(false);
         let cancel = CancellationToken::new();
+        let (suspect_tx, suspect_rx) = mpsc::channel(SUSPECT_QUEUE);
+        let counters = Arc::new(Counters::default());
         let agent = Agent {
             etcd: etcd.clone(),
             writer: writer.clone(),
@@ -238,6 +347,11 @@ impl Member {
             plan_watch,
             own_watch,
             members_watch: None,
+            suspects_watch: None,
+            detection,
+            counters: counters.clone(),
+            suspect_rx,
+            reported: BTreeMap::new(),
             leases: BTreeMap::new(),
             leadership: None,
             campaign_failures: 0,
@@ -260,7 +374,45 @@ impl Member {
             leader_rx,
             cancel,
             agent: Some(agent),
+            suspect_tx,
+            counters,
         })
+    }
+
+    /// Reports that `member` seems dead or hung (e.g. it missed a collective's deadline),
+    /// without waiting: the suspicion is queued for the agent ([`SUSPECT_QUEUE`]; when
+    /// full it is dropped with a warning). A leader feeds it to its planner; a follower
+    /// writes it to etcd for the leader. The same suspect is reported at most once per
+    /// [`REPORT_INTERVAL`]; a report of oneself is ignored. One report evicts nobody: the
+    /// leader's probe or a second reporter must confirm it (see the module docs).
+    pub fn suspect(&self, member: MemberId, reason: String) {
+        match self.suspect_tx.try_send((member, reason)) {
+            Ok(()) => {}
+            Err(TrySendError::Full((member, reason))) => {
+                tracing::warn!(member = %self.info.id, target = %member, %reason, "suspicion dropped: {SUSPECT_QUEUE} suspicions already wait for the agent");
+            }
+            Err(TrySendError::Closed((member, _))) => {
+                tracing::debug!(member = %self.info.id, target = %member, "suspicion dropped: the agent has ended");
+            }
+        }
+    }
+
+    /// Probes this member started as leader (for `/metrics`).
+    pub fn probes_sent(&self) -> u64 {
+        self.counters.probes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Leases this member revoked as leader (confirmed failures evicted; a lease already
+    /// gone is not counted).
+    pub fn revocations(&self) -> u64 {
+        self.counters.revocations.load(Ordering::Relaxed)
+    }
+
+    /// Suspicions this member reported: fed to its own planner as leader, or written to
+    /// etcd as a follower (reports dropped by [`REPORT_INTERVAL`] or failed writes are
+    /// not counted).
+    pub fn suspicions_reported(&self) -> u64 {
+        self.counters.suspicions_reported.load(Ordering::Relaxed)
     }
 
     /// The member id.
@@ -466,6 +618,8 @@ struct Won {
     leadership: Leadership,
     /// The watch of every member key, its snapshot already taken.
     watch: MemberWatch,
+    /// The watch of suspicion reports, synced.
+    suspects: SuspectWatch,
     /// The registered members when leadership began.
     snapshot: Vec<EtcdMember>,
     /// The plan stored when leadership began (already decoded).
@@ -504,6 +658,20 @@ enum Job {
         /// Whether the lease still existed.
         result: Result<bool, EtcdError>,
     },
+    /// A probe asked for by the planner.
+    Probe {
+        /// The member probed.
+        member: MemberId,
+        /// Whether it answered in time; `None`: the prober panicked (not fed back).
+        alive: Option<bool>,
+    },
+    /// A follower's suspicion report written to etcd.
+    Report {
+        /// The member suspected.
+        suspect: MemberId,
+        /// The revision of the put.
+        result: Result<i64, EtcdError>,
+    },
 }
 
 /// The task of one member: owns the planner and the watches; see the module docs.
@@ -526,13 +694,24 @@ struct Agent {
     own_watch: MemberWatch,
     /// The watch of every member key, while leader.
     members_watch: Option<MemberWatch>,
+    /// The watch of suspicion reports, while leader.
+    suspects_watch: Option<SuspectWatch>,
+    /// The prober and its timeout.
+    detection: Detection,
+    /// Failure-detection counters, shared with the handle.
+    counters: Arc<Counters>,
+    /// Suspicions from [`Member::suspect`].
+    suspect_rx: mpsc::Receiver<(MemberId, String)>,
+    /// When each suspect was last reported (at most [`MAX_REPORTED`]).
+    reported: BTreeMap<MemberId, Instant>,
     /// While leader: the lease of each registered member (for revocations).
     leases: BTreeMap<MemberId, i64>,
     /// The election key, while leader.
     leadership: Option<Leadership>,
     /// Failed campaigns in a row (for the backoff).
     campaign_failures: u32,
-    /// Campaign, plan-write and revocation jobs; aborted when the agent ends.
+    /// Campaign, plan-write, revocation, probe and report jobs; aborted when the agent
+    /// ends.
     jobs: JoinSet<Job>,
     /// The newest plan observed.
     plan_tx: watch::Sender<Option<Plan>>,
@@ -550,6 +729,21 @@ async fn next_member_event(watch: &mut Option<MemberWatch>) -> Option<MemberEven
         Some(w) => w.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// The next event of the optional suspects watch; pending forever without one.
+async fn next_suspect_event(watch: &mut Option<SuspectWatch>) -> Option<SuspectEvent> {
+    match watch {
+        Some(w) => w.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The wall clock in milliseconds since the Unix epoch (0 before it).
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Agent {
@@ -572,6 +766,15 @@ impl Agent {
                 update = self.plan_watch.recv() => self.on_plan_update(update),
                 event = next_member_event(&mut self.members_watch),
                     if self.members_watch.is_some() => self.on_member_event(event),
+                event = next_suspect_event(&mut self.suspects_watch),
+                    if self.suspects_watch.is_some() => {
+                    self.on_suspect_event(event);
+                    Ok(())
+                }
+                Some((member, reason)) = self.suspect_rx.recv() => {
+                    self.on_suspect_call(member, reason);
+                    Ok(())
+                }
                 done = self.jobs.join_next(), if !self.jobs.is_empty() => match done {
                     Some(Ok(job)) => self.on_job(job),
                     Some(Err(e)) if e.is_cancelled() => Ok(()),
@@ -649,7 +852,37 @@ impl Agent {
                 }
             },
             Effect::Probe { member, reason } => {
-                tracing::warn!(member = %me, target = %member, %reason, "probe not sent: no peer transport yet");
+                let Some(prober) = self.detection.prober.clone() else {
+                    tracing::warn!(member = %me, target = %member, %reason, "probe not sent: no prober configured (the suspicion waits for a second reporter or expires)");
+                    return;
+                };
+                let Some(info) = self
+                    .planner
+                    .known_members()
+                    .find(|m| m.id == member)
+                    .cloned()
+                else {
+                    tracing::info!(member = %me, target = %member, %reason, "probe asked for a member that is not registered: not sent");
+                    return;
+                };
+                tracing::info!(member = %me, target = %member, addr = %info.addr, %reason, "probing a suspect");
+                self.counters.probes_sent.fetch_add(1, Ordering::Relaxed);
+                let limit = self.detection.probe_timeout;
+                self.jobs.spawn(async move {
+                    // The prober is called inside the job: a panicking prober costs one
+                    // probe, never the agent.
+                    let probe = AssertUnwindSafe(async move {
+                        tokio::time::timeout(limit, prober(info))
+                            .await
+                            .unwrap_or(false)
+                    })
+                    .catch_unwind()
+                    .await;
+                    Job::Probe {
+                        member,
+                        alive: probe.ok(),
+                    }
+                });
             }
             Effect::ArmSettleTimer { at_ms, reason } => {
                 tracing::debug!(member = %me, at_ms, %reason, "settle timer");
@@ -774,6 +1007,88 @@ impl Agent {
         }
     }
 
+    /// A [`Member::suspect`] call: at most one report per suspect per
+    /// [`REPORT_INTERVAL`]; a leader feeds it to its planner, a follower writes it to
+    /// etcd for the leader.
+    fn on_suspect_call(&mut self, member: MemberId, reason: String) {
+        let me = MemberId::new(self.writer.member_id.as_str());
+        if member == me {
+            tracing::debug!(member = %me, %reason, "ignoring a suspicion of oneself");
+            return;
+        }
+        let now = Instant::now();
+        if let Some(&last) = self.reported.get(&member) {
+            if now.duration_since(last) < REPORT_INTERVAL {
+                tracing::debug!(member = %me, target = %member, %reason, "suspicion not reported again: reported {:?} ago", now.duration_since(last));
+                return;
+            }
+        }
+        if self.reported.len() >= MAX_REPORTED && !self.reported.contains_key(&member) {
+            self.reported
+                .retain(|_, &mut at| now.duration_since(at) < REPORT_INTERVAL);
+            if self.reported.len() >= MAX_REPORTED {
+                let oldest = self
+                    .reported
+                    .iter()
+                    .min_by_key(|(_, &at)| at)
+                    .map(|(id, _)| id.clone());
+                if let Some(id) = oldest {
+                    self.reported.remove(&id);
+                }
+            }
+        }
+        self.reported.insert(member.clone(), now);
+        if self.leadership.is_some() {
+            tracing::info!(member = %me, target = %member, %reason, "suspecting a member (as leader)");
+            self.counters
+                .suspicions_reported
+                .fetch_add(1, Ordering::Relaxed);
+            self.feed(Event::Suspected {
+                member,
+                reporter: me,
+                reason,
+            });
+        } else {
+            tracing::info!(member = %me, target = %member, %reason, "reporting a suspect to the leader");
+            let etcd = self.etcd.clone();
+            let writer = self.writer.clone();
+            self.jobs.spawn(async move {
+                let result = etcd
+                    .report_suspect(&writer, member.as_str(), &reason, wall_ms())
+                    .await;
+                Job::Report {
+                    suspect: member,
+                    result,
+                }
+            });
+        }
+    }
+
+    /// A suspicion report while leader: every new report is `Suspected`. A watch that
+    /// ended is dropped (logged): reports go unheard, but the other evidence (the
+    /// leader's own suspicions and probes, lease expiry) still works.
+    fn on_suspect_event(&mut self, event: Option<SuspectEvent>) {
+        let me = &self.writer.member_id;
+        match event {
+            None => {
+                let status = self.suspects_watch.as_ref().map(SuspectWatch::status);
+                tracing::warn!(member = %me, ?status, "the watch of suspicion reports ended: followers' reports go unheard while this member leads");
+                self.suspects_watch = None;
+            }
+            Some(SuspectEvent::Synced { revision }) => {
+                tracing::debug!(member = %me, revision, "suspicion reports read; watching for new ones");
+            }
+            Some(SuspectEvent::Report(report)) => {
+                tracing::info!(member = %me, target = %report.suspect, reporter = %report.reporter, reason = %report.reason, revision = report.revision, "suspicion reported");
+                self.feed(Event::Suspected {
+                    member: MemberId::new(report.suspect),
+                    reporter: MemberId::new(report.reporter),
+                    reason: report.reason,
+                });
+            }
+        }
+    }
+
     /// A registration seen: feeds `MemberJoined` when its info decodes.
     fn joined(&mut self, member: &EtcdMember) {
         match serde_json::from_slice::<MemberInfo>(&member.info) {
@@ -814,6 +1129,7 @@ impl Agent {
                 let Won {
                     leadership,
                     watch,
+                    suspects,
                     snapshot,
                     current,
                 } = *won;
@@ -827,6 +1143,7 @@ impl Agent {
                 }
                 self.leadership = Some(leadership);
                 self.members_watch = Some(watch);
+                self.suspects_watch = Some(suspects);
                 self.leader_tx.send_replace(true);
                 self.feed(Event::BecameLeader { current });
                 Ok(())
@@ -876,10 +1193,41 @@ impl Agent {
             } => {
                 match result {
                     Ok(existed) => {
+                        if existed {
+                            self.counters.revocations.fetch_add(1, Ordering::Relaxed);
+                        }
                         tracing::info!(member = %me, target = %member, lease, existed, "lease revoked")
                     }
                     Err(e) => {
                         tracing::warn!(member = %me, target = %member, lease, error = %e, "revocation failed")
+                    }
+                }
+                Ok(())
+            }
+            Job::Probe { member, alive } => {
+                match alive {
+                    Some(alive) => {
+                        tracing::info!(member = %me, target = %member, alive, "probe answered");
+                        self.feed(Event::ProbeResult { member, alive });
+                    }
+                    None => {
+                        tracing::error!(member = %me, target = %member, "the prober panicked: no probe result (the suspicion waits for a second reporter or expires)");
+                    }
+                }
+                Ok(())
+            }
+            Job::Report { suspect, result } => {
+                match result {
+                    Ok(revision) => {
+                        self.counters
+                            .suspicions_reported
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(member = %me, target = %suspect, revision, "suspicion report written");
+                    }
+                    Err(e) => {
+                        // A later suspect() call may try again at once.
+                        self.reported.remove(&suspect);
+                        tracing::warn!(member = %me, target = %suspect, error = %e, "writing a suspicion report failed");
                     }
                 }
                 Ok(())
@@ -894,6 +1242,7 @@ impl Agent {
         tracing::warn!(member = %self.writer.member_id, %reason, "member lost");
         self.jobs.abort_all();
         self.members_watch = None;
+        self.suspects_watch = None;
         if let Some(l) = self.leadership.take() {
             tracing::warn!(member = %self.writer.member_id, create_revision = l.info.create_revision, "leadership ends with the member");
         }
@@ -957,6 +1306,24 @@ async fn campaign(etcd: EtcdMembership, writer: Writer) -> CampaignEnd {
             ))
         }
     };
+    // Reports stored before leadership are not delivered: the watch is synced before the
+    // member leads, so that every report put after that is heard.
+    let mut suspects = etcd.watch_suspects();
+    match tokio::time::timeout(limit, suspects.recv()).await {
+        Ok(Some(SuspectEvent::Synced { .. })) => {}
+        Ok(other) => {
+            return CampaignEnd::Failed(format!(
+                "the suspects watch began with {other:?} instead of a sync: {:?}",
+                suspects.status()
+            ))
+        }
+        Err(_) => {
+            return CampaignEnd::Failed(format!(
+                "the suspicion reports were not read within {limit:?}: {:?}",
+                suspects.status()
+            ))
+        }
+    }
     let current = match etcd.read_plan().await {
         Ok(None) => None,
         Ok(Some(record)) => match decode_plan(record.generation, &record.plan) {
@@ -973,6 +1340,7 @@ async fn campaign(etcd: EtcdMembership, writer: Writer) -> CampaignEnd {
     CampaignEnd::Won(Box::new(Won {
         leadership,
         watch,
+        suspects,
         snapshot,
         current,
     }))

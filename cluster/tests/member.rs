@@ -8,14 +8,16 @@
 //! which generation, that exactly one member leads, that a lost member's commits are
 //! refused by etcd, that steady state writes nothing.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use tenax_chaos::EtcdServer;
 use tenax_cluster::etcd::{EtcdConfig, EtcdMembership, FenceOutcome, FenceRefusal, WriteOutcome};
-use tenax_cluster::member::{Member, MemberConfig, MemberError, MemberState};
+use tenax_cluster::member::{Detection, Member, MemberConfig, MemberError, MemberState, Prober};
 use tenax_core::detector::ConfirmationConfig;
-use tenax_core::membership::{MemberId, Plan, PlannerConfig};
+use tenax_core::membership::{MemberId, MemberInfo, Plan, PlannerConfig};
 
 /// The most any wait in these tests may take; far above what it needs.
 const WAIT: Duration = Duration::from_secs(15);
@@ -556,5 +558,246 @@ async fn shutdown_leaves_at_once_and_drop_stops_the_keepalive() -> Result<()> {
     eprintln!("b dropped; its lease expired after {expired:?}");
     let refs: Vec<&Member> = members.iter().collect();
     await_plan(&refs, &["a"], plan.generation).await?;
+    Ok(())
+}
+
+/// Starts members `ids` (one connection each) with failure detection `detection`, a lease
+/// TTL of `ttl_s` and a settle window of `settle_ms`.
+async fn start_detecting(
+    server: &EtcdServer,
+    job: &str,
+    ids: &[&str],
+    ttl_s: i64,
+    settle_ms: u64,
+    detection: &Detection,
+) -> Result<Vec<Member>> {
+    let mut members = Vec::new();
+    for id in ids {
+        // min_members 1: the group re-forms without an evicted member.
+        let mut c = config(server, job, id, 1);
+        c.etcd.lease_ttl_s = ttl_s;
+        c.planner.settle_ms = settle_ms;
+        c.planner.settle_max_ms = 3 * settle_ms;
+        let etcd = EtcdMembership::connect(c.etcd.clone()).await?;
+        let m = Member::start_detecting(etcd, c, detection.clone())
+            .await
+            .with_context(|| format!("starting member {id}"))?;
+        members.push(m);
+    }
+    Ok(members)
+}
+
+/// What a test prober saw and decides.
+#[derive(Default)]
+struct ProbeLog {
+    /// Members whose probe never answers (so it times out: dead).
+    dead: BTreeSet<String>,
+    /// Members probed, in order.
+    probed: Vec<String>,
+}
+
+/// A prober that answers at once for the living and never for the members in `dead`.
+fn test_prober(log: Arc<Mutex<ProbeLog>>) -> Prober {
+    Arc::new(move |info: MemberInfo| {
+        let mut l = log.lock().unwrap();
+        l.probed.push(info.id.to_string());
+        let dead = l.dead.contains(info.id.as_str());
+        Box::pin(async move {
+            if dead {
+                std::future::pending::<()>().await;
+            }
+            true
+        })
+    })
+}
+
+/// Formation of `members` (all of them in generation 1), the leader's index and a
+/// follower's (the leader's next one).
+async fn formed(members: &[Member], ids: &[&str]) -> Result<(Plan, usize)> {
+    let refs: Vec<&Member> = members.iter().collect();
+    let (plan, _) = await_plan(&refs, ids, 0).await?;
+    let (l, _) = await_one_leader(&refs).await?;
+    Ok((plan, l))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspect_that_fails_the_leaders_probe_is_evicted_before_its_ttl() -> Result<()> {
+    const LONG_TTL_S: i64 = 5;
+    let etcd = start_etcd()?;
+    let log = Arc::new(Mutex::new(ProbeLog::default()));
+    let detection = Detection {
+        prober: Some(test_prober(log.clone())),
+        probe_timeout: Duration::from_millis(500),
+    };
+    let all = ["a", "b", "c"];
+    let members = start_detecting(&etcd, "probe", &all, LONG_TTL_S, 100, &detection).await?;
+    let (all_in, l) = formed(&members, &all).await?;
+    let leader = &members[l];
+    let x = (l + 1) % 3;
+    let victim = &members[x];
+    let victim_id = victim.id().as_str().to_string();
+    let survivors: Vec<&Member> = (0..3).filter(|&i| i != x).map(|i| &members[i]).collect();
+    let expected: Vec<&str> = survivors.iter().map(|m| m.id().as_str()).collect();
+    let mut victim_state = victim.state_receiver();
+
+    // The victim's keep-alives keep running: only a revocation removes it before its TTL.
+    log.lock().unwrap().dead.insert(victim_id.clone());
+    let t = Instant::now();
+    leader.suspect(victim.id().clone(), "missed the all-reduce deadline".into());
+    let (plan, _) = await_plan(&survivors, &expected, all_in.generation).await?;
+    let took = t.elapsed();
+    eprintln!(
+        "{victim_id} suspected by the leader {}; its probe timed out; gen {} -> {} without it \
+         after {took:?} (lease TTL {LONG_TTL_S} s; probe timeout 500 ms + settle 100 ms expected)",
+        leader.id(),
+        all_in.generation,
+        plan.generation
+    );
+    assert!(
+        took < Duration::from_secs(LONG_TTL_S as u64),
+        "eviction took {took:?}, not before the TTL"
+    );
+    assert!(plan.reason.contains(&victim_id), "{}", plan.reason);
+    assert_eq!(log.lock().unwrap().probed, vec![victim_id.clone()]);
+    assert_eq!(leader.probes_sent(), 1);
+    assert_eq!(leader.revocations(), 1);
+    assert_eq!(leader.suspicions_reported(), 1);
+    tokio::time::timeout(
+        WAIT,
+        victim_state.wait_for(|s| matches!(s, MemberState::Lost { .. })),
+    )
+    .await
+    .context("the evicted member reports Lost")??;
+    eprintln!("victim state: {:?}", victim.state());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_report_of_a_live_member_evicts_nobody() -> Result<()> {
+    let etcd = start_etcd()?;
+    let log = Arc::new(Mutex::new(ProbeLog::default()));
+    let detection = Detection {
+        prober: Some(test_prober(log.clone())),
+        ..Detection::default()
+    };
+    let all = ["a", "b", "c"];
+    let members = start_detecting(&etcd, "alive", &all, TTL_S, SETTLE_MS, &detection).await?;
+    let (all_in, l) = formed(&members, &all).await?;
+    let leader = &members[l];
+    let x = (l + 1) % 3;
+    let f = (l + 2) % 3;
+    let suspect = members[x].id().clone();
+    let raw = EtcdMembership::connect(etcd_config(&etcd, "alive")).await?;
+    let registered =
+        |ms: &[tenax_cluster::etcd::Member]| ms.iter().any(|m| m.id == suspect.as_str());
+
+    // The leader's own suspicion: it probes, the member answers, the suspicion clears.
+    leader.suspect(suspect.clone(), "slow step".into());
+    poll("the leader probes", WAIT, || {
+        (leader.probes_sent() == 1).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for m in &members {
+        assert_eq!(m.generation(), Some(all_in.generation), "{}", m.id());
+        assert_eq!(m.state(), MemberState::Active, "{}", m.id());
+    }
+    assert!(
+        registered(&raw.members().await?),
+        "{suspect} is still registered"
+    );
+    assert_eq!(leader.revocations(), 0);
+
+    // One follower's report, through etcd: the leader hears it, probes again, and the
+    // member answers again.
+    let follower = &members[f];
+    follower.suspect(suspect.clone(), "late chunk".into());
+    let (_, heard) = poll("the leader hears the follower's report", WAIT, || {
+        (leader.probes_sent() == 2).then_some(())
+    })
+    .await?;
+    eprintln!(
+        "{}'s report of {suspect} made the leader probe after {heard:?}",
+        follower.id()
+    );
+    assert_eq!(follower.suspicions_reported(), 1);
+    // Reported again at once: not written again.
+    follower.suspect(suspect.clone(), "late chunk again".into());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(follower.suspicions_reported(), 1);
+    assert_eq!(leader.probes_sent(), 2);
+    for m in &members {
+        assert_eq!(m.generation(), Some(all_in.generation), "{}", m.id());
+        assert_eq!(m.state(), MemberState::Active, "{}", m.id());
+    }
+    assert!(
+        registered(&raw.members().await?),
+        "{suspect} is still registered"
+    );
+    assert_eq!(leader.revocations(), 0);
+    assert_eq!(
+        log.lock().unwrap().probed,
+        vec![suspect.to_string(), suspect.to_string()]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_reporters_confirm_without_a_probe() -> Result<()> {
+    let etcd = start_etcd()?;
+    // No prober: a first report is never answered by a probe.
+    let all = ["a", "b", "c", "d"];
+    let members = start_detecting(
+        &etcd,
+        "confirm",
+        &all,
+        TTL_S,
+        SETTLE_MS,
+        &Detection::default(),
+    )
+    .await?;
+    let (all_in, l) = formed(&members, &all).await?;
+    let leader = &members[l];
+    let x = (l + 1) % 4;
+    let reporters = [(l + 2) % 4, (l + 3) % 4];
+    let suspect = members[x].id().clone();
+    let survivors: Vec<&Member> = (0..4).filter(|&i| i != x).map(|i| &members[i]).collect();
+    let expected: Vec<&str> = survivors.iter().map(|m| m.id().as_str()).collect();
+
+    // One report alone evicts nobody.
+    members[reporters[0]].suspect(suspect.clone(), "missed a step".into());
+    poll("the first report is written", WAIT, || {
+        (members[reporters[0]].suspicions_reported() == 1).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(leader.generation(), Some(all_in.generation));
+    assert_eq!(members[x].state(), MemberState::Active);
+
+    // A second, distinct reporter confirms.
+    let t = Instant::now();
+    members[reporters[1]].suspect(suspect.clone(), "missed a step too".into());
+    let (plan, _) = await_plan(&survivors, &expected, all_in.generation).await?;
+    eprintln!(
+        "{suspect} reported by {} and {}: gen {} -> {} without it {:?} after the second report",
+        members[reporters[0]].id(),
+        members[reporters[1]].id(),
+        all_in.generation,
+        plan.generation,
+        t.elapsed()
+    );
+    assert!(plan.reason.contains(suspect.as_str()), "{}", plan.reason);
+    assert_eq!(leader.probes_sent(), 0);
+    assert_eq!(leader.revocations(), 1);
+    for r in reporters {
+        assert_eq!(members[r].suspicions_reported(), 1, "{}", members[r].id());
+    }
+    let mut state = members[x].state_receiver();
+    tokio::time::timeout(
+        WAIT,
+        state.wait_for(|s| matches!(s, MemberState::Lost { .. })),
+    )
+    .await
+    .context("the evicted member reports Lost")??;
     Ok(())
 }

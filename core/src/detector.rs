@@ -781,3 +781,62 @@ mod tests {
         assert_eq!(c.len(), 1);
     }
 }
+
+/// The members a late step waits for, from what this member has received of it:
+/// `slot_owner[slot]` is the member (index) computing each slot, `losses_in[slot]` whether
+/// that slot's loss arrived, `chunks_in[k]` (exact reduction) whether member `k`'s
+/// reduced chunk arrived. While any slot's loss is missing, the late ones are the owners
+/// of those slots (every chunk owner is waiting on them, so missing chunks say nothing);
+/// otherwise they are the members whose chunk is missing. Sorted, each once.
+pub fn late_members(
+    slot_owner: &[usize],
+    losses_in: &[bool],
+    chunks_in: Option<&[bool]>,
+) -> Vec<usize> {
+    let mut late: Vec<usize> = slot_owner
+        .iter()
+        .zip(losses_in)
+        .filter(|(_, &arrived)| !arrived)
+        .map(|(&owner, _)| owner)
+        .collect();
+    if late.is_empty() {
+        if let Some(chunks) = chunks_in {
+            late = (0..chunks.len()).filter(|&k| !chunks[k]).collect();
+        }
+    }
+    late.sort_unstable();
+    late.dedup();
+    late
+}
+
+#[cfg(test)]
+mod late_members_tests {
+    use super::late_members;
+
+    #[test]
+    fn table() {
+        let owners = [0, 0, 1, 1, 2, 2];
+        let all = [true; 6];
+        let cases: &[(&[bool], Option<&[bool]>, &[usize])] = &[
+            // Member 2 has not computed its slots: only it is late.
+            (
+                &[true, true, true, true, false, false],
+                Some(&[false, false, false]),
+                &[2],
+            ),
+            (&[false, true, true, false, true, true], None, &[0, 1]),
+            // Every loss is in; member 1's reduced chunk is missing (died in the all-gather).
+            (&all, Some(&[true, false, true]), &[1]),
+            // Ring: no per-member chunks, nothing to blame once the losses are in.
+            (&all, None, &[]),
+            (&all, Some(&[true, true, true]), &[]),
+        ];
+        for (losses, chunks, want) in cases {
+            assert_eq!(
+                late_members(&owners, losses, *chunks),
+                *want,
+                "{losses:?} {chunks:?}"
+            );
+        }
+    }
+}

@@ -2045,8 +2045,9 @@ mod tests {
 /// state, given each member's `(step, param_hash)` in member order: the reference is the
 /// highest step and, among the members at it, the parameter hash most of them hold (ties:
 /// the first such member's). `true` for the members that hold the reference state; the
-/// others must get the state from a peer or leave (copying state is the elasticity
-/// issue's job; today they leave).
+/// others copy the state from a holder before training.
+///
+/// [`state_donors`] names, for the others, the holder each copies the state from.
 pub fn members_holding_reference_state(states: &[(u64, &str)]) -> Vec<bool> {
     let Some(best_step) = states.iter().map(|(s, _)| *s).max() else {
         return Vec::new();
@@ -2135,6 +2136,78 @@ mod keeps_every_member_tests {
                 *want,
                 "{cur:?} -> {next:?}"
             );
+        }
+    }
+}
+
+/// Who copies state from whom at the start of a generation, given each member's
+/// `(step, param_hash)` in member order (as for [`members_holding_reference_state`]):
+/// `None` for the members that hold the reference state, `Some(donor)` (a member index)
+/// for the others. Receivers are spread over the holders round-robin in member order, so
+/// that one donor does not serve every joiner when several hold the state. Every member
+/// computes the same answer from the same exchanged states.
+pub fn state_donors(states: &[(u64, &str)]) -> Vec<Option<usize>> {
+    let keep = members_holding_reference_state(states);
+    let holders: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
+    let mut next = 0usize;
+    keep.iter()
+        .map(|&k| {
+            if k || holders.is_empty() {
+                None
+            } else {
+                let d = holders[next % holders.len()];
+                next += 1;
+                Some(d)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod state_donors_tests {
+    use super::state_donors;
+
+    #[test]
+    fn table() {
+        let cases: &[(&[(u64, &str)], &[Option<usize>])] = &[
+            (&[], &[]),
+            (&[(5, "a"), (5, "a")], &[None, None]),
+            // A restarted member behind the group copies from the first holder.
+            (&[(5, "a"), (0, "z"), (5, "a")], &[None, Some(0), None]),
+            // Kill during the all-gather: one member completed the step.
+            (&[(6, "b"), (5, "a"), (5, "a")], &[None, Some(0), Some(0)]),
+            // Two joiners, two holders: one each.
+            (
+                &[(7, "a"), (0, "z"), (7, "a"), (0, "y")],
+                &[None, Some(0), None, Some(2)],
+            ),
+            // A diverged member at the same step: the majority donates.
+            (&[(5, "x"), (5, "a"), (5, "a")], &[Some(1), None, None]),
+        ];
+        for (states, want) in cases {
+            assert_eq!(state_donors(states), *want, "{states:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn donors_hold_the_reference_and_receivers_do_not(
+            states in proptest::collection::vec((0u64..4, 0usize..3), 0..9)
+        ) {
+            let hashes = ["a", "b", "c"];
+            let states: Vec<(u64, &str)> = states.iter().map(|&(s, h)| (s, hashes[h])).collect();
+            let keep = super::members_holding_reference_state(&states);
+            let donors = state_donors(&states);
+            proptest::prop_assert_eq!(donors.len(), states.len());
+            for (i, d) in donors.iter().enumerate() {
+                match d {
+                    None => proptest::prop_assert!(keep[i]),
+                    Some(d) => {
+                        proptest::prop_assert!(!keep[i]);
+                        proptest::prop_assert!(keep[*d]);
+                    }
+                }
+            }
         }
     }
 }

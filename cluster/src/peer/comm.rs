@@ -46,6 +46,10 @@ pub struct GrpcCollective {
     queue_bounds: Vec<usize>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     cancel: CancellationToken,
+    /// Peers whose stream failed, with what was seen (in order, each once).
+    failed_peers: Mutex<Vec<(String, String)>>,
+    /// Chaos hook: the step whose all-gather this member leaves half done, then exits.
+    exit_in_all_gather: Mutex<Option<u64>>,
 }
 
 struct Taken {
@@ -60,8 +64,13 @@ struct State {
     steps: BTreeMap<u64, StepState>,
     results: BTreeMap<u64, Taken>,
     finished_max: Option<u64>,
-    states: Vec<Option<MemberState>>,
+    /// Exchanged states by round (0: the start of the generation; later rounds: the
+    /// step of a periodic comparison).
+    states: BTreeMap<u64, Vec<Option<MemberState>>>,
 }
+
+/// Most state-exchange rounds held at once (rounds a fast peer opened early included).
+const MAX_STATE_ROUNDS: usize = 8;
 
 impl std::fmt::Debug for GrpcCollective {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,16 +137,15 @@ impl GrpcCollective {
         let comm = Arc::new(Self {
             geo,
             counters: hub.counters(),
-            state: Mutex::new(State {
-                states: vec![None; m],
-                ..State::default()
-            }),
+            state: Mutex::new(State::default()),
             changed: Condvar::new(),
             notify: watch::channel(0).0,
             links: Mutex::new(links),
             queue_bounds,
             tasks: Mutex::new(Vec::new()),
             cancel: CancellationToken::new(),
+            failed_peers: Mutex::new(Vec::new()),
+            exit_in_all_gather: Mutex::new(None),
             spec,
         });
         let (old, buffered) = hub
@@ -188,6 +196,47 @@ impl GrpcCollective {
         self.lock().aborted.clone()
     }
 
+    /// How far `step` got on this member: which slots' losses are in (by slot) and which
+    /// members' reduced chunks are in (by member; exact reduction only, the ring gives no
+    /// per-member chunks). `None` if the step is not open (not started, or complete).
+    /// Used to name the members a late step waits for.
+    pub fn progress(&self, step: u64) -> Option<(Vec<bool>, Vec<bool>)> {
+        let st = self.lock();
+        let s = st.steps.get(&step)?;
+        Some((s.losses_present(), s.chunks_present(&self.geo)))
+    }
+
+    /// The peers whose stream failed (connect refused, connection reset, ...), each with
+    /// what was seen: the members to suspect after an abort.
+    pub fn failed_peers(&self) -> Vec<(String, String)> {
+        self.failed_peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn peer_failed(&self, id: &str, what: &str) {
+        let mut failed = self
+            .failed_peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !failed.iter().any(|(p, _)| p == id) {
+            failed.push((id.to_string(), what.to_string()));
+        }
+    }
+
+    /// Chaos hook, for tests that need a member to die in the middle of a collective: in
+    /// `step`, this member sends its all-gather frames (reduced chunks, ring all-gather
+    /// rounds) to the first other member only, then exits the process 300 ms later. That
+    /// member can complete the step while the others cannot: the survivors then disagree
+    /// on whether the step was applied.
+    pub fn exit_during_all_gather(&self, step: u64) {
+        *self
+            .exit_in_all_gather
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(step);
+    }
+
     /// The send queue bound (in frames) towards member `k` (0 for this member).
     pub fn queue_bound(&self, k: usize) -> usize {
         self.queue_bounds.get(k).copied().unwrap_or(0)
@@ -196,9 +245,23 @@ impl GrpcCollective {
     /// Every member sends its state (`step`, `param_hash`) to every other; returns all
     /// members' states in member order, this member's included, once every one is in.
     /// Waits at most `timeout` ([`CollectiveError::Timeout`] counts members, not slots);
-    /// fails at once if the communicator is aborted.
+    /// fails at once if the communicator is aborted. This is round 0, at the start of
+    /// the generation; see [`Self::compare_state`] for later rounds.
     pub async fn exchange_state(
         &self,
+        step: u64,
+        param_hash: &str,
+        timeout: Duration,
+    ) -> Result<Vec<MemberState>, CollectiveError> {
+        self.compare_state(0, step, param_hash, timeout).await
+    }
+
+    /// As [`Self::exchange_state`], for round `round`: every member calls it with the
+    /// same round (a periodic comparison uses the step it is made at, which is never 0
+    /// within a generation's steps). A round's states are forgotten once returned.
+    pub async fn compare_state(
+        &self,
+        round: u64,
         step: u64,
         param_hash: &str,
         timeout: Duration,
@@ -212,8 +275,10 @@ impl GrpcCollective {
                     reason: reason.clone(),
                 });
             }
-            st.states[self.spec.me] = Some(MemberState {
-                id: self.spec.members[self.spec.me].id.clone(),
+            let me = self.spec.me;
+            let m = self.spec.members.len();
+            st.states.entry(round).or_insert_with(|| vec![None; m])[me] = Some(MemberState {
+                id: self.spec.members[me].id.clone(),
                 step,
                 param_hash: param_hash.to_string(),
             });
@@ -226,7 +291,7 @@ impl GrpcCollective {
                     self.frame(
                         step,
                         FrameKind::State,
-                        0,
+                        round,
                         0,
                         0,
                         0.0,
@@ -239,21 +304,23 @@ impl GrpcCollective {
         let deadline = tokio::time::Instant::from_std(start + timeout);
         loop {
             {
-                let st = self.lock();
+                let mut st = self.lock();
                 if let Some(reason) = &st.aborted {
                     return Err(CollectiveError::Aborted {
                         reason: reason.clone(),
                     });
                 }
-                if st.states.iter().all(Option::is_some) {
-                    return Ok(st.states.iter().flatten().cloned().collect());
+                let states = st.states.get(&round).cloned().unwrap_or_default();
+                if states.iter().all(Option::is_some) {
+                    st.states.remove(&round);
+                    return Ok(states.into_iter().flatten().collect());
                 }
                 if tokio::time::Instant::now() >= deadline {
                     return Err(CollectiveError::Timeout {
                         step,
                         waited_ms: start.elapsed().as_millis() as u64,
-                        arrived: st.states.iter().flatten().count() as u64,
-                        expected: st.states.len() as u64,
+                        arrived: states.iter().flatten().count() as u64,
+                        expected: states.len() as u64,
                     });
                 }
             }
@@ -336,7 +403,24 @@ impl GrpcCollective {
             FrameKind::State => {
                 let hash = String::from_utf8(frame.data.clone())
                     .map_err(|_| FrameError::Protocol("state hash is not UTF-8".into()))?;
-                st.states[from] = Some(MemberState {
+                let m = self.spec.members.len();
+                if !st.states.contains_key(&frame.index) && st.states.len() >= MAX_STATE_ROUNDS {
+                    return Err(FrameError::Protocol(format!(
+                        "state round {} would be more than {MAX_STATE_ROUNDS} open rounds",
+                        frame.index
+                    )));
+                }
+                let round = st
+                    .states
+                    .entry(frame.index)
+                    .or_insert_with(|| vec![None; m]);
+                if round[from].is_some() {
+                    return Err(FrameError::Protocol(format!(
+                        "state of round {} sent twice",
+                        frame.index
+                    )));
+                }
+                round[from] = Some(MemberState {
                     id: frame.from_member.clone(),
                     step: frame.step,
                     param_hash: hash,
@@ -479,7 +563,34 @@ impl GrpcCollective {
     }
 
     /// Queues frames without waiting; says why if a queue is full, closed or gone.
-    fn queue(&self, frames: Vec<(usize, PeerFrame)>) -> Result<(), String> {
+    fn queue(&self, mut frames: Vec<(usize, PeerFrame)>) -> Result<(), String> {
+        let fault = *self
+            .exit_in_all_gather
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(step) = fault {
+            let gather = |f: &PeerFrame| {
+                f.step == step
+                    && (f.kind == FrameKind::Reduced as i32
+                        || f.kind == FrameKind::RingGather as i32)
+            };
+            if frames.iter().any(|(_, f)| gather(f)) {
+                let first = self.others().next();
+                frames.retain(|(d, f)| !gather(f) || Some(*d) == first);
+                tracing::warn!(
+                    step,
+                    "chaos: all-gather sent to one peer only; exiting in 300 ms"
+                );
+                eprintln!(
+                    "chaos: member {} leaves the all-gather of step {step} half done and exits",
+                    self.spec.members[self.spec.me].id
+                );
+                std::thread::spawn(|| {
+                    std::thread::sleep(Duration::from_millis(300));
+                    std::process::exit(86);
+                });
+            }
+        }
         let failure = {
             let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
             let mut failure = None;
@@ -742,6 +853,7 @@ impl Link {
             }
             Err(e) => {
                 if let Some(comm) = self.comm.upgrade() {
+                    comm.peer_failed(&self.peer.id, &e);
                     comm.abort(&format!("peer {} at {}: {e}", self.peer.id, self.peer.addr));
                 }
             }

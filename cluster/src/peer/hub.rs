@@ -1,16 +1,20 @@
 //! The served side of the data plane: [`PeerHub`] takes every member's `Exchange`
-//! streams and routes each frame to the communicator of the installed generation.
+//! streams and routes each frame to the communicator of the installed generation, and
+//! answers `FetchState` requests with the state published for their generation
+//! ([`PeerHub::publish_state`], see [`super::transfer`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prost::Message;
 use tenax_proto::v1::peer_server::{Peer, PeerServer};
-use tenax_proto::v1::{ExchangeReply, PeerFrame};
+use tenax_proto::v1::{ExchangeReply, PeerFrame, StateRequest};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::comm::GrpcCollective;
+use super::transfer::{self, ChunkStream, Published};
 use super::{message_limit_bytes, DEFAULT_MAX_FRAME_FLOATS};
 
 /// Limits of a [`PeerHub`].
@@ -43,6 +47,8 @@ pub(super) struct Counters {
     pub accepted: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    pub state_bytes_served: AtomicU64,
+    pub state_bytes_fetched: AtomicU64,
 }
 
 impl Counters {
@@ -61,6 +67,10 @@ impl Counters {
 /// buffered frames of a generation older than the one installed are dropped and counted
 /// as stale). Every refusal is counted, both in the stream's [`ExchangeReply`] and in
 /// the hub's counters.
+///
+/// It also serves the state transfer: the state published with
+/// [`PeerHub::publish_state`] goes to the `FetchState` requests of its generation
+/// ([`super::fetch_state`] is the requesting side).
 #[derive(Clone)]
 pub struct PeerHub {
     inner: Arc<HubInner>,
@@ -71,6 +81,8 @@ struct HubInner {
     config: HubConfig,
     counters: Arc<Counters>,
     state: Mutex<HubState>,
+    /// The state published for `FetchState`, if any.
+    publication: watch::Sender<Option<Arc<Published>>>,
     shutdown: CancellationToken,
 }
 
@@ -95,6 +107,7 @@ impl std::fmt::Debug for PeerHub {
             .field("installed_generation", &self.installed_generation())
             .field("frames_accepted", &self.frames_accepted())
             .field("stale_refused", &self.stale_refused())
+            .field("published_generation", &self.published_generation())
             .finish()
     }
 }
@@ -109,6 +122,7 @@ impl PeerHub {
                 config,
                 counters: Arc::new(Counters::default()),
                 state: Mutex::new(HubState::default()),
+                publication: watch::channel(None).0,
                 shutdown: CancellationToken::new(),
             }),
         }
@@ -174,7 +188,8 @@ impl PeerHub {
         self.lock().buffer.len()
     }
 
-    /// Ends every open and future `Exchange` stream with `UNAVAILABLE`, so that peers
+    /// Ends every open and future `Exchange` and `FetchState` stream (and every
+    /// `FetchState` request waiting for a publication) with `UNAVAILABLE`, so that peers
     /// notice at once instead of waiting for their keep-alive. The daemon calls this
     /// before it stops its server (a graceful server shutdown waits for open streams).
     pub fn shutdown(&self) {
@@ -183,6 +198,14 @@ impl PeerHub {
 
     pub(super) fn counters(&self) -> Arc<Counters> {
         Arc::clone(&self.inner.counters)
+    }
+
+    pub(super) fn publication(&self) -> &watch::Sender<Option<Arc<Published>>> {
+        &self.inner.publication
+    }
+
+    pub(super) fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
@@ -327,5 +350,14 @@ impl Peer for PeerHub {
                 Err(status) => return Err(status),
             }
         }
+    }
+
+    type FetchStateStream = ChunkStream;
+
+    async fn fetch_state(
+        &self,
+        request: Request<StateRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        transfer::serve(self, request.into_inner()).await
     }
 }

@@ -47,12 +47,22 @@
 //! start the next step while this one still assembles the current one); anything else
 //! is a protocol error that aborts the communicator. A step's state is dropped once
 //! every local rank took its result.
+//!
+//! # State transfer
+//!
+//! A member that lacks the training state (it (re)joins, or ended up behind) takes
+//! parameters and Adam's moments from a live peer, the donor: the donor publishes a
+//! [`StateSnapshot`] for a generation ([`PeerHub::publish_state`]), the requester calls
+//! [`fetch_state`], which streams it over the `FetchState` rpc in chunks of at most
+//! [`STATE_CHUNK_FLOATS`] values, checked by header (step, parameter hash, size),
+//! offsets and a SHA-256 of the payload.
 
 mod comm;
 mod hub;
 mod step;
 #[cfg(test)]
 mod tests;
+mod transfer;
 
 use std::fmt;
 use std::ops::Range;
@@ -61,6 +71,10 @@ use std::time::Duration;
 
 pub use comm::{GrpcCollective, MAX_CONNECT_ATTEMPTS};
 pub use hub::{HubConfig, PeerHub};
+pub use transfer::{
+    fetch_state, Publication, StateSnapshot, TransferError, TransferStats, CHUNKS_IN_FLIGHT,
+    MAX_PUBLICATION_WAIT, STATE_CHUNK_FLOATS,
+};
 
 /// Default for [`CommSpec::max_frame_floats`] and [`HubConfig::max_frame_floats`]:
 /// 2^20 values, 4 MiB of gradient per frame.

@@ -558,6 +558,20 @@ impl StepState {
         Some(sum)
     }
 
+    /// Which slots' losses are in, by slot.
+    pub fn losses_present(&self) -> Vec<bool> {
+        self.losses.iter().map(Option::is_some).collect()
+    }
+
+    /// Which members' reduced chunks are in, by member (all `false` before the first).
+    pub fn chunks_present(&self, geo: &Geometry) -> Vec<bool> {
+        if self.gathered.done.is_empty() {
+            vec![false; geo.m]
+        } else {
+            self.gathered.done.clone()
+        }
+    }
+
     /// True once every chunk and every loss is in.
     pub fn is_complete(&self, geo: &Geometry) -> bool {
         self.gathered.count == geo.m && self.losses_in == self.losses.len() as u64

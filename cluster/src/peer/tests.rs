@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tenax_proto::v1::peer_client::PeerClient;
-use tenax_proto::v1::{FrameKind, PeerFrame};
+use tenax_proto::v1::{FrameKind, PeerFrame, StateChunk, StateRequest};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -518,4 +518,405 @@ fn reduction_names_and_chunks() {
     assert_eq!(piece_count(14, 7), 2);
     assert_eq!(piece_count(15, 7), 3);
     assert_eq!(message_limit_bytes(1 << 20), (4 << 20) + 65536);
+}
+
+// ---------------------------------------------------------------------------
+// State transfer (FetchState)
+// ---------------------------------------------------------------------------
+
+/// A snapshot of `n` values per tensor with arbitrary bit patterns (NaNs included), so
+/// that any conversion that is not bit-exact shows.
+fn snapshot(n: usize, step: u64, seed: u64) -> StateSnapshot {
+    let mut s = seed;
+    let mut vector = || -> Vec<f32> {
+        (0..n)
+            .map(|_| f32::from_bits((lcg(&mut s) as u32) ^ ((lcg(&mut s) as u32) << 31)))
+            .collect()
+    };
+    let (params, m, v) = (vector(), vector(), vector());
+    StateSnapshot {
+        step,
+        cursor: step * 1000 + 17,
+        opt_step: step + 3,
+        param_hash: format!("hash-{step}-{seed}"),
+        params,
+        m,
+        v,
+    }
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+fn donor_of(node: &Node) -> PeerAddr {
+    PeerAddr {
+        id: "donor".into(),
+        addr: node.addr.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_transfer_round_trip_is_bit_identical() {
+    let nodes = [start_node().await, start_node().await];
+    let n = 2_500_003; // three chunks per tensor, the last one short
+    let state = Arc::new(snapshot(n, 42, 7));
+    let publication = nodes[0].hub.publish_state(3, Arc::clone(&state));
+    assert_eq!(nodes[0].hub.published_generation(), Some(3));
+    let donor = donor_of(&nodes[0]);
+    let t = Duration::from_secs(60);
+    let (got, stats) = fetch_state(&nodes[1].hub, 3, "m1", &donor, 42, &state.param_hash, t)
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.step, got.cursor, got.opt_step, got.param_hash.as_str()),
+        (42, 42_017, 45, state.param_hash.as_str())
+    );
+    assert!(same_bits(&got.params, &state.params));
+    assert!(same_bits(&got.m, &state.m));
+    assert!(same_bits(&got.v, &state.v));
+    let bytes = 12 * n as u64;
+    assert_eq!((stats.bytes, stats.chunks), (bytes, 9));
+    assert!(stats.gb_per_s() > 0.0);
+    publication
+        .wait_served(1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(publication.served(), 1);
+    assert_eq!(nodes[0].hub.state_bytes_served(), bytes);
+    assert_eq!(nodes[1].hub.state_bytes_fetched(), bytes);
+    // Any hash is fine when none is asked for; a second transfer counts too.
+    let (again, _) = fetch_state(&nodes[1].hub, 3, "m1", &donor, 42, "", t)
+        .await
+        .unwrap();
+    assert!(same_bits(&again.v, &state.v));
+    publication
+        .wait_served(2, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let err = publication
+        .wait_served(3, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert!(err.contains("2 of 3"), "{err}");
+
+    // An empty state travels as one chunk.
+    let empty = Arc::new(snapshot(0, 1, 1));
+    let _p = nodes[0].hub.publish_state(4, Arc::clone(&empty));
+    let (got, stats) = fetch_state(&nodes[1].hub, 4, "m1", &donor, 1, "", t)
+        .await
+        .unwrap();
+    assert_eq!(got, *empty);
+    assert_eq!((stats.bytes, stats.chunks), (0, 1));
+}
+
+async fn raw_fetch(addr: &str, req: StateRequest) -> tonic::Status {
+    let mut client = PeerClient::connect(format!("http://{addr}")).await.unwrap();
+    match client.fetch_state(req).await {
+        Err(status) => status,
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("the request was served"),
+                    Err(status) => return status,
+                }
+            }
+        }
+    }
+}
+
+fn request(generation: u64, step: u64, wait_ms: u64) -> StateRequest {
+    StateRequest {
+        job: JOB.into(),
+        generation,
+        from_member: "m1".into(),
+        step,
+        param_hash: String::new(),
+        wait_ms,
+    }
+}
+
+fn refused(r: Result<(StateSnapshot, TransferStats), TransferError>) -> (tonic::Code, String) {
+    match r {
+        Err(e @ TransferError::Refused { code, .. }) => (code, e.to_string()),
+        Err(e) => panic!("not a refusal: {e}"),
+        Ok((s, _)) => panic!("served {s:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_transfer_refuses_mismatches_and_waits_for_a_publication() {
+    let nodes = [start_node().await, start_node().await];
+    let (hub, donor) = (&nodes[1].hub, donor_of(&nodes[0]));
+    let t = Duration::from_secs(10);
+    let state = Arc::new(snapshot(1000, 7, 1));
+    let five = nodes[0].hub.publish_state(5, Arc::clone(&state));
+
+    let (code, msg) = refused(fetch_state(hub, 5, "m1", &donor, 7, "wrong-hash", t).await);
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert!(
+        msg.contains("wrong-hash") && msg.contains(&donor.addr),
+        "{msg}"
+    );
+    let (code, msg) = refused(fetch_state(hub, 5, "m1", &donor, 8, "", t).await);
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert!(msg.contains("requested step 8"), "{msg}");
+    let (code, msg) = refused(fetch_state(hub, 4, "m1", &donor, 7, "", t).await);
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+    assert!(
+        msg.contains("stale") && msg.contains("generation 5"),
+        "{msg}"
+    );
+    let mut other = request(5, 7, 0);
+    other.job = "another-job".into();
+    let status = raw_fetch(&nodes[0].addr, other).await;
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("another-job"), "{status:?}");
+    assert_eq!(five.served(), 0);
+
+    // Generation 6 is published 200 ms after the request arrives: the donor waits.
+    let (hub1, donor1) = (hub.clone(), donor.clone());
+    let waiting = tokio::spawn(async move {
+        fetch_state(&hub1, 6, "m1", &donor1, 9, "", Duration::from_secs(10)).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let six = nodes[0]
+        .hub
+        .publish_state(6, Arc::new(snapshot(3000, 9, 2)));
+    let (got, _) = waiting.await.unwrap().unwrap();
+    assert_eq!(got.step, 9);
+    assert_eq!(six.served(), 1);
+    assert_eq!(five.served(), 0, "replaced by generation 6");
+    // Generation 5 is now stale; dropping the old handle does not withdraw generation 6.
+    drop(five);
+    assert_eq!(nodes[0].hub.published_generation(), Some(6));
+
+    // Nothing published within the wait: NOT_FOUND, quickly.
+    let started = Instant::now();
+    let status = raw_fetch(&nodes[0].addr, request(7, 9, 100)).await;
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // fetch_state lets the donor wait for part of its timeout, so NOT_FOUND comes first.
+    let started = Instant::now();
+    let (code, msg) =
+        refused(fetch_state(hub, 7, "m1", &donor, 9, "", Duration::from_secs(2)).await);
+    assert_eq!(code, tonic::Code::NotFound, "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // A withdrawn publication is not served.
+    drop(six);
+    assert_eq!(nodes[0].hub.published_generation(), None);
+    let status = raw_fetch(&nodes[0].addr, request(6, 9, 50)).await;
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+
+    // A request waiting when the hub shuts down ends at once.
+    let addr = nodes[0].addr.clone();
+    let waiting = tokio::spawn(async move { raw_fetch(&addr, request(8, 9, 30_000)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    nodes[0].hub.shutdown();
+    let status = waiting.await.unwrap();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_transfer_from_a_dead_donor_fails_in_time() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let hub = PeerHub::new(JOB, HubConfig::default());
+    let donor = PeerAddr {
+        id: "gone".into(),
+        addr: addr.clone(),
+    };
+    let started = Instant::now();
+    let timeout = Duration::from_millis(700);
+    let err = fetch_state(&hub, 1, "m1", &donor, 0, "", timeout)
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < timeout + Duration::from_millis(300));
+    let msg = err.to_string();
+    assert!(msg.contains(&addr) && msg.contains("gone"), "{msg}");
+    assert!(
+        matches!(
+            err,
+            TransferError::Connect { .. } | TransferError::TimedOut { .. }
+        ),
+        "{msg}"
+    );
+}
+
+/// A donor that serves whatever chunks it is given (to check the requester's checks).
+#[derive(Clone)]
+struct FakeDonor(Vec<StateChunk>);
+
+#[tonic::async_trait]
+impl tenax_proto::v1::peer_server::Peer for FakeDonor {
+    async fn exchange(
+        &self,
+        _: tonic::Request<tonic::Streaming<PeerFrame>>,
+    ) -> Result<tonic::Response<tenax_proto::v1::ExchangeReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake"))
+    }
+
+    type FetchStateStream = futures::stream::BoxStream<'static, Result<StateChunk, tonic::Status>>;
+
+    async fn fetch_state(
+        &self,
+        _: tonic::Request<StateRequest>,
+    ) -> Result<tonic::Response<Self::FetchStateStream>, tonic::Status> {
+        use futures::StreamExt;
+        Ok(tonic::Response::new(
+            futures::stream::iter(self.0.clone().into_iter().map(Ok)).boxed(),
+        ))
+    }
+}
+
+async fn fake_donor(chunks: Vec<StateChunk>) -> (PeerAddr, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(tenax_proto::v1::peer_server::PeerServer::new(FakeDonor(
+                chunks,
+            )))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+            .await;
+    });
+    (
+        PeerAddr {
+            id: "fake".into(),
+            addr,
+        },
+        stop,
+    )
+}
+
+/// The chunks a real donor sends for two values per tensor, one value per chunk.
+fn fake_chunks() -> Vec<StateChunk> {
+    use sha2::Digest;
+    let header = tenax_proto::v1::StateHeader {
+        step: 5,
+        cursor: 0,
+        opt_step: 5,
+        param_hash: "h".into(),
+        num_params: 2,
+    };
+    let mut chunks = Vec::new();
+    let mut all = Vec::new();
+    for tensor in 0..3u32 {
+        for offset in 0..2u64 {
+            let data = (tensor as f32 * 10.0 + offset as f32)
+                .to_le_bytes()
+                .to_vec();
+            all.extend_from_slice(&data);
+            chunks.push(StateChunk {
+                header: chunks.is_empty().then(|| header.clone()),
+                tensor,
+                offset,
+                data,
+                payload_sha256: String::new(),
+            });
+        }
+    }
+    let sum: String = sha2::Sha256::digest(&all)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    chunks.last_mut().unwrap().payload_sha256 = sum;
+    chunks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_transfer_checks_every_chunk_and_the_checksum() {
+    let hub = PeerHub::new(JOB, HubConfig::default());
+    let t = Duration::from_secs(10);
+    // The untampered stream is accepted.
+    let (donor, stop) = fake_donor(fake_chunks()).await;
+    let (got, _) = fetch_state(&hub, 1, "m1", &donor, 5, "h", t).await.unwrap();
+    assert_eq!(
+        (got.params, got.m, got.v),
+        (vec![0.0, 1.0], vec![10.0, 11.0], vec![20.0, 21.0])
+    );
+    stop.cancel();
+
+    type Tamper = fn(&mut Vec<StateChunk>);
+    let cases: Vec<(&str, Tamper)> = vec![
+        ("checksum mismatch", |c| {
+            c[3].data = 7.0f32.to_le_bytes().to_vec()
+        }),
+        ("offset 0 but 1 values came before", |c| c[3].offset = 0),
+        ("not whole f32 values", |c| c[2].data = vec![1, 2, 3]),
+        ("past its end", |c| c[1].data = vec![0; 8]),
+        ("tensor 2 starts but tensor 1 has only 1", |c| {
+            c.remove(3);
+        }),
+        ("without a checksum", |c| {
+            c.pop();
+        }),
+        ("first chunk has no header", |c| c[0].header = None),
+        ("step 5, not the requested step 6", |_| {}),
+    ];
+    for (want, tamper) in cases {
+        let mut chunks = fake_chunks();
+        tamper(&mut chunks);
+        let (donor, stop) = fake_donor(chunks).await;
+        let step = if want.contains("step 6") { 6 } else { 5 };
+        let err = fetch_state(&hub, 1, "m1", &donor, step, "", t)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(want) && err.contains(&donor.addr),
+            "{want}: {err}"
+        );
+        stop.cancel();
+    }
+}
+
+/// Loopback throughput of a ~100M-value state (3 x 33.3M floats, 400 MB):
+/// `cargo test -p tenax-cluster --release --lib peer::tests::state_transfer_throughput -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a throughput figure, run by hand in release"]
+async fn state_transfer_throughput() {
+    let nodes = [start_node().await, start_node().await];
+    let n = 33_333_333;
+    let values = |k: u32| -> Vec<f32> { (0..n as u32).map(|i| (i ^ k) as f32 * 0.5).collect() };
+    let state = Arc::new(StateSnapshot {
+        step: 1,
+        cursor: 0,
+        opt_step: 1,
+        param_hash: "h".into(),
+        params: values(0),
+        m: values(1),
+        v: values(2),
+    });
+    let _p = nodes[0].hub.publish_state(1, Arc::clone(&state));
+    let donor = donor_of(&nodes[0]);
+    for round in 0..3 {
+        let (got, stats) = fetch_state(
+            &nodes[1].hub,
+            1,
+            "m1",
+            &donor,
+            1,
+            "h",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.v.len(), n);
+        println!(
+            "round {round}: {} bytes in {} chunks, {:.3} s: {:.2} GB/s",
+            stats.bytes,
+            stats.chunks,
+            stats.seconds,
+            stats.gb_per_s()
+        );
+        drop(got);
+    }
 }
