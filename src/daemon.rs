@@ -525,7 +525,7 @@ impl pb::control_server::Control for ControlService {
         _: tonic::Request<pb::PauseRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
         self.shared.paused.send_replace(true);
-        Ok(reply(true, format!("node {} pauses at its next step boundary (pause the whole job with `tenax control pause --all`; a peer waits at most --step-timeout-s inside a step)", self.shared.member_id)))
+        Ok(reply(true, format!("node {} pauses at its next step boundary (pause the whole job with `tenax control pause --all`: peers kept waiting by one paused node report it as late after --suspect-after-ms, and it may be evicted)", self.shared.member_id)))
     }
 
     async fn resume(
@@ -1821,6 +1821,8 @@ impl Node<'_> {
                     "node {me}: generation {} ends after step {step}; re-forming",
                     plan.generation
                 );
+                // The others may have started the next step: they give it up at once.
+                comm.stop_after(step);
                 return Ok((GenEnd::Reform, step, cursor));
             }
             // Operator requests.
@@ -1832,6 +1834,7 @@ impl Node<'_> {
                 }
                 self.shared.set_phase("leaving");
                 println!("node {me}: drained: leaving the job after step {step}");
+                comm.stop_after(step);
                 return Ok((GenEnd::Leave, step, cursor));
             }
             if *self.shared.paused.borrow() {
@@ -1873,7 +1876,11 @@ impl Node<'_> {
             let result = tokio::select! {
                 r = &mut fut => r,
                 _ = tokio::time::sleep(deadline) => {
-                    self.suspect_late(comm, step, slot_owner, deadline);
+                    // Lateness while a newer plan is pending is the re-formation's; while
+                    // the job is paused (`control pause --all`), the pause's.
+                    if !reform.load(Ordering::SeqCst) && !*self.shared.paused.borrow() {
+                        self.suspect_late(comm, step, slot_owner, deadline);
+                    }
                     fut.await
                 }
             };

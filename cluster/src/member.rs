@@ -383,7 +383,8 @@ impl Member {
     /// without waiting: the suspicion is queued for the agent ([`SUSPECT_QUEUE`]; when
     /// full it is dropped with a warning). A leader feeds it to its planner; a follower
     /// writes it to etcd for the leader. The same suspect is reported at most once per
-    /// [`REPORT_INTERVAL`]; a report of oneself is ignored. One report evicts nobody: the
+    /// [`REPORT_INTERVAL`], or again once a plan without it was seen (it was evicted;
+    /// failing again after a rejoin is news); a report of oneself is ignored. One report evicts nobody: the
     /// leader's probe or a second reporter must confirm it (see the module docs).
     pub fn suspect(&self, member: MemberId, reason: String) {
         match self.suspect_tx.try_send((member, reason)) {
@@ -973,6 +974,9 @@ impl Agent {
         };
         match decode_plan(update.generation, &update.plan) {
             Ok(plan) => {
+                // A member the new plan left out was dealt with: if it comes back and fails
+                // again, that is a new suspicion, reported at once.
+                self.reported.retain(|m, _| plan.members.contains(m));
                 self.publish(&plan);
                 self.feed(Event::PlanCommitted(plan));
             }

@@ -67,6 +67,8 @@ struct State {
     /// Exchanged states by round (0: the start of the generation; later rounds: the
     /// step of a periodic comparison).
     states: BTreeMap<u64, Vec<Option<MemberState>>>,
+    /// Members that said they stop after a step ([`GrpcCollective::stop_after`]).
+    stopped_after: BTreeMap<usize, u64>,
 }
 
 /// Most state-exchange rounds held at once (rounds a fast peer opened early included).
@@ -213,6 +215,33 @@ impl GrpcCollective {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Tells every other member that this one stops the generation after `step` (a newer
+    /// plan arrived and it will not start the next step): a member already waiting on a
+    /// later step gives it up at once instead of waiting for its deadline. Sent after
+    /// everything this member queued before, on the same ordered streams.
+    pub fn stop_after(&self, step: u64) {
+        let frames: Vec<_> = self
+            .others()
+            .map(|k| (k, self.frame(step, FrameKind::Boundary, 0, 0, 0, 0.0, Vec::new())))
+            .collect();
+        if let Err(reason) = self.queue(frames) {
+            tracing::debug!(%reason, "could not announce the end of this generation");
+        }
+    }
+
+    /// Why a step after which some member stopped cannot complete, if one did.
+    fn stopped_before(&self, st: &State, step: u64) -> Option<String> {
+        st.stopped_after
+            .iter()
+            .find(|(_, &after)| step >= after)
+            .map(|(&k, &after)| {
+                format!(
+                    "member {} stopped this generation after step {after} (a newer plan)",
+                    self.spec.members[k].id
+                )
+            })
     }
 
     fn peer_failed(&self, id: &str, what: &str) {
@@ -400,6 +429,21 @@ impl GrpcCollective {
             .map_err(|_| FrameError::Protocol(format!("unknown frame kind {}", frame.kind)))?;
         match kind {
             FrameKind::Unspecified => Err(FrameError::Protocol("frame kind unspecified".into())),
+            FrameKind::Boundary => {
+                st.stopped_after.insert(from, frame.step);
+                // `frame.step` counts the steps the sender completed: the collective step
+                // of that index (and every later one) will miss its contributions.
+                let open_later = st.steps.keys().any(|&k| k >= frame.step);
+                drop(st);
+                if open_later {
+                    let reason = format!(
+                        "member {} stopped this generation after step {} (a newer plan)",
+                        frame.from_member, frame.step
+                    );
+                    self.abort(&reason);
+                }
+                Ok(())
+            }
             FrameKind::State => {
                 let hash = String::from_utf8(frame.data.clone())
                     .map_err(|_| FrameError::Protocol("state hash is not UTF-8".into()))?;
@@ -713,6 +757,10 @@ impl Collective for GrpcCollective {
                 });
             }
             check_step(&st, step).map_err(bad)?;
+            if let Some(reason) = self.stopped_before(&st, step) {
+                drop(st);
+                return Err(self.fail(&reason));
+            }
             let s = st
                 .steps
                 .entry(step)
@@ -766,6 +814,12 @@ impl Collective for GrpcCollective {
                 return Err(CollectiveError::Aborted {
                     reason: reason.clone(),
                 });
+            }
+            if let Some(reason) = self.stopped_before(&st, step) {
+                if !st.results.contains_key(&step) {
+                    drop(st);
+                    return Err(self.fail(&reason));
+                }
             }
             if let Some(t) = st.results.get_mut(&step) {
                 let result = Arc::clone(&t.result);

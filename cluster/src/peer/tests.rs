@@ -452,6 +452,34 @@ async fn exchange_state_returns_every_member_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_stopping_at_the_boundary_ends_the_next_step_at_once() {
+    let nodes = vec![start_node().await, start_node().await, start_node().await];
+    let comms = build(&nodes, 1, Reduction::Exact).await;
+    let results = run_step(&comms, &[0, 1, 2], 0, Duration::from_secs(10)).await;
+    assert!(results.iter().all(|(_, r)| r.is_ok()));
+    // Members 0 and 1 start step 1; member 2 saw a newer plan and stops after step 1.
+    let started = Instant::now();
+    let waiters = tokio::spawn({
+        let comms = comms.clone();
+        async move { run_step(&comms, &[0, 1], 1, Duration::from_secs(20)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    comms[2].stop_after(1);
+    let results = waiters.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    for (rank, r) in results {
+        match r {
+            Err(CollectiveError::Aborted { reason }) => {
+                assert!(reason.contains("m2 stopped"), "rank {rank}: {reason}")
+            }
+            other => panic!("rank {rank}: {other:?}"),
+        }
+    }
+    // Member 2 stays healthy: its own step 1 was never started, nothing was aborted.
+    assert!(comms[2].aborted().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_too_far_ahead_is_a_protocol_error() {
     let nodes = vec![start_node().await, start_node().await];
     let comm = GrpcCollective::new(&nodes[0].hub, spec(&nodes, 0, 1, Reduction::Exact)).unwrap();
