@@ -1402,3 +1402,204 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// Flags of `tenax bench state-copy`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchStateCopyArgs {
+    /// Parameters of the state (three f32 vectors of this length travel: parameters and
+    /// AdamW's two moments; gpt2-small has 124M).
+    #[arg(long, default_value_t = 33_333_333)]
+    pub params: usize,
+    /// Copies measured (after one warm-up copy).
+    #[arg(long, default_value_t = 3)]
+    pub copies: usize,
+}
+
+/// Flags of the donor process `tenax bench state-copy` starts.
+#[derive(Clone, Debug, clap::Args)]
+pub struct StateDonorArgs {
+    /// Parameters of the state it serves.
+    #[arg(long)]
+    pub params: usize,
+}
+
+const BENCH_JOB: &str = "bench-state-copy";
+
+/// The donor side of `tenax bench state-copy`: publishes a state of `--params` random
+/// values on a loopback port (printed as `listening <addr>` on stdout) and serves it until
+/// its stdin closes.
+pub async fn state_donor(a: StateDonorArgs) -> Result<()> {
+    use tenax_cluster::peer::{HubConfig, PeerHub, StateSnapshot};
+    let hub = PeerHub::new(BENCH_JOB, HubConfig::default());
+    let mut rng = SplitMix64::new(5);
+    let mut vector = || -> Vec<f32> {
+        (0..a.params)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect()
+    };
+    let snap = StateSnapshot {
+        step: 1,
+        cursor: 0,
+        opt_step: 1,
+        param_hash: String::new(),
+        params: vector(),
+        m: vector(),
+        v: vector(),
+    };
+    let snap = std::sync::Arc::new(snap);
+    let _publication = hub.publish_state(1, snap.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a loopback port")?;
+    // The baseline: the same bytes over a plain TCP socket, no framing, no checks.
+    let raw = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    println!("listening {} {}", listener.local_addr()?, raw.local_addr()?);
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for conn in raw.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = conn.set_nodelay(true);
+            let mut block = Vec::with_capacity(4 << 20);
+            for values in [&snap.params, &snap.m, &snap.v] {
+                for piece in values.chunks(1 << 20) {
+                    block.clear();
+                    for v in piece {
+                        block.extend_from_slice(&v.to_le_bytes());
+                    }
+                    if conn.write_all(&block).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sink = String::new();
+            let _ = std::io::stdin().read_line(&mut sink);
+            stop.cancel();
+        });
+    }
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(tenax_cluster::peer::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(tenax_cluster::peer::CONNECTION_WINDOW_BYTES))
+        .max_frame_size(tenax_cluster::peer::MAX_HTTP2_FRAME_BYTES)
+        .add_service(hub.service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stop.cancelled(),
+        )
+        .await
+        .context("serving the state")?;
+    Ok(())
+}
+
+/// Throughput of the state copy a joining daemon makes from a donor: a donor process and
+/// this one on loopback, over the same gRPC path (`FetchState`, chunked, checksummed).
+pub async fn state_copy(a: BenchStateCopyArgs) -> Result<()> {
+    use std::io::BufRead;
+    use tenax_cluster::peer::{fetch_state, HubConfig, PeerAddr, PeerHub};
+    let exe = std::env::current_exe().context("the tenax binary")?;
+    let mut child = std::process::Command::new(&exe)
+        .args(["bench", "state-donor", "--params", &a.params.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the donor process")?;
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().context("donor stdout")?)
+        .read_line(&mut first)
+        .context("reading the donor's address")?;
+    let addrs: Vec<String> = first
+        .trim()
+        .strip_prefix("listening ")
+        .map(|a| a.split(' ').map(str::to_string).collect())
+        .unwrap_or_default();
+    let [addr, raw_addr] = <[String; 2]>::try_from(addrs).map_err(|_| {
+        let _ = child.kill();
+        anyhow!("the donor process did not start: {first:?}")
+    })?;
+    let hub = PeerHub::new(BENCH_JOB, HubConfig::default());
+    let donor = PeerAddr {
+        id: "donor".into(),
+        addr,
+    };
+    let mut rates = Vec::new();
+    let mut bytes = 0;
+    let mut outcome = Ok(());
+    for i in 0..=a.copies {
+        match fetch_state(&hub, 1, "receiver", &donor, 1, "", Duration::from_secs(600)).await {
+            Ok((snap, stats)) => {
+                if snap.params.len() != a.params {
+                    outcome = Err(anyhow!("the copy has {} parameters", snap.params.len()));
+                    break;
+                }
+                bytes = stats.bytes;
+                if i > 0 {
+                    rates.push(stats.gb_per_s());
+                }
+            }
+            Err(e) => {
+                outcome = Err(anyhow!("{e}"));
+                break;
+            }
+        }
+    }
+    // Baseline: plain TCP, the same bytes, decoded into the same vectors.
+    let mut raw_rates = Vec::new();
+    if outcome.is_ok() {
+        for i in 0..=a.copies {
+            let addr = raw_addr.clone();
+            let n = a.params;
+            let r = tokio::task::spawn_blocking(move || -> Result<f64> {
+                use std::io::Read;
+                let t0 = Instant::now();
+                let mut conn = std::net::TcpStream::connect(&addr)?;
+                let mut block = vec![0u8; 4 << 20];
+                let mut tensors: Vec<Vec<f32>> = Vec::new();
+                for _ in 0..3 {
+                    let mut out = Vec::with_capacity(n);
+                    while out.len() < n {
+                        let take = (n - out.len()).min(1 << 20);
+                        conn.read_exact(&mut block[..take * 4])?;
+                        out.extend(
+                            block[..take * 4]
+                                .chunks_exact(4)
+                                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                        );
+                    }
+                    tensors.push(out);
+                }
+                Ok((12 * n) as f64 / t0.elapsed().as_secs_f64() / 1e9)
+            })
+            .await
+            .context("the baseline copy")?;
+            match r {
+                Ok(g) if i > 0 => raw_rates.push(g),
+                Ok(_) => {}
+                Err(e) => {
+                    outcome = Err(anyhow!("baseline copy over plain TCP: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+    drop(child.stdin.take());
+    let _ = child.wait();
+    outcome?;
+    let grpc = median(rates.clone());
+    let raw = median(raw_rates.clone());
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "state-copy", "params": a.params, "bytes": bytes, "copies": a.copies,
+            "gb_per_s": rates, "gb_per_s_median": grpc,
+            "plain_tcp_gb_per_s": raw_rates, "plain_tcp_gb_per_s_median": raw,
+            "state_copy_over_plain_tcp": grpc / raw,
+        })
+    );
+    Ok(())
+}

@@ -30,7 +30,7 @@ use tenax_cluster::etcd::{EtcdConfig, EtcdMembership, FenceOutcome};
 use tenax_cluster::member::{Detection, Member, MemberConfig, MemberState, Prober};
 use tenax_cluster::peer::{
     fetch_state, CommSpec, GrpcCollective, HubConfig, MemberState as PeerState, PeerAddr, PeerHub,
-    Reduction, StateSnapshot, CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES,
+    Reduction, StateSnapshot, CONNECTION_WINDOW_BYTES, MAX_HTTP2_FRAME_BYTES, STREAM_WINDOW_BYTES,
 };
 use tenax_cluster::Collective;
 use tenax_core::detector::{DetectorConfig, FailureDetector};
@@ -926,6 +926,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
                         .tcp_nodelay(true)
                         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
                         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+                        .max_frame_size(MAX_HTTP2_FRAME_BYTES)
                         .add_service(shared.hub.service())
                         .add_service(control)
                         .serve_with_incoming_shutdown(incoming, token.cancelled())

@@ -167,6 +167,12 @@ enum BenchCommand {
     /// generation (p50, p99), steps lost per failure, and the restarted daemon's state
     /// copy from a peer (starts etcd and moto).
     Recovery(bench::BenchRecoveryArgs),
+    /// Throughput of a joining daemon's state copy from a peer: a donor process and this
+    /// one on loopback, over the peer data plane (gRPC FetchState).
+    StateCopy(bench::BenchStateCopyArgs),
+    /// The donor process of `bench state-copy` (internal).
+    #[command(hide = true)]
+    StateDonor(bench::StateDonorArgs),
 }
 
 fn main() -> ExitCode {
@@ -225,6 +231,8 @@ fn main() -> ExitCode {
                 BenchCommand::Daemons(a) => bench::daemons(a).await,
                 BenchCommand::Rendezvous(a) => bench::rendezvous(a).await,
                 BenchCommand::Recovery(a) => bench::recovery(a).await,
+                BenchCommand::StateCopy(a) => bench::state_copy(a).await,
+                BenchCommand::StateDonor(a) => bench::state_donor(a).await,
             },
         }
     });

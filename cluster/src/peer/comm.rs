@@ -224,7 +224,12 @@ impl GrpcCollective {
     pub fn stop_after(&self, step: u64) {
         let frames: Vec<_> = self
             .others()
-            .map(|k| (k, self.frame(step, FrameKind::Boundary, 0, 0, 0, 0.0, Vec::new())))
+            .map(|k| {
+                (
+                    k,
+                    self.frame(step, FrameKind::Boundary, 0, 0, 0, 0.0, Vec::new()),
+                )
+            })
             .collect();
         if let Err(reason) = self.queue(frames) {
             tracing::debug!(%reason, "could not announce the end of this generation");
@@ -946,6 +951,7 @@ impl Link {
             // round trip per window. Open them to a few frames.
             .initial_stream_window_size(Some(super::STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(super::CONNECTION_WINDOW_BYTES))
+            .max_frame_size(super::MAX_HTTP2_FRAME_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);

@@ -86,7 +86,6 @@ pub const DEFAULT_CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 /// Room a frame needs besides its values in a gRPC message (routing fields, framing).
 pub const FRAME_OVERHEAD_BYTES: usize = 64 * 1024;
 
-/// The gRPC message size limit (decoding and encoding) for frames of at most
 /// HTTP/2 flow-control window of one peer stream (client and server side): large enough
 /// that a 4 MiB frame is never held back for a window update.
 pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
@@ -94,6 +93,11 @@ pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 /// HTTP/2 flow-control window of one peer connection.
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 
+/// Largest HTTP/2 DATA frame a peer endpoint accepts (client and server side): HTTP/2's
+/// default, 16 KiB, cuts a 4 MiB message into 256 frames.
+pub const MAX_HTTP2_FRAME_BYTES: u32 = 1 << 20;
+
+/// The gRPC message size limit (decoding and encoding) for frames of at most
 /// `max_frame_floats` values: `4 * max_frame_floats + 64 KiB`.
 pub fn message_limit_bytes(max_frame_floats: usize) -> usize {
     max_frame_floats

@@ -466,7 +466,11 @@ async fn a_member_stopping_at_the_boundary_ends_the_next_step_at_once() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     comms[2].stop_after(1);
     let results = waiters.await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     for (rank, r) in results {
         match r {
             Err(CollectiveError::Aborted { reason }) => {
@@ -826,7 +830,6 @@ async fn fake_donor(chunks: Vec<StateChunk>) -> (PeerAddr, CancellationToken) {
 
 /// The chunks a real donor sends for two values per tensor, one value per chunk.
 fn fake_chunks() -> Vec<StateChunk> {
-    use sha2::Digest;
     let header = tenax_proto::v1::StateHeader {
         step: 5,
         cursor: 0,
@@ -847,15 +850,14 @@ fn fake_chunks() -> Vec<StateChunk> {
                 tensor,
                 offset,
                 data,
-                payload_sha256: String::new(),
+                payload_checksum: String::new(),
             });
         }
     }
-    let sum: String = sha2::Sha256::digest(&all)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    chunks.last_mut().unwrap().payload_sha256 = sum;
+    let mut sum = super::transfer::PayloadSum::default();
+    sum.update(&all);
+    let sum = sum.finalize();
+    chunks.last_mut().unwrap().payload_checksum = sum;
     chunks
 }
 

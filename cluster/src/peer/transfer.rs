@@ -7,8 +7,9 @@
 //! of the published generation whose step (and parameter hash, if given) match with a
 //! stream of [`StateChunk`]s: the parameters, then Adam's `m`, then Adam's `v`, each in
 //! order of offset in pieces of at most [`STATE_CHUNK_FLOATS`] values (and at most the
-//! hub's `max_frame_floats`). The first chunk carries the [`StateHeader`], the last the
-//! SHA-256 of every data byte sent. A request of a generation not published yet waits
+//! hub's `max_frame_floats`). The first chunk carries the [`StateHeader`], the last a
+//! checksum of every data byte sent ([`PayloadSum`], Fletcher-64: memory speed; the
+//! parameters' SHA-256 is checked by the caller against the one it expected). A request of a generation not published yet waits
 //! for it (at most `min(wait_ms, 60 s)`, then `NOT_FOUND`); an older generation, another
 //! job or another step or hash are refused with `FAILED_PRECONDITION`.
 //!
@@ -28,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tenax_proto::v1::peer_client::PeerClient;
 use tenax_proto::v1::{StateChunk, StateHeader, StateRequest};
 use tokio::sync::{mpsc, watch};
@@ -215,8 +215,8 @@ pub(super) struct Published {
     state: Arc<StateSnapshot>,
     /// Complete transfers served.
     served: watch::Sender<u64>,
-    /// The hex SHA-256 of the payload, once a transfer computed it.
-    payload_sha256: OnceLock<String>,
+    /// The payload checksum, once a transfer computed it.
+    payload_checksum: OnceLock<String>,
 }
 
 /// Handle of a published state: served to `FetchState` requests of its generation until
@@ -310,7 +310,7 @@ impl PeerHub {
             generation,
             state,
             served: watch::channel(0).0,
-            payload_sha256: OnceLock::new(),
+            payload_checksum: OnceLock::new(),
         });
         self.publication().send_replace(Some(Arc::clone(&entry)));
         tracing::debug!(generation, step = entry.state.step, "state published");
@@ -472,8 +472,8 @@ impl Producer {
         }
         // The payload's checksum only depends on the state: computed by the first
         // transfer, reused by the next ones.
-        let known = self.published.payload_sha256.get().cloned();
-        let mut hasher = Sha256::new();
+        let known = self.published.payload_checksum.get().cloned();
+        let mut hasher = PayloadSum::default();
         let mut bytes = 0u64;
         let last = pieces.len() - 1;
         for (i, &(t, start, end)) in pieces.iter().enumerate() {
@@ -490,10 +490,10 @@ impl Producer {
                 tensor: t,
                 offset: start as u64,
                 data,
-                payload_sha256: if i == last {
+                payload_checksum: if i == last {
                     known.clone().unwrap_or_else(|| {
-                        let sum = to_hex(&hasher.finalize_reset());
-                        let _ = self.published.payload_sha256.set(sum.clone());
+                        let sum = hasher.finalize_reset();
+                        let _ = self.published.payload_checksum.set(sum.clone());
                         sum
                     })
                 } else {
@@ -536,7 +536,7 @@ impl Producer {
 }
 
 /// `values` as little-endian bytes, fed to `hasher` (if any) as they are written.
-fn encode_and_hash(values: &[f32], mut hasher: Option<&mut Sha256>) -> Vec<u8> {
+fn encode_and_hash(values: &[f32], mut hasher: Option<&mut PayloadSum>) -> Vec<u8> {
     let mut data = vec![0u8; values.len() * 4];
     for (block, vals) in data
         .chunks_mut(BLOCK_BYTES)
@@ -560,16 +560,6 @@ fn decode(data: &[u8], out: &mut Vec<f32>) {
     );
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 15)] as char);
-    }
-    s
-}
-
 /// Fetches the state `donor` published for `generation`, as member `me` of `hub`'s job.
 ///
 /// Connects (retrying until the deadline, with the peer data plane's large HTTP/2
@@ -577,7 +567,7 @@ fn to_hex(bytes: &[u8]) -> String {
 /// parameter hash `want_hash` (`""`: any), and checks what comes: the header (`step ==
 /// want_step`, the hash unless `want_hash` is empty, a parameter count it can hold),
 /// every chunk (in order, each tensor contiguous from offset 0, within bounds, whole
-/// values), all three tensors complete, and the SHA-256 of the payload. The donor may
+/// values), all three tensors complete, and the payload checksum. The donor may
 /// wait for the publication for the time left after the connect less a margin (a
 /// quarter of it, at most 2 s), and at most 60 s, so that "nothing published" comes
 /// back as a `NOT_FOUND` refusal rather than a timeout; the whole fetch is bounded by
@@ -733,7 +723,7 @@ impl Fetch<'_> {
                 (Some(_), Some(_)) => return Err(bad("a header after the first chunk".into())),
                 (Some(a), None) => a,
             };
-            let checksum = std::mem::take(&mut chunk.payload_sha256);
+            let checksum = std::mem::take(&mut chunk.payload_checksum);
             current.check(&chunk, !checksum.is_empty()).map_err(bad)?;
             current
                 .feed(chunk.tensor as usize, Arc::new(chunk.data))
@@ -813,6 +803,7 @@ impl Fetch<'_> {
             // round trip per 64 KiB of state.
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+            .max_frame_size(super::MAX_HTTP2_FRAME_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);
@@ -864,11 +855,11 @@ impl Assembly {
     fn new(header: StateHeader, n: usize, mut tensors: [Vec<f32>; 3]) -> Self {
         let (to_hasher, mut chunks) = mpsc::channel::<ChunkData>(CHUNKS_IN_FLIGHT);
         let hasher = tokio::task::spawn_blocking(move || {
-            let mut hasher = Sha256::new();
+            let mut hasher = PayloadSum::default();
             while let Some(data) = chunks.blocking_recv() {
                 hasher.update(&data[..]);
             }
-            to_hex(&hasher.finalize())
+            hasher.finalize()
         });
         let (to_writer, mut chunks) = mpsc::channel::<(usize, ChunkData)>(CHUNKS_IN_FLIGHT);
         let writer = tokio::task::spawn_blocking(move || {
@@ -957,7 +948,7 @@ impl Assembly {
             .map_err(|_| gone.to_string())
     }
 
-    /// The hex SHA-256 of every chunk fed, and the tensors.
+    /// The checksum of every chunk fed, and the tensors.
     async fn finish(self) -> (String, [Vec<f32>; 3]) {
         drop(self.to_hasher);
         drop(self.to_writer);
@@ -984,4 +975,40 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+/// The payload checksum: Fletcher-64 over little-endian u32 words (every chunk holds whole
+/// f32 values, so chunks split between words never). Order-sensitive and at memory speed;
+/// it catches a torn, truncated or misordered payload (TCP and HTTP/2 already guard the
+/// bytes on the wire), while the parameters are also checked against the SHA-256 the
+/// receiver expects.
+#[derive(Clone, Debug, Default)]
+pub(super) struct PayloadSum {
+    a: u64,
+    b: u64,
+}
+
+impl PayloadSum {
+    /// Adds `data` (a multiple of 4 bytes).
+    pub(super) fn update(&mut self, data: &[u8]) {
+        let (mut a, mut b) = (self.a, self.b);
+        for w in data.chunks_exact(4) {
+            a = a.wrapping_add(u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+            b = b.wrapping_add(a);
+        }
+        self.a = a;
+        self.b = b;
+    }
+
+    /// The checksum as 32 hex digits.
+    pub(super) fn finalize(&self) -> String {
+        format!("{:016x}{:016x}", self.a, self.b)
+    }
+
+    /// The checksum, and a fresh start.
+    pub(super) fn finalize_reset(&mut self) -> String {
+        let s = self.finalize();
+        *self = Self::default();
+        s
+    }
 }
