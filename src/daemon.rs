@@ -1074,6 +1074,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         )
         .map_err(|e| anyhow!("--suspect-after-ms: {e}"))?,
         flipped: false,
+        pending_record: None,
     };
     let outcome = node.train(start).await;
     let Node {
@@ -1130,6 +1131,8 @@ struct Node<'a> {
     deadline: FailureDetector,
     /// The chaos bit flip was done (it is done once).
     flipped: bool,
+    /// A checkpoint record etcd did not take yet (with its save time and the last try).
+    pending_record: Option<(CheckpointRecord, f64, Instant)>,
 }
 
 /// Most times a node registers again after losing its membership (evicted while hung,
@@ -2081,12 +2084,26 @@ impl Node<'_> {
                 .flush(FINAL_CHECKPOINT_TIMEOUT)
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
-            let committed = self.note_checkpoint_events(plan).await;
-            if committed != Some(step) {
-                bail!(
-                    "the checkpoint of step {step} was not committed to {}: fix the store; the job resumes from its last committed checkpoint",
-                    self.checkpointer_url()
-                );
+            // The record may wait for etcd (unreachable for a while): keep trying.
+            let deadline = Instant::now() + FINAL_CHECKPOINT_TIMEOUT;
+            loop {
+                if self.note_checkpoint_events(plan).await == Some(step) {
+                    break;
+                }
+                let waiting = self
+                    .pending_record
+                    .as_ref()
+                    .is_some_and(|(r, _, _)| r.step == step);
+                if !waiting || Instant::now() > deadline {
+                    bail!(
+                        "the checkpoint of step {step} was not committed to {}: fix the store and etcd; the job resumes from its last committed checkpoint",
+                        self.checkpointer_url()
+                    );
+                }
+                if let MemberState::Lost { reason } = self.member.state() {
+                    bail!("node {}: lost its membership ({reason}) while recording the checkpoint of step {step}", self.member.id());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
         Ok(())
@@ -2096,8 +2113,10 @@ impl Node<'_> {
         job_store_url(&self.s.store_root, &self.s.job)
     }
 
-    /// Record committed saves in etcd (fenced), log failures. Returns the newest step
-    /// committed and recorded in etcd by this call.
+    /// Record committed saves in etcd (fenced), log failures. A record etcd could not
+    /// take (unreachable) is kept and tried again at later step boundaries (at most once
+    /// a second) until it is taken, refused, or replaced by a newer one. Returns the
+    /// newest step recorded in etcd by this call.
     async fn note_checkpoint_events(&mut self, plan: &Plan) -> Option<u64> {
         let mut recorded = None;
         let me = self.member.id().to_string();
@@ -2117,24 +2136,15 @@ impl Node<'_> {
                         generation: plan.generation,
                         member: me.clone(),
                     };
-                    let bytes = serde_json::to_vec(&rec).expect("record serialises");
-                    match self.member.fenced_commit(CHECKPOINT_KEY, &bytes).await {
-                        Ok(FenceOutcome::Committed { .. }) => {
-                            println!("node {me}: checkpoint of step {step} committed ({url}, {save_s:.2} s)");
-                            let mut v = self.shared.view();
-                            v.last_checkpoint_step = step;
-                            v.last_checkpoint_url = url;
-                            v.checkpoints_committed += 1;
-                            v.last_save_s = save_s;
-                            v.save_s_sum += save_s;
-                            recorded = Some(step);
-                        }
-                        Ok(FenceOutcome::Refused { reason }) => eprintln!(
-                            "warning: node {me}: checkpoint of step {step} is in the store ({url}) but its etcd record was refused ({reason:?}): a newer generation commits instead"
-                        ),
-                        Err(e) => eprintln!(
-                            "warning: node {me}: checkpoint of step {step} is in the store ({url}) but recording it in etcd failed: {e}"
-                        ),
+                    {
+                        let mut v = self.shared.view();
+                        v.last_save_s = save_s;
+                        v.save_s_sum += save_s;
+                    }
+                    // A newer checkpoint replaces a record still waiting for etcd.
+                    self.pending_record = None;
+                    if self.record_checkpoint(rec, save_s).await {
+                        recorded = Some(step);
                     }
                 }
                 CheckpointEvent::Failed { step, error } => {
@@ -2147,7 +2157,59 @@ impl Node<'_> {
                 CheckpointEvent::Pruned { .. } | CheckpointEvent::PruneFailed { .. } => {}
             }
         }
+        let retry = self
+            .pending_record
+            .as_ref()
+            .filter(|(_, _, tried)| tried.elapsed() >= Duration::from_secs(1))
+            .map(|(rec, save_s, _)| (rec.clone(), *save_s));
+        if let Some((rec, save_s)) = retry {
+            let step = rec.step;
+            if self.record_checkpoint(rec, save_s).await {
+                recorded = Some(step);
+            }
+        }
         recorded
+    }
+
+    /// Writes the fenced etcd record of a checkpoint in the store. `true` when etcd took
+    /// it; when etcd could not be reached, the record waits in `pending_record`.
+    async fn record_checkpoint(&mut self, rec: CheckpointRecord, save_s: f64) -> bool {
+        let me = self.member.id().to_string();
+        let bytes = serde_json::to_vec(&rec).expect("record serialises");
+        let (step, url) = (rec.step, rec.url.clone());
+        let retried = self.pending_record.take().is_some();
+        match self.member.fenced_commit(CHECKPOINT_KEY, &bytes).await {
+            Ok(FenceOutcome::Committed { .. }) => {
+                println!(
+                    "node {me}: checkpoint of step {step} committed ({url}, {save_s:.2} s){}",
+                    if retried {
+                        "; etcd took its record once it answered again"
+                    } else {
+                        ""
+                    }
+                );
+                let mut v = self.shared.view();
+                v.last_checkpoint_step = step;
+                v.last_checkpoint_url = url;
+                v.checkpoints_committed += 1;
+                true
+            }
+            Ok(FenceOutcome::Refused { reason }) => {
+                eprintln!(
+                    "warning: node {me}: checkpoint of step {step} is in the store ({url}) but its etcd record was refused ({reason:?}): a newer generation commits instead"
+                );
+                false
+            }
+            Err(e) => {
+                if !retried {
+                    eprintln!(
+                        "warning: node {me}: checkpoint of step {step} is in the store ({url}) but etcd did not take its record ({e}); training goes on and the record is tried again"
+                    );
+                }
+                self.pending_record = Some((rec, save_s, Instant::now()));
+                false
+            }
+        }
     }
 
     /// Wait until the job's checkpoint record reaches `step` (another node commits it).

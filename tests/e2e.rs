@@ -1873,3 +1873,56 @@ fn a_member_whose_parameters_differ_is_resynced_and_counted() {
         assert_eq!(&h[10..], &h0[10..], "node {n} after the resync");
     }
 }
+
+/// The highest step node `n` logged.
+fn last_step(c: &LocalCluster, n: usize) -> u64 {
+    node_hashes(c, n).last().map_or(0, |(s, _)| *s)
+}
+
+#[test]
+fn training_goes_on_while_etcd_is_down_and_the_checkpoint_record_waits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let steps = 800;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "etcd-down";
+    let mut c = cluster(job, &data, steps, &["--ckpt-every", "50"]);
+    for n in 0..3 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
+            .unwrap();
+    }
+    wait_status(&c, job, "3 members at step 5", |s| {
+        s["members"].as_array().is_some_and(|m| m.len() == 3) && s["step"].as_u64() >= Some(5)
+    });
+    // etcd crashes (SIGKILL); training goes on over the peer data plane. Wait (bounded)
+    // until a checkpoint was saved during the outage and 20 more steps were done.
+    c.etcd().stop().unwrap();
+    let down_at = last_step(&c, 0);
+    let next_ckpt = (down_at / 50 + 1) * 50;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while last_step(&c, 0) < next_ckpt + 20 {
+        assert!(
+            Instant::now() < deadline && last_step(&c, 0) < steps,
+            "no progress without etcd (step {}):\n{}",
+            last_step(&c, 0),
+            c.log(0)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.etcd().restart().unwrap();
+    wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(300));
+    let logs: String = (0..3).map(|n| c.log(n)).collect();
+    assert!(
+        logs.contains("etcd did not take its record"),
+        "a checkpoint saved during the outage waits for etcd:\n{logs}"
+    );
+    // One generation from start to end: the outage re-formed nothing.
+    let lines = step_lines(&c, &[0, 1, 2]);
+    assert!(
+        lines.iter().all(|l| l.generation == lines[0].generation),
+        "{logs}"
+    );
+    assert_every_slot_once(&c, &[0, 1, 2], steps, 0);
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(got == want, "the final weights differ");
+}
