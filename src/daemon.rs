@@ -744,6 +744,38 @@ async fn find_resume_point(
     }
 }
 
+/// Whether the job is running: the stored plan names a member that is registered now.
+/// Says which, for the log.
+async fn live_group(etcd: &EtcdMembership) -> Result<Option<String>> {
+    let Some(record) = etcd.read_plan().await.map_err(|e| anyhow!("{e}"))? else {
+        return Ok(None);
+    };
+    let Ok(plan) = serde_json::from_slice::<Plan>(&record.plan) else {
+        return Ok(None);
+    };
+    let registered: Vec<String> = etcd
+        .members()
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    let live: Vec<&str> = plan
+        .ranks
+        .iter()
+        .map(|a| a.member.as_str())
+        .filter(|m| registered.iter().any(|r| r == m))
+        .collect();
+    Ok((!live.is_empty()).then(|| {
+        format!(
+            "job {} is running (generation {}, members {})",
+            etcd.config().job,
+            plan.generation,
+            live.join(", ")
+        )
+    }))
+}
+
 /// Fix the job's training config in etcd (the first node does) or check ours against it.
 async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> Result<()> {
     let ours = ConfigRecord {
@@ -808,7 +840,18 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     let store_url = job_store_url(&s.store_root, &s.job);
     let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
-    let resumed = find_resume_point(&etcd, &store).await?;
+    // A node joining a running job copies the state from a peer: it loads nothing. A
+    // fresh job, or a whole-job restart, loads the committed checkpoint.
+    let live = live_group(&etcd).await?;
+    let resumed = match &live {
+        Some(why) => {
+            println!(
+                "{why}: this node will copy the state from a peer instead of loading a checkpoint"
+            );
+            None
+        }
+        None => find_resume_point(&etcd, &store).await?,
+    };
     let stored: Option<StoredConfig> = match &resumed {
         Some(c) => Some(serde_json::from_value(c.manifest.config.clone()).map_err(|e| {
             anyhow!("checkpoint {}: its config does not parse ({e}): it was not written by this version of tenax", c.url)
@@ -1075,6 +1118,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .map_err(|e| anyhow!("--suspect-after-ms: {e}"))?,
         flipped: false,
         pending_record: None,
+        holds_state: live.is_none(),
+        store: store.clone(),
     };
     let outcome = node.train(start).await;
     let Node {
@@ -1133,7 +1178,23 @@ struct Node<'a> {
     flipped: bool,
     /// A checkpoint record etcd did not take yet (with its save time and the last try).
     pending_record: Option<(CheckpointRecord, f64, Instant)>,
+    /// Whether the node's state is real: false for a node that joined a running job and
+    /// has not copied the state yet (it compares as "empty", never as a donor).
+    holds_state: bool,
+    /// The job's checkpoint store (a node that holds no state and finds nobody who does
+    /// loads the committed checkpoint from it).
+    store: Store,
 }
+
+/// How long one attempt to write a checkpoint's etcd record may hold the training loop.
+const RECORD_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// How often a checkpoint record etcd did not take is tried again.
+const RECORD_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The state-exchange round of a group in which no member held any state: after every
+/// member loaded the committed checkpoint.
+const LOADED_ROUND: u64 = u64::MAX;
 
 /// Most times a node registers again after losing its membership (evicted while hung,
 /// cut off from etcd past its lease) before it gives up and exits.
@@ -1603,8 +1664,14 @@ impl Node<'_> {
     ) -> (Start, std::result::Result<(), String>) {
         let me = self.member.id().to_string();
         let my_index = comm.spec().me;
-        let hash = tenax_actors::param_hash(&state.params);
-        let states = match known {
+        let mut state = state;
+        // A node without state compares as empty: it is never a donor.
+        let mut hash = if self.holds_state {
+            tenax_actors::param_hash(&state.params)
+        } else {
+            String::new()
+        };
+        let mut states = match known {
             Some(s) => s,
             None => {
                 self.shared.set_phase("comparing state");
@@ -1617,6 +1684,39 @@ impl Node<'_> {
                 }
             }
         };
+        if states.iter().all(|o| o.param_hash.is_empty()) {
+            // Nobody holds the state (the group this node joined is gone): every member
+            // loads the committed checkpoint, then they compare again.
+            println!("node {me}: generation {}: no member holds the job's state; loading the committed checkpoint", plan.generation);
+            self.shared.set_phase("loading checkpoint");
+            let loaded = match find_resume_point(&self.etcd, &self.store).await {
+                Ok(c) => c,
+                Err(e) => {
+                    return (
+                        state,
+                        Err(format!("loading the committed checkpoint: {e:#}")),
+                    )
+                }
+            };
+            state = match start_state(self.prep, loaded.as_ref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    return (
+                        state,
+                        Err(format!("loading the committed checkpoint: {e:#}")),
+                    )
+                }
+            };
+            self.holds_state = true;
+            hash = tenax_actors::param_hash(&state.params);
+            states = match comm
+                .compare_state(LOADED_ROUND, state.step, &hash, self.s.step_timeout)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => return (state, Err(format!("state exchange: {e}"))),
+            };
+        }
         let pairs: Vec<(u64, &str)> = states
             .iter()
             .map(|o| (o.step, o.param_hash.as_str()))
@@ -1662,16 +1762,20 @@ impl Node<'_> {
                 );
             }
             println!(
-                "node {me}: generation {}: copied the state of step {} from {} ({:.1} MB in {:.3} s, {:.2} GB/s; it was at step {} with parameters {})",
+                "node {me}: generation {}: copied the state of step {} from {} ({:.1} MB in {:.3} s, {:.2} GB/s; {})",
                 plan.generation,
                 snap.step,
                 donor.id,
                 stats.bytes as f64 / 1e6,
                 t0.elapsed().as_secs_f64(),
                 stats.gb_per_s(),
-                state.step,
-                &hash[..12]
+                if hash.is_empty() {
+                    "it held no state".to_string()
+                } else {
+                    format!("it was at step {} with parameters {}", state.step, &hash[..12])
+                }
             );
+            self.holds_state = true;
             {
                 let mut v = self.shared.view();
                 v.state_copies_in += 1;
@@ -2160,7 +2264,7 @@ impl Node<'_> {
         let retry = self
             .pending_record
             .as_ref()
-            .filter(|(_, _, tried)| tried.elapsed() >= Duration::from_secs(1))
+            .filter(|(_, _, tried)| tried.elapsed() >= RECORD_RETRY_INTERVAL)
             .map(|(rec, save_s, _)| (rec.clone(), *save_s));
         if let Some((rec, save_s)) = retry {
             let step = rec.step;
@@ -2178,7 +2282,20 @@ impl Node<'_> {
         let bytes = serde_json::to_vec(&rec).expect("record serialises");
         let (step, url) = (rec.step, rec.url.clone());
         let retried = self.pending_record.take().is_some();
-        match self.member.fenced_commit(CHECKPOINT_KEY, &bytes).await {
+        // Bounded: the committer must not hold the group's next step while etcd is away.
+        let attempt = match tokio::time::timeout(
+            RECORD_ATTEMPT_TIMEOUT,
+            self.member.fenced_commit(CHECKPOINT_KEY, &bytes),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no answer from etcd within {} ms",
+                RECORD_ATTEMPT_TIMEOUT.as_millis()
+            )),
+        };
+        match attempt {
             Ok(FenceOutcome::Committed { .. }) => {
                 println!(
                     "node {me}: checkpoint of step {step} committed ({url}, {save_s:.2} s){}",

@@ -1672,7 +1672,7 @@ fn a_killed_member_is_evicted_and_rejoins_with_state_from_a_peer() {
     let steps = 800;
     let want = reference_export(&data, tmp.path(), steps);
     let job = "kill";
-    let mut c = cluster(job, &data, steps, &[]);
+    let mut c = cluster(job, &data, steps, &["--ckpt-every", "100"]);
     for n in 0..3 {
         c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
             .unwrap();
@@ -1708,6 +1708,13 @@ fn a_killed_member_is_evicted_and_rejoins_with_state_from_a_peer() {
     assert!(
         log.contains("copied the state of step"),
         "the restarted node copies the state from a peer:\n{log}"
+    );
+    // ... and never reads the checkpoints in the store.
+    let restarted = log.rsplit("start 2 ---").next().unwrap();
+    assert!(
+        restarted.contains("instead of loading a checkpoint")
+            && !restarted.contains("resuming from"),
+        "{restarted}"
     );
     let lost = assert_every_slot_once(&c, &[0, 1, 2], steps, 1);
     println!("steps lost to the kill: {lost}");

@@ -2045,15 +2045,25 @@ mod tests {
 /// state, given each member's `(step, param_hash)` in member order: the reference is the
 /// highest step and, among the members at it, the parameter hash most of them hold (ties:
 /// the first such member's). `true` for the members that hold the reference state; the
-/// others copy the state from a holder before training.
+/// others copy the state from a holder before training. An empty hash is a member that
+/// holds no state at all (a node that joined a running job without loading anything): it
+/// never counts; when every member is empty, nobody holds the reference (all `false`).
 ///
 /// [`state_donors`] names, for the others, the holder each copies the state from.
 pub fn members_holding_reference_state(states: &[(u64, &str)]) -> Vec<bool> {
-    let Some(best_step) = states.iter().map(|(s, _)| *s).max() else {
-        return Vec::new();
+    let Some(best_step) = states
+        .iter()
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(s, _)| *s)
+        .max()
+    else {
+        return vec![false; states.len()];
     };
     let mut best: Option<(&str, usize)> = None;
-    for (_, h) in states.iter().filter(|(s, _)| *s == best_step) {
+    for (_, h) in states
+        .iter()
+        .filter(|(s, h)| *s == best_step && !h.is_empty())
+    {
         let n = states
             .iter()
             .filter(|(s, x)| *s == best_step && x == h)
@@ -2086,6 +2096,10 @@ mod reference_state_tests {
             (&[(5, "x"), (5, "a"), (5, "a")], &[false, true, true]),
             // A tie: the first member's hash.
             (&[(5, "x"), (5, "a")], &[true, false]),
+            // A joiner that holds nothing, whatever step it claims.
+            (&[(5, "a"), (9, ""), (5, "a")], &[true, false, true]),
+            // Nobody holds state.
+            (&[(0, ""), (0, "")], &[false, false]),
         ];
         for (states, want) in cases {
             assert_eq!(keep(states), *want, "{states:?}");
@@ -2183,6 +2197,9 @@ mod state_donors_tests {
             ),
             // A diverged member at the same step: the majority donates.
             (&[(5, "x"), (5, "a"), (5, "a")], &[Some(1), None, None]),
+            // An empty joiner copies; when every member is empty nobody can donate.
+            (&[(0, ""), (3, "a")], &[Some(1), None]),
+            (&[(0, ""), (0, "")], &[None, None]),
         ];
         for (states, want) in cases {
             assert_eq!(state_donors(states), *want, "{states:?}");
@@ -2194,14 +2211,14 @@ mod state_donors_tests {
         fn donors_hold_the_reference_and_receivers_do_not(
             states in proptest::collection::vec((0u64..4, 0usize..3), 0..9)
         ) {
-            let hashes = ["a", "b", "c"];
+            let hashes = ["a", "b", ""];
             let states: Vec<(u64, &str)> = states.iter().map(|&(s, h)| (s, hashes[h])).collect();
             let keep = super::members_holding_reference_state(&states);
             let donors = state_donors(&states);
             proptest::prop_assert_eq!(donors.len(), states.len());
             for (i, d) in donors.iter().enumerate() {
                 match d {
-                    None => proptest::prop_assert!(keep[i]),
+                    None => proptest::prop_assert!(keep[i] || keep.iter().all(|k| !k)),
                     Some(d) => {
                         proptest::prop_assert!(!keep[i]);
                         proptest::prop_assert!(keep[*d]);
