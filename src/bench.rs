@@ -1118,8 +1118,8 @@ pub struct BenchRecoveryArgs {
     /// Daemons in the job.
     #[arg(long, default_value_t = 4)]
     pub nodes: usize,
-    /// SIGKILLs, each of one daemon that is not the leader, restarted after the others
-    /// re-formed.
+    /// SIGKILLs, each of one daemon that is not the leader (see --kill-leader), restarted
+    /// after the others re-formed.
     #[arg(long, default_value_t = 10)]
     pub kills: usize,
     /// Model preset.
@@ -1140,6 +1140,10 @@ pub struct BenchRecoveryArgs {
     /// Text to train on (default: a small synthetic corpus).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Kill the leader each time instead of another daemon (nobody is left to revoke its
+    /// lease: the survivors wait for it to expire).
+    #[arg(long)]
+    pub kill_leader: bool,
 }
 
 /// One line of a daemon's step log.
@@ -1303,7 +1307,14 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
                     .find(|m| m["leader"] == true)
                     .and_then(|m| m["id"].as_str()?.strip_prefix("node-")?.parse().ok())
             });
-            let candidates: Vec<usize> = (0..a.nodes).filter(|&n| Some(n) != leader).collect();
+            let candidates: Vec<usize> = if a.kill_leader {
+                leader.into_iter().collect()
+            } else {
+                (0..a.nodes).filter(|&n| Some(n) != leader).collect()
+            };
+            if candidates.is_empty() {
+                bail!("no leader found in `tenax status`");
+            }
             let victim = candidates[(rng.next_u64() % candidates.len() as u64) as usize];
             let copies_before = c.log(victim).matches("copied the state of step").count();
             let t_kill = unix_ms_now();
@@ -1392,7 +1403,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "recovery", "nodes": a.nodes, "kills": a.kills, "preset": a.preset,
+            "bench": "recovery", "nodes": a.nodes, "kills": a.kills, "preset": a.preset, "kill_leader": a.kill_leader,
             "settle_ms": a.settle_ms, "lease_ttl_s": a.lease_ttl_s, "suspect_after_ms": a.suspect_after_ms,
             "recovery_s": recoveries_s, "recovery_p50_s": percentile(&sorted, 50.0), "recovery_p99_s": percentile(&sorted, 99.0),
             "steps_lost": lost, "steps_lost_mean": mean_lost, "steps_lost_max": max_lost,

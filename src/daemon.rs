@@ -103,7 +103,7 @@ pub struct DaemonArgs {
     /// Membership lease TTL in seconds: how fast a dead node is noticed (at least 2) [default: 5].
     #[arg(long)]
     pub lease_ttl_s: Option<i64>,
-    /// After a membership change, wait this long for more before re-planning [default: 1000].
+    /// After a membership change, wait this long for more before re-planning [default: 300].
     #[arg(long)]
     pub settle_ms: Option<u64>,
     /// Deadline of one step, collective included [default: 300].
@@ -277,6 +277,8 @@ struct NodeView {
     last_copy_gb_per_s: f64,
     hash_mismatches: u64,
     suspicions: u64,
+    probes_sent: u64,
+    revocations: u64,
 }
 
 /// State shared by the loop, the control service and the metrics endpoint.
@@ -452,6 +454,18 @@ impl Shared {
                 "Periodic comparisons that found members with different parameters (each resyncs the odd ones).",
                 c,
                 v.hash_mismatches as f64,
+            )),
+            node(Sample::new(
+                "tenax_leader_probes_total",
+                "Suspects this node probed as leader.",
+                c,
+                v.probes_sent as f64,
+            )),
+            node(Sample::new(
+                "tenax_leader_revocations_total",
+                "Leases of confirmed suspects this node revoked as leader (evictions).",
+                c,
+                v.revocations as f64,
             )),
             node(Sample::new(
                 "tenax_suspicions_reported_total",
@@ -688,7 +702,7 @@ fn settings(args: &mut DaemonArgs) -> Result<Settings> {
         reduction,
         grace: Duration::from_secs(args.grace_period_s.unwrap_or(60)),
         lease_ttl_s,
-        settle_ms: args.settle_ms.unwrap_or(1000),
+        settle_ms: args.settle_ms.unwrap_or(300),
         step_timeout: Duration::from_secs(args.step_timeout_s.unwrap_or(300).max(1)),
         suspect_after_ms: args.suspect_after_ms.unwrap_or(2000).max(1),
         hash_check_every: args.hash_check_every.unwrap_or(100),
@@ -1104,6 +1118,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         run_dir,
         join,
         rejoins: 0,
+        probes_base: 0,
+        revocations_base: 0,
         metrics: None,
         history: Vec::new(),
         deadline: FailureDetector::new(
@@ -1170,6 +1186,9 @@ struct Node<'a> {
     join: MemberConfig,
     /// Registrations after the first.
     rejoins: u32,
+    /// Probes and revocations of earlier registrations (the counters go on across rejoins).
+    probes_base: u64,
+    revocations_base: u64,
     metrics: Option<std::fs::File>,
     history: Vec<crate::plot::LossPoint>,
     /// Step durations: the deadline past which a step's laggards are reported.
@@ -1329,6 +1348,8 @@ impl Node<'_> {
         self.shared.set_phase("rejoining");
         let fresh = start_member(&self.etcd, &self.join).await?;
         let old = std::mem::replace(&mut self.member, fresh);
+        self.probes_base += old.probes_sent();
+        self.revocations_base += old.revocations();
         if let Err(e) = old.shutdown().await {
             eprintln!("note: node {me}: releasing the old registration: {e}");
         }
@@ -2021,6 +2042,8 @@ impl Node<'_> {
                 v.tokens_per_s = tokens_per_s;
                 v.param_hash = hash.clone();
                 v.leader = self.member.is_leader();
+                v.probes_sent = self.probes_base + self.member.probes_sent();
+                v.revocations = self.revocations_base + self.member.revocations();
             }
             let mut line = json!({"step": step, "loss": report.loss, "lr": lr, "tokens_per_s": tokens_per_s,
                 "grad_norm": report.grad_norm, "skipped": report.skipped, "generation": plan.generation,
