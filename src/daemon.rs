@@ -7,8 +7,11 @@
 //! endpoint run as children of a [`NodeSupervisor`] actor, each restarted on failure at
 //! most 3 times a minute; one failure more and the node leaves the job after its current
 //! step and exits non-zero. The membership agent ([`Member`]) holds the lease; a lost
-//! membership ends the node (systemd or Kubernetes start a fresh one, which rejoins). The
-//! trainer ([`Trainer`]: one rank actor per device, candle on dedicated threads) is
+//! membership (evicted while hung, cut off past the lease) makes the node register again
+//! and copy the group's state from a peer. Members that are behind, diverged or new copy
+//! the state from a donor at the start of a generation; late or broken peers are
+//! reported to the leader, who evicts them once a probe or a second reporter confirms.
+//! The trainer ([`Trainer`]: one rank actor per device, candle on dedicated threads) is
 //! rebuilt from its last state at every generation. The Checkpoint actor
 //! ([`Checkpointer`]) uploads in the background. [`run`] drives the training loop.
 
@@ -2241,8 +2244,8 @@ impl Node<'_> {
     }
 
     /// Record committed saves in etcd (fenced), log failures. A record etcd could not
-    /// take (unreachable) is kept and tried again at later step boundaries (at most once
-    /// a second) until it is taken, refused, or replaced by a newer one. Returns the
+    /// take (unreachable) is kept and tried again at later step boundaries (every
+    /// [`RECORD_RETRY_INTERVAL`]) until it is taken, refused, or replaced by a newer one. Returns the
     /// newest step recorded in etcd by this call.
     async fn note_checkpoint_events(&mut self, plan: &Plan) -> Option<u64> {
         let mut recorded = None;

@@ -55,7 +55,8 @@
 //! [`StateSnapshot`] for a generation ([`PeerHub::publish_state`]), the requester calls
 //! [`fetch_state`], which streams it over the `FetchState` rpc in chunks of at most
 //! [`STATE_CHUNK_FLOATS`] values, checked by header (step, parameter hash, size),
-//! offsets and a SHA-256 of the payload.
+//! offsets and a Fletcher-64 checksum of the payload (the caller checks the parameters'
+//! SHA-256 against the hash it expected).
 
 mod comm;
 mod hub;
