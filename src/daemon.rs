@@ -1849,9 +1849,28 @@ impl Node<'_> {
             v: opt.v,
         });
         let publication = self.shared.hub.publish_state(plan.generation, snap.clone());
-        let served = publication
-            .wait_served(receivers.len() as u64, self.s.step_timeout)
-            .await;
+        // Wait for the receivers, but not past the generation: a receiver that dies
+        // mid-copy gets evicted, and the newer plan aborts the communicator.
+        let started = Instant::now();
+        let served = loop {
+            let slice = Duration::from_millis(200);
+            match publication.wait_served(receivers.len() as u64, slice).await {
+                Ok(()) => break Ok(()),
+                Err(e) => {
+                    if let Some(reason) = comm.aborted() {
+                        break Err(format!("{e}; the generation ended: {reason}"));
+                    }
+                    if started.elapsed() >= self.s.step_timeout {
+                        break Err(format!(
+                            "{} of {} receiver(s) copied the state within {} s",
+                            publication.served(),
+                            receivers.len(),
+                            self.s.step_timeout.as_secs()
+                        ));
+                    }
+                }
+            }
+        };
         drop(publication);
         let snap = Arc::try_unwrap(snap).unwrap_or_else(|a| StateSnapshot::clone(&a));
         let state = Start {

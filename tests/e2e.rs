@@ -1844,6 +1844,7 @@ fn a_slow_member_is_probed_not_evicted() {
         "the slow node was evicted:\n{}",
         c.log(leader)
     );
+    assert_every_slot_once(&c, &[0, 1], steps, 0);
     let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
     assert!(got == want, "the final weights differ");
 }
