@@ -673,6 +673,27 @@ enum Job {
         /// The revision of the put.
         result: Result<i64, EtcdError>,
     },
+    /// A follower's check of a suspect that may be the leader.
+    LeaderCheck {
+        /// The member suspected.
+        suspect: MemberId,
+        /// What the check found or did, for the log.
+        outcome: LeaderCheck,
+    },
+}
+
+/// What a follower's check of a suspected leader found.
+#[derive(Debug)]
+enum LeaderCheck {
+    /// The suspect does not lead (its report reaches the leader through etcd).
+    NotLeader,
+    /// It leads and answered the probe: nothing is done.
+    Answered,
+    /// It leads, did not answer the probe, and its lease was revoked (`true` if it still
+    /// existed).
+    Revoked(Result<bool, EtcdError>),
+    /// The check could not be made (etcd, no registration, no prober).
+    Skipped(String),
 }
 
 /// The task of one member: owns the planner and the watches; see the module docs.
@@ -1056,15 +1077,28 @@ impl Agent {
             tracing::info!(member = %me, target = %member, %reason, "reporting a suspect to the leader");
             let etcd = self.etcd.clone();
             let writer = self.writer.clone();
+            let suspect = member.clone();
             self.jobs.spawn(async move {
                 let result = etcd
-                    .report_suspect(&writer, member.as_str(), &reason, wall_ms())
+                    .report_suspect(&writer, suspect.as_str(), &reason, wall_ms())
                     .await;
-                Job::Report {
-                    suspect: member,
-                    result,
-                }
+                Job::Report { suspect, result }
             });
+            // Nobody hears a report about the leader itself: if the suspect leads, this
+            // member probes it and, when the probe fails too (the same evidence the
+            // leader needs against anyone), revokes its lease instead of waiting for
+            // the TTL.
+            if let Some(prober) = self.detection.prober.clone() {
+                let etcd = self.etcd.clone();
+                let limit = self.detection.probe_timeout;
+                self.jobs.spawn(async move {
+                    let outcome = check_leader(&etcd, &member, prober, limit).await;
+                    Job::LeaderCheck {
+                        suspect: member,
+                        outcome,
+                    }
+                });
+            }
         }
     }
 
@@ -1220,6 +1254,30 @@ impl Agent {
                 }
                 Ok(())
             }
+            Job::LeaderCheck { suspect, outcome } => {
+                if matches!(outcome, LeaderCheck::Answered | LeaderCheck::Revoked(_)) {
+                    self.counters.probes_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                match outcome {
+                    LeaderCheck::NotLeader => {}
+                    LeaderCheck::Answered => {
+                        tracing::info!(member = %me, target = %suspect, "the suspected leader answered the probe: it stays")
+                    }
+                    LeaderCheck::Revoked(Ok(existed)) => {
+                        if existed {
+                            self.counters.revocations.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::warn!(member = %me, target = %suspect, existed, "the suspected leader did not answer the probe: its lease was revoked")
+                    }
+                    LeaderCheck::Revoked(Err(e)) => {
+                        tracing::warn!(member = %me, target = %suspect, error = %e, "revoking the unresponsive leader's lease failed")
+                    }
+                    LeaderCheck::Skipped(why) => {
+                        tracing::debug!(member = %me, target = %suspect, %why, "leader check skipped")
+                    }
+                }
+                Ok(())
+            }
             Job::Report { suspect, result } => {
                 match result {
                     Ok(revision) => {
@@ -1348,4 +1406,44 @@ async fn campaign(etcd: EtcdMembership, writer: Writer) -> CampaignEnd {
         snapshot,
         current,
     }))
+}
+
+/// A follower's check of `suspect`: if it is the leader (etcd's election says so) and its
+/// probe fails within `limit`, revoke the lease its election key lives under.
+async fn check_leader(
+    etcd: &EtcdMembership,
+    suspect: &MemberId,
+    prober: Prober,
+    limit: Duration,
+) -> LeaderCheck {
+    let leader = match etcd.leader().await {
+        Ok(Some(l)) => l,
+        Ok(None) => return LeaderCheck::Skipped("no leader".into()),
+        Err(e) => return LeaderCheck::Skipped(format!("reading the leader: {e}")),
+    };
+    if leader.member_id != suspect.as_str() {
+        return LeaderCheck::NotLeader;
+    }
+    let info = match etcd.members().await {
+        Ok(ms) => ms
+            .into_iter()
+            .find(|m| m.id == suspect.as_str())
+            .and_then(|m| serde_json::from_slice::<MemberInfo>(&m.info).ok()),
+        Err(e) => return LeaderCheck::Skipped(format!("reading the members: {e}")),
+    };
+    let Some(info) = info else {
+        return LeaderCheck::Skipped("the leader has no readable registration".into());
+    };
+    let probe = AssertUnwindSafe(async move {
+        tokio::time::timeout(limit, prober(info))
+            .await
+            .unwrap_or(false)
+    })
+    .catch_unwind()
+    .await;
+    match probe {
+        Ok(true) => LeaderCheck::Answered,
+        Ok(false) => LeaderCheck::Revoked(etcd.revoke_lease(leader.lease).await),
+        Err(_) => LeaderCheck::Skipped("the prober panicked".into()),
+    }
 }

@@ -673,6 +673,64 @@ async fn a_suspect_that_fails_the_leaders_probe_is_evicted_before_its_ttl() -> R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_revokes_a_leader_that_fails_its_probe() -> Result<()> {
+    const LONG_TTL_S: i64 = 5;
+    let etcd = start_etcd()?;
+    let log = Arc::new(Mutex::new(ProbeLog::default()));
+    let detection = Detection {
+        prober: Some(test_prober(log.clone())),
+        probe_timeout: Duration::from_millis(500),
+    };
+    let all = ["a", "b", "c"];
+    let mut members =
+        start_detecting(&etcd, "dead-leader", &all, LONG_TTL_S, 100, &detection).await?;
+    let (all_in, l) = formed(&members, &all).await?;
+    let leader_id = members[l].id().clone();
+    let f = (l + 1) % 3;
+
+    // A live leader that answers: a follower's report changes nothing.
+    members[f].suspect(leader_id.clone(), "its stream broke".into());
+    poll("the follower probes the leader", WAIT, || {
+        (members[f].probes_sent() == 1).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(members[l].is_leader());
+    assert_eq!(members[f].revocations(), 0);
+
+    // The leader dies: its agent stops (no more keep-alives, no planning), its lease
+    // and election key live on until the TTL. Nobody would hear a report about it; the
+    // follower's own failed probe revokes its lease, another member leads and re-plans.
+    log.lock()
+        .unwrap()
+        .dead
+        .insert(leader_id.as_str().to_string());
+    drop(members.remove(l));
+    // The other follower reports (the first one already did within REPORT_INTERVAL).
+    let g = (l + 2) % 3;
+    let follower = members
+        .iter()
+        .position(|m| m.id() == &MemberId::new(all[g]))
+        .expect("the other follower");
+    let expected: Vec<&str> = members.iter().map(|m| m.id().as_str()).collect();
+    let t = Instant::now();
+    members[follower].suspect(leader_id.clone(), "its stream broke again".into());
+    let survivors: Vec<&Member> = members.iter().collect();
+    let (plan, _) = await_plan(&survivors, &expected, all_in.generation).await?;
+    let took = t.elapsed();
+    eprintln!(
+        "the dead leader {leader_id} evicted by a follower after {took:?} (TTL {LONG_TTL_S} s)"
+    );
+    assert!(took < Duration::from_secs(LONG_TTL_S as u64), "{took:?}");
+    assert!(plan.reason.contains(leader_id.as_str()), "{}", plan.reason);
+    poll("the follower counts its revocation", WAIT, || {
+        (members[follower].revocations() == 1).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_report_of_a_live_member_evicts_nobody() -> Result<()> {
     let etcd = start_etcd()?;
     let log = Arc::new(Mutex::new(ProbeLog::default()));
