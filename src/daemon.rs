@@ -2016,12 +2016,21 @@ impl Node<'_> {
             // Past the deadline a step is not abandoned: the members it waits for are
             // reported, and the leader decides (probe, second reporter). The first step
             // of a generation also waits for connections and state copies.
+            // After an evaluation or a checkpoint, the committer starts this step late
+            // by that work (everyone knows when): the deadline is ten times longer, at
+            // least 30 s.
             let first = step == step0;
-            let deadline = Duration::from_millis(self.deadline.deadline_ms()).max(if first {
-                Duration::from_secs(10)
+            let after_committer_work = step > step0
+                && ((cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every))
+                    || (cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every)));
+            let base = Duration::from_millis(self.deadline.deadline_ms());
+            let deadline = if after_committer_work {
+                (base * 10).max(Duration::from_secs(30))
+            } else if first {
+                base.max(Duration::from_secs(10))
             } else {
-                Duration::ZERO
-            });
+                base
+            };
             let fut = trainer.step(step, cursor, lr as f32);
             tokio::pin!(fut);
             let result = tokio::select! {
