@@ -1002,19 +1002,24 @@ fn median_step_s(metrics: &Path, tokens_per_step: f64, warmup: u64) -> Result<f6
     Ok(median(v))
 }
 
+/// `data` if given, else a small synthetic corpus written into `dir`.
+fn corpus_or_synthetic(data: Option<&Path>, dir: &Path) -> Result<PathBuf> {
+    match data {
+        Some(p) => Ok(p.to_path_buf()),
+        None => {
+            let p = dir.join("corpus.txt");
+            synthetic_corpus(&p)?;
+            Ok(p)
+        }
+    }
+}
+
 /// Step time of N daemons (processes, gRPC, exact and ring reduction) against
 /// `tenax train --ranks N` in one process, on the same machine, one after the other.
 pub async fn daemons(a: BenchDaemonsArgs) -> Result<()> {
     use tenax_chaos::cluster::{ClusterSpec, LocalCluster};
     let tmp = tempfile::tempdir().context("temp dir")?;
-    let data = match &a.data {
-        Some(p) => p.clone(),
-        None => {
-            let p = tmp.path().join("corpus.txt");
-            synthetic_corpus(&p)?;
-            p
-        }
-    };
+    let data = corpus_or_synthetic(a.data.as_deref(), tmp.path())?;
     let exe = std::env::current_exe().context("the tenax binary")?;
     let flags: Vec<String> = [
         "--preset",
@@ -1168,12 +1173,6 @@ fn logged_steps(metrics: &Path) -> Vec<LoggedStep> {
         .collect()
 }
 
-fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Waits (polling every 50 ms, at most `limit`) until `f` gives a value.
 async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + limit;
@@ -1210,14 +1209,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
         );
     }
     let tmp = tempfile::tempdir().context("temp dir")?;
-    let data = match &a.data {
-        Some(p) => p.clone(),
-        None => {
-            let p = tmp.path().join("corpus.txt");
-            synthetic_corpus(&p)?;
-            p
-        }
-    };
+    let data = corpus_or_synthetic(a.data.as_deref(), tmp.path())?;
     let exe = std::env::current_exe().context("the tenax binary")?;
     let flags: Vec<String> = [
         "--preset",
@@ -1317,7 +1309,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
             }
             let victim = candidates[(rng.next_u64() % candidates.len() as u64) as usize];
             let copies_before = c.log(victim).matches("copied the state of step").count();
-            let t_kill = unix_ms_now();
+            let t_kill = tenax_storage::now_unix_ms();
             c.signal(victim, Signal::Kill)?;
             c.wait(victim, Duration::from_secs(10))?;
             let survivors: Vec<usize> = (0..a.nodes).filter(|&n| n != victim).collect();

@@ -1242,14 +1242,6 @@ async fn start_member(etcd: &EtcdMembership, join: &MemberConfig) -> Result<Memb
     .map_err(|e| anyhow!("{e}"))
 }
 
-/// Wall-clock milliseconds since the Unix epoch (step logs; recovery benchmarks compare
-/// them across processes on one machine).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A chaos hook's step, from the environment: tests make a daemon fail at a chosen
 /// moment with it. Unset (always, outside tests): `None`.
 fn chaos_step(var: &str) -> Option<u64> {
@@ -2078,7 +2070,7 @@ impl Node<'_> {
             }
             let mut line = json!({"step": step, "loss": report.loss, "lr": lr, "tokens_per_s": tokens_per_s,
                 "grad_norm": report.grad_norm, "skipped": report.skipped, "generation": plan.generation,
-                "world": plan.world, "param_hash": hash, "cursor": step_cursor, "slots": my_slots, "t_ms": unix_ms()});
+                "world": plan.world, "param_hash": hash, "cursor": step_cursor, "slots": my_slots, "t_ms": tenax_storage::now_unix_ms()});
             // Every N steps the members compare parameters; the odd ones copy the group's.
             if self.s.hash_check_every > 0
                 && step.is_multiple_of(self.s.hash_check_every)

@@ -1606,13 +1606,6 @@ fn assert_every_slot_once(c: &LocalCluster, nodes: &[usize], steps: u64, faults:
     redone.len()
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// Seconds from `since_ms` (Unix) to the first step any node logged in a generation
 /// newer than `generation` (printed, never asserted: the machine may be loaded).
 fn first_step_after(c: &LocalCluster, generation: u64, since_ms: u64) -> f64 {
@@ -1683,7 +1676,7 @@ fn a_killed_member_is_evicted_and_rejoins_with_state_from_a_peer() {
     let (leader, _) = leader_and_follower(&c, job);
     let victim = (0..3).rev().find(|&n| n != leader).unwrap();
     let generation = s["generation"].as_u64().unwrap();
-    let killed = unix_ms();
+    let killed = tenax_storage::now_unix_ms();
     c.signal(victim, Signal::Kill).unwrap();
     wait_status(&c, job, "the pair in a new generation", |s| {
         s["members"].as_array().is_some_and(|m| m.len() == 2)
@@ -1781,7 +1774,7 @@ fn a_stopped_member_is_evicted_by_deadline_and_rejoins_after_sigcont() {
     });
     let (_, follower) = leader_and_follower(&c, job);
     let generation = s["generation"].as_u64().unwrap();
-    let stopped = unix_ms();
+    let stopped = tenax_storage::now_unix_ms();
     c.signal(follower, Signal::Stop).unwrap();
     wait_status(&c, job, "the others in a new generation", |s| {
         s["members"].as_array().is_some_and(|m| m.len() == 2)

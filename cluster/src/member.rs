@@ -891,19 +891,8 @@ impl Agent {
                 self.counters.probes_sent.fetch_add(1, Ordering::Relaxed);
                 let limit = self.detection.probe_timeout;
                 self.jobs.spawn(async move {
-                    // The prober is called inside the job: a panicking prober costs one
-                    // probe, never the agent.
-                    let probe = AssertUnwindSafe(async move {
-                        tokio::time::timeout(limit, prober(info))
-                            .await
-                            .unwrap_or(false)
-                    })
-                    .catch_unwind()
-                    .await;
-                    Job::Probe {
-                        member,
-                        alive: probe.ok(),
-                    }
+                    let alive = run_probe(prober, info, limit).await;
+                    Job::Probe { member, alive }
                 });
             }
             Effect::ArmSettleTimer { at_ms, reason } => {
@@ -1434,16 +1423,22 @@ async fn check_leader(
     let Some(info) = info else {
         return LeaderCheck::Skipped("the leader has no readable registration".into());
     };
-    let probe = AssertUnwindSafe(async move {
+    match run_probe(prober, info, limit).await {
+        Some(true) => LeaderCheck::Answered,
+        Some(false) => LeaderCheck::Revoked(etcd.revoke_lease(leader.lease).await),
+        None => LeaderCheck::Skipped("the prober panicked".into()),
+    }
+}
+
+/// Runs one probe of `info` bounded by `limit` (a timeout is `false`). It runs inside an
+/// agent job: a panicking prober (`None`) costs one probe, never the agent.
+async fn run_probe(prober: Prober, info: MemberInfo, limit: Duration) -> Option<bool> {
+    AssertUnwindSafe(async move {
         tokio::time::timeout(limit, prober(info))
             .await
             .unwrap_or(false)
     })
     .catch_unwind()
-    .await;
-    match probe {
-        Ok(true) => LeaderCheck::Answered,
-        Ok(false) => LeaderCheck::Revoked(etcd.revoke_lease(leader.lease).await),
-        Err(_) => LeaderCheck::Skipped("the prober panicked".into()),
-    }
+    .await
+    .ok()
 }

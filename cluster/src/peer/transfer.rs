@@ -23,6 +23,7 @@
 //! tensors, so that receiving, hashing and decoding overlap (queues of
 //! [`CHUNKS_IN_FLIGHT`] chunks each).
 
+use super::comm::error_chain;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -963,18 +964,6 @@ fn joined<T>(r: Result<T, tokio::task::JoinError>) -> T {
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => panic!("a state transfer thread did not run: {e}"),
     }
-}
-
-/// An error and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 /// The payload checksum: Fletcher-64 over little-endian u32 words (every chunk holds whole
