@@ -1003,7 +1003,7 @@ fn median_step_s(metrics: &Path, tokens_per_step: f64, warmup: u64) -> Result<f6
 }
 
 /// `data` if given, else a small synthetic corpus written into `dir`.
-fn corpus_or_synthetic(data: Option<&Path>, dir: &Path) -> Result<PathBuf> {
+pub(crate) fn corpus_or_synthetic(data: Option<&Path>, dir: &Path) -> Result<PathBuf> {
     match data {
         Some(p) => Ok(p.to_path_buf()),
         None => {

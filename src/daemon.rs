@@ -1124,6 +1124,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         probes_base: 0,
         revocations_base: 0,
         metrics: None,
+        events: None,
         history: Vec::new(),
         deadline: FailureDetector::new(
             "step",
@@ -1193,6 +1194,8 @@ struct Node<'a> {
     probes_base: u64,
     revocations_base: u64,
     metrics: Option<std::fs::File>,
+    /// `events.jsonl`: how the node's state was set other than by training a step.
+    events: Option<std::fs::File>,
     history: Vec<crate::plot::LossPoint>,
     /// Step durations: the deadline past which a step's laggards are reported.
     deadline: FailureDetector,
@@ -1294,6 +1297,24 @@ impl Node<'_> {
                     )
                 })?,
         );
+        let events_path = self.run_dir.join("events.jsonl");
+        self.events = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&events_path)
+                .map_err(|e| {
+                    anyhow!(
+                        "{}: cannot open for appending ({e}): pick a writable --run-dir",
+                        events_path.display()
+                    )
+                })?,
+        );
+        match (self.holds_state, start.step) {
+            (false, _) => self.log_state_event("none", 0, None),
+            (true, 0) => self.log_state_event("init", 0, None),
+            (true, step) => self.log_state_event("checkpoint", step, None),
+        }
         let mut state = start;
         let mut last_gen: Option<u64> = None;
         loop {
@@ -1310,6 +1331,12 @@ impl Node<'_> {
                 Waited::Drained => return Ok("left the job (drained while waiting for a plan)"),
                 Waited::Lost => continue,
             };
+            if self.job_already_done().await {
+                self.plot();
+                return Ok(
+                    "job done (its final checkpoint was committed while this node was away)",
+                );
+            }
             if last_gen.is_some() {
                 self.shared.view().reforms += 1;
             }
@@ -1324,6 +1351,27 @@ impl Node<'_> {
                 GenEnd::Leave => return Ok("left the job (drained)"),
                 GenEnd::Reform | GenEnd::Resync(_) => continue,
             }
+        }
+    }
+
+    /// Whether the job's final checkpoint is committed already: a node that was away (hung,
+    /// cut off, restarted) while the others finished must not train the job again on
+    /// its own. An etcd that does not answer within 2 s reads as "not done".
+    async fn job_already_done(&self) -> bool {
+        let me = self.member.id().to_string();
+        let record = tokio::time::timeout(Duration::from_secs(2), self.etcd.get(CHECKPOINT_KEY));
+        let Ok(Ok(Some(bytes))) = record.await else {
+            return false;
+        };
+        match serde_json::from_slice::<CheckpointRecord>(&bytes) {
+            Ok(rec) if rec.step >= self.prep.cfg.steps => {
+                println!(
+                    "node {me}: the job is done: {} committed its final checkpoint (step {}): {}",
+                    rec.member, rec.step, rec.url
+                );
+                true
+            }
+            _ => false,
         }
     }
 
@@ -1664,6 +1712,20 @@ impl Node<'_> {
         Ok((end, state))
     }
 
+    /// Appends one line to `events.jsonl`, the node's record of how its state was set
+    /// other than by training a step: `init` (fresh weights), `checkpoint` (loaded),
+    /// `copy` (from a peer), `none` (joined a running job holding nothing). The chaos
+    /// harness reads it: a step log that goes backwards must be explained by one.
+    fn log_state_event(&mut self, how: &str, step: u64, generation: Option<u64>) {
+        let line = json!({"event": "state", "how": how, "step": step, "generation": generation,
+            "t_ms": tenax_storage::now_unix_ms()});
+        if let Some(f) = self.events.as_mut() {
+            if let Err(e) = writeln!(f, "{line}") {
+                eprintln!("warning: events.jsonl: cannot append: {e}");
+            }
+        }
+    }
+
     /// Compare this member's state with the group's (`known`: the states of a round
     /// already exchanged; otherwise round `round` is exchanged now) and copy the reference
     /// state from a peer when this member lacks it, or serve it to the members that copy
@@ -1724,6 +1786,7 @@ impl Node<'_> {
                 }
             };
             self.holds_state = true;
+            self.log_state_event("checkpoint", state.step, Some(plan.generation));
             hash = tenax_actors::param_hash(&state.params);
             states = match comm
                 .compare_state(LOADED_ROUND, state.step, &hash, self.s.step_timeout)
@@ -1792,6 +1855,7 @@ impl Node<'_> {
                 }
             );
             self.holds_state = true;
+            self.log_state_event("copy", snap.step, Some(plan.generation));
             {
                 let mut v = self.shared.view();
                 v.state_copies_in += 1;

@@ -5,6 +5,7 @@
 //! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs).
 
 mod bench;
+mod chaos;
 mod ckpt;
 mod config;
 mod daemon;
@@ -64,6 +65,12 @@ enum Command {
     Ckpt {
         #[command(subcommand)]
         command: CkptCommand,
+    },
+    /// Prove a cluster survives faults: seeded chaos scenarios with invariant checks and a
+    /// report, or a local demo cluster to break by hand.
+    Chaos {
+        #[command(subcommand)]
+        command: chaos::ChaosCommand,
     },
     /// Benchmarks that print one JSON line.
     Bench {
@@ -223,6 +230,10 @@ fn main() -> ExitCode {
                     dry_run,
                 } => ckpt::prune(&url, keep_last, keep_every, min_age_s, dry_run).await,
                 CkptCommand::Export { url, step, out } => ckpt::export(&url, step, &out).await,
+            },
+            Command::Chaos { command } => match command {
+                chaos::ChaosCommand::Run(a) => chaos::run(a).await,
+                chaos::ChaosCommand::Up(a) => chaos::up(a).await,
             },
             Command::Bench { command } => match command {
                 BenchCommand::Train(a) => bench::train(a).await,

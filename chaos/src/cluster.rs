@@ -132,6 +132,8 @@ struct NodeSlot {
     metrics_addr: Option<String>,
     /// How many times the node was started.
     starts: u32,
+    /// The etcd endpoint this node is given instead of the cluster's (a fault proxy).
+    etcd: Option<String>,
 }
 
 /// A running local cluster: etcd, an S3 server and the daemons spawned so far. Dropping it
@@ -330,7 +332,10 @@ impl LocalCluster {
             "--job".into(),
             self.spec.job.clone(),
             "--etcd".into(),
-            self.etcd_endpoint(),
+            self.nodes[node]
+                .etcd
+                .clone()
+                .unwrap_or_else(|| self.etcd_endpoint()),
             "--store".into(),
             self.store_url(),
             "--listen".into(),
@@ -382,6 +387,16 @@ impl LocalCluster {
         slot.metrics_addr = Some(metrics_addr);
         slot.starts = starts;
         Ok(())
+    }
+
+    /// Gives node `node` `endpoint` as its `--etcd` from its next start on (`None`: the
+    /// cluster's etcd again), e.g. a fault proxy in front of etcd that can cut this one
+    /// node off.
+    pub fn set_node_etcd(&mut self, node: usize, endpoint: Option<String>) {
+        if self.nodes.len() <= node {
+            self.nodes.resize_with(node + 1, NodeSlot::default);
+        }
+        self.nodes[node].etcd = endpoint;
     }
 
     /// Sends `sig` to node `node`'s process by PID (`kill -s NAME PID`).

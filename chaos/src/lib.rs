@@ -1,14 +1,23 @@
 //! tenax-chaos: the chaos harness behind `tenax chaos run SCENARIO`.
 //!
-//! It will start real local clusters (an etcd process, an S3-compatible server and N
+//! It starts real local clusters (an etcd process, an S3-compatible server and N
 //! `tenax daemon` processes), inject faults (kill -9, SIGSTOP, stragglers, network
 //! partitions through a fault-injecting TCP proxy, S3 errors through an HTTP proxy,
 //! etcd restarts), record a history of events and check invariants against it
 //! (every slot consumed exactly once, no stale-generation commit, final parameters
 //! bit-identical to a fault-free run), then write a report with a timeline plot.
 //!
-//! The invariant checks need the daemon and elasticity work first. What exists now are
-//! the local cluster runner and the storage-side tools, usable from any crate's tests:
+//! `tenax chaos run SCENARIO --seed S --out DIR` (in the `tenax` binary) drives these
+//! pieces; the pure parts live here:
+//!
+//! - [`scenario`]: the scenario file format ([`Scenario`]), checked before anything runs.
+//! - [`schedule`]: the fault schedule of a scenario and a seed, a pure function.
+//! - [`history`]: what a run recorded (step logs, state events, etcd's plans and
+//!   checkpoint records, faults injected).
+//! - [`invariants`]: the checker, from a history alone.
+//! - [`report`]: `report.json` and `report.md`: recovery, steps lost, goodput.
+//!
+//! And the tools that run a cluster and inject faults:
 //!
 //! - [`cluster`]: [`LocalCluster`], a real local cluster from a [`ClusterSpec`]: an
 //!   [`EtcdServer`], a [`MotoServer`] with the checkpoint bucket, and N `tenax daemon`
@@ -26,18 +35,28 @@
 //! - [`fault_store`]: [`FaultStore`], an `ObjectStore` wrapper that "crashes" at a
 //!   [`CrashPoint`] (after N bytes, before or after a given put) and fails every call
 //!   from then on, like a dead process.
+//! - [`tcp_proxy`]: [`TcpFaultProxy`], a TCP proxy in front of a daemon's gRPC port or
+//!   etcd that passes, delays, drops or blackholes traffic: a network partition.
 
 #![warn(missing_docs)]
 
 pub mod cluster;
 pub mod etcd;
 pub mod fault_store;
+pub mod history;
 pub mod http_proxy;
+pub mod invariants;
 mod local;
 pub mod moto;
+pub mod report;
+pub mod scenario;
+pub mod schedule;
+pub mod tcp_proxy;
 
 pub use cluster::{ClusterSpec, LocalCluster, Signal};
 pub use etcd::EtcdServer;
 pub use fault_store::{CrashPoint, FaultStore};
 pub use http_proxy::{FaultAction, FaultDecision, FaultProxy, ProxyEvent, ProxyFaults, ProxyStats};
 pub use moto::{s3_env_for, MotoServer};
+pub use scenario::Scenario;
+pub use tcp_proxy::{TcpFault, TcpFaultProxy, TcpProxyStats};

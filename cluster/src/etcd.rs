@@ -513,6 +513,15 @@ pub enum FenceOutcome {
     },
 }
 
+/// One version of a key, as [`EtcdMembership::key_history`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyVersion {
+    /// The etcd revision that wrote this value (the key's `mod_revision` then).
+    pub revision: i64,
+    /// The value.
+    pub value: Vec<u8>,
+}
+
 /// The current leader of the job's election.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaderInfo {
@@ -1109,6 +1118,74 @@ impl EtcdMembership {
             })
             .await?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Every value `/tenax/<job>/<key_suffix>` has held, oldest first, each with the etcd
+    /// revision that wrote it: read back one version at a time (`get` at the revision
+    /// before each write), at most `max_versions`. The chain stops at a delete or at a
+    /// compacted revision. The chaos harness reads the plan and checkpoint-record history
+    /// this way to check what etcd accepted, in etcd's own order.
+    ///
+    /// # Errors
+    /// The errors of a call (a compacted revision ends the history instead).
+    pub async fn key_history(
+        &self,
+        key_suffix: &str,
+        max_versions: usize,
+    ) -> Result<Vec<KeyVersion>, EtcdError> {
+        let inner = &self.inner;
+        let key = inner.key(key_suffix);
+        let mut versions = Vec::new();
+        let mut at: Option<i64> = None;
+        while versions.len() < max_versions {
+            let resp = inner
+                .call("get", &key, |mut c| {
+                    let key = key.clone();
+                    async move {
+                        let opts = at.map(|r| GetOptions::new().with_revision(r));
+                        c.get(key, opts).await
+                    }
+                })
+                .await;
+            let resp = match resp {
+                Ok(r) => r,
+                // A compacted revision: the older history is gone.
+                Err(e) if at.is_some() && e.to_string().contains("compacted") => break,
+                Err(e) => return Err(e),
+            };
+            let Some(kv) = resp.kvs().first() else { break };
+            versions.push(KeyVersion {
+                revision: kv.mod_revision(),
+                value: kv.value().to_vec(),
+            });
+            if kv.version() <= 1 {
+                break;
+            }
+            at = Some(kv.mod_revision() - 1);
+        }
+        versions.reverse();
+        Ok(versions)
+    }
+
+    /// Every plan the job's `gen` key has held, oldest first (see [`Self::key_history`]).
+    ///
+    /// # Errors
+    /// The errors of a call, or a value that is not a plan envelope.
+    pub async fn plan_history(&self, max_versions: usize) -> Result<Vec<PlanRecord>, EtcdError> {
+        let versions = self.key_history("gen", max_versions).await?;
+        let key = self.inner.key("gen");
+        versions
+            .into_iter()
+            .map(|v| {
+                let (generation, plan) = decode_envelope(&v.value)
+                    .map_err(|detail| self.inner.protocol("plan_history", &key, &detail))?;
+                Ok(PlanRecord {
+                    generation,
+                    plan,
+                    mod_revision: v.revision,
+                })
+            })
+            .collect()
     }
 
     /// Puts `value` at `/tenax/<job>/<key_suffix>` unless the key exists (one txn on its

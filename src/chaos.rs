@@ -1,0 +1,1038 @@
+//! `tenax chaos run SCENARIO --seed S --out DIR` and `tenax chaos up --nodes N`.
+//!
+//! `run` starts a real local cluster (etcd, an S3-compatible server, N daemon processes),
+//! injects the scenario's faults one at a time from a seeded schedule
+//! ([`tenax_chaos::schedule`]), records a history (every node's step log and state events,
+//! every plan and checkpoint record etcd accepted, every fault), verifies every committed
+//! checkpoint, compares the final parameters with a fault-free `tenax train` of the same
+//! config, checks the invariants ([`tenax_chaos::invariants`]) and writes `report.json`,
+//! `report.md`, `history.json`, `schedule.json` and `timeline.png` into DIR. It exits 0
+//! only when every invariant held.
+//!
+//! Faults and how they are made:
+//! - kill: SIGKILL by PID, the node started again after `restart_after_s`;
+//! - hang: SIGSTOP, SIGCONT after `duration_s`; slow: SIGSTOP/SIGCONT duty cycles;
+//! - partition: each daemon advertises a TCP fault proxy in front of its gRPC port and
+//!   reaches etcd through another ([`TcpFaultProxy`]); the fault blackholes, drops or
+//!   delays them;
+//! - s3: the daemons reach S3 through an HTTP fault proxy ([`FaultProxy`]): errors,
+//!   dropped connections and latency;
+//! - etcd_restart, etcd_down: etcd killed and started again on the same data;
+//! - kill_in_upload: S3 latency so an upload lasts, then SIGKILL of the checkpoint writer
+//!   (rank 0) as soon as the proxy sees it write.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tenax_chaos::cluster::{ClusterSpec, LocalCluster, Signal};
+use tenax_chaos::history::{
+    read_node_logs, CommitEntry, FinalComparison, History, InjectedFault, PlanEntry,
+};
+use tenax_chaos::scenario::{FaultKind, PartitionFrom, PartitionMode, Scenario};
+use tenax_chaos::schedule::{schedule, PlannedFault, Target, Trigger};
+use tenax_chaos::{FaultProxy, ProxyFaults, TcpFault, TcpFaultProxy};
+use tenax_storage::now_unix_ms;
+
+/// `tenax chaos` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum ChaosCommand {
+    /// Run a scenario file against a fresh local cluster and check its invariants.
+    ///
+    /// Prints `seed S` first; the same seed replays the same fault schedule. Writes
+    /// report.json, report.md, history.json, schedule.json and timeline.png into --out.
+    /// Exits 0 only if every invariant held. Needs etcd and moto_server (scripts/setup).
+    Run(ChaosRunArgs),
+    /// Start a local cluster (etcd, S3, N daemons) and leave it running for a demo.
+    ///
+    /// Prints how to watch it (`tenax status`, /metrics, logs) and how to stop it.
+    /// Stops by itself after --for-s.
+    Up(ChaosUpArgs),
+}
+
+/// Flags of `tenax chaos run`.
+#[derive(clap::Args, Debug)]
+pub struct ChaosRunArgs {
+    /// The scenario file (TOML; see chaos/scenarios/).
+    pub scenario: PathBuf,
+    /// Seed of the fault schedule (default: drawn from the clock, and printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where the report goes (default: chaos-out/<scenario>-<seed>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Only print the schedule the seed gives, run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Flags of `tenax chaos up`.
+#[derive(clap::Args, Debug)]
+pub struct ChaosUpArgs {
+    /// Daemons.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Text to train on (default: a small synthetic corpus).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Stop everything after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub for_s: u64,
+}
+
+/// How often the harness polls the daemons' logs.
+const POLL: Duration = Duration::from_millis(50);
+
+/// The most versions of a key read back from etcd.
+const MAX_ETCD_VERSIONS: usize = 100_000;
+
+/// How long the harness waits for the daemons to exit once the faults are over, at least.
+const FINISH_MIN: Duration = Duration::from_secs(120);
+
+/// The training flags of a scenario (the daemons' and the reference run's).
+fn train_flags(s: &Scenario, data: &Path) -> Vec<String> {
+    let t = &s.train;
+    let mut v: Vec<String> = vec![
+        "--preset".into(),
+        t.preset.clone(),
+        "--data".into(),
+        data.to_string_lossy().into_owned(),
+        "--tokenizer".into(),
+        "char".into(),
+        "--batch-size".into(),
+        t.batch_size.to_string(),
+        "--micro-batch-size".into(),
+        t.micro_batch_size.to_string(),
+        "--steps".into(),
+        t.steps.to_string(),
+        "--ckpt-every".into(),
+        t.ckpt_every.to_string(),
+    ];
+    v.extend(t.args.iter().cloned());
+    v
+}
+
+fn daemon_flags(s: &Scenario) -> Vec<String> {
+    let d = &s.daemon;
+    let mut v: Vec<String> = vec![
+        "--lease-ttl-s".into(),
+        d.lease_ttl_s.to_string(),
+        "--settle-ms".into(),
+        d.settle_ms.to_string(),
+        "--suspect-after-ms".into(),
+        d.suspect_after_ms.to_string(),
+    ];
+    v.extend(d.args.iter().cloned());
+    v
+}
+
+/// The leader's and rank 0's node index, from `tenax status --json`.
+fn roles(exe: &Path, etcd: &str, job: &str) -> (Option<usize>, Option<usize>) {
+    let Ok(out) = std::process::Command::new(exe)
+        .args(["status", "--etcd", etcd, "--job", job, "--json"])
+        .output()
+    else {
+        return (None, None);
+    };
+    let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return (None, None);
+    };
+    let index = |m: &serde_json::Value| -> Option<usize> {
+        m["id"].as_str()?.strip_prefix("node-")?.parse().ok()
+    };
+    let members = status["members"].as_array().cloned().unwrap_or_default();
+    let leader = members.iter().find(|m| m["leader"] == true).and_then(index);
+    let rank0 = members
+        .iter()
+        .find(|m| m["rank"].as_u64() == Some(0))
+        .and_then(index);
+    (leader, rank0)
+}
+
+/// The running harness: the cluster, its proxies, and what it injected.
+struct Harness {
+    c: LocalCluster,
+    exe: PathBuf,
+    job: String,
+    nodes: usize,
+    /// A fault proxy in front of each daemon's gRPC port (partition scenarios).
+    peer_proxies: Vec<TcpFaultProxy>,
+    /// A fault proxy in front of etcd per daemon (partition scenarios).
+    etcd_proxies: Vec<TcpFaultProxy>,
+    /// The HTTP fault proxy in front of S3 (s3 and kill_in_upload scenarios).
+    s3_proxy: Option<FaultProxy>,
+    /// Extra environment per daemon start (S3 through the proxy).
+    env: Vec<(String, String)>,
+    logs: Vec<PathBuf>,
+    faults: Vec<InjectedFault>,
+    errors: Vec<String>,
+    deadline: Instant,
+}
+
+impl Harness {
+    fn spawn(&mut self, node: usize, first: bool) -> Result<()> {
+        let mut extra = Vec::new();
+        if first {
+            extra.extend(["--start-nodes".to_string(), self.nodes.to_string()]);
+        }
+        if let Some(p) = self.peer_proxies.get(node) {
+            extra.extend(["--advertise-addr".to_string(), p.addr().to_string()]);
+        }
+        self.c
+            .spawn_daemon_env(node, &extra, &self.env)
+            .with_context(|| format!("starting node-{node}"))?;
+        if let (Some(p), Some(addr)) = (self.peer_proxies.get(node), self.c.listen_addr(node)) {
+            p.set_upstream(addr.parse().context("the daemon's listen address")?);
+        }
+        Ok(())
+    }
+
+    /// The newest step any node logged, and its time.
+    fn newest_step(&self) -> Option<(u64, u64)> {
+        self.logs
+            .iter()
+            .enumerate()
+            .flat_map(|(n, p)| read_node_logs(n, p.parent().unwrap_or(Path::new("."))).0)
+            .map(|s| (s.step, s.t_ms))
+            .max()
+    }
+
+    /// Whether every node runs and logged at least 2 steps in the newest generation.
+    fn steady(&self) -> bool {
+        let per: Vec<_> = (0..self.nodes)
+            .map(|n| read_node_logs(n, &self.c.run_dir(n)).0)
+            .collect();
+        let Some(g) = per
+            .iter()
+            .filter_map(|l| l.last().map(|s| s.generation))
+            .max()
+        else {
+            return false;
+        };
+        (0..self.nodes).all(|n| self.c.pid(n).is_some())
+            && per.iter().all(|l| {
+                l.last().map(|s| s.generation) == Some(g)
+                    && l.iter().filter(|s| s.generation == g).count() >= 2
+            })
+    }
+
+    /// Whether some daemon has exited (the job reached its target, or failed).
+    fn some_exited(&mut self) -> bool {
+        (0..self.nodes).any(|n| matches!(self.c.wait(n, Duration::ZERO), Ok(Some(_))))
+    }
+
+    async fn sleep(&self, d: Duration) {
+        tokio::time::sleep(d.min(self.deadline.saturating_duration_since(Instant::now()))).await;
+    }
+
+    /// Waits until `f` holds (polling), at most `limit` and never past the deadline.
+    async fn wait_until(&mut self, limit: Duration, mut f: impl FnMut(&mut Self) -> bool) -> bool {
+        let until = (Instant::now() + limit).min(self.deadline);
+        loop {
+            if f(self) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn resolve(&self, target: Target) -> Option<usize> {
+        match target {
+            Target::Node(n) => Some(n),
+            Target::Leader => roles(&self.exe, &self.c.etcd_endpoint(), &self.job).0,
+            Target::NonLeader => {
+                let leader = roles(&self.exe, &self.c.etcd_endpoint(), &self.job).0;
+                (0..self.nodes).find(|&n| Some(n) != leader)
+            }
+            Target::Cluster => None,
+        }
+    }
+
+    /// Kills `node`, waits `restart_after`, starts it again.
+    async fn kill_and_restart(&mut self, node: usize, restart_after: Duration) -> Result<()> {
+        self.c.signal(node, Signal::Kill)?;
+        tokio::task::block_in_place(|| self.c.wait(node, Duration::from_secs(10)))?;
+        self.sleep(restart_after).await;
+        self.spawn(node, false)
+    }
+
+    /// Injects one fault; returns what was done.
+    async fn inject(&mut self, f: &PlannedFault, node: Option<usize>) -> Result<String> {
+        let spec = &f.spec;
+        let dur = Duration::from_secs_f64(spec.duration_s());
+        match f.kind {
+            FaultKind::Kill => {
+                let n = node.ok_or_else(|| anyhow!("no node to kill"))?;
+                self.kill_and_restart(n, Duration::from_secs_f64(spec.restart_after_s()))
+                    .await?;
+                Ok(format!(
+                    "SIGKILL, restarted after {:.1} s",
+                    spec.restart_after_s()
+                ))
+            }
+            FaultKind::Hang => {
+                let n = node.ok_or_else(|| anyhow!("no node to hang"))?;
+                self.c.signal(n, Signal::Stop)?;
+                self.sleep(dur).await;
+                self.c.signal(n, Signal::Cont)?;
+                Ok(format!(
+                    "SIGSTOP for {:.1} s, then SIGCONT",
+                    dur.as_secs_f64()
+                ))
+            }
+            FaultKind::Slow => {
+                let n = node.ok_or_else(|| anyhow!("no node to slow down"))?;
+                let (stop, run) = spec.duty_cycle_ms();
+                let until = Instant::now() + dur;
+                let mut cycles = 0;
+                while Instant::now() < until && Instant::now() < self.deadline {
+                    self.c.signal(n, Signal::Stop)?;
+                    self.sleep(Duration::from_millis(stop)).await;
+                    self.c.signal(n, Signal::Cont)?;
+                    self.sleep(Duration::from_millis(run)).await;
+                    cycles += 1;
+                }
+                Ok(format!(
+                    "SIGSTOP {stop} ms of every {} ms, {cycles} cycles",
+                    stop + run
+                ))
+            }
+            FaultKind::Partition => {
+                let n = node.ok_or_else(|| anyhow!("no node to partition"))?;
+                let from = spec.from.unwrap_or(PartitionFrom::Both);
+                let fault = match spec.mode.unwrap_or(PartitionMode::Blackhole) {
+                    PartitionMode::Blackhole => TcpFault::Blackhole,
+                    PartitionMode::Drop => TcpFault::Drop,
+                    PartitionMode::Delay => TcpFault::Delay {
+                        ms: spec.delay_ms.unwrap_or(100),
+                    },
+                };
+                let (peers, etcd) = match from {
+                    PartitionFrom::Peers => (true, false),
+                    PartitionFrom::Etcd => (false, true),
+                    PartitionFrom::Both => (true, true),
+                };
+                if peers {
+                    self.peer_proxies[n].set_fault(fault);
+                }
+                if etcd {
+                    self.etcd_proxies[n].set_fault(fault);
+                }
+                self.sleep(dur).await;
+                self.peer_proxies[n].set_fault(TcpFault::Pass);
+                self.etcd_proxies[n].set_fault(TcpFault::Pass);
+                Ok(format!(
+                    "{fault:?} from {from:?} for {:.1} s",
+                    dur.as_secs_f64()
+                ))
+            }
+            FaultKind::S3 => {
+                let p = self
+                    .s3_proxy
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("no S3 proxy"))?;
+                let rate = spec.error_rate();
+                let lat = spec.latency_ms();
+                p.set_faults(ProxyFaults {
+                    error_rate: rate * 0.6,
+                    drop_before_rate: rate * 0.2,
+                    drop_after_rate: rate * 0.2,
+                    latency_rate: if lat > 0 { 1.0 } else { 0.0 },
+                    latency_ms: (lat / 2, lat),
+                });
+                let before = p.stats();
+                self.sleep(dur).await;
+                let p = self
+                    .s3_proxy
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("no S3 proxy"))?;
+                p.set_faults(ProxyFaults::default());
+                let after = p.stats();
+                Ok(format!(
+                    "S3 error rate {rate} and up to {lat} ms latency for {:.1} s: {} requests, {} errors, {} dropped",
+                    dur.as_secs_f64(),
+                    after.requests - before.requests,
+                    after.errors_injected - before.errors_injected,
+                    (after.dropped_before + after.dropped_after)
+                        - (before.dropped_before + before.dropped_after)
+                ))
+            }
+            FaultKind::EtcdRestart | FaultKind::EtcdDown => {
+                self.c.etcd().stop().context("stopping etcd")?;
+                self.sleep(dur).await;
+                self.c.etcd().restart().context("starting etcd again")?;
+                Ok(format!("etcd down for {:.1} s", dur.as_secs_f64()))
+            }
+            FaultKind::KillInUpload => {
+                let lat = spec.latency_ms();
+                let seen = {
+                    let p = self
+                        .s3_proxy
+                        .as_ref()
+                        .ok_or_else(|| anyhow!("no S3 proxy"))?;
+                    p.set_faults(ProxyFaults {
+                        latency_rate: 1.0,
+                        latency_ms: (lat, lat),
+                        ..ProxyFaults::default()
+                    });
+                    p.stats().requests
+                };
+                // The next write is a checkpoint upload: rank 0 writes every shard.
+                let caught = self
+                    .wait_until(Duration::from_secs(300), |h| {
+                        h.s3_proxy.as_ref().is_some_and(|p| {
+                            p.history().iter().any(|e| {
+                                e.index >= seen && (e.method == "PUT" || e.method == "POST")
+                            })
+                        }) || h.some_exited()
+                    })
+                    .await;
+                let writer = roles(&self.exe, &self.c.etcd_endpoint(), &self.job).1;
+                let result = match (caught, writer) {
+                    (true, Some(n)) => {
+                        self.kill_and_restart(n, Duration::from_secs_f64(spec.restart_after_s()))
+                            .await
+                            .map(|()| {
+                                format!(
+                                    "SIGKILL of node-{n} (rank 0) during a checkpoint upload ({lat} ms S3 latency), restarted after {:.1} s",
+                                    spec.restart_after_s()
+                                )
+                            })
+                    }
+                    (false, _) => Err(anyhow!("no checkpoint upload seen within 300 s")),
+                    (true, None) => Err(anyhow!("no rank 0 in `tenax status`")),
+                };
+                if let Some(p) = &self.s3_proxy {
+                    p.set_faults(ProxyFaults::default());
+                }
+                result
+            }
+        }
+    }
+}
+
+/// `tenax chaos run`.
+pub async fn run(a: ChaosRunArgs) -> Result<()> {
+    let seed = a.seed.unwrap_or_else(|| now_unix_ms() % 1_000_000);
+    println!("seed {seed}");
+    let text = std::fs::read_to_string(&a.scenario).with_context(|| {
+        format!(
+            "{}: cannot read the scenario file (see chaos/scenarios/ for examples)",
+            a.scenario.display()
+        )
+    })?;
+    let scenario = Scenario::parse(&text, &a.scenario.display().to_string())?;
+    let name = if scenario.name.is_empty() {
+        a.scenario
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "scenario".into())
+    } else {
+        scenario.name.clone()
+    };
+    let plan = schedule(&scenario, seed);
+    if a.dry_run {
+        for f in &plan {
+            println!("{}", serde_json::to_string(f)?);
+        }
+        return Ok(());
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("chaos-out/{name}-{seed}")));
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("--out {}: cannot create it", out.display()))?;
+    std::fs::write(out.join("schedule.json"), serde_json::to_vec_pretty(&plan)?)
+        .with_context(|| format!("{}: cannot write", out.join("schedule.json").display()))?;
+    println!(
+        "scenario {name}: {} nodes, {} steps, {} faults scheduled; report in {}",
+        scenario.cluster.nodes,
+        scenario.train.steps,
+        plan.len(),
+        out.display()
+    );
+
+    let data =
+        crate::bench::corpus_or_synthetic(scenario.train.data.as_deref().map(Path::new), &out)?;
+    let exe = std::env::current_exe().context("the tenax binary")?;
+    let job = format!("chaos-{name}");
+    let mut daemon_args = train_flags(&scenario, &data);
+    daemon_args.extend(daemon_flags(&scenario));
+    let c = LocalCluster::start(ClusterSpec {
+        tenax_bin: exe.clone(),
+        job: job.clone(),
+        bucket: "tenax-chaos".into(),
+        daemon_args,
+        env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
+    })
+    .map_err(|e| {
+        anyhow!("starting etcd and the S3 server: {e} (scripts/setup installs etcd-server and moto[server])")
+    })?;
+    let nodes = scenario.cluster.nodes;
+    let kinds: Vec<FaultKind> = plan.iter().map(|f| f.kind).collect();
+    let needs_s3_proxy = kinds
+        .iter()
+        .any(|k| matches!(k, FaultKind::S3 | FaultKind::KillInUpload));
+    let needs_tcp = kinds.contains(&FaultKind::Partition);
+    let mut env = Vec::new();
+    let s3_proxy = if needs_s3_proxy {
+        let p = FaultProxy::start(c.s3().addr(), ProxyFaults::default(), seed)
+            .context("starting the S3 fault proxy")?;
+        env.push(("AWS_ENDPOINT".to_string(), p.endpoint()));
+        Some(p)
+    } else {
+        None
+    };
+    let mut peer_proxies = Vec::new();
+    let mut etcd_proxies = Vec::new();
+    let mut c = c;
+    if needs_tcp {
+        let etcd_addr: std::net::SocketAddr = c.etcd().addr();
+        for n in 0..nodes {
+            peer_proxies.push(TcpFaultProxy::start(None).context("starting a TCP proxy")?);
+            let e = TcpFaultProxy::start(Some(etcd_addr)).context("starting a TCP proxy")?;
+            c.set_node_etcd(n, Some(format!("http://{}", e.addr())));
+            etcd_proxies.push(e);
+        }
+    }
+    let logs = (0..nodes)
+        .map(|n| c.run_dir(n).join("metrics.jsonl"))
+        .collect();
+    let mut h = Harness {
+        c,
+        exe: exe.clone(),
+        job: job.clone(),
+        nodes,
+        peer_proxies,
+        etcd_proxies,
+        s3_proxy,
+        env,
+        logs,
+        faults: Vec::new(),
+        errors: Vec::new(),
+        deadline: Instant::now() + Duration::from_secs(scenario.run.timeout_s),
+    };
+    let started_ms = now_unix_ms();
+    let outcome = drive(&mut h, &scenario, &plan).await;
+    let ended_ms = now_unix_ms();
+    if let Err(e) = &outcome {
+        h.errors.push(format!("{e:#}"));
+    }
+    // Logs for the record, whatever happened.
+    for n in 0..nodes {
+        let _ = std::fs::write(out.join(format!("node-{n}.log")), h.c.log(n));
+    }
+    let mut history = History {
+        nodes,
+        target_step: scenario.train.steps,
+        batch_size: scenario.train.batch_size,
+        slots: scenario.slots(),
+        started_ms,
+        ended_ms,
+        faults: std::mem::take(&mut h.faults),
+        ..History::default()
+    };
+    for n in 0..nodes {
+        let (steps, states) = read_node_logs(n, &h.c.run_dir(n));
+        history.steps.extend(steps);
+        history.states.extend(states);
+    }
+    if h.c.etcd().pid().is_none() {
+        let _ = h.c.etcd().restart();
+    }
+    match etcd_history(&h.c.etcd_endpoint(), &job).await {
+        Ok((plans, commits)) => {
+            history.plans = plans;
+            history.commits = commits;
+        }
+        Err(e) => h.errors.push(format!("reading etcd's history: {e:#}")),
+    }
+    let s3_env = h.c.s3_env();
+    let bar = spinner("verifying checkpoints");
+    for commit in &mut history.commits {
+        let out = std::process::Command::new(&exe)
+            .args(["ckpt", "verify", &commit.url])
+            .envs(s3_env.iter().cloned())
+            .output()
+            .context("tenax ckpt verify")?;
+        commit.verified = Some(out.status.success());
+        if !out.status.success() {
+            commit.verify_error = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        }
+    }
+    bar.finish_and_clear();
+    let finished = history
+        .commits
+        .iter()
+        .any(|c| c.step >= scenario.train.steps);
+    if finished {
+        let bar = spinner("training the fault-free reference (tenax train)");
+        history.final_params = Some(
+            compare_with_reference(&exe, &scenario, &data, &out, &h.c, &job).unwrap_or_else(|e| {
+                FinalComparison {
+                    identical: false,
+                    detail: format!("could not compare: {e:#}"),
+                }
+            }),
+        );
+        bar.finish_and_clear();
+    }
+    drop(h.s3_proxy.take());
+    let errors = std::mem::take(&mut h.errors);
+    drop(h);
+
+    let verdicts = tenax_chaos::invariants::check(&history, &scenario.invariants());
+    let report = tenax_chaos::report::build(&name, seed, &history, verdicts, errors);
+    std::fs::write(out.join("history.json"), serde_json::to_vec(&history)?)?;
+    std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(out.join("report.md"), report.markdown(&history))?;
+    if let Err(e) = timeline(&out.join("timeline.png"), &name, seed, &history) {
+        eprintln!("warning: {e:#}");
+    }
+    print_summary(&report, &out);
+    if report.passed {
+        Ok(())
+    } else {
+        let violated: Vec<&str> = report
+            .invariants
+            .iter()
+            .filter(|(_, v)| !v.is_held())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        bail!(
+            "chaos run {name} (seed {seed}) failed: {}{}; see {}",
+            if violated.is_empty() {
+                String::new()
+            } else {
+                format!("invariants violated: {}", violated.join(", "))
+            },
+            if report.harness_errors.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "{}harness errors: {}",
+                    if violated.is_empty() { "" } else { "; " },
+                    report.harness_errors.len()
+                )
+            },
+            out.join("report.md").display()
+        )
+    }
+}
+
+fn spinner(msg: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(msg.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Starts the daemons, injects the faults, waits for the job to end.
+async fn drive(h: &mut Harness, scenario: &Scenario, plan: &[PlannedFault]) -> Result<()> {
+    for n in 0..h.nodes {
+        h.spawn(n, true)?;
+    }
+    let first = h
+        .wait_until(Duration::from_secs(300), |h| h.newest_step().is_some())
+        .await;
+    if !first {
+        bail!(
+            "no daemon logged a step within 300 s; node-0's log ends:\n{}",
+            h.c.log_tail(0)
+        );
+    }
+    let t0 = h.newest_step().map(|(_, _)| ()).and_then(|()| {
+        (0..h.nodes)
+            .flat_map(|n| read_node_logs(n, &h.c.run_dir(n)).0)
+            .map(|s| s.t_ms)
+            .min()
+    });
+    let t0 = t0.unwrap_or_else(now_unix_ms);
+    let bar = indicatif::ProgressBar::new(plan.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} faults {pos}/{len} [{bar:30}] {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    for f in plan {
+        let triggered = match f.trigger {
+            Trigger::AtS(s) => {
+                let at = t0 + (s * 1000.0) as u64;
+                h.wait_until(Duration::from_secs(u64::MAX / 4), |h| {
+                    now_unix_ms() >= at || h.some_exited()
+                })
+                .await
+            }
+            Trigger::AtStep(step) => {
+                h.wait_until(Duration::from_secs(u64::MAX / 4), |h| {
+                    h.newest_step().is_some_and(|(s, _)| s >= step) || h.some_exited()
+                })
+                .await
+            }
+        };
+        if !triggered || h.some_exited() {
+            h.errors.push(format!(
+                "fault {} ({}) not injected: {}",
+                f.index,
+                f.kind,
+                if triggered {
+                    "the job had ended"
+                } else {
+                    "the run's timeout came first"
+                }
+            ));
+            bar.inc(1);
+            continue;
+        }
+        let steady_limit = Duration::from_secs(scenario.run.steady_timeout_s);
+        if !h.wait_until(steady_limit, |h| h.steady()).await {
+            bar.println(format!(
+                "note: fault {}: the cluster was not steady after {} s; injecting anyway",
+                f.index,
+                steady_limit.as_secs()
+            ));
+        }
+        let node = h.resolve(f.target);
+        let start_ms = now_unix_ms();
+        bar.set_message(format!(
+            "{}{}",
+            f.kind,
+            node.map(|n| format!(" node-{n}")).unwrap_or_default()
+        ));
+        match h.inject(f, node).await {
+            Ok(detail) => h.faults.push(InjectedFault {
+                index: f.index,
+                kind: f.kind.name().to_string(),
+                node,
+                start_ms,
+                end_ms: now_unix_ms(),
+                detail,
+            }),
+            Err(e) => h
+                .errors
+                .push(format!("fault {} ({}): {e:#}", f.index, f.kind)),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    // The job ends by itself at the target step.
+    let limit = h
+        .deadline
+        .saturating_duration_since(Instant::now())
+        .max(FINISH_MIN);
+    let until = Instant::now() + limit;
+    let bar = spinner("training to the target step");
+    for n in 0..h.nodes {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::task::block_in_place(|| h.c.wait(n, left))? {
+            Some(s) if s.success() => {}
+            Some(s) => {
+                h.errors.push(format!(
+                    "node-{n} exited with {s}; its log ends:\n{}",
+                    h.c.log_tail(n)
+                ));
+            }
+            None => {
+                h.errors.push(format!(
+                    "node-{n} still ran when the run's time was up ({} s)",
+                    scenario.run.timeout_s
+                ));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    h.c.kill_all();
+    Ok(())
+}
+
+/// Every plan and checkpoint record etcd accepted, in revision order.
+async fn etcd_history(endpoint: &str, job: &str) -> Result<(Vec<PlanEntry>, Vec<CommitEntry>)> {
+    use tenax_cluster::etcd::{EtcdConfig, EtcdMembership};
+    let etcd = EtcdMembership::connect(EtcdConfig::new(vec![endpoint.to_string()], job))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let plans = etcd
+        .plan_history(MAX_ETCD_VERSIONS)
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .map(|r| {
+            let members = serde_json::from_slice::<tenax_core::membership::Plan>(&r.plan)
+                .map(|p| p.members.iter().map(|m| m.to_string()).collect())
+                .unwrap_or_default();
+            PlanEntry {
+                revision: r.mod_revision,
+                generation: r.generation,
+                members,
+            }
+        })
+        .collect();
+    let commits = etcd
+        .key_history(crate::daemon::CHECKPOINT_KEY, MAX_ETCD_VERSIONS)
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .filter_map(|v| {
+            let rec: crate::daemon::CheckpointRecord = serde_json::from_slice(&v.value).ok()?;
+            Some(CommitEntry {
+                revision: v.revision,
+                step: rec.step,
+                generation: rec.generation,
+                url: rec.url,
+                verified: None,
+                verify_error: String::new(),
+            })
+        })
+        .collect();
+    Ok((plans, commits))
+}
+
+/// Exports the job's final checkpoint and a fault-free `tenax train` run's, compares bytes.
+fn compare_with_reference(
+    exe: &Path,
+    s: &Scenario,
+    data: &Path,
+    out: &Path,
+    c: &LocalCluster,
+    job: &str,
+) -> Result<FinalComparison> {
+    let run_cmd = |args: &[String], env: &[(String, String)]| -> Result<()> {
+        let o = std::process::Command::new(exe)
+            .args(args)
+            .envs(env.iter().cloned())
+            .env("CANDLE_NUM_THREADS", "1")
+            .output()
+            .with_context(|| format!("tenax {}", args[0]))?;
+        if !o.status.success() {
+            bail!(
+                "tenax {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    let reference = out.join("reference");
+    let _ = std::fs::remove_dir_all(&reference);
+    let mut args = vec!["train".to_string()];
+    args.extend(train_flags(s, data));
+    args.extend([
+        "--ranks".into(),
+        "1".into(),
+        "--run-dir".into(),
+        reference.to_string_lossy().into_owned(),
+    ]);
+    run_cmd(&args, &[])?;
+    let want_path = out.join("reference.safetensors");
+    run_cmd(
+        &[
+            "ckpt".into(),
+            "export".into(),
+            format!("file://{}", reference.join("checkpoints").display()),
+            "--out".into(),
+            want_path.to_string_lossy().into_owned(),
+        ],
+        &[],
+    )?;
+    let got_path = out.join("final.safetensors");
+    run_cmd(
+        &[
+            "ckpt".into(),
+            "export".into(),
+            format!("{}/{job}", c.store_url()),
+            "--out".into(),
+            got_path.to_string_lossy().into_owned(),
+        ],
+        &c.s3_env(),
+    )?;
+    let want = std::fs::read(&want_path)?;
+    let got = std::fs::read(&got_path)?;
+    let _ = std::fs::remove_dir_all(&reference);
+    Ok(if want == got {
+        FinalComparison {
+            identical: true,
+            detail: format!(
+                "the job's final checkpoint (step {}) exports to the same {} bytes as a fault-free `tenax train --ranks 1`",
+                s.train.steps,
+                got.len()
+            ),
+        }
+    } else {
+        let at = want.iter().zip(&got).position(|(a, b)| a != b);
+        FinalComparison {
+            identical: false,
+            detail: format!(
+                "the job's final weights ({} bytes) differ from a fault-free `tenax train --ranks 1` ({} bytes){}",
+                got.len(),
+                want.len(),
+                at.map(|i| format!(", first at byte {i}")).unwrap_or_default()
+            ),
+        }
+    })
+}
+
+fn timeline(path: &Path, name: &str, seed: u64, h: &History) -> Result<()> {
+    use crate::plot::{TimelineFault, TimelineGeneration, TimelineLoss};
+    let t0 = h.steps.iter().map(|s| s.t_ms).min().unwrap_or(h.started_ms);
+    let secs = |t: u64| (t as f64 - t0 as f64) / 1000.0;
+    let losses: Vec<TimelineLoss> = h
+        .steps
+        .iter()
+        .map(|s| TimelineLoss {
+            t_s: secs(s.t_ms),
+            loss: s.loss,
+            node: s.node,
+        })
+        .collect();
+    let faults: Vec<TimelineFault> = h
+        .faults
+        .iter()
+        .map(|f| TimelineFault {
+            start_s: secs(f.start_ms),
+            end_s: secs(f.end_ms),
+            label: format!(
+                "{}{}",
+                f.kind,
+                f.node.map(|n| format!(" n{n}")).unwrap_or_default()
+            ),
+        })
+        .collect();
+    let mut seen = BTreeMap::new();
+    for s in &h.steps {
+        let t = seen.entry(s.generation).or_insert(s.t_ms);
+        *t = (*t).min(s.t_ms);
+    }
+    let generations: Vec<TimelineGeneration> = seen
+        .iter()
+        .map(|(&g, &t)| TimelineGeneration {
+            t_s: secs(t),
+            generation: g,
+        })
+        .collect();
+    crate::plot::plot_timeline(
+        path,
+        &format!("tenax chaos: {name}, seed {seed}"),
+        &losses,
+        &faults,
+        &generations,
+    )
+}
+
+fn print_summary(r: &tenax_chaos::report::Report, out: &Path) {
+    for (name, v) in &r.invariants {
+        println!(
+            "{:8}  {name}: {}",
+            if v.is_held() { "held" } else { "VIOLATED" },
+            v.evidence
+        );
+    }
+    for e in &r.harness_errors {
+        println!("error     {e}");
+    }
+    let fmt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    println!(
+        "faults {:?}; recovery p50 {} s, p99 {} s; steps lost {}; goodput {}; wall {:.1} s",
+        r.faults_injected,
+        fmt(r.recovery_s_p50),
+        fmt(r.recovery_s_p99),
+        r.steps_lost,
+        r.goodput
+            .map(|g| format!("{:.1}%", g * 100.0))
+            .unwrap_or_else(|| "-".into()),
+        r.wall_s
+    );
+    println!(
+        "{}: report in {}",
+        if r.passed { "PASSED" } else { "FAILED" },
+        out.join("report.md").display()
+    );
+}
+
+/// `tenax chaos up`.
+pub async fn up(a: ChaosUpArgs) -> Result<()> {
+    if !(1..=tenax_chaos::scenario::MAX_NODES).contains(&a.nodes) {
+        bail!(
+            "--nodes {}: use 1 to {}",
+            a.nodes,
+            tenax_chaos::scenario::MAX_NODES
+        );
+    }
+    let tmp = tempfile::tempdir().context("temp dir")?;
+    let data = crate::bench::corpus_or_synthetic(a.data.as_deref(), tmp.path())?;
+    let exe = std::env::current_exe().context("the tenax binary")?;
+    let job = "demo".to_string();
+    let mut c = LocalCluster::start(ClusterSpec {
+        tenax_bin: exe.clone(),
+        job: job.clone(),
+        bucket: "tenax-demo".into(),
+        daemon_args: [
+            "--preset",
+            &a.preset,
+            "--data",
+            &data.to_string_lossy(),
+            "--tokenizer",
+            "char",
+            "--steps",
+            "1000000",
+            "--ckpt-every",
+            "100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
+    })
+    .map_err(|e| {
+        anyhow!("starting etcd and the S3 server: {e} (scripts/setup installs etcd-server and moto[server])")
+    })?;
+    for n in 0..a.nodes {
+        c.spawn_daemon(n, &["--start-nodes".into(), a.nodes.to_string()])?;
+    }
+    let etcd = c.etcd_endpoint();
+    println!(
+        "a local tenax cluster is up: job {job}, {} daemons, etcd {etcd}",
+        a.nodes
+    );
+    println!();
+    println!("watch it:");
+    println!("  tenax status --etcd {etcd} --job {job}");
+    for n in 0..a.nodes {
+        println!(
+            "  node-{n}: pid {}, log {}, metrics http://{}/metrics",
+            c.pid(n).unwrap_or(0),
+            c.log_path(n).display(),
+            c.metrics_addr(n).unwrap_or_default()
+        );
+    }
+    println!();
+    println!("break it (from another shell):");
+    println!(
+        "  kill -9 {}        # a crash; the others re-form without it",
+        c.pid(a.nodes - 1).unwrap_or(0)
+    );
+    println!("  tenax control drain --etcd {etcd} --job {job} --node node-0   # a graceful leave");
+    println!("  checkpoints: AWS_ENDPOINT={} AWS_ALLOW_HTTP=true AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing tenax ckpt list {}/{job}", c.s3().endpoint(), c.store_url());
+    println!();
+    println!(
+        "stop it: Ctrl-C here (or kill {}); it stops by itself after {} s. Everything it started goes with it.",
+        std::process::id(),
+        a.for_s
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => println!("stopping"),
+        _ = term.recv() => println!("SIGTERM: stopping"),
+        _ = tokio::time::sleep(Duration::from_secs(a.for_s)) => println!("--for-s {} passed: stopping", a.for_s),
+    }
+    c.kill_all();
+    Ok(())
+}
