@@ -471,7 +471,9 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         job: job.clone(),
         bucket: "tenax-chaos".into(),
         daemon_args,
-        env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
+        env: std::iter::once(("CANDLE_NUM_THREADS".to_string(), "1".to_string()))
+            .chain(scenario.daemon.env.clone())
+            .collect(),
     })
     .map_err(|e| {
         anyhow!("starting etcd and the S3 server: {e} (scripts/setup installs etcd-server and moto[server])")

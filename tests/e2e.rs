@@ -1927,3 +1927,128 @@ fn training_goes_on_while_etcd_is_down_and_the_checkpoint_record_waits() {
     let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
     assert!(got == want, "the final weights differ");
 }
+
+// ---------------------------------------------------------------------------
+// `tenax chaos`: scenario runs against real local clusters.
+// ---------------------------------------------------------------------------
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn chaos_smoke_scenario_holds_every_invariant_and_writes_its_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smoke");
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/chaos/scenarios/smoke.toml");
+    let stdout = ok(&[
+        "chaos",
+        "run",
+        scenario,
+        "--seed",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(stdout.lines().next(), Some("seed 1"), "{stdout}");
+    println!("{stdout}");
+    let report = read_json(&out.join("report.json"));
+    assert_eq!(report["seed"], 1);
+    assert_eq!(report["passed"], true);
+    assert!(
+        report["faults_injected"]["kill"].as_u64() >= Some(1),
+        "{report}"
+    );
+    assert!(
+        report["faults_injected"]["hang"].as_u64() >= Some(1),
+        "{report}"
+    );
+    let invariants = report["invariants"].as_object().unwrap();
+    assert_eq!(invariants.len(), 7, "{report}");
+    for (name, v) in invariants {
+        assert_eq!(v["verdict"], "held", "{name}: {v}");
+    }
+    for key in ["recovery_s_p50", "recovery_s_p99", "goodput"] {
+        assert!(report[key].as_f64().is_some(), "{key} in {report}");
+    }
+    assert!(report["steps_lost"].as_u64().is_some());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("PASSED"), "{md}");
+    let png = std::fs::metadata(out.join("timeline.png")).unwrap();
+    assert!(png.len() > 10_000, "timeline.png is {} bytes", png.len());
+    // The history holds what the verdicts were drawn from.
+    let history = read_json(&out.join("history.json"));
+    assert!(
+        history["plans"].as_array().unwrap().len() >= 3,
+        "a kill and a hang re-form the group"
+    );
+    assert!(!history["commits"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn chaos_run_fails_when_an_invariant_is_violated() {
+    // A chaos hook makes a daemon flip one bit of its parameters when a generation starts
+    // past step 20 (here: the survivor of a kill). The job goes on, but its weights are
+    // not those of a fault-free run, and the harness must say so.
+    let tmp = tempfile::tempdir().unwrap();
+    let scenario = tmp.path().join("flip.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"flip\"\n[cluster]\nnodes = 2\n[train]\nsteps = 200\nckpt_every = 50\n\
+         args = [\"--lr-decay-steps\", \"200\"]\n\
+         [daemon]\nenv = { TENAX_CHAOS_FLIP_PARAM_AT_STEP = \"20\" }\n\
+         [[faults]]\nkind = \"kill\"\nat_step = 20\nnode = \"non-leader\"\nrestart_after_s = 0.5\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let o = tenax(&[
+        "chaos",
+        "run",
+        scenario.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "must fail:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.lines().next(), Some("seed 3"));
+    assert!(
+        stderr.contains("invariants violated: final_params_match_fault_free"),
+        "{stderr}"
+    );
+    let report = read_json(&out.join("report.json"));
+    assert_eq!(report["passed"], false);
+    let v = &report["invariants"]["final_params_match_fault_free"];
+    assert_eq!(v["verdict"], "violated", "{report}");
+    assert!(v["evidence"].as_str().unwrap().contains("differ"), "{v}");
+}
+
+#[test]
+fn chaos_same_seed_same_schedule_and_bad_scenarios_are_one_line_errors() {
+    let scenario = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/chaos/scenarios/kill-storm.toml"
+    );
+    let a = ok(&["chaos", "run", scenario, "--seed", "7", "--dry-run"]);
+    let b = ok(&["chaos", "run", scenario, "--seed", "7", "--dry-run"]);
+    let c = ok(&["chaos", "run", scenario, "--seed", "8", "--dry-run"]);
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert!(a.lines().count() > 5, "{a}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[cluster]\nnodes = 3\n[train]\nsteps = 10\n[[faults]]\nkind = \"kill\"\nat_step = 5\nnode = 9\n",
+    )
+    .unwrap();
+    let err = fails(&["chaos", "run", bad.to_str().unwrap(), "--seed", "1"]);
+    assert!(err.contains("faults[0].node = 9"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let err = fails(&["chaos", "run", "/nonexistent/x.toml", "--seed", "1"]);
+    assert!(err.contains("/nonexistent/x.toml"), "{err}");
+}

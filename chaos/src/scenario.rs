@@ -20,6 +20,7 @@
 //! lease_ttl_s = 2
 //! settle_ms = 200
 //! suspect_after_ms = 1000
+//! env = { TENAX_LOG = "info" }   # environment of every daemon
 //!
 //! [run]
 //! timeout_s = 600       # the whole run is bounded; past it the run fails
@@ -160,6 +161,9 @@ pub struct DaemonSection {
     /// Further daemon flags.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Environment of every daemon, e.g. `{ TENAX_LOG = "info" }` or a chaos hook.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 fn default_ttl() -> i64 {
@@ -179,6 +183,7 @@ impl Default for DaemonSection {
             settle_ms: default_settle(),
             suspect_after_ms: default_suspect(),
             args: Vec::new(),
+            env: Default::default(),
         }
     }
 }
@@ -224,8 +229,23 @@ pub struct RandomSection {
     pub start_s: f64,
     /// Length of the window in which faults are drawn.
     pub duration_s: f64,
+    /// `"poisson"` (exponential gaps, the default) or `"even"` (one fault every
+    /// `60 / rate_per_min` seconds, each moved by up to a quarter of the gap).
+    #[serde(default)]
+    pub spacing: Spacing,
     /// Fault templates (no `at_s`/`at_step`); each event picks one uniformly.
     pub faults: Vec<FaultSpec>,
+}
+
+/// How random faults are spaced in time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Spacing {
+    /// A Poisson process: exponential gaps of mean `60 / rate_per_min` seconds.
+    #[default]
+    Poisson,
+    /// Evenly spaced with a seeded jitter of up to a quarter of the gap.
+    Even,
 }
 
 /// `[invariants]`.
@@ -574,7 +594,10 @@ impl Scenario {
         if t.steps == 0 {
             return Err(bad("train.steps = 0: train at least one step"));
         }
-        if t.micro_batch_size == 0 || t.batch_size == 0 || !t.batch_size.is_multiple_of(t.micro_batch_size) {
+        if t.micro_batch_size == 0
+            || t.batch_size == 0
+            || !t.batch_size.is_multiple_of(t.micro_batch_size)
+        {
             return Err(bad(format!(
                 "train.batch_size = {} must be a positive multiple of train.micro_batch_size = {}",
                 t.batch_size, t.micro_batch_size

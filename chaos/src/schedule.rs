@@ -2,7 +2,8 @@
 //! the same faults (kinds, times or steps, victims, durations) run after run.
 //!
 //! Fixed faults come first, in file order; then the random ones, in time order: a Poisson
-//! process of rate `random.rate_per_min` over `[start_s, start_s + duration_s)`, each event
+//! process of rate `random.rate_per_min` over `[start_s, start_s + duration_s)` (or evenly
+//! spaced with a seeded jitter, `spacing = "even"`), each event
 //! a template picked uniformly. A node target of `"any"` (or none) becomes an index drawn
 //! from the seed; `"leader"` and `"non-leader"` stay roles, resolved when the fault is
 //! injected. The harness injects one fault at a time: each waits for its trigger and for
@@ -11,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 use tenax_core::rng::SplitMix64;
 
-use crate::scenario::{FaultKind, FaultSpec, NodeTarget, Scenario, MAX_FAULTS};
+use crate::scenario::{FaultKind, FaultSpec, NodeTarget, Scenario, Spacing, MAX_FAULTS};
 
 /// When a fault is injected.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,9 +89,17 @@ pub fn schedule(scenario: &Scenario, seed: u64) -> Vec<PlannedFault> {
         let rate_per_s = r.rate_per_min / 60.0;
         let end = r.start_s + r.duration_s;
         let mut t = r.start_s;
+        let mut k = 0u64;
         while out.len() < MAX_FAULTS {
-            // Exponential gaps: 1 - u is in (0, 1], so the log is finite.
-            t += -(1.0 - rng.next_f64()).ln() / rate_per_s;
+            t = match r.spacing {
+                // Exponential gaps: 1 - u is in (0, 1], so the log is finite.
+                Spacing::Poisson => t - (1.0 - rng.next_f64()).ln() / rate_per_s,
+                Spacing::Even => {
+                    let gap = 1.0 / rate_per_s;
+                    r.start_s + gap * (k as f64 + 0.5 + (rng.next_f64() - 0.5) * 0.5)
+                }
+            };
+            k += 1;
             if t >= end {
                 break;
             }
@@ -162,5 +171,25 @@ mod tests {
             }
         }
         assert!(plan.iter().enumerate().all(|(i, f)| f.index == i));
+    }
+
+    #[test]
+    fn even_spacing_gives_one_fault_per_gap() {
+        let s = Scenario::parse(
+            "[cluster]\nnodes = 4\n[train]\nsteps = 100\n\
+             [random]\nrate_per_min = 1\nstart_s = 0\nduration_s = 600\nspacing = \"even\"\n\
+             [[random.faults]]\nkind = \"kill\"\n",
+            "even.toml",
+        )
+        .unwrap();
+        for seed in 0..20 {
+            let plan = schedule(&s, seed);
+            assert_eq!(plan.len(), 10, "seed {seed}");
+            for (k, f) in plan.iter().enumerate() {
+                let Trigger::AtS(t) = f.trigger else { panic!() };
+                let mid = 60.0 * (k as f64 + 0.5);
+                assert!((t - mid).abs() <= 15.0, "seed {seed}: fault {k} at {t}");
+            }
+        }
     }
 }
