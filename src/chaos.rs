@@ -695,7 +695,18 @@ async fn drive(h: &mut Harness, scenario: &Scenario, plan: &[PlannedFault]) -> R
             continue;
         }
         let steady_limit = Duration::from_secs(scenario.run.steady_timeout_s);
-        if !h.wait_until(steady_limit, |h| h.steady()).await {
+        let steady = h
+            .wait_until(steady_limit, |h| h.steady() || h.some_exited())
+            .await;
+        if h.some_exited() {
+            h.errors.push(format!(
+                "fault {} ({}) not injected: the job had ended",
+                f.index, f.kind
+            ));
+            bar.inc(1);
+            continue;
+        }
+        if !steady {
             bar.println(format!(
                 "note: fault {}: the cluster was not steady after {} s; injecting anyway",
                 f.index,

@@ -1121,6 +1121,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         run_dir,
         join,
         rejoins: 0,
+        rejoins_in_a_row: 0,
+        stepped_since_rejoin: false,
         probes_base: 0,
         revocations_base: 0,
         metrics: None,
@@ -1190,6 +1192,10 @@ struct Node<'a> {
     join: MemberConfig,
     /// Registrations after the first.
     rejoins: u32,
+    /// Registrations since this node last applied a step (reset by a step).
+    rejoins_in_a_row: u32,
+    /// Whether a step was applied since the last registration.
+    stepped_since_rejoin: bool,
     /// Probes and revocations of earlier registrations (the counters go on across rejoins).
     probes_base: u64,
     revocations_base: u64,
@@ -1221,9 +1227,16 @@ const RECORD_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 /// member loaded the committed checkpoint.
 const LOADED_ROUND: u64 = u64::MAX;
 
-/// Most times a node registers again after losing its membership (evicted while hung,
-/// cut off from etcd past its lease) before it gives up and exits.
+/// Most times in a row (without training a step in between) a node registers again after
+/// losing its membership (evicted while hung, cut off past its lease) before it exits.
 const MAX_REJOINS: u32 = 20;
+
+/// The wait before the first registration after a lost membership; it doubles with each
+/// registration in a row that trains no step.
+const REJOIN_BACKOFF_FIRST: Duration = Duration::from_millis(250);
+
+/// The longest wait before registering again.
+const REJOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// How long the leader's probe of a suspect waits for its Control service to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -1381,12 +1394,22 @@ impl Node<'_> {
     async fn rejoin(&mut self, reason: &str) -> Result<()> {
         let me = self.member.id().clone();
         self.rejoins += 1;
-        if self.rejoins > MAX_REJOINS {
+        if std::mem::take(&mut self.stepped_since_rejoin) {
+            self.rejoins_in_a_row = 0;
+        }
+        self.rejoins_in_a_row += 1;
+        if self.rejoins_in_a_row > MAX_REJOINS {
             bail!(
-                "node {me}: lost its membership {} times (last: {reason}); restart it to rejoin",
-                self.rejoins
+                "node {me}: lost its membership {} times in a row without training a step (last: {reason}); check its network to the peers and etcd, then restart it",
+                self.rejoins_in_a_row - 1
             );
         }
+        // Back off when registering does not lead to training (a node cut off from its
+        // peers but not from etcd is admitted, fails the state exchange and is evicted
+        // again): 250 ms, doubling, at most REJOIN_BACKOFF_MAX.
+        let backoff = (REJOIN_BACKOFF_FIRST * 2u32.pow(self.rejoins_in_a_row.min(8) - 1))
+            .min(REJOIN_BACKOFF_MAX);
+        tokio::time::sleep(backoff).await;
         println!("node {me}: lost its membership ({reason}); registering again");
         self.shared.set_phase("rejoining");
         let fresh = start_member(&self.etcd, &self.join).await?;
@@ -2114,6 +2137,7 @@ impl Node<'_> {
             let step_cursor = cursor;
             step += 1;
             cursor += cfg.batch_size;
+            self.stepped_since_rejoin = true;
             let hash = trainer
                 .param_hashes()
                 .await

@@ -3,7 +3,7 @@
 //! | name | held when |
 //! |---|---|
 //! | `target_step_reached` | a node applied the target step and a checkpoint of it was committed |
-//! | `slots_exactly_once` | for every step, the lineage that survived (the newest generation that applied it) computed each batch slot at most once, at the cursor the step implies, and with one parameter hash; steps missing a slot's log line are no more than the faults that kill a process |
+//! | `slots_exactly_once` | for every step, the lineage that survived (the newest generation that applied it) computed each batch slot at most once, at the cursor the step implies, and with one parameter hash; a step missing a slot's log line is explained by a member that then adopted (copied, loaded) a state holding the step, and otherwise such steps are no more than the faults that kill a process |
 //! | `no_stale_generation` | every checkpoint record etcd accepted carries the generation of the plan current at its revision; no node logs a step in a generation older than one it already logged; members of a generation that applied a step agree on its parameters |
 //! | `checkpoints_verify` | every committed checkpoint verifies |
 //! | `steps_never_go_backwards` | a node's next logged step is its previous plus one, unless a state event (a load or a copy) in between explains it; each committed checkpoint holds a later step than the one before |
@@ -114,6 +114,7 @@ fn slots_exactly_once(h: &History) -> Verdict {
     }
     let mut problems = Vec::new();
     let mut incomplete = Vec::new();
+    let mut adopted_steps = 0usize;
     for step in 1..=h.target_step {
         let Some(records) = by_step.get(&step) else {
             incomplete.push(step);
@@ -163,22 +164,37 @@ fn slots_exactly_once(h: &History) -> Verdict {
             }
         }
         if (0..h.slots).any(|s| !seen.contains_key(&s)) {
-            incomplete.push(step);
+            // A member that computed its slots but failed before it applied the step
+            // (its collective broke mid-way, or it was killed) logs nothing; if it copied
+            // or loaded a state holding the step afterwards, its slots are accounted for.
+            let first_t = lineage.iter().map(|r| r.t_ms).min().unwrap_or(0);
+            let adopted = h.states.iter().any(|e| {
+                !nodes.contains(&e.node)
+                    && e.step >= step
+                    && e.t_ms >= first_t
+                    && matches!(e.how.as_str(), "copy" | "checkpoint")
+            });
+            if adopted {
+                adopted_steps += 1;
+            } else {
+                incomplete.push(step);
+            }
         }
     }
     let allowed = process_faults(h);
     if incomplete.len() > allowed {
         problems.push(format!(
-            "{} steps lack a slot's log line (more than the {allowed} killed processes explain): {:?}",
+            "{} steps lack a slot's log line, more than the {allowed} killed processes explain, and no member that missed them adopted a state holding them: {:?}",
             incomplete.len(),
             &incomplete[..incomplete.len().min(10)]
         ));
     }
     if problems.is_empty() {
         Verdict::held(format!(
-            "{} steps x {} slots: each computed once by the surviving lineage at its cursor; {} steps lack a killed member's log line",
+            "{} steps x {} slots: each computed once by the surviving lineage at its cursor; {} steps lack the line of a member that then copied the state, {} that of a killed one",
             h.target_step,
             h.slots,
+            adopted_steps,
             incomplete.len()
         ))
     } else {
@@ -452,6 +468,36 @@ mod tests {
         assert_eq!(violated(&h), vec!["slots_exactly_once"]);
         let v = &check(&h, &["slots_exactly_once"])["slots_exactly_once"];
         assert!(v.evidence.contains("step 3"), "{}", v.evidence);
+    }
+
+    #[test]
+    fn a_missing_line_is_explained_only_by_a_member_that_adopted_the_step() {
+        let mut h = clean();
+        // node 1 computed slot 1 of step 3, its collective broke, it logged nothing.
+        h.steps.retain(|s| !(s.step == 3 && s.node == 1));
+        for s in h.steps.iter_mut().filter(|s| s.step == 4) {
+            s.generation = 2;
+        }
+        h.commits[1].generation = 2;
+        h.commits[1].revision = 31;
+        h.plans.push(PlanEntry {
+            revision: 30,
+            generation: 2,
+            members: vec!["node-0".into(), "node-1".into()],
+        });
+        // Nothing explains it: the slot's line is missing and node 1 jumps from 2 to 4.
+        assert_eq!(
+            violated(&h),
+            vec!["slots_exactly_once", "steps_never_go_backwards"]
+        );
+        // It copied the state of step 3 from node 0 before step 4.
+        h.states.push(StateRecord {
+            node: 1,
+            how: "copy".into(),
+            step: 3,
+            t_ms: 3500,
+        });
+        assert!(violated(&h).is_empty(), "{:?}", violated(&h));
     }
 
     #[test]

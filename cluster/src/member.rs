@@ -383,8 +383,8 @@ impl Member {
     /// without waiting: the suspicion is queued for the agent ([`SUSPECT_QUEUE`]; when
     /// full it is dropped with a warning). A leader feeds it to its planner; a follower
     /// writes it to etcd for the leader. The same suspect is reported at most once per
-    /// [`REPORT_INTERVAL`], or again once a plan without it was seen (it was evicted;
-    /// failing again after a rejoin is news); a report of oneself is ignored. One report evicts nobody: the
+    /// [`REPORT_INTERVAL`] within a generation, and again as soon as a newer plan is seen
+    /// (failing again after a re-formation is news); a report of oneself is ignored. One report evicts nobody: the
     /// leader's probe or a second reporter must confirm it (see the module docs).
     pub fn suspect(&self, member: MemberId, reason: String) {
         match self.suspect_tx.try_send((member, reason)) {
@@ -984,9 +984,13 @@ impl Agent {
         };
         match decode_plan(update.generation, &update.plan) {
             Ok(plan) => {
-                // A member the new plan left out was dealt with: if it comes back and fails
-                // again, that is a new suspicion, reported at once.
-                self.reported.retain(|m, _| plan.members.contains(m));
+                // A new generation starts with a clean slate: a member the plan left out
+                // was dealt with, and one that was evicted and registered again before
+                // the leader planned (so that no plan ever left it out) is news when it
+                // fails again. Either is reported at once. (Found by the chaos harness's
+                // partitions scenario: a member cut off from its peers only was revoked,
+                // re-registered at once, and its next failure went unreported.)
+                self.reported.clear();
                 self.publish(&plan);
                 self.feed(Event::PlanCommitted(plan));
             }
