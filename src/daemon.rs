@@ -2379,10 +2379,18 @@ impl Node<'_> {
                         v.last_save_s = save_s;
                         v.save_s_sum += save_s;
                     }
-                    // A newer checkpoint replaces a record still waiting for etcd.
-                    self.pending_record = None;
-                    if self.record_checkpoint(rec, save_s).await {
-                        recorded = Some(step);
+                    // A newer checkpoint replaces a record still waiting for etcd. While
+                    // etcd did not answer lately, it waits for the next retry instead of
+                    // holding this step for another attempt.
+                    match self.pending_record.take() {
+                        Some((_, _, tried)) if tried.elapsed() < RECORD_RETRY_INTERVAL => {
+                            self.pending_record = Some((rec, save_s, tried));
+                        }
+                        _ => {
+                            if self.record_checkpoint(rec, save_s).await {
+                                recorded = Some(step);
+                            }
+                        }
                     }
                 }
                 CheckpointEvent::Failed { step, error } => {
