@@ -2052,3 +2052,29 @@ fn chaos_same_seed_same_schedule_and_bad_scenarios_are_one_line_errors() {
     let err = fails(&["chaos", "run", "/nonexistent/x.toml", "--seed", "1"]);
     assert!(err.contains("/nonexistent/x.toml"), "{err}");
 }
+
+#[test]
+fn chaos_up_prints_how_to_watch_and_stops_everything_by_itself() {
+    let out = ok(&["chaos", "up", "--nodes", "2", "--for-s", "6"]);
+    assert!(
+        out.contains("tenax status --etcd http://127.0.0.1:"),
+        "{out}"
+    );
+    assert!(out.contains("stopping"), "{out}");
+    // Every daemon it printed is gone.
+    let pids: Vec<u32> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("node-")?.split("pid ").nth(1))
+        .filter_map(|rest| rest.split(',').next()?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "{out}");
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "daemon {pid} still runs"
+        );
+    }
+}
