@@ -49,6 +49,16 @@ pub enum ChaosCommand {
     /// Prints how to watch it (`tenax status`, /metrics, logs) and how to stop it.
     /// Stops by itself after --for-s.
     Up(ChaosUpArgs),
+    /// Check a finished run's history.json again and rewrite its report (report.json,
+    /// report.md, timeline.png): after a change to the checker or the report.
+    Report(ChaosReportArgs),
+}
+
+/// Flags of `tenax chaos report`.
+#[derive(clap::Args, Debug)]
+pub struct ChaosReportArgs {
+    /// The --out directory of a `tenax chaos run`.
+    pub dir: PathBuf,
 }
 
 /// Flags of `tenax chaos run`.
@@ -967,6 +977,61 @@ fn print_summary(r: &tenax_chaos::report::Report, out: &Path) {
         if r.passed { "PASSED" } else { "FAILED" },
         out.join("report.md").display()
     );
+}
+
+/// `tenax chaos report`.
+pub fn report(a: ChaosReportArgs) -> Result<()> {
+    let read = |name: &str| -> Result<serde_json::Value> {
+        let p = a.dir.join(name);
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "{}: cannot read it; give the --out directory of a `tenax chaos run`",
+                p.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))
+    };
+    let old = read("report.json")?;
+    let history: History = serde_json::from_value(read("history.json")?).with_context(|| {
+        format!(
+            "{}: not a chaos history",
+            a.dir.join("history.json").display()
+        )
+    })?;
+    let name = old["scenario"].as_str().unwrap_or("scenario").to_string();
+    let seed = old["seed"].as_u64().unwrap_or(0);
+    let names: Vec<String> = old["invariants"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let errors: Vec<String> = old["harness_errors"]
+        .as_array()
+        .map(|v| {
+            v.iter()
+                .filter_map(|e| e.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let verdicts = tenax_chaos::invariants::check(&history, &names);
+    let report = tenax_chaos::report::build(&name, seed, &history, verdicts, errors);
+    std::fs::write(
+        a.dir.join("report.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    std::fs::write(a.dir.join("report.md"), report.markdown(&history))?;
+    if let Err(e) = timeline(&a.dir.join("timeline.png"), &name, seed, &history) {
+        eprintln!("warning: {e:#}");
+    }
+    print_summary(&report, &a.dir);
+    if report.passed {
+        Ok(())
+    } else {
+        bail!(
+            "chaos run {name} (seed {seed}) failed; see {}",
+            a.dir.join("report.md").display()
+        )
+    }
 }
 
 /// `tenax chaos up`.

@@ -234,6 +234,7 @@ fn main() -> ExitCode {
             Command::Chaos { command } => match command {
                 chaos::ChaosCommand::Run(a) => chaos::run(a).await,
                 chaos::ChaosCommand::Up(a) => chaos::up(a).await,
+                chaos::ChaosCommand::Report(a) => chaos::report(a),
             },
             Command::Bench { command } => match command {
                 BenchCommand::Train(a) => bench::train(a).await,

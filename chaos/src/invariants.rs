@@ -365,7 +365,7 @@ fn no_healthy_member_evicted(h: &History) -> Verdict {
     }
     if problems.is_empty() {
         Verdict::held(format!(
-            "{} slow spells; no plan left a slow node out",
+            "{} slow spells; no plan written during one left the slow node out",
             slow.len()
         ))
     } else {
