@@ -1140,6 +1140,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .map_err(|e| anyhow!("--suspect-after-ms: {e}"))?,
         flipped: false,
         pending_record: None,
+        refused_step: None,
         holds_state: live.is_none(),
         store: store.clone(),
     };
@@ -1209,6 +1210,9 @@ struct Node<'a> {
     flipped: bool,
     /// A checkpoint record etcd did not take yet (with its save time and the last try).
     pending_record: Option<(CheckpointRecord, f64, Instant)>,
+    /// The step of the last checkpoint whose record the fence refused (a newer generation
+    /// was current): the final checkpoint is then saved again in that generation.
+    refused_step: Option<u64>,
     /// Whether the node's state is real: false for a node that joined a running job and
     /// has not copied the state yet (it compares as "empty", never as a donor).
     holds_state: bool,
@@ -2245,10 +2249,19 @@ impl Node<'_> {
         // until it is committed, so that nobody leaves (and re-forms the group) before.
         self.shared.set_phase("final checkpoint");
         if committer {
+            self.refused_step = None;
             self.save_and_commit(trainer, plan, step, cursor, true)
                 .await?;
-        } else {
-            self.wait_for_final(step).await?;
+            if self.refused_step == Some(step) {
+                println!(
+                    "node {}: generation {} ended before the record of the final checkpoint (step {step}); saving it again in the next",
+                    self.member.id(),
+                    plan.generation
+                );
+                return Ok((GenEnd::Reform, step, cursor));
+            }
+        } else if !self.wait_for_final(step, plan.generation).await? {
+            return Ok((GenEnd::Reform, step, cursor));
         }
         self.shared.set_phase("done");
         Ok((GenEnd::Done, step, cursor))
@@ -2332,6 +2345,10 @@ impl Node<'_> {
                     .pending_record
                     .as_ref()
                     .is_some_and(|(r, _, _)| r.step == step);
+                if !waiting && self.refused_step == Some(step) {
+                    // A newer generation formed: the caller saves it again there.
+                    return Ok(());
+                }
                 if !waiting || Instant::now() > deadline {
                     bail!(
                         "the checkpoint of step {step} was not committed to {}: fix the store and etcd; the job resumes from its last committed checkpoint",
@@ -2425,9 +2442,13 @@ impl Node<'_> {
         let (step, url) = (rec.step, rec.url.clone());
         let retried = self.pending_record.take().is_some();
         // Bounded: the committer must not hold the group's next step while etcd is away.
+        // Fenced on the generation that saved it: once a newer one is current, the newer
+        // one commits its own checkpoints (found by the chaos harness's smoke scenario:
+        // a record of generation 2 was accepted after generation 3 was planned).
         let attempt = match tokio::time::timeout(
             RECORD_ATTEMPT_TIMEOUT,
-            self.member.fenced_commit(CHECKPOINT_KEY, &bytes),
+            self.member
+                .fenced_commit_in(rec.generation, CHECKPOINT_KEY, &bytes),
         )
         .await
         {
@@ -2454,6 +2475,7 @@ impl Node<'_> {
                 true
             }
             Ok(FenceOutcome::Refused { reason }) => {
+                self.refused_step = Some(step);
                 eprintln!(
                     "warning: node {me}: checkpoint of step {step} is in the store ({url}) but its etcd record was refused ({reason:?}): a newer generation commits instead"
                 );
@@ -2471,11 +2493,21 @@ impl Node<'_> {
         }
     }
 
-    /// Wait until the job's checkpoint record reaches `step` (another node commits it).
-    async fn wait_for_final(&self, step: u64) -> Result<()> {
+    /// Wait until the job's checkpoint record reaches `step` (another node commits it):
+    /// `true`; `false` when a plan newer than `generation` appears first (the final
+    /// checkpoint is then saved in that one).
+    async fn wait_for_final(&self, step: u64, generation: u64) -> Result<bool> {
         let me = self.member.id().to_string();
         let deadline = Instant::now() + FINAL_CHECKPOINT_TIMEOUT;
+        let plans = self.member.plan_receiver();
         loop {
+            if plans
+                .borrow()
+                .as_ref()
+                .is_some_and(|p| p.generation > generation)
+            {
+                return Ok(false);
+            }
             match self.etcd.get(CHECKPOINT_KEY).await {
                 Ok(Some(bytes)) => {
                     if let Ok(rec) = serde_json::from_slice::<CheckpointRecord>(&bytes) {
@@ -2487,7 +2519,7 @@ impl Node<'_> {
                             let mut v = self.shared.view();
                             v.last_checkpoint_step = rec.step;
                             v.last_checkpoint_url = rec.url;
-                            return Ok(());
+                            return Ok(true);
                         }
                     }
                 }

@@ -499,6 +499,21 @@ impl Member {
                 generation,
             });
         }
+        self.fenced_commit_in(generation, key_suffix, value).await
+    }
+
+    /// As [`Member::fenced_commit`], fenced on `generation` instead of the newest plan
+    /// observed: for a record of something made in that generation (a checkpoint saved
+    /// then), which must not be accepted once a newer generation is current.
+    ///
+    /// # Errors
+    /// The driver's errors.
+    pub async fn fenced_commit_in(
+        &self,
+        generation: u64,
+        key_suffix: &str,
+        value: &[u8],
+    ) -> Result<FenceOutcome, MemberError> {
         Ok(self
             .etcd
             .fenced_put(key_suffix, value, generation, &self.writer)

@@ -274,6 +274,20 @@ async fn a_hung_member_is_dropped_and_its_commits_are_refused() -> Result<()> {
             m.id()
         );
     }
+    // A record of something made in the old generation (a checkpoint saved then) is
+    // refused once the new one is current, even from a survivor.
+    let out = survivors[0]
+        .fenced_commit_in(formed.generation, "commits/survivor", b"old")
+        .await?;
+    assert!(
+        matches!(
+            out,
+            FenceOutcome::Refused {
+                reason: FenceRefusal::StaleGeneration { .. }
+            }
+        ),
+        "{out:?}"
+    );
 
     // The lost node rejoins cleanly: a new Member under the same id joins the next
     // generation (as a member holding no state) and commits in it.
