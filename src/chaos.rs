@@ -100,6 +100,9 @@ const POLL: Duration = Duration::from_millis(50);
 /// The most versions of a key read back from etcd.
 const MAX_ETCD_VERSIONS: usize = 100_000;
 
+/// How many `tenax ckpt verify` processes run at once.
+const VERIFY_PARALLEL: usize = 4;
+
 /// How long the harness waits for the daemons to exit once the faults are over, at least.
 const FINISH_MIN: Duration = Duration::from_secs(120);
 
@@ -568,16 +571,29 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         Err(e) => h.errors.push(format!("reading etcd's history: {e:#}")),
     }
     let s3_env = h.c.s3_env();
-    let bar = spinner("verifying checkpoints");
-    for commit in &mut history.commits {
-        let out = std::process::Command::new(&exe)
-            .args(["ckpt", "verify", &commit.url])
-            .envs(s3_env.iter().cloned())
-            .output()
-            .context("tenax ckpt verify")?;
-        commit.verified = Some(out.status.success());
-        if !out.status.success() {
-            commit.verify_error = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let bar = spinner(&format!(
+        "verifying {} committed checkpoints",
+        history.commits.len()
+    ));
+    for batch in history.commits.chunks_mut(VERIFY_PARALLEL) {
+        let children = batch
+            .iter()
+            .map(|commit| {
+                std::process::Command::new(&exe)
+                    .args(["ckpt", "verify", &commit.url])
+                    .envs(s3_env.iter().cloned())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .context("tenax ckpt verify")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (commit, child) in batch.iter_mut().zip(children) {
+            let out = child.wait_with_output().context("tenax ckpt verify")?;
+            commit.verified = Some(out.status.success());
+            if !out.status.success() {
+                commit.verify_error = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            }
         }
     }
     bar.finish_and_clear();
