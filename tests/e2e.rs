@@ -1623,8 +1623,11 @@ fn first_logged_after(c: &LocalCluster, generation: u64) -> u64 {
     let mut first = u64::MAX;
     for n in 0..3 {
         let text = std::fs::read_to_string(c.run_dir(n).join("metrics.jsonl")).unwrap_or_default();
-        for l in text.lines() {
-            let m: serde_json::Value = serde_json::from_str(l).unwrap();
+        // A line being written may be read torn: skip what does not parse.
+        for m in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
             if m["generation"].as_u64() > Some(generation) {
                 first = first.min(m["t_ms"].as_u64().unwrap());
             }
@@ -1761,7 +1764,10 @@ fn a_kill_in_the_all_gather_leaves_the_survivors_consistent() {
 fn a_stopped_member_is_evicted_by_deadline_and_rejoins_after_sigcont() {
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());
-    let steps = 800;
+    // Long enough that the others still train when the stopped node comes back (it
+    // backs off 250 ms before registering again, and a node that finds the job done
+    // exits instead of copying).
+    let steps = 1500;
     let want = reference_export(&data, tmp.path(), steps);
     let job = "hang";
     let mut c = cluster(job, &data, steps, &["--suspect-after-ms", "500"]);
@@ -1776,13 +1782,15 @@ fn a_stopped_member_is_evicted_by_deadline_and_rejoins_after_sigcont() {
     let generation = s["generation"].as_u64().unwrap();
     let stopped = tenax_storage::now_unix_ms();
     c.signal(follower, Signal::Stop).unwrap();
-    wait_status(&c, job, "the others in a new generation", |s| {
-        s["members"].as_array().is_some_and(|m| m.len() == 2)
-            && s["generation"].as_u64() > Some(generation)
-    });
+    // The others' step logs, not `tenax status` (which waits for the stopped node's
+    // answer): continue it as soon as they train without it.
     println!(
         "SIGSTOP of node-{follower} -> the others' first step in a new generation: {:.2} s",
         first_step_after(&c, generation, stopped)
+    );
+    assert!(
+        first_logged_after(&c, generation) < u64::MAX,
+        "the others did not re-form without node-{follower}"
     );
     c.signal(follower, Signal::Cont).unwrap();
     wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(300));
