@@ -180,7 +180,6 @@ struct Harness {
     s3_proxy: Option<FaultProxy>,
     /// Extra environment per daemon start (S3 through the proxy).
     env: Vec<(String, String)>,
-    logs: Vec<PathBuf>,
     faults: Vec<InjectedFault>,
     errors: Vec<String>,
     deadline: Instant,
@@ -204,13 +203,11 @@ impl Harness {
         Ok(())
     }
 
-    /// The newest step any node logged, and its time.
-    fn newest_step(&self) -> Option<(u64, u64)> {
-        self.logs
-            .iter()
-            .enumerate()
-            .flat_map(|(n, p)| read_node_logs(n, p.parent().unwrap_or(Path::new("."))).0)
-            .map(|s| (s.step, s.t_ms))
+    /// The newest step any node logged.
+    fn newest_step(&self) -> Option<u64> {
+        (0..self.nodes)
+            .flat_map(|n| read_node_logs(n, &self.c.run_dir(n)).0)
+            .map(|s| s.step)
             .max()
     }
 
@@ -244,7 +241,9 @@ impl Harness {
 
     /// Waits until `f` holds (polling), at most `limit` and never past the deadline.
     async fn wait_until(&mut self, limit: Duration, mut f: impl FnMut(&mut Self) -> bool) -> bool {
-        let until = (Instant::now() + limit).min(self.deadline);
+        let until = Instant::now()
+            .checked_add(limit)
+            .map_or(self.deadline, |t| t.min(self.deadline));
         loop {
             if f(self) {
                 return true;
@@ -479,7 +478,7 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     let job = format!("chaos-{name}");
     let mut daemon_args = train_flags(&scenario, &data);
     daemon_args.extend(daemon_flags(&scenario));
-    let c = LocalCluster::start(ClusterSpec {
+    let mut c = LocalCluster::start(ClusterSpec {
         tenax_bin: exe.clone(),
         job: job.clone(),
         bucket: "tenax-chaos".into(),
@@ -508,7 +507,6 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     };
     let mut peer_proxies = Vec::new();
     let mut etcd_proxies = Vec::new();
-    let mut c = c;
     if needs_tcp {
         let etcd_addr: std::net::SocketAddr = c.etcd().addr();
         for n in 0..nodes {
@@ -518,9 +516,6 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
             etcd_proxies.push(e);
         }
     }
-    let logs = (0..nodes)
-        .map(|n| c.run_dir(n).join("metrics.jsonl"))
-        .collect();
     let mut h = Harness {
         c,
         exe: exe.clone(),
@@ -530,7 +525,6 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         etcd_proxies,
         s3_proxy,
         env,
-        logs,
         faults: Vec::new(),
         errors: Vec::new(),
         deadline: Instant::now() + Duration::from_secs(scenario.run.timeout_s),
@@ -677,13 +671,11 @@ async fn drive(h: &mut Harness, scenario: &Scenario, plan: &[PlannedFault]) -> R
             h.c.log_tail(0)
         );
     }
-    let t0 = h.newest_step().map(|(_, _)| ()).and_then(|()| {
-        (0..h.nodes)
-            .flat_map(|n| read_node_logs(n, &h.c.run_dir(n)).0)
-            .map(|s| s.t_ms)
-            .min()
-    });
-    let t0 = t0.unwrap_or_else(now_unix_ms);
+    let t0 = (0..h.nodes)
+        .flat_map(|n| read_node_logs(n, &h.c.run_dir(n)).0)
+        .map(|s| s.t_ms)
+        .min()
+        .unwrap_or_else(now_unix_ms);
     let bar = indicatif::ProgressBar::new(plan.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} faults {pos}/{len} [{bar:30}] {msg}")
@@ -694,14 +686,12 @@ async fn drive(h: &mut Harness, scenario: &Scenario, plan: &[PlannedFault]) -> R
         let triggered = match f.trigger {
             Trigger::AtS(s) => {
                 let at = t0 + (s * 1000.0) as u64;
-                h.wait_until(Duration::from_secs(u64::MAX / 4), |h| {
-                    now_unix_ms() >= at || h.some_exited()
-                })
-                .await
+                h.wait_until(Duration::MAX, |h| now_unix_ms() >= at || h.some_exited())
+                    .await
             }
             Trigger::AtStep(step) => {
-                h.wait_until(Duration::from_secs(u64::MAX / 4), |h| {
-                    h.newest_step().is_some_and(|(s, _)| s >= step) || h.some_exited()
+                h.wait_until(Duration::MAX, |h| {
+                    h.newest_step().is_some_and(|s| s >= step) || h.some_exited()
                 })
                 .await
             }
