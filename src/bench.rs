@@ -1151,28 +1151,6 @@ pub struct BenchRecoveryArgs {
     pub kill_leader: bool,
 }
 
-/// One line of a daemon's step log.
-struct LoggedStep {
-    step: u64,
-    generation: u64,
-    t_ms: u64,
-}
-
-fn logged_steps(metrics: &Path) -> Vec<LoggedStep> {
-    std::fs::read_to_string(metrics)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|m| {
-            Some(LoggedStep {
-                step: m["step"].as_u64()?,
-                generation: m["generation"].as_u64()?,
-                t_ms: m["t_ms"].as_u64()?,
-            })
-        })
-        .collect()
-}
-
 /// Waits (polling every 50 ms, at most `limit`) until `f` gives a value.
 async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + limit;
@@ -1187,13 +1165,9 @@ async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
-/// Nearest-rank percentile of sorted values.
+/// Nearest-rank percentile of sorted values (NaN when there are none).
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
+    tenax_chaos::report::percentile(sorted, p).unwrap_or(f64::NAN)
 }
 
 /// SIGKILL one daemon of N at a time and measure the recovery: time from the kill to the
@@ -1249,9 +1223,8 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
         c.spawn_daemon(n, &["--start-nodes".into(), a.nodes.to_string()])
             .context("starting a daemon")?;
     }
-    let logs: Vec<PathBuf> = (0..a.nodes)
-        .map(|n| c.run_dir(n).join("metrics.jsonl"))
-        .collect();
+    let dirs: Vec<PathBuf> = (0..a.nodes).map(|n| c.run_dir(n)).collect();
+    let logged_steps = |n: usize| tenax_chaos::history::read_node_logs(n, &dirs[n]).0;
     let mut rng = SplitMix64::new(a.seed);
     let (mut recoveries_s, mut lost, mut copies_gbps, mut copy_mb) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -1268,7 +1241,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
                 "all daemons training in one generation",
                 Duration::from_secs(120),
                 || {
-                    let per: Vec<Vec<LoggedStep>> = logs.iter().map(|p| logged_steps(p)).collect();
+                    let per: Vec<Vec<_>> = (0..a.nodes).map(logged_steps).collect();
                     let g = per
                         .iter()
                         .filter_map(|l| l.last().map(|s| s.generation))
@@ -1319,7 +1292,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
                 || {
                     survivors
                         .iter()
-                        .flat_map(|&n| logged_steps(&logs[n]))
+                        .flat_map(|&n| logged_steps(n))
                         .filter(|s| s.generation > generation)
                         .min_by_key(|s| s.t_ms)
                 },
@@ -1327,7 +1300,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
             .await?;
             recoveries_s.push(first_new.t_ms.saturating_sub(t_kill) as f64 / 1000.0);
             let done_old = (0..a.nodes)
-                .flat_map(|n| logged_steps(&logs[n]))
+                .flat_map(logged_steps)
                 .filter(|s| s.generation <= generation)
                 .map(|s| s.step)
                 .max()
