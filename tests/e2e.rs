@@ -1429,15 +1429,19 @@ fn a_whole_job_restart_resumes_at_the_last_committed_step() {
         c.spawn_daemon(n, &with_steps(steps)).unwrap();
     }
     wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(300));
-    let log = c.log(0);
-    let resumed: u64 = log
-        .lines()
+    // Some node loads the committed checkpoint; which one depends on timing: a node that
+    // restarts before the killed run's leases expire sees a live group and copies the
+    // state from a peer instead (or loads it later, when no member holds any).
+    let logs: Vec<String> = (0..3).map(|n| c.log(n)).collect();
+    let resumed: u64 = logs
+        .iter()
+        .flat_map(|log| log.lines())
         .find_map(|l| {
             l.strip_prefix("resuming from the committed checkpoint of step ")
                 .and_then(|r| r.split_whitespace().next())
                 .and_then(|n| n.parse().ok())
         })
-        .unwrap_or_else(|| panic!("node 0 did not resume:\n{log}"));
+        .unwrap_or_else(|| panic!("no node resumed:\n{}", logs.join("\n")));
     assert!(
         resumed >= committed && resumed < steps,
         "resumed at {resumed}"
