@@ -8,7 +8,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tenax_cluster::{Collective, SlotContribution};
 use tenax_core::sampler::Sampler;
 use tenax_core::slots::{slots_for_rank, BatchLayout};
-use tenax_model::{clip_grad_norm, AdamW, AdamWConfig, Gpt, GptConfig};
+use tenax_model::{clip_grad_norm, AdamW, AdamWConfig, Gpt, GptConfig, Workspace};
 
 /// Token streams shared by every rank (read-only).
 #[derive(Debug)]
@@ -55,7 +55,12 @@ pub(crate) struct RankCompute {
     pub(crate) setup: TrainSetup,
     pub(crate) data: Arc<TrainData>,
     pub(crate) collective: Arc<dyn Collective>,
-    pub(crate) model: Gpt,
+    /// The candle model, for sampling only; its parameters are refreshed from `params`
+    /// when `model_stale`.
+    model: Gpt,
+    model_stale: bool,
+    /// The fused training step and its buffers.
+    ws: Workspace,
     pub(crate) params: Vec<f32>,
     pub(crate) opt: AdamW,
     sampler: Sampler,
@@ -72,6 +77,7 @@ impl RankCompute {
         collective: Arc<dyn Collective>,
         params: Vec<f32>,
         opt: AdamW,
+        threads: usize,
     ) -> Result<Self, String> {
         let model = Gpt::new(setup.model.clone())
             .map_err(|e| format!("rank {rank}: cannot build the model: {e}"))?;
@@ -87,12 +93,15 @@ impl RankCompute {
             ));
         }
         let sampler = Sampler::new(setup.seed, windows);
+        let ws = Workspace::new(&setup.model, model.layout(), threads);
         Ok(Self {
             rank,
             setup,
             data,
             collective,
             model,
+            model_stale: false,
+            ws,
             params,
             opt,
             sampler,
@@ -133,9 +142,16 @@ impl RankCompute {
                 .sampler
                 .windows(samples.start, samples.end - samples.start);
             self.fill(&windows, false);
-            let (loss_sum, grad) = self
-                .model
-                .loss_sum_and_grad(&self.inputs, &self.targets, windows.len())
+            let mut grad = vec![0f32; self.params.len()];
+            let loss_sum = self
+                .ws
+                .loss_sum_and_grad(
+                    &self.params,
+                    &self.inputs,
+                    &self.targets,
+                    windows.len(),
+                    &mut grad,
+                )
                 .map_err(|e| format!("rank {}: step {step} slot {slot}: {e}", self.rank))?;
             self.collective
                 .contribute(
@@ -170,9 +186,7 @@ impl RankCompute {
             self.model.layout(),
             &self.setup.adamw,
         );
-        self.model
-            .set_params(&self.params)
-            .map_err(|e| format!("rank {}: cannot load parameters: {e}", self.rank))?;
+        self.model_stale = true;
         Ok(RankOutcome {
             loss,
             grad_norm,
@@ -187,12 +201,30 @@ impl RankCompute {
         for chunk in windows.chunks(mb.max(1)) {
             self.fill(chunk, true);
             sum += f64::from(
-                self.model
-                    .loss_sum(&self.inputs, &self.targets, chunk.len())
+                self.ws
+                    .loss_sum(&self.params, &self.inputs, &self.targets, chunk.len())
                     .map_err(|e| format!("eval: {e}"))?,
             );
         }
         Ok(sum / (windows.len() * self.setup.model.block_size) as f64)
+    }
+
+    /// Samples `max_new` tokens after `prompt` (temperature 0.8, top-k 40).
+    pub(crate) fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        seed: u64,
+    ) -> Result<Vec<u32>, String> {
+        if self.model_stale {
+            self.model
+                .set_params(&self.params)
+                .map_err(|e| format!("rank {}: cannot load parameters: {e}", self.rank))?;
+            self.model_stale = false;
+        }
+        self.model
+            .generate(prompt, max_new, 0.8, 40, seed)
+            .map_err(|e| format!("generate: {e}"))
     }
 
     /// A hex SHA-256 of the parameter bits.

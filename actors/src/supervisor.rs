@@ -145,6 +145,8 @@ impl Actor for TrainSupervisor {
             None => Arc::new(InProcessCollective::new(args.setup.batch.num_slots())),
         };
         let mut ranks = Vec::with_capacity(args.local_ranks.len());
+        // The process's compute threads, shared evenly by its ranks.
+        let threads = (tenax_model::step::default_threads() / args.local_ranks.len().max(1)).max(1);
         for &rank in &args.local_ranks {
             let compute = RankCompute::new(
                 rank,
@@ -153,6 +155,7 @@ impl Actor for TrainSupervisor {
                 Arc::clone(&collective),
                 args.params.clone(),
                 args.opt.clone(),
+                threads,
             )?;
             let (r, _) =
                 Actor::spawn_linked(None, RankActor, RankArgs { compute }, myself.get_cell())
@@ -223,9 +226,7 @@ impl Actor for TrainSupervisor {
                 reply,
             } => {
                 let call = on_rank(&st.ranks[0], timeout, "generate".into(), move |c| {
-                    c.model
-                        .generate(&prompt, max_new, 0.8, 40, seed)
-                        .map_err(|e| format!("generate: {e}"))
+                    c.generate(&prompt, max_new, seed)
                 });
                 tokio::spawn(async move {
                     let _ = reply.send(call.await);

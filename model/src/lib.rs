@@ -11,6 +11,10 @@
 //!   initialisation [`init_params`] from a seed.
 //! - [`gpt`]: [`Gpt`]: forward pass, summed cross-entropy and its gradient, sampling.
 //! - `loss` (private): fused softmax cross-entropy (a candle custom op with its own backward).
+//! - [`kernels`]: fused CPU kernels (layer norm, GELU, causal attention, softmax
+//!   cross-entropy, matmul) with hand-written backward passes, thread-count independent.
+//! - [`step`]: [`Workspace`]: the training step's forward and backward over flat
+//!   parameters with those kernels and reused buffers (what the trainer runs).
 //! - [`optim`]: [`AdamW`] (PyTorch semantics, plain loops), [`clip_grad_norm`] and
 //!   [`NamedTensor`] conversions for checkpoints.
 //! - [`schedule`]: [`LrSchedule`], warmup plus cosine decay.
@@ -19,10 +23,12 @@
 pub mod config;
 pub mod error;
 pub mod gpt;
+pub mod kernels;
 mod loss;
 pub mod optim;
 pub mod params;
 pub mod schedule;
+pub mod step;
 
 pub use config::GptConfig;
 pub use error::ModelError;
@@ -30,3 +36,4 @@ pub use gpt::Gpt;
 pub use optim::{clip_grad_norm, named_params, params_from_named, AdamW, AdamWConfig, NamedTensor};
 pub use params::{init_params, ParamEntry, ParamLayout};
 pub use schedule::LrSchedule;
+pub use step::Workspace;

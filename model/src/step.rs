@@ -1,0 +1,1172 @@
+//! The GPT's training step without an autograd graph: a hand-written forward and
+//! backward pass over flat parameters, built from the fused kernels of
+//! [`crate::kernels`], with every activation in a [`Workspace`] that is allocated once and
+//! reused every step.
+//!
+//! It computes exactly the model of [`crate::Gpt`] (same parameters, same layout, same
+//! summed cross-entropy), and is what the trainer runs; `Gpt`'s candle graph stays the
+//! reference the tests compare it with. The result does not depend on the thread count:
+//! see [`crate::kernels`].
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::config::GptConfig;
+use crate::error::ModelError;
+use crate::kernels::{self, Mat};
+use crate::params::{block_prefix, ParamLayout};
+
+/// The compute threads of a process: `CANDLE_NUM_THREADS` when set (the variable
+/// candle's own kernels read), else one per available CPU.
+pub fn default_threads() -> usize {
+    std::env::var("CANDLE_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Where one block's parameters live in the flat vector.
+#[derive(Clone, Debug)]
+struct BlockParams {
+    ln1_w: Range<usize>,
+    ln1_b: Range<usize>,
+    attn_w: Range<usize>,
+    attn_b: Range<usize>,
+    proj_w: Range<usize>,
+    proj_b: Range<usize>,
+    ln2_w: Range<usize>,
+    ln2_b: Range<usize>,
+    fc_w: Range<usize>,
+    fc_b: Range<usize>,
+    fcproj_w: Range<usize>,
+    fcproj_b: Range<usize>,
+}
+
+/// Where every parameter lives in the flat vector.
+#[derive(Clone, Debug)]
+struct Offsets {
+    wte: Range<usize>,
+    wpe: Range<usize>,
+    lnf_w: Range<usize>,
+    lnf_b: Range<usize>,
+    blocks: Vec<BlockParams>,
+}
+
+impl Offsets {
+    fn new(config: &GptConfig, layout: &ParamLayout) -> Self {
+        let r = |name: &str| {
+            layout
+                .get(name)
+                .unwrap_or_else(|| panic!("layout has no parameter `{name}`"))
+                .range()
+        };
+        let blocks = (0..config.n_layer)
+            .map(|i| {
+                let p = block_prefix(config, i);
+                let g = |s: &str| r(&format!("{p}.{s}"));
+                BlockParams {
+                    ln1_w: g("ln_1.weight"),
+                    ln1_b: g("ln_1.bias"),
+                    attn_w: g("attn.c_attn.weight"),
+                    attn_b: g("attn.c_attn.bias"),
+                    proj_w: g("attn.c_proj.weight"),
+                    proj_b: g("attn.c_proj.bias"),
+                    ln2_w: g("ln_2.weight"),
+                    ln2_b: g("ln_2.bias"),
+                    fc_w: g("mlp.c_fc.weight"),
+                    fc_b: g("mlp.c_fc.bias"),
+                    fcproj_w: g("mlp.c_proj.weight"),
+                    fcproj_b: g("mlp.c_proj.bias"),
+                }
+            })
+            .collect();
+        Self {
+            wte: r("wte.weight"),
+            wpe: r("wpe.weight"),
+            lnf_w: r("ln_f.weight"),
+            lnf_b: r("ln_f.bias"),
+            blocks,
+        }
+    }
+}
+
+/// Activations of one block, kept for the backward pass.
+#[derive(Default)]
+struct BlockActs {
+    /// Block input (the residual stream), `(n, C)`.
+    x: Vec<f32>,
+    ln1: Vec<f32>,
+    ln1_mean: Vec<f32>,
+    ln1_rstd: Vec<f32>,
+    /// `(n, 3C)`: q, k, v of every head.
+    qkv: Vec<f32>,
+    /// Attention probabilities, `(batch, heads, t, t)`, zero above the diagonal.
+    att: Vec<f32>,
+    /// Attention output before the projection, `(n, C)`.
+    atty: Vec<f32>,
+    /// Residual after attention, `(n, C)`.
+    res2: Vec<f32>,
+    ln2: Vec<f32>,
+    ln2_mean: Vec<f32>,
+    ln2_rstd: Vec<f32>,
+    /// MLP hidden layer before GELU, `(n, 4C)`.
+    fch: Vec<f32>,
+    /// ... and after.
+    fch_gelu: Vec<f32>,
+}
+
+/// Every buffer of a step, allocated for the largest batch seen and reused.
+pub struct Workspace {
+    config: GptConfig,
+    offsets: Offsets,
+    total: usize,
+    threads: usize,
+    pool: Option<rayon::ThreadPool>,
+    /// Rows (`batch * t`) and `(batch, t)` the buffers are sized for now.
+    shape: (usize, usize),
+    blocks: Vec<BlockActs>,
+    /// Output of the last block, `(n, C)`.
+    x_out: Vec<f32>,
+    lnf: Vec<f32>,
+    lnf_mean: Vec<f32>,
+    lnf_rstd: Vec<f32>,
+    /// Logits `(n, V)`; after the loss, its gradient.
+    logits: Vec<f32>,
+    losses: Vec<f32>,
+    /// Gradient scratch.
+    dres: Vec<f32>,
+    dln: Vec<f32>,
+    dtmp: Vec<f32>,
+    dbig: Vec<f32>,
+    dqkv: Vec<f32>,
+    datt: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+/// A raw pointer that may cross to another thread: each task writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint regions of one buffer to parallel tasks.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: offsets stay inside the buffer the pointer came from.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+fn resize(v: &mut Vec<f32>, len: usize) {
+    if v.len() != len {
+        v.resize(len, 0.0);
+    }
+}
+
+impl Workspace {
+    /// A workspace for `config` (whose flat layout is `layout`) that runs on `threads`
+    /// threads (1: the calling thread only; more: a pool of its own).
+    pub fn new(config: &GptConfig, layout: &ParamLayout, threads: usize) -> Self {
+        let threads = threads.max(1);
+        let pool = (threads > 1).then(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("tenax-step-{i}"))
+                .build()
+                .expect("a rayon pool starts")
+        });
+        Self {
+            config: config.clone(),
+            offsets: Offsets::new(config, layout),
+            total: layout.total,
+            threads,
+            pool,
+            shape: (0, 0),
+            blocks: (0..config.n_layer).map(|_| BlockActs::default()).collect(),
+            x_out: Vec::new(),
+            lnf: Vec::new(),
+            lnf_mean: Vec::new(),
+            lnf_rstd: Vec::new(),
+            logits: Vec::new(),
+            losses: Vec::new(),
+            dres: Vec::new(),
+            dln: Vec::new(),
+            dtmp: Vec::new(),
+            dbig: Vec::new(),
+            dqkv: Vec::new(),
+            datt: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Threads this workspace computes on.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn ensure(&mut self, batch: usize, t: usize) {
+        if self.shape == (batch, t) {
+            return;
+        }
+        let c = self.config.n_embd;
+        let n = batch * t;
+        let att = batch * self.config.n_head * t * t;
+        for b in &mut self.blocks {
+            for (v, len) in [
+                (&mut b.x, n * c),
+                (&mut b.ln1, n * c),
+                (&mut b.ln1_mean, n),
+                (&mut b.ln1_rstd, n),
+                (&mut b.qkv, n * 3 * c),
+                (&mut b.att, att),
+                (&mut b.atty, n * c),
+                (&mut b.res2, n * c),
+                (&mut b.ln2, n * c),
+                (&mut b.ln2_mean, n),
+                (&mut b.ln2_rstd, n),
+                (&mut b.fch, n * 4 * c),
+                (&mut b.fch_gelu, n * 4 * c),
+            ] {
+                resize(v, len);
+            }
+        }
+        let v = self.config.vocab_size;
+        for (buf, len) in [
+            (&mut self.x_out, n * c),
+            (&mut self.lnf, n * c),
+            (&mut self.lnf_mean, n),
+            (&mut self.lnf_rstd, n),
+            (&mut self.logits, n * v),
+            (&mut self.losses, n),
+            (&mut self.dres, n * c),
+            (&mut self.dln, n * c),
+            (&mut self.dtmp, n * c),
+            (&mut self.dbig, n * 4 * c),
+            (&mut self.dqkv, n * 3 * c),
+            (&mut self.datt, att),
+            (&mut self.scratch, 2 * c * self.threads),
+        ] {
+            resize(buf, len);
+        }
+        self.shape = (batch, t);
+    }
+
+    /// Checks the inputs; returns `t`.
+    fn check(
+        &self,
+        params: &[f32],
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<usize, ModelError> {
+        if params.len() != self.total {
+            return Err(ModelError::Length {
+                what: "flat parameter vector",
+                expected: self.total,
+                got: params.len(),
+                hint: "build it with init_params or params() for the same config",
+            });
+        }
+        let bad = ModelError::BatchShape {
+            tokens: inputs.len(),
+            batch,
+            block_size: self.config.block_size,
+        };
+        if batch == 0 || inputs.is_empty() || !inputs.len().is_multiple_of(batch) {
+            return Err(bad);
+        }
+        let t = inputs.len() / batch;
+        if t > self.config.block_size {
+            return Err(bad);
+        }
+        if targets.len() != inputs.len() {
+            return Err(ModelError::Length {
+                what: "targets",
+                expected: inputs.len(),
+                got: targets.len(),
+                hint: "pass one target (the next token) per input token",
+            });
+        }
+        let vocab = self.config.vocab_size;
+        for tokens in [inputs, targets] {
+            if let Some((position, &token)) = tokens
+                .iter()
+                .enumerate()
+                .find(|(_, &x)| x as usize >= vocab)
+            {
+                return Err(ModelError::TokenOutOfRange {
+                    token,
+                    position,
+                    vocab_size: vocab,
+                });
+            }
+        }
+        Ok(t)
+    }
+
+    /// Sum (not mean) of the next-token cross-entropy over all `batch * t` positions,
+    /// without gradients.
+    pub fn loss_sum(
+        &mut self,
+        params: &[f32],
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+    ) -> Result<f32, ModelError> {
+        let t = self.check(params, inputs, targets, batch)?;
+        self.ensure(batch, t);
+        let pool = self.pool.take();
+        let loss = match &pool {
+            Some(p) => p.install(|| self.run(params, inputs, targets, batch, t, None)),
+            None => self.run(params, inputs, targets, batch, t, None),
+        };
+        self.pool = pool;
+        Ok(loss)
+    }
+
+    /// [`Workspace::loss_sum`] and its gradient for every parameter, written into `grad`
+    /// (flat, layout order; overwritten).
+    pub fn loss_sum_and_grad(
+        &mut self,
+        params: &[f32],
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+        grad: &mut [f32],
+    ) -> Result<f32, ModelError> {
+        let t = self.check(params, inputs, targets, batch)?;
+        if grad.len() != self.total {
+            return Err(ModelError::Length {
+                what: "gradient buffer",
+                expected: self.total,
+                got: grad.len(),
+                hint: "size it to the parameter count",
+            });
+        }
+        self.ensure(batch, t);
+        let pool = self.pool.take();
+        let loss = match &pool {
+            Some(p) => p.install(|| self.run(params, inputs, targets, batch, t, Some(grad))),
+            None => self.run(params, inputs, targets, batch, t, Some(grad)),
+        };
+        self.pool = pool;
+        Ok(loss)
+    }
+
+    fn run(
+        &mut self,
+        params: &[f32],
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+        t: usize,
+        grad: Option<&mut [f32]>,
+    ) -> f32 {
+        self.forward(params, inputs, batch, t);
+        let n = batch * t;
+        let v = self.config.vocab_size;
+        let threads = self.threads;
+        let (logits, losses) = (&mut self.logits[..n * v], &mut self.losses[..n]);
+        if grad.is_some() {
+            par_rows2(threads, n, v, 1, logits, losses, |l, out, rows| {
+                kernels::softmax_xent(l, v, &targets[rows], out)
+            });
+        } else {
+            let chunk = n.div_ceil(threads);
+            if threads > 1 {
+                logits
+                    .par_chunks(chunk * v)
+                    .zip(losses.par_chunks_mut(chunk))
+                    .enumerate()
+                    .for_each(|(i, (l, out))| {
+                        let rows = i * chunk..i * chunk + out.len();
+                        kernels::xent_rows(l, v, &targets[rows], out)
+                    });
+            } else {
+                kernels::xent_rows(logits, v, targets, losses);
+            }
+        }
+        let loss: f64 = self.losses[..n].iter().map(|&l| f64::from(l)).sum();
+        if let Some(grad) = grad {
+            self.backward(params, inputs, batch, t, grad);
+        }
+        loss as f32
+    }
+
+    fn forward(&mut self, params: &[f32], inputs: &[u32], batch: usize, t: usize) {
+        let c = self.config.n_embd;
+        let nh = self.config.n_head;
+        let n = batch * t;
+        let threads = self.threads;
+        let o = &self.offsets;
+        let p = |r: &Range<usize>| &params[r.clone()];
+        // Token plus position embeddings.
+        {
+            let (wte, wpe) = (p(&o.wte), p(&o.wpe));
+            let x = &mut self.blocks[0].x[..n * c];
+            for (r, (row, &tok)) in x.chunks_exact_mut(c).zip(inputs).enumerate() {
+                let tok = tok as usize;
+                kernels::add(
+                    &wte[tok * c..(tok + 1) * c],
+                    &wpe[(r % t) * c..(r % t + 1) * c],
+                    row,
+                );
+            }
+        }
+        for l in 0..self.config.n_layer {
+            let bp = &o.blocks[l];
+            let (head, tail) = self.blocks.split_at_mut(l + 1);
+            let a = &mut head[l];
+            let x = &a.x[..n * c];
+            layer_norm(
+                threads,
+                x,
+                p(&bp.ln1_w),
+                p(&bp.ln1_b),
+                &mut a.ln1[..n * c],
+                &mut a.ln1_mean[..n],
+                &mut a.ln1_rstd[..n],
+            );
+            linear(
+                threads,
+                &a.ln1[..n * c],
+                p(&bp.attn_w),
+                p(&bp.attn_b),
+                &mut a.qkv[..n * 3 * c],
+                c,
+                3 * c,
+                false,
+            );
+            attention_fwd(
+                threads,
+                &a.qkv[..n * 3 * c],
+                &mut a.att,
+                &mut a.atty[..n * c],
+                batch,
+                t,
+                nh,
+                c,
+            );
+            a.res2[..n * c].copy_from_slice(x);
+            linear(
+                threads,
+                &a.atty[..n * c],
+                p(&bp.proj_w),
+                p(&bp.proj_b),
+                &mut a.res2[..n * c],
+                c,
+                c,
+                true,
+            );
+            layer_norm(
+                threads,
+                &a.res2[..n * c],
+                p(&bp.ln2_w),
+                p(&bp.ln2_b),
+                &mut a.ln2[..n * c],
+                &mut a.ln2_mean[..n],
+                &mut a.ln2_rstd[..n],
+            );
+            linear(
+                threads,
+                &a.ln2[..n * c],
+                p(&bp.fc_w),
+                p(&bp.fc_b),
+                &mut a.fch[..n * 4 * c],
+                c,
+                4 * c,
+                false,
+            );
+            par_rows2_ro(
+                threads,
+                n,
+                4 * c,
+                &a.fch[..n * 4 * c],
+                &mut a.fch_gelu[..n * 4 * c],
+                kernels::gelu_fwd,
+            );
+            let out = match tail.first_mut() {
+                Some(next) => &mut next.x[..n * c],
+                None => &mut self.x_out[..n * c],
+            };
+            out.copy_from_slice(&a.res2[..n * c]);
+            linear(
+                threads,
+                &a.fch_gelu[..n * 4 * c],
+                p(&bp.fcproj_w),
+                p(&bp.fcproj_b),
+                out,
+                4 * c,
+                c,
+                true,
+            );
+        }
+        layer_norm(
+            threads,
+            &self.x_out[..n * c],
+            p(&o.lnf_w),
+            p(&o.lnf_b),
+            &mut self.lnf[..n * c],
+            &mut self.lnf_mean[..n],
+            &mut self.lnf_rstd[..n],
+        );
+        let v = self.config.vocab_size;
+        // SAFETY: lnf is (n, C), wte (V, C) read transposed, logits (n, V).
+        unsafe {
+            kernels::matmul(
+                n,
+                v,
+                c,
+                self.logits.as_mut_ptr(),
+                v,
+                false,
+                Mat::rows(&self.lnf, c),
+                Mat::rows_t(p(&o.wte), c),
+                threads,
+            );
+        }
+    }
+
+    fn backward(
+        &mut self,
+        params: &[f32],
+        inputs: &[u32],
+        batch: usize,
+        t: usize,
+        grad: &mut [f32],
+    ) {
+        let c = self.config.n_embd;
+        let nh = self.config.n_head;
+        let v = self.config.vocab_size;
+        let n = batch * t;
+        let threads = self.threads;
+        let o = &self.offsets;
+        let p = |r: &Range<usize>| &params[r.clone()];
+        grad.fill(0.0);
+        let gptr = SendPtr(grad.as_mut_ptr());
+        // Disjoint mutable views of the gradient, one parameter at a time.
+        let g = |r: &Range<usize>| grad_view(gptr, r);
+        // LM head (tied to wte): dlnf = dlogits * wte; dwte += dlogits^T * lnf.
+        // SAFETY: shapes as named; destinations do not overlap the operands.
+        unsafe {
+            kernels::matmul(
+                n,
+                c,
+                v,
+                self.dln.as_mut_ptr(),
+                c,
+                false,
+                Mat::rows(&self.logits, v),
+                Mat::rows(p(&o.wte), c),
+                threads,
+            );
+            kernels::matmul(
+                v,
+                c,
+                n,
+                g(&o.wte).as_mut_ptr(),
+                c,
+                true,
+                Mat::rows_t(&self.logits, v),
+                Mat::rows(&self.lnf, c),
+                threads,
+            );
+        }
+        self.dres[..n * c].fill(0.0);
+        layer_norm_bwd(
+            threads,
+            &self.dln[..n * c],
+            &self.x_out[..n * c],
+            p(&o.lnf_w),
+            &self.lnf_mean[..n],
+            &self.lnf_rstd[..n],
+            &mut self.dres[..n * c],
+            &mut self.scratch,
+            g(&o.lnf_w),
+            g(&o.lnf_b),
+        );
+        for l in (0..self.config.n_layer).rev() {
+            let bp = &o.blocks[l];
+            let a = &self.blocks[l];
+            // MLP output projection.
+            linear_bwd(
+                threads,
+                &self.dres[..n * c],
+                &a.fch_gelu[..n * 4 * c],
+                p(&bp.fcproj_w),
+                g(&bp.fcproj_w),
+                g(&bp.fcproj_b),
+                &mut self.dbig[..n * 4 * c],
+                4 * c,
+                c,
+            );
+            par_rows2_ro_inplace(
+                threads,
+                n,
+                4 * c,
+                &a.fch[..n * 4 * c],
+                &mut self.dbig[..n * 4 * c],
+                kernels::gelu_bwd,
+            );
+            linear_bwd(
+                threads,
+                &self.dbig[..n * 4 * c],
+                &a.ln2[..n * c],
+                p(&bp.fc_w),
+                g(&bp.fc_w),
+                g(&bp.fc_b),
+                &mut self.dln[..n * c],
+                c,
+                4 * c,
+            );
+            layer_norm_bwd(
+                threads,
+                &self.dln[..n * c],
+                &a.res2[..n * c],
+                p(&bp.ln2_w),
+                &a.ln2_mean[..n],
+                &a.ln2_rstd[..n],
+                &mut self.dres[..n * c],
+                &mut self.scratch,
+                g(&bp.ln2_w),
+                g(&bp.ln2_b),
+            );
+            // Attention.
+            linear_bwd(
+                threads,
+                &self.dres[..n * c],
+                &a.atty[..n * c],
+                p(&bp.proj_w),
+                g(&bp.proj_w),
+                g(&bp.proj_b),
+                &mut self.dtmp[..n * c],
+                c,
+                c,
+            );
+            attention_bwd(
+                threads,
+                &self.dtmp[..n * c],
+                &a.qkv[..n * 3 * c],
+                &a.att,
+                &mut self.datt,
+                &mut self.dqkv[..n * 3 * c],
+                batch,
+                t,
+                nh,
+                c,
+            );
+            linear_bwd(
+                threads,
+                &self.dqkv[..n * 3 * c],
+                &a.ln1[..n * c],
+                p(&bp.attn_w),
+                g(&bp.attn_w),
+                g(&bp.attn_b),
+                &mut self.dln[..n * c],
+                c,
+                3 * c,
+            );
+            layer_norm_bwd(
+                threads,
+                &self.dln[..n * c],
+                &a.x[..n * c],
+                p(&bp.ln1_w),
+                &a.ln1_mean[..n],
+                &a.ln1_rstd[..n],
+                &mut self.dres[..n * c],
+                &mut self.scratch,
+                g(&bp.ln1_w),
+                g(&bp.ln1_b),
+            );
+        }
+        // Embeddings, rows in order.
+        let (gwte, gwpe) = (g(&o.wte), g(&o.wpe));
+        for (r, (row, &tok)) in self.dres[..n * c].chunks_exact(c).zip(inputs).enumerate() {
+            let tok = tok as usize;
+            kernels::add_rows(row, &mut gwte[tok * c..(tok + 1) * c]);
+            kernels::add_rows(row, &mut gwpe[(r % t) * c..(r % t + 1) * c]);
+        }
+    }
+}
+
+/// The gradient of one parameter.
+fn grad_view<'a>(grad: SendPtr, r: &Range<usize>) -> &'a mut [f32] {
+    // SAFETY: `grad` points at the whole flat gradient; layout ranges do not overlap, and
+    // each view is dropped before the next view of the same range is made.
+    unsafe { std::slice::from_raw_parts_mut(grad.at(r.start), r.len()) }
+}
+
+/// Splits `n` rows into one contiguous run per thread.
+fn chunk_rows(threads: usize, n: usize) -> usize {
+    n.div_ceil(threads).max(1)
+}
+
+/// Runs `f(a_rows, b_rows, row_range)` on matching row runs of `a` (rows of `wa`) and `b`
+/// (rows of `wb`), in parallel when `threads > 1`.
+fn par_rows2(
+    threads: usize,
+    n: usize,
+    wa: usize,
+    wb: usize,
+    a: &mut [f32],
+    b: &mut [f32],
+    f: impl Fn(&mut [f32], &mut [f32], Range<usize>) + Sync + Send,
+) {
+    if threads <= 1 {
+        return f(a, b, 0..n);
+    }
+    let chunk = chunk_rows(threads, n);
+    a.par_chunks_mut(chunk * wa)
+        .zip(b.par_chunks_mut(chunk * wb))
+        .enumerate()
+        .for_each(|(i, (x, y))| {
+            let rows = y.len() / wb;
+            f(x, y, i * chunk..i * chunk + rows)
+        });
+}
+
+/// `f(input_rows, output_rows)` over rows of `w` values, in parallel when `threads > 1`.
+fn par_rows2_ro(
+    threads: usize,
+    n: usize,
+    w: usize,
+    input: &[f32],
+    out: &mut [f32],
+    f: fn(&[f32], &mut [f32]),
+) {
+    if threads <= 1 {
+        return f(input, out);
+    }
+    let chunk = chunk_rows(threads, n) * w;
+    input
+        .par_chunks(chunk)
+        .zip(out.par_chunks_mut(chunk))
+        .for_each(|(x, y)| f(x, y));
+}
+
+/// Like [`par_rows2_ro`] for kernels that update their second argument in place.
+fn par_rows2_ro_inplace(
+    threads: usize,
+    n: usize,
+    w: usize,
+    input: &[f32],
+    inout: &mut [f32],
+    f: fn(&[f32], &mut [f32]),
+) {
+    par_rows2_ro(threads, n, w, input, inout, f)
+}
+
+/// Row-parallel LayerNorm forward.
+fn layer_norm(
+    threads: usize,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let c = w.len();
+    let n = mean.len();
+    if threads <= 1 {
+        return kernels::layer_norm_fwd(x, w, b, out, mean, rstd);
+    }
+    let chunk = chunk_rows(threads, n);
+    x.par_chunks(chunk * c)
+        .zip(out.par_chunks_mut(chunk * c))
+        .zip(mean.par_chunks_mut(chunk))
+        .zip(rstd.par_chunks_mut(chunk))
+        .for_each(|(((x, o), m), r)| kernels::layer_norm_fwd(x, w, b, o, m, r));
+}
+
+/// LayerNorm backward: the input gradient is added to `dx_acc` (row-parallel), the
+/// parameter gradients to `dw` and `db` (rows in order, on this thread).
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_bwd(
+    threads: usize,
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dx_acc: &mut [f32],
+    scratch: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let c = w.len();
+    let n = mean.len();
+    if threads <= 1 {
+        kernels::layer_norm_bwd_input(dout, x, w, mean, rstd, dx_acc, scratch);
+    } else {
+        let chunk = chunk_rows(threads, n);
+        dout.par_chunks(chunk * c)
+            .zip(x.par_chunks(chunk * c))
+            .zip(mean.par_chunks(chunk))
+            .zip(rstd.par_chunks(chunk))
+            .zip(dx_acc.par_chunks_mut(chunk * c))
+            .zip(scratch.par_chunks_mut(2 * c))
+            .for_each(|(((((d, x), m), r), dx), s)| {
+                kernels::layer_norm_bwd_input(d, x, w, m, r, dx, s)
+            });
+    }
+    kernels::layer_norm_bwd_params(dout, x, mean, rstd, dw, db);
+}
+
+/// `out = [out +] x * w + b` for `x` `(n, d_in)`, `w` `(d_in, d_out)`: with `residual`
+/// the product and bias are added to what `out` holds.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    threads: usize,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    d_in: usize,
+    d_out: usize,
+    residual: bool,
+) {
+    let n = x.len() / d_in;
+    if residual {
+        kernels::add_bias(b, out);
+    } else {
+        kernels::fill_rows(b, out);
+    }
+    // SAFETY: x (n, d_in), w (d_in, d_out), out (n, d_out) do not overlap.
+    unsafe {
+        kernels::matmul(
+            n,
+            d_out,
+            d_in,
+            out.as_mut_ptr(),
+            d_out,
+            true,
+            Mat::rows(x, d_in),
+            Mat::rows(w, d_out),
+            threads,
+        );
+    }
+}
+
+/// Backward of [`linear`]: `dw += x^T dy`, `db += sum_rows(dy)`, `dx = dy w^T`.
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd(
+    threads: usize,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dx: &mut [f32],
+    d_in: usize,
+    d_out: usize,
+) {
+    let n = dy.len() / d_out;
+    kernels::add_rows(dy, db);
+    // SAFETY: shapes as named; the destinations overlap no operand.
+    unsafe {
+        kernels::matmul(
+            d_in,
+            d_out,
+            n,
+            dw.as_mut_ptr(),
+            d_out,
+            true,
+            Mat::rows_t(x, d_in),
+            Mat::rows(dy, d_out),
+            threads,
+        );
+        kernels::matmul(
+            n,
+            d_in,
+            d_out,
+            dx.as_mut_ptr(),
+            d_in,
+            false,
+            Mat::rows(dy, d_out),
+            Mat::rows_t(w, d_out),
+            threads,
+        );
+    }
+}
+
+/// The `(sequence, head)` pairs of a batch, one task each.
+fn head_tasks(threads: usize, tasks: usize, f: impl Fn(usize) + Sync + Send) {
+    if threads <= 1 {
+        (0..tasks).for_each(f);
+    } else {
+        (0..tasks).into_par_iter().for_each(f);
+    }
+}
+
+/// Causal self-attention forward of every head: probabilities into `att`
+/// `(batch, heads, t, t)`, outputs into `y` `(n, C)`.
+#[allow(clippy::too_many_arguments)]
+fn attention_fwd(
+    threads: usize,
+    qkv: &[f32],
+    att: &mut [f32],
+    y: &mut [f32],
+    batch: usize,
+    t: usize,
+    nh: usize,
+    c: usize,
+) {
+    let hd = c / nh;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (att_p, y_p) = (SendPtr(att.as_mut_ptr()), SendPtr(y.as_mut_ptr()));
+    let qkv_p = qkv.as_ptr() as usize;
+    head_tasks(threads, batch * nh, |task| {
+        let (b, h) = (task / nh, task % nh);
+        let base = qkv_p as *const f32;
+        // SAFETY: every pointer stays inside its buffer; each task writes its own
+        // (b, h) block of att and its own columns of y's rows of sequence b.
+        unsafe {
+            let q = base.add(b * t * 3 * c + h * hd);
+            let k = q.add(c);
+            let v = q.add(2 * c);
+            let s = att_p.at(task * t * t);
+            kernels::matmul(
+                t,
+                t,
+                hd,
+                s,
+                t,
+                false,
+                Mat {
+                    ptr: q,
+                    rs: 3 * c as isize,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: k,
+                    rs: 1,
+                    cs: 3 * c as isize,
+                },
+                1,
+            );
+            kernels::causal_softmax(std::slice::from_raw_parts_mut(s, t * t), t, scale);
+            kernels::matmul(
+                t,
+                hd,
+                t,
+                y_p.at(b * t * c + h * hd),
+                c,
+                false,
+                Mat {
+                    ptr: s,
+                    rs: t as isize,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: v,
+                    rs: 3 * c as isize,
+                    cs: 1,
+                },
+                1,
+            );
+        }
+    });
+}
+
+/// Causal self-attention backward: from the output gradient `dy` `(n, C)`, the saved
+/// `qkv` and probabilities `att`, writes `dqkv` `(n, 3C)`; `datt` is scratch of the
+/// size of `att`.
+#[allow(clippy::too_many_arguments)]
+fn attention_bwd(
+    threads: usize,
+    dy: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    datt: &mut [f32],
+    dqkv: &mut [f32],
+    batch: usize,
+    t: usize,
+    nh: usize,
+    c: usize,
+) {
+    let hd = c / nh;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (datt_p, dqkv_p) = (SendPtr(datt.as_mut_ptr()), SendPtr(dqkv.as_mut_ptr()));
+    let (qkv_p, att_p, dy_p) = (
+        qkv.as_ptr() as usize,
+        att.as_ptr() as usize,
+        dy.as_ptr() as usize,
+    );
+    head_tasks(threads, batch * nh, |task| {
+        let (b, h) = (task / nh, task % nh);
+        // SAFETY: as in attention_fwd; each task writes its own block of datt and its own
+        // columns of dqkv's rows of sequence b.
+        unsafe {
+            let q = (qkv_p as *const f32).add(b * t * 3 * c + h * hd);
+            let k = q.add(c);
+            let v = q.add(2 * c);
+            let p = (att_p as *const f32).add(task * t * t);
+            let dyh = (dy_p as *const f32).add(b * t * c + h * hd);
+            let dp = datt_p.at(task * t * t);
+            let dq = dqkv_p.at(b * t * 3 * c + h * hd);
+            let (dk, dv) = (dq.add(c), dq.add(2 * c));
+            let rs3 = 3 * c as isize;
+            // dP = dY V^T; dV = P^T dY.
+            kernels::matmul(
+                t,
+                t,
+                hd,
+                dp,
+                t,
+                false,
+                Mat {
+                    ptr: dyh,
+                    rs: c as isize,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: v,
+                    rs: 1,
+                    cs: rs3,
+                },
+                1,
+            );
+            kernels::matmul(
+                t,
+                hd,
+                t,
+                dv,
+                3 * c,
+                false,
+                Mat {
+                    ptr: p,
+                    rs: 1,
+                    cs: t as isize,
+                },
+                Mat {
+                    ptr: dyh,
+                    rs: c as isize,
+                    cs: 1,
+                },
+                1,
+            );
+            kernels::causal_softmax_bwd(
+                std::slice::from_raw_parts(p, t * t),
+                std::slice::from_raw_parts_mut(dp, t * t),
+                t,
+                scale,
+            );
+            // dQ = dS K; dK = dS^T Q.
+            kernels::matmul(
+                t,
+                hd,
+                t,
+                dq,
+                3 * c,
+                false,
+                Mat {
+                    ptr: dp,
+                    rs: t as isize,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: k,
+                    rs: rs3,
+                    cs: 1,
+                },
+                1,
+            );
+            kernels::matmul(
+                t,
+                hd,
+                t,
+                dk,
+                3 * c,
+                false,
+                Mat {
+                    ptr: dp,
+                    rs: 1,
+                    cs: t as isize,
+                },
+                Mat {
+                    ptr: q,
+                    rs: rs3,
+                    cs: 1,
+                },
+                1,
+            );
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpt::Gpt;
+    use crate::params::init_params;
+    use tenax_core::rng::SplitMix64;
+
+    fn tokens(rng: &mut SplitMix64, n: usize, vocab: usize) -> Vec<u32> {
+        (0..n).map(|_| rng.below(vocab as u64) as u32).collect()
+    }
+
+    /// Max over elements of `|a - b| / max(|b|, 1e-3 * max|b|)`.
+    fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
+        let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (f64::from(x) - y).abs() / y.abs().max(1e-3 * scale).max(1e-30))
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn the_fused_step_matches_the_candle_graph() {
+        for (preset, vocab, batch, t) in [
+            ("tiny", 23, 3, 16),
+            ("tiny", 50, 2, 11),
+            ("nano", 65, 2, 64),
+        ] {
+            let config = GptConfig::preset(preset, vocab).unwrap();
+            let layout = ParamLayout::for_config(&config);
+            let params = init_params(&config, &layout, 3);
+            let reference = Gpt::new_with_dtype(config.clone(), candle_core::DType::F64).unwrap();
+            reference.set_params(&params).unwrap();
+            let mut rng = SplitMix64::new(9);
+            let inputs = tokens(&mut rng, batch * t, vocab);
+            let targets = tokens(&mut rng, batch * t, vocab);
+            let (want_loss, want_grad) = reference
+                .loss_sum_and_grad_f64(&inputs, &targets, batch)
+                .unwrap();
+            // The candle graph in f32 sets the bar: f32 rounding alone, composed unfused.
+            let unfused = Gpt::new(config.clone()).unwrap();
+            unfused.set_params(&params).unwrap();
+            let (_, unfused_grad) = unfused.loss_sum_and_grad(&inputs, &targets, batch).unwrap();
+            let mut first: Option<Vec<u32>> = None;
+            for threads in [1, 2, 3] {
+                let mut ws = Workspace::new(&config, &layout, threads);
+                let mut grad = vec![0f32; layout.total];
+                let loss = ws
+                    .loss_sum_and_grad(&params, &inputs, &targets, batch, &mut grad)
+                    .unwrap();
+                let rel = (f64::from(loss) - want_loss).abs() / want_loss;
+                assert!(rel < 1e-5, "{preset}: loss {loss} vs {want_loss}");
+                for e in &layout.entries {
+                    let err = max_rel_err(&grad[e.range()], &want_grad[e.range()]);
+                    let bar = max_rel_err(&unfused_grad[e.range()], &want_grad[e.range()]);
+                    assert!(
+                        err <= (10.0 * bar).max(1e-4),
+                        "{preset} threads {threads}: {} rel err {err:e}, unfused f32 {bar:e}",
+                        e.name
+                    );
+                }
+                let fwd = ws.loss_sum(&params, &inputs, &targets, batch).unwrap();
+                assert_eq!(fwd.to_bits(), loss.to_bits());
+                // The same bits at any thread count.
+                let bits: Vec<u32> = grad.iter().map(|g| g.to_bits()).collect();
+                match &first {
+                    None => first = Some(bits),
+                    Some(f) => assert!(f == &bits, "{preset}: threads {threads} changed the bits"),
+                }
+            }
+        }
+    }
+}
