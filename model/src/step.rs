@@ -902,10 +902,12 @@ fn head_tasks(threads: usize, tasks: usize, f: impl Fn(usize) + Sync + Send) {
     }
 }
 
-/// Causal self-attention forward of every head: probabilities into `att`
-/// `(batch, heads, t, t)`, outputs into `y` `(n, C)`.
+/// Causal self-attention forward of every head: from `qkv` `(batch * t, 3C)` (q, k, v,
+/// each `heads` blocks of `C / heads` columns), the probabilities into `att`
+/// `(batch, heads, t, t)` and the outputs into `y` `(batch * t, C)`. Scores are scaled
+/// by `1 / sqrt(C / heads)`. Heads run in parallel when `threads > 1`.
 #[allow(clippy::too_many_arguments)]
-fn attention_fwd(
+pub fn attention_fwd(
     threads: usize,
     qkv: &[f32],
     att: &mut [f32],
@@ -972,11 +974,11 @@ fn attention_fwd(
     });
 }
 
-/// Causal self-attention backward: from the output gradient `dy` `(n, C)`, the saved
-/// `qkv` and probabilities `att`, writes `dqkv` `(n, 3C)`; `datt` is scratch of the
-/// size of `att`.
+/// Causal self-attention backward: from the output gradient `dy` `(batch * t, C)`, the
+/// saved `qkv` and probabilities `att` of [`attention_fwd`], writes `dqkv`
+/// `(batch * t, 3C)`; `datt` is scratch of the size of `att`.
 #[allow(clippy::too_many_arguments)]
-fn attention_bwd(
+pub fn attention_bwd(
     threads: usize,
     dy: &[f32],
     qkv: &[f32],
