@@ -179,13 +179,14 @@ impl RankCompute {
                 skipped: true,
             });
         }
-        self.opt.update(
+        let (opt, params, layout, adamw) = (
+            &mut self.opt,
             &mut self.params,
-            &grad,
-            lr,
             self.model.layout(),
             &self.setup.adamw,
         );
+        self.ws
+            .install(|| opt.update(params, &grad, lr, layout, adamw));
         self.model_stale = true;
         Ok(RankOutcome {
             loss,

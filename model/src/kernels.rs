@@ -9,8 +9,10 @@
 //! thread count and on any x86-64 ISA level (the AVX-512 and AVX2 builds of a kernel
 //! run the same arithmetic as the portable one; no fused multiply-add is used).
 //!
-//! Each kernel is checked against the composition of unfused candle ops in the tests of
-//! [`crate::step`] (max relative error <= 1e-5 in f32, forward and gradient).
+//! Each kernel is checked against the composition of unfused candle ops, forward and
+//! gradient, in `model/tests/kernels_vs_candle.rs` (max relative error of every tensor
+//! <= 1e-5 in f32; per element, as close as the unfused composition in f32), and the
+//! whole step against candle's graph in the tests of [`crate::step`].
 
 use gemm::Parallelism;
 
@@ -124,13 +126,12 @@ pub fn exp_f32(x: f32) -> f32 {
     y * f32::from_bits(k.wrapping_add(127) << 23)
 }
 
-/// `(Phi(x), phi(x))`: the standard normal CDF and density. Phi comes from
-/// `erfc` by the Chebyshev fit of Numerical Recipes (`erfcc`, relative error < 1.2e-7
-/// everywhere, so Phi keeps its relative accuracy in the left tail).
+/// `Phi(x)`, the standard normal CDF, from `erfc` by the Chebyshev fit of Numerical
+/// Recipes (`erfcc`, relative error < 1.2e-7 everywhere, so Phi keeps its relative
+/// accuracy in the left tail).
 #[inline(always)]
-fn normal_cdf_pdf(x: f32) -> (f32, f32) {
+fn normal_cdf(x: f32) -> f32 {
     const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
     // Phi(x) = erfc(u) / 2 with u = -x / sqrt(2).
     let u = -x * FRAC_1_SQRT_2;
     let z = u.abs();
@@ -142,30 +143,34 @@ fn normal_cdf_pdf(x: f32) -> (f32, f32) {
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
                             + t * (-1.135_204
-                                + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                                + t * (1.488_515_9
+                                    + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     // z^2 = x^2 / 2, from x (one rounding) rather than from z (two, then squared).
-    let half_x2 = 0.5 * (x * x);
-    let r = t * exp_f32(poly - half_x2);
+    let r = t * exp_f32(poly - 0.5 * (x * x));
     let erfc = if u >= 0.0 { r } else { 2.0 - r };
-    (0.5 * erfc, INV_SQRT_2PI * exp_f32(-half_x2))
+    0.5 * erfc
 }
 
 multiversion! {
-    /// GELU (exact, erf form) of `x` into `out`: `x * Phi(x)`.
-    pub fn gelu_fwd(x: &[f32], out: &mut [f32]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = v * normal_cdf_pdf(v).0;
+    /// GELU (exact, erf form) of `x` into `out`: `x * Phi(x)`, with `Phi(x)` kept in
+    /// `cdf` for the backward pass.
+    pub fn gelu_fwd(x: &[f32], out: &mut [f32], cdf: &mut [f32]) {
+        for ((o, c), &v) in out.iter_mut().zip(cdf.iter_mut()).zip(x) {
+            let phi = normal_cdf(v);
+            *c = phi;
+            *o = v * phi;
         }
     }
 }
 
 multiversion! {
-    /// GELU backward: `dx = dout * (Phi(x) + x * phi(x))`, written over `dout` (the
-    /// upstream gradient is not needed afterwards).
-    pub fn gelu_bwd(x: &[f32], dout: &mut [f32]) {
-        for (d, &v) in dout.iter_mut().zip(x) {
-            let (cdf, pdf) = normal_cdf_pdf(v);
-            *d *= cdf + v * pdf;
+    /// GELU backward: `dx = dout * (Phi(x) + x * phi(x))` from the forward's `cdf`,
+    /// written over `dout` (the upstream gradient is not needed afterwards).
+    pub fn gelu_bwd(x: &[f32], cdf: &[f32], dout: &mut [f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for ((d, &v), &c) in dout.iter_mut().zip(x).zip(cdf) {
+            let pdf = INV_SQRT_2PI * exp_f32(-0.5 * (v * v));
+            *d *= c + v * pdf;
         }
     }
 }
@@ -285,11 +290,11 @@ multiversion! {
 }
 
 multiversion! {
-    /// Adds `b` to every row of `out`.
-    pub fn add_bias(b: &[f32], out: &mut [f32]) {
-        for row in out.chunks_exact_mut(b.len()) {
-            for (o, &v) in row.iter_mut().zip(b) {
-                *o += v;
+    /// `out = x + b` with `b` added to every row.
+    pub fn add_rows_bias(x: &[f32], b: &[f32], out: &mut [f32]) {
+        for (o, row) in out.chunks_exact_mut(b.len()).zip(x.chunks_exact(b.len())) {
+            for ((o, &v), &bi) in o.iter_mut().zip(row).zip(b) {
+                *o = v + bi;
             }
         }
     }
@@ -396,6 +401,78 @@ multiversion! {
             }
             *loss = total.ln() + max - row[t as usize];
         }
+    }
+}
+
+multiversion! {
+    /// One AdamW update of a slice (PyTorch's semantics, as [`crate::AdamW`]): decoupled
+    /// weight decay `p *= decay_factor` first when `decay`, then the moments and the step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_slice(
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        hyper: &AdamWStep,
+        decay: bool,
+    ) {
+        let AdamWStep { beta1: b1, beta2: b2, eps, step_size, bias2_sqrt, decay_factor } = *hyper;
+        if decay {
+            p.iter_mut().for_each(|x| *x *= decay_factor);
+        }
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            let denom = v.sqrt() / bias2_sqrt + eps;
+            *p -= step_size * *m / denom;
+        }
+    }
+}
+
+/// The per-step constants of an AdamW update.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias2_sqrt: f32,
+    /// `1 - lr * weight_decay`.
+    pub decay_factor: f32,
+}
+
+multiversion! {
+    /// `sum(x^2)` in f64, in a fixed order (8 lanes, then the lanes, then the tail).
+    pub fn sum_squares_f64(x: &[f32], out: &mut f64) {
+        let mut acc = [0f64; 8];
+        let chunks = x.chunks_exact(8);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for j in 0..8 {
+                let v = f64::from(c[j]);
+                acc[j] += v * v;
+            }
+        }
+        let mut s = 0f64;
+        for a in acc {
+            s += a;
+        }
+        for &t in tail {
+            s += f64::from(t) * f64::from(t);
+        }
+        *out = s;
+    }
+}
+
+multiversion! {
+    /// `x *= s`.
+    pub fn scale(x: &mut [f32], s: f32) {
+        x.iter_mut().for_each(|v| *v *= s);
     }
 }
 
@@ -547,7 +624,7 @@ mod tests {
         let mut worst = 0f64;
         let mut x = -9.0f32;
         while x < 9.0 {
-            let got = f64::from(normal_cdf_pdf(x).0);
+            let got = f64::from(normal_cdf(x));
             let want = phi_ref(f64::from(x));
             worst = worst.max((got - want).abs() / want);
             x += 0.01;

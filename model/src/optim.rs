@@ -101,19 +101,38 @@ impl AdamW {
         let bias2_sqrt = bias2.sqrt() as f32;
         let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
         let decay_factor = 1.0 - lr * cfg.weight_decay;
+        let hyper = crate::kernels::AdamWStep {
+            beta1: b1,
+            beta2: b2,
+            eps,
+            step_size,
+            bias2_sqrt,
+            decay_factor,
+        };
+        let decays = cfg.weight_decay != 0.0;
+        // One task per parameter: element-wise, so the bits do not depend on who runs it.
+        // Inside a rayon pool (the trainer's, see `Workspace::install`) the tasks run in
+        // parallel; elsewhere in order on this thread.
+        #[allow(clippy::type_complexity)]
+        let mut tasks: Vec<(&mut [f32], &[f32], &mut [f32], &mut [f32], bool)> =
+            Vec::with_capacity(layout.entries.len());
+        let (mut p, mut g, mut m, mut v) = (&mut params[..], grad, &mut self.m[..], &mut self.v[..]);
         for entry in &layout.entries {
-            let r = entry.range();
-            let (p, g) = (&mut params[r.clone()], &grad[r.clone()]);
-            let (m, v) = (&mut self.m[r.clone()], &mut self.v[r]);
-            if entry.decay && cfg.weight_decay != 0.0 {
-                p.iter_mut().for_each(|x| *x *= decay_factor);
-            }
-            for i in 0..p.len() {
-                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                let denom = v[i].sqrt() / bias2_sqrt + eps;
-                p[i] -= step_size * m[i] / denom;
-            }
+            let (p0, p1) = std::mem::take(&mut p).split_at_mut(entry.len);
+            let (g0, g1) = g.split_at(entry.len);
+            let (m0, m1) = std::mem::take(&mut m).split_at_mut(entry.len);
+            let (v0, v1) = std::mem::take(&mut v).split_at_mut(entry.len);
+            tasks.push((p0, g0, m0, v0, entry.decay && decays));
+            (p, g, m, v) = (p1, g1, m1, v1);
+        }
+        let run = |(p, g, m, v, decay): (&mut [f32], &[f32], &mut [f32], &mut [f32], bool)| {
+            crate::kernels::adamw_slice(p, g, m, v, &hyper, decay)
+        };
+        if rayon::current_thread_index().is_some() {
+            use rayon::prelude::*;
+            tasks.into_par_iter().for_each(run);
+        } else {
+            tasks.into_iter().for_each(run);
         }
     }
 
@@ -208,14 +227,12 @@ pub fn params_from_named(
 /// `max_norm / (norm + 1e-6)`. Returns the norm before clipping (NaN or infinite if the
 /// gradient is; then nothing is scaled). `max_norm <= 0` disables clipping.
 pub fn clip_grad_norm(grad: &mut [f32], max_norm: f32) -> f64 {
-    let norm = grad
-        .iter()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt();
+    let mut squares = 0f64;
+    crate::kernels::sum_squares_f64(grad, &mut squares);
+    let norm = squares.sqrt();
     if max_norm > 0.0 && norm > f64::from(max_norm) {
         let scale = (f64::from(max_norm) / (norm + 1e-6)) as f32;
-        grad.iter_mut().for_each(|g| *g *= scale);
+        crate::kernels::scale(grad, scale);
     }
     norm
 }

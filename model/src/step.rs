@@ -115,6 +115,8 @@ struct BlockActs {
     fch: Vec<f32>,
     /// ... and after.
     fch_gelu: Vec<f32>,
+    /// `Phi(fch)`, for GELU's backward.
+    fch_cdf: Vec<f32>,
 }
 
 /// Every buffer of a step, allocated for the largest batch seen and reused.
@@ -202,6 +204,15 @@ impl Workspace {
         }
     }
 
+    /// Runs `f` on this workspace's threads (on the calling thread when it has one):
+    /// inside, rayon's parallel iterators (and [`crate::AdamW::update`]) use them.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
     /// Threads this workspace computes on.
     pub fn threads(&self) -> usize {
         self.threads
@@ -229,6 +240,7 @@ impl Workspace {
                 (&mut b.ln2_rstd, n),
                 (&mut b.fch, n * 4 * c),
                 (&mut b.fch_gelu, n * 4 * c),
+                (&mut b.fch_cdf, n * 4 * c),
             ] {
                 resize(v, len);
             }
@@ -450,7 +462,7 @@ impl Workspace {
                 nh,
                 c,
             );
-            a.res2[..n * c].copy_from_slice(x);
+            kernels::add_rows_bias(x, p(&bp.proj_b), &mut a.res2[..n * c]);
             linear(
                 threads,
                 &a.atty[..n * c],
@@ -480,19 +492,17 @@ impl Workspace {
                 4 * c,
                 false,
             );
-            par_rows2_ro(
+            gelu(
                 threads,
-                n,
-                4 * c,
                 &a.fch[..n * 4 * c],
                 &mut a.fch_gelu[..n * 4 * c],
-                kernels::gelu_fwd,
+                &mut a.fch_cdf[..n * 4 * c],
             );
             let out = match tail.first_mut() {
                 Some(next) => &mut next.x[..n * c],
                 None => &mut self.x_out[..n * c],
             };
-            out.copy_from_slice(&a.res2[..n * c]);
+            kernels::add_rows_bias(&a.res2[..n * c], p(&bp.fcproj_b), out);
             linear(
                 threads,
                 &a.fch_gelu[..n * 4 * c],
@@ -603,13 +613,11 @@ impl Workspace {
                 4 * c,
                 c,
             );
-            par_rows2_ro_inplace(
+            gelu_bwd(
                 threads,
-                n,
-                4 * c,
                 &a.fch[..n * 4 * c],
+                &a.fch_cdf[..n * 4 * c],
                 &mut self.dbig[..n * 4 * c],
-                kernels::gelu_bwd,
             );
             linear_bwd(
                 threads,
@@ -728,35 +736,33 @@ fn par_rows2(
         });
 }
 
-/// `f(input_rows, output_rows)` over rows of `w` values, in parallel when `threads > 1`.
-fn par_rows2_ro(
-    threads: usize,
-    n: usize,
-    w: usize,
-    input: &[f32],
-    out: &mut [f32],
-    f: fn(&[f32], &mut [f32]),
-) {
-    if threads <= 1 {
-        return f(input, out);
-    }
-    let chunk = chunk_rows(threads, n) * w;
-    input
-        .par_chunks(chunk)
-        .zip(out.par_chunks_mut(chunk))
-        .for_each(|(x, y)| f(x, y));
+/// Elements per parallel task of the element-wise kernels.
+fn chunk_elems(threads: usize, len: usize) -> usize {
+    len.div_ceil(threads).max(1)
 }
 
-/// Like [`par_rows2_ro`] for kernels that update their second argument in place.
-fn par_rows2_ro_inplace(
-    threads: usize,
-    n: usize,
-    w: usize,
-    input: &[f32],
-    inout: &mut [f32],
-    f: fn(&[f32], &mut [f32]),
-) {
-    par_rows2_ro(threads, n, w, input, inout, f)
+/// GELU forward, split across threads by element runs.
+fn gelu(threads: usize, x: &[f32], out: &mut [f32], cdf: &mut [f32]) {
+    if threads <= 1 {
+        return kernels::gelu_fwd(x, out, cdf);
+    }
+    let chunk = chunk_elems(threads, x.len());
+    x.par_chunks(chunk)
+        .zip(out.par_chunks_mut(chunk))
+        .zip(cdf.par_chunks_mut(chunk))
+        .for_each(|((x, o), c)| kernels::gelu_fwd(x, o, c));
+}
+
+/// GELU backward, split across threads by element runs.
+fn gelu_bwd(threads: usize, x: &[f32], cdf: &[f32], dout: &mut [f32]) {
+    if threads <= 1 {
+        return kernels::gelu_bwd(x, cdf, dout);
+    }
+    let chunk = chunk_elems(threads, x.len());
+    x.par_chunks(chunk)
+        .zip(cdf.par_chunks(chunk))
+        .zip(dout.par_chunks_mut(chunk))
+        .for_each(|((x, c), d)| kernels::gelu_bwd(x, c, d));
 }
 
 /// Row-parallel LayerNorm forward.
@@ -816,8 +822,8 @@ fn layer_norm_bwd(
     kernels::layer_norm_bwd_params(dout, x, mean, rstd, dw, db);
 }
 
-/// `out = [out +] x * w + b` for `x` `(n, d_in)`, `w` `(d_in, d_out)`: with `residual`
-/// the product and bias are added to what `out` holds.
+/// `out = x * w + b` for `x` `(n, d_in)`, `w` `(d_in, d_out)`; with `residual`,
+/// `out += x * w` (`out` already holds the residual plus `b`).
 #[allow(clippy::too_many_arguments)]
 fn linear(
     threads: usize,
@@ -830,9 +836,9 @@ fn linear(
     residual: bool,
 ) {
     let n = x.len() / d_in;
-    if residual {
-        kernels::add_bias(b, out);
-    } else {
+    // With `residual` the caller has already added the bias (with the residual, in one
+    // pass).
+    if !residual {
         kernels::fill_rows(b, out);
     }
     // SAFETY: x (n, d_in), w (d_in, d_out), out (n, d_out) do not overlap.
@@ -1169,6 +1175,60 @@ mod tests {
                     Some(f) => assert!(f == &bits, "{preset}: threads {threads} changed the bits"),
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::params::init_params;
+    use std::time::Instant;
+    use tenax_core::rng::SplitMix64;
+
+    /// Not a test: the nano step and its attention alone, at 1 and 2 threads.
+    /// `cargo test -p tenax-model --release --lib timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn time_nano_step_parts() {
+        let config = GptConfig::preset("nano", 65).unwrap();
+        let layout = ParamLayout::for_config(&config);
+        let params = init_params(&config, &layout, 1);
+        let mut rng = SplitMix64::new(1);
+        let (batch, t, c, nh) = (12, 64, 128, 4);
+        let inputs: Vec<u32> = (0..batch * t).map(|_| rng.below(65) as u32).collect();
+        let targets: Vec<u32> = (0..batch * t).map(|_| rng.below(65) as u32).collect();
+        for threads in [1, 2] {
+            let mut ws = Workspace::new(&config, &layout, threads);
+            let mut grad = vec![0f32; layout.total];
+            let reps = 30;
+            ws.loss_sum_and_grad(&params, &inputs, &targets, batch, &mut grad).unwrap();
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                ws.loss_sum_and_grad(&params, &inputs, &targets, batch, &mut grad).unwrap();
+            }
+            let step = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            let qkv: Vec<f32> = (0..batch * t * 3 * c).map(|_| rng.next_normal() as f32).collect();
+            let mut att = vec![0f32; batch * nh * t * t];
+            let mut datt = att.clone();
+            let mut y = vec![0f32; batch * t * c];
+            let mut dqkv = qkv.clone();
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                ws.install(|| attention_fwd(threads, &qkv, &mut att, &mut y, batch, t, nh, c));
+            }
+            let fwd = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                ws.install(|| {
+                    attention_bwd(threads, &y, &qkv, &att, &mut datt, &mut dqkv, batch, t, nh, c)
+                });
+            }
+            let bwd = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            println!(
+                "threads {threads}: step {step:.2} ms; attention per layer fwd {fwd:.3} ms, bwd {bwd:.3} ms (x{} layers)",
+                config.n_layer
+            );
         }
     }
 }
