@@ -143,8 +143,7 @@ fn normal_cdf(x: f32) -> f32 {
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
                             + t * (-1.135_204
-                                + t * (1.488_515_9
-                                    + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                                + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     // z^2 = x^2 / 2, from x (one rounding) rather than from z (two, then squared).
     let r = t * exp_f32(poly - 0.5 * (x * x));
     let erfc = if u >= 0.0 { r } else { 2.0 - r };
@@ -159,6 +158,28 @@ multiversion! {
             let phi = normal_cdf(v);
             *c = phi;
             *o = v * phi;
+        }
+    }
+}
+
+multiversion! {
+    /// [`gelu_fwd`] of `x + b` (`b` added to every row; rows of `b.len()` values), with
+    /// `x` updated to `x + b` (the pre-activation the backward pass reads): the bias of
+    /// the layer before, in the same pass.
+    pub fn bias_gelu_fwd(x: &mut [f32], b: &[f32], out: &mut [f32], cdf: &mut [f32]) {
+        let w = b.len();
+        for ((xr, or), cr) in x
+            .chunks_exact_mut(w)
+            .zip(out.chunks_exact_mut(w))
+            .zip(cdf.chunks_exact_mut(w))
+        {
+            for (((xv, o), c), &bv) in xr.iter_mut().zip(or.iter_mut()).zip(cr.iter_mut()).zip(b) {
+                let v = *xv + bv;
+                let phi = normal_cdf(v);
+                *xv = v;
+                *c = phi;
+                *o = v * phi;
+            }
         }
     }
 }
@@ -320,38 +341,41 @@ multiversion! {
 
 multiversion! {
     /// Causal softmax of the `t x t` score block `s` (rows of query positions) scaled by
-    /// `scale`, in place: row `i` keeps columns `0..=i`, the rest become 0.
+    /// `scale`, in place: row `i` keeps columns `0..=i`, the rest become 0. Rows are
+    /// processed in whole lanes with the masked columns selected away, so the loops have
+    /// no ragged tails.
     pub fn causal_softmax(s: &mut [f32], t: usize, scale: f32) {
         for (i, row) in s.chunks_exact_mut(t).enumerate() {
-            let (live, masked) = row.split_at_mut(i + 1);
+            // The live columns rounded up to whole lanes; the rest is 0.
+            let (row, dead) = row.split_at_mut((i + 1).next_multiple_of(LANES).min(t));
+            dead.fill(0.0);
             let mut max = f32::NEG_INFINITY;
-            for v in live.iter_mut() {
-                *v *= scale;
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = if j <= i { *v * scale } else { f32::NEG_INFINITY };
                 max = max.max(*v);
             }
-            for v in live.iter_mut() {
-                *v = exp_f32(*v - max);
+            for (j, v) in row.iter_mut().enumerate() {
+                let e = exp_f32(*v - max);
+                *v = if j <= i { e } else { 0.0 };
             }
-            let inv = 1.0 / sum(live);
-            for v in live.iter_mut() {
+            let inv = 1.0 / sum(row);
+            for v in row.iter_mut() {
                 *v *= inv;
             }
-            masked.fill(0.0);
         }
     }
 }
 
 multiversion! {
     /// Backward of [`causal_softmax`]: on entry `dp` holds `dL/dp`; on exit
-    /// `scale * p * (dp - sum_k p_k dp_k)`, the gradient of the unscaled scores.
+    /// `scale * p * (dp - sum_k p_k dp_k)`, the gradient of the unscaled scores (0 above
+    /// the diagonal, where `p` is 0).
     pub fn causal_softmax_bwd(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
-        for (i, (prow, drow)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
-            let live = i + 1;
-            let inner = dot(&prow[..live], &drow[..live]);
-            for (d, &pv) in drow[..live].iter_mut().zip(&prow[..live]) {
+        for (prow, drow) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+            let inner = dot(prow, drow);
+            for (d, &pv) in drow.iter_mut().zip(prow) {
                 *d = scale * (pv * (*d - inner));
             }
-            drow[live..].fill(0.0);
         }
     }
 }

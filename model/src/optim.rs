@@ -116,7 +116,8 @@ impl AdamW {
         #[allow(clippy::type_complexity)]
         let mut tasks: Vec<(&mut [f32], &[f32], &mut [f32], &mut [f32], bool)> =
             Vec::with_capacity(layout.entries.len());
-        let (mut p, mut g, mut m, mut v) = (&mut params[..], grad, &mut self.m[..], &mut self.v[..]);
+        let (mut p, mut g, mut m, mut v) =
+            (&mut params[..], grad, &mut self.m[..], &mut self.v[..]);
         for entry in &layout.entries {
             let (p0, p1) = std::mem::take(&mut p).split_at_mut(entry.len);
             let (g0, g1) = g.split_at(entry.len);

@@ -482,19 +482,25 @@ impl Workspace {
                 &mut a.ln2_mean[..n],
                 &mut a.ln2_rstd[..n],
             );
-            linear(
+            // The MLP's first layer without its bias: GELU adds it in its own pass.
+            // SAFETY: ln2 (n, C), fc_w (C, 4C), fch (n, 4C) do not overlap.
+            unsafe {
+                kernels::matmul(
+                    n,
+                    4 * c,
+                    c,
+                    a.fch.as_mut_ptr(),
+                    4 * c,
+                    false,
+                    Mat::rows(&a.ln2, c),
+                    Mat::rows(p(&bp.fc_w), 4 * c),
+                    threads,
+                );
+            }
+            bias_gelu(
                 threads,
-                &a.ln2[..n * c],
-                p(&bp.fc_w),
-                p(&bp.fc_b),
                 &mut a.fch[..n * 4 * c],
-                c,
-                4 * c,
-                false,
-            );
-            gelu(
-                threads,
-                &a.fch[..n * 4 * c],
+                p(&bp.fc_b),
                 &mut a.fch_gelu[..n * 4 * c],
                 &mut a.fch_cdf[..n * 4 * c],
             );
@@ -741,16 +747,16 @@ fn chunk_elems(threads: usize, len: usize) -> usize {
     len.div_ceil(threads).max(1)
 }
 
-/// GELU forward, split across threads by element runs.
-fn gelu(threads: usize, x: &[f32], out: &mut [f32], cdf: &mut [f32]) {
+/// Bias plus GELU forward, split across threads by row runs.
+fn bias_gelu(threads: usize, x: &mut [f32], b: &[f32], out: &mut [f32], cdf: &mut [f32]) {
     if threads <= 1 {
-        return kernels::gelu_fwd(x, out, cdf);
+        return kernels::bias_gelu_fwd(x, b, out, cdf);
     }
-    let chunk = chunk_elems(threads, x.len());
-    x.par_chunks(chunk)
+    let chunk = chunk_rows(threads, x.len() / b.len()) * b.len();
+    x.par_chunks_mut(chunk)
         .zip(out.par_chunks_mut(chunk))
         .zip(cdf.par_chunks_mut(chunk))
-        .for_each(|((x, o), c)| kernels::gelu_fwd(x, o, c));
+        .for_each(|((x, o), c)| kernels::bias_gelu_fwd(x, b, o, c));
 }
 
 /// GELU backward, split across threads by element runs.
@@ -1202,13 +1208,17 @@ mod timing {
             let mut ws = Workspace::new(&config, &layout, threads);
             let mut grad = vec![0f32; layout.total];
             let reps = 30;
-            ws.loss_sum_and_grad(&params, &inputs, &targets, batch, &mut grad).unwrap();
+            ws.loss_sum_and_grad(&params, &inputs, &targets, batch, &mut grad)
+                .unwrap();
             let t0 = Instant::now();
             for _ in 0..reps {
-                ws.loss_sum_and_grad(&params, &inputs, &targets, batch, &mut grad).unwrap();
+                ws.loss_sum_and_grad(&params, &inputs, &targets, batch, &mut grad)
+                    .unwrap();
             }
             let step = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
-            let qkv: Vec<f32> = (0..batch * t * 3 * c).map(|_| rng.next_normal() as f32).collect();
+            let qkv: Vec<f32> = (0..batch * t * 3 * c)
+                .map(|_| rng.next_normal() as f32)
+                .collect();
             let mut att = vec![0f32; batch * nh * t * t];
             let mut datt = att.clone();
             let mut y = vec![0f32; batch * t * c];
@@ -1221,7 +1231,9 @@ mod timing {
             let t0 = Instant::now();
             for _ in 0..reps {
                 ws.install(|| {
-                    attention_bwd(threads, &y, &qkv, &att, &mut datt, &mut dqkv, batch, t, nh, c)
+                    attention_bwd(
+                        threads, &y, &qkv, &att, &mut datt, &mut dqkv, batch, t, nh, c,
+                    )
                 });
             }
             let bwd = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;

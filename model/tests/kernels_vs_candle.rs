@@ -115,7 +115,8 @@ impl Errors {
             "{case} {tensor}: tensor rel err {tensor_err:.3e}; per element {err:.3e} (unfused f32 {bar:.3e})"
         );
         if tensor_err > TOL {
-            self.failed.push(format!("{line}: tensor rel err over 1e-5"));
+            self.failed
+                .push(format!("{line}: tensor rel err over 1e-5"));
         }
         let mut note = String::new();
         if err > TOL {
