@@ -377,30 +377,8 @@ impl Workspace {
         t: usize,
         grad: Option<&mut [f32]>,
     ) -> f32 {
-        self.forward(params, inputs, batch, t);
         let n = batch * t;
-        let v = self.config.vocab_size;
-        let threads = self.threads;
-        let (logits, losses) = (&mut self.logits[..n * v], &mut self.losses[..n]);
-        if grad.is_some() {
-            par_rows2(threads, n, v, 1, logits, losses, |l, out, rows| {
-                kernels::softmax_xent(l, v, &targets[rows], out)
-            });
-        } else {
-            let chunk = n.div_ceil(threads);
-            if threads > 1 {
-                logits
-                    .par_chunks(chunk * v)
-                    .zip(losses.par_chunks_mut(chunk))
-                    .enumerate()
-                    .for_each(|(i, (l, out))| {
-                        let rows = i * chunk..i * chunk + out.len();
-                        kernels::xent_rows(l, v, &targets[rows], out)
-                    });
-            } else {
-                kernels::xent_rows(logits, v, targets, losses);
-            }
-        }
+        self.forward(params, inputs, targets, batch, t, grad.is_some());
         let loss: f64 = self.losses[..n].iter().map(|&l| f64::from(l)).sum();
         if let Some(grad) = grad {
             self.backward(params, inputs, batch, t, grad);
@@ -408,141 +386,47 @@ impl Workspace {
         loss as f32
     }
 
-    fn forward(&mut self, params: &[f32], inputs: &[u32], batch: usize, t: usize) {
-        let c = self.config.n_embd;
-        let nh = self.config.n_head;
-        let n = batch * t;
-        let threads = self.threads;
-        let o = &self.offsets;
-        let p = |r: &Range<usize>| &params[r.clone()];
-        // Token plus position embeddings.
-        {
-            let (wte, wpe) = (p(&o.wte), p(&o.wpe));
-            let x = &mut self.blocks[0].x[..n * c];
-            for (r, (row, &tok)) in x.chunks_exact_mut(c).zip(inputs).enumerate() {
-                let tok = tok as usize;
-                kernels::add(
-                    &wte[tok * c..(tok + 1) * c],
-                    &wpe[(r % t) * c..(r % t + 1) * c],
-                    row,
+    /// The forward pass and each row's loss (with `with_grad`, the logits' gradient
+    /// too). Sequences do not interact before the loss, so the batch is cut into one run
+    /// of whole sequences per thread, each computed start to finish on its own thread:
+    /// one join per step instead of one per operation. Every kernel gives a row the same
+    /// bits whatever rows it runs with (gemm's `k` blocking depends on `k` only), so the
+    /// cut does not change the result.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        params: &[f32],
+        inputs: &[u32],
+        targets: &[u32],
+        batch: usize,
+        t: usize,
+        with_grad: bool,
+    ) {
+        let parts = self.threads.min(batch).max(1);
+        let inner_threads = (self.threads / parts).max(1);
+        let bufs = FwdBufs::new(self);
+        let per = batch.div_ceil(parts);
+        let run = |part: usize| {
+            let seqs = part * per..((part + 1) * per).min(batch);
+            if !seqs.is_empty() {
+                forward_part(
+                    &self.config,
+                    &self.offsets,
+                    &bufs,
+                    params,
+                    inputs,
+                    targets,
+                    t,
+                    seqs,
+                    inner_threads,
+                    with_grad,
                 );
             }
-        }
-        for l in 0..self.config.n_layer {
-            let bp = &o.blocks[l];
-            let (head, tail) = self.blocks.split_at_mut(l + 1);
-            let a = &mut head[l];
-            let x = &a.x[..n * c];
-            layer_norm(
-                threads,
-                x,
-                p(&bp.ln1_w),
-                p(&bp.ln1_b),
-                &mut a.ln1[..n * c],
-                &mut a.ln1_mean[..n],
-                &mut a.ln1_rstd[..n],
-            );
-            linear(
-                threads,
-                &a.ln1[..n * c],
-                p(&bp.attn_w),
-                p(&bp.attn_b),
-                &mut a.qkv[..n * 3 * c],
-                c,
-                3 * c,
-                false,
-            );
-            attention_fwd(
-                threads,
-                &a.qkv[..n * 3 * c],
-                &mut a.att,
-                &mut a.atty[..n * c],
-                batch,
-                t,
-                nh,
-                c,
-            );
-            kernels::add_rows_bias(x, p(&bp.proj_b), &mut a.res2[..n * c]);
-            linear(
-                threads,
-                &a.atty[..n * c],
-                p(&bp.proj_w),
-                p(&bp.proj_b),
-                &mut a.res2[..n * c],
-                c,
-                c,
-                true,
-            );
-            layer_norm(
-                threads,
-                &a.res2[..n * c],
-                p(&bp.ln2_w),
-                p(&bp.ln2_b),
-                &mut a.ln2[..n * c],
-                &mut a.ln2_mean[..n],
-                &mut a.ln2_rstd[..n],
-            );
-            // The MLP's first layer without its bias: GELU adds it in its own pass.
-            // SAFETY: ln2 (n, C), fc_w (C, 4C), fch (n, 4C) do not overlap.
-            unsafe {
-                kernels::matmul(
-                    n,
-                    4 * c,
-                    c,
-                    a.fch.as_mut_ptr(),
-                    4 * c,
-                    false,
-                    Mat::rows(&a.ln2, c),
-                    Mat::rows(p(&bp.fc_w), 4 * c),
-                    threads,
-                );
-            }
-            bias_gelu(
-                threads,
-                &mut a.fch[..n * 4 * c],
-                p(&bp.fc_b),
-                &mut a.fch_gelu[..n * 4 * c],
-                &mut a.fch_cdf[..n * 4 * c],
-            );
-            let out = match tail.first_mut() {
-                Some(next) => &mut next.x[..n * c],
-                None => &mut self.x_out[..n * c],
-            };
-            kernels::add_rows_bias(&a.res2[..n * c], p(&bp.fcproj_b), out);
-            linear(
-                threads,
-                &a.fch_gelu[..n * 4 * c],
-                p(&bp.fcproj_w),
-                p(&bp.fcproj_b),
-                out,
-                4 * c,
-                c,
-                true,
-            );
-        }
-        layer_norm(
-            threads,
-            &self.x_out[..n * c],
-            p(&o.lnf_w),
-            p(&o.lnf_b),
-            &mut self.lnf[..n * c],
-            &mut self.lnf_mean[..n],
-            &mut self.lnf_rstd[..n],
-        );
-        let v = self.config.vocab_size;
-        // SAFETY: lnf is (n, C), wte (V, C) read transposed, logits (n, V).
-        unsafe {
-            kernels::matmul(
-                n,
-                v,
-                c,
-                self.logits.as_mut_ptr(),
-                v,
-                false,
-                Mat::rows(&self.lnf, c),
-                Mat::rows_t(p(&o.wte), c),
-                threads,
-            );
+        };
+        if parts == 1 {
+            run(0);
+        } else {
+            (0..parts).into_par_iter().for_each(run);
         }
     }
 
@@ -724,6 +608,221 @@ impl Workspace {
     }
 }
 
+/// Raw pointers to every buffer the forward pass writes, so that runs of sequences can
+/// fill their own rows of them on different threads.
+struct FwdBufs {
+    blocks: Vec<[SendPtr; 14]>,
+    x_out: SendPtr,
+    lnf: SendPtr,
+    lnf_mean: SendPtr,
+    lnf_rstd: SendPtr,
+    logits: SendPtr,
+    losses: SendPtr,
+}
+
+impl FwdBufs {
+    fn new(ws: &mut Workspace) -> Self {
+        let ptr = |v: &mut Vec<f32>| SendPtr(v.as_mut_ptr());
+        Self {
+            blocks: ws
+                .blocks
+                .iter_mut()
+                .map(|b| {
+                    [
+                        ptr(&mut b.x),
+                        ptr(&mut b.ln1),
+                        ptr(&mut b.ln1_mean),
+                        ptr(&mut b.ln1_rstd),
+                        ptr(&mut b.qkv),
+                        ptr(&mut b.att),
+                        ptr(&mut b.atty),
+                        ptr(&mut b.res2),
+                        ptr(&mut b.ln2),
+                        ptr(&mut b.ln2_mean),
+                        ptr(&mut b.ln2_rstd),
+                        ptr(&mut b.fch),
+                        ptr(&mut b.fch_gelu),
+                        ptr(&mut b.fch_cdf),
+                    ]
+                })
+                .collect(),
+            x_out: ptr(&mut ws.x_out),
+            lnf: ptr(&mut ws.lnf),
+            lnf_mean: ptr(&mut ws.lnf_mean),
+            lnf_rstd: ptr(&mut ws.lnf_rstd),
+            logits: ptr(&mut ws.logits),
+            losses: ptr(&mut ws.losses),
+        }
+    }
+}
+
+/// Rows `[start * width, (start + len) * width)` of the buffer at `p`.
+///
+/// # Safety
+/// The buffer must hold them, and no one else may use them while the slice lives.
+unsafe fn rows<'a>(p: SendPtr, start: usize, len: usize, width: usize) -> &'a mut [f32] {
+    // SAFETY: as documented.
+    unsafe { std::slice::from_raw_parts_mut(p.at(start * width), len * width) }
+}
+
+/// The forward pass of sequences `seqs` (and their rows' losses), on `threads` threads.
+#[allow(clippy::too_many_arguments)]
+fn forward_part(
+    config: &GptConfig,
+    o: &Offsets,
+    bufs: &FwdBufs,
+    params: &[f32],
+    inputs: &[u32],
+    targets: &[u32],
+    t: usize,
+    seqs: Range<usize>,
+    threads: usize,
+    with_grad: bool,
+) {
+    let (c, nh, v) = (config.n_embd, config.n_head, config.vocab_size);
+    let (r0, n) = (seqs.start * t, seqs.len() * t);
+    let batch = seqs.len();
+    let p = |r: &Range<usize>| &params[r.clone()];
+    // SAFETY (every `rows` below): the buffers are sized for the whole batch; this part
+    // owns rows r0 .. r0 + n of each (sequences `seqs` of att).
+    let inputs = &inputs[r0..r0 + n];
+    {
+        let (wte, wpe) = (p(&o.wte), p(&o.wpe));
+        let x = unsafe { rows(bufs.blocks[0][0], r0, n, c) };
+        for (r, (row, &tok)) in x.chunks_exact_mut(c).zip(inputs).enumerate() {
+            let tok = tok as usize;
+            kernels::add(
+                &wte[tok * c..(tok + 1) * c],
+                &wpe[(r % t) * c..(r % t + 1) * c],
+                row,
+            );
+        }
+    }
+    let att_len = nh * t * t;
+    for (l, bp) in o.blocks.iter().enumerate() {
+        let b = &bufs.blocks[l];
+        let [x, ln1, ln1_mean, ln1_rstd, qkv, att, atty, res2, ln2, ln2_mean, ln2_rstd, fch, fch_gelu, fch_cdf] =
+            *b;
+        let (x, ln1) = unsafe { (rows(x, r0, n, c), rows(ln1, r0, n, c)) };
+        let (ln1_mean, ln1_rstd) = unsafe { (rows(ln1_mean, r0, n, 1), rows(ln1_rstd, r0, n, 1)) };
+        let qkv = unsafe { rows(qkv, r0, n, 3 * c) };
+        let att = unsafe { rows(att, seqs.start, batch, att_len) };
+        let atty = unsafe { rows(atty, r0, n, c) };
+        let res2 = unsafe { rows(res2, r0, n, c) };
+        let ln2 = unsafe { rows(ln2, r0, n, c) };
+        let (ln2_mean, ln2_rstd) = unsafe { (rows(ln2_mean, r0, n, 1), rows(ln2_rstd, r0, n, 1)) };
+        let fch = unsafe { rows(fch, r0, n, 4 * c) };
+        let fch_gelu = unsafe { rows(fch_gelu, r0, n, 4 * c) };
+        let fch_cdf = unsafe { rows(fch_cdf, r0, n, 4 * c) };
+        let out = match bufs.blocks.get(l + 1) {
+            Some(next) => unsafe { rows(next[0], r0, n, c) },
+            None => unsafe { rows(bufs.x_out, r0, n, c) },
+        };
+        layer_norm(
+            threads,
+            x,
+            p(&bp.ln1_w),
+            p(&bp.ln1_b),
+            ln1,
+            ln1_mean,
+            ln1_rstd,
+        );
+        linear(
+            threads,
+            ln1,
+            p(&bp.attn_w),
+            p(&bp.attn_b),
+            qkv,
+            c,
+            3 * c,
+            false,
+        );
+        attention_fwd(threads, qkv, att, atty, batch, t, nh, c);
+        kernels::add_rows_bias(x, p(&bp.proj_b), res2);
+        linear(
+            threads,
+            atty,
+            p(&bp.proj_w),
+            p(&bp.proj_b),
+            res2,
+            c,
+            c,
+            true,
+        );
+        layer_norm(
+            threads,
+            res2,
+            p(&bp.ln2_w),
+            p(&bp.ln2_b),
+            ln2,
+            ln2_mean,
+            ln2_rstd,
+        );
+        // The MLP's first layer without its bias: GELU adds it in its own pass.
+        // SAFETY: ln2 (n, C), fc_w (C, 4C), fch (n, 4C) do not overlap.
+        unsafe {
+            kernels::matmul(
+                n,
+                4 * c,
+                c,
+                fch.as_mut_ptr(),
+                4 * c,
+                false,
+                Mat::rows(ln2, c),
+                Mat::rows(p(&bp.fc_w), 4 * c),
+                threads,
+            );
+        }
+        bias_gelu(threads, fch, p(&bp.fc_b), fch_gelu, fch_cdf);
+        kernels::add_rows_bias(res2, p(&bp.fcproj_b), out);
+        linear(
+            threads,
+            fch_gelu,
+            p(&bp.fcproj_w),
+            p(&bp.fcproj_b),
+            out,
+            4 * c,
+            c,
+            true,
+        );
+    }
+    let x_out = unsafe { rows(bufs.x_out, r0, n, c) };
+    let lnf = unsafe { rows(bufs.lnf, r0, n, c) };
+    let (lnf_mean, lnf_rstd) =
+        unsafe { (rows(bufs.lnf_mean, r0, n, 1), rows(bufs.lnf_rstd, r0, n, 1)) };
+    layer_norm(
+        threads,
+        x_out,
+        p(&o.lnf_w),
+        p(&o.lnf_b),
+        lnf,
+        lnf_mean,
+        lnf_rstd,
+    );
+    let logits = unsafe { rows(bufs.logits, r0, n, v) };
+    // SAFETY: lnf is (n, C), wte (V, C) read transposed, logits (n, V).
+    unsafe {
+        kernels::matmul(
+            n,
+            v,
+            c,
+            logits.as_mut_ptr(),
+            v,
+            false,
+            Mat::rows(lnf, c),
+            Mat::rows_t(p(&o.wte), c),
+            threads,
+        );
+    }
+    let losses = unsafe { rows(bufs.losses, r0, n, 1) };
+    let targets = &targets[r0..r0 + n];
+    if with_grad {
+        kernels::softmax_xent(logits, v, targets, losses);
+    } else {
+        kernels::xent_rows(logits, v, targets, losses);
+    }
+}
+
 /// The gradient of one parameter.
 fn grad_view<'a>(grad: SendPtr, r: &Range<usize>) -> &'a mut [f32] {
     // SAFETY: `grad` points at the whole flat gradient; layout ranges do not overlap, and
@@ -734,30 +833,6 @@ fn grad_view<'a>(grad: SendPtr, r: &Range<usize>) -> &'a mut [f32] {
 /// Splits `n` rows into one contiguous run per thread.
 fn chunk_rows(threads: usize, n: usize) -> usize {
     n.div_ceil(threads).max(1)
-}
-
-/// Runs `f(a_rows, b_rows, row_range)` on matching row runs of `a` (rows of `wa`) and `b`
-/// (rows of `wb`), in parallel when `threads > 1`.
-fn par_rows2(
-    threads: usize,
-    n: usize,
-    wa: usize,
-    wb: usize,
-    a: &mut [f32],
-    b: &mut [f32],
-    f: impl Fn(&mut [f32], &mut [f32], Range<usize>) + Sync + Send,
-) {
-    if threads <= 1 {
-        return f(a, b, 0..n);
-    }
-    let chunk = chunk_rows(threads, n);
-    a.par_chunks_mut(chunk * wa)
-        .zip(b.par_chunks_mut(chunk * wb))
-        .enumerate()
-        .for_each(|(i, (x, y))| {
-            let rows = y.len() / wb;
-            f(x, y, i * chunk..i * chunk + rows)
-        });
 }
 
 /// Elements per parallel task of the element-wise kernels.
@@ -1251,6 +1326,11 @@ mod timing {
                     .unwrap();
             }
             let step = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                ws.loss_sum(&params, &inputs, &targets, batch).unwrap();
+            }
+            let forward = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
             let qkv: Vec<f32> = (0..batch * t * 3 * c)
                 .map(|_| rng.next_normal() as f32)
                 .collect();
@@ -1273,7 +1353,7 @@ mod timing {
             }
             let bwd = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
             println!(
-                "threads {threads}: step {step:.2} ms; attention per layer fwd {fwd:.3} ms, bwd {bwd:.3} ms (x{} layers)",
+                "threads {threads}: step {step:.2} ms (forward alone {forward:.2} ms); attention per layer fwd {fwd:.3} ms, bwd {bwd:.3} ms (x{} layers)",
                 config.n_layer
             );
         }
