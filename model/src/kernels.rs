@@ -79,6 +79,28 @@ fn sum(x: &[f32]) -> f32 {
     s
 }
 
+/// The largest element of `x` (NEG_INFINITY when empty), in 16 lanes so that the loop
+/// vectorises (max is exact, so the order does not matter).
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] = acc[j].max(c[j]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for a in acc {
+        m = m.max(a);
+    }
+    for &t in tail {
+        m = m.max(t);
+    }
+    m
+}
+
 /// Dot product of `a` and `b` in the fixed order of [`sum`].
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -150,48 +172,48 @@ fn normal_cdf(x: f32) -> f32 {
     0.5 * erfc
 }
 
+/// `(gelu(x), gelu'(x))` = `(x Phi(x), Phi(x) + x phi(x))`.
+#[inline(always)]
+fn gelu_and_derivative(x: f32) -> (f32, f32) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = normal_cdf(x);
+    let pdf = INV_SQRT_2PI * exp_f32(-0.5 * (x * x));
+    (x * cdf, cdf + x * pdf)
+}
+
 multiversion! {
-    /// GELU (exact, erf form) of `x` into `out`: `x * Phi(x)`, with `Phi(x)` kept in
-    /// `cdf` for the backward pass.
-    pub fn gelu_fwd(x: &[f32], out: &mut [f32], cdf: &mut [f32]) {
-        for ((o, c), &v) in out.iter_mut().zip(cdf.iter_mut()).zip(x) {
-            let phi = normal_cdf(v);
-            *c = phi;
-            *o = v * phi;
+    /// GELU (exact, erf form) of `x` into `out`: `x * Phi(x)`, with its derivative
+    /// `Phi(x) + x * phi(x)` kept in `dgelu` for the backward pass (which then reads one
+    /// stream instead of recomputing).
+    pub fn gelu_fwd(x: &[f32], out: &mut [f32], dgelu: &mut [f32]) {
+        for ((o, d), &v) in out.iter_mut().zip(dgelu.iter_mut()).zip(x) {
+            (*o, *d) = gelu_and_derivative(v);
         }
     }
 }
 
 multiversion! {
-    /// [`gelu_fwd`] of `x + b` (`b` added to every row; rows of `b.len()` values), with
-    /// `x` updated to `x + b` (the pre-activation the backward pass reads): the bias of
-    /// the layer before, in the same pass.
-    pub fn bias_gelu_fwd(x: &mut [f32], b: &[f32], out: &mut [f32], cdf: &mut [f32]) {
+    /// [`gelu_fwd`] of `x + b` (`b` added to every row; rows of `b.len()` values): the
+    /// bias of the layer before, in the same pass.
+    pub fn bias_gelu_fwd(x: &[f32], b: &[f32], out: &mut [f32], dgelu: &mut [f32]) {
         let w = b.len();
-        for ((xr, or), cr) in x
-            .chunks_exact_mut(w)
+        for ((xr, or), dr) in x
+            .chunks_exact(w)
             .zip(out.chunks_exact_mut(w))
-            .zip(cdf.chunks_exact_mut(w))
+            .zip(dgelu.chunks_exact_mut(w))
         {
-            for (((xv, o), c), &bv) in xr.iter_mut().zip(or.iter_mut()).zip(cr.iter_mut()).zip(b) {
-                let v = *xv + bv;
-                let phi = normal_cdf(v);
-                *xv = v;
-                *c = phi;
-                *o = v * phi;
+            for (((&xv, o), d), &bv) in xr.iter().zip(or.iter_mut()).zip(dr.iter_mut()).zip(b) {
+                (*o, *d) = gelu_and_derivative(xv + bv);
             }
         }
     }
 }
 
 multiversion! {
-    /// GELU backward: `dx = dout * (Phi(x) + x * phi(x))` from the forward's `cdf`,
-    /// written over `dout` (the upstream gradient is not needed afterwards).
-    pub fn gelu_bwd(x: &[f32], cdf: &[f32], dout: &mut [f32]) {
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
-        for ((d, &v), &c) in dout.iter_mut().zip(x).zip(cdf) {
-            let pdf = INV_SQRT_2PI * exp_f32(-0.5 * (v * v));
-            *d *= c + v * pdf;
+    /// GELU backward: `dout *= dgelu`, the derivative [`gelu_fwd`] kept.
+    pub fn gelu_bwd(dgelu: &[f32], dout: &mut [f32]) {
+        for (d, &g) in dout.iter_mut().zip(dgelu) {
+            *d *= g;
         }
     }
 }
@@ -349,11 +371,10 @@ multiversion! {
             // The live columns rounded up to whole lanes; the rest is 0.
             let (row, dead) = row.split_at_mut((i + 1).next_multiple_of(LANES).min(t));
             dead.fill(0.0);
-            let mut max = f32::NEG_INFINITY;
             for (j, v) in row.iter_mut().enumerate() {
                 *v = if j <= i { *v * scale } else { f32::NEG_INFINITY };
-                max = max.max(*v);
             }
+            let max = max_of(row);
             for (j, v) in row.iter_mut().enumerate() {
                 let e = exp_f32(*v - max);
                 *v = if j <= i { e } else { 0.0 };
@@ -386,7 +407,7 @@ multiversion! {
     /// `softmax - onehot(target)` (the gradient of the summed loss).
     pub fn softmax_xent(logits: &mut [f32], v: usize, targets: &[u32], losses: &mut [f32]) {
         for ((row, &t), loss) in logits.chunks_exact_mut(v).zip(targets).zip(losses.iter_mut()) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let max = max_of(row);
             let target_logit = row[t as usize];
             for x in row.iter_mut() {
                 *x = exp_f32(*x - max);
@@ -407,7 +428,7 @@ multiversion! {
     /// gradient (`logits` is left as it was).
     pub fn xent_rows(logits: &[f32], v: usize, targets: &[u32], losses: &mut [f32]) {
         for ((row, &t), loss) in logits.chunks_exact(v).zip(targets).zip(losses.iter_mut()) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let max = max_of(row);
             let mut acc = [0f32; LANES];
             let chunks = row.chunks_exact(LANES);
             let tail = chunks.remainder();

@@ -111,12 +111,12 @@ struct BlockActs {
     ln2: Vec<f32>,
     ln2_mean: Vec<f32>,
     ln2_rstd: Vec<f32>,
-    /// MLP hidden layer before GELU, `(n, 4C)`.
+    /// MLP hidden layer before its bias and GELU, `(n, 4C)`.
     fch: Vec<f32>,
     /// ... and after.
     fch_gelu: Vec<f32>,
-    /// `Phi(fch)`, for GELU's backward.
-    fch_cdf: Vec<f32>,
+    /// GELU's derivative at `fch + bias`, for the backward pass.
+    fch_dgelu: Vec<f32>,
 }
 
 /// Every buffer of a step, allocated for the largest batch seen and reused.
@@ -240,7 +240,7 @@ impl Workspace {
                 (&mut b.ln2_rstd, n),
                 (&mut b.fch, n * 4 * c),
                 (&mut b.fch_gelu, n * 4 * c),
-                (&mut b.fch_cdf, n * 4 * c),
+                (&mut b.fch_dgelu, n * 4 * c),
             ] {
                 resize(v, len);
             }
@@ -523,8 +523,7 @@ impl Workspace {
             );
             gelu_bwd(
                 threads,
-                &a.fch[..n * 4 * c],
-                &a.fch_cdf[..n * 4 * c],
+                &a.fch_dgelu[..n * 4 * c],
                 &mut self.dbig[..n * 4 * c],
             );
             linear_bwd(
@@ -642,7 +641,7 @@ impl FwdBufs {
                         ptr(&mut b.ln2_rstd),
                         ptr(&mut b.fch),
                         ptr(&mut b.fch_gelu),
-                        ptr(&mut b.fch_cdf),
+                        ptr(&mut b.fch_dgelu),
                     ]
                 })
                 .collect(),
@@ -701,7 +700,7 @@ fn forward_part(
     let att_len = nh * t * t;
     for (l, bp) in o.blocks.iter().enumerate() {
         let b = &bufs.blocks[l];
-        let [x, ln1, ln1_mean, ln1_rstd, qkv, att, atty, res2, ln2, ln2_mean, ln2_rstd, fch, fch_gelu, fch_cdf] =
+        let [x, ln1, ln1_mean, ln1_rstd, qkv, att, atty, res2, ln2, ln2_mean, ln2_rstd, fch, fch_gelu, fch_dgelu] =
             *b;
         let (x, ln1) = unsafe { (rows(x, r0, n, c), rows(ln1, r0, n, c)) };
         let (ln1_mean, ln1_rstd) = unsafe { (rows(ln1_mean, r0, n, 1), rows(ln1_rstd, r0, n, 1)) };
@@ -713,7 +712,7 @@ fn forward_part(
         let (ln2_mean, ln2_rstd) = unsafe { (rows(ln2_mean, r0, n, 1), rows(ln2_rstd, r0, n, 1)) };
         let fch = unsafe { rows(fch, r0, n, 4 * c) };
         let fch_gelu = unsafe { rows(fch_gelu, r0, n, 4 * c) };
-        let fch_cdf = unsafe { rows(fch_cdf, r0, n, 4 * c) };
+        let fch_dgelu = unsafe { rows(fch_dgelu, r0, n, 4 * c) };
         let out = match bufs.blocks.get(l + 1) {
             Some(next) => unsafe { rows(next[0], r0, n, c) },
             None => unsafe { rows(bufs.x_out, r0, n, c) },
@@ -773,7 +772,7 @@ fn forward_part(
                 threads,
             );
         }
-        bias_gelu(threads, fch, p(&bp.fc_b), fch_gelu, fch_cdf);
+        bias_gelu(threads, fch, p(&bp.fc_b), fch_gelu, fch_dgelu);
         kernels::add_rows_bias(res2, p(&bp.fcproj_b), out);
         linear(
             threads,
@@ -841,27 +840,27 @@ fn chunk_elems(threads: usize, len: usize) -> usize {
 }
 
 /// Bias plus GELU forward, split across threads by row runs.
-fn bias_gelu(threads: usize, x: &mut [f32], b: &[f32], out: &mut [f32], cdf: &mut [f32]) {
+fn bias_gelu(threads: usize, x: &[f32], b: &[f32], out: &mut [f32], dgelu: &mut [f32]) {
     if threads <= 1 {
-        return kernels::bias_gelu_fwd(x, b, out, cdf);
+        return kernels::bias_gelu_fwd(x, b, out, dgelu);
     }
     let chunk = chunk_rows(threads, x.len() / b.len()) * b.len();
-    x.par_chunks_mut(chunk)
+    x.par_chunks(chunk)
         .zip(out.par_chunks_mut(chunk))
-        .zip(cdf.par_chunks_mut(chunk))
-        .for_each(|((x, o), c)| kernels::bias_gelu_fwd(x, b, o, c));
+        .zip(dgelu.par_chunks_mut(chunk))
+        .for_each(|((x, o), d)| kernels::bias_gelu_fwd(x, b, o, d));
 }
 
 /// GELU backward, split across threads by element runs.
-fn gelu_bwd(threads: usize, x: &[f32], cdf: &[f32], dout: &mut [f32]) {
+fn gelu_bwd(threads: usize, dgelu: &[f32], dout: &mut [f32]) {
     if threads <= 1 {
-        return kernels::gelu_bwd(x, cdf, dout);
+        return kernels::gelu_bwd(dgelu, dout);
     }
-    let chunk = chunk_elems(threads, x.len());
-    x.par_chunks(chunk)
-        .zip(cdf.par_chunks(chunk))
+    let chunk = chunk_elems(threads, dout.len());
+    dgelu
+        .par_chunks(chunk)
         .zip(dout.par_chunks_mut(chunk))
-        .for_each(|((x, c), d)| kernels::gelu_bwd(x, c, d));
+        .for_each(|(g, d)| kernels::gelu_bwd(g, d));
 }
 
 /// Row-parallel LayerNorm forward.

@@ -338,10 +338,10 @@ fn gelu_matches_candle_gelu_erf() -> Result<()> {
     let n = x.len();
     let r = normals(&mut rng, n, 1.0, 0.0);
 
-    let (mut out, mut cdf) = (vec![0f32; n], vec![0f32; n]);
-    kernels::gelu_fwd(&x, &mut out, &mut cdf);
+    let (mut out, mut dgelu) = (vec![0f32; n], vec![0f32; n]);
+    kernels::gelu_fwd(&x, &mut out, &mut dgelu);
     let mut dx = r.clone();
-    kernels::gelu_bwd(&x, &cdf, &mut dx);
+    kernels::gelu_bwd(&dgelu, &mut dx);
 
     let want = gelu_ref(&x, &r, DType::F64, false)?;
     let unfused = gelu_ref(&x, &r, DType::F32, false)?;
@@ -360,14 +360,18 @@ fn gelu_matches_candle_gelu_erf() -> Result<()> {
 
     // Two halves (split off the 16-lane grid) give the same bits as the whole.
     let h = n / 2 + 3;
-    let (mut out2, mut cdf2) = (vec![0f32; n], vec![0f32; n]);
+    let (mut out2, mut dgelu2) = (vec![0f32; n], vec![0f32; n]);
     let mut dx2 = r.clone();
     for ch in [0..h, h..n] {
-        kernels::gelu_fwd(&x[ch.clone()], &mut out2[ch.clone()], &mut cdf2[ch.clone()]);
-        kernels::gelu_bwd(&x[ch.clone()], &cdf2[ch.clone()], &mut dx2[ch]);
+        kernels::gelu_fwd(
+            &x[ch.clone()],
+            &mut out2[ch.clone()],
+            &mut dgelu2[ch.clone()],
+        );
+        kernels::gelu_bwd(&dgelu2[ch.clone()], &mut dx2[ch]);
     }
     assert_same_bits(&out, &out2, "gelu out");
-    assert_same_bits(&cdf, &cdf2, "gelu cdf");
+    assert_same_bits(&dgelu, &dgelu2, "gelu derivative");
     assert_same_bits(&dx, &dx2, "gelu dx");
     errs.finish();
     Ok(())
