@@ -8,7 +8,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tenax_cluster::{Collective, SlotContribution};
 use tenax_core::sampler::Sampler;
 use tenax_core::slots::{slots_for_rank, BatchLayout};
-use tenax_model::{clip_grad_norm, AdamW, AdamWConfig, Gpt, GptConfig, Workspace};
+use tenax_model::{clip_scale, AdamW, AdamWConfig, Gpt, GptConfig, Workspace};
 
 /// Token streams shared by every rank (read-only).
 #[derive(Debug)]
@@ -170,8 +170,8 @@ impl RankCompute {
             .map_err(|e| format!("rank {}: {e}", self.rank))?;
         let tokens = (layout.batch_size as usize * self.setup.model.block_size) as f32;
         let loss = reduced.loss_sum / f64::from(tokens);
-        let mut grad: Vec<f32> = reduced.grad_sum.iter().map(|g| g / tokens).collect();
-        let grad_norm = clip_grad_norm(&mut grad, self.setup.grad_clip);
+        // The mean over tokens and the clip are one factor, applied as AdamW reads.
+        let (grad_norm, grad_scale) = clip_scale(&reduced.grad_sum, tokens, self.setup.grad_clip);
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Ok(RankOutcome {
                 loss,
@@ -185,8 +185,9 @@ impl RankCompute {
             self.model.layout(),
             &self.setup.adamw,
         );
+        let grad = &reduced.grad_sum;
         self.ws
-            .install(|| opt.update(params, &grad, lr, layout, adamw));
+            .install(|| opt.update_scaled(params, grad, grad_scale, lr, layout, adamw));
         self.model_stale = true;
         Ok(RankOutcome {
             loss,

@@ -451,7 +451,8 @@ multiversion! {
 
 multiversion! {
     /// One AdamW update of a slice (PyTorch's semantics, as [`crate::AdamW`]): decoupled
-    /// weight decay `p *= decay_factor` first when `decay`, then the moments and the step.
+    /// weight decay `p *= decay_factor` first when `decay`, then the moments and the step
+    /// with the gradient `g * grad_scale`.
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_slice(
         p: &mut [f32],
@@ -461,11 +462,13 @@ multiversion! {
         hyper: &AdamWStep,
         decay: bool,
     ) {
-        let AdamWStep { beta1: b1, beta2: b2, eps, step_size, bias2_sqrt, decay_factor } = *hyper;
+        let AdamWStep { beta1: b1, beta2: b2, eps, step_size, bias2_sqrt, decay_factor, grad_scale } =
+            *hyper;
         if decay {
             p.iter_mut().for_each(|x| *x *= decay_factor);
         }
         for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * grad_scale;
             *m = b1 * *m + (1.0 - b1) * g;
             *v = b2 * *v + (1.0 - b2) * g * g;
             let denom = v.sqrt() / bias2_sqrt + eps;
@@ -489,6 +492,8 @@ pub struct AdamWStep {
     pub bias2_sqrt: f32,
     /// `1 - lr * weight_decay`.
     pub decay_factor: f32,
+    /// Factor applied to every gradient element as it is read (1: none; exact).
+    pub grad_scale: f32,
 }
 
 multiversion! {

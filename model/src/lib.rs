@@ -33,7 +33,9 @@ pub mod step;
 pub use config::GptConfig;
 pub use error::ModelError;
 pub use gpt::Gpt;
-pub use optim::{clip_grad_norm, named_params, params_from_named, AdamW, AdamWConfig, NamedTensor};
+pub use optim::{
+    clip_grad_norm, clip_scale, named_params, params_from_named, AdamW, AdamWConfig, NamedTensor,
+};
 pub use params::{init_params, ParamEntry, ParamLayout};
 pub use schedule::LrSchedule;
 pub use step::Workspace;

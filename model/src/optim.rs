@@ -84,6 +84,23 @@ impl AdamW {
         layout: &ParamLayout,
         cfg: &AdamWConfig,
     ) {
+        self.update_scaled(params, grad, 1.0, lr, layout, cfg)
+    }
+
+    /// [`AdamW::update`] with the gradient `grad * grad_scale`, scaled as it is read (so
+    /// a mean and a clip cost no pass of their own; see [`clip_scale`]).
+    ///
+    /// # Panics
+    /// As [`AdamW::update`].
+    pub fn update_scaled(
+        &mut self,
+        params: &mut [f32],
+        grad: &[f32],
+        grad_scale: f32,
+        lr: f32,
+        layout: &ParamLayout,
+        cfg: &AdamWConfig,
+    ) {
         let n = layout.total;
         assert!(
             params.len() == n && grad.len() == n && self.m.len() == n && self.v.len() == n,
@@ -108,6 +125,7 @@ impl AdamW {
             step_size,
             bias2_sqrt,
             decay_factor,
+            grad_scale,
         };
         let decays = cfg.weight_decay != 0.0;
         // One task per parameter: element-wise, so the bits do not depend on who runs it.
@@ -223,8 +241,24 @@ pub fn params_from_named(
     gather_flat(layout, tensors, "")
 }
 
+/// For a gradient held as `sum` (to be divided by `divisor`): the global L2 norm of
+/// `sum / divisor` and the one factor that divides and clips it to `max_norm` as
+/// [`clip_grad_norm`] would (0 disables clipping). Pass the factor to
+/// [`AdamW::update_scaled`].
+pub fn clip_scale(sum: &[f32], divisor: f32, max_norm: f32) -> (f64, f32) {
+    let mut squares = 0f64;
+    crate::kernels::sum_squares_f64(sum, &mut squares);
+    let norm = squares.sqrt() / f64::from(divisor);
+    let clip = if max_norm > 0.0 && norm > f64::from(max_norm) {
+        f64::from(max_norm) / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    (norm, (clip / f64::from(divisor)) as f32)
+}
+
 /// Global-norm gradient clipping. The norm is `sqrt` of the sum of squares accumulated in
-/// f64 in index order; if it exceeds `max_norm` every element is scaled by
+/// f64 in a fixed order (8 lanes); if it exceeds `max_norm` every element is scaled by
 /// `max_norm / (norm + 1e-6)`. Returns the norm before clipping (NaN or infinite if the
 /// gradient is; then nothing is scaled). `max_norm <= 0` disables clipping.
 pub fn clip_grad_norm(grad: &mut [f32], max_norm: f32) -> f64 {
@@ -373,6 +407,42 @@ mod tests {
         assert!(
             matches!(&err, ModelError::MissingTensor { name } if *name == layout.entries[0].name)
         );
+    }
+
+    #[test]
+    fn clip_scale_divides_and_clips_in_one_factor() {
+        // (sum, divisor, max_norm, want norm of sum/divisor, want factor)
+        let table: Vec<(Vec<f32>, f32, f32, f64, f64)> = vec![
+            (vec![30.0, 40.0], 10.0, 10.0, 5.0, 0.1), // below: the mean only
+            (vec![30.0, 40.0], 10.0, 1.0, 5.0, 0.1 / 5.0), // clipped to ~1
+            (vec![30.0, 40.0], 10.0, 0.0, 5.0, 0.1),  // disabled
+            (vec![0.0, 0.0], 4.0, 1.0, 0.0, 0.25),    // zero
+        ];
+        for (sum, divisor, max_norm, want_norm, want_scale) in table {
+            let (norm, scale) = clip_scale(&sum, divisor, max_norm);
+            assert!((norm - want_norm).abs() < 1e-12, "{sum:?}: norm {norm}");
+            assert!(
+                (f64::from(scale) / want_scale - 1.0).abs() < 1e-5,
+                "{sum:?} {max_norm}: scale {scale}"
+            );
+            // The same as dividing, then clip_grad_norm, up to rounding.
+            let mut g: Vec<f32> = sum.iter().map(|x| x / divisor).collect();
+            let n2 = clip_grad_norm(&mut g, max_norm);
+            assert!((n2 - norm).abs() < 1e-9);
+            for (a, b) in g.iter().zip(&sum) {
+                assert!((a - b * scale).abs() <= 1e-6 * a.abs().max(1e-30));
+            }
+        }
+        assert!(clip_scale(&[f32::NAN], 1.0, 1.0).0.is_nan());
+        // AdamW with a factor of 1 is AdamW.
+        let layout = small_layout();
+        let (mut a, mut b) = (AdamW::new(layout.total), AdamW::new(layout.total));
+        let (mut p1, mut p2) = (vec![0.5f32, -0.25, 1.0], vec![0.5f32, -0.25, 1.0]);
+        let g = [0.1f32, -0.2, 0.3];
+        let cfg = AdamWConfig::default();
+        a.update(&mut p1, &g, 1e-2, &layout, &cfg);
+        b.update_scaled(&mut p2, &[0.2, -0.4, 0.6], 0.5, 1e-2, &layout, &cfg);
+        assert_eq!(p1, p2);
     }
 
     #[test]
