@@ -339,8 +339,9 @@ impl Workspace {
         Ok(loss)
     }
 
-    /// [`Workspace::loss_sum`] and its gradient for every parameter, written into `grad`
-    /// (flat, layout order; overwritten).
+    /// [`Workspace::loss_sum`] and its gradient for every parameter, added to `grad`
+    /// (flat, layout order): pass zeros to get the gradient itself, or a running sum to
+    /// accumulate micro-batches.
     pub fn loss_sum_and_grad(
         &mut self,
         params: &[f32],
@@ -445,7 +446,6 @@ impl Workspace {
         let threads = self.threads;
         let o = &self.offsets;
         let p = |r: &Range<usize>| &params[r.clone()];
-        grad.fill(0.0);
         let gptr = SendPtr(grad.as_mut_ptr());
         // Disjoint mutable views of the gradient, one parameter at a time.
         let g = |r: &Range<usize>| grad_view(gptr, r);
@@ -1283,6 +1283,14 @@ mod tests {
                 }
                 let fwd = ws.loss_sum(&params, &inputs, &targets, batch).unwrap();
                 assert_eq!(fwd.to_bits(), loss.to_bits());
+                // The gradient is added to the buffer: a second pass doubles it.
+                let mut twice = grad.clone();
+                ws.loss_sum_and_grad(&params, &inputs, &targets, batch, &mut twice)
+                    .unwrap();
+                let scale = grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+                for (a, b) in twice.iter().zip(&grad) {
+                    assert!((a - 2.0 * b).abs() <= 1e-5 * scale, "{a} vs 2 x {b}");
+                }
                 // The same bits at any thread count.
                 let bits: Vec<u32> = grad.iter().map(|g| g.to_bits()).collect();
                 match &first {
