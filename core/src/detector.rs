@@ -817,6 +817,7 @@ mod late_members_tests {
     fn table() {
         let owners = [0, 0, 1, 1, 2, 2];
         let all = [true; 6];
+        #[allow(clippy::type_complexity)]
         let cases: &[(&[bool], Option<&[bool]>, &[usize])] = &[
             // Member 2 has not computed its slots: only it is late.
             (

@@ -2085,6 +2085,7 @@ mod reference_state_tests {
 
     #[test]
     fn table() {
+        #[allow(clippy::type_complexity)]
         let cases: &[(&[(u64, &str)], &[bool])] = &[
             (&[], &[]),
             (&[(5, "a"), (5, "a"), (5, "a")], &[true, true, true]),
@@ -2183,6 +2184,7 @@ mod state_donors_tests {
 
     #[test]
     fn table() {
+        #[allow(clippy::type_complexity)]
         let cases: &[(&[(u64, &str)], &[Option<usize>])] = &[
             (&[], &[]),
             (&[(5, "a"), (5, "a")], &[None, None]),

@@ -90,6 +90,7 @@ mod tests {
     #[test]
     fn table() {
         // (policy, failure times, expected decisions: Some(attempt) = restart, None = give up)
+        #[allow(clippy::type_complexity)]
         let cases: &[(RestartPolicy, &[u64], &[Option<u32>])] = &[
             (p(0, 1000), &[0], &[None]),
             (p(2, 1000), &[0, 10, 20], &[Some(1), Some(2), None]),
