@@ -99,15 +99,7 @@ impl Gpt {
     }
 
     fn check_flat_len(&self, len: usize) -> Result<(), ModelError> {
-        if len != self.layout.total {
-            return Err(ModelError::Length {
-                what: "flat parameter vector",
-                expected: self.layout.total,
-                got: len,
-                hint: "build it with init_params or params() for the same config",
-            });
-        }
-        Ok(())
+        check_flat_len(self.layout.total, len)
     }
 
     /// Copies `flat` (layout order) into the Vars.
@@ -165,31 +157,7 @@ impl Gpt {
 
     /// Checks a token batch and returns `t`, the row length.
     fn check_tokens(&self, tokens: &[u32], batch: usize) -> Result<usize, ModelError> {
-        let block_size = self.config.block_size;
-        let bad = ModelError::BatchShape {
-            tokens: tokens.len(),
-            batch,
-            block_size,
-        };
-        if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) {
-            return Err(bad);
-        }
-        let t = tokens.len() / batch;
-        if t > block_size {
-            return Err(bad);
-        }
-        if let Some((position, &token)) = tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &x)| x as usize >= self.config.vocab_size)
-        {
-            return Err(ModelError::TokenOutOfRange {
-                token,
-                position,
-                vocab_size: self.config.vocab_size,
-            });
-        }
-        Ok(t)
+        check_tokens(&self.config, tokens, batch)
     }
 
     /// Logits `(batch * t, vocab)` for a checked token batch.
@@ -277,16 +245,7 @@ impl Gpt {
         targets: &[u32],
         batch: usize,
     ) -> Result<Tensor, ModelError> {
-        let t = self.check_tokens(inputs, batch)?;
-        if targets.len() != inputs.len() {
-            return Err(ModelError::Length {
-                what: "targets",
-                expected: inputs.len(),
-                got: targets.len(),
-                hint: "pass one target (the next token) per input token",
-            });
-        }
-        self.check_tokens(targets, batch)?;
+        let t = check_inputs_and_targets(&self.config, inputs, targets, batch)?;
         let logits = self.logits_2d(w, inputs, batch, t)?;
         Ok(cross_entropy_rows(&logits, targets)?.sum_all()?)
     }
@@ -415,6 +374,73 @@ impl Gpt {
         }
         Ok(out)
     }
+}
+
+/// Checks that a flat parameter vector has the layout's `total` length.
+pub(crate) fn check_flat_len(total: usize, len: usize) -> Result<(), ModelError> {
+    if len != total {
+        return Err(ModelError::Length {
+            what: "flat parameter vector",
+            expected: total,
+            got: len,
+            hint: "build it with init_params or params() for the same config",
+        });
+    }
+    Ok(())
+}
+
+/// Checks a token batch for `config` (whole rows of at most `block_size` ids, each below
+/// the vocabulary) and returns `t`, the row length.
+pub(crate) fn check_tokens(
+    config: &GptConfig,
+    tokens: &[u32],
+    batch: usize,
+) -> Result<usize, ModelError> {
+    let block_size = config.block_size;
+    let bad = ModelError::BatchShape {
+        tokens: tokens.len(),
+        batch,
+        block_size,
+    };
+    if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) {
+        return Err(bad);
+    }
+    let t = tokens.len() / batch;
+    if t > block_size {
+        return Err(bad);
+    }
+    if let Some((position, &token)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x as usize >= config.vocab_size)
+    {
+        return Err(ModelError::TokenOutOfRange {
+            token,
+            position,
+            vocab_size: config.vocab_size,
+        });
+    }
+    Ok(t)
+}
+
+/// [`check_tokens`] of the inputs and of the targets, one target per input; returns `t`.
+pub(crate) fn check_inputs_and_targets(
+    config: &GptConfig,
+    inputs: &[u32],
+    targets: &[u32],
+    batch: usize,
+) -> Result<usize, ModelError> {
+    let t = check_tokens(config, inputs, batch)?;
+    if targets.len() != inputs.len() {
+        return Err(ModelError::Length {
+            what: "targets",
+            expected: inputs.len(),
+            got: targets.len(),
+            hint: "pass one target (the next token) per input token",
+        });
+    }
+    check_tokens(config, targets, batch)?;
+    Ok(t)
 }
 
 /// `x.matmul(w) + b` for `x` `(n, in)`, `w` `(in, out)`, `b` `(out)`.

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::config::GptConfig;
 use crate::error::ModelError;
+use crate::gpt::{check_flat_len, check_inputs_and_targets};
 use crate::kernels::{self, Mat};
 use crate::params::{block_prefix, ParamLayout};
 
@@ -274,49 +275,8 @@ impl Workspace {
         targets: &[u32],
         batch: usize,
     ) -> Result<usize, ModelError> {
-        if params.len() != self.total {
-            return Err(ModelError::Length {
-                what: "flat parameter vector",
-                expected: self.total,
-                got: params.len(),
-                hint: "build it with init_params or params() for the same config",
-            });
-        }
-        let bad = ModelError::BatchShape {
-            tokens: inputs.len(),
-            batch,
-            block_size: self.config.block_size,
-        };
-        if batch == 0 || inputs.is_empty() || !inputs.len().is_multiple_of(batch) {
-            return Err(bad);
-        }
-        let t = inputs.len() / batch;
-        if t > self.config.block_size {
-            return Err(bad);
-        }
-        if targets.len() != inputs.len() {
-            return Err(ModelError::Length {
-                what: "targets",
-                expected: inputs.len(),
-                got: targets.len(),
-                hint: "pass one target (the next token) per input token",
-            });
-        }
-        let vocab = self.config.vocab_size;
-        for tokens in [inputs, targets] {
-            if let Some((position, &token)) = tokens
-                .iter()
-                .enumerate()
-                .find(|(_, &x)| x as usize >= vocab)
-            {
-                return Err(ModelError::TokenOutOfRange {
-                    token,
-                    position,
-                    vocab_size: vocab,
-                });
-            }
-        }
-        Ok(t)
+        check_flat_len(self.total, params.len())?;
+        check_inputs_and_targets(&self.config, inputs, targets, batch)
     }
 
     /// Sum (not mean) of the next-token cross-entropy over all `batch * t` positions,
