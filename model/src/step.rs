@@ -686,28 +686,11 @@ fn forward_part(
             ln1_mean,
             ln1_rstd,
         );
-        linear(
-            threads,
-            ln1,
-            p(&bp.attn_w),
-            p(&bp.attn_b),
-            qkv,
-            c,
-            3 * c,
-            false,
-        );
+        kernels::fill_rows(p(&bp.attn_b), qkv);
+        dense(threads, ln1, p(&bp.attn_w), qkv, c, 3 * c, true);
         attention_fwd(threads, qkv, att, atty, batch, t, nh, c);
         kernels::add_rows_bias(x, p(&bp.proj_b), res2);
-        linear(
-            threads,
-            atty,
-            p(&bp.proj_w),
-            p(&bp.proj_b),
-            res2,
-            c,
-            c,
-            true,
-        );
+        dense(threads, atty, p(&bp.proj_w), res2, c, c, true);
         layer_norm(
             threads,
             res2,
@@ -718,32 +701,10 @@ fn forward_part(
             ln2_rstd,
         );
         // The MLP's first layer without its bias: GELU adds it in its own pass.
-        // SAFETY: ln2 (n, C), fc_w (C, 4C), fch (n, 4C) do not overlap.
-        unsafe {
-            kernels::matmul(
-                n,
-                4 * c,
-                c,
-                fch.as_mut_ptr(),
-                4 * c,
-                false,
-                Mat::rows(ln2, c),
-                Mat::rows(p(&bp.fc_w), 4 * c),
-                threads,
-            );
-        }
+        dense(threads, ln2, p(&bp.fc_w), fch, c, 4 * c, false);
         bias_gelu(threads, fch, p(&bp.fc_b), fch_gelu, fch_dgelu);
         kernels::add_rows_bias(res2, p(&bp.fcproj_b), out);
-        linear(
-            threads,
-            fch_gelu,
-            p(&bp.fcproj_w),
-            p(&bp.fcproj_b),
-            out,
-            4 * c,
-            c,
-            true,
-        );
+        dense(threads, fch_gelu, p(&bp.fcproj_w), out, 4 * c, c, true);
     }
     let x_out = unsafe { rows(bufs.x_out, r0, n, c) };
     let lnf = unsafe { rows(bufs.lnf, r0, n, c) };
@@ -880,25 +841,18 @@ fn layer_norm_bwd(
     kernels::layer_norm_bwd_params(dout, x, mean, rstd, dw, db);
 }
 
-/// `out = x * w + b` for `x` `(n, d_in)`, `w` `(d_in, d_out)`; with `residual`,
-/// `out += x * w` (`out` already holds the residual plus `b`).
-#[allow(clippy::too_many_arguments)]
-fn linear(
+/// `out = x * w` (`accumulate`: `out += x * w`) for `x` `(n, d_in)`, `w` `(d_in, d_out)`,
+/// `out` `(n, d_out)`. A bias is the caller's: filled in before, or added in a later pass.
+fn dense(
     threads: usize,
     x: &[f32],
     w: &[f32],
-    b: &[f32],
     out: &mut [f32],
     d_in: usize,
     d_out: usize,
-    residual: bool,
+    accumulate: bool,
 ) {
     let n = x.len() / d_in;
-    // With `residual` the caller has already added the bias (with the residual, in one
-    // pass).
-    if !residual {
-        kernels::fill_rows(b, out);
-    }
     // SAFETY: x (n, d_in), w (d_in, d_out), out (n, d_out) do not overlap.
     unsafe {
         kernels::matmul(
@@ -907,7 +861,7 @@ fn linear(
             d_in,
             out.as_mut_ptr(),
             d_out,
-            true,
+            accumulate,
             Mat::rows(x, d_in),
             Mat::rows(w, d_out),
             threads,
@@ -915,7 +869,7 @@ fn linear(
     }
 }
 
-/// Backward of [`linear`]: `dw += x^T dy`, `db += sum_rows(dy)`, `dx = dy w^T`.
+/// Backward of a linear layer `y = x w + b`: `dw += x^T dy`, `db += sum_rows(dy)`, `dx = dy w^T`.
 ///
 /// The two products are independent: with two threads or more they run side by side,
 /// each on half the threads, which scales better than splitting each product.
