@@ -12,6 +12,9 @@
 //!   before its lease is revoked.
 //! - [`membership`]: the group planner as a state machine (events in, effects out) and
 //!   the plan of a generation: D x S grid, stable ranks, state transfers, reasons.
+//! - [`node`]: the life of one node as a state machine (events in, effects out): which
+//!   plan it trains in, state comparison and copies, steps and their deadlines,
+//!   checkpoints and their fenced records, drains, pauses, failures and rejoins.
 //! - [`restart`]: the restart policy of a supervised child (restart, or give up after
 //!   too many failures within a window so that the node leaves instead of flapping).
 //! - [`rng`]: a small, versioned, seedable RNG (SplitMix64) and the normal sampler the
@@ -26,6 +29,7 @@
 pub mod ckpt;
 pub mod detector;
 pub mod membership;
+pub mod node;
 pub mod restart;
 pub mod rng;
 pub mod sampler;
