@@ -304,6 +304,12 @@ impl Checkpointer {
         out
     }
 
+    /// The next event, waiting for it (`None` once the actor is gone). Cancel-safe: an
+    /// event is never lost by dropping the future.
+    pub async fn next_event(&mut self) -> Option<CheckpointEvent> {
+        self.events.recv().await
+    }
+
     /// Stop the actor (an upload in flight is abandoned: its folder stays uncommitted).
     pub async fn shutdown(self) {
         self.actor.stop(None);

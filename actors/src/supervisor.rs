@@ -443,6 +443,12 @@ impl Trainer {
             .await
     }
 
+    /// Ask the supervisor and its ranks to stop, without waiting (for a handle still
+    /// shared when its owner is done with it).
+    pub fn stop(&self) {
+        self.sup.stop(None);
+    }
+
     /// Stop the supervisor and its ranks.
     pub async fn shutdown(self) {
         self.sup.stop(None);

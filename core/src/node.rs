@@ -634,6 +634,32 @@ pub enum Phase {
     Ended(Exit),
 }
 
+impl Phase {
+    /// A short name for status displays.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Starting => "joining",
+            Phase::WaitingForPlan | Phase::CheckingDone => "waiting for a plan",
+            Phase::Rejoining { .. } | Phase::Registering => "rejoining",
+            Phase::Forming | Phase::StartingTrainer => "forming",
+            Phase::Exchanging(_) => "comparing state",
+            Phase::Loading => "loading checkpoint",
+            Phase::Copying => "copying state",
+            Phase::Serving => "sending state",
+            Phase::Stepping { .. } | Phase::Comparing | Phase::Evaluating => "training",
+            Phase::Paused => "paused",
+            Phase::Committing { leave: true, .. } => "saving before leaving",
+            Phase::Committing { leave: false, .. } | Phase::WaitingForFinal { .. } => {
+                "final checkpoint"
+            }
+            Phase::AfterFailure { .. } => "re-forming",
+            Phase::Ended(Exit::Done) => "done",
+            Phase::Ended(Exit::Left) => "left",
+            Phase::Ended(_) => "stopped",
+        }
+    }
+}
+
 /// The generation the node is in.
 #[derive(Debug, Clone)]
 struct Gen {
@@ -1275,7 +1301,15 @@ impl NodeMachine {
             self.rejoin(now_ms, out);
             return;
         }
-        if self.drain.is_some() {
+        // A drained node leaves now, unless it owes a checkpoint and a plan to save it
+        // in is there: then it trains in that plan up to its first boundary.
+        let owes_checkpoint = self.drain == Some(true)
+            && self.holds_state
+            && self
+                .latest
+                .as_ref()
+                .is_some_and(|p| self.qualifies(p).is_ok());
+        if self.drain.is_some() && !owes_checkpoint {
             self.drain_now_if_idle(out);
             return;
         }
@@ -1314,7 +1348,7 @@ impl NodeMachine {
             );
             return;
         }
-        if self.lost.is_some() || self.drain.is_some() {
+        if self.lost.is_some() || self.drain == Some(false) {
             self.consider_latest(now_ms, out);
             return;
         }
@@ -2770,6 +2804,26 @@ mod tests {
         );
         let a = t.step_done(10);
         assert!(!a.iter().any(|x| matches!(x, Action::Save { .. })));
+        // A node drained with a checkpoint whose generation ended trains in the next
+        // plan up to its first boundary to save it; without a checkpoint it leaves.
+        for checkpoint in [true, false] {
+            let mut t = T::new(config("b"));
+            t.train_from(0, 1, &["a", "b", "c"]);
+            t.ev(Event::Failed {
+                generation: 1,
+                peers_may_have_failed: false,
+                error: "c stopped after step 0".into(),
+            });
+            t.ev(Event::Drain { checkpoint });
+            let a = t.ev(Event::PlanSeen(plan(2, &["a", "b"])));
+            if checkpoint {
+                assert_eq!(a.last(), Some(&Action::CheckJobDone), "{a:?}");
+                let a = t.ev(Event::JobRecord { step: None });
+                assert!(matches!(a[..], [Action::BuildCommunicator { .. }]), "{a:?}");
+            } else {
+                assert_eq!(a.last(), Some(&Action::Exit(Exit::Left)), "{a:?}");
+            }
+        }
         // Drained while waiting for a plan.
         let mut t = T::new(config("c"));
         t.ev(Event::Started {
