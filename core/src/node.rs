@@ -1655,6 +1655,22 @@ impl NodeMachine {
                 },
                 "the job reached its target step: the committer saves the final checkpoint",
             ));
+        } else if let Some(next) = self
+            .latest
+            .as_ref()
+            .map(|l| l.generation)
+            .filter(|&l| l > generation)
+        {
+            // The newer plan came during the last step: it is not seen again, and the
+            // fence refuses the committer's record of this generation.
+            out.push(fx(
+                Action::Say(format!(
+                    "the job reached its target step in generation {generation}, but generation {next} was planned: finishing in it"
+                )),
+                "the final record is fenced on the current generation: the committer saves it again in the newer one",
+            ));
+            self.end_generation(out);
+            self.consider_latest(now_ms, out);
         } else {
             self.phase = Phase::WaitingForFinal { until_ms };
             out.push(fx(
@@ -2661,6 +2677,39 @@ mod tests {
         let mut t = to_the_end("b");
         let a = t.at(t.now + 1_800_000);
         assert_eq!(a, vec![Action::Exit(Exit::Failed)]);
+    }
+
+    #[test]
+    fn a_newer_plan_during_the_last_step_is_where_the_others_finish() {
+        // Found by node_sim seed 57: the plan came during the last step, so waiting for
+        // the final record of generation 1 would wait for a record the fence refuses
+        // while generation 2 waits for this node.
+        let mut c = config("b");
+        c.target_steps = 2;
+        let mut t = T::new(c);
+        t.train_from(0, 1, &["a", "b"]);
+        t.step_done(10);
+        assert!(t.ev(Event::PlanSeen(plan(2, &["a", "b", "c"]))).is_empty());
+        let a = t.step_done(10);
+        assert!(
+            matches!(
+                &a[..],
+                [
+                    Action::LogStep { step: 2, .. },
+                    Action::Say(_),
+                    Action::StopTrainer { generation: 1 },
+                    Action::CheckJobDone
+                ]
+            ),
+            "{a:?}"
+        );
+        // No abort of the finished generation is left armed.
+        assert_eq!(t.m.next_timer_ms(), None);
+        let a = t.ev(Event::JobRecord { step: Some(1) });
+        assert!(matches!(&a[..], [Action::BuildCommunicator { plan }] if plan.generation == 2));
+        // Without a newer plan it waits for the record, as before.
+        let t = to_the_end("b");
+        assert!(matches!(t.m.phase(), Phase::WaitingForFinal { .. }));
     }
 
     #[test]
