@@ -696,6 +696,9 @@ pub struct NodeMachine {
     refused_step: Option<u64>,
     /// The step of the newest record etcd took.
     recorded_step: Option<u64>,
+    /// The job's record as read before forming the generation (`None`: none, or etcd
+    /// did not answer).
+    job_record_step: Option<u64>,
     bad_in_a_row: u64,
 }
 
@@ -726,6 +729,7 @@ impl NodeMachine {
             writing: None,
             refused_step: None,
             recorded_step: None,
+            job_record_step: None,
             bad_in_a_row: 0,
         })
     }
@@ -1305,6 +1309,7 @@ impl NodeMachine {
         if self.phase != Phase::CheckingDone {
             return;
         }
+        self.job_record_step = step;
         if let Some(step) = step.filter(|&s| s >= self.cfg.target_steps) {
             out.push(fx(Action::Plot, "the job is done"));
             self.exit(
@@ -1371,14 +1376,25 @@ impl NodeMachine {
         };
         g.round = round;
         self.phase = Phase::Exchanging(round);
+        // A state older than the job's committed checkpoint is not offered: the group
+        // copies a newer member's state or loads the checkpoint instead of training
+        // from behind it (and recording older steps over it).
+        let behind = self
+            .job_record_step
+            .filter(|&r| round == 0 && self.holds_state && self.step < r);
         out.push(fx(
             Action::ExchangeState {
                 generation: g.plan.generation,
                 round,
                 step: self.step,
-                holds_state: self.holds_state,
+                holds_state: self.holds_state && behind.is_none(),
             },
-            if round == 0 {
+            if let Some(r) = behind {
+                format!(
+                    "this node's state (step {}) is older than the job's checkpoint (step {r}): it offers none",
+                    self.step
+                )
+            } else if round == 0 {
                 "a generation trains only from one agreed state: compare (step, parameter hash)"
                     .to_string()
             } else {
@@ -2355,6 +2371,51 @@ mod tests {
         });
         assert!(matches!(a[..], [Action::Say(_)]), "{a:?}");
         assert!(matches!(t.m.phase(), Phase::AfterFailure { .. }));
+    }
+
+    #[test]
+    fn a_state_older_than_the_jobs_checkpoint_is_not_offered() {
+        // Found by node_sim seed 806: a node that hung at step 6 re-formed alone after
+        // the others recorded step 20 and died, trained from step 6 and recorded step 10
+        // over step 20.
+        // (the job's recorded step, whether the node at step 6 offers its state)
+        for (recorded, offers) in [(Some(20), false), (Some(6), true), (None, true)] {
+            let mut t = T::new(config("a"));
+            t.ev(Event::Started {
+                holds_state: true,
+                step: 6,
+                cursor: 48,
+            });
+            t.ev(Event::PlanSeen(plan(3, &["a", "b"])));
+            t.ev(Event::JobRecord { step: recorded });
+            let a = t.ev(Event::CommunicatorBuilt { generation: 3 });
+            assert_eq!(
+                a,
+                vec![Action::ExchangeState {
+                    generation: 3,
+                    round: 0,
+                    step: 6,
+                    holds_state: offers
+                }],
+                "record {recorded:?}"
+            );
+        }
+        // Nobody offers a state: every member loads the checkpoint.
+        let mut t = T::new(config("a"));
+        t.ev(Event::Started {
+            holds_state: true,
+            step: 6,
+            cursor: 48,
+        });
+        t.ev(Event::PlanSeen(plan(3, &["a"])));
+        t.ev(Event::JobRecord { step: Some(20) });
+        t.ev(Event::CommunicatorBuilt { generation: 3 });
+        let a = t.ev(Event::StatesExchanged {
+            generation: 3,
+            round: 0,
+            states: vec![state("a", 6, "")],
+        });
+        assert_eq!(a, vec![Action::LoadCheckpoint { generation: 3 }]);
     }
 
     #[test]
