@@ -722,6 +722,9 @@ pub struct NodeMachine {
     refused_step: Option<u64>,
     /// The step of the newest record etcd took.
     recorded_step: Option<u64>,
+    /// The job's record as read before forming the generation (`None`: none, or etcd
+    /// did not answer).
+    job_record_step: Option<u64>,
     bad_in_a_row: u64,
 }
 
@@ -752,6 +755,7 @@ impl NodeMachine {
             writing: None,
             refused_step: None,
             recorded_step: None,
+            job_record_step: None,
             bad_in_a_row: 0,
         })
     }
@@ -1339,6 +1343,7 @@ impl NodeMachine {
         if self.phase != Phase::CheckingDone {
             return;
         }
+        self.job_record_step = step;
         if let Some(step) = step.filter(|&s| s >= self.cfg.target_steps) {
             out.push(fx(Action::Plot, "the job is done"));
             self.exit(
@@ -1405,14 +1410,25 @@ impl NodeMachine {
         };
         g.round = round;
         self.phase = Phase::Exchanging(round);
+        // A state older than the job's committed checkpoint is not offered: the group
+        // copies a newer member's state or loads the checkpoint instead of training
+        // from behind it (and recording older steps over it).
+        let behind = self
+            .job_record_step
+            .filter(|&r| round == 0 && self.holds_state && self.step < r);
         out.push(fx(
             Action::ExchangeState {
                 generation: g.plan.generation,
                 round,
                 step: self.step,
-                holds_state: self.holds_state,
+                holds_state: self.holds_state && behind.is_none(),
             },
-            if round == 0 {
+            if let Some(r) = behind {
+                format!(
+                    "this node's state (step {}) is older than the job's checkpoint (step {r}): it offers none",
+                    self.step
+                )
+            } else if round == 0 {
                 "a generation trains only from one agreed state: compare (step, parameter hash)"
                     .to_string()
             } else {
@@ -1689,6 +1705,22 @@ impl NodeMachine {
                 },
                 "the job reached its target step: the committer saves the final checkpoint",
             ));
+        } else if let Some(next) = self
+            .latest
+            .as_ref()
+            .map(|l| l.generation)
+            .filter(|&l| l > generation)
+        {
+            // The newer plan came during the last step: it is not seen again, and the
+            // fence refuses the committer's record of this generation.
+            out.push(fx(
+                Action::Say(format!(
+                    "the job reached its target step in generation {generation}, but generation {next} was planned: finishing in it"
+                )),
+                "the final record is fenced on the current generation: the committer saves it again in the newer one",
+            ));
+            self.end_generation(out);
+            self.consider_latest(now_ms, out);
         } else {
             self.phase = Phase::WaitingForFinal { until_ms };
             out.push(fx(
@@ -2376,6 +2408,51 @@ mod tests {
     }
 
     #[test]
+    fn a_state_older_than_the_jobs_checkpoint_is_not_offered() {
+        // Found by node_sim seed 806: a node that hung at step 6 re-formed alone after
+        // the others recorded step 20 and died, trained from step 6 and recorded step 10
+        // over step 20.
+        // (the job's recorded step, whether the node at step 6 offers its state)
+        for (recorded, offers) in [(Some(20), false), (Some(6), true), (None, true)] {
+            let mut t = T::new(config("a"));
+            t.ev(Event::Started {
+                holds_state: true,
+                step: 6,
+                cursor: 48,
+            });
+            t.ev(Event::PlanSeen(plan(3, &["a", "b"])));
+            t.ev(Event::JobRecord { step: recorded });
+            let a = t.ev(Event::CommunicatorBuilt { generation: 3 });
+            assert_eq!(
+                a,
+                vec![Action::ExchangeState {
+                    generation: 3,
+                    round: 0,
+                    step: 6,
+                    holds_state: offers
+                }],
+                "record {recorded:?}"
+            );
+        }
+        // Nobody offers a state: every member loads the checkpoint.
+        let mut t = T::new(config("a"));
+        t.ev(Event::Started {
+            holds_state: true,
+            step: 6,
+            cursor: 48,
+        });
+        t.ev(Event::PlanSeen(plan(3, &["a"])));
+        t.ev(Event::JobRecord { step: Some(20) });
+        t.ev(Event::CommunicatorBuilt { generation: 3 });
+        let a = t.ev(Event::StatesExchanged {
+            generation: 3,
+            round: 0,
+            states: vec![state("a", 6, "")],
+        });
+        assert_eq!(a, vec![Action::LoadCheckpoint { generation: 3 }]);
+    }
+
+    #[test]
     fn step_deadlines() {
         let mut c = config("a");
         c.eval_every = 10;
@@ -2695,6 +2772,39 @@ mod tests {
         let mut t = to_the_end("b");
         let a = t.at(t.now + 1_800_000);
         assert_eq!(a, vec![Action::Exit(Exit::Failed)]);
+    }
+
+    #[test]
+    fn a_newer_plan_during_the_last_step_is_where_the_others_finish() {
+        // Found by node_sim seed 57: the plan came during the last step, so waiting for
+        // the final record of generation 1 would wait for a record the fence refuses
+        // while generation 2 waits for this node.
+        let mut c = config("b");
+        c.target_steps = 2;
+        let mut t = T::new(c);
+        t.train_from(0, 1, &["a", "b"]);
+        t.step_done(10);
+        assert!(t.ev(Event::PlanSeen(plan(2, &["a", "b", "c"]))).is_empty());
+        let a = t.step_done(10);
+        assert!(
+            matches!(
+                &a[..],
+                [
+                    Action::LogStep { step: 2, .. },
+                    Action::Say(_),
+                    Action::StopTrainer { generation: 1 },
+                    Action::CheckJobDone
+                ]
+            ),
+            "{a:?}"
+        );
+        // No abort of the finished generation is left armed.
+        assert_eq!(t.m.next_timer_ms(), None);
+        let a = t.ev(Event::JobRecord { step: Some(1) });
+        assert!(matches!(&a[..], [Action::BuildCommunicator { plan }] if plan.generation == 2));
+        // Without a newer plan it waits for the record, as before.
+        let t = to_the_end("b");
+        assert!(matches!(t.m.phase(), Phase::WaitingForFinal { .. }));
     }
 
     #[test]
