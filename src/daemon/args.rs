@@ -1,0 +1,297 @@
+//! The flags and TOML keys of `tenax daemon`, and the settings resolved from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use tenax_cluster::peer::Reduction;
+
+use crate::config::TrainArgs;
+
+/// Flags of `tenax daemon` (the TOML file given by `--config` may hold the same keys).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct DaemonArgs {
+    /// The job name: every node of one training run passes the same (letters, digits, . _ -).
+    #[arg(long, env = "TENAX_JOB")]
+    pub job: Option<String>,
+    /// etcd client URL(s), comma-separated, e.g. http://10.0.0.5:2379.
+    #[arg(long, env = "TENAX_ETCD")]
+    pub etcd: Option<String>,
+    /// Address the gRPC services (peer data plane and control) listen on [default: 0.0.0.0:7070].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Address the other nodes and `tenax status` reach this node at [default: the
+    /// listen address, with 127.0.0.1 for an unspecified IP].
+    #[arg(long, value_name = "ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Address of the Prometheus `/metrics` endpoint; empty disables it [default: none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// This node's id, unique in the job [default: <hostname>-<pid>].
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Ranks (CPU slots or GPUs) this node hosts [default: 1].
+    #[arg(long)]
+    pub devices: Option<u32>,
+    /// The job trains only with at least this many nodes; below it, it waits [default: 1].
+    #[arg(long)]
+    pub min_nodes: Option<usize>,
+    /// This node starts training only in a group of at least this many nodes (a fresh
+    /// job or a whole-job restart waits for all its nodes) [default: --min-nodes].
+    #[arg(long)]
+    pub start_nodes: Option<usize>,
+    /// Gradient reduction: exact (slot-ordered reduce-scatter + all-gather, bit-identical
+    /// to `tenax train --ranks N`) or ring (plain ring all-reduce) [default: exact].
+    #[arg(long)]
+    pub reduction: Option<String>,
+    /// On SIGTERM: drain and save a final checkpoint within this many seconds, then exit [default: 60].
+    #[arg(long)]
+    pub grace_period_s: Option<u64>,
+    /// Membership lease TTL in seconds: how fast a dead node is noticed (at least 2) [default: 5].
+    #[arg(long)]
+    pub lease_ttl_s: Option<i64>,
+    /// After a membership change, wait this long for more before re-planning [default: 300].
+    #[arg(long)]
+    pub settle_ms: Option<u64>,
+    /// Deadline of one step, collective included [default: 300].
+    #[arg(long)]
+    pub step_timeout_s: Option<u64>,
+    /// A step that takes longer than max(this, 3 x the p99 of recent steps) makes the
+    /// members it waits for suspects (the leader probes them; a confirmed one is evicted
+    /// at once) [default: 2000].
+    #[arg(long)]
+    pub suspect_after_ms: Option<u64>,
+    /// Every N steps the members compare parameter hashes; a member that differs copies
+    /// the state from a peer, and the mismatch is logged and counted; 0: never [default: 100].
+    #[arg(long)]
+    pub hash_check_every: Option<u64>,
+    /// TOML file with the daemon's and the training's keys (snake_case); flags win.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Training flags, as for `tenax train` (`--store` is the job's store root: checkpoints
+    /// go under <store>/<job>/; `--ranks` does not apply, see --devices).
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// The daemon's own keys in a TOML config file; the rest are training keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DaemonToml {
+    job: Option<String>,
+    etcd: Option<String>,
+    listen: Option<String>,
+    advertise_addr: Option<String>,
+    metrics_listen: Option<String>,
+    node_id: Option<String>,
+    devices: Option<u32>,
+    min_nodes: Option<usize>,
+    start_nodes: Option<usize>,
+    reduction: Option<String>,
+    grace_period_s: Option<u64>,
+    lease_ttl_s: Option<i64>,
+    settle_ms: Option<u64>,
+    step_timeout_s: Option<u64>,
+    suspect_after_ms: Option<u64>,
+    hash_check_every: Option<u64>,
+}
+
+const DAEMON_KEYS: &[&str] = &[
+    "job",
+    "etcd",
+    "listen",
+    "advertise_addr",
+    "metrics_listen",
+    "node_id",
+    "devices",
+    "min_nodes",
+    "start_nodes",
+    "reduction",
+    "grace_period_s",
+    "lease_ttl_s",
+    "settle_ms",
+    "step_timeout_s",
+    "suspect_after_ms",
+    "hash_check_every",
+];
+
+impl DaemonArgs {
+    /// Fill unset flags from the `--config` file.
+    pub(crate) fn with_file(mut self) -> Result<DaemonArgs> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("config file {}: cannot read it", path.display()))?;
+        let mut table: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow!("config file {}: {}", path.display(), e.message()))?;
+        let mut own = toml::Table::new();
+        for k in DAEMON_KEYS {
+            if let Some(v) = table.remove(*k) {
+                own.insert(k.to_string(), v);
+            }
+        }
+        let own: DaemonToml = own.try_into().map_err(|e: toml::de::Error| {
+            anyhow!("config file {}: {}", path.display(), e.message())
+        })?;
+        let train: TrainArgs = table.try_into().map_err(|e: toml::de::Error| {
+            anyhow!("config file {}: {}", path.display(), e.message())
+        })?;
+        macro_rules! fill {
+            ($($k:ident),*) => { $( if self.$k.is_none() { self.$k = own.$k; } )* };
+        }
+        fill!(
+            job,
+            etcd,
+            listen,
+            advertise_addr,
+            metrics_listen,
+            node_id,
+            devices,
+            min_nodes,
+            start_nodes,
+            reduction,
+            grace_period_s,
+            lease_ttl_s,
+            settle_ms,
+            step_timeout_s,
+            suspect_after_ms,
+            hash_check_every
+        );
+        self.train = self.train.or(train);
+        Ok(self)
+    }
+}
+
+/// Resolved daemon settings.
+pub(crate) struct Settings {
+    pub(crate) job: String,
+    pub(crate) etcd: Vec<String>,
+    pub(crate) listen: SocketAddr,
+    pub(crate) advertise: Option<String>,
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    pub(crate) node_id: String,
+    pub(crate) devices: u32,
+    pub(crate) min_nodes: usize,
+    pub(crate) start_nodes: usize,
+    pub(crate) reduction: Reduction,
+    pub(crate) grace: Duration,
+    pub(crate) lease_ttl_s: i64,
+    pub(crate) settle_ms: u64,
+    pub(crate) step_timeout: Duration,
+    pub(crate) suspect_after_ms: u64,
+    pub(crate) hash_check_every: u64,
+    pub(crate) store_root: String,
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{host}-{}", std::process::id())
+}
+
+fn parse_addr(flag: &str, s: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| anyhow!("{flag} {s:?}: not an address: give host:port, e.g. 0.0.0.0:7070"))
+}
+
+pub(crate) fn settings(args: &mut DaemonArgs) -> Result<Settings> {
+    let job = args
+        .job
+        .clone()
+        .ok_or_else(|| anyhow!("--job: missing: name the training job (the same on every node)"))?;
+    if job.is_empty()
+        || !job
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        bail!("--job {job:?}: use letters, digits, '.', '_' and '-' only");
+    }
+    let etcd: Vec<String> = args
+        .etcd
+        .clone()
+        .ok_or_else(|| {
+            anyhow!("--etcd: missing: give the etcd client URL, e.g. http://127.0.0.1:2379")
+        })?
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if etcd.is_empty() {
+        bail!("--etcd: empty: give the etcd client URL, e.g. http://127.0.0.1:2379");
+    }
+    let store_root = args.train.store.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
+        anyhow!("--store: missing: give the job's checkpoint store, e.g. s3://bucket/prefix or file:///shared/ckpt (checkpoints go under <store>/<job>/)")
+    })?;
+    if args.train.ranks.is_some() {
+        bail!("--ranks is for `tenax train`; a daemon hosts --devices ranks");
+    }
+    let listen = parse_addr("--listen", args.listen.as_deref().unwrap_or("0.0.0.0:7070"))?;
+    let metrics_listen = match args.metrics_listen.as_deref() {
+        None | Some("") => None,
+        Some(a) => Some(parse_addr("--metrics-listen", a)?),
+    };
+    let reduction: Reduction = args
+        .reduction
+        .as_deref()
+        .unwrap_or("exact")
+        .parse()
+        .map_err(|e| anyhow!("--reduction: {e}"))?;
+    let devices = args.devices.unwrap_or(1);
+    if devices == 0 {
+        bail!("--devices 0: a node hosts at least one rank");
+    }
+    let min_nodes = args.min_nodes.unwrap_or(1);
+    if min_nodes == 0 {
+        bail!("--min-nodes 0: a job needs at least one node");
+    }
+    let lease_ttl_s = args.lease_ttl_s.unwrap_or(5);
+    if lease_ttl_s < tenax_cluster::etcd::MIN_LEASE_TTL_S {
+        bail!(
+            "--lease-ttl-s {lease_ttl_s}: etcd grants at least {} s",
+            tenax_cluster::etcd::MIN_LEASE_TTL_S
+        );
+    }
+    Ok(Settings {
+        job,
+        etcd,
+        listen,
+        advertise: args.advertise_addr.clone(),
+        metrics_listen,
+        node_id: args.node_id.clone().unwrap_or_else(default_node_id),
+        devices,
+        min_nodes,
+        start_nodes: args.start_nodes.unwrap_or(min_nodes).max(min_nodes),
+        reduction,
+        grace: Duration::from_secs(args.grace_period_s.unwrap_or(60)),
+        lease_ttl_s,
+        settle_ms: args.settle_ms.unwrap_or(300),
+        step_timeout: Duration::from_secs(args.step_timeout_s.unwrap_or(300).max(1)),
+        suspect_after_ms: args.suspect_after_ms.unwrap_or(2000).max(1),
+        hash_check_every: args.hash_check_every.unwrap_or(100),
+        store_root,
+    })
+}
+
+/// `<root>/<job>`, whatever the root's trailing slash.
+pub(crate) fn job_store_url(root: &str, job: &str) -> String {
+    format!("{}/{job}", root.trim_end_matches('/'))
+}

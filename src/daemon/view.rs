@@ -1,0 +1,241 @@
+//! What a node shows and takes: its view (the Control service's Status and
+//! `/metrics`), the Control service (operator requests become messages to the node's
+//! loop), and the listeners its services bind again after a restart.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tenax_cluster::peer::PeerHub;
+use tenax_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+use super::shell::Request;
+use crate::metrics::{MetricKind, Sample};
+
+/// What the node shows through Status and `/metrics`.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct NodeView {
+    pub(crate) generation: u64,
+    pub(crate) ranks: Vec<u32>,
+    pub(crate) world: u32,
+    pub(crate) step: u64,
+    pub(crate) target_steps: u64,
+    pub(crate) loss: f64,
+    pub(crate) tokens_per_s: f64,
+    pub(crate) param_hash: String,
+    pub(crate) last_checkpoint_step: u64,
+    pub(crate) last_checkpoint_url: String,
+    pub(crate) phase: String,
+    pub(crate) leader: bool,
+    pub(crate) checkpoints_committed: u64,
+    pub(crate) checkpoint_failures: u64,
+    pub(crate) last_save_s: f64,
+    pub(crate) save_s_sum: f64,
+    pub(crate) reforms: u64,
+    pub(crate) state_copies_in: u64,
+    pub(crate) state_copies_out: u64,
+    pub(crate) state_bytes_in: u64,
+    pub(crate) last_copy_gb_per_s: f64,
+    pub(crate) hash_mismatches: u64,
+    pub(crate) suspicions: u64,
+    pub(crate) probes_sent: u64,
+    pub(crate) revocations: u64,
+}
+
+/// State shared by the loop, the control service and the metrics endpoint.
+pub(crate) struct Shared {
+    pub(crate) job: String,
+    pub(crate) member_id: String,
+    pub(crate) addr: String,
+    pub(crate) metrics_addr: String,
+    pub(crate) config_hash: String,
+    pub(crate) view: Mutex<NodeView>,
+    /// Operator requests to the node's loop (bounded; a full queue refuses the request).
+    pub(crate) requests: mpsc::Sender<Request>,
+    pub(crate) hub: PeerHub,
+    /// Why the node must leave (a service kept failing), if it must.
+    pub(crate) fatal: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn view(&self) -> std::sync::MutexGuard<'_, NodeView> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_phase(&self, phase: &str) {
+        self.view().phase = phase.to_string();
+    }
+
+    /// Hand an operator request to the node's loop.
+    pub(crate) fn request(&self, req: Request) -> Result<(), tonic::Status> {
+        self.requests.try_send(req).map_err(|e| {
+            tonic::Status::unavailable(format!(
+                "node {}: cannot take the request now ({e}); try again",
+                self.member_id
+            ))
+        })
+    }
+
+    pub(crate) fn status(&self) -> pb::StatusReply {
+        let v = self.view().clone();
+        pb::StatusReply {
+            job: self.job.clone(),
+            member_id: self.member_id.clone(),
+            addr: self.addr.clone(),
+            generation: v.generation,
+            ranks: v.ranks,
+            world: v.world,
+            step: v.step,
+            target_steps: v.target_steps,
+            loss: v.loss,
+            tokens_per_s: v.tokens_per_s,
+            param_hash: v.param_hash,
+            last_checkpoint_step: v.last_checkpoint_step,
+            last_checkpoint_url: v.last_checkpoint_url,
+            phase: v.phase,
+            leader: v.leader,
+            stale_refused: self.hub.stale_refused(),
+            metrics_addr: self.metrics_addr.clone(),
+            config_hash: self.config_hash.clone(),
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> String {
+        let v = self.view().clone();
+        let (g, c) = (MetricKind::Gauge, MetricKind::Counter);
+        let hub = &self.hub;
+        let table: [(&str, &str, MetricKind, f64); 23] = [
+            ("tenax_step", "Optimizer steps completed.", g, v.step as f64),
+            ("tenax_target_steps", "The job's target step.", g, v.target_steps as f64),
+            ("tenax_loss", "Mean token loss of the last step.", g, v.loss),
+            ("tenax_tokens_per_second", "Training throughput of the last step (whole group).", g, v.tokens_per_s),
+            ("tenax_generation", "Generation of the group plan this node trains in.", g, v.generation as f64),
+            ("tenax_world_ranks", "Ranks in the current generation.", g, f64::from(v.world)),
+            ("tenax_leader", "1 if this node leads the job.", g, if v.leader { 1.0 } else { 0.0 }),
+            ("tenax_reformations_total", "Generations this node has trained in after its first.", c, v.reforms as f64),
+            ("tenax_checkpoints_committed_total", "Checkpoints this node committed.", c, v.checkpoints_committed as f64),
+            ("tenax_checkpoint_failures_total", "Checkpoint saves of this node that failed.", c, v.checkpoint_failures as f64),
+            ("tenax_checkpoint_save_seconds_last", "Duration of the last checkpoint save (upload and commit).", g, v.last_save_s),
+            ("tenax_checkpoint_save_seconds_sum", "Total time spent in checkpoint saves.", c, v.save_s_sum),
+            ("tenax_last_checkpoint_step", "Step of the newest committed checkpoint this node knows.", g, v.last_checkpoint_step as f64),
+            ("tenax_peer_stale_refused_total", "Peer frames refused because they came from an older generation.", c, hub.stale_refused() as f64),
+            ("tenax_peer_frames_accepted_total", "Peer frames accepted.", c, hub.frames_accepted() as f64),
+            ("tenax_state_copies_received_total", "Times this node copied the group's state from a peer (join, behind, diverged).", c, v.state_copies_in as f64),
+            ("tenax_state_copies_served_total", "Times this node sent its state to peers that lacked it.", c, v.state_copies_out as f64),
+            ("tenax_state_bytes_received_total", "Bytes of state copied from peers.", c, v.state_bytes_in as f64),
+            ("tenax_state_copy_gigabytes_per_second_last", "Throughput of the last state copy from a peer.", g, v.last_copy_gb_per_s),
+            ("tenax_param_hash_mismatches_total", "Periodic comparisons that found members with different parameters (each resyncs the odd ones).", c, v.hash_mismatches as f64),
+            ("tenax_leader_probes_total", "Suspects this node probed as leader.", c, v.probes_sent as f64),
+            ("tenax_leader_revocations_total", "Leases of confirmed suspects this node revoked as leader (evictions).", c, v.revocations as f64),
+            ("tenax_suspicions_reported_total", "Peers this node reported as suspects (a broken stream or a late step).", c, v.suspicions as f64),
+        ];
+        let samples: Vec<Sample> = table
+            .into_iter()
+            .map(|(name, help, kind, value)| {
+                Sample::new(name, help, kind, value)
+                    .label("job", &self.job)
+                    .label("node", &self.member_id)
+            })
+            .collect();
+        crate::metrics::render(&samples)
+    }
+}
+
+/// The control service.
+pub(crate) struct ControlService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for ControlService {
+    async fn status(
+        &self,
+        _: tonic::Request<pb::StatusRequest>,
+    ) -> Result<tonic::Response<pb::StatusReply>, tonic::Status> {
+        Ok(tonic::Response::new(self.shared.status()))
+    }
+
+    async fn drain(
+        &self,
+        req: tonic::Request<pb::DrainRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.shared.request(Request::Drain {
+            checkpoint: req.get_ref().checkpoint,
+        })?;
+        Ok(reply(
+            true,
+            format!(
+                "node {} leaves the job after its current step{}",
+                self.shared.member_id,
+                if req.get_ref().checkpoint {
+                    ", after saving a checkpoint"
+                } else {
+                    ""
+                }
+            ),
+        ))
+    }
+
+    async fn checkpoint_now(
+        &self,
+        _: tonic::Request<pb::CheckpointNowRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.shared.request(Request::CheckpointNow)?;
+        Ok(reply(
+            true,
+            format!(
+                "node {} saves a checkpoint at its next step boundary",
+                self.shared.member_id
+            ),
+        ))
+    }
+
+    async fn pause(
+        &self,
+        _: tonic::Request<pb::PauseRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.shared.request(Request::Pause)?;
+        Ok(reply(true, format!("node {} pauses at its next step boundary (pause the whole job with `tenax control pause --all`: peers kept waiting by one paused node report it as late after --suspect-after-ms, and it may be evicted)", self.shared.member_id)))
+    }
+
+    async fn resume(
+        &self,
+        _: tonic::Request<pb::ResumeRequest>,
+    ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.shared.request(Request::Resume)?;
+        Ok(reply(
+            true,
+            format!("node {} goes on training", self.shared.member_id),
+        ))
+    }
+}
+
+fn reply(accepted: bool, message: String) -> tonic::Response<pb::ControlReply> {
+    tonic::Response::new(pb::ControlReply { accepted, message })
+}
+
+/// A service's listener: the one bound at start-up first, then (after a restart) a new
+/// one on the same address.
+pub(crate) struct Rebind {
+    pub(crate) first: Mutex<Option<tokio::net::TcpListener>>,
+    pub(crate) addr: SocketAddr,
+}
+
+impl Rebind {
+    pub(crate) fn new(first: tokio::net::TcpListener, addr: SocketAddr) -> Self {
+        Self {
+            first: Mutex::new(Some(first)),
+            addr,
+        }
+    }
+
+    pub(crate) async fn listener(&self) -> Result<tokio::net::TcpListener, String> {
+        let taken = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match taken {
+            Some(l) => Ok(l),
+            None => tokio::net::TcpListener::bind(self.addr)
+                .await
+                .map_err(|e| format!("binding {} again: {e}", self.addr)),
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The node's work that waits on peers, etcd, the store or the trainer: each function is a
+//! future that owns what it needs and ends in a [`Done`], the event for the node's
+//! machine plus what the shell keeps (a state, a communicator, a trainer). Failures are
+//! events too. Parameter hashes are taken on blocking threads.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tenax_actors::{StepReport, TrainSetup, Trainer};
+use tenax_cluster::etcd::{EtcdMembership, FenceOutcome};
+use tenax_cluster::member::{Member, MemberConfig};
+use tenax_cluster::peer::{
+    fetch_state, CommSpec, GrpcCollective, PeerAddr, PeerHub, StateSnapshot,
+};
+use tenax_cluster::Collective;
+use tenax_core::membership::{MemberId, MemberInfo, Plan};
+use tenax_core::node::{Event, PeerState, Record};
+use tenax_storage::Store;
+use tokio_util::sync::CancellationToken;
+
+use super::{find_resume_point, start_member, CheckpointRecord, Shared, CHECKPOINT_KEY};
+use crate::train::{start_state, Prepared, Start};
+
+/// How long one attempt to write a checkpoint's etcd record may hold the loop.
+const RECORD_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// How often the non-committers read the job's record while waiting for the final one.
+const FINAL_POLL: Duration = Duration::from_millis(200);
+
+/// The outcome of a piece of work: the event for the machine, and what the shell keeps.
+pub(super) enum Done {
+    /// Only an event.
+    Event(Event),
+    /// The node's state (loaded, copied, or back from serving) and its hash if known.
+    State {
+        state: Start,
+        hash: Option<String>,
+        event: Event,
+    },
+    /// Registered again.
+    Member(Member),
+    /// A generation's communicator and its members in order.
+    Comm {
+        comm: Arc<GrpcCollective>,
+        peers: Vec<PeerAddr>,
+        event: Event,
+    },
+    /// A generation's trainer.
+    Trainer(Trainer, Event),
+    /// A step, for its step-log line.
+    Step(StepInfo, Event),
+}
+
+/// What the last step reported, for its step-log line.
+pub(super) struct StepInfo {
+    pub report: StepReport,
+    pub lr: f64,
+    pub secs: f64,
+    pub hash: String,
+}
+
+fn failed(generation: u64, peers_may_have_failed: bool, error: String) -> Done {
+    Done::Event(Event::Failed {
+        generation,
+        peers_may_have_failed,
+        error,
+    })
+}
+
+fn into_start(snap: StateSnapshot) -> Start {
+    Start {
+        step: snap.step,
+        cursor: snap.cursor,
+        params: snap.params,
+        opt: tenax_model::AdamW {
+            m: snap.m,
+            v: snap.v,
+            step: snap.opt_step,
+        },
+    }
+}
+
+/// Register in the job again.
+pub(super) async fn register(etcd: EtcdMembership, join: MemberConfig) -> Done {
+    match start_member(&etcd, &join).await {
+        Ok(m) => Done::Member(m),
+        Err(e) => Done::Event(Event::Fatal {
+            error: format!("registering again: {e:#}"),
+        }),
+    }
+}
+
+/// The step of the job's checkpoint record (etcd bounded by 2 s).
+pub(super) async fn job_record(etcd: EtcdMembership) -> Done {
+    let step = read_record(&etcd, Duration::from_secs(2))
+        .await
+        .map(|r| r.step);
+    Done::Event(Event::JobRecord { step })
+}
+
+/// Resolve the plan's members and build the generation's communicator (`spec` without
+/// members; `me` is this node's id).
+pub(super) async fn build_comm(
+    etcd: EtcdMembership,
+    hub: PeerHub,
+    plan: Plan,
+    spec: CommSpec,
+    me: String,
+) -> Done {
+    let generation = plan.generation;
+    let built = async {
+        let peers = peers_of(&etcd, &plan).await?;
+        let my_index = peers.iter().position(|p| p.id == me).ok_or_else(|| {
+            format!("node {me} is not among the members of generation {generation}")
+        })?;
+        let spec = CommSpec {
+            members: peers.clone(),
+            me: my_index,
+            ..spec
+        };
+        let comm = GrpcCollective::new(&hub, spec).map_err(|e| e.to_string())?;
+        Ok::<_, String>((comm, peers))
+    }
+    .await;
+    match built {
+        Ok((comm, peers)) => Done::Comm {
+            comm,
+            peers,
+            event: Event::CommunicatorBuilt { generation },
+        },
+        Err(e) => failed(generation, false, e),
+    }
+}
+
+/// Exchange (step, hash) with every member in round `round`.
+pub(super) async fn compare(
+    comm: Arc<GrpcCollective>,
+    round: u64,
+    step: u64,
+    hash: String,
+    timeout: Duration,
+) -> Done {
+    let generation = comm.spec().generation;
+    match comm.compare_state(round, step, &hash, timeout).await {
+        Ok(states) => Done::Event(Event::StatesExchanged {
+            generation,
+            round,
+            states: states
+                .into_iter()
+                .map(|o| PeerState {
+                    member: MemberId::new(o.id),
+                    step: o.step,
+                    hash: o.param_hash,
+                })
+                .collect(),
+        }),
+        Err(e) => failed(generation, true, format!("state exchange: {e}")),
+    }
+}
+
+/// Load the job's committed checkpoint.
+pub(super) async fn load(
+    etcd: EtcdMembership,
+    store: Store,
+    prep: &Prepared,
+    generation: u64,
+) -> Done {
+    let loaded = async {
+        let c = find_resume_point(&etcd, &store).await?;
+        tokio::task::block_in_place(|| {
+            let start = start_state(prep, c.as_ref())?;
+            let hash = tenax_actors::param_hash(&start.params);
+            Ok::<_, anyhow::Error>((start, hash))
+        })
+    }
+    .await;
+    match loaded {
+        Ok((state, hash)) => Done::State {
+            event: Event::CheckpointLoaded {
+                generation,
+                step: state.step,
+                cursor: state.cursor,
+                hash: hash.clone(),
+            },
+            state,
+            hash: Some(hash),
+        },
+        Err(e) => failed(
+            generation,
+            false,
+            format!("loading the committed checkpoint: {e:#}"),
+        ),
+    }
+}
+
+/// What a state copy asks for.
+pub(super) struct Fetch {
+    pub hub: PeerHub,
+    pub shared: Arc<Shared>,
+    pub generation: u64,
+    pub me: String,
+    pub donor: PeerAddr,
+    pub step: u64,
+    pub hash: String,
+    pub timeout: Duration,
+    /// The step of the state this node had, if it held one.
+    pub had: Option<u64>,
+}
+
+/// Copy the reference state from a donor and check its hash.
+pub(super) async fn fetch(f: Fetch) -> Done {
+    let t0 = Instant::now();
+    let (g, me, donor) = (f.generation, &f.me, &f.donor.id);
+    let (snap, stats) = match fetch_state(&f.hub, g, me, &f.donor, f.step, &f.hash, f.timeout).await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            return failed(
+                g,
+                true,
+                format!("copying the state of step {} from {donor}: {e}", f.step),
+            )
+        }
+    };
+    let got = tokio::task::block_in_place(|| tenax_actors::param_hash(&snap.params));
+    if got != f.hash {
+        return failed(
+            g,
+            true,
+            format!(
+                "the state copied from {donor} hashes to {} instead of {}",
+                &got[..12],
+                &f.hash[..f.hash.len().min(12)]
+            ),
+        );
+    }
+    println!(
+        "node {me}: generation {g}: copied the state of step {} from {donor} ({:.1} MB in {:.3} s, {:.2} GB/s; {})",
+        snap.step,
+        stats.bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64(),
+        stats.gb_per_s(),
+        match f.had {
+            Some(s) => format!("it was at step {s}"),
+            None => "it held no state".to_string(),
+        }
+    );
+    {
+        let mut v = f.shared.view();
+        v.state_copies_in += 1;
+        v.state_bytes_in += stats.bytes;
+        v.last_copy_gb_per_s = stats.gb_per_s();
+    }
+    let state = into_start(snap);
+    Done::State {
+        event: Event::StateCopied {
+            generation: g,
+            step: state.step,
+            cursor: state.cursor,
+        },
+        state,
+        hash: Some(got),
+    }
+}
+
+/// Publish this node's state for the generation and wait until every receiver has it,
+/// but not past the generation (a receiver that dies mid-copy gets evicted, and the newer
+/// plan aborts the communicator) nor past `timeout`. The state comes back either way.
+pub(super) async fn serve(
+    comm: Arc<GrpcCollective>,
+    hub: PeerHub,
+    state: Start,
+    hash: String,
+    names: Vec<String>,
+    timeout: Duration,
+) -> Done {
+    let generation = comm.spec().generation;
+    let me = comm.spec().members[comm.spec().me].id.clone();
+    let Start {
+        step,
+        cursor,
+        params,
+        opt,
+    } = state;
+    let snap = Arc::new(StateSnapshot {
+        step,
+        cursor,
+        opt_step: opt.step,
+        param_hash: hash.clone(),
+        params,
+        m: opt.m,
+        v: opt.v,
+    });
+    let publication = hub.publish_state(generation, snap.clone());
+    let started = Instant::now();
+    let result = loop {
+        let slice = Duration::from_millis(200);
+        match publication.wait_served(names.len() as u64, slice).await {
+            Ok(()) => break Ok(()),
+            Err(e) => {
+                if let Some(reason) = comm.aborted() {
+                    break Err(format!("{e}; the generation ended: {reason}"));
+                }
+                if started.elapsed() >= timeout {
+                    break Err(format!(
+                        "{} of {} receiver(s) copied the state within {} s",
+                        publication.served(),
+                        names.len(),
+                        timeout.as_secs()
+                    ));
+                }
+            }
+        }
+    };
+    drop(publication);
+    let state = into_start(Arc::try_unwrap(snap).unwrap_or_else(|a| StateSnapshot::clone(&a)));
+    let names = names.join(", ");
+    let event = match result {
+        Ok(()) => {
+            println!(
+                "node {me}: generation {generation}: sent its state of step {step} to {names}"
+            );
+            Event::StateServed { generation }
+        }
+        Err(e) => Event::Failed {
+            generation,
+            peers_may_have_failed: true,
+            error: format!("sending state to {names}: {e}"),
+        },
+    };
+    Done::State {
+        state,
+        hash: Some(hash),
+        event,
+    }
+}
+
+/// Start the trainer of this node's ranks in the communicator's generation.
+pub(super) async fn start_trainer(
+    comm: Arc<GrpcCollective>,
+    mut setup: TrainSetup,
+    data: Arc<tenax_actors::TrainData>,
+    state: Start,
+) -> Done {
+    let spec = comm.spec();
+    let generation = spec.generation;
+    setup.ranks = spec.world as usize;
+    let local: Vec<usize> = spec.local_ranks.iter().map(|&r| r as usize).collect();
+    let collective: Arc<dyn Collective> = comm.clone();
+    match Trainer::start_group(
+        setup,
+        local,
+        Some(collective),
+        data,
+        state.params,
+        state.opt,
+    )
+    .await
+    {
+        Ok(t) => Done::Trainer(t, Event::TrainerStarted { generation }),
+        Err(e) => Done::Event(Event::Fatal {
+            error: e.to_string(),
+        }),
+    }
+}
+
+/// Run one step and read the parameters' hash after it (computed on the rank threads).
+pub(super) async fn step(
+    trainer: Arc<Trainer>,
+    generation: u64,
+    step: u64,
+    cursor: u64,
+    lr: f64,
+) -> Done {
+    let t0 = Instant::now();
+    let ran = async {
+        let report = trainer
+            .step(step, cursor, lr as f32)
+            .await
+            .map_err(|e| e.to_string())?;
+        let secs = t0.elapsed().as_secs_f64();
+        let hash = trainer
+            .param_hashes()
+            .await
+            .map_err(|e| format!("step {}: {e}", step + 1))?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        Ok::<_, String>(StepInfo {
+            report,
+            lr,
+            secs,
+            hash,
+        })
+    }
+    .await;
+    match ran {
+        Ok(info) => {
+            let event = Event::StepDone {
+                generation,
+                loss: info.report.loss,
+                skipped: info.report.skipped,
+                elapsed_ms: (info.secs * 1000.0) as u64,
+            };
+            Done::Step(info, event)
+        }
+        Err(e) => failed(generation, true, e),
+    }
+}
+
+/// The validation loss.
+pub(super) async fn evaluate(
+    trainer: Arc<Trainer>,
+    windows: Vec<u64>,
+    generation: u64,
+    step: u64,
+) -> Done {
+    Done::Event(match trainer.eval(windows).await {
+        Ok(val_loss) => Event::Evaluated {
+            generation,
+            val_loss,
+        },
+        Err(e) => Event::Fatal {
+            error: format!("evaluation at step {step}: {e}"),
+        },
+    })
+}
+
+/// Read the job's record until it reaches `step` (or the generation's pollers stop).
+pub(super) async fn final_record(
+    etcd: EtcdMembership,
+    step: u64,
+    cancel: CancellationToken,
+) -> Done {
+    loop {
+        if let Some(rec) = read_record(&etcd, Duration::from_secs(2)).await {
+            if rec.step >= step {
+                println!(
+                    "the final checkpoint (step {}) was committed by {}: {}",
+                    rec.step, rec.member, rec.url
+                );
+                return Done::Event(Event::FinalRecordSeen { step: rec.step });
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FINAL_POLL) => {}
+            _ = cancel.cancelled() => return Done::Event(Event::Tick),
+        }
+    }
+}
+
+/// Write the fenced etcd record of a committed checkpoint in the job's store
+/// `store_url`, bounded in time: the committer must not hold the group's next step
+/// while etcd is away.
+pub(super) async fn write_record(
+    member: &Member,
+    store_url: &str,
+    rec: Record,
+    shared: &Shared,
+) -> Event {
+    let prefix = format!("{store_url}/");
+    let record = CheckpointRecord {
+        step: rec.step,
+        folder: rec
+            .url
+            .strip_prefix(&prefix)
+            .unwrap_or(&rec.url)
+            .to_string(),
+        url: rec.url.clone(),
+        generation: rec.generation,
+        member: member.id().to_string(),
+    };
+    let bytes = serde_json::to_vec(&record).expect("record serialises");
+    let commit = member.fenced_commit_in(rec.generation, CHECKPOINT_KEY, &bytes);
+    let step = rec.step;
+    match tokio::time::timeout(RECORD_ATTEMPT_TIMEOUT, commit).await {
+        Ok(Ok(FenceOutcome::Committed { .. })) => {
+            let mut v = shared.view();
+            v.last_checkpoint_step = step;
+            v.last_checkpoint_url = rec.url;
+            v.checkpoints_committed += 1;
+            Event::RecordWritten { step }
+        }
+        Ok(Ok(FenceOutcome::Refused { reason })) => Event::RecordRefused {
+            step,
+            reason: format!("{reason:?}"),
+        },
+        Ok(Err(e)) => Event::RecordUnreachable {
+            step,
+            error: e.to_string(),
+        },
+        Err(_) => Event::RecordUnreachable {
+            step,
+            error: format!(
+                "no answer from etcd within {} ms",
+                RECORD_ATTEMPT_TIMEOUT.as_millis()
+            ),
+        },
+    }
+}
+
+/// The job's checkpoint record, if etcd answers within `timeout` and holds one.
+async fn read_record(etcd: &EtcdMembership, timeout: Duration) -> Option<CheckpointRecord> {
+    let got = tokio::time::timeout(timeout, etcd.get(CHECKPOINT_KEY)).await;
+    let Ok(Ok(Some(bytes))) = got else {
+        return None;
+    };
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The members of `plan` that host ranks, in order of their first rank, with addresses.
+async fn peers_of(etcd: &EtcdMembership, plan: &Plan) -> Result<Vec<PeerAddr>, String> {
+    let registered = etcd.members().await.map_err(|e| e.to_string())?;
+    let mut addrs = BTreeMap::new();
+    for m in registered {
+        if let Ok(info) = serde_json::from_slice::<MemberInfo>(&m.info) {
+            addrs.insert(info.id.to_string(), info.addr);
+        }
+    }
+    let mut order: Vec<String> = Vec::new();
+    for a in &plan.ranks {
+        let id = a.member.to_string();
+        if !order.contains(&id) {
+            order.push(id);
+        }
+    }
+    order
+        .into_iter()
+        .map(|id| {
+            let addr = addrs
+                .get(&id)
+                .cloned()
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "member {id} of generation {} has no registered address (it left?)",
+                        plan.generation
+                    )
+                })?;
+            Ok(PeerAddr { id, addr })
+        })
+        .collect()
+}
