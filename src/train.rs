@@ -1,13 +1,11 @@
 //! `tenax train`: one process, N data-parallel rank actors, checkpoints saved in the
 //! background by the Checkpoint actor to any store URL.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tenax_actors::{
@@ -22,6 +20,9 @@ use tenax_storage::{CheckpointMeta, LoadedCheckpoint, Store, TensorData};
 
 use crate::config::{TrainArgs, TrainConfig};
 use crate::plot::{plot_loss, LossPoint};
+
+mod local;
+use local::Local;
 
 /// Prefix of the optimizer-state tensors in a checkpoint (`adamw.m.<param>`, `adamw.v.<param>`);
 /// every other tensor is a model parameter under its model name.
@@ -351,20 +352,7 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     let mut history = load_history(&metrics_path, start.step)?;
     let mut metrics = open_metrics(&metrics_path, &history)?;
 
-    let Prepared {
-        cfg,
-        stored_cfg,
-        config_hash,
-        tokenizer,
-        setup,
-        schedule,
-        val_windows,
-        data,
-        ..
-    } = prep;
-    let trainer = Trainer::start(setup, data, start.params, start.opt)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let cfg = &prep.cfg;
     let retention = (cfg.keep_last > 0 || cfg.keep_every > 0).then_some(RetentionPolicy {
         keep_last: cfg.keep_last as usize,
         keep_every: cfg.keep_every,
@@ -380,38 +368,39 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     .await
     {
         Ok(c) => c,
-        Err(e) => {
-            trainer.shutdown().await;
-            return Err(anyhow!("{e}"));
-        }
+        Err(e) => return Err(anyhow!("{e}")),
     };
-    let result = train_loop(
-        &trainer,
-        &mut checkpointer,
-        &cfg,
-        &schedule,
-        &val_windows,
-        &store,
-        &stored_cfg,
-        &config_hash,
-        start.step,
-        start.cursor,
-        &mut metrics,
-        &mut history,
-    )
-    .await;
+    let mut local = Local::new(&prep, &mut checkpointer, &mut metrics, &mut history, start);
+    let result = local.run(resumed.is_some()).await;
+    let (trainer, state) = (local.trainer.take(), local.state.take());
     let end = match result {
         Ok(end) => end,
         Err(e) => {
             // Let saves already handed over finish: they are older, consistent states.
             let _ = checkpointer.flush(FLUSH_TIMEOUT).await;
-            report_events(&mut checkpointer, None);
+            report_events(&mut checkpointer);
             checkpointer.shutdown().await;
-            trainer.shutdown().await;
+            if let Some(t) = trainer {
+                t.shutdown().await;
+            }
             return Err(e);
         }
     };
+    // Saves still uploading (older than the final one, which is committed).
+    let _ = checkpointer.flush(FLUSH_TIMEOUT).await;
+    report_events(&mut checkpointer);
     checkpointer.shutdown().await;
+    // A run resumed at its target trained nothing: start a trainer for the sample.
+    let trainer = match (trainer, state) {
+        (Some(t), _) => t,
+        (None, Some(st)) => {
+            Trainer::start(prep.setup.clone(), prep.data.clone(), st.params, st.opt)
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+        }
+        (None, None) => bail!("the run ended without a trainer or a state"),
+    };
+    let Prepared { cfg, tokenizer, .. } = prep;
 
     // A short sample of what the model learnt.
     let prompt = tokenizer.encode("\n").unwrap_or_default();
@@ -453,193 +442,19 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     Ok(())
 }
 
-struct End {
-    step: u64,
-    loss: f64,
-    val_loss: Option<f64>,
-    tokens_per_s: f64,
-}
-
-/// Print what the checkpoint actor reported; returns the step of the last failed save, if any.
-fn report_events(checkpointer: &mut Checkpointer, bar: Option<&ProgressBar>) -> Option<u64> {
-    let mut failed = None;
+/// Print what the checkpoint actor reported after the run.
+fn report_events(checkpointer: &mut Checkpointer) {
     for event in checkpointer.take_events() {
-        let line = match event {
-            CheckpointEvent::Committed {
-                step,
-                url,
-                bytes,
-                save_s,
-                recovered_by_read_back,
-            } => format!(
-                "checkpoint step {step} -> {url} ({:.1} MiB in {save_s:.2} s{})",
-                bytes as f64 / (1u64 << 20) as f64,
-                if recovered_by_read_back {
-                    "; the commit's response was lost, read back and confirmed"
-                } else {
-                    ""
-                }
-            ),
+        match event {
             CheckpointEvent::Failed { step, error } => {
-                failed = Some(step);
-                format!("warning: checkpoint at step {step} failed, training goes on: {error}")
+                eprintln!("warning: checkpoint at step {step} failed: {error}")
             }
-            CheckpointEvent::Superseded { step, by_step } => format!(
-                "note: checkpoint at step {step} skipped: the previous one was still uploading, step {by_step} is saved instead"
-            ),
-            CheckpointEvent::Pruned { folders, bytes } => format!(
-                "retention: deleted {} old checkpoint folder(s), {:.1} MiB",
-                folders.len(),
-                bytes as f64 / (1u64 << 20) as f64
-            ),
             CheckpointEvent::PruneFailed { error } => {
-                format!("warning: retention failed (checkpoints are intact): {error}")
+                eprintln!("warning: retention failed (checkpoints are intact): {error}")
             }
-        };
-        match bar {
-            Some(bar) => bar.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
+            _ => {}
         }
     }
-    failed
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn train_loop(
-    trainer: &Trainer,
-    checkpointer: &mut Checkpointer,
-    cfg: &TrainConfig,
-    schedule: &LrSchedule,
-    val_windows: &[u64],
-    store: &Store,
-    stored_cfg: &StoredConfig,
-    config_hash: &str,
-    start_step: u64,
-    start_cursor: u64,
-    metrics: &mut std::fs::File,
-    history: &mut Vec<LossPoint>,
-) -> Result<End> {
-    let tokens_per_step = (cfg.batch_size as usize * stored_cfg.model.block_size) as f64;
-    let bar = ProgressBar::new(cfg.steps);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} (eta {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_position(start_step);
-    let mut cursor = start_cursor;
-    let mut saved_step = if start_step > 0 {
-        Some(start_step)
-    } else {
-        None
-    };
-    let mut bad_in_a_row = 0u64;
-    let mut end = End {
-        step: start_step,
-        loss: f64::NAN,
-        val_loss: None,
-        tokens_per_s: 0.0,
-    };
-    let mut tps_sum = 0.0;
-    for step in start_step..cfg.steps {
-        let lr = schedule.lr_at(step);
-        let t0 = Instant::now();
-        let report = trainer
-            .step(step, cursor, lr as f32)
-            .await
-            .map_err(|e| anyhow!("training stopped at step {}: {e}", step + 1))?;
-        let secs = t0.elapsed().as_secs_f64();
-        cursor += cfg.batch_size;
-        let done = step + 1;
-        let tokens_per_s = tokens_per_step / secs.max(1e-9);
-        tps_sum += tokens_per_s;
-        if report.skipped {
-            bad_in_a_row += 1;
-            bar.suspend(|| eprintln!("warning: step {done}: non-finite loss ({}) or gradient norm ({}): update skipped", report.loss, report.grad_norm));
-            if bad_in_a_row >= cfg.max_bad_steps {
-                bar.abandon();
-                bail!("stopping: {bad_in_a_row} non-finite steps in a row (last at step {done}); nothing was saved after the last checkpoint: lower --lr or check the data, then --resume");
-            }
-        } else {
-            bad_in_a_row = 0;
-        }
-        let last = done == cfg.steps;
-        let val_loss = if (cfg.eval_every > 0 && done % cfg.eval_every == 0) || last {
-            let v = trainer
-                .eval(val_windows.to_vec())
-                .await
-                .map_err(|e| anyhow!("evaluation at step {done}: {e}"))?;
-            bar.suspend(|| println!("step {done}: loss {:.4}, val loss {v:.4}", report.loss));
-            Some(v)
-        } else {
-            None
-        };
-
-        history.push(LossPoint {
-            step: done,
-            loss: report.loss,
-            val_loss,
-        });
-        bar.set_position(done);
-        bar.set_message(format!(
-            "loss {:.4} | {:.0} tok/s",
-            report.loss, tokens_per_s
-        ));
-        let mut line = json!({"step": done, "loss": report.loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": report.grad_norm, "skipped": report.skipped});
-        if let Some(v) = val_loss {
-            line["val_loss"] = json!(v);
-        }
-        if (cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last {
-            // What a save costs the training loop: the snapshot and one message.
-            let t_save = Instant::now();
-            save(
-                trainer,
-                checkpointer,
-                stored_cfg,
-                config_hash,
-                done,
-                cursor,
-                0,
-            )
-            .await?;
-            line["ckpt_stall_s"] = json!(t_save.elapsed().as_secs_f64());
-            saved_step = Some(done);
-        }
-        writeln!(metrics, "{line}").context("metrics.jsonl: cannot append")?;
-        report_events(checkpointer, Some(&bar));
-        end = End {
-            step: done,
-            loss: report.loss,
-            val_loss: val_loss.or(end.val_loss),
-            tokens_per_s: tps_sum / (done - start_step) as f64,
-        };
-    }
-    bar.finish_and_clear();
-    if saved_step != Some(end.step) {
-        save(
-            trainer,
-            checkpointer,
-            stored_cfg,
-            config_hash,
-            end.step,
-            cursor,
-            0,
-        )
-        .await?;
-    }
-    checkpointer
-        .flush(FLUSH_TIMEOUT)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    if let Some(step) = report_events(checkpointer, None) {
-        if step == end.step {
-            bail!(
-                "the final checkpoint (step {step}) was not saved to {}: fix the store, then rerun with --resume to redo the steps after the last good checkpoint",
-                store.url()
-            );
-        }
-    }
-    Ok(end)
 }
 
 /// Take a host-memory snapshot and hand it to the checkpoint actor: all the training loop

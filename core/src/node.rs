@@ -955,11 +955,15 @@ impl NodeMachine {
                 &mut out,
             ),
             Event::CheckpointFailed { step, error } => {
-                if let Phase::Committing { step: s, .. } = self.phase {
+                if let Phase::Committing { step: s, leave, .. } = self.phase {
                     if s == step {
+                        let what = match leave {
+                            true => format!("the checkpoint of step {step} before leaving"),
+                            false => format!("the final checkpoint (step {step})"),
+                        };
                         return self.exit_now(
                             Exit::Failed,
-                            format!("the checkpoint of step {step} was not committed ({error}): fix the store; the job resumes from its last committed checkpoint"),
+                            format!("{what} was not committed ({error}): fix the store; the job resumes from its last committed checkpoint"),
                         );
                     }
                 }
