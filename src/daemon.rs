@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use tenax_actors::{
     CheckpointEvent, CheckpointPolicy, Checkpointer, NodeSupervisor, ServiceSpec, Trainer,
@@ -35,6 +35,7 @@ use tenax_cluster::peer::{
     fetch_state, CommSpec, GrpcCollective, HubConfig, MemberState as PeerState, PeerAddr, PeerHub,
     Reduction, StateSnapshot, CONNECTION_WINDOW_BYTES, MAX_HTTP2_FRAME_BYTES, STREAM_WINDOW_BYTES,
 };
+use tenax_cluster::records::{self, CheckpointRecord, ConfigRecord, CHECKPOINT_KEY, CONFIG_KEY};
 use tenax_cluster::Collective;
 use tenax_core::detector::{DetectorConfig, FailureDetector};
 use tenax_core::membership::{
@@ -49,13 +50,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{TrainArgs, TrainConfig};
 use crate::metrics::{MetricKind, Sample};
 use crate::train::{prepare, start_state, Prepared, Start, StoredConfig};
-
-/// The etcd key (under `/tenax/<job>/`) of the job's training-config record.
-const CONFIG_KEY: &str = "config";
-
-/// The etcd key (under `/tenax/<job>/`) of the newest committed checkpoint: written by a
-/// fenced txn, the authority on which checkpoint a restarted job resumes from.
-pub const CHECKPOINT_KEY: &str = "checkpoint";
 
 /// How long the step in flight may still take to complete once a newer plan that keeps
 /// every member has arrived, before it is abandoned.
@@ -217,30 +211,6 @@ impl DaemonArgs {
         self.train = self.train.or(train);
         Ok(self)
     }
-}
-
-/// What `/tenax/<job>/checkpoint` holds.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct CheckpointRecord {
-    /// Steps the checkpoint holds.
-    pub step: u64,
-    /// Its folder, relative to the job's store.
-    pub folder: String,
-    /// Its URL.
-    pub url: String,
-    /// The generation that committed it.
-    pub generation: u64,
-    /// The member that committed it.
-    pub member: String,
-}
-
-/// What `/tenax/<job>/config` holds: the first node's training config.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct ConfigRecord {
-    config_hash: String,
-    math: serde_json::Map<String, serde_json::Value>,
-    corpus_sha256: String,
-    node: String,
 }
 
 /// Operator requests, set by the control service and read at step boundaries.
@@ -726,8 +696,11 @@ async fn find_resume_point(
 ) -> Result<Option<LoadedCheckpoint>> {
     let record = etcd.get(CHECKPOINT_KEY).await.map_err(|e| anyhow!("{e}"))?;
     if let Some(bytes) = record {
-        let rec: CheckpointRecord = serde_json::from_slice(&bytes).map_err(|e| {
-            anyhow!("etcd key {CHECKPOINT_KEY} of job {}: not a checkpoint record ({e}): delete it with etcdctl to fall back to the store's manifests", etcd.config().job)
+        let rec = records::decode_checkpoint(&bytes).map_err(|e| {
+            anyhow!(
+                "job {}: {e} (deleting it with etcdctl falls back to the store's manifests)",
+                etcd.config().job
+            )
         })?;
         match tenax_storage::load_checkpoint(store, &rec.folder).await {
             Ok(c) => {
@@ -767,8 +740,15 @@ async fn live_group(etcd: &EtcdMembership) -> Result<Option<String>> {
     let Some(record) = etcd.read_plan().await.map_err(|e| anyhow!("{e}"))? else {
         return Ok(None);
     };
-    let Ok(plan) = serde_json::from_slice::<Plan>(&record.plan) else {
-        return Ok(None);
+    let plan = match records::decode_plan(record.generation, &record.plan) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!(
+                "warning: job {}: ignoring the stored plan: {e}",
+                etcd.config().job
+            );
+            return Ok(None);
+        }
     };
     let registered: Vec<String> = etcd
         .members()
@@ -801,17 +781,12 @@ async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> 
         corpus_sha256: prep.stored_cfg.corpus_sha256.clone(),
         node: node.to_string(),
     };
-    let bytes = serde_json::to_vec(&ours).expect("config record serialises");
     let stored = etcd
-        .put_if_absent(CONFIG_KEY, &bytes)
+        .put_if_absent(CONFIG_KEY, &records::encode_config(&ours))
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let theirs: ConfigRecord = serde_json::from_slice(&stored).map_err(|e| {
-        anyhow!(
-            "etcd key {CONFIG_KEY} of job {}: not a config record ({e})",
-            etcd.config().job
-        )
-    })?;
+    let theirs =
+        records::decode_config(&stored).map_err(|e| anyhow!("job {}: {e}", etcd.config().job))?;
     if theirs.config_hash == ours.config_hash {
         return Ok(());
     }
@@ -1380,7 +1355,7 @@ impl Node<'_> {
         let Ok(Ok(Some(bytes))) = record.await else {
             return false;
         };
-        match serde_json::from_slice::<CheckpointRecord>(&bytes) {
+        match records::decode_checkpoint(&bytes) {
             Ok(rec) if rec.step >= self.prep.cfg.steps => {
                 println!(
                     "node {me}: the job is done: {} committed its final checkpoint (step {}): {}",
@@ -1482,8 +1457,11 @@ impl Node<'_> {
         let registered = self.etcd.members().await.map_err(|e| anyhow!("{e}"))?;
         let mut addrs = BTreeMap::new();
         for m in registered {
-            if let Ok(info) = serde_json::from_slice::<MemberInfo>(&m.info) {
-                addrs.insert(info.id.to_string(), info.addr);
+            match records::decode_member_info(&m.id, &m.info) {
+                Ok(info) => {
+                    addrs.insert(info.id.to_string(), info.addr);
+                }
+                Err(e) => eprintln!("warning: node {}: {e}", self.member.id()),
             }
         }
         let mut order: Vec<(u32, String)> = Vec::new();
@@ -2438,7 +2416,7 @@ impl Node<'_> {
     /// it; when etcd could not be reached, the record waits in `pending_record`.
     async fn record_checkpoint(&mut self, rec: CheckpointRecord, save_s: f64) -> bool {
         let me = self.member.id().to_string();
-        let bytes = serde_json::to_vec(&rec).expect("record serialises");
+        let bytes = records::encode_checkpoint(&rec);
         let (step, url) = (rec.step, rec.url.clone());
         let retried = self.pending_record.take().is_some();
         // Bounded: the committer must not hold the group's next step while etcd is away.
@@ -2510,7 +2488,7 @@ impl Node<'_> {
             }
             match self.etcd.get(CHECKPOINT_KEY).await {
                 Ok(Some(bytes)) => {
-                    if let Ok(rec) = serde_json::from_slice::<CheckpointRecord>(&bytes) {
+                    if let Ok(rec) = records::decode_checkpoint(&bytes) {
                         if rec.step >= step {
                             println!(
                                 "node {me}: the final checkpoint (step {}) was committed by {}: {}",
