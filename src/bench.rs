@@ -22,6 +22,7 @@ use tenax_actors::{
 use tenax_chaos::EtcdServer;
 use tenax_cluster::etcd::{EtcdConfig, EtcdMembership, PlanWatch, Registration};
 use tenax_cluster::member::{Member, MemberConfig};
+use tenax_cluster::records;
 use tenax_core::membership::{MemberId, MemberInfo, PlannerConfig};
 use tenax_core::rng::SplitMix64;
 use tenax_core::slots::BatchLayout;
@@ -830,7 +831,9 @@ pub async fn rendezvous(a: BenchRendezvousArgs) -> Result<()> {
                         addr: String::new(),
                         metrics_addr: String::new(),
                     };
-                    let registration = conn.register(id, &serde_json::to_vec(&info)?).await?;
+                    let registration = conn
+                        .register(id, &records::encode_member_info(&info))
+                        .await?;
                     let watch = conn.watch_plan().await;
                     anyhow::Ok((registration, watch))
                 }

@@ -785,6 +785,7 @@ async fn drive(h: &mut Harness, scenario: &Scenario, plan: &[PlannedFault]) -> R
 /// Every plan and checkpoint record etcd accepted, in revision order.
 async fn etcd_history(endpoint: &str, job: &str) -> Result<(Vec<PlanEntry>, Vec<CommitEntry>)> {
     use tenax_cluster::etcd::{EtcdConfig, EtcdMembership};
+    use tenax_cluster::records;
     let etcd = EtcdMembership::connect(EtcdConfig::new(vec![endpoint.to_string()], job))
         .await
         .map_err(|e| anyhow!("{e}"))?;
@@ -794,9 +795,16 @@ async fn etcd_history(endpoint: &str, job: &str) -> Result<(Vec<PlanEntry>, Vec<
         .map_err(|e| anyhow!("{e}"))?
         .into_iter()
         .map(|r| {
-            let members = serde_json::from_slice::<tenax_core::membership::Plan>(&r.plan)
-                .map(|p| p.members.iter().map(|m| m.to_string()).collect())
-                .unwrap_or_default();
+            let members = match records::decode_plan(r.generation, &r.plan) {
+                Ok(p) => p.members.iter().map(|m| m.to_string()).collect(),
+                Err(e) => {
+                    eprintln!(
+                        "warning: plan history of job {job}, revision {}: {e}",
+                        r.mod_revision
+                    );
+                    Vec::new()
+                }
+            };
             PlanEntry {
                 revision: r.mod_revision,
                 generation: r.generation,
@@ -805,12 +813,12 @@ async fn etcd_history(endpoint: &str, job: &str) -> Result<(Vec<PlanEntry>, Vec<
         })
         .collect();
     let commits = etcd
-        .key_history(crate::daemon::CHECKPOINT_KEY, MAX_ETCD_VERSIONS)
+        .key_history(records::CHECKPOINT_KEY, MAX_ETCD_VERSIONS)
         .await
         .map_err(|e| anyhow!("{e}"))?
         .into_iter()
         .filter_map(|v| {
-            let rec: crate::daemon::CheckpointRecord = serde_json::from_slice(&v.value).ok()?;
+            let rec = records::decode_checkpoint(&v.value).ok()?;
             Some(CommitEntry {
                 revision: v.revision,
                 step: rec.step,

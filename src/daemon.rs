@@ -31,13 +31,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use tenax_actors::{CheckpointPolicy, Checkpointer};
 use tenax_cluster::etcd::{EtcdConfig, EtcdMembership};
 use tenax_cluster::member::{Detection, Member, MemberConfig, Prober};
 use tenax_cluster::peer::{HubConfig, PeerHub};
+use tenax_cluster::records::{self, ConfigRecord, CHECKPOINT_KEY, CONFIG_KEY};
 use tenax_core::detector::DetectorConfig;
-use tenax_core::membership::{MemberId, MemberInfo, Plan, PlannerConfig};
+use tenax_core::membership::{MemberId, MemberInfo, PlannerConfig};
 use tenax_core::node::{Exit, NodeConfig, NodeMachine};
 use tenax_storage::{LoadedCheckpoint, Store};
 use tokio::sync::mpsc;
@@ -47,39 +47,8 @@ use crate::config::TrainConfig;
 use crate::train::{prepare, start_state, Prepared, Start, StoredConfig};
 use shell::{Parts, Request, Shell};
 
-/// The etcd key (under `/tenax/<job>/`) of the job's training-config record.
-const CONFIG_KEY: &str = "config";
-
-/// The etcd key (under `/tenax/<job>/`) of the newest committed checkpoint: written by a
-/// fenced txn, the authority on which checkpoint a restarted job resumes from.
-pub const CHECKPOINT_KEY: &str = "checkpoint";
-
 /// Operator requests waiting for the node's loop, at most.
 const REQUEST_QUEUE: usize = 16;
-
-/// What `/tenax/<job>/checkpoint` holds.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct CheckpointRecord {
-    /// Steps the checkpoint holds.
-    pub step: u64,
-    /// Its folder, relative to the job's store.
-    pub folder: String,
-    /// Its URL.
-    pub url: String,
-    /// The generation that committed it.
-    pub generation: u64,
-    /// The member that committed it.
-    pub member: String,
-}
-
-/// What `/tenax/<job>/config` holds: the first node's training config.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct ConfigRecord {
-    config_hash: String,
-    math: serde_json::Map<String, serde_json::Value>,
-    corpus_sha256: String,
-    node: String,
-}
 
 /// Where a restarted job resumes: the fenced etcd record, or (when etcd lost its data)
 /// the newest checkpoint of the store that verifies.
@@ -89,8 +58,11 @@ async fn find_resume_point(
 ) -> Result<Option<LoadedCheckpoint>> {
     let record = etcd.get(CHECKPOINT_KEY).await.map_err(|e| anyhow!("{e}"))?;
     if let Some(bytes) = record {
-        let rec: CheckpointRecord = serde_json::from_slice(&bytes).map_err(|e| {
-            anyhow!("etcd key {CHECKPOINT_KEY} of job {}: not a checkpoint record ({e}): delete it with etcdctl to fall back to the store's manifests", etcd.config().job)
+        let rec = records::decode_checkpoint(&bytes).map_err(|e| {
+            anyhow!(
+                "job {}: {e} (deleting it with etcdctl falls back to the store's manifests)",
+                etcd.config().job
+            )
         })?;
         match tenax_storage::load_checkpoint(store, &rec.folder).await {
             Ok(c) => {
@@ -130,8 +102,15 @@ async fn live_group(etcd: &EtcdMembership) -> Result<Option<String>> {
     let Some(record) = etcd.read_plan().await.map_err(|e| anyhow!("{e}"))? else {
         return Ok(None);
     };
-    let Ok(plan) = serde_json::from_slice::<Plan>(&record.plan) else {
-        return Ok(None);
+    let plan = match records::decode_plan(record.generation, &record.plan) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!(
+                "warning: job {}: ignoring the stored plan: {e}",
+                etcd.config().job
+            );
+            return Ok(None);
+        }
     };
     let registered: Vec<String> = etcd
         .members()
@@ -164,17 +143,12 @@ async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> 
         corpus_sha256: prep.stored_cfg.corpus_sha256.clone(),
         node: node.to_string(),
     };
-    let bytes = serde_json::to_vec(&ours).expect("config record serialises");
     let stored = etcd
-        .put_if_absent(CONFIG_KEY, &bytes)
+        .put_if_absent(CONFIG_KEY, &records::encode_config(&ours))
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let theirs: ConfigRecord = serde_json::from_slice(&stored).map_err(|e| {
-        anyhow!(
-            "etcd key {CONFIG_KEY} of job {}: not a config record ({e})",
-            etcd.config().job
-        )
-    })?;
+    let theirs =
+        records::decode_config(&stored).map_err(|e| anyhow!("job {}: {e}", etcd.config().job))?;
     if theirs.config_hash == ours.config_hash {
         return Ok(());
     }

@@ -267,12 +267,8 @@ fn parse_timeout(s: &str) -> Result<f64, String> {
 
 /// A member's registration, or (a placeholder with its id, why it is unreadable).
 fn parse_member(m: &Member) -> Result<MemberInfo, (MemberInfo, String)> {
-    match serde_json::from_slice::<MemberInfo>(&m.info) {
-        Ok(mut info) => {
-            // The key is the authority on the id.
-            info.id = MemberId::new(m.id.clone());
-            Ok(info)
-        }
+    match tenax_cluster::records::decode_member_info(&m.id, &m.info) {
+        Ok(info) => Ok(info),
         Err(e) => Err((
             MemberInfo {
                 id: MemberId::new(m.id.clone()),

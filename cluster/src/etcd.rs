@@ -1,6 +1,7 @@
 //! The etcd driver for membership and fencing of one job (async, tokio).
 //!
-//! Everything a job keeps in etcd lives under `/tenax/<job>/`:
+//! Everything a job keeps in etcd lives under `/tenax/<job>/`; the key names and the
+//! records' encodings are in [`crate::records`]. The driver writes:
 //!
 //! | key | value | written by |
 //! |---|---|---|
@@ -8,7 +9,12 @@
 //! | `leader/<lease hex>` | the member id of a campaigner (etcd's election keys) | [`EtcdMembership::campaign`] |
 //! | `gen` | the plan envelope `{"generation":N,"plan":<plan JSON>}` (one value) | [`EtcdMembership::write_plan`] |
 //! | `suspects/<suspect>/<reporter>` | a suspicion report `{"reporter":..,"reason":..,"at_ms":..}`, under the reporter's lease | [`EtcdMembership::report_suspect`] |
-//! | anything else, e.g. `commits/<...>` | caller bytes | [`EtcdMembership::fenced_put`] |
+//! | anything else, e.g. `checkpoint` | caller bytes | [`EtcdMembership::fenced_put`], [`EtcdMembership::put_if_absent`] |
+//!
+//! The driver decodes the plan envelope (the generation, and plan bytes that are JSON)
+//! but not the plan inside: [`crate::records::decode_plan`] does, with validation. A
+//! `gen` value that is not an envelope is an [`EtcdError::Protocol`] for a read, and is
+//! skipped with a warning by a plan watch.
 //!
 //! Fencing: a plan write and every commit is ONE etcd txn whose compares are the
 //! generation (the `gen` key's `mod_revision` that carried it, or its absence for the
@@ -50,6 +56,8 @@ use etcd_client::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+
+use crate::records::{self, SuspectRecord, GEN_KEY, LEADER_PREFIX, SUSPECTS_PREFIX};
 
 /// HTTP/2 ping interval on open streams (watch, keep-alive): finds a dead or hung etcd
 /// on a long-lived stream. etcd refuses pings more often than every 5 s.
@@ -590,7 +598,7 @@ pub enum WatchStatus {
         last_error: String,
     },
     /// The watch gave up (etcd unreachable for [`EtcdConfig::give_up_after`], or a
-    /// malformed plan value); the channel is closed. Start a new watch from the last
+    /// member key that is not UTF-8); the channel is closed. Start a new watch from the last
     /// cursor once the cause is fixed.
     Failed {
         /// Why, naming the key and the endpoints.
@@ -775,7 +783,7 @@ impl EtcdMembership {
     pub async fn connect(config: EtcdConfig) -> Result<Self, EtcdError> {
         config.validate()?;
         let endpoints = config.endpoints.join(",");
-        let prefix = format!("/tenax/{}/", config.job);
+        let prefix = records::job_prefix(&config.job);
         let options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(HTTP2_PING_INTERVAL, HTTP2_PING_TIMEOUT);
@@ -811,7 +819,7 @@ impl EtcdMembership {
             config,
         });
         // The client connects lazily: one read proves that etcd answers.
-        let gen_key = inner.key("gen");
+        let gen_key = inner.key(GEN_KEY);
         inner.requests.fetch_add(1, Ordering::Relaxed);
         let mut kv = inner.client.kv_client();
         let probe = tokio::time::timeout(
@@ -1087,7 +1095,7 @@ impl EtcdMembership {
     /// call otherwise.
     pub async fn read_plan(&self) -> Result<Option<PlanRecord>, EtcdError> {
         let inner = &self.inner;
-        let key = inner.key("gen");
+        let key = inner.key(GEN_KEY);
         let resp = inner
             .call("get", &key, |mut c| {
                 let key = key.clone();
@@ -1172,13 +1180,13 @@ impl EtcdMembership {
     /// # Errors
     /// The errors of a call, or a value that is not a plan envelope.
     pub async fn plan_history(&self, max_versions: usize) -> Result<Vec<PlanRecord>, EtcdError> {
-        let versions = self.key_history("gen", max_versions).await?;
-        let key = self.inner.key("gen");
+        let versions = self.key_history(GEN_KEY, max_versions).await?;
+        let key = self.inner.key(GEN_KEY);
         versions
             .into_iter()
             .map(|v| {
-                let (generation, plan) = decode_envelope(&v.value)
-                    .map_err(|detail| self.inner.protocol("plan_history", &key, &detail))?;
+                let (generation, plan) = records::decode_plan_envelope(&v.value)
+                    .map_err(|e| self.inner.protocol("plan_history", &key, &e.to_string()))?;
                 Ok(PlanRecord {
                     generation,
                     plan,
@@ -1273,9 +1281,9 @@ impl EtcdMembership {
             });
         }
         check_id("write_plan", &writer.member_id)?;
-        let gen_key = inner.key("gen");
+        let gen_key = inner.key(GEN_KEY);
         let member_key = inner.member_key(&writer.member_id);
-        let envelope = encode_envelope(generation, plan);
+        let envelope = records::encode_plan_envelope(generation, plan);
         for _ in 0..FENCE_ROUNDS {
             let gen_cmp = match expected_prev_generation {
                 None => Compare::version(gen_key.clone(), CompareOp::Equal, 0),
@@ -1364,7 +1372,7 @@ impl EtcdMembership {
         let inner = &self.inner;
         check_suffix(key_suffix)?;
         check_id("fenced_put", &writer.member_id)?;
-        let gen_key = inner.key("gen");
+        let gen_key = inner.key(GEN_KEY);
         let member_key = inner.member_key(&writer.member_id);
         let key = inner.key(key_suffix);
         for _ in 0..FENCE_ROUNDS {
@@ -1439,7 +1447,8 @@ impl EtcdMembership {
     }
 
     /// Watches the plan from now on: the current plan (if any) is delivered first, then
-    /// every new one. See [`PlanWatch`].
+    /// every new one. A value that is not a plan envelope is skipped with a warning. See
+    /// [`PlanWatch`].
     pub async fn watch_plan(&self) -> PlanWatch {
         self.watch_plan_from(None).await
     }
@@ -1449,7 +1458,7 @@ impl EtcdMembership {
     /// the cursor's. A cursor whose revision was compacted resumes from the current plan.
     pub async fn watch_plan_from(&self, cursor: Option<PlanCursor>) -> PlanWatch {
         let source = PlanSource {
-            key: self.inner.key("gen"),
+            key: self.inner.key(GEN_KEY),
             delivered: cursor.map(|c| c.generation),
         };
         self.start_watch(source, cursor.map(|c| c.revision + 1))
@@ -1505,17 +1514,16 @@ impl EtcdMembership {
         check_id("report_suspect", suspect)?;
         check_id("report_suspect", &writer.member_id)?;
         let inner = &self.inner;
-        let key = format!("{}{suspect}/{}", inner.suspects_prefix(), writer.member_id);
+        let key = inner.key(&records::suspect_key(suspect, &writer.member_id));
         let mut cut = reason.len().min(MAX_REPORT_REASON_BYTES);
         while !reason.is_char_boundary(cut) {
             cut -= 1;
         }
-        let value = serde_json::json!({
-            "reporter": writer.member_id,
-            "reason": &reason[..cut],
-            "at_ms": at_ms,
-        })
-        .to_string();
+        let value = records::encode_suspect_report(&SuspectRecord {
+            reporter: writer.member_id.clone(),
+            reason: reason[..cut].to_string(),
+            at_ms,
+        });
         let lease = writer.lease;
         let result = inner
             .call("put", &key, |mut c| {
@@ -1601,17 +1609,17 @@ impl Inner {
 
     /// `/tenax/<job>/members/<id>`.
     fn member_key(&self, id: &str) -> String {
-        self.key(&format!("members/{id}"))
+        self.key(&records::member_key(id))
     }
 
     /// `/tenax/<job>/suspects/`: the prefix of the suspicion reports.
     fn suspects_prefix(&self) -> String {
-        self.key("suspects/")
+        self.key(SUSPECTS_PREFIX)
     }
 
     /// `/tenax/<job>/leader`: the election name (its keys are `<name>/<lease hex>`).
     fn election_name(&self) -> String {
-        self.key("leader")
+        self.key(LEADER_PREFIX)
     }
 
     /// The backoff before retry number `attempt` (1-based): `backoff_initial * 2^(n-1)`,
@@ -1716,8 +1724,8 @@ impl Inner {
     /// Decodes the plan envelope of the `gen` key.
     fn decode_plan(&self, what: &'static str, kv: &KeyValue) -> Result<PlanRecord, EtcdError> {
         let key = String::from_utf8_lossy(kv.key());
-        let (generation, plan) =
-            decode_envelope(kv.value()).map_err(|detail| self.protocol(what, &key, &detail))?;
+        let (generation, plan) = records::decode_plan_envelope(kv.value())
+            .map_err(|e| self.protocol(what, &key, &e.to_string()))?;
         Ok(PlanRecord {
             generation,
             plan,
@@ -1832,11 +1840,7 @@ fn check_id(what: &'static str, id: &str) -> Result<(), EtcdError> {
 
 /// A fenced key suffix must not touch the keys the driver owns.
 fn check_suffix(suffix: &str) -> Result<(), EtcdError> {
-    let reserved = suffix == "gen"
-        || suffix.starts_with("members/")
-        || suffix.starts_with("leader")
-        || suffix.starts_with("suspects/");
-    if suffix.is_empty() || suffix.starts_with('/') || reserved {
+    if suffix.is_empty() || suffix.starts_with('/') || records::is_driver_key(suffix) {
         return Err(EtcdError::InvalidArgument {
             what: "fenced_put",
             detail: format!(
@@ -1846,48 +1850,6 @@ fn check_suffix(suffix: &str) -> Result<(), EtcdError> {
         });
     }
     Ok(())
-}
-
-/// The start of every plan envelope.
-const ENVELOPE_HEAD: &[u8] = b"{\"generation\":";
-/// Between the generation and the plan.
-const ENVELOPE_MID: &[u8] = b",\"plan\":";
-
-/// `{"generation":N,"plan":<plan>}`: valid JSON when `plan` is, and the plan bytes come
-/// back exactly as given.
-fn encode_envelope(generation: u64, plan: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(plan.len() + 48);
-    v.extend_from_slice(ENVELOPE_HEAD);
-    v.extend_from_slice(generation.to_string().as_bytes());
-    v.extend_from_slice(ENVELOPE_MID);
-    v.extend_from_slice(plan);
-    v.push(b'}');
-    v
-}
-
-/// The inverse of [`encode_envelope`]; the error says what is wrong.
-fn decode_envelope(value: &[u8]) -> Result<(u64, Vec<u8>), String> {
-    let bad = || {
-        format!(
-            "the value ({} bytes) is not a tenax plan envelope {{\"generation\":N,\"plan\":...}}; \
-             it was written by another tool: delete the key or restore it from a tenax writer",
-            value.len()
-        )
-    };
-    let rest = value.strip_prefix(ENVELOPE_HEAD).ok_or_else(bad)?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let generation: u64 = std::str::from_utf8(&rest[..digits])
-        .ok()
-        .and_then(|d| d.parse().ok())
-        .ok_or_else(bad)?;
-    let plan = rest[digits..]
-        .strip_prefix(ENVELOPE_MID)
-        .and_then(|p| p.strip_suffix(b"}"))
-        .ok_or_else(bad)?;
-    if serde_json::from_slice::<serde_json::Value>(plan).is_err() {
-        return Err(bad());
-    }
-    Ok((generation, plan.to_vec()))
 }
 
 /// The lease keep-alive loop of one registration. Ends when the lease is gone, after
@@ -2063,8 +2025,17 @@ struct PlanSource {
 impl PlanSource {
     /// The update of a plan value, if its generation is new (and then it counts as
     /// delivered).
+    ///
+    /// A value that is not a plan envelope (another tool, a hand edit) is skipped with a
+    /// warning: the watch goes on and delivers the next good plan.
     fn update(&mut self, inner: &Inner, kv: &KeyValue) -> Result<Option<PlanUpdate>, EtcdError> {
-        let record = inner.decode_plan("watch", kv)?;
+        let record = match inner.decode_plan("watch", kv) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), revision = kv.mod_revision(), error = %e, "ignoring a malformed plan value");
+                return Ok(None);
+            }
+        };
         inner.note_plan(record.generation, record.mod_revision);
         if self.delivered.is_some_and(|d| record.generation <= d) {
             return Ok(None);
@@ -2176,29 +2147,15 @@ impl SuspectSource {
         let key = String::from_utf8_lossy(kv.key());
         let (suspect, reporter) = key
             .strip_prefix(self.key.as_str())
-            .and_then(|rest| rest.split_once('/'))
-            .filter(|(s, r)| !s.is_empty() && !r.is_empty() && !r.contains('/'))
+            .and_then(records::parse_suspect_key)
             .ok_or_else(|| format!("key {key} is not {}<suspect>/<reporter>", self.key))?;
-        let value: serde_json::Value = serde_json::from_slice(kv.value())
-            .map_err(|e| format!("the value of {key} is not JSON: {e}"))?;
-        let named = value.get("reporter").and_then(serde_json::Value::as_str);
-        if named != Some(reporter) {
-            return Err(format!(
-                "the value of {key} names reporter {named:?}, not the key's {reporter:?}"
-            ));
-        }
+        let record = records::decode_suspect_report(suspect, reporter, kv.value())
+            .map_err(|e| e.to_string())?;
         Ok(SuspectReport {
             suspect: suspect.to_string(),
-            reporter: reporter.to_string(),
-            reason: value
-                .get("reason")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            at_ms: value
-                .get("at_ms")
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or_default(),
+            reporter: record.reporter,
+            reason: record.reason,
+            at_ms: record.at_ms,
             revision: kv.mod_revision(),
         })
     }
@@ -2450,35 +2407,6 @@ async fn session<S: WatchSource>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn envelope_round_trips_the_plan_bytes_exactly() {
-        let plan = br#"{ "members": ["b", "a"],  "d": 2 }"#;
-        let v = encode_envelope(7, plan);
-        assert_eq!(
-            serde_json::from_slice::<serde_json::Value>(&v).unwrap()["generation"],
-            7
-        );
-        assert_eq!(decode_envelope(&v).unwrap(), (7, plan.to_vec()));
-    }
-
-    #[test]
-    fn malformed_envelopes_are_refused() {
-        for bad in [
-            &b""[..],
-            b"{}",
-            b"{\"generation\":x,\"plan\":{}}",
-            b"{\"generation\":1,\"plan\":{}",
-            b"{\"generation\":1,\"plan\":nope}",
-            b"{\"generation\":1,\"plan\":{}}}",
-        ] {
-            assert!(
-                decode_envelope(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
 
     #[test]
     fn config_validation_names_the_setting() {

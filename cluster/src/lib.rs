@@ -8,6 +8,9 @@
 //!   leader election, the generation plan (one value, written by a guarded txn, watched),
 //!   and fenced commits (txns that compare the generation and the writer's lease), and
 //!   watches of the member keys.
+//! - [`records`]: the typed records of a job's etcd keys (the plan at `gen`, member
+//!   registrations, the config and checkpoint records, suspicion reports): key names and
+//!   every value's encoding and decoding in one place; a decoded plan is validated.
 //! - [`member`]: [`member::Member`], the async agent of one node: registers under a
 //!   lease, campaigns, runs the membership planner when leader (member watch in, plan
 //!   writes and revocations out), watches the plan and commits fenced on the generation
@@ -24,6 +27,7 @@ pub mod etcd;
 pub mod inprocess;
 pub mod member;
 pub mod peer;
+pub mod records;
 
 pub use collective::{Collective, CollectiveError, Reduced, SlotContribution, SlotFold};
 pub use inprocess::InProcessCollective;

@@ -79,6 +79,7 @@ use crate::etcd::{
     Member as EtcdMember, MemberEvent, MemberWatch, PlanUpdate, PlanWatch, Registration,
     SuspectEvent, SuspectWatch, WriteOutcome, Writer,
 };
+use crate::records;
 
 /// How many times [`Member::start`] registers when the generation keeps changing
 /// during registration.
@@ -596,10 +597,9 @@ async fn register(
             addr: addr.to_string(),
             metrics_addr: metrics_addr.to_string(),
         };
-        let bytes = serde_json::to_vec(&info).map_err(|e| MemberError::InvalidConfig {
-            detail: format!("member info of {id:?} does not serialise: {e}"),
-        })?;
-        let registration = etcd.register(id, &bytes).await?;
+        let registration = etcd
+            .register(id, &records::encode_member_info(&info))
+            .await?;
         match stored_generation(etcd).await {
             Ok(after) if after == before => return Ok((registration, info)),
             Ok(after) => {
@@ -858,16 +858,10 @@ impl Agent {
                 let writer = self.writer.clone();
                 let expected = (expected_prev_generation > 0).then_some(expected_prev_generation);
                 self.jobs.spawn(async move {
-                    let result = match serde_json::to_vec(&plan) {
-                        Ok(json) => {
-                            etcd.write_plan(expected, plan.generation, &json, &writer)
-                                .await
-                        }
-                        Err(e) => Err(EtcdError::InvalidArgument {
-                            what: "write_plan",
-                            detail: format!("the plan does not serialise: {e}"),
-                        }),
-                    };
+                    let json = records::encode_plan(&plan);
+                    let result = etcd
+                        .write_plan(expected, plan.generation, &json, &writer)
+                        .await;
                     Job::Write { plan, result }
                 });
             }
@@ -997,7 +991,7 @@ impl Agent {
                 self.plan_watch.status()
             ));
         };
-        match decode_plan(update.generation, &update.plan) {
+        match records::decode_plan(update.generation, &update.plan) {
             Ok(plan) => {
                 // A new generation starts with a clean slate: a member the plan left out
                 // was dealt with, and one that was evicted and registered again before
@@ -1010,7 +1004,7 @@ impl Agent {
                 self.feed(Event::PlanCommitted(plan));
             }
             Err(e) => {
-                tracing::warn!(member = %self.writer.member_id, generation = update.generation, error = %e, "ignoring a plan that does not decode");
+                tracing::warn!(member = %self.writer.member_id, generation = update.generation, revision = update.revision, error = %e, "ignoring a malformed plan");
             }
         }
         Ok(())
@@ -1135,18 +1129,16 @@ impl Agent {
         }
     }
 
-    /// A registration seen: feeds `MemberJoined` when its info decodes.
+    /// A registration seen: feeds `MemberJoined` when its info decodes (and names the
+    /// key's id and at least one device).
     fn joined(&mut self, member: &EtcdMember) {
-        match serde_json::from_slice::<MemberInfo>(&member.info) {
-            Ok(info) if info.id.as_str() == member.id => {
+        match records::decode_member_info(&member.id, &member.info) {
+            Ok(info) => {
                 self.leases.insert(info.id.clone(), member.lease);
                 self.feed(Event::MemberJoined(info));
             }
-            Ok(info) => {
-                tracing::warn!(key = %member.id, info_id = %info.id, "ignoring a member key whose info names another id");
-            }
             Err(e) => {
-                tracing::warn!(key = %member.id, error = %e, "ignoring a member key whose value is not a MemberInfo");
+                tracing::warn!(member = %self.writer.member_id, error = %e, "ignoring a malformed member registration");
             }
         }
     }
@@ -1334,18 +1326,6 @@ impl Agent {
     }
 }
 
-/// Decodes a plan and checks that it carries the generation of its envelope.
-fn decode_plan(generation: u64, bytes: &[u8]) -> Result<Plan, String> {
-    let plan: Plan = serde_json::from_slice(bytes).map_err(|e| format!("not a tenax plan: {e}"))?;
-    if plan.generation != generation {
-        return Err(format!(
-            "the plan says generation {} but is stored as generation {generation}",
-            plan.generation
-        ));
-    }
-    Ok(plan)
-}
-
 /// One campaign; when won, the members snapshot and the stored plan.
 async fn campaign(etcd: EtcdMembership, writer: Writer) -> CampaignEnd {
     let leadership = match etcd.campaign(&writer, CAMPAIGN_WAIT).await {
@@ -1396,7 +1376,7 @@ async fn campaign(etcd: EtcdMembership, writer: Writer) -> CampaignEnd {
     }
     let current = match etcd.read_plan().await {
         Ok(None) => None,
-        Ok(Some(record)) => match decode_plan(record.generation, &record.plan) {
+        Ok(Some(record)) => match records::decode_plan(record.generation, &record.plan) {
             Ok(plan) => Some(plan),
             Err(e) => {
                 return CampaignEnd::Failed(format!(
@@ -1436,7 +1416,7 @@ async fn check_leader(
         Ok(ms) => ms
             .into_iter()
             .find(|m| m.id == suspect.as_str())
-            .and_then(|m| serde_json::from_slice::<MemberInfo>(&m.info).ok()),
+            .and_then(|m| records::decode_member_info(&m.id, &m.info).ok()),
         Err(e) => return LeaderCheck::Skipped(format!("reading the members: {e}")),
     };
     let Some(info) = info else {

@@ -10,8 +10,9 @@
 //! - [`detector`]: failure detection: a peer is suspected after missing k x the observed
 //!   p99 of an operation, and a suspicion is confirmed (second reporter or failed probe)
 //!   before its lease is revoked.
-//! - [`membership`]: the group planner as a state machine (events in, effects out) and
-//!   the plan of a generation: D x S grid, stable ranks, state transfers, reasons.
+//! - [`membership`]: the group planner as a state machine (events in, effects out), the
+//!   plan of a generation (D x S grid, stable ranks, reasons) and its validation, and who
+//!   copies state from whom once members have compared their states (`state_donors`).
 //! - [`node`]: the life of one node as a state machine (events in, effects out): which
 //!   plan it trains in, state comparison and copies, steps and their deadlines,
 //!   checkpoints and their fenced records, drains, pauses, failures and rejoins.

@@ -14,13 +14,14 @@ use tenax_cluster::peer::{
     fetch_state, CommSpec, GrpcCollective, PeerAddr, PeerHub, StateSnapshot,
 };
 use tenax_cluster::Collective;
-use tenax_core::membership::{MemberId, MemberInfo, Plan};
+use tenax_core::membership::{MemberId, Plan};
 use tenax_core::node::{Event, PeerState, Record};
 use tenax_storage::Store;
 use tokio_util::sync::CancellationToken;
 
-use super::{find_resume_point, start_member, CheckpointRecord, Shared, CHECKPOINT_KEY};
+use super::{find_resume_point, start_member, Shared};
 use crate::train::{start_state, Prepared, Start};
+use tenax_cluster::records::{self, CheckpointRecord, CHECKPOINT_KEY};
 
 /// How long one attempt to write a checkpoint's etcd record may hold the loop.
 const RECORD_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
@@ -471,7 +472,7 @@ pub(super) async fn write_record(
         generation: rec.generation,
         member: member.id().to_string(),
     };
-    let bytes = serde_json::to_vec(&record).expect("record serialises");
+    let bytes = records::encode_checkpoint(&record);
     let commit = member.fenced_commit_in(rec.generation, CHECKPOINT_KEY, &bytes);
     let step = rec.step;
     match tokio::time::timeout(RECORD_ATTEMPT_TIMEOUT, commit).await {
@@ -506,7 +507,7 @@ async fn read_record(etcd: &EtcdMembership, timeout: Duration) -> Option<Checkpo
     let Ok(Ok(Some(bytes))) = got else {
         return None;
     };
-    serde_json::from_slice(&bytes).ok()
+    records::decode_checkpoint(&bytes).ok()
 }
 
 /// The members of `plan` that host ranks, in order of their first rank, with addresses.
@@ -514,8 +515,11 @@ async fn peers_of(etcd: &EtcdMembership, plan: &Plan) -> Result<Vec<PeerAddr>, S
     let registered = etcd.members().await.map_err(|e| e.to_string())?;
     let mut addrs = BTreeMap::new();
     for m in registered {
-        if let Ok(info) = serde_json::from_slice::<MemberInfo>(&m.info) {
-            addrs.insert(info.id.to_string(), info.addr);
+        match records::decode_member_info(&m.id, &m.info) {
+            Ok(info) => {
+                addrs.insert(info.id.to_string(), info.addr);
+            }
+            Err(e) => eprintln!("warning: {e}"),
         }
     }
     let mut order: Vec<String> = Vec::new();
