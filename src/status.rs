@@ -807,6 +807,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::Arc;
     use tenax_proto::v1::control_server::{Control, ControlServer};
+    use tokio::task::JoinHandle;
     use tokio_util::sync::CancellationToken;
 
     fn info(id: &str, addr: &str) -> MemberInfo {
@@ -1171,13 +1172,18 @@ a   h:1   -      -     -      -           (unreachable: x)
         }
     }
 
-    /// Serves a [`Fake`] on a free port until the token is cancelled.
-    async fn fake_server(status: StatusReply) -> (SocketAddr, CancellationToken) {
+    /// The timeout of every call these tests expect to succeed: far above what a call on
+    /// the loopback takes on a loaded machine (refused calls fail at once anyway).
+    const WAIT_S: f64 = 30.0;
+
+    /// Serves a [`Fake`] on a free port until the token is cancelled; the task ends once
+    /// the server has stopped (its listener closed).
+    async fn fake_server(status: StatusReply) -> (SocketAddr, CancellationToken, JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let token = CancellationToken::new();
         let stop = token.clone();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(ControlServer::from_arc(Arc::new(Fake { status })))
                 .serve_with_incoming_shutdown(
@@ -1187,7 +1193,7 @@ a   h:1   -      -     -      -           (unreachable: x)
                 .await
                 .unwrap();
         });
-        (addr, token)
+        (addr, token, server)
     }
 
     /// A local port nobody listens on.
@@ -1203,13 +1209,13 @@ a   h:1   -      -     -      -           (unreachable: x)
             node: node.map(str::to_string),
             addr,
             all: false,
-            timeout_s: 2.0,
+            timeout_s: WAIT_S,
         }
     }
 
     #[tokio::test]
     async fn control_and_query_against_a_fake_daemon() {
-        let (addr, stop) = fake_server(reply("a", 3, vec![0], true)).await;
+        let (addr, stop, _server) = fake_server(reply("a", 3, vec![0], true)).await;
         let t = target(Some(addr.to_string()), None, DEFAULT_ETCD, "j");
 
         control(ControlCommand::Drain {
@@ -1233,13 +1239,13 @@ a   h:1   -      -     -      -           (unreachable: x)
             .unwrap_err();
         assert!(e.to_string().contains("shutting down"), "{e}");
 
-        let got = query_status(&addr.to_string(), Duration::from_secs(2))
+        let got = query_status(&addr.to_string(), Duration::from_secs_f64(WAIT_S))
             .await
             .unwrap();
         assert_eq!(got.step, 3);
 
         let dead = closed_port().await.to_string();
-        let e = query_status(&dead, Duration::from_secs(2))
+        let e = query_status(&dead, Duration::from_secs_f64(WAIT_S))
             .await
             .unwrap_err();
         assert!(e.to_lowercase().contains("refused"), "{e}");
@@ -1259,7 +1265,7 @@ a   h:1   -      -     -      -           (unreachable: x)
             etcd: dead.clone(),
             job: "j".into(),
             json: true,
-            timeout_s: 2.0,
+            timeout_s: WAIT_S,
         };
         let e = status(args).await.unwrap_err().to_string();
         assert!(
@@ -1301,12 +1307,12 @@ a   h:1   -      -     -      -           (unreachable: x)
             etcd: url.clone(),
             job: job.clone(),
             json: true,
-            timeout_s: 2.0,
+            timeout_s: WAIT_S,
         };
         let e = collect(&args).await.unwrap_err().to_string();
         assert_eq!(e, no_members(&job, &url));
 
-        let (addr, stop) = fake_server(reply("a", 12, vec![0, 1], true)).await;
+        let (addr, stop, server) = fake_server(reply("a", 12, vec![0, 1], true)).await;
         let dead = closed_port().await;
         let etcd = EtcdMembership::connect(EtcdConfig::new(vec![url.clone()], job.clone()))
             .await
@@ -1353,7 +1359,10 @@ a   h:1   -      -     -      -           (unreachable: x)
 
         // Nobody answers: the status is printed, then it is an error.
         stop.cancel();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::timeout(Duration::from_secs_f64(WAIT_S), server)
+            .await
+            .expect("the fake daemon stops")
+            .unwrap();
         let e = status(args).await.unwrap_err().to_string();
         assert!(e.contains("none of the 2 registered member(s)"), "{e}");
     }

@@ -365,8 +365,20 @@ mod tests {
         }
     }
 
-    async fn settle() {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    /// The bound of every wait: far above what it takes on a loaded machine, so that
+    /// only a hang reaches it.
+    const WAIT: Duration = Duration::from_secs(60);
+
+    /// Stops the node and waits until its supervisor has ended. The supervisor handles
+    /// one event at a time and a restart starts its child within the handling of the
+    /// failure, so every restart decided for a failure seen before now has been made.
+    async fn stop_and_join(node: NodeSupervisor) {
+        let NodeSupervisor { actor, handle, .. } = node;
+        actor.send_message(NodeMsg::Stop).unwrap();
+        tokio::time::timeout(WAIT, handle)
+            .await
+            .expect("the node supervisor stops")
+            .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,15 +387,20 @@ mod tests {
         let node = NodeSupervisor::start(vec![flaky("grpc", 2, 2, starts.clone())])
             .await
             .unwrap();
-        settle().await;
+        let mut restarts = node.restarts.clone();
+        tokio::time::timeout(WAIT, restarts.wait_for(|&n| n >= 2))
+            .await
+            .expect("two restarts")
+            .unwrap();
+        let failed = node.failed();
+        stop_and_join(node).await;
         assert_eq!(
             starts.load(Ordering::SeqCst),
             3,
             "two failures, two restarts"
         );
-        assert_eq!(node.restarts(), 2);
-        assert_eq!(*node.failed().borrow(), None);
-        node.shutdown().await;
+        assert_eq!(*restarts.borrow(), 2);
+        assert_eq!(*failed.borrow(), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,7 +414,7 @@ mod tests {
         .await
         .unwrap();
         let mut failed = node.failed();
-        let reason = tokio::time::timeout(Duration::from_secs(10), async {
+        let reason = tokio::time::timeout(WAIT, async {
             loop {
                 if let Some(r) = failed.borrow_and_update().clone() {
                     return r;
@@ -411,7 +428,9 @@ mod tests {
             reason.contains("metrics") && reason.contains("2 failure"),
             "{reason}"
         );
-        settle().await;
+        // Once the supervisor has ended, it has handled every failure it saw: a restart
+        // after giving up, or of the healthy child, would show in the counts.
+        stop_and_join(node).await;
         assert_eq!(
             starts.load(Ordering::SeqCst),
             2,
@@ -422,6 +441,5 @@ mod tests {
             1,
             "the healthy child runs on"
         );
-        node.shutdown().await;
     }
 }

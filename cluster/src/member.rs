@@ -154,6 +154,12 @@ struct Counters {
     revocations: AtomicU64,
     /// Suspicions reported: fed to the own planner as leader, or written to etcd.
     suspicions_reported: AtomicU64,
+    /// Probe results fed to the planner (counted once it has decided on them).
+    probe_results: AtomicU64,
+    /// Followers' reports fed to the planner as leader (counted once it has decided).
+    reports_heard: AtomicU64,
+    /// [`Member::suspect`] calls dropped as repeats within [`REPORT_INTERVAL`].
+    repeats_dropped: AtomicU64,
 }
 
 /// Settings of one [`Member`].
@@ -415,6 +421,25 @@ impl Member {
     /// not counted).
     pub fn suspicions_reported(&self) -> u64 {
         self.counters.suspicions_reported.load(Ordering::Relaxed)
+    }
+
+    /// Probe results this member's planner has decided on as leader (a probe that
+    /// answered cleared its suspicion by then): what a test waits for before it checks
+    /// that nothing came of a probe.
+    pub fn probe_results(&self) -> u64 {
+        self.counters.probe_results.load(Ordering::Relaxed)
+    }
+
+    /// Followers' suspicion reports this member's planner has decided on as leader
+    /// (a revocation, if one was decided, was started by then).
+    pub fn reports_heard(&self) -> u64 {
+        self.counters.reports_heard.load(Ordering::Relaxed)
+    }
+
+    /// [`Member::suspect`] calls dropped because the same suspect was reported less than
+    /// [`REPORT_INTERVAL`] before.
+    pub fn repeats_dropped(&self) -> u64 {
+        self.counters.repeats_dropped.load(Ordering::Relaxed)
     }
 
     /// The member id.
@@ -1047,6 +1072,9 @@ impl Agent {
         if let Some(&last) = self.reported.get(&member) {
             if now.duration_since(last) < REPORT_INTERVAL {
                 tracing::debug!(member = %me, target = %member, %reason, "suspicion not reported again: reported {:?} ago", now.duration_since(last));
+                self.counters
+                    .repeats_dropped
+                    .fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
@@ -1125,6 +1153,7 @@ impl Agent {
                     reporter: MemberId::new(report.reporter),
                     reason: report.reason,
                 });
+                self.counters.reports_heard.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -1247,6 +1276,7 @@ impl Agent {
                     Some(alive) => {
                         tracing::info!(member = %me, target = %member, alive, "probe answered");
                         self.feed(Event::ProbeResult { member, alive });
+                        self.counters.probe_results.fetch_add(1, Ordering::Relaxed);
                     }
                     None => {
                         tracing::error!(member = %me, target = %member, "the prober panicked: no probe result (the suspicion waits for a second reporter or expires)");

@@ -50,6 +50,9 @@ pub struct GrpcCollective {
     failed_peers: Mutex<Vec<(String, String)>>,
     /// Chaos hook: the step whose all-gather this member leaves half done, then exits.
     exit_in_all_gather: Mutex<Option<u64>>,
+    /// Threads blocked in `reduced` now (a test seam: a test waits for it before it
+    /// checks that an event wakes them).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 struct Taken {
@@ -148,6 +151,7 @@ impl GrpcCollective {
             cancel: CancellationToken::new(),
             failed_peers: Mutex::new(Vec::new()),
             exit_in_all_gather: Mutex::new(None),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             spec,
         });
         let (old, buffered) = hub
@@ -196,6 +200,12 @@ impl GrpcCollective {
     /// Why it was aborted, if it was.
     pub fn aborted(&self) -> Option<String> {
         self.lock().aborted.clone()
+    }
+
+    /// How many threads are blocked in `reduced` now (for tests).
+    #[cfg(test)]
+    pub(super) fn waiting_in_reduced(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     /// How far `step` got on this member: which slots' losses are in (by slot) and which
@@ -851,11 +861,15 @@ impl Collective for GrpcCollective {
                     expected: self.geo.num_slots,
                 });
             }
+            // Counted under the lock, which the wait releases: whoever sees the count
+            // and then takes the lock to change the state wakes this thread.
+            self.waiting.fetch_add(1, Ordering::SeqCst);
             st = self
                 .changed
                 .wait_timeout(st, timeout - waited)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
