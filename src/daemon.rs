@@ -1138,6 +1138,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             },
         )
         .map_err(|e| anyhow!("--suspect-after-ms: {e}"))?,
+        #[cfg(feature = "chaos-hooks")]
         flipped: false,
         pending_record: None,
         refused_step: None,
@@ -1207,6 +1208,7 @@ struct Node<'a> {
     /// Step durations: the deadline past which a step's laggards are reported.
     deadline: FailureDetector,
     /// The chaos bit flip was done (it is done once).
+    #[cfg(feature = "chaos-hooks")]
     flipped: bool,
     /// A checkpoint record etcd did not take yet (with its save time and the last try).
     pending_record: Option<(CheckpointRecord, f64, Instant)>,
@@ -1260,12 +1262,6 @@ async fn start_member(etcd: &EtcdMembership, join: &MemberConfig) -> Result<Memb
     )
     .await
     .map_err(|e| anyhow!("{e}"))
-}
-
-/// A chaos hook's step, from the environment: tests make a daemon fail at a chosen
-/// moment with it. Unset (always, outside tests): `None`.
-fn chaos_step(var: &str) -> Option<u64> {
-    std::env::var(var).ok()?.trim().parse().ok()
 }
 
 /// What waiting for a plan ended with.
@@ -1571,7 +1567,8 @@ impl Node<'_> {
             connect_deadline: Duration::from_secs(10),
         };
         let comm = GrpcCollective::new(&self.shared.hub, spec).map_err(|e| anyhow!("{e}"))?;
-        if let Some(step) = chaos_step("TENAX_CHAOS_EXIT_IN_ALL_GATHER") {
+        #[cfg(feature = "chaos-hooks")]
+        if let Some(step) = crate::hooks::step(crate::hooks::EXIT_IN_ALL_GATHER) {
             comm.exit_during_all_gather(step);
         }
         // Which member computes each slot: a late step names the members it waits for.
@@ -1651,15 +1648,12 @@ impl Node<'_> {
                     }
                 }
             }
-            if let Some(at) = chaos_step("TENAX_CHAOS_FLIP_PARAM_AT_STEP") {
+            #[cfg(feature = "chaos-hooks")]
+            if let Some(at) = crate::hooks::step(crate::hooks::FLIP_PARAM_AT_STEP) {
                 if state.step >= at && !self.flipped {
                     // Silent corruption on this node only: one bit of one parameter.
                     self.flipped = true;
-                    // The largest parameter's top mantissa bit: a change updates do not absorb.
-                    let i = (0..state.params.len())
-                        .max_by(|&a, &b| state.params[a].abs().total_cmp(&state.params[b].abs()))
-                        .unwrap_or(0);
-                    state.params[i] = f32::from_bits(state.params[i].to_bits() ^ (1 << 22));
+                    crate::hooks::flip_one_bit(&mut state.params);
                     eprintln!(
                         "chaos: node {me} flipped one bit of its parameters at step {}",
                         state.step

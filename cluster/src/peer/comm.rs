@@ -49,6 +49,7 @@ pub struct GrpcCollective {
     /// Peers whose stream failed, with what was seen (in order, each once).
     failed_peers: Mutex<Vec<(String, String)>>,
     /// Chaos hook: the step whose all-gather this member leaves half done, then exits.
+    #[cfg(feature = "chaos-hooks")]
     exit_in_all_gather: Mutex<Option<u64>>,
 }
 
@@ -147,6 +148,7 @@ impl GrpcCollective {
             tasks: Mutex::new(Vec::new()),
             cancel: CancellationToken::new(),
             failed_peers: Mutex::new(Vec::new()),
+            #[cfg(feature = "chaos-hooks")]
             exit_in_all_gather: Mutex::new(None),
             spec,
         });
@@ -263,7 +265,8 @@ impl GrpcCollective {
     /// `step`, this member sends its all-gather frames (reduced chunks, ring all-gather
     /// rounds) to the first other member only, then exits the process 300 ms later. That
     /// member can complete the step while the others cannot: the survivors then disagree
-    /// on whether the step was applied.
+    /// on whether the step was applied. Only with the `chaos-hooks` feature.
+    #[cfg(feature = "chaos-hooks")]
     pub fn exit_during_all_gather(&self, step: u64) {
         *self
             .exit_in_all_gather
@@ -611,8 +614,13 @@ impl GrpcCollective {
         self.queue(frames).map_err(|reason| self.fail(&reason))
     }
 
-    /// Queues frames without waiting; says why if a queue is full, closed or gone.
-    fn queue(&self, mut frames: Vec<(usize, PeerFrame)>) -> Result<(), String> {
+    /// The [`Self::exit_during_all_gather`] hook: in its step, keeps only the all-gather
+    /// frames to the first other member and exits the process 300 ms later.
+    #[cfg(feature = "chaos-hooks")]
+    fn exit_if_in_all_gather(
+        &self,
+        mut frames: Vec<(usize, PeerFrame)>,
+    ) -> Vec<(usize, PeerFrame)> {
         let fault = *self
             .exit_in_all_gather
             .lock()
@@ -640,6 +648,13 @@ impl GrpcCollective {
                 });
             }
         }
+        frames
+    }
+
+    /// Queues frames without waiting; says why if a queue is full, closed or gone.
+    fn queue(&self, frames: Vec<(usize, PeerFrame)>) -> Result<(), String> {
+        #[cfg(feature = "chaos-hooks")]
+        let frames = self.exit_if_in_all_gather(frames);
         let failure = {
             let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
             let mut failure = None;
