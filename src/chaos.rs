@@ -441,6 +441,13 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         )
     })?;
     let scenario = Scenario::parse(&text, &a.scenario.display().to_string())?;
+    // A hook in the daemons' environment that this build lacks: fail here, not in every
+    // daemon (whose exits the run would report as faults).
+    crate::hooks::check_env(
+        scenario.daemon.env.keys().map(String::as_str),
+        crate::hooks::compiled(),
+    )
+    .map_err(|e| anyhow!("{}: [daemon] env: {e}", a.scenario.display()))?;
     let name = if scenario.name.is_empty() {
         a.scenario
             .file_stem()

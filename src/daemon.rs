@@ -472,10 +472,3 @@ async fn start_member(etcd: &EtcdMembership, join: &MemberConfig) -> Result<Memb
     .await
     .map_err(|e| anyhow!("{e}"))
 }
-
-/// A chaos hook's step, from the environment: tests make a daemon fail at a chosen
-/// moment with it. Unset (always, outside tests): `None`.
-#[cfg(feature = "chaos-hooks")]
-fn chaos_step(var: &str) -> Option<u64> {
-    std::env::var(var).ok()?.trim().parse().ok()
-}

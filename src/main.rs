@@ -2,13 +2,15 @@
 //!
 //! This binary only wires subcommands to the crates that do the work:
 //! `train` (src/train.rs), `daemon` (src/daemon.rs), `status` and `control`
-//! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs).
+//! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs), `chaos` (src/chaos.rs);
+//! test-only fault hooks and their guard in src/hooks.rs.
 
 mod bench;
 mod chaos;
 mod ckpt;
 mod config;
 mod daemon;
+mod hooks;
 mod metrics;
 mod plot;
 mod status;
@@ -183,6 +185,15 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    // Before anything runs: a hook variable this build cannot honour is an error, never
+    // silently ignored (see src/hooks.rs).
+    let names: Vec<String> = std::env::vars_os()
+        .map(|(name, _)| name.to_string_lossy().into_owned())
+        .collect();
+    if let Err(line) = hooks::check_env(names.iter().map(String::as_str), hooks::compiled()) {
+        eprintln!("error: {line}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

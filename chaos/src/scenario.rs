@@ -161,7 +161,8 @@ pub struct DaemonSection {
     /// Further daemon flags.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Environment of every daemon, e.g. `{ TENAX_LOG = "info" }` or a chaos hook.
+    /// Environment of every daemon, e.g. `{ TENAX_LOG = "info" }` or a chaos hook (only a
+    /// `tenax` built with `--features chaos-hooks` runs a scenario that sets one).
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
 }

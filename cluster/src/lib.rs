@@ -20,6 +20,10 @@
 //!   `Peer` service) and [`peer::GrpcCollective`] (one generation's communicator:
 //!   slot-ordered exact reduce-scatter/all-gather, or a ring all-reduce).
 //!
+//! Feature `chaos-hooks` (test builds only; `tenax/chaos-hooks` turns it on): the fault
+//! hook [`peer::GrpcCollective::exit_during_all_gather`]. Without it the hook's code is
+//! not compiled.
+//!
 //! Still to come (daemon issues): NCCL through cudarc behind the `cuda` feature.
 
 pub mod collective;

@@ -313,7 +313,7 @@ impl<'a> Shell<'a> {
     /// slot.
     fn install(&mut self, comm: Arc<GrpcCollective>, peers: Vec<PeerAddr>) {
         #[cfg(feature = "chaos-hooks")]
-        if let Some(step) = super::chaos_step("TENAX_CHAOS_EXIT_IN_ALL_GATHER") {
+        if let Some(step) = crate::hooks::step(crate::hooks::EXIT_IN_ALL_GATHER) {
             comm.exit_during_all_gather(step);
         }
         let spec = comm.spec();
@@ -623,14 +623,10 @@ impl<'a> Shell<'a> {
     /// Silent corruption on this node only, for tests: one bit of one parameter.
     #[cfg(feature = "chaos-hooks")]
     fn chaos_flip(&mut self, mut state: Start) -> Start {
-        if let Some(at) = super::chaos_step("TENAX_CHAOS_FLIP_PARAM_AT_STEP") {
+        if let Some(at) = crate::hooks::step(crate::hooks::FLIP_PARAM_AT_STEP) {
             if state.step >= at && !self.flipped {
                 self.flipped = true;
-                // The largest parameter's top mantissa bit: a change updates do not absorb.
-                let i = (0..state.params.len())
-                    .max_by(|&a, &b| state.params[a].abs().total_cmp(&state.params[b].abs()))
-                    .unwrap_or(0);
-                state.params[i] = f32::from_bits(state.params[i].to_bits() ^ (1 << 22));
+                crate::hooks::flip_one_bit(&mut state.params);
                 self.hash = None;
                 eprintln!(
                     "chaos: node {} flipped one bit of its parameters at step {}",

@@ -49,6 +49,7 @@ pub struct GrpcCollective {
     /// Peers whose stream failed, with what was seen (in order, each once).
     failed_peers: Mutex<Vec<(String, String)>>,
     /// Chaos hook: the step whose all-gather this member leaves half done, then exits.
+    #[cfg(feature = "chaos-hooks")]
     exit_in_all_gather: Mutex<Option<u64>>,
     /// Threads blocked in `reduced` now (a test seam: a test waits for it before it
     /// checks that an event wakes them).
@@ -150,6 +151,7 @@ impl GrpcCollective {
             tasks: Mutex::new(Vec::new()),
             cancel: CancellationToken::new(),
             failed_peers: Mutex::new(Vec::new()),
+            #[cfg(feature = "chaos-hooks")]
             exit_in_all_gather: Mutex::new(None),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             spec,
@@ -273,7 +275,8 @@ impl GrpcCollective {
     /// `step`, this member sends its all-gather frames (reduced chunks, ring all-gather
     /// rounds) to the first other member only, then exits the process 300 ms later. That
     /// member can complete the step while the others cannot: the survivors then disagree
-    /// on whether the step was applied.
+    /// on whether the step was applied. Only with the `chaos-hooks` feature.
+    #[cfg(feature = "chaos-hooks")]
     pub fn exit_during_all_gather(&self, step: u64) {
         *self
             .exit_in_all_gather
@@ -621,8 +624,13 @@ impl GrpcCollective {
         self.queue(frames).map_err(|reason| self.fail(&reason))
     }
 
-    /// Queues frames without waiting; says why if a queue is full, closed or gone.
-    fn queue(&self, mut frames: Vec<(usize, PeerFrame)>) -> Result<(), String> {
+    /// The [`Self::exit_during_all_gather`] hook: in its step, keeps only the all-gather
+    /// frames to the first other member and exits the process 300 ms later.
+    #[cfg(feature = "chaos-hooks")]
+    fn exit_if_in_all_gather(
+        &self,
+        mut frames: Vec<(usize, PeerFrame)>,
+    ) -> Vec<(usize, PeerFrame)> {
         let fault = *self
             .exit_in_all_gather
             .lock()
@@ -650,6 +658,13 @@ impl GrpcCollective {
                 });
             }
         }
+        frames
+    }
+
+    /// Queues frames without waiting; says why if a queue is full, closed or gone.
+    fn queue(&self, frames: Vec<(usize, PeerFrame)>) -> Result<(), String> {
+        #[cfg(feature = "chaos-hooks")]
+        let frames = self.exit_if_in_all_gather(frames);
         let failure = {
             let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
             let mut failure = None;
