@@ -36,6 +36,7 @@ use tenax_cluster::etcd::{EtcdConfig, EtcdMembership};
 use tenax_cluster::member::{Detection, Member, MemberConfig, Prober};
 use tenax_cluster::peer::{HubConfig, PeerHub};
 use tenax_cluster::records::{self, ConfigRecord, CHECKPOINT_KEY, CONFIG_KEY};
+use tenax_core::ckpt::RetentionPolicy;
 use tenax_core::detector::DetectorConfig;
 use tenax_core::membership::{MemberId, MemberInfo, PlannerConfig};
 use tenax_core::node::{Exit, NodeConfig, NodeMachine};
@@ -231,11 +232,19 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // Join the job.
     let join = join_config(&s, etcd_cfg, advertise, metrics_addr);
     let member = start_member(&etcd, &join).await?;
+    // --keep-last / --keep-every: the committer's Checkpoint actor prunes after each commit
+    // (never the newest good checkpoint, nor one being written).
+    let cfg = &prep.cfg;
+    let retention = (cfg.keep_last > 0 || cfg.keep_every > 0).then_some(RetentionPolicy {
+        keep_last: cfg.keep_last as usize,
+        keep_every: cfg.keep_every,
+        min_uncommitted_age_ms: 3_600_000,
+    });
     let checkpointer = Checkpointer::start(
         store.clone(),
         CheckpointPolicy {
             writers: 1,
-            retention: None,
+            retention,
         },
     )
     .await

@@ -1315,6 +1315,96 @@ fn three_daemons_train_bit_identically_to_train_ranks_3() {
     assert_eq!(committed, [4, 8], "{listing}");
 }
 
+/// The committed checkpoints (steps) under a job's store.
+fn committed_steps(c: &LocalCluster, job: &str) -> Vec<u64> {
+    let listing = ok_env(
+        &[
+            "ckpt",
+            "list",
+            &format!("{}/{job}", c.store_url()),
+            "--json",
+        ],
+        &c.s3_env(),
+    );
+    let attempts: Vec<serde_json::Value> = serde_json::from_str(&listing).unwrap();
+    attempts
+        .iter()
+        .filter(|a| a["status"] == "committed")
+        .map(|a| a["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn daemons_keep_the_last_checkpoints_they_are_told_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    // 50 saves: a save still uploading when the next is due is superseded, so fewer commit.
+    let (steps, every, keep) = (150u64, 3u64, 3usize);
+    let job = "keep";
+    let mut c = cluster(
+        job,
+        &data,
+        steps,
+        &[
+            "--ckpt-every",
+            &every.to_string(),
+            "--keep-last",
+            &keep.to_string(),
+        ],
+    );
+    for n in 0..2 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "2".into()])
+            .unwrap();
+    }
+    // While the job runs, the store never holds more than `keep` committed checkpoints
+    // plus the one just committed whose prune is in flight.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut samples, mut most) = (0, 0);
+    while c.wait(0, Duration::from_millis(100)).unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the job did not end in time");
+        let committed = committed_steps(&c, job);
+        samples += 1;
+        most = most.max(committed.len());
+        assert!(
+            committed.len() <= keep + 1,
+            "{} committed checkpoints while running: {committed:?}",
+            committed.len()
+        );
+    }
+    wait_all_ok(&mut c, &[0, 1], Duration::from_secs(300));
+    let log = c.log(0) + &c.log(1);
+    // Every commit the committer recorded, in order (superseded saves never commit).
+    let mut recorded: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("checkpoint of step ").nth(1))
+        .filter_map(|rest| {
+            rest.strip_suffix(" committed")
+                .or(rest.split(" committed;").next())
+        })
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    recorded.sort_unstable();
+    recorded.dedup();
+    let commits = recorded.len();
+    let finals = committed_steps(&c, job);
+    assert_eq!(
+        recorded.last(),
+        Some(&steps),
+        "the final checkpoint committed"
+    );
+    assert_eq!(
+        finals,
+        recorded[commits.saturating_sub(keep)..],
+        "the newest {keep} committed checkpoints are kept, the rest pruned"
+    );
+    eprintln!("{samples} listings while running, at most {most} committed; {commits} commit lines");
+    assert!(samples > 0, "the store was listed while the job ran");
+    assert!(
+        commits > 2 * keep,
+        "only {commits} checkpoints committed: retention was barely exercised"
+    );
+}
+
 #[test]
 fn drain_and_sigterm_shrink_the_group_without_losing_a_step() {
     let tmp = tempfile::tempdir().unwrap();
