@@ -1297,22 +1297,7 @@ fn three_daemons_train_bit_identically_to_train_ranks_3() {
         got == want,
         "the job's final weights differ from tenax train --ranks 3"
     );
-    let listing = ok_env(
-        &[
-            "ckpt",
-            "list",
-            &format!("{}/{job}", c.store_url()),
-            "--json",
-        ],
-        &c.s3_env(),
-    );
-    let attempts: Vec<serde_json::Value> = serde_json::from_str(&listing).unwrap();
-    let committed: Vec<u64> = attempts
-        .iter()
-        .filter(|a| a["status"] == "committed")
-        .map(|a| a["step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(committed, [4, 8], "{listing}");
+    assert_eq!(committed_steps(&c, job), [4, 8]);
 }
 
 /// The committed checkpoints (steps) under a job's store.
