@@ -9,12 +9,17 @@
 
 /// The hooks a `chaos-hooks` build reads, each `<name>=<step>`.
 #[cfg(feature = "chaos-hooks")]
-pub const KNOWN: &[&str] = &[EXIT_IN_ALL_GATHER, FLIP_PARAM_AT_STEP];
+pub const KNOWN: &[&str] = &[EXIT_IN_ALL_GATHER, FLIP_PARAM_AT_STEP, PANIC_RANK_AT_STEP];
 
 /// At `<step>`, this daemon sends its all-gather frames to one peer only, then exits
 /// (`GrpcCollective::exit_during_all_gather`).
 #[cfg(feature = "chaos-hooks")]
 pub const EXIT_IN_ALL_GATHER: &str = "TENAX_CHAOS_EXIT_IN_ALL_GATHER";
+
+/// The first rank of this process to run step `<step>` panics, once (read by
+/// tenax-actors' `chaos-hooks` feature).
+#[cfg(feature = "chaos-hooks")]
+pub const PANIC_RANK_AT_STEP: &str = "TENAX_CHAOS_PANIC_RANK_AT_STEP";
 
 /// When this daemon starts training at or after `<step>`, it flips one bit of one
 /// parameter, once.

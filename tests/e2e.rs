@@ -1840,6 +1840,48 @@ fn a_kill_in_the_all_gather_leaves_the_survivors_consistent() {
 }
 
 #[test]
+fn a_member_whose_trainer_panics_leaves_and_rejoins_with_state_from_a_peer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    // Long enough that the others still train when the node has rejoined.
+    let steps = 600;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "panic";
+    let mut c = cluster(job, &data, steps, &[]);
+    let start = ["--start-nodes".to_string(), "3".into()];
+    c.spawn_daemon(0, &start).unwrap();
+    c.spawn_daemon(1, &start).unwrap();
+    // A rank of node 2 panics in step 21: its trainer is gone, its state with it.
+    c.spawn_daemon_env(
+        2,
+        &start,
+        &[("TENAX_CHAOS_PANIC_RANK_AT_STEP".into(), "20".into())],
+    )
+    .unwrap();
+    wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(300));
+    let log2 = c.log(2);
+    assert!(
+        log2.contains("its trainer died") && log2.contains("registering again"),
+        "node 2 leaves and registers again in the same process:\n{log2}"
+    );
+    assert!(
+        log2.contains("copied the state of step"),
+        "node 2 copies the group's state instead of training on its own:\n{log2}"
+    );
+    assert!(
+        !log2.contains("start 2 ---"),
+        "node 2 was not restarted: it rejoined by itself"
+    );
+    assert_every_slot_once(&c, &[0, 1, 2], steps, 1);
+    let last: Vec<String> = (0..3)
+        .map(|n| node_hashes(&c, n).last().unwrap().1.clone())
+        .collect();
+    assert!(last.iter().all(|h| *h == last[0]), "{last:?}");
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(got == want, "a panicked trainer changed the final weights");
+}
+
+#[test]
 fn a_stopped_member_is_evicted_by_deadline_and_rejoins_after_sigcont() {
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());

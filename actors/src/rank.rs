@@ -130,6 +130,8 @@ impl RankCompute {
 
     /// Compute this rank's slots of `step`, reduce, and apply the update.
     pub(crate) fn step(&mut self, step: u64, cursor: u64, lr: f32) -> Result<RankOutcome, String> {
+        #[cfg(feature = "chaos-hooks")]
+        panic_once_at(step);
         let layout = self.setup.batch;
         let my_slots = slots_for_rank(
             layout.num_slots(),
@@ -326,5 +328,19 @@ impl Actor for RankActor {
             }
         }
         Ok(())
+    }
+}
+
+/// Test-only fault hook: with `TENAX_CHAOS_PANIC_RANK_AT_STEP=<step>`, the first rank of
+/// this process to run step `<step>` panics, once per process.
+#[cfg(feature = "chaos-hooks")]
+fn panic_once_at(step: u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let at = std::env::var("TENAX_CHAOS_PANIC_RANK_AT_STEP")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if at == Some(step) && !DONE.swap(true, Ordering::SeqCst) {
+        panic!("chaos: a rank panics at step {step} (TENAX_CHAOS_PANIC_RANK_AT_STEP)");
     }
 }

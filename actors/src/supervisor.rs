@@ -31,6 +31,17 @@ pub enum ActorsError {
     /// The supervisor is gone (a rank failed earlier).
     #[error("the training supervisor has stopped: {0}")]
     Stopped(String),
+    /// A rank's compute thread died (it panicked): this trainer cannot go on.
+    #[error("{0}")]
+    Crashed(String),
+}
+
+impl ActorsError {
+    /// Whether the trainer itself is gone (a rank died or the supervisor stopped), as
+    /// opposed to a step that failed because of its peers or a deadline.
+    pub fn trainer_is_gone(&self) -> bool {
+        matches!(self, ActorsError::Crashed(_) | ActorsError::Stopped(_))
+    }
 }
 
 /// One finished step, as seen by the supervisor.
@@ -122,7 +133,7 @@ fn on_rank<T: Send + 'static>(
                 what,
                 timeout_s: timeout.as_secs(),
             }),
-            Ok(Err(_)) => Err(ActorsError::Rank(format!(
+            Ok(Err(_)) => Err(ActorsError::Crashed(format!(
                 "{what}: the rank's compute thread died"
             ))),
             Ok(Ok(r)) => r.map_err(ActorsError::Rank),

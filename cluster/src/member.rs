@@ -554,6 +554,25 @@ impl Member {
         }
     }
 
+    /// Leaves the job but keeps the handle (a node that registers again later replaces
+    /// it): as [`Member::shutdown`].
+    ///
+    /// # Errors
+    /// The revocation's errors (the lease then expires after its TTL anyway).
+    pub async fn leave(&mut self) -> Result<(), MemberError> {
+        self.cancel.cancel();
+        if let Some(agent) = self.agent.take() {
+            if let Err(e) = agent.await {
+                tracing::warn!(member = %self.info.id, error = %e, "member agent ended abnormally");
+            }
+        }
+        let registration = lock(&self.registration).take();
+        match registration {
+            Some(reg) => reg.revoke().await.map_err(MemberError::from),
+            None => Ok(()),
+        }
+    }
+
     /// Leaves the job: ends the agent (its jobs and watches), then revokes the lease,
     /// which deletes the member key and, for a leader, the election key at once. The
     /// state becomes [`MemberState::Stopped`] (a lost member stays

@@ -297,6 +297,14 @@ pub enum Event {
         /// What failed.
         error: String,
     },
+    /// The trainer of the generation died (a rank panicked): its state is lost. The node
+    /// leaves the group cleanly and joins again, copying the group's state.
+    TrainerFailed {
+        /// The generation.
+        generation: u64,
+        /// What failed.
+        error: String,
+    },
     /// The trainer could not start or read its state: the node cannot go on.
     Fatal {
         /// What failed.
@@ -537,6 +545,14 @@ pub enum Action {
         /// The generation.
         generation: u64,
     },
+    /// Drop the generation's trainer without reading its state (it died).
+    DropTrainer {
+        /// The generation.
+        generation: u64,
+    },
+    /// Leave the group now: release the membership (revoke the lease), so that the
+    /// others re-form at once; the node registers again after [`Action::Register`].
+    Leave,
     /// Drain the communicator's send queues (the node leaves), bounded.
     Close {
         /// The generation.
@@ -938,6 +954,11 @@ impl NodeMachine {
             } => {
                 if self.current(generation) {
                     self.failed(peers_may_have_failed, error, now_ms, &mut out);
+                }
+            }
+            Event::TrainerFailed { generation, error } => {
+                if self.current(generation) {
+                    self.trainer_failed(error, now_ms, &mut out);
                 }
             }
             Event::Fatal { error } => self.exit(Exit::Failed, error, &mut out),
@@ -1913,9 +1934,19 @@ impl NodeMachine {
             return;
         };
         let generation = g.plan.generation;
-        if matches!(
+        // Only an operation of the generation in progress can fail it.
+        if !matches!(
             self.phase,
-            Phase::WaitingForFinal { .. } | Phase::Committing { .. } | Phase::AfterFailure { .. }
+            Phase::Forming
+                | Phase::Exchanging(_)
+                | Phase::Loading
+                | Phase::Copying
+                | Phase::Serving
+                | Phase::StartingTrainer
+                | Phase::Stepping { .. }
+                | Phase::Comparing
+                | Phase::Evaluating
+                | Phase::Paused
         ) {
             return;
         }
@@ -1955,6 +1986,39 @@ impl NodeMachine {
             until_ms: now_ms + window,
             error,
         };
+    }
+
+    /// The trainer died: its state is lost. Leave the group (the others re-form without
+    /// this node at once instead of waiting for its deadline) and join again holding no
+    /// state, so that the next generation copies the group's state to it.
+    fn trainer_failed(&mut self, error: String, now_ms: u64, out: &mut Vec<Effect>) {
+        let Some(g) = self.gen.as_mut() else {
+            return;
+        };
+        let generation = g.plan.generation;
+        g.trainer = false;
+        self.holds_state = false;
+        out.push(fx(
+            Action::Abort { generation },
+            format!("this node's trainer died ({error}): nothing it computes counts"),
+        ));
+        out.push(fx(
+            Action::DropTrainer { generation },
+            "a dead trainer's state cannot be read",
+        ));
+        out.push(fx(
+            Action::Say(format!(
+                "warning: its trainer died ({error}); leaving the job and joining again with a copy of the group's state"
+            )),
+            "a trainer that fails makes its node leave cleanly and rejoin by copying state",
+        ));
+        out.push(fx(
+            Action::Leave,
+            "the others re-form without this node at once",
+        ));
+        self.end_generation(out);
+        self.lost = Some(format!("its trainer died: {error}"));
+        self.rejoin(now_ms, out);
     }
 
     /// The generation's work is over on this node: take the trainer's state back.
@@ -3002,6 +3066,56 @@ mod tests {
         assert_eq!(waits.len(), 19);
         assert_eq!(waits[..5], [500, 1_000, 2_000, 4_000, 5_000]);
         assert!(waits[5..].iter().all(|&w| w == 5_000));
+    }
+
+    #[test]
+    fn a_node_whose_trainer_dies_leaves_and_rejoins_holding_nothing() {
+        let mut t = T::new(config("b"));
+        t.train_from(0, 1, &["a", "b"]);
+        t.step_done(10);
+        let a = t.ev(Event::TrainerFailed {
+            generation: 1,
+            error: "rank 1 panicked".into(),
+        });
+        assert!(
+            matches!(
+                &a[..],
+                [
+                    Action::Abort { generation: 1 },
+                    Action::DropTrainer { generation: 1 },
+                    Action::Say(_),
+                    Action::Leave,
+                    Action::Say(_)
+                ]
+            ),
+            "{a:?}"
+        );
+        assert!(!t.m.holds_state());
+        // The step in flight failing afterwards changes nothing.
+        let a = t.ev(Event::Failed {
+            generation: 1,
+            peers_may_have_failed: true,
+            error: "aborted".into(),
+        });
+        assert!(a.is_empty(), "{a:?}");
+        let Phase::Rejoining { at_ms } = *t.m.phase() else {
+            panic!("{:?}", t.m.phase())
+        };
+        assert_eq!(t.at(at_ms), vec![Action::Register]);
+        t.ev(Event::Registered);
+        t.ev(Event::PlanSeen(plan(2, &["a", "b"])));
+        t.ev(Event::JobRecord { step: None });
+        let a = t.ev(Event::CommunicatorBuilt { generation: 2 });
+        assert!(
+            matches!(
+                a[..],
+                [Action::ExchangeState {
+                    holds_state: false,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
     }
 
     #[test]

@@ -1157,6 +1157,11 @@ impl Sim {
             | Action::Plot
             | Action::Close { .. }
             | Action::StopTrainer { .. } => {}
+            // Only after a trainer failure, which this model does not inject (the node
+            // table tests and the e2e test cover it).
+            Action::DropTrainer { .. } | Action::Leave => {
+                self.violation(format!("{id}: {:?} without a trainer failure", e.action))
+            }
             Action::ReportLate { .. } => self.stats.reports_late += 1,
             Action::ReportFailedPeers { .. } => {}
             Action::Alarm { step, states, .. } => {

@@ -32,6 +32,10 @@ use super::work::{self, Done, StepInfo};
 use super::{Settings, Shared};
 use crate::train::{Prepared, Start};
 
+/// How long releasing the membership may take before the node goes on (its lease then
+/// expires after its TTL).
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// An operator's request (the Control service and the signal handler send them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Request {
@@ -406,6 +410,18 @@ impl<'a> Shell<'a> {
                 let prefix = super::job_store_url(&self.p.s.store_root, &self.p.s.job);
                 let event = work::write_record(&self.p.member, &prefix, rec, &self.p.shared).await;
                 self.queue.push_back(event);
+            }
+            Action::DropTrainer { .. } => {
+                if let Some(t) = self.trainer.take() {
+                    t.stop();
+                }
+            }
+            Action::Leave => {
+                self.member_live = false;
+                let left = tokio::time::timeout(LEAVE_TIMEOUT, self.p.member.leave()).await;
+                if !matches!(left, Ok(Ok(()))) {
+                    eprintln!("warning: node {me}: leaving the job did not finish cleanly: its lease expires after its TTL");
+                }
             }
             Action::StopAfter { generation, step } => {
                 if let Some(comm) = self.comm_of(generation) {

@@ -375,11 +375,17 @@ pub(super) async fn step(
     lr: f64,
 ) -> Done {
     let t0 = Instant::now();
+    let report = match trainer.step(step, cursor, lr as f32).await {
+        Ok(r) => r,
+        Err(e) if e.trainer_is_gone() => {
+            return Done::Event(Event::TrainerFailed {
+                generation,
+                error: e.to_string(),
+            })
+        }
+        Err(e) => return failed(generation, true, e.to_string()),
+    };
     let ran = async {
-        let report = trainer
-            .step(step, cursor, lr as f32)
-            .await
-            .map_err(|e| e.to_string())?;
         let secs = t0.elapsed().as_secs_f64();
         let hash = trainer
             .param_hashes()
