@@ -9,7 +9,12 @@
 
 /// The hooks a `chaos-hooks` build reads, each `<name>=<step>`.
 #[cfg(feature = "chaos-hooks")]
-pub const KNOWN: &[&str] = &[EXIT_IN_ALL_GATHER, FLIP_PARAM_AT_STEP, PANIC_RANK_AT_STEP];
+pub const KNOWN: &[&str] = &[
+    EXIT_IN_ALL_GATHER,
+    FLIP_PARAM_AT_STEP,
+    PANIC_RANK_AT_STEP,
+    PANIC_IN_UPLOAD_AT_STEP,
+];
 
 /// At `<step>`, this daemon sends its all-gather frames to one peer only, then exits
 /// (`GrpcCollective::exit_during_all_gather`).
@@ -20,6 +25,11 @@ pub const EXIT_IN_ALL_GATHER: &str = "TENAX_CHAOS_EXIT_IN_ALL_GATHER";
 /// tenax-actors' `chaos-hooks` feature).
 #[cfg(feature = "chaos-hooks")]
 pub const PANIC_RANK_AT_STEP: &str = "TENAX_CHAOS_PANIC_RANK_AT_STEP";
+
+/// The upload of step `<step>`'s checkpoint panics in the Checkpoint actor (read by
+/// tenax-actors' `chaos-hooks` feature).
+#[cfg(feature = "chaos-hooks")]
+pub const PANIC_IN_UPLOAD_AT_STEP: &str = "TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP";
 
 /// When this daemon starts training at or after `<step>`, it flips one bit of one
 /// parameter, once.

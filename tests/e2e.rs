@@ -1882,6 +1882,48 @@ fn a_member_whose_trainer_panics_leaves_and_rejoins_with_state_from_a_peer() {
 }
 
 #[test]
+fn a_panicking_checkpoint_upload_fails_that_save_only_and_training_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let steps = 60;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "upload";
+    let mut c = cluster(job, &data, steps, &["--ckpt-every", "10"]);
+    // Every node carries the hook; only the committer saves.
+    let hook = [(
+        "TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP".to_string(),
+        "20".to_string(),
+    )];
+    for n in 0..3 {
+        c.spawn_daemon_env(n, &["--start-nodes".into(), "3".into()], &hook)
+            .unwrap();
+    }
+    wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(300));
+    let logs: String = (0..3).map(|n| c.log(n)).collect();
+    assert!(
+        logs.contains("the upload panicked") && logs.contains("training goes on"),
+        "the committer reports the panicked save and goes on:\n{logs}"
+    );
+    let committed = committed_steps(&c, job);
+    assert!(!committed.contains(&20), "{committed:?}");
+    assert!(
+        committed.iter().any(|&s| s > 20),
+        "a later checkpoint commits: {committed:?}"
+    );
+    // Training never stopped: one generation, every step recorded once on every node.
+    for n in 0..3 {
+        let h = node_hashes(&c, n);
+        assert_eq!(
+            h.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            (1..=steps).collect::<Vec<_>>(),
+            "node {n}"
+        );
+    }
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(got == want, "a panicked upload changed the final weights");
+}
+
+#[test]
 fn a_stopped_member_is_evicted_by_deadline_and_rejoins_after_sigcont() {
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());

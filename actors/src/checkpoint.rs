@@ -11,11 +11,18 @@
 //! save is reported as [`CheckpointEvent::Failed`]; training goes on and the next save tries
 //! afresh (a new attempt folder). [`Checkpointer::flush`] waits until nothing is in flight or
 //! waiting, e.g. before the process exits.
+//!
+//! An upload that panics does not take the actor with it: the panic is caught, the save is
+//! reported [`CheckpointEvent::Failed`], and the actor's work starts afresh with the save
+//! waiting behind it, at most [`UPLOAD_RESTARTS`] times within a minute. One panic more and
+//! the actor stops: later saves fail at once and [`Checkpointer::is_running`] says so, so
+//! that the node can exit instead of training on without checkpoints.
 
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tenax_core::ckpt::RetentionPolicy;
+use tenax_core::restart::{RestartDecision, RestartPolicy, RestartTracker};
 use tenax_storage::{CheckpointContent, CheckpointMeta, Store, TensorData};
 use tokio::sync::mpsc;
 
@@ -88,9 +95,17 @@ pub enum CheckpointEvent {
 /// Events kept for the caller before the oldest are dropped.
 const EVENT_QUEUE: usize = 256;
 
+/// Panicking uploads the actor survives within a minute; one more stops it.
+pub const UPLOAD_RESTARTS: u32 = 3;
+
 enum Msg {
     Save(SaveJob),
     Done(Vec<CheckpointEvent>),
+    /// The upload of `step` panicked.
+    Crashed {
+        step: u64,
+        error: String,
+    },
     Flush(RpcReplyPort<()>),
 }
 
@@ -103,6 +118,10 @@ struct State {
     in_flight: Option<u64>,
     waiting: Option<SaveJob>,
     flushers: Vec<RpcReplyPort<()>>,
+    /// Panicking uploads within the policy's window.
+    restarts: RestartTracker,
+    /// The clock of `restarts`.
+    started: Instant,
 }
 
 impl State {
@@ -117,10 +136,54 @@ impl State {
         let store = self.store.clone();
         let policy = self.policy.clone();
         let myself = myself.clone();
+        let step = job.meta.step;
         tokio::spawn(async move {
-            let events = run_save(&store, &policy, job).await;
-            let _ = myself.cast(Msg::Done(events));
+            let upload = tokio::spawn(async move { run_save(&store, &policy, job).await });
+            let msg = match upload.await {
+                Ok(events) => Msg::Done(events),
+                Err(e) => Msg::Crashed {
+                    step,
+                    error: panic_message(e),
+                },
+            };
+            let _ = myself.cast(msg);
         });
+    }
+
+    /// The upload in flight ended: start the waiting save, or answer the flushers.
+    fn next(&mut self, myself: &ActorRef<Msg>) {
+        self.in_flight = None;
+        if let Some(next) = self.waiting.take() {
+            self.start(myself, next);
+        } else {
+            for f in self.flushers.drain(..) {
+                let _ = f.send(());
+            }
+        }
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Test-only fault hook: with `TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP=<step>`, the upload of
+/// that step's checkpoint panics after its tensors are built, before its shards are
+/// written.
+#[cfg(feature = "chaos-hooks")]
+fn chaos_panic_in_upload(step: u64) {
+    let at = std::env::var("TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if at == Some(step) {
+        panic!("chaos: the upload of step {step} panics (TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP)");
     }
 }
 
@@ -138,6 +201,8 @@ async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec
             }]
         }
     };
+    #[cfg(feature = "chaos-hooks")]
+    chaos_panic_in_upload(step);
     let content = CheckpointContent {
         meta: job.meta,
         tensors,
@@ -200,6 +265,11 @@ impl Actor for CheckpointActor {
             in_flight: None,
             waiting: None,
             flushers: Vec::new(),
+            restarts: RestartTracker::new(RestartPolicy {
+                max_restarts: UPLOAD_RESTARTS,
+                window_ms: 60_000,
+            }),
+            started: Instant::now(),
         })
     }
 
@@ -227,12 +297,25 @@ impl Actor for CheckpointActor {
                 for e in events {
                     st.emit(e);
                 }
-                st.in_flight = None;
-                if let Some(next) = st.waiting.take() {
-                    st.start(&myself, next);
-                } else {
-                    for f in st.flushers.drain(..) {
-                        let _ = f.send(());
+                st.next(&myself);
+            }
+            Msg::Crashed { step, error } => {
+                let now_ms = st.started.elapsed().as_millis() as u64;
+                match st.restarts.on_failure(now_ms) {
+                    RestartDecision::Restart { attempt } => {
+                        st.emit(CheckpointEvent::Failed {
+                            step,
+                            error: format!("the upload panicked ({error}); the checkpoint actor goes on (restart {attempt} of {UPLOAD_RESTARTS} within 60 s)"),
+                        });
+                        st.next(&myself);
+                    }
+                    RestartDecision::GiveUp { reason } => {
+                        let error = format!("the upload panicked ({error}): the checkpoint actor stops after {reason}");
+                        st.emit(CheckpointEvent::Failed {
+                            step,
+                            error: error.clone(),
+                        });
+                        return Err(error.into());
                     }
                 }
             }
@@ -310,6 +393,11 @@ impl Checkpointer {
         self.events.recv().await
     }
 
+    /// Whether the actor still runs (it stops after too many panicking uploads).
+    pub fn is_running(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
     /// Stop the actor (an upload in flight is abandoned: its folder stays uncommitted).
     pub async fn shutdown(self) {
         self.actor.stop(None);
@@ -384,6 +472,58 @@ mod tests {
             (3..11).map(|v| v as f32).collect::<Vec<_>>()
         );
         ck.shutdown().await;
+    }
+
+    /// A panicking upload is reported as a failed save and the actor goes on, at most
+    /// `UPLOAD_RESTARTS` times a minute; one more stops it.
+    #[cfg(feature = "chaos-hooks")]
+    #[tokio::test]
+    async fn a_panicking_upload_fails_its_save_and_the_actor_goes_on_within_its_policy() {
+        // A step no other test saves (`cargo test` runs them in one process).
+        std::env::set_var("TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP", "1002");
+        let store = Store::open("memory://").unwrap();
+        let policy = CheckpointPolicy {
+            writers: 1,
+            retention: None,
+        };
+        let mut ck = Checkpointer::start(store.clone(), policy).await.unwrap();
+        for step in [1001, 1002, 1003] {
+            ck.save(job(step)).unwrap();
+            ck.flush(Duration::from_secs(30)).await.unwrap();
+        }
+        let events = ck.take_events();
+        let committed: Vec<u64> = events
+            .iter()
+            .filter_map(|e| match e {
+                CheckpointEvent::Committed { step, .. } => Some(*step),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(committed, vec![1001, 1003], "{events:?}");
+        assert!(
+            events.iter().any(|e| matches!(e, CheckpointEvent::Failed { step: 1002, error } if error.contains("panicked") && error.contains("restart 1 of 3"))),
+            "{events:?}"
+        );
+        assert!(ck.is_running());
+        // Three more panics within the minute: the fourth stops the actor.
+        for _ in 0..UPLOAD_RESTARTS {
+            ck.save(job(1002)).unwrap();
+            let _ = ck.flush(Duration::from_secs(30)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ck.is_running() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!ck.is_running(), "the actor stops after too many panics");
+        assert!(
+            ck.save(job(1004)).is_err(),
+            "a save after it stopped fails at once"
+        );
+        let events = ck.take_events();
+        assert!(
+            events.iter().any(|e| matches!(e, CheckpointEvent::Failed { error, .. } if error.contains("stops after"))),
+            "{events:?}"
+        );
     }
 
     #[tokio::test]

@@ -762,8 +762,12 @@ impl<'a> Shell<'a> {
         if let Err(e) = r {
             self.saves.remove(&step);
             let error = format!("{e:#}");
-            self.queue
-                .push_back(Event::CheckpointFailed { step, error });
+            let event = match self.p.checkpointer.is_running() {
+                true => Event::CheckpointFailed { step, error },
+                // Too many panicking uploads: no checkpoint can be saved any more.
+                false => Event::Fatal { error },
+            };
+            self.queue.push_back(event);
         }
     }
 
