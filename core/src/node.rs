@@ -1067,7 +1067,7 @@ impl NodeMachine {
             }
             Event::Drain { checkpoint } => {
                 self.drain = Some(checkpoint || self.drain.unwrap_or(false));
-                self.drain_now_if_idle(&mut out);
+                self.drain_now_if_idle(now_ms, &mut out);
             }
             Event::Sigterm { grace_ms } => {
                 self.drain = Some(true);
@@ -1079,7 +1079,7 @@ impl NodeMachine {
                     )),
                     "SIGTERM drains the node with a checkpoint",
                 ));
-                self.drain_now_if_idle(&mut out);
+                self.drain_now_if_idle(now_ms, &mut out);
             }
             Event::Pause => self.paused = true,
             Event::Resume => {
@@ -1339,7 +1339,7 @@ impl NodeMachine {
                 .as_ref()
                 .is_some_and(|p| self.qualifies(p).is_ok());
         if self.drain.is_some() && !owes_checkpoint {
-            self.drain_now_if_idle(out);
+            self.drain_now_if_idle(now_ms, out);
             return;
         }
         let Some(plan) = self.latest.clone() else {
@@ -2094,7 +2094,7 @@ impl NodeMachine {
         }
     }
 
-    fn drain_now_if_idle(&mut self, out: &mut Vec<Effect>) {
+    fn drain_now_if_idle(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
         match self.phase {
             Phase::WaitingForPlan => {
                 let msg = if self.last_gen.is_none() {
@@ -2105,8 +2105,9 @@ impl NodeMachine {
                 self.exit(Exit::Left, msg.into(), out);
             }
             Phase::Paused => {
-                // Leaving does not wait for a resume.
+                // Leaving does not wait for a resume: the boundary acts on the drain now.
                 self.paused = false;
+                self.boundary(now_ms, out);
             }
             _ => {}
         }
@@ -2970,6 +2971,14 @@ mod tests {
         assert_eq!(t.m.phase(), &Phase::Paused);
         let a = t.ev(Event::Resume);
         assert_eq!(run_step(&a).map(|x| x.0), Some(1));
+        // A drain while paused acts at once (leaving does not wait for a resume).
+        let mut p = T::new(config("b"));
+        p.train_from(0, 1, &["a", "b"]);
+        p.ev(Event::Pause);
+        p.step_done(10);
+        assert_eq!(p.m.phase(), &Phase::Paused);
+        let a = p.ev(Event::Drain { checkpoint: false });
+        assert_eq!(a.last(), Some(&Action::Exit(Exit::Left)), "{a:?}");
         // Checkpoint now: saved at the boundary, once.
         t.ev(Event::CheckpointNow);
         let a = t.step_done(10);
