@@ -263,7 +263,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     let mut shell = Shell::new(parts, node_machine(&s, &prep)?);
     let outcome = shell.run(start, live.is_none()).await;
-    shell.stop().await;
+    let failed = !matches!(outcome, Ok((Exit::Done | Exit::Left, _)));
+    shell.stop(failed).await;
     let step = shell.step();
     let Shell { p, .. } = shell;
     p.checkpointer.shutdown().await;

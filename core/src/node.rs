@@ -1697,12 +1697,7 @@ impl NodeMachine {
             ));
         }
         self.end_generation(out);
-        let step = self.step;
-        self.exit(
-            Exit::Left,
-            format!("drained: left the job after step {step}"),
-            out,
-        );
+        self.exit(Exit::Left, "left the job (drained)".into(), out);
     }
 
     /// The job reached its target: the committer saves the final checkpoint and waits
@@ -2081,7 +2076,7 @@ impl NodeMachine {
             self.leave(out);
         } else if written {
             out.push(fx(Action::Plot, "the job is done"));
-            self.exit(Exit::Done, format!("job done at step {step}"), out);
+            self.exit(Exit::Done, "job done".into(), out);
         } else {
             out.push(fx(
                 Action::Say(format!(

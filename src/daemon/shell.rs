@@ -771,8 +771,9 @@ impl<'a> Shell<'a> {
         }
     }
 
-    /// Stop what the shell still runs: its work, the trainer, the communicator.
-    pub async fn stop(&mut self) {
+    /// Stop what the shell still runs: its work, the trainer, the communicator (aborted
+    /// when `abort`: the node stops with an error and its peers must not wait for it).
+    pub async fn stop(&mut self, abort: bool) {
         self.gen_cancel.cancel();
         self.work = FuturesUnordered::new();
         if let Some(t) = self.trainer.take() {
@@ -781,7 +782,7 @@ impl<'a> Shell<'a> {
                 Err(t) => t.stop(),
             }
         }
-        if let Some(c) = self.comm.take() {
+        if let Some(c) = self.comm.take().filter(|_| abort) {
             c.abort("this node stops");
         }
     }
