@@ -431,6 +431,17 @@ mod tests {
         }
     }
 
+    /// The steps of the `Committed` events, in order.
+    fn committed_steps(events: &[CheckpointEvent]) -> Vec<u64> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                CheckpointEvent::Committed { step, .. } => Some(*step),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn saves_commit_in_the_background_and_a_waiting_save_is_superseded() {
         let store = Store::open("memory://").unwrap();
@@ -449,13 +460,7 @@ mod tests {
         ck.save(job(3)).unwrap();
         ck.flush(Duration::from_secs(30)).await.unwrap();
         let events = ck.take_events();
-        let committed: Vec<u64> = events
-            .iter()
-            .filter_map(|e| match e {
-                CheckpointEvent::Committed { step, .. } => Some(*step),
-                _ => None,
-            })
-            .collect();
+        let committed = committed_steps(&events);
         assert_eq!(committed, vec![1, 3], "{events:?}");
         assert!(events.contains(&CheckpointEvent::Superseded {
             step: 2,
@@ -492,13 +497,7 @@ mod tests {
             ck.flush(Duration::from_secs(30)).await.unwrap();
         }
         let events = ck.take_events();
-        let committed: Vec<u64> = events
-            .iter()
-            .filter_map(|e| match e {
-                CheckpointEvent::Committed { step, .. } => Some(*step),
-                _ => None,
-            })
-            .collect();
+        let committed = committed_steps(&events);
         assert_eq!(committed, vec![1001, 1003], "{events:?}");
         assert!(
             events.iter().any(|e| matches!(e, CheckpointEvent::Failed { step: 1002, error } if error.contains("panicked") && error.contains("restart 1 of 3"))),
