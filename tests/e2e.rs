@@ -1207,10 +1207,13 @@ fn wait_all_ok(c: &mut LocalCluster, nodes: &[usize], timeout: Duration) {
     }
 }
 
-/// `(step, param_hash)` of every step a node recorded.
+/// `(step, param_hash)` of every step a node recorded. A running node may be writing its
+/// last line: a line without its newline yet is not read.
 fn node_hashes(c: &LocalCluster, node: usize) -> Vec<(u64, String)> {
     let text = std::fs::read_to_string(c.run_dir(node).join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .map(|m| {
             (

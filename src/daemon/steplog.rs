@@ -76,7 +76,9 @@ impl StepLog {
         if let Some(v) = l.val_loss {
             line["val_loss"] = json!(v);
         }
-        if let Err(e) = writeln!(self.metrics, "{line}") {
+        // One write of the whole line: a reader of the live file never sees half a line
+        // followed by another line.
+        if let Err(e) = self.metrics.write_all(format!("{line}\n").as_bytes()) {
             eprintln!("warning: metrics.jsonl: cannot append: {e}");
         }
         self.history.push(LossPoint {
@@ -91,7 +93,7 @@ impl StepLog {
     pub fn state(&mut self, how: &str, step: u64, generation: Option<u64>) {
         let line = json!({"event": "state", "how": how, "step": step, "generation": generation,
             "t_ms": tenax_storage::now_unix_ms()});
-        if let Err(e) = writeln!(self.events, "{line}") {
+        if let Err(e) = self.events.write_all(format!("{line}\n").as_bytes()) {
             eprintln!("warning: events.jsonl: cannot append: {e}");
         }
     }
