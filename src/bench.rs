@@ -468,6 +468,7 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
     let mut checkpointer = Checkpointer::start(
         store.clone(),
         CheckpointPolicy {
+            share_wait: Default::default(),
             writers: a.ranks as u32,
             retention: None,
         },
@@ -505,42 +506,66 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
             .map_err(|e| anyhow!("{e}"))?;
         step += 1;
     }
-    // Alternate phases: plain, with saves, plain, with saves.
-    let (mut plain_s, mut saving_s, mut stalls) = (0.0, 0.0, Vec::new());
+    // Alternate phases: plain, saving (copy-on-write snapshots, what the trainer does),
+    // plain, saving with the snapshot deep-copied in the loop (what the trainer did before
+    // snapshots were shared copy-on-write), side by side in one run.
+    let (mut plain_s, mut saving_s, mut copying_s) = (0.0, 0.0, 0.0);
+    let (mut stalls, mut copy_stalls, mut update_copies) = (Vec::new(), Vec::new(), Vec::new());
     let mut saves = 0u64;
     for phase in 0..4 {
         let with_saves = phase % 2 == 1;
+        let deep_copy = phase == 3;
         let t0 = Instant::now();
+        // The loop's own cost per save: the stall, plus any copy the next updates make
+        // because the background still held the snapshot.
+        let mut copied_s = 0.0;
         for i in 0..a.steps {
-            trainer
+            let report = trainer
                 .step(step, step * a.batch_size, 1e-3)
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
+            copied_s += report.snapshot_copy_s;
             step += 1;
             if with_saves && (i + 1) % a.ckpt_every == 0 {
                 let t_save = Instant::now();
-                let snap = trainer.snapshot().await.map_err(|e| anyhow!("{e}"))?;
+                let mut snap = trainer.snapshot().await.map_err(|e| anyhow!("{e}"))?;
+                if deep_copy {
+                    snap = tenax_actors::Snapshot {
+                        params: Arc::new(snap.params.as_ref().clone()),
+                        opt: Arc::new(snap.opt.as_ref().clone()),
+                    };
+                }
                 let l = layout.clone();
                 checkpointer
                     .save(SaveJob {
                         meta: meta(step),
                         build: Box::new(move || snapshot_tensors(snap, l)),
+                        share: None,
                     })
                     .map_err(|e| anyhow!("{e}"))?;
-                stalls.push(t_save.elapsed().as_secs_f64());
+                match deep_copy {
+                    true => copy_stalls.push(t_save.elapsed().as_secs_f64()),
+                    false => stalls.push(t_save.elapsed().as_secs_f64()),
+                }
                 saves += 1;
             }
         }
+        let took = t0.elapsed().as_secs_f64();
+        match (with_saves, deep_copy) {
+            (false, _) => plain_s += took,
+            (true, false) => {
+                saving_s += took;
+                update_copies.push(copied_s);
+            }
+            (true, true) => copying_s += took,
+        }
         if with_saves {
-            saving_s += t0.elapsed().as_secs_f64();
             // Uploads still running after the phase are waited for outside the timing; the
             // next plain phase starts with an idle store.
             checkpointer
                 .flush(Duration::from_secs(1800))
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
-        } else {
-            plain_s += t0.elapsed().as_secs_f64();
         }
     }
     let events = checkpointer.take_events();
@@ -552,10 +577,13 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
         .iter()
         .filter(|e| matches!(e, CheckpointEvent::Failed { .. }))
         .count();
-    let steps_per_phase_pair = (2 * a.steps) as f64;
-    let step_s = plain_s / steps_per_phase_pair;
+    let step_s = plain_s / (2 * a.steps) as f64;
+    let cow_saves = stalls.len().max(1) as f64;
     let stall_s = median(stalls.clone());
-    let slowdown_per_save_s = (saving_s - plain_s) / saves.max(1) as f64;
+    let copy_stall_s = median(copy_stalls.clone());
+    let update_copy_s_per_save = update_copies.iter().sum::<f64>() / cow_saves;
+    let slowdown_per_save_s = (saving_s - plain_s / 2.0) / cow_saves;
+    let copy_slowdown_per_save_s = (copying_s - plain_s / 2.0) / copy_stalls.len().max(1) as f64;
     let cycle_s = a.ckpt_every as f64 * step_s;
 
     // Upload and restore throughput against raw object_store calls on the same bytes.
@@ -677,9 +705,14 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
             "checkpoint_bytes": bytes_total, "ckpt_every": a.ckpt_every, "saves": saves,
             "committed": committed, "failed": failed,
             "step_ms": step_s * 1e3, "stall_ms_per_save_median": stall_s * 1e3,
+            "stall_share_of_step": stall_s / step_s,
             "stall_share_of_cycle": stall_s / cycle_s,
+            "update_copy_ms_per_save": update_copy_s_per_save * 1e3,
             "slowdown_ms_per_save": slowdown_per_save_s * 1e3,
             "slowdown_share_of_cycle": slowdown_per_save_s / cycle_s,
+            "deep_copy_stall_ms_per_save_median": copy_stall_s * 1e3,
+            "deep_copy_stall_share_of_step": copy_stall_s / step_s,
+            "deep_copy_slowdown_ms_per_save": copy_slowdown_per_save_s * 1e3,
             "save_mb_s_median": median(save_mb_s), "upload_ratio_to_raw_put_median": median(save_ratio),
             "load_mb_s_median": median(load_mb_s), "restore_ratio_to_raw_get_median": median(load_ratio),
         })

@@ -73,6 +73,15 @@ pub async fn list(url: &str, as_json: bool) -> Result<()> {
                 if let Some(m) = &a.manifest {
                     row["created_unix_ms"] = json!(m.created_unix_ms);
                     row["data_cursor"] = json!(m.data_cursor);
+                    // The nodes that wrote its files (a checkpoint written by several).
+                    let writers: std::collections::BTreeSet<&str> =
+                        m.files.iter().filter_map(|f| f.writer.as_deref()).collect();
+                    row["writers"] = json!(writers);
+                    row["files"] = json!(m
+                        .files
+                        .iter()
+                        .map(|f| json!({"name": f.name, "bytes": f.size, "writer": f.writer}))
+                        .collect::<Vec<_>>());
                 }
                 if let AttemptStatus::Corrupt { file, reason } = &a.status {
                     row["problem"] = json!(format!("{file}: {reason}"));

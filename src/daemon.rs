@@ -137,12 +137,13 @@ async fn live_group(etcd: &EtcdMembership) -> Result<Option<String>> {
 }
 
 /// Fix the job's training config in etcd (the first node does) or check ours against it.
-async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> Result<()> {
+async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> Result<String> {
     let ours = ConfigRecord {
         config_hash: prep.config_hash.clone(),
         math: prep.cfg.math(),
         corpus_sha256: prep.stored_cfg.corpus_sha256.clone(),
         node: node.to_string(),
+        nonce: new_job_nonce(node),
     };
     let stored = etcd
         .put_if_absent(CONFIG_KEY, &records::encode_config(&ours))
@@ -151,7 +152,11 @@ async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> 
     let theirs =
         records::decode_config(&stored).map_err(|e| anyhow!("job {}: {e}", etcd.config().job))?;
     if theirs.config_hash == ours.config_hash {
-        return Ok(());
+        return Ok(match theirs.nonce.is_empty() {
+            // A record of an older build: the job's name stands in.
+            true => etcd.config().job.clone(),
+            false => theirs.nonce,
+        });
     }
     let mut diffs: Vec<String> = theirs
         .math
@@ -181,6 +186,20 @@ async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> 
     )
 }
 
+/// A fresh random job nonce (16 hex characters) from the clock, the process and the node.
+fn new_job_nonce(node: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h = Sha256::new();
+    h.update(nanos.to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    h.update(node.as_bytes());
+    hex::encode(&h.finalize()[..8])
+}
+
 /// Run `tenax daemon` until the job reaches its target step (exit 0) or the node leaves.
 pub async fn run(args: DaemonArgs) -> Result<()> {
     let mut args = args.with_file()?;
@@ -198,7 +217,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // A node joining a running job copies the state from a peer: it loads nothing. A
     // fresh job, or a whole-job restart, loads the committed checkpoint.
     let live = live_group(&etcd).await?;
-    let (prep, start, run_dir) = prepare_node(&s, &args, &etcd, &store, live.as_deref()).await?;
+    let (prep, start, run_dir, job_nonce) =
+        prepare_node(&s, &args, &etcd, &store, live.as_deref()).await?;
 
     let Bound {
         shared,
@@ -243,6 +263,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let checkpointer = Checkpointer::start(
         store.clone(),
         CheckpointPolicy {
+            share_wait: Default::default(),
             writers: 1,
             retention,
         },
@@ -260,6 +281,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         checkpointer,
         run_dir,
         requests,
+        job_nonce,
     };
     let mut shell = Shell::new(parts, node_machine(&s, &prep)?);
     let outcome = shell.run(start, live.is_none()).await;
@@ -364,7 +386,7 @@ async fn bind(s: &Settings, prep: &Prepared, step: u64) -> Result<Bound> {
 }
 
 /// The node's training config (checked against the checkpoint it resumes from, if any,
-/// and against the job's), its data, and its starting state. `live` says why the node
+/// and against the job's), its data, its starting state, and the job's nonce. `live` says why the node
 /// joins a running job (it then loads nothing: it copies the state from a peer).
 async fn prepare_node(
     s: &Settings,
@@ -372,7 +394,7 @@ async fn prepare_node(
     etcd: &EtcdMembership,
     store: &Store,
     live: Option<&str>,
-) -> Result<(Prepared, Start, PathBuf)> {
+) -> Result<(Prepared, Start, PathBuf, String)> {
     let resumed = match live {
         Some(why) => {
             println!(
@@ -417,9 +439,9 @@ async fn prepare_node(
     }
     let mut prep = prepare(cfg, stored.as_ref(), &run_dir)?;
     prep.setup.step_timeout = s.step_timeout;
-    agree_on_config(etcd, &s.node_id, &prep).await?;
+    let job_nonce = agree_on_config(etcd, &s.node_id, &prep).await?;
     let start = start_state(&prep, resumed.as_ref())?;
-    Ok((prep, start, run_dir))
+    Ok((prep, start, run_dir, job_nonce))
 }
 
 /// How this node registers in the job (again, after losing its membership).

@@ -14,6 +14,7 @@ pub const KNOWN: &[&str] = &[
     FLIP_PARAM_AT_STEP,
     PANIC_RANK_AT_STEP,
     PANIC_IN_UPLOAD_AT_STEP,
+    KILL_IN_SHARE_AT_STEP,
 ];
 
 /// At `<step>`, this daemon sends its all-gather frames to one peer only, then exits
@@ -30,6 +31,12 @@ pub const PANIC_RANK_AT_STEP: &str = "TENAX_CHAOS_PANIC_RANK_AT_STEP";
 /// tenax-actors' `chaos-hooks` feature).
 #[cfg(feature = "chaos-hooks")]
 pub const PANIC_IN_UPLOAD_AT_STEP: &str = "TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP";
+
+/// A writer of step `<step>`'s shared checkpoint (not the committer) kills its own process
+/// with SIGKILL after its shard is uploaded, before its receipt (read by tenax-actors'
+/// `chaos-hooks` feature).
+#[cfg(feature = "chaos-hooks")]
+pub const KILL_IN_SHARE_AT_STEP: &str = "TENAX_CHAOS_KILL_IN_SHARE_AT_STEP";
 
 /// When this daemon starts training at or after `<step>`, it flips one bit of one
 /// parameter, once.

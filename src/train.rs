@@ -9,7 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tenax_actors::{
-    CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, TrainData, TrainSetup, Trainer,
+    CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, ShareJob, TrainData, TrainSetup,
+    Trainer,
 };
 use tenax_core::ckpt::RetentionPolicy;
 use tenax_core::sampler::eval_windows;
@@ -361,6 +362,7 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     let mut checkpointer = match Checkpointer::start(
         store.clone(),
         CheckpointPolicy {
+            share_wait: Default::default(),
             writers: cfg.ranks as u32,
             retention,
         },
@@ -457,21 +459,22 @@ fn report_events(checkpointer: &mut Checkpointer) {
     }
 }
 
-/// Take a host-memory snapshot and hand it to the checkpoint actor: all the training loop
-/// pays for a save.
+/// Take a host-memory snapshot (copy-on-write: it copies nothing) and hand it to the
+/// checkpoint actor: all the training loop pays for a save.
 pub(crate) async fn save(
     trainer: &Trainer,
     checkpointer: &Checkpointer,
-    stored_cfg: &StoredConfig,
-    config_hash: &str,
+    prep: &Prepared,
     step: u64,
     cursor: u64,
     generation: u64,
+    share: Option<ShareJob>,
 ) -> Result<()> {
     let snap = trainer
         .snapshot()
         .await
         .map_err(|e| anyhow!("checkpoint at step {step}: {e}"))?;
+    let (stored_cfg, config_hash) = (&prep.stored_cfg, &prep.config_hash);
     let layout = ParamLayout::for_config(&stored_cfg.model);
     let meta = CheckpointMeta {
         step,
@@ -490,6 +493,7 @@ pub(crate) async fn save(
                 tensors.extend(tensors_from(snap.opt.named_state(&layout)));
                 tensors
             }),
+            share,
         })
         .map_err(|e| anyhow!("checkpoint at step {step}: {e}"))
 }

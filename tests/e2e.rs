@@ -1393,6 +1393,106 @@ fn daemons_keep_the_last_checkpoints_they_are_told_to() {
     );
 }
 
+/// The save attempts of a job as `ckpt list --json` rows.
+fn listed_rows(c: &LocalCluster, job: &str) -> Vec<serde_json::Value> {
+    let listing = ok_env(
+        &[
+            "ckpt",
+            "list",
+            &format!("{}/{job}", c.store_url()),
+            "--json",
+        ],
+        &c.s3_env(),
+    );
+    serde_json::from_str(&listing).unwrap()
+}
+
+#[test]
+fn every_replica_writes_its_share_and_a_writer_killed_mid_save_leaves_no_torn_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    // Long enough that saves follow the committer's wait for the dead writer's share.
+    let steps = 600;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "shares";
+    let mut c = cluster(job, &data, steps, &["--ckpt-every", "10"]);
+    let start = ["--start-nodes".to_string(), "3".into()];
+    c.spawn_daemon(0, &start).unwrap();
+    c.spawn_daemon(1, &start).unwrap();
+    // Node 2 (a writer, not the committer) SIGKILLs itself in its first save at or after
+    // step 30, after its shard is uploaded and before its receipt.
+    c.spawn_daemon_env(
+        2,
+        &start,
+        &[("TENAX_CHAOS_KILL_IN_SHARE_AT_STEP".into(), "30".into())],
+    )
+    .unwrap();
+    let status = c.wait(2, Duration::from_secs(300)).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "{}", c.log(2));
+    let log2 = c.log(2);
+    let killed_at: u64 = log2
+        .split("in the middle of the save of step ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("node 2 did not die in a save:\n{log2}"));
+    wait_all_ok(&mut c, &[0, 1], Duration::from_secs(300));
+    let listed = listed_rows(&c, job);
+    assert!(
+        listed.iter().all(|r| r["status"] != "corrupt"),
+        "a torn checkpoint: {listed:?}"
+    );
+    let rows: Vec<&serde_json::Value> = listed
+        .iter()
+        .filter(|r| r["status"] == "committed")
+        .collect();
+    let steps_committed: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    // Every checkpoint was written by at least two nodes.
+    for r in &rows {
+        let writers = r["writers"].as_array().unwrap();
+        assert!(writers.len() >= 2, "written by fewer than 2 nodes: {r}");
+    }
+    assert!(
+        rows.iter()
+            .any(|r| r["writers"].as_array().unwrap().len() == 3),
+        "no checkpoint lists all three nodes: {rows:?}"
+    );
+    // The save node 2 died in committed whole: the committer wrote its share instead.
+    let torn = rows
+        .iter()
+        .find(|r| r["step"].as_u64() == Some(killed_at))
+        .unwrap_or_else(|| panic!("step {killed_at} is not committed: {steps_committed:?}"));
+    let files = torn["files"].as_array().unwrap();
+    assert!(
+        files.iter().any(|f| f["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("shard-00002.by-"))),
+        "the dead writer's share was not written by the committer: {torn}"
+    );
+    assert!(
+        c.log(0).contains("written here (not reported in time)"),
+        "{}",
+        c.log(0)
+    );
+    // The next save commits (saves due while one waits are superseded by the newest; at
+    // the latest it is the final one), written by the two survivors.
+    let last = rows.last().unwrap();
+    assert_eq!(last["step"].as_u64(), Some(steps), "{steps_committed:?}");
+    assert_eq!(
+        last["writers"],
+        serde_json::json!(["node-0", "node-1"]),
+        "{last}"
+    );
+    // Every committed checkpoint verifies; the job's weights equal the fault-free run's.
+    let store = format!("{}/{job}", c.store_url());
+    ok_env(&["ckpt", "verify", &store], &c.s3_env());
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(
+        got == want,
+        "the job's final weights differ from the reference"
+    );
+}
+
 #[test]
 fn drain_and_sigterm_shrink_the_group_without_losing_a_step() {
     let tmp = tempfile::tempdir().unwrap();

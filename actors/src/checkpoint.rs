@@ -12,6 +12,11 @@
 //! afresh (a new attempt folder). [`Checkpointer::flush`] waits until nothing is in flight or
 //! waiting, e.g. before the process exits.
 //!
+//! A shared save ([`SaveJob::share`]) is written by every data-parallel replica: this node
+//! writes its share of rows and a receipt, or, on the committer, writes its share, collects
+//! the others' receipts (writing any share still missing after [`CheckpointPolicy::share_wait`]
+//! itself) and commits; see `tenax_storage::shared`.
+//!
 //! An upload that panics does not take the actor with it: the panic is caught, the save is
 //! reported [`CheckpointEvent::Failed`], and the actor's work starts afresh with the save
 //! waiting behind it, at most [`UPLOAD_RESTARTS`] times within a minute. One panic more and
@@ -23,7 +28,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tenax_core::ckpt::RetentionPolicy;
 use tenax_core::restart::{RestartDecision, RestartPolicy, RestartTracker};
-use tenax_storage::{CheckpointContent, CheckpointMeta, Store, TensorData};
+use tenax_storage::{CheckpointContent, CheckpointMeta, ShareWait, Store, TensorData};
 use tokio::sync::mpsc;
 
 use crate::supervisor::ActorsError;
@@ -37,6 +42,24 @@ pub struct SaveJob {
     pub meta: CheckpointMeta,
     /// Turns the host-memory snapshot into named tensors, off the training loop.
     pub build: BuildTensors,
+    /// `Some`: a save that every replica writes a share of; `None`: this node writes it all.
+    pub share: Option<ShareJob>,
+}
+
+/// This node's part in a save that every data-parallel replica writes a share of.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShareJob {
+    /// The job's nonce: with the generation and step it names the folder all writers use.
+    pub job_nonce: String,
+    /// This node's writer index, in `0..writers`.
+    pub writer: u32,
+    /// Writers: one per replica.
+    pub writers: u32,
+    /// This node's name, recorded with the files it writes.
+    pub node: String,
+    /// The committer collects the shares, writes missing ones and commits; the others
+    /// write their share and its receipt.
+    pub commits: bool,
 }
 
 /// How the checkpoint actor saves.
@@ -46,6 +69,8 @@ pub struct CheckpointPolicy {
     pub writers: u32,
     /// Retention applied after every committed save; `None` keeps everything.
     pub retention: Option<RetentionPolicy>,
+    /// How long the committer of a shared save waits for the other writers' shares.
+    pub share_wait: ShareWait,
 }
 
 /// What happened to a save, reported in order.
@@ -63,6 +88,21 @@ pub enum CheckpointEvent {
         save_s: f64,
         /// The manifest PUT failed but reading it back showed it committed.
         recovered_by_read_back: bool,
+        /// A shared save: the writers whose own shares it lists (the committer not counted).
+        shares_from: Vec<u32>,
+        /// A shared save: the writers whose shares the committer wrote instead.
+        taken_over: Vec<u32>,
+    },
+    /// This node's share of a shared save is written, with its receipt.
+    ShareWritten {
+        /// Its step.
+        step: u64,
+        /// The shard file.
+        file: String,
+        /// Its size.
+        bytes: u64,
+        /// Seconds from the start of the background work.
+        save_s: f64,
     },
     /// The save failed; nothing of it is committed.
     Failed {
@@ -150,6 +190,25 @@ impl State {
         });
     }
 
+    /// A writer's share that will not be written: leave a skip receipt, so that the
+    /// committer writes it at once instead of waiting for it (in the background; if that
+    /// fails the committer waits its [`ShareWait`] out).
+    fn skip_share(&self, job: &SaveJob, by_step: u64) {
+        let Some(share) = job.share.as_ref().filter(|s| !s.commits) else {
+            return;
+        };
+        let m = &job.meta;
+        let folder = tenax_storage::shared_folder(&share.job_nonce, m.generation, m.step);
+        let (store, writer) = (self.store.clone(), share.writer);
+        let why = format!("superseded by the save of step {by_step}");
+        tokio::spawn(async move {
+            let put = tenax_storage::put_skip_receipt(&store, &folder, writer, &why);
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(30), put).await {
+                tracing::warn!("{folder}: skip receipt of writer {writer}: {e}");
+            }
+        });
+    }
+
     /// The upload in flight ended: start the waiting save, or answer the flushers.
     fn next(&mut self, myself: &ActorRef<Msg>) {
         self.in_flight = None;
@@ -187,6 +246,24 @@ fn chaos_panic_in_upload(step: u64) {
     }
 }
 
+/// Test-only fault hook: with `TENAX_CHAOS_KILL_IN_SHARE_AT_STEP=<step>`, a writer of a
+/// shared save (not the committer) kills its own process with SIGKILL after its shard of
+/// that step is uploaded, before its receipt.
+#[cfg(feature = "chaos-hooks")]
+fn chaos_kill_in_share(step: u64) {
+    let at = std::env::var("TENAX_CHAOS_KILL_IN_SHARE_AT_STEP")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if at == Some(step) {
+        eprintln!("chaos: this writer kills itself in the middle of the save of step {step}");
+        let pid = std::process::id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status();
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 /// Build, save and (on success) prune; the events to report.
 async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec<CheckpointEvent> {
     let t0 = Instant::now();
@@ -207,9 +284,18 @@ async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec
         meta: job.meta,
         tensors,
     };
-    let saved = match tenax_storage::save_owned(store, content, policy.writers).await {
-        Ok(saved) => saved,
-        Err(e) => {
+    let outcome = match job.share {
+        None => tenax_storage::save_owned(store, content, policy.writers)
+            .await
+            .map(|saved| Some((saved, Vec::new(), Vec::new())))
+            .map_err(StepError::Store),
+        Some(share) => save_share(store, policy, content, share, t0).await,
+    };
+    let (saved, shares_from, taken_over) = match outcome {
+        Ok(Some(x)) => x,
+        Ok(None) => return Vec::new(),
+        Err(StepError::Share(event)) => return vec![event],
+        Err(StepError::Store(e)) => {
             return vec![CheckpointEvent::Failed {
                 step,
                 error: e.to_string(),
@@ -222,6 +308,8 @@ async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec
         bytes: saved.manifest.total_bytes(),
         save_s: t0.elapsed().as_secs_f64(),
         recovered_by_read_back: saved.recovered_by_read_back,
+        shares_from,
+        taken_over,
     }];
     if let Some(retention) = &policy.retention {
         let now = tenax_storage::now_unix_ms();
@@ -246,6 +334,78 @@ async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec
         }
     }
     events
+}
+
+/// Why a save ended without a commit of this node's.
+enum StepError {
+    /// The store refused or failed.
+    Store(tenax_storage::StorageError),
+    /// A writer's share is done (not an error: the committer commits).
+    Share(CheckpointEvent),
+}
+
+impl From<tenax_storage::StorageError> for StepError {
+    fn from(e: tenax_storage::StorageError) -> Self {
+        StepError::Store(e)
+    }
+}
+
+type Commit = (tenax_storage::SavedCheckpoint, Vec<u32>, Vec<u32>);
+
+/// This node's part of a shared save: its share (and receipt), and on the committer the
+/// collection and the commit.
+async fn save_share(
+    store: &Store,
+    policy: &CheckpointPolicy,
+    content: CheckpointContent,
+    share: ShareJob,
+    t0: Instant,
+) -> Result<Option<Commit>, StepError> {
+    let step = content.meta.step;
+    let plan = tenax_storage::replica_plan(store, &content.tensors, share.writers)?;
+    let pending = tenax_storage::begin_shared_save(content.meta, &share.job_nonce);
+    let tensors: std::collections::BTreeMap<String, TensorData> = content
+        .tensors
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let tensors = std::sync::Arc::new(tensors);
+    let t_own = Instant::now();
+    let mine = match tenax_storage::shard_of(&plan, share.writer) {
+        Some(shard) => {
+            let mut w = tenax_storage::write_shard(store, &pending, shard, &tensors).await?;
+            w.file.writer = Some(share.node.clone());
+            Some(w)
+        }
+        None => None,
+    };
+    let own_write = t_own.elapsed();
+    if !share.commits {
+        let Some(w) = mine else {
+            return Ok(None);
+        };
+        #[cfg(feature = "chaos-hooks")]
+        chaos_kill_in_share(step);
+        tenax_storage::put_receipt(store, &pending, share.writer, &w).await?;
+        return Err(StepError::Share(CheckpointEvent::ShareWritten {
+            step,
+            file: w.file.name.clone(),
+            bytes: w.file.size,
+            save_s: t0.elapsed().as_secs_f64(),
+        }));
+    }
+    let c = tenax_storage::collect_shares(
+        store,
+        &pending,
+        &plan,
+        &tensors,
+        share.writer,
+        mine,
+        own_write,
+        &policy.share_wait,
+    )
+    .await?;
+    Ok(Some((c.saved, c.from_writers, c.taken_over)))
 }
 
 impl Actor for CheckpointActor {
@@ -286,6 +446,7 @@ impl Actor for CheckpointActor {
                 } else {
                     let by_step = job.meta.step;
                     if let Some(old) = st.waiting.replace(job) {
+                        st.skip_share(&old, by_step);
                         st.emit(CheckpointEvent::Superseded {
                             step: old.meta.step,
                             by_step,
@@ -428,6 +589,7 @@ mod tests {
                     data: (0..8).map(|i| (i as u64 + step) as f32).collect(),
                 }]
             }),
+            share: None,
         }
     }
 
@@ -448,6 +610,7 @@ mod tests {
         let mut ck = Checkpointer::start(
             store.clone(),
             CheckpointPolicy {
+                share_wait: Default::default(),
                 writers: 2,
                 retention: None,
             },
@@ -479,6 +642,76 @@ mod tests {
         ck.shutdown().await;
     }
 
+    /// Two nodes' checkpoint actors on one store: each writes its share, the committer's
+    /// manifest lists both.
+    #[tokio::test]
+    async fn a_shared_save_is_written_by_each_replica_and_committed_once() {
+        let store = Store::open("memory://").unwrap();
+        let policy = CheckpointPolicy {
+            writers: 1,
+            retention: None,
+            share_wait: ShareWait {
+                min_wait: Duration::from_secs(60),
+                ..ShareWait::default()
+            },
+        };
+        let share = |writer: u32| ShareJob {
+            job_nonce: "nonce".into(),
+            writer,
+            writers: 2,
+            node: format!("node-{writer}"),
+            commits: writer == 0,
+        };
+        let mut committer = Checkpointer::start(store.clone(), policy.clone())
+            .await
+            .unwrap();
+        let mut other = Checkpointer::start(store.clone(), policy).await.unwrap();
+        let mut mine = job(5);
+        mine.share = Some(share(0));
+        committer.save(mine).unwrap();
+        let mut theirs = job(5);
+        theirs.share = Some(share(1));
+        other.save(theirs).unwrap();
+        match other.next_event().await.unwrap() {
+            CheckpointEvent::ShareWritten { step: 5, file, .. } => {
+                assert_eq!(file, "shard-00001.safetensors")
+            }
+            e => panic!("{e:?}"),
+        }
+        // The committer does not wait out its 60 s: both shares are in.
+        let e = tokio::time::timeout(Duration::from_secs(30), committer.next_event())
+            .await
+            .unwrap()
+            .unwrap();
+        let CheckpointEvent::Committed {
+            step: 5,
+            shares_from,
+            taken_over,
+            ..
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!((shares_from, taken_over), (vec![1], vec![]));
+        let (loaded, _) = tenax_storage::latest_verified(&store)
+            .await
+            .unwrap()
+            .unwrap();
+        let writers: Vec<Option<String>> = loaded
+            .manifest
+            .files
+            .iter()
+            .map(|f| f.writer.clone())
+            .collect();
+        assert_eq!(writers, vec![Some("node-0".into()), Some("node-1".into())]);
+        assert_eq!(
+            loaded.tensor("w").unwrap().data,
+            (5..13).map(|v| v as f32).collect::<Vec<_>>()
+        );
+        committer.shutdown().await;
+        other.shutdown().await;
+    }
+
     /// A panicking upload is reported as a failed save and the actor goes on, at most
     /// `UPLOAD_RESTARTS` times a minute; one more stops it.
     #[cfg(feature = "chaos-hooks")]
@@ -488,6 +721,7 @@ mod tests {
         std::env::set_var("TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP", "1002");
         let store = Store::open("memory://").unwrap();
         let policy = CheckpointPolicy {
+            share_wait: Default::default(),
             writers: 1,
             retention: None,
         };
@@ -531,6 +765,7 @@ mod tests {
         let mut ck = Checkpointer::start(
             store.clone(),
             CheckpointPolicy {
+                share_wait: Default::default(),
                 writers: 1,
                 retention: Some(RetentionPolicy {
                     keep_last: 2,
@@ -566,6 +801,7 @@ mod tests {
         let mut ck = Checkpointer::start(
             store.clone(),
             CheckpointPolicy {
+                share_wait: Default::default(),
                 writers: 1,
                 retention: None,
             },

@@ -24,7 +24,7 @@ pub mod node;
 pub mod rank;
 pub mod supervisor;
 
-pub use checkpoint::{CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob};
+pub use checkpoint::{CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, ShareJob};
 pub use node::{NodeSupervisor, ServiceFactory, ServiceFuture, ServiceSpec};
 pub use rank::{param_hash, RankOutcome, TrainData, TrainSetup};
 pub use supervisor::{ActorsError, Snapshot, StepReport, Trainer};

@@ -47,6 +47,9 @@ pub struct RankOutcome {
     pub grad_norm: f64,
     /// True when the loss or gradient was not finite and the update was skipped.
     pub skipped: bool,
+    /// Seconds the update spent copying state that a snapshot still shared (0 unless a
+    /// checkpoint's background work had not yet read the previous snapshot).
+    pub snapshot_copy_s: f64,
 }
 
 /// The state a compute thread owns.
@@ -61,8 +64,11 @@ pub(crate) struct RankCompute {
     model_stale: bool,
     /// The fused training step and its buffers.
     ws: Workspace,
-    pub(crate) params: Vec<f32>,
-    pub(crate) opt: AdamW,
+    /// Parameters and optimizer state, shared copy-on-write with snapshots: taking a
+    /// snapshot copies nothing; an update copies a buffer only while a snapshot still
+    /// holds it.
+    pub(crate) params: Arc<Vec<f32>>,
+    pub(crate) opt: Arc<AdamW>,
     sampler: Sampler,
     inputs: Vec<u32>,
     targets: Vec<u32>,
@@ -102,8 +108,8 @@ impl RankCompute {
             model,
             model_stale: false,
             ws,
-            params,
-            opt,
+            params: Arc::new(params),
+            opt: Arc::new(opt),
             sampler,
             inputs: Vec::new(),
             targets: Vec::new(),
@@ -179,11 +185,24 @@ impl RankCompute {
                 loss,
                 grad_norm,
                 skipped: true,
+                snapshot_copy_s: 0.0,
             });
         }
+        // Copy-on-write: a snapshot still read by a checkpoint's background work makes
+        // this update copy what it shares (its cost shows in the report).
+        let t_copy = std::time::Instant::now();
+        let shared = Arc::strong_count(&self.params) > 1 || Arc::strong_count(&self.opt) > 1;
+        let (opt, params) = (
+            Arc::make_mut(&mut self.opt),
+            Arc::make_mut(&mut self.params),
+        );
+        let snapshot_copy_s = match shared {
+            true => t_copy.elapsed().as_secs_f64(),
+            false => 0.0,
+        };
         let (opt, params, layout, adamw) = (
-            &mut self.opt,
-            &mut self.params,
+            opt,
+            params.as_mut_slice(),
             self.model.layout(),
             &self.setup.adamw,
         );
@@ -195,6 +214,7 @@ impl RankCompute {
             loss,
             grad_norm,
             skipped: false,
+            snapshot_copy_s,
         })
     }
 

@@ -53,15 +53,21 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// The update was skipped because the loss or gradient was not finite.
     pub skipped: bool,
+    /// Seconds the slowest rank's update spent copying state a [`Snapshot`] still shared.
+    pub snapshot_copy_s: f64,
 }
 
-/// A host-memory copy of the training state, taken between steps.
+/// The training state as of a step boundary, in host memory.
+///
+/// It shares rank 0's buffers copy-on-write: taking it copies nothing, and the rank copies
+/// a buffer only if it updates it while a snapshot still holds it (the cost then shows as
+/// [`StepReport::snapshot_copy_s`]). Drop it as soon as its contents are read.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     /// Parameters, flat in layout order.
-    pub params: Vec<f32>,
+    pub params: Arc<Vec<f32>>,
     /// Optimizer state.
-    pub opt: AdamW,
+    pub opt: Arc<AdamW>,
 }
 
 type Reply<T> = RpcReplyPort<Result<T, ActorsError>>;
@@ -214,8 +220,8 @@ impl Actor for TrainSupervisor {
             SupervisorMsg::Snapshot { reply } => {
                 let call = on_rank(&st.ranks[0], timeout, "snapshot".into(), |c| {
                     Ok(Snapshot {
-                        params: c.params.clone(),
-                        opt: c.opt.clone(),
+                        params: Arc::clone(&c.params),
+                        opt: Arc::clone(&c.opt),
                     })
                 });
                 tokio::spawn(async move {
@@ -301,7 +307,11 @@ fn agree(
     collective: &dyn Collective,
 ) -> Result<StepReport, ActorsError> {
     let mut first: Option<RankOutcome> = None;
+    let mut snapshot_copy_s = 0f64;
     for (rank, o) in outcomes.into_iter().enumerate() {
+        if let Ok(o) = &o {
+            snapshot_copy_s = snapshot_copy_s.max(o.snapshot_copy_s);
+        }
         match o {
             Err(e) => {
                 collective.abort(&e.to_string());
@@ -324,6 +334,7 @@ fn agree(
         loss: o.loss,
         grad_norm: o.grad_norm,
         skipped: o.skipped,
+        snapshot_copy_s,
     })
 }
 
@@ -332,6 +343,7 @@ pub struct Trainer {
     sup: ActorRef<SupervisorMsg>,
     handle: tokio::task::JoinHandle<()>,
     timeout: Duration,
+    local_ranks: usize,
 }
 
 impl Trainer {
@@ -368,6 +380,7 @@ impl Trainer {
             )));
         }
         let timeout = setup.step_timeout;
+        let local_count = local_ranks.len();
         let (sup, handle) = Actor::spawn(
             None,
             TrainSupervisor,
@@ -386,7 +399,13 @@ impl Trainer {
             sup,
             handle,
             timeout,
+            local_ranks: local_count,
         })
+    }
+
+    /// How many ranks this process hosts.
+    pub fn local_ranks(&self) -> usize {
+        self.local_ranks
     }
 
     async fn ask<T: Send + 'static>(

@@ -267,6 +267,11 @@ pub struct ConfigRecord {
     pub corpus_sha256: String,
     /// The node that wrote the record.
     pub node: String,
+    /// Random, chosen by the node that wrote the record: unique to this incarnation of the
+    /// job (a job started afresh under the same name gets a new one). Writers of a shared
+    /// checkpoint derive its folder from it. Empty in records of older builds.
+    #[serde(default)]
+    pub nonce: String,
 }
 
 /// The value of [`CONFIG_KEY`].
@@ -591,8 +596,12 @@ mod tests {
             math: serde_json::from_str(r#"{"lr": 0.001, "layers": 2}"#).unwrap(),
             corpus_sha256: "c".into(),
             node: "n".into(),
+            nonce: "0123456789abcdef".into(),
         };
         assert_eq!(decode_config(&encode_config(&c)).unwrap(), c);
+        // A record of an older build, without a nonce, still reads.
+        let old = br#"{"config_hash": "h", "math": {}, "corpus_sha256": "c", "node": "n"}"#;
+        assert_eq!(decode_config(old).unwrap().nonce, "");
         let r = CheckpointRecord {
             step: 12,
             folder: "step-12".into(),

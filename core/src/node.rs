@@ -80,6 +80,9 @@ pub struct NodeConfig {
     pub rejoin_backoff_first_ms: u64,
     /// The longest wait before registering again.
     pub rejoin_backoff_max_ms: u64,
+    /// Every data-parallel replica writes its share of the periodic and final checkpoints
+    /// (see [`share_of`]); off, the committer writes them whole.
+    pub shared_saves: bool,
 }
 
 impl NodeConfig {
@@ -117,6 +120,7 @@ impl NodeConfig {
             max_rejoins: 20,
             rejoin_backoff_first_ms: 250,
             rejoin_backoff_max_ms: 5_000,
+            shared_saves: true,
         }
     }
 }
@@ -519,6 +523,10 @@ pub enum Action {
         step: u64,
         /// The cursor after it.
         cursor: u64,
+        /// `Some`: every replica writes its share of this checkpoint and the committer
+        /// commits it; on a writer that does not commit no event comes back. `None`: this
+        /// node writes it all.
+        share: Option<Share>,
     },
     /// Write the checkpoint record, fenced on its generation, bounded in time; feeds
     /// back [`Event::RecordWritten`], [`Event::RecordRefused`] or
@@ -676,12 +684,44 @@ impl Phase {
     }
 }
 
+/// A node's part in a checkpoint that every data-parallel replica writes a share of.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// This member's writer index: its place among the plan's members that host ranks.
+    pub writer: u32,
+    /// Writers: the plan's members that host ranks (each holds a whole replica).
+    pub writers: u32,
+    /// This member commits: it collects the others' shares, writes missing ones, commits.
+    pub commits: bool,
+}
+
+/// This node's share of the generation's checkpoints: `None` when it hosts no rank, is the
+/// only replica, or the model is split into pipeline stages (no member holds it whole).
+pub fn share_of(plan: &Plan, me: &MemberId) -> Option<Share> {
+    if plan.pp_depth > 1 {
+        return None;
+    }
+    let holders: Vec<&MemberId> = plan
+        .members
+        .iter()
+        .filter(|m| !plan.ranks_of(m).is_empty())
+        .collect();
+    let writer = holders.iter().position(|m| *m == me)?;
+    (holders.len() > 1).then(|| Share {
+        writer: writer as u32,
+        writers: holders.len() as u32,
+        commits: plan.member_of(0) == Some(me),
+    })
+}
+
 /// The generation the node is in.
 #[derive(Debug, Clone)]
 struct Gen {
     plan: Plan,
     /// Whether this node hosts rank 0 (evaluates, saves, writes records).
     committer: bool,
+    /// This node's share of the generation's checkpoints (see [`share_of`]).
+    share: Option<Share>,
     /// The step the generation's training started at (after the state sync).
     step0: u64,
     /// The comparison round in progress or last done.
@@ -1413,9 +1453,14 @@ impl NodeMachine {
             },
             plan.reason
         );
+        let share = match self.cfg.shared_saves {
+            true => share_of(&plan, me),
+            false => None,
+        };
         self.gen = Some(Gen {
             plan: plan.clone(),
             committer,
+            share,
             step0: self.step,
             round: 0,
             states: Vec::new(),
@@ -1611,6 +1656,7 @@ impl NodeMachine {
                         generation,
                         step,
                         cursor,
+                        share: None,
                     },
                     "drained with a checkpoint: save before leaving",
                 ));
@@ -1639,6 +1685,7 @@ impl NodeMachine {
                     generation,
                     step,
                     cursor,
+                    share: None,
                 },
                 "an operator asked for a checkpoint",
             ));
@@ -1722,6 +1769,7 @@ impl NodeMachine {
                     generation,
                     step,
                     cursor: self.cursor,
+                    share: g.share.clone(),
                 },
                 "the job reached its target step: the committer saves the final checkpoint",
             ));
@@ -1742,6 +1790,17 @@ impl NodeMachine {
             self.end_generation(out);
             self.consider_latest(now_ms, out);
         } else {
+            if let Some(share) = g.share.clone() {
+                out.push(fx(
+                    Action::Save {
+                        generation,
+                        step,
+                        cursor: self.cursor,
+                        share: Some(share),
+                    },
+                    "the job reached its target step: every replica writes its share of the final checkpoint",
+                ));
+            }
             self.phase = Phase::WaitingForFinal { until_ms };
             out.push(fx(
                 Action::WaitForFinalRecord { generation, step },
@@ -1900,17 +1959,21 @@ impl NodeMachine {
             },
             "the step log records every step",
         ));
-        if g.committer && !last && c.ckpt_every > 0 && step.is_multiple_of(c.ckpt_every) {
+        let writes = g.committer || g.share.is_some();
+        if writes && !last && c.ckpt_every > 0 && step.is_multiple_of(c.ckpt_every) {
+            let who = match (&g.share, g.committer) {
+                (None, _) => "the committer saves",
+                (Some(_), true) => "every replica writes its share and the committer commits",
+                (Some(_), false) => "every replica writes its share of the checkpoint",
+            };
             out.push(fx(
                 Action::Save {
                     generation,
                     step,
                     cursor,
+                    share: g.share.clone(),
                 },
-                format!(
-                    "the committer saves every {} steps (--ckpt-every)",
-                    c.ckpt_every
-                ),
+                format!("{who} every {} steps (--ckpt-every)", c.ckpt_every),
             ));
         }
         self.boundary(now_ms, out);
@@ -2680,12 +2743,13 @@ mod tests {
     }
 
     #[test]
-    fn evaluation_and_checkpoint_cadence_belong_to_the_committer() {
-        for me in ["a", "b"] {
+    fn evaluation_belongs_to_the_committer_and_every_replica_writes_its_share() {
+        for (me, shared) in [("a", true), ("b", true), ("a", false), ("b", false)] {
             let mut c = config(me);
             c.eval_every = 2;
             c.ckpt_every = 3;
             c.target_steps = 7;
+            c.shared_saves = shared;
             let mut t = T::new(c);
             t.train_from(0, 1, &["a", "b"]);
             let committer = t.m.is_committer();
@@ -2709,15 +2773,21 @@ mod tests {
                     ));
                 }
                 for x in &a {
-                    if let Action::Save { step, .. } = x {
-                        saves.push(*step);
+                    if let Action::Save { step, share, .. } = x {
+                        saves.push((*step, share.clone()));
                     }
                 }
             }
+            let share = shared.then_some(Share {
+                writer: u32::from(!committer),
+                writers: 2,
+                commits: committer,
+            });
+            // The last step's save is the final checkpoint.
+            let every = |s: &Option<Share>| vec![(3, s.clone()), (6, s.clone()), (7, s.clone())];
             if committer {
                 assert_eq!(evals, vec![2, 4, 6, 7]);
-                // The last step's save is the final checkpoint.
-                assert_eq!(saves, vec![3, 6, 7]);
+                assert_eq!(saves, every(&share));
                 assert!(matches!(
                     t.m.phase(),
                     Phase::Committing {
@@ -2727,9 +2797,69 @@ mod tests {
                     }
                 ));
             } else {
-                assert!(evals.is_empty() && saves.is_empty());
+                assert!(evals.is_empty());
+                match shared {
+                    true => assert_eq!(saves, every(&share), "a replica writes its share"),
+                    false => assert!(saves.is_empty(), "{saves:?}"),
+                }
                 assert!(matches!(t.m.phase(), Phase::WaitingForFinal { .. }));
             }
+        }
+    }
+
+    #[test]
+    fn the_writers_of_a_shared_checkpoint_are_the_members_that_host_ranks() {
+        use crate::membership::RankAssignment;
+        let plan = |members: &[&str], hosts: &[&str], pp_depth: u32| {
+            let ranks: Vec<RankAssignment> = hosts
+                .iter()
+                .enumerate()
+                .map(|(r, m)| RankAssignment {
+                    rank: r as u32,
+                    member: MemberId::new(*m),
+                    dp_index: r as u32 / pp_depth,
+                    stage: r as u32 % pp_depth,
+                })
+                .collect();
+            Plan {
+                generation: 1,
+                members: members.iter().map(|m| MemberId::new(*m)).collect(),
+                spares: vec![],
+                world: hosts.len() as u32,
+                dp_width: hosts.len() as u32 / pp_depth,
+                pp_depth,
+                ranks,
+                reason: String::new(),
+            }
+        };
+        let share = |writer, writers, commits| {
+            Some(Share {
+                writer,
+                writers,
+                commits,
+            })
+        };
+        let three = plan(&["a", "b", "c"], &["b", "a", "c"], 1);
+        let no_ranks_for_c = plan(&["a", "b", "c"], &["b", "a"], 1);
+        let alone = plan(&["a"], &["a"], 1);
+        let stages = plan(&["a", "b"], &["a", "b"], 2);
+        let cases = [
+            (&three, "a", share(0, 3, false)),
+            (&three, "b", share(1, 3, true)),
+            (&three, "c", share(2, 3, false)),
+            (&three, "z", None),
+            (&no_ranks_for_c, "a", share(0, 2, false)),
+            (&no_ranks_for_c, "c", None),
+            (&alone, "a", None),
+            (&stages, "a", None),
+        ];
+        for (plan, me, want) in cases {
+            assert_eq!(
+                share_of(plan, &MemberId::new(me)),
+                want,
+                "{me} in {:?}",
+                plan.ranks
+            );
         }
     }
 

@@ -412,6 +412,8 @@ struct Stats {
     copies: u64,
     loads: u64,
     records_written: u64,
+    /// Shares of shared checkpoints written by members that do not commit.
+    shares: u64,
     records_refused: u64,
     records_unreachable: u64,
     reports_late: u64,
@@ -439,6 +441,7 @@ impl Stats {
         self.copies += s.copies;
         self.loads += s.loads;
         self.records_written += s.records_written;
+        self.shares += s.shares;
         self.records_refused += s.records_refused;
         self.records_unreachable += s.records_unreachable;
         self.reports_late += s.reports_late;
@@ -1327,6 +1330,7 @@ impl Sim {
                 generation,
                 step,
                 cursor,
+                share,
             } => {
                 let have = self.n[i].params.clone();
                 let want = Params {
@@ -1338,6 +1342,11 @@ impl Sim {
                     self.violation(format!(
                         "{id} saves step {step} at cursor {cursor} holding {have:?}, not the canonical state"
                     ));
+                }
+                if share.as_ref().is_some_and(|s| !s.commits) {
+                    // A writer's share: the committer commits the checkpoint.
+                    self.stats.shares += 1;
+                    return;
                 }
                 let rec = Record {
                     step,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Result;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use tenax_actors::{CheckpointEvent, Checkpointer, Trainer};
+use tenax_actors::{Checkpointer, Trainer};
 use tenax_cluster::etcd::EtcdMembership;
 use tenax_cluster::member::{Member, MemberConfig, MemberState};
 use tenax_cluster::peer::{CommSpec, GrpcCollective, HubConfig, PeerAddr, Reduction};
@@ -27,7 +27,9 @@ use tenax_storage::Store;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::steplog::{StepLine, StepLog};
+mod saving;
+
+use super::steplog::StepLog;
 use super::work::{self, Done, StepInfo};
 use super::{Settings, Shared};
 use crate::train::{Prepared, Start};
@@ -63,6 +65,8 @@ pub(crate) struct Parts<'a> {
     pub checkpointer: Checkpointer,
     pub run_dir: PathBuf,
     pub requests: mpsc::Receiver<Request>,
+    /// The job's nonce: the folder of a shared checkpoint derives from it.
+    pub job_nonce: String,
 }
 
 /// The shell of one node. See the module docs.
@@ -92,6 +96,10 @@ pub(crate) struct Shell<'a> {
     member_live: bool,
     log: Option<StepLog>,
     last_step: Option<StepInfo>,
+    /// Parameter hashes being taken off the loop: (step, hash).
+    hashing: FuturesUnordered<tokio::task::JoinHandle<(u64, String)>>,
+    /// A comparison waiting for its step's hash: (generation, step).
+    compare_after_hash: Option<(u64, u64)>,
     /// The generation each save was handed over in, by step.
     saves: BTreeMap<u64, u64>,
     probes_base: u64,
@@ -126,6 +134,8 @@ impl<'a> Shell<'a> {
             member_live: true,
             log: None,
             last_step: None,
+            hashing: FuturesUnordered::new(),
+            compare_after_hash: None,
             saves: BTreeMap::new(),
             probes_base: 0,
             revocations_base: 0,
@@ -178,6 +188,10 @@ impl<'a> Shell<'a> {
         };
         tokio::select! {
             Some(done) = self.work.next() => Some(self.apply(done)),
+            Some(Ok((step, hash))) = self.hashing.next() => {
+                self.hashed(step, hash);
+                None
+            }
             r = self.plans.changed(), if self.member_live => match r {
                 Ok(()) => self.plans.borrow_and_update().clone().map(Event::PlanSeen),
                 Err(_) => Some(self.member_gone()),
@@ -212,39 +226,6 @@ impl<'a> Shell<'a> {
             _ => Event::Fatal {
                 error: "the membership agent stopped".into(),
             },
-        }
-    }
-
-    fn checkpoint_event(&mut self, ev: CheckpointEvent) -> Option<Event> {
-        match ev {
-            CheckpointEvent::Committed {
-                step, url, save_s, ..
-            } => {
-                let generation = self.saves.get(&step).copied().unwrap_or_default();
-                self.saves.retain(|s, _| *s > step);
-                let mut v = self.p.shared.view();
-                v.last_save_s = save_s;
-                v.save_s_sum += save_s;
-                Some(Event::CheckpointCommitted {
-                    step,
-                    url,
-                    generation,
-                })
-            }
-            CheckpointEvent::Failed { step, error } => {
-                self.saves.remove(&step);
-                self.p.shared.view().checkpoint_failures += 1;
-                Some(Event::CheckpointFailed { step, error })
-            }
-            CheckpointEvent::Superseded { step, by_step } => {
-                self.saves.remove(&step);
-                eprintln!(
-                    "note: node {}: checkpoint at step {step} skipped, step {by_step} is saved instead",
-                    self.me()
-                );
-                None
-            }
-            CheckpointEvent::Pruned { .. } | CheckpointEvent::PruneFailed { .. } => None,
         }
     }
 
@@ -290,14 +271,20 @@ impl<'a> Shell<'a> {
                 self.trainer = Some(Arc::new(t));
                 event
             }
-            Done::Step(info, event) => {
-                self.hash = Some(info.hash.clone());
+            Done::Step(mut info, event) => {
+                // The hash after this step comes later (`hashed`).
+                self.hash = None;
+                if let Some(params) = info.params.take() {
+                    let step = self.machine.position().0 + 1;
+                    self.hashing.push(tokio::task::spawn_blocking(move || {
+                        (step, tenax_actors::param_hash(&params))
+                    }));
+                }
                 let m = &self.p.member;
                 let mut v = self.p.shared.view();
                 v.step = self.machine.position().0 + 1;
                 v.loss = info.report.loss;
                 v.tokens_per_s = self.tokens_per_step() / info.secs.max(1e-9);
-                v.param_hash = info.hash.clone();
                 v.leader = m.is_leader();
                 v.probes_sent = self.probes_base + m.probes_sent();
                 v.revocations = self.revocations_base + m.revocations();
@@ -405,7 +392,8 @@ impl<'a> Shell<'a> {
                 generation,
                 step,
                 cursor,
-            } => self.save(generation, step, cursor).await,
+                share,
+            } => self.save(generation, step, cursor, share).await,
             Action::WriteRecord(rec) => {
                 let prefix = super::job_store_url(&self.p.s.store_root, &self.p.s.job);
                 let event = work::write_record(&self.p.member, &prefix, rec, &self.p.shared).await;
@@ -480,11 +468,14 @@ impl<'a> Shell<'a> {
                 Box::pin(work::compare(comm, round, step, hash, timeout))
             }
             Action::CompareHashes { generation, step } => {
-                let hash = self.hash.clone().unwrap_or_default();
-                let Some(comm) = self.comm_of(generation) else {
+                let hash = self.log.as_ref().and_then(|l| l.hash_of(step)).cloned();
+                let (Some(hash), Some(comm)) = (hash, self.comm_of(generation)) else {
+                    // The hash is still being taken: compare once it is in.
+                    self.compare_after_hash = Some((generation, step));
                     return;
                 };
-                Box::pin(work::compare(comm, step, step, hash, timeout))
+                let trainer = self.trainer.clone();
+                Box::pin(work::compare_all(trainer, comm, step, hash, timeout))
             }
             Action::LoadCheckpoint { generation } => {
                 println!("node {me}: generation {generation}: {reason}");
@@ -670,8 +661,9 @@ impl<'a> Shell<'a> {
                 self.state = Some(Start {
                     step,
                     cursor,
-                    params: snap.params,
-                    opt: snap.opt,
+                    // The ranks are gone: the buffers are no longer shared.
+                    params: Arc::unwrap_or_clone(snap.params),
+                    opt: Arc::unwrap_or_clone(snap.opt),
                 })
             }
             Err(e) => self.queue.push_back(Event::Fatal {
@@ -704,76 +696,16 @@ impl<'a> Shell<'a> {
         }
     }
 
-    fn log_step(&mut self, generation: u64, step: u64, cursor: u64, val_loss: Option<f64>) {
-        let (Some(info), Some(log)) = (self.last_step.as_ref(), self.log.as_mut()) else {
-            return;
-        };
-        let tokens_per_s = (self.p.prep.cfg.batch_size as usize
-            * self.p.prep.stored_cfg.model.block_size) as f64
-            / info.secs.max(1e-9);
-        let spec = self.comm.as_ref().map(|c| c.spec());
-        let r = &info.report;
-        log.step(StepLine {
-            step,
-            loss: r.loss,
-            lr: info.lr,
-            tokens_per_s,
-            grad_norm: r.grad_norm,
-            skipped: r.skipped,
-            generation,
-            world: spec.map(|s| s.world).unwrap_or(0),
-            param_hash: &info.hash,
-            cursor,
-            slots: spec.map(|s| s.my_slots()).unwrap_or_default(),
-            val_loss,
-        });
-        let steps = self.p.prep.cfg.steps;
-        if step.is_multiple_of((steps / 20).max(1)) || step == steps {
-            println!(
-                "node {}: step {step}/{steps}: loss {:.4}{}, {tokens_per_s:.0} tokens/s, generation {generation}",
-                self.p.member.id(),
-                r.loss,
-                val_loss.map(|v| format!(", val loss {v:.4}")).unwrap_or_default(),
-            );
-        }
-    }
-
-    /// Snapshot now and hand the save to the checkpoint actor.
-    async fn save(&mut self, generation: u64, step: u64, cursor: u64) {
-        let Some(trainer) = self.trainer.clone() else {
-            let error = "no trainer holds the state".into();
-            self.queue
-                .push_back(Event::CheckpointFailed { step, error });
-            return;
-        };
-        self.saves.insert(step, generation);
-        let prep = self.p.prep;
-        let (cfg, hash) = (&prep.stored_cfg, &prep.config_hash);
-        let r = crate::train::save(
-            &trainer,
-            &self.p.checkpointer,
-            cfg,
-            hash,
-            step,
-            cursor,
-            generation,
-        )
-        .await;
-        if let Err(e) = r {
-            self.saves.remove(&step);
-            let error = format!("{e:#}");
-            let event = match self.p.checkpointer.is_running() {
-                true => Event::CheckpointFailed { step, error },
-                // Too many panicking uploads: no checkpoint can be saved any more.
-                false => Event::Fatal { error },
-            };
-            self.queue.push_back(event);
-        }
-    }
-
     /// Stop what the shell still runs: its work, the trainer, the communicator (aborted
     /// when `abort`: the node stops with an error and its peers must not wait for it).
     pub async fn stop(&mut self, abort: bool) {
+        // The last steps' hashes, for their step-log lines.
+        self.compare_after_hash = None;
+        while let Ok(Some(Ok((step, hash)))) =
+            tokio::time::timeout(Duration::from_secs(60), self.hashing.next()).await
+        {
+            self.hashed(step, hash);
+        }
         self.gen_cancel.cancel();
         self.work = FuturesUnordered::new();
         if let Some(t) = self.trainer.take() {

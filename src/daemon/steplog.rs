@@ -1,8 +1,12 @@
 //! The node's logs in its run directory: `metrics.jsonl` (one line per step, appended
 //! across restarts: the chaos harness reads it as the node's step log), `events.jsonl`
 //! (how the node's state was set other than by a step), and the loss plot.
+//!
+//! A step's parameter hash is taken on a blocking thread while the next step runs; its
+//! line waits in [`StepLog`] until the hash is in, and lines are written in step order.
+//! Writes go through `block_in_place`, off the async workers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +16,7 @@ use serde_json::json;
 use crate::plot::LossPoint;
 
 /// One step's line.
-pub(super) struct StepLine<'a> {
+pub(super) struct StepLine {
     pub step: u64,
     pub loss: f64,
     pub lr: f64,
@@ -21,7 +25,8 @@ pub(super) struct StepLine<'a> {
     pub skipped: bool,
     pub generation: u64,
     pub world: u32,
-    pub param_hash: &'a str,
+    /// Filled in when the hash is in (see [`StepLog::hashed`]).
+    pub param_hash: String,
     /// The cursor of the step's first sample.
     pub cursor: u64,
     /// The slots this member computed.
@@ -35,7 +40,14 @@ pub(super) struct StepLog {
     metrics: std::fs::File,
     events: std::fs::File,
     history: Vec<LossPoint>,
+    /// Lines waiting for their step's hash, in step order.
+    waiting: VecDeque<StepLine>,
+    /// The hashes of the last few steps.
+    hashes: BTreeMap<u64, String>,
 }
+
+/// Hashes kept for lines and comparisons that may still ask for them.
+const HASHES_KEPT: usize = 8;
 
 fn append(path: &Path) -> Result<std::fs::File> {
     std::fs::OpenOptions::new()
@@ -64,11 +76,46 @@ impl StepLog {
             metrics: append(&metrics_path)?,
             events: append(&dir.join("events.jsonl"))?,
             history: by_step.into_values().collect(),
+            waiting: VecDeque::new(),
+            hashes: BTreeMap::new(),
         })
     }
 
+    /// A step's line: written now if its hash is in, else once it is.
+    pub fn step(&mut self, l: StepLine) {
+        self.waiting.push_back(l);
+        self.flush();
+    }
+
+    /// The parameter hash after `step` is in.
+    pub fn hashed(&mut self, step: u64, hash: String) {
+        self.hashes.insert(step, hash);
+        while self.hashes.len() > HASHES_KEPT {
+            self.hashes.pop_first();
+        }
+        self.flush();
+    }
+
+    /// The parameter hash after `step`, if it is in.
+    pub fn hash_of(&self, step: u64) -> Option<&String> {
+        self.hashes.get(&step)
+    }
+
+    /// Write the waiting lines whose hashes are in, in order.
+    fn flush(&mut self) {
+        while let Some(hash) = self
+            .waiting
+            .front()
+            .and_then(|l| self.hashes.get(&l.step).cloned())
+        {
+            let mut l = self.waiting.pop_front().expect("a front line");
+            l.param_hash = hash;
+            tokio::task::block_in_place(|| self.write_step(l));
+        }
+    }
+
     /// Append a step's line.
-    pub fn step(&mut self, l: StepLine<'_>) {
+    fn write_step(&mut self, l: StepLine) {
         let mut line = json!({"step": l.step, "loss": l.loss, "lr": l.lr, "tokens_per_s": l.tokens_per_s,
             "grad_norm": l.grad_norm, "skipped": l.skipped, "generation": l.generation,
             "world": l.world, "param_hash": l.param_hash, "cursor": l.cursor, "slots": l.slots,
@@ -93,7 +140,9 @@ impl StepLog {
     pub fn state(&mut self, how: &str, step: u64, generation: Option<u64>) {
         let line = json!({"event": "state", "how": how, "step": step, "generation": generation,
             "t_ms": tenax_storage::now_unix_ms()});
-        if let Err(e) = self.events.write_all(format!("{line}\n").as_bytes()) {
+        let wrote =
+            tokio::task::block_in_place(|| self.events.write_all(format!("{line}\n").as_bytes()));
+        if let Err(e) = wrote {
             eprintln!("warning: events.jsonl: cannot append: {e}");
         }
     }

@@ -58,7 +58,9 @@ pub(super) struct StepInfo {
     pub report: StepReport,
     pub lr: f64,
     pub secs: f64,
-    pub hash: String,
+    /// The parameters after the step (shared copy-on-write with the trainer), to hash off
+    /// the loop; taken out at once, so that the next update does not have to copy them.
+    pub params: Option<Arc<Vec<f32>>>,
 }
 
 fn failed(generation: u64, peers_may_have_failed: bool, error: String) -> Done {
@@ -158,6 +160,36 @@ pub(super) async fn compare(
         }),
         Err(e) => failed(generation, true, format!("state exchange: {e}")),
     }
+}
+
+/// The periodic comparison after `step`: this node's ranks with each other (when it
+/// hosts more than one; ranks that differ make its trainer count as failed: the node
+/// leaves and copies the state back), then the members with each other.
+pub(super) async fn compare_all(
+    trainer: Option<Arc<Trainer>>,
+    comm: Arc<GrpcCollective>,
+    step: u64,
+    hash: String,
+    timeout: Duration,
+) -> Done {
+    let generation = comm.spec().generation;
+    if let Some(t) = trainer.filter(|t| t.local_ranks() > 1) {
+        let differ = match t.param_hashes().await {
+            Ok(h) if h.windows(2).all(|w| w[0] == w[1]) => None,
+            Ok(h) => Some(format!(
+                "its ranks hold different parameters after step {step} ({})",
+                h.iter()
+                    .map(|x| &x[..x.len().min(12)])
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Err(e) => Some(format!("hashing its ranks after step {step}: {e}")),
+        };
+        if let Some(error) = differ {
+            return Done::Event(Event::TrainerFailed { generation, error });
+        }
+    }
+    compare(comm, step, step, hash, timeout).await
 }
 
 /// Load the job's committed checkpoint.
@@ -387,18 +419,17 @@ pub(super) async fn step(
     };
     let ran = async {
         let secs = t0.elapsed().as_secs_f64();
-        let hash = trainer
-            .param_hashes()
+        // One hash per node per step, of rank 0's parameters, taken by the shell on a
+        // blocking thread while the next step runs; the snapshot copies nothing.
+        let snap = trainer
+            .snapshot()
             .await
-            .map_err(|e| format!("step {}: {e}", step + 1))?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
+            .map_err(|e| format!("step {}: {e}", step + 1))?;
         Ok::<_, String>(StepInfo {
             report,
             lr,
             secs,
-            hash,
+            params: Some(snap.params),
         })
     }
     .await;

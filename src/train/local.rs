@@ -173,6 +173,7 @@ impl<'a> Local<'a> {
                 bytes,
                 save_s,
                 recovered_by_read_back,
+                ..
             } => {
                 self.queue.push_back(Event::CheckpointCommitted {
                     step,
@@ -205,6 +206,8 @@ impl<'a> Local<'a> {
             CheckpointEvent::PruneFailed { error } => {
                 format!("warning: retention failed (checkpoints are intact): {error}")
             }
+            // One member: no shared saves.
+            CheckpointEvent::ShareWritten { .. } => return,
         };
         self.bar.suspend(|| eprintln!("{line}"));
     }
@@ -278,16 +281,7 @@ impl<'a> Local<'a> {
                     return;
                 };
                 let t_save = Instant::now();
-                let r = save(
-                    t,
-                    self.checkpointer,
-                    &prep.stored_cfg,
-                    &prep.config_hash,
-                    step,
-                    cursor,
-                    0,
-                )
-                .await;
+                let r = save(t, self.checkpointer, prep, step, cursor, 0, None).await;
                 if let Some(line) = self.line.as_mut().filter(|l| l["step"] == json!(step)) {
                     line["ckpt_stall_s"] = json!(t_save.elapsed().as_secs_f64());
                 }

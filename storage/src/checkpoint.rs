@@ -80,8 +80,8 @@ pub struct PendingSave {
     pub meta: CheckpointMeta,
 }
 
-/// One shard file, written.
-#[derive(Clone, Debug, PartialEq)]
+/// One shard file, written (also the receipt a writer of a shared save leaves).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WrittenShard {
     /// The file's manifest entry (name, size, SHA-256).
     pub file: FileEntry,
@@ -277,7 +277,11 @@ fn created_now_ms() -> u64 {
 
 /// Start a save attempt: pick its attempt id and folder. Writes nothing.
 pub fn begin_save(meta: CheckpointMeta) -> PendingSave {
-    let attempt = new_attempt_id();
+    begin_save_as(meta, new_attempt_id())
+}
+
+/// Start a save attempt with a given attempt id (a shared save's writers agree on one).
+pub(crate) fn begin_save_as(meta: CheckpointMeta, attempt: String) -> PendingSave {
     PendingSave {
         folder: folder_name(meta.step, meta.generation, &attempt),
         attempt,
@@ -370,6 +374,7 @@ pub async fn write_shard(
             name: shard.file.clone(),
             size: bytes.len() as u64,
             sha256,
+            writer: None,
         },
         tensors: entries,
     })

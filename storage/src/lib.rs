@@ -17,16 +17,21 @@
 //! - `checkpoint`: [`save_checkpoint`] (or its steps [`begin_save`], [`write_shard`],
 //!   [`commit_save`]), [`list_checkpoints`], [`verify_checkpoint`], [`load_checkpoint`],
 //!   [`latest_verified`], [`prune`] (async, tokio).
+//! - `shared`: a checkpoint written by several nodes, each replica its share of rows, one
+//!   committer ([`collect_shares`]); the writers agree on the folder without talking.
 //! - `error`: [`StorageError`].
 //!
-//! Invariants: no checkpoint file is ever overwritten (every put is `PutMode::Create`); a
-//! checkpoint exists only once its manifest is written; nothing is loaded without its SHA-256
+//! Invariants: no committed checkpoint file is ever overwritten (small files are put with
+//! `PutMode::Create`; a large shard is written once by its one writer, and a share taken
+//! over by the committer goes to a file of another name); a checkpoint exists only once its
+//! manifest is written; nothing is loaded without its SHA-256
 //! matching the manifest.
 
 pub mod checkpoint;
 pub mod error;
 pub mod manifest;
 pub mod shard;
+pub mod shared;
 pub mod store;
 
 pub use checkpoint::{
@@ -38,4 +43,8 @@ pub use checkpoint::{
 pub use error::StorageError;
 pub use manifest::{FileEntry, Manifest, TensorEntry, FORMAT_VERSION, MANIFEST_FILE};
 pub use shard::{encode_shard, TensorData};
+pub use shared::{
+    begin_shared_save, collect_shares, put_receipt, put_skip_receipt, receipt_name, replica_plan,
+    shard_of, shared_attempt_id, shared_folder, takeover_file_name, ShareWait, SharedCommit,
+};
 pub use store::{part_size_for, ObjectInfo, Store, StoreOptions};

@@ -87,6 +87,9 @@ pub struct FileEntry {
     pub size: u64,
     /// Lowercase hex SHA-256 of the whole file.
     pub sha256: String,
+    /// The node that wrote it, when several nodes wrote the checkpoint; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 /// One tensor slice of a checkpoint: the rows `rows` (along dimension 0) of the tensor `name`,
@@ -376,6 +379,7 @@ mod tests {
                 name: "a.safetensors".into(),
                 size: 3,
                 sha256: sha256_hex(b"abc"),
+                writer: None,
             }],
             tensors: vec![TensorEntry {
                 name: "w".into(),
