@@ -415,6 +415,10 @@ pub struct BenchCkptArgs {
     /// Model preset (nano: 10.7M parameters, 128 MB of state per checkpoint).
     #[arg(long, default_value = "nano")]
     pub preset: String,
+    /// Vocabulary size of the model (50257: GPT-2's, for a gpt2-small checkpoint of
+    /// 1.4 GiB with its AdamW moments).
+    #[arg(long, default_value_t = 65)]
+    pub vocab_size: usize,
     /// Checkpoint store (default: file:// in a fresh temporary directory). S3 URLs use the
     /// AWS_* environment.
     #[arg(long)]
@@ -451,7 +455,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Training stall per save (async checkpoints) and checkpoint upload/restore throughput as
 /// ratios to raw object_store puts/gets of the same bytes, measured side by side.
 pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
-    let model = GptConfig::preset(&a.preset, 65).map_err(|e| anyhow!("--preset: {e}"))?;
+    let model = GptConfig::preset(&a.preset, a.vocab_size).map_err(|e| anyhow!("--preset: {e}"))?;
     let batch = BatchLayout::new(a.batch_size, 4.min(a.batch_size)).map_err(|e| anyhow!("{e}"))?;
     let layout = ParamLayout::for_config(&model);
     let tmp = tempfile_dir()?;
@@ -464,7 +468,7 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
         options.multipart_threshold_bytes = mib << 20;
     }
     let store = Store::open_with(&store_url, options).map_err(|e| anyhow!("{e}"))?;
-    let trainer = synthetic_trainer(&model, 65, batch, a.ranks).await?;
+    let trainer = synthetic_trainer(&model, a.vocab_size, batch, a.ranks).await?;
     let mut checkpointer = Checkpointer::start(
         store.clone(),
         CheckpointPolicy {

@@ -24,8 +24,8 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tenax_core::ckpt::{
-    load_plan, replicated_needs, retention, row_elems, save_plan, FolderInfo, FolderState,
-    RetentionDecision, RetentionPolicy, TensorSpec, WriterShard,
+    load_plan, replicated_needs, retention, row_elems, FolderInfo, FolderState, RetentionDecision,
+    RetentionPolicy, WriterShard,
 };
 
 use crate::error::StorageError;
@@ -452,24 +452,7 @@ pub async fn save_owned(
         url: store.url().to_string(),
         reason,
     };
-    if writers == 0 {
-        return Err(format_err("a save needs at least one writer".into()));
-    }
-    let holders: Vec<u32> = (0..writers).collect();
-    let held: Vec<(TensorSpec, Vec<u32>)> = content
-        .tensors
-        .iter()
-        .map(|t| {
-            (
-                TensorSpec {
-                    name: t.name.clone(),
-                    shape: t.shape.clone(),
-                },
-                holders.clone(),
-            )
-        })
-        .collect();
-    let plan = save_plan(&held).map_err(|e| format_err(e.to_string()))?;
+    let plan = crate::shared::replica_plan(store, &content.tensors, writers)?;
     let mut by_name = BTreeMap::new();
     for t in content.tensors {
         check_fills_shape(&t).map_err(format_err)?;
