@@ -19,14 +19,10 @@ impl Shell<'_> {
                 taken_over,
                 ..
             } => {
-                if !shares_from.is_empty() || !taken_over.is_empty() {
+                if !taken_over.is_empty() {
                     println!(
-                        "node {}: checkpoint step {step}: shares of writers {shares_from:?} written by their nodes{}",
+                        "node {}: checkpoint step {step}: the shares of writers {taken_over:?} written here (not reported in time); writers {shares_from:?} wrote their own",
                         self.me(),
-                        match taken_over.is_empty() {
-                            true => String::new(),
-                            false => format!("; the shares of writers {taken_over:?} written here (not reported in time)"),
-                        }
                     );
                 }
                 let generation = self.saves.get(&step).copied().unwrap_or_default();
