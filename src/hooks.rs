@@ -32,9 +32,9 @@ pub const PANIC_RANK_AT_STEP: &str = "TENAX_CHAOS_PANIC_RANK_AT_STEP";
 #[cfg(feature = "chaos-hooks")]
 pub const PANIC_IN_UPLOAD_AT_STEP: &str = "TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP";
 
-/// A writer of step `<step>`'s shared checkpoint (not the committer) kills its own process
-/// with SIGKILL after its shard is uploaded, before its receipt (read by tenax-actors'
-/// `chaos-hooks` feature).
+/// A writer of a shared checkpoint (not the committer) kills its own process with SIGKILL
+/// in its first save at or after `<step>`, after its shard is uploaded and before its
+/// receipt (read by tenax-actors' `chaos-hooks` feature).
 #[cfg(feature = "chaos-hooks")]
 pub const KILL_IN_SHARE_AT_STEP: &str = "TENAX_CHAOS_KILL_IN_SHARE_AT_STEP";
 

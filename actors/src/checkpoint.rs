@@ -233,28 +233,29 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     }
 }
 
+/// A test-only fault hook's step, from the environment (`<name>=<step>`).
+#[cfg(feature = "chaos-hooks")]
+fn chaos_step(var: &str) -> Option<u64> {
+    std::env::var(var).ok()?.trim().parse().ok()
+}
+
 /// Test-only fault hook: with `TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP=<step>`, the upload of
 /// that step's checkpoint panics after its tensors are built, before its shards are
 /// written.
 #[cfg(feature = "chaos-hooks")]
 fn chaos_panic_in_upload(step: u64) {
-    let at = std::env::var("TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if at == Some(step) {
+    if chaos_step("TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP") == Some(step) {
         panic!("chaos: the upload of step {step} panics (TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP)");
     }
 }
 
 /// Test-only fault hook: with `TENAX_CHAOS_KILL_IN_SHARE_AT_STEP=<step>`, a writer of a
-/// shared save (not the committer) kills its own process with SIGKILL after its shard of
-/// that step is uploaded, before its receipt.
+/// shared save (not the committer) kills its own process with SIGKILL in its first save
+/// at or after that step (a save superseded before it starts is not one), after its shard
+/// is uploaded and before its receipt.
 #[cfg(feature = "chaos-hooks")]
 fn chaos_kill_in_share(step: u64) {
-    let at = std::env::var("TENAX_CHAOS_KILL_IN_SHARE_AT_STEP")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if at == Some(step) {
+    if chaos_step("TENAX_CHAOS_KILL_IN_SHARE_AT_STEP").is_some_and(|at| step >= at) {
         eprintln!("chaos: this writer kills itself in the middle of the save of step {step}");
         let pid = std::process::id().to_string();
         let _ = std::process::Command::new("kill")
