@@ -49,7 +49,14 @@ pub(super) struct Counters {
     pub bytes_received: AtomicU64,
     pub state_bytes_served: AtomicU64,
     pub state_bytes_fetched: AtomicU64,
+    pub off_runtime: AtomicU64,
 }
+
+/// Frames of at least this many bytes are decoded and folded into the step (the gradient
+/// sums) with the async worker handed off (`block_in_place`), so that the sums never hold
+/// up the runtime's other tasks; smaller frames are taken in place, where the hand-off
+/// would cost more than the work.
+pub const OFF_RUNTIME_FRAME_BYTES: usize = 256 * 1024;
 
 impl Counters {
     pub fn add(counter: &AtomicU64, n: u64) {
@@ -168,6 +175,11 @@ impl PeerHub {
         self.inner.counters.other_refused.load(Ordering::Relaxed)
     }
 
+    /// Frames of at least [`OFF_RUNTIME_FRAME_BYTES`] taken with the async worker handed off.
+    pub fn frames_taken_off_runtime(&self) -> u64 {
+        self.inner.counters.off_runtime.load(Ordering::Relaxed)
+    }
+
     /// Frames taken (delivered, or buffered for a newer generation).
     pub fn frames_accepted(&self) -> u64 {
         self.inner.counters.accepted.load(Ordering::Relaxed)
@@ -266,6 +278,20 @@ impl PeerHub {
         }
     }
 
+    /// [`Self::accept`], with the async worker handed off for a large frame on a
+    /// multi-threaded runtime (see [`OFF_RUNTIME_FRAME_BYTES`]).
+    fn accept_large_off_runtime(&self, frame: PeerFrame) -> Verdict {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let multi =
+            Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+        if multi && frame.encoded_len() >= OFF_RUNTIME_FRAME_BYTES {
+            Counters::add(&self.inner.counters.off_runtime, 1);
+            tokio::task::block_in_place(|| self.accept(frame))
+        } else {
+            self.accept(frame)
+        }
+    }
+
     fn accept(&self, frame: PeerFrame) -> Verdict {
         let size = frame.encoded_len();
         let counters = &self.inner.counters;
@@ -340,7 +366,7 @@ impl Peer for PeerHub {
                 next = stream.message() => next,
             };
             match next {
-                Ok(Some(frame)) => match self.accept(frame) {
+                Ok(Some(frame)) => match self.accept_large_off_runtime(frame) {
                     Verdict::Accepted => reply.accepted += 1,
                     Verdict::Stale => reply.refused_stale += 1,
                     Verdict::Other => reply.refused_other += 1,
