@@ -143,7 +143,8 @@ async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> 
         math: prep.cfg.math(),
         corpus_sha256: prep.stored_cfg.corpus_sha256.clone(),
         node: node.to_string(),
-        nonce: new_job_nonce(node),
+        // 16 hex characters, unique to this incarnation of the job.
+        nonce: tenax_storage::unique_hex(8, node.as_bytes()),
     };
     let stored = etcd
         .put_if_absent(CONFIG_KEY, &records::encode_config(&ours))
@@ -184,20 +185,6 @@ async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> 
         theirs.node,
         diffs.join("; ")
     )
-}
-
-/// A fresh random job nonce (16 hex characters) from the clock, the process and the node.
-fn new_job_nonce(node: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let mut h = Sha256::new();
-    h.update(nanos.to_le_bytes());
-    h.update(std::process::id().to_le_bytes());
-    h.update(node.as_bytes());
-    hex::encode(&h.finalize()[..8])
 }
 
 /// Run `tenax daemon` until the job reaches its target step (exit 0) or the node leaves.

@@ -241,6 +241,12 @@ impl LoadedCheckpoint {
 
 /// A fresh attempt id: 12 hex chars mixing the time, the process id and a process-wide counter.
 fn new_attempt_id() -> String {
+    unique_hex(6, b"")
+}
+
+/// `bytes` bytes (as hex) of the SHA-256 of the clock, this process, a per-process counter
+/// and `salt`: unique per call in practice (attempt ids, job nonces); not for secrets.
+pub fn unique_hex(bytes: usize, salt: &[u8]) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()
@@ -251,7 +257,8 @@ fn new_attempt_id() -> String {
     h.update(nanos.to_le_bytes());
     h.update(std::process::id().to_le_bytes());
     h.update(n.to_le_bytes());
-    hex::encode(&h.finalize()[..6])
+    h.update(salt);
+    hex::encode(&h.finalize()[..bytes.min(32)])
 }
 
 /// Wall-clock ms since the epoch.

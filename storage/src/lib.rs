@@ -36,9 +36,9 @@ pub mod store;
 
 pub use checkpoint::{
     begin_save, commit_save, latest_verified, list_checkpoints, load_checkpoint, now_unix_ms,
-    prune, prune_after_save, save_checkpoint, save_owned, verify_checkpoint, write_shard,
-    AttemptStatus, CheckpointContent, CheckpointMeta, ListedAttempt, Listing, LoadedCheckpoint,
-    PendingSave, PruneReport, SavedCheckpoint, VerifyReport, WrittenShard,
+    prune, prune_after_save, save_checkpoint, save_owned, unique_hex, verify_checkpoint,
+    write_shard, AttemptStatus, CheckpointContent, CheckpointMeta, ListedAttempt, Listing,
+    LoadedCheckpoint, PendingSave, PruneReport, SavedCheckpoint, VerifyReport, WrittenShard,
 };
 pub use error::StorageError;
 pub use manifest::{FileEntry, Manifest, TensorEntry, FORMAT_VERSION, MANIFEST_FILE};
