@@ -1393,6 +1393,15 @@ fn daemons_keep_the_last_checkpoints_they_are_told_to() {
     );
 }
 
+/// Start nodes 0, 1 and 2 of a 3-node job, node 2 with the chaos hook `var=value`.
+fn start_three_with_hook_on_2(c: &mut LocalCluster, var: &str, value: &str) {
+    let start = ["--start-nodes".to_string(), "3".into()];
+    c.spawn_daemon(0, &start).unwrap();
+    c.spawn_daemon(1, &start).unwrap();
+    c.spawn_daemon_env(2, &start, &[(var.into(), value.into())])
+        .unwrap();
+}
+
 /// The save attempts of a job as `ckpt list --json` rows.
 fn listed_rows(c: &LocalCluster, job: &str) -> Vec<serde_json::Value> {
     let listing = ok_env(
@@ -1416,17 +1425,9 @@ fn every_replica_writes_its_share_and_a_writer_killed_mid_save_leaves_no_torn_ch
     let want = reference_export(&data, tmp.path(), steps);
     let job = "shares";
     let mut c = cluster(job, &data, steps, &["--ckpt-every", "10"]);
-    let start = ["--start-nodes".to_string(), "3".into()];
-    c.spawn_daemon(0, &start).unwrap();
-    c.spawn_daemon(1, &start).unwrap();
     // Node 2 (a writer, not the committer) SIGKILLs itself in its first save at or after
     // step 30, after its shard is uploaded and before its receipt.
-    c.spawn_daemon_env(
-        2,
-        &start,
-        &[("TENAX_CHAOS_KILL_IN_SHARE_AT_STEP".into(), "30".into())],
-    )
-    .unwrap();
+    start_three_with_hook_on_2(&mut c, "TENAX_CHAOS_KILL_IN_SHARE_AT_STEP", "30");
     let status = c.wait(2, Duration::from_secs(300)).unwrap();
     assert!(status.is_some_and(|s| !s.success()), "{}", c.log(2));
     let log2 = c.log(2);
@@ -1912,17 +1913,9 @@ fn a_kill_in_the_all_gather_leaves_the_survivors_consistent() {
     let want = reference_export(&data, tmp.path(), steps);
     let job = "gather";
     let mut c = cluster(job, &data, steps, &[]);
-    let start = ["--start-nodes".to_string(), "3".into()];
-    c.spawn_daemon(0, &start).unwrap();
-    c.spawn_daemon(1, &start).unwrap();
     // Node 2 sends its reduced chunk of step 21 to node 0 only, then exits: node 0
     // completes step 21, node 1 cannot.
-    c.spawn_daemon_env(
-        2,
-        &start,
-        &[("TENAX_CHAOS_EXIT_IN_ALL_GATHER".into(), "20".into())],
-    )
-    .unwrap();
+    start_three_with_hook_on_2(&mut c, "TENAX_CHAOS_EXIT_IN_ALL_GATHER", "20");
     let status = c.wait(2, Duration::from_secs(120)).unwrap();
     assert!(status.is_some_and(|s| !s.success()), "{}", c.log(2));
     assert!(
@@ -1951,16 +1944,8 @@ fn a_member_whose_trainer_panics_leaves_and_rejoins_with_state_from_a_peer() {
     let want = reference_export(&data, tmp.path(), steps);
     let job = "panic";
     let mut c = cluster(job, &data, steps, &[]);
-    let start = ["--start-nodes".to_string(), "3".into()];
-    c.spawn_daemon(0, &start).unwrap();
-    c.spawn_daemon(1, &start).unwrap();
     // A rank of node 2 panics in step 21: its trainer is gone, its state with it.
-    c.spawn_daemon_env(
-        2,
-        &start,
-        &[("TENAX_CHAOS_PANIC_RANK_AT_STEP".into(), "20".into())],
-    )
-    .unwrap();
+    start_three_with_hook_on_2(&mut c, "TENAX_CHAOS_PANIC_RANK_AT_STEP", "20");
     wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(300));
     let log2 = c.log(2);
     assert!(
