@@ -117,6 +117,42 @@ pub enum DataError {
         /// The registry source directory that was searched.
         path: PathBuf,
     },
+
+    /// A `--source` argument of `tenax data prepare` that cannot be used.
+    #[error(
+        "--source {spec:?}: {reason}: write it as NAME=PATH[:WEIGHT], e.g. web=/data/web.jsonl:2"
+    )]
+    BadSource {
+        /// The argument as given.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A data preparation config (TOML) that cannot be read or does not make sense.
+    #[error("data prepare config {what}: {reason}: fix that key (docs/ARCHITECTURE.md, \"Data preparation\", lists them)")]
+    BadConfig {
+        /// The file, or "flags" for command-line values.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A dataset manifest that cannot be read.
+    #[error("dataset manifest {}: {reason}: re-run `tenax data prepare` to rewrite it", path.display())]
+    BadManifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A worker thread of the preparation pipeline panicked or could not be started.
+    #[error("data prepare worker failed: {reason}: this is a bug, please report it")]
+    Worker {
+        /// What happened.
+        reason: String,
+    },
 }
 
 impl DataError {

@@ -12,13 +12,19 @@
 //! - [`shard`] — the on-disk token shard format, [`write_shard`], [`read_shard`].
 //! - [`dataset`] — [`Dataset`], [`prepare_dataset`], [`num_windows`], [`window`].
 //! - [`error`] — [`DataError`].
+//! - [`prepare`] — `tenax data prepare`: [`prepare::prepare`] streams raw text from several
+//!   sources through normalisation, exact and near (MinHash/LSH) dedup, quality filters and
+//!   PII/secret scrubbing into fixed-size token shards and a dataset manifest; its
+//!   submodules are `config`, `source`, `normalize`, `filters`, `minhash`, `scrub` and
+//!   `manifest`.
 //!
 //! Nothing here is async or touches the network; the only I/O is reading corpus files and
-//! reading and writing shards in a cache directory.
+//! reading and writing shards in local directories.
 
 pub mod corpus;
 pub mod dataset;
 pub mod error;
+pub mod prepare;
 pub mod shard;
 pub mod tokenizer;
 
@@ -30,5 +36,5 @@ pub use dataset::{
     Dataset,
 };
 pub use error::DataError;
-pub use shard::{read_shard, read_shard_with_vocab, write_shard};
+pub use shard::{read_shard, read_shard_with_vocab, write_shard, write_shard_hashed};
 pub use tokenizer::{Tokenizer, TokenizerKind, TokenizerSpec, GPT2_VOCAB_SIZE};

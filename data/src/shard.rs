@@ -32,6 +32,27 @@ pub const SHARD_HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 4 + 32;
 /// Writes `tokens` as a shard at `path` (through a temporary file in the same directory
 /// and a rename). Every token must be below `vocab_size`.
 pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<(), DataError> {
+    let file_bytes = encode_shard(path, tokens, vocab_size)?;
+    write_atomically(path, &file_bytes)
+}
+
+/// Like [`write_shard`], also returning the lower-case hex SHA-256 of the whole file and
+/// its length in bytes (what a dataset manifest records for each shard).
+pub fn write_shard_hashed(
+    path: &Path,
+    tokens: &[u32],
+    vocab_size: usize,
+) -> Result<(String, u64), DataError> {
+    let file_bytes = encode_shard(path, tokens, vocab_size)?;
+    write_atomically(path, &file_bytes)?;
+    Ok((
+        hex::encode(Sha256::digest(&file_bytes)),
+        file_bytes.len() as u64,
+    ))
+}
+
+/// The bytes of a shard file holding `tokens`; `path` only names the shard in errors.
+fn encode_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<Vec<u8>, DataError> {
     let vocab = u32::try_from(vocab_size).map_err(|_| DataError::InvalidSpec {
         reason: format!(
             "vocabulary size {vocab_size} does not fit a token shard (at most {})",
@@ -69,7 +90,7 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<(),
     file_bytes.extend_from_slice(&vocab.to_le_bytes());
     file_bytes.extend_from_slice(&Sha256::digest(&payload));
     file_bytes.extend_from_slice(&payload);
-    write_atomically(path, &file_bytes)
+    Ok(file_bytes)
 }
 
 /// Reads and verifies the shard at `path`, returning its tokens.
