@@ -543,7 +543,7 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
                 checkpointer
                     .save(SaveJob {
                         meta: meta(step),
-                        build: Box::new(move || snapshot_tensors(snap, l)),
+                        build: Arc::new(move || snapshot_tensors(snap.clone(), l.clone())),
                         share: None,
                     })
                     .map_err(|e| anyhow!("{e}"))?;

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use tenax_actors::{CheckpointPolicy, Checkpointer};
+use tenax_actors::{CheckpointPolicy, Checkpointer, Control, Membership};
 use tenax_cluster::etcd::{EtcdConfig, EtcdMembership};
 use tenax_cluster::member::{Detection, Member, MemberConfig, Prober};
 use tenax_cluster::peer::{HubConfig, PeerHub};
@@ -239,6 +239,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // Join the job.
     let join = join_config(&s, etcd_cfg, advertise, metrics_addr);
     let member = start_member(&etcd, &join).await?;
+    let member = Membership::start_under(&supervisor, member)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     // --keep-last / --keep-every: the committer's Checkpoint actor prunes after each commit
     // (never the newest good checkpoint, nor one being written).
     let cfg = &prep.cfg;
@@ -247,7 +250,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         keep_every: cfg.keep_every,
         min_uncommitted_age_ms: 3_600_000,
     });
-    let checkpointer = Checkpointer::start(
+    let checkpointer = Checkpointer::start_under(
+        &supervisor,
         store.clone(),
         CheckpointPolicy {
             share_wait: Default::default(),
@@ -269,16 +273,21 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         run_dir,
         requests,
         job_nonce,
+        node: &supervisor,
     };
     let mut shell = Shell::new(parts, node_machine(&s, &prep)?);
     let outcome = shell.run(start, live.is_none()).await;
     let failed = !matches!(outcome, Ok((Exit::Done | Exit::Left, _)));
     shell.stop(failed).await;
     let step = shell.step();
-    let Shell { p, .. } = shell;
-    p.checkpointer.shutdown().await;
-    if let Err(e) = p.member.shutdown().await {
-        eprintln!("warning: leaving the job: {e} (the lease expires after its TTL)");
+    {
+        // The shell (which borrows the supervisor) ends here.
+        let shell = shell;
+        let Shell { p, .. } = shell;
+        p.checkpointer.shutdown().await;
+        if let Err(e) = p.member.shutdown().await {
+            eprintln!("warning: leaving the job: {e} (the lease expires after its TTL)");
+        }
     }
     shared.hub.shutdown();
     supervisor.shutdown().await;
@@ -359,6 +368,7 @@ async fn bind(s: &Settings, prep: &Prepared, step: u64) -> Result<Bound> {
             loss: f64::NAN,
             ..Default::default()
         }),
+        control: Control::new(requests_tx.clone()),
         requests: requests_tx,
         hub: PeerHub::new(s.job.clone(), HubConfig::default()),
         fatal: Mutex::new(None),

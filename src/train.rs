@@ -488,7 +488,7 @@ pub(crate) async fn save(
     checkpointer
         .save(SaveJob {
             meta,
-            build: Box::new(move || {
+            build: Arc::new(move || {
                 let mut tensors = tensors_from(tenax_model::named_params(&layout, &snap.params));
                 tensors.extend(tensors_from(snap.opt.named_state(&layout)));
                 tensors

@@ -1960,6 +1960,10 @@ fn a_member_whose_trainer_panics_leaves_and_rejoins_with_state_from_a_peer() {
         !log2.contains("start 2 ---"),
         "node 2 was not restarted: it rejoined by itself"
     );
+    assert!(
+        log2.contains("child failed; its owner replaces it") && log2.contains("trainer"),
+        "the node supervisor saw its trainer fail (counted against its policy):\n{log2}"
+    );
     assert_every_slot_once(&c, &[0, 1, 2], steps, 1);
     let last: Vec<String> = (0..3)
         .map(|n| node_hashes(&c, n).last().unwrap().1.clone())
@@ -1970,14 +1974,14 @@ fn a_member_whose_trainer_panics_leaves_and_rejoins_with_state_from_a_peer() {
 }
 
 #[test]
-fn a_panicking_checkpoint_upload_fails_that_save_only_and_training_goes_on() {
+fn a_panicking_checkpoint_upload_restarts_the_checkpoint_actor_and_training_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());
     let steps = 60;
     let want = reference_export(&data, tmp.path(), steps);
     let job = "upload";
     let mut c = cluster(job, &data, steps, &["--ckpt-every", "10"]);
-    // Every node carries the hook; only the committer saves.
+    // Every node carries the hook: each replica's Checkpoint actor panics in its share.
     let hook = [(
         "TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP".to_string(),
         "20".to_string(),
@@ -1991,6 +1995,10 @@ fn a_panicking_checkpoint_upload_fails_that_save_only_and_training_goes_on() {
     assert!(
         logs.contains("the upload panicked") && logs.contains("training goes on"),
         "the committer reports the panicked save and goes on:\n{logs}"
+    );
+    assert!(
+        logs.contains("child failed; restarting it") && logs.contains("checkpoint"),
+        "the node supervisor restarts the Checkpoint actor:\n{logs}"
     );
     let committed = committed_steps(&c, job);
     assert!(!committed.contains(&20), "{committed:?}");

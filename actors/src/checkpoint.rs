@@ -17,26 +17,36 @@
 //! the others' receipts (writing any share still missing after [`CheckpointPolicy::share_wait`]
 //! itself) and commits; see `tenax_storage::shared`.
 //!
-//! An upload that panics does not take the actor with it: the panic is caught, the save is
-//! reported [`CheckpointEvent::Failed`], and the actor's work starts afresh with the save
-//! waiting behind it, at most [`UPLOAD_RESTARTS`] times within a minute. One panic more and
-//! the actor stops: later saves fail at once and [`Checkpointer::is_running`] says so, so
-//! that the node can exit instead of training on without checkpoints.
+//! The actor is a restartable child of a [`NodeSupervisor`] (its own private one when it is
+//! started alone, as `tenax train` does): a save that panics makes the actor fail; the
+//! supervisor starts it again by [`CHECKPOINT_POLICY`]. The new actor retries the save that
+//! was in flight if it still holds its snapshot (a panic while building the tensors; at most
+//! [`SAVE_TRIES`] tries), else it reports it [`CheckpointEvent::Failed`] and goes on with the
+//! next save: the snapshot is released as soon as its tensors are built, so that holding it
+//! through an upload never makes the ranks copy their buffers. The queue of saves outlives the
+//! actor, so no save handed over is lost to a restart. One failure more than the policy
+//! allows and the supervisor gives up: later saves fail at once and
+//! [`Checkpointer::is_running`] says so, so that the node can exit instead of training on
+//! without checkpoints.
 
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tenax_core::ckpt::RetentionPolicy;
-use tenax_core::restart::{RestartDecision, RestartPolicy, RestartTracker};
+use tenax_core::restart::RestartPolicy;
 use tenax_storage::{CheckpointContent, CheckpointMeta, ShareWait, Store, TensorData};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use crate::node::{ChildSpec, NodeSupervisor};
 use crate::supervisor::ActorsError;
 
-/// Builds the tensors of a snapshot (runs on a blocking thread in the background).
-pub type BuildTensors = Box<dyn FnOnce() -> Vec<TensorData> + Send>;
+/// Builds the tensors of a snapshot (runs on a blocking thread in the background; called
+/// again when the save is retried).
+pub type BuildTensors = Arc<dyn Fn() -> Vec<TensorData> + Send + Sync>;
 
 /// One save: what the manifest says, and how to get the tensors from the snapshot.
+#[derive(Clone)]
 pub struct SaveJob {
     /// Step, generation, config, cursor...
     pub meta: CheckpointMeta,
@@ -135,50 +145,155 @@ pub enum CheckpointEvent {
 /// Events kept for the caller before the oldest are dropped.
 const EVENT_QUEUE: usize = 256;
 
-/// Panicking uploads the actor survives within a minute; one more stops it.
-pub const UPLOAD_RESTARTS: u32 = 3;
+/// The restart policy of the Checkpoint actor: at most 3 restarts within a minute.
+pub const CHECKPOINT_POLICY: RestartPolicy = RestartPolicy {
+    max_restarts: 3,
+    window_ms: 60_000,
+};
+
+/// Tries of one save whose upload panics (the first, and one retry by the restarted actor).
+pub const SAVE_TRIES: u32 = 2;
+
+/// The child's name under the node supervisor.
+const CHILD: &str = "checkpoint";
 
 enum Msg {
-    Save(SaveJob),
+    /// Look at the queue: start the next save if none is running.
+    Wake,
+    /// The running save ended with these events.
     Done(Vec<CheckpointEvent>),
     /// The upload of `step` panicked.
-    Crashed {
-        step: u64,
-        error: String,
-    },
-    Flush(RpcReplyPort<()>),
+    Crashed { step: u64, error: String },
 }
 
-struct CheckpointActor;
+/// The save being uploaded (or to retry), and how many times it was started.
+struct InFlight {
+    meta: CheckpointMeta,
+    share: Option<ShareJob>,
+    /// Released once the tensors are built, so that the snapshot's buffers are no longer
+    /// shared with the ranks (they would copy them at their next update): a save that
+    /// fails after that point is not retried; the next one goes on.
+    build: Option<BuildTensors>,
+    tries: u32,
+}
 
-struct State {
+impl InFlight {
+    fn new(job: SaveJob) -> Self {
+        Self {
+            meta: job.meta,
+            share: job.share,
+            build: Some(job.build),
+            tries: 0,
+        }
+    }
+}
+
+/// The saves handed over: one in flight, at most one waiting.
+#[derive(Default)]
+struct Queue {
+    in_flight: Option<InFlight>,
+    /// An upload task of the current actor runs `in_flight`.
+    running: bool,
+    waiting: Option<SaveJob>,
+}
+
+/// What outlives one actor: the queue, the event channel, and the actor to wake. Shared by
+/// the [`Checkpointer`] handle and every start of the actor.
+struct Desk {
     store: Store,
     policy: CheckpointPolicy,
     events: mpsc::Sender<CheckpointEvent>,
-    in_flight: Option<u64>,
-    waiting: Option<SaveJob>,
-    flushers: Vec<RpcReplyPort<()>>,
-    /// Panicking uploads within the policy's window.
-    restarts: RestartTracker,
-    /// The clock of `restarts`.
-    started: Instant,
+    queue: Mutex<Queue>,
+    /// The running actor (replaced at each restart).
+    actor: Mutex<Option<ActorRef<Msg>>>,
+    /// True while nothing is in flight or waiting.
+    idle: watch::Sender<bool>,
 }
 
-impl State {
+impl Desk {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn emit(&self, event: CheckpointEvent) {
         if self.events.try_send(event).is_err() {
             tracing::warn!("checkpoint event dropped: the event queue is full or closed");
         }
     }
 
-    fn start(&mut self, myself: &ActorRef<Msg>, job: SaveJob) {
-        self.in_flight = Some(job.meta.step);
-        let store = self.store.clone();
-        let policy = self.policy.clone();
+    /// Queue a save: it starts at once if none is in flight, else it waits, replacing the
+    /// one waiting.
+    fn submit(&self, job: SaveJob) {
+        let by_step = job.meta.step;
+        let old = {
+            let mut q = self.queue();
+            match q.in_flight {
+                // It goes next: the actor starts it when it looks at the queue.
+                None => {
+                    q.in_flight = Some(InFlight::new(job));
+                    None
+                }
+                Some(_) => q.waiting.replace(job),
+            }
+        };
+        self.idle.send_replace(false);
+        if let Some(old) = old {
+            self.skip_share(&old, by_step);
+            self.emit(CheckpointEvent::Superseded {
+                step: old.meta.step,
+                by_step,
+            });
+        }
+        let actor = self.actor.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // An actor being restarted looks at the queue when it starts.
+        if let Some(a) = actor {
+            let _ = a.cast(Msg::Wake);
+        }
+    }
+
+    /// Start the save in flight (a retry after a restart) or the waiting one, unless one
+    /// runs already; report idle when there is none.
+    fn pump(self: &Arc<Self>, myself: &ActorRef<Msg>) {
+        let mut q = self.queue();
+        if q.running {
+            return;
+        }
+        if q.in_flight.is_none() {
+            q.in_flight = q.waiting.take().map(InFlight::new);
+        }
+        let Some(f) = q.in_flight.as_mut() else {
+            self.idle.send_replace(true);
+            return;
+        };
+        let step = f.meta.step;
+        let Some(build) = f.build.clone() else {
+            // Left by a failed actor after its tensors were built: it cannot be retried.
+            q.in_flight = None;
+            drop(q);
+            self.emit(CheckpointEvent::Failed {
+                step,
+                error: "the checkpoint actor failed while uploading it (its snapshot was already released); the next save goes on".into(),
+            });
+            return self.pump(myself);
+        };
+        f.tries += 1;
+        if f.tries > 1 {
+            tracing::warn!(
+                step,
+                "retrying the save after a restart of the checkpoint actor"
+            );
+        }
+        let job = SaveJob {
+            meta: f.meta.clone(),
+            build,
+            share: f.share.clone(),
+        };
+        q.running = true;
+        drop(q);
+        let desk = Arc::clone(self);
         let myself = myself.clone();
-        let step = job.meta.step;
         tokio::spawn(async move {
-            let upload = tokio::spawn(async move { run_save(&store, &policy, job).await });
+            let upload = tokio::spawn(async move { run_save(&desk, job).await });
             let msg = match upload.await {
                 Ok(events) => Msg::Done(events),
                 Err(e) => Msg::Crashed {
@@ -208,19 +323,9 @@ impl State {
             }
         });
     }
-
-    /// The upload in flight ended: start the waiting save, or answer the flushers.
-    fn next(&mut self, myself: &ActorRef<Msg>) {
-        self.in_flight = None;
-        if let Some(next) = self.waiting.take() {
-            self.start(myself, next);
-        } else {
-            for f in self.flushers.drain(..) {
-                let _ = f.send(());
-            }
-        }
-    }
 }
+
+struct CheckpointActor;
 
 fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
@@ -241,10 +346,14 @@ fn chaos_step(var: &str) -> Option<u64> {
 
 /// Test-only fault hook: with `TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP=<step>`, the upload of
 /// that step's checkpoint panics after its tensors are built, before its shards are
-/// written.
+/// written; once per process (the retry by the restarted actor goes through).
 #[cfg(feature = "chaos-hooks")]
 fn chaos_panic_in_upload(step: u64) {
-    if chaos_step("TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP") == Some(step) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if chaos_step("TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP") == Some(step)
+        && !DONE.swap(true, Ordering::SeqCst)
+    {
         panic!("chaos: the upload of step {step} panics (TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP)");
     }
 }
@@ -266,16 +375,26 @@ fn chaos_kill_in_share(step: u64) {
 }
 
 /// Build, save and (on success) prune; the events to report.
-async fn run_save(store: &Store, policy: &CheckpointPolicy, job: SaveJob) -> Vec<CheckpointEvent> {
+async fn run_save(desk: &Desk, job: SaveJob) -> Vec<CheckpointEvent> {
+    let (store, policy) = (&desk.store, &desk.policy);
     let t0 = Instant::now();
     let step = job.meta.step;
     let build = job.build;
-    let tensors = match tokio::task::spawn_blocking(build).await {
+    let built = tokio::task::spawn_blocking(move || build()).await;
+    // Built: the snapshot is no longer needed; release it (see `InFlight::build`).
+    if built.is_ok() {
+        if let Some(f) = desk.queue().in_flight.as_mut() {
+            f.build = None;
+        }
+    }
+    let tensors = match built {
         Ok(t) => t,
+        // A panic is the actor's failure: its supervisor restarts it and the save is retried.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => {
             return vec![CheckpointEvent::Failed {
                 step,
-                error: format!("building the snapshot's tensors panicked: {e}"),
+                error: format!("building the snapshot's tensors: {e}"),
             }]
         }
     };
@@ -411,82 +530,68 @@ async fn save_share(
 
 impl Actor for CheckpointActor {
     type Msg = Msg;
-    type State = State;
-    type Arguments = (Store, CheckpointPolicy, mpsc::Sender<CheckpointEvent>);
+    type State = Arc<Desk>;
+    type Arguments = Arc<Desk>;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Msg>,
-        (store, policy, events): Self::Arguments,
-    ) -> Result<State, ActorProcessingErr> {
-        Ok(State {
-            store,
-            policy,
-            events,
-            in_flight: None,
-            waiting: None,
-            flushers: Vec::new(),
-            restarts: RestartTracker::new(RestartPolicy {
-                max_restarts: UPLOAD_RESTARTS,
-                window_ms: 60_000,
-            }),
-            started: Instant::now(),
-        })
+        myself: ActorRef<Msg>,
+        desk: Arc<Desk>,
+    ) -> Result<Arc<Desk>, ActorProcessingErr> {
+        *desk.actor.lock().unwrap_or_else(|p| p.into_inner()) = Some(myself.clone());
+        // A save left in flight by the previous actor is retried; else the waiting one.
+        desk.queue().running = false;
+        desk.pump(&myself);
+        Ok(desk)
     }
 
     async fn handle(
         &self,
         myself: ActorRef<Msg>,
         msg: Msg,
-        st: &mut State,
+        desk: &mut Arc<Desk>,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            Msg::Save(job) => {
-                if st.in_flight.is_none() {
-                    st.start(&myself, job);
-                } else {
-                    let by_step = job.meta.step;
-                    if let Some(old) = st.waiting.replace(job) {
-                        st.skip_share(&old, by_step);
-                        st.emit(CheckpointEvent::Superseded {
-                            step: old.meta.step,
-                            by_step,
-                        });
-                    }
-                }
-            }
+            Msg::Wake => desk.pump(&myself),
             Msg::Done(events) => {
-                for e in events {
-                    st.emit(e);
+                {
+                    let mut q = desk.queue();
+                    q.in_flight = None;
+                    q.running = false;
                 }
-                st.next(&myself);
+                for e in events {
+                    desk.emit(e);
+                }
+                desk.pump(&myself);
             }
             Msg::Crashed { step, error } => {
-                let now_ms = st.started.elapsed().as_millis() as u64;
-                match st.restarts.on_failure(now_ms) {
-                    RestartDecision::Restart { attempt } => {
-                        st.emit(CheckpointEvent::Failed {
-                            step,
-                            error: format!("the upload panicked ({error}); the checkpoint actor goes on (restart {attempt} of {UPLOAD_RESTARTS} within 60 s)"),
-                        });
-                        st.next(&myself);
+                let gave_up = {
+                    let mut q = desk.queue();
+                    q.running = false;
+                    let (tries, built) = q
+                        .in_flight
+                        .as_ref()
+                        .map_or((SAVE_TRIES, true), |f| (f.tries, f.build.is_none()));
+                    let gave_up = match (tries >= SAVE_TRIES, built) {
+                        (true, _) => Some(format!(
+                            "the save panicked in each of {SAVE_TRIES} tries (last: {error})"
+                        )),
+                        (false, true) => Some(format!(
+                            "the upload panicked ({error}); the checkpoint actor restarts and the next save goes on"
+                        )),
+                        (false, false) => None,
+                    };
+                    if gave_up.is_some() {
+                        q.in_flight = None;
                     }
-                    RestartDecision::GiveUp { reason } => {
-                        let error = format!("the upload panicked ({error}): the checkpoint actor stops after {reason}");
-                        st.emit(CheckpointEvent::Failed {
-                            step,
-                            error: error.clone(),
-                        });
-                        return Err(error.into());
-                    }
+                    gave_up
+                };
+                if let Some(error) = gave_up {
+                    desk.emit(CheckpointEvent::Failed { step, error });
                 }
-            }
-            Msg::Flush(reply) => {
-                if st.in_flight.is_none() {
-                    let _ = reply.send(());
-                } else {
-                    st.flushers.push(reply);
-                }
+                // Fail: the node supervisor restarts the actor by its policy, and the new
+                // actor retries the save (or starts the next).
+                return Err(format!("the upload of step {step} panicked: {error}").into());
             }
         }
         Ok(())
@@ -495,48 +600,97 @@ impl Actor for CheckpointActor {
 
 /// Handle to the checkpoint actor.
 pub struct Checkpointer {
-    actor: ActorRef<Msg>,
-    handle: tokio::task::JoinHandle<()>,
+    desk: Arc<Desk>,
     events: mpsc::Receiver<CheckpointEvent>,
+    idle: watch::Receiver<bool>,
+    /// Some once the supervisor gave up on the actor.
+    gave_up: watch::Receiver<Option<String>>,
+    /// The private supervisor of an actor started alone.
+    own: Option<NodeSupervisor>,
 }
 
 impl Checkpointer {
-    /// Start the actor saving into `store`.
+    /// Start the actor saving into `store`, under a supervisor of its own.
     pub async fn start(
         store: Store,
         policy: CheckpointPolicy,
     ) -> Result<Checkpointer, ActorsError> {
+        let node = NodeSupervisor::start(Vec::new()).await?;
+        let mut ck = Self::start_under(&node, store, policy).await?;
+        ck.own = Some(node);
+        Ok(ck)
+    }
+
+    /// Start the actor saving into `store` as a restartable child of `node` (see the
+    /// module doc).
+    pub async fn start_under(
+        node: &NodeSupervisor,
+        store: Store,
+        policy: CheckpointPolicy,
+    ) -> Result<Checkpointer, ActorsError> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-        let (actor, handle) = Actor::spawn(None, CheckpointActor, (store, policy, tx))
-            .await
-            .map_err(|e| ActorsError::Start(format!("checkpoint actor: {e}")))?;
+        let (idle_tx, idle) = watch::channel(true);
+        let desk = Arc::new(Desk {
+            store,
+            policy,
+            events: tx,
+            queue: Mutex::new(Queue::default()),
+            actor: Mutex::new(None),
+            idle: idle_tx,
+        });
+        let d = desk.clone();
+        let spec = ChildSpec::actor(
+            CHILD,
+            CHECKPOINT_POLICY,
+            Arc::new(move |_run, parent| {
+                let d = d.clone();
+                Box::pin(async move {
+                    let (a, _) = Actor::spawn_linked(None, CheckpointActor, d, parent)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(a.get_cell())
+                })
+            }),
+        );
+        node.add(spec).await?;
         Ok(Checkpointer {
-            actor,
-            handle,
+            desk,
             events: rx,
+            idle,
+            gave_up: node.failed(),
+            own: None,
         })
     }
 
     /// Hand a save over; returns at once (see the module doc for what happens when a save is
     /// already uploading).
     pub fn save(&self, job: SaveJob) -> Result<(), ActorsError> {
-        self.actor
-            .cast(Msg::Save(job))
-            .map_err(|e| ActorsError::Stopped(format!("checkpoint actor: {e}")))
+        if let Some(why) = self.gave_up.borrow().clone() {
+            return Err(ActorsError::Stopped(format!("checkpoint actor: {why}")));
+        }
+        self.desk.submit(job);
+        Ok(())
     }
 
     /// Wait until no save is in flight or waiting (at most `timeout`).
     pub async fn flush(&self, timeout: Duration) -> Result<(), ActorsError> {
-        match self.actor.call(Msg::Flush, Some(timeout)).await {
-            Ok(ractor::rpc::CallResult::Success(())) => Ok(()),
-            Ok(ractor::rpc::CallResult::Timeout) => Err(ActorsError::Timeout {
+        let (mut idle, mut gave_up) = (self.idle.clone(), self.gave_up.clone());
+        let wait = async {
+            tokio::select! {
+                r = idle.wait_for(|&idle| idle) => r.map(|_| ()).map_err(|_| "gone".to_string()),
+                r = gave_up.wait_for(|g| g.is_some()) => Err(match r {
+                    Ok(why) => why.clone().unwrap_or_default(),
+                    Err(_) => "gone".to_string(),
+                }),
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(ActorsError::Stopped(format!("checkpoint actor: {why}"))),
+            Err(_) => Err(ActorsError::Timeout {
                 what: "waiting for checkpoint uploads".into(),
                 timeout_s: timeout.as_secs(),
             }),
-            Ok(ractor::rpc::CallResult::SenderError) => {
-                Err(ActorsError::Stopped("checkpoint actor: no reply".into()))
-            }
-            Err(e) => Err(ActorsError::Stopped(format!("checkpoint actor: {e}"))),
         }
     }
 
@@ -555,15 +709,24 @@ impl Checkpointer {
         self.events.recv().await
     }
 
-    /// Whether the actor still runs (it stops after too many panicking uploads).
+    /// Whether the actor still runs (its supervisor gives up on it after too many
+    /// failures within [`CHECKPOINT_POLICY`]'s window).
     pub fn is_running(&self) -> bool {
-        !self.handle.is_finished()
+        self.gave_up.borrow().is_none()
+    }
+
+    /// Restarts of the actor so far (counted by its own supervisor; 0 under a node's,
+    /// which counts them with its other children).
+    pub fn restarts(&self) -> u64 {
+        self.own.as_ref().map_or(0, |n| n.restarts())
     }
 
     /// Stop the actor (an upload in flight is abandoned: its folder stays uncommitted).
+    /// Under a node supervisor, the node's shutdown stops it.
     pub async fn shutdown(self) {
-        self.actor.stop(None);
-        let _ = self.handle.await;
+        if let Some(node) = self.own {
+            node.shutdown().await;
+        }
     }
 }
 
@@ -583,7 +746,7 @@ mod tests {
                 rng: json!(null),
                 extra: json!(null),
             },
-            build: Box::new(move || {
+            build: Arc::new(move || {
                 vec![TensorData {
                     name: "w".into(),
                     shape: vec![4, 2],
@@ -713,11 +876,86 @@ mod tests {
         other.shutdown().await;
     }
 
-    /// A panicking upload is reported as a failed save and the actor goes on, at most
-    /// `UPLOAD_RESTARTS` times a minute; one more stops it.
+    /// A job whose tensors panic to build the first `panics` times.
+    fn panicking_job(step: u64, panics: u32) -> SaveJob {
+        let left = Arc::new(std::sync::atomic::AtomicU32::new(panics));
+        let good = job(step).build;
+        let mut j = job(step);
+        j.build = Arc::new(move || {
+            let n = left.load(std::sync::atomic::Ordering::SeqCst);
+            if n > 0 {
+                left.store(n - 1, std::sync::atomic::Ordering::SeqCst);
+                panic!("planted panic building step {step}");
+            }
+            good()
+        });
+        j
+    }
+
+    /// A panicking save makes the actor fail; its supervisor restarts it and the new
+    /// actor retries the save, which commits. A save waiting behind it is not lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_save_restarts_the_actor_and_is_retried() {
+        let store = Store::open("memory://").unwrap();
+        let policy = CheckpointPolicy {
+            share_wait: Default::default(),
+            writers: 1,
+            retention: None,
+        };
+        let mut ck = Checkpointer::start(store.clone(), policy).await.unwrap();
+        ck.save(panicking_job(11, 1)).unwrap();
+        ck.save(job(12)).unwrap();
+        ck.flush(Duration::from_secs(30)).await.unwrap();
+        let events = ck.take_events();
+        assert_eq!(committed_steps(&events), vec![11, 12], "{events:?}");
+        assert_eq!(ck.restarts(), 1, "one restart of the actor");
+        assert!(ck.is_running());
+        ck.shutdown().await;
+    }
+
+    /// A save that panics in every try is reported failed after `SAVE_TRIES` and the next
+    /// save commits; one failure more than `CHECKPOINT_POLICY` allows within its window
+    /// and the supervisor gives up: later saves fail at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_save_that_always_panics_fails_and_too_many_panics_stop_the_actor() {
+        let store = Store::open("memory://").unwrap();
+        let policy = CheckpointPolicy {
+            share_wait: Default::default(),
+            writers: 1,
+            retention: None,
+        };
+        let mut ck = Checkpointer::start(store.clone(), policy).await.unwrap();
+        ck.save(panicking_job(21, u32::MAX)).unwrap();
+        ck.save(job(22)).unwrap();
+        ck.flush(Duration::from_secs(30)).await.unwrap();
+        let events = ck.take_events();
+        assert_eq!(committed_steps(&events), vec![22], "{events:?}");
+        assert!(
+            events.iter().any(|e| matches!(e, CheckpointEvent::Failed { step: 21, error } if error.contains("each of 2 tries"))),
+            "{events:?}"
+        );
+        assert_eq!(ck.restarts(), u64::from(SAVE_TRIES));
+        assert!(ck.is_running());
+        // Two failures more within the minute: the fourth is one more than the policy's 3.
+        ck.save(panicking_job(23, u32::MAX)).unwrap();
+        let stopped = ck.flush(Duration::from_secs(30)).await;
+        assert!(
+            matches!(&stopped, Err(ActorsError::Stopped(why)) if why.contains("keeps failing")),
+            "{stopped:?}"
+        );
+        assert!(!ck.is_running(), "the supervisor gave up");
+        assert!(
+            ck.save(job(24)).is_err(),
+            "a save after it stopped fails at once"
+        );
+        ck.shutdown().await;
+    }
+
+    /// A panic in the upload (after the tensors are built): the actor restarts, that save
+    /// is reported failed (its snapshot is released) and the next one commits.
     #[cfg(feature = "chaos-hooks")]
-    #[tokio::test]
-    async fn a_panicking_upload_fails_its_save_and_the_actor_goes_on_within_its_policy() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_in_the_upload_restarts_the_actor_and_the_next_save_commits() {
         // A step no other test saves (`cargo test` runs them in one process).
         std::env::set_var("TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP", "1002");
         let store = Store::open("memory://").unwrap();
@@ -732,32 +970,13 @@ mod tests {
             ck.flush(Duration::from_secs(30)).await.unwrap();
         }
         let events = ck.take_events();
-        let committed = committed_steps(&events);
-        assert_eq!(committed, vec![1001, 1003], "{events:?}");
+        assert_eq!(committed_steps(&events), vec![1001, 1003], "{events:?}");
         assert!(
-            events.iter().any(|e| matches!(e, CheckpointEvent::Failed { step: 1002, error } if error.contains("panicked") && error.contains("restart 1 of 3"))),
+            events.iter().any(|e| matches!(e, CheckpointEvent::Failed { step: 1002, error } if error.contains("upload panicked"))),
             "{events:?}"
         );
-        assert!(ck.is_running());
-        // Three more panics within the minute: the fourth stops the actor.
-        for _ in 0..UPLOAD_RESTARTS {
-            ck.save(job(1002)).unwrap();
-            let _ = ck.flush(Duration::from_secs(30)).await;
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while ck.is_running() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(!ck.is_running(), "the actor stops after too many panics");
-        assert!(
-            ck.save(job(1004)).is_err(),
-            "a save after it stopped fails at once"
-        );
-        let events = ck.take_events();
-        assert!(
-            events.iter().any(|e| matches!(e, CheckpointEvent::Failed { error, .. } if error.contains("stops after"))),
-            "{events:?}"
-        );
+        assert_eq!(ck.restarts(), 1);
+        ck.shutdown().await;
     }
 
     #[tokio::test]
@@ -810,7 +1029,7 @@ mod tests {
         .await
         .unwrap();
         let mut bad = job(1);
-        bad.build = Box::new(|| {
+        bad.build = Arc::new(|| {
             vec![TensorData {
                 name: "w".into(),
                 shape: vec![3],

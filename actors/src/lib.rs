@@ -2,10 +2,17 @@
 //!
 //! Modules:
 //! - [`checkpoint`]: the Checkpoint actor ([`Checkpointer`]): saves in the background while
-//!   training goes on, one in flight and at most one waiting, then applies retention.
-//! - [`node`]: the [`NodeSupervisor`] of `tenax daemon`: child actors running the node's
-//!   services (gRPC server, `/metrics`) with a restart policy each; a child that fails too
-//!   often makes the node give up and leave the job instead of flapping.
+//!   training goes on, one in flight and at most one waiting, then applies retention; a
+//!   restartable child of the node supervisor.
+//! - [`control`]: the Control actor ([`Control`]): operator requests (gRPC control calls,
+//!   SIGTERM) become messages to the node's loop on a bounded queue.
+//! - [`membership`]: the Membership actor ([`Membership`]): the node's registration in the
+//!   job (etcd lease, election, plans); suspicions, fenced record writes and leaving are
+//!   messages, each carrying its generation.
+//! - [`node`]: the [`NodeSupervisor`], the root of a node's tree: restartable children (the
+//!   services gRPC and `/metrics`, the Control and Checkpoint actors) and adopted ones (the
+//!   Membership actor, each generation's trainer), each with a restart policy; a child that fails too often makes
+//!   the node give up and leave the job instead of flapping.
 //! - [`rank`]: one data-parallel rank as an actor. Its model and optimizer live on a
 //!   dedicated compute thread (candle work never runs inside a message handler); the
 //!   actor forwards jobs to that thread and awaits their results with a timeout.
@@ -20,11 +27,18 @@
 //!
 
 pub mod checkpoint;
+pub mod control;
+pub mod membership;
 pub mod node;
 pub mod rank;
 pub mod supervisor;
 
 pub use checkpoint::{CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, ShareJob};
-pub use node::{NodeSupervisor, ServiceFactory, ServiceFuture, ServiceSpec};
+pub use control::{Control, CONTROL_POLICY};
+pub use membership::{MemberStats, Membership, MEMBERSHIP_POLICY};
+pub use node::{
+    ActorFactory, AdoptFactory, ChildSpec, ChildStart, NodeSupervisor, ServiceFactory,
+    ServiceFuture,
+};
 pub use rank::{param_hash, RankOutcome, TrainData, TrainSetup};
-pub use supervisor::{ActorsError, Snapshot, StepReport, Trainer};
+pub use supervisor::{ActorsError, GroupStart, Snapshot, StepReport, Trainer, TRAINER_POLICY};

@@ -1,16 +1,20 @@
-//! The node supervisor of `tenax daemon`: a ractor actor over the node's long-lived
-//! services (the gRPC server of the peer data plane and the control API, the `/metrics`
-//! endpoint), each run by a child actor, with an explicit restart policy per child.
+//! The node supervisor: the root of a node's actor tree.
 //!
-//! A child whose service fails (or ends on its own) is restarted while its
-//! [`RestartPolicy`] allows; one failure more and the supervisor gives up: it reports the
-//! reason on [`NodeSupervisor::failed`], and the daemon leaves the job cleanly (after the
-//! current step, releasing its lease) and exits non-zero, so that systemd or Kubernetes
-//! restart the whole process as a fresh member. No in-process flapping.
+//! Its children are started with `spawn_linked`, each with an explicit [`RestartPolicy`]:
+//! - restartable children ([`ChildSpec`]): the node's long-lived services run as actors
+//!   (the gRPC server of the peer data plane and the control API, the `/metrics` endpoint,
+//!   each a [`ChildSpec::service`]) and the Checkpoint actor ([`crate::Checkpointer`]). One
+//!   that fails is started again while its policy allows.
+//! - adopted children ([`NodeSupervisor::adopt`]): the trainer of each generation (a
+//!   supervisor over one rank actor per device). A trainer is never restarted in place: its
+//!   state can only come back from a peer, so the node's machine makes the node leave the
+//!   group and rejoin by copying state. The supervisor counts its failures against its
+//!   policy all the same.
 //!
-//! The trainer (one rank actor per device, see [`crate::Trainer`]) and the membership
-//! agent are not restarted in place: the trainer is rebuilt from its last state at every
-//! generation, and a lost membership ends the node (a new process rejoins).
+//! One failure more than a policy allows and the supervisor gives up: it reports the reason
+//! on [`NodeSupervisor::failed`], and the daemon leaves the job cleanly (after the current
+//! step, releasing its lease) and exits non-zero, so that systemd or Kubernetes restart the
+//! whole process as a fresh member. No in-process flapping.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,7 +22,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use futures::future::BoxFuture;
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
 use tenax_core::restart::{RestartDecision, RestartPolicy, RestartTracker};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -34,26 +41,63 @@ pub type ServiceFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>
 /// bind again on a restart.
 pub type ServiceFactory = Arc<dyn Fn(u32) -> ServiceFuture + Send + Sync>;
 
-/// One supervised service.
+/// Starts a child actor linked to the supervisor given (the second argument; pass it to
+/// `Actor::spawn_linked`) and returns its cell; the first argument is the start number.
+pub type ActorFactory =
+    Arc<dyn Fn(u32, ActorCell) -> BoxFuture<'static, Result<ActorCell, String>> + Send + Sync>;
+
+/// Starts an adopted child once, linked to the supervisor given; returns its cell.
+pub type AdoptFactory =
+    Box<dyn FnOnce(ActorCell) -> BoxFuture<'static, Result<ActorCell, String>> + Send>;
+
+/// How a restartable child starts.
 #[derive(Clone)]
-pub struct ServiceSpec {
+pub enum ChildStart {
+    /// A service task, run by a child actor; its end is a failure.
+    Service(ServiceFactory),
+    /// An actor of its own.
+    Actor(ActorFactory),
+}
+
+/// One restartable child.
+#[derive(Clone)]
+pub struct ChildSpec {
     /// Its name, in logs and in the give-up reason.
     pub name: String,
     /// When to restart it.
     pub policy: RestartPolicy,
     /// How to start it.
-    pub start: ServiceFactory,
+    pub start: ChildStart,
 }
 
-impl std::fmt::Debug for ServiceSpec {
+impl ChildSpec {
+    /// A child running a service task.
+    pub fn service(name: &str, policy: RestartPolicy, start: ServiceFactory) -> Self {
+        Self {
+            name: name.into(),
+            policy,
+            start: ChildStart::Service(start),
+        }
+    }
+
+    /// A child actor.
+    pub fn actor(name: &str, policy: RestartPolicy, start: ActorFactory) -> Self {
+        Self {
+            name: name.into(),
+            policy,
+            start: ChildStart::Actor(start),
+        }
+    }
+}
+
+impl std::fmt::Debug for ChildSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceSpec")
+        f.debug_struct("ChildSpec")
             .field("name", &self.name)
             .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
-
 /// The child actor running one service task.
 struct ServiceActor;
 
@@ -119,8 +163,20 @@ impl Actor for ServiceActor {
     }
 }
 
+/// How long a call to the supervisor may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Messages of the node supervisor.
 enum NodeMsg {
+    /// Start one more restartable child.
+    Add(ChildSpec, RpcReplyPort<Result<(), String>>),
+    /// Start an adopted child (not restarted; its failures count against `policy`).
+    Adopt {
+        name: String,
+        policy: RestartPolicy,
+        start: AdoptFactory,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// Stop every child, then the supervisor; failures from now on are expected.
     Stop,
 }
@@ -128,19 +184,30 @@ enum NodeMsg {
 struct NodeActor;
 
 struct NodeArgs {
-    services: Vec<ServiceSpec>,
+    children: Vec<ChildSpec>,
     failed: watch::Sender<Option<String>>,
     restarts: watch::Sender<u64>,
+    failures: watch::Sender<HashMap<String, u64>>,
+}
+
+/// A running child.
+struct Running {
+    name: String,
+    cell: ActorCell,
+    /// Started again by its spec when it fails (an adopted child is not).
+    restartable: bool,
 }
 
 struct NodeState {
-    specs: HashMap<String, ServiceSpec>,
+    specs: HashMap<String, ChildSpec>,
     trackers: HashMap<String, RestartTracker>,
     starts: HashMap<String, u32>,
-    children: HashMap<ActorId, (String, ActorCell)>,
+    children: HashMap<ActorId, Running>,
     epoch: Instant,
     failed: watch::Sender<Option<String>>,
     restarts: watch::Sender<u64>,
+    /// Failures seen so far, by child name.
+    failures: watch::Sender<HashMap<String, u64>>,
     stopping: bool,
 }
 
@@ -148,28 +215,49 @@ async fn spawn_child(
     myself: &ActorRef<NodeMsg>,
     st: &mut NodeState,
     name: &str,
-) -> Result<(), ActorProcessingErr> {
+) -> Result<(), String> {
     let spec = st
         .specs
         .get(name)
         .cloned()
-        .ok_or_else(|| format!("no service named {name}"))?;
+        .ok_or_else(|| format!("no child named {name}"))?;
     let run = st.starts.get(name).copied().unwrap_or(0);
     st.starts.insert(name.to_string(), run + 1);
-    let (child, _) = Actor::spawn_linked(
-        None,
-        ServiceActor,
-        ServiceArgs {
-            name: spec.name.clone(),
-            start: spec.start.clone(),
-            run,
+    let cell = match &spec.start {
+        ChildStart::Service(start) => {
+            let args = ServiceArgs {
+                name: spec.name.clone(),
+                start: start.clone(),
+                run,
+            };
+            Actor::spawn_linked(None, ServiceActor, args, myself.get_cell())
+                .await
+                .map_err(|e| format!("{name}: {e}"))?
+                .0
+                .get_cell()
+        }
+        ChildStart::Actor(start) => start(run, myself.get_cell())
+            .await
+            .map_err(|e| format!("{name}: {e}"))?,
+    };
+    st.children.insert(
+        cell.get_id(),
+        Running {
+            name: name.to_string(),
+            cell,
+            restartable: true,
         },
-        myself.get_cell(),
-    )
-    .await?;
-    st.children
-        .insert(child.get_id(), (name.to_string(), child.get_cell()));
+    );
     Ok(())
+}
+
+impl NodeState {
+    fn stop_children(&mut self) {
+        self.stopping = true;
+        for (_, c) in self.children.drain() {
+            c.cell.stop(Some("the node stops".into()));
+        }
+    }
 }
 
 impl Actor for NodeActor {
@@ -190,10 +278,11 @@ impl Actor for NodeActor {
             epoch: Instant::now(),
             failed: args.failed,
             restarts: args.restarts,
+            failures: args.failures,
             stopping: false,
         };
-        let names: Vec<String> = args.services.iter().map(|s| s.name.clone()).collect();
-        for s in args.services {
+        let names: Vec<String> = args.children.iter().map(|s| s.name.clone()).collect();
+        for s in args.children {
             st.trackers
                 .insert(s.name.clone(), RestartTracker::new(s.policy));
             st.specs.insert(s.name.clone(), s);
@@ -211,11 +300,37 @@ impl Actor for NodeActor {
         st: &mut NodeState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            NodeMsg::Add(spec, reply) => {
+                let name = spec.name.clone();
+                st.trackers
+                    .entry(name.clone())
+                    .or_insert_with(|| RestartTracker::new(spec.policy));
+                st.specs.insert(name.clone(), spec);
+                let _ = reply.send(spawn_child(&myself, st, &name).await);
+            }
+            NodeMsg::Adopt {
+                name,
+                policy,
+                start,
+                reply,
+            } => {
+                st.trackers
+                    .entry(name.clone())
+                    .or_insert_with(|| RestartTracker::new(policy));
+                let started = start(myself.get_cell()).await.map(|cell| {
+                    st.children.insert(
+                        cell.get_id(),
+                        Running {
+                            name,
+                            cell,
+                            restartable: false,
+                        },
+                    );
+                });
+                let _ = reply.send(started);
+            }
             NodeMsg::Stop => {
-                st.stopping = true;
-                for (_, (_, cell)) in st.children.drain() {
-                    cell.stop(Some("the node stops".into()));
-                }
+                st.stop_children();
                 myself.stop(None);
             }
         }
@@ -228,20 +343,25 @@ impl Actor for NodeActor {
         evt: SupervisionEvent,
         st: &mut NodeState,
     ) -> Result<(), ActorProcessingErr> {
-        let (id, why) = match evt {
-            SupervisionEvent::ActorFailed(cell, err) => (cell.get_id(), err.to_string()),
+        let (id, why, failed) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell.get_id(), err.to_string(), true),
             SupervisionEvent::ActorTerminated(cell, _, reason) => (
                 cell.get_id(),
                 reason.unwrap_or_else(|| "stopped".to_string()),
+                false,
             ),
             _ => return Ok(()),
         };
-        let Some((name, _)) = st.children.remove(&id) else {
+        let Some(child) = st.children.remove(&id) else {
             return Ok(());
         };
-        if st.stopping {
+        // An adopted child that stops without failing was stopped by its owner.
+        if st.stopping || (!child.restartable && !failed) {
             return Ok(());
         }
+        let name = child.name;
+        st.failures
+            .send_modify(|f| *f.entry(name.clone()).or_default() += 1);
         let now_ms = st.epoch.elapsed().as_millis() as u64;
         let decision = st
             .trackers
@@ -251,14 +371,21 @@ impl Actor for NodeActor {
                 reason: "no restart policy".into(),
             });
         match decision {
-            RestartDecision::Restart { attempt } => {
-                tracing::warn!(service = %name, attempt, error = %why, "service failed; restarting it");
+            RestartDecision::Restart { attempt } if child.restartable => {
+                tracing::warn!(child = %name, attempt, error = %why, "child failed; restarting it");
                 st.restarts.send_modify(|n| *n += 1);
-                spawn_child(&myself, st, &name).await?;
+                if let Err(e) = spawn_child(&myself, st, &name).await {
+                    let msg = format!("{name} failed ({why}) and cannot start again: {e}");
+                    tracing::error!(child = %name, "{msg}");
+                    st.failed.send_replace(Some(msg));
+                }
+            }
+            RestartDecision::Restart { attempt } => {
+                tracing::warn!(child = %name, attempt, error = %why, "child failed; its owner replaces it");
             }
             RestartDecision::GiveUp { reason } => {
-                let msg = format!("service {name} keeps failing ({reason}); last error: {why}");
-                tracing::error!(service = %name, "{msg}");
+                let msg = format!("{name} keeps failing ({reason}); last error: {why}");
+                tracing::error!(child = %name, "{msg}");
                 st.failed.send_replace(Some(msg));
             }
         }
@@ -270,10 +397,7 @@ impl Actor for NodeActor {
         _myself: ActorRef<NodeMsg>,
         st: &mut NodeState,
     ) -> Result<(), ActorProcessingErr> {
-        st.stopping = true;
-        for (_, (_, cell)) in st.children.drain() {
-            cell.stop(Some("the node stops".into()));
-        }
+        st.stop_children();
         Ok(())
     }
 }
@@ -284,23 +408,26 @@ pub struct NodeSupervisor {
     handle: JoinHandle<()>,
     failed: watch::Receiver<Option<String>>,
     restarts: watch::Receiver<u64>,
+    pub(crate) failures: watch::Receiver<HashMap<String, u64>>,
 }
 
 impl NodeSupervisor {
-    /// Start every service under one supervisor.
+    /// Start the supervisor and its first children.
     ///
     /// # Errors
     /// [`ActorsError::Start`] when the supervisor or a first start of a child fails to spawn.
-    pub async fn start(services: Vec<ServiceSpec>) -> Result<NodeSupervisor, ActorsError> {
+    pub async fn start(children: Vec<ChildSpec>) -> Result<NodeSupervisor, ActorsError> {
         let (failed_tx, failed) = watch::channel(None);
         let (restarts_tx, restarts) = watch::channel(0);
+        let (failures_tx, failures) = watch::channel(HashMap::new());
         let (actor, handle) = Actor::spawn(
             None,
             NodeActor,
             NodeArgs {
-                services,
+                children,
                 failed: failed_tx,
                 restarts: restarts_tx,
+                failures: failures_tx,
             },
         )
         .await
@@ -310,7 +437,56 @@ impl NodeSupervisor {
             handle,
             failed,
             restarts,
+            failures,
         })
+    }
+
+    /// Start one more restartable child under the supervisor.
+    ///
+    /// # Errors
+    /// [`ActorsError::Start`] when it does not start; [`ActorsError::Stopped`] when the
+    /// supervisor is gone.
+    pub async fn add(&self, spec: ChildSpec) -> Result<(), ActorsError> {
+        let name = spec.name.clone();
+        self.ask(&name, |reply| NodeMsg::Add(spec, reply)).await
+    }
+
+    /// Start a child that the supervisor watches but does not restart: its owner replaces
+    /// it. Its failures (not its ordinary stops) count against `policy`, per `name`, over
+    /// every child adopted under that name.
+    ///
+    /// # Errors
+    /// As [`NodeSupervisor::add`].
+    pub async fn adopt(
+        &self,
+        name: &str,
+        policy: RestartPolicy,
+        start: AdoptFactory,
+    ) -> Result<(), ActorsError> {
+        self.ask(name, |reply| NodeMsg::Adopt {
+            name: name.to_string(),
+            policy,
+            start,
+            reply,
+        })
+        .await
+    }
+
+    async fn ask(
+        &self,
+        name: &str,
+        msg: impl FnOnce(RpcReplyPort<Result<(), String>>) -> NodeMsg,
+    ) -> Result<(), ActorsError> {
+        match self.actor.call(msg, Some(CALL_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r.map_err(ActorsError::Start),
+            Ok(ractor::rpc::CallResult::Timeout) => Err(ActorsError::Timeout {
+                what: format!("starting {name} under the node supervisor"),
+                timeout_s: CALL_TIMEOUT.as_secs(),
+            }),
+            Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(ActorsError::Stopped(
+                format!("node supervisor (starting {name})"),
+            )),
+        }
     }
 
     /// `Some(reason)` once a child failed more often than its policy allows.
@@ -321,6 +497,11 @@ impl NodeSupervisor {
     /// Restarts made so far (all children).
     pub fn restarts(&self) -> u64 {
         *self.restarts.borrow()
+    }
+
+    /// Failures seen so far of the children called `name` (restarted or not).
+    pub fn failures_of(&self, name: &str) -> u64 {
+        self.failures.borrow().get(name).copied().unwrap_or(0)
     }
 
     /// Stop every child and the supervisor (waits at most 10 s).
@@ -343,16 +524,11 @@ mod tests {
     }
 
     /// A service that fails its first `fail_first` starts at once, then runs until aborted.
-    fn flaky(
-        name: &str,
-        fail_first: u32,
-        max_restarts: u32,
-        starts: Arc<AtomicU32>,
-    ) -> ServiceSpec {
-        ServiceSpec {
-            name: name.into(),
-            policy: policy(max_restarts),
-            start: Arc::new(move |run| {
+    fn flaky(name: &str, fail_first: u32, max_restarts: u32, starts: Arc<AtomicU32>) -> ChildSpec {
+        ChildSpec::service(
+            name,
+            policy(max_restarts),
+            Arc::new(move |run| {
                 starts.fetch_add(1, Ordering::SeqCst);
                 Box::pin(async move {
                     if run < fail_first {
@@ -362,7 +538,7 @@ mod tests {
                     Ok(())
                 })
             }),
-        }
+        )
     }
 
     /// The bound of every wait: far above what it takes on a loaded machine, so that
@@ -441,5 +617,87 @@ mod tests {
             1,
             "the healthy child runs on"
         );
+    }
+
+    /// An actor that fails on its first message.
+    struct Brittle;
+
+    impl Actor for Brittle {
+        type Msg = ();
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<()>,
+            _args: (),
+        ) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<()>,
+            _msg: (),
+            _st: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            Err("planted failure".into())
+        }
+    }
+
+    /// Adopt a [`Brittle`] under `name`; returns it.
+    async fn adopt_brittle(node: &NodeSupervisor, max_restarts: u32) -> ActorRef<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        node.adopt(
+            "trainer",
+            policy(max_restarts),
+            Box::new(move |parent| {
+                Box::pin(async move {
+                    let (a, _) = Actor::spawn_linked(None, Brittle, (), parent)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let cell = a.get_cell();
+                    let _ = tx.send(a);
+                    Ok(cell)
+                })
+            }),
+        )
+        .await
+        .unwrap();
+        rx.await.unwrap()
+    }
+
+    /// An adopted child is never restarted: its failures are counted against its policy
+    /// (its ordinary stops are not), and one failure more than the policy allows makes the
+    /// node give up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn adopted_children_are_counted_not_restarted() {
+        let node = NodeSupervisor::start(Vec::new()).await.unwrap();
+        let mut failures = node.failures.clone();
+        // Stopped by its owner: not a failure.
+        let a = adopt_brittle(&node, 1).await;
+        a.stop_and_wait(None, Some(WAIT)).await.unwrap();
+        // Fails: counted, not restarted, the node goes on.
+        let b = adopt_brittle(&node, 1).await;
+        b.cast(()).unwrap();
+        tokio::time::timeout(WAIT, failures.wait_for(|f| f.get("trainer") == Some(&1)))
+            .await
+            .expect("one failure counted")
+            .unwrap();
+        assert_eq!(node.restarts(), 0, "an adopted child is not restarted");
+        assert_eq!(*node.failed().borrow(), None);
+        // A second failure within the window: more than 1 allowed restart: give up.
+        let c = adopt_brittle(&node, 1).await;
+        c.cast(()).unwrap();
+        let mut failed = node.failed();
+        let why = tokio::time::timeout(WAIT, failed.wait_for(|f| f.is_some()))
+            .await
+            .expect("the node gives up")
+            .unwrap()
+            .clone()
+            .unwrap();
+        assert!(why.contains("trainer keeps failing"), "{why}");
+        assert_eq!(node.failures_of("trainer"), 2);
+        stop_and_join(node).await;
     }
 }

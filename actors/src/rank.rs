@@ -275,6 +275,9 @@ pub(crate) type Job = Box<dyn FnOnce(&mut RankCompute) + Send>;
 pub(crate) enum RankMsg {
     /// Run a job on the compute thread; the job sends its own reply.
     Run(Job),
+    /// The compute thread died (a job panicked): the actor fails, and its supervisor
+    /// learns it at once.
+    Died(String),
 }
 
 /// The rank actor: it owns the sending half of its compute thread's queue.
@@ -299,7 +302,7 @@ impl Actor for RankActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: RankArgs,
     ) -> Result<RankState, ActorProcessingErr> {
         let rank = args.compute.rank;
@@ -314,9 +317,15 @@ impl Actor for RankActor {
                     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         job(&mut compute)
                     }));
-                    if run.is_err() {
+                    if let Err(panic) = run {
                         // The job's reply is dropped with it; make the peers stop waiting too.
-                        compute.collective.abort(&format!("rank {rank} panicked"));
+                        let what = panic_text(panic.as_ref());
+                        compute
+                            .collective
+                            .abort(&format!("rank {rank} panicked: {what}"));
+                        let _ = myself.send_message(RankMsg::Died(format!(
+                            "rank {rank}: its compute thread panicked: {what}"
+                        )));
                         break;
                     }
                 }
@@ -346,9 +355,18 @@ impl Actor for RankActor {
                     return Err(reason.into());
                 }
             }
+            RankMsg::Died(reason) => return Err(reason.into()),
         }
         Ok(())
     }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// Test-only fault hook: with `TENAX_CHAOS_PANIC_RANK_AT_STEP=<step>`, the first rank of

@@ -34,6 +34,18 @@ pub enum ActorsError {
     /// A rank's compute thread died (it panicked): this trainer cannot go on.
     #[error("{0}")]
     Crashed(String),
+    /// A request for another generation than the trainer's.
+    #[error(
+        "{what}: this trainer belongs to generation {trainer}, the request to generation {asked}"
+    )]
+    Stale {
+        /// The request.
+        what: String,
+        /// The trainer's generation.
+        trainer: u64,
+        /// The request's.
+        asked: u64,
+    },
 }
 
 impl ActorsError {
@@ -72,8 +84,15 @@ pub struct Snapshot {
 
 type Reply<T> = RpcReplyPort<Result<T, ActorsError>>;
 
-/// Messages of the supervisor.
-pub(crate) enum SupervisorMsg {
+/// Messages of the supervisor. Each carries the generation it was sent for: the
+/// supervisor refuses one of another generation ([`ActorsError::Stale`]).
+pub(crate) struct SupervisorMsg {
+    generation: u64,
+    ask: Ask,
+}
+
+/// What a [`SupervisorMsg`] asks.
+pub(crate) enum Ask {
     /// Run one step on every rank.
     Step {
         step: u64,
@@ -99,9 +118,33 @@ pub(crate) enum SupervisorMsg {
     ParamHashes { reply: Reply<Vec<String>> },
 }
 
+impl Ask {
+    fn what(&self) -> &'static str {
+        match self {
+            Ask::Step { .. } => "step",
+            Ask::Snapshot { .. } => "snapshot",
+            Ask::Eval { .. } => "eval",
+            Ask::Generate { .. } => "generate",
+            Ask::ParamHashes { .. } => "param hashes",
+        }
+    }
+
+    /// Answer with `e` instead of doing it.
+    fn refuse(self, e: ActorsError) {
+        let _ = match self {
+            Ask::Step { reply, .. } => reply.send(Err(e)).is_ok(),
+            Ask::Snapshot { reply } => reply.send(Err(e)).is_ok(),
+            Ask::Eval { reply, .. } => reply.send(Err(e)).is_ok(),
+            Ask::Generate { reply, .. } => reply.send(Err(e)).is_ok(),
+            Ask::ParamHashes { reply } => reply.send(Err(e)).is_ok(),
+        };
+    }
+}
+
 struct TrainSupervisor;
 
 struct SupervisorArgs {
+    generation: u64,
     setup: TrainSetup,
     /// The global ranks this process hosts (`0..setup.ranks` for `tenax train`).
     local_ranks: Vec<usize>,
@@ -113,6 +156,7 @@ struct SupervisorArgs {
 }
 
 struct SupervisorState {
+    generation: u64,
     ranks: Vec<ActorRef<RankMsg>>,
     collective: Arc<dyn Collective>,
     timeout: Duration,
@@ -180,6 +224,7 @@ impl Actor for TrainSupervisor {
             ranks.push(r);
         }
         Ok(SupervisorState {
+            generation: args.generation,
             ranks,
             collective,
             timeout: args.setup.step_timeout,
@@ -188,14 +233,24 @@ impl Actor for TrainSupervisor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: SupervisorMsg,
         st: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         let timeout = st.timeout;
+        let SupervisorMsg { generation, ask } = msg;
+        if generation != st.generation {
+            let stale = ActorsError::Stale {
+                what: ask.what().into(),
+                trainer: st.generation,
+                asked: generation,
+            };
+            ask.refuse(stale);
+            return Ok(());
+        }
         // The awaiting happens in a task, so this actor stays free to see supervision events.
-        match msg {
-            SupervisorMsg::Step {
+        match ask {
+            Ask::Step {
                 step,
                 cursor,
                 lr,
@@ -212,12 +267,20 @@ impl Actor for TrainSupervisor {
                     })
                     .collect();
                 let collective = Arc::clone(&st.collective);
+                let me = myself.get_cell();
                 tokio::spawn(async move {
                     let outcomes: Vec<Result<RankOutcome, ActorsError>> = join_all(calls).await;
-                    let _ = reply.send(agree(step, outcomes, &*collective));
+                    let r = agree(step, outcomes, &*collective);
+                    if matches!(r, Err(ActorsError::Crashed(_))) {
+                        // A rank died: this supervisor fails with it. Answer once it has,
+                        // so that its own supervisor has seen the failure before the
+                        // caller reacts (stopping it would hide the failure).
+                        let _ = me.wait(Some(Duration::from_secs(5))).await;
+                    }
+                    let _ = reply.send(r);
                 });
             }
-            SupervisorMsg::Snapshot { reply } => {
+            Ask::Snapshot { reply } => {
                 let call = on_rank(&st.ranks[0], timeout, "snapshot".into(), |c| {
                     Ok(Snapshot {
                         params: Arc::clone(&c.params),
@@ -228,7 +291,7 @@ impl Actor for TrainSupervisor {
                     let _ = reply.send(call.await);
                 });
             }
-            SupervisorMsg::Eval { windows, reply } => {
+            Ask::Eval { windows, reply } => {
                 let call = on_rank(&st.ranks[0], timeout, "eval".into(), move |c| {
                     c.eval(&windows)
                 });
@@ -236,7 +299,7 @@ impl Actor for TrainSupervisor {
                     let _ = reply.send(call.await);
                 });
             }
-            SupervisorMsg::Generate {
+            Ask::Generate {
                 prompt,
                 max_new,
                 seed,
@@ -249,7 +312,7 @@ impl Actor for TrainSupervisor {
                     let _ = reply.send(call.await);
                 });
             }
-            SupervisorMsg::ParamHashes { reply } => {
+            Ask::ParamHashes { reply } => {
                 let calls: Vec<_> = st
                     .ranks
                     .iter()
@@ -281,9 +344,14 @@ impl Actor for TrainSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match evt {
             SupervisionEvent::ActorFailed(who, err) => {
-                let reason = format!("rank actor {} failed: {err}", who.get_id());
+                // The trainer fails with its rank: whoever supervises it (the node) sees it.
+                let reason = format!(
+                    "generation {}: rank actor {} failed: {err}",
+                    st.generation,
+                    who.get_id()
+                );
                 st.collective.abort(&reason);
-                myself.stop(Some(reason));
+                return Err(reason.into());
             }
             SupervisionEvent::ActorTerminated(who, _, why) => {
                 let reason = format!(
@@ -303,9 +371,19 @@ impl Actor for TrainSupervisor {
 /// Every rank must report the same outcome: they reduced the same gradients.
 fn agree(
     step: u64,
-    outcomes: Vec<Result<RankOutcome, ActorsError>>,
+    mut outcomes: Vec<Result<RankOutcome, ActorsError>>,
     collective: &dyn Collective,
 ) -> Result<StepReport, ActorsError> {
+    // A rank that died explains its peers' aborted collectives: report it first.
+    if let Some(k) = outcomes
+        .iter()
+        .position(|o| matches!(o, Err(e) if e.trainer_is_gone()))
+    {
+        if let Err(e) = outcomes.swap_remove(k) {
+            collective.abort(&e.to_string());
+            return Err(e);
+        }
+    }
     let mut first: Option<RankOutcome> = None;
     let mut snapshot_copy_s = 0f64;
     for (rank, o) in outcomes.into_iter().enumerate() {
@@ -338,12 +416,40 @@ fn agree(
     })
 }
 
+/// How to start the trainer of one process's ranks in a group.
+pub struct GroupStart {
+    /// The generation the trainer belongs to: every request names it.
+    pub generation: u64,
+    /// The training setup (`setup.ranks` is the group's world size).
+    pub setup: TrainSetup,
+    /// The global ranks this process hosts.
+    pub local_ranks: Vec<usize>,
+    /// Where the ranks meet; `None` builds an in-process one.
+    pub collective: Option<Arc<dyn Collective>>,
+    /// The training data.
+    pub data: Arc<TrainData>,
+    /// Initial parameters, flat in layout order.
+    pub params: Vec<f32>,
+    /// Initial optimizer state.
+    pub opt: AdamW,
+}
+
+/// The restart policy of a node's trainers: a trainer is never restarted in place (the
+/// node rejoins and copies state), but more than 3 trainer failures within 10 minutes make
+/// the node give up.
+pub const TRAINER_POLICY: tenax_core::restart::RestartPolicy = tenax_core::restart::RestartPolicy {
+    max_restarts: 3,
+    window_ms: 600_000,
+};
+
 /// The handle the CLI drives: a running supervisor and its ranks.
 pub struct Trainer {
     sup: ActorRef<SupervisorMsg>,
-    handle: tokio::task::JoinHandle<()>,
+    /// Set when the trainer is a root (no node supervisor adopted it).
+    handle: Option<tokio::task::JoinHandle<()>>,
     timeout: Duration,
     local_ranks: usize,
+    generation: u64,
 }
 
 impl Trainer {
@@ -355,52 +461,92 @@ impl Trainer {
         opt: AdamW,
     ) -> Result<Self, ActorsError> {
         let local_ranks = (0..setup.ranks).collect();
-        Self::start_group(setup, local_ranks, None, data, params, opt).await
+        let group = GroupStart {
+            generation: 0,
+            setup,
+            local_ranks,
+            collective: None,
+            data,
+            params,
+            opt,
+        };
+        Self::start_group(group, None).await
     }
 
-    /// Start the ranks `local_ranks` (global rank numbers in `0..setup.ranks`) of a group
-    /// whose other ranks live in other processes, all meeting in `collective` (`None`: an
-    /// in-process one). Every process of the group starts from the same state.
+    /// Start the ranks `g.local_ranks` (global rank numbers in `0..g.setup.ranks`) of a
+    /// group whose other ranks live in other processes, all meeting in `g.collective`.
+    /// Every process of the group starts from the same state. With `node`, the trainer is
+    /// a child of the node supervisor (adopted under the name `trainer` with
+    /// [`TRAINER_POLICY`]); without, a root.
     pub async fn start_group(
-        setup: TrainSetup,
-        local_ranks: Vec<usize>,
-        collective: Option<Arc<dyn Collective>>,
-        data: Arc<TrainData>,
-        params: Vec<f32>,
-        opt: AdamW,
+        g: GroupStart,
+        node: Option<&crate::NodeSupervisor>,
     ) -> Result<Self, ActorsError> {
+        let setup = &g.setup;
         setup
             .batch
             .check_ranks(setup.ranks as u64)
             .map_err(|e| ActorsError::Start(e.to_string()))?;
-        if local_ranks.is_empty() || local_ranks.iter().any(|&r| r >= setup.ranks) {
+        if g.local_ranks.is_empty() || g.local_ranks.iter().any(|&r| r >= setup.ranks) {
             return Err(ActorsError::Start(format!(
-                "local ranks {local_ranks:?} do not fit a world of {} ranks",
-                setup.ranks
+                "local ranks {:?} do not fit a world of {} ranks",
+                g.local_ranks, setup.ranks
             )));
         }
         let timeout = setup.step_timeout;
-        let local_count = local_ranks.len();
-        let (sup, handle) = Actor::spawn(
-            None,
-            TrainSupervisor,
-            SupervisorArgs {
-                setup,
-                local_ranks,
-                collective,
-                data,
-                params,
-                opt,
-            },
-        )
-        .await
-        .map_err(|e| ActorsError::Start(e.to_string()))?;
+        let local_count = g.local_ranks.len();
+        let generation = g.generation;
+        let args = SupervisorArgs {
+            generation,
+            setup: g.setup,
+            local_ranks: g.local_ranks,
+            collective: g.collective,
+            data: g.data,
+            params: g.params,
+            opt: g.opt,
+        };
+        let (sup, handle) = match node {
+            None => {
+                let (sup, handle) = Actor::spawn(None, TrainSupervisor, args)
+                    .await
+                    .map_err(|e| ActorsError::Start(e.to_string()))?;
+                (sup, Some(handle))
+            }
+            Some(node) => {
+                let (tx, rx) = oneshot::channel();
+                node.adopt(
+                    "trainer",
+                    TRAINER_POLICY,
+                    Box::new(move |parent| {
+                        Box::pin(async move {
+                            let (sup, _) = Actor::spawn_linked(None, TrainSupervisor, args, parent)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            let cell = sup.get_cell();
+                            let _ = tx.send(sup);
+                            Ok(cell)
+                        })
+                    }),
+                )
+                .await?;
+                let sup = rx
+                    .await
+                    .map_err(|_| ActorsError::Start("the trainer did not start".into()))?;
+                (sup, None)
+            }
+        };
         Ok(Self {
             sup,
             handle,
             timeout,
             local_ranks: local_count,
+            generation,
         })
+    }
+
+    /// The generation this trainer belongs to.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// How many ranks this process hosts.
@@ -411,11 +557,16 @@ impl Trainer {
     async fn ask<T: Send + 'static>(
         &self,
         what: &str,
-        build: impl FnOnce(Reply<T>) -> SupervisorMsg,
+        generation: u64,
+        build: impl FnOnce(Reply<T>) -> Ask,
     ) -> Result<T, ActorsError> {
         // The supervisor's own deadline is the rank timeout; give the call a little more.
         let deadline = self.timeout + Duration::from_secs(5);
-        match self.sup.call(build, Some(deadline)).await {
+        let msg = |reply| SupervisorMsg {
+            generation,
+            ask: build(reply),
+        };
+        match self.sup.call(msg, Some(deadline)).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
             Ok(ractor::rpc::CallResult::Timeout) => Err(ActorsError::Timeout {
                 what: what.into(),
@@ -430,7 +581,19 @@ impl Trainer {
 
     /// Run `step`, whose global batch starts at sample `cursor`, at learning rate `lr`.
     pub async fn step(&self, step: u64, cursor: u64, lr: f32) -> Result<StepReport, ActorsError> {
-        self.ask("step", |reply| SupervisorMsg::Step {
+        self.step_of(self.generation, step, cursor, lr).await
+    }
+
+    /// [`Trainer::step`] for `generation`: refused ([`ActorsError::Stale`]) when the trainer
+    /// belongs to another.
+    pub async fn step_of(
+        &self,
+        generation: u64,
+        step: u64,
+        cursor: u64,
+        lr: f32,
+    ) -> Result<StepReport, ActorsError> {
+        self.ask("step", generation, |reply| Ask::Step {
             step,
             cursor,
             lr,
@@ -441,14 +604,17 @@ impl Trainer {
 
     /// Copy the training state (parameters and optimizer) out of rank 0.
     pub async fn snapshot(&self) -> Result<Snapshot, ActorsError> {
-        self.ask("snapshot", |reply| SupervisorMsg::Snapshot { reply })
+        self.ask("snapshot", self.generation, |reply| Ask::Snapshot { reply })
             .await
     }
 
     /// Mean token loss over the given validation windows.
     pub async fn eval(&self, windows: Vec<u64>) -> Result<f64, ActorsError> {
-        self.ask("eval", |reply| SupervisorMsg::Eval { windows, reply })
-            .await
+        self.ask("eval", self.generation, |reply| Ask::Eval {
+            windows,
+            reply,
+        })
+        .await
     }
 
     /// Sample `max_new` tokens after `prompt`.
@@ -458,7 +624,7 @@ impl Trainer {
         max_new: usize,
         seed: u64,
     ) -> Result<Vec<u32>, ActorsError> {
-        self.ask("generate", |reply| SupervisorMsg::Generate {
+        self.ask("generate", self.generation, |reply| Ask::Generate {
             prompt,
             max_new,
             seed,
@@ -469,8 +635,10 @@ impl Trainer {
 
     /// Every rank's parameter hash, in rank order (they must all be equal).
     pub async fn param_hashes(&self) -> Result<Vec<String>, ActorsError> {
-        self.ask("param hashes", |reply| SupervisorMsg::ParamHashes { reply })
-            .await
+        self.ask("param hashes", self.generation, |reply| Ask::ParamHashes {
+            reply,
+        })
+        .await
     }
 
     /// Ask the supervisor and its ranks to stop, without waiting (for a handle still
@@ -479,9 +647,89 @@ impl Trainer {
         self.sup.stop(None);
     }
 
-    /// Stop the supervisor and its ranks.
+    /// Stop the supervisor and its ranks (waits at most 10 s for them to end).
     pub async fn shutdown(self) {
-        self.sup.stop(None);
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
+        let wait = Duration::from_secs(10);
+        let _ = self.sup.stop_and_wait(None, Some(wait)).await;
+        if let Some(h) = self.handle {
+            let _ = tokio::time::timeout(wait, h).await;
+        }
+    }
+}
+
+#[cfg(all(test, feature = "chaos-hooks"))]
+mod tests {
+    use super::*;
+    use tenax_core::slots::BatchLayout;
+    use tenax_model::{AdamWConfig, GptConfig, ParamLayout};
+
+    /// A rank that panics fails its trainer, and the node supervisor that adopted the
+    /// trainer counts the failure (it does not restart it: the node rejoins).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_rank_fails_its_trainer_and_the_node_counts_it() {
+        std::env::set_var("TENAX_CHAOS_PANIC_RANK_AT_STEP", "0");
+        let model = GptConfig::preset("nano", 64).unwrap();
+        let layout = ParamLayout::for_config(&model);
+        let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 64)
+            .map(|i| (i * 7) % 64)
+            .collect();
+        let setup = TrainSetup {
+            model: model.clone(),
+            adamw: AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            grad_clip: 1.0,
+            batch: BatchLayout::new(4, 2).unwrap(),
+            seed: 1,
+            ranks: 2,
+            step_timeout: Duration::from_secs(120),
+        };
+        let node = crate::NodeSupervisor::start(Vec::new()).await.unwrap();
+        let group = GroupStart {
+            generation: 7,
+            setup,
+            local_ranks: vec![0, 1],
+            collective: None,
+            data: Arc::new(TrainData {
+                train: tokens.clone(),
+                val: tokens,
+            }),
+            params: tenax_model::init_params(&model, &layout, 1),
+            opt: AdamW::new(layout.total),
+        };
+        let trainer = Trainer::start_group(group, Some(&node)).await.unwrap();
+        let stale = trainer.step_of(6, 0, 0, 1e-3).await;
+        assert!(
+            matches!(
+                stale,
+                Err(ActorsError::Stale {
+                    trainer: 7,
+                    asked: 6,
+                    ..
+                })
+            ),
+            "{stale:?}"
+        );
+        let crashed = trainer.step(0, 0, 1e-3).await;
+        assert!(
+            matches!(&crashed, Err(e) if e.trainer_is_gone()),
+            "{crashed:?}"
+        );
+        // The answer comes once the trainer has failed; the node counts it in order.
+        let mut failures = node.failures.clone();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            failures.wait_for(|f| f.get("trainer") == Some(&1)),
+        )
+        .await
+        .expect("the node counts the trainer's failure")
+        .unwrap();
+        trainer.stop();
+        assert_eq!(node.failures_of("trainer"), 1);
+        assert_eq!(node.restarts(), 0);
+        node.shutdown().await;
     }
 }

@@ -1,5 +1,6 @@
 //! The node's services under its supervisor (the gRPC server of the peer data plane and
-//! the control API, and `/metrics`), and the signal handler. Each service is restarted
+//! the control API, `/metrics`, and the Control actor the control API and the signal
+//! handler send requests through), and the signal handler. Each service is restarted
 //! on failure by its policy, binding the same address again; a service that keeps
 //! failing makes the node leave the job.
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use tenax_actors::{NodeSupervisor, ServiceSpec};
+use tenax_actors::{ChildSpec, NodeSupervisor};
 use tenax_cluster::peer::{CONNECTION_WINDOW_BYTES, MAX_HTTP2_FRAME_BYTES, STREAM_WINDOW_BYTES};
 use tenax_core::restart::RestartPolicy;
 use tenax_proto::v1 as pb;
@@ -34,46 +35,42 @@ pub(crate) async fn start(
         max_restarts: 3,
         window_ms: 60_000,
     };
-    let mut services = vec![ServiceSpec {
-        name: "grpc".into(),
-        policy,
-        start: {
-            let listeners = Arc::new(Rebind::new(listener, bound));
+    let mut services = vec![ChildSpec::service("grpc", policy, {
+        let listeners = Arc::new(Rebind::new(listener, bound));
+        let shared = shared.clone();
+        let token = shutdown.clone();
+        Arc::new(move |_run| {
+            let listeners = listeners.clone();
             let shared = shared.clone();
-            let token = shutdown.clone();
-            Arc::new(move |_run| {
-                let listeners = listeners.clone();
-                let shared = shared.clone();
-                let token = token.clone();
-                Box::pin(async move {
-                    let listener = listeners.listener().await?;
-                    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                    let control = pb::control_server::ControlServer::new(ControlService {
-                        shared: shared.clone(),
-                    });
-                    tonic::transport::Server::builder()
-                        .tcp_nodelay(true)
-                        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-                        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
-                        .max_frame_size(MAX_HTTP2_FRAME_BYTES)
-                        .add_service(shared.hub.service())
-                        .add_service(control)
-                        .serve_with_incoming_shutdown(incoming, token.cancelled())
-                        .await
-                        .map_err(|e| format!("gRPC server on {bound}: {e}"))
-                })
+            let token = token.clone();
+            Box::pin(async move {
+                let listener = listeners.listener().await?;
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let control = pb::control_server::ControlServer::new(ControlService {
+                    shared: shared.clone(),
+                });
+                tonic::transport::Server::builder()
+                    .tcp_nodelay(true)
+                    .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+                    .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+                    .max_frame_size(MAX_HTTP2_FRAME_BYTES)
+                    .add_service(shared.hub.service())
+                    .add_service(control)
+                    .serve_with_incoming_shutdown(incoming, token.cancelled())
+                    .await
+                    .map_err(|e| format!("gRPC server on {bound}: {e}"))
             })
-        },
-    }];
+        })
+    })];
     if let Some(l) = metrics_listener {
         let addr = l.local_addr().context("metrics address")?;
         let listeners = Arc::new(Rebind::new(l, addr));
         let shared = shared.clone();
         let token = shutdown.clone();
-        services.push(ServiceSpec {
-            name: "metrics".into(),
+        services.push(ChildSpec::service(
+            "metrics",
             policy,
-            start: Arc::new(move |_run| {
+            Arc::new(move |_run| {
                 let listeners = listeners.clone();
                 let shared = shared.clone();
                 let token = token.clone();
@@ -84,8 +81,9 @@ pub(crate) async fn start(
                     Ok(())
                 })
             }),
-        });
+        ));
     }
+    services.push(shared.control.spec());
     let supervisor = NodeSupervisor::start(services)
         .await
         .map_err(|e| anyhow!("{e}"))?;
@@ -125,7 +123,10 @@ pub(crate) fn on_signals(shared: Arc<Shared>, grace: Duration) {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        let _ = shared.requests.send(Request::Sigterm).await;
+        // Through the Control actor; straight to the loop if it cannot take it now.
+        if shared.control.request(Request::Sigterm).await.is_err() {
+            let _ = shared.requests.send(Request::Sigterm).await;
+        }
         tokio::time::sleep(grace + GRACE_BACKSTOP).await;
         eprintln!(
             "error: node {}: the grace period of {} s ran out before the drain finished; exiting",

@@ -16,9 +16,9 @@ use std::time::Duration;
 use anyhow::Result;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use tenax_actors::{Checkpointer, Trainer};
+use tenax_actors::{Checkpointer, Membership, NodeSupervisor, Trainer};
 use tenax_cluster::etcd::EtcdMembership;
-use tenax_cluster::member::{Member, MemberConfig, MemberState};
+use tenax_cluster::member::{MemberConfig, MemberState};
 use tenax_cluster::peer::{CommSpec, GrpcCollective, HubConfig, PeerAddr, Reduction};
 use tenax_cluster::Collective;
 use tenax_core::membership::{MemberId, Plan};
@@ -61,12 +61,15 @@ pub(crate) struct Parts<'a> {
     pub etcd: EtcdMembership,
     pub store: Store,
     pub join: MemberConfig,
-    pub member: Member,
+    /// The Membership actor's handle.
+    pub member: Membership,
     pub checkpointer: Checkpointer,
     pub run_dir: PathBuf,
     pub requests: mpsc::Receiver<Request>,
     /// The job's nonce: the folder of a shared checkpoint derives from it.
     pub job_nonce: String,
+    /// The node's supervisor: each generation's trainer is its child.
+    pub node: &'a NodeSupervisor,
 }
 
 /// The shell of one node. See the module docs.
@@ -102,8 +105,6 @@ pub(crate) struct Shell<'a> {
     compare_after_hash: Option<(u64, u64)>,
     /// The generation each save was handed over in, by step.
     saves: BTreeMap<u64, u64>,
-    probes_base: u64,
-    revocations_base: u64,
     /// Generations formed so far.
     formed: u64,
     #[cfg(feature = "chaos-hooks")]
@@ -137,8 +138,6 @@ impl<'a> Shell<'a> {
             hashing: FuturesUnordered::new(),
             compare_after_hash: None,
             saves: BTreeMap::new(),
-            probes_base: 0,
-            revocations_base: 0,
             formed: 0,
             #[cfg(feature = "chaos-hooks")]
             flipped: false,
@@ -187,7 +186,7 @@ impl<'a> Shell<'a> {
             None => tokio::time::Instant::now() + Duration::from_secs(3600),
         };
         tokio::select! {
-            Some(done) = self.work.next() => Some(self.apply(done)),
+            Some(done) = self.work.next() => Some(self.apply(done).await),
             Some(Ok((step, hash))) = self.hashing.next() => {
                 self.hashed(step, hash);
                 None
@@ -218,19 +217,20 @@ impl<'a> Shell<'a> {
         }
     }
 
-    /// The membership agent closed its watches: lost (register again), or stopped.
+    /// The registration's watches closed while the node still counted on them: the
+    /// Membership actor failed and its registration went with it. Register again (the
+    /// node supervisor counts the actor's failures and gives up past its policy).
     fn member_gone(&mut self) -> Event {
         self.member_live = false;
-        match self.p.member.state() {
-            MemberState::Lost { reason } => Event::MembershipLost { reason },
-            _ => Event::Fatal {
-                error: "the membership agent stopped".into(),
-            },
-        }
+        let reason = match self.member_state.borrow().clone() {
+            MemberState::Lost { reason } => reason,
+            _ => "the membership actor stopped".into(),
+        };
+        Event::MembershipLost { reason }
     }
 
     /// Keep what a finished piece of work brought; the event for the machine.
-    fn apply(&mut self, done: Done) -> Event {
+    async fn apply(&mut self, done: Done) -> Event {
         match done {
             Done::Event(e) => e,
             Done::State { state, hash, event } => {
@@ -247,14 +247,11 @@ impl<'a> Shell<'a> {
                 event
             }
             Done::Member(fresh) => {
-                let old = std::mem::replace(&mut self.p.member, fresh);
-                self.probes_base += old.probes_sent();
-                self.revocations_base += old.revocations();
-                tokio::spawn(async move {
-                    if let Err(e) = old.shutdown().await {
-                        eprintln!("note: releasing the old registration: {e}");
-                    }
-                });
+                if let Err(e) = self.p.member.replace(fresh, self.p.node).await {
+                    return Event::Fatal {
+                        error: format!("registering again: {e}"),
+                    };
+                }
                 self.plans = self.p.member.plan_receiver();
                 self.member_state = self.p.member.state_receiver();
                 self.member_live = true;
@@ -280,14 +277,14 @@ impl<'a> Shell<'a> {
                         (step, tenax_actors::param_hash(&params))
                     }));
                 }
-                let m = &self.p.member;
+                let m = self.p.member.stats();
                 let mut v = self.p.shared.view();
                 v.step = self.machine.position().0 + 1;
                 v.loss = info.report.loss;
                 v.tokens_per_s = self.tokens_per_step() / info.secs.max(1e-9);
-                v.leader = m.is_leader();
-                v.probes_sent = self.probes_base + m.probes_sent();
-                v.revocations = self.revocations_base + m.revocations();
+                v.leader = m.leader;
+                v.probes_sent = m.probes_sent;
+                v.revocations = m.revocations;
                 drop(v);
                 self.last_step = Some(info);
                 event
@@ -364,7 +361,7 @@ impl<'a> Shell<'a> {
                 let failed = self.comm_of(generation).map(|c| c.failed_peers());
                 for (id, what) in failed.unwrap_or_default() {
                     self.p.shared.view().suspicions += 1;
-                    self.p.member.suspect(MemberId::new(id), what);
+                    self.p.member.suspect(generation, MemberId::new(id), what);
                 }
             }
             Action::Alarm {
@@ -538,7 +535,7 @@ impl<'a> Shell<'a> {
             v.generation = plan.generation;
             v.ranks = local.clone();
             v.world = plan.world;
-            v.leader = self.p.member.is_leader();
+            v.leader = self.p.member.stats().leader;
         }
         println!("node {me}: {reason}");
         let spec = CommSpec {
@@ -623,7 +620,7 @@ impl<'a> Shell<'a> {
         #[cfg(feature = "chaos-hooks")]
         let state = self.chaos_flip(state);
         let (setup, data) = (self.p.prep.setup.clone(), self.p.prep.data.clone());
-        let f = work::start_trainer(comm, setup, data, state);
+        let f = work::start_trainer(comm, setup, data, state, self.p.node);
         self.work.push(Box::pin(f));
     }
 
@@ -692,7 +689,7 @@ impl<'a> Shell<'a> {
             );
             self.p.shared.view().suspicions += 1;
             let why = format!("step {} still waits for it after {waited_ms} ms", step + 1);
-            self.p.member.suspect(MemberId::new(id), why);
+            self.p.member.suspect(generation, MemberId::new(id), why);
         }
     }
 

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use tenax_actors::Control;
 use tenax_cluster::peer::PeerHub;
 use tenax_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -50,8 +51,11 @@ pub(crate) struct Shared {
     pub(crate) metrics_addr: String,
     pub(crate) config_hash: String,
     pub(crate) view: Mutex<NodeView>,
-    /// Operator requests to the node's loop (bounded; a full queue refuses the request).
+    /// The node's loop, for the supervisor's own requests (a child that keeps failing).
     pub(crate) requests: mpsc::Sender<Request>,
+    /// The Control actor: operator requests go through it to the node's loop (bounded;
+    /// a full queue refuses the request).
+    pub(crate) control: Control<Request>,
     pub(crate) hub: PeerHub,
     /// Why the node must leave (a service kept failing), if it must.
     pub(crate) fatal: Mutex<Option<String>>,
@@ -66,9 +70,9 @@ impl Shared {
         self.view().phase = phase.to_string();
     }
 
-    /// Hand an operator request to the node's loop.
-    pub(crate) fn request(&self, req: Request) -> Result<(), tonic::Status> {
-        self.requests.try_send(req).map_err(|e| {
+    /// Hand an operator request to the node's loop, through the Control actor.
+    pub(crate) async fn request(&self, req: Request) -> Result<(), tonic::Status> {
+        self.control.request(req).await.map_err(|e| {
             tonic::Status::unavailable(format!(
                 "node {}: cannot take the request now ({e}); try again",
                 self.member_id
@@ -159,9 +163,11 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: tonic::Request<pb::DrainRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
-        self.shared.request(Request::Drain {
-            checkpoint: req.get_ref().checkpoint,
-        })?;
+        self.shared
+            .request(Request::Drain {
+                checkpoint: req.get_ref().checkpoint,
+            })
+            .await?;
         Ok(reply(
             true,
             format!(
@@ -180,7 +186,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         _: tonic::Request<pb::CheckpointNowRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
-        self.shared.request(Request::CheckpointNow)?;
+        self.shared.request(Request::CheckpointNow).await?;
         Ok(reply(
             true,
             format!(
@@ -194,7 +200,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         _: tonic::Request<pb::PauseRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
-        self.shared.request(Request::Pause)?;
+        self.shared.request(Request::Pause).await?;
         Ok(reply(true, format!("node {} pauses at its next step boundary (pause the whole job with `tenax control pause --all`: peers kept waiting by one paused node report it as late after --suspect-after-ms, and it may be evicted)", self.shared.member_id)))
     }
 
@@ -202,7 +208,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         _: tonic::Request<pb::ResumeRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
-        self.shared.request(Request::Resume)?;
+        self.shared.request(Request::Resume).await?;
         Ok(reply(
             true,
             format!("node {} goes on training", self.shared.member_id),

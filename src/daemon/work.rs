@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tenax_actors::{StepReport, TrainSetup, Trainer};
+use tenax_actors::{GroupStart, Membership, NodeSupervisor, StepReport, TrainSetup, Trainer};
 use tenax_cluster::etcd::{EtcdMembership, FenceOutcome};
 use tenax_cluster::member::{Member, MemberConfig};
 use tenax_cluster::peer::{
@@ -375,22 +375,23 @@ pub(super) async fn start_trainer(
     mut setup: TrainSetup,
     data: Arc<tenax_actors::TrainData>,
     state: Start,
+    node: &NodeSupervisor,
 ) -> Done {
     let spec = comm.spec();
     let generation = spec.generation;
     setup.ranks = spec.world as usize;
     let local: Vec<usize> = spec.local_ranks.iter().map(|&r| r as usize).collect();
     let collective: Arc<dyn Collective> = comm.clone();
-    match Trainer::start_group(
+    let group = GroupStart {
+        generation,
         setup,
-        local,
-        Some(collective),
+        local_ranks: local,
+        collective: Some(collective),
         data,
-        state.params,
-        state.opt,
-    )
-    .await
-    {
+        params: state.params,
+        opt: state.opt,
+    };
+    match Trainer::start_group(group, Some(node)).await {
         Ok(t) => Done::Trainer(t, Event::TrainerStarted { generation }),
         Err(e) => Done::Event(Event::Fatal {
             error: e.to_string(),
@@ -407,7 +408,7 @@ pub(super) async fn step(
     lr: f64,
 ) -> Done {
     let t0 = Instant::now();
-    let report = match trainer.step(step, cursor, lr as f32).await {
+    let report = match trainer.step_of(generation, step, cursor, lr as f32).await {
         Ok(r) => r,
         Err(e) if e.trainer_is_gone() => {
             return Done::Event(Event::TrainerFailed {
@@ -492,7 +493,7 @@ pub(super) async fn final_record(
 /// `store_url`, bounded in time: the committer must not hold the group's next step
 /// while etcd is away.
 pub(super) async fn write_record(
-    member: &Member,
+    member: &Membership,
     store_url: &str,
     rec: Record,
     shared: &Shared,
