@@ -2,7 +2,8 @@
 //!
 //! This binary only wires subcommands to the crates that do the work:
 //! `train` (src/train.rs), `daemon` (src/daemon.rs), `status` and `control`
-//! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs), `chaos` (src/chaos.rs);
+//! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs), `chaos` (src/chaos.rs),
+//! `data` (src/data_cmd.rs);
 //! test-only fault hooks and their guard in src/hooks.rs.
 
 mod bench;
@@ -10,6 +11,7 @@ mod chaos;
 mod ckpt;
 mod config;
 mod daemon;
+mod data_cmd;
 mod hooks;
 mod metrics;
 mod plot;
@@ -73,6 +75,11 @@ enum Command {
     Chaos {
         #[command(subcommand)]
         command: chaos::ChaosCommand,
+    },
+    /// Prepare pre-training data: dedup, filter, scrub and tokenize sources into shards.
+    Data {
+        #[command(subcommand)]
+        command: data_cmd::DataCommand,
     },
     /// Benchmarks that print one JSON line.
     Bench {
@@ -246,6 +253,9 @@ fn main() -> ExitCode {
                 chaos::ChaosCommand::Run(a) => chaos::run(a).await,
                 chaos::ChaosCommand::Up(a) => chaos::up(a).await,
                 chaos::ChaosCommand::Report(a) => chaos::report(a),
+            },
+            Command::Data { command } => match command {
+                data_cmd::DataCommand::Prepare(a) => data_cmd::prepare(a).await,
             },
             Command::Bench { command } => match command {
                 BenchCommand::Train(a) => bench::train(a).await,

@@ -10,7 +10,9 @@ use tenax_core::rng::SplitMix64;
 use tenax_data::prepare::config::{DedupConfig, PrepareConfig, RunOptions, TextDocs};
 use tenax_data::prepare::filters::Rule;
 use tenax_data::prepare::manifest::Manifest;
-use tenax_data::prepare::minhash::{exact_jaccard, LshIndex, MinHasher, NearDecision};
+use tenax_data::prepare::minhash::{
+    exact_jaccard, jaccard, shingle_set, LshIndex, MinHasher, NearDecision,
+};
 use tenax_data::prepare::normalize::normalize;
 use tenax_data::prepare::scrub::PiiKind;
 use tenax_data::prepare::source::{SkipReason, SourceSpec};
@@ -114,7 +116,7 @@ fn near_duplicates_recall_and_precision() {
     let hasher = MinHasher::new(&config);
     let mut lsh = LshIndex::new(&config);
     let mut exact: HashSet<[u8; 32]> = HashSet::new();
-    let mut kept: Vec<String> = Vec::new();
+    let mut kept: Vec<HashSet<u64>> = Vec::new();
     let (mut tp, mut fp, mut fn_, mut exact_found, mut exact_missed) = (0, 0, 0, 0, 0);
     let mut gray = 0;
     for (plant, raw) in &docs {
@@ -128,9 +130,10 @@ fn near_duplicates_recall_and_precision() {
         if *plant == Plant::Exact {
             exact_missed += 1;
         }
+        let shingles = shingle_set(&text, config.shingle_words);
         let best = kept
             .iter()
-            .map(|k| exact_jaccard(k, &text, config.shingle_words))
+            .map(|k| jaccard(k, &shingles))
             .fold(0.0f64, f64::max);
         let truth = best >= 0.8;
         if *plant == Plant::Near {
@@ -153,7 +156,7 @@ fn near_duplicates_recall_and_precision() {
             (false, false) => {}
         }
         if !flagged {
-            kept.push(text);
+            kept.push(shingles);
         }
     }
     let recall = tp as f64 / (tp + fn_) as f64;
@@ -166,6 +169,68 @@ fn near_duplicates_recall_and_precision() {
     assert!(tp + fn_ >= 150, "{tp} + {fn_}");
     assert!(recall >= 0.95, "recall {recall}");
     assert!(precision >= 0.99, "precision {precision}");
+}
+
+/// The flag rate of the default near-dup settings as a function of the true Jaccard
+/// similarity: 4,000 pairs (an original of 150–300 random words and a copy whose last part
+/// is replaced by new words), bucketed by exact Jaccard. Asserts the documented contract:
+/// at J >= 0.8 at least 95% of pairs are flagged, at J < 0.6 at most 1%.
+#[test]
+fn near_dup_flag_rate_by_jaccard() {
+    let seed = 0x5eed_0019;
+    eprintln!("seed {seed:#x}");
+    let mut rng = SplitMix64::new(seed);
+    let vocab = vocabulary(&mut rng, 50_000);
+    let config = DedupConfig::default();
+    let hasher = MinHasher::new(&config);
+    let mut lsh = LshIndex::new(&config);
+    let mut buckets = [(0u32, 0u32); 12]; // J in [0.4, 1.0) by 0.05: (pairs, flagged)
+    let (mut hi, mut hi_flagged, mut lo, mut lo_flagged) = (0u32, 0u32, 0u32, 0u32);
+    for _ in 0..4000 {
+        let n = 150 + (rng.next_u64() % 150) as usize;
+        let original = random_doc(&mut rng, &vocab, n);
+        // Keep a prefix of 55–100% of the words: J from about 0.38 to 1.
+        let keep = n * (55 + (rng.next_u64() % 46) as usize) / 100;
+        let mut copy = original[..keep].to_vec();
+        copy.extend(random_doc(&mut rng, &vocab, n - keep));
+        let (a, b) = (original.join(" "), copy.join(" "));
+        let j = exact_jaccard(&a, &b, config.shingle_words);
+        assert_eq!(
+            lsh.check_and_insert(&hasher.signature(&a).unwrap()),
+            NearDecision::Unique
+        );
+        let flagged = lsh.query(&hasher.signature(&b).unwrap()).is_some();
+        if (0.4..1.0).contains(&j) {
+            let bucket = &mut buckets[((j - 0.4) / 0.05) as usize];
+            bucket.0 += 1;
+            bucket.1 += u32::from(flagged);
+        }
+        if j >= 0.8 {
+            hi += 1;
+            hi_flagged += u32::from(flagged);
+        } else if j < 0.6 {
+            lo += 1;
+            lo_flagged += u32::from(flagged);
+        }
+    }
+    for (i, (pairs, flagged)) in buckets.iter().enumerate() {
+        let from = 0.4 + 0.05 * i as f64;
+        eprintln!(
+            "J {from:.2}-{:.2}: {flagged}/{pairs} flagged ({:.3})",
+            from + 0.05,
+            f64::from(*flagged) / f64::from((*pairs).max(1))
+        );
+    }
+    let (hi_rate, lo_rate) = (
+        f64::from(hi_flagged) / f64::from(hi),
+        f64::from(lo_flagged) / f64::from(lo),
+    );
+    eprintln!(
+        "J >= 0.8: {hi_flagged}/{hi} ({hi_rate:.4}); J < 0.6: {lo_flagged}/{lo} ({lo_rate:.4})"
+    );
+    assert!(hi >= 500 && lo >= 500, "{hi} {lo}");
+    assert!(hi_rate >= 0.95, "flag rate at J >= 0.8: {hi_rate}");
+    assert!(lo_rate <= 0.01, "flag rate at J < 0.6: {lo_rate}");
 }
 
 /// A JSONL line holding `text`.

@@ -87,7 +87,7 @@ impl Default for DedupConfig {
             num_perm: 128,
             bands: 20,
             rows: 6,
-            near_threshold: 0.7,
+            near_threshold: 0.75,
             seed: 0x7465_6e61_7864_6470,
             max_exact_docs: 16_000_000,
             max_near_docs: 1_000_000,
