@@ -13,6 +13,10 @@
 //! - [`membership`]: the group planner as a state machine (events in, effects out), the
 //!   plan of a generation (D x S grid, stable ranks, reasons) and its validation, and who
 //!   copies state from whom once members have compared their states (`state_donors`).
+//! - [`pipeline`]: pipeline parallelism: the GPipe and 1F1B schedules as per-stage op
+//!   lists with their peak in-flight activations, a simulator of their timeline and
+//!   bubble, and the plan of D pipelines x S stages (which blocks each stage holds, the
+//!   rank grid, data-parallel groups and pipeline neighbours).
 //! - [`node`]: the life of one node as a state machine (events in, effects out): which
 //!   plan it trains in, state comparison and copies, steps and their deadlines,
 //!   checkpoints and their fenced records, drains, pauses, failures and rejoins.
@@ -31,6 +35,7 @@ pub mod ckpt;
 pub mod detector;
 pub mod membership;
 pub mod node;
+pub mod pipeline;
 pub mod restart;
 pub mod rng;
 pub mod sampler;
