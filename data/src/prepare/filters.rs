@@ -193,13 +193,19 @@ pub fn check(text: &str, config: &FilterConfig) -> Option<Rule> {
             return Some(Rule::DupLineChars);
         }
     }
+    if config.max_top_ngram_char_fraction.is_empty()
+        && config.max_dup_ngram_char_fraction.is_empty()
+    {
+        return None;
+    }
+    let grams = Words::new(&words);
     for &(n, max) in &config.max_top_ngram_char_fraction {
-        if top_ngram_chars(&words, n) as f64 / total_chars > max {
+        if top_ngram_chars(&grams, n) as f64 / total_chars > max {
             return Some(Rule::TopNgram);
         }
     }
     for &(n, max) in &config.max_dup_ngram_char_fraction {
-        if duplicate_ngram_chars(&words, n) as f64 / total_chars > max {
+        if duplicate_ngram_chars(&grams, n) as f64 / total_chars > max {
             return Some(Rule::DupNgram);
         }
     }
@@ -222,54 +228,121 @@ fn duplicate_lines(lines: &[&str]) -> (usize, usize) {
     (count, chars)
 }
 
-/// Characters (of the words, without spaces) covered by the most frequent n-gram, when it
-/// occurs more than once: datatrove's `find_top_duplicate` over `get_n_grams`.
-fn top_ngram_chars(words: &[&str], n: usize) -> usize {
+/// The words of a document as 64-bit hashes, with prefix sums of their lengths in
+/// characters, so n-grams are compared and measured without touching the text again.
+/// (Two different n-grams sharing a 64-bit hash is possible but negligible.)
+struct Words {
+    hashes: Vec<u64>,
+    /// `prefix[i]` = characters in words `0..i`.
+    prefix: Vec<usize>,
+}
+
+impl Words {
+    fn new(words: &[&str]) -> Self {
+        let mut prefix = Vec::with_capacity(words.len() + 1);
+        prefix.push(0);
+        let mut hashes = Vec::with_capacity(words.len());
+        let mut total = 0usize;
+        for w in words {
+            let mut h = 0xcbf2_9ce4_8422_2325u64;
+            for &b in w.as_bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            hashes.push(h);
+            total += if w.is_ascii() {
+                w.len()
+            } else {
+                w.chars().count()
+            };
+            prefix.push(total);
+        }
+        Words { hashes, prefix }
+    }
+
+    fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// Characters of words `i..i + n`.
+    fn chars(&self, i: usize, n: usize) -> usize {
+        self.prefix[i + n] - self.prefix[i]
+    }
+
+    /// A hash of words `i..i + n` (order matters).
+    fn gram(&self, i: usize, n: usize) -> u64 {
+        let mut h = n as u64;
+        for &w in &self.hashes[i..i + n] {
+            h = (h.rotate_left(29) ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+        h ^ (h >> 32)
+    }
+}
+
+/// A hasher for keys that are already hashes.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type GramBuild = std::hash::BuildHasherDefault<PassThrough>;
+
+/// Characters covered by the most frequent n-gram (joined with spaces, times its count),
+/// when it occurs more than once: datatrove's `find_top_duplicate` over `get_n_grams`.
+/// Ties go to the longest, then the first in word order.
+fn top_ngram_chars(words: &Words, n: usize) -> usize {
     if n == 0 || words.len() < n {
         return 0;
     }
-    let mut counts: HashMap<&[&str], usize> = HashMap::new();
-    for gram in words.windows(n) {
-        *counts.entry(gram).or_default() += 1;
+    // n-gram hash → (count, first position).
+    let mut counts: HashMap<u64, (usize, usize), GramBuild> =
+        HashMap::with_capacity_and_hasher(words.len(), GramBuild::default());
+    for i in 0..=words.len() - n {
+        counts.entry(words.gram(i, n)).or_insert((0, i)).0 += 1;
     }
-    // Most frequent; ties go to the longest, then the first in word order, so the result
-    // never depends on hash-map iteration order.
-    let mut best: Option<(usize, usize, &[&str])> = None;
-    for (gram, &count) in &counts {
-        let len: usize = gram.iter().map(|w| w.chars().count()).sum::<usize>() + (n - 1);
-        let better = match best {
-            None => true,
-            Some((c, l, g)) => {
-                (count, len, std::cmp::Reverse(*gram)) > (c, l, std::cmp::Reverse(g))
-            }
-        };
-        if better {
-            best = Some((count, len, gram));
-        }
-    }
+    let best = counts
+        .values()
+        .map(|&(count, first)| {
+            (
+                count,
+                words.chars(first, n) + n - 1,
+                std::cmp::Reverse(first),
+            )
+        })
+        .max();
     match best {
         Some((count, len, _)) if count > 1 => len * count,
         _ => 0,
     }
 }
 
-/// Characters in repeated n-grams, skipping past each repeat: datatrove's
-/// `find_all_duplicate` (n-grams joined without spaces).
-fn duplicate_ngram_chars(words: &[&str], n: usize) -> usize {
+/// Characters in repeated n-grams (joined without spaces), skipping past each repeat:
+/// datatrove's `find_all_duplicate`.
+fn duplicate_ngram_chars(words: &Words, n: usize) -> usize {
     if n == 0 || words.len() < n {
         return 0;
     }
-    let mut seen: HashSet<&[&str]> = HashSet::new();
+    let mut seen: HashSet<u64, GramBuild> =
+        HashSet::with_capacity_and_hasher(words.len(), GramBuild::default());
     let mut repeated = 0usize;
     let mut i = 0usize;
     while i + n <= words.len() {
-        let gram = &words[i..i + n];
-        if seen.contains(gram) {
-            repeated += gram.iter().map(|w| w.chars().count()).sum::<usize>();
-            i += n;
-        } else {
-            seen.insert(gram);
+        if seen.insert(words.gram(i, n)) {
             i += 1;
+        } else {
+            repeated += words.chars(i, n);
+            i += n;
         }
     }
     repeated
@@ -445,7 +518,7 @@ mod tests {
 
     #[test]
     fn repetition_helpers_match_datatrove() {
-        let words: Vec<&str> = "a b c a b c a b".split(' ').collect();
+        let words = Words::new(&"a b c a b c a b".split(' ').collect::<Vec<_>>());
         // 2-grams: "a b" x3 (the most frequent), len("a b") = 3 → 9.
         assert_eq!(top_ngram_chars(&words, 2), 9);
         // 3-grams: abc (seen), bca, cab, then "abc" repeats at 3 (+3 chars, skip to 6):

@@ -78,11 +78,14 @@ impl MinHasher {
 
 /// FNV-1a hashes of the lower-cased alphanumeric words of `text`.
 pub fn word_hashes(text: &str) -> Vec<u64> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(text.len() / 5);
     let mut h = FNV_OFFSET;
     let mut in_word = false;
     for c in text.chars() {
-        if c.is_alphanumeric() {
+        if c.is_ascii_alphanumeric() {
+            in_word = true;
+            h = (h ^ u64::from(c.to_ascii_lowercase() as u8)).wrapping_mul(FNV_PRIME);
+        } else if !c.is_ascii() && c.is_alphanumeric() {
             in_word = true;
             for lc in c.to_lowercase() {
                 let mut buf = [0u8; 4];
