@@ -82,6 +82,13 @@ pub enum ModelError {
         /// The number of values found.
         got_len: usize,
     },
+    /// A pipeline stage was asked for what another stage does (e.g. the loss of a stage
+    /// without the head, or token input on a stage without the embeddings).
+    #[error("pipeline stage: {reason}")]
+    Stage {
+        /// What was asked, and of which stage.
+        reason: String,
+    },
     /// `generate` was called with an empty prompt.
     #[error("generate needs a prompt of at least one token")]
     EmptyPrompt,

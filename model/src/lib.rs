@@ -14,7 +14,11 @@
 //! - [`kernels`]: fused CPU kernels (layer norm, GELU, causal attention, softmax
 //!   cross-entropy, matmul) with hand-written backward passes, thread-count independent.
 //! - [`step`]: [`Workspace`]: the training step's forward and backward over flat
-//!   parameters with those kernels and reused buffers (what the trainer runs).
+//!   parameters with those kernels and reused buffers (what the trainer runs); for a
+//!   pipeline stage (`Workspace::for_stage`, parameters in `ParamLayout::for_stage`),
+//!   the same passes over the stage's blocks, activations in and out
+//!   ([`StageInput`], `stage_forward`, `stage_backward`), bit-identical to the whole
+//!   model's when the stages are chained.
 //! - [`optim`]: [`AdamW`] (PyTorch semantics, plain loops), [`clip_grad_norm`] and
 //!   [`NamedTensor`] conversions for checkpoints.
 //! - [`schedule`]: [`LrSchedule`], warmup plus cosine decay.
@@ -38,4 +42,4 @@ pub use optim::{
 };
 pub use params::{init_params, ParamEntry, ParamLayout};
 pub use schedule::LrSchedule;
-pub use step::Workspace;
+pub use step::{StageInput, Workspace};

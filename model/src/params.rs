@@ -6,6 +6,8 @@
 
 use tenax_core::rng::SplitMix64;
 
+use tenax_core::pipeline::StageLayers;
+
 use crate::config::GptConfig;
 
 /// One parameter in the flat vector.
@@ -89,6 +91,37 @@ impl ParamLayout {
                 };
                 offset += len;
                 entry
+            })
+            .collect();
+        Self {
+            entries,
+            total: offset,
+        }
+    }
+
+    /// The layout of one pipeline stage's parameters: the entries of the whole model's
+    /// layout that the stage holds (its blocks; the token and position embeddings on the
+    /// first stage; the final layer norm and the head's weight, the token embedding it is
+    /// tied to, on the last), in the same sorted-name order, packed from offset 0.
+    pub fn for_stage(c: &GptConfig, stage: &StageLayers) -> Self {
+        let whole = Self::for_config(c);
+        let blocks: Vec<String> = (stage.blocks.start..stage.blocks.end)
+            .map(|i| format!("{}.", block_prefix(c, i as usize)))
+            .collect();
+        let holds = |name: &str| {
+            blocks.iter().any(|b| name.starts_with(b.as_str()))
+                || (stage.embeddings && (name == "wte.weight" || name == "wpe.weight"))
+                || (stage.head && (name == "wte.weight" || name.starts_with("ln_f.")))
+        };
+        let mut offset = 0;
+        let entries: Vec<ParamEntry> = whole
+            .entries
+            .into_iter()
+            .filter(|e| holds(&e.name))
+            .map(|mut e| {
+                e.offset = offset;
+                offset += e.len;
+                e
             })
             .collect();
         Self {

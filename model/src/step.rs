@@ -17,6 +17,27 @@ use crate::error::ModelError;
 use crate::gpt::{check_flat_len, check_inputs_and_targets};
 use crate::kernels::{self, Mat};
 use crate::params::{block_prefix, ParamLayout};
+use tenax_core::pipeline::StageLayers;
+
+/// The whole model as one stage: every block, the embeddings and the head.
+fn whole_model(config: &GptConfig) -> StageLayers {
+    StageLayers {
+        stage: 0,
+        blocks: 0..config.n_layer as u32,
+        embeddings: true,
+        head: true,
+    }
+}
+
+/// What a stage's forward pass reads: token ids (the stage with the embeddings) or the
+/// previous stage's output activations, `(batch * t, C)`.
+#[derive(Clone, Copy, Debug)]
+pub enum StageInput<'a> {
+    /// Token ids, `batch * t`.
+    Tokens(&'a [u32]),
+    /// Activations, `batch * t * C`.
+    Acts(&'a [f32]),
+}
 
 /// The compute threads of a process: `CANDLE_NUM_THREADS` when set (the variable
 /// candle's own kernels read), else one per available CPU.
@@ -45,25 +66,32 @@ struct BlockParams {
     fcproj_b: Range<usize>,
 }
 
-/// Where every parameter lives in the flat vector.
+/// Where every parameter of a stage lives in its flat vector (the whole model is the
+/// one stage that holds everything). Parameters a stage does not hold have empty ranges.
 #[derive(Clone, Debug)]
 struct Offsets {
+    /// The stage holds the embeddings: it embeds tokens (else its input is activations).
+    embed: bool,
+    /// The stage holds the final layer norm, the head and the loss.
+    head: bool,
     wte: Range<usize>,
     wpe: Range<usize>,
     lnf_w: Range<usize>,
     lnf_b: Range<usize>,
+    /// The stage's blocks, in order.
     blocks: Vec<BlockParams>,
 }
 
 impl Offsets {
-    fn new(config: &GptConfig, layout: &ParamLayout) -> Self {
+    fn new(config: &GptConfig, layout: &ParamLayout, stage: &StageLayers) -> Self {
         let r = |name: &str| {
             layout
                 .get(name)
                 .unwrap_or_else(|| panic!("layout has no parameter `{name}`"))
                 .range()
         };
-        let blocks = (0..config.n_layer)
+        let held = |name: &str, holds: bool| if holds { r(name) } else { 0..0 };
+        let blocks = (stage.blocks.start as usize..stage.blocks.end as usize)
             .map(|i| {
                 let p = block_prefix(config, i);
                 let g = |s: &str| r(&format!("{p}.{s}"));
@@ -84,10 +112,12 @@ impl Offsets {
             })
             .collect();
         Self {
-            wte: r("wte.weight"),
-            wpe: r("wpe.weight"),
-            lnf_w: r("ln_f.weight"),
-            lnf_b: r("ln_f.bias"),
+            embed: stage.embeddings,
+            head: stage.head,
+            wte: held("wte.weight", stage.embeddings || stage.head),
+            wpe: held("wpe.weight", stage.embeddings),
+            lnf_w: held("ln_f.weight", stage.head),
+            lnf_b: held("ln_f.bias", stage.head),
             blocks,
         }
     }
@@ -173,6 +203,22 @@ impl Workspace {
     /// A workspace for `config` (whose flat layout is `layout`) that runs on `threads`
     /// threads (1: the calling thread only; more: a pool of its own).
     pub fn new(config: &GptConfig, layout: &ParamLayout, threads: usize) -> Self {
+        Self::with_stage(config, layout, &whole_model(config), threads)
+    }
+
+    /// A workspace for one pipeline stage of `config` (its parameters flat in
+    /// [`ParamLayout::for_stage`]'s layout): see [`Workspace::stage_forward`].
+    pub fn for_stage(config: &GptConfig, stage: &StageLayers, threads: usize) -> Self {
+        let layout = ParamLayout::for_stage(config, stage);
+        Self::with_stage(config, &layout, stage, threads)
+    }
+
+    fn with_stage(
+        config: &GptConfig,
+        layout: &ParamLayout,
+        stage: &StageLayers,
+        threads: usize,
+    ) -> Self {
         let threads = threads.max(1);
         let pool = (threads > 1).then(|| {
             rayon::ThreadPoolBuilder::new()
@@ -183,12 +229,12 @@ impl Workspace {
         });
         Self {
             config: config.clone(),
-            offsets: Offsets::new(config, layout),
+            offsets: Offsets::new(config, layout, stage),
             total: layout.total,
             threads,
             pool,
             shape: (0, 0),
-            blocks: (0..config.n_layer).map(|_| BlockActs::default()).collect(),
+            blocks: stage.blocks.clone().map(|_| BlockActs::default()).collect(),
             x_out: Vec::new(),
             lnf: Vec::new(),
             lnf_mean: Vec::new(),
@@ -246,7 +292,12 @@ impl Workspace {
                 resize(v, len);
             }
         }
-        let v = self.config.vocab_size;
+        // Only the stage with the head computes logits.
+        let v = if self.offsets.head {
+            self.config.vocab_size
+        } else {
+            0
+        };
         for (buf, len) in [
             (&mut self.x_out, n * c),
             (&mut self.lnf, n * c),
@@ -289,11 +340,13 @@ impl Workspace {
         batch: usize,
     ) -> Result<f32, ModelError> {
         let t = self.check(params, inputs, targets, batch)?;
+        self.whole("loss_sum")?;
         self.ensure(batch, t);
         let pool = self.pool.take();
+        let input = StageInput::Tokens(inputs);
         let loss = match &pool {
-            Some(p) => p.install(|| self.run(params, inputs, targets, batch, t, None)),
-            None => self.run(params, inputs, targets, batch, t, None),
+            Some(p) => p.install(|| self.run(params, input, targets, batch, t, None)),
+            None => self.run(params, input, targets, batch, t, None),
         };
         self.pool = pool;
         Ok(loss)
@@ -319,32 +372,262 @@ impl Workspace {
                 hint: "size it to the parameter count",
             });
         }
+        self.whole("loss_sum_and_grad")?;
         self.ensure(batch, t);
         let pool = self.pool.take();
+        let input = StageInput::Tokens(inputs);
         let loss = match &pool {
-            Some(p) => p.install(|| self.run(params, inputs, targets, batch, t, Some(grad))),
-            None => self.run(params, inputs, targets, batch, t, Some(grad)),
+            Some(p) => p.install(|| self.run(params, input, targets, batch, t, Some(grad))),
+            None => self.run(params, input, targets, batch, t, Some(grad)),
         };
         self.pool = pool;
         Ok(loss)
     }
 
+    /// `Err` unless this workspace computes the whole model.
+    fn whole(&self, what: &str) -> Result<(), ModelError> {
+        match self.offsets.embed && self.offsets.head {
+            true => Ok(()),
+            false => Err(ModelError::Stage {
+                reason: format!(
+                    "{what} needs the whole model; use stage_forward and stage_backward"
+                ),
+            }),
+        }
+    }
+
     fn run(
         &mut self,
         params: &[f32],
-        inputs: &[u32],
+        input: StageInput<'_>,
         targets: &[u32],
         batch: usize,
         t: usize,
         grad: Option<&mut [f32]>,
     ) -> f32 {
         let n = batch * t;
-        self.forward(params, inputs, targets, batch, t, grad.is_some());
-        let loss: f64 = self.losses[..n].iter().map(|&l| f64::from(l)).sum();
+        self.forward(params, input, targets, batch, t, grad.is_some());
+        let loss: f64 = match self.offsets.head {
+            true => self.losses[..n].iter().map(|&l| f64::from(l)).sum(),
+            false => 0.0,
+        };
         if let Some(grad) = grad {
-            self.backward(params, inputs, batch, t, grad);
+            let tokens = match input {
+                StageInput::Tokens(tokens) => tokens,
+                StageInput::Acts(_) => &[],
+            };
+            self.backward(params, tokens, None, batch, t, grad);
         }
         loss as f32
+    }
+
+    /// One pipeline stage's forward pass over `batch` sequences: `input` is token ids on
+    /// the stage with the embeddings, else the previous stage's output. On the stage with
+    /// the head, returns the loss sum over `targets` (and, `with_grad`, keeps the
+    /// logits' gradient for [`Workspace::stage_backward`]); elsewhere 0 and the output
+    /// is [`Workspace::output`]. The activations stay in the workspace until the next
+    /// forward pass: one workspace per micro-batch in flight.
+    ///
+    /// # Errors
+    /// A parameter vector or input of the wrong length, or an input of the wrong kind.
+    pub fn stage_forward(
+        &mut self,
+        params: &[f32],
+        input: StageInput<'_>,
+        targets: &[u32],
+        batch: usize,
+        with_grad: bool,
+    ) -> Result<f32, ModelError> {
+        check_flat_len(self.total, params.len())?;
+        let c = self.config.n_embd;
+        let t = match (input, self.offsets.embed) {
+            (StageInput::Tokens(tokens), true) => {
+                crate::gpt::check_tokens(&self.config, tokens, batch)?
+            }
+            (StageInput::Acts(acts), false) => {
+                let t = match batch {
+                    0 => 0,
+                    _ => acts.len() / (batch * c),
+                };
+                if t == 0 || t > self.config.block_size || acts.len() != batch * t * c {
+                    return Err(ModelError::Length {
+                        what: "stage input activations",
+                        expected: batch * self.config.block_size * c,
+                        got: acts.len(),
+                        hint: "pass batch * t * n_embd values, t <= block_size",
+                    });
+                }
+                t
+            }
+            (_, embed) => {
+                return Err(ModelError::Stage {
+                    reason: format!(
+                        "this stage {} the embeddings: its input is {}",
+                        if embed { "holds" } else { "does not hold" },
+                        if embed { "token ids" } else { "activations" }
+                    ),
+                })
+            }
+        };
+        if self.offsets.head {
+            if targets.len() != batch * t {
+                return Err(ModelError::Length {
+                    what: "targets",
+                    expected: batch * t,
+                    got: targets.len(),
+                    hint: "pass one target per input position",
+                });
+            }
+            crate::gpt::check_tokens(&self.config, targets, batch)?;
+        }
+        self.ensure(batch, t);
+        let pool = self.pool.take();
+        let loss = match &pool {
+            Some(p) => p.install(|| self.forward_loss(params, input, targets, batch, t, with_grad)),
+            None => self.forward_loss(params, input, targets, batch, t, with_grad),
+        };
+        self.pool = pool;
+        Ok(loss)
+    }
+
+    fn forward_loss(
+        &mut self,
+        params: &[f32],
+        input: StageInput<'_>,
+        targets: &[u32],
+        batch: usize,
+        t: usize,
+        with_grad: bool,
+    ) -> f32 {
+        self.forward(params, input, targets, batch, t, with_grad);
+        match self.offsets.head {
+            true => {
+                let n = batch * t;
+                let loss: f64 = self.losses[..n].iter().map(|&l| f64::from(l)).sum();
+                loss as f32
+            }
+            false => 0.0,
+        }
+    }
+
+    /// The output activations of the last forward pass, `(batch * t, C)` (the next
+    /// stage's input).
+    pub fn output(&self) -> &[f32] {
+        let (batch, t) = self.shape;
+        &self.x_out[..batch * t * self.config.n_embd]
+    }
+
+    /// The backward pass of the last [`Workspace::stage_forward`] (run `with_grad` on the
+    /// stage with the head): `dout` is the gradient of [`Workspace::output`] from the next
+    /// stage (`None` on the stage with the head); the gradient of every parameter the
+    /// stage holds is added to `grad` (flat, the stage's layout). `tokens` are the
+    /// forward's token ids when this stage holds both the embeddings and the head (the
+    /// whole model), else unused. Afterwards [`Workspace::input_grad`] is the gradient of
+    /// the stage's input: the previous stage's `dout`, or, on the first stage, the
+    /// embeddings' output gradient that the stage with the head turns into the tied token
+    /// embedding's gradient ([`Workspace::add_embedding_grad`]).
+    ///
+    /// # Errors
+    /// A buffer of the wrong length, or `dout` missing (or given) where it must not be.
+    pub fn stage_backward(
+        &mut self,
+        params: &[f32],
+        tokens: &[u32],
+        dout: Option<&[f32]>,
+        grad: &mut [f32],
+    ) -> Result<(), ModelError> {
+        check_flat_len(self.total, params.len())?;
+        let (batch, t) = self.shape;
+        let n = batch * t;
+        let c = self.config.n_embd;
+        if grad.len() != self.total {
+            return Err(ModelError::Length {
+                what: "gradient buffer",
+                expected: self.total,
+                got: grad.len(),
+                hint: "size it to the stage's parameter count",
+            });
+        }
+        match (dout, self.offsets.head) {
+            (None, true) => {}
+            (Some(d), false) if d.len() == n * c => {}
+            (Some(d), false) => {
+                return Err(ModelError::Length {
+                    what: "output gradient",
+                    expected: n * c,
+                    got: d.len(),
+                    hint: "pass the gradient of this stage's output",
+                })
+            }
+            (_, head) => {
+                return Err(ModelError::Stage {
+                    reason: format!(
+                    "the output gradient comes from the next stage: {} on the stage with the head",
+                    if head { "none" } else { "needed except" }
+                ),
+                })
+            }
+        }
+        if self.offsets.embed && self.offsets.head && tokens.len() != n {
+            return Err(ModelError::Length {
+                what: "tokens",
+                expected: n,
+                got: tokens.len(),
+                hint: "pass the forward pass's token ids",
+            });
+        }
+        let pool = self.pool.take();
+        match &pool {
+            Some(p) => p.install(|| self.backward(params, tokens, dout, batch, t, grad)),
+            None => self.backward(params, tokens, dout, batch, t, grad),
+        }
+        self.pool = pool;
+        Ok(())
+    }
+
+    /// The gradient of the last backward pass's input, `(batch * t, C)`.
+    pub fn input_grad(&self) -> &[f32] {
+        let (batch, t) = self.shape;
+        &self.dres[..batch * t * self.config.n_embd]
+    }
+
+    /// On the stage with the head (whose token embedding is the head's tied weight): adds
+    /// the first stage's embedding-output gradient `dx` to the token embedding's gradient,
+    /// row by row in order, as the whole model's backward pass does.
+    ///
+    /// # Errors
+    /// Not the stage with the head, or buffers of the wrong length.
+    pub fn add_embedding_grad(
+        &self,
+        grad: &mut [f32],
+        tokens: &[u32],
+        dx: &[f32],
+    ) -> Result<(), ModelError> {
+        let c = self.config.n_embd;
+        if !self.offsets.head {
+            return Err(ModelError::Stage {
+                reason: "only the stage with the head forms the token embedding's gradient".into(),
+            });
+        }
+        if grad.len() != self.total || dx.len() != tokens.len() * c {
+            return Err(ModelError::Length {
+                what: "embedding gradient",
+                expected: tokens.len() * c,
+                got: dx.len(),
+                hint: "pass one row of n_embd values per token, and the stage's gradient",
+            });
+        }
+        let v = self.config.vocab_size;
+        if let Some((position, &token)) = tokens.iter().enumerate().find(|(_, &k)| k as usize >= v)
+        {
+            return Err(ModelError::TokenOutOfRange {
+                token,
+                position,
+                vocab_size: v,
+            });
+        }
+        add_token_rows(&mut grad[self.offsets.wte.clone()], dx, tokens, c);
+        Ok(())
     }
 
     /// The forward pass and each row's loss (with `with_grad`, the logits' gradient
@@ -357,7 +640,7 @@ impl Workspace {
     fn forward(
         &mut self,
         params: &[f32],
-        inputs: &[u32],
+        input: StageInput<'_>,
         targets: &[u32],
         batch: usize,
         t: usize,
@@ -375,7 +658,7 @@ impl Workspace {
                     &self.offsets,
                     &bufs,
                     params,
-                    inputs,
+                    input,
                     targets,
                     t,
                     seqs,
@@ -394,7 +677,8 @@ impl Workspace {
     fn backward(
         &mut self,
         params: &[f32],
-        inputs: &[u32],
+        tokens: &[u32],
+        dout: Option<&[f32]>,
         batch: usize,
         t: usize,
         grad: &mut [f32],
@@ -409,64 +693,68 @@ impl Workspace {
         let gptr = SendPtr(grad.as_mut_ptr());
         // Disjoint mutable views of the gradient, one parameter at a time.
         let g = |r: &Range<usize>| grad_view(gptr, r);
-        // LM head (tied to wte): dlnf = dlogits * wte; dwte += dlogits^T * lnf, side by
-        // side as in `linear_bwd`.
-        let (logits, lnf, dln) = (&self.logits, &self.lnf, &mut self.dln);
-        let gwte = g(&o.wte);
-        let wte = p(&o.wte);
-        let mut input = |threads: usize| {
-            // SAFETY: logits (n, V), wte (V, C), dln (n, C).
-            unsafe {
-                kernels::matmul(
-                    n,
-                    c,
-                    v,
-                    dln.as_mut_ptr(),
-                    c,
-                    false,
-                    Mat::rows(logits, v),
-                    Mat::rows(wte, c),
-                    threads,
-                );
+        if o.head {
+            // LM head (tied to wte): dlnf = dlogits * wte; dwte += dlogits^T * lnf, side by
+            // side as in `linear_bwd`.
+            let (logits, lnf, dln) = (&self.logits, &self.lnf, &mut self.dln);
+            let gwte = g(&o.wte);
+            let wte = p(&o.wte);
+            let mut input = |threads: usize| {
+                // SAFETY: logits (n, V), wte (V, C), dln (n, C).
+                unsafe {
+                    kernels::matmul(
+                        n,
+                        c,
+                        v,
+                        dln.as_mut_ptr(),
+                        c,
+                        false,
+                        Mat::rows(logits, v),
+                        Mat::rows(wte, c),
+                        threads,
+                    );
+                }
+            };
+            let mut weights = |threads: usize| {
+                // SAFETY: logits read transposed (V, n), lnf (n, C), gwte (V, C).
+                unsafe {
+                    kernels::matmul(
+                        v,
+                        c,
+                        n,
+                        gwte.as_mut_ptr(),
+                        c,
+                        true,
+                        Mat::rows_t(logits, v),
+                        Mat::rows(lnf, c),
+                        threads,
+                    );
+                }
+            };
+            if threads >= 2 {
+                let half = threads / 2;
+                rayon::join(|| weights(half), || input(threads - half));
+            } else {
+                weights(1);
+                input(1);
             }
-        };
-        let mut weights = |threads: usize| {
-            // SAFETY: logits read transposed (V, n), lnf (n, C), gwte (V, C).
-            unsafe {
-                kernels::matmul(
-                    v,
-                    c,
-                    n,
-                    gwte.as_mut_ptr(),
-                    c,
-                    true,
-                    Mat::rows_t(logits, v),
-                    Mat::rows(lnf, c),
-                    threads,
-                );
-            }
-        };
-        if threads >= 2 {
-            let half = threads / 2;
-            rayon::join(|| weights(half), || input(threads - half));
-        } else {
-            weights(1);
-            input(1);
+            self.dres[..n * c].fill(0.0);
+            layer_norm_bwd(
+                threads,
+                &self.dln[..n * c],
+                &self.x_out[..n * c],
+                p(&o.lnf_w),
+                &self.lnf_mean[..n],
+                &self.lnf_rstd[..n],
+                &mut self.dres[..n * c],
+                &mut self.scratch,
+                g(&o.lnf_w),
+                g(&o.lnf_b),
+            );
+        } else if let Some(dout) = dout {
+            self.dres[..n * c].copy_from_slice(&dout[..n * c]);
         }
-        self.dres[..n * c].fill(0.0);
-        layer_norm_bwd(
-            threads,
-            &self.dln[..n * c],
-            &self.x_out[..n * c],
-            p(&o.lnf_w),
-            &self.lnf_mean[..n],
-            &self.lnf_rstd[..n],
-            &mut self.dres[..n * c],
-            &mut self.scratch,
-            g(&o.lnf_w),
-            g(&o.lnf_b),
-        );
-        for l in (0..self.config.n_layer).rev() {
+        for l in (0..o.blocks.len()).rev() {
             let bp = &o.blocks[l];
             let a = &self.blocks[l];
             // MLP output projection.
@@ -557,12 +845,16 @@ impl Workspace {
                 g(&bp.ln1_b),
             );
         }
-        // Embeddings, rows in order.
-        let (gwte, gwpe) = (g(&o.wte), g(&o.wpe));
-        for (r, (row, &tok)) in self.dres[..n * c].chunks_exact(c).zip(inputs).enumerate() {
-            let tok = tok as usize;
-            kernels::add_rows(row, &mut gwte[tok * c..(tok + 1) * c]);
-            kernels::add_rows(row, &mut gwpe[(r % t) * c..(r % t + 1) * c]);
+        // Embeddings, rows in order (the token embedding's only with the head, which it
+        // is tied to: elsewhere that stage adds them, `add_embedding_grad`).
+        if o.embed {
+            let gwpe = g(&o.wpe);
+            for (r, row) in self.dres[..n * c].chunks_exact(c).enumerate() {
+                kernels::add_rows(row, &mut gwpe[(r % t) * c..(r % t + 1) * c]);
+            }
+            if o.head {
+                add_token_rows(g(&o.wte), &self.dres[..n * c], tokens, c);
+            }
         }
     }
 }
@@ -631,7 +923,7 @@ fn forward_part(
     o: &Offsets,
     bufs: &FwdBufs,
     params: &[f32],
-    inputs: &[u32],
+    input: StageInput<'_>,
     targets: &[u32],
     t: usize,
     seqs: Range<usize>,
@@ -644,18 +936,21 @@ fn forward_part(
     let p = |r: &Range<usize>| &params[r.clone()];
     // SAFETY (every `rows` below): the buffers are sized for the whole batch; this part
     // owns rows r0 .. r0 + n of each (sequences `seqs` of att).
-    let inputs = &inputs[r0..r0 + n];
-    {
-        let (wte, wpe) = (p(&o.wte), p(&o.wpe));
-        let x = unsafe { rows(bufs.blocks[0][0], r0, n, c) };
-        for (r, (row, &tok)) in x.chunks_exact_mut(c).zip(inputs).enumerate() {
-            let tok = tok as usize;
-            kernels::add(
-                &wte[tok * c..(tok + 1) * c],
-                &wpe[(r % t) * c..(r % t + 1) * c],
-                row,
-            );
+    let x = unsafe { rows(bufs.blocks[0][0], r0, n, c) };
+    match input {
+        StageInput::Tokens(inputs) => {
+            let (wte, wpe) = (p(&o.wte), p(&o.wpe));
+            let inputs = &inputs[r0..r0 + n];
+            for (r, (row, &tok)) in x.chunks_exact_mut(c).zip(inputs).enumerate() {
+                let tok = tok as usize;
+                kernels::add(
+                    &wte[tok * c..(tok + 1) * c],
+                    &wpe[(r % t) * c..(r % t + 1) * c],
+                    row,
+                );
+            }
         }
+        StageInput::Acts(acts) => x.copy_from_slice(&acts[r0 * c..(r0 + n) * c]),
     }
     let att_len = nh * t * t;
     for (l, bp) in o.blocks.iter().enumerate() {
@@ -706,6 +1001,9 @@ fn forward_part(
         kernels::add_rows_bias(res2, p(&bp.fcproj_b), out);
         dense(threads, fch_gelu, p(&bp.fcproj_w), out, 4 * c, c, true);
     }
+    if !o.head {
+        return;
+    }
     let x_out = unsafe { rows(bufs.x_out, r0, n, c) };
     let lnf = unsafe { rows(bufs.lnf, r0, n, c) };
     let (lnf_mean, lnf_rstd) =
@@ -748,6 +1046,14 @@ fn grad_view<'a>(grad: SendPtr, r: &Range<usize>) -> &'a mut [f32] {
     // SAFETY: `grad` points at the whole flat gradient; layout ranges do not overlap, and
     // each view is dropped before the next view of the same range is made.
     unsafe { std::slice::from_raw_parts_mut(grad.at(r.start), r.len()) }
+}
+
+/// Adds row `r` of `dx` to row `tokens[r]` of the token embedding's gradient, in order.
+fn add_token_rows(gwte: &mut [f32], dx: &[f32], tokens: &[u32], c: usize) {
+    for (row, &tok) in dx.chunks_exact(c).zip(tokens) {
+        let tok = tok as usize;
+        kernels::add_rows(row, &mut gwte[tok * c..(tok + 1) * c]);
+    }
 }
 
 /// Splits `n` rows into one contiguous run per thread.
@@ -1213,6 +1519,180 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod stages {
+    use super::*;
+    use crate::params::init_params;
+    use tenax_core::rng::SplitMix64;
+
+    /// Each stage's parameters, gathered by name from the whole model's.
+    fn stage_params(whole: &ParamLayout, stage: &ParamLayout, params: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; stage.total];
+        for e in &stage.entries {
+            out[e.range()].copy_from_slice(&params[whole.get(&e.name).unwrap().range()]);
+        }
+        out
+    }
+
+    /// A model split into S pipeline stages computes the same loss and the same
+    /// gradient, bit for bit, as the whole model: each stage runs its blocks on the
+    /// activations it is handed, the head stage forms the tied embedding's gradient from
+    /// the rows the first stage hands back, and the stages' gradients put side by side by
+    /// name are the whole model's.
+    #[test]
+    fn a_model_split_into_stages_keeps_its_bits() {
+        let mut config = GptConfig::preset("tiny", 37).unwrap();
+        config.n_layer = 5;
+        let whole = ParamLayout::for_config(&config);
+        let params = init_params(&config, &whole, 5);
+        let mut rng = SplitMix64::new(11);
+        let (batch, t) = (3, config.block_size - 3);
+        let toks: Vec<u32> = (0..2 * batch * t).map(|_| rng.below(37) as u32).collect();
+        let (inputs, targets) = toks.split_at(batch * t);
+        let mut ws = Workspace::new(&config, &whole, 2);
+        let mut want = vec![0f32; whole.total];
+        let want_loss = ws
+            .loss_sum_and_grad(&params, inputs, targets, batch, &mut want)
+            .unwrap();
+        for stages in [1u32, 2, 3, 5] {
+            for threads in [1, 2] {
+                let layers: Vec<StageLayers> =
+                    tenax_core::pipeline::split_blocks(config.n_layer as u32, stages)
+                        .unwrap()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, blocks)| StageLayers {
+                            stage: i as u32,
+                            blocks,
+                            embeddings: i == 0,
+                            head: i + 1 == stages as usize,
+                        })
+                        .collect();
+                let layouts: Vec<ParamLayout> = layers
+                    .iter()
+                    .map(|l| ParamLayout::for_stage(&config, l))
+                    .collect();
+                let sp: Vec<Vec<f32>> = layouts
+                    .iter()
+                    .map(|l| stage_params(&whole, l, &params))
+                    .collect();
+                let mut wss: Vec<Workspace> = layers
+                    .iter()
+                    .map(|l| Workspace::for_stage(&config, l, threads))
+                    .collect();
+                // Forward, stage by stage.
+                let mut acts: Vec<f32> = Vec::new();
+                let mut loss = 0f32;
+                for (i, w) in wss.iter_mut().enumerate() {
+                    let input = match i {
+                        0 => StageInput::Tokens(inputs),
+                        _ => StageInput::Acts(&acts),
+                    };
+                    loss = w
+                        .stage_forward(&sp[i], input, targets, batch, true)
+                        .unwrap();
+                    acts = w.output().to_vec();
+                }
+                assert_eq!(loss.to_bits(), want_loss.to_bits(), "S = {stages}: loss");
+                // Backward, last stage first.
+                let mut grads: Vec<Vec<f32>> =
+                    layouts.iter().map(|l| vec![0f32; l.total]).collect();
+                let mut dout: Option<Vec<f32>> = None;
+                for i in (0..layers.len()).rev() {
+                    wss[i]
+                        .stage_backward(&sp[i], inputs, dout.as_deref(), &mut grads[i])
+                        .unwrap();
+                    dout = Some(wss[i].input_grad().to_vec());
+                }
+                let last = layers.len() - 1;
+                if last > 0 {
+                    let dx = wss[0].input_grad().to_vec();
+                    wss[last]
+                        .add_embedding_grad(&mut grads[last], inputs, &dx)
+                        .unwrap();
+                }
+                // Side by side by name; the head stage's token embedding gradient is the one.
+                let mut got = vec![0f32; whole.total];
+                for (i, l) in layouts.iter().enumerate() {
+                    for e in &l.entries {
+                        if e.name == "wte.weight" && !layers[i].head {
+                            assert!(grads[i][e.range()].iter().all(|&g| g == 0.0));
+                            continue;
+                        }
+                        got[whole.get(&e.name).unwrap().range()]
+                            .copy_from_slice(&grads[i][e.range()]);
+                    }
+                }
+                for e in &whole.entries {
+                    let (a, b) = (&got[e.range()], &want[e.range()]);
+                    assert!(
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "S = {stages}, threads {threads}: {} differs",
+                        e.name
+                    );
+                }
+            }
+        }
+    }
+
+    /// A stage refuses what another stage does.
+    #[test]
+    fn stages_refuse_the_wrong_input() {
+        let config = GptConfig::preset("tiny", 37).unwrap();
+        let first = StageLayers {
+            stage: 0,
+            blocks: 0..1,
+            embeddings: true,
+            head: false,
+        };
+        let second = StageLayers {
+            stage: 1,
+            blocks: 1..2,
+            embeddings: false,
+            head: true,
+        };
+        let (l0, l1) = (
+            ParamLayout::for_stage(&config, &first),
+            ParamLayout::for_stage(&config, &second),
+        );
+        let (p0, p1) = (vec![0.01f32; l0.total], vec![0.01f32; l1.total]);
+        let mut w0 = Workspace::for_stage(&config, &first, 1);
+        let mut w1 = Workspace::for_stage(&config, &second, 1);
+        let toks = vec![1u32; 2 * 8];
+        let acts = vec![0f32; 2 * 8 * config.n_embd];
+        assert!(matches!(
+            w0.stage_forward(&p0, StageInput::Acts(&acts), &[], 2, true),
+            Err(ModelError::Stage { .. })
+        ));
+        assert!(matches!(
+            w1.stage_forward(&p1, StageInput::Tokens(&toks), &toks, 2, true),
+            Err(ModelError::Stage { .. })
+        ));
+        assert!(matches!(
+            w0.loss_sum(&p0, &toks, &toks, 2),
+            Err(ModelError::Stage { .. })
+        ));
+        assert!(matches!(
+            w1.stage_forward(&p1, StageInput::Acts(&acts[1..]), &toks, 2, true),
+            Err(ModelError::Length { .. })
+        ));
+        w0.stage_forward(&p0, StageInput::Tokens(&toks), &[], 2, true)
+            .unwrap();
+        let mut g0 = vec![0f32; l0.total];
+        assert!(matches!(
+            w0.stage_backward(&p0, &toks, None, &mut g0),
+            Err(ModelError::Stage { .. })
+        ));
+        assert!(w1
+            .add_embedding_grad(&mut vec![0f32; l1.total], &toks, &acts)
+            .is_ok());
+        assert!(matches!(
+            w0.add_embedding_grad(&mut g0, &toks, &acts),
+            Err(ModelError::Stage { .. })
+        ));
     }
 }
 
