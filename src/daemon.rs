@@ -24,7 +24,7 @@ mod work;
 
 pub use args::DaemonArgs;
 use args::{job_store_url, settings, Settings};
-use view::{NodeView, Shared};
+use view::{NodeView, Request, Shared};
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::TrainConfig;
 use crate::train::{prepare, start_state, Prepared, Start, StoredConfig};
-use shell::{Parts, Request, Shell};
+use shell::{Parts, Shell};
 
 /// Operator requests waiting for the node's loop, at most.
 const REQUEST_QUEUE: usize = 16;

@@ -73,6 +73,25 @@ pub fn flip_one_bit(params: &mut [f32]) {
     }
 }
 
+/// `FLIP_PARAM_AT_STEP`: silent corruption on this node only, once per process, of the
+/// state a trainer starts from at or after the hook's step. Returns the state and whether
+/// it was flipped.
+#[cfg(feature = "chaos-hooks")]
+pub fn flip_once(mut state: crate::train::Start, node: &str) -> (crate::train::Start, bool) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let due = step(FLIP_PARAM_AT_STEP).is_some_and(|at| state.step >= at);
+    if !due || DONE.swap(true, Ordering::SeqCst) {
+        return (state, false);
+    }
+    flip_one_bit(&mut state.params);
+    eprintln!(
+        "chaos: node {node} flipped one bit of its parameters at step {}",
+        state.step
+    );
+    (state, true)
+}
+
 /// Whether `name` is a hook variable (starts with `TENAX_CHAOS_`). The prefix is written in
 /// lowercase and compared without case on purpose: a default build must not contain the
 /// uppercase name anywhere (`scripts/test` greps the binary for it to prove the hooks are

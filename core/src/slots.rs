@@ -101,10 +101,44 @@ pub fn slots_for_rank(num_slots: u64, ranks: u64, rank: u64) -> Range<u64> {
     start..start + len
 }
 
+/// Which member computes each slot: `ranks_of_member[k]` are the global ranks member `k`
+/// hosts in a world of `world` ranks. A slot no listed rank computes goes to member 0.
+pub fn slot_owners(num_slots: u64, world: u64, ranks_of_member: &[Vec<u32>]) -> Vec<usize> {
+    let mut owner = vec![0usize; num_slots as usize];
+    for (k, ranks) in ranks_of_member.iter().enumerate() {
+        for &r in ranks.iter().filter(|&&r| u64::from(r) < world) {
+            for slot in slots_for_rank(num_slots, world, u64::from(r)) {
+                owner[slot as usize] = k;
+            }
+        }
+    }
+    owner
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn slot_owners_table() {
+        // (slots, world, ranks of each member) -> owner of each slot
+        type Row = (u64, u64, &'static [&'static [u32]], &'static [usize]);
+        let table: &[Row] = &[
+            (4, 1, &[&[0]], &[0, 0, 0, 0]),
+            (4, 2, &[&[1], &[0]], &[1, 1, 0, 0]),
+            (5, 3, &[&[0, 2], &[1]], &[0, 0, 1, 1, 0]),
+            (6, 3, &[&[], &[2], &[0, 1]], &[2, 2, 2, 2, 1, 1]),
+        ];
+        for &(slots, world, members, want) in table {
+            let members: Vec<Vec<u32>> = members.iter().map(|m| m.to_vec()).collect();
+            assert_eq!(
+                slot_owners(slots, world, &members),
+                want,
+                "{slots} {world} {members:?}"
+            );
+        }
+    }
 
     #[test]
     #[allow(clippy::single_range_in_vec_init)]

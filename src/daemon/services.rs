@@ -15,7 +15,7 @@ use tenax_core::restart::RestartPolicy;
 use tenax_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use super::shell::Request;
+use super::view::Request;
 use super::view::{ControlService, Rebind, Shared};
 
 /// How long past SIGTERM's grace period the process is ended even if the node's loop is

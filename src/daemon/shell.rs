@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 mod saving;
 
 use super::steplog::StepLog;
+use super::view::Request;
 use super::work::{self, Done, StepInfo};
 use super::{Settings, Shared};
 use crate::train::{Prepared, Start};
@@ -37,21 +38,6 @@ use crate::train::{Prepared, Start};
 /// How long releasing the membership may take before the node goes on (its lease then
 /// expires after its TTL).
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// An operator's request (the Control service and the signal handler send them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Request {
-    /// Leave after the current step (with a checkpoint first).
-    Drain { checkpoint: bool },
-    /// SIGTERM: drain with a checkpoint within the grace period.
-    Sigterm,
-    /// Pause at the next step boundary.
-    Pause,
-    /// Go on.
-    Resume,
-    /// Save a checkpoint at the next step boundary.
-    CheckpointNow,
-}
 
 /// What the node runs with: its settings and services.
 pub(crate) struct Parts<'a> {
@@ -107,8 +93,6 @@ pub(crate) struct Shell<'a> {
     saves: BTreeMap<u64, u64>,
     /// Generations formed so far.
     formed: u64,
-    #[cfg(feature = "chaos-hooks")]
-    flipped: bool,
     exit: Option<(Exit, String)>,
 }
 
@@ -139,8 +123,6 @@ impl<'a> Shell<'a> {
             compare_after_hash: None,
             saves: BTreeMap::new(),
             formed: 0,
-            #[cfg(feature = "chaos-hooks")]
-            flipped: false,
             exit: None,
         }
     }
@@ -234,16 +216,10 @@ impl<'a> Shell<'a> {
         match done {
             Done::Event(e) => e,
             Done::State { state, hash, event } => {
-                {
-                    let mut v = self.p.shared.view();
-                    v.step = state.step;
-                    v.param_hash = hash.clone().unwrap_or_default();
-                }
+                let served = matches!(event, Event::StateServed { .. });
+                self.p.shared.view().note_state(state.step, &hash, served);
                 self.state = Some(state);
                 self.hash = hash;
-                if let Event::StateServed { .. } = event {
-                    self.p.shared.view().state_copies_out += 1;
-                }
                 event
             }
             Done::Member(fresh) => {
@@ -277,15 +253,10 @@ impl<'a> Shell<'a> {
                         (step, tenax_actors::param_hash(&params))
                     }));
                 }
-                let m = self.p.member.stats();
-                let mut v = self.p.shared.view();
-                v.step = self.machine.position().0 + 1;
-                v.loss = info.report.loss;
-                v.tokens_per_s = self.tokens_per_step() / info.secs.max(1e-9);
-                v.leader = m.leader;
-                v.probes_sent = m.probes_sent;
-                v.revocations = m.revocations;
-                drop(v);
+                let tokens_per_s = self.tokens_per_step() / info.secs.max(1e-9);
+                let (step, stats) = (self.machine.position().0 + 1, self.p.member.stats());
+                let loss = info.report.loss;
+                (self.p.shared.view()).note_step(step, loss, tokens_per_s, stats);
                 self.last_step = Some(info);
                 event
             }
@@ -305,26 +276,17 @@ impl<'a> Shell<'a> {
             comm.exit_during_all_gather(step);
         }
         let spec = comm.spec();
-        self.slot_owner = vec![0usize; spec.num_slots as usize];
-        for (k, p) in peers.iter().enumerate() {
-            let ranks = self
-                .p
-                .member
-                .current_plan()
-                .filter(|plan| plan.generation == spec.generation)
-                .map(|plan| plan.ranks_of(&MemberId::new(p.id.clone())))
-                .unwrap_or_default();
-            for r in ranks {
-                let slots = tenax_core::slots::slots_for_rank(
-                    spec.num_slots,
-                    u64::from(spec.world),
-                    u64::from(r),
-                );
-                for slot in slots {
-                    self.slot_owner[slot as usize] = k;
-                }
-            }
-        }
+        let plan = self.p.member.current_plan();
+        let plan = plan.filter(|plan| plan.generation == spec.generation);
+        let ranks: Vec<Vec<u32>> = peers
+            .iter()
+            .map(|p| match &plan {
+                Some(plan) => plan.ranks_of(&MemberId::new(p.id.clone())),
+                None => Vec::new(),
+            })
+            .collect();
+        self.slot_owner =
+            tenax_core::slots::slot_owners(spec.num_slots, u64::from(spec.world), &ranks);
         self.peers = peers;
         self.comm = Some(comm);
     }
@@ -525,18 +487,11 @@ impl<'a> Shell<'a> {
         let me = self.me();
         self.gen_cancel.cancel();
         self.gen_cancel = CancellationToken::new();
-        if self.formed > 0 {
-            self.p.shared.view().reforms += 1;
-        }
-        self.formed += 1;
         let local = plan.ranks_of(&MemberId::new(me.clone()));
-        {
-            let mut v = self.p.shared.view();
-            v.generation = plan.generation;
-            v.ranks = local.clone();
-            v.world = plan.world;
-            v.leader = self.p.member.stats().leader;
-        }
+        let leader = self.p.member.stats().leader;
+        let reformed = self.formed > 0;
+        (self.p.shared.view()).note_generation(&plan, &local, leader, reformed);
+        self.formed += 1;
         println!("node {me}: {reason}");
         let spec = CommSpec {
             job: self.p.s.job.clone(),
@@ -618,28 +573,16 @@ impl<'a> Shell<'a> {
             return;
         };
         #[cfg(feature = "chaos-hooks")]
-        let state = self.chaos_flip(state);
+        let state = match crate::hooks::flip_once(state, &self.me()) {
+            (state, true) => {
+                self.hash = None;
+                state
+            }
+            (state, false) => state,
+        };
         let (setup, data) = (self.p.prep.setup.clone(), self.p.prep.data.clone());
         let f = work::start_trainer(comm, setup, data, state, self.p.node);
         self.work.push(Box::pin(f));
-    }
-
-    /// Silent corruption on this node only, for tests: one bit of one parameter.
-    #[cfg(feature = "chaos-hooks")]
-    fn chaos_flip(&mut self, mut state: Start) -> Start {
-        if let Some(at) = crate::hooks::step(crate::hooks::FLIP_PARAM_AT_STEP) {
-            if state.step >= at && !self.flipped {
-                self.flipped = true;
-                crate::hooks::flip_one_bit(&mut state.params);
-                self.hash = None;
-                eprintln!(
-                    "chaos: node {} flipped one bit of its parameters at step {}",
-                    self.me(),
-                    state.step
-                );
-            }
-        }
-        state
     }
 
     /// Take the trainer's state back (the last completed step) and stop it.

@@ -5,12 +5,12 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tenax_actors::Control;
+use tenax_actors::{Control, MemberStats};
 use tenax_cluster::peer::PeerHub;
+use tenax_core::membership::Plan;
 use tenax_proto::v1 as pb;
 use tokio::sync::mpsc;
 
-use super::shell::Request;
 use crate::metrics::{MetricKind, Sample};
 
 /// What the node shows through Status and `/metrics`.
@@ -41,6 +41,56 @@ pub(crate) struct NodeView {
     pub(crate) suspicions: u64,
     pub(crate) probes_sent: u64,
     pub(crate) revocations: u64,
+}
+
+/// An operator's request (the Control actor hands them to the node's loop: the gRPC
+/// control calls and the signal handler send them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// Leave after the current step (with a checkpoint first).
+    Drain { checkpoint: bool },
+    /// SIGTERM: drain with a checkpoint within the grace period.
+    Sigterm,
+    /// Pause at the next step boundary.
+    Pause,
+    /// Go on.
+    Resume,
+    /// Save a checkpoint at the next step boundary.
+    CheckpointNow,
+}
+
+impl NodeView {
+    /// The state the node holds now (`served`: it was just sent to peers).
+    pub(crate) fn note_state(&mut self, step: u64, hash: &Option<String>, served: bool) {
+        self.step = step;
+        self.param_hash = hash.clone().unwrap_or_default();
+        self.state_copies_out += u64::from(served);
+    }
+
+    /// A step finished.
+    pub(crate) fn note_step(&mut self, step: u64, loss: f64, tokens_per_s: f64, m: MemberStats) {
+        self.step = step;
+        self.loss = loss;
+        self.tokens_per_s = tokens_per_s;
+        self.leader = m.leader;
+        self.probes_sent = m.probes_sent;
+        self.revocations = m.revocations;
+    }
+
+    /// A generation forms (`reformed`: not the node's first).
+    pub(crate) fn note_generation(
+        &mut self,
+        plan: &Plan,
+        local: &[u32],
+        leader: bool,
+        reformed: bool,
+    ) {
+        self.reforms += u64::from(reformed);
+        self.generation = plan.generation;
+        self.ranks = local.to_vec();
+        self.world = plan.world;
+        self.leader = leader;
+    }
 }
 
 /// State shared by the loop, the control service and the metrics endpoint.

@@ -74,12 +74,11 @@ impl Shell<'_> {
         cursor: u64,
         val_loss: Option<f64>,
     ) {
+        let tokens_per_step = self.tokens_per_step();
         let (Some(info), Some(log)) = (self.last_step.as_ref(), self.log.as_mut()) else {
             return;
         };
-        let tokens_per_s = (self.p.prep.cfg.batch_size as usize
-            * self.p.prep.stored_cfg.model.block_size) as f64
-            / info.secs.max(1e-9);
+        let tokens_per_s = tokens_per_step / info.secs.max(1e-9);
         let spec = self.comm.as_ref().map(|c| c.spec());
         let r = &info.report;
         log.step(StepLine {
