@@ -4,8 +4,9 @@
 //! Precedence: flag > config file > checkpoint (on `--resume`) > default. Keys that fix
 //! the math of a step (model, data, batch, optimizer, schedule, seed) must agree with
 //! the checkpoint a run resumes from; keys that only say where and how long to run
-//! (`steps`, `ranks`, `run_dir`, `store`, `ckpt_every`, `keep_last`, `keep_every`,
-//! `eval_every`) may change.
+//! (`steps`, `ranks`, `pipeline_stages`, `schedule`, `run_dir`, `store`, `ckpt_every`,
+//! `keep_last`, `keep_every`, `eval_every`) may change: a pipelined run gives the same
+//! bits as one rank.
 
 use std::path::PathBuf;
 
@@ -92,6 +93,14 @@ pub struct TrainArgs {
     /// Stop with an error after this many consecutive non-finite steps [default: 5].
     #[arg(long)]
     pub max_bad_steps: Option<u64>,
+    /// Pipeline stages S: the --ranks of this process form ranks / S pipelines of S
+    /// stages, each stage holding a contiguous run of the model's layers; the same bits
+    /// as one rank. At most the model's layer count [default: 1].
+    #[arg(long)]
+    pub pipeline_stages: Option<u32>,
+    /// Pipeline schedule: gpipe or 1f1b [default: 1f1b].
+    #[arg(long)]
+    pub schedule: Option<String>,
 }
 
 impl TrainArgs {
@@ -122,7 +131,9 @@ impl TrainArgs {
             keep_every,
             eval_every,
             eval_batches,
-            max_bad_steps
+            max_bad_steps,
+            pipeline_stages,
+            schedule
         )
     }
 
@@ -188,6 +199,20 @@ pub struct TrainConfig {
     pub eval_batches: u64,
     /// Consecutive non-finite steps tolerated.
     pub max_bad_steps: u64,
+    /// Pipeline stages (1: no pipeline).
+    #[serde(default = "one_stage")]
+    pub pipeline_stages: u32,
+    /// Pipeline schedule (`gpipe` or `1f1b`).
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+}
+
+fn one_stage() -> u32 {
+    1
+}
+
+fn default_schedule() -> String {
+    tenax_core::pipeline::Schedule::default().as_str().into()
 }
 
 /// The keys that fix the math of a step, and so must match on resume.
@@ -243,6 +268,8 @@ impl TrainConfig {
             eval_every: args.eval_every.unwrap_or(0),
             eval_batches: args.eval_batches.unwrap_or(20),
             max_bad_steps: args.max_bad_steps.unwrap_or(5),
+            pipeline_stages: args.pipeline_stages.unwrap_or(1),
+            schedule: args.schedule.unwrap_or_else(default_schedule),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -265,7 +292,25 @@ impl TrainConfig {
         if self.eval_batches == 0 {
             bail!("--eval-batches must be at least 1");
         }
+        if self.pipeline_stages == 0 {
+            bail!("--pipeline-stages must be at least 1");
+        }
+        if !self.ranks.is_multiple_of(self.pipeline_stages as usize) {
+            bail!(
+                "--pipeline-stages {}: --ranks {} is not a multiple of it (the ranks form ranks / stages pipelines; `tenax daemon` runs one stage only)",
+                self.pipeline_stages,
+                self.ranks
+            );
+        }
+        self.pipeline_schedule()?;
         Ok(())
+    }
+
+    /// The pipeline schedule, parsed.
+    pub fn pipeline_schedule(&self) -> Result<tenax_core::pipeline::Schedule> {
+        self.schedule
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--schedule: {e}"))
     }
 
     /// Back to the optional form (for precedence merging).
@@ -295,6 +340,8 @@ impl TrainConfig {
             eval_every: Some(self.eval_every),
             eval_batches: Some(self.eval_batches),
             max_bad_steps: Some(self.max_bad_steps),
+            pipeline_stages: Some(self.pipeline_stages),
+            schedule: Some(self.schedule.clone()),
         }
     }
 

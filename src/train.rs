@@ -9,8 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tenax_actors::{
-    CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, ShareJob, TrainData, TrainSetup,
-    Trainer,
+    CheckpointEvent, CheckpointPolicy, Checkpointer, PipelineSpec, SaveJob, ShareJob, TrainData,
+    TrainSetup, Trainer,
 };
 use tenax_core::ckpt::RetentionPolicy;
 use tenax_core::sampler::eval_windows;
@@ -133,6 +133,8 @@ pub struct Prepared {
     pub val_windows: Vec<u64>,
     /// The token streams.
     pub data: Arc<TrainData>,
+    /// With `--pipeline-stages` above 1: the ranks form pipelines of that many stages.
+    pub pipeline: Option<PipelineSpec>,
 }
 
 /// Check `cfg`, load and tokenize the data (caching token shards under `run_dir/data`) and
@@ -145,9 +147,27 @@ pub fn prepare(
 ) -> Result<Prepared> {
     let layout =
         BatchLayout::new(cfg.batch_size, cfg.micro_batch_size).map_err(|e| anyhow!("{e}"))?;
-    layout
-        .check_ranks(cfg.ranks as u64)
-        .map_err(|e| anyhow!("--ranks: {e}"))?;
+    // Pipelines: the data-parallel width is the number of pipelines.
+    let stages = cfg.pipeline_stages.max(1);
+    let pipelines = cfg.ranks as u64 / u64::from(stages);
+    match stages {
+        1 => layout.check_ranks(cfg.ranks as u64),
+        _ => layout.check_ranks(pipelines),
+    }
+    .map_err(|e| match stages {
+        1 => anyhow!("--ranks: {e}"),
+        _ => anyhow!(
+            "--ranks {} / --pipeline-stages {stages} = {pipelines} pipeline(s): {e}",
+            cfg.ranks
+        ),
+    })?;
+    let pipe_schedule = cfg.pipeline_schedule()?;
+    // Check the stage count against the model before the (slow) data preparation.
+    let blocks = GptConfig::preset(&cfg.preset, 256).map_or(0, |m| m.n_layer as u32);
+    if stages > 1 && blocks > 0 {
+        tenax_core::pipeline::split_blocks(blocks, stages)
+            .map_err(|e| anyhow!("--pipeline-stages: {e}"))?;
+    }
     let kind: TokenizerKind = cfg
         .tokenizer
         .parse()
@@ -247,6 +267,25 @@ pub fn prepare(
         train: dataset.train,
         val: dataset.val,
     });
+    let pipeline = (stages > 1).then_some(PipelineSpec {
+        stages,
+        schedule: pipe_schedule,
+    });
+    if pipeline.is_some() {
+        let per_pipeline = tenax_core::slots::slots_for_rank(layout.num_slots(), pipelines, 0);
+        let plan = tenax_core::pipeline::PipelinePlan::new(
+            tenax_core::pipeline::PipelineConfig {
+                pipelines: pipelines as u32,
+                stages,
+                blocks: model_cfg.n_layer as u32,
+                slots: (per_pipeline.end - per_pipeline.start) as u32,
+                schedule: pipe_schedule,
+            },
+            cfg.ranks as u32,
+        )
+        .map_err(|e| anyhow!("--pipeline-stages: {e}"))?;
+        println!("pipelines: {}", plan.reason());
+    }
     Ok(Prepared {
         cfg,
         stored_cfg,
@@ -257,6 +296,7 @@ pub fn prepare(
         schedule,
         val_windows,
         data,
+        pipeline,
     })
 }
 

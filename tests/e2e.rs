@@ -581,6 +581,181 @@ fn saved_from_2_ranks_resumes_into_1_and_from_1_into_3() {
     assert_eq!(one.state(12), straight.state(12), "1 rank -> 3 ranks");
 }
 
+/// `tenax train` with another preset than the tests' tiny one.
+fn train_preset(data: &Path, dir: &Path, preset: &str, extra: &[&str]) -> (Run, String) {
+    let (d, r) = (data.to_str().unwrap(), dir.to_str().unwrap());
+    let mut args = tiny_args(d, r, extra);
+    assert_eq!(args[1], "--preset");
+    args[2] = preset;
+    let out = ok(&args);
+    (
+        Run {
+            dir: dir.to_path_buf(),
+        },
+        out,
+    )
+}
+
+/// The newest checkpoint of a run, exported.
+fn run_export(run: &Run) -> Vec<u8> {
+    export_bytes(&run.store(), &[], &run.dir.join("export.safetensors"))
+}
+
+/// The validation losses a run logged, as bit patterns.
+fn val_losses(run: &Run) -> Vec<u64> {
+    run.metrics()
+        .iter()
+        .filter_map(|m| m["val_loss"].as_f64())
+        .map(f64::to_bits)
+        .collect()
+}
+
+/// `--pipeline-stages 2` as 1 pipeline (`--ranks 2`) and 2 pipelines (`--ranks 4`),
+/// both schedules: losses, validation losses and the exported final state are those of
+/// `--ranks 1`, byte for byte; another seed is not.
+#[test]
+fn pipelines_of_2_stages_train_the_bits_of_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let common = ["--steps", "4", "--eval-every", "2"];
+    let with = |extra: &[&'static str]| {
+        let mut v = common.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let (one, _) = train(&data, &tmp.path().join("one"), &with(&["--ranks", "1"]));
+    let want = run_export(&one);
+    assert_eq!(val_losses(&one).len(), 2);
+    for ranks in ["2", "4"] {
+        for schedule in ["gpipe", "1f1b"] {
+            let dir = tmp.path().join(format!("s2-n{ranks}-{schedule}"));
+            let flags = [
+                "--pipeline-stages",
+                "2",
+                "--ranks",
+                ranks,
+                "--schedule",
+                schedule,
+            ];
+            let (run, out) = train(&data, &dir, &with(&flags));
+            assert!(out.contains("pipelines: "), "{out}");
+            assert!(out.contains("--- sample ---"), "{out}");
+            let what = format!("--pipeline-stages 2 --ranks {ranks} --schedule {schedule}");
+            assert_eq!(run.losses(), one.losses(), "{what}: losses");
+            assert_eq!(val_losses(&run), val_losses(&one), "{what}: val losses");
+            assert!(run_export(&run) == want, "{what}: the export differs");
+        }
+    }
+    // The oracle can fail: another seed, pipelined, gives other bytes.
+    let flags = ["--pipeline-stages", "2", "--ranks", "2", "--seed", "2"];
+    let (other, _) = train(&data, &tmp.path().join("seed2"), &with(&flags));
+    assert!(run_export(&other) != want);
+    assert_ne!(other.losses(), one.losses());
+}
+
+/// Four stages of the 4-layer nano model, both schedules: the export of `--ranks 1`.
+#[test]
+fn a_pipeline_of_4_stages_trains_the_bits_of_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    // The tests' batch of 6 in 3 slots: 1F1B's warm-up fills all 3 at stage 0.
+    let common = ["--steps", "2"];
+    let with = |extra: &[&'static str]| {
+        let mut v = common.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let (one, _) = train_preset(&data, &tmp.path().join("one"), "nano", &with(&[]));
+    let want = run_export(&one);
+    for schedule in ["gpipe", "1f1b"] {
+        let flags = [
+            "--pipeline-stages",
+            "4",
+            "--ranks",
+            "4",
+            "--schedule",
+            schedule,
+        ];
+        let dir = tmp.path().join(schedule);
+        let (run, out) = train_preset(&data, &dir, "nano", &with(&flags));
+        assert!(out.contains("4 stage(s)"), "{out}");
+        assert_eq!(run.losses(), one.losses(), "S = 4 {schedule}: losses");
+        assert_eq!(val_losses(&run), val_losses(&one), "S = 4 {schedule}");
+        assert!(
+            run_export(&run) == want,
+            "S = 4 {schedule}: the export differs"
+        );
+    }
+}
+
+/// A checkpoint saved by 2 stages resumes into 1, and one saved by 1 into 2 stages (2
+/// pipelines of them); both end as a straight run of one rank.
+#[test]
+fn saved_from_2_stages_resumes_into_1_and_from_1_into_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let with = |steps: &'static str, extra: &[&'static str]| {
+        let mut v = vec!["--lr-decay-steps", "6", "--steps", steps];
+        v.extend_from_slice(extra);
+        v
+    };
+    let (straight, _) = train(&data, &tmp.path().join("straight"), &with("6", &[]));
+    let stages2 = ["--pipeline-stages", "2", "--ranks", "2"];
+    let (a, _) = train(&data, &tmp.path().join("a"), &with("3", &stages2));
+    let one = ["--pipeline-stages", "1", "--ranks", "1", "--resume"];
+    let (_, out) = train(&data, &tmp.path().join("a"), &with("6", &one));
+    assert!(out.contains("resumed from step 3"), "{out}");
+    assert!(!out.contains("pipelines: "), "{out}");
+    assert_eq!(a.state(6), straight.state(6), "2 stages -> 1 stage");
+
+    let (b, _) = train(&data, &tmp.path().join("b"), &with("3", &[]));
+    let four = ["--pipeline-stages", "2", "--ranks", "4", "--resume"];
+    train(&data, &tmp.path().join("b"), &with("6", &four));
+    assert_eq!(
+        b.state(6),
+        straight.state(6),
+        "1 stage -> 2 pipelines of 2 stages"
+    );
+    assert_eq!(b.losses(), straight.losses());
+}
+
+/// Pipeline flags that cannot work get one line naming the flag.
+#[test]
+fn bad_pipeline_flags_get_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let (d, r) = (
+        data.to_str().unwrap(),
+        tmp.path().join("run").to_str().unwrap().to_string(),
+    );
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--pipeline-stages", "0"],
+            "--pipeline-stages must be at least 1",
+        ),
+        (
+            &["--pipeline-stages", "3", "--ranks", "4"],
+            "--pipeline-stages 3: --ranks 4 is not a multiple",
+        ),
+        (
+            &["--pipeline-stages", "3", "--ranks", "3"],
+            "--pipeline-stages: 3 stages for a model of 2 block(s)",
+        ),
+        (
+            &["--pipeline-stages", "2", "--ranks", "8"],
+            "--ranks 8 / --pipeline-stages 2 = 4 pipeline(s)",
+        ),
+        (
+            &["--schedule", "zigzag"],
+            "--schedule: unknown pipeline schedule `zigzag`",
+        ),
+    ];
+    for (flags, want) in cases {
+        let err = fails(&tiny_args(d, &r, flags));
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+}
+
 #[test]
 fn ckpt_ops_list_json_prune_and_export() {
     let tmp = tempfile::tempdir().unwrap();

@@ -13,6 +13,10 @@
 //!   services gRPC and `/metrics`, the Control and Checkpoint actors) and adopted ones (the
 //!   Membership actor, each generation's trainer), each with a restart policy; a child that fails too often makes
 //!   the node give up and leave the job instead of flapping.
+//! - [`pipeline`]: D pipelines x S stages in one process ([`Trainer::start_pipeline`]):
+//!   each stage rank an actor over a compute thread like a rank, activations and
+//!   gradients over bounded channels, per-stage exact reductions, one meeting per step
+//!   for the clip norm and the tied embedding; bit-identical to one rank.
 //! - [`rank`]: one data-parallel rank as an actor. Its model and optimizer live on a
 //!   dedicated compute thread (candle work never runs inside a message handler); the
 //!   actor forwards jobs to that thread and awaits their results with a timeout.
@@ -30,6 +34,7 @@ pub mod checkpoint;
 pub mod control;
 pub mod membership;
 pub mod node;
+pub mod pipeline;
 pub mod rank;
 pub mod supervisor;
 
@@ -40,5 +45,6 @@ pub use node::{
     ActorFactory, AdoptFactory, ChildSpec, ChildStart, NodeSupervisor, ServiceFactory,
     ServiceFuture,
 };
+pub use pipeline::PipelineSpec;
 pub use rank::{param_hash, RankOutcome, TrainData, TrainSetup};
 pub use supervisor::{ActorsError, GroupStart, Snapshot, StepReport, Trainer, TRAINER_POLICY};

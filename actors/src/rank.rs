@@ -179,7 +179,8 @@ impl RankCompute {
         let tokens = (layout.batch_size as usize * self.setup.model.block_size) as f32;
         let loss = reduced.loss_sum / f64::from(tokens);
         // The mean over tokens and the clip are one factor, applied as AdamW reads.
-        let (grad_norm, grad_scale) = clip_scale(&reduced.grad_sum, tokens, self.setup.grad_clip);
+        let (grad, layout, clip) = (&reduced.grad_sum, self.model.layout(), self.setup.grad_clip);
+        let (grad_norm, grad_scale) = self.ws.install(|| clip_scale(grad, layout, tokens, clip));
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Ok(RankOutcome {
                 loss,
@@ -268,48 +269,80 @@ pub fn param_hash(params: &[f32]) -> String {
     hex::encode(h.finalize())
 }
 
+/// What a compute thread owns: a data-parallel rank ([`RankCompute`]) or a pipeline
+/// stage (`crate::pipeline::StageCompute`).
+pub(crate) trait Compute: Send + 'static {
+    /// The rank's global number.
+    fn rank(&self) -> usize;
+    /// A handle that makes every peer this rank could leave waiting (its collective, its
+    /// pipeline's channels) fail at once.
+    fn aborter(&self) -> Aborter;
+}
+
+/// Makes a rank's peers stop waiting, with a reason.
+pub(crate) type Aborter = Arc<dyn Fn(&str) + Send + Sync>;
+
+impl Compute for RankCompute {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn aborter(&self) -> Aborter {
+        let c = Arc::clone(&self.collective);
+        Arc::new(move |reason: &str| c.abort(reason))
+    }
+}
+
 /// A job for the compute thread.
-pub(crate) type Job = Box<dyn FnOnce(&mut RankCompute) + Send>;
+pub(crate) type Job<C = RankCompute> = Box<dyn FnOnce(&mut C) + Send>;
 
 /// Messages a rank actor takes.
-pub(crate) enum RankMsg {
+pub(crate) enum RankMsg<C = RankCompute> {
     /// Run a job on the compute thread; the job sends its own reply.
-    Run(Job),
+    Run(Job<C>),
     /// The compute thread died (a job panicked): the actor fails, and its supervisor
     /// learns it at once.
     Died(String),
 }
 
 /// The rank actor: it owns the sending half of its compute thread's queue.
-pub(crate) struct RankActor;
+pub(crate) struct RankActor<C = RankCompute>(std::marker::PhantomData<fn() -> C>);
+
+impl<C> RankActor<C> {
+    /// The actor (its state comes with [`RankArgs`]).
+    pub(crate) fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
 
 /// Arguments of a rank actor: the already-built compute state.
-pub(crate) struct RankArgs {
-    pub(crate) compute: RankCompute,
+pub(crate) struct RankArgs<C = RankCompute> {
+    pub(crate) compute: C,
 }
 
 /// State of a rank actor.
-pub(crate) struct RankState {
-    jobs: mpsc::SyncSender<Job>,
-    collective: Arc<dyn Collective>,
+pub(crate) struct RankState<C = RankCompute> {
+    jobs: mpsc::SyncSender<Job<C>>,
+    abort: Aborter,
     rank: usize,
 }
 
-impl Actor for RankActor {
-    type Msg = RankMsg;
-    type State = RankState;
-    type Arguments = RankArgs;
+impl<C: Compute> Actor for RankActor<C> {
+    type Msg = RankMsg<C>;
+    type State = RankState<C>;
+    type Arguments = RankArgs<C>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        args: RankArgs,
-    ) -> Result<RankState, ActorProcessingErr> {
-        let rank = args.compute.rank;
-        let collective = Arc::clone(&args.compute.collective);
+        args: RankArgs<C>,
+    ) -> Result<RankState<C>, ActorProcessingErr> {
+        let rank = args.compute.rank();
+        let abort = args.compute.aborter();
         // A bounded queue: the supervisor never has more than a few jobs in flight per rank.
-        let (tx, rx) = mpsc::sync_channel::<Job>(4);
+        let (tx, rx) = mpsc::sync_channel::<Job<C>>(4);
         let mut compute = args.compute;
+        let abort_peers = Arc::clone(&abort);
         std::thread::Builder::new()
             .name(format!("tenax-rank-{rank}"))
             .spawn(move || {
@@ -320,9 +353,7 @@ impl Actor for RankActor {
                     if let Err(panic) = run {
                         // The job's reply is dropped with it; make the peers stop waiting too.
                         let what = panic_text(panic.as_ref());
-                        compute
-                            .collective
-                            .abort(&format!("rank {rank} panicked: {what}"));
+                        abort_peers(&format!("rank {rank} panicked: {what}"));
                         let _ = myself.send_message(RankMsg::Died(format!(
                             "rank {rank}: its compute thread panicked: {what}"
                         )));
@@ -333,7 +364,7 @@ impl Actor for RankActor {
             .map_err(|e| format!("rank {rank}: cannot start its compute thread: {e}"))?;
         Ok(RankState {
             jobs: tx,
-            collective,
+            abort,
             rank,
         })
     }
@@ -341,8 +372,8 @@ impl Actor for RankActor {
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
-        msg: RankMsg,
-        state: &mut RankState,
+        msg: RankMsg<C>,
+        state: &mut RankState<C>,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RankMsg::Run(job) => {
@@ -351,7 +382,7 @@ impl Actor for RankActor {
                         "rank {}: compute thread is gone or its queue is full",
                         state.rank
                     );
-                    state.collective.abort(&reason);
+                    (state.abort)(&reason);
                     return Err(reason.into());
                 }
             }
@@ -372,7 +403,7 @@ pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 /// Test-only fault hook: with `TENAX_CHAOS_PANIC_RANK_AT_STEP=<step>`, the first rank of
 /// this process to run step `<step>` panics, once per process.
 #[cfg(feature = "chaos-hooks")]
-fn panic_once_at(step: u64) {
+pub(crate) fn panic_once_at(step: u64) {
     use std::sync::atomic::{AtomicBool, Ordering};
     static DONE: AtomicBool = AtomicBool::new(false);
     let at = std::env::var("TENAX_CHAOS_PANIC_RANK_AT_STEP")

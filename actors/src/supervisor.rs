@@ -9,7 +9,9 @@ use tenax_cluster::{Collective, InProcessCollective};
 use tenax_model::AdamW;
 use tokio::sync::oneshot;
 
-use crate::rank::{RankActor, RankArgs, RankCompute, RankMsg, RankOutcome, TrainData, TrainSetup};
+use crate::rank::{
+    Compute, RankActor, RankArgs, RankCompute, RankMsg, RankOutcome, TrainData, TrainSetup,
+};
 
 /// Errors of the training actors.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -82,13 +84,13 @@ pub struct Snapshot {
     pub opt: Arc<AdamW>,
 }
 
-type Reply<T> = RpcReplyPort<Result<T, ActorsError>>;
+pub(crate) type Reply<T> = RpcReplyPort<Result<T, ActorsError>>;
 
 /// Messages of the supervisor. Each carries the generation it was sent for: the
 /// supervisor refuses one of another generation ([`ActorsError::Stale`]).
 pub(crate) struct SupervisorMsg {
-    generation: u64,
-    ask: Ask,
+    pub(crate) generation: u64,
+    pub(crate) ask: Ask,
 }
 
 /// What a [`SupervisorMsg`] asks.
@@ -119,7 +121,7 @@ pub(crate) enum Ask {
 }
 
 impl Ask {
-    fn what(&self) -> &'static str {
+    pub(crate) fn what(&self) -> &'static str {
         match self {
             Ask::Step { .. } => "step",
             Ask::Snapshot { .. } => "snapshot",
@@ -130,7 +132,7 @@ impl Ask {
     }
 
     /// Answer with `e` instead of doing it.
-    fn refuse(self, e: ActorsError) {
+    pub(crate) fn refuse(self, e: ActorsError) {
         let _ = match self {
             Ask::Step { reply, .. } => reply.send(Err(e)).is_ok(),
             Ask::Snapshot { reply } => reply.send(Err(e)).is_ok(),
@@ -163,11 +165,11 @@ struct SupervisorState {
 }
 
 /// Run `f` on a rank's compute thread and await its answer.
-fn on_rank<T: Send + 'static>(
-    rank: &ActorRef<RankMsg>,
+pub(crate) fn on_rank<C: Compute, T: Send + 'static>(
+    rank: &ActorRef<RankMsg<C>>,
     timeout: Duration,
     what: String,
-    f: impl FnOnce(&mut RankCompute) -> Result<T, String> + Send + 'static,
+    f: impl FnOnce(&mut C) -> Result<T, String> + Send + 'static,
 ) -> impl std::future::Future<Output = Result<T, ActorsError>> + Send + 'static {
     // The job is sent now; only the waiting is deferred to the returned future.
     let (tx, rx) = oneshot::channel();
@@ -218,9 +220,13 @@ impl Actor for TrainSupervisor {
                 args.opt.clone(),
                 threads,
             )?;
-            let (r, _) =
-                Actor::spawn_linked(None, RankActor, RankArgs { compute }, myself.get_cell())
-                    .await?;
+            let (r, _) = Actor::spawn_linked(
+                None,
+                RankActor::new(),
+                RankArgs { compute },
+                myself.get_cell(),
+            )
+            .await?;
             ranks.push(r);
         }
         Ok(SupervisorState {
@@ -270,7 +276,7 @@ impl Actor for TrainSupervisor {
                 let me = myself.get_cell();
                 tokio::spawn(async move {
                     let outcomes: Vec<Result<RankOutcome, ActorsError>> = join_all(calls).await;
-                    let r = agree(step, outcomes, &*collective);
+                    let r = agree(step, outcomes, &|reason| collective.abort(reason));
                     if matches!(r, Err(ActorsError::Crashed(_))) {
                         // A rank died: this supervisor fails with it. Answer once it has,
                         // so that its own supervisor has seen the failure before the
@@ -368,11 +374,12 @@ impl Actor for TrainSupervisor {
     }
 }
 
-/// Every rank must report the same outcome: they reduced the same gradients.
-fn agree(
+/// Every rank must report the same outcome: they reduced the same gradients. `abort`
+/// makes the ranks still waiting stop.
+pub(crate) fn agree(
     step: u64,
     mut outcomes: Vec<Result<RankOutcome, ActorsError>>,
-    collective: &dyn Collective,
+    abort: &dyn Fn(&str),
 ) -> Result<StepReport, ActorsError> {
     // A rank that died explains its peers' aborted collectives: report it first.
     if let Some(k) = outcomes
@@ -380,7 +387,7 @@ fn agree(
         .position(|o| matches!(o, Err(e) if e.trainer_is_gone()))
     {
         if let Err(e) = outcomes.swap_remove(k) {
-            collective.abort(&e.to_string());
+            abort(&e.to_string());
             return Err(e);
         }
     }
@@ -392,7 +399,7 @@ fn agree(
         }
         match o {
             Err(e) => {
-                collective.abort(&e.to_string());
+                abort(&e.to_string());
                 return Err(e);
             }
             Ok(o) => match &first {
@@ -401,7 +408,7 @@ fn agree(
                 Some(f) => {
                     let msg =
                         format!("step {step}: rank {rank} disagrees with rank 0 ({o:?} vs {f:?})");
-                    collective.abort(&msg);
+                    abort(&msg);
                     return Err(ActorsError::Rank(msg));
                 }
             },
@@ -542,6 +549,23 @@ impl Trainer {
             local_ranks: local_count,
             generation,
         })
+    }
+
+    /// A handle on a started supervisor (of ranks or of pipeline stages).
+    pub(crate) fn from_parts(
+        sup: ActorRef<SupervisorMsg>,
+        handle: Option<tokio::task::JoinHandle<()>>,
+        timeout: Duration,
+        local_ranks: usize,
+        generation: u64,
+    ) -> Self {
+        Self {
+            sup,
+            handle,
+            timeout,
+            local_ranks,
+            generation,
+        }
     }
 
     /// The generation this trainer belongs to.

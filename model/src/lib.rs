@@ -19,8 +19,11 @@
 //!   the same passes over the stage's blocks, activations in and out
 //!   ([`StageInput`], `stage_forward`, `stage_backward`), bit-identical to the whole
 //!   model's when the stages are chained.
-//! - [`optim`]: [`AdamW`] (PyTorch semantics, plain loops), [`clip_grad_norm`] and
-//!   [`NamedTensor`] conversions for checkpoints.
+//! - [`optim`]: [`AdamW`] (PyTorch semantics, plain loops), [`clip_grad_norm`], the
+//!   trainer's clip factor from per-tensor sums of squares added in layout order
+//!   ([`tensor_squares`], [`clip_scale_from_squares`], [`clip_scale`]: the same bits
+//!   whether one stage or S stages hold the tensors) and [`NamedTensor`] conversions for
+//!   checkpoints.
 //! - [`schedule`]: [`LrSchedule`], warmup plus cosine decay.
 //! - [`error`]: the error type [`ModelError`].
 
@@ -38,7 +41,8 @@ pub use config::GptConfig;
 pub use error::ModelError;
 pub use gpt::Gpt;
 pub use optim::{
-    clip_grad_norm, clip_scale, named_params, params_from_named, AdamW, AdamWConfig, NamedTensor,
+    clip_grad_norm, clip_scale, clip_scale_from_squares, named_params, params_from_named,
+    tensor_squares, AdamW, AdamWConfig, NamedTensor,
 };
 pub use params::{init_params, ParamEntry, ParamLayout};
 pub use schedule::LrSchedule;

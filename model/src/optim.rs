@@ -241,20 +241,59 @@ pub fn params_from_named(
     gather_flat(layout, tensors, "")
 }
 
-/// For a gradient held as `sum` (to be divided by `divisor`): the global L2 norm of
-/// `sum / divisor` and the one factor that divides and clips it to `max_norm` as
-/// [`clip_grad_norm`] would (0 disables clipping). Pass the factor to
-/// [`AdamW::update_scaled`].
-pub fn clip_scale(sum: &[f32], divisor: f32, max_norm: f32) -> (f64, f32) {
-    let mut squares = 0f64;
-    crate::kernels::sum_squares_f64(sum, &mut squares);
-    let norm = squares.sqrt() / f64::from(divisor);
+/// Each parameter's sum of squares in f64, in `layout` order: one pass per tensor
+/// (8 lanes, then the lanes, then the tail; see [`crate::kernels::sum_squares_f64`]).
+/// Inside a rayon pool (the trainer's, see `Workspace::install`) the tensors are summed
+/// in parallel; each tensor's value does not depend on who sums it.
+///
+/// # Panics
+/// If `grad` is not `layout.total` long.
+pub fn tensor_squares(grad: &[f32], layout: &ParamLayout) -> Vec<f64> {
+    assert_eq!(
+        grad.len(),
+        layout.total,
+        "tensor_squares: gradient vs layout"
+    );
+    let one = |e: &crate::params::ParamEntry| {
+        let mut s = 0f64;
+        crate::kernels::sum_squares_f64(&grad[e.range()], &mut s);
+        s
+    };
+    if rayon::current_thread_index().is_some() {
+        use rayon::prelude::*;
+        layout.entries.par_iter().map(one).collect()
+    } else {
+        layout.entries.iter().map(one).collect()
+    }
+}
+
+/// The global L2 norm of `sum / divisor` and the one factor that divides and clips it
+/// to `max_norm` (0 disables clipping), from per-tensor sums of squares of `sum`
+/// ([`tensor_squares`]) added in the order given: the whole model's layout order. A
+/// pipeline stage holds some tensors only; every stage gathers all stages' per-tensor
+/// sums and adds them in that one order, so every stage, and a run with any number of
+/// stages, gets the same norm and factor. Pass the factor to [`AdamW::update_scaled`].
+pub fn clip_scale_from_squares(squares: &[f64], divisor: f32, max_norm: f32) -> (f64, f32) {
+    let mut total = 0f64;
+    for &s in squares {
+        total += s;
+    }
+    let norm = total.sqrt() / f64::from(divisor);
     let clip = if max_norm > 0.0 && norm > f64::from(max_norm) {
         f64::from(max_norm) / (norm + 1e-6)
     } else {
         1.0
     };
     (norm, (clip / f64::from(divisor)) as f32)
+}
+
+/// For a gradient held as `sum` (to be divided by `divisor`), flat in `layout`: the
+/// global L2 norm of `sum / divisor` and the factor that divides and clips it, as
+/// [`clip_scale_from_squares`] over [`tensor_squares`] (per-tensor sums combined in
+/// layout order; until pipelines came it was one 8-lane pass over the whole vector,
+/// which gave other bits).
+pub fn clip_scale(sum: &[f32], layout: &ParamLayout, divisor: f32, max_norm: f32) -> (f64, f32) {
+    clip_scale_from_squares(&tensor_squares(sum, layout), divisor, max_norm)
 }
 
 /// Global-norm gradient clipping. The norm is `sqrt` of the sum of squares accumulated in
@@ -409,6 +448,75 @@ mod tests {
         );
     }
 
+    /// One 1-D tensor of `n` values.
+    fn flat_layout(n: usize) -> ParamLayout {
+        ParamLayout {
+            entries: vec![ParamEntry {
+                name: "x".into(),
+                shape: vec![n],
+                offset: 0,
+                len: n,
+                decay: false,
+            }],
+            total: n,
+        }
+    }
+
+    /// The norm is per-tensor sums of squares added in layout order: the sums of a
+    /// model's tensors held by different pipeline stages, put back in the whole model's
+    /// order, give the same bits; another order (or one pass over the whole vector)
+    /// generally does not.
+    #[test]
+    fn clip_norm_is_per_tensor_sums_in_layout_order() {
+        let c = GptConfig::preset("tiny", 13).unwrap();
+        let whole = ParamLayout::for_config(&c);
+        let mut rng = tenax_core::rng::SplitMix64::new(3);
+        let grad: Vec<f32> = (0..whole.total)
+            .map(|_| (rng.next_normal() * 10.0) as f32)
+            .collect();
+        let (norm, scale) = clip_scale(&grad, &whole, 7.0, 1.0);
+        // Stage 0 holds block 0 and the embeddings, stage 1 block 1 and the head: their
+        // tensors' sums, each summed on its own, gathered by name in the whole order.
+        let stages = [(0..1u32, true, false), (1..2u32, false, true)];
+        let mut by_name = std::collections::HashMap::new();
+        for (i, (blocks, embeddings, head)) in stages.into_iter().enumerate() {
+            let l = ParamLayout::for_stage(
+                &c,
+                &tenax_core::pipeline::StageLayers {
+                    stage: i as u32,
+                    blocks,
+                    embeddings,
+                    head,
+                },
+            );
+            let g: Vec<f32> = l
+                .entries
+                .iter()
+                .flat_map(|e| grad[whole.get(&e.name).unwrap().range()].to_vec())
+                .collect();
+            for (e, s) in l.entries.iter().zip(tensor_squares(&g, &l)) {
+                by_name.insert(e.name.clone(), s);
+            }
+        }
+        let gathered: Vec<f64> = whole.entries.iter().map(|e| by_name[&e.name]).collect();
+        let (n2, s2) = clip_scale_from_squares(&gathered, 7.0, 1.0);
+        assert_eq!(
+            (n2.to_bits(), s2.to_bits()),
+            (norm.to_bits(), scale.to_bits())
+        );
+        // The oracle can fail: the same sums in reverse order differ in the last bits.
+        let mut reversed = gathered.clone();
+        reversed.reverse();
+        let mut one_pass = 0f64;
+        crate::kernels::sum_squares_f64(&grad, &mut one_pass);
+        let (n3, _) = clip_scale_from_squares(&reversed, 7.0, 1.0);
+        let n4 = one_pass.sqrt() / 7.0;
+        assert!(
+            n3.to_bits() != norm.to_bits() || n4.to_bits() != norm.to_bits(),
+            "neither another order nor one pass changes the bits: the test cannot tell"
+        );
+    }
+
     #[test]
     fn clip_scale_divides_and_clips_in_one_factor() {
         // (sum, divisor, max_norm, want norm of sum/divisor, want factor)
@@ -419,7 +527,8 @@ mod tests {
             (vec![0.0, 0.0], 4.0, 1.0, 0.0, 0.25),    // zero
         ];
         for (sum, divisor, max_norm, want_norm, want_scale) in table {
-            let (norm, scale) = clip_scale(&sum, divisor, max_norm);
+            let layout = flat_layout(sum.len());
+            let (norm, scale) = clip_scale(&sum, &layout, divisor, max_norm);
             assert!((norm - want_norm).abs() < 1e-12, "{sum:?}: norm {norm}");
             assert!(
                 (f64::from(scale) / want_scale - 1.0).abs() < 1e-5,
@@ -433,7 +542,9 @@ mod tests {
                 assert!((a - b * scale).abs() <= 1e-6 * a.abs().max(1e-30));
             }
         }
-        assert!(clip_scale(&[f32::NAN], 1.0, 1.0).0.is_nan());
+        assert!(clip_scale(&[f32::NAN], &flat_layout(1), 1.0, 1.0)
+            .0
+            .is_nan());
         // AdamW with a factor of 1 is AdamW.
         let layout = small_layout();
         let (mut a, mut b) = (AdamW::new(layout.total), AdamW::new(layout.total));

@@ -244,7 +244,13 @@ impl<'a> Local<'a> {
                     return self.fatal("no state to train from".into());
                 };
                 let (setup, data) = (prep.setup.clone(), prep.data.clone());
-                match Trainer::start(setup, data, state.params, state.opt).await {
+                let started = match prep.pipeline {
+                    None => Trainer::start(setup, data, state.params, state.opt).await,
+                    Some(spec) => {
+                        Trainer::start_pipeline(setup, spec, data, state.params, state.opt).await
+                    }
+                };
+                match started {
                     Ok(t) => {
                         self.trainer = Some(t);
                         self.queue.push_back(Event::TrainerStarted { generation });
