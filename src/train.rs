@@ -137,6 +137,13 @@ pub struct Prepared {
     pub pipeline: Option<PipelineSpec>,
 }
 
+impl Prepared {
+    /// Tokens one step trains on (batch size x block size).
+    pub fn tokens_per_step(&self) -> f64 {
+        (self.cfg.batch_size as usize * self.stored_cfg.model.block_size) as f64
+    }
+}
+
 /// Check `cfg`, load and tokenize the data (caching token shards under `run_dir/data`) and
 /// build the model shape; `stored` is the config of the checkpoint being resumed, whose
 /// corpus must match.

@@ -151,6 +151,14 @@ impl Plan {
             .collect()
     }
 
+    /// The ranks of each of `members` (empty for one not in the plan), in their order.
+    pub fn ranks_of_each<'m>(&self, members: impl IntoIterator<Item = &'m str>) -> Vec<Vec<u32>> {
+        members
+            .into_iter()
+            .map(|m| self.ranks_of(&MemberId::new(m)))
+            .collect()
+    }
+
     /// The member that hosts `rank`.
     pub fn member_of(&self, rank: u32) -> Option<&MemberId> {
         self.ranks
@@ -2126,6 +2134,18 @@ mod keeps_every_member_tests {
             })
             .collect();
         compute_plan(None, &infos, &PlannerConfig::default(), generation).unwrap()
+    }
+
+    #[test]
+    fn ranks_of_each_follows_the_order_asked_and_gives_strangers_none() {
+        let p = plan(3, &["a", "b"]);
+        let got = p.ranks_of_each(["b", "x", "a"]);
+        assert_eq!(
+            got,
+            vec![p.ranks_of(&"b".into()), vec![], p.ranks_of(&"a".into())]
+        );
+        assert!(!got[0].is_empty() && !got[2].is_empty());
+        assert_ne!(got[0], got[2]);
     }
 
     #[test]

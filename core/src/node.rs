@@ -151,6 +151,18 @@ pub struct PeerState {
     pub hash: String,
 }
 
+impl std::fmt::Display for PeerState {
+    /// `member hash` with the hash cut to 12 characters (an alarm names the odd ones).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}",
+            self.member,
+            &self.hash[..self.hash.len().min(12)]
+        )
+    }
+}
+
 /// How a node's state was set other than by a step (a line of `events.jsonl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StateSource {
@@ -2377,6 +2389,23 @@ mod tests {
             } => Some((*step, *cursor, *deadline_ms)),
             _ => None,
         })
+    }
+
+    #[test]
+    fn a_peer_state_reads_as_its_member_and_a_short_hash() {
+        let cases = [
+            ("abcdef0123456789", "n1 abcdef012345"),
+            ("abc", "n1 abc"),
+            ("", "n1 "),
+        ];
+        for (hash, want) in cases {
+            let st = PeerState {
+                member: MemberId::new("n1"),
+                step: 4,
+                hash: hash.into(),
+            };
+            assert_eq!(st.to_string(), want);
+        }
     }
 
     #[test]

@@ -34,6 +34,24 @@ pub(super) struct StepLine {
     pub val_loss: Option<f64>,
 }
 
+impl StepLine {
+    /// The progress line of `node` for this step, printed about 20 times in a run of
+    /// `steps` steps (and at its last step); `None` between.
+    pub fn progress(&self, node: &str, steps: u64) -> Option<String> {
+        let step = self.step;
+        (step.is_multiple_of((steps / 20).max(1)) || step == steps).then(|| {
+            let val = self.val_loss.map(|v| format!(", val loss {v:.4}"));
+            format!(
+                "node {node}: step {step}/{steps}: loss {:.4}{}, {:.0} tokens/s, generation {}",
+                self.loss,
+                val.unwrap_or_default(),
+                self.tokens_per_s,
+                self.generation
+            )
+        })
+    }
+}
+
 /// The open logs and the loss history for the plot.
 pub(super) struct StepLog {
     dir: PathBuf,
@@ -152,6 +170,58 @@ impl StepLog {
         let png = self.dir.join("loss.png");
         if let Err(e) = crate::plot::plot_loss(&png, title, &self.history) {
             eprintln!("warning: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(step: u64, val_loss: Option<f64>) -> StepLine {
+        StepLine {
+            step,
+            loss: 2.5,
+            lr: 1e-3,
+            tokens_per_s: 1234.4,
+            grad_norm: 1.0,
+            skipped: false,
+            generation: 3,
+            world: 2,
+            param_hash: String::new(),
+            cursor: 0,
+            slots: vec![0],
+            val_loss,
+        }
+    }
+
+    /// About 20 progress lines a run, and always the last step's.
+    #[test]
+    fn progress_lines_come_every_twentieth_of_the_run_and_at_its_end() {
+        let cases: &[(u64, u64, Option<f64>, Option<&str>)] = &[
+            (
+                10,
+                200,
+                None,
+                Some("node n: step 10/200: loss 2.5000, 1234 tokens/s, generation 3"),
+            ),
+            (11, 200, None, None),
+            (
+                7,
+                7,
+                Some(2.25),
+                Some("node n: step 7/7: loss 2.5000, val loss 2.2500, 1234 tokens/s, generation 3"),
+            ),
+            (
+                5,
+                10,
+                None,
+                Some("node n: step 5/10: loss 2.5000, 1234 tokens/s, generation 3"),
+            ),
+        ];
+        for &(step, steps, val, want) in cases {
+            let got = line(step, val).progress("n", steps);
+            assert_eq!(got.as_deref(), want, "step {step}/{steps}");
         }
     }
 }

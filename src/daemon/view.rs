@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use tenax_actors::{Control, MemberStats};
 use tenax_cluster::peer::PeerHub;
 use tenax_core::membership::Plan;
+use tenax_core::node::Event;
 use tenax_proto::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -59,7 +60,27 @@ pub(crate) enum Request {
     CheckpointNow,
 }
 
+impl Request {
+    /// The node machine's event for this request (`grace_ms`: how long a SIGTERM drain
+    /// may take).
+    pub(crate) fn event(self, grace_ms: u64) -> Event {
+        match self {
+            Request::Drain { checkpoint } => Event::Drain { checkpoint },
+            Request::Sigterm => Event::Sigterm { grace_ms },
+            Request::Pause => Event::Pause,
+            Request::Resume => Event::Resume,
+            Request::CheckpointNow => Event::CheckpointNow,
+        }
+    }
+}
+
 impl NodeView {
+    /// A checkpoint was committed; its save took `save_s` seconds.
+    pub(crate) fn note_save(&mut self, save_s: f64) {
+        self.last_save_s = save_s;
+        self.save_s_sum += save_s;
+    }
+
     /// The state the node holds now (`served`: it was just sent to peers).
     pub(crate) fn note_state(&mut self, step: u64, hash: &Option<String>, served: bool) {
         self.step = step;

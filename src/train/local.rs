@@ -342,8 +342,7 @@ impl<'a> Local<'a> {
         let Some((r, lr, secs)) = self.last.clone() else {
             return;
         };
-        let cfg = &self.prep.cfg;
-        let tokens = (cfg.batch_size as usize * self.prep.stored_cfg.model.block_size) as f64;
+        let tokens = self.prep.tokens_per_step();
         let tokens_per_s = tokens / secs.max(1e-9);
         self.tps_sum += tokens_per_s;
         self.steps_run += 1;

@@ -220,6 +220,21 @@ impl GrpcCollective {
         Some((s.losses_present(), s.chunks_present(&self.geo)))
     }
 
+    /// The members (ids, this one left out) that step `step + 1` still waits for, given
+    /// which member computes each slot (`slot_owner`): see
+    /// [`tenax_core::detector::late_members`]. Empty when the step has not begun here.
+    pub fn late_members(&self, step: u64, slot_owner: &[usize]) -> Vec<String> {
+        let Some((losses, chunks)) = self.progress(step) else {
+            return Vec::new();
+        };
+        let chunks = (self.spec.reduction == Reduction::Exact).then_some(chunks);
+        let late = tenax_core::detector::late_members(slot_owner, &losses, chunks.as_deref());
+        late.into_iter()
+            .filter(|&k| k != self.spec.me)
+            .filter_map(|k| self.spec.members.get(k).map(|m| m.id.clone()))
+            .collect()
+    }
+
     /// The peers whose stream failed (connect refused, connection reset, ...), each with
     /// what was seen: the members to suspect after an abort.
     pub fn failed_peers(&self) -> Vec<(String, String)> {

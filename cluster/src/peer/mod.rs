@@ -199,6 +199,32 @@ pub enum SpecError {
 }
 
 impl CommSpec {
+    /// The spec of a generation before its members are resolved (`members` empty, `me`
+    /// 0), with the hub's frame size and a 10 s connect deadline.
+    pub fn for_generation(
+        job: &str,
+        generation: u64,
+        local_ranks: Vec<u32>,
+        world: u32,
+        num_slots: u64,
+        num_params: usize,
+        reduction: Reduction,
+    ) -> Self {
+        Self {
+            job: job.to_string(),
+            generation,
+            members: Vec::new(),
+            me: 0,
+            local_ranks,
+            world,
+            num_slots,
+            num_params,
+            reduction,
+            max_frame_floats: HubConfig::default().max_frame_floats,
+            connect_deadline: Duration::from_secs(10),
+        }
+    }
+
     /// Checks the spec on its own (the hub checks job and frame size on install).
     pub fn validate(&self) -> Result<(), SpecError> {
         let bad = |s: String| Err(SpecError::Invalid(s));

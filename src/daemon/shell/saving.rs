@@ -27,9 +27,7 @@ impl Shell<'_> {
                 }
                 let generation = self.saves.get(&step).copied().unwrap_or_default();
                 self.saves.retain(|s, _| *s > step);
-                let mut v = self.p.shared.view();
-                v.last_save_s = save_s;
-                v.save_s_sum += save_s;
+                self.p.shared.view().note_save(save_s);
                 Some(Event::CheckpointCommitted {
                     step,
                     url,
@@ -74,18 +72,17 @@ impl Shell<'_> {
         cursor: u64,
         val_loss: Option<f64>,
     ) {
-        let tokens_per_step = self.tokens_per_step();
+        let tokens_per_step = self.p.prep.tokens_per_step();
         let (Some(info), Some(log)) = (self.last_step.as_ref(), self.log.as_mut()) else {
             return;
         };
-        let tokens_per_s = tokens_per_step / info.secs.max(1e-9);
         let spec = self.comm.as_ref().map(|c| c.spec());
         let r = &info.report;
-        log.step(StepLine {
+        let line = StepLine {
             step,
             loss: r.loss,
             lr: info.lr,
-            tokens_per_s,
+            tokens_per_s: tokens_per_step / info.secs.max(1e-9),
             grad_norm: r.grad_norm,
             skipped: r.skipped,
             generation,
@@ -94,16 +91,11 @@ impl Shell<'_> {
             cursor,
             slots: spec.map(|s| s.my_slots()).unwrap_or_default(),
             val_loss,
-        });
-        let steps = self.p.prep.cfg.steps;
-        if step.is_multiple_of((steps / 20).max(1)) || step == steps {
-            println!(
-                "node {}: step {step}/{steps}: loss {:.4}{}, {tokens_per_s:.0} tokens/s, generation {generation}",
-                self.p.member.id(),
-                r.loss,
-                val_loss.map(|v| format!(", val loss {v:.4}")).unwrap_or_default(),
-            );
+        };
+        if let Some(text) = line.progress(self.p.member.id().as_str(), self.p.prep.cfg.steps) {
+            println!("{text}");
         }
+        log.step(line);
     }
 
     /// Snapshot now and hand the save to the checkpoint actor.
