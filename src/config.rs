@@ -94,8 +94,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub max_bad_steps: Option<u64>,
     /// Pipeline stages S: the --ranks of this process form ranks / S pipelines of S
-    /// stages, each stage holding a contiguous run of the model's layers; the same bits
-    /// as one rank. At most the model's layer count [default: 1].
+    /// stages (`tenax daemon`: each of its --devices ranks is a pipeline of S stages),
+    /// each stage holding a contiguous run of the model's layers; the same bits as one
+    /// rank. At most the model's layer count [default: 1].
     #[arg(long)]
     pub pipeline_stages: Option<u32>,
     /// Pipeline schedule: gpipe or 1f1b [default: 1f1b].
@@ -297,7 +298,7 @@ impl TrainConfig {
         }
         if !self.ranks.is_multiple_of(self.pipeline_stages as usize) {
             bail!(
-                "--pipeline-stages {}: --ranks {} is not a multiple of it (the ranks form ranks / stages pipelines; `tenax daemon` runs one stage only)",
+                "--pipeline-stages {}: --ranks {} is not a multiple of it (the ranks form ranks / stages pipelines)",
                 self.pipeline_stages,
                 self.ranks
             );

@@ -234,6 +234,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         },
         &prep.config_hash[..12]
     );
+    if let Some(p) = prep.pipeline {
+        println!(
+            "node {}: each of its {} data-parallel rank(s) runs as a pipeline of {} stages ({}) in this process; the pipelines of the other nodes hold twins of its stages",
+            s.node_id, s.devices, p.stages, p.schedule
+        );
+    }
     services::on_signals(shared.clone(), s.grace);
 
     // Join the job.
@@ -421,7 +427,9 @@ async fn prepare_node(
     let mut train_args = args.train.clone();
     train_args.run_dir = Some(run_dir.clone());
     train_args.store = Some(job_store_url(&s.store_root, &s.job));
-    train_args.ranks = Some(1);
+    // The config's ranks are one pipeline's stage ranks (one rank without pipelines);
+    // each of the node's --devices data-parallel ranks runs one such pipeline.
+    train_args.ranks = Some(train_args.pipeline_stages.unwrap_or(1).max(1) as usize);
     let cfg = TrainConfig::resolve(train_args, stored.as_ref().map(|s| &s.train))?;
     if let Some(st) = &stored {
         let diffs = cfg.math_differences(&st.train);

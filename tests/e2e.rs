@@ -2080,6 +2080,68 @@ fn a_killed_member_is_evicted_and_rejoins_with_state_from_a_peer() {
     assert!(got == want, "a kill and a rejoin changed the final weights");
 }
 
+/// Two daemons, each running its rank as a pipeline of 2 stages (data parallel across
+/// the nodes, the stages of a pipeline inside one). One is killed: the survivor, which
+/// holds a twin of every stage, goes on alone; the killed node restarts and copies the
+/// state from it. The job ends with the bits of `tenax train --ranks 3`.
+#[test]
+fn pipelined_daemons_survive_a_kill_with_the_bits_of_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    // Sized so that the pair and the survivor alone each run for seconds (a step of
+    // this model takes a few milliseconds).
+    let steps = 3000;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "pipes";
+    let flags = [
+        "--ckpt-every",
+        "1000",
+        "--pipeline-stages",
+        "2",
+        "--schedule",
+        "gpipe",
+    ];
+    let mut c = cluster(job, &data, steps, &flags);
+    for n in 0..2 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "2".into()])
+            .unwrap();
+    }
+    let s = wait_status(&c, job, "2 members at step 5", |s| {
+        s["members"].as_array().is_some_and(|m| m.len() == 2) && s["step"].as_u64() >= Some(5)
+    });
+    let (leader, victim) = leader_and_follower(&c, job);
+    let generation = s["generation"].as_u64().unwrap();
+    c.signal(victim, Signal::Kill).unwrap();
+    wait_status(&c, job, "the survivor alone in a new generation", |s| {
+        s["members"].as_array().is_some_and(|m| m.len() == 1)
+            && s["generation"].as_u64() > Some(generation)
+    });
+    // The survivor is frozen while the killed node comes back (well under the lease),
+    // so that it cannot finish the job first.
+    c.signal(leader, Signal::Stop).unwrap();
+    let _ = c.wait(victim, Duration::from_secs(10));
+    c.spawn_daemon(victim, &[]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !c.log(victim).contains("gRPC on") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.signal(leader, Signal::Cont).unwrap();
+    wait_all_ok(&mut c, &[0, 1], Duration::from_secs(400));
+    let log = c.log(victim);
+    let restarted = log.rsplit("start 2 ---").next().unwrap();
+    assert!(
+        restarted.contains("copied the state of step"),
+        "the restarted node copies its stages' state from the twin:\n{log}"
+    );
+    assert!(c.log(leader).contains("2 stages"), "{}", c.log(leader));
+    assert_every_slot_once(&c, &[0, 1], steps, 1);
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(
+        got == want,
+        "pipelined daemons with a kill changed the final weights"
+    );
+}
+
 #[test]
 fn a_kill_in_the_all_gather_leaves_the_survivors_consistent() {
     let tmp = tempfile::tempdir().unwrap();

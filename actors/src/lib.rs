@@ -16,7 +16,9 @@
 //! - [`pipeline`]: D pipelines x S stages in one process ([`Trainer::start_pipeline`]):
 //!   each stage rank an actor over a compute thread like a rank, activations and
 //!   gradients over bounded channels, per-stage exact reductions, one meeting per step
-//!   for the clip norm and the tied embedding; bit-identical to one rank.
+//!   for the clip norm and the tied embedding; bit-identical to one rank. Pipelines
+//!   whose replicas live in other processes ([`Trainer::start_pipeline_group`], the
+//!   daemon) meet those in the node's whole-model collective through `stage_slices`.
 //! - [`rank`]: one data-parallel rank as an actor. Its model and optimizer live on a
 //!   dedicated compute thread (candle work never runs inside a message handler); the
 //!   actor forwards jobs to that thread and awaits their results with a timeout.
@@ -36,6 +38,7 @@ pub mod membership;
 pub mod node;
 pub mod pipeline;
 pub mod rank;
+mod stage_slices;
 pub mod supervisor;
 
 pub use checkpoint::{CheckpointEvent, CheckpointPolicy, Checkpointer, SaveJob, ShareJob};

@@ -58,7 +58,10 @@ use tenax_model::{
 use crate::rank::{
     param_hash, Aborter, Compute, RankActor, RankArgs, RankMsg, RankOutcome, TrainData, TrainSetup,
 };
-use crate::supervisor::{agree, on_rank, ActorsError, Ask, Snapshot, SupervisorMsg, Trainer};
+use crate::stage_slices::Assembler;
+use crate::supervisor::{
+    agree, on_rank, spawn_trainer, ActorsError, Ask, GroupStart, Snapshot, SupervisorMsg, Trainer,
+};
 
 /// The name of the token embedding, tied to the head.
 const WTE: &str = "wte.weight";
@@ -258,7 +261,7 @@ pub(crate) struct StageCompute {
     spare: Vec<Workspace>,
     /// For the token-embedding rows on the head stage (needs no buffers).
     tie_ws: Workspace,
-    collective: Arc<InProcessCollective>,
+    collective: Arc<dyn Collective>,
     meet: Arc<Meet>,
     links: Links,
     abort: Aborter,
@@ -732,6 +735,12 @@ struct PipelineArgs {
     generation: u64,
     setup: TrainSetup,
     plan: PipelinePlan,
+    /// The pipelines this process runs (global numbers in `0..D`).
+    local_pipelines: Vec<u32>,
+    /// Where the pipelines of other processes meet this one's (whole-model slots,
+    /// [`crate::stage_slices`]); `None`: every pipeline is here, each stage reduces in
+    /// process.
+    dp: Option<Arc<dyn Collective>>,
     data: Arc<TrainData>,
     params: Vec<f32>,
     opt: AdamW,
@@ -813,12 +822,15 @@ impl Actor for PipelineSupervisor {
             generation,
             setup,
             plan,
+            local_pipelines,
+            dp,
             data,
             params,
             opt,
         } = args;
         let cfg = *plan.config();
-        let (stages, pipelines) = (cfg.stages as usize, cfg.pipelines as usize);
+        // `pipelines` and `world` count this process's.
+        let (stages, pipelines) = (cfg.stages as usize, local_pipelines.len());
         let world = stages * pipelines;
         let model = setup.model.clone();
         let whole = ParamLayout::for_config(&model);
@@ -828,15 +840,32 @@ impl Actor for PipelineSupervisor {
             .map(|l| ParamLayout::for_stage(&model, l))
             .collect();
         let num_slots = setup.batch.num_slots();
-        let collectives: Vec<Arc<InProcessCollective>> = (0..stages)
-            .map(|_| Arc::new(InProcessCollective::new(num_slots)))
-            .collect();
+        // Per local pipeline, per stage.
+        let collectives: Vec<Vec<Arc<dyn Collective>>> = match dp {
+            None => {
+                let per_stage: Vec<Arc<dyn Collective>> = (0..stages)
+                    .map(|_| Arc::new(InProcessCollective::new(num_slots)) as Arc<dyn Collective>)
+                    .collect();
+                vec![per_stage; pipelines]
+            }
+            Some(dp) => {
+                let asm = Assembler::new(dp, &whole, &layouts, WTE, pipelines)?;
+                let asm = Arc::new(asm);
+                (0..pipelines)
+                    .map(|p| {
+                        (0..stages)
+                            .map(|s| Arc::new(asm.view(p, s)) as Arc<dyn Collective>)
+                            .collect()
+                    })
+                    .collect()
+            }
+        };
         let meet = Arc::new(Meet::new(stages, world));
         let abort: Aborter = {
             let (collectives, meet) = (collectives.clone(), Arc::clone(&meet));
             Arc::new(move |reason: &str| {
                 meet.abort(reason);
-                for c in &collectives {
+                for c in collectives.iter().flatten() {
                     c.abort(reason);
                 }
             })
@@ -874,9 +903,10 @@ impl Actor for PipelineSupervisor {
         let wte_of = |l: &ParamLayout| l.get(WTE).map(|e| e.range());
         let head_wte = wte_of(&layouts[stages - 1]);
         let mut ranks = Vec::with_capacity(world);
-        for (rank, links) in links.into_iter().enumerate() {
+        for (i, links) in links.into_iter().enumerate() {
+            let (local, s) = (i / stages, i % stages);
+            let rank = local_pipelines[local] as usize * stages + s;
             let pos = plan.position(rank as u32).expect("a rank of the plan");
-            let s = pos.stage as usize;
             let layers = plan.layers()[s].clone();
             let layout = layouts[s].clone();
             let whole_index = layout
@@ -923,7 +953,7 @@ impl Actor for PipelineSupervisor {
                 params: Arc::new(p),
                 opt: Arc::new(o),
                 spare,
-                collective: Arc::clone(&collectives[s]),
+                collective: Arc::clone(&collectives[local][s]),
                 meet: Arc::clone(&meet),
                 links,
                 abort: Arc::clone(&abort),
@@ -1130,63 +1160,101 @@ impl Trainer {
     /// [`Trainer::start`]'s, with the same bits: see the module docs.
     /// [`Trainer::param_hashes`] gives one hash per pipeline (its stages gathered).
     pub async fn start_pipeline(
-        setup: TrainSetup,
+        mut setup: TrainSetup,
         spec: PipelineSpec,
         data: Arc<TrainData>,
         params: Vec<f32>,
         opt: AdamW,
     ) -> Result<Self, ActorsError> {
-        let start = |e: String| ActorsError::Start(e);
-        let stages = spec.stages.max(1);
-        let world = setup.ranks as u32;
+        let stages = spec.stages.max(1) as usize;
+        let world = setup.ranks;
         let pipelines = world / stages;
         if pipelines == 0 || pipelines * stages != world {
-            return Err(start(format!(
+            return Err(ActorsError::Start(format!(
                 "{world} rank(s) do not form pipelines of {stages} stages: the rank count must be a multiple of the stage count"
             )));
         }
-        setup
-            .batch
-            .check_ranks(u64::from(pipelines))
-            .map_err(|e| start(format!("{pipelines} pipeline(s): {e}")))?;
-        let slots = slots_for_rank(setup.batch.num_slots(), u64::from(pipelines), 0);
-        let plan = PipelinePlan::new(
-            PipelineConfig {
-                pipelines,
-                stages,
-                blocks: setup.model.n_layer as u32,
-                slots: (slots.end - slots.start) as u32,
-                schedule: spec.schedule,
-            },
-            world,
-        )
-        .map_err(|e| start(e.to_string()))?;
-        let whole = ParamLayout::for_config(&setup.model);
-        if params.len() != whole.total || opt.m.len() != whole.total || opt.v.len() != whole.total {
-            return Err(start(format!(
-                "the initial state has {} parameters, the model {}",
-                params.len(),
-                whole.total
-            )));
-        }
-        let timeout = setup.step_timeout;
-        let args = PipelineArgs {
+        setup.ranks = pipelines;
+        let group = GroupStart {
             generation: 0,
             setup,
-            plan,
+            local_ranks: (0..pipelines).collect(),
+            collective: None,
             data,
             params,
             opt,
         };
-        let (sup, handle) = Actor::spawn(None, PipelineSupervisor, args)
-            .await
-            .map_err(|e| start(e.to_string()))?;
+        Self::start_pipeline_group(group, spec, None).await
+    }
+
+    /// Start the pipelines `g.local_ranks` of a data-parallel group of `g.setup.ranks`
+    /// pipelines of `spec.stages` stages each, whose other pipelines live in other
+    /// processes: all meet in `g.collective` (the whole model's, see
+    /// [`crate::stage_slices`]); with `None` every pipeline must be here. Every process
+    /// starts from the same whole-model state. With `node`, the trainer is adopted by
+    /// the node supervisor as in [`Trainer::start_group`].
+    pub async fn start_pipeline_group(
+        g: GroupStart,
+        spec: PipelineSpec,
+        node: Option<&crate::NodeSupervisor>,
+    ) -> Result<Self, ActorsError> {
+        let start = |e: String| ActorsError::Start(e);
+        let stages = spec.stages.max(1);
+        let pipelines = g.setup.ranks as u32;
+        g.setup
+            .batch
+            .check_ranks(u64::from(pipelines))
+            .map_err(|e| start(format!("{pipelines} pipeline(s): {e}")))?;
+        let local: Vec<u32> = g.local_ranks.iter().map(|&p| p as u32).collect();
+        let all_here = local.len() == pipelines as usize;
+        if local.is_empty()
+            || local.iter().any(|&p| p >= pipelines)
+            || (!all_here && g.collective.is_none())
+        {
+            return Err(start(format!(
+                "local pipelines {local:?} do not fit {pipelines} pipeline(s) (pipelines of other processes need a collective)"
+            )));
+        }
+        let slots = slots_for_rank(g.setup.batch.num_slots(), u64::from(pipelines), 0);
+        let plan = PipelinePlan::new(
+            PipelineConfig {
+                pipelines,
+                stages,
+                blocks: g.setup.model.n_layer as u32,
+                slots: (slots.end - slots.start) as u32,
+                schedule: spec.schedule,
+            },
+            pipelines * stages,
+        )
+        .map_err(|e| start(e.to_string()))?;
+        let whole = ParamLayout::for_config(&g.setup.model);
+        let sizes = [g.params.len(), g.opt.m.len(), g.opt.v.len()];
+        if sizes.iter().any(|&n| n != whole.total) {
+            return Err(start(format!(
+                "the initial state has {} parameters, the model {}",
+                g.params.len(),
+                whole.total
+            )));
+        }
+        let (timeout, generation) = (g.setup.step_timeout, g.generation);
+        let stage_ranks = local.len() * stages as usize;
+        let args = PipelineArgs {
+            generation,
+            setup: g.setup,
+            plan,
+            local_pipelines: local,
+            dp: g.collective,
+            data: g.data,
+            params: g.params,
+            opt: g.opt,
+        };
+        let (sup, handle) = spawn_trainer(PipelineSupervisor, args, node).await?;
         Ok(Trainer::from_parts(
             sup,
-            Some(handle),
+            handle,
             timeout,
-            world as usize,
-            0,
+            stage_ranks,
+            generation,
         ))
     }
 }
@@ -1296,6 +1364,91 @@ mod tests {
         let (losses, snap, _, _) = run(t, 3, 6, &val).await;
         assert_ne!(losses, want_losses);
         assert_ne!(bits(&snap.params), bits(&want.params));
+    }
+
+    /// Two "processes", each running one pipeline of a data-parallel group of 2 and
+    /// meeting in one whole-model collective (as daemons meet over the peer plane): the
+    /// bits of one rank.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelines_of_separate_processes_meet_in_a_whole_model_collective() {
+        let mut model = GptConfig::preset("tiny", 17).unwrap();
+        model.n_layer = 3;
+        let whole = ParamLayout::for_config(&model);
+        let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 40)
+            .map(|i| (i * 7 + i / 5) % 17)
+            .collect();
+        let data = Arc::new(TrainData {
+            train: tokens.clone(),
+            val: tokens,
+        });
+        let init = tenax_model::init_params(&model, &whole, 1);
+        let one = Trainer::start(
+            setup(&model, 1),
+            Arc::clone(&data),
+            init.clone(),
+            AdamW::new(whole.total),
+        )
+        .await
+        .unwrap();
+        let (want_losses, want, _, _) = run(one, 3, 6, &[0]).await;
+        for (stages_a, stages_b) in [(2u32, 2u32), (3, 1)] {
+            let dp: Arc<dyn Collective> = Arc::new(InProcessCollective::new(3));
+            let start = |p: usize, stages: u32| {
+                let group = GroupStart {
+                    generation: 0,
+                    setup: setup(&model, 2),
+                    local_ranks: vec![p],
+                    collective: Some(Arc::clone(&dp)),
+                    data: Arc::clone(&data),
+                    params: init.clone(),
+                    opt: AdamW::new(whole.total),
+                };
+                let spec = PipelineSpec {
+                    stages,
+                    schedule: Schedule::OneFOneB,
+                };
+                Trainer::start_pipeline_group(group, spec, None)
+            };
+            let (a, b) = (
+                start(0, stages_a).await.unwrap(),
+                start(1, stages_b).await.unwrap(),
+            );
+            let mut losses = Vec::new();
+            for step in 0..3 {
+                let (ra, rb) =
+                    tokio::join!(a.step(step, step * 6, 3e-3), b.step(step, step * 6, 3e-3));
+                let (ra, rb) = (ra.unwrap(), rb.unwrap());
+                assert_eq!(ra.loss.to_bits(), rb.loss.to_bits());
+                losses.push(ra.loss.to_bits());
+            }
+            let what = format!("S = {stages_a} and {stages_b}");
+            assert_eq!(losses, want_losses, "{what}: losses");
+            for t in [a, b] {
+                let snap = t.snapshot().await.unwrap();
+                assert_eq!(bits(&snap.params), bits(&want.params), "{what}: parameters");
+                assert_eq!(bits(&snap.opt.v), bits(&want.opt.v), "{what}: adamw v");
+                t.shutdown().await;
+            }
+        }
+        // Without a collective, a process cannot run part of the pipelines.
+        let group = GroupStart {
+            generation: 0,
+            setup: setup(&model, 2),
+            local_ranks: vec![1],
+            collective: None,
+            data,
+            params: init,
+            opt: AdamW::new(whole.total),
+        };
+        let spec = PipelineSpec {
+            stages: 2,
+            schedule: Schedule::GPipe,
+        };
+        let e = Trainer::start_pipeline_group(group, spec, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("need a collective"), "{e}");
     }
 
     /// A bad shape is refused with a reason naming it.

@@ -449,6 +449,44 @@ pub const TRAINER_POLICY: tenax_core::restart::RestartPolicy = tenax_core::resta
     window_ms: 600_000,
 };
 
+/// Spawn a trainer's supervisor: a root without `node`, else a child the node supervisor
+/// adopts under the name `trainer` with [`TRAINER_POLICY`].
+pub(crate) async fn spawn_trainer<A>(
+    actor: A,
+    args: A::Arguments,
+    node: Option<&crate::NodeSupervisor>,
+) -> Result<(ActorRef<SupervisorMsg>, Option<tokio::task::JoinHandle<()>>), ActorsError>
+where
+    A: Actor<Msg = SupervisorMsg>,
+{
+    let Some(node) = node else {
+        let (sup, handle) = Actor::spawn(None, actor, args)
+            .await
+            .map_err(|e| ActorsError::Start(e.to_string()))?;
+        return Ok((sup, Some(handle)));
+    };
+    let (tx, rx) = oneshot::channel();
+    node.adopt(
+        "trainer",
+        TRAINER_POLICY,
+        Box::new(move |parent| {
+            Box::pin(async move {
+                let (sup, _) = Actor::spawn_linked(None, actor, args, parent)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let cell = sup.get_cell();
+                let _ = tx.send(sup);
+                Ok(cell)
+            })
+        }),
+    )
+    .await?;
+    let sup = rx
+        .await
+        .map_err(|_| ActorsError::Start("the trainer did not start".into()))?;
+    Ok((sup, None))
+}
+
 /// The handle the CLI drives: a running supervisor and its ranks.
 pub struct Trainer {
     sup: ActorRef<SupervisorMsg>,
@@ -512,36 +550,7 @@ impl Trainer {
             params: g.params,
             opt: g.opt,
         };
-        let (sup, handle) = match node {
-            None => {
-                let (sup, handle) = Actor::spawn(None, TrainSupervisor, args)
-                    .await
-                    .map_err(|e| ActorsError::Start(e.to_string()))?;
-                (sup, Some(handle))
-            }
-            Some(node) => {
-                let (tx, rx) = oneshot::channel();
-                node.adopt(
-                    "trainer",
-                    TRAINER_POLICY,
-                    Box::new(move |parent| {
-                        Box::pin(async move {
-                            let (sup, _) = Actor::spawn_linked(None, TrainSupervisor, args, parent)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            let cell = sup.get_cell();
-                            let _ = tx.send(sup);
-                            Ok(cell)
-                        })
-                    }),
-                )
-                .await?;
-                let sup = rx
-                    .await
-                    .map_err(|_| ActorsError::Start("the trainer did not start".into()))?;
-                (sup, None)
-            }
-        };
+        let (sup, handle) = spawn_trainer(TrainSupervisor, args, node).await?;
         Ok(Self {
             sup,
             handle,
@@ -669,6 +678,16 @@ impl Trainer {
     /// shared when its owner is done with it).
     pub fn stop(&self) {
         self.sup.stop(None);
+    }
+
+    /// Let go of a shared handle: the last holder stops the trainer and waits for it
+    /// ([`Trainer::shutdown`]); while others still hold it, ask it to stop
+    /// ([`Trainer::stop`]) without waiting.
+    pub async fn release(this: Arc<Self>) {
+        match Arc::try_unwrap(this) {
+            Ok(t) => t.shutdown().await,
+            Err(shared) => shared.stop(),
+        }
     }
 
     /// Stop the supervisor and its ranks (waits at most 10 s for them to end).

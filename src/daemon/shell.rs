@@ -19,7 +19,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tenax_actors::{Checkpointer, Membership, NodeSupervisor, Trainer};
 use tenax_cluster::etcd::EtcdMembership;
 use tenax_cluster::member::{MemberConfig, MemberState};
-use tenax_cluster::peer::{CommSpec, GrpcCollective, HubConfig, PeerAddr, Reduction};
+use tenax_cluster::peer::{CommSpec, GrpcCollective, PeerAddr};
 use tenax_cluster::Collective;
 use tenax_core::membership::{MemberId, Plan};
 use tenax_core::node::{Action, Effect, Event, Exit, NodeMachine};
@@ -187,13 +187,7 @@ impl<'a> Shell<'a> {
                 },
                 Err(_) => Some(self.member_gone()),
             },
-            Some(req) = self.p.requests.recv() => Some(match req {
-                Request::Drain { checkpoint } => Event::Drain { checkpoint },
-                Request::Sigterm => Event::Sigterm { grace_ms: self.p.s.grace.as_millis() as u64 },
-                Request::Pause => Event::Pause,
-                Request::Resume => Event::Resume,
-                Request::CheckpointNow => Event::CheckpointNow,
-            }),
+            Some(req) = self.p.requests.recv() => Some(req.event(self.p.s.grace.as_millis() as u64)),
             Some(ev) = self.p.checkpointer.next_event() => self.checkpoint_event(ev),
             _ = tokio::time::sleep_until(timer) => Some(Event::Tick),
         }
@@ -253,7 +247,7 @@ impl<'a> Shell<'a> {
                         (step, tenax_actors::param_hash(&params))
                     }));
                 }
-                let tokens_per_s = self.tokens_per_step() / info.secs.max(1e-9);
+                let tokens_per_s = self.p.prep.tokens_per_step() / info.secs.max(1e-9);
                 let (step, stats) = (self.machine.position().0 + 1, self.p.member.stats());
                 let loss = info.report.loss;
                 (self.p.shared.view()).note_step(step, loss, tokens_per_s, stats);
@@ -261,11 +255,6 @@ impl<'a> Shell<'a> {
                 event
             }
         }
-    }
-
-    fn tokens_per_step(&self) -> f64 {
-        let prep = self.p.prep;
-        (prep.cfg.batch_size as usize * prep.stored_cfg.model.block_size) as f64
     }
 
     /// A generation's communicator is built: keep it, and which member computes each
@@ -278,13 +267,8 @@ impl<'a> Shell<'a> {
         let spec = comm.spec();
         let plan = self.p.member.current_plan();
         let plan = plan.filter(|plan| plan.generation == spec.generation);
-        let ranks: Vec<Vec<u32>> = peers
-            .iter()
-            .map(|p| match &plan {
-                Some(plan) => plan.ranks_of(&MemberId::new(p.id.clone())),
-                None => Vec::new(),
-            })
-            .collect();
+        let ids = peers.iter().map(|p| p.id.as_str());
+        let ranks = plan.map_or_else(|| vec![Vec::new(); peers.len()], |p| p.ranks_of_each(ids));
         self.slot_owner =
             tenax_core::slots::slot_owners(spec.num_slots, u64::from(spec.world), &ranks);
         self.peers = peers;
@@ -322,8 +306,7 @@ impl<'a> Shell<'a> {
             Action::ReportFailedPeers { generation } => {
                 let failed = self.comm_of(generation).map(|c| c.failed_peers());
                 for (id, what) in failed.unwrap_or_default() {
-                    self.p.shared.view().suspicions += 1;
-                    self.p.member.suspect(generation, MemberId::new(id), what);
+                    self.suspect(generation, id, what);
                 }
             }
             Action::Alarm {
@@ -331,10 +314,7 @@ impl<'a> Shell<'a> {
                 step,
                 states,
             } => {
-                let odd: Vec<String> = states
-                    .iter()
-                    .map(|o| format!("{} {}", o.member, &o.hash[..o.hash.len().min(12)]))
-                    .collect();
+                let odd: Vec<String> = states.iter().map(ToString::to_string).collect();
                 eprintln!(
                     "ALARM: node {me}: generation {generation}: parameters differ between members after step {step} ({}): resyncing the odd ones from a peer",
                     odd.join(", ")
@@ -493,19 +473,20 @@ impl<'a> Shell<'a> {
         (self.p.shared.view()).note_generation(&plan, &local, leader, reformed);
         self.formed += 1;
         println!("node {me}: {reason}");
-        let spec = CommSpec {
-            job: self.p.s.job.clone(),
-            generation: plan.generation,
-            members: Vec::new(),
-            me: 0,
-            local_ranks: local,
-            world: plan.world,
-            num_slots: self.p.prep.setup.batch.num_slots(),
-            num_params: self.p.prep.param_layout.total,
-            reduction: self.p.s.reduction,
-            max_frame_floats: HubConfig::default().max_frame_floats,
-            connect_deadline: Duration::from_secs(10),
-        };
+        let (slots, params) = (
+            self.p.prep.setup.batch.num_slots(),
+            self.p.prep.param_layout.total,
+        );
+        let (job, reduction) = (&self.p.s.job, self.p.s.reduction);
+        let spec = CommSpec::for_generation(
+            job,
+            plan.generation,
+            local,
+            plan.world,
+            slots,
+            params,
+            reduction,
+        );
         let (etcd, hub) = (self.p.etcd.clone(), self.p.shared.hub.clone());
         let f = work::build_comm(etcd, hub, plan, spec, me);
         self.work.push(Box::pin(f));
@@ -533,10 +514,8 @@ impl<'a> Shell<'a> {
             });
             return;
         };
-        let had = self
-            .machine
-            .holds_state()
-            .then(|| self.machine.position().0);
+        let m = &self.machine;
+        let had = m.holds_state().then(|| m.position().0);
         let f = work::fetch(work::Fetch {
             hub: self.p.shared.hub.clone(),
             shared: self.p.shared.clone(),
@@ -581,7 +560,8 @@ impl<'a> Shell<'a> {
             (state, false) => state,
         };
         let (setup, data) = (self.p.prep.setup.clone(), self.p.prep.data.clone());
-        let f = work::start_trainer(comm, setup, data, state, self.p.node);
+        let pipeline = self.p.prep.pipeline;
+        let f = work::start_trainer(comm, setup, data, state, pipeline, self.p.node);
         self.work.push(Box::pin(f));
     }
 
@@ -592,10 +572,7 @@ impl<'a> Shell<'a> {
         };
         let (step, cursor) = self.machine.position();
         let snap = trainer.snapshot().await;
-        match Arc::try_unwrap(trainer) {
-            Ok(t) => t.shutdown().await,
-            Err(shared) => shared.stop(),
-        }
+        Trainer::release(trainer).await;
         match snap {
             Ok(snap) => {
                 self.state = Some(Start {
@@ -614,26 +591,21 @@ impl<'a> Shell<'a> {
 
     /// Step `step + 1` is past its deadline: report the members it waits for.
     fn suspect_late(&self, generation: u64, step: u64, waited_ms: u64) {
-        let Some(comm) = self.comm_of(generation) else {
-            return;
-        };
-        let Some((losses, chunks)) = comm.progress(step) else {
-            return;
-        };
-        let chunks = (self.p.s.reduction == Reduction::Exact).then_some(chunks);
-        let late = tenax_core::detector::late_members(&self.slot_owner, &losses, chunks.as_deref());
-        let me = comm.spec().me;
-        for k in late.into_iter().filter(|&k| k != me) {
-            let id = comm.spec().members[k].id.clone();
-            eprintln!(
-                "warning: node {}: step {} waits for {id} after {waited_ms} ms: reporting it as a suspect",
-                self.me(),
-                step + 1,
-            );
-            self.p.shared.view().suspicions += 1;
+        let late = self
+            .comm_of(generation)
+            .map(|c| c.late_members(step, &self.slot_owner));
+        for id in late.unwrap_or_default() {
+            let me = self.me();
+            eprintln!("warning: node {me}: step {} waits for {id} after {waited_ms} ms: reporting it as a suspect", step + 1);
             let why = format!("step {} still waits for it after {waited_ms} ms", step + 1);
-            self.p.member.suspect(generation, MemberId::new(id), why);
+            self.suspect(generation, id, why);
         }
+    }
+
+    /// Report member `id` of `generation` as a suspect (the leader judges).
+    fn suspect(&self, generation: u64, id: String, why: String) {
+        self.p.shared.view().suspicions += 1;
+        self.p.member.suspect(generation, MemberId::new(id), why);
     }
 
     /// Stop what the shell still runs: its work, the trainer, the communicator (aborted
@@ -649,10 +621,7 @@ impl<'a> Shell<'a> {
         self.gen_cancel.cancel();
         self.work = FuturesUnordered::new();
         if let Some(t) = self.trainer.take() {
-            match Arc::try_unwrap(t) {
-                Ok(t) => t.shutdown().await,
-                Err(t) => t.stop(),
-            }
+            Trainer::release(t).await;
         }
         if let Some(c) = self.comm.take().filter(|_| abort) {
             c.abort("this node stops");

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tenax_actors::{GroupStart, Membership, NodeSupervisor, StepReport, TrainSetup, Trainer};
+use tenax_actors::{
+    GroupStart, Membership, NodeSupervisor, PipelineSpec, StepReport, TrainSetup, Trainer,
+};
 use tenax_cluster::etcd::{EtcdMembership, FenceOutcome};
 use tenax_cluster::member::{Member, MemberConfig};
 use tenax_cluster::peer::{
@@ -375,6 +377,7 @@ pub(super) async fn start_trainer(
     mut setup: TrainSetup,
     data: Arc<tenax_actors::TrainData>,
     state: Start,
+    pipeline: Option<PipelineSpec>,
     node: &NodeSupervisor,
 ) -> Done {
     let spec = comm.spec();
@@ -391,7 +394,11 @@ pub(super) async fn start_trainer(
         params: state.params,
         opt: state.opt,
     };
-    match Trainer::start_group(group, Some(node)).await {
+    let started = match pipeline {
+        None => Trainer::start_group(group, Some(node)).await,
+        Some(p) => Trainer::start_pipeline_group(group, p, Some(node)).await,
+    };
+    match started {
         Ok(t) => Done::Trainer(t, Event::TrainerStarted { generation }),
         Err(e) => Done::Event(Event::Fatal {
             error: e.to_string(),
