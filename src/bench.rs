@@ -1189,6 +1189,10 @@ pub struct BenchRecoveryArgs {
     /// lease: the survivors wait for it to expire).
     #[arg(long)]
     pub kill_leader: bool,
+    /// The daemons' --pipeline-stages: each node's rank runs as a pipeline of this many
+    /// stages (a killed node's stages come back from the survivors' twins).
+    #[arg(long, default_value_t = 1)]
+    pub pipeline_stages: u32,
 }
 
 /// Waits (polling every 50 ms, at most `limit`) until `f` gives a value.
@@ -1246,6 +1250,8 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
         &a.lease_ttl_s.to_string(),
         "--suspect-after-ms",
         &a.suspect_after_ms.to_string(),
+        "--pipeline-stages",
+        &a.pipeline_stages.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -1408,7 +1414,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "recovery", "nodes": a.nodes, "kills": a.kills, "preset": a.preset, "kill_leader": a.kill_leader,
+            "bench": "recovery", "nodes": a.nodes, "kills": a.kills, "preset": a.preset, "kill_leader": a.kill_leader, "pipeline_stages": a.pipeline_stages,
             "settle_ms": a.settle_ms, "lease_ttl_s": a.lease_ttl_s, "suspect_after_ms": a.suspect_after_ms,
             "recovery_s": recoveries_s, "recovery_p50_s": percentile(&sorted, 50.0), "recovery_p99_s": percentile(&sorted, 99.0),
             "steps_lost": lost, "steps_lost_mean": mean_lost, "steps_lost_max": max_lost,
