@@ -367,6 +367,7 @@ async fn bind(s: &Settings, prep: &Prepared, step: u64) -> Result<Bound> {
         addr: advertise,
         metrics_addr,
         config_hash: prep.config_hash.clone(),
+        pipeline: prep.pipeline,
         view: Mutex::new(NodeView {
             step,
             target_steps: prep.cfg.steps,

@@ -438,6 +438,8 @@ pub fn summarize(
                 "addr": non_empty(&info.addr),
                 "rank": r.ranks.first(),
                 "ranks": r.ranks,
+                "pipeline_stages": r.pipeline_stages.max(1),
+                "pipeline_schedule": non_empty(&r.pipeline_schedule),
                 "step": r.step,
                 "param_hash": non_empty(&r.param_hash),
                 "loss": finite(r.loss),
@@ -457,6 +459,8 @@ pub fn summarize(
                 "addr": non_empty(&info.addr),
                 "rank": Value::Null,
                 "ranks": Value::Null,
+                "pipeline_stages": Value::Null,
+                "pipeline_schedule": Value::Null,
                 "step": Value::Null,
                 "param_hash": Value::Null,
                 "loss": Value::Null,
@@ -524,7 +528,8 @@ fn number(v: &Value, decimals: usize) -> String {
 }
 
 /// The human table of `tenax status`, from a [`summarize`] object: two lines about the
-/// job, a blank line, then a header and one line per member (id, addr, ranks, step,
+/// job, a blank line, then a header and one line per member (id, addr, ranks with the
+/// pipeline they run as when it has stages, step,
 /// phase, the first 12 characters of the parameter hash, then notes: `leader`, a
 /// generation other than the job's, a parameter hash that differs from the
 /// leading member's at the same step, or `(unreachable: ...)`).
@@ -598,10 +603,14 @@ pub fn render_table(summary: &Value) -> String {
         rows.push([
             cell(&m["id"]),
             cell(&m["addr"]),
-            if m["ranks"].is_null() {
-                "-".to_string()
-            } else {
-                format_ranks(&ranks)
+            match (m["ranks"].is_null(), m["pipeline_stages"].as_u64()) {
+                (true, _) => "-".to_string(),
+                (false, Some(s)) if s > 1 => format!(
+                    "{} ({s} stages, {})",
+                    format_ranks(&ranks),
+                    cell(&m["pipeline_schedule"])
+                ),
+                (false, _) => format_ranks(&ranks),
             },
             cell(&m["step"]),
             cell(&m["phase"]),
@@ -844,6 +853,8 @@ mod tests {
             stale_refused: 1,
             metrics_addr: String::new(),
             config_hash: "cfg".into(),
+            pipeline_stages: 0,
+            pipeline_schedule: String::new(),
         }
     }
 
@@ -869,11 +880,11 @@ mod tests {
                     "last_checkpoint": {"step": 40, "url": "file:///c/40"},
                     "leader": "a",
                     "members": [
-                        {"id": "a", "addr": "h:1", "rank": 0, "ranks": [0, 1], "step": 42,
+                        {"id": "a", "addr": "h:1", "rank": 0, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [0, 1], "step": 42,
                          "param_hash": format!("{:0>64}", 42), "loss": 2.92, "phase": "training",
                          "leader": true, "generation": 3, "stale_refused": 1,
                          "metrics_addr": "h:19", "error": null},
-                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "step": null,
+                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "pipeline_stages": null, "pipeline_schedule": null, "step": null,
                          "param_hash": null, "loss": null, "phase": null, "leader": null,
                          "generation": null, "stale_refused": null, "metrics_addr": "h:29",
                          "error": "connection refused"},
@@ -902,11 +913,11 @@ mod tests {
                     "loss": null, "tokens_per_s": 1007.0, "last_checkpoint": null,
                     "leader": "a",
                     "members": [
-                        {"id": "a", "addr": "h:1", "rank": null, "ranks": [], "step": 5,
+                        {"id": "a", "addr": "h:1", "rank": null, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [], "step": 5,
                          "param_hash": format!("{:0>64}", 5), "loss": 2.55, "phase": "training",
                          "leader": true, "generation": 3, "stale_refused": 1,
                          "metrics_addr": "h:19", "error": null},
-                        {"id": "b", "addr": null, "rank": 2, "ranks": [2], "step": 7,
+                        {"id": "b", "addr": null, "rank": 2, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [2], "step": 7,
                          "param_hash": format!("{:0>64}", 7), "loss": null, "phase": "training",
                          "leader": false, "generation": 5, "stale_refused": 1,
                          "metrics_addr": "m:1", "error": null},
@@ -924,11 +935,11 @@ mod tests {
                     "job": "j", "generation": null, "step": null, "target_steps": null,
                     "loss": null, "tokens_per_s": null, "last_checkpoint": null, "leader": null,
                     "members": [
-                        {"id": "a", "addr": "h:1", "rank": null, "ranks": null, "step": null,
+                        {"id": "a", "addr": "h:1", "rank": null, "ranks": null, "pipeline_stages": null, "pipeline_schedule": null, "step": null,
                          "param_hash": null, "loss": null, "phase": null, "leader": null,
                          "generation": null, "stale_refused": null, "metrics_addr": "h:19",
                          "error": "h:1 answered as member z: the registration is stale"},
-                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "step": null,
+                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "pipeline_stages": null, "pipeline_schedule": null, "step": null,
                          "param_hash": null, "loss": null, "phase": null, "leader": null,
                          "generation": null, "stale_refused": null, "metrics_addr": "h:29",
                          "error": "no answer within 5s"},
@@ -957,11 +968,11 @@ mod tests {
                     "last_checkpoint": {"step": 30, "url": "s3://b/30"},
                     "leader": "b",
                     "members": [
-                        {"id": "a", "addr": "h:1", "rank": 0, "ranks": [0], "step": 25,
+                        {"id": "a", "addr": "h:1", "rank": 0, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [0], "step": 25,
                          "param_hash": format!("{:0>64}", 25), "loss": 2.75, "phase": "training",
                          "leader": true, "generation": 3, "stale_refused": 1,
                          "metrics_addr": "h:19", "error": null},
-                        {"id": "b", "addr": "h:2", "rank": 1, "ranks": [1], "step": 19,
+                        {"id": "b", "addr": "h:2", "rank": 1, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [1], "step": 19,
                          "param_hash": format!("{:0>64}", 19), "loss": 2.69, "phase": "training",
                          "leader": true, "generation": 9, "stale_refused": 1,
                          "metrics_addr": "h:29", "error": null},
@@ -991,6 +1002,8 @@ mod tests {
                         let mut r = reply("c", 42, vec![6], false);
                         r.generation = 4;
                         r.param_hash = "f".repeat(64);
+                        r.pipeline_stages = 2;
+                        r.pipeline_schedule = "1f1b".into();
                         r
                     }),
                 ),
@@ -1001,10 +1014,10 @@ mod tests {
 job j   generation 4   leader a
 step 42/100   loss 2.9200   tokens/s 1042.0   last checkpoint step 40 (file:///c/40)
 
-ID  ADDR           RANKS  STEP  PHASE     PARAM_HASH
-a   10.0.0.1:7000  0-2,5  42    training  000000000000  leader, generation 3
-b   10.0.0.2:7000  -      -     -         -             (unreachable: connection refused)
-c   10.0.0.3:7000  6      42    training  ffffffffffff  param_hash differs
+ID  ADDR           RANKS               STEP  PHASE     PARAM_HASH
+a   10.0.0.1:7000  0-2,5               42    training  000000000000  leader, generation 3
+b   10.0.0.2:7000  -                   -     -         -             (unreachable: connection refused)
+c   10.0.0.3:7000  6 (2 stages, 1f1b)  42    training  ffffffffffff  param_hash differs
 ";
         assert_eq!(render_table(&summary), want);
 

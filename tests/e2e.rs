@@ -2109,6 +2109,13 @@ fn pipelined_daemons_survive_a_kill_with_the_bits_of_one_rank() {
     let s = wait_status(&c, job, "2 members at step 5", |s| {
         s["members"].as_array().is_some_and(|m| m.len() == 2) && s["step"].as_u64() >= Some(5)
     });
+    for m in s["members"].as_array().unwrap() {
+        assert_eq!(
+            m["pipeline_stages"], 2,
+            "status shows each member's pipeline: {m}"
+        );
+        assert_eq!(m["pipeline_schedule"], "gpipe", "{m}");
+    }
     let (leader, victim) = leader_and_follower(&c, job);
     let generation = s["generation"].as_u64().unwrap();
     c.signal(victim, Signal::Kill).unwrap();

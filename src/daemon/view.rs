@@ -121,6 +121,8 @@ pub(crate) struct Shared {
     pub(crate) addr: String,
     pub(crate) metrics_addr: String,
     pub(crate) config_hash: String,
+    /// With `--pipeline-stages` above 1: the pipeline each of the node's ranks runs as.
+    pub(crate) pipeline: Option<tenax_actors::PipelineSpec>,
     pub(crate) view: Mutex<NodeView>,
     /// The node's loop, for the supervisor's own requests (a child that keeps failing).
     pub(crate) requests: mpsc::Sender<Request>,
@@ -172,6 +174,11 @@ impl Shared {
             stale_refused: self.hub.stale_refused(),
             metrics_addr: self.metrics_addr.clone(),
             config_hash: self.config_hash.clone(),
+            pipeline_stages: self.pipeline.map_or(1, |p| p.stages),
+            pipeline_schedule: self
+                .pipeline
+                .map(|p| p.schedule.to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -179,13 +186,14 @@ impl Shared {
         let v = self.view().clone();
         let (g, c) = (MetricKind::Gauge, MetricKind::Counter);
         let hub = &self.hub;
-        let table: [(&str, &str, MetricKind, f64); 23] = [
+        let table: [(&str, &str, MetricKind, f64); 24] = [
             ("tenax_step", "Optimizer steps completed.", g, v.step as f64),
             ("tenax_target_steps", "The job's target step.", g, v.target_steps as f64),
             ("tenax_loss", "Mean token loss of the last step.", g, v.loss),
             ("tenax_tokens_per_second", "Training throughput of the last step (whole group).", g, v.tokens_per_s),
             ("tenax_generation", "Generation of the group plan this node trains in.", g, v.generation as f64),
             ("tenax_world_ranks", "Ranks in the current generation.", g, f64::from(v.world)),
+            ("tenax_pipeline_stages", "Stages of the pipeline each of this node's ranks runs as (1: none).", g, f64::from(self.pipeline.map_or(1, |p| p.stages))),
             ("tenax_leader", "1 if this node leads the job.", g, if v.leader { 1.0 } else { 0.0 }),
             ("tenax_reformations_total", "Generations this node has trained in after its first.", c, v.reforms as f64),
             ("tenax_checkpoints_committed_total", "Checkpoints this node committed.", c, v.checkpoints_committed as f64),
