@@ -866,8 +866,11 @@ fn compare_with_reference(
     };
     let reference = out.join("reference");
     let _ = std::fs::remove_dir_all(&reference);
+    // The unsplit model on one rank: the oracle whatever the job's ranks and stages.
     let mut args = vec!["train".to_string()];
-    args.extend(train_flags(s, data));
+    args.extend(tenax_chaos::scenario::without_pipeline_flags(&train_flags(
+        s, data,
+    )));
     args.extend([
         "--ranks".into(),
         "1".into(),

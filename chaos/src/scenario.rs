@@ -680,11 +680,49 @@ impl Scenario {
     }
 }
 
+/// Training flags for the fault-free reference run: `args` without the pipeline flags
+/// (`--pipeline-stages`, `--schedule`, with their values, in either `--flag value` or
+/// `--flag=value` form), so a pipelined job is compared with the unsplit model.
+pub fn without_pipeline_flags(args: &[String]) -> Vec<String> {
+    const FLAGS: [&str; 2] = ["--pipeline-stages", "--schedule"];
+    let mut out = Vec::with_capacity(args.len());
+    let mut skip_value = false;
+    for a in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        let name = a.split('=').next().unwrap_or_default();
+        if FLAGS.contains(&name) {
+            skip_value = !a.contains('=');
+            continue;
+        }
+        out.push(a.clone());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const BASE: &str = "[cluster]\nnodes = 3\n[train]\nsteps = 40\n";
+
+    #[test]
+    fn the_reference_run_drops_the_pipeline_flags() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["--lr", "3e-3"], &["--lr", "3e-3"]),
+            (&["--pipeline-stages", "2", "--lr", "1"], &["--lr", "1"]),
+            (
+                &["--schedule=gpipe", "--pipeline-stages=3", "--x"],
+                &["--x"],
+            ),
+            (&["--lr", "1", "--schedule", "1f1b"], &["--lr", "1"]),
+        ];
+        for (args, want) in cases {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            assert_eq!(without_pipeline_flags(&args), *want, "{args:?}");
+        }
+    }
 
     #[test]
     fn a_minimal_scenario_gets_defaults() {
