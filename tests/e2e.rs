@@ -2080,6 +2080,21 @@ fn a_killed_member_is_evicted_and_rejoins_with_state_from_a_peer() {
     assert!(got == want, "a kill and a rejoin changed the final weights");
 }
 
+/// The body of `GET /metrics` from `addr` (plain HTTP/1.1 on loopback).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
 /// Two daemons, each running its rank as a pipeline of 2 stages (data parallel across
 /// the nodes, the stages of a pipeline inside one). One is killed: the survivor, which
 /// holds a twin of every stage, goes on alone; the killed node restarts and copies the
@@ -2115,6 +2130,15 @@ fn pipelined_daemons_survive_a_kill_with_the_bits_of_one_rank() {
             "status shows each member's pipeline: {m}"
         );
         assert_eq!(m["pipeline_schedule"], "gpipe", "{m}");
+    }
+    let metrics = scrape(&c.metrics_addr(0).expect("node 0 serves /metrics"));
+    for want in [
+        "tenax_pipeline_stages{",
+        "tenax_pipeline_stage_bubble_ratio{",
+        "tenax_pipeline_stage_busy_seconds_total{",
+        "stage=\"1\"",
+    ] {
+        assert!(metrics.contains(want), "/metrics lacks {want}:\n{metrics}");
     }
     let (leader, victim) = leader_and_follower(&c, job);
     let generation = s["generation"].as_u64().unwrap();

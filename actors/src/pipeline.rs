@@ -56,7 +56,8 @@ use tenax_model::{
 };
 
 use crate::rank::{
-    param_hash, Aborter, Compute, RankActor, RankArgs, RankMsg, RankOutcome, TrainData, TrainSetup,
+    param_hash, Aborter, Compute, RankActor, RankArgs, RankMsg, RankOutcome, StageTime, TrainData,
+    TrainSetup,
 };
 use crate::stage_slices::Assembler;
 use crate::supervisor::{
@@ -453,7 +454,10 @@ impl StageCompute {
         let mut held: BTreeMap<u64, Held> = BTreeMap::new();
         let mut waiting: BTreeMap<u64, Waiting> = BTreeMap::new();
         let (mut input, mut output, mut dout, mut dx) = (None, None, None, None);
+        let (t_ops, mut busy) = (Instant::now(), Duration::ZERO);
         for op in ops {
+            let t_op = Instant::now();
+            let computes = matches!(op, Op::Forward { .. } | Op::Backward { .. });
             let slot = mine.start + u64::from(op.slot());
             match op {
                 Op::RecvActivation { .. } => input = Some(self.recv("activations", step, slot)?),
@@ -538,11 +542,21 @@ impl StageCompute {
                     self.send(self.links.grads_out.as_ref(), piece)?;
                 }
             }
+            if computes {
+                busy += t_op.elapsed();
+            }
         }
         if head && !first {
             self.fold_embedding_rows(step, &mut waiting, true)?;
         }
-        self.finish(step, lr)
+        let time = StageTime {
+            stage: self.pos.stage,
+            busy_s: busy.as_secs_f64(),
+            ops_s: t_ops.elapsed().as_secs_f64(),
+        };
+        let mut outcome = self.finish(step, lr)?;
+        outcome.stage_time = Some(time);
+        Ok(outcome)
     }
 
     /// The stage's reduction, the meeting of the stages and the update.
@@ -591,6 +605,7 @@ impl StageCompute {
                 grad_norm,
                 skipped: true,
                 snapshot_copy_s: 0.0,
+                stage_time: None,
             });
         }
         // The first stage's copy of the tied embedding takes the head stage's gradient.
@@ -621,6 +636,7 @@ impl StageCompute {
             grad_norm,
             skipped: false,
             snapshot_copy_s,
+            stage_time: None,
         })
     }
 
@@ -1419,6 +1435,13 @@ mod tests {
                     tokio::join!(a.step(step, step * 6, 3e-3), b.step(step, step * 6, 3e-3));
                 let (ra, rb) = (ra.unwrap(), rb.unwrap());
                 assert_eq!(ra.loss.to_bits(), rb.loss.to_bits());
+                // Each stage reports how it spent the step, once.
+                let stages: Vec<u32> = ra.stages.iter().map(|t| t.stage).collect();
+                assert_eq!(stages, (0..stages_a).collect::<Vec<_>>());
+                assert!(ra
+                    .stages
+                    .iter()
+                    .all(|t| t.busy_s > 0.0 && t.busy_s <= t.ops_s));
                 losses.push(ra.loss.to_bits());
             }
             let what = format!("S = {stages_a} and {stages_b}");

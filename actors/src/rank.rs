@@ -38,7 +38,31 @@ pub struct TrainSetup {
     pub step_timeout: Duration,
 }
 
-/// What one rank reports for one step. Every rank reports the same values.
+/// How one pipeline stage spent a step's op list (see [`crate::pipeline`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StageTime {
+    /// The stage, in `0..S`.
+    pub stage: u32,
+    /// Seconds in forward and backward passes.
+    pub busy_s: f64,
+    /// Seconds from the op list's first op to its last (the busy time and the waits for
+    /// activations and gradients: the bubble), before the reduction.
+    pub ops_s: f64,
+}
+
+impl StageTime {
+    /// The share of the op list's time the stage waited: `1 - busy / ops` (0 when the
+    /// op list took no time).
+    pub fn bubble(&self) -> f64 {
+        match self.ops_s > 0.0 {
+            true => (1.0 - self.busy_s / self.ops_s).max(0.0),
+            false => 0.0,
+        }
+    }
+}
+
+/// What one rank reports for one step. Every rank reports the same values (but for
+/// `stage_time`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RankOutcome {
     /// Mean token loss of the global batch (slot-ordered sum / tokens).
@@ -50,6 +74,8 @@ pub struct RankOutcome {
     /// Seconds the update spent copying state that a snapshot still shared (0 unless a
     /// checkpoint's background work had not yet read the previous snapshot).
     pub snapshot_copy_s: f64,
+    /// On a pipeline stage: how it spent the step.
+    pub stage_time: Option<StageTime>,
 }
 
 /// The state a compute thread owns.
@@ -187,6 +213,7 @@ impl RankCompute {
                 grad_norm,
                 skipped: true,
                 snapshot_copy_s: 0.0,
+                stage_time: None,
             });
         }
         // Copy-on-write: a snapshot still read by a checkpoint's background work makes
@@ -216,6 +243,7 @@ impl RankCompute {
             grad_norm,
             skipped: false,
             snapshot_copy_s,
+            stage_time: None,
         })
     }
 
@@ -411,5 +439,28 @@ pub(crate) fn panic_once_at(step: u64) {
         .and_then(|v| v.trim().parse::<u64>().ok());
     if at == Some(step) && !DONE.swap(true, Ordering::SeqCst) {
         panic!("chaos: a rank panics at step {step} (TENAX_CHAOS_PANIC_RANK_AT_STEP)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StageTime;
+
+    #[test]
+    fn the_bubble_is_the_share_of_the_op_list_spent_waiting() {
+        let cases = [
+            (1.0, 4.0, 0.75),
+            (2.0, 2.0, 0.0),
+            (0.0, 0.0, 0.0),
+            (3.0, 2.0, 0.0),
+        ];
+        for (busy_s, ops_s, want) in cases {
+            let t = StageTime {
+                stage: 0,
+                busy_s,
+                ops_s,
+            };
+            assert_eq!(t.bubble(), want, "{t:?}");
+        }
     }
 }

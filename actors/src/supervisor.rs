@@ -10,7 +10,8 @@ use tenax_model::AdamW;
 use tokio::sync::oneshot;
 
 use crate::rank::{
-    Compute, RankActor, RankArgs, RankCompute, RankMsg, RankOutcome, TrainData, TrainSetup,
+    Compute, RankActor, RankArgs, RankCompute, RankMsg, RankOutcome, StageTime, TrainData,
+    TrainSetup,
 };
 
 /// Errors of the training actors.
@@ -69,6 +70,9 @@ pub struct StepReport {
     pub skipped: bool,
     /// Seconds the slowest rank's update spent copying state a [`Snapshot`] still shared.
     pub snapshot_copy_s: f64,
+    /// Pipelines: how each stage spent the step (of the first local pipeline), by stage;
+    /// empty without stages.
+    pub stages: Vec<StageTime>,
 }
 
 /// The training state as of a step boundary, in host memory.
@@ -393,9 +397,14 @@ pub(crate) fn agree(
     }
     let mut first: Option<RankOutcome> = None;
     let mut snapshot_copy_s = 0f64;
+    let mut stages: Vec<StageTime> = Vec::new();
     for (rank, o) in outcomes.into_iter().enumerate() {
         if let Ok(o) = &o {
             snapshot_copy_s = snapshot_copy_s.max(o.snapshot_copy_s);
+            let new_stage = |t: &StageTime| stages.iter().all(|s| s.stage != t.stage);
+            if let Some(t) = o.stage_time.filter(new_stage) {
+                stages.push(t);
+            }
         }
         match o {
             Err(e) => {
@@ -420,6 +429,7 @@ pub(crate) fn agree(
         grad_norm: o.grad_norm,
         skipped: o.skipped,
         snapshot_copy_s,
+        stages,
     })
 }
 

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tenax_actors::{Control, MemberStats};
+use tenax_actors::{Control, MemberStats, StepReport};
 use tenax_cluster::peer::PeerHub;
 use tenax_core::membership::Plan;
 use tenax_core::node::Event;
@@ -42,6 +42,10 @@ pub(crate) struct NodeView {
     pub(crate) suspicions: u64,
     pub(crate) probes_sent: u64,
     pub(crate) revocations: u64,
+    /// Pipelines: how each stage spent the last step.
+    pub(crate) stage_times: Vec<tenax_actors::StageTime>,
+    /// Pipelines: per stage, the sums over steps of busy and op-list seconds.
+    pub(crate) stage_sums: Vec<(f64, f64)>,
 }
 
 /// An operator's request (the Control actor hands them to the node's loop: the gRPC
@@ -89,9 +93,24 @@ impl NodeView {
     }
 
     /// A step finished.
-    pub(crate) fn note_step(&mut self, step: u64, loss: f64, tokens_per_s: f64, m: MemberStats) {
+    pub(crate) fn note_step(
+        &mut self,
+        step: u64,
+        r: &StepReport,
+        tokens_per_s: f64,
+        m: MemberStats,
+    ) {
         self.step = step;
-        self.loss = loss;
+        self.loss = r.loss;
+        self.stage_times.clone_from(&r.stages);
+        for t in &r.stages {
+            let k = t.stage as usize;
+            if self.stage_sums.len() <= k {
+                self.stage_sums.resize(k + 1, (0.0, 0.0));
+            }
+            self.stage_sums[k].0 += t.busy_s;
+            self.stage_sums[k].1 += t.ops_s;
+        }
         self.tokens_per_s = tokens_per_s;
         self.leader = m.leader;
         self.probes_sent = m.probes_sent;
@@ -212,7 +231,7 @@ impl Shared {
             ("tenax_leader_revocations_total", "Leases of confirmed suspects this node revoked as leader (evictions).", c, v.revocations as f64),
             ("tenax_suspicions_reported_total", "Peers this node reported as suspects (a broken stream or a late step).", c, v.suspicions as f64),
         ];
-        let samples: Vec<Sample> = table
+        let mut samples: Vec<Sample> = table
             .into_iter()
             .map(|(name, help, kind, value)| {
                 Sample::new(name, help, kind, value)
@@ -220,7 +239,55 @@ impl Shared {
                     .label("node", &self.member_id)
             })
             .collect();
+        samples.extend(self.stage_samples(&v));
         crate::metrics::render(&samples)
+    }
+
+    /// Per pipeline stage: the last step's op-list and busy seconds, their sums, and the
+    /// last step's bubble (the share of the op list spent waiting).
+    fn stage_samples(&self, v: &NodeView) -> Vec<Sample> {
+        let (g, c) = (MetricKind::Gauge, MetricKind::Counter);
+        let mut out = Vec::new();
+        let label = |s: Sample, stage: usize| {
+            s.label("job", &self.job)
+                .label("node", &self.member_id)
+                .label("stage", stage.to_string())
+        };
+        for t in &v.stage_times {
+            let k = t.stage as usize;
+            out.push(label(Sample::new("tenax_pipeline_stage_step_seconds", "Seconds the stage's op list of the last step took (compute and waits, before the reduction).", g, t.ops_s), k));
+            out.push(label(
+                Sample::new(
+                    "tenax_pipeline_stage_busy_seconds",
+                    "Seconds the stage computed (forward and backward) in the last step.",
+                    g,
+                    t.busy_s,
+                ),
+                k,
+            ));
+            out.push(label(Sample::new("tenax_pipeline_stage_bubble_ratio", "Share of the stage's op list spent waiting in the last step (1 - busy / op list).", g, t.bubble()), k));
+        }
+        for (k, (busy, ops)) in v.stage_sums.iter().enumerate() {
+            out.push(label(
+                Sample::new(
+                    "tenax_pipeline_stage_step_seconds_total",
+                    "Seconds of the stage's op lists over all steps.",
+                    c,
+                    *ops,
+                ),
+                k,
+            ));
+            out.push(label(
+                Sample::new(
+                    "tenax_pipeline_stage_busy_seconds_total",
+                    "Seconds the stage computed over all steps.",
+                    c,
+                    *busy,
+                ),
+                k,
+            ));
+        }
+        out
     }
 }
 
