@@ -205,7 +205,7 @@ impl Shared {
         let v = self.view().clone();
         let (g, c) = (MetricKind::Gauge, MetricKind::Counter);
         let hub = &self.hub;
-        let table: [(&str, &str, MetricKind, f64); 24] = [
+        let table: [(&str, &str, MetricKind, f64); 25] = [
             ("tenax_step", "Optimizer steps completed.", g, v.step as f64),
             ("tenax_target_steps", "The job's target step.", g, v.target_steps as f64),
             ("tenax_loss", "Mean token loss of the last step.", g, v.loss),
@@ -222,6 +222,7 @@ impl Shared {
             ("tenax_last_checkpoint_step", "Step of the newest committed checkpoint this node knows.", g, v.last_checkpoint_step as f64),
             ("tenax_peer_stale_refused_total", "Peer frames refused because they came from an older generation.", c, hub.stale_refused() as f64),
             ("tenax_peer_frames_accepted_total", "Peer frames accepted.", c, hub.frames_accepted() as f64),
+            ("tenax_peer_state_requests_refused_total", "State copy requests refused (not a receiver of the published state, or too many at once).", c, hub.state_refused() as f64),
             ("tenax_state_copies_received_total", "Times this node copied the group's state from a peer (join, behind, diverged).", c, v.state_copies_in as f64),
             ("tenax_state_copies_served_total", "Times this node sent its state to peers that lacked it.", c, v.state_copies_out as f64),
             ("tenax_state_bytes_received_total", "Bytes of state copied from peers.", c, v.state_bytes_in as f64),

@@ -327,7 +327,7 @@ pub(super) async fn serve(
         m: opt.m,
         v: opt.v,
     });
-    let publication = hub.publish_state(generation, snap.clone());
+    let publication = hub.publish_state_for(generation, snap.clone(), names.clone());
     let started = Instant::now();
     let result = loop {
         let slice = Duration::from_millis(200);

@@ -3,6 +3,7 @@
 //! answers `FetchState` requests with the state published for their generation
 //! ([`PeerHub::publish_state`], see [`super::transfer`]).
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -27,6 +28,11 @@ pub struct HubConfig {
     pub max_buffered_bytes: usize,
     /// Most frames of a not yet installed (newer) generation held at once.
     pub max_buffered_frames: usize,
+    /// Most frames and bytes of newer generations held for one sending member, as a
+    /// share of the two bounds above (1/N of each).
+    pub buffered_share_per_peer: usize,
+    /// Most `FetchState` transfers served at once (more are refused, to be retried).
+    pub max_state_transfers: usize,
 }
 
 impl Default for HubConfig {
@@ -35,6 +41,8 @@ impl Default for HubConfig {
             max_frame_floats: DEFAULT_MAX_FRAME_FLOATS,
             max_buffered_bytes: 256 << 20,
             max_buffered_frames: 1 << 16,
+            buffered_share_per_peer: 2,
+            max_state_transfers: 4,
         }
     }
 }
@@ -50,6 +58,8 @@ pub(super) struct Counters {
     pub state_bytes_served: AtomicU64,
     pub state_bytes_fetched: AtomicU64,
     pub off_runtime: AtomicU64,
+    /// `FetchState` requests refused: not a receiver, or too many at once.
+    pub state_refused: AtomicU64,
 }
 
 /// Frames of at least this many bytes are decoded and folded into the step (the gradient
@@ -90,6 +100,8 @@ struct HubInner {
     state: Mutex<HubState>,
     /// The state published for `FetchState`, if any.
     publication: watch::Sender<Option<Arc<Published>>>,
+    /// One permit per `FetchState` transfer being served.
+    transfer_slots: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
 }
 
@@ -98,6 +110,34 @@ struct HubState {
     installed: Option<(u64, Arc<GrpcCollective>)>,
     buffer: Vec<PeerFrame>,
     buffered_bytes: usize,
+    /// Buffered frames and bytes per sending member.
+    per_peer: HashMap<String, (usize, usize)>,
+    /// Buffered frames per generation.
+    per_generation: BTreeMap<u64, usize>,
+}
+
+impl HubState {
+    /// Counts the buffer again (after frames left it other than one by one).
+    fn recount(&mut self) {
+        self.buffered_bytes = 0;
+        self.per_peer.clear();
+        self.per_generation.clear();
+        for f in &self.buffer {
+            let size = f.encoded_len();
+            self.buffered_bytes += size;
+            let p = self.per_peer.entry(f.from_member.clone()).or_default();
+            *p = (p.0 + 1, p.1 + size);
+            *self.per_generation.entry(f.generation).or_default() += 1;
+        }
+    }
+
+    fn push(&mut self, frame: PeerFrame, size: usize) {
+        self.buffered_bytes += size;
+        let p = self.per_peer.entry(frame.from_member.clone()).or_default();
+        *p = (p.0 + 1, p.1 + size);
+        *self.per_generation.entry(frame.generation).or_default() += 1;
+        self.buffer.push(frame);
+    }
 }
 
 /// What became of one received frame.
@@ -126,10 +166,13 @@ impl PeerHub {
         Self {
             inner: Arc::new(HubInner {
                 job: job.into(),
-                config,
                 counters: Arc::new(Counters::default()),
                 state: Mutex::new(HubState::default()),
                 publication: watch::channel(None).0,
+                transfer_slots: Arc::new(tokio::sync::Semaphore::new(
+                    config.max_state_transfers.max(1),
+                )),
+                config,
                 shutdown: CancellationToken::new(),
             }),
         }
@@ -216,6 +259,16 @@ impl PeerHub {
         &self.inner.publication
     }
 
+    pub(super) fn transfer_slots(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.transfer_slots
+    }
+
+    /// `FetchState` requests refused (not a receiver of the publication, or too many
+    /// transfers at once).
+    pub fn state_refused(&self) -> u64 {
+        self.inner.counters.state_refused.load(Ordering::Relaxed)
+    }
+
     pub(super) fn shutdown_token(&self) -> &CancellationToken {
         &self.inner.shutdown
     }
@@ -255,7 +308,7 @@ impl PeerHub {
                 dropped += 1;
             }
         }
-        st.buffered_bytes = st.buffer.iter().map(|f| f.encoded_len()).sum();
+        st.recount();
         drop(st);
         if dropped > 0 {
             tracing::debug!(
@@ -328,25 +381,61 @@ impl PeerHub {
                     }
                 }
             }
-            _ => {
-                let cfg = &self.inner.config;
-                if st.buffer.len() >= cfg.max_buffered_frames
-                    || st.buffered_bytes.saturating_add(size) > cfg.max_buffered_bytes
-                {
-                    tracing::warn!(
-                        generation = frame.generation,
-                        from = %frame.from_member,
-                        frames = st.buffer.len(),
-                        bytes = st.buffered_bytes,
-                        "buffer for newer generations is full; frame refused"
+            _ => self.buffer(&mut st, frame, size),
+        }
+    }
+
+    /// Holds a frame of a newer generation until it is installed. Each sending member
+    /// holds at most its share of the bounds, so one peer flooding frames cannot keep
+    /// the others' out; when the buffer is full, frames of the latest generation held
+    /// make room for a frame of an earlier one (the next generation the node forms
+    /// comes first), else the frame is refused.
+    fn buffer(&self, st: &mut HubState, frame: PeerFrame, size: usize) -> Verdict {
+        let cfg = &self.inner.config;
+        let share = cfg.buffered_share_per_peer.max(1);
+        let (peer_frames, peer_bytes) = st
+            .per_peer
+            .get(&frame.from_member)
+            .copied()
+            .unwrap_or_default();
+        let over_share = peer_frames >= (cfg.max_buffered_frames / share).max(1)
+            || peer_bytes.saturating_add(size) > (cfg.max_buffered_bytes / share).max(1);
+        let refuse = |why: &str, st: &HubState| {
+            tracing::warn!(
+                generation = frame.generation,
+                from = %frame.from_member,
+                frames = st.buffer.len(),
+                bytes = st.buffered_bytes,
+                peer_frames,
+                "frame of a newer generation refused: {why}"
+            );
+            Verdict::Other
+        };
+        if over_share {
+            return refuse("its member holds its share of the buffer", st);
+        }
+        while st.buffer.len() >= cfg.max_buffered_frames
+            || st.buffered_bytes.saturating_add(size) > cfg.max_buffered_bytes
+        {
+            let latest = st.per_generation.keys().next_back().copied();
+            match latest {
+                Some(g) if frame.generation < g => {
+                    let before = st.buffer.len();
+                    st.buffer.retain(|f| f.generation != g);
+                    st.recount();
+                    let evicted = (before - st.buffer.len()) as u64;
+                    tracing::debug!(
+                        generation = g,
+                        evicted,
+                        "frames of a later generation evicted for an earlier one"
                     );
-                    return Verdict::Other;
+                    Counters::add(&self.inner.counters.other_refused, evicted);
                 }
-                st.buffered_bytes += size;
-                st.buffer.push(frame);
-                Verdict::Accepted
+                _ => return refuse("the buffer is full", st),
             }
         }
+        st.push(frame, size);
+        Verdict::Accepted
     }
 }
 

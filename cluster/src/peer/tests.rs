@@ -35,7 +35,10 @@ struct Node {
 }
 
 async fn start_node() -> Node {
-    let hub = PeerHub::new(JOB, HubConfig::default());
+    start_node_with(PeerHub::new(JOB, HubConfig::default())).await
+}
+
+async fn start_node_with(hub: PeerHub) -> Node {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
@@ -1007,4 +1010,83 @@ async fn state_transfer_throughput() {
         );
         drop(got);
     }
+}
+
+/// A member flooding 100,000 frames of far-future generations holds at most its share
+/// of the buffer; the frames of the next generation from another member still get in
+/// (evicting the flood's when the buffer is full) and reach the communicator installed
+/// for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_future_frames_cannot_keep_the_next_generation_out() {
+    let nodes = vec![start_node().await, start_node().await];
+    let a = &nodes[0];
+    let _two = GrpcCollective::new(&a.hub, spec(&nodes, 0, 2, Reduction::Exact)).unwrap();
+    let flood: Vec<PeerFrame> = (0..100_000u64)
+        .map(|i| state_frame(JOB, 1_000 + i % 7, "evil", i, "flood"))
+        .collect();
+    let reply = send_raw(&a.addr, flood).await;
+    let share =
+        HubConfig::default().max_buffered_frames / HubConfig::default().buffered_share_per_peer;
+    assert_eq!(
+        reply.accepted as usize, share,
+        "the flood holds its share only"
+    );
+    assert_eq!(reply.refused_other as usize, 100_000 - share);
+    assert_eq!(a.hub.buffered_frames(), share);
+    // The next generation's frame from member m1 is taken.
+    let reply = send_raw(&a.addr, vec![state_frame(JOB, 3, "m1", 7, "cafe")]).await;
+    assert_eq!((reply.accepted, reply.refused_other), (1, 0));
+    let three = GrpcCollective::new(&a.hub, spec(&nodes, 0, 3, Reduction::Exact)).unwrap();
+    let states = three.exchange_state(7, "beef", WAIT).await.unwrap();
+    assert_eq!(
+        states[1].param_hash, "cafe",
+        "the buffered frame reached generation 3"
+    );
+
+    // A small buffer: frames of an earlier generation evict those of the latest one.
+    let cfg = HubConfig {
+        max_buffered_frames: 8,
+        buffered_share_per_peer: 1,
+        ..HubConfig::default()
+    };
+    let hub = PeerHub::new(JOB, cfg);
+    let small = start_node_with(hub).await;
+    let far: Vec<PeerFrame> = (0..8)
+        .map(|i| state_frame(JOB, 50, "evil", i, "x"))
+        .collect();
+    assert_eq!(send_raw(&small.addr, far).await.accepted, 8);
+    let next = send_raw(&small.addr, vec![state_frame(JOB, 4, "m1", 1, "y")]).await;
+    assert_eq!(next.accepted, 1, "an earlier generation makes room");
+    assert_eq!(small.hub.buffered_frames(), 1);
+    let later = send_raw(&small.addr, vec![state_frame(JOB, 60, "evil", 9, "z")]).await;
+    assert_eq!(
+        later.accepted, 1,
+        "room left: a later generation is still taken"
+    );
+}
+
+/// A published state goes only to the members it is for; a donor serves at most its
+/// bound of transfers at once (the others are told to retry, and a fetch retries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_is_served_only_to_its_receivers() {
+    let nodes = [start_node().await, start_node().await];
+    let state = Arc::new(snapshot(1_000, 5, 3));
+    let _p = nodes[0]
+        .hub
+        .publish_state_for(2, Arc::clone(&state), vec!["m1".into()]);
+    let donor = donor_of(&nodes[0]);
+    let t = Duration::from_secs(20);
+    let (got, _) = fetch_state(&nodes[1].hub, 2, "m1", &donor, 5, "", t)
+        .await
+        .unwrap();
+    assert!(same_bits(&got.params, &state.params));
+    let e = fetch_state(&nodes[1].hub, 2, "intruder", &donor, 5, "", t)
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("\"intruder\" is not among the receivers"),
+        "{text}"
+    );
+    assert_eq!(nodes[0].hub.state_refused(), 1);
 }

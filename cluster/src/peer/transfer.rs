@@ -214,6 +214,8 @@ pub enum TransferError {
 pub(super) struct Published {
     generation: u64,
     state: Arc<StateSnapshot>,
+    /// The members it is served to; `None`: any member of the job.
+    receivers: Option<Vec<String>>,
     /// Complete transfers served.
     served: watch::Sender<u64>,
     /// The payload checksum, once a transfer computed it.
@@ -298,6 +300,26 @@ impl PeerHub {
     /// waiting for this generation are answered now). `params`, `m` and `v` must be
     /// equally long (requests for a state that is not are refused with `INTERNAL`).
     pub fn publish_state(&self, generation: u64, state: Arc<StateSnapshot>) -> Publication {
+        self.publish(generation, state, None)
+    }
+
+    /// [`PeerHub::publish_state`], served only to the members `receivers`: a request
+    /// from another member is refused (`PERMISSION_DENIED`) and counted.
+    pub fn publish_state_for(
+        &self,
+        generation: u64,
+        state: Arc<StateSnapshot>,
+        receivers: Vec<String>,
+    ) -> Publication {
+        self.publish(generation, state, Some(receivers))
+    }
+
+    fn publish(
+        &self,
+        generation: u64,
+        state: Arc<StateSnapshot>,
+        receivers: Option<Vec<String>>,
+    ) -> Publication {
         if state.m.len() != state.params.len() || state.v.len() != state.params.len() {
             tracing::error!(
                 generation,
@@ -310,6 +332,7 @@ impl PeerHub {
         let entry = Arc::new(Published {
             generation,
             state,
+            receivers,
             served: watch::channel(0).0,
             payload_checksum: OnceLock::new(),
         });
@@ -390,6 +413,27 @@ pub(super) async fn serve(
             }
         }
     };
+    if let Some(to) = published
+        .receivers
+        .as_ref()
+        .filter(|r| !r.contains(&req.from_member))
+    {
+        Counters::add(&hub.counters().state_refused, 1);
+        return Err(Status::permission_denied(format!(
+            "member {:?} is not among the receivers of generation {}'s state ({})",
+            req.from_member,
+            req.generation,
+            to.join(", ")
+        )));
+    }
+    // At most `max_state_transfers` at once; the permit goes with the response stream.
+    let Ok(permit) = Arc::clone(hub.transfer_slots()).try_acquire_owned() else {
+        Counters::add(&hub.counters().state_refused, 1);
+        return Err(Status::resource_exhausted(format!(
+            "this donor already serves {} state transfers: try again",
+            hub.config().max_state_transfers
+        )));
+    };
     let state = &published.state;
     if state.step != req.step {
         return Err(failed_precondition(format!(
@@ -422,7 +466,11 @@ pub(super) async fn serve(
         runtime: tokio::runtime::Handle::current(),
     };
     tokio::task::spawn_blocking(move || producer.run(tx));
-    Ok(Response::new(until_shutdown(chunks, shutdown)))
+    let stream = until_shutdown(chunks, shutdown).map(move |c| {
+        let _held = &permit;
+        c
+    });
+    Ok(Response::new(stream.boxed()))
 }
 
 /// The chunks of `chunks` until the producer is done, or an `UNAVAILABLE` status and the
@@ -661,15 +709,27 @@ impl Fetch<'_> {
             param_hash: self.want_hash.to_string(),
             wait_ms: wait.as_millis() as u64,
         };
-        let mut stream = client
-            .fetch_state(request)
-            .await
-            .map_err(|s| TransferError::Refused {
+        // A donor serving its most transfers at once refuses with RESOURCE_EXHAUSTED:
+        // ask again (backing off) until the deadline.
+        let mut delay = Duration::from_millis(50);
+        let mut stream = loop {
+            let refused = |s: Status| TransferError::Refused {
                 donor: self.donor.clone(),
                 code: s.code(),
                 message: s.message().to_string(),
-            })?
-            .into_inner();
+            };
+            match client.fetch_state(request.clone()).await {
+                Ok(r) => break r.into_inner(),
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    if Instant::now() + delay >= self.deadline {
+                        return Err(refused(s));
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(s) => return Err(refused(s)),
+            }
+        };
         let counters = self.hub.counters();
         let mut asm: Option<Assembly> = None;
         let expected = loop {
