@@ -20,6 +20,9 @@
 //!   `Peer` service) and [`peer::GrpcCollective`] (one generation's communicator:
 //!   slot-ordered exact reduce-scatter/all-gather, or a ring all-reduce).
 //!
+//! - [`status`]: what `tenax status` shows: the members' Status replies summarised
+//!   ([`status::summarize`]) and the table ([`status::render_table`]).
+//!
 //! Feature `chaos-hooks` (test builds only; `tenax/chaos-hooks` turns it on): the fault
 //! hook [`peer::GrpcCollective::exit_during_all_gather`]. Without it the hook's code is
 //! not compiled.
@@ -32,6 +35,7 @@ pub mod inprocess;
 pub mod member;
 pub mod peer;
 pub mod records;
+pub mod status;
 
 pub use collective::{Collective, CollectiveError, Reduced, SlotContribution, SlotFold};
 pub use inprocess::InProcessCollective;
