@@ -7,6 +7,7 @@
 //! test-only fault hooks and their guard in src/hooks.rs.
 
 mod bench;
+mod bench_pipeline;
 mod chaos;
 mod ckpt;
 mod config;
@@ -186,6 +187,10 @@ enum BenchCommand {
     /// Throughput of a joining daemon's state copy from a peer: a donor process and this
     /// one on loopback, over the peer data plane (gRPC FetchState).
     StateCopy(bench::BenchStateCopyArgs),
+    /// Pipeline parallelism in one process: tokens/s of S stages against one rank (same
+    /// model, batch and total threads), GPipe and 1F1B, for several micro-batch counts;
+    /// the bubble against (S-1)/(M+S-1); each stage's peak activation memory.
+    Pipeline(bench_pipeline::BenchPipelineArgs),
     /// The donor process of `bench state-copy` (internal).
     #[command(hide = true)]
     StateDonor(bench::StateDonorArgs),
@@ -266,6 +271,7 @@ fn main() -> ExitCode {
                 BenchCommand::Recovery(a) => bench::recovery(a).await,
                 BenchCommand::StateCopy(a) => bench::state_copy(a).await,
                 BenchCommand::StateDonor(a) => bench::state_donor(a).await,
+                BenchCommand::Pipeline(a) => bench_pipeline::pipeline(a).await,
             },
         }
     });
