@@ -2,7 +2,7 @@
 //!
 //! This binary only wires subcommands to the crates that do the work:
 //! `train` (src/train.rs), `daemon` (src/daemon.rs), `status` and `control`
-//! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs), `chaos` (src/chaos.rs),
+//! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs; `bench pipeline` in src/bench_pipeline.rs), `chaos` (src/chaos.rs),
 //! `data` (src/data_cmd.rs);
 //! test-only fault hooks and their guard in src/hooks.rs.
 
