@@ -548,32 +548,17 @@ mod tests {
         }
     }
 
+    /// A Status reply of member `id` of job `j` (the rest of its fields empty).
     fn reply(id: &str, step: u64, ranks: Vec<u32>, leader: bool) -> StatusReply {
+        let (job, member_id, generation) = ("j".into(), id.into(), 3);
         StatusReply {
-            job: "j".into(),
-            member_id: id.into(),
-            addr: String::new(),
-            generation: 3,
+            job,
+            member_id,
+            generation,
             ranks,
-            world: 4,
             step,
-            target_steps: 100,
-            loss: 2.5 + step as f64 / 100.0,
-            tokens_per_s: 1000.0 + step as f64,
-            param_hash: format!("{:0>64}", step),
-            last_checkpoint_step: step / 10 * 10,
-            last_checkpoint_url: if step >= 10 {
-                format!("file:///c/{}", step / 10 * 10)
-            } else {
-                String::new()
-            },
-            phase: "training".into(),
             leader,
-            stale_refused: 1,
-            metrics_addr: String::new(),
-            config_hash: "cfg".into(),
-            pipeline_stages: 0,
-            pipeline_schedule: String::new(),
+            ..Default::default()
         }
     }
 
