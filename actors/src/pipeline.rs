@@ -1293,6 +1293,21 @@ mod tests {
         }
     }
 
+    /// A 3-block tiny model, its layout, and 40 windows of its tokens.
+    fn three_blocks() -> (GptConfig, ParamLayout, Arc<TrainData>) {
+        let mut model = GptConfig::preset("tiny", 17).unwrap();
+        model.n_layer = 3;
+        let whole = ParamLayout::for_config(&model);
+        let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 40)
+            .map(|i| (i * 7 + i / 5) % 17)
+            .collect();
+        let data = Arc::new(TrainData {
+            train: tokens.clone(),
+            val: tokens,
+        });
+        (model, whole, data)
+    }
+
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
@@ -1319,16 +1334,7 @@ mod tests {
     /// state, validation loss and hash as one data-parallel rank; another seed differs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pipelines_match_one_rank_bit_for_bit() {
-        let mut model = GptConfig::preset("tiny", 17).unwrap();
-        model.n_layer = 3;
-        let whole = ParamLayout::for_config(&model);
-        let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 40)
-            .map(|i| (i * 7 + i / 5) % 17)
-            .collect();
-        let data = Arc::new(TrainData {
-            train: tokens.clone(),
-            val: tokens,
-        });
+        let (model, whole, data) = three_blocks();
         let val = [0u64, 3, 5, 7, 9];
         let init = tenax_model::init_params(&model, &whole, 1);
         let one = Trainer::start(
@@ -1387,16 +1393,7 @@ mod tests {
     /// bits of one rank.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pipelines_of_separate_processes_meet_in_a_whole_model_collective() {
-        let mut model = GptConfig::preset("tiny", 17).unwrap();
-        model.n_layer = 3;
-        let whole = ParamLayout::for_config(&model);
-        let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 40)
-            .map(|i| (i * 7 + i / 5) % 17)
-            .collect();
-        let data = Arc::new(TrainData {
-            train: tokens.clone(),
-            val: tokens,
-        });
+        let (model, whole, data) = three_blocks();
         let init = tenax_model::init_params(&model, &whole, 1);
         let one = Trainer::start(
             setup(&model, 1),
