@@ -94,6 +94,12 @@ async fn synthetic_trainer(
 
 /// Run the benchmark.
 pub async fn train(a: BenchTrainArgs) -> Result<()> {
+    if a.steps == 0 {
+        bail!("--steps 0: the median needs at least one timed step; pass --steps 1 or more");
+    }
+    if a.ranks == 0 {
+        bail!("--ranks 0: training needs at least one rank; pass --ranks 1 or more");
+    }
     let model = GptConfig::preset(&a.preset, a.vocab).map_err(|e| anyhow!("--preset: {e}"))?;
     let batch = BatchLayout::new(a.batch_size, a.micro_batch_size.unwrap_or(a.batch_size))
         .map_err(|e| anyhow!("{e}"))?;
@@ -455,6 +461,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Training stall per save (async checkpoints) and checkpoint upload/restore throughput as
 /// ratios to raw object_store puts/gets of the same bytes, measured side by side.
 pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
+    if a.steps == 0 {
+        bail!("--steps 0: each phase needs at least one timed step; pass --steps 1 or more");
+    }
+    if a.ckpt_every == 0 || a.ckpt_every > a.steps {
+        bail!(
+            "--ckpt-every {}: the phases with saves save every --ckpt-every of their --steps {} \
+             steps; pass 1 to {}",
+            a.ckpt_every,
+            a.steps,
+            a.steps
+        );
+    }
+    if a.ranks == 0 {
+        bail!("--ranks 0: training needs at least one rank; pass --ranks 1 or more");
+    }
+    if a.repeats == 0 {
+        bail!("--repeats 0: the upload/restore comparison needs at least one; pass --repeats 1 or more");
+    }
     let model = GptConfig::preset(&a.preset, a.vocab_size).map_err(|e| anyhow!("--preset: {e}"))?;
     let batch = BatchLayout::new(a.batch_size, 4.min(a.batch_size)).map_err(|e| anyhow!("{e}"))?;
     let layout = ParamLayout::for_config(&model);
@@ -1058,6 +1082,18 @@ pub(crate) fn corpus_or_synthetic(data: Option<&Path>, dir: &Path) -> Result<Pat
 /// `tenax train --ranks N` in one process, on the same machine, one after the other.
 pub async fn daemons(a: BenchDaemonsArgs) -> Result<()> {
     use tenax_chaos::cluster::{ClusterSpec, LocalCluster};
+    if a.nodes == 0 {
+        bail!("--nodes 0: the benchmark needs at least one daemon; pass --nodes 1 or more");
+    }
+    if a.steps <= a.warmup {
+        bail!(
+            "--steps {} with --warmup {}: no step is left to measure; pass --steps above --warmup",
+            a.steps,
+            a.warmup
+        );
+    }
+    BatchLayout::new(a.batch_size, a.micro_batch_size)
+        .map_err(|e| anyhow!("--batch-size/--micro-batch-size: {e}"))?;
     let tmp = tempfile::tempdir().context("temp dir")?;
     let data = corpus_or_synthetic(a.data.as_deref(), tmp.path())?;
     let exe = std::env::current_exe().context("the tenax binary")?;
@@ -1225,6 +1261,9 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
             "--nodes {}: a kill needs survivors; use at least 2",
             a.nodes
         );
+    }
+    if a.pipeline_stages == 0 {
+        bail!("--pipeline-stages 0: a rank runs at least one stage; pass 1 or more");
     }
     let tmp = tempfile::tempdir().context("temp dir")?;
     let data = corpus_or_synthetic(a.data.as_deref(), tmp.path())?;
@@ -1524,6 +1563,12 @@ pub async fn state_donor(a: StateDonorArgs) -> Result<()> {
 pub async fn state_copy(a: BenchStateCopyArgs) -> Result<()> {
     use std::io::BufRead;
     use tenax_cluster::peer::{fetch_state, HubConfig, PeerAddr, PeerHub};
+    if a.copies == 0 {
+        bail!("--copies 0: the median needs at least one measured copy; pass --copies 1 or more");
+    }
+    if a.params == 0 {
+        bail!("--params 0: an empty state has nothing to copy; pass --params 1 or more");
+    }
     let exe = std::env::current_exe().context("the tenax binary")?;
     let mut child = std::process::Command::new(&exe)
         .args(["bench", "state-donor", "--params", &a.params.to_string()])

@@ -14,6 +14,8 @@
 //! <= 1e-5 in f32; per element, as close as the unfused composition in f32), and the
 //! whole step against candle's graph in the tests of [`crate::step`].
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use gemm::Parallelism;
 
 /// Lanes of the fixed-order sums: wide enough for AVX-512, the same on every machine.
@@ -527,7 +529,8 @@ multiversion! {
 }
 
 /// A strided view of a row-major (or transposed) matrix for [`matmul`]: the element at
-/// (row `i`, column `j`) is `ptr[i * rs + j * cs]`.
+/// (row `i`, column `j`) is `ptr[i * rs + j * cs]`, with `len` values readable from
+/// `ptr` (what [`matmul`] checks its extents against in debug builds).
 #[derive(Clone, Copy, Debug)]
 pub struct Mat {
     /// First element.
@@ -536,25 +539,44 @@ pub struct Mat {
     pub rs: isize,
     /// Distance between columns.
     pub cs: isize,
+    /// Values readable from `ptr` on.
+    pub len: usize,
 }
 
 impl Mat {
     /// A row-major matrix with rows of `cols` values starting at `data`.
     pub fn rows(data: &[f32], cols: usize) -> Self {
-        Self {
-            ptr: data.as_ptr(),
-            rs: cols as isize,
-            cs: 1,
-        }
+        Self::strided(data, cols as isize, 1)
     }
 
     /// The transpose of the row-major matrix with rows of `cols` values at `data`.
     pub fn rows_t(data: &[f32], cols: usize) -> Self {
+        Self::strided(data, 1, cols as isize)
+    }
+
+    /// The matrix whose element (row `i`, column `j`) is `data[i * rs + j * cs]`.
+    pub fn strided(data: &[f32], rs: isize, cs: isize) -> Self {
         Self {
             ptr: data.as_ptr(),
-            rs: 1,
-            cs: cols as isize,
+            rs,
+            cs,
+            len: data.len(),
         }
+    }
+
+    /// The view addresses a `rows x cols` matrix inside its `len` values (strides not
+    /// negative).
+    fn holds(&self, rows: usize, cols: usize) -> bool {
+        if rows == 0 || cols == 0 {
+            return true;
+        }
+        let (Ok(rs), Ok(cs)) = (usize::try_from(self.rs), usize::try_from(self.cs)) else {
+            return false;
+        };
+        (rows - 1)
+            .checked_mul(rs)
+            .and_then(|r| r.checked_add((cols - 1).checked_mul(cs)?))
+            .is_some_and(|last| last < self.len)
     }
 }
 
@@ -562,9 +584,12 @@ impl Mat {
 /// `threads` threads (gemm splits the output, never the `k` sum, and its blocking does not
 /// depend on the thread count, so the bits do not either).
 ///
+/// Debug builds assert the extents they can see: `a` and `b` inside their `len`, and
+/// `n <= dst_rs` (the destination's length is the caller's to check).
+///
 /// # Safety
-/// `a` and `b` must address `m x k` and `k x n` readable elements, and `dst` `m x n`
-/// writable ones at row stride `dst_rs`, none overlapping `dst`.
+/// `a` and `b` must address `m x k` and `k x n` readable elements inside their `len`, and
+/// `dst` `m x n` writable ones at row stride `dst_rs`, none overlapping `dst`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(
     m: usize,
@@ -577,6 +602,12 @@ pub unsafe fn matmul(
     b: Mat,
     threads: usize,
 ) {
+    debug_assert!(a.holds(m, k), "matmul: a {a:?} does not hold {m} x {k}");
+    debug_assert!(b.holds(k, n), "matmul: b {b:?} does not hold {k} x {n}");
+    debug_assert!(
+        m <= 1 || n <= dst_rs,
+        "matmul: dst rows of {n} overlap at stride {dst_rs}"
+    );
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {

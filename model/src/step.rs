@@ -8,6 +8,8 @@
 //! reference the tests compare it with. The result does not depend on the thread count:
 //! see [`crate::kernels`].
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -178,18 +180,61 @@ pub struct Workspace {
     scratch: Vec<f32>,
 }
 
-/// A raw pointer that may cross to another thread: each task writes a disjoint part.
+/// The start and length of a buffer, which may cross to other threads so that parallel
+/// tasks can each write a disjoint part of it. Making one and offsetting it are safe
+/// (offsets are checked against the length); reading or writing through it is not.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint regions of one buffer to parallel tasks.
+struct SendPtr {
+    ptr: *mut f32,
+    len: usize,
+}
+// SAFETY: a `SendPtr` is an address and a length; every access through it is an
+// `unsafe` block whose caller keeps the tasks' regions disjoint (see `SendPtr::slice`).
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
+    fn new(buf: &mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    /// The address of element `offset` (`offset == len` is the end).
+    ///
+    /// # Panics
+    /// When `offset` is past the end of the buffer.
     fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: offsets stay inside the buffer the pointer came from.
-        unsafe { self.0.add(offset) }
+        assert!(
+            offset <= self.len,
+            "offset {offset} past the end of a buffer of {}",
+            self.len
+        );
+        // Wrapping arithmetic is safe whatever became of the buffer; the assert keeps
+        // the address inside it.
+        self.ptr.wrapping_add(offset)
+    }
+
+    /// Elements `start .. start + len` of the buffer.
+    ///
+    /// # Panics
+    /// When the buffer does not hold them.
+    ///
+    /// # Safety
+    /// The buffer this was made from must stay alive, unmoved and unresized for `'a`, and
+    /// no other reference to these elements (another slice from here included) may be
+    /// used while the returned slice lives.
+    unsafe fn slice<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
+        assert!(
+            start <= self.len && len <= self.len - start,
+            "elements {start}..{} past the end of a buffer of {}",
+            start.saturating_add(len),
+            self.len
+        );
+        // SAFETY: in bounds by the assert; alive and unaliased by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }
 
@@ -690,17 +735,16 @@ impl Workspace {
         let threads = self.threads;
         let o = &self.offsets;
         let p = |r: &Range<usize>| &params[r.clone()];
-        let gptr = SendPtr(grad.as_mut_ptr());
-        // Disjoint mutable views of the gradient, one parameter at a time.
-        let g = |r: &Range<usize>| grad_view(gptr, r);
         if o.head {
             // LM head (tied to wte): dlnf = dlogits * wte; dwte += dlogits^T * lnf, side by
             // side as in `linear_bwd`.
             let (logits, lnf, dln) = (&self.logits, &self.lnf, &mut self.dln);
-            let gwte = g(&o.wte);
+            let gwte = &mut grad[o.wte.clone()];
             let wte = p(&o.wte);
+            assert!(dln.len() >= n * c && gwte.len() >= v * c);
             let mut input = |threads: usize| {
-                // SAFETY: logits (n, V), wte (V, C), dln (n, C).
+                // SAFETY: logits (n, V), wte (V, C), dln (n, C) (`ensure` sized the
+                // buffers for this shape; the assert above checks the destinations).
                 unsafe {
                     kernels::matmul(
                         n,
@@ -716,7 +760,8 @@ impl Workspace {
                 }
             };
             let mut weights = |threads: usize| {
-                // SAFETY: logits read transposed (V, n), lnf (n, C), gwte (V, C).
+                // SAFETY: logits read transposed (V, n), lnf (n, C), gwte (V, C), as above;
+                // distinct borrows do not overlap.
                 unsafe {
                     kernels::matmul(
                         v,
@@ -739,6 +784,7 @@ impl Workspace {
                 input(1);
             }
             self.dres[..n * c].fill(0.0);
+            let (dw, db) = grad_pair(grad, &o.lnf_w, &o.lnf_b);
             layer_norm_bwd(
                 threads,
                 &self.dln[..n * c],
@@ -748,8 +794,8 @@ impl Workspace {
                 &self.lnf_rstd[..n],
                 &mut self.dres[..n * c],
                 &mut self.scratch,
-                g(&o.lnf_w),
-                g(&o.lnf_b),
+                dw,
+                db,
             );
         } else if let Some(dout) = dout {
             self.dres[..n * c].copy_from_slice(&dout[..n * c]);
@@ -758,13 +804,14 @@ impl Workspace {
             let bp = &o.blocks[l];
             let a = &self.blocks[l];
             // MLP output projection.
+            let (dw, db) = grad_pair(grad, &bp.fcproj_w, &bp.fcproj_b);
             linear_bwd(
                 threads,
                 &self.dres[..n * c],
                 &a.fch_gelu[..n * 4 * c],
                 p(&bp.fcproj_w),
-                g(&bp.fcproj_w),
-                g(&bp.fcproj_b),
+                dw,
+                db,
                 &mut self.dbig[..n * 4 * c],
                 4 * c,
                 c,
@@ -774,17 +821,19 @@ impl Workspace {
                 &a.fch_dgelu[..n * 4 * c],
                 &mut self.dbig[..n * 4 * c],
             );
+            let (dw, db) = grad_pair(grad, &bp.fc_w, &bp.fc_b);
             linear_bwd(
                 threads,
                 &self.dbig[..n * 4 * c],
                 &a.ln2[..n * c],
                 p(&bp.fc_w),
-                g(&bp.fc_w),
-                g(&bp.fc_b),
+                dw,
+                db,
                 &mut self.dln[..n * c],
                 c,
                 4 * c,
             );
+            let (dw, db) = grad_pair(grad, &bp.ln2_w, &bp.ln2_b);
             layer_norm_bwd(
                 threads,
                 &self.dln[..n * c],
@@ -794,17 +843,18 @@ impl Workspace {
                 &a.ln2_rstd[..n],
                 &mut self.dres[..n * c],
                 &mut self.scratch,
-                g(&bp.ln2_w),
-                g(&bp.ln2_b),
+                dw,
+                db,
             );
             // Attention.
+            let (dw, db) = grad_pair(grad, &bp.proj_w, &bp.proj_b);
             linear_bwd(
                 threads,
                 &self.dres[..n * c],
                 &a.atty[..n * c],
                 p(&bp.proj_w),
-                g(&bp.proj_w),
-                g(&bp.proj_b),
+                dw,
+                db,
                 &mut self.dtmp[..n * c],
                 c,
                 c,
@@ -821,17 +871,19 @@ impl Workspace {
                 nh,
                 c,
             );
+            let (dw, db) = grad_pair(grad, &bp.attn_w, &bp.attn_b);
             linear_bwd(
                 threads,
                 &self.dqkv[..n * 3 * c],
                 &a.ln1[..n * c],
                 p(&bp.attn_w),
-                g(&bp.attn_w),
-                g(&bp.attn_b),
+                dw,
+                db,
                 &mut self.dln[..n * c],
                 c,
                 3 * c,
             );
+            let (dw, db) = grad_pair(grad, &bp.ln1_w, &bp.ln1_b);
             layer_norm_bwd(
                 threads,
                 &self.dln[..n * c],
@@ -841,19 +893,19 @@ impl Workspace {
                 &a.ln1_rstd[..n],
                 &mut self.dres[..n * c],
                 &mut self.scratch,
-                g(&bp.ln1_w),
-                g(&bp.ln1_b),
+                dw,
+                db,
             );
         }
         // Embeddings, rows in order (the token embedding's only with the head, which it
         // is tied to: elsewhere that stage adds them, `add_embedding_grad`).
         if o.embed {
-            let gwpe = g(&o.wpe);
+            let gwpe = &mut grad[o.wpe.clone()];
             for (r, row) in self.dres[..n * c].chunks_exact(c).enumerate() {
                 kernels::add_rows(row, &mut gwpe[(r % t) * c..(r % t + 1) * c]);
             }
             if o.head {
-                add_token_rows(g(&o.wte), &self.dres[..n * c], tokens, c);
+                add_token_rows(&mut grad[o.wte.clone()], &self.dres[..n * c], tokens, c);
             }
         }
     }
@@ -873,7 +925,7 @@ struct FwdBufs {
 
 impl FwdBufs {
     fn new(ws: &mut Workspace) -> Self {
-        let ptr = |v: &mut Vec<f32>| SendPtr(v.as_mut_ptr());
+        let ptr = |v: &mut Vec<f32>| SendPtr::new(v);
         Self {
             blocks: ws
                 .blocks
@@ -907,13 +959,18 @@ impl FwdBufs {
     }
 }
 
-/// Rows `[start * width, (start + len) * width)` of the buffer at `p`.
+/// Rows `start .. start + len` of the buffer at `p`, whose rows hold `width` values:
+/// elements `start * width .. (start + len) * width`.
+///
+/// # Panics
+/// When the buffer does not hold them.
 ///
 /// # Safety
-/// The buffer must hold them, and no one else may use them while the slice lives.
+/// As [`SendPtr::slice`]: the buffer outlives `'a`, and no other reference to these rows
+/// is used while the slice lives.
 unsafe fn rows<'a>(p: SendPtr, start: usize, len: usize, width: usize) -> &'a mut [f32] {
-    // SAFETY: as documented.
-    unsafe { std::slice::from_raw_parts_mut(p.at(start * width), len * width) }
+    // SAFETY: the caller's contract is `slice`'s.
+    unsafe { p.slice(start * width, len * width) }
 }
 
 /// The forward pass of sequences `seqs` (and their rows' losses), on `threads` threads.
@@ -934,8 +991,11 @@ fn forward_part(
     let (r0, n) = (seqs.start * t, seqs.len() * t);
     let batch = seqs.len();
     let p = |r: &Range<usize>| &params[r.clone()];
-    // SAFETY (every `rows` below): the buffers are sized for the whole batch; this part
-    // owns rows r0 .. r0 + n of each (sequences `seqs` of att).
+    // Every `rows` below takes rows r0 .. r0 + n (of att: sequences `seqs`) of a buffer
+    // of `bufs`: `forward` gives each part its own sequences, keeps the workspace (and so
+    // every buffer) borrowed until the parts have joined, and touches the buffers no
+    // other way meanwhile; one part's views of one buffer never live at the same time.
+    // SAFETY: as above.
     let x = unsafe { rows(bufs.blocks[0][0], r0, n, c) };
     match input {
         StageInput::Tokens(inputs) => {
@@ -957,20 +1017,37 @@ fn forward_part(
         let b = &bufs.blocks[l];
         let [x, ln1, ln1_mean, ln1_rstd, qkv, att, atty, res2, ln2, ln2_mean, ln2_rstd, fch, fch_gelu, fch_dgelu] =
             *b;
-        let (x, ln1) = unsafe { (rows(x, r0, n, c), rows(ln1, r0, n, c)) };
-        let (ln1_mean, ln1_rstd) = unsafe { (rows(ln1_mean, r0, n, 1), rows(ln1_rstd, r0, n, 1)) };
-        let qkv = unsafe { rows(qkv, r0, n, 3 * c) };
-        let att = unsafe { rows(att, seqs.start, batch, att_len) };
-        let atty = unsafe { rows(atty, r0, n, c) };
-        let res2 = unsafe { rows(res2, r0, n, c) };
-        let ln2 = unsafe { rows(ln2, r0, n, c) };
-        let (ln2_mean, ln2_rstd) = unsafe { (rows(ln2_mean, r0, n, 1), rows(ln2_rstd, r0, n, 1)) };
-        let fch = unsafe { rows(fch, r0, n, 4 * c) };
-        let fch_gelu = unsafe { rows(fch_gelu, r0, n, 4 * c) };
-        let fch_dgelu = unsafe { rows(fch_dgelu, r0, n, 4 * c) };
+        // This block's buffers are distinct, and its output is the next block's input
+        // (or x_out), which no view of this iteration shares; the views of the last
+        // iteration (the previous block's output is this one's `x`) are dead.
         let out = match bufs.blocks.get(l + 1) {
-            Some(next) => unsafe { rows(next[0], r0, n, c) },
-            None => unsafe { rows(bufs.x_out, r0, n, c) },
+            Some(next) => next[0],
+            None => bufs.x_out,
+        };
+        // SAFETY: as above.
+        let (x, ln1, ln1_mean, ln1_rstd, qkv, att, atty, out) = unsafe {
+            (
+                rows(x, r0, n, c),
+                rows(ln1, r0, n, c),
+                rows(ln1_mean, r0, n, 1),
+                rows(ln1_rstd, r0, n, 1),
+                rows(qkv, r0, n, 3 * c),
+                rows(att, seqs.start, batch, att_len),
+                rows(atty, r0, n, c),
+                rows(out, r0, n, c),
+            )
+        };
+        // SAFETY: as above.
+        let (res2, ln2, ln2_mean, ln2_rstd, fch, fch_gelu, fch_dgelu) = unsafe {
+            (
+                rows(res2, r0, n, c),
+                rows(ln2, r0, n, c),
+                rows(ln2_mean, r0, n, 1),
+                rows(ln2_rstd, r0, n, 1),
+                rows(fch, r0, n, 4 * c),
+                rows(fch_gelu, r0, n, 4 * c),
+                rows(fch_dgelu, r0, n, 4 * c),
+            )
         };
         layer_norm(
             threads,
@@ -1004,10 +1081,15 @@ fn forward_part(
     if !o.head {
         return;
     }
-    let x_out = unsafe { rows(bufs.x_out, r0, n, c) };
-    let lnf = unsafe { rows(bufs.lnf, r0, n, c) };
-    let (lnf_mean, lnf_rstd) =
-        unsafe { (rows(bufs.lnf_mean, r0, n, 1), rows(bufs.lnf_rstd, r0, n, 1)) };
+    // SAFETY: as above; the blocks' views are dead.
+    let (x_out, lnf, lnf_mean, lnf_rstd) = unsafe {
+        (
+            rows(bufs.x_out, r0, n, c),
+            rows(bufs.lnf, r0, n, c),
+            rows(bufs.lnf_mean, r0, n, 1),
+            rows(bufs.lnf_rstd, r0, n, 1),
+        )
+    };
     layer_norm(
         threads,
         x_out,
@@ -1017,6 +1099,7 @@ fn forward_part(
         lnf_mean,
         lnf_rstd,
     );
+    // SAFETY: as above.
     let logits = unsafe { rows(bufs.logits, r0, n, v) };
     // SAFETY: lnf is (n, C), wte (V, C) read transposed, logits (n, V).
     unsafe {
@@ -1032,6 +1115,7 @@ fn forward_part(
             threads,
         );
     }
+    // SAFETY: as above.
     let losses = unsafe { rows(bufs.losses, r0, n, 1) };
     let targets = &targets[r0..r0 + n];
     if with_grad {
@@ -1041,11 +1125,24 @@ fn forward_part(
     }
 }
 
-/// The gradient of one parameter.
-fn grad_view<'a>(grad: SendPtr, r: &Range<usize>) -> &'a mut [f32] {
-    // SAFETY: `grad` points at the whole flat gradient; layout ranges do not overlap, and
-    // each view is dropped before the next view of the same range is made.
-    unsafe { std::slice::from_raw_parts_mut(grad.at(r.start), r.len()) }
+/// The gradients of two parameters at once (a weight and its bias): their disjoint
+/// ranges `a` and `b` of the flat gradient.
+///
+/// # Panics
+/// When the ranges overlap or `grad` does not hold them.
+fn grad_pair<'a>(
+    grad: &'a mut [f32],
+    a: &Range<usize>,
+    b: &Range<usize>,
+) -> (&'a mut [f32], &'a mut [f32]) {
+    if a.end <= b.start {
+        let (lo, hi) = grad.split_at_mut(b.start);
+        (&mut lo[a.clone()], &mut hi[..b.len()])
+    } else {
+        assert!(b.end <= a.start, "parameter ranges {a:?} and {b:?} overlap");
+        let (lo, hi) = grad.split_at_mut(a.start);
+        (&mut hi[..a.len()], &mut lo[b.clone()])
+    }
 }
 
 /// Adds row `r` of `dx` to row `tokens[r]` of the token embedding's gradient, in order.
@@ -1159,7 +1256,14 @@ fn dense(
     accumulate: bool,
 ) {
     let n = x.len() / d_in;
-    // SAFETY: x (n, d_in), w (d_in, d_out), out (n, d_out) do not overlap.
+    assert!(
+        w.len() >= d_in * d_out && out.len() >= n * d_out,
+        "dense: w of {} and out of {} values for {n} x {d_in} -> {d_out}",
+        w.len(),
+        out.len()
+    );
+    // SAFETY: x (n, d_in), w (d_in, d_out), out (n, d_out) by the assert; distinct
+    // borrows do not overlap.
     unsafe {
         kernels::matmul(
             n,
@@ -1192,9 +1296,21 @@ fn linear_bwd(
     d_out: usize,
 ) {
     let n = dy.len() / d_out;
+    assert!(
+        x.len() >= n * d_in
+            && w.len() >= d_in * d_out
+            && dw.len() >= d_in * d_out
+            && dx.len() >= n * d_in,
+        "linear_bwd: x {}, w {}, dw {}, dx {} values for {n} x {d_in} -> {d_out}",
+        x.len(),
+        w.len(),
+        dw.len(),
+        dx.len()
+    );
     let mut weights = |threads: usize| {
         kernels::add_rows(dy, db);
-        // SAFETY: x (n, d_in) read transposed, dy (n, d_out), dw (d_in, d_out).
+        // SAFETY: x (n, d_in) read transposed, dy (n, d_out), dw (d_in, d_out), by the
+        // assert; distinct borrows do not overlap.
         unsafe {
             kernels::matmul(
                 d_in,
@@ -1210,7 +1326,8 @@ fn linear_bwd(
         }
     };
     let mut input = |threads: usize| {
-        // SAFETY: dy (n, d_out), w (d_in, d_out) read transposed, dx (n, d_in).
+        // SAFETY: dy (n, d_out), w (d_in, d_out) read transposed, dx (n, d_in), by the
+        // assert; distinct borrows do not overlap.
         unsafe {
             kernels::matmul(
                 n,
@@ -1260,57 +1377,37 @@ pub fn attention_fwd(
 ) {
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
-    let (att_p, y_p) = (SendPtr(att.as_mut_ptr()), SendPtr(y.as_mut_ptr()));
-    let qkv_p = qkv.as_ptr() as usize;
+    let (n, tt) = (batch * t, t * t);
+    assert!(
+        qkv.len() == n * 3 * c && att.len() >= batch * nh * tt && y.len() == n * c,
+        "attention_fwd: buffers of {}, {}, {} values for batch {batch}, t {t}, {nh} heads, \
+         C {c}: pass qkv (batch * t, 3C), att (batch, heads, t, t), y (batch * t, C)",
+        qkv.len(),
+        att.len(),
+        y.len(),
+    );
+    if n == 0 {
+        return;
+    }
+    let (att_p, y_p) = (SendPtr::new(att), SendPtr::new(y));
+    let rs3 = 3 * c as isize;
     head_tasks(threads, batch * nh, |task| {
         let (b, h) = (task / nh, task % nh);
-        let base = qkv_p as *const f32;
-        // SAFETY: every pointer stays inside its buffer; each task writes its own
-        // (b, h) block of att and its own columns of y's rows of sequence b.
+        // q, k, v of head h of sequence b: t rows of hd columns at stride 3C.
+        let q_at = b * t * 3 * c + h * hd;
+        let q = Mat::strided(&qkv[q_at..], rs3, 1);
+        let k_t = Mat::strided(&qkv[q_at + c..], 1, rs3);
+        let v = Mat::strided(&qkv[q_at + 2 * c..], rs3, 1);
+        // SAFETY: by the assert above, the (b, h) block of att holds t x t values and
+        // y's rows of sequence b hold columns h * hd .. (h + 1) * hd <= C; each task
+        // writes only its own block of att and its own columns of y, and reads q, k, v
+        // (t x hd at stride 3C) inside qkv, which no task writes.
         unsafe {
-            let q = base.add(b * t * 3 * c + h * hd);
-            let k = q.add(c);
-            let v = q.add(2 * c);
-            let s = att_p.at(task * t * t);
-            kernels::matmul(
-                t,
-                t,
-                hd,
-                s,
-                t,
-                false,
-                Mat {
-                    ptr: q,
-                    rs: 3 * c as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: k,
-                    rs: 1,
-                    cs: 3 * c as isize,
-                },
-                1,
-            );
-            kernels::causal_softmax(std::slice::from_raw_parts_mut(s, t * t), t, scale);
-            kernels::matmul(
-                t,
-                hd,
-                t,
-                y_p.at(b * t * c + h * hd),
-                c,
-                false,
-                Mat {
-                    ptr: s,
-                    rs: t as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: v,
-                    rs: 3 * c as isize,
-                    cs: 1,
-                },
-                1,
-            );
+            let s = att_p.slice(task * tt, tt);
+            kernels::matmul(t, t, hd, s.as_mut_ptr(), t, false, q, k_t, 1);
+            kernels::causal_softmax(s, t, scale);
+            let s = Mat::rows(s, t);
+            kernels::matmul(t, hd, t, y_p.at(b * t * c + h * hd), c, false, s, v, 1);
         }
     });
 }
@@ -1333,44 +1430,52 @@ pub fn attention_bwd(
 ) {
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
-    let (datt_p, dqkv_p) = (SendPtr(datt.as_mut_ptr()), SendPtr(dqkv.as_mut_ptr()));
-    let (qkv_p, att_p, dy_p) = (
-        qkv.as_ptr() as usize,
-        att.as_ptr() as usize,
-        dy.as_ptr() as usize,
+    let (n, tt) = (batch * t, t * t);
+    assert!(
+        dy.len() == n * c
+            && qkv.len() == n * 3 * c
+            && att.len() >= batch * nh * tt
+            && datt.len() >= batch * nh * tt
+            && dqkv.len() == n * 3 * c,
+        "attention_bwd: buffers of {}, {}, {}, {}, {} values for batch {batch}, t {t}, \
+         {nh} heads, C {c}: pass dy (batch * t, C), qkv and dqkv (batch * t, 3C), att and \
+         datt (batch, heads, t, t)",
+        dy.len(),
+        qkv.len(),
+        att.len(),
+        datt.len(),
+        dqkv.len(),
     );
+    if n == 0 {
+        return;
+    }
+    let (datt_p, dqkv_p) = (SendPtr::new(datt), SendPtr::new(dqkv));
+    let rs3 = 3 * c as isize;
     head_tasks(threads, batch * nh, |task| {
         let (b, h) = (task / nh, task % nh);
-        // SAFETY: as in attention_fwd; each task writes its own block of datt and its own
-        // columns of dqkv's rows of sequence b.
+        let q_at = b * t * 3 * c + h * hd;
+        let (q, k, v) = (&qkv[q_at..], &qkv[q_at + c..], &qkv[q_at + 2 * c..]);
+        let p = &att[task * tt..(task + 1) * tt];
+        let dyh = &dy[b * t * c + h * hd..];
+        let dq = dqkv_p.at(q_at);
+        let (dk, dv) = (dqkv_p.at(q_at + c), dqkv_p.at(q_at + 2 * c));
+        // SAFETY: by the assert above, each task's (b, h) block of datt holds t x t
+        // values and dq, dk, dv (t rows of hd columns at stride 3C) lie inside dqkv's rows
+        // of sequence b; each task writes only its own block of datt and its own columns
+        // of dqkv, and reads q, k, v, p, dy (t x hd at stride 3C, t x t, t x hd at
+        // stride C), which no task writes.
         unsafe {
-            let q = (qkv_p as *const f32).add(b * t * 3 * c + h * hd);
-            let k = q.add(c);
-            let v = q.add(2 * c);
-            let p = (att_p as *const f32).add(task * t * t);
-            let dyh = (dy_p as *const f32).add(b * t * c + h * hd);
-            let dp = datt_p.at(task * t * t);
-            let dq = dqkv_p.at(b * t * 3 * c + h * hd);
-            let (dk, dv) = (dq.add(c), dq.add(2 * c));
-            let rs3 = 3 * c as isize;
+            let dp = datt_p.slice(task * tt, tt);
             // dP = dY V^T; dV = P^T dY.
             kernels::matmul(
                 t,
                 t,
                 hd,
-                dp,
+                dp.as_mut_ptr(),
                 t,
                 false,
-                Mat {
-                    ptr: dyh,
-                    rs: c as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: v,
-                    rs: 1,
-                    cs: rs3,
-                },
+                Mat::strided(dyh, c as isize, 1),
+                Mat::strided(v, 1, rs3),
                 1,
             );
             kernels::matmul(
@@ -1380,24 +1485,11 @@ pub fn attention_bwd(
                 dv,
                 3 * c,
                 false,
-                Mat {
-                    ptr: p,
-                    rs: 1,
-                    cs: t as isize,
-                },
-                Mat {
-                    ptr: dyh,
-                    rs: c as isize,
-                    cs: 1,
-                },
+                Mat::rows_t(p, t),
+                Mat::strided(dyh, c as isize, 1),
                 1,
             );
-            kernels::causal_softmax_bwd(
-                std::slice::from_raw_parts(p, t * t),
-                std::slice::from_raw_parts_mut(dp, t * t),
-                t,
-                scale,
-            );
+            kernels::causal_softmax_bwd(p, dp, t, scale);
             // dQ = dS K; dK = dS^T Q.
             kernels::matmul(
                 t,
@@ -1406,16 +1498,8 @@ pub fn attention_bwd(
                 dq,
                 3 * c,
                 false,
-                Mat {
-                    ptr: dp,
-                    rs: t as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: k,
-                    rs: rs3,
-                    cs: 1,
-                },
+                Mat::rows(dp, t),
+                Mat::strided(k, rs3, 1),
                 1,
             );
             kernels::matmul(
@@ -1425,16 +1509,8 @@ pub fn attention_bwd(
                 dk,
                 3 * c,
                 false,
-                Mat {
-                    ptr: dp,
-                    rs: 1,
-                    cs: t as isize,
-                },
-                Mat {
-                    ptr: q,
-                    rs: rs3,
-                    cs: 1,
-                },
+                Mat::rows_t(dp, t),
+                Mat::strided(q, rs3, 1),
                 1,
             );
         }

@@ -32,7 +32,7 @@ pub struct DaemonArgs {
     /// This node's id, unique in the job [default: <hostname>-<pid>].
     #[arg(long)]
     pub node_id: Option<String>,
-    /// Ranks (CPU slots or GPUs) this node hosts [default: 1].
+    /// Ranks this node hosts, on its CPUs (tenax has no GPU path yet) [default: 1].
     #[arg(long)]
     pub devices: Option<u32>,
     /// The job trains only with at least this many nodes; below it, it waits [default: 1].
@@ -294,4 +294,58 @@ pub(crate) fn settings(args: &mut DaemonArgs) -> Result<Settings> {
 /// `<root>/<job>`, whatever the root's trailing slash.
 pub(crate) fn job_store_url(root: &str, job: &str) -> String {
     format!("{}/{job}", root.trim_end_matches('/'))
+}
+
+/// The warning for a daemon whose listen address `bound` is unspecified (0.0.0.0 or ::,
+/// as the default `--listen`) and that has no `--advertise-addr`: it then advertises
+/// 127.0.0.1, which peers on other hosts cannot reach. `None` when there is nothing to
+/// warn about.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "src/daemon.rs's bind() is to print it; remove this then"
+    )
+)]
+pub(crate) fn unroutable_advertise_warning(
+    bound: SocketAddr,
+    advertise: Option<&str>,
+) -> Option<String> {
+    if advertise.is_some() || !bound.ip().is_unspecified() {
+        return None;
+    }
+    Some(format!(
+        "--listen {bound} without --advertise-addr: this node advertises 127.0.0.1:{}, \
+         which peers on other hosts cannot reach; pass --advertise-addr HOST:{} with an \
+         address they can route to",
+        bound.port(),
+        bound.port()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warns_only_for_an_unspecified_listen_address_without_advertise_addr() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for (listen, advertise, warns) in [
+            ("0.0.0.0:7070", None, true),
+            ("[::]:7070", None, true),
+            ("0.0.0.0:7070", Some("10.0.0.11:7070"), false),
+            ("127.0.0.1:7070", None, false),
+            ("10.0.0.11:7070", None, false),
+        ] {
+            let got = unroutable_advertise_warning(addr(listen), advertise);
+            assert_eq!(got.is_some(), warns, "{listen} {advertise:?}: {got:?}");
+            if let Some(w) = got {
+                assert!(!w.contains('\n'), "one line: {w}");
+                assert!(
+                    w.contains("127.0.0.1:7070") && w.contains("--advertise-addr"),
+                    "{w}"
+                );
+            }
+        }
+    }
 }
