@@ -218,26 +218,10 @@ impl Membership {
             member.plan_receiver(),
             member.state_receiver(),
         );
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let args = (member, Arc::clone(&stats));
-        node.adopt(
-            "membership",
-            MEMBERSHIP_POLICY,
-            Box::new(move |parent| {
-                Box::pin(async move {
-                    let (a, _) = Actor::spawn_linked(None, MembershipActor, args, parent)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let cell = a.get_cell();
-                    let _ = tx.send(a);
-                    Ok(cell)
-                })
-            }),
-        )
-        .await?;
-        let actor = rx
-            .await
-            .map_err(|_| ActorsError::Start("the membership actor did not start".into()))?;
+        let actor = node
+            .adopt_actor("membership", MEMBERSHIP_POLICY, MembershipActor, args)
+            .await?;
         Ok(Self {
             actor,
             id,

@@ -472,6 +472,34 @@ impl NodeSupervisor {
         .await
     }
 
+    /// [`NodeSupervisor::adopt`] for one actor: spawn `actor` with `args`, linked to
+    /// the supervisor, and return its handle once it started.
+    ///
+    /// # Errors
+    /// As [`NodeSupervisor::add`].
+    pub async fn adopt_actor<A: Actor>(
+        &self,
+        name: &str,
+        policy: RestartPolicy,
+        actor: A,
+        args: A::Arguments,
+    ) -> Result<ActorRef<A::Msg>, ActorsError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start: AdoptFactory = Box::new(move |parent| {
+            Box::pin(async move {
+                let (a, _) = Actor::spawn_linked(None, actor, args, parent)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let cell = a.get_cell();
+                let _ = tx.send(a);
+                Ok(cell)
+            })
+        });
+        self.adopt(name, policy, start).await?;
+        rx.await
+            .map_err(|_| ActorsError::Start(format!("the {name} actor did not start")))
+    }
+
     async fn ask(
         &self,
         name: &str,

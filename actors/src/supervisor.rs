@@ -475,25 +475,9 @@ where
             .map_err(|e| ActorsError::Start(e.to_string()))?;
         return Ok((sup, Some(handle)));
     };
-    let (tx, rx) = oneshot::channel();
-    node.adopt(
-        "trainer",
-        TRAINER_POLICY,
-        Box::new(move |parent| {
-            Box::pin(async move {
-                let (sup, _) = Actor::spawn_linked(None, actor, args, parent)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let cell = sup.get_cell();
-                let _ = tx.send(sup);
-                Ok(cell)
-            })
-        }),
-    )
-    .await?;
-    let sup = rx
-        .await
-        .map_err(|_| ActorsError::Start("the trainer did not start".into()))?;
+    let sup = node
+        .adopt_actor("trainer", TRAINER_POLICY, actor, args)
+        .await?;
     Ok((sup, None))
 }
 
