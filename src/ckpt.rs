@@ -1,16 +1,20 @@
-//! `tenax ckpt list|inspect|verify|prune|export`: operating on the checkpoints of a store.
+//! `tenax ckpt list|inspect|verify|prune|export|keygen`: operating on the checkpoints of a
+//! store.
 //!
-//! Every command takes a store URL (the root given to `tenax train --store`); `inspect`,
-//! `verify` and `export` also take the URL of one checkpoint folder inside it.
+//! Every command but `keygen` takes a store URL (the root given to `tenax train --store`);
+//! `inspect`, `verify` and `export` also take the URL of one checkpoint folder inside it.
+//! `verify` and `export` take `--trust-key FILE.pub`: then a checkpoint whose manifest is not
+//! signed by that key is refused. `keygen` writes a signing key pair (`tenax_storage::signing`).
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use tenax_core::ckpt::RetentionPolicy;
 use tenax_storage::manifest::parse_folder_name;
-use tenax_storage::{AttemptStatus, ListedAttempt, Listing, Store};
+use tenax_storage::{AttemptStatus, ListedAttempt, Listing, ManifestKeys, Store, TrustKey};
 
 use crate::train::OPTIMIZER_PREFIX;
 
@@ -24,6 +28,28 @@ fn open(url: &str) -> Result<(Store, Option<String>)> {
         }
     }
     Ok((Store::open(url).map_err(|e| anyhow!("{e}"))?, None))
+}
+
+/// [`open`], the store refusing checkpoints not signed by the key in `trust_key` (if given).
+fn open_trusting(url: &str, trust_key: Option<&Path>) -> Result<(Store, Option<String>)> {
+    let (store, folder) = open(url)?;
+    let Some(path) = trust_key else {
+        return Ok((store, folder));
+    };
+    let trust = TrustKey::read_file(path).map_err(anyhow::Error::msg)?;
+    let keys = ManifestKeys {
+        sign: None,
+        trust: Some(Arc::new(trust)),
+    };
+    Ok((store.with_keys(keys), folder))
+}
+
+/// `signed by <key id>` or `unsigned`, for a manifest.
+fn signed_by(m: &tenax_storage::Manifest) -> String {
+    match m.signer.get(..16) {
+        Some(id) if !m.signature.is_empty() => format!("signed by {id}"),
+        _ => "unsigned".into(),
+    }
 }
 
 async fn listing(store: &Store) -> Result<Listing> {
@@ -73,6 +99,10 @@ pub async fn list(url: &str, as_json: bool) -> Result<()> {
                 if let Some(m) = &a.manifest {
                     row["created_unix_ms"] = json!(m.created_unix_ms);
                     row["data_cursor"] = json!(m.data_cursor);
+                    row["format_version"] = json!(m.format_version);
+                    if !m.signature.is_empty() {
+                        row["signer"] = json!(m.signer);
+                    }
                     // The nodes that wrote its files (a checkpoint written by several).
                     let writers: std::collections::BTreeSet<&str> =
                         m.files.iter().filter_map(|f| f.writer.as_deref()).collect();
@@ -155,8 +185,13 @@ pub async fn inspect(url: &str, step: Option<u64>) -> Result<()> {
     })?;
     println!("checkpoint {}  [{}]", a.url, status_detail(a));
     println!(
-        "  step {}  generation {}  attempt {}  format v{}  created {} (unix ms)",
-        m.step, m.generation, m.attempt, m.format_version, m.created_unix_ms
+        "  step {}  generation {}  attempt {}  format v{}  created {} (unix ms)  {}",
+        m.step,
+        m.generation,
+        m.attempt,
+        m.format_version,
+        m.created_unix_ms,
+        signed_by(m)
     );
     println!(
         "  data cursor {}  config hash {}",
@@ -172,11 +207,12 @@ pub async fn inspect(url: &str, step: Option<u64>) -> Result<()> {
     }
     for f in &m.files {
         let slices = m.tensors_in(&f.name).count();
+        let (alg, hash) = f.hash();
         println!(
-            "  file {}  {}  {slices} tensor slices  sha256 {}",
+            "  file {}  {}  {slices} tensor slices  {} {hash}",
             f.name,
             human(f.size),
-            f.sha256
+            alg.name().to_lowercase().replace('-', "")
         );
     }
     let shapes = m.tensor_shapes();
@@ -196,19 +232,31 @@ pub async fn inspect(url: &str, step: Option<u64>) -> Result<()> {
 
 /// `tenax ckpt verify URL [--step N]`: re-hash every file; fails naming each bad file.
 pub async fn verify(url: &str, step: Option<u64>) -> Result<()> {
-    let (store, folder) = open(url)?;
+    verify_with(url, step, None).await
+}
+
+/// `tenax ckpt verify URL [--step N] [--trust-key FILE.pub]`: re-hash every file, and with a
+/// trust key check every manifest's signature first; fails naming each bad checkpoint.
+pub async fn verify_with(url: &str, step: Option<u64>, trust_key: Option<&Path>) -> Result<()> {
+    let (store, folder) = open_trusting(url, trust_key)?;
     let l = listing(&store).await?;
     let mut bad = Vec::new();
     for a in pick(&l, url, folder.as_deref(), step)? {
         match tenax_storage::verify_checkpoint(&store, &a.folder).await {
             Ok(r) => println!(
-                "ok   {}  ({} files, {}, {} tensor slices)",
+                "ok   {}  ({} files, {}, {} tensor slices, {})",
                 a.url,
                 r.files,
                 human(r.bytes),
-                r.tensors
+                r.tensors,
+                a.manifest
+                    .as_ref()
+                    .map_or_else(|| "unsigned".into(), signed_by)
             ),
-            Err(e @ tenax_storage::StorageError::Corrupt { .. }) => {
+            Err(
+                e @ (tenax_storage::StorageError::Corrupt { .. }
+                | tenax_storage::StorageError::Untrusted { .. }),
+            ) => {
                 println!("BAD  {e}");
                 bad.push(a.url.clone());
             }
@@ -278,7 +326,18 @@ pub async fn prune(
 /// (`wte.weight`, `h.00.attn.c_attn.weight`, ...); the only metadata is `tenax_model`, the model
 /// config as JSON, so identical weights of one model give a byte-identical file.
 pub async fn export(url: &str, step: Option<u64>, out: &Path) -> Result<()> {
-    let (store, folder) = open(url)?;
+    export_with(url, step, out, None).await
+}
+
+/// [`export`] of a checkpoint whose manifest must be signed by the key in `trust_key` (when
+/// given): from a store URL, the newest checkpoint that verifies and is signed by it.
+pub async fn export_with(
+    url: &str,
+    step: Option<u64>,
+    out: &Path,
+    trust_key: Option<&Path>,
+) -> Result<()> {
+    let (store, folder) = open_trusting(url, trust_key)?;
     let loaded = match (&folder, step) {
         (None, None) => {
             let (loaded, warnings) = tenax_storage::latest_verified(&store)
@@ -335,6 +394,21 @@ pub async fn export(url: &str, step: Option<u64>, out: &Path) -> Result<()> {
         out.display(),
         human(bytes.len() as u64),
         tenax_storage::manifest::sha256_hex(&bytes)
+    );
+    Ok(())
+}
+
+/// `tenax ckpt keygen --out FILE`: a fresh ed25519 key pair for signing checkpoint manifests:
+/// the private key in FILE (mode 0600; for `--sign-key`), the public key in FILE.pub (for
+/// `--trust-key`). Existing files are never overwritten.
+#[allow(dead_code, reason = "wired to `tenax ckpt keygen` in src/main.rs")]
+pub fn keygen(out: &Path) -> Result<()> {
+    let public = tenax_storage::signing::write_key_pair(out).map_err(anyhow::Error::msg)?;
+    println!(
+        "wrote {} (private: --sign-key, keep it secret) and {} (public key {}: --trust-key)",
+        out.display(),
+        tenax_storage::signing::public_key_path(out).display(),
+        public.id()
     );
     Ok(())
 }

@@ -102,6 +102,15 @@ pub struct TrainArgs {
     /// Pipeline schedule: gpipe or 1f1b [default: 1f1b].
     #[arg(long)]
     pub schedule: Option<String>,
+    /// Sign the manifest of every checkpoint this process commits with this ed25519 private
+    /// key file (`tenax ckpt keygen --out FILE` writes one). Never taken from a checkpoint.
+    #[arg(long, value_name = "FILE")]
+    pub sign_key: Option<PathBuf>,
+    /// Resume only from a checkpoint whose manifest is signed by this ed25519 public key
+    /// file (FILE.pub of `tenax ckpt keygen`): unsigned checkpoints and ones signed by
+    /// another key or edited after signing are refused. Never taken from a checkpoint.
+    #[arg(long, value_name = "FILE.pub")]
+    pub trust_key: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -134,8 +143,27 @@ impl TrainArgs {
             eval_batches,
             max_bad_steps,
             pipeline_stages,
-            schedule
+            schedule,
+            sign_key,
+            trust_key
         )
+    }
+
+    /// The manifest keys that `--sign-key` and `--trust-key` name, read from their files
+    /// (none given: none, and checkpoints are written and read unsigned as before).
+    pub fn manifest_keys(&self) -> Result<tenax_storage::ManifestKeys> {
+        let sign = match &self.sign_key {
+            Some(p) => Some(tenax_storage::SignKey::read_file(p).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        let trust = match &self.trust_key {
+            Some(p) => Some(tenax_storage::TrustKey::read_file(p).map_err(anyhow::Error::msg)?),
+            None => None,
+        };
+        Ok(tenax_storage::ManifestKeys {
+            sign: sign.map(std::sync::Arc::new),
+            trust: trust.map(std::sync::Arc::new),
+        })
     }
 
     /// Read a TOML config file with the same keys as the flags (snake_case).
@@ -343,6 +371,9 @@ impl TrainConfig {
             max_bad_steps: Some(self.max_bad_steps),
             pipeline_stages: Some(self.pipeline_stages),
             schedule: Some(self.schedule.clone()),
+            // Keys are this process's: a checkpoint never names them.
+            sign_key: None,
+            trust_key: None,
         }
     }
 

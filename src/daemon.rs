@@ -200,7 +200,11 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let store_url = job_store_url(&s.store_root, &s.job);
-    let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
+    // --sign-key: this node signs the manifests it commits; --trust-key: a (re)start loads
+    // only a checkpoint signed by that key (a joining node copies a peer's state instead).
+    let store = Store::open(&store_url)
+        .map_err(|e| anyhow!("{e}"))?
+        .with_keys(args.train.manifest_keys()?);
     // A node joining a running job copies the state from a peer: it loads nothing. A
     // fresh job, or a whole-job restart, loads the committed checkpoint.
     let live = live_group(&etcd).await?;

@@ -351,7 +351,11 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         Some(s) if !s.is_empty() => s.clone(),
         _ => default_store(&run_dir)?,
     };
-    let store = Store::open(&store_url).map_err(|e| anyhow!("{e}"))?;
+    // --sign-key signs what this run commits; --trust-key refuses to resume from a
+    // checkpoint not signed by it.
+    let store = Store::open(&store_url)
+        .map_err(|e| anyhow!("{e}"))?
+        .with_keys(args.manifest_keys()?);
 
     // The checkpoint to resume from, if any, decides the keys left unset.
     let mut resumed = None;

@@ -881,6 +881,154 @@ fn ckpt_ops_list_json_prune_and_export() {
     ok(&["ckpt", "verify", &store]);
 }
 
+/// A signing key pair in `dir`, written as `tenax ckpt keygen --out` writes it: (private
+/// key file, public key file).
+fn key_pair(dir: &Path, name: &str) -> (String, String) {
+    let private = dir.join(name);
+    tenax_storage::signing::write_key_pair(&private).unwrap();
+    let public = tenax_storage::signing::public_key_path(&private);
+    (
+        private.to_str().unwrap().to_string(),
+        public.to_str().unwrap().to_string(),
+    )
+}
+
+/// Edit a signed (format v3) MANIFEST.json: replace `from` by `to`, recompute its BLAKE3
+/// self-checksum and keep the signature, as someone who alters a checkpoint and fixes every
+/// hash would.
+fn edit_signed_manifest(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from:?} not in {text}");
+    let mut bytes = text.replacen(from, to, 1).into_bytes();
+    let value_at = |bytes: &[u8], key: &str| {
+        let pattern = format!("\"{key}\": \"");
+        bytes
+            .windows(pattern.len())
+            .rposition(|w| w == pattern.as_bytes())
+            .unwrap()
+            + pattern.len()
+    };
+    let (at, sig) = (
+        value_at(&bytes, "manifest_blake3"),
+        value_at(&bytes, "signature"),
+    );
+    let mut zeroed = bytes.clone();
+    zeroed[at..at + 64].fill(b'0');
+    zeroed[sig..sig + 128].fill(b'0');
+    let hash = tenax_storage::HashAlg::Blake3.hex(&zeroed);
+    bytes[at..at + 64].copy_from_slice(hash.as_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn signed_checkpoints_resume_only_under_the_matching_trust_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let (sign, trust) = key_pair(tmp.path(), "ckpt.key");
+    let (_, other) = key_pair(tmp.path(), "other.key");
+    let dir = tmp.path().join("run");
+    let (d, r) = (data.to_str().unwrap(), dir.to_str().unwrap());
+    let (run, _) = train(
+        &data,
+        &dir,
+        &["--steps", "4", "--ckpt-every", "2", "--sign-key", &sign],
+    );
+    let public = tenax_storage::TrustKey::read_file(Path::new(&trust)).unwrap();
+    for step in [2, 4] {
+        let bytes = std::fs::read(run.folder_of_step(step).join("MANIFEST.json")).unwrap();
+        let m = tenax_storage::Manifest::parse(&bytes).unwrap();
+        assert_eq!(m.format_version, 3);
+        assert_eq!(m.signer, public.hex(), "step {step}");
+    }
+
+    // The matching key resumes; the run keeps signing.
+    let (_, out) = train(
+        &data,
+        &dir,
+        &[
+            "--steps",
+            "6",
+            "--ckpt-every",
+            "2",
+            "--resume",
+            "--trust-key",
+            &trust,
+            "--sign-key",
+            &sign,
+        ],
+    );
+    assert!(out.contains("resumed from step 4"), "{out}");
+
+    // Another key: refused in one line naming the checkpoint, the key and what to do.
+    let err = fails(&tiny_args(
+        d,
+        r,
+        &["--steps", "8", "--resume", "--trust-key", &other],
+    ));
+    assert!(err.contains("no committed checkpoint verifies"), "{err}");
+    assert!(err.contains("step-0000000006-"), "{err}");
+    assert!(
+        err.contains("signed by key") && err.contains("--trust-key"),
+        "{err}"
+    );
+
+    // The newest manifest edited (another data cursor), its hashes recomputed: without a
+    // trust key its hashes all agree (the edit would go unnoticed); under the key the
+    // signature fails, and the resume falls back to step 4 with a warning naming it.
+    let manifest = run.folder_of_step(6).join("MANIFEST.json");
+    let m = tenax_storage::Manifest::parse(&std::fs::read(&manifest).unwrap()).unwrap();
+    let cursor = format!("\"data_cursor\": {}", m.data_cursor);
+    edit_signed_manifest(
+        &manifest,
+        &cursor,
+        &format!("\"data_cursor\": {}", m.data_cursor + 6),
+    );
+    let edited = tenax_storage::Manifest::parse(&std::fs::read(&manifest).unwrap())
+        .expect("the hashes were recomputed");
+    assert_eq!(edited.data_cursor, m.data_cursor + 6);
+    let out = tenax(&tiny_args(
+        d,
+        r,
+        &["--steps", "8", "--resume", "--trust-key", &trust],
+    ));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("resumed from step 4"), "{stdout}");
+    assert!(
+        stderr.contains("warning")
+            && stderr.contains("step-0000000006-")
+            && stderr.contains("changed after it was signed"),
+        "{stderr}"
+    );
+
+    // An unsigned run: refused under a trust key, with what to do.
+    let unsigned = tmp.path().join("unsigned");
+    train(&data, &unsigned, &["--steps", "2"]);
+    let u = unsigned.to_str().unwrap();
+    let err = fails(&tiny_args(
+        d,
+        u,
+        &["--steps", "4", "--resume", "--trust-key", &trust],
+    ));
+    assert!(
+        err.contains("not signed") && err.contains("drop --trust-key"),
+        "{err}"
+    );
+    // A private key given as the trust key is refused before anything runs.
+    let err = fails(&tiny_args(
+        d,
+        u,
+        &["--steps", "4", "--resume", "--trust-key", &sign],
+    ));
+    assert!(
+        err.contains("--trust-key") && err.contains("private key"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_flipped_byte_in_the_manifest_is_named_and_skipped() {
     let tmp = tempfile::tempdir().unwrap();

@@ -9,9 +9,13 @@
 //! on different machines; [`save_checkpoint`] runs them all in this process.
 //!
 //! Readers trust nothing they have not hashed: verify and load re-read every file and check its
-//! size, SHA-256 and tensors against the manifest; [`latest_verified`] falls back to older
-//! checkpoints when the newest one does not verify. Loading assembles whole tensors from the
-//! slices with [`tenax_core::ckpt::load_plan`], whatever number of ranks wrote them.
+//! size, hash (BLAKE3, or SHA-256 for format versions 1 and 2) and tensors against the
+//! manifest; [`latest_verified`] falls back to older checkpoints when the newest one does not
+//! verify. A store with a signing key ([`Store::with_keys`]) signs the manifests it commits
+//! (inside the one `PutMode::Create` PUT); one with a trust key refuses to verify or load a
+//! manifest that is not signed by it ([`StorageError::Untrusted`]). Loading assembles whole
+//! tensors from the slices with [`tenax_core::ckpt::load_plan`], whatever number of ranks
+//! wrote them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,10 +34,11 @@ use tenax_core::ckpt::{
 
 use crate::error::StorageError;
 use crate::manifest::{
-    folder_name, parse_folder_name, sha256_hex, FileEntry, Manifest, TensorEntry, DTYPE_F32,
-    FORMAT_VERSION, MANIFEST_FILE,
+    check_hashed, folder_name, parse_folder_name, FileEntry, HashAlg, Manifest, TensorEntry,
+    DTYPE_F32, FORMAT_VERSION, MANIFEST_FILE,
 };
 use crate::shard::{decode_shard, encode_refs, read_rows_into, TensorData, TensorRef};
+use crate::signing::TrustKey;
 use crate::store::{ObjectInfo, Store};
 
 /// At most this many files are uploaded or downloaded at once by one call.
@@ -371,24 +376,20 @@ pub async fn write_shard(
     .map_err(|e| format_err(format!("{}: {e}", shard.file)))?;
     let bytes = Bytes::from(bytes);
     let to_hash = bytes.clone();
-    let hashing = tokio::task::spawn_blocking(move || sha256_hex(&to_hash));
+    let alg = HashAlg::of_version(FORMAT_VERSION);
+    let hashing = tokio::task::spawn_blocking(move || alg.hex(&to_hash));
     let key = format!("{}/{}", pending.folder, shard.file);
-    let (put, sha256) = tokio::join!(store.put_large(&key, bytes.clone()), hashing);
+    let (put, hash) = tokio::join!(store.put_large(&key, bytes.clone()), hashing);
     put?;
-    let sha256 = sha256.map_err(|e| format_err(format!("hashing {} panicked: {e}", shard.file)))?;
+    let hash = hash.map_err(|e| format_err(format!("hashing {} panicked: {e}", shard.file)))?;
     Ok(WrittenShard {
-        file: FileEntry {
-            name: shard.file.clone(),
-            size: bytes.len() as u64,
-            sha256,
-            writer: None,
-        },
+        file: FileEntry::new(shard.file.clone(), bytes.len() as u64, alg, hash),
         tensors: entries,
     })
 }
 
-/// Commit a save: write `MANIFEST.json` (listing every written shard) with `PutMode::Create`.
-/// If the PUT fails in a way that leaves its outcome unknown (a lost response, or a retry that
+/// Commit a save: write `MANIFEST.json` (listing every written shard, signed when the store
+/// has a signing key) with `PutMode::Create`. If the PUT fails in a way that leaves its outcome unknown (a lost response, or a retry that
 /// found the key taken), the manifest is read back: identical bytes mean it is committed.
 pub async fn commit_save(
     store: &Store,
@@ -415,13 +416,16 @@ pub async fn commit_save(
         extra: m.extra.clone(),
         files,
         tensors,
+        signer: String::new(),
         manifest_sha256: String::new(),
+        manifest_blake3: String::new(),
+        signature: String::new(),
     };
     manifest.check().map_err(|reason| StorageError::Format {
         url: store.url().to_string(),
         reason,
     })?;
-    let json = manifest.to_json();
+    let json = manifest.to_json_signed(store.sign_key());
     let manifest = Manifest::parse(&json).map_err(|reason| StorageError::Format {
         url: store.url().to_string(),
         reason,
@@ -566,11 +570,13 @@ pub async fn list_checkpoints(store: &Store) -> Result<Listing, StorageError> {
 }
 
 /// Read a committed checkpoint and check everything against its manifest (each file hashed
-/// as it downloads); with `assemble`, also return its whole tensors.
+/// as it downloads), and, with `trust`, the manifest's signature first; with `assemble`, also
+/// return its whole tensors.
 async fn read_checkpoint(
     store: &Store,
     folder: &str,
     assemble: bool,
+    trust: Option<&TrustKey>,
 ) -> Result<(Manifest, Vec<TensorData>, VerifyReport), StorageError> {
     let url = store.url_of(folder);
     let corrupt = |file: &str, reason: String| StorageError::Corrupt {
@@ -593,12 +599,24 @@ async fn read_checkpoint(
             ),
         ));
     }
+    if let Some(trust) = trust {
+        crate::signing::check_signature(&bytes, &manifest, trust).map_err(|reason| {
+            StorageError::Untrusted {
+                url: url.clone(),
+                reason,
+            }
+        })?;
+    }
     let manifest_ref = &manifest;
     let corrupt_ref = &corrupt;
     let files: Vec<(String, Bytes, usize)> = futures::stream::iter(manifest.files.clone())
         .map(|entry| async move {
-            let (bytes, sha256) = store
-                .get_hashed(&format!("{folder}/{}", entry.name), Some(entry.size))
+            let (bytes, hash) = store
+                .get_hashed(
+                    &format!("{folder}/{}", entry.name),
+                    Some(entry.size),
+                    entry.hash().0,
+                )
                 .await?
                 .ok_or_else(|| {
                     corrupt_ref(
@@ -606,7 +624,7 @@ async fn read_checkpoint(
                         "missing: listed in MANIFEST.json but not in the store".into(),
                     )
                 })?;
-            check_hashed(&entry, bytes.len() as u64, &sha256)
+            check_hashed(&entry, bytes.len() as u64, &hash)
                 .map_err(|e| corrupt_ref(&entry.name, e))?;
             let expected: Vec<TensorEntry> =
                 manifest_ref.tensors_in(&entry.name).cloned().collect();
@@ -640,23 +658,6 @@ async fn read_checkpoint(
     .map_err(|e| corrupt(MANIFEST_FILE, format!("assembling panicked: {e}")))?
     .map_err(|reason| corrupt(MANIFEST_FILE, reason))?;
     Ok((manifest, tensors, report))
-}
-
-/// Check a downloaded file's size and hash against its manifest entry.
-fn check_hashed(entry: &FileEntry, size: u64, sha256: &str) -> Result<(), String> {
-    if size != entry.size {
-        return Err(format!(
-            "size mismatch (expected {} bytes, got {size})",
-            entry.size
-        ));
-    }
-    if !sha256.eq_ignore_ascii_case(&entry.sha256) {
-        return Err(format!(
-            "SHA-256 mismatch (expected {}, got {sha256})",
-            entry.sha256
-        ));
-    }
-    Ok(())
 }
 
 /// Whole tensors from verified shard files, following the load plan for one rank: each value
@@ -749,11 +750,12 @@ fn assemble_tensors(
     Ok(out.into_values().collect())
 }
 
-/// Re-read every file of a committed checkpoint and check its size and SHA-256 against the
+/// Re-read every file of a committed checkpoint and check its size and hash against the
 /// manifest, and that every tensor slice the manifest names is in its file with that dtype and
-/// shape (and nothing else is). Problems are [`StorageError::Corrupt`] naming the file.
+/// shape (and nothing else is). Problems are [`StorageError::Corrupt`] naming the file. When
+/// the store has a trust key, a manifest not signed by it is [`StorageError::Untrusted`].
 pub async fn verify_checkpoint(store: &Store, folder: &str) -> Result<VerifyReport, StorageError> {
-    read_checkpoint(store, folder, false)
+    read_checkpoint(store, folder, false, store.trust_key())
         .await
         .map(|(_, _, report)| report)
 }
@@ -764,7 +766,7 @@ pub async fn load_checkpoint(
     store: &Store,
     folder: &str,
 ) -> Result<LoadedCheckpoint, StorageError> {
-    let (manifest, tensors, _) = read_checkpoint(store, folder, true).await?;
+    let (manifest, tensors, _) = read_checkpoint(store, folder, true, store.trust_key()).await?;
     Ok(LoadedCheckpoint {
         manifest,
         url: store.url_of(folder),
@@ -774,7 +776,7 @@ pub async fn load_checkpoint(
 }
 
 /// The newest checkpoint that verifies, with a one-line warning for each newer one skipped
-/// (corrupt manifest, missing or bad file). `Ok(None)` when the store has no manifest at all;
+/// (corrupt manifest, missing or bad file, or under a trust key a manifest not signed by it). `Ok(None)` when the store has no manifest at all;
 /// [`StorageError::NoneVerify`] when it has some but none verifies. Object store failures
 /// (network, permissions) are returned, not skipped: a store that cannot be read says nothing
 /// about which checkpoint is good.
@@ -791,7 +793,9 @@ pub async fn latest_verified(
             }
             _ => match load_checkpoint(store, &listed.folder).await {
                 Ok(loaded) => return Ok(Some((loaded, warnings))),
-                Err(e @ StorageError::Corrupt { .. }) => e.to_string(),
+                Err(e @ (StorageError::Corrupt { .. } | StorageError::Untrusted { .. })) => {
+                    e.to_string()
+                }
                 Err(e) => return Err(e),
             },
         };
@@ -820,7 +824,8 @@ pub struct PruneReport {
 
 /// Apply a retention policy to a store. Committed attempts are hash-verified newest first until
 /// one verifies (that newest good checkpoint is never deleted); older committed ones are not
-/// re-hashed. `in_progress` names folders being written right now (never deleted). A folder is
+/// re-hashed. Signatures are not checked: retention is about intact checkpoints, and a trust
+/// key never makes a checkpoint deletable. `in_progress` names folders being written right now (never deleted). A folder is
 /// deleted manifest first, so a prune that dies half-way leaves an incomplete folder, never a
 /// committed one with missing files. With `dry_run`, nothing is deleted.
 pub async fn prune(
@@ -874,7 +879,7 @@ async fn prune_knowing(
             states[i] = FolderState::Good;
             break;
         }
-        match verify_checkpoint(store, &a.folder).await {
+        match read_checkpoint(store, &a.folder, false, None).await {
             Ok(_) => {
                 states[i] = FolderState::Good;
                 break;

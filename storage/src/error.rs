@@ -62,6 +62,16 @@ pub enum StorageError {
         reason: String,
     },
 
+    /// A trust key was given and the checkpoint's manifest is not signed by it (unsigned,
+    /// signed by another key, or changed after it was signed).
+    #[error("checkpoint {url}: {MANIFEST}: {reason}", MANIFEST = crate::manifest::MANIFEST_FILE)]
+    Untrusted {
+        /// The checkpoint URL (store URL + folder).
+        url: String,
+        /// What is wrong and what to do, e.g. `not signed, but --trust-key ... `.
+        reason: String,
+    },
+
     /// Committed checkpoints exist but none of them verifies.
     #[error(
         "checkpoint store {url}: no committed checkpoint verifies (newest: {newest_problem}); restore a good checkpoint into the store, or start afresh with an empty --store"

@@ -12,7 +12,9 @@
 //!   bounded timeouts and retries ([`StoreOptions`]); write-once puts, multipart uploads for
 //!   large files, gets, deletes and listing.
 //! - `manifest`: [`Manifest`] and its entries, folder names, self-consistency and file hash
-//!   checks (pure).
+//!   checks, BLAKE3 (format v3) or SHA-256 (v1, v2) (pure).
+//! - `signing`: ed25519 manifest signatures ([`SignKey`], [`TrustKey`], [`ManifestKeys`],
+//!   given to a store with [`Store::with_keys`]) and key files (pure but for key files).
 //! - `shard`: [`TensorData`] to and from safetensors bytes, checked against the manifest (pure).
 //! - `checkpoint`: [`save_checkpoint`] (or its steps [`begin_save`], [`write_shard`],
 //!   [`commit_save`]), [`list_checkpoints`], [`verify_checkpoint`], [`load_checkpoint`],
@@ -24,14 +26,16 @@
 //! Invariants: no committed checkpoint file is ever overwritten (small files are put with
 //! `PutMode::Create`; a large shard is written once by its one writer, and a share taken
 //! over by the committer goes to a file of another name); a checkpoint exists only once its
-//! manifest is written; nothing is loaded without its SHA-256
-//! matching the manifest.
+//! manifest is written (one `PutMode::Create` PUT, its signature inside it); nothing is loaded
+//! without its hash matching the manifest, nor, under a trust key, without the manifest's
+//! signature verifying.
 
 pub mod checkpoint;
 pub mod error;
 pub mod manifest;
 pub mod shard;
 pub mod shared;
+pub mod signing;
 pub mod store;
 
 pub use checkpoint::{
@@ -41,10 +45,11 @@ pub use checkpoint::{
     LoadedCheckpoint, PendingSave, PruneReport, SavedCheckpoint, VerifyReport, WrittenShard,
 };
 pub use error::StorageError;
-pub use manifest::{FileEntry, Manifest, TensorEntry, FORMAT_VERSION, MANIFEST_FILE};
+pub use manifest::{FileEntry, HashAlg, Manifest, TensorEntry, FORMAT_VERSION, MANIFEST_FILE};
 pub use shard::{encode_shard, TensorData};
 pub use shared::{
     begin_shared_save, collect_shares, put_receipt, put_skip_receipt, receipt_name, replica_plan,
     shard_of, shared_attempt_id, shared_folder, takeover_file_name, ShareWait, SharedCommit,
 };
+pub use signing::{ManifestKeys, SignKey, TrustKey};
 pub use store::{part_size_for, ObjectInfo, Store, StoreOptions};

@@ -4,20 +4,28 @@
 //! written last, `MANIFEST.json`. The manifest is the commit: a folder without one is an
 //! abandoned attempt.
 //!
-//! Format version 2 (this build writes it; it also reads version 1): a tensor may be split by
-//! rows (dimension 0) over several shard files, each slice written once by one writer; every
-//! [`TensorEntry`] names its file, the full shape and the rows the file holds.
+//! Format version 3 (this build writes it; it also reads versions 1 and 2): a tensor may be
+//! split by rows (dimension 0) over several shard files, each slice written once by one
+//! writer; every [`TensorEntry`] names its file, the full shape and the rows the file holds.
+//! Version 3 hashes files and the manifest itself with BLAKE3 ([`FileEntry::blake3`],
+//! `manifest_blake3`) and may carry an ed25519 signature (`signer`, `signature`, see
+//! `signing`); version 2 hashed with SHA-256 and had no signature; version 1 had whole
+//! tensors only and no self-checksum.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::signing::{SignKey, PUBLIC_KEY_HEX_LEN, SIGNATURE_HEX_LEN};
 
 use tenax_core::ckpt::{check_tiling, rows_of, RowRange, SavedSlice};
 
 use crate::store::is_plain_segment;
 
 /// The manifest format this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// The first format version hashed with BLAKE3 (and signable); older ones use SHA-256.
+pub const BLAKE3_VERSION: u32 = 3;
 /// The oldest manifest format this build reads (version 1: every tensor whole in one file).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// The commit file, written last in every checkpoint folder.
@@ -52,30 +60,136 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     /// Every tensor, in the order the trainer gave them, with the file it is in.
     pub tensors: Vec<TensorEntry>,
+    /// The public key (64 hex digits) that signed this manifest (version 3; empty when it is
+    /// not signed). Informative: readers verify with the key they trust, not with this one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signer: String,
     /// SHA-256 of the exact bytes of `MANIFEST.json` with this field's value written as 64
-    /// zeros (version 2; empty in version 1), so that any changed byte of the manifest
+    /// zeros (version 2; empty in versions 1 and 3), so that any changed byte of the manifest
     /// itself is caught, not only changed shard files. Set by [`Manifest::to_json`].
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub manifest_sha256: String,
+    /// The same self-checksum in version 3, with BLAKE3, over the bytes with both this
+    /// field's value and the signature's written as zeros.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub manifest_blake3: String,
+    /// Ed25519 signature (128 hex digits) of the exact bytes of `MANIFEST.json` with this
+    /// value written as zeros (version 3, when the committer had a signing key; empty
+    /// otherwise). Always the last field. See `signing`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signature: String,
 }
 
-/// The key of the manifest's self-checksum, as it appears in the JSON.
-const SELF_HASH_KEY: &str = "\"manifest_sha256\": \"";
-
-/// The SHA-256 of manifest bytes with the self-checksum's value zeroed, and where that value
-/// sits; `None` if the bytes have no self-checksum field of 64 characters.
-fn self_hash(bytes: &[u8]) -> Option<(String, usize)> {
-    let key = SELF_HASH_KEY.as_bytes();
-    // The field is the manifest's last: a key of the same name inside config, rng or extra
-    // comes earlier.
-    let at = bytes.windows(key.len()).rposition(|w| w == key)? + key.len();
-    let value = bytes.get(at..at + 64)?;
-    if bytes.get(at + 64) != Some(&b'"') || value.contains(&b'"') {
+/// Where the string value of the last `"key": "` of manifest bytes sits, when that value is
+/// `len` characters long; `None` otherwise.
+pub(crate) fn string_value_at(bytes: &[u8], key: &str, len: usize) -> Option<usize> {
+    let pattern = format!("\"{key}\": \"");
+    let pattern = pattern.as_bytes();
+    let at = bytes.windows(pattern.len()).rposition(|w| w == pattern)? + pattern.len();
+    let value = bytes.get(at..at + len)?;
+    if bytes.get(at + len) != Some(&b'"') || value.contains(&b'"') {
         return None;
     }
+    Some(at)
+}
+
+/// The self-checksum's JSON key and hash in a format version.
+fn self_hash_field(version: u32) -> (&'static str, HashAlg) {
+    if version >= BLAKE3_VERSION {
+        ("manifest_blake3", HashAlg::Blake3)
+    } else {
+        ("manifest_sha256", HashAlg::Sha256)
+    }
+}
+
+/// The self-checksum of manifest bytes of a format version (its value, and the signature's
+/// when there is one after it, zeroed) and where its value sits; `None` if the bytes have no
+/// self-checksum field of 64 characters.
+fn self_hash(bytes: &[u8], version: u32) -> Option<(String, usize)> {
+    let (key, alg) = self_hash_field(version);
+    // The fields are the manifest's last: a key of the same name inside config, rng or extra
+    // comes earlier.
+    let at = string_value_at(bytes, key, 64)?;
     let mut zeroed = bytes.to_vec();
     zeroed[at..at + 64].fill(b'0');
-    Some((sha256_hex(&zeroed), at))
+    if version >= BLAKE3_VERSION {
+        if let Some(sig) = crate::signing::signature_at(bytes).filter(|&s| s > at) {
+            zeroed[sig..sig + SIGNATURE_HEX_LEN].fill(b'0');
+        }
+    }
+    Some((alg.hex(&zeroed), at))
+}
+
+/// A content hash of a format version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashAlg {
+    /// SHA-256 (format versions 1 and 2).
+    Sha256,
+    /// BLAKE3 (format version 3).
+    Blake3,
+}
+
+impl HashAlg {
+    /// The hash of files and manifests of a format version.
+    pub fn of_version(version: u32) -> HashAlg {
+        if version >= BLAKE3_VERSION {
+            HashAlg::Blake3
+        } else {
+            HashAlg::Sha256
+        }
+    }
+
+    /// `SHA-256` or `BLAKE3`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlg::Sha256 => "SHA-256",
+            HashAlg::Blake3 => "BLAKE3",
+        }
+    }
+
+    /// Lowercase hex hash of `bytes`.
+    pub fn hex(self, bytes: &[u8]) -> String {
+        match self {
+            HashAlg::Sha256 => sha256_hex(bytes),
+            HashAlg::Blake3 => blake3::hash(bytes).to_hex().to_string(),
+        }
+    }
+
+    /// A hasher to feed chunk by chunk.
+    pub fn hasher(self) -> ContentHasher {
+        match self {
+            HashAlg::Sha256 => ContentHasher::Sha256(Sha256::new()),
+            HashAlg::Blake3 => ContentHasher::Blake3(Box::new(blake3::Hasher::new())),
+        }
+    }
+}
+
+/// An incremental [`HashAlg`] hash.
+pub enum ContentHasher {
+    /// SHA-256.
+    Sha256(Sha256),
+    /// BLAKE3.
+    Blake3(Box<blake3::Hasher>),
+}
+
+impl ContentHasher {
+    /// Feed bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            ContentHasher::Sha256(h) => h.update(bytes),
+            ContentHasher::Blake3(h) => {
+                h.update(bytes);
+            }
+        }
+    }
+
+    /// Lowercase hex hash of everything fed.
+    pub fn finalize_hex(self) -> String {
+        match self {
+            ContentHasher::Sha256(h) => hex::encode(h.finalize()),
+            ContentHasher::Blake3(h) => h.finalize().to_hex().to_string(),
+        }
+    }
 }
 
 /// One shard file of a checkpoint.
@@ -85,11 +199,41 @@ pub struct FileEntry {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
-    /// Lowercase hex SHA-256 of the whole file.
+    /// Lowercase hex SHA-256 of the whole file (format versions 1 and 2; empty in 3).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
+    /// Lowercase hex BLAKE3 of the whole file (format version 3; empty before).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub blake3: String,
     /// The node that wrote it, when several nodes wrote the checkpoint; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<String>,
+}
+
+impl FileEntry {
+    /// The entry of a file hashed with `alg` (`hash` is its lowercase hex).
+    pub fn new(name: String, size: u64, alg: HashAlg, hash: String) -> FileEntry {
+        let (sha256, blake3) = match alg {
+            HashAlg::Sha256 => (hash, String::new()),
+            HashAlg::Blake3 => (String::new(), hash),
+        };
+        FileEntry {
+            name,
+            size,
+            sha256,
+            blake3,
+            writer: None,
+        }
+    }
+
+    /// The hash this entry gives and its value (BLAKE3 when it has one, else SHA-256).
+    pub fn hash(&self) -> (HashAlg, &str) {
+        if self.blake3.is_empty() {
+            (HashAlg::Sha256, &self.sha256)
+        } else {
+            (HashAlg::Blake3, &self.blake3)
+        }
+    }
 }
 
 /// One tensor slice of a checkpoint: the rows `rows` (along dimension 0) of the tensor `name`,
@@ -175,20 +319,61 @@ impl Manifest {
         folder_name(self.step, self.generation, &self.attempt)
     }
 
-    /// Pretty JSON, as written to `MANIFEST.json`, with its self-checksum filled in (for
-    /// version 2; a version-1 manifest is written as it is).
+    /// Pretty JSON, as written to `MANIFEST.json`, unsigned, with its self-checksum filled in
+    /// (for versions 2 and 3; a version-1 manifest is written as it is).
     pub fn to_json(&self) -> Vec<u8> {
+        self.to_json_signed(None)
+    }
+
+    /// [`Manifest::to_json`], signed by `key` when one is given and the format version has
+    /// signatures (3): `signer` is set to its public key, the self-checksum is computed over
+    /// the bytes with the signature zeroed, then the signature over the bytes with only the
+    /// signature zeroed (see `signing`). Whatever `signer`, `signature` and self-checksums
+    /// `self` holds are replaced.
+    pub fn to_json_signed(&self, key: Option<&SignKey>) -> Vec<u8> {
         let mut m = self.clone();
-        if m.format_version >= 2 {
-            m.manifest_sha256 = "0".repeat(64);
+        let version = m.format_version;
+        m.signer.clear();
+        m.signature.clear();
+        m.manifest_sha256.clear();
+        m.manifest_blake3.clear();
+        let key = key.filter(|_| version >= BLAKE3_VERSION);
+        if let Some(k) = key {
+            m.signer = k.public().hex();
+            m.signature = "0".repeat(SIGNATURE_HEX_LEN);
+        }
+        match version {
+            v if v >= BLAKE3_VERSION => m.manifest_blake3 = "0".repeat(64),
+            2 => m.manifest_sha256 = "0".repeat(64),
+            _ => {}
         }
         let mut out = serde_json::to_vec_pretty(&m).expect("a manifest always serialises");
         out.push(b'\n');
-        if m.format_version >= 2 {
-            let (hash, at) = self_hash(&out).expect("the self-checksum field was just written");
+        if version >= 2 {
+            let (hash, at) =
+                self_hash(&out, version).expect("the self-checksum field was just written");
             out[at..at + 64].copy_from_slice(hash.as_bytes());
         }
+        if let Some(k) = key {
+            let at =
+                crate::signing::signature_at(&out).expect("the signature field was just written");
+            crate::signing::sign_in_place(k, &mut out, at);
+        }
         out
+    }
+
+    /// The self-checksum this manifest's version carries.
+    fn self_checksum(&self) -> &str {
+        if self.format_version >= BLAKE3_VERSION {
+            &self.manifest_blake3
+        } else {
+            &self.manifest_sha256
+        }
+    }
+
+    /// The hash of this manifest's files.
+    pub fn hash_alg(&self) -> HashAlg {
+        HashAlg::of_version(self.format_version)
     }
 
     /// Parse `MANIFEST.json` and check that it is self-consistent: the format version, unique
@@ -198,15 +383,20 @@ impl Manifest {
         let m: Manifest = serde_json::from_slice(bytes)
             .map_err(|e| format!("does not parse as a checkpoint manifest ({e})"))?;
         if m.format_version >= 2 {
-            match self_hash(bytes) {
-                Some((hash, _)) if hash == m.manifest_sha256 => {}
+            match self_hash(bytes, m.format_version) {
+                Some((hash, _)) if hash == m.self_checksum() => {}
                 Some(_) => {
                     return Err(
                         "self-checksum mismatch: MANIFEST.json was altered after it was written"
                             .into(),
                     )
                 }
-                None => return Err("has no manifest_sha256 self-checksum".into()),
+                None => {
+                    return Err(format!(
+                        "has no {} self-checksum",
+                        self_hash_field(m.format_version).0
+                    ))
+                }
             }
         }
         m.check()?;
@@ -231,12 +421,6 @@ impl Manifest {
             }
             if !names.insert(f.name.as_str()) {
                 return Err(format!("file {:?} is listed twice", f.name));
-            }
-            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "file {:?}: sha256 {:?} is not a SHA-256",
-                    f.name, f.sha256
-                ));
             }
         }
         let mut tensors = std::collections::BTreeSet::new();
@@ -265,6 +449,43 @@ impl Manifest {
                     t.name, self.format_version
                 ));
             }
+        }
+        for f in &self.files {
+            let (want, other) = match self.hash_alg() {
+                HashAlg::Blake3 => (("blake3", &f.blake3), ("sha256", &f.sha256)),
+                HashAlg::Sha256 => (("sha256", &f.sha256), ("blake3", &f.blake3)),
+            };
+            if !other.1.is_empty() {
+                return Err(format!(
+                    "file {:?} has a {} hash, which format_version {} does not use",
+                    f.name, other.0, self.format_version
+                ));
+            }
+            if !is_hex(want.1, 64) {
+                return Err(format!(
+                    "file {:?}: {} {:?} is not a {}",
+                    f.name,
+                    want.0,
+                    want.1,
+                    self.hash_alg().name()
+                ));
+            }
+        }
+        let signed = !self.signer.is_empty() || !self.signature.is_empty();
+        if signed && self.format_version < BLAKE3_VERSION {
+            return Err(format!(
+                "has a signature, which format_version {} does not have",
+                self.format_version
+            ));
+        }
+        if signed
+            && (!is_hex(&self.signer, PUBLIC_KEY_HEX_LEN)
+                || !is_hex(&self.signature, SIGNATURE_HEX_LEN))
+        {
+            return Err(format!(
+                "signer {:?} / signature {:?}: not an ed25519 public key and signature in hex",
+                self.signer, self.signature
+            ));
         }
         check_tiling(&self.saved_slices()).map_err(|e| e.to_string())
     }
@@ -308,20 +529,29 @@ impl Manifest {
     }
 }
 
-/// Check a file's bytes against its manifest entry: size, then SHA-256.
+/// Whether `s` is `len` hex digits.
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Check a file's bytes against its manifest entry: size, then its hash (SHA-256 or BLAKE3).
 pub fn check_file(entry: &FileEntry, bytes: &[u8]) -> Result<(), String> {
-    if bytes.len() as u64 != entry.size {
+    check_hashed(entry, bytes.len() as u64, &entry.hash().0.hex(bytes))
+}
+
+/// Check a file's size and hash (as [`FileEntry::hash`] computes it) against its entry.
+pub fn check_hashed(entry: &FileEntry, size: u64, hash: &str) -> Result<(), String> {
+    if size != entry.size {
         return Err(format!(
-            "size mismatch (expected {} bytes, got {})",
-            entry.size,
-            bytes.len()
+            "size mismatch (expected {} bytes, got {size})",
+            entry.size
         ));
     }
-    let got = sha256_hex(bytes);
-    if !got.eq_ignore_ascii_case(&entry.sha256) {
+    let (alg, want) = entry.hash();
+    if !hash.eq_ignore_ascii_case(want) {
         return Err(format!(
-            "SHA-256 mismatch (expected {}, got {got})",
-            entry.sha256
+            "{} mismatch (expected {want}, got {hash})",
+            alg.name()
         ));
     }
     Ok(())
@@ -375,12 +605,12 @@ mod tests {
             data_cursor: 0,
             rng: Value::Null,
             extra: Value::Null,
-            files: vec![FileEntry {
-                name: "a.safetensors".into(),
-                size: 3,
-                sha256: sha256_hex(b"abc"),
-                writer: None,
-            }],
+            files: vec![FileEntry::new(
+                "a.safetensors".into(),
+                3,
+                HashAlg::Blake3,
+                HashAlg::Blake3.hex(b"abc"),
+            )],
             tensors: vec![TensorEntry {
                 name: "w".into(),
                 file: "a.safetensors".into(),
@@ -388,7 +618,10 @@ mod tests {
                 shape: vec![1],
                 rows: Some([0, 1]),
             }],
+            signer: String::new(),
             manifest_sha256: String::new(),
+            manifest_blake3: String::new(),
+            signature: String::new(),
         }
     }
 
@@ -396,7 +629,7 @@ mod tests {
     fn inconsistent_manifests_are_rejected() {
         type Edit = fn(&mut Manifest);
         let cases: &[(&str, Edit, &str)] = &[
-            ("version", |m| m.format_version = 3, "format_version 3"),
+            ("version", |m| m.format_version = 4, "format_version 4"),
             (
                 "rows in v1",
                 |m| m.format_version = 1,
@@ -425,8 +658,13 @@ mod tests {
             ),
             (
                 "bad hash",
-                |m| m.files[0].sha256 = "zz".into(),
-                "not a SHA-256",
+                |m| m.files[0].blake3 = "zz".into(),
+                "not a BLAKE3",
+            ),
+            (
+                "sha256 in v3",
+                |m| m.files[0].sha256 = sha256_hex(b"abc"),
+                "does not use",
             ),
             (
                 "unlisted file",
@@ -461,10 +699,18 @@ mod tests {
             assert!(err.contains(want), "{what}: {err}");
             assert!(Manifest::parse(&m.to_json()).is_err(), "{what}");
         }
+        // A signature in a version-2 manifest (to_json never writes one there).
+        let mut v2 = manifest_v2();
+        v2.signer = "00".repeat(32);
+        let err = v2.check().unwrap_err();
+        assert!(
+            err.contains("which format_version 2 does not have"),
+            "{err}"
+        );
         let written = manifest().to_json();
         let mut parsed = Manifest::parse(&written).unwrap();
-        assert_eq!(parsed.manifest_sha256.len(), 64);
-        parsed.manifest_sha256.clear();
+        assert_eq!(parsed.manifest_blake3.len(), 64);
+        parsed.manifest_blake3.clear();
         assert_eq!(parsed, manifest());
         // Any flipped byte is caught: a parse error, a self-checksum mismatch or a failed check.
         for i in 0..written.len() {
@@ -479,8 +725,135 @@ mod tests {
         }
         let mut v1 = manifest();
         v1.format_version = 1;
+        v1.files[0] = FileEntry::new(
+            "a.safetensors".into(),
+            3,
+            HashAlg::Sha256,
+            sha256_hex(b"abc"),
+        );
         v1.tensors[0].rows = None;
         assert_eq!(v1.check(), Ok(()), "version 1 manifests still read");
+    }
+
+    /// A version-2 manifest: SHA-256 file hashes and self-checksum.
+    fn manifest_v2() -> Manifest {
+        let mut m = manifest();
+        m.format_version = 2;
+        m.files[0] = FileEntry::new(
+            "a.safetensors".into(),
+            3,
+            HashAlg::Sha256,
+            sha256_hex(b"abc"),
+        );
+        m
+    }
+
+    #[test]
+    fn version_2_manifests_still_read_and_check_sha256() {
+        let written = manifest_v2().to_json();
+        let text = String::from_utf8(written.clone()).unwrap();
+        assert!(text.contains("\"manifest_sha256\": \""), "{text}");
+        assert!(!text.contains("blake3"), "{text}");
+        let parsed = Manifest::parse(&written).unwrap();
+        assert_eq!(parsed.hash_alg(), HashAlg::Sha256);
+        assert_eq!(check_file(&parsed.files[0], b"abc"), Ok(()));
+        let err = check_file(&parsed.files[0], b"abd").unwrap_err();
+        assert!(err.starts_with("SHA-256 mismatch"), "{err}");
+        let mut b = written.clone();
+        let at = b.len() - 10;
+        b[at] ^= 1;
+        assert!(Manifest::parse(&b).is_err());
+    }
+
+    /// `bytes` with `from` replaced by `to` (same length) and the self-checksum recomputed:
+    /// what someone who edits a manifest and fixes its hashes writes.
+    fn edit_and_rehash(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        assert!(text.contains(from), "{from} not in {text}");
+        let mut out = text.replacen(from, to, 1).into_bytes();
+        let (hash, at) = self_hash(&out, FORMAT_VERSION).unwrap();
+        out[at..at + 64].copy_from_slice(hash.as_bytes());
+        out
+    }
+
+    #[test]
+    fn signed_manifests_verify_and_edits_with_recomputed_hashes_do_not() {
+        use crate::signing::{check_signature, SignKey};
+        let key = SignKey::from_seed([1; 32]);
+        let other = SignKey::from_seed([2; 32]);
+        let signed = manifest().to_json_signed(Some(&key));
+        let m = Manifest::parse(&signed).unwrap();
+        assert_eq!(m.signer, key.public().hex());
+        assert_eq!(m.signature.len(), 128);
+        assert_eq!(check_signature(&signed, &m, &key.public()), Ok(()));
+        assert_eq!(
+            manifest().to_json_signed(Some(&key)),
+            signed,
+            "signing is deterministic: a retried commit writes the same bytes"
+        );
+        // Signed by another key.
+        let err = check_signature(&signed, &m, &other.public()).unwrap_err();
+        assert!(err.contains("signed by key"), "{err}");
+        assert!(err.contains(&other.public().id()), "{err}");
+        // Edited (another file hash, as if the shard were replaced), self-checksum recomputed:
+        // it parses, but the signature no longer verifies.
+        let new_hash = HashAlg::Blake3.hex(b"xyz");
+        let edited = edit_and_rehash(&signed, &m.files[0].blake3, &new_hash);
+        let e = Manifest::parse(&edited).expect("the hashes were recomputed");
+        assert_eq!(e.files[0].blake3, new_hash);
+        let err = check_signature(&edited, &e, &key.public()).unwrap_err();
+        assert!(err.contains("was changed after it was signed"), "{err}");
+        let edited = edit_and_rehash(&signed, "\"data_cursor\": 0", "\"data_cursor\": 9");
+        let e = Manifest::parse(&edited).unwrap();
+        assert!(check_signature(&edited, &e, &key.public()).is_err());
+        // Re-signed by another key, signer and all: refused under the first key.
+        let mut forged = e.clone();
+        forged.data_cursor = 9;
+        let forged_bytes = forged.to_json_signed(Some(&other));
+        let f = Manifest::parse(&forged_bytes).unwrap();
+        assert!(check_signature(&forged_bytes, &f, &key.public()).is_err());
+        // The signer field swapped for the trusted key's own, hashes recomputed: refused.
+        let swapped = edit_and_rehash(&forged_bytes, &other.public().hex(), &key.public().hex());
+        let s = Manifest::parse(&swapped).unwrap();
+        let err = check_signature(&swapped, &s, &key.public()).unwrap_err();
+        assert!(err.contains("was changed after it was signed"), "{err}");
+        // Every flipped byte of a signed manifest is caught by parsing or by the signature.
+        for i in 0..signed.len() {
+            let mut b = signed.clone();
+            b[i] ^= 0x01;
+            if let Ok(p) = Manifest::parse(&b) {
+                assert!(check_signature(&b, &p, &key.public()).is_err(), "byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn unsigned_manifests_are_refused_under_a_trust_key_only() {
+        use crate::signing::{check_signature, SignKey};
+        let key = SignKey::from_seed([1; 32]).public();
+        for (what, bytes) in [
+            ("v3", manifest().to_json()),
+            ("v2", manifest_v2().to_json()),
+            (
+                "v2 given a key",
+                manifest_v2().to_json_signed(Some(&SignKey::from_seed([1; 32]))),
+            ),
+        ] {
+            let m = Manifest::parse(&bytes).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(m.signature.is_empty(), "{what}");
+            let err = check_signature(&bytes, &m, &key).unwrap_err();
+            assert!(err.starts_with("not signed"), "{what}: {err}");
+            assert!(err.contains("drop --trust-key"), "{what}: {err}");
+        }
+        // A "signature" key of the right length inside the config of an unsigned manifest is
+        // not taken for the signature.
+        let mut m = manifest();
+        m.config = serde_json::json!({"signature": "0".repeat(128)});
+        let bytes = m.to_json();
+        let parsed = Manifest::parse(&bytes).unwrap();
+        assert!(check_signature(&bytes, &parsed, &key)
+            .unwrap_err()
+            .starts_with("not signed"));
     }
 
     #[test]
@@ -491,6 +864,6 @@ mod tests {
             .unwrap_err()
             .contains("size mismatch (expected 3 bytes, got 2)"));
         let err = check_file(entry, b"abd").unwrap_err();
-        assert!(err.starts_with("SHA-256 mismatch (expected "), "{err}");
+        assert!(err.starts_with("BLAKE3 mismatch (expected "), "{err}");
     }
 }

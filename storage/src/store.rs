@@ -7,6 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::StorageError;
+use crate::manifest::HashAlg;
+use crate::signing::{ManifestKeys, SignKey, TrustKey};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -17,9 +20,6 @@ use object_store::{
     BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
     RetryConfig,
 };
-use sha2::{Digest, Sha256};
-
-use crate::error::StorageError;
 
 /// Downloaded chunks waiting for the hashing thread, at most.
 const HASH_QUEUE_CHUNKS: usize = 256;
@@ -104,6 +104,8 @@ pub struct Store {
     /// Whether the backend is across a network (S3, or a wrapped store of unknown kind):
     /// large reads then go as parallel ranged GETs, hashed as they arrive.
     remote: bool,
+    /// Sign committed manifests / accept only signed ones (none by default).
+    keys: ManifestKeys,
 }
 
 impl Store {
@@ -138,6 +140,7 @@ impl Store {
                 prefix,
                 options,
                 remote: false,
+                keys: ManifestKeys::default(),
             });
         }
         let parsed = url::Url::parse(url).map_err(|e| {
@@ -164,6 +167,7 @@ impl Store {
                     prefix: Path::default(),
                     options,
                     remote: false,
+                    keys: ManifestKeys::default(),
                 })
             }
             "s3" => {
@@ -209,6 +213,7 @@ impl Store {
                     prefix,
                     options,
                     remote: true,
+                    keys: ManifestKeys::default(),
                 })
             }
             other => Err(bad(format!("unsupported scheme {other:?}"))),
@@ -229,7 +234,27 @@ impl Store {
             prefix,
             options: StoreOptions::default(),
             remote: true,
+            keys: ManifestKeys::default(),
         }
+    }
+
+    /// The same store with manifest keys: with `keys.sign`, every manifest committed through
+    /// it is signed; with `keys.trust`, verifying or loading a checkpoint through it refuses
+    /// a manifest that is not signed by that key ([`StorageError::Untrusted`]). Listing and
+    /// pruning do not look at signatures.
+    pub fn with_keys(mut self, keys: ManifestKeys) -> Store {
+        self.keys = keys;
+        self
+    }
+
+    /// The key that signs the manifests this store commits, if any.
+    pub fn sign_key(&self) -> Option<&SignKey> {
+        self.keys.sign.as_deref()
+    }
+
+    /// The key a checkpoint's manifest must be signed by to verify or load, if any.
+    pub fn trust_key(&self) -> Option<&TrustKey> {
+        self.keys.trust.as_deref()
     }
 
     /// The same store with other upload options (e.g. a small multipart threshold in tests).
@@ -273,6 +298,7 @@ impl Store {
             prefix: self.prefix.clone().join(name),
             options: self.options.clone(),
             remote: self.remote,
+            keys: self.keys.clone(),
         })
     }
 
@@ -332,7 +358,7 @@ impl Store {
         }
     }
 
-    /// Read a whole object and its SHA-256 (lowercase hex); `Ok(None)` if there is none at
+    /// Read a whole object and its `alg` hash (lowercase hex); `Ok(None)` if there is none at
     /// `key`. Local objects are read whole and hashed on a blocking thread. Remote objects
     /// are streamed and hashed chunk by chunk as they arrive, so hashing overlaps the
     /// download; with [`StoreOptions::range_read_bytes`] set, objects larger than it are
@@ -343,13 +369,14 @@ impl Store {
         &self,
         key: &str,
         expected_size: Option<u64>,
+        alg: HashAlg,
     ) -> Result<Option<(Bytes, String)>, StorageError> {
         if !self.remote {
             let Some(bytes) = self.get(key).await? else {
                 return Ok(None);
             };
             let for_hash = bytes.clone();
-            let sha = tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&for_hash)))
+            let sha = tokio::task::spawn_blocking(move || alg.hex(&for_hash))
                 .await
                 .map_err(|e| StorageError::Format {
                     url: self.url.clone(),
@@ -359,7 +386,7 @@ impl Store {
         }
         let range = self.options.range_read_bytes;
         if range > 0 && expected_size.is_none_or(|n| n > range) {
-            return self.get_ranges_hashed(key, range).await;
+            return self.get_ranges_hashed(key, range, alg).await;
         }
         let got = match self.inner.get(&self.path(key)).await {
             Ok(got) => got,
@@ -370,11 +397,11 @@ impl Store {
         // A blocking thread hashes the chunks while the download goes on (bounded queue).
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE_CHUNKS);
         let hasher = tokio::task::spawn_blocking(move || {
-            let mut hasher = Sha256::new();
+            let mut hasher = alg.hasher();
             while let Some(chunk) = rx.blocking_recv() {
                 hasher.update(&chunk);
             }
-            hex::encode(hasher.finalize())
+            hasher.finalize_hex()
         });
         let mut stream = got.into_stream();
         loop {
@@ -403,6 +430,7 @@ impl Store {
         &self,
         key: &str,
         range: u64,
+        alg: HashAlg,
     ) -> Result<Option<(Bytes, String)>, StorageError> {
         let path = self.path(key);
         let size = match self.inner.head(&path).await {
@@ -411,7 +439,7 @@ impl Store {
             Err(e) => return Err(self.os_error("head", key, e)),
         };
         let mut buf = bytes::BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
-        let mut hasher = Sha256::new();
+        let mut hasher = alg.hasher();
         let path_ref = &path;
         let mut chunks = futures::stream::iter((0..size).step_by(range as usize))
             .map(|start| async move {
@@ -430,7 +458,7 @@ impl Store {
                 Err(e) => return Err(self.os_error("get", key, e)),
             }
         }
-        Ok(Some((buf.freeze(), hex::encode(hasher.finalize()))))
+        Ok(Some((buf.freeze(), hasher.finalize_hex())))
     }
 
     /// Read a whole object; `Ok(None)` if there is none at `key`.

@@ -128,7 +128,7 @@ async fn round_trip_on_disk_lays_out_plain_files() {
         serde_json::from_slice(&std::fs::read(on_disk(&dir, folder, MANIFEST_FILE)).unwrap())
             .unwrap();
     assert_eq!(manifest.step, 10);
-    assert_eq!(manifest.format_version, 2);
+    assert_eq!(manifest.format_version, 3);
     let raw: Value =
         serde_json::from_slice(&std::fs::read(on_disk(&dir, folder, MANIFEST_FILE)).unwrap())
             .unwrap();
@@ -193,7 +193,7 @@ async fn a_flipped_byte_fails_verify_and_latest_falls_back() {
             assert_eq!(url, &new.url);
             assert_eq!(file, S0);
             assert!(
-                reason.starts_with("SHA-256 mismatch (expected "),
+                reason.starts_with("BLAKE3 mismatch (expected "),
                 "{reason}"
             );
         }
@@ -201,7 +201,7 @@ async fn a_flipped_byte_fails_verify_and_latest_falls_back() {
     }
     let msg = err.to_string();
     assert!(
-        msg.starts_with(&format!("checkpoint {}: {S0}: SHA-256 mismatch", new.url)),
+        msg.starts_with(&format!("checkpoint {}: {S0}: BLAKE3 mismatch", new.url)),
         "{msg}"
     );
     assert!(load_checkpoint(&store, &new.folder).await.is_err());
@@ -212,7 +212,7 @@ async fn a_flipped_byte_fails_verify_and_latest_falls_back() {
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains(&new.url), "{}", warnings[0]);
     assert!(
-        warnings[0].contains(&format!("{S0}: SHA-256 mismatch")),
+        warnings[0].contains(&format!("{S0}: BLAKE3 mismatch")),
         "{}",
         warnings[0]
     );
@@ -427,10 +427,10 @@ async fn manifest_and_files_must_agree() {
         (
             "self-checksum removed",
             |m| {
-                m.as_object_mut().unwrap().remove("manifest_sha256");
+                m.as_object_mut().unwrap().remove("manifest_blake3");
             },
             MANIFEST_FILE,
-            "has no manifest_sha256 self-checksum",
+            "has no manifest_blake3 self-checksum",
         ),
         (
             "tensor missing from its file",
@@ -504,9 +504,9 @@ async fn manifest_and_files_must_agree() {
         ),
         (
             "hash edited",
-            |m| m["files"][1]["sha256"] = json!("00".repeat(32)),
+            |m| m["files"][1]["blake3"] = json!("00".repeat(32)),
             S1,
-            "SHA-256 mismatch",
+            "BLAKE3 mismatch",
         ),
     ];
     for (what, edit, file, want) in cases {

@@ -237,7 +237,7 @@ async fn every_row_is_written_exactly_once() {
     for f in &manifest.files {
         let bytes = std::fs::read(on_disk(tmp.path(), &saved.folder, &f.name)).unwrap();
         assert_eq!(bytes.len() as u64, f.size);
-        assert_eq!(sha256_hex(&bytes), f.sha256);
+        assert_eq!(tenax_storage::HashAlg::Blake3.hex(&bytes), f.blake3);
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut names = st.names();
         names.sort_unstable();
@@ -311,7 +311,7 @@ async fn a_flipped_byte_in_any_file_is_named_and_latest_falls_back() {
                     assert_eq!(url, new.url, "{what}");
                     assert_eq!(&got, file, "{what}: {reason}");
                     if file != MANIFEST_FILE {
-                        assert!(reason.starts_with("SHA-256 mismatch"), "{what}: {reason}");
+                        assert!(reason.starts_with("BLAKE3 mismatch"), "{what}: {reason}");
                     }
                 }
                 other => panic!("{what}: want Corrupt, got {other:?}"),
@@ -435,7 +435,7 @@ async fn listing_says_committed_incomplete_or_corrupt_without_hashing() {
     let (latest, warnings) = latest_verified(&store).await.unwrap().unwrap();
     assert_eq!(latest.folder, committed.folder);
     assert_eq!(warnings.len(), 3, "{warnings:?}");
-    assert!(warnings[0].contains(&flipped.folder) && warnings[0].contains("SHA-256 mismatch"));
+    assert!(warnings[0].contains(&flipped.folder) && warnings[0].contains("BLAKE3 mismatch"));
     assert!(warnings[1].contains(&truncated.folder) && warnings[1].contains("size mismatch"));
     assert!(warnings[2].contains(&missing.folder) && warnings[2].contains("missing"));
 
@@ -584,7 +584,7 @@ async fn prune_never_deletes_the_newest_good_checkpoint() {
     };
     // (how the newest checkpoint is broken, the reason prune gives)
     let cases: &[(&str, &str)] = &[
-        ("flip", "corrupt: shard-00000.safetensors: SHA-256 mismatch"),
+        ("flip", "corrupt: shard-00000.safetensors: BLAKE3 mismatch"),
         ("truncate manifest", "corrupt: MANIFEST.json: "),
     ];
     for (how, reason) in cases {
@@ -937,9 +937,9 @@ async fn a_version_1_manifest_still_loads() {
         assert_eq!(latest.folder, folder);
         assert!(warnings.is_empty());
 
-        // A newer save is written in version 2 and becomes the latest.
+        // A newer save is written in version 3 and becomes the latest.
         let newer = save_checkpoint(&store, &content(8, 1), 2).await.unwrap();
-        assert_eq!(newer.manifest.format_version, 2);
+        assert_eq!(newer.manifest.format_version, 3);
         let (latest, _) = latest_verified(&store).await.unwrap().unwrap();
         assert_eq!(latest.folder, newer.folder);
     }
