@@ -230,14 +230,9 @@ pub async fn inspect(url: &str, step: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-/// `tenax ckpt verify URL [--step N]`: re-hash every file; fails naming each bad file.
-pub async fn verify(url: &str, step: Option<u64>) -> Result<()> {
-    verify_with(url, step, None).await
-}
-
 /// `tenax ckpt verify URL [--step N] [--trust-key FILE.pub]`: re-hash every file, and with a
 /// trust key check every manifest's signature first; fails naming each bad checkpoint.
-pub async fn verify_with(url: &str, step: Option<u64>, trust_key: Option<&Path>) -> Result<()> {
+pub async fn verify(url: &str, step: Option<u64>, trust_key: Option<&Path>) -> Result<()> {
     let (store, folder) = open_trusting(url, trust_key)?;
     let l = listing(&store).await?;
     let mut bad = Vec::new();
@@ -325,13 +320,9 @@ pub async fn prune(
 /// one of a store) as one safetensors file. Tensor names are the model's parameter names
 /// (`wte.weight`, `h.00.attn.c_attn.weight`, ...); the only metadata is `tenax_model`, the model
 /// config as JSON, so identical weights of one model give a byte-identical file.
-pub async fn export(url: &str, step: Option<u64>, out: &Path) -> Result<()> {
-    export_with(url, step, out, None).await
-}
-
-/// [`export`] of a checkpoint whose manifest must be signed by the key in `trust_key` (when
-/// given): from a store URL, the newest checkpoint that verifies and is signed by it.
-pub async fn export_with(
+/// With `trust_key`, the checkpoint's manifest must be signed by that key: from a store
+/// URL, the newest checkpoint that verifies and is signed by it.
+pub async fn export(
     url: &str,
     step: Option<u64>,
     out: &Path,
@@ -401,7 +392,6 @@ pub async fn export_with(
 /// `tenax ckpt keygen --out FILE`: a fresh ed25519 key pair for signing checkpoint manifests:
 /// the private key in FILE (mode 0600; for `--sign-key`), the public key in FILE.pub (for
 /// `--trust-key`). Existing files are never overwritten.
-#[allow(dead_code, reason = "wired to `tenax ckpt keygen` in src/main.rs")]
 pub fn keygen(out: &Path) -> Result<()> {
     let public = tenax_storage::signing::write_key_pair(out).map_err(anyhow::Error::msg)?;
     println!(

@@ -344,6 +344,9 @@ async fn bind(s: &Settings, prep: &Prepared, step: u64) -> Result<Bound> {
         .await
         .map_err(|e| anyhow!("--listen {}: cannot bind ({e}): pick a free port", s.listen))?;
     let bound = listener.local_addr().context("listen address")?;
+    if let Some(w) = args::unroutable_advertise_warning(bound, s.advertise.as_deref()) {
+        eprintln!("warning: {w}");
+    }
     let advertise = match &s.advertise {
         Some(a) => a.clone(),
         None if bound.ip().is_unspecified() => format!("127.0.0.1:{}", bound.port()),

@@ -118,6 +118,10 @@ enum CkptCommand {
         /// Which step (default: all).
         #[arg(long)]
         step: Option<u64>,
+        /// Accept only manifests signed by this ed25519 public key (FILE.pub of `tenax ckpt
+        /// keygen`): unsigned ones, or signed by another key, or edited after signing, are BAD.
+        #[arg(long, value_name = "FILE.pub")]
+        trust_key: Option<PathBuf>,
     },
     /// Delete old checkpoints: keep the newest K and every Mth; never the newest good one.
     ///
@@ -153,6 +157,17 @@ enum CkptCommand {
         step: Option<u64>,
         /// Output file.
         #[arg(long, value_name = "FILE.safetensors")]
+        out: PathBuf,
+        /// Export only a checkpoint whose manifest is signed by this ed25519 public key
+        /// (FILE.pub of `tenax ckpt keygen`); from a store, the newest one that is.
+        #[arg(long, value_name = "FILE.pub")]
+        trust_key: Option<PathBuf>,
+    },
+    /// Write a new ed25519 key pair for signing checkpoint manifests: FILE (private, mode
+    /// 0600, for --sign-key) and FILE.pub (public, for --trust-key). Never overwrites.
+    Keygen {
+        /// The private key file; the public key goes to FILE.pub.
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
 }
@@ -244,7 +259,11 @@ fn main() -> ExitCode {
             Command::Ckpt { command } => match command {
                 CkptCommand::List { url, json } => ckpt::list(&url, json).await,
                 CkptCommand::Inspect { url, step } => ckpt::inspect(&url, step).await,
-                CkptCommand::Verify { url, step } => ckpt::verify(&url, step).await,
+                CkptCommand::Verify {
+                    url,
+                    step,
+                    trust_key,
+                } => ckpt::verify(&url, step, trust_key.as_deref()).await,
                 CkptCommand::Prune {
                     url,
                     keep_last,
@@ -252,7 +271,13 @@ fn main() -> ExitCode {
                     min_age_s,
                     dry_run,
                 } => ckpt::prune(&url, keep_last, keep_every, min_age_s, dry_run).await,
-                CkptCommand::Export { url, step, out } => ckpt::export(&url, step, &out).await,
+                CkptCommand::Export {
+                    url,
+                    step,
+                    out,
+                    trust_key,
+                } => ckpt::export(&url, step, &out, trust_key.as_deref()).await,
+                CkptCommand::Keygen { out } => ckpt::keygen(&out),
             },
             Command::Chaos { command } => match command {
                 chaos::ChaosCommand::Run(a) => chaos::run(a).await,

@@ -300,13 +300,6 @@ pub(crate) fn job_store_url(root: &str, job: &str) -> String {
 /// as the default `--listen`) and that has no `--advertise-addr`: it then advertises
 /// 127.0.0.1, which peers on other hosts cannot reach. `None` when there is nothing to
 /// warn about.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "src/daemon.rs's bind() is to print it; remove this then"
-    )
-)]
 pub(crate) fn unroutable_advertise_warning(
     bound: SocketAddr,
     advertise: Option<&str>,

@@ -192,10 +192,7 @@ async fn a_flipped_byte_fails_verify_and_latest_falls_back() {
         StorageError::Corrupt { url, file, reason } => {
             assert_eq!(url, &new.url);
             assert_eq!(file, S0);
-            assert!(
-                reason.starts_with("BLAKE3 mismatch (expected "),
-                "{reason}"
-            );
+            assert!(reason.starts_with("BLAKE3 mismatch (expected "), "{reason}");
         }
         other => panic!("want Corrupt, got {other:?}"),
     }
