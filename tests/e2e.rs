@@ -2249,10 +2249,13 @@ fn first_logged_after(c: &LocalCluster, generation: u64) -> u64 {
 
 /// The node the job's status calls leader, and one that is not.
 fn leader_and_follower(c: &LocalCluster, job: &str) -> (usize, usize) {
-    let s = wait_status(c, job, "a leader", |s| {
-        s["members"]
-            .as_array()
-            .is_some_and(|m| m.iter().any(|m| m["leader"] == true))
+    // A leader and another member, both answering (a member still joining may be
+    // missing from the status for a moment).
+    let s = wait_status(c, job, "a leader and a follower", |s| {
+        s["members"].as_array().is_some_and(|m| {
+            m.iter().any(|m| m["leader"] == true)
+                && m.iter().filter(|m| m["error"].is_null()).count() >= 2
+        })
     });
     let members = s["members"].as_array().unwrap();
     let node_of = |m: &serde_json::Value| -> usize {
