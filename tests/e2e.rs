@@ -2594,7 +2594,9 @@ fn a_stopped_member_is_evicted_by_deadline_and_rejoins_after_sigcont() {
 fn a_slow_member_is_probed_not_evicted() {
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());
-    let steps = 300;
+    // Long enough that the pair still trains through the 5 s of stops below (a tiny
+    // step takes a few ms; at 300 steps the job could end before the first stop).
+    let steps = 4000;
     let want = reference_export(&data, tmp.path(), steps);
     let job = "slow";
     // Two nodes: the leader is the only one who can report the other.
