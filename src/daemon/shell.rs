@@ -335,7 +335,9 @@ impl<'a> Shell<'a> {
             } => self.save(generation, step, cursor, share).await,
             Action::WriteRecord(rec) => {
                 let prefix = super::job_store_url(&self.p.s.store_root, &self.p.s.job);
-                let event = work::write_record(&self.p.member, &prefix, rec, &self.p.shared).await;
+                let event =
+                    work::write_record(&self.p.member, &self.p.etcd, &prefix, rec, &self.p.shared)
+                        .await;
                 self.queue.push_back(event);
             }
             Action::DropTrainer { .. } => {

@@ -499,12 +499,38 @@ pub(super) async fn final_record(
 /// Write the fenced etcd record of a committed checkpoint in the job's store
 /// `store_url`, bounded in time: the committer must not hold the group's next step
 /// while etcd is away.
+///
+/// The record etcd holds is read first: a write that timed out may still have landed, and
+/// writing it again would record the same checkpoint twice (a retry then only confirms
+/// it); a record of a later step is never replaced by an earlier one.
 pub(super) async fn write_record(
     member: &Membership,
+    etcd: &EtcdMembership,
     store_url: &str,
     rec: Record,
     shared: &Shared,
 ) -> Event {
+    let step = rec.step;
+    match read_record_checked(etcd, RECORD_ATTEMPT_TIMEOUT).await {
+        Err(error) => return Event::RecordUnreachable { step, error },
+        Ok(Some(held)) if held.step == rec.step && held.url == rec.url => {
+            let mut v = shared.view();
+            v.last_checkpoint_step = step;
+            v.last_checkpoint_url = rec.url;
+            v.checkpoints_committed += 1;
+            return Event::RecordWritten { step };
+        }
+        Ok(Some(held)) if held.step >= rec.step => {
+            return Event::RecordRefused {
+                step,
+                reason: format!(
+                    "the job's record already holds step {} ({})",
+                    held.step, held.url
+                ),
+            };
+        }
+        Ok(_) => {}
+    }
     let prefix = format!("{store_url}/");
     let record = CheckpointRecord {
         step: rec.step,
@@ -519,7 +545,6 @@ pub(super) async fn write_record(
     };
     let bytes = records::encode_checkpoint(&record);
     let commit = member.fenced_commit_in(rec.generation, CHECKPOINT_KEY, &bytes);
-    let step = rec.step;
     match tokio::time::timeout(RECORD_ATTEMPT_TIMEOUT, commit).await {
         Ok(Ok(FenceOutcome::Committed { .. })) => {
             let mut v = shared.view();
@@ -546,13 +571,25 @@ pub(super) async fn write_record(
     }
 }
 
+/// The job's checkpoint record as etcd holds it (`None`: none yet, or one this version
+/// cannot read), or why etcd did not answer within `timeout`.
+async fn read_record_checked(
+    etcd: &EtcdMembership,
+    timeout: Duration,
+) -> Result<Option<CheckpointRecord>, String> {
+    match tokio::time::timeout(timeout, etcd.get(CHECKPOINT_KEY)).await {
+        Ok(Ok(bytes)) => Ok(bytes.and_then(|b| records::decode_checkpoint(&b).ok())),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no answer from etcd within {} ms",
+            timeout.as_millis()
+        )),
+    }
+}
+
 /// The job's checkpoint record, if etcd answers within `timeout` and holds one.
 async fn read_record(etcd: &EtcdMembership, timeout: Duration) -> Option<CheckpointRecord> {
-    let got = tokio::time::timeout(timeout, etcd.get(CHECKPOINT_KEY)).await;
-    let Ok(Ok(Some(bytes))) = got else {
-        return None;
-    };
-    records::decode_checkpoint(&bytes).ok()
+    read_record_checked(etcd, timeout).await.ok().flatten()
 }
 
 /// The members of `plan` that host ranks, in order of their first rank, with addresses.
