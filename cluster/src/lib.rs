@@ -20,6 +20,8 @@
 //!   `Peer` service) and [`peer::GrpcCollective`] (one generation's communicator:
 //!   slot-ordered exact reduce-scatter/all-gather, or a ring all-reduce).
 //!
+//! - [`tls`]: mutual TLS: the cluster CA, node and operator certificates, the rustls
+//!   configurations and the listener's acceptor, and the identity a peer's certificate names.
 //! - [`status`]: what `tenax status` shows: the members' Status replies summarised
 //!   ([`status::summarize`]) and the table ([`status::render_table`]).
 //!
@@ -36,6 +38,7 @@ pub mod member;
 pub mod peer;
 pub mod records;
 pub mod status;
+pub mod tls;
 
 pub use collective::{Collective, CollectiveError, Reduced, SlotContribution, SlotFold};
 pub use inprocess::InProcessCollective;
