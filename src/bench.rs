@@ -1078,7 +1078,8 @@ pub(crate) fn corpus_or_synthetic(data: Option<&Path>, dir: &Path) -> Result<Pat
     }
 }
 
-/// Step time of N daemons (processes, gRPC, exact and ring reduction) against
+/// Step time of N daemons (processes, gRPC; exact reduction over plain TCP and over
+/// mutual TLS, ring over plain TCP) against
 /// `tenax train --ranks N` in one process, on the same machine, one after the other.
 pub async fn daemons(a: BenchDaemonsArgs) -> Result<()> {
     use tenax_chaos::cluster::{ClusterSpec, LocalCluster};
@@ -1138,8 +1139,14 @@ pub async fn daemons(a: BenchDaemonsArgs) -> Result<()> {
     let inproc = median_step_s(&run.join("metrics.jsonl"), tokens_per_step, a.warmup)?;
 
     let mut results = serde_json::Map::new();
-    for reduction in ["exact", "ring"] {
-        let job = format!("bench-{reduction}");
+    // Exact reduction over plain TCP and over mutual TLS (the cost of encryption), and
+    // the ring over plain TCP.
+    for (key, reduction, tls) in [
+        ("exact", "exact", false),
+        ("exact_mtls", "exact", true),
+        ("ring", "ring", false),
+    ] {
+        let job = format!("bench-{}", key.replace('_', "-"));
         let mut args = flags.clone();
         args.extend(
             [
@@ -1159,6 +1166,7 @@ pub async fn daemons(a: BenchDaemonsArgs) -> Result<()> {
             bucket: format!("{job}-bucket"),
             daemon_args: args,
             env: vec![],
+            tls,
         })
         .context("starting etcd and the S3 server")?;
         for n in 0..a.nodes {
@@ -1175,9 +1183,10 @@ pub async fn daemons(a: BenchDaemonsArgs) -> Result<()> {
             tokens_per_step,
             a.warmup,
         )?;
-        results.insert(reduction.to_string(), serde_json::json!(step_s));
+        results.insert(key.to_string(), serde_json::json!(step_s));
     }
     let exact = results["exact"].as_f64().unwrap_or(f64::NAN);
+    let mtls = results["exact_mtls"].as_f64().unwrap_or(f64::NAN);
     let ring = results["ring"].as_f64().unwrap_or(f64::NAN);
     println!(
         "{}",
@@ -1186,6 +1195,7 @@ pub async fn daemons(a: BenchDaemonsArgs) -> Result<()> {
             "batch_size": a.batch_size, "micro_batch_size": a.micro_batch_size,
             "params": tenax_model::ParamLayout::for_config(&tenax_model::GptConfig::preset(&a.preset, 256).map_err(|e| anyhow!("{e}"))?).total,
             "train_ranks_step_s": inproc, "daemons_exact_step_s": exact, "daemons_ring_step_s": ring,
+            "daemons_exact_mtls_step_s": mtls, "mtls_over_plain": mtls / exact,
             "daemons_exact_over_train": exact / inproc, "daemons_ring_over_train": ring / inproc,
             "exact_over_ring": exact / ring,
         })
@@ -1225,6 +1235,9 @@ pub struct BenchRecoveryArgs {
     /// lease: the survivors wait for it to expire).
     #[arg(long)]
     pub kill_leader: bool,
+    /// Run the daemons with --insecure (plain TCP) instead of mutual TLS.
+    #[arg(long)]
+    pub insecure: bool,
     /// The daemons' --pipeline-stages: each node's rank runs as a pipeline of this many
     /// stages (a killed node's stages come back from the survivors' twins).
     #[arg(long, default_value_t = 1)]
@@ -1302,6 +1315,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
         bucket: format!("{job}-bucket"),
         daemon_args: flags,
         env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
+        tls: !a.insecure,
     })
     .context("starting etcd and the S3 server")?;
     for n in 0..a.nodes {

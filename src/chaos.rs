@@ -493,6 +493,8 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         env: std::iter::once(("CANDLE_NUM_THREADS".to_string(), "1".to_string()))
             .chain(scenario.daemon.env.clone())
             .collect(),
+        // The harness runs mutual TLS: a throwaway CA per cluster.
+        tls: true,
     })
     .map_err(|e| {
         anyhow!("starting etcd and the S3 server: {e} (scripts/setup installs etcd-server and moto[server])")
@@ -1075,6 +1077,7 @@ pub async fn up(a: ChaosUpArgs) -> Result<()> {
         tenax_bin: exe.clone(),
         job: job.clone(),
         bucket: "tenax-demo".into(),
+        tls: true,
         daemon_args: [
             "--preset",
             &a.preset,
@@ -1105,7 +1108,9 @@ pub async fn up(a: ChaosUpArgs) -> Result<()> {
     );
     println!();
     println!("watch it:");
-    println!("  tenax status --etcd {etcd} --job {job}");
+    // Mutual TLS: status takes the cluster's operator certificate.
+    let operator = c.operator_tls_args().join(" ");
+    println!("  tenax status --etcd {etcd} --job {job} {operator}");
     for n in 0..a.nodes {
         println!(
             "  node-{n}: pid {}, log {}, metrics http://{}/metrics",

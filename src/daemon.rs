@@ -35,6 +35,7 @@ use tenax_actors::{CheckpointPolicy, Checkpointer, Control, Membership};
 use tenax_cluster::etcd::{EtcdConfig, EtcdMembership};
 use tenax_cluster::member::{Detection, Member, MemberConfig, Prober};
 use tenax_cluster::peer::{HubConfig, PeerHub};
+use tenax_cluster::tls::Tls;
 use tenax_cluster::records::{self, ConfigRecord, CHECKPOINT_KEY, CONFIG_KEY};
 use tenax_core::ckpt::RetentionPolicy;
 use tenax_core::detector::DetectorConfig;
@@ -192,6 +193,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let mut args = args.with_file()?;
     let s = settings(&mut args)?;
     let started = Instant::now();
+    if s.tls.is_none() {
+        eprintln!(
+            "warning: --insecure: the peer plane and the control API on {} take any client: anyone who reaches it can send gradient frames, copy the model's state or drain the node; use --tls-* outside a network you trust",
+            s.listen
+        );
+    }
 
     // etcd and the store first: without them there is nothing to join.
     let mut etcd_cfg = EtcdConfig::new(s.etcd.clone(), s.job.clone());
@@ -248,7 +255,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
 
     // Join the job.
     let join = join_config(&s, etcd_cfg, advertise, metrics_addr);
-    let member = start_member(&etcd, &join).await?;
+    let member = start_member(&etcd, &join, s.tls.clone()).await?;
     let member = Membership::start_under(&supervisor, member)
         .await
         .map_err(|e| anyhow!("{e}"))?;
@@ -384,7 +391,8 @@ async fn bind(s: &Settings, prep: &Prepared, step: u64) -> Result<Bound> {
         }),
         control: Control::new(requests_tx.clone()),
         requests: requests_tx,
-        hub: PeerHub::new(s.job.clone(), HubConfig::default()),
+        hub: PeerHub::with_tls(s.job.clone(), HubConfig::default(), s.tls.clone()),
+        control_refused: Default::default(),
         fatal: Mutex::new(None),
     });
     Ok(Bound {
@@ -502,9 +510,17 @@ fn node_machine(s: &Settings, prep: &Prepared) -> Result<NodeMachine> {
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Registers this node in the job, with the leader's probe of suspects.
-async fn start_member(etcd: &EtcdMembership, join: &MemberConfig) -> Result<Member> {
-    let prober: Prober = Arc::new(|info: MemberInfo| {
-        Box::pin(async move { crate::status::probe_control(&info.addr, PROBE_TIMEOUT).await })
+async fn start_member(
+    etcd: &EtcdMembership,
+    join: &MemberConfig,
+    tls: Option<Tls>,
+) -> Result<Member> {
+    // Over mutual TLS the probe dials the suspect as this node, checking it is that node.
+    let prober: Prober = Arc::new(move |info: MemberInfo| {
+        let tls = tls
+            .as_ref()
+            .and_then(|t| t.current().client_for_node(info.id.as_str()).ok());
+        Box::pin(async move { crate::status::probe_control(&info.addr, PROBE_TIMEOUT, tls).await })
     });
     Member::start_detecting(
         etcd.clone(),

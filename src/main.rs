@@ -3,11 +3,12 @@
 //! This binary only wires subcommands to the crates that do the work:
 //! `train` (src/train.rs), `daemon` (src/daemon.rs), `status` and `control`
 //! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs; `bench pipeline` in src/bench_pipeline.rs), `chaos` (src/chaos.rs),
-//! `data` (src/data_cmd.rs);
+//! `data` (src/data_cmd.rs), `certs` (src/certs.rs);
 //! test-only fault hooks and their guard in src/hooks.rs.
 
 mod bench;
 mod bench_pipeline;
+mod certs;
 mod chaos;
 mod ckpt;
 mod config;
@@ -76,6 +77,14 @@ enum Command {
     Chaos {
         #[command(subcommand)]
         command: chaos::ChaosCommand,
+    },
+    /// Make the cluster CA and the node and operator certificates of mutual TLS.
+    ///
+    /// `tenax certs init --out DIR` once, then `tenax certs issue --ca DIR --node ID` per
+    /// node and `--operator NAME` per operator.
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
     },
     /// Prepare pre-training data: dedup, filter, scrub and tokenize sources into shards.
     Data {
@@ -222,6 +231,8 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let cli = Cli::parse();
+    // One rustls crypto provider for every TLS client and server of the process.
+    tenax_cluster::tls::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TENAX_LOG")
@@ -284,6 +295,7 @@ fn main() -> ExitCode {
                 chaos::ChaosCommand::Up(a) => chaos::up(a).await,
                 chaos::ChaosCommand::Report(a) => chaos::report(a),
             },
+            Command::Certs { command } => certs::run(command),
             Command::Data { command } => match command {
                 data_cmd::DataCommand::Prepare(a) => data_cmd::prepare(a).await,
             },

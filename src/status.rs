@@ -24,7 +24,7 @@ use tenax_proto::v1::{
     CheckpointNowRequest, ControlReply, DrainRequest, PauseRequest, ResumeRequest, StatusReply,
     StatusRequest,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// The etcd endpoint used when neither `--etcd` nor `TENAX_ETCD` is given.
 pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
@@ -47,6 +47,9 @@ pub struct StatusArgs {
     /// Deadline of each etcd call and of each member's answer, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_timeout)]
     pub timeout_s: f64,
+    /// Mutual TLS with the members (when they run with --tls-*).
+    #[command(flatten)]
+    pub tls: crate::certs::ClientTlsArgs,
 }
 
 /// Which member a `tenax control` command goes to: `--node ID` (looked up in etcd) or
@@ -76,6 +79,9 @@ pub struct Target {
     /// Deadline of each etcd call and of the member's answer, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_timeout)]
     pub timeout_s: f64,
+    /// Mutual TLS with the members (when they run with --tls-*).
+    #[command(flatten)]
+    pub tls: crate::certs::ClientTlsArgs,
 }
 
 /// `tenax control`: one request to one member of a running job.
@@ -137,6 +143,8 @@ pub async fn status(args: StatusArgs) -> Result<()> {
 /// Reads the members and the plan generation from etcd, asks every member, summarizes.
 async fn collect(args: &StatusArgs) -> Result<Value> {
     let timeout = Duration::from_secs_f64(args.timeout_s);
+    let tls = args.tls.client()?;
+    let tls = tls.as_ref();
     let endpoints = parse_endpoints(&args.etcd)?;
     let url = endpoints.join(",");
     let (members, plan_gen) = read_job(&endpoints, &args.job, timeout).await?;
@@ -146,7 +154,7 @@ async fn collect(args: &StatusArgs) -> Result<Value> {
     let queries = members.iter().map(|m| async move {
         match parse_member(m) {
             Ok(info) => {
-                let reply = query_status(&info.addr, timeout).await;
+                let reply = query_status(&info.addr, timeout, tls).await;
                 (info, reply)
             }
             Err((info, e)) => (info, Err(e)),
@@ -315,11 +323,24 @@ fn describe_status(s: &tonic::Status) -> String {
 }
 
 /// A client of the Control service at `addr`, connected within `timeout`.
-async fn connect_control(addr: &str, timeout: Duration) -> Result<ControlClient<Channel>, String> {
-    let endpoint = Endpoint::from_shared(control_uri(addr))
+async fn connect_control(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<ControlClient<Channel>, String> {
+    let uri = match tls {
+        Some(_) => control_uri(addr).replacen("http://", "https://", 1),
+        None => control_uri(addr),
+    };
+    let mut endpoint = Endpoint::from_shared(uri)
         .map_err(|e| format!("bad address {addr:?}: {e}"))?
         .connect_timeout(timeout)
         .timeout(timeout);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS settings: {e}"))?;
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         let chain = error_chain(&e);
         // "transport error: tcp connect error: ..." says nothing the rest does not.
@@ -342,12 +363,16 @@ async fn with_deadline<T>(
 }
 
 /// A member's `Control.Status`, or why there is none.
-async fn query_status(addr: &str, timeout: Duration) -> Result<StatusReply, String> {
+async fn query_status(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<StatusReply, String> {
     if addr.is_empty() {
         return Err("it registered no control address".to_string());
     }
     with_deadline(timeout, async {
-        let mut client = connect_control(addr, timeout).await?;
+        let mut client = connect_control(addr, timeout, tls).await?;
         let mut request = tonic::Request::new(StatusRequest {});
         request.set_timeout(timeout);
         client
@@ -372,6 +397,7 @@ pub async fn control(cmd: ControlCommand) -> Result<()> {
         ControlCommand::Resume { target } => (target, "resume"),
     };
     let timeout = Duration::from_secs_f64(target.timeout_s);
+    let tls = target.tls.client()?;
     let targets = if target.all {
         all_members(target, timeout).await?
     } else {
@@ -379,7 +405,7 @@ pub async fn control(cmd: ControlCommand) -> Result<()> {
     };
     let mut failures = Vec::new();
     for (who, addr) in targets {
-        match control_one(&cmd, what, &who, &addr, timeout).await {
+        match control_one(&cmd, what, &who, &addr, timeout, tls.as_ref()).await {
             Ok(message) => println!("{message}"),
             Err(e) => {
                 if target.all {
@@ -421,9 +447,10 @@ async fn control_one(
     who: &str,
     addr: &str,
     timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
 ) -> Result<String> {
     let reply = with_deadline(timeout, async {
-        let mut client = connect_control(addr, timeout).await?;
+        let mut client = connect_control(addr, timeout, tls).await?;
         let reply = match &cmd {
             ControlCommand::Drain { checkpoint, .. } => {
                 client
@@ -515,9 +542,13 @@ fn member_addr(node: &str, job: &str, url: &str, members: &[Member]) -> Result<S
 
 /// Whether the Control service at `addr` answers a Status call within `timeout`: the
 /// membership leader's probe of a suspected member.
-pub(crate) async fn probe_control(addr: &str, timeout: Duration) -> bool {
+pub(crate) async fn probe_control(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<ClientTlsConfig>,
+) -> bool {
     with_deadline(timeout, async {
-        let mut client = connect_control(addr, timeout).await?;
+        let mut client = connect_control(addr, timeout, tls.as_ref()).await?;
         client
             .status(tenax_proto::v1::StatusRequest {})
             .await
@@ -750,6 +781,7 @@ mod tests {
             addr,
             all: false,
             timeout_s: WAIT_S,
+            tls: Default::default(),
         }
     }
 
@@ -779,13 +811,13 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("shutting down"), "{e}");
 
-        let got = query_status(&addr.to_string(), Duration::from_secs_f64(WAIT_S))
+        let got = query_status(&addr.to_string(), Duration::from_secs_f64(WAIT_S), None)
             .await
             .unwrap();
         assert_eq!(got.step, 3);
 
         let dead = closed_port().await.to_string();
-        let e = query_status(&dead, Duration::from_secs_f64(WAIT_S))
+        let e = query_status(&dead, Duration::from_secs_f64(WAIT_S), None)
             .await
             .unwrap_err();
         assert!(e.to_lowercase().contains("refused"), "{e}");
@@ -806,6 +838,7 @@ mod tests {
             job: "j".into(),
             json: true,
             timeout_s: WAIT_S,
+            tls: Default::default(),
         };
         let e = status(args).await.unwrap_err().to_string();
         assert!(
@@ -848,6 +881,7 @@ mod tests {
             job: job.clone(),
             json: true,
             timeout_s: WAIT_S,
+            tls: Default::default(),
         };
         let e = collect(&args).await.unwrap_err().to_string();
         assert_eq!(e, no_members(&job, &url));

@@ -1596,6 +1596,12 @@ fn daemon_train_flags(data: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
 }
 
 fn cluster(job: &str, data: &Path, steps: u64, extra: &[&str]) -> LocalCluster {
+    cluster_with_tls(job, data, steps, extra, false)
+}
+
+/// As [`cluster`]; with `tls` the daemons run mutual TLS with the cluster's throwaway CA
+/// (`--insecure` otherwise).
+fn cluster_with_tls(job: &str, data: &Path, steps: u64, extra: &[&str], tls: bool) -> LocalCluster {
     let mut daemon_args = daemon_train_flags(data, steps, extra);
     daemon_args.extend(
         ["--settle-ms", "300", "--lease-ttl-s", "3"]
@@ -1608,6 +1614,8 @@ fn cluster(job: &str, data: &Path, steps: u64, extra: &[&str]) -> LocalCluster {
         bucket: format!("{job}-bucket"),
         daemon_args,
         env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
+        // Mutual TLS only in the tests that ask for it.
+        tls,
     })
     .expect("start etcd and the S3 server (scripts/setup installs them)")
 }
@@ -1653,14 +1661,12 @@ fn node_hashes(c: &LocalCluster, node: usize) -> Vec<(u64, String)> {
 }
 
 fn status_json(c: &LocalCluster, job: &str) -> Option<serde_json::Value> {
-    let out = tenax(&[
-        "status",
-        "--etcd",
-        &c.etcd_endpoint(),
-        "--job",
-        job,
-        "--json",
-    ]);
+    let etcd = c.etcd_endpoint();
+    let mut args = vec!["status", "--etcd", &etcd, "--job", job, "--json"];
+    // A cluster with mutual TLS answers the operator's certificate.
+    let tls = c.operator_tls_args();
+    args.extend(tls.iter().map(String::as_str));
+    let out = tenax(&args);
     if !out.status.success() {
         return None;
     }
@@ -1697,6 +1703,8 @@ fn job_export(c: &LocalCluster, job: &str, out: &Path) -> Vec<u8> {
     export_bytes(&store, &c.s3_env(), out)
 }
 
+/// Three daemons over mutual TLS (certificates of the cluster's throwaway CA) train the
+/// bits of `tenax train --ranks 3`.
 #[test]
 fn three_daemons_train_bit_identically_to_train_ranks_3() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1704,7 +1712,7 @@ fn three_daemons_train_bit_identically_to_train_ranks_3() {
     let steps = 8;
     let want = reference_export(&data, tmp.path(), steps);
     let job = "three";
-    let mut c = cluster(job, &data, steps, &["--ckpt-every", "4"]);
+    let mut c = cluster_with_tls(job, &data, steps, &["--ckpt-every", "4"], true);
     for n in 0..3 {
         c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
             .unwrap();
@@ -1729,6 +1737,226 @@ fn three_daemons_train_bit_identically_to_train_ranks_3() {
         "the job's final weights differ from tenax train --ranks 3"
     );
     assert_eq!(committed_steps(&c, job), [4, 8]);
+}
+
+/// The value of an unlabelled-by-us counter or gauge `name` in a /metrics body (the
+/// first sample of that name).
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("/metrics lacks {name}:\n{body}"))
+}
+
+/// A gRPC channel to `addr` over TLS trusting `ca`, presenting `identity` (cert, key) if
+/// any, and checking that the server's certificate names node `node`.
+async fn tls_channel(
+    addr: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    node: &str,
+) -> Result<tonic::transport::Channel, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(ca)))
+        .domain_name(tenax_cluster::tls::node_dns_name(node).unwrap());
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(read(cert), read(key)));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// What each of Exchange, FetchState and Control.Drain answers a client: `Ok(())` or the
+/// gRPC code (or the connect error) of the refusal.
+async fn three_calls(
+    addr: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    job: &str,
+    claimed: &str,
+) -> [Result<(), String>; 3] {
+    use tenax_proto::v1::{
+        control_client::ControlClient, peer_client::PeerClient, DrainRequest, PeerFrame,
+        StateRequest,
+    };
+    let code = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let mut out: [Result<(), String>; 3] = [Ok(()), Ok(()), Ok(())];
+    for (k, slot) in out.iter_mut().enumerate() {
+        let channel = match tls_channel(addr, ca, identity, "node-0").await {
+            Ok(c) => c,
+            Err(e) => {
+                *slot = Err(format!("connect: {e}"));
+                continue;
+            }
+        };
+        *slot = match k {
+            0 => {
+                let frame = PeerFrame {
+                    job: job.to_string(),
+                    generation: 1,
+                    from_member: claimed.to_string(),
+                    kind: 1,
+                    ..Default::default()
+                };
+                PeerClient::new(channel)
+                    .exchange(tokio_stream::iter(vec![frame]))
+                    .await
+                    .map(|_| ())
+                    .map_err(code)
+            }
+            1 => PeerClient::new(channel)
+                .fetch_state(StateRequest {
+                    job: job.to_string(),
+                    generation: 1,
+                    from_member: claimed.to_string(),
+                    wait_ms: 10,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(code),
+            _ => ControlClient::new(channel)
+                .drain(DrainRequest { checkpoint: false })
+                .await
+                .map(|_| ())
+                .map_err(code),
+        };
+    }
+    out
+}
+
+/// Mutual TLS on real daemons: a client without a certificate, with one of another CA,
+/// and node 1's certificate claiming to be node 2 are each refused on Exchange,
+/// FetchState and Control; a node certificate cannot drain a peer. Node 1's certificate
+/// then floods node 0 with 100,000 frames of future generations: when node 1 is killed,
+/// node 0 still re-forms and trains on. An operator certificate drains it.
+#[test]
+fn mutual_tls_refuses_strangers_and_impostors_and_operators_drain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let job = "mtls";
+    // Sized so that the job cannot end during the test: an operator drain ends it.
+    let mut c = cluster_with_tls(job, &data, 1_000_000, &["--ckpt-every", "0"], true);
+    for n in 0..3 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
+            .unwrap();
+    }
+    let s = wait_status(&c, job, "3 members at step 1", |s| {
+        s["members"].as_array().is_some_and(|m| m.len() == 3) && s["step"].as_u64() >= Some(1)
+    });
+    let generation = s["generation"].as_u64().unwrap();
+    let tls = c.tls_dir().unwrap();
+    let ca = tls.join("ca.pem");
+    let addr = c.listen_addr(0).unwrap();
+    let node1 = (tls.join("node-node-1.pem"), tls.join("node-node-1-key.pem"));
+    let other_ca = tmp.path().join("other-ca");
+    let other_ca_s = other_ca.to_str().unwrap();
+    ok(&["certs", "init", "--out", other_ca_s]);
+    ok(&["certs", "issue", "--ca", other_ca_s, "--node", "node-1"]);
+    let stranger = (
+        other_ca.join("node-node-1.pem"),
+        other_ca.join("node-node-1-key.pem"),
+    );
+    let metrics_addr = c.metrics_addr(0).unwrap();
+    let before = scrape(&metrics_addr);
+    let refused = |r: &Result<(), String>| r.is_err();
+    block_on(async {
+        // No client certificate, and one of another CA: the handshake is refused.
+        for (who, identity) in [
+            ("no certificate", None),
+            ("another CA's certificate", Some((&*stranger.0, &*stranger.1))),
+        ] {
+            let got = three_calls(&addr, &ca, identity, job, "node-1").await;
+            assert!(got.iter().all(refused), "{who}: {got:?}");
+        }
+        // Node 1's certificate claiming to be node 2: PERMISSION_DENIED on the peer plane;
+        // and a node's certificate cannot drain a peer.
+        let got = three_calls(&addr, &ca, Some((&node1.0, &node1.1)), job, "node-2").await;
+        for r in &got {
+            assert!(
+                r.as_ref().is_err_and(|e| e.starts_with("PermissionDenied")),
+                "node-1 as node-2: {got:?}"
+            );
+        }
+        // The server's identity is checked too: node 0's address does not pass for node 1.
+        assert!(
+            tls_channel(&addr, &ca, Some((&node1.0, &node1.1)), "node-1")
+                .await
+                .is_err(),
+            "a client expecting node-1 accepted node-0's certificate"
+        );
+        // A peer with a valid node certificate floods future generations.
+        use tenax_proto::v1::{peer_client::PeerClient, PeerFrame};
+        let channel = tls_channel(&addr, &ca, Some((&node1.0, &node1.1)), "node-0")
+            .await
+            .unwrap();
+        let frames = (0..100_000u64).map(move |i| PeerFrame {
+            job: job.to_string(),
+            generation: generation + 1 + i % 50,
+            from_member: "node-1".to_string(),
+            step: i,
+            kind: 1,
+            data: vec![0u8; 64],
+            ..Default::default()
+        });
+        let reply = PeerClient::new(channel)
+            .exchange(tokio_stream::iter(frames))
+            .await
+            .expect("the flood's stream is served")
+            .into_inner();
+        assert_eq!(
+            reply.accepted + reply.refused_stale + reply.refused_other,
+            100_000,
+            "{reply:?}"
+        );
+    });
+    let after = scrape(&metrics_addr);
+    let grew = |name: &str| metric(&after, name) - metric(&before, name);
+    assert!(grew("tenax_tls_handshakes_refused_total") >= 2.0, "{after}");
+    assert!(grew("tenax_peer_identity_refused_total") >= 2.0, "{after}");
+    assert!(grew("tenax_control_refused_total") >= 1.0, "{after}");
+    assert_eq!(metric(&after, "tenax_tls_enabled"), 1.0);
+    // The next re-formation still happens: node 1 dies, nodes 0 and 2 go on.
+    c.signal(1, Signal::Kill).unwrap();
+    let s = wait_status(&c, job, "a generation without node-1 that trains", |s| {
+        s["generation"].as_u64() > Some(generation)
+            && s["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .filter(|m| m["error"].is_null())
+                    .all(|m| m["id"] != "node-1")
+            })
+            && s["step"].as_u64() > Some(1)
+    });
+    let reformed = s["step"].as_u64().unwrap();
+    wait_status(&c, job, "training after the re-formation", |s| {
+        s["step"].as_u64() > Some(reformed)
+    });
+    // An operator's certificate drains them.
+    let etcd = c.etcd_endpoint();
+    let op = c.operator_tls_args();
+    for n in [0usize, 2] {
+        let id = format!("node-{n}");
+        let mut args = vec!["control", "drain", "--etcd", &etcd, "--job", job, "--node", &id];
+        args.extend(op.iter().map(String::as_str));
+        let out = tenax(&args);
+        assert!(
+            out.status.success(),
+            "drain {id}: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            c.log_tail(n)
+        );
+    }
+    wait_all_ok(&mut c, &[0, 2], Duration::from_secs(120));
 }
 
 /// The committed checkpoints (steps) under a job's store.
@@ -2873,3 +3101,4 @@ fn chaos_up_prints_how_to_watch_and_stops_everything_by_itself() {
         );
     }
 }
+

@@ -8,8 +8,12 @@
 //! ```text
 //! {tenax_bin} daemon --job JOB --etcd http://127.0.0.1:P --store s3://BUCKET/ckpt
 //!     --listen 127.0.0.1:P1 --metrics-listen 127.0.0.1:P2 --node-id node-{i}
-//!     --run-dir {dir}/node-{i} {daemon_args...} {extra_args...}
+//!     --run-dir {dir}/node-{i} {TLS flags} {daemon_args...} {extra_args...}
 //! ```
+//!
+//! where the TLS flags are `--tls-ca/--tls-cert/--tls-key` of a node certificate issued
+//! by the cluster's throwaway CA (`tenax certs`, in `{dir}/tls`) with [`ClusterSpec::tls`],
+//! and `--insecure` without.
 //!
 //! with the `AWS_*` environment of the S3 server plus [`ClusterSpec::env`], and its stdout
 //! and stderr appended to `{dir}/node-{i}.log`. A node that exited can be spawned again
@@ -66,11 +70,16 @@ pub struct ClusterSpec {
     /// Extra environment for every daemon (e.g. `CANDLE_NUM_THREADS=1`), set after the
     /// `AWS_*` variables of the S3 server, so it can override them.
     pub env: Vec<(String, String)>,
+    /// Mutual TLS: the cluster makes a throwaway CA in its directory with `tenax certs`,
+    /// a node certificate per daemon (`--tls-ca/--tls-cert/--tls-key`) and an operator
+    /// certificate ([`LocalCluster::operator_tls_args`]). `false`: daemons run with
+    /// `--insecure`.
+    pub tls: bool,
 }
 
 impl ClusterSpec {
     /// A spec for `job` run by `tenax_bin`, with bucket `tenax-chaos`, no extra daemon
-    /// flags and no extra environment.
+    /// flags, no extra environment, and mutual TLS.
     pub fn new(tenax_bin: impl Into<PathBuf>, job: impl Into<String>) -> ClusterSpec {
         ClusterSpec {
             tenax_bin: tenax_bin.into(),
@@ -78,6 +87,7 @@ impl ClusterSpec {
             bucket: "tenax-chaos".to_string(),
             daemon_args: Vec::new(),
             env: Vec::new(),
+            tls: true,
         }
     }
 }
@@ -136,6 +146,25 @@ struct NodeSlot {
     etcd: Option<String>,
 }
 
+/// The folder of the cluster's CA and certificates, in its directory.
+const TLS_DIR: &str = "tls";
+/// The name of the cluster's operator certificate.
+const OPERATOR: &str = "chaos";
+
+/// Runs `tenax ARGS` (e.g. `tenax certs ...`) to completion; its stderr on failure.
+fn run_tenax(bin: &Path, args: &[&str]) -> io::Result<()> {
+    let out = Command::new(bin).args(args).stdin(Stdio::null()).output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{} {}: {}",
+        bin.display(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
 /// A running local cluster: etcd, an S3 server and the daemons spawned so far. Dropping it
 /// kills every daemon (SIGKILL by PID), stops both servers and removes its directory.
 #[derive(Debug)]
@@ -167,6 +196,15 @@ impl LocalCluster {
         let dir = tempfile::Builder::new()
             .prefix("tenax-cluster-")
             .tempdir()?;
+        if spec.tls {
+            let ca = dir.path().join(TLS_DIR);
+            let ca = ca.to_string_lossy();
+            run_tenax(&spec.tenax_bin, &["certs", "init", "--out", &ca, "--days", "2"])?;
+            run_tenax(
+                &spec.tenax_bin,
+                &["certs", "issue", "--ca", &ca, "--operator", OPERATOR, "--days", "2"],
+            )?;
+        }
         Ok(LocalCluster {
             spec,
             nodes: Vec::new(),
@@ -179,6 +217,33 @@ impl LocalCluster {
     /// The spec the cluster was started with.
     pub fn spec(&self) -> &ClusterSpec {
         &self.spec
+    }
+
+    /// The folder of the cluster's CA and certificates, with [`ClusterSpec::tls`].
+    pub fn tls_dir(&self) -> Option<PathBuf> {
+        self.spec.tls.then(|| self.dir.path().join(TLS_DIR))
+    }
+
+    /// The flags that give a client (`tenax status`, `tenax control`) the cluster's
+    /// operator certificate; none without [`ClusterSpec::tls`].
+    pub fn operator_tls_args(&self) -> Vec<String> {
+        self.tls_files(&format!("operator-{OPERATOR}"))
+    }
+
+    /// The `--tls-*` flags of files `<stem>.pem` and `<stem>-key.pem` of the TLS folder.
+    fn tls_files(&self, stem: &str) -> Vec<String> {
+        let Some(dir) = self.tls_dir() else {
+            return Vec::new();
+        };
+        let path = |name: String| dir.join(name).to_string_lossy().into_owned();
+        vec![
+            "--tls-ca".into(),
+            path("ca.pem".into()),
+            "--tls-cert".into(),
+            path(format!("{stem}.pem")),
+            "--tls-key".into(),
+            path(format!("{stem}-key.pem")),
+        ]
     }
 
     /// etcd's client URL, `http://127.0.0.1:PORT` (what `--etcd` gets).
@@ -347,6 +412,20 @@ impl LocalCluster {
             "--run-dir".into(),
             run_dir.to_string_lossy().into_owned(),
         ];
+        match self.tls_dir() {
+            Some(ca) => {
+                let id = Self::node_id(node);
+                if !ca.join(format!("node-{id}.pem")).exists() {
+                    let ca = ca.to_string_lossy();
+                    run_tenax(
+                        &self.spec.tenax_bin,
+                        &["certs", "issue", "--ca", &ca, "--node", &id, "--days", "2"],
+                    )?;
+                }
+                args.extend(self.tls_files(&format!("node-{id}")));
+            }
+            None => args.push("--insecure".into()),
+        }
         args.extend(self.spec.daemon_args.iter().cloned());
         args.extend(extra_args.iter().cloned());
 

@@ -68,6 +68,7 @@ fn spawns_signals_restarts_and_tears_down_daemons() {
         bucket: "cluster-test".to_string(),
         daemon_args: vec!["--preset".into(), "tiny".into()],
         env: vec![("TENAX_TEST_VAR".into(), "forty-two".into())],
+        tls: false,
     };
     let mut cluster = LocalCluster::start(spec).expect("start etcd and moto_server");
     assert!(cluster.etcd().is_healthy());

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use tenax_cluster::peer::Reduction;
+use tenax_cluster::tls::{Tls, TlsFiles};
 
 use crate::config::TrainArgs;
 
@@ -67,6 +68,21 @@ pub struct DaemonArgs {
     /// the state from a peer, and the mismatch is logged and counted; 0: never [default: 100].
     #[arg(long)]
     pub hash_check_every: Option<u64>,
+    /// The cluster CA certificate (PEM) for mutual TLS on the peer plane, state copies
+    /// and the control API: made by `tenax certs init`.
+    #[arg(long, env = "TENAX_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), issued by `tenax certs issue --node ID`; it names
+    /// the node id [default --node-id: the id it names].
+    #[arg(long, env = "TENAX_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM). The three files are read again on SIGHUP.
+    #[arg(long, env = "TENAX_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Run without TLS: anyone who reaches the listen address can send frames, copy the
+    /// model's state and drain the node. Only on a network you trust.
+    #[arg(long, conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub insecure: bool,
     /// TOML file with the daemon's and the training's keys (snake_case); flags win.
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
@@ -96,6 +112,10 @@ struct DaemonToml {
     step_timeout_s: Option<u64>,
     suspect_after_ms: Option<u64>,
     hash_check_every: Option<u64>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    insecure: Option<bool>,
 }
 
 const DAEMON_KEYS: &[&str] = &[
@@ -115,6 +135,10 @@ const DAEMON_KEYS: &[&str] = &[
     "step_timeout_s",
     "suspect_after_ms",
     "hash_check_every",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "insecure",
 ];
 
 impl DaemonArgs {
@@ -158,8 +182,12 @@ impl DaemonArgs {
             settle_ms,
             step_timeout_s,
             suspect_after_ms,
-            hash_check_every
+            hash_check_every,
+            tls_ca,
+            tls_cert,
+            tls_key
         );
+        self.insecure = self.insecure || own.insecure.unwrap_or(false);
         self.train = self.train.or(train);
         Ok(self)
     }
@@ -184,6 +212,8 @@ pub(crate) struct Settings {
     pub(crate) suspect_after_ms: u64,
     pub(crate) hash_check_every: u64,
     pub(crate) store_root: String,
+    /// Mutual TLS material (`None`: `--insecure`).
+    pub(crate) tls: Option<Tls>,
 }
 
 fn default_node_id() -> String {
@@ -270,13 +300,26 @@ pub(crate) fn settings(args: &mut DaemonArgs) -> Result<Settings> {
             tenax_cluster::etcd::MIN_LEASE_TTL_S
         );
     }
+    let tls = tls_settings(args)?;
+    let certified = tls
+        .as_ref()
+        .and_then(|t| t.current().identity().node().map(str::to_string));
+    let node_id = match (args.node_id.clone(), certified) {
+        (Some(id), Some(named)) if id != named => bail!(
+            "--node-id {id:?}: the certificate {} names node {named:?}; pass that id, or issue a certificate for {id:?} with `tenax certs issue --node {id}`",
+            tls.as_ref().map(|t| t.files().cert.display().to_string()).unwrap_or_default()
+        ),
+        (Some(id), _) => id,
+        (None, Some(named)) => named,
+        (None, None) => default_node_id(),
+    };
     Ok(Settings {
         job,
         etcd,
         listen,
         advertise: args.advertise_addr.clone(),
         metrics_listen,
-        node_id: args.node_id.clone().unwrap_or_else(default_node_id),
+        node_id,
         devices,
         min_nodes,
         start_nodes: args.start_nodes.unwrap_or(min_nodes).max(min_nodes),
@@ -288,7 +331,40 @@ pub(crate) fn settings(args: &mut DaemonArgs) -> Result<Settings> {
         suspect_after_ms: args.suspect_after_ms.unwrap_or(2000).max(1),
         hash_check_every: args.hash_check_every.unwrap_or(100),
         store_root,
+        tls,
     })
+}
+
+/// The node's TLS material from `--tls-ca/--tls-cert/--tls-key`, or `None` with
+/// `--insecure`; without either the daemon refuses to start.
+fn tls_settings(args: &DaemonArgs) -> Result<Option<Tls>> {
+    let given = [&args.tls_ca, &args.tls_cert, &args.tls_key];
+    if args.insecure {
+        if given.iter().any(|f| f.is_some()) {
+            bail!("--insecure with --tls-*: choose one (the TLS settings may come from TENAX_TLS_* or the config file)");
+        }
+        return Ok(None);
+    }
+    let (Some(ca), Some(cert), Some(key)) = (&args.tls_ca, &args.tls_cert, &args.tls_key) else {
+        if given.iter().all(|f| f.is_none()) {
+            bail!("no TLS settings: give --tls-ca, --tls-cert and --tls-key (make them with `tenax certs init` and `tenax certs issue --node ID`), or --insecure to run without authentication on a network you trust");
+        }
+        bail!("--tls-ca, --tls-cert and --tls-key go together: give all three");
+    };
+    let tls = Tls::load(TlsFiles {
+        ca: ca.clone(),
+        cert: cert.clone(),
+        key: key.clone(),
+    })
+    .map_err(|e| anyhow!("TLS: {e}"))?;
+    if tls.current().identity().node().is_none() {
+        bail!(
+            "--tls-cert {}: names {}, but a daemon needs a node certificate (`tenax certs issue --node ID`)",
+            cert.display(),
+            tls.current().identity()
+        );
+    }
+    Ok(Some(tls))
 }
 
 /// `<root>/<job>`, whatever the root's trailing slash.

@@ -45,19 +45,32 @@ pub(crate) async fn start(
             let token = token.clone();
             Box::pin(async move {
                 let listener = listeners.listener().await?;
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
                 let control = pb::control_server::ControlServer::new(ControlService {
                     shared: shared.clone(),
                 });
-                tonic::transport::Server::builder()
+                let router = tonic::transport::Server::builder()
                     .tcp_nodelay(true)
                     .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
                     .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
                     .max_frame_size(MAX_HTTP2_FRAME_BYTES)
                     .add_service(shared.hub.service())
-                    .add_service(control)
-                    .serve_with_incoming_shutdown(incoming, token.cancelled())
-                    .await
+                    .add_service(control);
+                // Mutual TLS: each connection's handshake with the certificates current
+                // then (SIGHUP reloads them); connections already up keep theirs.
+                match shared.hub.tls() {
+                    Some(tls) => {
+                        let incoming = tls.incoming(listener).map_err(|e| e.to_string())?;
+                        router
+                            .serve_with_incoming_shutdown(incoming, token.cancelled())
+                            .await
+                    }
+                    None => {
+                        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                        router
+                            .serve_with_incoming_shutdown(incoming, token.cancelled())
+                            .await
+                    }
+                }
                     .map_err(|e| format!("gRPC server on {bound}: {e}"))
             })
         })
@@ -113,6 +126,7 @@ pub(crate) async fn start(
 /// machine exits with status 3 when it runs out; this task is the backstop for a loop
 /// stuck in a bounded wait past it).
 pub(crate) fn on_signals(shared: Arc<Shared>, grace: Duration) {
+    on_sighup(shared.clone());
     tokio::spawn(async move {
         let Ok(mut term) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -134,5 +148,32 @@ pub(crate) fn on_signals(shared: Arc<Shared>, grace: Duration) {
             grace.as_secs()
         );
         std::process::exit(3);
+    });
+}
+
+/// SIGHUP: read the TLS certificate files again (a renewed certificate, a rotated CA);
+/// new connections use them, connections already up keep theirs. A file that does not
+/// load leaves the current material in place.
+fn on_sighup(shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let node = &shared.member_id;
+            match shared.hub.tls() {
+                None => eprintln!("node {node}: SIGHUP: no TLS settings to reload (--insecure)"),
+                Some(tls) => match tls.reload() {
+                    Ok(()) => eprintln!(
+                        "node {node}: SIGHUP: TLS certificates reloaded from {}",
+                        tls.files().cert.display()
+                    ),
+                    Err(e) => eprintln!(
+                        "warning: node {node}: SIGHUP: TLS certificates not reloaded ({e}); the current ones stay"
+                    ),
+                },
+            }
+        }
     });
 }

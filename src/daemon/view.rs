@@ -3,10 +3,12 @@
 //! loop), and the listeners its services bind again after a restart.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tenax_actors::{Control, MemberStats, StepReport};
 use tenax_cluster::peer::PeerHub;
+use tenax_cluster::tls::PeerIdentity;
 use tenax_core::membership::Plan;
 use tenax_core::node::Event;
 use tenax_proto::v1 as pb;
@@ -149,6 +151,8 @@ pub(crate) struct Shared {
     /// a full queue refuses the request).
     pub(crate) control: Control<Request>,
     pub(crate) hub: PeerHub,
+    /// Control calls refused for want of an operator certificate.
+    pub(crate) control_refused: AtomicU64,
     /// Why the node must leave (a service kept failing), if it must.
     pub(crate) fatal: Mutex<Option<String>>,
 }
@@ -205,7 +209,8 @@ impl Shared {
         let v = self.view().clone();
         let (g, c) = (MetricKind::Gauge, MetricKind::Counter);
         let hub = &self.hub;
-        let table: [(&str, &str, MetricKind, f64); 25] = [
+        let tls = hub.tls();
+        let table: [(&str, &str, MetricKind, f64); 30] = [
             ("tenax_step", "Optimizer steps completed.", g, v.step as f64),
             ("tenax_target_steps", "The job's target step.", g, v.target_steps as f64),
             ("tenax_loss", "Mean token loss of the last step.", g, v.loss),
@@ -223,6 +228,11 @@ impl Shared {
             ("tenax_peer_stale_refused_total", "Peer frames refused because they came from an older generation.", c, hub.stale_refused() as f64),
             ("tenax_peer_frames_accepted_total", "Peer frames accepted.", c, hub.frames_accepted() as f64),
             ("tenax_peer_state_requests_refused_total", "State copy requests refused (not a receiver of the published state, or too many at once).", c, hub.state_refused() as f64),
+            ("tenax_peer_identity_refused_total", "Peer streams and state requests refused: the client's certificate names another member than the one claimed (mutual TLS).", c, hub.identity_refused() as f64),
+            ("tenax_control_refused_total", "Control calls (drain, pause, resume, checkpoint) refused for want of an operator certificate.", c, self.control_refused.load(Ordering::Relaxed) as f64),
+            ("tenax_tls_enabled", "1 if the node's gRPC services run mutual TLS, 0 with --insecure.", g, if tls.is_some() { 1.0 } else { 0.0 }),
+            ("tenax_tls_handshakes_refused_total", "TLS handshakes refused on the node's listener (no certificate, another CA, expired, timed out).", c, tls.map_or(0.0, |t| t.handshakes_refused() as f64)),
+            ("tenax_tls_reloads_total", "Times SIGHUP reloaded the node's certificates.", c, tls.map_or(0.0, |t| t.reloads() as f64)),
             ("tenax_state_copies_received_total", "Times this node copied the group's state from a peer (join, behind, diverged).", c, v.state_copies_in as f64),
             ("tenax_state_copies_served_total", "Times this node sent its state to peers that lacked it.", c, v.state_copies_out as f64),
             ("tenax_state_bytes_received_total", "Bytes of state copied from peers.", c, v.state_bytes_in as f64),
@@ -310,6 +320,7 @@ impl pb::control_server::Control for ControlService {
         &self,
         req: tonic::Request<pb::DrainRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.operator_only(&req, "drain")?;
         self.shared
             .request(Request::Drain {
                 checkpoint: req.get_ref().checkpoint,
@@ -331,8 +342,9 @@ impl pb::control_server::Control for ControlService {
 
     async fn checkpoint_now(
         &self,
-        _: tonic::Request<pb::CheckpointNowRequest>,
+        req: tonic::Request<pb::CheckpointNowRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.operator_only(&req, "checkpoint")?;
         self.shared.request(Request::CheckpointNow).await?;
         Ok(reply(
             true,
@@ -345,21 +357,41 @@ impl pb::control_server::Control for ControlService {
 
     async fn pause(
         &self,
-        _: tonic::Request<pb::PauseRequest>,
+        req: tonic::Request<pb::PauseRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.operator_only(&req, "pause")?;
         self.shared.request(Request::Pause).await?;
         Ok(reply(true, format!("node {} pauses at its next step boundary (pause the whole job with `tenax control pause --all`: peers kept waiting by one paused node report it as late after --suspect-after-ms, and it may be evicted)", self.shared.member_id)))
     }
 
     async fn resume(
         &self,
-        _: tonic::Request<pb::ResumeRequest>,
+        req: tonic::Request<pb::ResumeRequest>,
     ) -> Result<tonic::Response<pb::ControlReply>, tonic::Status> {
+        self.operator_only(&req, "resume")?;
         self.shared.request(Request::Resume).await?;
         Ok(reply(
             true,
             format!("node {} goes on training", self.shared.member_id),
         ))
+    }
+}
+
+impl ControlService {
+    /// Over mutual TLS, control calls need an operator certificate: a node's (or any
+    /// other) is refused with `PERMISSION_DENIED`, counted. Over plain TCP (`--insecure`)
+    /// there is nobody to check.
+    fn operator_only<T>(&self, req: &tonic::Request<T>, call: &str) -> Result<(), tonic::Status> {
+        match tenax_cluster::tls::peer_identity(req) {
+            None | Some(Some(PeerIdentity::Operator(_))) => Ok(()),
+            Some(other) => {
+                self.shared.control_refused.fetch_add(1, Ordering::Relaxed);
+                Err(tonic::Status::permission_denied(format!(
+                    "{call} needs an operator certificate (`tenax certs issue --operator NAME`); this client's names {}",
+                    other.map_or("no tenax identity".to_string(), |i| i.to_string())
+                )))
+            }
+        }
     }
 }
 

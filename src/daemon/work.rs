@@ -87,8 +87,12 @@ fn into_start(snap: StateSnapshot) -> Start {
 }
 
 /// Register in the job again.
-pub(super) async fn register(etcd: EtcdMembership, join: MemberConfig) -> Done {
-    match start_member(&etcd, &join).await {
+pub(super) async fn register(
+    etcd: EtcdMembership,
+    join: MemberConfig,
+    tls: Option<tenax_cluster::tls::Tls>,
+) -> Done {
+    match start_member(&etcd, &join, tls).await {
         Ok(m) => Done::Member(m),
         Err(e) => Done::Event(Event::Fatal {
             error: format!("registering again: {e:#}"),

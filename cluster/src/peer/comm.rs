@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::hub::{Counters, PeerHub};
 use super::step::{Geometry, Outgoing, StepState};
@@ -173,6 +173,7 @@ impl GrpcCollective {
                 message_limit: limit,
                 counters: Arc::clone(&comm.counters),
                 cancel: comm.cancel.clone(),
+                tls: hub.tls().cloned(),
             };
             tasks.push(runtime.spawn(link.run(rx)));
         }
@@ -421,7 +422,8 @@ impl GrpcCollective {
     }
 
     /// Hands one received frame (of this communicator's job and generation) in. A bad
-    /// frame aborts the communicator; the error says why it was refused.
+    /// frame from a member aborts the communicator; one from a non-member is only
+    /// refused. The error says why it was refused.
     pub(super) fn deliver(&self, frame: PeerFrame) -> Result<(), String> {
         match self.take_frame(&frame) {
             Ok(()) => Ok(()),
@@ -431,6 +433,10 @@ impl GrpcCollective {
                 Ok(())
             }
             Err(FrameError::Aborted(reason)) => Err(format!("communicator aborted: {reason}")),
+            Err(FrameError::Stranger) => Err(format!(
+                "frame from {:?}, which is not another member of generation {}: dropped",
+                frame.from_member, self.spec.generation
+            )),
             Err(FrameError::Protocol(e)) => {
                 let reason = format!(
                     "protocol error: frame from {:?} (step {}, kind {}): {e}",
@@ -457,7 +463,7 @@ impl GrpcCollective {
             .iter()
             .position(|m| m.id == frame.from_member)
             .filter(|&k| k != self.spec.me)
-            .ok_or_else(|| FrameError::Protocol("the sender is not another member".into()))?;
+            .ok_or(FrameError::Stranger)?;
         let kind = FrameKind::try_from(frame.kind)
             .map_err(|_| FrameError::Protocol(format!("unknown frame kind {}", frame.kind)))?;
         match kind {
@@ -739,6 +745,10 @@ enum FrameError {
     Protocol(String),
     /// Taken, but its consequences could not be queued: the communicator aborts.
     Send(String),
+    /// From a sender that is not another member of the generation (a frame it buffered
+    /// before it learnt the plan, or a stranger's): refused and counted, nothing else
+    /// happens, so that no outsider can abort a generation.
+    Stranger,
 }
 
 /// Frames and contributions are taken for steps not yet reduced and at most two ahead
@@ -931,6 +941,7 @@ struct Link {
     message_limit: usize,
     counters: Arc<Counters>,
     cancel: CancellationToken,
+    tls: Option<crate::tls::Tls>,
 }
 
 impl Link {
@@ -984,21 +995,10 @@ impl Link {
 
     /// Connects, retrying with backoff until the connect deadline.
     async fn connect(&self) -> Result<Channel, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.peer.addr))
-            .map_err(|e| format!("bad address: {e}"))?
-            .connect_timeout(
-                self.connect_deadline
-                    .clamp(Duration::from_millis(100), Duration::from_secs(5)),
-            )
-            .tcp_nodelay(true)
-            // HTTP/2's default 64 KiB windows make a gradient chunk crawl: one
-            // round trip per window. Open them to a few frames.
-            .initial_stream_window_size(Some(super::STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(super::CONNECTION_WINDOW_BYTES))
-            .max_frame_size(super::MAX_HTTP2_FRAME_BYTES)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+        let endpoint = super::peer_endpoint(&self.peer, self.tls.as_ref())?.connect_timeout(
+            self.connect_deadline
+                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        );
         let start = Instant::now();
         let mut delay = Duration::from_millis(20);
         let mut attempt = 0u32;

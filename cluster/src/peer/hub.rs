@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::comm::GrpcCollective;
+use crate::tls::Tls;
 use super::transfer::{self, ChunkStream, Published};
 use super::{message_limit_bytes, DEFAULT_MAX_FRAME_FLOATS};
 
@@ -60,6 +61,9 @@ pub(super) struct Counters {
     pub off_runtime: AtomicU64,
     /// `FetchState` requests refused: not a receiver, or too many at once.
     pub state_refused: AtomicU64,
+    /// `Exchange` streams and `FetchState` requests refused because the client's
+    /// certificate does not name the member they claim (mutual TLS).
+    pub identity_refused: AtomicU64,
 }
 
 /// Frames of at least this many bytes are decoded and folded into the step (the gradient
@@ -103,6 +107,8 @@ struct HubInner {
     /// One permit per `FetchState` transfer being served.
     transfer_slots: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
+    /// This node's TLS material: the communicators and state fetches dial peers with it.
+    tls: Option<Tls>,
 }
 
 #[derive(Default)]
@@ -163,6 +169,12 @@ impl PeerHub {
     /// A hub for job `job`, with nothing installed yet (frames of every generation are
     /// buffered until the first install).
     pub fn new(job: impl Into<String>, config: HubConfig) -> Self {
+        Self::with_tls(job, config, None)
+    }
+
+    /// As [`PeerHub::new`], dialling peers over mutual TLS with `tls` when given (the
+    /// daemon's listener then serves TLS too: [`Tls::incoming`]).
+    pub fn with_tls(job: impl Into<String>, config: HubConfig, tls: Option<Tls>) -> Self {
         Self {
             inner: Arc::new(HubInner {
                 job: job.into(),
@@ -174,6 +186,7 @@ impl PeerHub {
                 )),
                 config,
                 shutdown: CancellationToken::new(),
+                tls,
             }),
         }
     }
@@ -261,6 +274,47 @@ impl PeerHub {
 
     pub(super) fn transfer_slots(&self) -> &Arc<tokio::sync::Semaphore> {
         &self.inner.transfer_slots
+    }
+
+    /// The TLS material peers are dialled with, if any.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.inner.tls.as_ref()
+    }
+
+    /// `Exchange` streams and `FetchState` requests refused because the client's
+    /// certificate names another member than the one they claim, or no node.
+    pub fn identity_refused(&self) -> u64 {
+        self.inner.counters.identity_refused.load(Ordering::Relaxed)
+    }
+
+    /// The member a request's client certificate names, checked against `claimed`: `Ok`
+    /// over plain TCP (no certificate to check) or when they agree; otherwise the
+    /// refusal (`PERMISSION_DENIED`), counted.
+    pub(super) fn check_identity<T>(
+        &self,
+        request: &Request<T>,
+        claimed: Option<&str>,
+    ) -> Result<Option<String>, Status> {
+        let Some(identity) = crate::tls::peer_identity(request) else {
+            return Ok(None);
+        };
+        let node = identity.as_ref().and_then(|i| i.node().map(str::to_string));
+        let Some(node) = node else {
+            Counters::add(&self.inner.counters.identity_refused, 1);
+            return Err(Status::permission_denied(format!(
+                "the peer plane serves nodes only; this client's certificate names {}",
+                identity.map_or("no tenax identity".to_string(), |i| i.to_string())
+            )));
+        };
+        match claimed {
+            Some(claimed) if claimed != node => {
+                Counters::add(&self.inner.counters.identity_refused, 1);
+                Err(Status::permission_denied(format!(
+                    "member {claimed:?} claimed by a client whose certificate names node {node:?}"
+                )))
+            }
+            _ => Ok(Some(node)),
+        }
     }
 
     /// `FetchState` requests refused (not a receiver of the publication, or too many
@@ -445,6 +499,8 @@ impl Peer for PeerHub {
         &self,
         request: Request<Streaming<PeerFrame>>,
     ) -> Result<Response<ExchangeReply>, Status> {
+        // Over mutual TLS every frame must come from the node the certificate names.
+        let certified = self.check_identity(&request, None)?;
         let mut stream = request.into_inner();
         let mut reply = ExchangeReply::default();
         loop {
@@ -455,6 +511,18 @@ impl Peer for PeerHub {
                 next = stream.message() => next,
             };
             match next {
+                Ok(Some(frame))
+                    if certified
+                        .as_ref()
+                        .is_some_and(|node| *node != frame.from_member) =>
+                {
+                    Counters::add(&self.inner.counters.identity_refused, 1);
+                    return Err(Status::permission_denied(format!(
+                        "a frame from member {:?} on a stream whose certificate names node {:?}",
+                        frame.from_member,
+                        certified.unwrap_or_default()
+                    )));
+                }
                 Ok(Some(frame)) => match self.accept_large_off_runtime(frame) {
                     Verdict::Accepted => reply.accepted += 1,
                     Verdict::Stale => reply.refused_stale += 1,
@@ -473,6 +541,7 @@ impl Peer for PeerHub {
         &self,
         request: Request<StateRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        self.check_identity(&request, Some(&request.get_ref().from_member))?;
         transfer::serve(self, request.into_inner()).await
     }
 }

@@ -1036,7 +1036,14 @@ async fn a_flood_of_future_frames_cannot_keep_the_next_generation_out() {
     // The next generation's frame from member m1 is taken.
     let reply = send_raw(&a.addr, vec![state_frame(JOB, 3, "m1", 7, "cafe")]).await;
     assert_eq!((reply.accepted, reply.refused_other), (1, 0));
+    // A frame of generation 3 from a sender that will not be a member of it is buffered,
+    // then dropped on install: it must not abort the generation.
+    let reply = send_raw(&a.addr, vec![state_frame(JOB, 3, "stranger", 7, "bad")]).await;
+    assert_eq!(reply.accepted, 1);
     let three = GrpcCollective::new(&a.hub, spec(&nodes, 0, 3, Reduction::Exact)).unwrap();
+    // Nor does one that comes once it is installed.
+    let reply = send_raw(&a.addr, vec![state_frame(JOB, 3, "stranger", 7, "bad")]).await;
+    assert_eq!((reply.accepted, reply.refused_other), (0, 1));
     let states = three.exchange_state(7, "beef", WAIT).await.unwrap();
     assert_eq!(
         states[1].param_hash, "cafe",

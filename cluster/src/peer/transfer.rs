@@ -35,11 +35,11 @@ use tenax_proto::v1::{StateChunk, StateHeader, StateRequest};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
 use super::hub::{Counters, PeerHub};
-use super::{message_limit_bytes, PeerAddr, CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
+use super::{message_limit_bytes, PeerAddr};
 
 /// Most values one [`StateChunk`] carries (4 MiB of data); a hub with a smaller
 /// [`HubConfig::max_frame_floats`](super::HubConfig::max_frame_floats) sends that many.
@@ -634,7 +634,7 @@ pub async fn fetch_state(
     let fetch = Fetch {
         hub,
         donor: format!("{} at {}", donor.id, donor.addr),
-        addr: &donor.addr,
+        peer: donor,
         generation,
         me,
         want_step,
@@ -684,7 +684,7 @@ struct Progress {
 struct Fetch<'a> {
     hub: &'a PeerHub,
     donor: String,
-    addr: &'a str,
+    peer: &'a PeerAddr,
     generation: u64,
     me: &'a str,
     want_step: u64,
@@ -857,17 +857,7 @@ impl Fetch<'_> {
             ms: started.elapsed().as_millis() as u64,
             reason,
         };
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|e| failed(0, format!("bad address: {e}")))?
-            .tcp_nodelay(true)
-            // As the communicator's links: HTTP/2's default 64 KiB windows would cost a
-            // round trip per 64 KiB of state.
-            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
-            .max_frame_size(super::MAX_HTTP2_FRAME_BYTES)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+        let endpoint = super::peer_endpoint(self.peer, self.hub.tls()).map_err(|e| failed(0, e))?;
         let mut delay = Duration::from_millis(20);
         let mut attempt = 0u32;
         loop {
