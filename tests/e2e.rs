@@ -1941,6 +1941,18 @@ fn mutual_tls_refuses_strangers_and_impostors_and_operators_drain() {
     wait_status(&c, job, "training after the re-formation", |s| {
         s["step"].as_u64() > Some(reformed)
     });
+    // A renewed certificate is taken on SIGHUP (new connections use it).
+    let tls_s = tls.to_str().unwrap();
+    std::fs::remove_file(tls.join("node-node-0.pem")).unwrap();
+    std::fs::remove_file(tls.join("node-node-0-key.pem")).unwrap();
+    ok(&["certs", "issue", "--ca", tls_s, "--node", "node-0", "--days", "3"]);
+    let pid = c.pid(0).unwrap().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&scrape(&metrics_addr), "tenax_tls_reloads_total") < 1.0 {
+        assert!(Instant::now() < deadline, "no reload after SIGHUP:\n{}", c.log_tail(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // An operator's certificate drains them.
     let etcd = c.etcd_endpoint();
     let op = c.operator_tls_args();
