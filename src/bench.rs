@@ -1496,6 +1496,10 @@ pub struct StateDonorArgs {
     /// Parameters of the state it serves.
     #[arg(long)]
     pub params: usize,
+    /// Also serve it over mutual TLS, as node `donor`, with the CA and certificates in
+    /// this folder (`tenax certs` layout).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 const BENCH_JOB: &str = "bench-state-copy";
@@ -1528,7 +1532,27 @@ pub async fn state_donor(a: StateDonorArgs) -> Result<()> {
         .context("binding a loopback port")?;
     // The baseline: the same bytes over a plain TCP socket, no framing, no checks.
     let raw = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
-    println!("listening {} {}", listener.local_addr()?, raw.local_addr()?);
+    // The same state over mutual TLS, on a third port.
+    let mut tls_server = None;
+    let mut tls_addr = String::new();
+    if let Some(dir) = &a.tls_dir {
+        let who = tenax_cluster::tls::PeerIdentity::Node("donor".into());
+        let tls = tenax_cluster::tls::Tls::load(tenax_cluster::tls::TlsFiles::in_folder(dir, &who))
+            .map_err(|e| anyhow!("{e}"))?;
+        let tls_hub = PeerHub::with_tls(BENCH_JOB, HubConfig::default(), Some(tls.clone()));
+        let publication = tls_hub.publish_state(1, snap.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a loopback port")?;
+        tls_addr = l.local_addr()?.to_string();
+        let incoming = tls.incoming(l).map_err(|e| anyhow!("{e}"))?;
+        tls_server = Some((tls_hub, publication, incoming));
+    }
+    println!(
+        "listening {} {} {tls_addr}",
+        listener.local_addr()?,
+        raw.local_addr()?
+    );
     std::thread::spawn(move || {
         use std::io::Write;
         for conn in raw.incoming() {
@@ -1557,11 +1581,23 @@ pub async fn state_donor(a: StateDonorArgs) -> Result<()> {
             stop.cancel();
         });
     }
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(tenax_cluster::peer::STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(tenax_cluster::peer::CONNECTION_WINDOW_BYTES))
-        .max_frame_size(tenax_cluster::peer::MAX_HTTP2_FRAME_BYTES)
+    let server = || {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(tenax_cluster::peer::STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(tenax_cluster::peer::CONNECTION_WINDOW_BYTES))
+            .max_frame_size(tenax_cluster::peer::MAX_HTTP2_FRAME_BYTES)
+    };
+    if let Some((tls_hub, _publication, incoming)) = tls_server {
+        let stop = stop.clone();
+        let router = server().add_service(tls_hub.service());
+        tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await
+        });
+    }
+    server()
         .add_service(hub.service())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -1584,8 +1620,29 @@ pub async fn state_copy(a: BenchStateCopyArgs) -> Result<()> {
         bail!("--params 0: an empty state has nothing to copy; pass --params 1 or more");
     }
     let exe = std::env::current_exe().context("the tenax binary")?;
+    // A throwaway CA: the donor serves as node `donor`, this process fetches as `receiver`.
+    let tmp = tempfile::tempdir().context("temp dir")?;
+    let tls_dir = tmp.path().join("tls");
+    tenax_cluster::tls::init_ca(&tls_dir, 1).map_err(|e| anyhow!("{e}"))?;
+    let mut receiver_files = None;
+    for id in ["donor", "receiver"] {
+        let who = tenax_cluster::tls::PeerIdentity::Node(id.into());
+        let files =
+            tenax_cluster::tls::issue(&tls_dir, &who, &tls_dir, 1).map_err(|e| anyhow!("{e}"))?;
+        receiver_files = Some(files);
+    }
+    let receiver_tls =
+        tenax_cluster::tls::Tls::load(receiver_files.context("receiver certificate")?)
+            .map_err(|e| anyhow!("{e}"))?;
     let mut child = std::process::Command::new(&exe)
-        .args(["bench", "state-donor", "--params", &a.params.to_string()])
+        .args([
+            "bench",
+            "state-donor",
+            "--params",
+            &a.params.to_string(),
+            "--tls-dir",
+        ])
+        .arg(&tls_dir)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -1599,40 +1656,51 @@ pub async fn state_copy(a: BenchStateCopyArgs) -> Result<()> {
         .strip_prefix("listening ")
         .map(|a| a.split(' ').map(str::to_string).collect())
         .unwrap_or_default();
-    let [addr, raw_addr] = <[String; 2]>::try_from(addrs).map_err(|_| {
+    let [addr, raw_addr, tls_addr] = <[String; 3]>::try_from(addrs).map_err(|_| {
         let _ = child.kill();
         anyhow!("the donor process did not start: {first:?}")
     })?;
     let hub = PeerHub::new(BENCH_JOB, HubConfig::default());
+    let tls_hub = PeerHub::with_tls(BENCH_JOB, HubConfig::default(), Some(receiver_tls));
     let donor = PeerAddr {
         id: "donor".into(),
         addr,
     };
+    let tls_donor = PeerAddr {
+        id: "donor".into(),
+        addr: tls_addr,
+    };
     let mut rates = Vec::new();
+    let mut tls_rates = Vec::new();
+    let mut raw_rates = Vec::new();
     let mut bytes = 0;
     let mut outcome = Ok(());
-    for i in 0..=a.copies {
-        match fetch_state(&hub, 1, "receiver", &donor, 1, "", Duration::from_secs(600)).await {
-            Ok((snap, stats)) => {
-                if snap.params.len() != a.params {
-                    outcome = Err(anyhow!("the copy has {} parameters", snap.params.len()));
-                    break;
+    // Rounds alternate plain gRPC, gRPC over mutual TLS and plain TCP, so that the
+    // machine's noise falls on all three alike.
+    'rounds: for i in 0..=a.copies {
+        for (hub, donor, rates) in [
+            (&hub, &donor, &mut rates),
+            (&tls_hub, &tls_donor, &mut tls_rates),
+        ] {
+            match fetch_state(hub, 1, "receiver", donor, 1, "", Duration::from_secs(600)).await {
+                Ok((snap, stats)) => {
+                    if snap.params.len() != a.params {
+                        outcome = Err(anyhow!("the copy has {} parameters", snap.params.len()));
+                        break 'rounds;
+                    }
+                    bytes = stats.bytes;
+                    if i > 0 {
+                        rates.push(stats.gb_per_s());
+                    }
                 }
-                bytes = stats.bytes;
-                if i > 0 {
-                    rates.push(stats.gb_per_s());
+                Err(e) => {
+                    outcome = Err(anyhow!("{e}"));
+                    break 'rounds;
                 }
-            }
-            Err(e) => {
-                outcome = Err(anyhow!("{e}"));
-                break;
             }
         }
-    }
-    // Baseline: plain TCP, the same bytes, decoded into the same vectors.
-    let mut raw_rates = Vec::new();
-    if outcome.is_ok() {
-        for i in 0..=a.copies {
+        // Baseline: plain TCP, the same bytes, decoded into the same vectors.
+        {
             let addr = raw_addr.clone();
             let n = a.params;
             let r = tokio::task::spawn_blocking(move || -> Result<f64> {
@@ -1672,6 +1740,7 @@ pub async fn state_copy(a: BenchStateCopyArgs) -> Result<()> {
     let _ = child.wait();
     outcome?;
     let grpc = median(rates.clone());
+    let mtls = median(tls_rates.clone());
     let raw = median(raw_rates.clone());
     println!(
         "{}",
@@ -1680,6 +1749,8 @@ pub async fn state_copy(a: BenchStateCopyArgs) -> Result<()> {
             "gb_per_s": rates, "gb_per_s_median": grpc,
             "plain_tcp_gb_per_s": raw_rates, "plain_tcp_gb_per_s_median": raw,
             "state_copy_over_plain_tcp": grpc / raw,
+            "mtls_gb_per_s": tls_rates, "mtls_gb_per_s_median": mtls,
+            "mtls_state_copy_over_plain_tcp": mtls / raw, "mtls_over_plain_grpc": mtls / grpc,
         })
     );
     Ok(())

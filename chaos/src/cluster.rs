@@ -151,18 +151,43 @@ const TLS_DIR: &str = "tls";
 /// The name of the cluster's operator certificate.
 const OPERATOR: &str = "chaos";
 
-/// Runs `tenax ARGS` (e.g. `tenax certs ...`) to completion; its stderr on failure.
+/// How long `tenax certs ...` may take.
+const CERTS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `tenax ARGS` (e.g. `tenax certs ...`) to completion within [`CERTS_TIMEOUT`]
+/// (killed past it); its stderr on failure.
 fn run_tenax(bin: &Path, args: &[&str]) -> io::Result<()> {
-    let out = Command::new(bin).args(args).stdin(Stdio::null()).output()?;
-    if out.status.success() {
+    let what = || format!("{} {}", bin.display(), args.join(" "));
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + CERTS_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{} did not finish within {CERTS_TIMEOUT:?}", what()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if status.success() {
         return Ok(());
     }
-    Err(io::Error::other(format!(
-        "{} {}: {}",
-        bin.display(),
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )))
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    Err(io::Error::other(format!("{}: {}", what(), stderr.trim())))
 }
 
 /// A running local cluster: etcd, an S3 server and the daemons spawned so far. Dropping it

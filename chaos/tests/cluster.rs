@@ -95,7 +95,7 @@ fn spawns_signals_restarts_and_tears_down_daemons() {
     let line = &args_lines(&cluster, 1, 1)[0];
     let expected = format!(
         "args: daemon --job job-a --etcd {} --store s3://cluster-test/ckpt --listen {} \
-         --metrics-listen {} --node-id node-1 --run-dir {} --preset tiny --steps 7",
+         --metrics-listen {} --node-id node-1 --run-dir {} --insecure --preset tiny --steps 7",
         cluster.etcd_endpoint(),
         cluster.listen_addr(1).unwrap(),
         cluster.metrics_addr(1).unwrap(),
@@ -201,6 +201,8 @@ fn kill_all_ends_every_daemon() {
     let bin_dir = tempfile::tempdir().unwrap();
     let mut spec = ClusterSpec::new(fake_tenax(bin_dir.path()), "job-b");
     spec.bucket = "cluster-kill-all".to_string();
+    // The fake binary makes no certificates.
+    spec.tls = false;
     let mut cluster = LocalCluster::start(spec).expect("start etcd and moto_server");
     for node in 0..2 {
         cluster.spawn_daemon(node, &[]).unwrap();
