@@ -1588,7 +1588,10 @@ pub async fn state_donor(a: StateDonorArgs) -> Result<()> {
             .initial_connection_window_size(Some(tenax_cluster::peer::CONNECTION_WINDOW_BYTES))
             .max_frame_size(tenax_cluster::peer::MAX_HTTP2_FRAME_BYTES)
     };
-    if let Some((tls_hub, _publication, incoming)) = tls_server {
+    // The TLS hub's publication lives as long as the servers do.
+    let mut _tls_publication = None;
+    if let Some((tls_hub, publication, incoming)) = tls_server {
+        _tls_publication = Some(publication);
         let stop = stop.clone();
         let router = server().add_service(tls_hub.service());
         tokio::spawn(async move {
