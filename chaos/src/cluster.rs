@@ -224,10 +224,22 @@ impl LocalCluster {
         if spec.tls {
             let ca = dir.path().join(TLS_DIR);
             let ca = ca.to_string_lossy();
-            run_tenax(&spec.tenax_bin, &["certs", "init", "--out", &ca, "--days", "2"])?;
             run_tenax(
                 &spec.tenax_bin,
-                &["certs", "issue", "--ca", &ca, "--operator", OPERATOR, "--days", "2"],
+                &["certs", "init", "--out", &ca, "--days", "2"],
+            )?;
+            run_tenax(
+                &spec.tenax_bin,
+                &[
+                    "certs",
+                    "issue",
+                    "--ca",
+                    &ca,
+                    "--operator",
+                    OPERATOR,
+                    "--days",
+                    "2",
+                ],
             )?;
         }
         Ok(LocalCluster {

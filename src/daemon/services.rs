@@ -71,7 +71,7 @@ pub(crate) async fn start(
                             .await
                     }
                 }
-                    .map_err(|e| format!("gRPC server on {bound}: {e}"))
+                .map_err(|e| format!("gRPC server on {bound}: {e}"))
             })
         })
     })];

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::comm::GrpcCollective;
-use crate::tls::Tls;
 use super::transfer::{self, ChunkStream, Published};
 use super::{message_limit_bytes, DEFAULT_MAX_FRAME_FLOATS};
+use crate::tls::Tls;
 
 /// Limits of a [`PeerHub`].
 #[derive(Clone, Debug, PartialEq, Eq)]
