@@ -10,13 +10,24 @@
 //! etcd restart in production. Dropping the handle kills the process and removes the
 //! directory.
 //!
+//! [`EtcdServer::start_tls`] starts one that serves its clients over TLS only and
+//! requires a client certificate (`--client-cert-auth`): the certificates are made by
+//! rcgen at start, PEM files in the server's directory ([`EtcdTlsFiles`]): a CA, a server
+//! certificate for IP 127.0.0.1 and DNS `localhost`, a client certificate of that CA, and
+//! one of another CA that the server does not trust. Its health is then polled on a
+//! third, plain-HTTP port (`--listen-metrics-urls`). [`EtcdServer::etcdctl`] runs the
+//! `etcdctl` executable (Debian package `etcd-client`) against the server with the right
+//! flags, and [`EtcdServer::enable_auth`] turns on etcd's username/password
+//! authentication through it. A restart keeps TLS, the certificates and (in the data
+//! directory) the users.
+//!
 //! etcd 3.4 facts the tests rely on: the smallest lease TTL it grants is 2 s (with the
 //! default 100 ms heartbeat and 1 s election timeout), expired leases are noticed up to
 //! about 0.5 s late, and auto-compaction is off (a test compacts explicitly through the
 //! client's `compact` call).
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,6 +35,14 @@ use std::time::{Duration, Instant};
 
 /// The executable started by [`EtcdServer::start`].
 pub const ETCD_EXECUTABLE: &str = "etcd";
+
+/// The executable run by [`EtcdServer::etcdctl`] (Debian package `etcd-client`).
+pub const ETCDCTL_EXECUTABLE: &str = "etcdctl";
+
+/// The common name of the client certificate in [`EtcdTlsFiles`]. It is no etcd user
+/// name on purpose: etcd takes a client certificate's common name as the user of a
+/// request that carries no auth token, and a test must not pass by that route.
+pub const CLIENT_CERT_COMMON_NAME: &str = "tenax-test-client";
 
 /// How long [`EtcdServer::start`] and [`EtcdServer::restart`] wait for the server to
 /// report itself healthy.
@@ -35,6 +54,119 @@ const LOG_TAIL_BYTES: u64 = 4096;
 /// The member name of the one-member cluster.
 const MEMBER_NAME: &str = "tenax-chaos";
 
+/// The PEM files of a TLS [`EtcdServer`], made by rcgen in the server's directory when it
+/// starts (ECDSA P-256 keys, certificates valid for decades).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTlsFiles {
+    /// The CA certificate that signed the server and the client certificate: the
+    /// server's `--trusted-ca-file`, and what a client trusts.
+    pub ca: PathBuf,
+    /// The server certificate (SANs: IP 127.0.0.1, DNS `localhost`).
+    pub server_cert: PathBuf,
+    /// The server certificate's key.
+    pub server_key: PathBuf,
+    /// A client certificate of [`EtcdTlsFiles::ca`], common name
+    /// [`CLIENT_CERT_COMMON_NAME`].
+    pub client_cert: PathBuf,
+    /// The client certificate's key.
+    pub client_key: PathBuf,
+    /// A client certificate of ANOTHER CA, which the server does not trust.
+    pub untrusted_client_cert: PathBuf,
+    /// The untrusted client certificate's key.
+    pub untrusted_client_key: PathBuf,
+}
+
+impl EtcdTlsFiles {
+    /// Makes the CA, the server and the client certificates into `dir` (which exists).
+    ///
+    /// # Errors
+    /// When rcgen fails or a file cannot be written.
+    fn generate(dir: &Path) -> io::Result<EtcdTlsFiles> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose, SanType,
+        };
+        let rc = |e: rcgen::Error| io::Error::other(format!("making test certificates: {e}"));
+        let write = |name: &str, pem: String| -> io::Result<PathBuf> {
+            let path = dir.join(name);
+            std::fs::write(&path, pem)?;
+            Ok(path)
+        };
+        let ca = |cn: &str| -> io::Result<(String, Issuer<'static, KeyPair>)> {
+            let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let key = KeyPair::generate().map_err(rc)?;
+            let cert = params.self_signed(&key).map_err(rc)?;
+            Ok((cert.pem(), Issuer::new(params, key)))
+        };
+        let leaf = |issuer: &Issuer<'static, KeyPair>,
+                    cn: &str,
+                    server: bool|
+         -> io::Result<(String, String)> {
+            let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ];
+            if server {
+                params.subject_alt_names = vec![
+                    SanType::IpAddress(Ipv4Addr::LOCALHOST.into()),
+                    SanType::DnsName("localhost".try_into().map_err(rc)?),
+                ];
+                // etcd also dials itself as a client (its gRPC gateway).
+                params.extended_key_usages = vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ];
+            } else {
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            let key = KeyPair::generate().map_err(rc)?;
+            let cert = params.signed_by(&key, issuer).map_err(rc)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (ca_pem, issuer) = ca("tenax test etcd CA")?;
+        let (server_cert, server_key) = leaf(&issuer, "tenax test etcd", true)?;
+        let (client_cert, client_key) = leaf(&issuer, CLIENT_CERT_COMMON_NAME, false)?;
+        let (_, other_issuer) = ca("tenax test etcd, another CA")?;
+        let (untrusted_cert, untrusted_key) = leaf(&other_issuer, CLIENT_CERT_COMMON_NAME, false)?;
+        Ok(EtcdTlsFiles {
+            ca: write("ca.pem", ca_pem)?,
+            server_cert: write("server.pem", server_cert)?,
+            server_key: write("server-key.pem", server_key)?,
+            client_cert: write("client.pem", client_cert)?,
+            client_key: write("client-key.pem", client_key)?,
+            untrusted_client_cert: write("untrusted-client.pem", untrusted_cert)?,
+            untrusted_client_key: write("untrusted-client-key.pem", untrusted_key)?,
+        })
+    }
+}
+
+/// How [`EtcdServer::start_with`] starts etcd.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdServerOptions {
+    /// Serve clients over TLS only, requiring a client certificate (see
+    /// [`EtcdServer::start_tls`]).
+    pub tls: bool,
+    /// More flags for `etcd`, e.g. `["--auth-token-ttl", "2"]`; given at every start.
+    pub extra_args: Vec<String>,
+}
+
+/// A user [`EtcdServer::enable_auth`] creates: a role of the same name grants it read and
+/// write on every key under `prefix`.
+#[derive(Clone, Copy, Debug)]
+pub struct EtcdUser<'a> {
+    /// The user name (and its role's).
+    pub name: &'a str,
+    /// Its password.
+    pub password: &'a str,
+    /// The key prefix it may read and write, e.g. `/tenax/`.
+    pub prefix: &'a str,
+}
+
 /// A running one-member `etcd` on `127.0.0.1`, killed when dropped.
 #[derive(Debug)]
 pub struct EtcdServer {
@@ -44,6 +176,13 @@ pub struct EtcdServer {
     client_port: u16,
     /// The peer port (`--listen-peer-urls`), unused by a one-member cluster but bound.
     peer_port: u16,
+    /// A TLS server's certificates, and its plain-HTTP port for `/health`
+    /// (`--listen-metrics-urls`); `None`: plain HTTP, health on the client port.
+    tls: Option<(EtcdTlsFiles, u16)>,
+    /// The root password once [`EtcdServer::enable_auth`] ran (for later `etcdctl` calls).
+    root_password: Option<String>,
+    /// [`EtcdServerOptions::extra_args`].
+    extra_args: Vec<String>,
     /// The log file shared by every start of this server (appended to).
     log_path: PathBuf,
     /// The data directory, kept across restarts.
@@ -63,21 +202,53 @@ impl EtcdServer {
     /// [`io::ErrorKind::NotFound`] when `etcd` is not installed; otherwise an error
     /// carrying the tail of the server's log when it exits or does not become healthy.
     pub fn start() -> io::Result<EtcdServer> {
-        crate::local::with_port_attempts("etcd", Self::start_once)
+        Self::start_with(&EtcdServerOptions::default())
     }
 
-    /// One attempt on one pair of ports. The outer error is fatal; the inner one means
+    /// Like [`EtcdServer::start`], but the server talks to its clients over TLS only and
+    /// requires a client certificate of its CA (`--client-cert-auth`); the certificates
+    /// are made first ([`EtcdServer::tls_files`]). Its [`EtcdServer::endpoint`] is
+    /// `https://127.0.0.1:PORT`; health is polled on a third, plain-HTTP port.
+    ///
+    /// # Errors
+    /// As [`EtcdServer::start`], and when the certificates cannot be made.
+    pub fn start_tls() -> io::Result<EtcdServer> {
+        Self::start_with(&EtcdServerOptions {
+            tls: true,
+            ..EtcdServerOptions::default()
+        })
+    }
+
+    /// [`EtcdServer::start`] or [`EtcdServer::start_tls`] with `options`.
+    ///
+    /// # Errors
+    /// As [`EtcdServer::start_tls`].
+    pub fn start_with(options: &EtcdServerOptions) -> io::Result<EtcdServer> {
+        crate::local::with_port_attempts("etcd", || Self::start_once(options))
+    }
+
+    /// One attempt on one set of ports. The outer error is fatal; the inner one means
     /// "a port could not be bound, try others".
-    fn start_once() -> io::Result<io::Result<EtcdServer>> {
-        let (client_port, peer_port) = free_port_pair()?;
+    fn start_once(options: &EtcdServerOptions) -> io::Result<io::Result<EtcdServer>> {
+        let (client_port, peer_port, metrics_port) = free_ports()?;
         let dir = tempfile::Builder::new().prefix("tenax-etcd-").tempdir()?;
         let log_path = dir.path().join("etcd.log");
         let data_dir = dir.path().join("data");
         File::create(&log_path)?;
+        let tls = if options.tls {
+            let pki = dir.path().join("pki");
+            std::fs::create_dir(&pki)?;
+            Some((EtcdTlsFiles::generate(&pki)?, metrics_port))
+        } else {
+            None
+        };
         let mut server = EtcdServer {
             child: None,
             client_port,
             peer_port,
+            tls,
+            root_password: None,
+            extra_args: options.extra_args.clone(),
             log_path,
             data_dir,
             _dir: dir,
@@ -93,12 +264,29 @@ impl EtcdServer {
     /// it is healthy. On failure the process is killed and reaped.
     fn spawn_and_wait(&mut self) -> io::Result<()> {
         let log = OpenOptions::new().append(true).open(&self.log_path)?;
-        let client_url = format!("http://127.0.0.1:{}", self.client_port);
+        let client_url = self.endpoint();
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let data_dir = self.data_dir.to_string_lossy().into_owned();
         let initial_cluster = format!("{MEMBER_NAME}={peer_url}");
         let cluster_token = format!("tenax-chaos-{}", self.client_port);
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some((files, metrics_port)) = &self.tls {
+            let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+            tls_args = vec![
+                "--cert-file".into(),
+                path(&files.server_cert),
+                "--key-file".into(),
+                path(&files.server_key),
+                "--trusted-ca-file".into(),
+                path(&files.ca),
+                "--client-cert-auth".into(),
+                "--listen-metrics-urls".into(),
+                format!("http://127.0.0.1:{metrics_port}"),
+            ];
+        }
         let child = Command::new(ETCD_EXECUTABLE)
+            .args(&tls_args)
+            .args(&self.extra_args)
             .args([
                 "--name",
                 MEMBER_NAME,
@@ -147,7 +335,7 @@ impl EtcdServer {
     /// Polls `GET /health` every 50 ms until it answers healthy, the process exits, or
     /// [`ETCD_START_TIMEOUT`] passes.
     fn wait_healthy(&mut self) -> io::Result<()> {
-        let addr = self.addr();
+        let addr = self.health_addr();
         let deadline = Instant::now() + ETCD_START_TIMEOUT;
         loop {
             let exited = match self.child.as_mut() {
@@ -188,9 +376,119 @@ impl EtcdServer {
         }
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`: what etcd clients connect to.
+    /// The client URL, `http://127.0.0.1:PORT` (`https://` for a TLS server): what etcd
+    /// clients connect to.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr())
+    }
+
+    /// A TLS server's certificates ([`EtcdServer::start_tls`]); `None` for plain HTTP.
+    pub fn tls_files(&self) -> Option<&EtcdTlsFiles> {
+        self.tls.as_ref().map(|(files, _)| files)
+    }
+
+    /// Where `GET /health` is asked: the client port, or a TLS server's metrics port.
+    fn health_addr(&self) -> SocketAddr {
+        match &self.tls {
+            Some((_, metrics_port)) => SocketAddr::from((Ipv4Addr::LOCALHOST, *metrics_port)),
+            None => self.addr(),
+        }
+    }
+
+    /// Runs `etcdctl` (API v3) against this server with `args` and returns its standard
+    /// output. The endpoint is given, for a TLS server the CA and the client certificate,
+    /// and after [`EtcdServer::enable_auth`] the root user (through `ETCDCTL_USER`, not
+    /// the command line). `stdin` is written to its standard input (e.g. a password for
+    /// `user add NAME --interactive=false`).
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::NotFound`] when `etcdctl` is not installed; an error with its
+    /// standard error when it exits non-zero.
+    pub fn etcdctl(&self, args: &[&str], stdin: &str) -> io::Result<String> {
+        let mut cmd = Command::new(ETCDCTL_EXECUTABLE);
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint());
+        if let Some(files) = self.tls_files() {
+            cmd.arg("--cacert")
+                .arg(&files.ca)
+                .arg("--cert")
+                .arg(&files.client_cert)
+                .arg("--key")
+                .arg(&files.client_key);
+        }
+        match &self.root_password {
+            Some(pw) => cmd.env("ETCDCTL_USER", format!("root:{pw}")),
+            None => cmd.env_remove("ETCDCTL_USER"),
+        };
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "etcdctl not found on PATH: run scripts/setup (apt-get install \
+                         etcd-client)",
+                    )
+                } else {
+                    io::Error::new(e.kind(), format!("starting {ETCDCTL_EXECUTABLE}: {e}"))
+                }
+            })?;
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "{ETCDCTL_EXECUTABLE} {} at {} exited with {}: {}",
+                args.first().copied().unwrap_or_default(),
+                self.endpoint(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Turns on etcd's username/password authentication through `etcdctl`: adds user
+    /// `root` with `root_password` and the root role, adds `user` with a role of the same
+    /// name granted read and write on its prefix, then `auth enable`. From then on every
+    /// request needs a user's token (the client certificate's common name is no user).
+    /// The users live in the data directory: they survive a restart.
+    ///
+    /// # Errors
+    /// As [`EtcdServer::etcdctl`].
+    pub fn enable_auth(&mut self, root_password: &str, user: &EtcdUser<'_>) -> io::Result<()> {
+        self.etcdctl(
+            &["user", "add", "root", "--interactive=false"],
+            root_password,
+        )?;
+        self.etcdctl(&["user", "grant-role", "root", "root"], "")?;
+        self.etcdctl(&["role", "add", user.name], "")?;
+        self.etcdctl(
+            &[
+                "role",
+                "grant-permission",
+                user.name,
+                "--prefix=true",
+                "readwrite",
+                user.prefix,
+            ],
+            "",
+        )?;
+        self.etcdctl(
+            &["user", "add", user.name, "--interactive=false"],
+            user.password,
+        )?;
+        self.etcdctl(&["user", "grant-role", user.name, user.name], "")?;
+        self.etcdctl(&["auth", "enable"], "")?;
+        self.root_password = Some(root_password.to_string());
+        Ok(())
     }
 
     /// The client socket address.
@@ -217,7 +515,7 @@ impl EtcdServer {
     /// Whether `GET /health` answers healthy right now (2 s timeout).
     pub fn is_healthy(&self) -> bool {
         matches!(
-            crate::local::http_request(self.addr(), "GET", "/health", Duration::from_secs(2)),
+            crate::local::http_request(self.health_addr(), "GET", "/health", Duration::from_secs(2)),
             Ok((200, body)) if body.contains("\"health\":\"true\"")
         )
     }
@@ -293,9 +591,15 @@ fn not_found() -> io::Error {
     )
 }
 
-/// Two distinct ports that were free a moment ago (both bound at once, then released).
-fn free_port_pair() -> io::Result<(u16, u16)> {
+/// Three distinct ports that were free a moment ago (all bound at once, then released):
+/// client, peer, and metrics (used by a TLS server only).
+fn free_ports() -> io::Result<(u16, u16, u16)> {
     let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+    let c = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok((
+        a.local_addr()?.port(),
+        b.local_addr()?.port(),
+        c.local_addr()?.port(),
+    ))
 }

@@ -31,7 +31,8 @@
 //!   lost responses and latency, so that object_store's own retries get exercised.
 //! - [`etcd`]: [`EtcdServer`], a real local one-member etcd (`etcd`) on free ports with a
 //!   temporary data directory: stop (kill -9), restart on the same ports and data, killed
-//!   on drop.
+//!   on drop; optionally over TLS with client certificates made by rcgen, and with users
+//!   and authentication enabled through `etcdctl`.
 //! - [`fault_store`]: [`FaultStore`], an `ObjectStore` wrapper that "crashes" at a
 //!   [`CrashPoint`] (after N bytes, before or after a given put) and fails every call
 //!   from then on, like a dead process.
@@ -54,7 +55,7 @@ pub mod schedule;
 pub mod tcp_proxy;
 
 pub use cluster::{ClusterSpec, LocalCluster, Signal};
-pub use etcd::EtcdServer;
+pub use etcd::{EtcdServer, EtcdServerOptions, EtcdTlsFiles, EtcdUser};
 pub use fault_store::{CrashPoint, FaultStore};
 pub use http_proxy::{FaultAction, FaultDecision, FaultProxy, ProxyEvent, ProxyFaults, ProxyStats};
 pub use moto::{s3_env_for, MotoServer};

@@ -35,6 +35,20 @@
 //! apart: [`EtcdMembership::keepalive_requests`]), so that a benchmark can report etcd
 //! requests per re-formation and per training step.
 //!
+//! TLS and authentication ([`EtcdConfig::tls`], [`EtcdConfig::auth`]): `https://`
+//! endpoints are reached over TLS (rustls with the aws-lc-rs provider) trusting only the
+//! given CA, with a client certificate for etcd's `--client-cert-auth`; with a user, the
+//! client authenticates at connect and sends etcd's auth token with every request. etcd's
+//! simple tokens live in its memory: they expire after `--auth-token-ttl` unused, and a
+//! restart loses those issued before its last snapshot (it replays the `Authenticate`
+//! entries of its log after it). A request refused for an invalid token renews the token
+//! (one `Authenticate`, shared by every task of the driver) and is sent again, within the
+//! same retry bound, on every path: calls, campaigns, lease keep-alives and watches. A
+//! wrong user name or password, or a user without permission, is
+//! [`EtcdError::Auth`] at once (never retried); a TLS failure at connect is
+//! [`EtcdError::Tls`]. Neither the password nor the client key is ever printed (their
+//! `Debug` shows neither).
+//!
 //! Member keys are watched with [`EtcdMembership::watch_members`] (the leader's view of
 //! who is registered) and [`EtcdMembership::watch_member`] (a member watching its own
 //! key): a snapshot, then every put and delete, as [`MemberEvent`]s. Suspicion reports
@@ -105,6 +119,182 @@ pub struct EtcdConfig {
     pub give_up_after: Duration,
     /// Capacity of the channel of a [`PlanWatch`] (the watch waits when it is full).
     pub watch_buffer: usize,
+    /// TLS to etcd; required by `https://` endpoints, refused with `http://` ones.
+    pub tls: Option<EtcdTls>,
+    /// etcd username/password authentication; `None`: no user (etcd without auth).
+    pub auth: Option<EtcdAuth>,
+}
+
+/// TLS to etcd, as PEM bytes (the driver reads no file: the `tenax` binary reads them
+/// from `--etcd-ca`, `--etcd-cert` and `--etcd-key`). Only the given CA is trusted (no
+/// system roots), and etcd's certificate must name the endpoint's host (IP or DNS SAN).
+/// `Debug` prints sizes, never the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA certificate(s) that signed etcd's server certificate (one or more PEM
+    /// `CERTIFICATE` blocks).
+    pub ca_pem: Vec<u8>,
+    /// The client certificate (chain) shown to etcd, PEM; with `client_key_pem`. etcd
+    /// started with `--client-cert-auth` refuses a client without one signed by its
+    /// `--trusted-ca-file`.
+    pub client_cert_pem: Option<Vec<u8>>,
+    /// The client certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub client_key_pem: Option<Vec<u8>>,
+}
+
+impl EtcdTls {
+    /// TLS trusting `ca_pem`, without a client certificate.
+    pub fn new(ca_pem: Vec<u8>) -> Self {
+        EtcdTls {
+            ca_pem,
+            client_cert_pem: None,
+            client_key_pem: None,
+        }
+    }
+
+    /// The same, showing etcd the client certificate `cert_pem` with its key `key_pem`.
+    pub fn with_client_cert(mut self, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Self {
+        self.client_cert_pem = Some(cert_pem);
+        self.client_key_pem = Some(key_pem);
+        self
+    }
+
+    /// Checks that `pem` holds at least one certificate and returns how many; the error
+    /// says what is wrong, for a message that names the file.
+    ///
+    /// # Errors
+    /// When `pem` has no `CERTIFICATE` block or a block does not decode.
+    pub fn check_certificates(pem: &[u8]) -> Result<usize, String> {
+        use rustls_pki_types::pem::PemObject;
+        let mut n = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+            cert.map_err(|e| format!("a PEM certificate does not decode ({e})"))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+        }
+        Ok(n)
+    }
+
+    /// Checks that `pem` holds a private key (PKCS#8, PKCS#1 or SEC1); the error says
+    /// what is wrong, never the key.
+    ///
+    /// # Errors
+    /// When `pem` has no private key block, or it does not decode.
+    pub fn check_private_key(pem: &[u8]) -> Result<(), String> {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(pem)
+            .map(|_| ())
+            .map_err(|e| format!("holds no usable PEM private key ({e})"))
+    }
+
+    /// Checks the PEM parts; the error names the part.
+    fn validate(&self) -> Result<(), String> {
+        Self::check_certificates(&self.ca_pem).map_err(|e| format!("the etcd CA {e}"))?;
+        match (&self.client_cert_pem, &self.client_key_pem) {
+            (None, None) => Ok(()),
+            (Some(cert), Some(key)) => {
+                Self::check_certificates(cert)
+                    .map_err(|e| format!("the etcd client certificate {e}"))?;
+                Self::check_private_key(key).map_err(|e| format!("the etcd client key {e}"))
+            }
+            _ => Err(
+                "a client certificate needs its key and a key its certificate: give both \
+                      or neither"
+                    .into(),
+            ),
+        }
+    }
+
+    /// A rustls client configuration with the same CA and client certificate as
+    /// [`EtcdTls::options`] (ALPN `h2`, like the gRPC client), for [`tls_failure`].
+    fn rustls_config(&self) -> Result<rustls::ClientConfig, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            let cert = cert.map_err(|e| format!("the etcd CA: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("the etcd CA is no usable CA certificate ({e})"))?;
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS versions: {e}"))?
+            .with_root_certificates(roots);
+        let mut config = match (&self.client_cert_pem, &self.client_key_pem) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("the etcd client certificate: {e}"))?;
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|e| format!("the etcd client key: {e}"))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    format!("the etcd client key does not fit its certificate ({e})")
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+
+    /// The rustls settings for the etcd client.
+    fn options(&self) -> etcd_client::TlsOptions {
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&self.ca_pem));
+        if let (Some(cert), Some(key)) = (&self.client_cert_pem, &self.client_key_pem) {
+            tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        tls
+    }
+}
+
+impl fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field(
+                "client_cert_pem_bytes",
+                &self.client_cert_pem.as_ref().map(Vec::len),
+            )
+            .field(
+                "client_key_pem",
+                &self.client_key_pem.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// etcd username/password authentication. The password is never printed: `Debug` shows
+/// `<redacted>`, and no error carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    /// The etcd user (it needs read-write permission on `/tenax/<job>/`).
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl EtcdAuth {
+    /// Authentication as `user` with `password`.
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+        EtcdAuth {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+}
+
+impl fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 impl EtcdConfig {
@@ -123,6 +313,8 @@ impl EtcdConfig {
             backoff_max: Duration::from_secs(2),
             give_up_after: Duration::from_secs(600),
             watch_buffer: 64,
+            tls: None,
+            auth: None,
         }
     }
 
@@ -133,11 +325,45 @@ impl EtcdConfig {
             return bad("no etcd endpoint given: pass at least one http://host:port".into());
         }
         for e in &self.endpoints {
-            if !e.starts_with("http://") {
+            match (
+                e.starts_with("http://"),
+                e.starts_with("https://"),
+                &self.tls,
+            ) {
+                (true, _, None) | (_, true, Some(_)) => {}
+                (true, _, Some(_)) => {
+                    return bad(format!(
+                        "etcd endpoint {e:?} is http:// but TLS settings are given: write it \
+                         as https://host:port, or drop the TLS settings"
+                    ))
+                }
+                (_, true, None) => {
+                    return bad(format!(
+                        "etcd endpoint {e:?} is https:// but no CA is given to check etcd's \
+                         certificate: give the CA (--etcd-ca)"
+                    ))
+                }
+                _ => {
+                    return bad(format!(
+                        "etcd endpoint {e:?} is not an http:// or https:// URL: write it as \
+                         http://host:port (https:// with TLS)"
+                    ))
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate()
+                .map_err(|detail| EtcdError::InvalidConfig { detail })?;
+        }
+        if let Some(auth) = &self.auth {
+            if auth.user.is_empty() || auth.user.chars().any(char::is_control) {
                 return bad(format!(
-                    "etcd endpoint {e:?} is not an http:// URL (TLS is not supported yet): \
-                     write it as http://host:port"
+                    "etcd user {:?} is empty or has control characters",
+                    auth.user
                 ));
+            }
+            if auth.password.is_empty() {
+                return bad(format!("etcd user {:?} has an empty password", auth.user));
             }
         }
         if self.job.is_empty()
@@ -247,6 +473,35 @@ pub enum EtcdError {
         member_id: String,
         /// The lease.
         lease: i64,
+    },
+    /// etcd refused the credentials: a wrong user name or password, authentication off
+    /// while a user is given or on while none is, or a user without permission on the
+    /// job's keys. Never retried: a retry does not fix it.
+    #[error("etcd at {endpoints} refused {who} ({what} {key}): {detail}")]
+    Auth {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// `user "NAME"`, or `a client without a user`.
+        who: String,
+        /// The operation.
+        what: &'static str,
+        /// The key concerned.
+        key: String,
+        /// etcd's answer, and what to do.
+        detail: String,
+    },
+    /// The TLS handshake with etcd failed (an unknown CA, a certificate for another
+    /// host, no or an untrusted client certificate).
+    #[error(
+        "TLS with etcd at {endpoints} failed: {detail}; check that the CA signed etcd's \
+         certificate for this host, and that a client certificate and key signed by etcd's \
+         CA are given (etcd with --client-cert-auth refuses a client without one)"
+    )]
+    Tls {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// The TLS error.
+        detail: String,
     },
     /// etcd refused the request for a reason that a retry does not fix.
     #[error("etcd at {endpoints} refused {what} {key}: {source}")]
@@ -761,6 +1016,10 @@ struct Inner {
     /// The newest (generation, mod_revision) of the `gen` key this driver has seen: lets
     /// a fenced write skip the read of the `gen` key.
     plan_rev: Mutex<Option<PlanCursor>>,
+    /// Auth tokens obtained after the first one (see [`Inner::renew_token`]).
+    token_renewals: AtomicU64,
+    /// Held while a token is renewed, so that tasks refused at once renew it once.
+    renew_lock: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Inner {
@@ -784,9 +1043,15 @@ impl EtcdMembership {
         config.validate()?;
         let endpoints = config.endpoints.join(",");
         let prefix = records::job_prefix(&config.job);
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(HTTP2_PING_INTERVAL, HTTP2_PING_TIMEOUT);
+        if let Some(tls) = &config.tls {
+            options = options.with_tls(tls.options());
+        }
+        if let Some(auth) = &config.auth {
+            options = options.with_user(auth.user.clone(), auth.password.clone());
+        }
         let unreachable = |last_error: String| EtcdError::Unreachable {
             endpoints: endpoints.clone(),
             what: "connect",
@@ -794,6 +1059,7 @@ impl EtcdMembership {
             attempts: 1,
             last_error,
         };
+        // With a user, connecting authenticates (the first request on the connection).
         let client = match tokio::time::timeout(
             config.connect_timeout,
             Client::connect(&config.endpoints, Some(options)),
@@ -801,7 +1067,16 @@ impl EtcdMembership {
         .await
         {
             Ok(Ok(client)) => client,
-            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Ok(Err(e)) => {
+                return Err(first_contact_error(
+                    &config,
+                    &endpoints,
+                    "authenticate for",
+                    &prefix,
+                    &e,
+                )
+                .await)
+            }
             Err(_) => {
                 return Err(unreachable(format!(
                     "no connection within {:?}",
@@ -816,6 +1091,8 @@ impl EtcdMembership {
             requests: AtomicU64::new(0),
             keepalive_requests: AtomicU64::new(0),
             plan_rev: Mutex::new(None),
+            token_renewals: AtomicU64::new(0),
+            renew_lock: tokio::sync::Mutex::new(()),
             config,
         });
         // The client connects lazily: one read proves that etcd answers.
@@ -824,12 +1101,14 @@ impl EtcdMembership {
         let mut kv = inner.client.kv_client();
         let probe = tokio::time::timeout(
             inner.config.connect_timeout,
-            kv.get(gen_key, Some(GetOptions::new().with_count_only())),
+            kv.get(gen_key.clone(), Some(GetOptions::new().with_count_only())),
         )
         .await;
         match probe {
             Ok(Ok(_)) => Ok(EtcdMembership { inner }),
-            Ok(Err(e)) => Err(unreachable(e.to_string())),
+            Ok(Err(e)) => {
+                Err(first_contact_error(&inner.config, &endpoints, "get", &gen_key, &e).await)
+            }
             Err(_) => Err(unreachable(format!(
                 "no answer within {:?}",
                 inner.config.connect_timeout
@@ -857,6 +1136,12 @@ impl EtcdMembership {
     /// a lease: they write nothing and change no revision).
     pub fn keepalive_requests(&self) -> u64 {
         self.inner.keepalive_requests.load(Ordering::Relaxed)
+    }
+
+    /// How many times the auth token was renewed after etcd refused it (an etcd restart,
+    /// or a token unused for etcd's `--auth-token-ttl`); 0 without a user.
+    pub fn token_renewals(&self) -> u64 {
+        self.inner.token_renewals.load(Ordering::SeqCst)
     }
 
     /// Registers `member_id`: grants a lease of [`EtcdConfig::lease_ttl_s`], puts
@@ -986,6 +1271,7 @@ impl EtcdMembership {
             }
             attempts += 1;
             inner.requests.fetch_add(1, Ordering::Relaxed);
+            let seen = inner.token_renewals.load(Ordering::SeqCst);
             let mut election = inner.client.election_client();
             let campaign = election.campaign(name.clone(), writer.member_id.clone(), writer.lease);
             let mut resp = match tokio::time::timeout_at(deadline, campaign).await {
@@ -993,11 +1279,16 @@ impl EtcdMembership {
                 Err(_) => return Ok(None),
                 Ok(Ok(resp)) => resp,
                 Ok(Err(e)) if lease_not_found(&e) => return Err(inner.lease_lost(writer)),
+                Ok(Err(e)) if inner.token_expired(&e) => {
+                    last_error = e.to_string();
+                    inner.renew_token(seen, "campaign on", &name).await?;
+                    continue;
+                }
                 Ok(Err(e)) if is_transient(&e) => {
                     last_error = e.to_string();
                     continue;
                 }
-                Ok(Err(e)) => return Err(inner.rejected("campaign on", &name, e)),
+                Ok(Err(e)) => return Err(inner.refused("campaign on", &name, e)),
             };
             let key = resp.take_leader().ok_or_else(|| {
                 inner.protocol("campaign on", &name, "no leader key in the answer")
@@ -1655,10 +1946,15 @@ impl Inner {
                 tokio::time::sleep(self.backoff(attempt)).await;
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
+            let seen = self.token_renewals.load(Ordering::SeqCst);
             match tokio::time::timeout(self.config.op_timeout, op(self.client.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if self.token_expired(&e) => {
+                    last_error = e.to_string();
+                    self.renew_token(seen, what, key).await?;
+                }
                 Ok(Err(e)) if is_transient(&e) => last_error = e.to_string(),
-                Ok(Err(e)) => return Err(self.rejected(what, key, e)),
+                Ok(Err(e)) => return Err(self.refused(what, key, e)),
                 Err(_) => {
                     timeouts += 1;
                     last_error = format!("no answer within {:?}", self.config.op_timeout);
@@ -1752,6 +2048,56 @@ impl Inner {
             .map(|c| c.revision)
     }
 
+    /// Whether etcd refused the auth token this driver sent (expired, or lost by an etcd
+    /// restart): then [`Inner::renew_token`] and send again. Only with a user: without
+    /// one no token is sent, and the refusal is [`Inner::refused`]'s.
+    fn token_expired(&self, e: &etcd_client::Error) -> bool {
+        self.config.auth.is_some() && is_token_refusal(e)
+    }
+
+    /// Authenticates again and installs the new token for every task of the driver,
+    /// unless another task renewed it since `seen` (the value of
+    /// [`Inner::token_renewals`] read before the refused request was sent). One
+    /// `Authenticate` request with [`EtcdConfig::op_timeout`].
+    ///
+    /// # Errors
+    /// [`EtcdError::Auth`] when etcd refuses the user or password now (never retried);
+    /// a transient failure (etcd still restarting) is logged and left to the caller's
+    /// next attempt, which is refused again and renews again, within its retry bound.
+    async fn renew_token(&self, seen: u64, what: &'static str, key: &str) -> Result<(), EtcdError> {
+        let _guard = self.renew_lock.lock().await;
+        if self.token_renewals.load(Ordering::SeqCst) != seen {
+            return Ok(());
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let user = self.config.auth.as_ref().map_or("", |a| a.user.as_str());
+        match tokio::time::timeout(self.config.op_timeout, self.client.refresh_token()).await {
+            Ok(Ok(())) => {
+                self.token_renewals.fetch_add(1, Ordering::SeqCst);
+                tracing::info!(endpoints = %self.endpoints, user, what, key, "etcd refused the auth token (expired, or etcd restarted); authenticated again");
+                Ok(())
+            }
+            Ok(Err(e)) => match credentials_refused(&self.config, &self.endpoints, what, key, &e) {
+                Some(refused) => Err(refused),
+                None => {
+                    tracing::debug!(endpoints = %self.endpoints, user, error = %e, "renewing the etcd auth token failed; the next attempt tries again");
+                    Ok(())
+                }
+            },
+            Err(_) => {
+                tracing::debug!(endpoints = %self.endpoints, user, "renewing the etcd auth token got no answer; the next attempt tries again");
+                Ok(())
+            }
+        }
+    }
+
+    /// A refusal that a retry does not fix: [`EtcdError::Auth`] for refused credentials
+    /// or permissions, [`EtcdError::Rejected`] otherwise.
+    fn refused(&self, what: &'static str, key: &str, source: etcd_client::Error) -> EtcdError {
+        credentials_refused(&self.config, &self.endpoints, what, key, &source)
+            .unwrap_or_else(|| self.rejected(what, key, source))
+    }
+
     fn rejected(&self, what: &'static str, key: &str, source: etcd_client::Error) -> EtcdError {
         EtcdError::Rejected {
             endpoints: self.endpoints.clone(),
@@ -1797,6 +2143,8 @@ fn is_transient(e: &etcd_client::Error) -> bool {
             | Code::DeadlineExceeded
             | Code::Aborted
             | Code::ResourceExhausted => true,
+            // The auth store changed between the token check and the apply.
+            Code::InvalidArgument => s.message().contains("revision of auth store is old"),
             Code::Unknown | Code::Internal | Code::Cancelled => {
                 let m = s.message().to_ascii_lowercase();
                 [
@@ -1814,6 +2162,203 @@ fn is_transient(e: &etcd_client::Error) -> bool {
         },
         _ => false,
     }
+}
+
+/// Whether etcd refused the auth token of a request: `Unauthenticated` (any unary call),
+/// or the message kept by the services etcd runs on its own in-process client (election:
+/// code `Unknown`).
+fn is_token_refusal(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unauthenticated || s.message().contains("invalid auth token")
+        }
+        _ => false,
+    }
+}
+
+/// The error for refused credentials or permissions (see [`EtcdError::Auth`]), if etcd's
+/// answer `e` is one; `None` for any other failure.
+fn credentials_refused(
+    config: &EtcdConfig,
+    endpoints: &str,
+    what: &'static str,
+    key: &str,
+    e: &etcd_client::Error,
+) -> Option<EtcdError> {
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return None;
+    };
+    let m = s.message();
+    let job_keys = records::job_prefix(&config.job);
+    let detail = if m.contains("authentication failed") {
+        format!("wrong user name or password ({m}): check the user and its password")
+    } else if m.contains("authentication is not enabled") {
+        format!("{m}: this etcd has no users; give no user, or enable authentication in etcd")
+    } else if m.contains("user name is empty") || m.contains("user name not found") {
+        format!("{m}: this etcd requires authentication; give a user and its password")
+    } else if (s.code() == tonic::Code::PermissionDenied || m.contains("permission denied"))
+        && config.auth.is_none()
+    {
+        format!(
+            "{m}: this etcd has authentication on; give a user and its password, with read \
+             and write permission on every key under {job_keys}"
+        )
+    } else if s.code() == tonic::Code::PermissionDenied || m.contains("permission denied") {
+        format!(
+            "{m}: the user needs read and write permission on every key under {job_keys} \
+             (etcdctl role grant-permission ROLE --prefix=true readwrite {job_keys})"
+        )
+    } else if config.auth.is_none() && s.code() == tonic::Code::Unauthenticated {
+        format!("{m}: this etcd requires authentication; give a user and its password")
+    } else {
+        return None;
+    };
+    let who = match &config.auth {
+        Some(a) => format!("user {:?}", a.user),
+        None => "a client without a user".to_string(),
+    };
+    Some(EtcdError::Auth {
+        endpoints: endpoints.to_string(),
+        who,
+        what,
+        key: key.to_string(),
+        detail,
+    })
+}
+
+/// What a failed first contact (connect, authenticate, the probe read) means: refused
+/// credentials, or a failed TLS handshake (neither is retried), or etcd unreachable.
+///
+/// The gRPC client often reports a refused client certificate as a mere broken
+/// connection (TLS 1.3 tells the client after its handshake), so with TLS one more
+/// handshake finds the reason ([`tls_failure`]).
+async fn first_contact_error(
+    config: &EtcdConfig,
+    endpoints: &str,
+    what: &'static str,
+    key: &str,
+    e: &etcd_client::Error,
+) -> EtcdError {
+    if let Some(refused) = credentials_refused(config, endpoints, what, key, e) {
+        return refused;
+    }
+    let chain = error_chain(e);
+    if let Some(tls) = &config.tls {
+        let wait = config.connect_timeout.min(TLS_DIAGNOSIS_WAIT);
+        let detail = match tls_failure(tls, &config.endpoints, wait).await {
+            Some(reason) => Some(reason),
+            None => looks_like_tls_failure(&chain).then(|| chain.clone()),
+        };
+        if let Some(detail) = detail {
+            return EtcdError::Tls {
+                endpoints: endpoints.to_string(),
+                detail,
+            };
+        }
+    }
+    EtcdError::Unreachable {
+        endpoints: endpoints.to_string(),
+        what: "connect",
+        key: records::job_prefix(&config.job),
+        attempts: 1,
+        last_error: chain,
+    }
+}
+
+/// The error's text followed by its sources' (the TLS reason is often a source).
+fn error_chain(e: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let mut out = e.to_string();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(s) => s.source(),
+        etcd_client::Error::TransportError(t) => t.source(),
+        etcd_client::Error::IoError(io) => io.source(),
+        _ => None,
+    };
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = err.source();
+    }
+    out
+}
+
+/// How long [`tls_failure`] waits for etcd's verdict on the client certificate after the
+/// handshake.
+const TLS_DIAGNOSIS_WAIT: Duration = Duration::from_secs(2);
+
+/// Why TLS with the first reachable `https://` endpoint fails, if it does: one handshake
+/// with the driver's CA and client certificate, then a read of at most `wait` (etcd
+/// refuses a missing or untrusted client certificate with an alert that a TLS 1.3 client
+/// reads after its handshake). `None` when the handshake works and etcd says nothing
+/// against it (the failure is elsewhere), or no endpoint answers TCP.
+async fn tls_failure(tls: &EtcdTls, endpoints: &[String], wait: Duration) -> Option<String> {
+    use tokio::io::AsyncRead;
+    let config = match tls.rustls_config() {
+        Ok(c) => Arc::new(c),
+        Err(e) => return Some(e),
+    };
+    let connector = tokio_rustls::TlsConnector::from(config);
+    for endpoint in endpoints {
+        let Some(rest) = endpoint.strip_prefix("https://") else {
+            continue;
+        };
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let host = match authority.rsplit_once(':') {
+            Some((host, _port)) => host.trim_start_matches('[').trim_end_matches(']'),
+            None => authority,
+        };
+        let Ok(name) = rustls_pki_types::ServerName::try_from(host.to_string()) else {
+            continue;
+        };
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(authority).await.ok()?;
+            let mut stream = match connector.connect(name, tcp).await {
+                Ok(s) => s,
+                Err(e) => return Some(format!("{endpoint}: {e}")),
+            };
+            let mut byte = [0u8; 1];
+            let read = std::future::poll_fn(|cx| {
+                let mut buf = tokio::io::ReadBuf::new(&mut byte);
+                std::pin::Pin::new(&mut stream)
+                    .poll_read(cx, &mut buf)
+                    .map_ok(|()| buf.filled().len())
+            });
+            match tokio::time::timeout(wait, read).await {
+                Ok(Err(e)) => Some(format!("{endpoint}: {e}")),
+                Ok(Ok(0)) => Some(format!(
+                    "{endpoint}: etcd closed the connection right after the TLS handshake (it \
+                     did not accept the client certificate)"
+                )),
+                // etcd sent data, or waits for the client: TLS is fine.
+                Ok(Ok(_)) | Err(_) => None,
+            }
+        };
+        // The TCP connect and the handshake are bounded too (a hung etcd says nothing).
+        if let Ok(Some(reason)) = tokio::time::timeout(wait.saturating_mul(2), attempt).await {
+            return Some(reason);
+        }
+    }
+    None
+}
+
+/// Whether an error text is a TLS failure (handshake, certificate, alert).
+fn looks_like_tls_failure(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    [
+        "certificate",
+        "handshake",
+        "alert",
+        "tls",
+        "unknownissuer",
+        "unknown issuer",
+        "notvalidforname",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
 }
 
 /// Whether etcd said a lease does not exist.
@@ -1894,6 +2439,11 @@ async fn keepalive_task(
                 });
                 return;
             }
+            Refresh::Refused(reason) => {
+                tracing::warn!(member = %writer.member_id, lease = writer.lease, %reason, "lease refresh refused");
+                state.send_replace(LeaseState::Lost { reason });
+                return;
+            }
             Refresh::NoAnswer(error) => {
                 failed_refreshes += 1;
                 if last_answer.elapsed() >= inner.config.give_up_after {
@@ -1922,12 +2472,15 @@ enum Refresh {
     Alive,
     /// etcd says the lease does not exist.
     Gone,
+    /// etcd refused the credentials (see [`EtcdError::Auth`]): the lease cannot be kept.
+    Refused(String),
     /// No answer after every retry.
     NoAnswer(String),
 }
 
 /// One lease refresh: a keep-alive on the open stream (opening one first if needed),
-/// with a timeout per attempt and bounded retries.
+/// with a timeout per attempt and bounded retries. A refused auth token is renewed before
+/// the next attempt, which opens a new stream.
 async fn refresh(
     inner: &Inner,
     writer: &Writer,
@@ -1941,32 +2494,54 @@ async fn refresh(
         }
         inner.requests.fetch_add(1, Ordering::Relaxed);
         inner.keepalive_requests.fetch_add(1, Ordering::Relaxed);
-        if let Some((keeper, responses)) = stream.as_mut() {
-            let exchange = async {
-                keeper.keep_alive().await?;
-                responses.message().await
-            };
-            match tokio::time::timeout(timeout, exchange).await {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => return Refresh::Alive,
-                Ok(Ok(Some(_))) => return Refresh::Gone,
-                Ok(Ok(None)) => last_error = "keep-alive stream closed by etcd".into(),
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = format!("no keep-alive answer within {timeout:?}"),
-            }
-            *stream = None;
-        } else {
-            let mut lease = inner.client.lease_client();
-            // Opening the stream sends one keep-alive and reads its answer.
-            match tokio::time::timeout(timeout, lease.keep_alive(writer.lease)).await {
-                Ok(Ok(opened)) => {
-                    *stream = Some(opened);
-                    return Refresh::Alive;
+        let seen = inner.token_renewals.load(Ordering::SeqCst);
+        // An error etcd answered with, or the text of a failure without an answer.
+        let failure: Result<etcd_client::Error, String> =
+            if let Some((keeper, responses)) = stream.as_mut() {
+                let exchange = async {
+                    keeper.keep_alive().await?;
+                    responses.message().await
+                };
+                let failure = match tokio::time::timeout(timeout, exchange).await {
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => return Refresh::Alive,
+                    Ok(Ok(Some(_))) => return Refresh::Gone,
+                    Ok(Ok(None)) => Err("keep-alive stream closed by etcd".to_string()),
+                    Ok(Err(e)) => Ok(e),
+                    Err(_) => Err(format!("no keep-alive answer within {timeout:?}")),
+                };
+                // A new stream next time (it carries the token it is opened with).
+                *stream = None;
+                failure
+            } else {
+                let mut lease = inner.client.lease_client();
+                // Opening the stream sends one keep-alive and reads its answer.
+                match tokio::time::timeout(timeout, lease.keep_alive(writer.lease)).await {
+                    Ok(Ok(opened)) => {
+                        *stream = Some(opened);
+                        return Refresh::Alive;
+                    }
+                    Ok(Err(e)) if lease_not_found(&e) => return Refresh::Gone,
+                    Ok(Err(e)) => Ok(e),
+                    Err(_) => Err(format!("no keep-alive answer within {timeout:?}")),
                 }
-                Ok(Err(e)) if lease_not_found(&e) => return Refresh::Gone,
-                Ok(Err(e)) => last_error = e.to_string(),
-                Err(_) => last_error = format!("no keep-alive answer within {timeout:?}"),
+            };
+        last_error = match failure {
+            Ok(e) => {
+                let what = "keep-alive of lease";
+                let label = format!("{:#x}", writer.lease);
+                if inner.token_expired(&e) {
+                    if let Err(refused) = inner.renew_token(seen, what, &label).await {
+                        return Refresh::Refused(refused.to_string());
+                    }
+                } else if let Some(refused) =
+                    credentials_refused(&inner.config, &inner.endpoints, what, &label, &e)
+                {
+                    return Refresh::Refused(refused.to_string());
+                }
+                e.to_string()
             }
-        }
+            Err(text) => text,
+        };
     }
     Refresh::NoAnswer(last_error)
 }
@@ -1979,9 +2554,17 @@ enum SessionEnd {
     Compacted,
     /// The connection broke or etcd refused: reconnect with backoff.
     Broken(String),
-    /// A malformed value: give up.
+    /// etcd refused the auth token (expired, or lost by an etcd restart): renew it, then
+    /// reconnect.
+    TokenRefused(String),
+    /// A malformed value, or refused credentials: give up.
     Fatal(String),
 }
+
+/// How many times in a row a watch may be refused a freshly renewed token before it gives
+/// up (a user without read permission on the key is refused as "permission denied" by
+/// etcd 3.4, like an expired token).
+const MAX_TOKEN_REFUSALS: u32 = 3;
 
 /// What a resumable watch reads and delivers: the plan key, or member keys.
 trait WatchSource: Send + 'static {
@@ -2222,11 +2805,15 @@ async fn watch_task<S: WatchSource>(
     resyncs: Arc<AtomicU64>,
 ) {
     let mut failures = 0u32;
+    let mut token_refusals = 0u32;
     let mut outage_start: Option<Instant> = None;
     loop {
         if tx.is_closed() {
             return;
         }
+        // The renewals before this attempt: a refused token is renewed only if nobody
+        // renewed it since.
+        let seen = inner.token_renewals.load(Ordering::SeqCst);
         if failures > 0 {
             let since = *outage_start.get_or_insert_with(Instant::now);
             if since.elapsed() >= inner.config.give_up_after {
@@ -2260,6 +2847,20 @@ async fn watch_task<S: WatchSource>(
                     });
                     continue;
                 }
+                Err(SessionEnd::TokenRefused(e)) => {
+                    if let Err(error) =
+                        renew_for_watch(&inner, source.key(), seen, &mut token_refusals, &e).await
+                    {
+                        status.send_replace(WatchStatus::Failed { error });
+                        return;
+                    }
+                    failures += 1;
+                    status.send_replace(WatchStatus::Reconnecting {
+                        attempts: failures,
+                        last_error: e,
+                    });
+                    continue;
+                }
                 Err(SessionEnd::Closed | SessionEnd::Compacted) => return,
             },
         };
@@ -2268,6 +2869,7 @@ async fn watch_task<S: WatchSource>(
         if matches!(*status.borrow(), WatchStatus::Watching) {
             // The session worked: a later break starts a fresh outage.
             failures = 0;
+            token_refusals = 0;
             outage_start = None;
         }
         match end {
@@ -2291,8 +2893,60 @@ async fn watch_task<S: WatchSource>(
                     last_error: e,
                 });
             }
+            SessionEnd::TokenRefused(e) => {
+                reconnects.fetch_add(1, Ordering::Relaxed);
+                if let Err(error) =
+                    renew_for_watch(&inner, source.key(), seen, &mut token_refusals, &e).await
+                {
+                    status.send_replace(WatchStatus::Failed { error });
+                    return;
+                }
+                failures += 1;
+                status.send_replace(WatchStatus::Reconnecting {
+                    attempts: failures,
+                    last_error: e,
+                });
+            }
         }
     }
+}
+
+/// Renews the auth token after etcd refused a watch's (`refusals` in a row so far, this
+/// one included once counted). The error ends the watch: refused credentials, or
+/// [`MAX_TOKEN_REFUSALS`] fresh tokens refused in a row (no permission on the key).
+async fn renew_for_watch(
+    inner: &Inner,
+    key: &str,
+    seen: u64,
+    refusals: &mut u32,
+    last_error: &str,
+) -> Result<(), String> {
+    *refusals += 1;
+    if *refusals > MAX_TOKEN_REFUSALS {
+        let user = inner.config.auth.as_ref().map_or("", |a| a.user.as_str());
+        return Err(format!(
+            "watch of {key} at {}: etcd refused user {user:?} {MAX_TOKEN_REFUSALS} times in a \
+             row although its token was renewed each time (last: {last_error}); the user \
+             needs read permission on {key}",
+            inner.endpoints
+        ));
+    }
+    inner
+        .renew_token(seen, "watch", key)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// How a watch treats a failed request (opening the stream, a read, a stream message):
+/// a refused token is renewed, refused credentials end the watch, the rest reconnects.
+fn watch_failure(inner: &Inner, key: &str, e: etcd_client::Error) -> SessionEnd {
+    if inner.token_expired(&e) {
+        return SessionEnd::TokenRefused(e.to_string());
+    }
+    if let Some(refused) = credentials_refused(&inner.config, &inner.endpoints, "watch", key, &e) {
+        return SessionEnd::Fatal(refused.to_string());
+    }
+    SessionEnd::Broken(e.to_string())
 }
 
 /// Reads the key or range once (one attempt, with a timeout), delivers what the source
@@ -2313,7 +2967,7 @@ async fn sync<S: WatchSource>(
     let resp = match tokio::time::timeout(inner.config.op_timeout, kv.get(source.key(), opts)).await
     {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return Err(SessionEnd::Broken(e.to_string())),
+        Ok(Err(e)) => return Err(watch_failure(inner, source.key(), e)),
         Err(_) => {
             return Err(SessionEnd::Broken(format!(
                 "no answer within {:?}",
@@ -2359,7 +3013,7 @@ async fn session<S: WatchSource>(
     .await
     {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return SessionEnd::Broken(e.to_string()),
+        Ok(Err(e)) => return watch_failure(inner, source.key(), e),
         Err(_) => {
             return SessionEnd::Broken(format!(
                 "watch not opened within {:?}",
@@ -2377,16 +3031,33 @@ async fn session<S: WatchSource>(
         let resp = match resp {
             Ok(Some(resp)) => resp,
             Ok(None) => return SessionEnd::Broken("watch stream closed by etcd".into()),
-            Err(e) => return SessionEnd::Broken(e.to_string()),
+            Err(e) => return watch_failure(inner, source.key(), e),
         };
-        if resp.created() {
-            status.send_replace(WatchStatus::Watching);
-        }
         if resp.compact_revision() > 0 {
             return SessionEnd::Compacted;
         }
         if resp.canceled() {
-            return SessionEnd::Broken(format!("watch canceled by etcd: {}", resp.cancel_reason()));
+            // etcd checks the token when it creates the watch and answers a refused one
+            // with a canceled watch ("permission denied" in 3.4, "invalid auth token" later).
+            let reason = resp.cancel_reason();
+            let error = format!("watch canceled by etcd: {reason}");
+            if reason.contains("permission denied") || reason.contains("invalid auth token") {
+                if inner.config.auth.is_some() {
+                    return SessionEnd::TokenRefused(error);
+                }
+                return SessionEnd::Fatal(format!(
+                    "{error}: etcd at {} requires authentication for {}; give a user with read \
+                     permission on it",
+                    inner.endpoints,
+                    source.key()
+                ));
+            }
+            return SessionEnd::Broken(error);
+        }
+        // A created watch that etcd did not cancel at once (it answers a refused one with
+        // created and canceled together).
+        if resp.created() {
+            status.send_replace(WatchStatus::Watching);
         }
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
@@ -2428,6 +3099,160 @@ mod tests {
             ..EtcdConfig::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("http://"));
+    }
+
+    #[test]
+    fn tls_goes_with_https_endpoints_and_checks_its_pem() {
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem()
+            .into_bytes();
+        let key = rcgen::KeyPair::generate()
+            .unwrap()
+            .serialize_pem()
+            .into_bytes();
+        let https = |tls: Option<EtcdTls>| EtcdConfig {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            tls,
+            ..EtcdConfig::default()
+        };
+        let table: [(EtcdConfig, Option<&str>); 7] = [
+            (https(Some(EtcdTls::new(ca.clone()))), None),
+            (
+                https(Some(
+                    EtcdTls::new(ca.clone()).with_client_cert(ca.clone(), key.clone()),
+                )),
+                None,
+            ),
+            (https(None), Some("no CA is given")),
+            (
+                EtcdConfig {
+                    tls: Some(EtcdTls::new(ca.clone())),
+                    ..EtcdConfig::default()
+                },
+                Some("is http:// but TLS settings are given"),
+            ),
+            (
+                https(Some(EtcdTls::new(b"not pem".to_vec()))),
+                Some("the etcd CA holds no PEM certificate"),
+            ),
+            (
+                https(Some(
+                    EtcdTls::new(ca.clone()).with_client_cert(ca.clone(), ca.clone()),
+                )),
+                Some("the etcd client key holds no usable PEM private key"),
+            ),
+            (
+                https(Some(EtcdTls {
+                    client_key_pem: Some(key.clone()),
+                    ..EtcdTls::new(ca.clone())
+                })),
+                Some("give both or neither"),
+            ),
+        ];
+        for (i, (config, want)) in table.into_iter().enumerate() {
+            match (config.validate(), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => assert!(e.to_string().contains(w), "case {i}: {e}"),
+                (got, want) => panic!("case {i}: {got:?}, wanted an error with {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn debug_never_prints_the_password_or_the_key() {
+        let config = EtcdConfig {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            tls: Some(
+                EtcdTls::new(b"CA-PEM".to_vec())
+                    .with_client_cert(b"CERT-PEM".to_vec(), b"SECRET-KEY-PEM".to_vec()),
+            ),
+            auth: Some(EtcdAuth::new("tenax", "hunter2-secret")),
+            ..EtcdConfig::default()
+        };
+        let text = format!("{config:?} {config:#?}");
+        assert!(text.contains("\"tenax\""), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("SECRET-KEY"), "{text}");
+        let empty = EtcdConfig {
+            auth: Some(EtcdAuth::new("tenax", "")),
+            ..EtcdConfig::default()
+        };
+        assert!(empty
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("empty password"));
+    }
+
+    #[test]
+    fn refused_credentials_name_the_user_and_say_what_to_do() {
+        let mut config = EtcdConfig {
+            auth: Some(EtcdAuth::new("tenax", "pw")),
+            ..EtcdConfig::default()
+        };
+        let status =
+            |code, msg: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
+        let e = credentials_refused(
+            &config,
+            "https://e:1",
+            "authenticate for",
+            "/tenax/default/",
+            &status(
+                tonic::Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password",
+            ),
+        )
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("https://e:1") && e.contains("user \"tenax\""),
+            "{e}"
+        );
+        assert!(e.contains("check the user and its password"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = credentials_refused(
+            &config,
+            "https://e:1",
+            "get",
+            "/tenax/default/gen",
+            &status(
+                tonic::Code::PermissionDenied,
+                "etcdserver: permission denied",
+            ),
+        )
+        .unwrap()
+        .to_string();
+        assert!(e.contains("readwrite /tenax/default/"), "{e}");
+        // A refused token is renewed, not reported; a transient failure is neither.
+        let expired = status(
+            tonic::Code::Unauthenticated,
+            "etcdserver: invalid auth token",
+        );
+        assert!(is_token_refusal(&expired));
+        assert!(is_token_refusal(&status(
+            tonic::Code::Unknown,
+            "etcdserver: invalid auth token"
+        )));
+        assert!(!is_token_refusal(&status(tonic::Code::Unavailable, "x")));
+        assert!(credentials_refused(
+            &config,
+            "e",
+            "get",
+            "k",
+            &status(tonic::Code::Unavailable, "etcdserver: leader changed")
+        )
+        .is_none());
+        config.auth = None;
+        let e = credentials_refused(&config, "e", "get", "k", &expired)
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("a client without a user") && e.contains("give a user"),
+            "{e}"
+        );
     }
 
     #[test]
