@@ -203,6 +203,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // etcd and the store first: without them there is nothing to join.
     let mut etcd_cfg = EtcdConfig::new(s.etcd.clone(), s.job.clone());
     etcd_cfg.lease_ttl_s = s.lease_ttl_s;
+    args.etcd_client.apply(&mut etcd_cfg)?;
     let etcd = EtcdMembership::connect(etcd_cfg.clone())
         .await
         .map_err(|e| anyhow!("{e}"))?;

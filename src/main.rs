@@ -14,6 +14,7 @@ mod ckpt;
 mod config;
 mod daemon;
 mod data_cmd;
+mod etcd_args;
 mod hooks;
 mod metrics;
 mod plot;

@@ -38,6 +38,9 @@ pub struct StatusArgs {
     /// etcd client URL(s), comma-separated; `http://` is added when missing.
     #[arg(long, env = "TENAX_ETCD", value_name = "URL[,URL...]", default_value = DEFAULT_ETCD)]
     pub etcd: String,
+    /// TLS and authentication to etcd (--etcd-ca, --etcd-cert, --etcd-key, --etcd-user).
+    #[command(flatten)]
+    pub etcd_client: crate::etcd_args::EtcdClientArgs,
     /// The job whose members to ask.
     #[arg(long, env = "TENAX_JOB", value_name = "NAME", default_value = DEFAULT_JOB)]
     pub job: String,
@@ -59,6 +62,9 @@ pub struct Target {
     /// etcd client URL(s), comma-separated; `http://` is added when missing.
     #[arg(long, env = "TENAX_ETCD", value_name = "URL[,URL...]", default_value = DEFAULT_ETCD)]
     pub etcd: String,
+    /// TLS and authentication to etcd (--etcd-ca, --etcd-cert, --etcd-key, --etcd-user).
+    #[command(flatten)]
+    pub etcd_client: crate::etcd_args::EtcdClientArgs,
     /// The job the member belongs to.
     #[arg(long, env = "TENAX_JOB", value_name = "NAME", default_value = DEFAULT_JOB)]
     pub job: String,
@@ -147,7 +153,7 @@ async fn collect(args: &StatusArgs) -> Result<Value> {
     let tls = tls.as_ref();
     let endpoints = parse_endpoints(&args.etcd)?;
     let url = endpoints.join(",");
-    let (members, plan_gen) = read_job(&endpoints, &args.job, timeout).await?;
+    let (members, plan_gen) = read_job(&endpoints, &args.job, &args.etcd_client, timeout).await?;
     if members.is_empty() {
         bail!(no_members(&args.job, &url));
     }
@@ -168,10 +174,11 @@ async fn collect(args: &StatusArgs) -> Result<Value> {
 async fn read_job(
     endpoints: &[String],
     job: &str,
+    etcd_client: &crate::etcd_args::EtcdClientArgs,
     timeout: Duration,
 ) -> Result<(Vec<Member>, Option<u64>)> {
     let url = endpoints.join(",");
-    let etcd = connect_etcd(endpoints, job, timeout).await?;
+    let etcd = connect_etcd(endpoints, job, etcd_client, timeout).await?;
     let members = etcd.members().await.map_err(|e| etcd_failure(&url, e))?;
     let plan_gen = match etcd.read_plan().await {
         Ok(plan) => plan.map(|p| p.generation),
@@ -186,6 +193,7 @@ async fn read_job(
 async fn connect_etcd(
     endpoints: &[String],
     job: &str,
+    etcd_client: &crate::etcd_args::EtcdClientArgs,
     timeout: Duration,
 ) -> Result<EtcdMembership> {
     let url = endpoints.join(",");
@@ -195,6 +203,7 @@ async fn connect_etcd(
     config.max_retries = 1;
     config.backoff_initial = Duration::from_millis(100);
     config.backoff_max = Duration::from_millis(500);
+    etcd_client.apply(&mut config)?;
     EtcdMembership::connect(config)
         .await
         .map_err(|e| etcd_failure(&url, e))
@@ -426,7 +435,7 @@ pub async fn control(cmd: ControlCommand) -> Result<()> {
 async fn all_members(target: &Target, timeout: Duration) -> Result<Vec<(String, String)>> {
     let endpoints = parse_endpoints(&target.etcd)?;
     let url = endpoints.join(",");
-    let etcd = connect_etcd(&endpoints, &target.job, timeout).await?;
+    let etcd = connect_etcd(&endpoints, &target.job, &target.etcd_client, timeout).await?;
     let members = etcd.members().await.map_err(|e| etcd_failure(&url, e))?;
     if members.is_empty() {
         bail!(no_members(&target.job, &url));
@@ -515,7 +524,7 @@ async fn resolve(target: &Target, timeout: Duration) -> Result<(String, String)>
     };
     let endpoints = parse_endpoints(&target.etcd)?;
     let url = endpoints.join(",");
-    let etcd = connect_etcd(&endpoints, &target.job, timeout).await?;
+    let etcd = connect_etcd(&endpoints, &target.job, &target.etcd_client, timeout).await?;
     let members = etcd.members().await.map_err(|e| etcd_failure(&url, e))?;
     let addr = member_addr(node, &target.job, &url, &members)?;
     Ok((format!("member {node}"), addr))
@@ -782,6 +791,7 @@ mod tests {
             all: false,
             timeout_s: WAIT_S,
             tls: Default::default(),
+            etcd_client: Default::default(),
         }
     }
 
@@ -839,6 +849,7 @@ mod tests {
             json: true,
             timeout_s: WAIT_S,
             tls: Default::default(),
+            etcd_client: Default::default(),
         };
         let e = status(args).await.unwrap_err().to_string();
         assert!(
@@ -882,6 +893,7 @@ mod tests {
             json: true,
             timeout_s: WAIT_S,
             tls: Default::default(),
+            etcd_client: Default::default(),
         };
         let e = collect(&args).await.unwrap_err().to_string();
         assert_eq!(e, no_members(&job, &url));

@@ -20,6 +20,9 @@ pub struct DaemonArgs {
     /// etcd client URL(s), comma-separated, e.g. http://10.0.0.5:2379.
     #[arg(long, env = "TENAX_ETCD")]
     pub etcd: Option<String>,
+    /// TLS and authentication to etcd (--etcd-ca, --etcd-cert, --etcd-key, --etcd-user).
+    #[command(flatten)]
+    pub etcd_client: crate::etcd_args::EtcdClientArgs,
     /// Address the gRPC services (peer data plane and control) listen on [default: 0.0.0.0:7070].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
@@ -98,6 +101,11 @@ pub struct DaemonArgs {
 struct DaemonToml {
     job: Option<String>,
     etcd: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
     listen: Option<String>,
     advertise_addr: Option<String>,
     metrics_listen: Option<String>,
@@ -121,6 +129,11 @@ struct DaemonToml {
 const DAEMON_KEYS: &[&str] = &[
     "job",
     "etcd",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_user",
+    "etcd_password_file",
     "listen",
     "advertise_addr",
     "metrics_listen",
@@ -188,6 +201,14 @@ impl DaemonArgs {
             tls_key
         );
         self.insecure = self.insecure || own.insecure.unwrap_or(false);
+        self.etcd_client
+            .fill_unset(crate::etcd_args::EtcdClientArgs {
+                etcd_ca: own.etcd_ca,
+                etcd_cert: own.etcd_cert,
+                etcd_key: own.etcd_key,
+                etcd_user: own.etcd_user,
+                etcd_password_file: own.etcd_password_file,
+            });
         self.train = self.train.or(train);
         Ok(self)
     }
