@@ -1874,7 +1874,10 @@ fn mutual_tls_refuses_strangers_and_impostors_and_operators_drain() {
         // No client certificate, and one of another CA: the handshake is refused.
         for (who, identity) in [
             ("no certificate", None),
-            ("another CA's certificate", Some((&*stranger.0, &*stranger.1))),
+            (
+                "another CA's certificate",
+                Some((&*stranger.0, &*stranger.1)),
+            ),
         ] {
             let got = three_calls(&addr, &ca, identity, job, "node-1").await;
             assert!(got.iter().all(refused), "{who}: {got:?}");
@@ -1945,12 +1948,22 @@ fn mutual_tls_refuses_strangers_and_impostors_and_operators_drain() {
     let tls_s = tls.to_str().unwrap();
     std::fs::remove_file(tls.join("node-node-0.pem")).unwrap();
     std::fs::remove_file(tls.join("node-node-0-key.pem")).unwrap();
-    ok(&["certs", "issue", "--ca", tls_s, "--node", "node-0", "--days", "3"]);
+    ok(&[
+        "certs", "issue", "--ca", tls_s, "--node", "node-0", "--days", "3",
+    ]);
     let pid = c.pid(0).unwrap().to_string();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(60);
     while metric(&scrape(&metrics_addr), "tenax_tls_reloads_total") < 1.0 {
-        assert!(Instant::now() < deadline, "no reload after SIGHUP:\n{}", c.log_tail(0));
+        assert!(
+            Instant::now() < deadline,
+            "no reload after SIGHUP:\n{}",
+            c.log_tail(0)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // An operator's certificate drains them.
@@ -1958,7 +1971,9 @@ fn mutual_tls_refuses_strangers_and_impostors_and_operators_drain() {
     let op = c.operator_tls_args();
     for n in [0usize, 2] {
         let id = format!("node-{n}");
-        let mut args = vec!["control", "drain", "--etcd", &etcd, "--job", job, "--node", &id];
+        let mut args = vec![
+            "control", "drain", "--etcd", &etcd, "--job", job, "--node", &id,
+        ];
         args.extend(op.iter().map(String::as_str));
         let out = tenax(&args);
         assert!(

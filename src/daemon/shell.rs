@@ -389,7 +389,11 @@ impl<'a> Shell<'a> {
         let f: BoxFuture<'a, Done> = match action {
             Action::Register => {
                 println!("node {me}: registering again ({reason})");
-                Box::pin(work::register(etcd, self.p.join.clone(), self.p.s.tls.clone()))
+                Box::pin(work::register(
+                    etcd,
+                    self.p.join.clone(),
+                    self.p.s.tls.clone(),
+                ))
             }
             Action::CheckJobDone => Box::pin(work::job_record(etcd)),
             Action::BuildCommunicator { plan } => return self.build(plan, reason),
