@@ -1360,6 +1360,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
                     &job,
                     "--json",
                 ])
+                .args(c.operator_tls_args())
                 .output()
                 .context("tenax status")?;
             let status: serde_json::Value =

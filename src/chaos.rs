@@ -143,10 +143,12 @@ fn daemon_flags(s: &Scenario) -> Vec<String> {
     v
 }
 
-/// The leader's and rank 0's node index, from `tenax status --json`.
-fn roles(exe: &Path, etcd: &str, job: &str) -> (Option<usize>, Option<usize>) {
+/// The leader's and rank 0's node index, from `tenax status --json` (with the cluster's
+/// operator certificate: `tls`).
+fn roles(exe: &Path, etcd: &str, job: &str, tls: &[String]) -> (Option<usize>, Option<usize>) {
     let Ok(out) = std::process::Command::new(exe)
         .args(["status", "--etcd", etcd, "--job", job, "--json"])
+        .args(tls)
         .output()
     else {
         return (None, None);
@@ -258,9 +260,9 @@ impl Harness {
     fn resolve(&self, target: Target) -> Option<usize> {
         match target {
             Target::Node(n) => Some(n),
-            Target::Leader => roles(&self.exe, &self.c.etcd_endpoint(), &self.job).0,
+            Target::Leader => roles(&self.exe, &self.c.etcd_endpoint(), &self.job, &self.c.operator_tls_args()).0,
             Target::NonLeader => {
-                let leader = roles(&self.exe, &self.c.etcd_endpoint(), &self.job).0;
+                let leader = roles(&self.exe, &self.c.etcd_endpoint(), &self.job, &self.c.operator_tls_args()).0;
                 (0..self.nodes).find(|&n| Some(n) != leader)
             }
             Target::Cluster => None,
@@ -406,7 +408,7 @@ impl Harness {
                         }) || h.some_exited()
                     })
                     .await;
-                let writer = roles(&self.exe, &self.c.etcd_endpoint(), &self.job).1;
+                let writer = roles(&self.exe, &self.c.etcd_endpoint(), &self.job, &self.c.operator_tls_args()).1;
                 let result = match (caught, writer) {
                     (true, Some(n)) => {
                         self.kill_and_restart(n, Duration::from_secs_f64(spec.restart_after_s()))
