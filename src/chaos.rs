@@ -257,12 +257,18 @@ impl Harness {
         }
     }
 
+    /// The leader's and rank 0's node index now ([`roles`]).
+    fn roles(&self) -> (Option<usize>, Option<usize>) {
+        let tls = self.c.operator_tls_args();
+        roles(&self.exe, &self.c.etcd_endpoint(), &self.job, &tls)
+    }
+
     fn resolve(&self, target: Target) -> Option<usize> {
         match target {
             Target::Node(n) => Some(n),
-            Target::Leader => roles(&self.exe, &self.c.etcd_endpoint(), &self.job, &self.c.operator_tls_args()).0,
+            Target::Leader => self.roles().0,
             Target::NonLeader => {
-                let leader = roles(&self.exe, &self.c.etcd_endpoint(), &self.job, &self.c.operator_tls_args()).0;
+                let leader = self.roles().0;
                 (0..self.nodes).find(|&n| Some(n) != leader)
             }
             Target::Cluster => None,
@@ -408,7 +414,7 @@ impl Harness {
                         }) || h.some_exited()
                     })
                     .await;
-                let writer = roles(&self.exe, &self.c.etcd_endpoint(), &self.job, &self.c.operator_tls_args()).1;
+                let writer = self.roles().1;
                 let result = match (caught, writer) {
                     (true, Some(n)) => {
                         self.kill_and_restart(n, Duration::from_secs_f64(spec.restart_after_s()))
