@@ -544,6 +544,39 @@ fn transfer_seeds() {
     }
 }
 
+/// Inputs that crashed a target once (see the regression tests next to the fixes), kept
+/// as seeds so that every run starts from them.
+fn regression_seeds() {
+    // manifest: file sizes adding up past u64::MAX (Manifest::total_bytes overflowed).
+    write(
+        "manifest",
+        "regression-sizes.json",
+        br#"{"format_version":1,"step":4,"generation":1,"attempt":"0123456789ab","created_unix_ms":1,"config":null,"config_hash":"","data_cursor":0,"rng":null,"extra":null,"files":[{"name":"a","size":18446744073709551615,"sha256":"0000000000000000000000000000000000000000000000000000000000000000"},{"name":"b","size":1,"sha256":"0000000000000000000000000000000000000000000000000000000000000000"}],"tensors":[]}"#,
+    );
+    // ckpt_load: a 2^24 x 2^40 x 0 tensor in two row slices of valid safetensors shapes,
+    // whose element count overflowed in load_checkpoint's assembly.
+    let shard = |rows: u64| {
+        let mut header = format!(
+            r#"{{"t":{{"dtype":"F32","shape":[{rows},1099511627776,0],"data_offsets":[0,0]}}}}"#
+        )
+        .into_bytes();
+        header.resize(header.len().div_ceil(8) * 8, b' ');
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&header);
+        file
+    };
+    let template = br#"{"format_version":3,"step":1,"generation":1,"attempt":"abc","created_unix_ms":1,"config":null,"config_hash":"","data_cursor":0,"rng":null,"extra":null,"files":[{"name":"a","size":0,"blake3":""},{"name":"b","size":0,"blake3":""}],"tensors":[{"name":"t","file":"a","dtype":"F32","shape":[16777216,1099511627776,0],"rows":[0,8388608]},{"name":"t","file":"b","dtype":"F32","shape":[16777216,1099511627776,0],"rows":[8388608,16777216]}]}"#;
+    let files = [
+        ("a".to_string(), shard(1 << 23)),
+        ("b".to_string(), shard(1 << 23)),
+    ];
+    write(
+        "ckpt_load",
+        "regression-shape",
+        &ckpt_input(template, &files),
+    );
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     assert!(
@@ -560,5 +593,6 @@ async fn main() {
     proto_seeds();
     exchange_seeds();
     transfer_seeds();
+    regression_seeds();
     println!("seeds written under fuzz/seeds/");
 }

@@ -449,6 +449,20 @@ impl Manifest {
                     t.name, self.format_version
                 ));
             }
+            if f32_bytes_of(&t.shape).is_none() {
+                return Err(format!(
+                    "tensor {:?} has shape {:?}: more bytes than this machine can address",
+                    t.name, t.shape
+                ));
+            }
+        }
+        if self
+            .files
+            .iter()
+            .try_fold(0u64, |sum, f| sum.checked_add(f.size))
+            .is_none()
+        {
+            return Err("the file sizes add up to more than 2^64 bytes".into());
         }
         for f in &self.files {
             let (want, other) = match self.hash_alg() {
@@ -527,6 +541,19 @@ impl Manifest {
     pub fn sort_key(&self) -> (u64, u64, &str) {
         (self.step, self.created_unix_ms, &self.attempt)
     }
+}
+
+/// The bytes of an F32 tensor of `shape` when the product of its non-zero dimensions, times
+/// 4, fits a `usize`; `None` otherwise. Every partial product of the dimensions, in any
+/// order (the element count, the values per row, a row's offset), is then at most that, so
+/// the checkpoint reader's arithmetic on a shape that [`Manifest::check`] passed cannot
+/// overflow.
+fn f32_bytes_of(shape: &[usize]) -> Option<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(4usize, |n, &d| n.checked_mul(d))?;
+    Some(if shape.contains(&0) { 0 } else { nonzero })
 }
 
 /// Whether `s` is `len` hex digits.
@@ -736,6 +763,38 @@ mod tests {
     }
 
     /// A version-2 manifest: SHA-256 file hashes and self-checksum.
+    /// Inputs of the fuzz targets (fuzz/) that made a reader panic on an arithmetic
+    /// overflow (debug builds) once `Manifest::parse` had accepted them.
+    #[test]
+    fn sizes_and_shapes_that_overflow_are_rejected() {
+        // `manifest` target: file sizes summing past u64::MAX (`total_bytes` overflowed).
+        let sizes = br#"{"format_version":1,"step":4,"generation":1,"attempt":"0123456789ab","created_unix_ms":1,"config":null,"config_hash":"","data_cursor":0,"rng":null,"extra":null,"files":[{"name":"a","size":18446744073709551615,"sha256":"0000000000000000000000000000000000000000000000000000000000000000"},{"name":"b","size":1,"sha256":"0000000000000000000000000000000000000000000000000000000000000000"}],"tensors":[]}"#;
+        let err = Manifest::parse(sizes).unwrap_err();
+        assert!(err.contains("add up to more than 2^64"), "{err}");
+
+        // `ckpt_load` target: a tensor of 2^24 x 2^40 x 0 values in two row slices, each
+        // a valid safetensors shape, whose full shape's element count overflowed in
+        // `load_checkpoint`'s assembly. The manifest template of the crashing input (its
+        // file sizes and hashes are placeholders: the parse does not read the files):
+        let template = br#"{"format_version":3,"step":1,"generation":1,"attempt":"abc","created_unix_ms":1,"config":null,"config_hash":"","data_cursor":0,"rng":null,"extra":null,"files":[{"name":"a","size":80,"blake3":"ffc4ff3fd9f4fe7ab0e5bc2e0c0ba3ca6d5d7c51b3233ec2a8e8dd78ae2e3c57"},{"name":"b","size":80,"blake3":"ffc4ff3fd9f4fe7ab0e5bc2e0c0ba3ca6d5d7c51b3233ec2a8e8dd78ae2e3c57"}],"tensors":[{"name":"t","file":"a","dtype":"F32","shape":[16777216,1099511627776,0],"rows":[0,8388608]},{"name":"t","file":"b","dtype":"F32","shape":[16777216,1099511627776,0],"rows":[8388608,16777216]}]}"#;
+        let m: Manifest = serde_json::from_slice(template).unwrap();
+        let err = Manifest::parse(&m.to_json()).unwrap_err();
+        assert!(err.contains("more bytes than this machine"), "{err}");
+        // The same overflow in the values per row (dimensions after the first).
+        let mut m = manifest();
+        m.tensors[0].shape = vec![0, 1 << 40, 1 << 40];
+        m.tensors[0].rows = Some([0, 0]);
+        assert!(m.check().unwrap_err().contains("more bytes"));
+        // 4 bytes per value: 2^62 values are too many on a 64-bit machine, 2^62 - 1 are not.
+        m.tensors[0].shape = vec![1, 1 << 62];
+        m.tensors[0].rows = Some([0, 1]);
+        assert!(m.check().unwrap_err().contains("more bytes"));
+        assert_eq!(f32_bytes_of(&[1, (1 << 62) - 1]), Some(usize::MAX - 3));
+        assert_eq!(f32_bytes_of(&[1 << 40, 1 << 40, 0]), None);
+        assert_eq!(f32_bytes_of(&[0, 3]), Some(0));
+        assert_eq!(f32_bytes_of(&[]), Some(4));
+    }
+
     fn manifest_v2() -> Manifest {
         let mut m = manifest();
         m.format_version = 2;
