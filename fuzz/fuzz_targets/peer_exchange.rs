@@ -188,4 +188,12 @@ fuzz_target!(|data: &[u8]| {
         }
         hub.shutdown();
     });
+    // The communicators are gone and their sending tasks cancelled: let the runtime run
+    // those tasks to their end (a block_on whose future is ready at once never does), or
+    // every input would leave its tasks queued and the process would grow without bound.
+    runtime().block_on(async {
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    });
 });
