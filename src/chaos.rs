@@ -1133,7 +1133,9 @@ pub async fn up(a: ChaosUpArgs) -> Result<()> {
         "  kill -9 {}        # a crash; the others re-form without it",
         c.pid(a.nodes - 1).unwrap_or(0)
     );
-    println!("  tenax control drain --etcd {etcd} --job {job} --node node-0   # a graceful leave");
+    println!(
+        "  tenax control drain --etcd {etcd} --job {job} --node node-0 {operator}   # a graceful leave"
+    );
     println!("  checkpoints: AWS_ENDPOINT={} AWS_ALLOW_HTTP=true AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing tenax ckpt list {}/{job}", c.s3().endpoint(), c.store_url());
     println!();
     println!(
