@@ -124,18 +124,17 @@ pub(crate) fn peer_endpoint(
     tls: Option<&crate::tls::Tls>,
 ) -> Result<tonic::transport::Endpoint, String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", peer.addr))
-            .map_err(|e| format!("bad address {:?}: {e}", peer.addr))?
-            .tcp_nodelay(true)
-            // HTTP/2's default 64 KiB windows make a gradient chunk crawl: one round trip
-            // per window. Open them to a few frames.
-            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
-            .max_frame_size(MAX_HTTP2_FRAME_BYTES)
-            .http2_keep_alive_interval(std::time::Duration::from_secs(10))
-            .keep_alive_timeout(std::time::Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", peer.addr))
+        .map_err(|e| format!("bad address {:?}: {e}", peer.addr))?
+        .tcp_nodelay(true)
+        // HTTP/2's default 64 KiB windows make a gradient chunk crawl: one round trip
+        // per window. Open them to a few frames.
+        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+        .max_frame_size(MAX_HTTP2_FRAME_BYTES)
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .keep_alive_while_idle(true);
     if let Some(tls) = tls {
         let config = tls
             .current()
