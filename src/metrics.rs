@@ -1,10 +1,15 @@
-//! Prometheus metrics: the text exposition format (version 0.0.4) and a tiny HTTP/1.1
-//! server for `GET /metrics`.
+//! Prometheus metrics: the text exposition format (version 0.0.4), histograms, and a
+//! tiny HTTP/1.1 server for `GET /metrics`.
 //!
 //! [`render`] turns a list of [`Sample`]s into the text format: one `# HELP` and one
-//! `# TYPE` line per metric name, the samples of one name grouped together (names in
-//! first-seen order), label values escaped, NaN and infinities spelled the way
-//! Prometheus parses them.
+//! `# TYPE` line per metric (family) name, the samples of one metric grouped together
+//! (metrics in first-seen order), label values escaped, NaN and infinities spelled the
+//! way Prometheus parses them.
+//!
+//! [`Histogram`] accumulates observations into fixed buckets (pure: no clock, no locks)
+//! and turns them into the samples of one Prometheus histogram: cumulative
+//! `NAME_bucket{le="..."}` series ending with `le="+Inf"`, then `NAME_sum` and
+//! `NAME_count`.
 //!
 //! [`serve`] answers `GET /metrics` on a listener with whatever its render closure
 //! returns, written by hand on top of tokio (no HTTP library): one request per
@@ -44,6 +49,9 @@ pub enum MetricKind {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// One series of a histogram (`NAME_bucket`, `NAME_sum` or `NAME_count`, see
+    /// [`Histogram::samples`]); its metric is `NAME`.
+    Histogram,
 }
 
 impl MetricKind {
@@ -52,21 +60,24 @@ impl MetricKind {
         match self {
             MetricKind::Counter => "counter",
             MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
         }
     }
 }
 
 /// One sample: a metric name, its labels and its value.
 ///
-/// Samples that share a name are one metric: the `help` and `kind` of the first one
-/// seen are used for all of them.
+/// Samples that share a metric name are one metric: the `help` and `kind` of the first
+/// one seen are used for all of them. The metric name is the sample's name, except for a
+/// [`MetricKind::Histogram`] sample, whose `_bucket`, `_sum` or `_count` suffix is not
+/// part of it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sample {
     /// Metric name, `[a-zA-Z_:][a-zA-Z0-9_:]*` (other characters are written as `_`).
     pub name: String,
     /// One line of help text for the `# HELP` line.
     pub help: &'static str,
-    /// Counter or gauge.
+    /// Counter, gauge or histogram.
     pub kind: MetricKind,
     /// Label names (`[a-zA-Z_][a-zA-Z0-9_]*`, other characters written as `_`) and
     /// values (any text; escaped on output).
@@ -92,33 +103,137 @@ impl Sample {
         self.labels.push((name.into(), value.into()));
         self
     }
+
+    /// The name of the metric this sample belongs to: its name, less the `_bucket`,
+    /// `_sum` or `_count` suffix of a histogram's series.
+    pub fn metric_name(&self) -> &str {
+        if self.kind != MetricKind::Histogram {
+            return &self.name;
+        }
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| self.name.strip_suffix(suffix))
+            .unwrap_or(&self.name)
+    }
+}
+
+/// A Prometheus histogram: counts of observations at or below each of a fixed list of
+/// upper bounds, their sum and their number.
+///
+/// Pure accumulation (the caller measures and observes). The bounds are fixed when it is
+/// made, chosen for the quantity it measures; an observation above the last bound counts
+/// only in the implicit `+Inf` bucket. NaN observations are ignored (a histogram's sum
+/// must stay a number).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, strictly increasing and finite.
+    bounds: &'static [f64],
+    /// Per bucket (same order as `bounds`), the observations that fell in it and in no
+    /// lower one (not cumulative; [`Histogram::samples`] accumulates).
+    counts: Vec<u64>,
+    /// Sum of every observation.
+    sum: f64,
+    /// Number of observations (including those above the last bound).
+    count: u64,
+}
+
+impl Histogram {
+    /// An empty histogram with buckets of upper bounds `bounds`.
+    ///
+    /// # Panics
+    /// If `bounds` is empty, not strictly increasing, or holds a non-finite value (a
+    /// programming error: the bounds are constants).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        assert!(
+            !bounds.is_empty()
+                && bounds.iter().all(|b| b.is_finite())
+                && bounds.windows(2).all(|w| w[0] < w[1]),
+            "histogram bounds must be finite and strictly increasing: {bounds:?}"
+        );
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Counts one observation `v` (NaN is ignored).
+    pub fn observe(&mut self, v: f64) {
+        if v.is_nan() {
+            return;
+        }
+        if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
+            self.counts[i] += 1;
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Sum of the observations.
+    pub fn sum(&self) -> f64 {
+        self.sum
+    }
+
+    /// The samples of this histogram as metric `name`, each with `labels`: one
+    /// cumulative `name_bucket` per bound (label `le`) and one for `le="+Inf"`, then
+    /// `name_sum` and `name_count`.
+    pub fn samples(&self, name: &str, help: &'static str, labels: &[(&str, &str)]) -> Vec<Sample> {
+        let series = |suffix: &str, value: f64| {
+            let mut s = Sample::new(
+                format!("{name}{suffix}"),
+                help,
+                MetricKind::Histogram,
+                value,
+            );
+            for (k, v) in labels {
+                s = s.label(*k, *v);
+            }
+            s
+        };
+        let mut out = Vec::with_capacity(self.bounds.len() + 3);
+        let mut cumulative = 0u64;
+        for (bound, n) in self.bounds.iter().zip(&self.counts) {
+            cumulative += n;
+            out.push(series("_bucket", cumulative as f64).label("le", format_value(*bound)));
+        }
+        out.push(series("_bucket", self.count as f64).label("le", "+Inf"));
+        out.push(series("_sum", self.sum));
+        out.push(series("_count", self.count as f64));
+        out
+    }
 }
 
 /// Renders `samples` in the Prometheus text exposition format 0.0.4.
 ///
-/// One `# HELP` and one `# TYPE` line per metric name, then every sample of that name;
-/// names appear in the order their first sample does. Label values escape `\`, `"` and
+/// One `# HELP` and one `# TYPE` line per metric name ([`Sample::metric_name`]), then
+/// every sample of that metric; metrics appear in the order their first sample does. Label values escape `\`, `"` and
 /// newlines; help text escapes `\` and newlines. NaN is `NaN`, infinities `+Inf` and
 /// `-Inf`. An empty list renders as an empty string.
 pub fn render(samples: &[Sample]) -> String {
     let mut order: Vec<&str> = Vec::new();
     let mut groups: HashMap<&str, Vec<&Sample>> = HashMap::new();
     for s in samples {
-        let group = groups.entry(s.name.as_str()).or_insert_with(|| {
-            order.push(s.name.as_str());
+        let group = groups.entry(s.metric_name()).or_insert_with(|| {
+            order.push(s.metric_name());
             Vec::new()
         });
         group.push(s);
     }
     let mut out = String::new();
-    for name in order {
-        let group = &groups[name];
+    for metric in order {
+        let group = &groups[metric];
         let first = group[0];
-        let name = sanitize(name, true);
-        let _ = writeln!(out, "# HELP {name} {}", escape_help(first.help));
-        let _ = writeln!(out, "# TYPE {name} {}", first.kind.as_str());
+        let metric = sanitize(metric, true);
+        let _ = writeln!(out, "# HELP {metric} {}", escape_help(first.help));
+        let _ = writeln!(out, "# TYPE {metric} {}", first.kind.as_str());
         for s in group {
-            out.push_str(&name);
+            out.push_str(&sanitize(&s.name, true));
             if !s.labels.is_empty() {
                 out.push('{');
                 for (i, (k, v)) in s.labels.iter().enumerate() {
@@ -414,6 +529,123 @@ mod tests {
         for (what, samples, want) in cases {
             assert_eq!(render(&samples), want, "case {what}");
         }
+    }
+
+    const BOUNDS: &[f64] = &[0.1, 1.0, 10.0];
+
+    /// Observations in, `(le, cumulative count)` of every bucket, sum and count out.
+    #[test]
+    fn histogram_table() {
+        #[allow(clippy::type_complexity)]
+        let cases: Vec<(&str, Vec<f64>, Vec<(&str, f64)>, f64, f64)> = vec![
+            (
+                "empty",
+                vec![],
+                vec![("0.1", 0.0), ("1", 0.0), ("10", 0.0), ("+Inf", 0.0)],
+                0.0,
+                0.0,
+            ),
+            (
+                "on a bound counts in that bucket",
+                vec![0.1, 1.0, 10.0],
+                vec![("0.1", 1.0), ("1", 2.0), ("10", 3.0), ("+Inf", 3.0)],
+                11.1,
+                3.0,
+            ),
+            (
+                "between bounds, cumulative",
+                vec![0.05, 0.5, 0.5, 5.0],
+                vec![("0.1", 1.0), ("1", 3.0), ("10", 4.0), ("+Inf", 4.0)],
+                6.05,
+                4.0,
+            ),
+            (
+                "above the last bound: only +Inf",
+                vec![11.0, 1e9],
+                vec![("0.1", 0.0), ("1", 0.0), ("10", 0.0), ("+Inf", 2.0)],
+                1e9 + 11.0,
+                2.0,
+            ),
+            (
+                "zero and negative fall in the first bucket",
+                vec![0.0, -1.0],
+                vec![("0.1", 2.0), ("1", 2.0), ("10", 2.0), ("+Inf", 2.0)],
+                -1.0,
+                2.0,
+            ),
+            (
+                "NaN is ignored",
+                vec![f64::NAN, 2.0],
+                vec![("0.1", 0.0), ("1", 0.0), ("10", 1.0), ("+Inf", 1.0)],
+                2.0,
+                1.0,
+            ),
+            (
+                "+Inf counts above every bound",
+                vec![f64::INFINITY],
+                vec![("0.1", 0.0), ("1", 0.0), ("10", 0.0), ("+Inf", 1.0)],
+                f64::INFINITY,
+                1.0,
+            ),
+        ];
+        for (what, observed, buckets, sum, count) in cases {
+            let mut h = Histogram::new(BOUNDS);
+            for v in &observed {
+                h.observe(*v);
+            }
+            let samples = h.samples("t_seconds", "T.", &[("node", "n")]);
+            let got: Vec<(&str, f64)> = samples
+                .iter()
+                .filter(|s| s.name == "t_seconds_bucket")
+                .map(|s| {
+                    assert_eq!(s.labels[0], ("node".into(), "n".into()), "case {what}");
+                    assert_eq!(s.labels[1].0, "le", "case {what}");
+                    (s.labels[1].1.as_str(), s.value)
+                })
+                .collect();
+            assert_eq!(got, buckets, "case {what}: buckets");
+            let tail: Vec<(&str, f64)> = samples[buckets.len()..]
+                .iter()
+                .map(|s| (s.name.as_str(), s.value))
+                .collect();
+            assert_eq!(
+                tail,
+                [("t_seconds_sum", sum), ("t_seconds_count", count)],
+                "case {what}"
+            );
+            assert_eq!((h.sum(), h.count()), (sum, count as u64), "case {what}");
+            assert!(
+                samples.iter().all(|s| s.metric_name() == "t_seconds"),
+                "case {what}"
+            );
+        }
+    }
+
+    #[test]
+    fn histogram_renders_as_one_metric() {
+        let mut h = Histogram::new(&[0.005, 2.5]);
+        h.observe(0.001);
+        h.observe(3.0);
+        let mut samples = vec![gauge("before", 1.0)];
+        samples.extend(h.samples("x_seconds", "X.", &[("job", "j")]));
+        samples.push(gauge("after", 2.0));
+        let want = "# HELP before A gauge.\n# TYPE before gauge\nbefore 1\n\
+                    # HELP x_seconds X.\n# TYPE x_seconds histogram\n\
+                    x_seconds_bucket{job=\"j\",le=\"0.005\"} 1\n\
+                    x_seconds_bucket{job=\"j\",le=\"2.5\"} 1\n\
+                    x_seconds_bucket{job=\"j\",le=\"+Inf\"} 2\n\
+                    x_seconds_sum{job=\"j\"} 3.001\n\
+                    x_seconds_count{job=\"j\"} 2\n\
+                    # HELP after A gauge.\n# TYPE after gauge\nafter 2\n";
+        assert_eq!(render(&samples), want);
+        // A gauge that merely ends in `_sum` is its own metric.
+        assert_eq!(gauge("y_sum", 1.0).metric_name(), "y_sum");
+    }
+
+    #[test]
+    #[should_panic(expected = "strictly increasing")]
+    fn histogram_refuses_unordered_bounds() {
+        Histogram::new(&[1.0, 1.0]);
     }
 
     /// Sends `request` on a fresh connection and reads the whole answer.

@@ -250,7 +250,7 @@ impl<'a> Shell<'a> {
                 let tokens_per_s = self.p.prep.tokens_per_step() / info.secs.max(1e-9);
                 let (step, stats) = (self.machine.position().0 + 1, self.p.member.stats());
                 let report = &info.report;
-                (self.p.shared.view()).note_step(step, report, tokens_per_s, stats);
+                (self.p.shared.view()).note_step(step, report, info.secs, tokens_per_s, stats);
                 self.last_step = Some(info);
                 event
             }

@@ -285,12 +285,7 @@ pub(super) async fn fetch(f: Fetch) -> Done {
             None => "it held no state".to_string(),
         }
     );
-    {
-        let mut v = f.shared.view();
-        v.state_copies_in += 1;
-        v.state_bytes_in += stats.bytes;
-        v.last_copy_gb_per_s = stats.gb_per_s();
-    }
+    (f.shared.view()).note_state_copy(stats.bytes, t0.elapsed().as_secs_f64());
     let state = into_start(snap);
     Done::State {
         event: Event::StateCopied {
@@ -515,13 +510,12 @@ pub(super) async fn write_record(
     shared: &Shared,
 ) -> Event {
     let step = rec.step;
+    // The commit time shown in /metrics: this attempt's, read and write.
+    let t0 = Instant::now();
     match read_record_checked(etcd, RECORD_ATTEMPT_TIMEOUT).await {
         Err(error) => return Event::RecordUnreachable { step, error },
         Ok(Some(held)) if held.step == rec.step && held.url == rec.url => {
-            let mut v = shared.view();
-            v.last_checkpoint_step = step;
-            v.last_checkpoint_url = rec.url;
-            v.checkpoints_committed += 1;
+            (shared.view()).note_record(step, rec.url, t0.elapsed().as_secs_f64());
             return Event::RecordWritten { step };
         }
         Ok(Some(held)) if held.step >= rec.step => {
@@ -551,10 +545,7 @@ pub(super) async fn write_record(
     let commit = member.fenced_commit_in(rec.generation, CHECKPOINT_KEY, &bytes);
     match tokio::time::timeout(RECORD_ATTEMPT_TIMEOUT, commit).await {
         Ok(Ok(FenceOutcome::Committed { .. })) => {
-            let mut v = shared.view();
-            v.last_checkpoint_step = step;
-            v.last_checkpoint_url = rec.url;
-            v.checkpoints_committed += 1;
+            (shared.view()).note_record(step, rec.url, t0.elapsed().as_secs_f64());
             Event::RecordWritten { step }
         }
         Ok(Ok(FenceOutcome::Refused { reason })) => Event::RecordRefused {
