@@ -19,6 +19,17 @@ use super::{human, model_of, write_atomic};
 /// was written by a tenax whose architecture transformers' GPT-2 may not match.
 const GPT2_MODEL_KEYS: &[&str] = &["vocab_size", "n_layer", "n_head", "n_embd", "block_size"];
 
+/// The keys of a checkpoint's model config that GPT-2 cannot express, sorted.
+fn inexpressible_keys(model: &serde_json::Value) -> Vec<&str> {
+    let keys: BTreeSet<&str> = model
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    keys.into_iter()
+        .filter(|k| !GPT2_MODEL_KEYS.contains(k))
+        .collect()
+}
+
 /// Writes `out/config.json`, `out/model.safetensors` and the tokenizer's files for
 /// `loaded` (whose model weights are `weights`).
 pub(super) fn export(loaded: &LoadedCheckpoint, weights: &[TensorData], out: &Path) -> Result<()> {
@@ -28,15 +39,7 @@ pub(super) fn export(loaded: &LoadedCheckpoint, weights: &[TensorData], out: &Pa
             loaded.url
         )
     })?;
-    let keys: BTreeSet<&str> = model
-        .as_object()
-        .map(|o| o.keys().map(String::as_str).collect())
-        .unwrap_or_default();
-    let unknown: Vec<&str> = keys
-        .iter()
-        .filter(|k| !GPT2_MODEL_KEYS.contains(k))
-        .copied()
-        .collect();
+    let unknown = inexpressible_keys(model);
     if !unknown.is_empty() {
         bail!(
             "checkpoint {}: its model has {} that transformers' GPT-2 cannot express: export --format safetensors instead",
@@ -91,4 +94,19 @@ pub(super) fn export(loaded: &LoadedCheckpoint, weights: &[TensorData], out: &Pa
         names.join(", ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_gpt2_cannot_express_is_named() {
+        let plain = serde_json::json!({"vocab_size": 256, "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64});
+        assert!(inexpressible_keys(&plain).is_empty());
+        let mut other = plain.clone();
+        other["rope_theta"] = serde_json::json!(10000.0);
+        other["norm"] = serde_json::json!("rms");
+        assert_eq!(inexpressible_keys(&other), ["norm", "rope_theta"]);
+    }
 }
