@@ -1,10 +1,11 @@
-//! `tenax ckpt list|inspect|verify|prune|export|keygen`: operating on the checkpoints of a
-//! store.
+//! `tenax ckpt list|inspect|verify|prune|export|eval|keygen`: operating on the checkpoints of
+//! a store.
 //!
 //! Every command but `keygen` takes a store URL (the root given to `tenax train --store`);
-//! `inspect`, `verify` and `export` also take the URL of one checkpoint folder inside it.
-//! `verify` and `export` take `--trust-key FILE.pub`: then a checkpoint whose manifest is not
+//! `inspect`, `verify`, `export` and `eval` also take the URL of one checkpoint folder inside
+//! it. `verify`, `export` and `eval` take `--trust-key FILE.pub`: then a checkpoint whose manifest is not
 //! signed by that key is refused. `keygen` writes a signing key pair (`tenax_storage::signing`).
+//! `export --format hf` (submodule `hf`) writes a Hugging Face transformers GPT-2 directory.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +18,8 @@ use tenax_storage::manifest::parse_folder_name;
 use tenax_storage::{AttemptStatus, ListedAttempt, Listing, ManifestKeys, Store, TrustKey};
 
 use crate::train::OPTIMIZER_PREFIX;
+
+mod hf;
 
 /// The store, and the one checkpoint folder the URL names (if it names one).
 fn open(url: &str) -> Result<(Store, Option<String>)> {
@@ -316,25 +319,20 @@ pub async fn prune(
     Ok(())
 }
 
-/// `tenax ckpt export URL --out FILE`: the model weights of one checkpoint (or the newest good
-/// one of a store) as one safetensors file. Tensor names are the model's parameter names
-/// (`wte.weight`, `h.00.attn.c_attn.weight`, ...); the only metadata is `tenax_model`, the model
-/// config as JSON, so identical weights of one model give a byte-identical file.
-/// With `trust_key`, the checkpoint's manifest must be signed by that key: from a store
-/// URL, the newest checkpoint that verifies and is signed by it.
-pub async fn export(
+/// The checkpoint that `export` and `eval` read: the one the URL names, `--step`'s, or the
+/// newest good one of the store (with `trust_key`, the newest that verifies and is signed).
+async fn load_one(
     url: &str,
     step: Option<u64>,
-    out: &Path,
     trust_key: Option<&Path>,
-) -> Result<()> {
+) -> Result<tenax_storage::LoadedCheckpoint> {
     let (store, folder) = open_trusting(url, trust_key)?;
-    let loaded = match (&folder, step) {
+    Ok(match (&folder, step) {
         (None, None) => {
             let (loaded, warnings) = tenax_storage::latest_verified(&store)
                 .await
                 .map_err(|e| anyhow!("{e}"))?
-                .ok_or_else(|| anyhow!("no checkpoints in {url}: nothing to export"))?;
+                .ok_or_else(|| anyhow!("no checkpoints in {url}: nothing to read"))?;
             for w in warnings {
                 eprintln!("warning: {w}");
             }
@@ -349,7 +347,38 @@ pub async fn export(
                 .await
                 .map_err(|e| anyhow!("{e}"))?
         }
-    };
+    })
+}
+
+/// What `tenax ckpt export` writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One safetensors file, tenax's tensor names.
+    #[default]
+    Safetensors,
+    /// A Hugging Face transformers GPT-2 directory (config.json, model.safetensors,
+    /// tokenizer files).
+    Hf,
+}
+
+/// `tenax ckpt export URL --out FILE [--format safetensors|hf]`: the model weights of one
+/// checkpoint (or the newest good one of a store).
+///
+/// `safetensors` (default): one file; tensor names are the model's parameter names
+/// (`wte.weight`, `h.00.attn.c_attn.weight`, ...); the only metadata is `tenax_model`, the
+/// model config as JSON, so identical weights of one model give a byte-identical file.
+/// `hf`: a directory that transformers' `GPT2LMHeadModel.from_pretrained` loads (see
+/// [`hf::export`]).
+/// With `trust_key`, the checkpoint's manifest must be signed by that key: from a store
+/// URL, the newest checkpoint that verifies and is signed by it.
+pub async fn export(
+    url: &str,
+    step: Option<u64>,
+    out: &Path,
+    format: ExportFormat,
+    trust_key: Option<&Path>,
+) -> Result<()> {
+    let loaded = load_one(url, step, trust_key).await?;
     let weights: Vec<tenax_storage::TensorData> = loaded
         .tensors
         .iter()
@@ -358,6 +387,9 @@ pub async fn export(
         .collect();
     if weights.is_empty() {
         bail!("checkpoint {}: it holds no model weights", loaded.url);
+    }
+    if format == ExportFormat::Hf {
+        return hf::export(&loaded, &weights, out);
     }
     let model = loaded
         .manifest
@@ -372,10 +404,7 @@ pub async fn export(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("--out {}: cannot create its directory", out.display()))?;
     }
-    let tmp = out.with_extension("safetensors.partial");
-    std::fs::write(&tmp, &bytes)
-        .and_then(|()| std::fs::rename(&tmp, out))
-        .map_err(|e| anyhow!("--out {}: cannot write it ({e})", out.display()))?;
+    write_atomic(out, &bytes)?;
     let params: usize = weights.iter().map(|t| t.data.len()).sum();
     println!(
         "exported {} tensors, {params} parameters, step {} of {} -> {} ({}, sha256 {})",
@@ -386,6 +415,122 @@ pub async fn export(
         human(bytes.len() as u64),
         tenax_storage::manifest::sha256_hex(&bytes)
     );
+    Ok(())
+}
+
+/// Writes `bytes` to `out` through a `.partial` file renamed into place.
+fn write_atomic(out: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, out))
+        .map_err(|e| anyhow!("--out {}: cannot write it ({e})", out.display()))
+}
+
+/// The model of a checkpoint: its stored config (model shape and tokenizer) and its
+/// parameters, flat in layout order.
+fn model_of(
+    loaded: &tenax_storage::LoadedCheckpoint,
+) -> Result<(crate::train::StoredConfig, Vec<f32>)> {
+    let stored: crate::train::StoredConfig =
+        serde_json::from_value(loaded.manifest.config.clone()).map_err(|e| {
+            anyhow!(
+                "checkpoint {}: its config does not parse ({e}): it was not written by this version of tenax",
+                loaded.url
+            )
+        })?;
+    let layout = tenax_model::ParamLayout::for_config(&stored.model);
+    let named: Vec<tenax_model::NamedTensor> = loaded
+        .tensors
+        .iter()
+        .filter(|t| !t.name.starts_with(OPTIMIZER_PREFIX))
+        .map(|t| tenax_model::NamedTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            data: t.data.clone(),
+        })
+        .collect();
+    let flat = tenax_model::params_from_named(&layout, &named)
+        .map_err(|e| anyhow!("checkpoint {}: {e}", loaded.url))?;
+    Ok((stored, flat))
+}
+
+/// `tenax ckpt eval URL --text FILE [--step N] [--json]`: the model's mean next-token
+/// cross-entropy (nats) on a text, encoded with the checkpoint's own tokenizer.
+///
+/// The tokens are cut into windows of `block_size + 1` that overlap by one token (window
+/// `i` is tokens `i*B ..= i*B + B`), so every token after the first is predicted once, up
+/// to a remainder shorter than a window, which is left out. `--json` prints the loss, the
+/// counts and the token ids evaluated, for `scripts/hf-check` to repeat in PyTorch.
+pub async fn eval(
+    url: &str,
+    step: Option<u64>,
+    text: &Path,
+    as_json: bool,
+    trust_key: Option<&Path>,
+) -> Result<()> {
+    let loaded = load_one(url, step, trust_key).await?;
+    let (stored, flat) = model_of(&loaded)?;
+    let content = std::fs::read_to_string(text).map_err(|e| {
+        anyhow!(
+            "--text {}: cannot read it as UTF-8 text ({e})",
+            text.display()
+        )
+    })?;
+    let tokenizer = tenax_data::Tokenizer::from_spec(&stored.tokenizer)
+        .map_err(|e| anyhow!("checkpoint {}: {e}", loaded.url))?;
+    let tokens = tokenizer.encode(&content).map_err(|e| {
+        anyhow!(
+            "--text {}: {e}: evaluate on text the checkpoint's tokenizer can encode",
+            text.display()
+        )
+    })?;
+    let block = stored.model.block_size;
+    let windows = tokens.len().saturating_sub(1) / block;
+    if windows == 0 {
+        bail!(
+            "--text {}: {} tokens, fewer than the {} of one window (block size + 1): give a longer text",
+            text.display(),
+            tokens.len(),
+            block + 1
+        );
+    }
+    let gpt = tenax_model::Gpt::new(stored.model.clone()).map_err(|e| anyhow!("{e}"))?;
+    gpt.set_params(&flat).map_err(|e| anyhow!("{e}"))?;
+    let mut sum = 0f64;
+    for w in 0..windows {
+        let win = &tokens[w * block..=(w + 1) * block];
+        sum += f64::from(
+            gpt.loss_sum(&win[..block], &win[1..], 1)
+                .map_err(|e| anyhow!("{e}"))?,
+        );
+    }
+    let predictions = windows * block;
+    let loss = sum / predictions as f64;
+    if as_json {
+        let used = &tokens[..=windows * block];
+        println!(
+            "{}",
+            json!({
+                "checkpoint": loaded.url,
+                "step": loaded.manifest.step,
+                "tokenizer": stored.tokenizer.kind.name(),
+                "block_size": block,
+                "windows": windows,
+                "predictions": predictions,
+                "loss": loss,
+                "tokens": used,
+            })
+        );
+    } else {
+        println!(
+            "loss {loss:.6} (nats per token) over {predictions} predictions in {windows} windows of {} tokens; step {} of {}",
+            block + 1,
+            loaded.manifest.step,
+            loaded.url
+        );
+    }
     Ok(())
 }
 

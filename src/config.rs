@@ -13,6 +13,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// Steps of a run that names none: the bare `tenax train` (preset nano, bytes, the built-in
+/// corpus) runs a few minutes on 2 cores and ends with a sample that looks like Rust
+/// (README, "Get started"; BENCHMARKS.md, "The newcomer's run"). Tests pin their own.
+pub const DEFAULT_STEPS: u64 = 6000;
+
 /// Every training key, each optional: what a flag or a config file says.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -27,7 +32,7 @@ pub struct TrainArgs {
     /// Tokenizer: bytes, char (vocabulary from the corpus) or gpt2 (BPE) [default: bytes].
     #[arg(long)]
     pub tokenizer: Option<String>,
-    /// Stop after this many optimizer steps in total, counted from the run's start [default: 500].
+    /// Stop after this many optimizer steps in total, counted from the run's start [default: 6000].
     #[arg(long)]
     pub steps: Option<u64>,
     /// Samples (sequences) per optimizer step: the global batch [default: 12].
@@ -268,7 +273,7 @@ impl TrainConfig {
             Some(c) => args.or(c.as_args()),
             None => args,
         };
-        let steps = args.steps.unwrap_or(500);
+        let steps = args.steps.unwrap_or(DEFAULT_STEPS);
         let run_dir = args
             .run_dir
             .unwrap_or_else(|| PathBuf::from("runs/default"));
@@ -437,6 +442,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(changed.math_differences(&ckpt).len(), 1);
+    }
+
+    #[test]
+    fn bare_run_defaults() {
+        let c = TrainConfig::resolve(TrainArgs::default(), None).unwrap();
+        assert_eq!(
+            (c.steps, c.lr_decay_steps, c.warmup_steps),
+            (DEFAULT_STEPS, DEFAULT_STEPS, 100)
+        );
+        assert_eq!((c.preset.as_str(), c.tokenizer.as_str()), ("nano", "bytes"));
+        assert_eq!((c.batch_size, c.micro_batch_size), (12, 4));
     }
 
     #[test]

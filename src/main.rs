@@ -38,7 +38,7 @@ struct Cli {
 enum Command {
     /// Train a GPT in this process (N data-parallel ranks, checkpoints to any store).
     ///
-    /// With no flags it trains the `nano` preset for 500 steps on a built-in corpus
+    /// With no flags it trains the `nano` preset for 6000 steps on a built-in corpus
     /// (the Rust sources of tenax's dependencies) and writes runs/default/.
     Train {
         /// TOML file with the same keys as the flags (snake_case); flags win.
@@ -65,7 +65,7 @@ enum Command {
         #[command(subcommand)]
         command: status::ControlCommand,
     },
-    /// List, inspect, verify, prune and export checkpoints in a store (file://, s3://).
+    /// List, inspect, verify, prune, export and evaluate checkpoints in a store (file://, s3://).
     ///
     /// S3 is configured by the standard environment: AWS_ENDPOINT, AWS_ALLOW_HTTP,
     /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (default us-east-1).
@@ -154,22 +154,54 @@ enum CkptCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Write a checkpoint's model weights as one safetensors file.
+    /// Write a checkpoint's model weights: one safetensors file, or a Hugging Face directory.
     ///
-    /// Names as in the model (wte.weight, h.00.attn.c_attn.weight, ...); from the newest
-    /// good checkpoint of a store, or from --step, or from the checkpoint URL given.
-    /// Identical weights give a byte-identical file.
+    /// From the newest good checkpoint of a store, or from --step, or from the checkpoint
+    /// URL given. `--format safetensors` (default): one file, names as in the model
+    /// (wte.weight, h.00.attn.c_attn.weight, ...); identical weights give a byte-identical
+    /// file. `--format hf`: a directory that transformers'
+    /// `GPT2LMHeadModel.from_pretrained(DIR)` loads as it is: config.json (gpt2, exact
+    /// "gelu", layer_norm_epsilon 1e-5, tied embeddings), model.safetensors with
+    /// transformers' names (transformer.h.0.attn.c_attn.weight, ...), and the tokenizer:
+    /// for gpt2, GPT-2's vocab.json and merges.txt (AutoTokenizer loads them); for bytes
+    /// and char, which transformers has no tokenizer for, tenax_tokenizer.json saying how
+    /// ids map to text (bytes: id i is byte i; char: an id-to-character table).
     Export {
         /// Store URL, or one checkpoint's URL.
         url: String,
         /// Which step (default: the newest that verifies).
         #[arg(long)]
         step: Option<u64>,
-        /// Output file.
-        #[arg(long, value_name = "FILE.safetensors")]
+        /// Output file (safetensors) or directory (hf).
+        #[arg(long, value_name = "FILE.safetensors|DIR")]
         out: PathBuf,
+        /// What to write: safetensors (one file) or hf (a transformers GPT-2 directory).
+        #[arg(long, value_enum, default_value_t = ckpt::ExportFormat::Safetensors)]
+        format: ckpt::ExportFormat,
         /// Export only a checkpoint whose manifest is signed by this ed25519 public key
         /// (FILE.pub of `tenax ckpt keygen`); from a store, the newest one that is.
+        #[arg(long, value_name = "FILE.pub")]
+        trust_key: Option<PathBuf>,
+    },
+    /// A checkpoint's loss on a text: mean next-token cross-entropy in nats per token.
+    ///
+    /// The text is encoded with the checkpoint's tokenizer and cut into windows of block
+    /// size + 1 tokens overlapping by one (every token after the first predicted once; a
+    /// remainder shorter than a window is left out). scripts/hf-check compares it with
+    /// transformers' loss on the same tokens.
+    Eval {
+        /// Store URL, or one checkpoint's URL.
+        url: String,
+        /// Which step (default: the newest that verifies).
+        #[arg(long)]
+        step: Option<u64>,
+        /// The text file (UTF-8).
+        #[arg(long, value_name = "FILE")]
+        text: PathBuf,
+        /// One JSON object: loss, counts, and the token ids evaluated.
+        #[arg(long)]
+        json: bool,
+        /// Evaluate only a checkpoint signed by this ed25519 public key (FILE.pub).
         #[arg(long, value_name = "FILE.pub")]
         trust_key: Option<PathBuf>,
     },
@@ -287,8 +319,16 @@ fn main() -> ExitCode {
                     url,
                     step,
                     out,
+                    format,
                     trust_key,
-                } => ckpt::export(&url, step, &out, trust_key.as_deref()).await,
+                } => ckpt::export(&url, step, &out, format, trust_key.as_deref()).await,
+                CkptCommand::Eval {
+                    url,
+                    step,
+                    text,
+                    json,
+                    trust_key,
+                } => ckpt::eval(&url, step, &text, json, trust_key.as_deref()).await,
                 CkptCommand::Keygen { out } => ckpt::keygen(&out),
             },
             Command::Chaos { command } => match command {

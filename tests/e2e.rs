@@ -135,6 +135,16 @@ impl Run {
             .map(|t| (t.name.clone(), t.data.iter().map(|v| v.to_bits()).collect()))
             .collect()
     }
+    /// The `config` of the manifest of the checkpoint of `step`.
+    fn stored_config(&self, step: u64) -> serde_json::Value {
+        let folder = self.folder_of_step(step);
+        let name = folder.file_name().unwrap().to_string_lossy().to_string();
+        let store = tenax_storage::Store::open(&self.store()).unwrap();
+        block_on(tenax_storage::load_checkpoint(&store, &name))
+            .unwrap()
+            .manifest
+            .config
+    }
     /// The model parameters of the checkpoint of `step` (no optimizer state).
     fn params(&self, step: u64) -> Vec<(String, Vec<u32>)> {
         self.state(step)
@@ -918,6 +928,184 @@ fn edit_signed_manifest(path: &Path, from: &str, to: &str) {
     let hash = tenax_storage::HashAlg::Blake3.hex(&zeroed);
     bytes[at..at + 64].copy_from_slice(hash.as_bytes());
     std::fs::write(path, bytes).unwrap();
+}
+
+/// `tenax ckpt export --format hf`: a transformers GPT-2 directory. config.json says what
+/// GPT2LMHeadModel needs; model.safetensors has transformers' names (h.0, not h.00) and
+/// Conv1D shapes, and maps back to the checkpoint's weights bit for bit; a model built from
+/// the exported tensors gives `tenax ckpt eval`'s loss on a text. (transformers itself:
+/// scripts/hf-check, BENCHMARKS.md.)
+#[test]
+fn ckpt_export_hf_is_a_transformers_gpt2_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let dir = tmp.path().join("run");
+    let (run, _) = train(&data, &dir, &["--steps", "3"]);
+    let store = run.store();
+    let out = tmp.path().join("hf");
+    let printed = ok(&[
+        "ckpt",
+        "export",
+        &store,
+        "--format",
+        "hf",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        printed.contains("step 3") && printed.contains("tenax_tokenizer.json"),
+        "{printed}"
+    );
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let stored = run.stored_config(3);
+    let model: tenax_model::GptConfig = serde_json::from_value(stored["model"].clone()).unwrap();
+    for (key, want) in [
+        ("model_type", serde_json::json!("gpt2")),
+        ("architectures", serde_json::json!(["GPT2LMHeadModel"])),
+        ("activation_function", serde_json::json!("gelu")),
+        ("layer_norm_epsilon", serde_json::json!(1e-5)),
+        ("tie_word_embeddings", serde_json::json!(true)),
+        ("n_layer", serde_json::json!(2)),
+        ("n_head", serde_json::json!(2)),
+        ("n_embd", serde_json::json!(32)),
+        ("n_positions", serde_json::json!(16)),
+        ("vocab_size", serde_json::json!(model.vocab_size)),
+    ] {
+        assert_eq!(config[key], want, "config.json {key}: {config}");
+    }
+
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
+        Some("pt"),
+        "transformers needs format = pt"
+    );
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<tenax_model::NamedTensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| tenax_model::NamedTensor {
+            name,
+            shape: view.shape().to_vec(),
+            data: view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        })
+        .collect();
+    let shape_of = |n: &str| {
+        tensors
+            .iter()
+            .find(|t| t.name == n)
+            .map(|t| t.shape.clone())
+    };
+    assert_eq!(
+        shape_of("transformer.wte.weight"),
+        Some(vec![model.vocab_size, 32])
+    );
+    assert_eq!(shape_of("transformer.wpe.weight"), Some(vec![16, 32]));
+    assert_eq!(
+        shape_of("transformer.h.0.attn.c_attn.weight"),
+        Some(vec![32, 96])
+    );
+    assert_eq!(
+        shape_of("transformer.h.1.mlp.c_fc.weight"),
+        Some(vec![32, 128])
+    );
+    assert_eq!(
+        shape_of("transformer.h.1.mlp.c_proj.weight"),
+        Some(vec![128, 32])
+    );
+    assert_eq!(shape_of("transformer.ln_f.bias"), Some(vec![32]));
+    assert_eq!(tensors.len(), 4 + 12 * 2);
+    assert!(
+        tensors
+            .iter()
+            .all(|t| t.name.starts_with("transformer.") && !t.name.contains(".h.00")),
+        "transformers' names, no zero-padded block numbers"
+    );
+    // Back to tenax's layout: the checkpoint's weights, bit for bit.
+    let flat = tenax_model::hf::from_hf(&model, &tensors).unwrap();
+    let layout = tenax_model::ParamLayout::for_config(&model);
+    for (name, bits) in run.params(3) {
+        let e = layout.get(&name).unwrap();
+        let got: Vec<u32> = flat[e.range()].iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, bits, "{name}");
+    }
+
+    // The char tokenizer's id table.
+    let tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tenax_tokenizer.json")).unwrap())
+            .unwrap();
+    let chars = stored["tokenizer"]["chars"].as_str().unwrap();
+    let table: String = tok["id_to_char"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(table, chars);
+
+    // tenax ckpt eval's loss is the loss of a model built from the exported tensors.
+    let text = tmp.path().join("held-out.txt");
+    std::fs::write(
+        &text,
+        "the king shall speak of love,\nnow what is fair to thee my lord.\n",
+    )
+    .unwrap();
+    let ev: serde_json::Value = serde_json::from_str(&ok(&[
+        "ckpt",
+        "eval",
+        &store,
+        "--text",
+        text.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let ids: Vec<u32> = ev["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let windows = ev["windows"].as_u64().unwrap() as usize;
+    assert_eq!(windows, (ids.len() - 1) / 16);
+    assert!(windows >= 3, "{ev}");
+    let gpt = tenax_model::Gpt::new(model.clone()).unwrap();
+    gpt.set_params(&flat).unwrap();
+    let sum: f64 = (0..windows)
+        .map(|w| {
+            let win = &ids[w * 16..=(w + 1) * 16];
+            f64::from(gpt.loss_sum(&win[..16], &win[1..], 1).unwrap())
+        })
+        .sum();
+    let loss = ev["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{ev}");
+    assert!((sum / (windows * 16) as f64 - loss).abs() < 1e-6, "{ev}");
+
+    // A file where the directory should go: one line naming it.
+    let err = fails(&[
+        "ckpt",
+        "export",
+        &store,
+        "--format",
+        "hf",
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("is a file") && err.contains("directory"),
+        "{err}"
+    );
+    let err = fails(&["ckpt", "eval", &store, "--text", "/no/such.txt"]);
+    assert!(err.contains("/no/such.txt"), "{err}");
 }
 
 #[test]

@@ -9,6 +9,8 @@
 //! Modules:
 //! - [`corpus`] — [`Corpus`], [`load_corpus`], [`default_corpus`].
 //! - [`tokenizer`] — [`TokenizerKind`], [`TokenizerSpec`], [`Tokenizer`].
+//! - [`hf`] — the tokenizer as files next to a Hugging Face model
+//!   ([`hf::hf_tokenizer_files`]: GPT-2's vocab.json and merges.txt, or a table of ids).
 //! - [`shard`] — the on-disk token shard format, [`write_shard`], [`read_shard`].
 //! - [`dataset`] — [`Dataset`], [`prepare_dataset`], [`num_windows`], [`window`].
 //! - [`error`] — [`DataError`].
@@ -24,6 +26,7 @@
 pub mod corpus;
 pub mod dataset;
 pub mod error;
+pub mod hf;
 pub mod prepare;
 pub mod shard;
 pub mod tokenizer;

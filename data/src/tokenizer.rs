@@ -218,6 +218,16 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes of one token id (bytes: the byte itself; char: the character's UTF-8;
+    /// gpt2: the token's bytes, `<|endoftext|>` included), `None` outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        match &self.inner {
+            Inner::Bytes => u8::try_from(id).ok().map(|b| vec![b]),
+            Inner::Char { chars, .. } => chars.get(id as usize).map(|c| c.to_string().into_bytes()),
+            Inner::Gpt2(bpe) => bpe.decode_bytes(&[id]).ok(),
+        }
+    }
+
     /// Decodes token ids. Lossy: ids outside the vocabulary, and byte sequences that are not
     /// valid UTF-8 (a bytes or gpt2 sequence cut mid-character), become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {

@@ -15,7 +15,7 @@ use crate::loss::cross_entropy_rows;
 use crate::params::{block_prefix, ParamLayout};
 
 /// LayerNorm epsilon, as torch's default.
-const LN_EPS: f64 = 1e-5;
+pub(crate) const LN_EPS: f64 = 1e-5;
 
 /// A GPT on the CPU: config, flat parameter layout and one candle [`Var`] per parameter.
 ///

@@ -10,6 +10,9 @@
 //! - [`params`]: [`ParamLayout`] (names, shapes, offsets, decay flags) and nanoGPT
 //!   initialisation [`init_params`] from a seed.
 //! - [`gpt`]: [`Gpt`]: forward pass, summed cross-entropy and its gradient, sampling.
+//! - [`hf`]: the same model in Hugging Face transformers' GPT-2 layout ([`Gpt2Config`],
+//!   tensor names, [`hf::to_hf`] and its inverse [`hf::from_hf`]) for `tenax ckpt export
+//!   --format hf`.
 //! - `loss` (private): fused softmax cross-entropy (a candle custom op with its own backward).
 //! - [`kernels`]: fused CPU kernels (layer norm, GELU, causal attention, softmax
 //!   cross-entropy, matmul) with hand-written backward passes, thread-count independent.
@@ -30,6 +33,7 @@
 pub mod config;
 pub mod error;
 pub mod gpt;
+pub mod hf;
 pub mod kernels;
 mod loss;
 pub mod optim;
@@ -40,6 +44,7 @@ pub mod step;
 pub use config::GptConfig;
 pub use error::ModelError;
 pub use gpt::Gpt;
+pub use hf::Gpt2Config;
 pub use optim::{
     clip_grad_norm, clip_scale, clip_scale_from_squares, named_params, params_from_named,
     tensor_squares, AdamW, AdamWConfig, NamedTensor,
