@@ -307,8 +307,8 @@ impl SampleSource for StreamData {
             st.max_asked = Some(max);
             let low = (max + 1).saturating_sub(sh.opts.lookback);
             if low > st.low {
+                // The prefetch thread re-plans once the mark has moved a batch.
                 st.low = low;
-                st.epoch += 1;
                 sh.changed.notify_all();
             }
             loop {
@@ -567,17 +567,17 @@ fn wanted(sampler: &mut MixtureSampler, sh: &Shared, low: u64, demand: &BTreeSet
         .iter()
         .map(|k| sh.shards[k.0 as usize][k.1 as usize].bytes)
         .sum();
-    // Enough groups per source to fill the budget with the smallest shards.
-    let smallest = sh
+    // Enough groups per source to fill the budget with full-size shards.
+    let largest = sh
         .shards
         .iter()
         .flatten()
         .map(|s| s.bytes)
-        .min()
+        .max()
         .unwrap_or(1)
         .max(1);
-    let per_source = (sh.opts.prefetch_bytes / smallest / u64::from(sh.opts.shuffle_shards))
-        .clamp(2, 64) as usize;
+    let per_source =
+        (sh.opts.prefetch_bytes / largest / u64::from(sh.opts.shuffle_shards) + 2).min(64) as usize;
     let needs = sampler.upcoming(low, per_source);
     let first_of_source: HashSet<(u32, u64)> = {
         let mut firsts = HashSet::new();
@@ -616,7 +616,8 @@ fn wanted(sampler: &mut MixtureSampler, sh: &Shared, low: u64, demand: &BTreeSet
 /// The prefetch thread's loop: plan, drop what is no longer wanted, fetch the next
 /// shard, until the loader is dropped.
 async fn prefetch_loop(store: &Store, sh: &Shared, mut sampler: MixtureSampler) {
-    let mut planned_epoch = u64::MAX;
+    let (mut planned_epoch, mut planned_low) = (u64::MAX, 0u64);
+    let lookback = sh.opts.lookback.max(1);
     let mut plan: Vec<Key> = Vec::new();
     loop {
         let next = {
@@ -625,8 +626,14 @@ async fn prefetch_loop(store: &Store, sh: &Shared, mut sampler: MixtureSampler) 
                 if st.stop {
                     return;
                 }
-                if st.epoch != planned_epoch {
+                // Re-plan when the demand changed or training moved on by a batch (a plan
+                // costs O(sources x groups x 1024)).
+                if st.epoch != planned_epoch
+                    || st.low < planned_low
+                    || st.low >= planned_low + lookback
+                {
                     planned_epoch = st.epoch;
+                    planned_low = st.low;
                     plan = wanted(&mut sampler, sh, st.low, &st.demand);
                     let keep: HashSet<Key> = plan.iter().copied().collect();
                     let dropped: Vec<Key> = st
@@ -669,9 +676,8 @@ async fn prefetch_loop(store: &Store, sh: &Shared, mut sampler: MixtureSampler) 
                 st.failed.insert(next, format!("{e:#}"));
             }
         }
-        // A demanded shard stays demanded (and held) until a rank takes it.
-        // Re-plan after every fetch: the demand and the budget may have changed.
-        st.epoch += 1;
+        // A demanded shard stays demanded (and held) until a rank takes it; the plan
+        // stays valid, the next shard of it is fetched.
         sh.changed.notify_all();
     }
 }
