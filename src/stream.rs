@@ -276,9 +276,9 @@ impl Drop for StreamData {
             st.stop = true;
             self.shared.changed.notify_all();
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // Detached, not joined: a GET in flight may take up to `fetch_timeout`, and the
+        // last handle may be dropped on an async worker. The thread stops after it.
+        drop(self.thread.take());
     }
 }
 

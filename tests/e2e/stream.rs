@@ -134,6 +134,30 @@ fn a_streamed_mixture_resumes_bit_identically_on_another_rank_count() {
         straight.state(12),
         "final parameters or optimizer state differ after a resume on 3 ranks"
     );
+    // Two pipeline stages read the same samples and give the same bits.
+    let (piped, _) = run(
+        "p",
+        &[
+            "--steps",
+            "12",
+            "--lr-decay-steps",
+            "12",
+            "--ranks",
+            "2",
+            "--pipeline-stages",
+            "2",
+        ],
+    );
+    assert_eq!(
+        piped.losses(),
+        straight.losses(),
+        "losses differ with 2 stages"
+    );
+    assert_eq!(
+        piped.state(12),
+        straight.state(12),
+        "state differs with 2 stages"
+    );
     // The oracle can fail: another K reads other samples, and a resume refuses it.
     let (other, _) = run(
         "c",
