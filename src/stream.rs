@@ -695,6 +695,9 @@ pub(crate) mod tests {
     /// Block size of the tests (the tiny preset's).
     const BS: usize = 16;
 
+    /// A sample's inputs and targets.
+    type Sample = (Vec<u32>, Vec<u32>);
+
     /// Writes `docs` pseudo-random documents of `words` words to `dir/name.txt`.
     pub(crate) fn write_source(
         dir: &Path,
@@ -914,7 +917,7 @@ pub(crate) mod tests {
             "{err}"
         );
         assert_eq!(
-            dataset_url(&[root.clone()]).unwrap(),
+            dataset_url(std::slice::from_ref(&root)).unwrap(),
             Some(format!("file://{}", root.display()))
         );
         assert_eq!(dataset_url(&[dir.path().to_path_buf()]).unwrap(), None);
@@ -944,7 +947,7 @@ pub(crate) mod tests {
             ds.seek(start);
             // Ranks take the samples of 20 steps of 6 in lockstep-free, shuffled order.
             let samples: Vec<u64> = (start..start + 120).collect();
-            let got: Vec<Vec<(u64, (Vec<u32>, Vec<u32>))>> = std::thread::scope(|scope| {
+            let got: Vec<Vec<(u64, Sample)>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = (0..ranks)
                     .map(|r| {
                         let ds = ds.clone();

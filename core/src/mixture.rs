@@ -159,7 +159,7 @@ fn shuffle<T>(rng: &mut SplitMix64, v: &mut [T]) {
 /// lower index).
 pub fn quotas(weights: &[f64], block: u64) -> Vec<u64> {
     let total: f64 = weights.iter().sum();
-    if weights.is_empty() || !(total > 0.0) {
+    if weights.is_empty() || total.is_nan() || total <= 0.0 {
         return vec![0; weights.len()];
     }
     let exact: Vec<f64> = weights.iter().map(|w| w / total * block as f64).collect();
