@@ -273,3 +273,31 @@ fn a_dataset_on_s3_streams_end_to_end_and_a_tampered_shard_is_refused_by_name() 
         errors[0]
     );
 }
+
+#[test]
+fn three_daemons_on_a_streamed_dataset_train_bit_identically_to_train_ranks_3() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ds");
+    ok(&strs(&prepare_args(tmp.path(), ds.to_str().unwrap())));
+    let steps = 6;
+    let want = super::reference_export(&ds, tmp.path(), steps);
+    let job = "streamed";
+    let mut c = super::cluster(job, &ds, steps, &[]);
+    for n in 0..3 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
+            .unwrap();
+    }
+    super::wait_all_ok(&mut c, &[0, 1, 2], std::time::Duration::from_secs(300));
+    for n in 0..3 {
+        let log = c.log(n);
+        assert!(
+            log.contains("dataset: file://"),
+            "node {n} did not stream:\n{log}"
+        );
+    }
+    let got = super::job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(
+        got == want,
+        "the job's final weights differ from tenax train --ranks 3 on the same streamed dataset"
+    );
+}
