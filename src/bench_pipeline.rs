@@ -118,10 +118,7 @@ async fn start_trainer(
     let tokens: Vec<u32> = (0..(model.block_size + 1) * 512)
         .map(|_| rng.below(vocab as u64) as u32)
         .collect();
-    let data = Arc::new(TrainData {
-        train: tokens.clone(),
-        val: tokens,
-    });
+    let data = Arc::new(TrainData::in_memory(tokens.clone(), tokens));
     let setup = TrainSetup {
         model: model.clone(),
         adamw: AdamWConfig {

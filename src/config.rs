@@ -29,6 +29,14 @@ pub struct TrainArgs {
     /// tenax's own dependencies from the local cargo registry.
     #[arg(long = "data", value_name = "PATH")]
     pub data: Option<Vec<PathBuf>>,
+    /// Streaming a prepared dataset (--data s3://bucket/dataset, or a folder with a
+    /// manifest.json): byte budget of the shards fetched ahead and held, in MiB [default: 256].
+    #[arg(long, value_name = "MIB")]
+    pub prefetch_mb: Option<u64>,
+    /// Streaming a prepared dataset: K, the shards whose windows are shuffled together
+    /// (shard order is permuted every epoch) [default: 4].
+    #[arg(long, value_name = "K")]
+    pub shuffle_shards: Option<u32>,
     /// Tokenizer: bytes, char (vocabulary from the corpus) or gpt2 (BPE) [default: bytes].
     #[arg(long)]
     pub tokenizer: Option<String>,
@@ -149,6 +157,8 @@ impl TrainArgs {
             max_bad_steps,
             pipeline_stages,
             schedule,
+            prefetch_mb,
+            shuffle_shards,
             sign_key,
             trust_key
         )
@@ -239,6 +249,21 @@ pub struct TrainConfig {
     /// Pipeline schedule (`gpipe` or `1f1b`).
     #[serde(default = "default_schedule")]
     pub schedule: String,
+    /// Streamed dataset: prefetch budget in MiB.
+    #[serde(default = "default_prefetch_mb")]
+    pub prefetch_mb: u64,
+    /// Streamed dataset: shards shuffled together (fixes the sample order: part of the
+    /// data identity a resumed run must match, not of the math keys).
+    #[serde(default = "default_shuffle_shards")]
+    pub shuffle_shards: u32,
+}
+
+fn default_prefetch_mb() -> u64 {
+    256
+}
+
+fn default_shuffle_shards() -> u32 {
+    4
 }
 
 fn one_stage() -> u32 {
@@ -304,6 +329,8 @@ impl TrainConfig {
             max_bad_steps: args.max_bad_steps.unwrap_or(5),
             pipeline_stages: args.pipeline_stages.unwrap_or(1),
             schedule: args.schedule.unwrap_or_else(default_schedule),
+            prefetch_mb: args.prefetch_mb.unwrap_or_else(default_prefetch_mb),
+            shuffle_shards: args.shuffle_shards.unwrap_or_else(default_shuffle_shards),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -335,6 +362,12 @@ impl TrainConfig {
                 self.pipeline_stages,
                 self.ranks
             );
+        }
+        if self.shuffle_shards == 0 {
+            bail!("--shuffle-shards must be at least 1");
+        }
+        if self.prefetch_mb == 0 {
+            bail!("--prefetch-mb must be at least 1");
         }
         self.pipeline_schedule()?;
         Ok(())
@@ -376,6 +409,8 @@ impl TrainConfig {
             max_bad_steps: Some(self.max_bad_steps),
             pipeline_stages: Some(self.pipeline_stages),
             schedule: Some(self.schedule.clone()),
+            prefetch_mb: Some(self.prefetch_mb),
+            shuffle_shards: Some(self.shuffle_shards),
             // Keys are this process's: a checkpoint never names them.
             sign_key: None,
             trust_key: None,

@@ -463,6 +463,10 @@ async fn prepare_node(
     prep.setup.step_timeout = s.step_timeout;
     let job_nonce = agree_on_config(etcd, &s.node_id, &prep).await?;
     let start = start_state(&prep, resumed.as_ref())?;
+    if let Some(stream) = &prep.stream {
+        // A streamed dataset: fetch first what the starting cursor reads.
+        stream.seek(start.cursor);
+    }
     Ok((prep, start, run_dir, job_nonce))
 }
 

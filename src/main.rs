@@ -8,6 +8,7 @@
 
 mod bench;
 mod bench_pipeline;
+mod bench_stream;
 mod certs;
 mod chaos;
 mod ckpt;
@@ -19,6 +20,7 @@ mod hooks;
 mod metrics;
 mod plot;
 mod status;
+mod stream;
 mod train;
 
 use std::path::PathBuf;
@@ -248,6 +250,10 @@ enum BenchCommand {
     /// model, batch and total threads), GPipe and 1F1B, for several micro-batch counts;
     /// the bubble against (S-1)/(M+S-1); each stage's peak activation memory.
     Pipeline(bench_pipeline::BenchPipelineArgs),
+    /// Training on a prepared dataset streamed from S3 (moto, started here) against the
+    /// in-memory path, side by side: tokens/s of each, RSS over the streamed steps, shards
+    /// fetched and crossed, with a dataset many times the prefetch budget.
+    Stream(bench_stream::BenchStreamArgs),
     /// The donor process of `bench state-copy` (internal).
     #[command(hide = true)]
     StateDonor(bench::StateDonorArgs),
@@ -350,6 +356,7 @@ fn main() -> ExitCode {
                 BenchCommand::StateCopy(a) => bench::state_copy(a).await,
                 BenchCommand::StateDonor(a) => bench::state_donor(a).await,
                 BenchCommand::Pipeline(a) => bench_pipeline::pipeline(a).await,
+                BenchCommand::Stream(a) => bench_stream::stream(a).await,
             },
         }
     });

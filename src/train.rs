@@ -135,6 +135,8 @@ pub struct Prepared {
     pub data: Arc<TrainData>,
     /// With `--pipeline-stages` above 1: the ranks form pipelines of that many stages.
     pub pipeline: Option<PipelineSpec>,
+    /// The streamed dataset, when `--data` names a prepared one.
+    pub stream: Option<Arc<crate::stream::StreamData>>,
 }
 
 impl Prepared {
@@ -182,7 +184,10 @@ pub fn prepare(
     // Check the preset name before the (slow) data preparation.
     GptConfig::preset(&cfg.preset, 256).map_err(|e| anyhow!("--preset: {e}"))?;
 
-    // Data.
+    // Data: a prepared dataset is streamed; anything else is read whole.
+    if let Some(url) = crate::stream::dataset_url(&cfg.data)? {
+        return prepare_streamed(cfg, stored, &url, layout, stages, pipelines, pipe_schedule);
+    }
     let corpus = if cfg.data.is_empty() {
         tenax_data::default_corpus()
     } else {
@@ -222,7 +227,6 @@ pub fn prepare(
         tokenizer: tokenizer.spec(),
         corpus_sha256: dataset.corpus_sha256.clone(),
     };
-    let config_hash = stored_cfg.hash();
     println!(
         "tokenizer: {}, vocab {}; train {} tokens, val {} tokens",
         cfg.tokenizer,
@@ -230,21 +234,6 @@ pub fn prepare(
         dataset.train.len(),
         dataset.val.len()
     );
-    let param_layout = ParamLayout::for_config(&model_cfg);
-    println!(
-        "model: {} ({} layers, {} heads, {} dims, block {}), {:.2}M parameters; batch {} in {} slot(s) of {}; {} rank(s)",
-        cfg.preset,
-        model_cfg.n_layer,
-        model_cfg.n_head,
-        model_cfg.n_embd,
-        model_cfg.block_size,
-        param_layout.total as f64 / 1e6,
-        cfg.batch_size,
-        layout.num_slots(),
-        cfg.micro_batch_size,
-        cfg.ranks
-    );
-
     let setup = TrainSetup {
         model: model_cfg.clone(),
         adamw: AdamWConfig {
@@ -270,10 +259,50 @@ pub fn prepare(
         tenax_data::num_windows(dataset.val.len(), model_cfg.block_size) as u64,
         cfg.eval_batches * cfg.micro_batch_size,
     );
-    let data = Arc::new(TrainData {
-        train: dataset.train,
-        val: dataset.val,
-    });
+    let data = Arc::new(TrainData::in_memory(dataset.train, dataset.val));
+    finish_prepare(
+        cfg,
+        stored_cfg,
+        tokenizer,
+        setup,
+        schedule,
+        val_windows,
+        data,
+        None,
+        (stages, pipelines, pipe_schedule),
+    )
+}
+
+/// The rest of [`prepare`] once the data is open: the pipeline plan and the result.
+#[allow(clippy::too_many_arguments)]
+fn finish_prepare(
+    cfg: TrainConfig,
+    stored_cfg: StoredConfig,
+    tokenizer: Tokenizer,
+    setup: TrainSetup,
+    schedule: LrSchedule,
+    val_windows: Vec<u64>,
+    data: Arc<TrainData>,
+    stream: Option<Arc<crate::stream::StreamData>>,
+    (stages, pipelines, pipe_schedule): (u32, u64, tenax_core::pipeline::Schedule),
+) -> Result<Prepared> {
+    let config_hash = stored_cfg.hash();
+    let model_cfg = stored_cfg.model.clone();
+    let layout = setup.batch;
+    let param_layout = ParamLayout::for_config(&model_cfg);
+    println!(
+        "model: {} ({} layers, {} heads, {} dims, block {}), {:.2}M parameters; batch {} in {} slot(s) of {}; {} rank(s)",
+        cfg.preset,
+        model_cfg.n_layer,
+        model_cfg.n_head,
+        model_cfg.n_embd,
+        model_cfg.block_size,
+        param_layout.total as f64 / 1e6,
+        cfg.batch_size,
+        layout.num_slots(),
+        cfg.micro_batch_size,
+        cfg.ranks
+    );
     let pipeline = (stages > 1).then_some(PipelineSpec {
         stages,
         schedule: pipe_schedule,
@@ -304,7 +333,102 @@ pub fn prepare(
         val_windows,
         data,
         pipeline,
+        stream,
     })
+}
+
+/// [`prepare`] for a prepared dataset streamed from `url` (see `crate::stream`).
+fn prepare_streamed(
+    cfg: TrainConfig,
+    stored: Option<&StoredConfig>,
+    url: &str,
+    layout: BatchLayout,
+    stages: u32,
+    pipelines: u64,
+    pipe_schedule: tenax_core::pipeline::Schedule,
+) -> Result<Prepared> {
+    use crate::stream::{StreamData, StreamOptions};
+    // The block size comes from the preset; the vocabulary from the manifest.
+    let block_size = GptConfig::preset(&cfg.preset, 256)
+        .map_err(|e| anyhow!("--preset: {e}"))?
+        .block_size;
+    let opts = StreamOptions::new(
+        cfg.seed,
+        block_size,
+        cfg.batch_size,
+        cfg.prefetch_mb << 20,
+        cfg.shuffle_shards,
+    );
+    let stream = StreamData::open(url, opts)?;
+    let m = &stream.manifest;
+    let tokenizer = Tokenizer::from_spec(&m.tokenizer)
+        .map_err(|e| anyhow!("dataset {url}: its tokenizer: {e}"))?;
+    let identity = stream.identity();
+    if let Some(s) = &stored {
+        if s.corpus_sha256 != identity {
+            bail!("cannot resume: the data changed since the checkpoint (identity {} then, {identity} now: dataset, --data or --shuffle-shards): train on the same data or start a new --run-dir", s.corpus_sha256);
+        }
+    }
+    println!(
+        "dataset: {url}; hash {}; {} tokens in {} shards of {} source(s); streamed with a {} MiB prefetch budget; val: the first shard of each multi-shard source ({} tokens)",
+        m.dataset_hash,
+        m.totals.tokens,
+        m.totals.shards,
+        m.sources.len(),
+        cfg.prefetch_mb,
+        stream.val.len()
+    );
+    println!("sampler: {}", stream.reason);
+    let model_cfg = GptConfig::preset(&cfg.preset, tokenizer.vocab_size())
+        .map_err(|e| anyhow!("--preset: {e}"))?;
+    let stored_cfg = StoredConfig {
+        train: cfg.clone(),
+        model: model_cfg.clone(),
+        tokenizer: tokenizer.spec(),
+        corpus_sha256: identity,
+    };
+    let setup = TrainSetup {
+        model: model_cfg.clone(),
+        adamw: AdamWConfig {
+            beta1: cfg.beta1 as f32,
+            beta2: cfg.beta2 as f32,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay as f32,
+        },
+        grad_clip: cfg.grad_clip as f32,
+        batch: layout,
+        seed: cfg.seed,
+        ranks: cfg.ranks,
+        step_timeout: Duration::from_secs(600),
+    };
+    let schedule = LrSchedule {
+        max_lr: cfg.lr,
+        min_lr: cfg.min_lr,
+        warmup_steps: cfg.warmup_steps,
+        decay_steps: cfg.lr_decay_steps,
+    };
+    let val_windows = eval_windows(
+        cfg.seed,
+        tenax_data::num_windows(stream.val.len(), block_size) as u64,
+        cfg.eval_batches * cfg.micro_batch_size,
+    );
+    let stream = Arc::new(stream);
+    let data = Arc::new(TrainData {
+        train: Vec::new(),
+        val: stream.val.clone(),
+        stream: Some(stream.clone() as Arc<dyn tenax_actors::SampleSource>),
+    });
+    finish_prepare(
+        cfg,
+        stored_cfg,
+        tokenizer,
+        setup,
+        schedule,
+        val_windows,
+        data,
+        Some(stream),
+        (stages, pipelines, pipe_schedule),
+    )
 }
 
 /// The state a run starts from: fresh from the seed, or the checkpoint's.
@@ -400,6 +524,9 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
     }
     let prep = prepare(cfg, stored.as_ref(), &run_dir)?;
     let start = start_state(&prep, resumed.as_ref())?;
+    if let Some(stream) = &prep.stream {
+        stream.seek(start.cursor);
+    }
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut history = load_history(&metrics_path, start.step)?;
     let mut metrics = open_metrics(&metrics_path, &history)?;

@@ -49,5 +49,5 @@ pub use node::{
     ServiceFuture,
 };
 pub use pipeline::PipelineSpec;
-pub use rank::{param_hash, RankOutcome, StageTime, TrainData, TrainSetup};
+pub use rank::{param_hash, RankOutcome, SampleSource, StageTime, TrainData, TrainSetup};
 pub use supervisor::{ActorsError, GroupStart, Snapshot, StepReport, Trainer, TRAINER_POLICY};

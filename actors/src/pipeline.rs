@@ -463,10 +463,12 @@ impl StageCompute {
                 Op::RecvActivation { .. } => input = Some(self.recv("activations", step, slot)?),
                 Op::Forward { .. } => {
                     let samples = batch.slot_samples(cursor, slot);
-                    let windows = self
-                        .sampler
-                        .windows(samples.start, samples.end - samples.start);
-                    let (inputs, targets) = self.tokens(&windows, false);
+                    let count = (samples.end - samples.start) as usize;
+                    let bs = self.setup.model.block_size;
+                    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+                    self.data
+                        .read_train(&mut self.sampler, samples, bs, &mut inputs, &mut targets)
+                        .map_err(|e| self.err(e))?;
                     let mut ws = self
                         .spare
                         .pop()
@@ -478,7 +480,7 @@ impl StageCompute {
                         (false, None) => return Err(self.err("a forward without its input")),
                     };
                     let loss = ws
-                        .stage_forward(&self.params, stage_input, &targets, windows.len(), true)
+                        .stage_forward(&self.params, stage_input, &targets, count, true)
                         .map_err(|e| self.err(format!("step {step} slot {slot}: {e}")))?;
                     if !head {
                         output = Some(Piece {
@@ -886,15 +888,7 @@ impl Actor for PipelineSupervisor {
                 }
             })
         };
-        let windows = tenax_data::num_windows(data.train.len(), model.block_size) as u64;
-        if windows == 0 {
-            return Err(format!(
-                "the training split has {} tokens, fewer than one window of {}",
-                data.train.len(),
-                model.block_size + 1
-            )
-            .into());
-        }
+        let sampler = data.sampler(setup.seed, model.block_size)?;
         // Every channel holds a whole step's messages: a training send never waits.
         let capacity = num_slots as usize + 1;
         let mut links: Vec<Links> = (0..world).map(|_| Links::default()).collect();
@@ -973,7 +967,7 @@ impl Actor for PipelineSupervisor {
                 meet: Arc::clone(&meet),
                 links,
                 abort: Arc::clone(&abort),
-                sampler: Sampler::new(setup.seed, windows),
+                sampler: sampler.clone(),
             };
             let (r, _) = Actor::spawn_linked(
                 None,
@@ -1301,10 +1295,7 @@ mod tests {
         let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 40)
             .map(|i| (i * 7 + i / 5) % 17)
             .collect();
-        let data = Arc::new(TrainData {
-            train: tokens.clone(),
-            val: tokens,
-        });
+        let data = Arc::new(TrainData::in_memory(tokens.clone(), tokens));
         (model, whole, data)
     }
 
@@ -1476,10 +1467,7 @@ mod tests {
     async fn bad_shapes_are_refused() {
         let model = GptConfig::preset("tiny", 17).unwrap();
         let whole = ParamLayout::for_config(&model);
-        let data = Arc::new(TrainData {
-            train: vec![1; 400],
-            val: vec![1; 400],
-        });
+        let data = Arc::new(TrainData::in_memory(vec![1; 400], vec![1; 400]));
         for (stages, ranks, want) in [
             (2u32, 3usize, "multiple of the stage count"),
             (3, 3, "at most 2 stage"),

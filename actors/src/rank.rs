@@ -10,13 +10,87 @@ use tenax_core::sampler::Sampler;
 use tenax_core::slots::{slots_for_rank, BatchLayout};
 use tenax_model::{clip_scale, AdamW, AdamWConfig, Gpt, GptConfig, Workspace};
 
+/// Training samples read by global sample index, from data that is not one in-memory
+/// token stream (a streamed, prepared dataset: `tenax`'s `stream` module). Sample `s`
+/// must be a pure function of `s` whatever the rank that asks and whatever was asked
+/// before.
+pub trait SampleSource: Send + Sync + std::fmt::Debug {
+    /// Appends sample `s`'s `block_size` inputs and `block_size` targets (the inputs
+    /// shifted by one token). Blocks until the sample's shard is at hand; an error names
+    /// the shard and what to do.
+    fn sample(
+        &self,
+        s: u64,
+        block_size: usize,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<u32>,
+    ) -> Result<(), String>;
+}
+
 /// Token streams shared by every rank (read-only).
 #[derive(Debug)]
 pub struct TrainData {
-    /// Training split.
+    /// Training split (empty when `stream` is set).
     pub train: Vec<u32>,
     /// Validation split.
     pub val: Vec<u32>,
+    /// Where training samples come from instead of `train` and the in-memory sampler.
+    pub stream: Option<Arc<dyn SampleSource>>,
+}
+
+impl TrainData {
+    /// In-memory train and validation token streams.
+    pub fn in_memory(train: Vec<u32>, val: Vec<u32>) -> Self {
+        Self {
+            train,
+            val,
+            stream: None,
+        }
+    }
+
+    /// The in-memory sampler over `train` (a placeholder one when streaming).
+    pub(crate) fn sampler(&self, seed: u64, block_size: usize) -> Result<Sampler, String> {
+        if self.stream.is_some() {
+            return Ok(Sampler::new(seed, 1));
+        }
+        let windows = tenax_data::num_windows(self.train.len(), block_size) as u64;
+        if windows == 0 {
+            return Err(format!(
+                "the training split has {} tokens, fewer than one window of {}",
+                self.train.len(),
+                block_size + 1
+            ));
+        }
+        Ok(Sampler::new(seed, windows))
+    }
+
+    /// Appends the inputs and targets of the training samples `samples`.
+    pub(crate) fn read_train(
+        &self,
+        sampler: &mut Sampler,
+        samples: std::ops::Range<u64>,
+        block_size: usize,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<u32>,
+    ) -> Result<(), String> {
+        if let Some(stream) = &self.stream {
+            for s in samples {
+                stream.sample(s, block_size, inputs, targets)?;
+            }
+            return Ok(());
+        }
+        let (mut i, mut t) = (
+            Vec::with_capacity(block_size),
+            Vec::with_capacity(block_size),
+        );
+        for s in samples {
+            let w = sampler.window(s);
+            tenax_data::window(&self.train, block_size, w as usize, &mut i, &mut t);
+            inputs.extend_from_slice(&i);
+            targets.extend_from_slice(&t);
+        }
+        Ok(())
+    }
 }
 
 /// Everything that fixes the math of a step; identical on every rank.
@@ -116,15 +190,7 @@ impl RankCompute {
         model
             .set_params(&params)
             .map_err(|e| format!("rank {rank}: cannot load parameters: {e}"))?;
-        let windows = tenax_data::num_windows(data.train.len(), setup.model.block_size) as u64;
-        if windows == 0 {
-            return Err(format!(
-                "the training split has {} tokens, fewer than one window of {}",
-                data.train.len(),
-                setup.model.block_size + 1
-            ));
-        }
-        let sampler = Sampler::new(setup.seed, windows);
+        let sampler = data.sampler(setup.seed, setup.model.block_size)?;
         let ws = Workspace::new(&setup.model, model.layout(), threads);
         Ok(Self {
             rank,
@@ -172,20 +238,20 @@ impl RankCompute {
         );
         for slot in my_slots {
             let samples = layout.slot_samples(cursor, slot);
-            let windows = self
-                .sampler
-                .windows(samples.start, samples.end - samples.start);
-            self.fill(&windows, false);
+            let count = (samples.end - samples.start) as usize;
+            self.inputs.clear();
+            self.targets.clear();
+            self.data.read_train(
+                &mut self.sampler,
+                samples,
+                self.setup.model.block_size,
+                &mut self.inputs,
+                &mut self.targets,
+            )?;
             let mut grad = vec![0f32; self.params.len()];
             let loss_sum = self
                 .ws
-                .loss_sum_and_grad(
-                    &self.params,
-                    &self.inputs,
-                    &self.targets,
-                    windows.len(),
-                    &mut grad,
-                )
+                .loss_sum_and_grad(&self.params, &self.inputs, &self.targets, count, &mut grad)
                 .map_err(|e| format!("rank {}: step {step} slot {slot}: {e}", self.rank))?;
             self.collective
                 .contribute(

@@ -730,10 +730,7 @@ mod tests {
             setup,
             local_ranks: vec![0, 1],
             collective: None,
-            data: Arc::new(TrainData {
-                train: tokens.clone(),
-                val: tokens,
-            }),
+            data: Arc::new(TrainData::in_memory(tokens.clone(), tokens)),
             params: tenax_model::init_params(&model, &layout, 1),
             opt: AdamW::new(layout.total),
         };

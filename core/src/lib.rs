@@ -17,6 +17,10 @@
 //!   lists with their peak in-flight activations, a simulator of their timeline and
 //!   bubble, and the plan of D pipelines x S stages (which blocks each stage holds, the
 //!   rank grid, data-parallel groups and pipeline neighbours).
+//! - [`mixture`]: the streaming sampler of a prepared dataset: which window of which
+//!   shard of which source every sample reads (weighted, stratified source draws; shards
+//!   permuted per epoch, windows shuffled within groups of K shards), and which shard
+//!   groups the next samples need, for a bounded prefetch.
 //! - [`node`]: the life of one node as a state machine (events in, effects out): which
 //!   plan it trains in, state comparison and copies, steps and their deadlines,
 //!   checkpoints and their fenced records, drains, pauses, failures and rejoins.
@@ -34,6 +38,7 @@
 pub mod ckpt;
 pub mod detector;
 pub mod membership;
+pub mod mixture;
 pub mod node;
 pub mod pipeline;
 pub mod restart;

@@ -171,11 +171,17 @@ impl Manifest {
     /// contents.
     pub fn read(path: &Path) -> Result<Manifest, DataError> {
         let bytes = std::fs::read(path).map_err(|e| DataError::io("read", path, e))?;
+        Manifest::from_bytes(&bytes, path)
+    }
+
+    /// Parses a manifest read from anywhere (`path` names it in errors, e.g. a store
+    /// URL) and checks its format and dataset hash, as [`Manifest::read`] does.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Manifest, DataError> {
         let bad = |reason: String| DataError::BadManifest {
             path: path.to_path_buf(),
             reason,
         };
-        let manifest: Manifest = serde_json::from_slice(&bytes)
+        let manifest: Manifest = serde_json::from_slice(bytes)
             .map_err(|e| bad(format!("not a dataset manifest: {e}")))?;
         if manifest.format != MANIFEST_FORMAT {
             return Err(bad(format!(
