@@ -234,26 +234,7 @@ pub fn prepare(
         dataset.train.len(),
         dataset.val.len()
     );
-    let setup = TrainSetup {
-        model: model_cfg.clone(),
-        adamw: AdamWConfig {
-            beta1: cfg.beta1 as f32,
-            beta2: cfg.beta2 as f32,
-            eps: 1e-8,
-            weight_decay: cfg.weight_decay as f32,
-        },
-        grad_clip: cfg.grad_clip as f32,
-        batch: layout,
-        seed: cfg.seed,
-        ranks: cfg.ranks,
-        step_timeout: Duration::from_secs(600),
-    };
-    let schedule = LrSchedule {
-        max_lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        warmup_steps: cfg.warmup_steps,
-        decay_steps: cfg.lr_decay_steps,
-    };
+    let (setup, schedule) = setup_and_schedule(&cfg, &model_cfg, layout);
     let val_windows = eval_windows(
         cfg.seed,
         tenax_data::num_windows(dataset.val.len(), model_cfg.block_size) as u64,
@@ -387,26 +368,7 @@ fn prepare_streamed(
         tokenizer: tokenizer.spec(),
         corpus_sha256: identity,
     };
-    let setup = TrainSetup {
-        model: model_cfg.clone(),
-        adamw: AdamWConfig {
-            beta1: cfg.beta1 as f32,
-            beta2: cfg.beta2 as f32,
-            eps: 1e-8,
-            weight_decay: cfg.weight_decay as f32,
-        },
-        grad_clip: cfg.grad_clip as f32,
-        batch: layout,
-        seed: cfg.seed,
-        ranks: cfg.ranks,
-        step_timeout: Duration::from_secs(600),
-    };
-    let schedule = LrSchedule {
-        max_lr: cfg.lr,
-        min_lr: cfg.min_lr,
-        warmup_steps: cfg.warmup_steps,
-        decay_steps: cfg.lr_decay_steps,
-    };
+    let (setup, schedule) = setup_and_schedule(&cfg, &model_cfg, layout);
     let val_windows = eval_windows(
         cfg.seed,
         tenax_data::num_windows(stream.val.len(), block_size) as u64,
@@ -724,4 +686,33 @@ pub(crate) fn open_metrics(path: &Path, history: &[LossPoint]) -> Result<std::fs
         .append(true)
         .open(path)
         .with_context(|| format!("{}: cannot open", path.display()))
+}
+
+/// The trainers' setup and the learning-rate schedule of a run of `cfg`.
+fn setup_and_schedule(
+    cfg: &TrainConfig,
+    model_cfg: &GptConfig,
+    layout: BatchLayout,
+) -> (TrainSetup, LrSchedule) {
+    let setup = TrainSetup {
+        model: model_cfg.clone(),
+        adamw: AdamWConfig {
+            beta1: cfg.beta1 as f32,
+            beta2: cfg.beta2 as f32,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay as f32,
+        },
+        grad_clip: cfg.grad_clip as f32,
+        batch: layout,
+        seed: cfg.seed,
+        ranks: cfg.ranks,
+        step_timeout: Duration::from_secs(600),
+    };
+    let schedule = LrSchedule {
+        max_lr: cfg.lr,
+        min_lr: cfg.min_lr,
+        warmup_steps: cfg.warmup_steps,
+        decay_steps: cfg.lr_decay_steps,
+    };
+    (setup, schedule)
 }
