@@ -203,6 +203,8 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // etcd and the store first: without them there is nothing to join.
     let mut etcd_cfg = EtcdConfig::new(s.etcd.clone(), s.job.clone());
     etcd_cfg.lease_ttl_s = s.lease_ttl_s;
+    // A lease is kept (not given up) as long as the node waits for etcd.
+    etcd_cfg.give_up_after = s.etcd_outage_timeout;
     args.etcd_client.apply(&mut etcd_cfg)?;
     let etcd = EtcdMembership::connect(etcd_cfg.clone())
         .await
@@ -497,6 +499,7 @@ fn node_machine(s: &Settings, prep: &Prepared) -> Result<NodeMachine> {
         s.lease_ttl_s as u64,
         s.settle_ms,
     );
+    rules.etcd_outage_timeout_ms = s.etcd_outage_timeout.as_millis() as u64;
     rules.eval_every = prep.cfg.eval_every;
     rules.ckpt_every = prep.cfg.ckpt_every;
     rules.hash_check_every = s.hash_check_every;

@@ -3295,6 +3295,80 @@ fn training_goes_on_while_etcd_is_down_and_the_checkpoint_record_waits() {
     assert!(got == want, "the final weights differ");
 }
 
+#[test]
+fn a_member_killed_while_etcd_is_down_is_replaced_when_etcd_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let steps = 800;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "kill-in-outage";
+    let mut c = cluster(job, &data, steps, &["--ckpt-every", "50"]);
+    for n in 0..3 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "3".into()])
+            .unwrap();
+    }
+    let s = wait_status(&c, job, "3 members at step 5", |s| {
+        s["members"].as_array().is_some_and(|m| m.len() == 3) && s["step"].as_u64() >= Some(5)
+    });
+    let generation = s["generation"].as_u64().unwrap();
+    let (leader, _) = leader_and_follower(&c, job);
+    let victim = (0..3).rev().find(|&n| n != leader).unwrap();
+    let survivors: Vec<usize> = (0..3).filter(|&n| n != victim).collect();
+    // etcd crashes; a few steps go on over the peer plane; then a member is killed.
+    c.etcd().stop().unwrap();
+    let down_at = last_step(&c, leader);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while last_step(&c, leader) < down_at + 5 {
+        assert!(Instant::now() < deadline, "no progress without etcd:\n{}", c.log(leader));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.signal(victim, Signal::Kill).unwrap();
+    let _ = c.wait(victim, Duration::from_secs(10));
+    // etcd stays down 20 s: the survivors wait for it, they do not exit.
+    for n in &survivors {
+        let exited = c.wait(*n, Duration::from_secs(10)).unwrap();
+        assert!(exited.is_none(), "node-{n} exited while etcd was down:\n{}", c.log(*n));
+    }
+    let waiting_at: Vec<u64> = survivors.iter().map(|&n| last_step(&c, n)).collect();
+    let exited = c.wait(survivors[0], Duration::from_secs(10)).unwrap();
+    assert!(exited.is_none(), "node-{} exited while etcd was down", survivors[0]);
+    assert_eq!(
+        waiting_at,
+        survivors.iter().map(|&n| last_step(&c, n)).collect::<Vec<_>>(),
+        "the survivors stop at a step boundary while they cannot re-form"
+    );
+    c.etcd().restart().unwrap();
+    wait_status(&c, job, "the pair in a new generation", |s| {
+        s["members"].as_array().is_some_and(|m| m.len() == 2)
+            && s["generation"].as_u64() > Some(generation)
+    });
+    // The killed node restarts (as systemd would) and copies the state from a peer. The
+    // leader is frozen while it comes up so that the pair cannot finish the job first.
+    c.signal(leader, Signal::Stop).unwrap();
+    c.spawn_daemon(victim, &[]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !c.log(victim).contains("gRPC on") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.signal(leader, Signal::Cont).unwrap();
+    wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(300));
+    let log = c.log(victim);
+    let restarted = log.rsplit("start 2 ---").next().unwrap();
+    assert!(
+        restarted.contains("copied the state of step"),
+        "the restarted node copies the state from a peer:\n{restarted}"
+    );
+    let logs: String = survivors.iter().map(|&n| c.log(n)).collect();
+    assert!(
+        logs.contains("waiting for etcd"),
+        "the survivors say they wait for etcd:\n{logs}"
+    );
+    let lost = assert_every_slot_once(&c, &[0, 1, 2], steps, 1);
+    println!("steps redone after the kill in the etcd outage: {lost}");
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(got == want, "a kill during an etcd outage changed the final weights");
+}
+
 // ---------------------------------------------------------------------------
 // `tenax chaos`: scenario runs against real local clusters.
 // ---------------------------------------------------------------------------

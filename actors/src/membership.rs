@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tenax_cluster::etcd::FenceOutcome;
+use tenax_cluster::etcd::{FenceOutcome, LeaseState};
 use tenax_cluster::member::{Member, MemberState};
 use tenax_core::membership::{MemberId, Plan};
 use tenax_core::restart::RestartPolicy;
@@ -195,6 +195,7 @@ pub struct Membership {
     id: MemberId,
     plans: watch::Receiver<Option<Plan>>,
     state: watch::Receiver<MemberState>,
+    lease: watch::Receiver<LeaseState>,
     stats: Arc<watch::Sender<MemberStats>>,
 }
 
@@ -213,10 +214,11 @@ impl Membership {
         member: Member,
         stats: Arc<watch::Sender<MemberStats>>,
     ) -> Result<Self, ActorsError> {
-        let (id, plans, state) = (
+        let (id, plans, state, lease) = (
             member.id().clone(),
             member.plan_receiver(),
             member.state_receiver(),
+            member.lease_state_receiver(),
         );
         let args = (member, Arc::clone(&stats));
         let actor = node
@@ -227,6 +229,7 @@ impl Membership {
             id,
             plans,
             state,
+            lease,
             stats,
         })
     }
@@ -249,6 +252,11 @@ impl Membership {
     /// The registration's state.
     pub fn state_receiver(&self) -> watch::Receiver<MemberState> {
         self.state.clone()
+    }
+
+    /// The lease keep-alive's view of etcd (see [`Member::lease_state_receiver`]).
+    pub fn lease_state_receiver(&self) -> watch::Receiver<LeaseState> {
+        self.lease.clone()
     }
 
     /// The figures as last published (at most a second old).
@@ -304,7 +312,11 @@ impl Membership {
         fresh: Member,
         node: &NodeSupervisor,
     ) -> Result<(), ActorsError> {
-        let (plans, state) = (fresh.plan_receiver(), fresh.state_receiver());
+        let (plans, state, lease) = (
+            fresh.plan_receiver(),
+            fresh.state_receiver(),
+            fresh.lease_state_receiver(),
+        );
         if self.actor.get_status() == ractor::ActorStatus::Running {
             let fresh = Box::new(fresh);
             if self
@@ -315,6 +327,7 @@ impl Membership {
             {
                 self.plans = plans;
                 self.state = state;
+                self.lease = lease;
                 return Ok(());
             }
             return Err(ActorsError::Stopped(

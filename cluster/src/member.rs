@@ -251,6 +251,8 @@ pub struct Member {
     state_rx: watch::Receiver<MemberState>,
     /// Whether this member leads (its planner believes so).
     leader_rx: watch::Receiver<bool>,
+    /// The lease keep-alive's view (whether etcd answers).
+    lease_state_rx: watch::Receiver<LeaseState>,
     /// Ends the agent's loop.
     cancel: CancellationToken,
     /// The agent task; aborted on drop.
@@ -334,6 +336,7 @@ impl Member {
         let (registration, info) = register(&etcd, &id, devices, &addr, &metrics_addr).await?;
         let writer = registration.writer();
         let lease_rx = registration.lease_state();
+        let lease_state_rx = lease_rx.clone();
         let own_watch = etcd.watch_member(&id)?;
         let plan_watch = etcd.watch_plan().await;
         let registration = Arc::new(Mutex::new(Some(registration)));
@@ -379,6 +382,7 @@ impl Member {
             state_tx,
             state_rx,
             leader_rx,
+            lease_state_rx,
             cancel,
             agent: Some(agent),
             suspect_tx,
@@ -485,6 +489,12 @@ impl Member {
     /// A receiver of the member's state.
     pub fn state_receiver(&self) -> watch::Receiver<MemberState> {
         self.state_rx.clone()
+    }
+
+    /// The lease keep-alive's view: [`LeaseState::Unconfirmed`] while etcd does not
+    /// answer its refreshes, [`LeaseState::Alive`] once it does.
+    pub fn lease_state_receiver(&self) -> watch::Receiver<LeaseState> {
+        self.lease_state_rx.clone()
     }
 
     /// Whether this member leads the job now.

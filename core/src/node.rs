@@ -70,6 +70,10 @@ pub struct NodeConfig {
     pub reform_grace_ms: u64,
     /// How long a node whose step failed waits for a newer plan before it gives up.
     pub reform_window_ms: u64,
+    /// How long a node whose step failed waits for etcd while etcd does not answer
+    /// (`--etcd-outage-timeout-s`), counted from the start of the outage; once etcd
+    /// answers again, `reform_window_ms` more for the plan.
+    pub etcd_outage_timeout_ms: u64,
     /// How often a checkpoint record etcd did not take is tried again.
     pub record_retry_ms: u64,
     /// How long the end of the job waits for the final checkpoint's record.
@@ -115,6 +119,7 @@ impl NodeConfig {
             committer_work_deadline_ms: 30_000,
             reform_grace_ms: 2_000,
             reform_window_ms: reform_window_ms(lease_ttl_s, settle_ms),
+            etcd_outage_timeout_ms: 600_000,
             record_retry_ms: 2_000,
             final_timeout_ms: 1_800_000,
             max_rejoins: 20,
@@ -383,6 +388,12 @@ pub enum Event {
     Resume,
     /// An operator asked for a checkpoint at the next step boundary.
     CheckpointNow,
+    /// The membership agent's view of etcd changed: `false` when its lease refreshes get
+    /// no answer (etcd down or cut off), `true` when they are answered again.
+    EtcdReachable {
+        /// Whether etcd answers.
+        reachable: bool,
+    },
     /// The time in `handle`'s `now_ms` reached [`NodeMachine::next_timer_ms`].
     Tick,
 }
@@ -794,6 +805,8 @@ pub struct NodeMachine {
     /// did not answer).
     job_record_step: Option<u64>,
     bad_in_a_row: u64,
+    /// Since when etcd does not answer (`None`: it answers).
+    etcd_down_since_ms: Option<u64>,
 }
 
 impl NodeMachine {
@@ -825,6 +838,7 @@ impl NodeMachine {
             recorded_step: None,
             job_record_step: None,
             bad_in_a_row: 0,
+            etcd_down_since_ms: None,
         })
     }
 
@@ -1142,6 +1156,7 @@ impl NodeMachine {
                 }
             }
             Event::CheckpointNow => self.checkpoint_now = true,
+            Event::EtcdReachable { reachable } => self.etcd_reachable(reachable, now_ms, &mut out),
             Event::Tick => self.tick(now_ms, &mut out),
         }
         out
@@ -2044,6 +2059,19 @@ impl NodeMachine {
             return;
         }
         let window = self.cfg.reform_window_ms;
+        if let Some(since) = self.etcd_down_since_ms {
+            let until_ms = (since + self.cfg.etcd_outage_timeout_ms).max(now_ms + window);
+            out.push(fx(
+                Action::Say(format!(
+                    "generation {generation}: step {} failed ({error}); etcd does not answer: waiting for etcd (up to {} s more, --etcd-outage-timeout-s) to re-form, holding the state of step {step}",
+                    step + 1,
+                    (until_ms - now_ms) / 1000
+                )),
+                "without etcd no plan can replace the generation: keep the state and wait for etcd",
+            ));
+            self.phase = Phase::AfterFailure { until_ms, error };
+            return;
+        }
         out.push(fx(
             Action::Say(format!(
                 "generation {generation}: step {} failed ({error}); waiting up to {} s for a new plan",
@@ -2056,6 +2084,56 @@ impl NodeMachine {
             until_ms: now_ms + window,
             error,
         };
+    }
+
+    /// etcd stopped or started answering the membership agent. A node waiting for a
+    /// plan after a failure waits for etcd while it is down (up to
+    /// `etcd_outage_timeout_ms` from the outage's start), then `reform_window_ms` from
+    /// its return; a checkpoint record etcd did not take is tried again at once when
+    /// etcd answers.
+    fn etcd_reachable(&mut self, reachable: bool, now_ms: u64, out: &mut Vec<Effect>) {
+        let window = self.cfg.reform_window_ms;
+        match (reachable, self.etcd_down_since_ms) {
+            (false, None) => {
+                self.etcd_down_since_ms = Some(now_ms);
+                if let Phase::AfterFailure { until_ms, error } = self.phase.clone() {
+                    let until_ms = until_ms.max(now_ms + self.cfg.etcd_outage_timeout_ms);
+                    out.push(fx(
+                        Action::Say(format!(
+                            "etcd does not answer: waiting for etcd (up to {} s, --etcd-outage-timeout-s) to re-form, holding the state of step {}",
+                            (until_ms - now_ms) / 1000,
+                            self.step
+                        )),
+                        "without etcd no plan can replace the generation: keep the state and wait for etcd",
+                    ));
+                    self.phase = Phase::AfterFailure { until_ms, error };
+                }
+            }
+            (true, Some(since)) => {
+                self.etcd_down_since_ms = None;
+                if let Phase::AfterFailure { error, .. } = self.phase.clone() {
+                    out.push(fx(
+                        Action::Say(format!(
+                            "etcd answers again after {:.1} s: waiting up to {} s for a new plan",
+                            (now_ms - since) as f64 / 1000.0,
+                            window / 1000
+                        )),
+                        "the plan that replaces the generation can be written now",
+                    ));
+                    self.phase = Phase::AfterFailure {
+                        until_ms: now_ms + window,
+                        error,
+                    };
+                }
+                if self.writing.is_none() {
+                    if let Some((rec, Some(_))) = self.pending_record.clone() {
+                        self.pending_record = None;
+                        self.write_record(rec, true, out);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The trainer died: its state is lost. Leave the group (the others re-form without
@@ -2260,11 +2338,21 @@ impl NodeMachine {
                 format!("the final checkpoint of step {step} was not committed within {} s", self.cfg.final_timeout_ms / 1000),
                 out,
             ),
-            Phase::AfterFailure { until_ms, error } if now_ms >= until_ms => self.exit(
-                Exit::Failed,
-                format!("training stopped at step {}: {error} (no new plan within {} s)", step + 1, self.cfg.reform_window_ms / 1000),
-                out,
-            ),
+            Phase::AfterFailure { until_ms, error } if now_ms >= until_ms => {
+                let why = match self.etcd_down_since_ms {
+                    Some(since) => format!(
+                        "etcd did not answer for {} s (--etcd-outage-timeout-s {}): bring etcd back and restart the daemons; the job resumes from its last committed checkpoint",
+                        (now_ms - since) / 1000,
+                        self.cfg.etcd_outage_timeout_ms / 1000
+                    ),
+                    None => format!("no new plan within {} s", self.cfg.reform_window_ms / 1000),
+                };
+                self.exit(
+                    Exit::Failed,
+                    format!("training stopped at step {}: {error} ({why})", step + 1),
+                    out,
+                )
+            }
             _ => {}
         }
     }
@@ -2769,6 +2857,90 @@ mod tests {
                 assert_eq!(a, vec![Action::Exit(Exit::Failed)]);
             }
         }
+    }
+
+    #[test]
+    fn a_failure_while_etcd_is_down_waits_for_etcd_then_for_the_plan() {
+        // (etcd goes down before the failure, etcd comes back, a plan comes after it)
+        let cases = [
+            (true, Some(20_000), true),
+            (true, Some(20_000), false),
+            (false, Some(20_000), true),
+            (true, None, false),
+            (false, None, false),
+        ];
+        for (down_first, back_after_ms, plan_comes) in cases {
+            let case = format!("down first {down_first}, back after {back_after_ms:?}, plan {plan_comes}");
+            let mut c = config("a");
+            c.etcd_outage_timeout_ms = 60_000;
+            let mut t = T::new(c);
+            t.train_from(0, 1, &["a", "b", "c"]);
+            let down_at = t.now;
+            let failed = Event::Failed {
+                generation: 1,
+                peers_may_have_failed: true,
+                error: "stream from c failed".into(),
+            };
+            if down_first {
+                assert!(t.ev(Event::EtcdReachable { reachable: false }).is_empty(), "{case}");
+                t.now += 1_000;
+                t.ev(failed);
+            } else {
+                t.ev(failed);
+                t.now += 1_000;
+                let a = t.ev(Event::EtcdReachable { reachable: false });
+                assert!(matches!(&a[..], [Action::Say(s)] if s.contains("waiting for etcd")), "{case}: {a:?}");
+            }
+            let window = reform_window_ms(3, 300);
+            // Far past the re-formation window, the node still waits: it holds its state.
+            assert!(t.at(down_at + 3 * window).is_empty(), "{case}");
+            assert_eq!(t.m.position().0, 0, "{case}");
+            match back_after_ms {
+                Some(after) => {
+                    t.now = down_at + after;
+                    let a = t.ev(Event::EtcdReachable { reachable: true });
+                    assert!(matches!(&a[..], [Action::Say(s)] if s.contains("etcd answers again")), "{case}: {a:?}");
+                    assert_eq!(t.m.next_timer_ms(), Some(t.now + window), "{case}");
+                    if plan_comes {
+                        let a = t.ev(Event::PlanSeen(plan(2, &["a", "b"])));
+                        assert_eq!(a.last(), Some(&Action::CheckJobDone), "{case}: {a:?}");
+                    } else {
+                        assert!(t.at(t.now + window - 1).is_empty(), "{case}");
+                        let a = t.at(t.now + 1);
+                        assert_eq!(a, vec![Action::Exit(Exit::Failed)], "{case}");
+                    }
+                }
+                None => {
+                    // The outage's timeout counts from when etcd stopped answering.
+                    let outage_start = if down_first { down_at } else { down_at + 1_000 };
+                    assert!(t.at(outage_start + 60_000 - 1).is_empty(), "{case}");
+                    let fx = t.m.handle(Event::Tick, outage_start + 60_000);
+                    assert_eq!(fx.last().map(|f| &f.action), Some(&Action::Exit(Exit::Failed)), "{case}");
+                    let words: String = fx.iter().map(|f| format!("{:?} {}", f.action, f.reason)).collect();
+                    assert!(words.contains("--etcd-outage-timeout-s"), "{case}: {words}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_etcd_did_not_take_is_written_as_soon_as_etcd_answers() {
+        let mut c = config("a");
+        c.ckpt_every = 1;
+        let mut t = T::new(c);
+        t.train_from(0, 1, &["a", "b"]);
+        t.step_done(10);
+        t.ev(Event::EtcdReachable { reachable: false });
+        let rec = |a: &[Action]| a.iter().any(|x| matches!(x, Action::WriteRecord(r) if r.step == 1));
+        let a = t.ev(committed(1));
+        assert!(rec(&a), "{a:?}");
+        t.ev(Event::RecordUnreachable {
+            step: 1,
+            error: "etcd down".into(),
+        });
+        t.now += 100;
+        let a = t.ev(Event::EtcdReachable { reachable: true });
+        assert!(rec(&a), "retried at once, not after record_retry_ms: {a:?}");
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct DaemonArgs {
     /// After a membership change, wait this long for more before re-planning [default: 300].
     #[arg(long)]
     pub settle_ms: Option<u64>,
+    /// While etcd does not answer, members whose step failed (a peer died) keep their state
+    /// and wait this long for etcd before they exit [default: 600].
+    #[arg(long)]
+    pub etcd_outage_timeout_s: Option<u64>,
     /// Deadline of one step, collective included [default: 300].
     #[arg(long)]
     pub step_timeout_s: Option<u64>,
@@ -117,6 +121,7 @@ struct DaemonToml {
     grace_period_s: Option<u64>,
     lease_ttl_s: Option<i64>,
     settle_ms: Option<u64>,
+    etcd_outage_timeout_s: Option<u64>,
     step_timeout_s: Option<u64>,
     suspect_after_ms: Option<u64>,
     hash_check_every: Option<u64>,
@@ -145,6 +150,7 @@ const DAEMON_KEYS: &[&str] = &[
     "grace_period_s",
     "lease_ttl_s",
     "settle_ms",
+    "etcd_outage_timeout_s",
     "step_timeout_s",
     "suspect_after_ms",
     "hash_check_every",
@@ -193,6 +199,7 @@ impl DaemonArgs {
             grace_period_s,
             lease_ttl_s,
             settle_ms,
+            etcd_outage_timeout_s,
             step_timeout_s,
             suspect_after_ms,
             hash_check_every,
@@ -229,6 +236,7 @@ pub(crate) struct Settings {
     pub(crate) grace: Duration,
     pub(crate) lease_ttl_s: i64,
     pub(crate) settle_ms: u64,
+    pub(crate) etcd_outage_timeout: Duration,
     pub(crate) step_timeout: Duration,
     pub(crate) suspect_after_ms: u64,
     pub(crate) hash_check_every: u64,
@@ -348,6 +356,7 @@ pub(crate) fn settings(args: &mut DaemonArgs) -> Result<Settings> {
         grace: Duration::from_secs(args.grace_period_s.unwrap_or(60)),
         lease_ttl_s,
         settle_ms: args.settle_ms.unwrap_or(300),
+        etcd_outage_timeout: Duration::from_secs(args.etcd_outage_timeout_s.unwrap_or(600).max(1)),
         step_timeout: Duration::from_secs(args.step_timeout_s.unwrap_or(300).max(1)),
         suspect_after_ms: args.suspect_after_ms.unwrap_or(2000).max(1),
         hash_check_every: args.hash_check_every.unwrap_or(100),

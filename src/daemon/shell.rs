@@ -18,6 +18,7 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tenax_actors::{Checkpointer, Membership, NodeSupervisor, Trainer};
 use tenax_cluster::etcd::EtcdMembership;
+use tenax_cluster::etcd::LeaseState;
 use tenax_cluster::member::{MemberConfig, MemberState};
 use tenax_cluster::peer::{CommSpec, GrpcCollective, PeerAddr};
 use tenax_cluster::Collective;
@@ -80,6 +81,11 @@ pub(crate) struct Shell<'a> {
     queue: VecDeque<Event>,
     plans: watch::Receiver<Option<Plan>>,
     member_state: watch::Receiver<MemberState>,
+    /// The lease keep-alive's view of etcd, and whether its sender is still there.
+    lease_state: watch::Receiver<LeaseState>,
+    lease_live: bool,
+    /// Whether etcd answered, as last told to the machine.
+    etcd_reachable: bool,
     /// The membership agent's watches are open (false once it is lost or stopped, until
     /// the node registers again).
     member_live: bool,
@@ -101,6 +107,7 @@ impl<'a> Shell<'a> {
     pub fn new(p: Parts<'a>, machine: NodeMachine) -> Self {
         let plans = p.member.plan_receiver();
         let member_state = p.member.state_receiver();
+        let lease_state = p.member.lease_state_receiver();
         Self {
             p,
             machine,
@@ -116,6 +123,9 @@ impl<'a> Shell<'a> {
             queue: VecDeque::new(),
             plans,
             member_state,
+            lease_state,
+            lease_live: true,
+            etcd_reachable: true,
             member_live: true,
             log: None,
             last_step: None,
@@ -187,6 +197,23 @@ impl<'a> Shell<'a> {
                 },
                 Err(_) => Some(self.member_gone()),
             },
+            r = self.lease_state.changed(), if self.lease_live => match r {
+                Ok(()) => {
+                    let reachable = match &*self.lease_state.borrow_and_update() {
+                        LeaseState::Unconfirmed { .. } => false,
+                        LeaseState::Alive => true,
+                        _ => self.etcd_reachable,
+                    };
+                    (reachable != self.etcd_reachable).then(|| {
+                        self.etcd_reachable = reachable;
+                        Event::EtcdReachable { reachable }
+                    })
+                }
+                Err(_) => {
+                    self.lease_live = false;
+                    None
+                }
+            },
             Some(req) = self.p.requests.recv() => Some(req.event(self.p.s.grace.as_millis() as u64)),
             Some(ev) = self.p.checkpointer.next_event() => self.checkpoint_event(ev),
             _ = tokio::time::sleep_until(timer) => Some(Event::Tick),
@@ -224,6 +251,8 @@ impl<'a> Shell<'a> {
                 }
                 self.plans = self.p.member.plan_receiver();
                 self.member_state = self.p.member.state_receiver();
+                self.lease_state = self.p.member.lease_state_receiver();
+                self.lease_live = true;
                 self.member_live = true;
                 if let Some(p) = self.plans.borrow_and_update().clone() {
                     self.queue.push_back(Event::PlanSeen(p));
