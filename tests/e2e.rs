@@ -3319,7 +3319,11 @@ fn a_member_killed_while_etcd_is_down_is_replaced_when_etcd_returns() {
     let down_at = last_step(&c, leader);
     let deadline = Instant::now() + Duration::from_secs(60);
     while last_step(&c, leader) < down_at + 5 {
-        assert!(Instant::now() < deadline, "no progress without etcd:\n{}", c.log(leader));
+        assert!(
+            Instant::now() < deadline,
+            "no progress without etcd:\n{}",
+            c.log(leader)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     c.signal(victim, Signal::Kill).unwrap();
@@ -3327,14 +3331,25 @@ fn a_member_killed_while_etcd_is_down_is_replaced_when_etcd_returns() {
     // etcd stays down 20 s: the survivors wait for it, they do not exit.
     for n in &survivors {
         let exited = c.wait(*n, Duration::from_secs(10)).unwrap();
-        assert!(exited.is_none(), "node-{n} exited while etcd was down:\n{}", c.log(*n));
+        assert!(
+            exited.is_none(),
+            "node-{n} exited while etcd was down:\n{}",
+            c.log(*n)
+        );
     }
     let waiting_at: Vec<u64> = survivors.iter().map(|&n| last_step(&c, n)).collect();
     let exited = c.wait(survivors[0], Duration::from_secs(10)).unwrap();
-    assert!(exited.is_none(), "node-{} exited while etcd was down", survivors[0]);
+    assert!(
+        exited.is_none(),
+        "node-{} exited while etcd was down",
+        survivors[0]
+    );
     assert_eq!(
         waiting_at,
-        survivors.iter().map(|&n| last_step(&c, n)).collect::<Vec<_>>(),
+        survivors
+            .iter()
+            .map(|&n| last_step(&c, n))
+            .collect::<Vec<_>>(),
         "the survivors stop at a step boundary while they cannot re-form"
     );
     c.etcd().restart().unwrap();
@@ -3366,7 +3381,10 @@ fn a_member_killed_while_etcd_is_down_is_replaced_when_etcd_returns() {
     let lost = assert_every_slot_once(&c, &[0, 1, 2], steps, 1);
     println!("steps redone after the kill in the etcd outage: {lost}");
     let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
-    assert!(got == want, "a kill during an etcd outage changed the final weights");
+    assert!(
+        got == want,
+        "a kill during an etcd outage changed the final weights"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -2870,7 +2870,8 @@ mod tests {
             (false, None, false),
         ];
         for (down_first, back_after_ms, plan_comes) in cases {
-            let case = format!("down first {down_first}, back after {back_after_ms:?}, plan {plan_comes}");
+            let case =
+                format!("down first {down_first}, back after {back_after_ms:?}, plan {plan_comes}");
             let mut c = config("a");
             c.etcd_outage_timeout_ms = 60_000;
             let mut t = T::new(c);
@@ -2882,14 +2883,20 @@ mod tests {
                 error: "stream from c failed".into(),
             };
             if down_first {
-                assert!(t.ev(Event::EtcdReachable { reachable: false }).is_empty(), "{case}");
+                assert!(
+                    t.ev(Event::EtcdReachable { reachable: false }).is_empty(),
+                    "{case}"
+                );
                 t.now += 1_000;
                 t.ev(failed);
             } else {
                 t.ev(failed);
                 t.now += 1_000;
                 let a = t.ev(Event::EtcdReachable { reachable: false });
-                assert!(matches!(&a[..], [Action::Say(s)] if s.contains("waiting for etcd")), "{case}: {a:?}");
+                assert!(
+                    matches!(&a[..], [Action::Say(s)] if s.contains("waiting for etcd")),
+                    "{case}: {a:?}"
+                );
             }
             let window = reform_window_ms(3, 300);
             // Far past the re-formation window, the node still waits: it holds its state.
@@ -2899,7 +2906,10 @@ mod tests {
                 Some(after) => {
                     t.now = down_at + after;
                     let a = t.ev(Event::EtcdReachable { reachable: true });
-                    assert!(matches!(&a[..], [Action::Say(s)] if s.contains("etcd answers again")), "{case}: {a:?}");
+                    assert!(
+                        matches!(&a[..], [Action::Say(s)] if s.contains("etcd answers again")),
+                        "{case}: {a:?}"
+                    );
                     assert_eq!(t.m.next_timer_ms(), Some(t.now + window), "{case}");
                     if plan_comes {
                         let a = t.ev(Event::PlanSeen(plan(2, &["a", "b"])));
@@ -2915,8 +2925,15 @@ mod tests {
                     let outage_start = if down_first { down_at } else { down_at + 1_000 };
                     assert!(t.at(outage_start + 60_000 - 1).is_empty(), "{case}");
                     let fx = t.m.handle(Event::Tick, outage_start + 60_000);
-                    assert_eq!(fx.last().map(|f| &f.action), Some(&Action::Exit(Exit::Failed)), "{case}");
-                    let words: String = fx.iter().map(|f| format!("{:?} {}", f.action, f.reason)).collect();
+                    assert_eq!(
+                        fx.last().map(|f| &f.action),
+                        Some(&Action::Exit(Exit::Failed)),
+                        "{case}"
+                    );
+                    let words: String = fx
+                        .iter()
+                        .map(|f| format!("{:?} {}", f.action, f.reason))
+                        .collect();
                     assert!(words.contains("--etcd-outage-timeout-s"), "{case}: {words}");
                 }
             }
@@ -2931,7 +2948,10 @@ mod tests {
         t.train_from(0, 1, &["a", "b"]);
         t.step_done(10);
         t.ev(Event::EtcdReachable { reachable: false });
-        let rec = |a: &[Action]| a.iter().any(|x| matches!(x, Action::WriteRecord(r) if r.step == 1));
+        let rec = |a: &[Action]| {
+            a.iter()
+                .any(|x| matches!(x, Action::WriteRecord(r) if r.step == 1))
+        };
         let a = t.ev(committed(1));
         assert!(rec(&a), "{a:?}");
         t.ev(Event::RecordUnreachable {
