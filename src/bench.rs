@@ -82,6 +82,7 @@ async fn synthetic_trainer(
         seed: 1,
         ranks,
         step_timeout: Duration::from_secs(600),
+        device: Default::default(),
     };
     let params = tenax_model::init_params(model, &layout, 1);
     Trainer::start(setup, data, params, AdamW::new(layout.total))

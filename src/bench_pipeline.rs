@@ -132,6 +132,7 @@ async fn start_trainer(
         seed: 1,
         ranks: stages as usize,
         step_timeout: Duration::from_secs(600),
+        device: Default::default(),
     };
     let params = tenax_model::init_params(model, &layout, 1);
     let opt = AdamW::new(layout.total);

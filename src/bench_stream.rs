@@ -157,6 +157,7 @@ pub async fn stream(a: BenchStreamArgs) -> Result<()> {
         seed: 1,
         ranks: 1,
         step_timeout: Duration::from_secs(600),
+        device: Default::default(),
     };
     let layout = ParamLayout::for_config(&model);
     let params = tenax_model::init_params(&model, &layout, 1);

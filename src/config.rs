@@ -5,8 +5,9 @@
 //! the math of a step (model, data, batch, optimizer, schedule, seed) must agree with
 //! the checkpoint a run resumes from; keys that only say where and how long to run
 //! (`steps`, `ranks`, `pipeline_stages`, `schedule`, `run_dir`, `store`, `ckpt_every`,
-//! `keep_last`, `keep_every`, `eval_every`) may change: a pipelined run gives the same
-//! bits as one rank.
+//! `keep_last`, `keep_every`, `eval_every`, `device`, `precision`) may change: a
+//! pipelined run gives the same bits as one rank; a run moved to another device or
+//! precision goes on from the same state but with that device's bits.
 
 use std::path::PathBuf;
 
@@ -115,6 +116,16 @@ pub struct TrainArgs {
     /// Pipeline schedule: gpipe or 1f1b [default: 1f1b].
     #[arg(long)]
     pub schedule: Option<String>,
+    /// Where each rank's forward, backward and update run: cpu (fused kernels), cuda
+    /// (rank i of this process on GPU i; needs a build with `--features cuda`), cuda:N
+    /// (from GPU N) or candle-cpu (the GPU path's code on the CPU). The gradient
+    /// reduction stays exact and on the host [default: cpu].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Compute precision off the fused CPU path: bf16 (f32 master weights and AdamW
+    /// state) or f32 [default: bf16].
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Sign the manifest of every checkpoint this process commits with this ed25519 private
     /// key file (`tenax ckpt keygen --out FILE` writes one). Never taken from a checkpoint.
     #[arg(long, value_name = "FILE")]
@@ -157,6 +168,8 @@ impl TrainArgs {
             max_bad_steps,
             pipeline_stages,
             schedule,
+            device,
+            precision,
             prefetch_mb,
             shuffle_shards,
             sign_key,
@@ -249,6 +262,12 @@ pub struct TrainConfig {
     /// Pipeline schedule (`gpipe` or `1f1b`).
     #[serde(default = "default_schedule")]
     pub schedule: String,
+    /// Where ranks step: `cpu`, `cuda`, `cuda:N` or `candle-cpu`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Compute precision off the fused CPU path: `bf16` or `f32`.
+    #[serde(default = "default_precision")]
+    pub precision: String,
     /// Streamed dataset: prefetch budget in MiB.
     #[serde(default = "default_prefetch_mb")]
     pub prefetch_mb: u64,
@@ -264,6 +283,14 @@ fn default_prefetch_mb() -> u64 {
 
 fn default_shuffle_shards() -> u32 {
     4
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+fn default_precision() -> String {
+    "bf16".into()
 }
 
 fn one_stage() -> u32 {
@@ -329,6 +356,8 @@ impl TrainConfig {
             max_bad_steps: args.max_bad_steps.unwrap_or(5),
             pipeline_stages: args.pipeline_stages.unwrap_or(1),
             schedule: args.schedule.unwrap_or_else(default_schedule),
+            device: args.device.unwrap_or_else(default_device),
+            precision: args.precision.unwrap_or_else(default_precision),
             prefetch_mb: args.prefetch_mb.unwrap_or_else(default_prefetch_mb),
             shuffle_shards: args.shuffle_shards.unwrap_or_else(default_shuffle_shards),
         };
@@ -370,7 +399,28 @@ impl TrainConfig {
             bail!("--prefetch-mb must be at least 1");
         }
         self.pipeline_schedule()?;
+        let device = self.step_device()?;
+        if matches!(device, tenax_model::StepDevice::Cuda { .. })
+            && !candle_core::utils::cuda_is_available()
+        {
+            bail!(
+                "--device {}: this tenax was built without CUDA; rebuild with `--features cuda` (scripts/cuda-toolkit assembles a toolkit) and run it on a GPU machine",
+                self.device
+            );
+        }
+        if self.pipeline_stages > 1 && device != tenax_model::StepDevice::Cpu {
+            bail!(
+                "--device {}: pipeline stages run on the CPU only; drop --pipeline-stages or use --device cpu",
+                self.device
+            );
+        }
         Ok(())
+    }
+
+    /// Where ranks step, parsed from `device` and `precision`.
+    pub fn step_device(&self) -> Result<tenax_model::StepDevice> {
+        tenax_model::StepDevice::parse(&self.device, &self.precision)
+            .map_err(|e| anyhow::anyhow!(e))
     }
 
     /// The pipeline schedule, parsed.
@@ -409,6 +459,8 @@ impl TrainConfig {
             max_bad_steps: Some(self.max_bad_steps),
             pipeline_stages: Some(self.pipeline_stages),
             schedule: Some(self.schedule.clone()),
+            device: Some(self.device.clone()),
+            precision: Some(self.precision.clone()),
             prefetch_mb: Some(self.prefetch_mb),
             shuffle_shards: Some(self.shuffle_shards),
             // Keys are this process's: a checkpoint never names them.

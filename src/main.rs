@@ -7,6 +7,7 @@
 //! test-only fault hooks and their guard in src/hooks.rs.
 
 mod bench;
+mod bench_gpu;
 mod bench_pipeline;
 mod bench_stream;
 mod certs;
@@ -254,6 +255,13 @@ enum BenchCommand {
     /// in-memory path, side by side: tokens/s of each, RSS over the streamed steps, shards
     /// fetched and crossed, with a dataset many times the prefetch budget.
     Stream(bench_stream::BenchStreamArgs),
+    /// The GPU path on one device: measured bf16 matmul peak, tokens/s and MFU of nano
+    /// and gpt2-small with the whole step on the device (bf16, f32 master weights), and
+    /// the CPU trainer's losses against the device's in f32 and bf16 on the same batches.
+    ///
+    /// Needs a build with `--features cuda` and a GPU (scripts/gpu-check runs it there);
+    /// `--device cpu` runs the same on candle's CPU device.
+    Gpu(bench_gpu::BenchGpuArgs),
     /// The donor process of `bench state-copy` (internal).
     #[command(hide = true)]
     StateDonor(bench::StateDonorArgs),
@@ -357,6 +365,9 @@ fn main() -> ExitCode {
                 BenchCommand::StateDonor(a) => bench::state_donor(a).await,
                 BenchCommand::Pipeline(a) => bench_pipeline::pipeline(a).await,
                 BenchCommand::Stream(a) => bench_stream::stream(a).await,
+                BenchCommand::Gpu(a) => {
+                    tokio::task::spawn_blocking(move || bench_gpu::gpu(a)).await?
+                }
             },
         }
     });

@@ -707,6 +707,7 @@ fn setup_and_schedule(
         seed: cfg.seed,
         ranks: cfg.ranks,
         step_timeout: Duration::from_secs(600),
+        device: cfg.step_device().expect("validated with the config"),
     };
     let schedule = LrSchedule {
         max_lr: cfg.lr,

@@ -3540,6 +3540,8 @@ fn chaos_up_prints_how_to_watch_and_stops_everything_by_itself() {
 
 #[path = "e2e/etcd_tls.rs"]
 mod etcd_tls;
+#[path = "e2e/gpu.rs"]
+mod gpu;
 
 #[path = "e2e/stream.rs"]
 mod stream;

@@ -1284,6 +1284,7 @@ mod tests {
             seed: 3,
             ranks,
             step_timeout: Duration::from_secs(120),
+            device: Default::default(),
         }
     }
 

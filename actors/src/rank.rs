@@ -8,7 +8,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tenax_cluster::{Collective, SlotContribution};
 use tenax_core::sampler::Sampler;
 use tenax_core::slots::{slots_for_rank, BatchLayout};
-use tenax_model::{clip_scale, AdamW, AdamWConfig, Gpt, GptConfig, Workspace};
+use tenax_model::{
+    clip_scale, AdamW, AdamWConfig, DeviceTrainer, Gpt, GptConfig, StepDevice, Workspace,
+};
 
 /// Training samples read by global sample index, from data that is not one in-memory
 /// token stream (a streamed, prepared dataset: `tenax`'s `stream` module). Sample `s`
@@ -110,6 +112,9 @@ pub struct TrainSetup {
     pub ranks: usize,
     /// Deadline of one step (compute plus collective) and of every actor call.
     pub step_timeout: Duration,
+    /// Where each rank's forward, backward and update run (the reduction stays on the
+    /// host, exact and slot-ordered, whatever the device).
+    pub device: StepDevice,
 }
 
 /// How one pipeline stage spent a step's op list (see [`crate::pipeline`]).
@@ -164,6 +169,11 @@ pub(crate) struct RankCompute {
     model_stale: bool,
     /// The fused training step and its buffers.
     ws: Workspace,
+    /// With a device ([`TrainSetup::device`]): the model and its AdamW state there; each
+    /// slot's gradient comes back to the host for the collective, the reduced sum goes
+    /// back for the update, and `params`/`opt` are refreshed from the device after each
+    /// update (the host mirror snapshots, checkpoints and state copies read).
+    device: Option<DeviceTrainer>,
     /// Parameters and optimizer state, shared copy-on-write with snapshots: taking a
     /// snapshot copies nothing; an update copies a buffer only while a snapshot still
     /// holds it.
@@ -176,8 +186,10 @@ pub(crate) struct RankCompute {
 
 impl RankCompute {
     /// Build the rank's model from the shared initial state.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         rank: usize,
+        local: usize,
         setup: TrainSetup,
         data: Arc<TrainData>,
         collective: Arc<dyn Collective>,
@@ -192,6 +204,17 @@ impl RankCompute {
             .map_err(|e| format!("rank {rank}: cannot load parameters: {e}"))?;
         let sampler = data.sampler(setup.seed, setup.model.block_size)?;
         let ws = Workspace::new(&setup.model, model.layout(), threads);
+        let device = match setup
+            .device
+            .open(local)
+            .map_err(|e| format!("rank {rank}: {e}"))?
+        {
+            None => None,
+            Some((device, dtype)) => Some(
+                DeviceTrainer::new(setup.model.clone(), &params, &opt, &device, dtype)
+                    .map_err(|e| format!("rank {rank}: cannot put the model on {device:?}: {e}"))?,
+            ),
+        };
         Ok(Self {
             rank,
             setup,
@@ -200,6 +223,7 @@ impl RankCompute {
             model,
             model_stale: false,
             ws,
+            device,
             params: Arc::new(params),
             opt: Arc::new(opt),
             sampler,
@@ -248,11 +272,22 @@ impl RankCompute {
                 &mut self.inputs,
                 &mut self.targets,
             )?;
-            let mut grad = vec![0f32; self.params.len()];
-            let loss_sum = self
-                .ws
-                .loss_sum_and_grad(&self.params, &self.inputs, &self.targets, count, &mut grad)
-                .map_err(|e| format!("rank {}: step {step} slot {slot}: {e}", self.rank))?;
+            let (loss_sum, grad) = match &mut self.device {
+                Some(dev) => dev.slot_grad(&self.inputs, &self.targets, count),
+                None => {
+                    let mut grad = vec![0f32; self.params.len()];
+                    self.ws
+                        .loss_sum_and_grad(
+                            &self.params,
+                            &self.inputs,
+                            &self.targets,
+                            count,
+                            &mut grad,
+                        )
+                        .map(|loss| (loss, grad))
+                }
+            }
+            .map_err(|e| format!("rank {}: step {step} slot {slot}: {e}", self.rank))?;
             self.collective
                 .contribute(
                     step,
@@ -301,8 +336,17 @@ impl RankCompute {
             &self.setup.adamw,
         );
         let grad = &reduced.grad_sum;
-        self.ws
-            .install(|| opt.update_scaled(params, grad, grad_scale, lr, layout, adamw));
+        match &mut self.device {
+            Some(dev) => dev
+                .apply(grad, grad_scale, lr, adamw)
+                .and_then(|()| dev.download_into(params, opt))
+                .map_err(|e| {
+                    format!("rank {}: step {step}: update on the device: {e}", self.rank)
+                })?,
+            None => self
+                .ws
+                .install(|| opt.update_scaled(params, grad, grad_scale, lr, layout, adamw)),
+        }
         self.model_stale = true;
         Ok(RankOutcome {
             loss,
@@ -319,11 +363,16 @@ impl RankCompute {
         let mut sum = 0.0f64;
         for chunk in windows.chunks(mb.max(1)) {
             self.fill(chunk, true);
-            sum += f64::from(
-                self.ws
+            let loss = match &self.device {
+                Some(dev) => dev
+                    .loss(&self.inputs, &self.targets, chunk.len())
+                    .map(|mean| mean * self.inputs.len() as f64),
+                None => self
+                    .ws
                     .loss_sum(&self.params, &self.inputs, &self.targets, chunk.len())
-                    .map_err(|e| format!("eval: {e}"))?,
-            );
+                    .map(f64::from),
+            };
+            sum += loss.map_err(|e| format!("eval: {e}"))?;
         }
         Ok(sum / (windows.len() * self.setup.model.block_size) as f64)
     }

@@ -214,9 +214,10 @@ impl Actor for TrainSupervisor {
         let mut ranks = Vec::with_capacity(args.local_ranks.len());
         // The process's compute threads, shared evenly by its ranks.
         let threads = (tenax_model::step::default_threads() / args.local_ranks.len().max(1)).max(1);
-        for &rank in &args.local_ranks {
+        for (local, &rank) in args.local_ranks.iter().enumerate() {
             let compute = RankCompute::new(
                 rank,
+                local,
                 args.setup.clone(),
                 Arc::clone(&args.data),
                 Arc::clone(&collective),
@@ -723,6 +724,7 @@ mod tests {
             seed: 1,
             ranks: 2,
             step_timeout: Duration::from_secs(120),
+            device: Default::default(),
         };
         let node = crate::NodeSupervisor::start(Vec::new()).await.unwrap();
         let group = GroupStart {

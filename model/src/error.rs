@@ -18,6 +18,12 @@ pub enum ModelError {
         /// What is wrong and how to fix it.
         reason: String,
     },
+    /// A compute device that cannot be used (no CUDA in this build, no such GPU).
+    #[error("{reason}")]
+    Device {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// An error from candle while building or running the graph.
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),

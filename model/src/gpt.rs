@@ -30,6 +30,11 @@ pub struct Gpt {
     layout: ParamLayout,
     /// Element type of the Vars (f32 normally; f64 for gradient checks).
     dtype: DType,
+    /// Element type the matrix products and activations run in: `dtype`, or BF16/F16 for
+    /// mixed precision (layer norms, softmax and the loss still run in f32).
+    compute: DType,
+    /// Where the Vars live: the CPU, or a CUDA device (`cuda` feature).
+    device: Device,
     /// One Var per layout entry, in layout order.
     vars: Vec<Var>,
     /// `h.NN` prefix of each block.
@@ -64,17 +69,38 @@ impl Gpt {
     /// speaks `f32`; F64 exists so the gradient check can use finite differences.
     #[doc(hidden)]
     pub fn new_with_dtype(config: GptConfig, dtype: DType) -> Result<Self, ModelError> {
+        Self::on_device(config, &Device::Cpu, dtype, dtype)
+    }
+
+    /// A model with every parameter zero on `device`, its Vars (the master weights) in
+    /// `dtype` (F32 or F64) and its passes computed in `compute`: `dtype` itself, or BF16
+    /// or F16 for mixed precision, where weights are cast as they are read, the embedding
+    /// lookups, layer norms, attention softmax and loss run in f32 and gradients reach
+    /// the Vars in `dtype`.
+    pub fn on_device(
+        config: GptConfig,
+        device: &Device,
+        dtype: DType,
+        compute: DType,
+    ) -> Result<Self, ModelError> {
         config.validate()?;
         if !matches!(dtype, DType::F32 | DType::F64) {
             return Err(ModelError::InvalidConfig {
                 reason: format!("dtype {dtype:?} is not supported; use F32 or F64"),
             });
         }
+        if compute != dtype && !matches!(compute, DType::BF16 | DType::F16) {
+            return Err(ModelError::InvalidConfig {
+                reason: format!(
+                    "compute dtype {compute:?} is not supported; use the parameters' own or BF16/F16"
+                ),
+            });
+        }
         let layout = ParamLayout::for_config(&config);
         let vars = layout
             .entries
             .iter()
-            .map(|e| Var::zeros(e.shape.as_slice(), dtype, &Device::Cpu))
+            .map(|e| Var::zeros(e.shape.as_slice(), dtype, device))
             .collect::<Result<Vec<_>, _>>()?;
         let block_prefixes = (0..config.n_layer)
             .map(|i| block_prefix(&config, i))
@@ -83,9 +109,21 @@ impl Gpt {
             config,
             layout,
             dtype,
+            compute,
+            device: device.clone(),
             vars,
             block_prefixes,
         })
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The Vars (master weights), layout order.
+    pub(crate) fn vars(&self) -> &[Var] {
+        &self.vars
     }
 
     /// The model's shape.
@@ -106,7 +144,7 @@ impl Gpt {
     pub fn set_params(&self, flat: &[f32]) -> Result<(), ModelError> {
         self.check_flat_len(flat.len())?;
         for (entry, var) in self.layout.entries.iter().zip(&self.vars) {
-            let t = Tensor::from_slice(&flat[entry.range()], entry.shape.as_slice(), &Device::Cpu)?;
+            let t = Tensor::from_slice(&flat[entry.range()], entry.shape.as_slice(), &self.device)?;
             var.set(&t.to_dtype(self.dtype)?)?;
         }
         Ok(())
@@ -117,7 +155,7 @@ impl Gpt {
     pub fn set_params_f64(&self, flat: &[f64]) -> Result<(), ModelError> {
         self.check_flat_len(flat.len())?;
         for (entry, var) in self.layout.entries.iter().zip(&self.vars) {
-            let t = Tensor::from_slice(&flat[entry.range()], entry.shape.as_slice(), &Device::Cpu)?;
+            let t = Tensor::from_slice(&flat[entry.range()], entry.shape.as_slice(), &self.device)?;
             var.set(&t.to_dtype(self.dtype)?)?;
         }
         Ok(())
@@ -170,17 +208,30 @@ impl Gpt {
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let n = batch * t;
-        let ids = Tensor::from_slice(tokens, n, &Device::Cpu)?;
+        let ids = Tensor::from_slice(tokens, n, &self.device)?;
         let wte = w.get("wte.weight");
+        // Embeddings are looked up and added in the master dtype (their gradient is a
+        // scatter-add of many rows, which bf16 would round), then cast.
         let tok = wte.index_select(&ids, 0)?; // (n, C)
         let pos = w.get("wpe.weight").narrow(0, 0, t)?; // (t, C)
         let mut x = tok
             .reshape((batch, t, c.n_embd))?
             .broadcast_add(&pos)?
-            .reshape((n, c.n_embd))?;
-        let mask = causal_mask(t, self.dtype)?;
+            .reshape((n, c.n_embd))?
+            .to_dtype(self.compute)?;
+        let norm_dtype = norm_dtype(self.dtype);
+        let mask = causal_mask(t, norm_dtype, &self.device)?;
+        let cast: Vec<Tensor> = w
+            .tensors
+            .iter()
+            .map(|t| t.to_dtype(self.compute))
+            .collect::<candle_core::Result<_>>()?;
+        let wc = Weights {
+            layout: w.layout,
+            tensors: cast,
+        };
         for p in &self.block_prefixes {
-            let g = |s: &str| w.get(&format!("{p}.{s}"));
+            let g = |s: &str| wc.get(&format!("{p}.{s}"));
             let h = layer_norm(&x, g("ln_1.weight"), g("ln_1.bias"))?;
             let h = self.attention(
                 &h,
@@ -197,8 +248,8 @@ impl Gpt {
             let h = linear(&h, g("mlp.c_proj.weight"), g("mlp.c_proj.bias"))?;
             x = (x + h)?;
         }
-        let x = layer_norm(&x, w.get("ln_f.weight"), w.get("ln_f.bias"))?;
-        Ok(x.matmul(&wte.t()?)?)
+        let x = layer_norm(&x, wc.get("ln_f.weight"), wc.get("ln_f.bias"))?;
+        Ok(x.matmul(&wc.get("wte.weight").t()?)?)
     }
 
     /// Causal multi-head self-attention on `x` `(batch * t, C)`, before the output
@@ -222,8 +273,11 @@ impl Gpt {
         let q = qkv.get(0)?.affine(scale, 0.0)?;
         let k = qkv.get(1)?;
         let v = qkv.get(2)?;
-        let att = q.matmul(&k.t()?)?.broadcast_add(mask)?; // (B, H, T, T)
-        let att = softmax_last_dim(&att)?;
+        let att = q
+            .matmul(&k.t()?)?
+            .to_dtype(mask.dtype())?
+            .broadcast_add(mask)?; // (B, H, T, T)
+        let att = softmax_last_dim(&att)?.to_dtype(self.compute)?;
         let y = att.matmul(&v)?; // (B, H, T, hd)
         Ok(y.transpose(1, 2)?.reshape((batch * t, c.n_embd))?)
     }
@@ -247,6 +301,7 @@ impl Gpt {
     ) -> Result<Tensor, ModelError> {
         let t = check_inputs_and_targets(&self.config, inputs, targets, batch)?;
         let logits = self.logits_2d(w, inputs, batch, t)?;
+        let logits = logits.to_dtype(norm_dtype(self.dtype))?;
         Ok(cross_entropy_rows(&logits, targets)?.sum_all()?)
     }
 
@@ -274,7 +329,7 @@ impl Gpt {
     }
 
     /// The loss and one gradient tensor per parameter (layout order).
-    fn loss_and_grad_tensors(
+    pub(crate) fn loss_and_grad_tensors(
         &self,
         inputs: &[u32],
         targets: &[u32],
@@ -459,13 +514,29 @@ fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.mul(&cdf)
 }
 
-/// LayerNorm over the last dim of `x` `(n, C)` with biased variance, as torch.
+/// The dtype layer norms, the attention softmax and the loss run in for master weights
+/// in `dtype`: f32 at least.
+fn norm_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// LayerNorm over the last dim of `x` `(n, C)` with biased variance, as torch. A bf16 or
+/// f16 input is normalised in f32 and cast back (as torch's autocast does).
 fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let wide = norm_dtype(dtype);
+    let x = x.to_dtype(wide)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let rstd = (var + LN_EPS)?.sqrt()?.recip()?;
-    xc.broadcast_mul(&rstd)?.broadcast_mul(w)?.broadcast_add(b)
+    xc.broadcast_mul(&rstd)?
+        .broadcast_mul(&w.to_dtype(wide)?)?
+        .broadcast_add(&b.to_dtype(wide)?)?
+        .to_dtype(dtype)
 }
 
 /// Softmax over the last dim. The max is detached: subtracting any constant leaves the
@@ -480,11 +551,11 @@ fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `(t, t)` additive causal mask: 0 on and below the diagonal, -inf above. The diagonal
 /// is never masked, so every row's max is finite and `exp` gives exact zeros whose
 /// gradients are zero.
-fn causal_mask(t: usize, dtype: DType) -> candle_core::Result<Tensor> {
+fn causal_mask(t: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     let data: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
-    Tensor::from_vec(data, (t, t), &Device::Cpu)?.to_dtype(dtype)
+    Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)
 }
 
 /// Draws one id from `logits` (see [`Gpt::generate`] for the rules).

@@ -1,5 +1,5 @@
-//! tenax-model: the GPT that tenax trains, in candle on the CPU, and the pure pieces of
-//! its training step.
+//! tenax-model: the GPT that tenax trains, in candle (on the CPU; on a GPU with the `cuda`
+//! feature), and the pure pieces of its training step.
 //!
 //! Parameters, gradients and optimiser state are flat `f32` vectors in one fixed order
 //! (the [`ParamLayout`]: parameters sorted by name, each row-major), which is what the
@@ -9,7 +9,10 @@
 //! - [`config`]: [`GptConfig`] and its named presets.
 //! - [`params`]: [`ParamLayout`] (names, shapes, offsets, decay flags) and nanoGPT
 //!   initialisation [`init_params`] from a seed.
-//! - [`gpt`]: [`Gpt`]: forward pass, summed cross-entropy and its gradient, sampling.
+//! - [`gpt`]: [`Gpt`]: forward pass, summed cross-entropy and its gradient, sampling;
+//!   on the CPU or (`cuda` feature) a CUDA device, in f32 or mixed precision (bf16).
+//! - [`device`]: [`DeviceTrainer`]: the whole training step on one candle device (the GPU
+//!   path): candle's graph forward and backward, the clip and AdamW as tensor ops.
 //! - [`hf`]: the same model in Hugging Face transformers' GPT-2 layout ([`Gpt2Config`],
 //!   tensor names, [`hf::to_hf`] and its inverse [`hf::from_hf`]) for `tenax ckpt export
 //!   --format hf`.
@@ -31,6 +34,7 @@
 //! - [`error`]: the error type [`ModelError`].
 
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod gpt;
 pub mod hf;
@@ -42,6 +46,7 @@ pub mod schedule;
 pub mod step;
 
 pub use config::GptConfig;
+pub use device::{cuda_device, DeviceStep, DeviceTrainer, StepDevice};
 pub use error::ModelError;
 pub use gpt::Gpt;
 pub use hf::Gpt2Config;

@@ -20,9 +20,31 @@ pub(crate) fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> candle_cor
     if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
         candle_core::bail!("cross_entropy_rows: target {t} outside vocabulary {v}");
     }
+    if !logits.device().is_cpu() {
+        return cross_entropy_rows_composed(logits, targets);
+    }
     logits.contiguous()?.apply_op1(SoftmaxCrossEntropy {
         targets: targets.into(),
     })
+}
+
+/// [`cross_entropy_rows`] from elementary candle ops, for devices the fused op has no
+/// kernel for (CUDA): `logsumexp(row) - row[target]`, the max detached (it cancels).
+pub(crate) fn cross_entropy_rows_composed(
+    logits: &Tensor,
+    targets: &[u32],
+) -> candle_core::Result<Tensor> {
+    let n = targets.len();
+    let max = logits.max_keepdim(1)?.detach();
+    let lse = logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(1)?
+        .log()?
+        .add(&max)?; // (n, 1)
+    let ids = Tensor::from_slice(targets, (n, 1), logits.device())?;
+    let picked = logits.contiguous()?.gather(&ids, 1)?; // (n, 1)
+    lse.sub(&picked)?.reshape(n)
 }
 
 struct SoftmaxCrossEntropy {
@@ -214,5 +236,37 @@ mod tests {
             .unwrap();
         assert_eq!(l, vec![1000.0]);
         assert!(cross_entropy_rows(&big, &[2]).is_err());
+    }
+
+    /// The composed loss (what CUDA runs) gives the fused op's values and gradients.
+    #[test]
+    fn composed_matches_fused() {
+        let x: Vec<f64> = (0..4 * 7)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.7)
+            .collect();
+        let targets = [3u32, 0, 6, 2];
+        let run = |composed: bool| {
+            let var = Var::from_slice(&x, (4, 7), &Device::Cpu).unwrap();
+            let rows = match composed {
+                true => cross_entropy_rows_composed(var.as_tensor(), &targets),
+                false => cross_entropy_rows(var.as_tensor(), &targets),
+            }
+            .unwrap();
+            let grads = rows.sum_all().unwrap().backward().unwrap();
+            let g = grads.get(var.as_tensor()).unwrap();
+            (
+                rows.to_vec1::<f64>().unwrap(),
+                g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            )
+        };
+        let (fused, composed) = (run(false), run(true));
+        for (a, b) in fused
+            .0
+            .iter()
+            .zip(&composed.0)
+            .chain(fused.1.iter().zip(&composed.1))
+        {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
     }
 }
