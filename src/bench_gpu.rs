@@ -121,12 +121,15 @@ pub fn gpu(args: BenchGpuArgs) -> Result<()> {
         let r = throughput(&device, &args, preset, batch, peak)?;
         println!(
             "{preset}: {tps:.0} tokens/s, {ms:.1} ms/step over {steps} steps, MFU {mfu:.1}% \
-             of the measured peak (batch {batch} x {t})",
+             of the measured peak (batch {batch} x {t}); forward {f:.1} ms, forward+backward \
+             with the gradient to the host {fb:.1} ms",
             tps = r["tokens_per_s"].as_f64().unwrap_or(0.0),
             ms = r["step_ms"].as_f64().unwrap_or(0.0),
             steps = r["timed_steps"],
             mfu = 100.0 * r["mfu"].as_f64().unwrap_or(0.0),
             t = r["block_size"],
+            f = r["forward_ms"].as_f64().unwrap_or(0.0),
+            fb = r["forward_backward_to_host_ms"].as_f64().unwrap_or(0.0),
         );
         runs.push(r);
     }
@@ -236,6 +239,21 @@ fn throughput(
     trainer.synchronize()?;
     let s = t0.elapsed().as_secs_f64();
     let tokens_per_s = (steps as f64 * n as f64) / s;
+    // Where a step's time goes: the same batch through the forward pass alone and through
+    // forward and backward (gradients read back to the host, as a data-parallel rank
+    // does), each timed over a few repetitions; the rest of a step is the clip and AdamW.
+    let (x, y) = draw();
+    let reps = 5;
+    let t1 = Instant::now();
+    for _ in 0..reps {
+        trainer.loss(&x, &y, batch)?;
+    }
+    let forward_ms = 1e3 * t1.elapsed().as_secs_f64() / f64::from(reps);
+    let t2 = Instant::now();
+    for _ in 0..reps {
+        trainer.slot_grad(&x, &y, batch)?;
+    }
+    let forward_backward_to_host_ms = 1e3 * t2.elapsed().as_secs_f64() / f64::from(reps);
     let achieved = tokens_per_s * flops_per_token(&config, &layout) / 1e12;
     Ok(json!({
         "preset": preset,
@@ -247,6 +265,8 @@ fn throughput(
         "timed_steps": steps,
         "seconds": s,
         "step_ms": 1e3 * s / steps as f64,
+        "forward_ms": forward_ms,
+        "forward_backward_to_host_ms": forward_backward_to_host_ms,
         "tokens_per_s": tokens_per_s,
         "achieved_tflops": achieved,
         "mfu": achieved / peak_tflops,
