@@ -39,8 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use tenax_chaos::cluster::{ClusterSpec, LocalCluster, Signal};
 use tenax_chaos::history::{
-    read_node_logs, CommitEntry, FinalComparison, History, InjectedFault, PlanEntry,
-    ReferenceRun,
+    read_node_logs, CommitEntry, FinalComparison, History, InjectedFault, PlanEntry, ReferenceRun,
 };
 use tenax_chaos::roles::{pick_roles, NodeStatus, Roles};
 use tenax_chaos::scenario::{FaultKind, PartitionFrom, PartitionMode, Scenario};
@@ -168,7 +167,16 @@ fn daemon_flags(s: &Scenario) -> Vec<String> {
 /// directly.
 fn roles_from_etcd(exe: &Path, etcd: &str, job: &str, tls: &[String]) -> Roles {
     let Ok(out) = std::process::Command::new(exe)
-        .args(["status", "--etcd", etcd, "--job", job, "--json", "--timeout-s", "2"])
+        .args([
+            "status",
+            "--etcd",
+            etcd,
+            "--job",
+            job,
+            "--json",
+            "--timeout-s",
+            "2",
+        ])
         .args(tls)
         .output()
     else {
@@ -828,7 +836,8 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     let refs_before = a.reference_runs.div_ceil(2);
     let mut reference_runs = Vec::with_capacity(a.reference_runs);
     for order in 0..refs_before {
-        reference_runs.push(reference_run(&scenario, &exe, &data, &job, order, a.reference_runs).await);
+        reference_runs
+            .push(reference_run(&scenario, &exe, &data, &job, order, a.reference_runs).await);
     }
     let h = start_harness(&scenario, &plan, seed, &exe, &data, &job)?;
     let sh = tokio::sync::Mutex::new(h);
@@ -917,7 +926,8 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     let errors = std::mem::take(&mut h.errors);
     drop(h);
     for order in refs_before + 1..=a.reference_runs {
-        reference_runs.push(reference_run(&scenario, &exe, &data, &job, order, a.reference_runs).await);
+        reference_runs
+            .push(reference_run(&scenario, &exe, &data, &job, order, a.reference_runs).await);
     }
     history.reference_runs = reference_runs;
 
@@ -1062,7 +1072,11 @@ async fn reference_run(
     order: usize,
     of: usize,
 ) -> ReferenceRun {
-    let bar = spinner(&format!("fault-free reference run (run {} of {})", order + 1, of + 1));
+    let bar = spinner(&format!(
+        "fault-free reference run (run {} of {})",
+        order + 1,
+        of + 1
+    ));
     let result: Result<ReferenceRun> = async {
         let h = start_harness(scenario, &[], 0, exe, data, job)?;
         let sh = tokio::sync::Mutex::new(h);

@@ -240,7 +240,10 @@ pub struct ReferenceGoodput {
 
 /// [`ReferenceGoodput`] of reference wall times against the faulted run's wall time;
 /// `None` without a finished reference or a faulted wall time.
-pub fn reference_goodput(reference_wall_s: &[f64], faulted_wall_s: f64) -> Option<ReferenceGoodput> {
+pub fn reference_goodput(
+    reference_wall_s: &[f64],
+    faulted_wall_s: f64,
+) -> Option<ReferenceGoodput> {
     if reference_wall_s.is_empty() || faulted_wall_s.is_nan() || faulted_wall_s <= 0.0 {
         return None;
     }
@@ -669,9 +672,33 @@ mod tests {
         let table: &[(&str, &[u64], &[usize], f64, f64, f64, f64)] = &[
             ("steady", &steady, &[], 0.0, 0.0, 0.0, 1.0),
             ("noise is not lost", &noisy, &[], 0.0, 0.0, 0.0, 1.0),
-            ("a stall loses all but one step", &stalled, &[], 2.0, 0.0, 0.0, 1.0 - 2.0 / 2.41),
-            ("a slow spell loses its excess", &slow, &[], 0.0, 0.1, 0.0, 1.0 - 0.1 / 0.51),
-            ("redone steps lose their time", &steady, &[5, 6, 7], 0.0, 0.0, 0.03, 1.0 - 0.03 / 0.41),
+            (
+                "a stall loses all but one step",
+                &stalled,
+                &[],
+                2.0,
+                0.0,
+                0.0,
+                1.0 - 2.0 / 2.41,
+            ),
+            (
+                "a slow spell loses its excess",
+                &slow,
+                &[],
+                0.0,
+                0.1,
+                0.0,
+                1.0 - 0.1 / 0.51,
+            ),
+            (
+                "redone steps lose their time",
+                &steady,
+                &[5, 6, 7],
+                0.0,
+                0.0,
+                0.03,
+                1.0 - 0.03 / 0.41,
+            ),
             ("all redone", &[10, 10], &[0, 1, 2], 0.0, 0.0, 0.03, 0.0),
         ];
         for (name, gaps, redone, stall, slow, re, goodput) in table {
@@ -682,7 +709,11 @@ mod tests {
             assert!(close(l.redone_s, *re), "{name}: {l:?}");
             assert!(close(l.goodput, *goodput), "{name}: {l:?} want {goodput}");
         }
-        assert_eq!(account(&timeline(&[], &[])), None, "one step: nothing to account");
+        assert_eq!(
+            account(&timeline(&[], &[])),
+            None,
+            "one step: nothing to account"
+        );
     }
 
     #[test]

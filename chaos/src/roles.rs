@@ -38,7 +38,9 @@ pub fn pick_roles(answers: &[(usize, NodeStatus)]) -> Roles {
     };
     Roles {
         leader: newest().find(|(_, s)| s.leader).map(|(n, _)| *n),
-        rank0: newest().find(|(_, s)| s.ranks.contains(&0)).map(|(n, _)| *n),
+        rank0: newest()
+            .find(|(_, s)| s.ranks.contains(&0))
+            .map(|(n, _)| *n),
     }
 }
 
@@ -60,23 +62,43 @@ mod tests {
             ("nobody answered", vec![], Roles::default()),
             (
                 "one generation",
-                vec![(0, st(3, false, &[1])), (2, st(3, true, &[0])), (1, st(3, false, &[2]))],
-                Roles { leader: Some(2), rank0: Some(2) },
+                vec![
+                    (0, st(3, false, &[1])),
+                    (2, st(3, true, &[0])),
+                    (1, st(3, false, &[2])),
+                ],
+                Roles {
+                    leader: Some(2),
+                    rank0: Some(2),
+                },
             ),
             (
                 "a stale leader in an older generation is ignored",
-                vec![(0, st(2, true, &[0])), (1, st(4, true, &[1])), (2, st(4, false, &[0]))],
-                Roles { leader: Some(1), rank0: Some(2) },
+                vec![
+                    (0, st(2, true, &[0])),
+                    (1, st(4, true, &[1])),
+                    (2, st(4, false, &[0])),
+                ],
+                Roles {
+                    leader: Some(1),
+                    rank0: Some(2),
+                },
             ),
             (
                 "the leader did not answer (hung): no leader, rank 0 found",
                 vec![(1, st(5, false, &[0])), (2, st(5, false, &[1]))],
-                Roles { leader: None, rank0: Some(1) },
+                Roles {
+                    leader: None,
+                    rank0: Some(1),
+                },
             ),
             (
                 "a joiner with no ranks yet",
                 vec![(0, st(0, false, &[])), (1, st(0, false, &[]))],
-                Roles { leader: None, rank0: None },
+                Roles {
+                    leader: None,
+                    rank0: None,
+                },
             ),
         ];
         for (name, answers, want) in table {

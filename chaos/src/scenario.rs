@@ -464,9 +464,7 @@ impl FaultSpec {
     /// restart; kill_in_upload: from the kill, which waits for an upload).
     pub fn planned_length_s(&self) -> f64 {
         match self.kind {
-            FaultKind::Kill | FaultKind::KillInUpload | FaultKind::Group => {
-                self.restart_after_s()
-            }
+            FaultKind::Kill | FaultKind::KillInUpload | FaultKind::Group => self.restart_after_s(),
             _ => self.duration_s(),
         }
     }
@@ -834,7 +832,9 @@ mod tests {
         assert_eq!(f.nodes.as_ref().map(Vec::len), Some(2));
         assert_eq!((f.restart_after_s(), f.planned_length_s()), (5.0, 5.0));
         let only_etcd = Scenario::parse(
-            &format!("{BASE}[[faults]]\nkind = \"group\"\nat_s = 5\netcd = true\nrestart_after_s = 3\n"),
+            &format!(
+                "{BASE}[[faults]]\nkind = \"group\"\nat_s = 5\netcd = true\nrestart_after_s = 3\n"
+            ),
             "t.toml",
         )
         .unwrap();

@@ -167,7 +167,13 @@ fn group_targets(spec: &FaultSpec, nodes: usize, rng: &mut SplitMix64) -> Vec<Ta
         .collect()
 }
 
-fn planned(index: usize, spec: &FaultSpec, trigger: Trigger, nodes: usize, rng: &mut SplitMix64) -> PlannedFault {
+fn planned(
+    index: usize,
+    spec: &FaultSpec,
+    trigger: Trigger,
+    nodes: usize,
+    rng: &mut SplitMix64,
+) -> PlannedFault {
     let target = target(spec, nodes, rng);
     let group = if spec.kind == FaultKind::Group {
         group_targets(spec, nodes, rng)
@@ -324,7 +330,10 @@ mod tests {
                     plan.iter().map(|f| f.window_s().expect("timed")).collect();
                 let over = overlaps(&windows);
                 for &(a, b) in *pairs {
-                    assert!(over[a].contains(&b) && over[b].contains(&a), "{name}: {over:?}");
+                    assert!(
+                        over[a].contains(&b) && over[b].contains(&a),
+                        "{name}: {over:?}"
+                    );
                 }
             }
         }
@@ -368,7 +377,10 @@ mod tests {
             (&[(0.0, 1.0)], &[&[]]),
             (&[(0.0, 10.0), (3.0, 4.0)], &[&[1], &[0]]),
             (&[(0.0, 1.0), (2.0, 3.0)], &[&[], &[]]),
-            (&[(0.0, 2.0), (2.0, 3.0), (2.5, 9.0)], &[&[1], &[0, 2], &[1]]),
+            (
+                &[(0.0, 2.0), (2.0, 3.0), (2.5, 9.0)],
+                &[&[1], &[0, 2], &[1]],
+            ),
         ];
         for (windows, want) in table {
             let got = overlaps(windows);

@@ -437,7 +437,11 @@ mod tests {
             (&[Blackhole, Drop, Pass], Blackhole),
         ];
         for (layers, want) in table {
-            assert_eq!(TcpFault::strongest(layers.iter().copied()), *want, "{layers:?}");
+            assert_eq!(
+                TcpFault::strongest(layers.iter().copied()),
+                *want,
+                "{layers:?}"
+            );
         }
     }
 }

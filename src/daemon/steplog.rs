@@ -114,7 +114,10 @@ impl StepLog {
         // would wait forever. Bounded all the same: a waiting line needs one hash.
         let needed = self.waiting.front().map_or(u64::MAX, |l| l.step);
         while self.hashes.len() > HASHES_KEPT
-            && self.hashes.first_key_value().is_some_and(|(&s, _)| s < needed)
+            && self
+                .hashes
+                .first_key_value()
+                .is_some_and(|(&s, _)| s < needed)
         {
             self.hashes.pop_first();
         }
@@ -246,12 +249,20 @@ mod tests {
         }
         assert_eq!(log.waiting.len() as u64, n, "step 1's hash is not in yet");
         log.hashed(1, "h1".into());
-        assert!(log.waiting.is_empty(), "{} lines still wait", log.waiting.len());
+        assert!(
+            log.waiting.is_empty(),
+            "{} lines still wait",
+            log.waiting.len()
+        );
         assert!(log.hashes.len() <= HASHES_KEPT);
         let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
         let steps: Vec<u64> = text
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(steps, (1..=n).collect::<Vec<_>>());
     }
