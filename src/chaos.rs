@@ -753,12 +753,15 @@ async fn run_fault(sh: &Shared, f: &PlannedFault, t0: u64, bar: &indicatif::Prog
         bar.inc(1);
         return;
     }
-    bar.println(format!(
-        "fault {} ({}) at {:.1} s",
-        f.index,
-        f.kind,
-        now_unix_ms().saturating_sub(t0) as f64 / 1000.0
-    ));
+    // Printed whether or not stdout is a terminal (a hidden bar's println prints nothing).
+    bar.suspend(|| {
+        println!(
+            "fault {} ({}) starts at {:.1} s",
+            f.index,
+            f.kind,
+            now_unix_ms().saturating_sub(t0) as f64 / 1000.0
+        )
+    });
     let result = inject(sh, f).await;
     let mut h = sh.lock().await;
     match result {

@@ -668,8 +668,9 @@ mod tests {
         for g in noisy.iter_mut().step_by(2) {
             *g = 11; // +10% on every other step: noise, not a slow spell
         }
-        // (name, gaps, redone indices, stall, slow, redone, goodput)
-        let table: &[(&str, &[u64], &[usize], f64, f64, f64, f64)] = &[
+        /// (name, gaps, redone indices, stall, slow, redone, goodput)
+        type Row<'a> = (&'a str, &'a [u64], &'a [usize], f64, f64, f64, f64);
+        let table: &[Row] = &[
             ("steady", &steady, &[], 0.0, 0.0, 0.0, 1.0),
             ("noise is not lost", &noisy, &[], 0.0, 0.0, 0.0, 1.0),
             (

@@ -58,7 +58,9 @@ mod tests {
 
     #[test]
     fn roles_table() {
-        let table: Vec<(&str, Vec<(usize, NodeStatus)>, Roles)> = vec![
+        /// (case, the answers, the roles they give)
+        type Row = (&'static str, Vec<(usize, NodeStatus)>, Roles);
+        let table: Vec<Row> = vec![
             ("nobody answered", vec![], Roles::default()),
             (
                 "one generation",

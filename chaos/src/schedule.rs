@@ -372,7 +372,9 @@ mod tests {
 
     #[test]
     fn overlaps_table() {
-        let table: &[(&[(f64, f64)], &[&[usize]])] = &[
+        /// (windows, each one's overlaps)
+        type Row<'a> = (&'a [(f64, f64)], &'a [&'a [usize]]);
+        let table: &[Row] = &[
             (&[], &[]),
             (&[(0.0, 1.0)], &[&[]]),
             (&[(0.0, 10.0), (3.0, 4.0)], &[&[1], &[0]]),
@@ -393,7 +395,8 @@ mod tests {
     fn resolve_group_table() {
         use Target::*;
         // (targets, leader, nodes, daemons hit, replacements)
-        let table: &[(&[Target], Option<usize>, usize, &[usize], usize)] = &[
+        type Row<'a> = (&'a [Target], Option<usize>, usize, &'a [usize], usize);
+        let table: &[Row] = &[
             (&[Node(3), Node(4)], Some(0), 5, &[3, 4], 0),
             (&[Leader, Node(4)], Some(2), 5, &[2, 4], 0),
             (&[Leader, Node(2)], Some(2), 5, &[2, 0], 1),
