@@ -1,8 +1,8 @@
 //! `tenax chaos run SCENARIO --seed S --out DIR` and `tenax chaos up --nodes N`.
 //!
 //! `run` starts a real local cluster (etcd, an S3-compatible server, N daemon processes),
-//! injects the scenario's faults one at a time from a seeded schedule
-//! ([`tenax_chaos::schedule`]), records a history (every node's step log and state events,
+//! injects the scenario's faults from a seeded schedule ([`tenax_chaos::schedule`]), each
+//! at its own time whatever the others do (faults overlap), records a history (every node's step log and state events,
 //! every plan and checkpoint record etcd accepted, every fault), verifies every committed
 //! checkpoint, compares the final parameters with a fault-free `tenax train` of the same
 //! config, checks the invariants ([`tenax_chaos::invariants`]) and writes `report.json`,
@@ -19,21 +19,34 @@
 //!   dropped connections and latency;
 //! - etcd_restart, etcd_down: etcd killed and started again on the same data;
 //! - kill_in_upload: S3 latency so an upload lasts, then SIGKILL of the checkpoint writer
-//!   (rank 0) as soon as the proxy sees it write.
+//!   (rank 0) as soon as the proxy sees it write;
+//! - group: several daemons SIGKILLed and (`etcd = true`) etcd stopped at one instant, all
+//!   back after `restart_after_s` (a rack).
+//!
+//! Faults in flight at once share the harness behind one lock, held only for each quick
+//! action. Overlapping faults on one proxy take the strongest setting of each
+//! (`ProxyFaults::strongest`, `TcpFault::strongest`); etcd starts again when the last
+//! fault holding it down ends. "leader", "non-leader" and the checkpoint writer come from
+//! the daemons' own `Control.Status` ([`tenax_chaos::roles`]), so they resolve while etcd
+//! is down; through etcd (`tenax status`) only when no daemon answers. With
+//! `--reference-runs N`, N fault-free runs of the same scenario on fresh clusters are
+//! interleaved with the faulted one (half before, half after) for the reference goodput.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tenax_chaos::cluster::{ClusterSpec, LocalCluster, Signal};
 use tenax_chaos::history::{
-    read_node_logs, CommitEntry, FinalComparison, History, InjectedFault, PlanEntry,
+    read_node_logs, CommitEntry, FinalComparison, History, InjectedFault, PlanEntry, ReferenceRun,
 };
+use tenax_chaos::roles::{pick_roles, NodeStatus, Roles};
 use tenax_chaos::scenario::{FaultKind, PartitionFrom, PartitionMode, Scenario};
-use tenax_chaos::schedule::{schedule, PlannedFault, Target, Trigger};
+use tenax_chaos::schedule::{resolve_group, schedule, PlannedFault, Target, Trigger};
 use tenax_chaos::{FaultProxy, ProxyFaults, TcpFault, TcpFaultProxy};
 use tenax_storage::now_unix_ms;
+use tonic::transport::ClientTlsConfig;
 
 /// `tenax chaos` subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -75,6 +88,12 @@ pub struct ChaosRunArgs {
     /// Only print the schedule the seed gives, run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Fault-free runs of the same scenario (same cluster, no faults), interleaved with
+    /// the faulted one (half before it, half after), for the goodput against a reference:
+    /// their wall time over the faulted run's, reported unclamped with min/median/max.
+    /// Each costs about one fault-free run of the job; 0 (the default) skips it.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub reference_runs: usize,
 }
 
 /// Flags of `tenax chaos up`.
@@ -144,35 +163,58 @@ fn daemon_flags(s: &Scenario) -> Vec<String> {
 }
 
 /// The leader's and rank 0's node index, from `tenax status --json` (with the cluster's
-/// operator certificate: `tls`).
-fn roles(exe: &Path, etcd: &str, job: &str, tls: &[String]) -> (Option<usize>, Option<usize>) {
+/// operator certificate: `tls`): through etcd, the fallback when no daemon answers
+/// directly.
+fn roles_from_etcd(exe: &Path, etcd: &str, job: &str, tls: &[String]) -> Roles {
     let Ok(out) = std::process::Command::new(exe)
-        .args(["status", "--etcd", etcd, "--job", job, "--json"])
+        .args([
+            "status",
+            "--etcd",
+            etcd,
+            "--job",
+            job,
+            "--json",
+            "--timeout-s",
+            "2",
+        ])
         .args(tls)
         .output()
     else {
-        return (None, None);
+        return Roles::default();
     };
     let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-        return (None, None);
+        return Roles::default();
     };
     let index = |m: &serde_json::Value| -> Option<usize> {
         m["id"].as_str()?.strip_prefix("node-")?.parse().ok()
     };
     let members = status["members"].as_array().cloned().unwrap_or_default();
-    let leader = members.iter().find(|m| m["leader"] == true).and_then(index);
-    let rank0 = members
-        .iter()
-        .find(|m| m["rank"].as_u64() == Some(0))
-        .and_then(index);
-    (leader, rank0)
+    Roles {
+        leader: members.iter().find(|m| m["leader"] == true).and_then(index),
+        rank0: members
+            .iter()
+            .find(|m| m["rank"].as_u64() == Some(0))
+            .and_then(index),
+    }
 }
 
-/// The running harness: the cluster, its proxies, and what it injected.
+/// How long the harness waits for a daemon's own `Control.Status`.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long the harness waits for a SIGKILLed daemon to exit.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// The running harness: the cluster, its proxies, and what it injected. The faults in
+/// flight share it ([`Shared`]), each holding the lock only for its quick actions, so
+/// that every fault starts at its own time whatever the others do.
 struct Harness {
+    /// The cluster.
     c: LocalCluster,
+    /// The tenax binary (for `tenax status` through etcd).
     exe: PathBuf,
+    /// The job's name.
     job: String,
+    /// Daemons.
     nodes: usize,
     /// A fault proxy in front of each daemon's gRPC port (partition scenarios).
     peer_proxies: Vec<TcpFaultProxy>,
@@ -182,10 +224,27 @@ struct Harness {
     s3_proxy: Option<FaultProxy>,
     /// Extra environment per daemon start (S3 through the proxy).
     env: Vec<(String, String)>,
+    /// TLS to the daemons' Control service (the cluster's operator certificate).
+    tls: Option<ClientTlsConfig>,
+    /// S3 faults in flight, by fault index; the proxy gets the strongest setting of each.
+    s3_layers: BTreeMap<usize, ProxyFaults>,
+    /// TCP faults in flight per proxy, `(node, etcd side)` -> fault index -> fault; the
+    /// proxy gets the strongest.
+    tcp_layers: BTreeMap<(usize, bool), BTreeMap<usize, TcpFault>>,
+    /// Faults holding etcd down; it starts again when the last one lets go.
+    etcd_holds: BTreeSet<usize>,
+    /// Daemons a fault killed and has not started again (their exit is no job end).
+    down: BTreeSet<usize>,
+    /// Faults injected.
     faults: Vec<InjectedFault>,
+    /// Problems of the run itself.
     errors: Vec<String>,
+    /// The run's end at the latest.
     deadline: Instant,
 }
+
+/// The harness as the faults in flight share it.
+type Shared = tokio::sync::Mutex<Harness>;
 
 impl Harness {
     fn spawn(&mut self, node: usize, first: bool) -> Result<()> {
@@ -202,6 +261,7 @@ impl Harness {
         if let (Some(p), Some(addr)) = (self.peer_proxies.get(node), self.c.listen_addr(node)) {
             p.set_upstream(addr.parse().context("the daemon's listen address")?);
         }
+        self.down.remove(&node);
         Ok(())
     }
 
@@ -232,210 +292,493 @@ impl Harness {
             })
     }
 
-    /// Whether some daemon has exited (the job reached its target, or failed).
-    fn some_exited(&mut self) -> bool {
-        (0..self.nodes).any(|n| matches!(self.c.wait(n, Duration::ZERO), Ok(Some(_))))
+    /// Whether a daemon exited that no fault killed (the job reached its target, or
+    /// failed).
+    fn job_ended(&mut self) -> bool {
+        (0..self.nodes).any(|n| {
+            !self.down.contains(&n) && matches!(self.c.wait(n, Duration::ZERO), Ok(Some(_)))
+        })
     }
 
-    async fn sleep(&self, d: Duration) {
-        tokio::time::sleep(d.min(self.deadline.saturating_duration_since(Instant::now()))).await;
+    /// Sets (`Some`) or lifts (`None`) fault `index`'s layer on the S3 proxy.
+    fn s3_layer(&mut self, index: usize, faults: Option<ProxyFaults>) -> Result<()> {
+        let p = self
+            .s3_proxy
+            .as_ref()
+            .ok_or_else(|| anyhow!("no S3 proxy"))?;
+        match faults {
+            Some(f) => self.s3_layers.insert(index, f),
+            None => self.s3_layers.remove(&index),
+        };
+        p.set_faults(ProxyFaults::strongest(self.s3_layers.values()));
+        Ok(())
     }
 
-    /// Waits until `f` holds (polling), at most `limit` and never past the deadline.
-    async fn wait_until(&mut self, limit: Duration, mut f: impl FnMut(&mut Self) -> bool) -> bool {
-        let until = Instant::now()
-            .checked_add(limit)
-            .map_or(self.deadline, |t| t.min(self.deadline));
-        loop {
-            if f(self) {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-            tokio::time::sleep(POLL).await;
+    /// Sets (`Some`) or lifts (`None`) fault `index`'s layer on node `node`'s peer
+    /// (`etcd` false) or etcd proxy.
+    fn tcp_layer(&mut self, node: usize, etcd: bool, index: usize, fault: Option<TcpFault>) {
+        let layers = self.tcp_layers.entry((node, etcd)).or_default();
+        match fault {
+            Some(f) => layers.insert(index, f),
+            None => layers.remove(&index),
+        };
+        let now = TcpFault::strongest(layers.values().copied());
+        let proxy = if etcd {
+            self.etcd_proxies.get(node)
+        } else {
+            self.peer_proxies.get(node)
+        };
+        if let Some(p) = proxy {
+            p.set_fault(now);
         }
     }
 
-    /// The leader's and rank 0's node index now ([`roles`]).
-    fn roles(&self) -> (Option<usize>, Option<usize>) {
-        let tls = self.c.operator_tls_args();
-        roles(&self.exe, &self.c.etcd_endpoint(), &self.job, &tls)
-    }
-
-    fn resolve(&self, target: Target) -> Option<usize> {
-        match target {
-            Target::Node(n) => Some(n),
-            Target::Leader => self.roles().0,
-            Target::NonLeader => {
-                let leader = self.roles().0;
-                (0..self.nodes).find(|&n| Some(n) != leader)
-            }
-            Target::Cluster => None,
+    /// Fault `index` holds etcd down (it stops with the first hold).
+    fn etcd_hold(&mut self, index: usize) -> Result<()> {
+        let first = self.etcd_holds.is_empty();
+        self.etcd_holds.insert(index);
+        if first {
+            self.c.etcd().stop().context("stopping etcd")?;
         }
+        Ok(())
     }
 
-    /// Kills `node`, waits `restart_after`, starts it again.
-    async fn kill_and_restart(&mut self, node: usize, restart_after: Duration) -> Result<()> {
+    /// Fault `index` lets etcd go (it starts again with the last release).
+    fn etcd_release(&mut self, index: usize) -> Result<()> {
+        self.etcd_holds.remove(&index);
+        if self.etcd_holds.is_empty() {
+            self.c.etcd().restart().context("starting etcd again")?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL of `node`; it counts as down until started again.
+    fn kill(&mut self, node: usize) -> Result<()> {
         self.c.signal(node, Signal::Kill)?;
-        tokio::task::block_in_place(|| self.c.wait(node, Duration::from_secs(10)))?;
-        self.sleep(restart_after).await;
-        self.spawn(node, false)
+        self.down.insert(node);
+        Ok(())
     }
+}
 
-    /// Injects one fault; returns what was done.
-    async fn inject(&mut self, f: &PlannedFault, node: Option<usize>) -> Result<String> {
-        let spec = &f.spec;
-        let dur = Duration::from_secs_f64(spec.duration_s());
-        match f.kind {
-            FaultKind::Kill => {
-                let n = node.ok_or_else(|| anyhow!("no node to kill"))?;
-                self.kill_and_restart(n, Duration::from_secs_f64(spec.restart_after_s()))
-                    .await?;
-                Ok(format!(
-                    "SIGKILL, restarted after {:.1} s",
-                    spec.restart_after_s()
-                ))
+/// Sleeps `d`, never past `deadline`.
+async fn pause(deadline: Instant, d: Duration) {
+    tokio::time::sleep(d.min(deadline.saturating_duration_since(Instant::now()))).await;
+}
+
+/// Waits until `f` holds (polling, the lock held only for each check), at most `limit`
+/// and never past the deadline.
+async fn wait_until(sh: &Shared, limit: Duration, mut f: impl FnMut(&mut Harness) -> bool) -> bool {
+    let deadline = sh.lock().await.deadline;
+    let until = Instant::now()
+        .checked_add(limit)
+        .map_or(deadline, |t| t.min(deadline));
+    loop {
+        if f(&mut *sh.lock().await) {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The leader and rank 0 from the daemons' own `Control.Status` (works while etcd is
+/// down); through etcd (`tenax status`) when no daemon answers. Returns where they came
+/// from, in words.
+async fn roles(sh: &Shared) -> (Roles, &'static str) {
+    let (addrs, tls) = {
+        let h = sh.lock().await;
+        let addrs: Vec<(usize, String)> = (0..h.nodes)
+            .filter(|&n| h.c.pid(n).is_some())
+            .filter_map(|n| h.c.listen_addr(n).map(|a| (n, a)))
+            .collect();
+        (addrs, h.tls.clone())
+    };
+    let asks = addrs.iter().map(|(n, addr)| {
+        let tls = tls.clone();
+        async move {
+            crate::status::query_status(addr, STATUS_TIMEOUT, tls.as_ref())
+                .await
+                .ok()
+                .map(|r| {
+                    (
+                        *n,
+                        NodeStatus {
+                            generation: r.generation,
+                            leader: r.leader,
+                            ranks: r.ranks,
+                        },
+                    )
+                })
+        }
+    });
+    let answers: Vec<(usize, NodeStatus)> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    if !answers.is_empty() {
+        return (pick_roles(&answers), "from the daemons' own status");
+    }
+    let (exe, etcd, job, tls_args) = {
+        let h = sh.lock().await;
+        (
+            h.exe.clone(),
+            h.c.etcd_endpoint(),
+            h.job.clone(),
+            h.c.operator_tls_args(),
+        )
+    };
+    let r = tokio::task::spawn_blocking(move || roles_from_etcd(&exe, &etcd, &job, &tls_args))
+        .await
+        .unwrap_or_default();
+    (r, "from etcd (no daemon answered)")
+}
+
+/// The daemon a single-node fault hits, and how it was found.
+async fn resolve(sh: &Shared, target: Target) -> (Option<usize>, String) {
+    match target {
+        Target::Node(n) => (Some(n), String::new()),
+        Target::Leader => {
+            let (r, how) = roles(sh).await;
+            (r.leader, format!(" (the leader, {how})"))
+        }
+        Target::NonLeader => {
+            let (r, how) = roles(sh).await;
+            let h = sh.lock().await;
+            let n = (0..h.nodes).find(|&n| Some(n) != r.leader && !h.down.contains(&n));
+            (n, format!(" (a non-leader, {how})"))
+        }
+        Target::Cluster => (None, String::new()),
+    }
+}
+
+/// Polls until node `node`'s killed process exited (reaped), at most [`EXIT_WAIT`].
+async fn wait_exit(sh: &Shared, node: usize) -> Result<()> {
+    let exited = wait_until(sh, EXIT_WAIT, |h| {
+        matches!(h.c.wait(node, Duration::ZERO), Ok(Some(_)))
+    })
+    .await;
+    if !exited {
+        bail!("node-{node} did not exit within {EXIT_WAIT:?} of SIGKILL");
+    }
+    Ok(())
+}
+
+/// Kills `node`, waits `restart_after`, starts it again.
+async fn kill_and_restart(sh: &Shared, node: usize, restart_after: Duration) -> Result<()> {
+    let deadline = {
+        let mut h = sh.lock().await;
+        h.kill(node)?;
+        h.deadline
+    };
+    wait_exit(sh, node).await?;
+    pause(deadline, restart_after).await;
+    sh.lock().await.spawn(node, false)
+}
+
+/// What an injected fault hit and did.
+struct Done {
+    /// The daemon it hit, if one.
+    node: Option<usize>,
+    /// A group's daemons.
+    nodes: Vec<usize>,
+    /// What was done, in words.
+    detail: String,
+    /// When it began (a kill in an upload: the kill, not the wait for an upload).
+    start_ms: u64,
+}
+
+/// Injects one fault, from its trigger to its end.
+async fn inject(sh: &Shared, f: &PlannedFault) -> Result<Done> {
+    let spec = &f.spec;
+    let dur = Duration::from_secs_f64(spec.duration_s());
+    let deadline = sh.lock().await.deadline;
+    let (node, how) = resolve(sh, f.target).await;
+    let start_ms = now_unix_ms();
+    let single = |detail: String| Done {
+        node,
+        nodes: Vec::new(),
+        detail: format!("{detail}{how}"),
+        start_ms,
+    };
+    match f.kind {
+        FaultKind::Kill => {
+            let n = node.ok_or_else(|| anyhow!("no node to kill{how}"))?;
+            kill_and_restart(sh, n, Duration::from_secs_f64(spec.restart_after_s())).await?;
+            Ok(single(format!(
+                "SIGKILL, restarted after {:.1} s",
+                spec.restart_after_s()
+            )))
+        }
+        FaultKind::Hang => {
+            let n = node.ok_or_else(|| anyhow!("no node to hang{how}"))?;
+            sh.lock().await.c.signal(n, Signal::Stop)?;
+            pause(deadline, dur).await;
+            sh.lock().await.c.signal(n, Signal::Cont)?;
+            Ok(single(format!(
+                "SIGSTOP for {:.1} s, then SIGCONT",
+                dur.as_secs_f64()
+            )))
+        }
+        FaultKind::Slow => {
+            let n = node.ok_or_else(|| anyhow!("no node to slow down{how}"))?;
+            let (stop, run) = spec.duty_cycle_ms();
+            let until = Instant::now() + dur;
+            let mut cycles = 0;
+            while Instant::now() < until && Instant::now() < deadline {
+                sh.lock().await.c.signal(n, Signal::Stop)?;
+                pause(deadline, Duration::from_millis(stop)).await;
+                sh.lock().await.c.signal(n, Signal::Cont)?;
+                pause(deadline, Duration::from_millis(run)).await;
+                cycles += 1;
             }
-            FaultKind::Hang => {
-                let n = node.ok_or_else(|| anyhow!("no node to hang"))?;
-                self.c.signal(n, Signal::Stop)?;
-                self.sleep(dur).await;
-                self.c.signal(n, Signal::Cont)?;
-                Ok(format!(
-                    "SIGSTOP for {:.1} s, then SIGCONT",
-                    dur.as_secs_f64()
-                ))
-            }
-            FaultKind::Slow => {
-                let n = node.ok_or_else(|| anyhow!("no node to slow down"))?;
-                let (stop, run) = spec.duty_cycle_ms();
-                let until = Instant::now() + dur;
-                let mut cycles = 0;
-                while Instant::now() < until && Instant::now() < self.deadline {
-                    self.c.signal(n, Signal::Stop)?;
-                    self.sleep(Duration::from_millis(stop)).await;
-                    self.c.signal(n, Signal::Cont)?;
-                    self.sleep(Duration::from_millis(run)).await;
-                    cycles += 1;
-                }
-                Ok(format!(
-                    "SIGSTOP {stop} ms of every {} ms, {cycles} cycles",
-                    stop + run
-                ))
-            }
-            FaultKind::Partition => {
-                let n = node.ok_or_else(|| anyhow!("no node to partition"))?;
-                let from = spec.from.unwrap_or(PartitionFrom::Both);
-                let fault = match spec.mode.unwrap_or(PartitionMode::Blackhole) {
-                    PartitionMode::Blackhole => TcpFault::Blackhole,
-                    PartitionMode::Drop => TcpFault::Drop,
-                    PartitionMode::Delay => TcpFault::Delay {
-                        ms: spec.delay_ms.unwrap_or(100),
-                    },
-                };
-                let (peers, etcd) = match from {
-                    PartitionFrom::Peers => (true, false),
-                    PartitionFrom::Etcd => (false, true),
-                    PartitionFrom::Both => (true, true),
-                };
+            Ok(single(format!(
+                "SIGSTOP {stop} ms of every {} ms, {cycles} cycles",
+                stop + run
+            )))
+        }
+        FaultKind::Partition => {
+            let n = node.ok_or_else(|| anyhow!("no node to partition{how}"))?;
+            let from = spec.from.unwrap_or(PartitionFrom::Both);
+            let fault = match spec.mode.unwrap_or(PartitionMode::Blackhole) {
+                PartitionMode::Blackhole => TcpFault::Blackhole,
+                PartitionMode::Drop => TcpFault::Drop,
+                PartitionMode::Delay => TcpFault::Delay {
+                    ms: spec.delay_ms.unwrap_or(100),
+                },
+            };
+            let (peers, etcd) = match from {
+                PartitionFrom::Peers => (true, false),
+                PartitionFrom::Etcd => (false, true),
+                PartitionFrom::Both => (true, true),
+            };
+            {
+                let mut h = sh.lock().await;
                 if peers {
-                    self.peer_proxies[n].set_fault(fault);
+                    h.tcp_layer(n, false, f.index, Some(fault));
                 }
                 if etcd {
-                    self.etcd_proxies[n].set_fault(fault);
+                    h.tcp_layer(n, true, f.index, Some(fault));
                 }
-                self.sleep(dur).await;
-                self.peer_proxies[n].set_fault(TcpFault::Pass);
-                self.etcd_proxies[n].set_fault(TcpFault::Pass);
-                Ok(format!(
-                    "{fault:?} from {from:?} for {:.1} s",
-                    dur.as_secs_f64()
-                ))
             }
-            FaultKind::S3 => {
-                let p = self
-                    .s3_proxy
-                    .as_ref()
-                    .ok_or_else(|| anyhow!("no S3 proxy"))?;
-                let rate = spec.error_rate();
-                let lat = spec.latency_ms();
-                p.set_faults(ProxyFaults {
-                    error_rate: rate * 0.6,
-                    drop_before_rate: rate * 0.2,
-                    drop_after_rate: rate * 0.2,
-                    latency_rate: if lat > 0 { 1.0 } else { 0.0 },
-                    latency_ms: (lat / 2, lat),
-                });
-                let before = p.stats();
-                self.sleep(dur).await;
-                let p = self
-                    .s3_proxy
-                    .as_ref()
-                    .ok_or_else(|| anyhow!("no S3 proxy"))?;
-                p.set_faults(ProxyFaults::default());
-                let after = p.stats();
-                Ok(format!(
-                    "S3 error rate {rate} and up to {lat} ms latency for {:.1} s: {} requests, {} errors, {} dropped",
-                    dur.as_secs_f64(),
-                    after.requests - before.requests,
-                    after.errors_injected - before.errors_injected,
-                    (after.dropped_before + after.dropped_after)
-                        - (before.dropped_before + before.dropped_after)
-                ))
+            pause(deadline, dur).await;
+            {
+                let mut h = sh.lock().await;
+                h.tcp_layer(n, false, f.index, None);
+                h.tcp_layer(n, true, f.index, None);
             }
-            FaultKind::EtcdRestart | FaultKind::EtcdDown => {
-                self.c.etcd().stop().context("stopping etcd")?;
-                self.sleep(dur).await;
-                self.c.etcd().restart().context("starting etcd again")?;
-                Ok(format!("etcd down for {:.1} s", dur.as_secs_f64()))
-            }
-            FaultKind::KillInUpload => {
-                let lat = spec.latency_ms();
-                let seen = {
-                    let p = self
-                        .s3_proxy
-                        .as_ref()
-                        .ok_or_else(|| anyhow!("no S3 proxy"))?;
-                    p.set_faults(ProxyFaults {
+            Ok(single(format!(
+                "{fault:?} from {from:?} for {:.1} s",
+                dur.as_secs_f64()
+            )))
+        }
+        FaultKind::S3 => {
+            let rate = spec.error_rate();
+            let lat = spec.latency_ms();
+            let before = {
+                let mut h = sh.lock().await;
+                h.s3_layer(
+                    f.index,
+                    Some(ProxyFaults {
+                        error_rate: rate * 0.6,
+                        drop_before_rate: rate * 0.2,
+                        drop_after_rate: rate * 0.2,
+                        latency_rate: if lat > 0 { 1.0 } else { 0.0 },
+                        latency_ms: (lat / 2, lat),
+                    }),
+                )?;
+                h.s3_proxy.as_ref().map(FaultProxy::stats)
+            };
+            pause(deadline, dur).await;
+            let after = {
+                let mut h = sh.lock().await;
+                h.s3_layer(f.index, None)?;
+                h.s3_proxy.as_ref().map(FaultProxy::stats)
+            };
+            let (Some(before), Some(after)) = (before, after) else {
+                bail!("no S3 proxy");
+            };
+            Ok(single(format!(
+                "S3 error rate {rate} and up to {lat} ms latency for {:.1} s: {} requests, {} errors, {} dropped (counts include overlapping S3 faults)",
+                dur.as_secs_f64(),
+                after.requests - before.requests,
+                after.errors_injected - before.errors_injected,
+                (after.dropped_before + after.dropped_after)
+                    - (before.dropped_before + before.dropped_after)
+            )))
+        }
+        FaultKind::EtcdRestart | FaultKind::EtcdDown => {
+            sh.lock().await.etcd_hold(f.index)?;
+            pause(deadline, dur).await;
+            sh.lock().await.etcd_release(f.index)?;
+            Ok(single(format!(
+                "etcd down for {:.1} s (up again once no other fault holds it down)",
+                dur.as_secs_f64()
+            )))
+        }
+        FaultKind::KillInUpload => {
+            let lat = spec.latency_ms();
+            let seen = {
+                let mut h = sh.lock().await;
+                h.s3_layer(
+                    f.index,
+                    Some(ProxyFaults {
                         latency_rate: 1.0,
                         latency_ms: (lat, lat),
                         ..ProxyFaults::default()
-                    });
-                    p.stats().requests
-                };
-                // The next write is a checkpoint upload: rank 0 writes every shard.
-                let caught = self
-                    .wait_until(Duration::from_secs(300), |h| {
-                        h.s3_proxy.as_ref().is_some_and(|p| {
-                            p.history().iter().any(|e| {
-                                e.index >= seen && (e.method == "PUT" || e.method == "POST")
-                            })
-                        }) || h.some_exited()
-                    })
-                    .await;
-                let writer = self.roles().1;
-                let result = match (caught, writer) {
-                    (true, Some(n)) => {
-                        self.kill_and_restart(n, Duration::from_secs_f64(spec.restart_after_s()))
-                            .await
-                            .map(|()| {
-                                format!(
-                                    "SIGKILL of node-{n} (rank 0) during a checkpoint upload ({lat} ms S3 latency), restarted after {:.1} s",
-                                    spec.restart_after_s()
-                                )
-                            })
-                    }
-                    (false, _) => Err(anyhow!("no checkpoint upload seen within 300 s")),
-                    (true, None) => Err(anyhow!("no rank 0 in `tenax status`")),
-                };
-                if let Some(p) = &self.s3_proxy {
-                    p.set_faults(ProxyFaults::default());
+                    }),
+                )?;
+                h.s3_proxy.as_ref().map_or(0, |p| p.stats().requests)
+            };
+            // The next write is a checkpoint upload: rank 0 writes every shard.
+            let caught = wait_until(sh, Duration::from_secs(300), |h| {
+                h.s3_proxy.as_ref().is_some_and(|p| {
+                    p.history()
+                        .iter()
+                        .any(|e| e.index >= seen && (e.method == "PUT" || e.method == "POST"))
+                }) || h.job_ended()
+            })
+            .await;
+            let (writer, how) = roles(sh).await;
+            let kill_ms = now_unix_ms();
+            let result = match (caught, writer.rank0) {
+                (true, Some(n)) => {
+                    kill_and_restart(sh, n, Duration::from_secs_f64(spec.restart_after_s()))
+                        .await
+                        .map(|()| Done {
+                            node: Some(n),
+                            nodes: Vec::new(),
+                            detail: format!(
+                                "SIGKILL of node-{n} (rank 0, {how}) during a checkpoint upload ({lat} ms S3 latency, {:.1} s after the fault began), restarted after {:.1} s",
+                                kill_ms.saturating_sub(start_ms) as f64 / 1000.0,
+                                spec.restart_after_s()
+                            ),
+                            start_ms: kill_ms,
+                        })
                 }
-                result
+                (false, _) => Err(anyhow!("no checkpoint upload seen within 300 s")),
+                (true, None) => Err(anyhow!("no rank 0 found ({how})")),
+            };
+            sh.lock().await.s3_layer(f.index, None)?;
+            result
+        }
+        FaultKind::Group => {
+            let (leader, how) = if f
+                .nodes
+                .iter()
+                .any(|t| matches!(t, Target::Leader | Target::NonLeader))
+            {
+                let (r, how) = roles(sh).await;
+                (r.leader, format!(" (roles {how})"))
+            } else {
+                (None, String::new())
+            };
+            let restart_after = Duration::from_secs_f64(spec.restart_after_s());
+            let start_ms = now_unix_ms();
+            let (hit, why) = {
+                let mut h = sh.lock().await;
+                let (hit, why) = resolve_group(&f.nodes, leader, h.nodes);
+                // All at the same instant: the signals first, then etcd.
+                for &n in &hit {
+                    h.kill(n)?;
+                }
+                if f.etcd {
+                    h.etcd_hold(f.index)?;
+                }
+                (hit, why)
+            };
+            for &n in &hit {
+                wait_exit(sh, n).await?;
             }
+            pause(deadline, restart_after).await;
+            {
+                let mut h = sh.lock().await;
+                if f.etcd {
+                    h.etcd_release(f.index)?;
+                }
+                for &n in &hit {
+                    h.spawn(n, false)?;
+                }
+            }
+            let names: Vec<String> = hit.iter().map(|n| format!("node-{n}")).collect();
+            Ok(Done {
+                node: None,
+                nodes: hit,
+                detail: format!(
+                    "SIGKILL of {}{} at once, all back after {:.1} s{how}{}",
+                    names.join(", "),
+                    if f.etcd { " and etcd stopped" } else { "" },
+                    restart_after.as_secs_f64(),
+                    if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", why.join("; "))
+                    }
+                ),
+                start_ms,
+            })
         }
     }
+}
+
+/// One fault: waits for its own trigger (whatever the other faults do), injects it,
+/// records it.
+async fn run_fault(sh: &Shared, f: &PlannedFault, t0: u64, bar: &indicatif::ProgressBar) {
+    let triggered = match f.trigger {
+        Trigger::AtS(s) => {
+            let at = t0 + (s * 1000.0) as u64;
+            wait_until(sh, Duration::MAX, |h| now_unix_ms() >= at || h.job_ended()).await
+        }
+        Trigger::AtStep(step) => {
+            wait_until(sh, Duration::MAX, |h| {
+                h.newest_step().is_some_and(|s| s >= step) || h.job_ended()
+            })
+            .await
+        }
+    };
+    let ended = sh.lock().await.job_ended();
+    if !triggered || ended {
+        sh.lock().await.errors.push(format!(
+            "fault {} ({}) not injected: {}",
+            f.index,
+            f.kind,
+            if triggered {
+                "the job had ended"
+            } else {
+                "the run's timeout came first"
+            }
+        ));
+        bar.inc(1);
+        return;
+    }
+    // Printed whether or not stdout is a terminal (a hidden bar's println prints nothing).
+    bar.suspend(|| {
+        println!(
+            "fault {} ({}) starts at {:.1} s",
+            f.index,
+            f.kind,
+            now_unix_ms().saturating_sub(t0) as f64 / 1000.0
+        )
+    });
+    let result = inject(sh, f).await;
+    let mut h = sh.lock().await;
+    match result {
+        Ok(done) => h.faults.push(InjectedFault {
+            index: f.index,
+            kind: f.kind.name().to_string(),
+            node: done.node,
+            nodes: done.nodes,
+            start_ms: done.start_ms,
+            end_ms: now_unix_ms(),
+            detail: done.detail,
+        }),
+        Err(e) => h
+            .errors
+            .push(format!("fault {} ({}): {e:#}", f.index, f.kind)),
+    }
+    bar.inc(1);
 }
 
 /// `tenax chaos run`.
@@ -491,64 +834,20 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         crate::bench::corpus_or_synthetic(scenario.train.data.as_deref().map(Path::new), &out)?;
     let exe = std::env::current_exe().context("the tenax binary")?;
     let job = format!("chaos-{name}");
-    let mut daemon_args = train_flags(&scenario, &data);
-    daemon_args.extend(daemon_flags(&scenario));
-    let mut c = LocalCluster::start(ClusterSpec {
-        tenax_bin: exe.clone(),
-        job: job.clone(),
-        bucket: "tenax-chaos".into(),
-        daemon_args,
-        env: std::iter::once(("CANDLE_NUM_THREADS".to_string(), "1".to_string()))
-            .chain(scenario.daemon.env.clone())
-            .collect(),
-        // The harness runs mutual TLS: a throwaway CA per cluster.
-        tls: true,
-    })
-    .map_err(|e| {
-        anyhow!("starting etcd and the S3 server: {e} (scripts/setup installs etcd-server and moto[server])")
-    })?;
     let nodes = scenario.cluster.nodes;
-    let kinds: Vec<FaultKind> = plan.iter().map(|f| f.kind).collect();
-    let needs_s3_proxy = kinds
-        .iter()
-        .any(|k| matches!(k, FaultKind::S3 | FaultKind::KillInUpload));
-    let needs_tcp = kinds.contains(&FaultKind::Partition);
-    let mut env = Vec::new();
-    let s3_proxy = if needs_s3_proxy {
-        let p = FaultProxy::start(c.s3().addr(), ProxyFaults::default(), seed)
-            .context("starting the S3 fault proxy")?;
-        env.push(("AWS_ENDPOINT".to_string(), p.endpoint()));
-        Some(p)
-    } else {
-        None
-    };
-    let mut peer_proxies = Vec::new();
-    let mut etcd_proxies = Vec::new();
-    if needs_tcp {
-        let etcd_addr: std::net::SocketAddr = c.etcd().addr();
-        for n in 0..nodes {
-            peer_proxies.push(TcpFaultProxy::start(None).context("starting a TCP proxy")?);
-            let e = TcpFaultProxy::start(Some(etcd_addr)).context("starting a TCP proxy")?;
-            c.set_node_etcd(n, Some(format!("http://{}", e.addr())));
-            etcd_proxies.push(e);
-        }
+    // Fault-free reference runs around the faulted one: half before, half after.
+    let refs_before = a.reference_runs.div_ceil(2);
+    let mut reference_runs = Vec::with_capacity(a.reference_runs);
+    for order in 0..refs_before {
+        reference_runs
+            .push(reference_run(&scenario, &exe, &data, &job, order, a.reference_runs).await);
     }
-    let mut h = Harness {
-        c,
-        exe: exe.clone(),
-        job: job.clone(),
-        nodes,
-        peer_proxies,
-        etcd_proxies,
-        s3_proxy,
-        env,
-        faults: Vec::new(),
-        errors: Vec::new(),
-        deadline: Instant::now() + Duration::from_secs(scenario.run.timeout_s),
-    };
+    let h = start_harness(&scenario, &plan, seed, &exe, &data, &job)?;
+    let sh = tokio::sync::Mutex::new(h);
     let started_ms = now_unix_ms();
-    let outcome = drive(&mut h, &scenario, &plan).await;
+    let outcome = drive(&sh, &scenario, &plan).await;
     let ended_ms = now_unix_ms();
+    let mut h = sh.into_inner();
     if let Err(e) = &outcome {
         h.errors.push(format!("{e:#}"));
     }
@@ -564,8 +863,10 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         started_ms,
         ended_ms,
         faults: std::mem::take(&mut h.faults),
+        faulted_run_order: refs_before,
         ..History::default()
     };
+    history.faults.sort_by_key(|f| (f.start_ms, f.index));
     for n in 0..nodes {
         let (steps, states) = read_node_logs(n, &h.c.run_dir(n));
         history.steps.extend(steps);
@@ -627,6 +928,11 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     drop(h.s3_proxy.take());
     let errors = std::mem::take(&mut h.errors);
     drop(h);
+    for order in refs_before + 1..=a.reference_runs {
+        reference_runs
+            .push(reference_run(&scenario, &exe, &data, &job, order, a.reference_runs).await);
+    }
+    history.reference_runs = reference_runs;
 
     let verdicts = tenax_chaos::invariants::check(&history, &scenario.invariants());
     let report = tenax_chaos::report::build(&name, seed, &history, verdicts, errors);
@@ -667,6 +973,159 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     }
 }
 
+/// The cluster's operator certificate as a client TLS configuration for the daemons'
+/// Control service (`None` without TLS).
+fn operator_tls(c: &LocalCluster) -> Result<Option<ClientTlsConfig>> {
+    let args = c.operator_tls_args();
+    let get = |flag: &str| {
+        args.iter()
+            .position(|x| x == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+    };
+    crate::certs::ClientTlsArgs {
+        tls_ca: get("--tls-ca"),
+        tls_cert: get("--tls-cert"),
+        tls_key: get("--tls-key"),
+    }
+    .client()
+}
+
+/// A fresh local cluster for `scenario` (etcd, S3, no daemon started yet) with the fault
+/// proxies `plan` needs (none for a reference run).
+fn start_harness(
+    scenario: &Scenario,
+    plan: &[PlannedFault],
+    seed: u64,
+    exe: &Path,
+    data: &Path,
+    job: &str,
+) -> Result<Harness> {
+    let mut daemon_args = train_flags(scenario, data);
+    daemon_args.extend(daemon_flags(scenario));
+    let mut c = LocalCluster::start(ClusterSpec {
+        tenax_bin: exe.to_path_buf(),
+        job: job.to_string(),
+        bucket: "tenax-chaos".into(),
+        daemon_args,
+        env: std::iter::once(("CANDLE_NUM_THREADS".to_string(), "1".to_string()))
+            .chain(scenario.daemon.env.clone())
+            .collect(),
+        // The harness runs mutual TLS: a throwaway CA per cluster.
+        tls: true,
+    })
+    .map_err(|e| {
+        anyhow!("starting etcd and the S3 server: {e} (scripts/setup installs etcd-server and moto[server])")
+    })?;
+    let nodes = scenario.cluster.nodes;
+    let kinds: Vec<FaultKind> = plan.iter().map(|f| f.kind).collect();
+    let needs_s3_proxy = kinds
+        .iter()
+        .any(|k| matches!(k, FaultKind::S3 | FaultKind::KillInUpload));
+    let needs_tcp = kinds.contains(&FaultKind::Partition);
+    let mut env = Vec::new();
+    let s3_proxy = if needs_s3_proxy {
+        let p = FaultProxy::start(c.s3().addr(), ProxyFaults::default(), seed)
+            .context("starting the S3 fault proxy")?;
+        env.push(("AWS_ENDPOINT".to_string(), p.endpoint()));
+        Some(p)
+    } else {
+        None
+    };
+    let mut peer_proxies = Vec::new();
+    let mut etcd_proxies = Vec::new();
+    if needs_tcp {
+        let etcd_addr: std::net::SocketAddr = c.etcd().addr();
+        for n in 0..nodes {
+            peer_proxies.push(TcpFaultProxy::start(None).context("starting a TCP proxy")?);
+            let e = TcpFaultProxy::start(Some(etcd_addr)).context("starting a TCP proxy")?;
+            c.set_node_etcd(n, Some(format!("http://{}", e.addr())));
+            etcd_proxies.push(e);
+        }
+    }
+    let tls = operator_tls(&c).context("the cluster's operator certificate")?;
+    Ok(Harness {
+        c,
+        exe: exe.to_path_buf(),
+        job: job.to_string(),
+        nodes,
+        peer_proxies,
+        etcd_proxies,
+        s3_proxy,
+        env,
+        tls,
+        s3_layers: BTreeMap::new(),
+        tcp_layers: BTreeMap::new(),
+        etcd_holds: BTreeSet::new(),
+        down: BTreeSet::new(),
+        faults: Vec::new(),
+        errors: Vec::new(),
+        deadline: Instant::now() + Duration::from_secs(scenario.run.timeout_s),
+    })
+}
+
+/// One fault-free run of the scenario on a fresh cluster (the reference goodput): its
+/// wall time, measured like the faulted run's ([`tenax_chaos::report::lost_time`]).
+/// A run that fails is reported, not fatal: it counts as not finished.
+async fn reference_run(
+    scenario: &Scenario,
+    exe: &Path,
+    data: &Path,
+    job: &str,
+    order: usize,
+    of: usize,
+) -> ReferenceRun {
+    let bar = spinner(&format!(
+        "fault-free reference run (run {} of {})",
+        order + 1,
+        of + 1
+    ));
+    let result: Result<ReferenceRun> = async {
+        let h = start_harness(scenario, &[], 0, exe, data, job)?;
+        let sh = tokio::sync::Mutex::new(h);
+        let outcome = drive(&sh, scenario, &[]).await;
+        let h = sh.into_inner();
+        let mut history = History {
+            target_step: scenario.train.steps,
+            ..History::default()
+        };
+        for n in 0..h.nodes {
+            history.steps.extend(read_node_logs(n, &h.c.run_dir(n)).0);
+        }
+        let newest = history.steps.iter().map(|s| s.step).max().unwrap_or(0);
+        let wall_s = tenax_chaos::report::lost_time(&history).map_or(0.0, |l| l.wall_s);
+        if let Err(e) = &outcome {
+            println!("reference run {order}: {e:#}");
+        }
+        for e in &h.errors {
+            println!("reference run {order}: {e}");
+        }
+        Ok(ReferenceRun {
+            order,
+            wall_s,
+            finished: outcome.is_ok() && h.errors.is_empty() && newest >= scenario.train.steps,
+        })
+    }
+    .await;
+    bar.finish_and_clear();
+    let r = result.unwrap_or_else(|e| {
+        println!("reference run {order}: {e:#}");
+        ReferenceRun {
+            order,
+            wall_s: 0.0,
+            finished: false,
+        }
+    });
+    println!(
+        "reference run {} of {}: {}wall {:.1} s",
+        order + 1,
+        of + 1,
+        if r.finished { "" } else { "DID NOT FINISH, " },
+        r.wall_s
+    );
+    r
+}
+
 fn spinner(msg: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_message(msg.to_string());
@@ -674,102 +1133,50 @@ fn spinner(msg: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// Starts the daemons, injects the faults, waits for the job to end.
-async fn drive(h: &mut Harness, scenario: &Scenario, plan: &[PlannedFault]) -> Result<()> {
-    for n in 0..h.nodes {
-        h.spawn(n, true)?;
+/// Starts the daemons, waits for a steady cluster, injects every fault at its own time
+/// (faults in flight at once overlap), waits for the job to end.
+async fn drive(sh: &Shared, scenario: &Scenario, plan: &[PlannedFault]) -> Result<()> {
+    {
+        let mut h = sh.lock().await;
+        for n in 0..h.nodes {
+            h.spawn(n, true)?;
+        }
     }
-    let first = h
-        .wait_until(Duration::from_secs(300), |h| h.newest_step().is_some())
-        .await;
+    let first = wait_until(sh, Duration::from_secs(300), |h| h.newest_step().is_some()).await;
     if !first {
         bail!(
             "no daemon logged a step within 300 s; node-0's log ends:\n{}",
-            h.c.log_tail(0)
+            sh.lock().await.c.log_tail(0)
         );
     }
-    let t0 = (0..h.nodes)
-        .flat_map(|n| read_node_logs(n, &h.c.run_dir(n)).0)
-        .map(|s| s.t_ms)
-        .min()
-        .unwrap_or_else(now_unix_ms);
+    let t0 = {
+        let h = sh.lock().await;
+        (0..h.nodes)
+            .flat_map(|n| read_node_logs(n, &h.c.run_dir(n)).0)
+            .map(|s| s.t_ms)
+            .min()
+            .unwrap_or_else(now_unix_ms)
+    };
+    if !plan.is_empty() {
+        // Once, before the faults: every node training in one generation.
+        let steady_limit = Duration::from_secs(scenario.run.steady_timeout_s);
+        if !wait_until(sh, steady_limit, |h| h.steady() || h.job_ended()).await {
+            println!(
+                "note: the cluster was not steady after {} s; the faults go on at their times",
+                steady_limit.as_secs()
+            );
+        }
+    }
     let bar = indicatif::ProgressBar::new(plan.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} faults {pos}/{len} [{bar:30}] {msg}")
             .expect("valid template")
             .progress_chars("=> "),
     );
-    for f in plan {
-        let triggered = match f.trigger {
-            Trigger::AtS(s) => {
-                let at = t0 + (s * 1000.0) as u64;
-                h.wait_until(Duration::MAX, |h| now_unix_ms() >= at || h.some_exited())
-                    .await
-            }
-            Trigger::AtStep(step) => {
-                h.wait_until(Duration::MAX, |h| {
-                    h.newest_step().is_some_and(|s| s >= step) || h.some_exited()
-                })
-                .await
-            }
-        };
-        if !triggered || h.some_exited() {
-            h.errors.push(format!(
-                "fault {} ({}) not injected: {}",
-                f.index,
-                f.kind,
-                if triggered {
-                    "the job had ended"
-                } else {
-                    "the run's timeout came first"
-                }
-            ));
-            bar.inc(1);
-            continue;
-        }
-        let steady_limit = Duration::from_secs(scenario.run.steady_timeout_s);
-        let steady = h
-            .wait_until(steady_limit, |h| h.steady() || h.some_exited())
-            .await;
-        if h.some_exited() {
-            h.errors.push(format!(
-                "fault {} ({}) not injected: the job had ended",
-                f.index, f.kind
-            ));
-            bar.inc(1);
-            continue;
-        }
-        if !steady {
-            bar.println(format!(
-                "note: fault {}: the cluster was not steady after {} s; injecting anyway",
-                f.index,
-                steady_limit.as_secs()
-            ));
-        }
-        let node = h.resolve(f.target);
-        let start_ms = now_unix_ms();
-        bar.set_message(format!(
-            "{}{}",
-            f.kind,
-            node.map(|n| format!(" node-{n}")).unwrap_or_default()
-        ));
-        match h.inject(f, node).await {
-            Ok(detail) => h.faults.push(InjectedFault {
-                index: f.index,
-                kind: f.kind.name().to_string(),
-                node,
-                start_ms,
-                end_ms: now_unix_ms(),
-                detail,
-            }),
-            Err(e) => h
-                .errors
-                .push(format!("fault {} ({}): {e:#}", f.index, f.kind)),
-        }
-        bar.inc(1);
-    }
+    futures::future::join_all(plan.iter().map(|f| run_fault(sh, f, t0, &bar))).await;
     bar.finish_and_clear();
     // The job ends by itself at the target step.
+    let mut h = sh.lock().await;
     let limit = h
         .deadline
         .saturating_duration_since(Instant::now())
@@ -781,10 +1188,9 @@ async fn drive(h: &mut Harness, scenario: &Scenario, plan: &[PlannedFault]) -> R
         match tokio::task::block_in_place(|| h.c.wait(n, left))? {
             Some(s) if s.success() => {}
             Some(s) => {
-                h.errors.push(format!(
-                    "node-{n} exited with {s}; its log ends:\n{}",
-                    h.c.log_tail(n)
-                ));
+                let tail = h.c.log_tail(n);
+                h.errors
+                    .push(format!("node-{n} exited with {s}; its log ends:\n{tail}"));
             }
             None => {
                 h.errors.push(format!(
@@ -958,7 +1364,11 @@ fn timeline(path: &Path, name: &str, seed: u64, h: &History) -> Result<()> {
             label: format!(
                 "{}{}",
                 f.kind,
-                f.node.map(|n| format!(" n{n}")).unwrap_or_default()
+                f.node
+                    .into_iter()
+                    .chain(f.nodes.iter().copied())
+                    .map(|n| format!(" n{n}"))
+                    .collect::<String>()
             ),
         })
         .collect();
@@ -996,7 +1406,7 @@ fn print_summary(r: &tenax_chaos::report::Report, out: &Path) {
     }
     let fmt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
     println!(
-        "faults {:?}; recovery p50 {} s, p99 {} s; steps lost {}; goodput {}; wall {:.1} s",
+        "faults {:?}; recovery p50 {} s, p99 {} s; steps lost {}; goodput {} (lost-time accounting{}); wall {:.1} s",
         r.faults_injected,
         fmt(r.recovery_s_p50),
         fmt(r.recovery_s_p99),
@@ -1004,8 +1414,21 @@ fn print_summary(r: &tenax_chaos::report::Report, out: &Path) {
         r.goodput
             .map(|g| format!("{:.1}%", g * 100.0))
             .unwrap_or_else(|| "-".into()),
+        r.lost_time
+            .as_ref()
+            .map(|l| format!(
+                ": stalls {:.1} s, slow {:.1} s, {} redone steps {:.2} s",
+                l.stall_s, l.slow_s, l.redone_steps, l.redone_s
+            ))
+            .unwrap_or_default(),
         r.wall_s
     );
+    if let Some(g) = &r.reference_goodput {
+        println!(
+            "goodput against {} fault-free reference runs (unclamped; above 1 can be real on a shared machine): min {:.3}, median {:.3}, max {:.3}",
+            g.runs, g.min, g.median, g.max
+        );
+    }
     println!(
         "{}: report in {}",
         if r.passed { "PASSED" } else { "FAILED" },

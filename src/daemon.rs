@@ -206,9 +206,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // A lease is kept (not given up) as long as the node waits for etcd.
     etcd_cfg.give_up_after = s.etcd_outage_timeout;
     args.etcd_client.apply(&mut etcd_cfg)?;
-    let etcd = EtcdMembership::connect(etcd_cfg.clone())
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let etcd = connect_waiting(&etcd_cfg, s.etcd_outage_timeout).await?;
     let store_url = job_store_url(&s.store_root, &s.job);
     // --sign-key: this node signs the manifests it commits; --trust-key: a (re)start loads
     // only a checkpoint signed by that key (a joining node copies a peer's state instead).
@@ -540,4 +538,43 @@ async fn start_member(
     )
     .await
     .map_err(|e| anyhow!("{e}"))
+}
+
+/// How often a node that starts while etcd is down tries again.
+const ETCD_START_RETRY: Duration = Duration::from_secs(1);
+
+/// Connects to etcd; while it is unreachable (a node started again during an etcd
+/// outage, e.g. by its supervisor after a crash), tries again every
+/// [`ETCD_START_RETRY`] for at most `outage_timeout` (`--etcd-outage-timeout-s`, the
+/// same bound the running members wait), saying so every 10 s. Any other error (a bad
+/// setting, TLS, authentication) fails at once.
+async fn connect_waiting(cfg: &EtcdConfig, outage_timeout: Duration) -> Result<EtcdMembership> {
+    let started = Instant::now();
+    let mut said = None::<Instant>;
+    loop {
+        match EtcdMembership::connect(cfg.clone()).await {
+            Ok(etcd) => {
+                if said.is_some() {
+                    println!(
+                        "etcd answered after {:.1} s: going on",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(etcd);
+            }
+            Err(e @ tenax_cluster::etcd::EtcdError::Unreachable { .. })
+                if started.elapsed() + ETCD_START_RETRY < outage_timeout =>
+            {
+                if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    eprintln!(
+                        "warning: {e}; waiting for etcd (at most {} s, --etcd-outage-timeout-s)",
+                        outage_timeout.as_secs()
+                    );
+                    said = Some(Instant::now());
+                }
+                tokio::time::sleep(ETCD_START_RETRY).await;
+            }
+            Err(e) => return Err(anyhow!("{e}")),
+        }
+    }
 }

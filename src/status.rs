@@ -372,7 +372,7 @@ async fn with_deadline<T>(
 }
 
 /// A member's `Control.Status`, or why there is none.
-async fn query_status(
+pub(crate) async fn query_status(
     addr: &str,
     timeout: Duration,
     tls: Option<&ClientTlsConfig>,

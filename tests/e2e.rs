@@ -3296,6 +3296,40 @@ fn training_goes_on_while_etcd_is_down_and_the_checkpoint_record_waits() {
 }
 
 #[test]
+fn a_node_started_while_etcd_is_down_waits_for_it_and_joins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let job = "start-in-outage";
+    let mut c = cluster(job, &data, 40, &["--ckpt-every", "20"]);
+    c.etcd().stop().unwrap();
+    for n in 0..2 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "2".into()])
+            .unwrap();
+    }
+    // etcd is down 4 s: the nodes do not exit, they say they wait.
+    for n in 0..2 {
+        let exited = c.wait(n, Duration::from_secs(2)).unwrap();
+        assert!(
+            exited.is_none(),
+            "node-{n} exited while etcd was down:\n{}",
+            c.log(n)
+        );
+    }
+    for n in 0..2 {
+        assert!(
+            c.log(n).contains("waiting for etcd"),
+            "node-{n} says it waits:\n{}",
+            c.log(n)
+        );
+    }
+    c.etcd().restart().unwrap();
+    wait_all_ok(&mut c, &[0, 1], Duration::from_secs(120));
+    for n in 0..2 {
+        assert!(c.log(n).contains("etcd answered after"), "{}", c.log(n));
+    }
+}
+
+#[test]
 fn a_member_killed_while_etcd_is_down_is_replaced_when_etcd_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());

@@ -87,6 +87,9 @@ pub struct InjectedFault {
     pub kind: String,
     /// The daemon it hit, if one.
     pub node: Option<usize>,
+    /// A group fault: the daemons it hit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<usize>,
     /// Unix milliseconds when it started.
     pub start_ms: u64,
     /// Unix milliseconds when it ended (the node restarted or resumed, the proxy healed).
@@ -125,12 +128,32 @@ pub struct History {
     pub commits: Vec<CommitEntry>,
     /// Faults injected, in order.
     pub faults: Vec<InjectedFault>,
+    /// The faulted run's place among all runs (reference runs before it have a lower
+    /// `order`).
+    #[serde(default)]
+    pub faulted_run_order: usize,
     /// The final parameters against a fault-free run (`None`: not compared).
     pub final_params: Option<FinalComparison>,
     /// Unix milliseconds when the harness started the daemons.
     pub started_ms: u64,
     /// Unix milliseconds when the last daemon exited.
     pub ended_ms: u64,
+    /// Fault-free runs of the same scenario (same cluster, no faults), interleaved with
+    /// this one (`tenax chaos run --reference-runs N`).
+    #[serde(default)]
+    pub reference_runs: Vec<ReferenceRun>,
+}
+
+/// One fault-free run of the scenario, for the reference goodput.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceRun {
+    /// Its place among all runs (0 first); the faulted run's place is
+    /// [`History::faulted_run_order`]'s.
+    pub order: usize,
+    /// Seconds from its first step to its last (plus one step), like the faulted run's.
+    pub wall_s: f64,
+    /// Whether it reached the target step.
+    pub finished: bool,
 }
 
 /// Reads node `node`'s step log and state events from its run directory (missing files

@@ -60,6 +60,25 @@ pub struct ProxyFaults {
     pub latency_ms: (u64, u64),
 }
 
+impl ProxyFaults {
+    /// Several faults in flight on one proxy at once (overlapping chaos faults): the
+    /// largest of each rate and of each latency bound. Nothing in flight: the default.
+    pub fn strongest<'a>(layers: impl IntoIterator<Item = &'a ProxyFaults>) -> ProxyFaults {
+        layers
+            .into_iter()
+            .fold(ProxyFaults::default(), |a, b| ProxyFaults {
+                error_rate: a.error_rate.max(b.error_rate),
+                drop_before_rate: a.drop_before_rate.max(b.drop_before_rate),
+                drop_after_rate: a.drop_after_rate.max(b.drop_after_rate),
+                latency_rate: a.latency_rate.max(b.latency_rate),
+                latency_ms: (
+                    a.latency_ms.0.max(b.latency_ms.0),
+                    a.latency_ms.1.max(b.latency_ms.1),
+                ),
+            })
+    }
+}
+
 /// What the proxy does with one request, apart from latency.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultAction {
@@ -708,6 +727,31 @@ async fn with_timeout<T>(f: impl std::future::Future<Output = io::Result<T>>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_faults_take_the_strongest_setting() {
+        let brownout = ProxyFaults {
+            error_rate: 0.18,
+            drop_before_rate: 0.06,
+            drop_after_rate: 0.06,
+            latency_rate: 1.0,
+            latency_ms: (100, 200),
+        };
+        let slow_upload = ProxyFaults {
+            latency_rate: 1.0,
+            latency_ms: (1500, 1500),
+            ..ProxyFaults::default()
+        };
+        assert_eq!(ProxyFaults::strongest([]), ProxyFaults::default());
+        assert_eq!(ProxyFaults::strongest([&brownout]), brownout);
+        assert_eq!(
+            ProxyFaults::strongest([&brownout, &slow_upload]),
+            ProxyFaults {
+                latency_ms: (1500, 1500),
+                ..brownout
+            }
+        );
+    }
 
     /// A one-connection-at-a-time upstream that answers every request with `200` and the
     /// raw request bytes it received (head and body) as its body, then closes.

@@ -103,8 +103,12 @@ fn target_step_reached(h: &History) -> Verdict {
 fn process_faults(h: &History) -> usize {
     h.faults
         .iter()
-        .filter(|f| matches!(f.kind.as_str(), "kill" | "kill_in_upload"))
-        .count()
+        .map(|f| match f.kind.as_str() {
+            "kill" | "kill_in_upload" => 1,
+            "group" => f.nodes.len(),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn slots_exactly_once(h: &History) -> Verdict {
@@ -443,6 +447,7 @@ mod tests {
             }),
             started_ms: 0,
             ended_ms: 5000,
+            ..History::default()
         }
     }
 
@@ -601,6 +606,7 @@ mod tests {
             index: 0,
             kind: "slow".into(),
             node: Some(1),
+            nodes: vec![],
             start_ms: 3000,
             end_ms: 3500,
             detail: "SIGSTOP 400 ms of every 600".into(),
@@ -615,6 +621,7 @@ mod tests {
             index: 1,
             kind: "kill".into(),
             node: Some(1),
+            nodes: vec![],
             start_ms: 3600,
             end_ms: 3700,
             detail: "SIGKILL".into(),

@@ -15,7 +15,10 @@
 //! - [`history`]: what a run recorded (step logs, state events, etcd's plans and
 //!   checkpoint records, faults injected).
 //! - [`invariants`]: the checker, from a history alone.
-//! - [`report`]: `report.json` and `report.md`: recovery, steps lost, goodput.
+//! - [`report`]: `report.json` and `report.md`: recovery, steps lost, goodput (lost-time
+//!   accounting from the run's own timeline; the ratio to fault-free reference runs).
+//! - [`roles`]: the leader and the checkpoint writer from the daemons' own status, so
+//!   that faults aimed at roles resolve while etcd is down.
 //!
 //! And the tools that run a cluster and inject faults:
 //!
@@ -50,6 +53,7 @@ pub mod invariants;
 mod local;
 pub mod moto;
 pub mod report;
+pub mod roles;
 pub mod scenario;
 pub mod schedule;
 pub mod tcp_proxy;

@@ -6,12 +6,17 @@
 //!   upload): from the injection to the first step any node logs in a newer generation.
 //! - Steps lost: steps the old generation applied past the step the new one restarted
 //!   from (work redone).
-//! - Goodput: committed steps x the fault-free median step time / the wall time from the
-//!   first step's start to the last. The fault-free median step time is measured in the
-//!   same run (a separate fault-free cluster on a shared machine would not see the same
-//!   load): the median, over windows of up to 20 consecutive steps of one generation that
-//!   no fault overlaps, of the window's mean step interval (see
-//!   [`fault_free_median_step_s`]).
+//! - Goodput (primary, [`lost_time`]): lost-time accounting from the run's own timeline,
+//!   `1 - lost / wall`, so it cannot exceed 1. The timeline is the time each step was
+//!   first applied by a generation; its normal step time is the median of windowed mean
+//!   intervals; lost is time with no step applied (stalls), the excess of slow spells, and
+//!   steps applied and then redone by a newer generation.
+//! - Goodput against reference runs (secondary, [`reference_goodput`]): the wall time of
+//!   fault-free runs of the same scenario, interleaved with the faulted one, over the
+//!   faulted run's; unclamped, with min/median/max over the reference runs. A ratio above
+//!   1 can be real on a shared machine: a killed daemon frees cores for the others.
+//! - Fault overlaps: for each fault, the others whose injected `[start, end]` overlaps
+//!   its own ([`crate::schedule::overlaps`]).
 
 use std::collections::BTreeMap;
 
@@ -57,9 +62,13 @@ pub struct Report {
     pub recovery_s_p99: Option<f64>,
     /// Steps lost over all faults.
     pub steps_lost: u64,
-    /// Committed steps x fault-free median step time / wall time.
+    /// `1 - lost / wall` from the run's own timeline ([`lost_time`]), in [0, 1].
     pub goodput: Option<f64>,
-    /// The fault-free median step time used for goodput.
+    /// Where the time went ([`lost_time`]).
+    pub lost_time: Option<LostTime>,
+    /// Reference runs' wall time / this run's ([`reference_goodput`]), unclamped.
+    pub reference_goodput: Option<ReferenceGoodput>,
+    /// The fault-free median step time (windows of one generation that no fault overlaps).
     pub median_step_s: Option<f64>,
     /// Seconds from the first step's start to the last step.
     pub wall_s: f64,
@@ -69,6 +78,193 @@ pub struct Report {
     pub recoveries: Vec<Recovery>,
     /// Problems of the run itself (a fault that could not be injected, a timeout).
     pub harness_errors: Vec<String>,
+}
+
+/// Where a run's time went, from its own timeline ([`lost_time`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LostTime {
+    /// From the first applied step's start (one normal step before it is logged) to the
+    /// last applied step.
+    pub wall_s: f64,
+    /// The normal step time: the median of the mean interval of windows of consecutive
+    /// applied steps.
+    pub step_s: f64,
+    /// Time with no step applied by the group: intervals over [`STALL_FACTOR`] normal
+    /// steps, less one normal step each.
+    pub stall_s: f64,
+    /// Slow spells: windows whose mean interval exceeds [`SLOW_FACTOR`] normal steps, by
+    /// their excess over normal steps.
+    pub slow_s: f64,
+    /// Steps applied and then applied again by a newer generation: their normal time.
+    pub redone_s: f64,
+    /// How many such steps.
+    pub redone_steps: u64,
+    /// `1 - (stall + slow + redone) / wall`, in [0, 1].
+    pub goodput: f64,
+}
+
+/// An interval longer than this many normal steps is a stall (no step applied).
+pub const STALL_FACTOR: f64 = 10.0;
+
+/// A window whose mean interval exceeds this many normal steps is a slow spell (below
+/// it: the machine's ordinary noise, not counted).
+pub const SLOW_FACTOR: f64 = 1.25;
+
+/// One step applied by a generation, for [`account`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Applied {
+    /// When it was first logged, in milliseconds.
+    pub t_ms: u64,
+    /// Whether a newer generation applied the same step again.
+    pub redone: bool,
+}
+
+/// The applied-step timeline of a history: each (generation, step) at the first time any
+/// node logged it, in time order.
+pub fn applied_timeline(h: &History) -> Vec<Applied> {
+    let mut newest: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut first: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    for s in &h.steps {
+        let g = newest.entry(s.step).or_insert(0);
+        *g = (*g).max(s.generation);
+        let t = first.entry((s.generation, s.step)).or_insert(s.t_ms);
+        *t = (*t).min(s.t_ms);
+    }
+    let mut out: Vec<Applied> = first
+        .into_iter()
+        .map(|((g, step), t_ms)| Applied {
+            t_ms,
+            redone: newest.get(&step).is_some_and(|&n| n > g),
+        })
+        .collect();
+    out.sort_by_key(|a| a.t_ms);
+    out
+}
+
+/// Lost-time accounting over an applied-step timeline (sorted by time); `None` with
+/// fewer than two steps. Pure; the result's parts are >= 0 and add up to at most the
+/// wall time, so goodput is in [0, 1].
+///
+/// Each interval between consecutive applied steps belongs to the step at its end. An
+/// interval over [`STALL_FACTOR`] normal steps loses all but one normal step (stall);
+/// the others, in windows of up to 20, lose their excess when the window is slower than
+/// [`SLOW_FACTOR`] normal steps (slow); a redone step loses its normal part too.
+pub fn account(timeline: &[Applied]) -> Option<LostTime> {
+    if timeline.len() < 2 {
+        return None;
+    }
+    let iv: Vec<f64> = timeline
+        .windows(2)
+        .map(|w| w[1].t_ms.saturating_sub(w[0].t_ms) as f64 / 1000.0)
+        .collect();
+    // Whole-millisecond stamps: a window's mean keeps the sub-millisecond part.
+    let w = (iv.len() / 50).clamp(1, 20);
+    let mut means: Vec<f64> = iv
+        .chunks(w)
+        .map(|c| c.iter().sum::<f64>() / c.len() as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let step_s = percentile(&means, 50.0).unwrap_or(0.0);
+    let stall_at = STALL_FACTOR * step_s;
+    let (mut stall_s, mut slow_s, mut redone_s) = (0.0, 0.0, 0.0);
+    let mut redone_steps = 0;
+    if timeline[0].redone {
+        redone_s += step_s;
+        redone_steps += 1;
+    }
+    let mut window: Vec<f64> = Vec::with_capacity(w);
+    let close = |window: &mut Vec<f64>, slow_s: &mut f64| {
+        let sum: f64 = window.iter().sum();
+        let normal = window.len() as f64 * step_s;
+        if !window.is_empty() && sum > SLOW_FACTOR * normal {
+            *slow_s += sum - normal;
+        }
+        window.clear();
+    };
+    for (i, &x) in iv.iter().enumerate() {
+        let normal = x.min(step_s);
+        if timeline[i + 1].redone {
+            redone_s += normal;
+            redone_steps += 1;
+        }
+        if x > stall_at && x > 0.0 {
+            close(&mut window, &mut slow_s);
+            stall_s += x - normal;
+        } else {
+            window.push(x);
+            if window.len() == w {
+                close(&mut window, &mut slow_s);
+            }
+        }
+    }
+    close(&mut window, &mut slow_s);
+    let wall_s = iv.iter().sum::<f64>() + step_s;
+    let lost = stall_s + slow_s + redone_s;
+    let goodput = if wall_s > 0.0 {
+        (1.0 - lost / wall_s).clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
+    Some(LostTime {
+        wall_s,
+        step_s,
+        stall_s,
+        slow_s,
+        redone_s,
+        redone_steps,
+        goodput,
+    })
+}
+
+/// [`account`] of a history's [`applied_timeline`].
+pub fn lost_time(h: &History) -> Option<LostTime> {
+    account(&applied_timeline(h))
+}
+
+/// The secondary goodput: each finished reference run's wall time over the faulted
+/// run's, unclamped (above 1 can be real: a killed daemon frees cores on a shared
+/// machine).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceGoodput {
+    /// Reference runs that reached the target step (the others are left out).
+    pub runs: usize,
+    /// Their wall times, in run order.
+    pub wall_s: Vec<f64>,
+    /// Smallest ratio.
+    pub min: f64,
+    /// Median ratio (of an even count: the mean of the middle two).
+    pub median: f64,
+    /// Largest ratio.
+    pub max: f64,
+}
+
+/// [`ReferenceGoodput`] of reference wall times against the faulted run's wall time;
+/// `None` without a finished reference or a faulted wall time.
+pub fn reference_goodput(
+    reference_wall_s: &[f64],
+    faulted_wall_s: f64,
+) -> Option<ReferenceGoodput> {
+    if reference_wall_s.is_empty() || faulted_wall_s.is_nan() || faulted_wall_s <= 0.0 {
+        return None;
+    }
+    let mut r: Vec<f64> = reference_wall_s
+        .iter()
+        .map(|w| w / faulted_wall_s)
+        .collect();
+    r.sort_by(f64::total_cmp);
+    let n = r.len();
+    let median = if n % 2 == 1 {
+        r[n / 2]
+    } else {
+        (r[n / 2 - 1] + r[n / 2]) / 2.0
+    };
+    Some(ReferenceGoodput {
+        runs: n,
+        wall_s: reference_wall_s.to_vec(),
+        min: r[0],
+        median,
+        max: r[n - 1],
+    })
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -105,7 +301,7 @@ pub fn recoveries(h: &History) -> Vec<Recovery> {
             matches!(
                 f.kind.as_str(),
                 "kill" | "hang" | "partition" | "kill_in_upload"
-            )
+            ) || (f.kind == "group" && !f.nodes.is_empty())
         })
         .map(|f| {
             let g = h.generation_at(f.start_ms);
@@ -191,10 +387,17 @@ pub fn build(
         }
         _ => 0.0,
     };
-    // Not capped at 1: a figure a little above it says how noisy the estimate is.
-    let goodput = median_step_s
-        .filter(|_| wall_s > 0.0)
-        .map(|m| committed_steps as f64 * m / wall_s);
+    let lost = lost_time(h);
+    let goodput = lost.as_ref().map(|l| l.goodput);
+    let refs: Vec<f64> = h
+        .reference_runs
+        .iter()
+        .filter(|r| r.finished)
+        .map(|r| r.wall_s)
+        .collect();
+    let reference_goodput = lost
+        .as_ref()
+        .and_then(|l| reference_goodput(&refs, l.wall_s));
     let passed = harness_errors.is_empty() && invariants.values().all(Verdict::is_held);
     Report {
         scenario: scenario.to_string(),
@@ -208,6 +411,8 @@ pub fn build(
         recovery_s_p99: percentile(&rec, 99.0),
         steps_lost: recoveries.iter().map(|r| r.steps_lost).sum(),
         goodput,
+        lost_time: lost,
+        reference_goodput,
         median_step_s,
         wall_s,
         committed_steps,
@@ -246,34 +451,95 @@ impl Report {
                 v.evidence.replace('|', "\\|")
             ));
         }
+        let pct = |g: Option<f64>| {
+            g.map(|g| format!("{:.1}%", g * 100.0))
+                .unwrap_or_else(|| "-".into())
+        };
         s.push_str(&format!(
             "\n## Figures\n\n| figure | value |\n|---|---|\n\
              | recovery p50 | {} s |\n| recovery p99 | {} s |\n| steps lost | {} |\n\
-             | goodput | {} |\n| fault-free median step | {} s |\n| wall time | {:.1} s |\n\
+             | goodput (lost-time accounting, <= 100%) | {} |\n| fault-free median step | {} s |\n| wall time | {:.1} s |\n\
              | committed steps | {} |\n",
             opt(self.recovery_s_p50, 3),
             opt(self.recovery_s_p99, 3),
             self.steps_lost,
-            self.goodput
-                .map(|g| format!("{:.1}%", g * 100.0))
-                .unwrap_or_else(|| "-".into()),
+            pct(self.goodput),
             opt(self.median_step_s, 4),
             self.wall_s,
             self.committed_steps
         ));
-        s.push_str("\n## Faults\n\n| # | kind | node | at (s) | lasted (s) | recovery (s) | steps lost | what |\n|---|---|---|---|---|---|---|---|\n");
-        let t0 = h.steps.iter().map(|x| x.t_ms).min().unwrap_or(h.started_ms);
-        for f in &h.faults {
-            let r = self.recoveries.iter().find(|r| r.fault == f.index);
+        if let Some(l) = &self.lost_time {
             s.push_str(&format!(
-                "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} |\n",
+                "\n## Where the time went\n\nFrom the run's own timeline (each step at the first time a generation applied it): \
+                 wall {:.1} s, normal step {:.4} s.\n\n| lost to | seconds | share |\n|---|---|---|\n\
+                 | stalls (no step applied for over {STALL_FACTOR} normal steps) | {:.2} | {:.1}% |\n\
+                 | slow spells (windows over {SLOW_FACTOR}x the normal step) | {:.2} | {:.1}% |\n\
+                 | redone steps ({}) | {:.2} | {:.1}% |\n",
+                l.wall_s,
+                l.step_s,
+                l.stall_s,
+                100.0 * l.stall_s / l.wall_s.max(f64::MIN_POSITIVE),
+                l.slow_s,
+                100.0 * l.slow_s / l.wall_s.max(f64::MIN_POSITIVE),
+                l.redone_steps,
+                l.redone_s,
+                100.0 * l.redone_s / l.wall_s.max(f64::MIN_POSITIVE),
+            ));
+        }
+        match &self.reference_goodput {
+            Some(r) => s.push_str(&format!(
+                "\n## Against fault-free reference runs\n\n{} fault-free runs of the same scenario, interleaved with this one; \
+                 their wall time over this run's, unclamped: min {:.3}, median {:.3}, max {:.3} (walls {} s). \
+                 A ratio above 1 can be real on a shared machine: a killed daemon frees cores for the others.\n",
+                r.runs,
+                r.min,
+                r.median,
+                r.max,
+                r.wall_s
+                    .iter()
+                    .map(|w| format!("{w:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            None if !h.reference_runs.is_empty() => s.push_str(
+                "\n## Against fault-free reference runs\n\nNo reference run reached the target step: no ratio.\n",
+            ),
+            None => {}
+        }
+        s.push_str("\n## Faults\n\nTimes in seconds since the first step; faults overlap when their [start, end] do.\n\n| # | kind | node | start | end | overlaps | recovery (s) | steps lost | what |\n|---|---|---|---|---|---|---|---|---|\n");
+        let t0 = h.steps.iter().map(|x| x.t_ms).min().unwrap_or(h.started_ms);
+        let windows: Vec<(f64, f64)> = h
+            .faults
+            .iter()
+            .map(|f| (f.start_ms as f64, f.end_ms as f64))
+            .collect();
+        let over = crate::schedule::overlaps(&windows);
+        for (f, over) in h.faults.iter().zip(&over) {
+            let r = self.recoveries.iter().find(|r| r.fault == f.index);
+            let node = match (f.node, f.nodes.as_slice()) {
+                (Some(n), _) => format!("node-{n}"),
+                (None, []) => "-".into(),
+                (None, ns) => ns
+                    .iter()
+                    .map(|n| format!("node-{n}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            };
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} |\n",
                 f.index,
                 f.kind,
-                f.node
-                    .map(|n| format!("node-{n}"))
-                    .unwrap_or_else(|| "-".into()),
+                node,
                 (f.start_ms as f64 - t0 as f64) / 1000.0,
-                f.end_ms.saturating_sub(f.start_ms) as f64 / 1000.0,
+                (f.end_ms as f64 - t0 as f64) / 1000.0,
+                if over.is_empty() {
+                    "-".to_string()
+                } else {
+                    over.iter()
+                        .map(|&j| format!("#{}", h.faults[j].index))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                },
                 opt(r.and_then(|r| r.recovery_s), 3),
                 r.map(|r| r.steps_lost.to_string())
                     .unwrap_or_else(|| "-".into()),
@@ -342,6 +608,7 @@ mod tests {
             index: 0,
             kind: "kill".into(),
             node: Some(1),
+            nodes: vec![],
             start_ms: 1050,
             end_ms: 1400,
             detail: String::new(),
@@ -361,9 +628,124 @@ mod tests {
         assert!((r.median_step_s.unwrap() - 0.1).abs() < 1e-9);
         // Wall: steps 1..15 of the lineage span 100 ms .. 2000 ms, plus one step.
         assert!((r.wall_s - 2.0).abs() < 1e-9, "{}", r.wall_s);
+        // Lost: the 500 ms gap's excess over a 100 ms step (slow) and redone step 10.
+        let l = r.lost_time.clone().unwrap();
+        assert!((l.slow_s - 0.4).abs() < 1e-9, "{l:?}");
+        assert!((l.redone_s - 0.1).abs() < 1e-9, "{l:?}");
+        assert_eq!((l.redone_steps, l.stall_s), (1, 0.0));
         assert!((r.goodput.unwrap() - 0.75).abs() < 1e-9);
         assert_eq!(r.faults_injected["kill"], 1);
         assert!(r.passed);
         assert!(r.markdown(&h).contains("| 0 | kill | node-1 |"));
+    }
+
+    fn timeline(gaps_ms: &[u64], redone: &[usize]) -> Vec<Applied> {
+        let mut t = 1000;
+        let mut out = vec![Applied {
+            t_ms: t,
+            redone: redone.contains(&0),
+        }];
+        for (i, g) in gaps_ms.iter().enumerate() {
+            t += g;
+            out.push(Applied {
+                t_ms: t,
+                redone: redone.contains(&(i + 1)),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn lost_time_table() {
+        let steady = vec![10u64; 40];
+        let mut stalled = steady.clone();
+        stalled[20] = 2010; // 2 s with no step
+        let mut slow = steady.clone();
+        for g in &mut slow[10..15] {
+            *g = 30; // a slow spell: 5 steps at 3x
+        }
+        let mut noisy = steady.clone();
+        for g in noisy.iter_mut().step_by(2) {
+            *g = 11; // +10% on every other step: noise, not a slow spell
+        }
+        /// (name, gaps, redone indices, stall, slow, redone, goodput)
+        type Row<'a> = (&'a str, &'a [u64], &'a [usize], f64, f64, f64, f64);
+        let table: &[Row] = &[
+            ("steady", &steady, &[], 0.0, 0.0, 0.0, 1.0),
+            ("noise is not lost", &noisy, &[], 0.0, 0.0, 0.0, 1.0),
+            (
+                "a stall loses all but one step",
+                &stalled,
+                &[],
+                2.0,
+                0.0,
+                0.0,
+                1.0 - 2.0 / 2.41,
+            ),
+            (
+                "a slow spell loses its excess",
+                &slow,
+                &[],
+                0.0,
+                0.1,
+                0.0,
+                1.0 - 0.1 / 0.51,
+            ),
+            (
+                "redone steps lose their time",
+                &steady,
+                &[5, 6, 7],
+                0.0,
+                0.0,
+                0.03,
+                1.0 - 0.03 / 0.41,
+            ),
+            ("all redone", &[10, 10], &[0, 1, 2], 0.0, 0.0, 0.03, 0.0),
+        ];
+        for (name, gaps, redone, stall, slow, re, goodput) in table {
+            let l = account(&timeline(gaps, redone)).unwrap();
+            let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+            assert!(close(l.stall_s, *stall), "{name}: {l:?}");
+            assert!(close(l.slow_s, *slow), "{name}: {l:?}");
+            assert!(close(l.redone_s, *re), "{name}: {l:?}");
+            assert!(close(l.goodput, *goodput), "{name}: {l:?} want {goodput}");
+        }
+        assert_eq!(
+            account(&timeline(&[], &[])),
+            None,
+            "one step: nothing to account"
+        );
+    }
+
+    #[test]
+    fn reference_goodput_is_unclamped_with_its_spread() {
+        assert_eq!(reference_goodput(&[], 10.0), None);
+        assert_eq!(reference_goodput(&[10.0], 0.0), None);
+        let r = reference_goodput(&[9.0, 11.0, 10.0], 10.0).unwrap();
+        assert_eq!((r.runs, r.min, r.median, r.max), (3, 0.9, 1.0, 1.1));
+        let r = reference_goodput(&[12.0, 8.0, 9.0, 11.0], 10.0).unwrap();
+        assert!((r.median - 1.0).abs() < 1e-12 && r.max > 1.0, "{r:?}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn goodput_is_in_zero_one_and_the_parts_add_up(
+            gaps in proptest::collection::vec(0u64..5000, 1..300),
+            redone in proptest::collection::vec(proptest::bool::ANY, 301),
+        ) {
+            let mut t = 0u64;
+            let mut tl = vec![Applied { t_ms: 0, redone: redone[0] }];
+            for (i, g) in gaps.iter().enumerate() {
+                t += g;
+                tl.push(Applied { t_ms: t, redone: redone[i + 1] });
+            }
+            let l = account(&tl).unwrap();
+            proptest::prop_assert!((0.0..=1.0).contains(&l.goodput), "{:?}", l);
+            proptest::prop_assert!(l.stall_s >= 0.0 && l.slow_s >= 0.0 && l.redone_s >= 0.0);
+            proptest::prop_assert!(
+                l.stall_s + l.slow_s + l.redone_s <= l.wall_s + 1e-9,
+                "{:?}", l
+            );
+        }
     }
 }

@@ -278,6 +278,10 @@ pub enum FaultKind {
     EtcdDown,
     /// SIGKILL the checkpoint writer while it uploads a checkpoint.
     KillInUpload,
+    /// Several targets at once (a rack losing power): the daemons of `nodes` are
+    /// SIGKILLed and, with `etcd = true`, etcd is stopped, all at the same instant; all
+    /// come back after `restart_after_s`.
+    Group,
 }
 
 impl FaultKind {
@@ -292,6 +296,7 @@ impl FaultKind {
             FaultKind::EtcdRestart => "etcd_restart",
             FaultKind::EtcdDown => "etcd_down",
             FaultKind::KillInUpload => "kill_in_upload",
+            FaultKind::Group => "group",
         }
     }
 
@@ -307,7 +312,11 @@ impl FaultKind {
     pub fn removes_member(self) -> bool {
         matches!(
             self,
-            FaultKind::Kill | FaultKind::Hang | FaultKind::Partition | FaultKind::KillInUpload
+            FaultKind::Kill
+                | FaultKind::Hang
+                | FaultKind::Partition
+                | FaultKind::KillInUpload
+                | FaultKind::Group
         )
     }
 }
@@ -327,6 +336,15 @@ pub enum NodeTarget {
     /// `"any"` (the seed picks an index), `"leader"` or `"non-leader"` (resolved when the
     /// fault is injected, from `tenax status`).
     Named(String),
+}
+
+impl fmt::Display for NodeTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeTarget::Index(i) => write!(f, "{i}"),
+            NodeTarget::Named(n) => write!(f, "{n:?}"),
+        }
+    }
 }
 
 /// What a partition cuts.
@@ -368,6 +386,13 @@ pub struct FaultSpec {
     /// Which daemon (kinds with a node; default `"any"`).
     #[serde(default)]
     pub node: Option<NodeTarget>,
+    /// Group: the daemons it hits at once, each an index, `"any"` (the seed draws one not
+    /// otherwise named), `"leader"` or `"non-leader"`; all distinct, at least one survivor.
+    #[serde(default)]
+    pub nodes: Option<Vec<NodeTarget>>,
+    /// Group: whether etcd goes down with the nodes (a rack holding an etcd member).
+    #[serde(default)]
+    pub etcd: Option<bool>,
     /// How long the fault lasts (hang, slow, partition, s3, etcd_restart, etcd_down).
     #[serde(default)]
     pub duration_s: Option<f64>,
@@ -423,13 +448,30 @@ impl FaultSpec {
             FaultKind::S3 => 15.0,
             FaultKind::EtcdRestart => 1.0,
             FaultKind::EtcdDown => 10.0,
-            FaultKind::Kill | FaultKind::KillInUpload => 0.0,
+            FaultKind::Kill | FaultKind::KillInUpload | FaultKind::Group => 0.0,
         })
     }
 
-    /// Seconds a killed daemon stays dead.
+    /// Seconds a killed daemon (a group: its daemons and etcd) stays dead.
     pub fn restart_after_s(&self) -> f64 {
-        self.restart_after_s.unwrap_or(2.0)
+        self.restart_after_s.unwrap_or(match self.kind {
+            FaultKind::Group => 5.0,
+            _ => 2.0,
+        })
+    }
+
+    /// Seconds from the injection to the end of the fault, as planned (a kill: until the
+    /// restart; kill_in_upload: from the kill, which waits for an upload).
+    pub fn planned_length_s(&self) -> f64 {
+        match self.kind {
+            FaultKind::Kill | FaultKind::KillInUpload | FaultKind::Group => self.restart_after_s(),
+            _ => self.duration_s(),
+        }
+    }
+
+    /// Group: whether etcd goes down too.
+    pub fn group_etcd(&self) -> bool {
+        self.etcd.unwrap_or(false)
     }
 
     /// Slow: (stopped, running) milliseconds of each cycle.
@@ -511,6 +553,58 @@ impl FaultSpec {
             }
             _ => {}
         }
+        let named_ok = |t: &NodeTarget| match t {
+            NodeTarget::Index(i) => *i < nodes,
+            NodeTarget::Named(n) => matches!(n.as_str(), "any" | "leader" | "non-leader"),
+        };
+        match (&self.nodes, self.kind) {
+            (Some(_), kind) if kind != FaultKind::Group => {
+                return Err(bad(format!(
+                    "{at}.nodes: only a group fault hits several daemons; use node = ... or kind = \"group\""
+                )))
+            }
+            (targets, FaultKind::Group) => {
+                let targets = targets.as_deref().unwrap_or_default();
+                if targets.is_empty() && !self.group_etcd() {
+                    return Err(bad(format!(
+                        "{at}: a group fault needs nodes = [...] and/or etcd = true"
+                    )));
+                }
+                if let Some(t) = targets.iter().find(|t| !named_ok(t)) {
+                    return Err(bad(format!(
+                        "{at}.nodes: {t} is not a node; use indices 0..{}, \"any\", \"leader\" or \"non-leader\"",
+                        nodes.saturating_sub(1)
+                    )));
+                }
+                if targets.len() >= nodes {
+                    return Err(bad(format!(
+                        "{at}.nodes: {} of {nodes} daemons leaves no survivor; hit at most {}",
+                        targets.len(),
+                        nodes.saturating_sub(1)
+                    )));
+                }
+                for (i, t) in targets.iter().enumerate() {
+                    let repeatable = matches!(t, NodeTarget::Named(n) if n == "any");
+                    if !repeatable && targets[..i].contains(t) {
+                        return Err(bad(format!("{at}.nodes: {t} given twice")));
+                    }
+                }
+                let roles = targets
+                    .iter()
+                    .filter(|t| matches!(t, NodeTarget::Named(n) if n == "leader" || n == "non-leader"))
+                    .count();
+                let indices = targets
+                    .iter()
+                    .filter(|t| matches!(t, NodeTarget::Index(_)))
+                    .count();
+                if roles > 0 && indices > 0 {
+                    return Err(bad(format!(
+                        "{at}.nodes: mix \"leader\"/\"non-leader\" with \"any\", not with indices (an index may be the leader)"
+                    )));
+                }
+            }
+            _ => {}
+        }
         if let Some(r) = self.error_rate {
             if !(0.0..=1.0).contains(&r) {
                 return Err(bad(format!(
@@ -545,8 +639,9 @@ impl FaultSpec {
         only(
             "restart_after_s",
             self.restart_after_s.is_some(),
-            &[FaultKind::Kill, FaultKind::KillInUpload],
+            &[FaultKind::Kill, FaultKind::KillInUpload, FaultKind::Group],
         )?;
+        only("etcd", self.etcd.is_some(), &[FaultKind::Group])?;
         if self.kind == FaultKind::Slow {
             let (stop, run) = self.duty_cycle_ms();
             if stop == 0 || run == 0 {
@@ -725,6 +820,28 @@ mod tests {
     }
 
     #[test]
+    fn a_group_fault_takes_nodes_and_etcd() {
+        let s = Scenario::parse(
+            &format!("{BASE}[[faults]]\nkind = \"group\"\nat_s = 5\nnodes = [\"leader\", \"any\"]\netcd = true\n"),
+            "t.toml",
+        )
+        .unwrap();
+        let f = &s.faults[0];
+        assert_eq!(f.kind, FaultKind::Group);
+        assert!(f.group_etcd());
+        assert_eq!(f.nodes.as_ref().map(Vec::len), Some(2));
+        assert_eq!((f.restart_after_s(), f.planned_length_s()), (5.0, 5.0));
+        let only_etcd = Scenario::parse(
+            &format!(
+                "{BASE}[[faults]]\nkind = \"group\"\nat_s = 5\netcd = true\nrestart_after_s = 3\n"
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(only_etcd.faults[0].planned_length_s(), 3.0);
+    }
+
+    #[test]
     fn a_minimal_scenario_gets_defaults() {
         let s = Scenario::parse(BASE, "t.toml").unwrap();
         assert_eq!(s.train.preset, "tiny");
@@ -772,6 +889,14 @@ mod tests {
                 "unknown invariant",
             ),
             ("[cluster]\nnodes = 3\n[train]\nsteps = 40\ncolour = 1\n", "colour"),
+            ("[cluster]\nnodes = 3\n[train]\nsteps = 40\n[[faults]]\nkind = \"group\"\nat_s = 1\n", "a group fault needs nodes"),
+            ("[cluster]\nnodes = 3\n[train]\nsteps = 40\n[[faults]]\nkind = \"group\"\nat_s = 1\nnodes = [0, 1, 2]\n", "3 of 3 daemons leaves no survivor"),
+            ("[cluster]\nnodes = 3\n[train]\nsteps = 40\n[[faults]]\nkind = \"group\"\nat_s = 1\nnodes = [1, 1]\n", "given twice"),
+            ("[cluster]\nnodes = 3\n[train]\nsteps = 40\n[[faults]]\nkind = \"group\"\nat_s = 1\nnodes = [\"leader\", 1]\n", "mix"),
+            ("[cluster]\nnodes = 3\n[train]\nsteps = 40\n[[faults]]\nkind = \"group\"\nat_s = 1\nnodes = [5]\n", "faults[0].nodes: 5 is not a node"),
+            ("[cluster]\nnodes = 3\n[train]\nsteps = 40\n[[faults]]\nkind = \"group\"\nat_s = 1\nnode = 1\netcd = true\n", "faults[0].node: a group fault hits no single daemon"),
+            ("[cluster]\nnodes = 3\n[train]\nsteps = 40\n[[faults]]\nkind = \"kill\"\nat_s = 1\nnodes = [1]\n", "faults[0].nodes: only a group fault"),
+            ("[cluster]\nnodes = 3\n[train]\nsteps = 40\n[[faults]]\nkind = \"kill\"\nat_s = 1\netcd = true\n", "faults[0].etcd: not a setting of a kill fault"),
         ];
         for (text, want) in table {
             let e = Scenario::parse(text, "t.toml").unwrap_err().to_string();

@@ -6,8 +6,12 @@
 //! spaced with a seeded jitter, `spacing = "even"`), each event
 //! a template picked uniformly. A node target of `"any"` (or none) becomes an index drawn
 //! from the seed; `"leader"` and `"non-leader"` stay roles, resolved when the fault is
-//! injected. The harness injects one fault at a time: each waits for its trigger and for
-//! the previous fault to end.
+//! injected (from the daemons' own status, so it works while etcd is down). A group
+//! fault's `"any"` targets draw distinct indices not otherwise named.
+//!
+//! Each fault starts at its own trigger whatever the others do: faults overlap when
+//! their windows do ([`PlannedFault::window_s`], [`overlaps`]). [`resolve_group`] turns a
+//! group's targets into distinct daemons once the roles are known.
 
 use serde::{Deserialize, Serialize};
 use tenax_core::rng::SplitMix64;
@@ -49,8 +53,85 @@ pub struct PlannedFault {
     pub trigger: Trigger,
     /// Whom.
     pub target: Target,
+    /// A group fault's daemons (empty for other kinds).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<Target>,
+    /// A group fault takes etcd down too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub etcd: bool,
     /// The fault as written (its settings; `at_s`/`at_step`/`node` are in `trigger`/`target`).
     pub spec: FaultSpec,
+}
+
+impl PlannedFault {
+    /// The planned window, seconds since the first step: from the trigger to the planned
+    /// end ([`FaultSpec::planned_length_s`]); `None` for a fault triggered by a step.
+    pub fn window_s(&self) -> Option<(f64, f64)> {
+        match self.trigger {
+            Trigger::AtS(t) => Some((t, t + self.spec.planned_length_s())),
+            Trigger::AtStep(_) => None,
+        }
+    }
+}
+
+/// For each fault, the others whose `(start, end)` windows overlap it (closed intervals:
+/// one ending as another starts overlaps it), in index order.
+pub fn overlaps(windows: &[(f64, f64)]) -> Vec<Vec<usize>> {
+    windows
+        .iter()
+        .enumerate()
+        .map(|(i, &(a0, a1))| {
+            windows
+                .iter()
+                .enumerate()
+                .filter(|&(j, &(b0, b1))| j != i && a0 <= b1 && b0 <= a1)
+                .map(|(j, _)| j)
+                .collect()
+        })
+        .collect()
+}
+
+/// A group's daemons once the roles are known: `"leader"` and `"non-leader"` from
+/// `leader` (none known: the lowest free index), indices as planned; a daemon already
+/// taken is replaced by the lowest index not taken (so a group never hits one daemon
+/// twice). Returns the daemons in target order, with the reason for any replacement.
+pub fn resolve_group(
+    targets: &[Target],
+    leader: Option<usize>,
+    nodes: usize,
+) -> (Vec<usize>, Vec<String>) {
+    let mut taken: Vec<usize> = Vec::with_capacity(targets.len());
+    let mut why = Vec::new();
+    for t in targets {
+        let want = match t {
+            Target::Node(n) => Some(*n),
+            Target::Leader => leader,
+            Target::NonLeader => (0..nodes).find(|&n| Some(n) != leader && !taken.contains(&n)),
+            Target::Cluster => None,
+        };
+        let free = |taken: &[usize]| (0..nodes).find(|n| !taken.contains(n));
+        let got = match want {
+            Some(n) if n < nodes && !taken.contains(&n) => Some(n),
+            Some(n) => {
+                let f = free(&taken);
+                why.push(format!(
+                    "{t:?}: node-{n} already hit, node-{} instead",
+                    f.map_or("?".into(), |f| f.to_string())
+                ));
+                f
+            }
+            None => {
+                let f = free(&taken);
+                why.push(format!(
+                    "{t:?}: unknown (no daemon answered), node-{} instead",
+                    f.map_or("?".into(), |f| f.to_string())
+                ));
+                f
+            }
+        };
+        taken.extend(got);
+    }
+    (taken, why)
 }
 
 fn target(spec: &FaultSpec, nodes: usize, rng: &mut SplitMix64) -> Target {
@@ -65,6 +146,51 @@ fn target(spec: &FaultSpec, nodes: usize, rng: &mut SplitMix64) -> Target {
     }
 }
 
+/// A group's targets: roles and indices as written, each `"any"` an index drawn from
+/// those not named.
+fn group_targets(spec: &FaultSpec, nodes: usize, rng: &mut SplitMix64) -> Vec<Target> {
+    let written = spec.nodes.as_deref().unwrap_or_default();
+    let mut free: Vec<usize> = (0..nodes)
+        .filter(|i| !written.contains(&NodeTarget::Index(*i)))
+        .collect();
+    written
+        .iter()
+        .map(|t| match t {
+            NodeTarget::Index(i) => Target::Node(*i),
+            NodeTarget::Named(n) if n == "leader" => Target::Leader,
+            NodeTarget::Named(n) if n == "non-leader" => Target::NonLeader,
+            NodeTarget::Named(_) if free.is_empty() => Target::Node(0),
+            NodeTarget::Named(_) => {
+                Target::Node(free.remove(rng.below(free.len() as u64) as usize))
+            }
+        })
+        .collect()
+}
+
+fn planned(
+    index: usize,
+    spec: &FaultSpec,
+    trigger: Trigger,
+    nodes: usize,
+    rng: &mut SplitMix64,
+) -> PlannedFault {
+    let target = target(spec, nodes, rng);
+    let group = if spec.kind == FaultKind::Group {
+        group_targets(spec, nodes, rng)
+    } else {
+        Vec::new()
+    };
+    PlannedFault {
+        index,
+        kind: spec.kind,
+        trigger,
+        target,
+        nodes: group,
+        etcd: spec.kind == FaultKind::Group && spec.group_etcd(),
+        spec: spec.clone(),
+    }
+}
+
 /// The schedule of `scenario` under `seed`.
 pub fn schedule(scenario: &Scenario, seed: u64) -> Vec<PlannedFault> {
     let nodes = scenario.cluster.nodes;
@@ -76,14 +202,7 @@ pub fn schedule(scenario: &Scenario, seed: u64) -> Vec<PlannedFault> {
             (None, Some(s)) => Trigger::AtStep(s),
             (None, None) => Trigger::AtS(0.0),
         };
-        let target = target(spec, nodes, &mut rng);
-        out.push(PlannedFault {
-            index: out.len(),
-            kind: spec.kind,
-            trigger,
-            target,
-            spec: spec.clone(),
-        });
+        out.push(planned(out.len(), spec, trigger, nodes, &mut rng));
     }
     if let Some(r) = &scenario.random {
         let rate_per_s = r.rate_per_min / 60.0;
@@ -104,14 +223,8 @@ pub fn schedule(scenario: &Scenario, seed: u64) -> Vec<PlannedFault> {
                 break;
             }
             let spec = &r.faults[rng.below(r.faults.len() as u64) as usize];
-            let target = target(spec, nodes, &mut rng);
-            out.push(PlannedFault {
-                index: out.len(),
-                kind: spec.kind,
-                trigger: Trigger::AtS((t * 1000.0).round() / 1000.0),
-                target,
-                spec: spec.clone(),
-            });
+            let trigger = Trigger::AtS((t * 1000.0).round() / 1000.0);
+            out.push(planned(out.len(), spec, trigger, nodes, &mut rng));
         }
     }
     out
@@ -189,6 +302,145 @@ mod tests {
                 let Trigger::AtS(t) = f.trigger else { panic!() };
                 let mid = 60.0 * (k as f64 + 0.5);
                 assert!((t - mid).abs() <= 15.0, "seed {seed}: fault {k} at {t}");
+            }
+        }
+    }
+
+    fn scenario_file(name: &str) -> Scenario {
+        let path = format!("{}/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        Scenario::parse(&text, &path).unwrap()
+    }
+
+    #[test]
+    fn the_overlap_scenarios_overlap_as_planned_whatever_the_seed() {
+        // (file, pairs of fault indices whose planned windows overlap)
+        let table: &[(&str, &[(usize, usize)])] = &[
+            ("rack-loss", &[]),
+            ("kill-in-etcd-outage", &[(0, 1)]),
+            ("brownout-and-kill", &[(0, 1)]),
+            ("leader-in-partition-while-etcd-restarts", &[(0, 1)]),
+        ];
+        for (name, pairs) in table {
+            let s = scenario_file(name);
+            for seed in [1, 2, 99] {
+                let plan = schedule(&s, seed);
+                assert_eq!(plan, schedule(&s, seed), "{name}: seed {seed} replays");
+                let windows: Vec<(f64, f64)> =
+                    plan.iter().map(|f| f.window_s().expect("timed")).collect();
+                let over = overlaps(&windows);
+                for &(a, b) in *pairs {
+                    assert!(
+                        over[a].contains(&b) && over[b].contains(&a),
+                        "{name}: {over:?}"
+                    );
+                }
+            }
+        }
+        let rack = schedule(&scenario_file("rack-loss"), 1);
+        assert_eq!(rack.len(), 1);
+        assert_eq!(rack[0].kind, FaultKind::Group);
+        assert!(rack[0].etcd);
+        assert_eq!(rack[0].nodes.len(), 2);
+        assert_eq!(rack[0].nodes[0], Target::Leader);
+        assert_eq!(rack[0].window_s(), Some((15.0, 25.0)));
+    }
+
+    #[test]
+    fn every_scenario_file_parses_and_sizes_its_new_faults_by_time() {
+        let dir = format!("{}/scenarios", env!("CARGO_MANIFEST_DIR"));
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let s = Scenario::parse(&text, &path.display().to_string()).unwrap();
+            n += 1;
+            let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+            if [
+                "rack-loss",
+                "kill-in-etcd-outage",
+                "brownout-and-kill",
+                "leader-in-partition-while-etcd-restarts",
+            ]
+            .contains(&stem.as_str())
+            {
+                assert!(s.faults.iter().all(|f| f.at_s.is_some()), "{stem}: at_s");
+            }
+        }
+        assert!(n >= 11, "{n} scenario files");
+    }
+
+    #[test]
+    fn overlaps_table() {
+        /// (windows, each one's overlaps)
+        type Row<'a> = (&'a [(f64, f64)], &'a [&'a [usize]]);
+        let table: &[Row] = &[
+            (&[], &[]),
+            (&[(0.0, 1.0)], &[&[]]),
+            (&[(0.0, 10.0), (3.0, 4.0)], &[&[1], &[0]]),
+            (&[(0.0, 1.0), (2.0, 3.0)], &[&[], &[]]),
+            (
+                &[(0.0, 2.0), (2.0, 3.0), (2.5, 9.0)],
+                &[&[1], &[0, 2], &[1]],
+            ),
+        ];
+        for (windows, want) in table {
+            let got = overlaps(windows);
+            let want: Vec<Vec<usize>> = want.iter().map(|w| w.to_vec()).collect();
+            assert_eq!(got, want, "{windows:?}");
+        }
+    }
+
+    #[test]
+    fn resolve_group_table() {
+        use Target::*;
+        // (targets, leader, nodes, daemons hit, replacements)
+        type Row<'a> = (&'a [Target], Option<usize>, usize, &'a [usize], usize);
+        let table: &[Row] = &[
+            (&[Node(3), Node(4)], Some(0), 5, &[3, 4], 0),
+            (&[Leader, Node(4)], Some(2), 5, &[2, 4], 0),
+            (&[Leader, Node(2)], Some(2), 5, &[2, 0], 1),
+            (&[Leader, NonLeader], Some(0), 3, &[0, 1], 0),
+            (&[NonLeader, NonLeader], Some(0), 4, &[1, 2], 0),
+            (&[Leader], None, 3, &[0], 1),
+        ];
+        for (targets, leader, nodes, want, replaced) in table {
+            let (got, why) = resolve_group(targets, *leader, *nodes);
+            assert_eq!(got, *want, "{targets:?} leader {leader:?}");
+            assert_eq!(why.len(), *replaced, "{why:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn group_targets_are_distinct_daemons_and_the_seed_replays(
+            seed in 0u64..10_000,
+            nodes in 3usize..9,
+            anys in 1usize..3,
+            with_leader in proptest::bool::ANY,
+        ) {
+            let mut list: Vec<String> = vec!["\"any\"".into(); anys.min(nodes - 2)];
+            if with_leader {
+                list.push("\"leader\"".into());
+            }
+            let text = format!(
+                "[cluster]\nnodes = {nodes}\n[train]\nsteps = 100\n\
+                 [[faults]]\nkind = \"group\"\nat_s = 3\nnodes = [{}]\netcd = true\n\
+                 [random]\nrate_per_min = 30\nduration_s = 60\n\
+                 [[random.faults]]\nkind = \"group\"\nnodes = [\"any\", 0]\n",
+                list.join(", ")
+            );
+            let s = Scenario::parse(&text, "p.toml").unwrap();
+            let plan = schedule(&s, seed);
+            proptest::prop_assert_eq!(&plan, &schedule(&s, seed));
+            for f in &plan {
+                let (hit, _) = resolve_group(&f.nodes, Some(seed as usize % nodes), nodes);
+                let mut d = hit.clone();
+                d.sort_unstable();
+                d.dedup();
+                proptest::prop_assert_eq!(d.len(), f.nodes.len(), "{:?} -> {:?}", f.nodes, hit);
+                proptest::prop_assert!(hit.iter().all(|&n| n < nodes));
+                proptest::prop_assert!(hit.len() < nodes, "a survivor is left");
             }
         }
     }

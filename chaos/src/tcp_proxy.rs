@@ -63,6 +63,23 @@ pub enum TcpFault {
     Blackhole,
 }
 
+impl TcpFault {
+    /// Several faults in flight on one proxy at once (overlapping chaos faults): the
+    /// strongest, Blackhole over Drop over the longest Delay over Pass.
+    pub fn strongest(layers: impl IntoIterator<Item = TcpFault>) -> TcpFault {
+        let rank = |f: &TcpFault| match f {
+            TcpFault::Pass => (0, 0),
+            TcpFault::Delay { ms } => (1, *ms),
+            TcpFault::Drop => (2, 0),
+            TcpFault::Blackhole => (3, 0),
+        };
+        layers
+            .into_iter()
+            .max_by_key(rank)
+            .unwrap_or(TcpFault::Pass)
+    }
+}
+
 /// Counters since the proxy started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpProxyStats {
@@ -402,6 +419,29 @@ async fn pump(
                 .bytes_forwarded
                 .fetch_add(n as u64, Ordering::SeqCst);
             break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TcpFault::{self, *};
+
+    #[test]
+    fn overlapping_faults_take_the_strongest() {
+        let table: &[(&[TcpFault], TcpFault)] = &[
+            (&[], Pass),
+            (&[Pass, Delay { ms: 30 }], Delay { ms: 30 }),
+            (&[Delay { ms: 30 }, Delay { ms: 100 }], Delay { ms: 100 }),
+            (&[Delay { ms: 100 }, Drop], Drop),
+            (&[Blackhole, Drop, Pass], Blackhole),
+        ];
+        for (layers, want) in table {
+            assert_eq!(
+                TcpFault::strongest(layers.iter().copied()),
+                *want,
+                "{layers:?}"
+            );
         }
     }
 }

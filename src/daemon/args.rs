@@ -60,7 +60,8 @@ pub struct DaemonArgs {
     #[arg(long)]
     pub settle_ms: Option<u64>,
     /// While etcd does not answer, members whose step failed (a peer died) keep their state
-    /// and wait this long for etcd before they exit [default: 600].
+    /// and wait this long for etcd before they exit, and a node started while etcd does not
+    /// answer tries again for this long before it exits [default: 600].
     #[arg(long)]
     pub etcd_outage_timeout_s: Option<u64>,
     /// Deadline of one step, collective included [default: 300].

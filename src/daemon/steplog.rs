@@ -108,10 +108,19 @@ impl StepLog {
     /// The parameter hash after `step` is in.
     pub fn hashed(&mut self, step: u64, hash: String) {
         self.hashes.insert(step, hash);
-        while self.hashes.len() > HASHES_KEPT {
+        self.flush();
+        // Hashes finish out of order (each on its own blocking thread): one for a line
+        // still waiting is kept however late it came, or that line and every later one
+        // would wait forever. Bounded all the same: a waiting line needs one hash.
+        let needed = self.waiting.front().map_or(u64::MAX, |l| l.step);
+        while self.hashes.len() > HASHES_KEPT
+            && self
+                .hashes
+                .first_key_value()
+                .is_some_and(|(&s, _)| s < needed)
+        {
             self.hashes.pop_first();
         }
-        self.flush();
     }
 
     /// The parameter hash after `step`, if it is in.
@@ -223,5 +232,38 @@ mod tests {
             let got = line(step, val).progress("n", steps);
             assert_eq!(got.as_deref(), want, "step {step}/{steps}");
         }
+    }
+
+    /// A hash that finishes after more than [`HASHES_KEPT`] later ones (a starved
+    /// blocking thread) still gets its line written, and the lines after it too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_late_hash_does_not_hold_back_the_step_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = StepLog::open(dir.path()).unwrap();
+        let n = HASHES_KEPT as u64 + 5;
+        for step in 1..=n {
+            log.step(line(step, None));
+        }
+        for step in 2..=n {
+            log.hashed(step, format!("h{step}"));
+        }
+        assert_eq!(log.waiting.len() as u64, n, "step 1's hash is not in yet");
+        log.hashed(1, "h1".into());
+        assert!(
+            log.waiting.is_empty(),
+            "{} lines still wait",
+            log.waiting.len()
+        );
+        assert!(log.hashes.len() <= HASHES_KEPT);
+        let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, (1..=n).collect::<Vec<_>>());
     }
 }
