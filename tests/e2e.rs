@@ -3543,3 +3543,6 @@ mod etcd_tls;
 
 #[path = "e2e/stream.rs"]
 mod stream;
+
+#[path = "e2e/guard.rs"]
+mod guard;

@@ -7,9 +7,10 @@
 //! resumed or re-formed run decides as a straight one.
 //!
 //! The rules:
-//! - **Estimate.** An exponential moving mean and variance (decay `ema_decay`) of the loss
-//!   and of the gradient norm over the steps whose update was applied. Skipped steps do not
-//!   move it, so a spike never raises its own bar.
+//! - **Estimate.** A running mean and variance of the loss and of the gradient norm over
+//!   the steps whose update was applied: plain over the first `1 / (1 - ema_decay)` (50),
+//!   then exponential with decay `ema_decay` (0.98), so it follows a falling loss. Skipped
+//!   steps do not move it, so a spike never raises its own bar.
 //! - **Warm-up.** During the first `warmup_steps` applied steps nothing is flagged.
 //! - **Flag.** After it, a step is flagged when its loss is above
 //!   `mean + sigma x std` of the losses, or its gradient norm above the same bound of the
@@ -131,8 +132,8 @@ impl GuardLimits {
     }
 }
 
-/// An exponential moving mean and variance (West's incremental form), f64 serialised as
-/// bits so that a checkpoint round trip is exact.
+/// A running, then exponential, mean and variance (West's incremental form), f64
+/// serialised as bits so that a checkpoint round trip is exact.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ema {
     /// Values observed.
@@ -146,18 +147,16 @@ pub struct Ema {
 }
 
 impl Ema {
-    /// Takes one value in.
+    /// Takes one value in. The weight of the new value is `max(1 / n, 1 - decay)`: the
+    /// plain mean and (population) variance of the first `1 / (1 - decay)` values, then
+    /// exponential (a pure exponential average would cling to the first value).
     pub fn observe(&mut self, x: f64, decay: f64) {
-        if self.n == 0 {
-            (self.mean, self.var) = (x, 0.0);
-        } else {
-            let alpha = 1.0 - decay;
-            let diff = x - self.mean;
-            let incr = alpha * diff;
-            self.mean += incr;
-            self.var = decay * (self.var + diff * incr);
-        }
         self.n += 1;
+        let alpha = (1.0 / self.n as f64).max(1.0 - decay);
+        let diff = x - self.mean;
+        let incr = alpha * diff;
+        self.mean += incr;
+        self.var = (1.0 - alpha) * (self.var + diff * incr);
     }
 
     /// `mean + sigma x max(std, min_rel_std x |mean|)`.
@@ -255,8 +254,8 @@ impl Guard {
 
     /// Takes in finished step `step` (its mean loss and gradient norm as reduced, and
     /// whether its update was skipped because a value was not finite) and says what to
-    /// do. `flagged` must be what the ranks decided with [`Guard::limits`]; the guard
-    /// checks it again from the same values (and the two agree, being the same function).
+    /// do. It flags from the same values with the same bounds ([`Guard::limits`],
+    /// [`GuardLimits::exceeded`]) as the ranks did, so the two agree (the shell checks).
     pub fn observe(&mut self, step: u64, loss: f64, grad_norm: f64, non_finite: bool) -> Verdict {
         let flag = self.limits().and_then(|l| l.exceeded(loss, grad_norm));
         let st = &mut self.state;
@@ -487,6 +486,27 @@ mod tests {
         assert!(!holds);
         assert_eq!(r.state.snapshot, None);
         assert_eq!(r.state.stats, g.state.stats);
+    }
+
+    #[test]
+    fn the_estimate_is_plain_at_first_then_exponential() {
+        let mut e = Ema::default();
+        for x in [1.0, 2.0, 3.0, 4.0] {
+            e.observe(x, 0.5);
+        }
+        // Weights 1, 1/2, then 1/2 (1 - decay) from the third value on.
+        assert_eq!(e.n, 4);
+        assert_eq!(e.mean, 3.125);
+        let mut p = Ema::default();
+        for x in [1.0, 2.0, 3.0, 4.0] {
+            p.observe(x, 0.98);
+        }
+        assert_eq!(p.mean, 2.5, "the plain mean of the first values");
+        assert!(
+            (p.var - 1.25).abs() < 1e-12,
+            "their population variance: {}",
+            p.var
+        );
     }
 
     #[test]
