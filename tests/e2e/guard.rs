@@ -81,14 +81,12 @@ fn guards_without_spikes_give_the_bits_of_no_guards() {
 fn a_planted_spike_is_skipped_and_logged_with_its_samples() {
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());
-    // Step 12 (0-based 11) reports 10x its loss.
-    let (run, out) = guarded(
-        &data,
-        &tmp.path().join("run"),
-        "11",
-        &["--steps", "14", "--ckpt-every", "1"],
-    );
-    assert!(out.contains("done: step 14"), "{out}");
+    // Step 12 (0-based 11) reports 10x its loss; a run that stops at step 11 and one
+    // without the spike are the references (a run's final checkpoint is always saved).
+    let (run, out) = guarded(&data, &tmp.path().join("run"), "11", &["--steps", "12"]);
+    let (before, _) = guarded(&data, &tmp.path().join("before"), "", &["--steps", "11"]);
+    let (clean, _) = guarded(&data, &tmp.path().join("clean"), "", &["--steps", "12"]);
+    assert!(out.contains("done: step 12"), "{out}");
     let f = flagged(&run);
     assert_eq!(f.len(), 1, "{f:?}");
     let line = &f[0];
@@ -118,10 +116,14 @@ fn a_planted_spike_is_skipped_and_logged_with_its_samples() {
         .map(|m| m["step"].as_u64().unwrap())
         .collect();
     assert_eq!(guarded_steps, vec![12]);
-    // The skipped step changed nothing; the steps around it did.
-    assert_eq!(run.state(12), run.state(11), "step 12's update was applied");
-    assert_ne!(run.state(13), run.state(12));
-    assert_ne!(run.state(11), run.state(10));
+    // The skipped step changed nothing: the state after it is the state before it.
+    assert_eq!(
+        run.state(12),
+        before.state(11),
+        "step 12's update was applied"
+    );
+    assert_ne!(clean.state(12), before.state(11));
+    assert!(flagged(&clean).is_empty());
 }
 
 #[test]
@@ -129,19 +131,15 @@ fn a_streak_of_spikes_rolls_back_to_the_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let data = corpus(tmp.path());
     // Steps 12, 13 and 14 spike; the snapshot is of step 10.
-    let (run, out) = guarded(
-        &data,
-        &tmp.path().join("run"),
-        "11,12,13",
-        &[
-            "--steps",
-            "16",
-            "--ckpt-every",
-            "1",
-            "--guard-rollback-after",
-            "3",
-        ],
-    );
+    let streak = ["--guard-rollback-after", "3"];
+    let with = |steps: &'static str| {
+        let mut v = vec!["--steps", steps];
+        v.extend_from_slice(&streak);
+        v
+    };
+    let (run, out) = guarded(&data, &tmp.path().join("run"), "11,12,13", &with("14"));
+    let (at10, _) = guarded(&data, &tmp.path().join("at10"), "", &with("10"));
+    let (on, _) = guarded(&data, &tmp.path().join("on"), "11,12,13", &with("16"));
     let actions: Vec<(u64, String)> = flagged(&run)
         .iter()
         .map(|l| {
@@ -160,16 +158,17 @@ fn a_streak_of_spikes_rolls_back_to_the_snapshot() {
         ]
     );
     assert_eq!(flagged(&run)[2]["rollback_to_step"], 10);
-    assert!(out.contains("done: step 16"), "{out}");
+    assert!(out.contains("done: step 14"), "{out}");
     assert_eq!(
         run.state(14),
-        run.state(10),
+        at10.state(10),
         "the state after the rollback is the snapshot's"
     );
-    assert_ne!(run.state(11), run.state(10));
-    // The data cursor went on: step 15 reads the batch after step 14's.
-    let m = run.metrics();
+    // Training goes on after it, from the next batches (the cursor is not rewound).
+    let m = on.metrics();
     assert_eq!(m.len(), 16);
+    assert_eq!(flagged(&on).len(), 3);
+    assert_ne!(on.state(16), at10.state(10));
 }
 
 #[test]

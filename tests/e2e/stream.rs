@@ -343,7 +343,10 @@ fn a_planted_spike_on_a_mixture_is_logged_with_its_sources_and_reported() {
     for s in samples {
         let (source, shard) = (s["source"].as_str().unwrap(), s["shard"].as_str().unwrap());
         assert!(["web", "books", "code"].contains(&source), "{s}");
-        assert!(shard.starts_with(source) && shard.ends_with(".tok"), "{s}");
+        assert!(
+            shard.starts_with(&format!("shards/{source}-")) && shard.ends_with(".tok"),
+            "{s}"
+        );
         assert!(s["window"].is_u64(), "{s}");
     }
     let report = ok(&["data", "report", dir.to_str().unwrap()]);
