@@ -255,6 +255,7 @@ mod tests {
         all.extend_from_slice(args);
         match Cli::try_parse_from(all).unwrap().command {
             DataCommand::Prepare(a) => a,
+            DataCommand::Report(_) => unreachable!("parsed `data prepare`"),
         }
     }
 

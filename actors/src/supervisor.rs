@@ -836,13 +836,15 @@ mod guard_tests {
             (0.0, f64::INFINITY, "loss above its bound"),
             (f64::INFINITY, 0.0, "gradient norm above its bound"),
         ];
-        for (max_loss, max_grad_norm, what) in cases {
+        // Steps are numbered on (the collective reduces each step once); the batch is
+        // the same.
+        for (step, (max_loss, max_grad_norm, what)) in cases.into_iter().enumerate() {
             let limits = GuardLimits {
                 max_loss,
                 max_grad_norm,
             };
             let r = trainer
-                .step_guarded(generation, 0, 0, 1e-3, Some(limits))
+                .step_guarded(generation, step as u64, 0, 1e-3, Some(limits))
                 .await
                 .unwrap();
             assert!(r.guarded && !r.skipped, "{what}: {r:?}");
@@ -853,7 +855,7 @@ mod guard_tests {
             max_grad_norm: f64::MAX,
         };
         let r = trainer
-            .step_guarded(generation, 0, 0, 1e-3, Some(loose))
+            .step_guarded(generation, 2, 0, 1e-3, Some(loose))
             .await
             .unwrap();
         assert!(!r.guarded && !r.skipped, "{r:?}");

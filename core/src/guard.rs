@@ -351,6 +351,9 @@ mod tests {
         out
     }
 
+    /// A table row: name, settings, the steps' `(loss, norm)`, the verdicts wanted.
+    type Case = (&'static str, GuardConfig, Vec<(f64, f64)>, &'static str);
+
     fn flat(n: usize) -> Vec<(f64, f64)> {
         (0..n)
             .map(|i| (3.0 + 0.01 * (i % 3) as f64, 1.0 + 0.01 * (i % 2) as f64))
@@ -368,7 +371,7 @@ mod tests {
             }
             s
         };
-        let cases: Vec<(&str, GuardConfig, Vec<(f64, f64)>, &str)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "off",
                 cfg(0.0, 2, 2, 2),
