@@ -7,7 +7,9 @@
 //! (`steps`, `ranks`, `pipeline_stages`, `schedule`, `run_dir`, `store`, `ckpt_every`,
 //! `keep_last`, `keep_every`, `eval_every`, `device`, `precision`) may change: a
 //! pipelined run gives the same bits as one rank; a run moved to another device or
-//! precision goes on from the same state but with that device's bits.
+//! precision goes on from the same state but with that device's bits. The training
+//! guard's keys (`guard_*`) are a policy like `max_bad_steps`: a resumed run inherits them
+//! and may change them (they change the bits only when the guard flags a step).
 
 use std::path::PathBuf;
 
@@ -107,6 +109,22 @@ pub struct TrainArgs {
     /// Stop with an error after this many consecutive non-finite steps [default: 5].
     #[arg(long)]
     pub max_bad_steps: Option<u64>,
+    /// Training guard: flag a step whose loss or gradient norm is more than this many
+    /// standard deviations above its moving mean, and skip its update; 0: off [default: 0].
+    #[arg(long, value_name = "K")]
+    pub guard_sigma: Option<f64>,
+    /// Training guard: applied steps observed before anything is flagged [default: 50].
+    #[arg(long, value_name = "STEPS")]
+    pub guard_warmup_steps: Option<u64>,
+    /// Training guard: after this many flagged steps in a row, roll back to the in-memory
+    /// snapshot (the step counter and data cursor go on); 0: only skip [default: 0].
+    #[arg(long, value_name = "N")]
+    pub guard_rollback_after: Option<u32>,
+    /// Training guard: keep the in-memory snapshot after every applied step that is a
+    /// multiple of this (only with --guard-rollback-after; choose one dividing
+    /// --ckpt-every, so that a resumed run holds it) [default: 50].
+    #[arg(long, value_name = "STEPS")]
+    pub guard_snapshot_every: Option<u64>,
     /// Pipeline stages S: the --ranks of this process form ranks / S pipelines of S
     /// stages (`tenax daemon`: each of its --devices ranks is a pipeline of S stages),
     /// each stage holding a contiguous run of the model's layers; the same bits as one
@@ -166,6 +184,10 @@ impl TrainArgs {
             eval_every,
             eval_batches,
             max_bad_steps,
+            guard_sigma,
+            guard_warmup_steps,
+            guard_rollback_after,
+            guard_snapshot_every,
             pipeline_stages,
             schedule,
             device,
@@ -256,6 +278,18 @@ pub struct TrainConfig {
     pub eval_batches: u64,
     /// Consecutive non-finite steps tolerated.
     pub max_bad_steps: u64,
+    /// Training guard: sigma (0: off).
+    #[serde(default)]
+    pub guard_sigma: f64,
+    /// Training guard: warm-up in applied steps.
+    #[serde(default = "default_guard_warmup")]
+    pub guard_warmup_steps: u64,
+    /// Training guard: flagged steps in a row before a rollback (0: never).
+    #[serde(default)]
+    pub guard_rollback_after: u32,
+    /// Training guard: snapshot period in steps.
+    #[serde(default = "default_guard_snapshot_every")]
+    pub guard_snapshot_every: u64,
     /// Pipeline stages (1: no pipeline).
     #[serde(default = "one_stage")]
     pub pipeline_stages: u32,
@@ -291,6 +325,14 @@ fn default_device() -> String {
 
 fn default_precision() -> String {
     "bf16".into()
+}
+
+fn default_guard_warmup() -> u64 {
+    tenax_core::guard::GuardConfig::default().warmup_steps
+}
+
+fn default_guard_snapshot_every() -> u64 {
+    tenax_core::guard::GuardConfig::default().snapshot_every
 }
 
 fn one_stage() -> u32 {
@@ -354,6 +396,12 @@ impl TrainConfig {
             eval_every: args.eval_every.unwrap_or(0),
             eval_batches: args.eval_batches.unwrap_or(20),
             max_bad_steps: args.max_bad_steps.unwrap_or(5),
+            guard_sigma: args.guard_sigma.unwrap_or(0.0),
+            guard_warmup_steps: args.guard_warmup_steps.unwrap_or_else(default_guard_warmup),
+            guard_rollback_after: args.guard_rollback_after.unwrap_or(0),
+            guard_snapshot_every: args
+                .guard_snapshot_every
+                .unwrap_or_else(default_guard_snapshot_every),
             pipeline_stages: args.pipeline_stages.unwrap_or(1),
             schedule: args.schedule.unwrap_or_else(default_schedule),
             device: args.device.unwrap_or_else(default_device),
@@ -414,6 +462,7 @@ impl TrainConfig {
                 self.device
             );
         }
+        self.guard().validate()?;
         Ok(())
     }
 
@@ -421,6 +470,17 @@ impl TrainConfig {
     pub fn step_device(&self) -> Result<tenax_model::StepDevice> {
         tenax_model::StepDevice::parse(&self.device, &self.precision)
             .map_err(|e| anyhow::anyhow!(e))
+    }
+
+    /// The training guard's settings (`guard_sigma` 0: off).
+    pub fn guard(&self) -> tenax_core::guard::GuardConfig {
+        tenax_core::guard::GuardConfig {
+            sigma: self.guard_sigma,
+            warmup_steps: self.guard_warmup_steps,
+            rollback_after: self.guard_rollback_after,
+            snapshot_every: self.guard_snapshot_every,
+            ..Default::default()
+        }
     }
 
     /// The pipeline schedule, parsed.
@@ -457,6 +517,10 @@ impl TrainConfig {
             eval_every: Some(self.eval_every),
             eval_batches: Some(self.eval_batches),
             max_bad_steps: Some(self.max_bad_steps),
+            guard_sigma: Some(self.guard_sigma),
+            guard_warmup_steps: Some(self.guard_warmup_steps),
+            guard_rollback_after: Some(self.guard_rollback_after),
+            guard_snapshot_every: Some(self.guard_snapshot_every),
             pipeline_stages: Some(self.pipeline_stages),
             schedule: Some(self.schedule.clone()),
             device: Some(self.device.clone()),
@@ -553,5 +617,56 @@ mod tests {
         std::fs::write(&p, "stpes = 3\n").unwrap();
         let err = TrainArgs::from_toml_file(&p).unwrap_err().to_string();
         assert!(err.contains("stpes"), "{err}");
+    }
+
+    #[test]
+    fn the_guard_is_off_by_default_and_inherited_but_not_a_math_key() {
+        let off = TrainConfig::resolve(TrainArgs::default(), None).unwrap();
+        assert!(!off.guard().enabled());
+        let on = TrainConfig::resolve(
+            TrainArgs {
+                guard_sigma: Some(6.0),
+                guard_rollback_after: Some(3),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert!(on.guard().enabled());
+        assert_eq!(
+            (on.guard().warmup_steps, on.guard().snapshot_every),
+            (50, 50)
+        );
+        assert!(on.math_differences(&off).is_empty(), "a policy, not math");
+        assert_eq!(on.math(), off.math(), "the config hash does not change");
+        let resumed = TrainConfig::resolve(TrainArgs::default(), Some(&on)).unwrap();
+        assert_eq!(resumed.guard(), on.guard(), "a resumed run inherits it");
+        // A checkpoint written before the guard existed has no guard keys: off.
+        let mut old = serde_json::to_value(&off).unwrap();
+        for k in [
+            "guard_sigma",
+            "guard_warmup_steps",
+            "guard_rollback_after",
+            "guard_snapshot_every",
+        ] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let old: TrainConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(old.guard(), off.guard());
+        for bad in [
+            TrainArgs {
+                guard_sigma: Some(-1.0),
+                ..Default::default()
+            },
+            TrainArgs {
+                guard_sigma: Some(3.0),
+                guard_rollback_after: Some(2),
+                guard_snapshot_every: Some(0),
+                ..Default::default()
+            },
+        ] {
+            let err = TrainConfig::resolve(bad, None).unwrap_err().to_string();
+            assert!(err.contains("--guard-"), "{err}");
+        }
     }
 }

@@ -448,6 +448,12 @@ async fn prepare_node(
     // each of the node's --devices data-parallel ranks runs one such pipeline.
     train_args.ranks = Some(train_args.pipeline_stages.unwrap_or(1).max(1) as usize);
     let cfg = TrainConfig::resolve(train_args, stored.as_ref().map(|s| &s.train))?;
+    if cfg.guard().enabled() {
+        bail!(
+            "--guard-sigma {}: the training guard runs in `tenax train` only so far (its state is not yet carried in a daemon's state copies): pass --guard-sigma 0",
+            cfg.guard_sigma
+        );
+    }
     if let Some(st) = &stored {
         let diffs = cfg.math_differences(&st.train);
         if !diffs.is_empty() {

@@ -1,6 +1,7 @@
 //! `tenax data`: the CLI shell of the data preparation pipeline in `tenax_data::prepare`.
 //!
-//! `prepare` parses the flags, builds the [`PrepareConfig`] (TOML file, then flags), runs
+//! `report` (`tenax data report RUN_OR_URL`) prints a dataset's manifest statistics and a
+//! run's flagged batches. `prepare` parses the flags, builds the [`PrepareConfig`] (TOML file, then flags), runs
 //! the pipeline on a blocking thread with a progress bar, and prints a summary. A local
 //! path or `file://` URL is written in place; any other store URL (`s3://...`) is prepared
 //! in a local staging folder and then uploaded through `tenax_storage::Store`, shards first
@@ -31,6 +32,10 @@ pub enum DataCommand {
     /// by placeholders (<EMAIL>, <PHONE>, ...), and the rest tokenized into fixed-size shards
     /// per source, with manifest.json listing every count, shard hash and the dataset hash.
     Prepare(PrepareArgs),
+    /// Show a prepared dataset's mixture shares, filter and scrub statistics (from its
+    /// manifest.json) and a run's flagged batches (from its flagged.jsonl, written by the
+    /// training guard).
+    Report(ReportArgs),
 }
 
 /// Flags of `tenax data prepare`.
@@ -250,6 +255,7 @@ mod tests {
         all.extend_from_slice(args);
         match Cli::try_parse_from(all).unwrap().command {
             DataCommand::Prepare(a) => a,
+            DataCommand::Report(_) => unreachable!("parsed `data prepare`"),
         }
     }
 
@@ -346,5 +352,338 @@ mod tests {
             err.contains("--shard-tokens") && err.contains("shard_tokens"),
             "{err}"
         );
+    }
+}
+
+/// Flags of `tenax data report`.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// A run dir (its flagged.jsonl, and the prepared dataset its newest checkpoint trained
+    /// on, if any) or a prepared dataset (a folder with manifest.json, or a store URL).
+    #[arg(value_name = "RUN_OR_URL")]
+    pub target: String,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `tenax data report`.
+pub async fn report(args: ReportArgs) -> Result<()> {
+    let local = Path::new(&args.target);
+    let is_run = !args.target.contains("://")
+        && (local.join(FLAGGED_FILE).is_file() || local.join("metrics.jsonl").is_file());
+    let (dataset, flagged) = match is_run {
+        true => {
+            let flagged = read_flagged(&local.join(FLAGGED_FILE))?;
+            let url = run_dataset(local)?;
+            (url, Some(flagged))
+        }
+        false => match crate::stream::dataset_url(&[PathBuf::from(&args.target)])? {
+            Some(url) => (Some(url), None),
+            None => bail!(
+                "{}: neither a run dir (no metrics.jsonl or {FLAGGED_FILE}) nor a prepared dataset (no {MANIFEST_FILE}): give a --run-dir of `tenax train` or an --out of `tenax data prepare`",
+                args.target
+            ),
+        },
+    };
+    let manifest = match &dataset {
+        Some(url) => Some((url.clone(), read_manifest(url).await?)),
+        None => None,
+    };
+    let m = manifest.as_ref().map(|(u, m)| (u.as_str(), m));
+    if args.json {
+        println!("{}", report_json(m, flagged.as_deref()));
+    } else {
+        print!("{}", render_report(m, flagged.as_deref()));
+    }
+    Ok(())
+}
+
+use crate::train::guard::FLAGGED_FILE;
+
+/// The flagged steps of a run (none when the file does not exist).
+fn read_flagged(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => bail!("{}: cannot read it: {e}", path.display()),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// The prepared dataset a run trained on, from the config of its newest checkpoint in
+/// the run dir's default store (`<run>/checkpoints`): `None` for the in-memory path or
+/// when there is no checkpoint there.
+fn run_dataset(run: &Path) -> Result<Option<String>> {
+    let Ok(entries) = std::fs::read_dir(run.join("checkpoints")) else {
+        return Ok(None);
+    };
+    let mut manifests: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("MANIFEST.json"))
+        .filter(|p| p.is_file())
+        .collect();
+    manifests.sort();
+    let Some(newest) = manifests.last() else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(newest)
+        .with_context(|| format!("{}: cannot read it", newest.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", newest.display()))?;
+    let data: Vec<PathBuf> = v["config"]["train"]["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(PathBuf::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    crate::stream::dataset_url(&data)
+}
+
+/// A prepared dataset's manifest, read and checked (format and dataset hash).
+async fn read_manifest(url: &str) -> Result<Manifest> {
+    let store = tenax_storage::Store::open(url).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let bytes = store
+        .get(MANIFEST_FILE)
+        .await
+        .map_err(|e| anyhow::anyhow!("dataset {url}: cannot read {MANIFEST_FILE}: {e}"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "dataset {url}: no {MANIFEST_FILE}: give the --out of `tenax data prepare`"
+            )
+        })?;
+    Manifest::from_bytes(&bytes, Path::new(&format!("{url}/{MANIFEST_FILE}")))
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The sampler's drawn share of each source (its quota per block of
+/// `tenax_core::mixture::MIX_BLOCK` samples).
+fn drawn_shares(m: &Manifest) -> Vec<f64> {
+    let weights: Vec<f64> = m.sources.iter().map(|s| s.weight).collect();
+    let block = tenax_core::mixture::MIX_BLOCK;
+    tenax_core::mixture::quotas(&weights, block)
+        .into_iter()
+        .map(|q| q as f64 / block as f64)
+        .collect()
+}
+
+/// Counts by name as "name n, name n" (empty: "-").
+fn counts(v: &impl serde::Serialize) -> String {
+    let v = serde_json::to_value(v).unwrap_or_default();
+    let parts: Vec<String> = v
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(_, n)| n.as_u64() != Some(0))
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    match parts.is_empty() {
+        true => "-".into(),
+        false => parts.join(", "),
+    }
+}
+
+/// Flagged samples by source, in first-seen order.
+fn flagged_by_source(flagged: &[serde_json::Value]) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for line in flagged {
+        for s in line["samples"].as_array().into_iter().flatten() {
+            let src = s["source"].as_str().unwrap_or("?").to_string();
+            match out.iter_mut().find(|(n, _)| *n == src) {
+                Some((_, c)) => *c += 1,
+                None => out.push((src, 1)),
+            }
+        }
+    }
+    out
+}
+
+/// The report as text: the dataset's mixture, filter and scrub tables, then the flagged
+/// batches.
+pub fn render_report(
+    dataset: Option<(&str, &Manifest)>,
+    flagged: Option<&[serde_json::Value]>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    if let Some((url, m)) = dataset {
+        let t = &m.totals;
+        let _ = writeln!(
+            o,
+            "dataset {url}\n  hash {}, tokenizer {:?}, {} documents read, {} kept, {} tokens in {} shards",
+            &m.dataset_hash[..m.dataset_hash.len().min(16)],
+            m.tokenizer.kind,
+            t.docs_read,
+            t.docs_kept,
+            t.tokens,
+            t.shards
+        );
+        let _ = writeln!(
+            o,
+            "\nmixture\n  {:<16} {:>7} {:>7} {:>7} {:>10} {:>7} {:>12}",
+            "source", "weight", "share", "drawn", "docs kept", "shards", "tokens"
+        );
+        for (s, drawn) in m.sources.iter().zip(drawn_shares(m)) {
+            let _ = writeln!(
+                o,
+                "  {:<16} {:>7} {:>6.1}% {:>6.1}% {:>10} {:>7} {:>12}",
+                s.name,
+                s.weight,
+                100.0 * s.share,
+                100.0 * drawn,
+                s.docs_kept,
+                s.shards.len(),
+                s.tokens
+            );
+        }
+        let _ = writeln!(o, "\nfilters (documents dropped)");
+        for s in &m.sources {
+            let _ = writeln!(
+                o,
+                "  {:<16} read {}, exact dups {}, near dups {}, by rule: {}, not documents: {}",
+                s.name,
+                s.docs_read,
+                s.exact_dups,
+                s.near_dups,
+                counts(&s.filtered),
+                counts(&s.skipped)
+            );
+        }
+        let _ = writeln!(o, "\nscrubbing (values replaced)");
+        for s in &m.sources {
+            let _ = writeln!(
+                o,
+                "  {:<16} {} documents: {}",
+                s.name,
+                s.docs_scrubbed,
+                counts(&s.scrubbed)
+            );
+        }
+    }
+    if let Some(flagged) = flagged {
+        if !o.is_empty() {
+            o.push('\n');
+        }
+        let _ = writeln!(o, "flagged batches: {} ({FLAGGED_FILE})", flagged.len());
+        for l in flagged {
+            let srcs: Vec<String> = l["samples"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    format!(
+                        "{}:{}#{}",
+                        s["source"].as_str().unwrap_or("?"),
+                        s["shard"].as_str().unwrap_or("?"),
+                        s["window"]
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                o,
+                "  step {} {}: loss {:.4} (bound {}), grad norm {:.4} (bound {}); samples {}",
+                l["step"],
+                l["action"].as_str().unwrap_or("?"),
+                l["loss"].as_f64().unwrap_or(f64::NAN),
+                l["max_loss"]
+                    .as_f64()
+                    .map_or("-".into(), |v| format!("{v:.4}")),
+                l["grad_norm"].as_f64().unwrap_or(f64::NAN),
+                l["max_grad_norm"]
+                    .as_f64()
+                    .map_or("-".into(), |v| format!("{v:.4}")),
+                srcs.join(" ")
+            );
+        }
+        let by = flagged_by_source(flagged);
+        if !by.is_empty() {
+            let parts: Vec<String> = by.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            let _ = writeln!(o, "  flagged samples by source: {}", parts.join(", "));
+        }
+    }
+    o
+}
+
+/// The report as one JSON object.
+fn report_json(
+    dataset: Option<(&str, &Manifest)>,
+    flagged: Option<&[serde_json::Value]>,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({});
+    if let Some((url, m)) = dataset {
+        let sources: Vec<serde_json::Value> = m
+            .sources
+            .iter()
+            .zip(drawn_shares(m))
+            .map(|(s, drawn)| {
+                serde_json::json!({
+                    "name": s.name, "weight": s.weight, "share": s.share, "drawn_share": drawn,
+                    "docs_read": s.docs_read, "docs_kept": s.docs_kept, "exact_dups": s.exact_dups,
+                    "near_dups": s.near_dups, "filtered": s.filtered, "skipped": s.skipped,
+                    "docs_scrubbed": s.docs_scrubbed, "scrubbed": s.scrubbed, "tokens": s.tokens,
+                    "shards": s.shards.len(),
+                })
+            })
+            .collect();
+        v["dataset"] = serde_json::json!({"url": url, "dataset_hash": m.dataset_hash, "totals": m.totals, "sources": sources});
+    }
+    if let Some(f) = flagged {
+        v["flagged"] = serde_json::json!(f);
+        v["flagged_by_source"] = serde_json::json!(flagged_by_source(f));
+    }
+    v
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn flagged_batches_are_listed_with_their_sources() {
+        let flagged: Vec<serde_json::Value> = vec![
+            serde_json::json!({"step": 12, "action": "skip", "loss": 30.0, "max_loss": 3.3, "grad_norm": 1.0, "max_grad_norm": 2.0,
+                "samples": [{"source": "web", "shard": "web-00001.tok", "window": 4}, {"source": "code", "shard": "code-00000.tok", "window": 9}]}),
+            serde_json::json!({"step": 13, "action": "rollback", "loss": 31.0, "max_loss": 3.3, "grad_norm": 1.0, "max_grad_norm": 2.0,
+                "samples": [{"source": "web", "shard": "web-00002.tok", "window": 1}]}),
+        ];
+        let text = render_report(None, Some(&flagged));
+        assert!(
+            text.starts_with("flagged batches: 2 (flagged.jsonl)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  step 12 skip: loss 30.0000 (bound 3.3000), grad norm 1.0000 (bound 2.0000); samples web:web-00001.tok#4 code:code-00000.tok#9\n"),
+            "{text}"
+        );
+        assert!(text.contains("step 13 rollback"), "{text}");
+        assert!(
+            text.ends_with("flagged samples by source: web 2, code 1\n"),
+            "{text}"
+        );
+        assert_eq!(
+            render_report(None, Some(&[])),
+            "flagged batches: 0 (flagged.jsonl)\n"
+        );
+    }
+
+    #[test]
+    fn zero_counts_are_left_out() {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("a", 0u64);
+        m.insert("b", 3u64);
+        assert_eq!(counts(&m), "b 3");
+        m.insert("b", 0);
+        assert_eq!(counts(&m), "-");
     }
 }

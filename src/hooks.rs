@@ -15,6 +15,7 @@ pub const KNOWN: &[&str] = &[
     PANIC_RANK_AT_STEP,
     PANIC_IN_UPLOAD_AT_STEP,
     KILL_IN_SHARE_AT_STEP,
+    LOSS_SPIKE_AT_STEPS,
 ];
 
 /// At `<step>`, this daemon sends its all-gather frames to one peer only, then exits
@@ -37,6 +38,12 @@ pub const PANIC_IN_UPLOAD_AT_STEP: &str = "TENAX_CHAOS_PANIC_IN_UPLOAD_AT_STEP";
 /// receipt (read by tenax-actors' `chaos-hooks` feature).
 #[cfg(feature = "chaos-hooks")]
 pub const KILL_IN_SHARE_AT_STEP: &str = "TENAX_CHAOS_KILL_IN_SHARE_AT_STEP";
+
+/// The reduced loss of the steps `<step>[,<step>...]` (numbered from 0) is multiplied by
+/// 10 before the update is decided: a planted loss spike for the training guard (read by
+/// tenax-actors' `chaos-hooks` feature).
+#[cfg(feature = "chaos-hooks")]
+pub const LOSS_SPIKE_AT_STEPS: &str = "TENAX_CHAOS_LOSS_SPIKE_AT_STEPS";
 
 /// When this daemon starts training at or after `<step>`, it flips one bit of one
 /// parameter, once.

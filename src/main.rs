@@ -353,6 +353,7 @@ fn main() -> ExitCode {
             Command::Certs { command } => certs::run(command),
             Command::Data { command } => match command {
                 data_cmd::DataCommand::Prepare(a) => data_cmd::prepare(a).await,
+                data_cmd::DataCommand::Report(a) => data_cmd::report(a).await,
             },
             Command::Bench { command } => match command {
                 BenchCommand::Train(a) => bench::train(a).await,

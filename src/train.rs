@@ -22,6 +22,7 @@ use tenax_storage::{CheckpointMeta, LoadedCheckpoint, Store, TensorData};
 use crate::config::{TrainArgs, TrainConfig};
 use crate::plot::{plot_loss, LossPoint};
 
+pub(crate) mod guard;
 mod local;
 use local::Local;
 
@@ -512,7 +513,19 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         Ok(c) => c,
         Err(e) => return Err(anyhow!("{e}")),
     };
-    let mut local = Local::new(&prep, &mut checkpointer, &mut metrics, &mut history, start);
+    let guard_state = match &resumed {
+        Some(c) => guard::state_of(c)?,
+        None => None,
+    };
+    let guarding = guard::Guarding::new(&prep, &run_dir, start.step, guard_state);
+    let mut local = Local::new(
+        &prep,
+        &mut checkpointer,
+        &mut metrics,
+        &mut history,
+        start,
+        guarding,
+    );
     let result = local.run(resumed.is_some()).await;
     let (trainer, state) = (local.trainer.take(), local.state.take());
     let end = match result {
@@ -610,6 +623,38 @@ pub(crate) async fn save(
     generation: u64,
     share: Option<ShareJob>,
 ) -> Result<()> {
+    let at = SaveAt {
+        step,
+        cursor,
+        generation,
+    };
+    save_at(trainer, checkpointer, prep, at, share, None).await
+}
+
+/// Where a checkpoint is taken.
+pub(crate) struct SaveAt {
+    /// Steps done.
+    pub step: u64,
+    /// Samples consumed.
+    pub cursor: u64,
+    /// The generation saving it (0 for `tenax train`).
+    pub generation: u64,
+}
+
+/// [`save`], with the training guard's state for the manifest's `extra.guard`.
+pub(crate) async fn save_at(
+    trainer: &Trainer,
+    checkpointer: &Checkpointer,
+    prep: &Prepared,
+    at: SaveAt,
+    share: Option<ShareJob>,
+    guard: Option<&tenax_core::guard::GuardState>,
+) -> Result<()> {
+    let SaveAt {
+        step,
+        cursor,
+        generation,
+    } = at;
     let snap = trainer
         .snapshot()
         .await
@@ -623,7 +668,10 @@ pub(crate) async fn save(
         config_hash: config_hash.to_string(),
         data_cursor: cursor,
         rng: json!({"seed": stored_cfg.train.seed, "sampler": "splitmix64-fisher-yates-v1"}),
-        extra: json!({"adamw_step": snap.opt.step}),
+        extra: match guard {
+            None => json!({"adamw_step": snap.opt.step}),
+            Some(g) => json!({"adamw_step": snap.opt.step, "guard": g}),
+        },
     };
     checkpointer
         .save(SaveJob {

@@ -3579,3 +3579,6 @@ mod gpu;
 
 #[path = "e2e/stream.rs"]
 mod stream;
+
+#[path = "e2e/guard.rs"]
+mod guard;

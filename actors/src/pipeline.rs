@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tenax_cluster::{Collective, InProcessCollective, Reduced, SlotContribution};
+use tenax_core::guard::GuardLimits;
 use tenax_core::pipeline::{
     peak_in_flight, stage_ops, GridPos, Op, PipelineConfig, PipelinePlan, Schedule, StageLayers,
 };
@@ -427,17 +428,29 @@ impl StageCompute {
     /// Run this stage's ops for `step` (global batch from sample `cursor`), reduce, meet
     /// the other stages, and apply the update. A failure aborts the trainer at once, so
     /// that no other stage waits for this one until its deadline.
-    pub(crate) fn step(&mut self, step: u64, cursor: u64, lr: f32) -> Result<RankOutcome, String> {
+    pub(crate) fn step(
+        &mut self,
+        step: u64,
+        cursor: u64,
+        lr: f32,
+        limits: Option<GuardLimits>,
+    ) -> Result<RankOutcome, String> {
         #[cfg(feature = "chaos-hooks")]
         crate::rank::panic_once_at(step);
-        let r = self.run_step(step, cursor, lr);
+        let r = self.run_step(step, cursor, lr, limits);
         if let Err(e) = &r {
             (self.abort)(e);
         }
         r
     }
 
-    fn run_step(&mut self, step: u64, cursor: u64, lr: f32) -> Result<RankOutcome, String> {
+    fn run_step(
+        &mut self,
+        step: u64,
+        cursor: u64,
+        lr: f32,
+        limits: Option<GuardLimits>,
+    ) -> Result<RankOutcome, String> {
         let batch = self.setup.batch;
         let mine = slots_for_rank(
             batch.num_slots(),
@@ -556,13 +569,18 @@ impl StageCompute {
             busy_s: busy.as_secs_f64(),
             ops_s: t_ops.elapsed().as_secs_f64(),
         };
-        let mut outcome = self.finish(step, lr)?;
+        let mut outcome = self.finish(step, lr, limits)?;
         outcome.stage_time = Some(time);
         Ok(outcome)
     }
 
     /// The stage's reduction, the meeting of the stages and the update.
-    fn finish(&mut self, step: u64, lr: f32) -> Result<RankOutcome, String> {
+    fn finish(
+        &mut self,
+        step: u64,
+        lr: f32,
+        limits: Option<GuardLimits>,
+    ) -> Result<RankOutcome, String> {
         let reduced = self
             .collective
             .reduced(step, self.setup.step_timeout)
@@ -599,16 +617,10 @@ impl StageCompute {
             .and_then(|p| p.head.clone())
             .ok_or_else(|| self.err("the head stage posted no loss"))?;
         let tokens = (self.setup.batch.batch_size as usize * self.setup.model.block_size) as f32;
-        let loss = head.loss_sum / f64::from(tokens);
+        let loss = crate::rank::chaos_loss(step, head.loss_sum / f64::from(tokens));
         let (grad_norm, grad_scale) = clip_scale_from_squares(&all, tokens, self.setup.grad_clip);
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            return Ok(RankOutcome {
-                loss,
-                grad_norm,
-                skipped: true,
-                snapshot_copy_s: 0.0,
-                stage_time: None,
-            });
+        if let Some(out) = crate::rank::skip(loss, grad_norm, limits) {
+            return Ok(out);
         }
         // The first stage's copy of the tied embedding takes the head stage's gradient.
         let patched;
@@ -637,6 +649,7 @@ impl StageCompute {
             loss,
             grad_norm,
             skipped: false,
+            guarded: false,
             snapshot_copy_s,
             stage_time: None,
         })
@@ -1014,6 +1027,7 @@ impl Actor for PipelineSupervisor {
                 step,
                 cursor,
                 lr,
+                limits,
                 reply,
             } => {
                 let calls: Vec<_> = st
@@ -1022,7 +1036,7 @@ impl Actor for PipelineSupervisor {
                     .enumerate()
                     .map(|(i, r)| {
                         on_rank(r, timeout, format!("rank {i}: step {step}"), move |c| {
-                            c.step(step, cursor, lr)
+                            c.step(step, cursor, lr, limits)
                         })
                     })
                     .collect();

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tenax_cluster::{Collective, SlotContribution};
+use tenax_core::guard::GuardLimits;
 use tenax_core::sampler::Sampler;
 use tenax_core::slots::{slots_for_rank, BatchLayout};
 use tenax_model::{
@@ -150,6 +151,9 @@ pub struct RankOutcome {
     pub grad_norm: f64,
     /// True when the loss or gradient was not finite and the update was skipped.
     pub skipped: bool,
+    /// True when the training guard flagged the step (its loss or gradient norm above the
+    /// step's [`GuardLimits`]) and the update was skipped.
+    pub guarded: bool,
     /// Seconds the update spent copying state that a snapshot still shared (0 unless a
     /// checkpoint's background work had not yet read the previous snapshot).
     pub snapshot_copy_s: f64,
@@ -250,8 +254,15 @@ impl RankCompute {
         }
     }
 
-    /// Compute this rank's slots of `step`, reduce, and apply the update.
-    pub(crate) fn step(&mut self, step: u64, cursor: u64, lr: f32) -> Result<RankOutcome, String> {
+    /// Compute this rank's slots of `step`, reduce, and apply the update unless the loss
+    /// or gradient norm is not finite or exceeds `limits` (the training guard's bounds).
+    pub(crate) fn step(
+        &mut self,
+        step: u64,
+        cursor: u64,
+        lr: f32,
+        limits: Option<GuardLimits>,
+    ) -> Result<RankOutcome, String> {
         #[cfg(feature = "chaos-hooks")]
         panic_once_at(step);
         let layout = self.setup.batch;
@@ -304,18 +315,12 @@ impl RankCompute {
             .reduced(step, self.setup.step_timeout)
             .map_err(|e| format!("rank {}: {e}", self.rank))?;
         let tokens = (layout.batch_size as usize * self.setup.model.block_size) as f32;
-        let loss = reduced.loss_sum / f64::from(tokens);
+        let loss = chaos_loss(step, reduced.loss_sum / f64::from(tokens));
         // The mean over tokens and the clip are one factor, applied as AdamW reads.
         let (grad, layout, clip) = (&reduced.grad_sum, self.model.layout(), self.setup.grad_clip);
         let (grad_norm, grad_scale) = self.ws.install(|| clip_scale(grad, layout, tokens, clip));
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            return Ok(RankOutcome {
-                loss,
-                grad_norm,
-                skipped: true,
-                snapshot_copy_s: 0.0,
-                stage_time: None,
-            });
+        if let Some(out) = skip(loss, grad_norm, limits) {
+            return Ok(out);
         }
         // Copy-on-write: a snapshot still read by a checkpoint's background work makes
         // this update copy what it shares (its cost shows in the report).
@@ -352,6 +357,7 @@ impl RankCompute {
             loss,
             grad_norm,
             skipped: false,
+            guarded: false,
             snapshot_copy_s,
             stage_time: None,
         })
@@ -399,6 +405,45 @@ impl RankCompute {
     pub(crate) fn param_hash(&self) -> String {
         param_hash(&self.params)
     }
+}
+
+/// The outcome of a step whose update is not applied, or `None` to apply it: a non-finite
+/// loss or gradient norm (`skipped`), else one above the guard's `limits` (`guarded`).
+/// Every rank and stage decides from the same reduced values, so all decide the same.
+pub(crate) fn skip(loss: f64, grad_norm: f64, limits: Option<GuardLimits>) -> Option<RankOutcome> {
+    let skipped = !loss.is_finite() || !grad_norm.is_finite();
+    let guarded = !skipped && limits.is_some_and(|l| l.exceeded(loss, grad_norm).is_some());
+    (skipped || guarded).then_some(RankOutcome {
+        loss,
+        grad_norm,
+        skipped,
+        guarded,
+        snapshot_copy_s: 0.0,
+        stage_time: None,
+    })
+}
+
+/// Test-only fault hook: with `TENAX_CHAOS_LOSS_SPIKE_AT_STEPS=<step>[,<step>...]`, the
+/// reduced mean loss of those steps (numbered from 0, as the trainer's `step` argument:
+/// the step that ends at `step + 1`) is multiplied by 10 before the update is decided, on
+/// every rank and stage alike, as a batch of garbage would raise it.
+#[cfg(feature = "chaos-hooks")]
+pub(crate) fn chaos_loss(step: u64, loss: f64) -> f64 {
+    let planted = std::env::var("TENAX_CHAOS_LOSS_SPIKE_AT_STEPS").is_ok_and(|v| {
+        v.split(',')
+            .any(|x| x.trim().parse::<u64>().ok() == Some(step))
+    });
+    if planted {
+        loss * 10.0
+    } else {
+        loss
+    }
+}
+
+/// Without the `chaos-hooks` feature: the loss as it is.
+#[cfg(not(feature = "chaos-hooks"))]
+pub(crate) fn chaos_loss(_step: u64, loss: f64) -> f64 {
+    loss
 }
 
 /// Hex SHA-256 of parameter bits (little-endian f32 in layout order): what members compare

@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tenax_cluster::{Collective, InProcessCollective};
+use tenax_core::guard::GuardLimits;
 use tenax_model::AdamW;
 use tokio::sync::oneshot;
 
@@ -68,6 +69,8 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// The update was skipped because the loss or gradient was not finite.
     pub skipped: bool,
+    /// The update was skipped because the training guard flagged the step.
+    pub guarded: bool,
     /// Seconds the slowest rank's update spent copying state a [`Snapshot`] still shared.
     pub snapshot_copy_s: f64,
     /// Pipelines: how each stage spent the step (of the first local pipeline), by stage;
@@ -104,6 +107,8 @@ pub(crate) enum Ask {
         step: u64,
         cursor: u64,
         lr: f32,
+        /// The training guard's bounds: a step above them is not applied.
+        limits: Option<GuardLimits>,
         reply: Reply<StepReport>,
     },
     /// Copy rank 0's state.
@@ -265,6 +270,7 @@ impl Actor for TrainSupervisor {
                 step,
                 cursor,
                 lr,
+                limits,
                 reply,
             } => {
                 let calls: Vec<_> = st
@@ -273,7 +279,7 @@ impl Actor for TrainSupervisor {
                     .enumerate()
                     .map(|(i, r)| {
                         on_rank(r, timeout, format!("rank {i}: step {step}"), move |c| {
-                            c.step(step, cursor, lr)
+                            c.step(step, cursor, lr, limits)
                         })
                     })
                     .collect();
@@ -414,7 +420,10 @@ pub(crate) fn agree(
             }
             Ok(o) => match &first {
                 None => first = Some(o),
-                Some(f) if f.loss.to_bits() == o.loss.to_bits() && f.skipped == o.skipped => {}
+                Some(f)
+                    if f.loss.to_bits() == o.loss.to_bits()
+                        && f.skipped == o.skipped
+                        && f.guarded == o.guarded => {}
                 Some(f) => {
                     let msg =
                         format!("step {step}: rank {rank} disagrees with rank 0 ({o:?} vs {f:?})");
@@ -429,6 +438,7 @@ pub(crate) fn agree(
         loss: o.loss,
         grad_norm: o.grad_norm,
         skipped: o.skipped,
+        guarded: o.guarded,
         snapshot_copy_s,
         stages,
     })
@@ -621,10 +631,24 @@ impl Trainer {
         cursor: u64,
         lr: f32,
     ) -> Result<StepReport, ActorsError> {
+        self.step_guarded(generation, step, cursor, lr, None).await
+    }
+
+    /// [`Trainer::step_of`] with the training guard's bounds: every rank skips the update
+    /// when the reduced loss or gradient norm exceeds them ([`StepReport::guarded`]).
+    pub async fn step_guarded(
+        &self,
+        generation: u64,
+        step: u64,
+        cursor: u64,
+        lr: f32,
+        limits: Option<GuardLimits>,
+    ) -> Result<StepReport, ActorsError> {
         self.ask("step", generation, |reply| Ask::Step {
             step,
             cursor,
             lr,
+            limits,
             reply,
         })
         .await
@@ -767,5 +791,79 @@ mod tests {
         assert_eq!(node.failures_of("trainer"), 1);
         assert_eq!(node.restarts(), 0);
         node.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+    use tenax_core::slots::BatchLayout;
+    use tenax_model::{AdamWConfig, GptConfig, ParamLayout};
+
+    /// Every rank skips a step whose reduced loss or gradient norm is above the guard's
+    /// bounds (the parameters stay as they were, the report says `guarded`), and applies
+    /// one within them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_step_above_the_guard_limits_is_skipped_on_every_rank() {
+        let model = GptConfig::preset("tiny", 64).unwrap();
+        let layout = ParamLayout::for_config(&model);
+        let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 64)
+            .map(|i| (i * 7) % 64)
+            .collect();
+        let setup = TrainSetup {
+            model: model.clone(),
+            adamw: AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            grad_clip: 1.0,
+            batch: BatchLayout::new(4, 2).unwrap(),
+            seed: 1,
+            ranks: 2,
+            step_timeout: Duration::from_secs(120),
+        };
+        let trainer = Trainer::start(
+            setup,
+            Arc::new(TrainData::in_memory(tokens.clone(), tokens)),
+            tenax_model::init_params(&model, &layout, 1),
+            AdamW::new(layout.total),
+        )
+        .await
+        .unwrap();
+        let generation = trainer.generation();
+        let before = trainer.param_hashes().await.unwrap();
+        let cases = [
+            (0.0, f64::INFINITY, "loss above its bound"),
+            (f64::INFINITY, 0.0, "gradient norm above its bound"),
+        ];
+        // Steps are numbered on (the collective reduces each step once); the batch is
+        // the same.
+        for (step, (max_loss, max_grad_norm, what)) in cases.into_iter().enumerate() {
+            let limits = GuardLimits {
+                max_loss,
+                max_grad_norm,
+            };
+            let r = trainer
+                .step_guarded(generation, step as u64, 0, 1e-3, Some(limits))
+                .await
+                .unwrap();
+            assert!(r.guarded && !r.skipped, "{what}: {r:?}");
+            assert_eq!(trainer.param_hashes().await.unwrap(), before, "{what}");
+        }
+        let loose = GuardLimits {
+            max_loss: f64::MAX,
+            max_grad_norm: f64::MAX,
+        };
+        let r = trainer
+            .step_guarded(generation, 2, 0, 1e-3, Some(loose))
+            .await
+            .unwrap();
+        assert!(!r.guarded && !r.skipped, "{r:?}");
+        let after = trainer.param_hashes().await.unwrap();
+        assert_ne!(after, before);
+        assert_eq!(after[0], after[1], "the ranks stay identical");
+        trainer.shutdown().await;
     }
 }

@@ -10,6 +10,9 @@
 //! - [`detector`]: failure detection: a peer is suspected after missing k x the observed
 //!   p99 of an operation, and a suspicion is confirmed (second reporter or failed probe)
 //!   before its lease is revoked.
+//! - [`guard`]: training guards: a loss-spike and gradient-norm anomaly detector over
+//!   reduced values (skip a flagged update, roll back to the in-memory snapshot when
+//!   flags persist), with its state as plain data for checkpoints and state copies.
 //! - [`membership`]: the group planner as a state machine (events in, effects out), the
 //!   plan of a generation (D x S grid, stable ranks, reasons) and its validation, and who
 //!   copies state from whom once members have compared their states (`state_donors`).
@@ -37,6 +40,7 @@
 
 pub mod ckpt;
 pub mod detector;
+pub mod guard;
 pub mod membership;
 pub mod mixture;
 pub mod node;

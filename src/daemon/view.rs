@@ -649,6 +649,7 @@ mod tests {
             loss: 2.5,
             grad_norm: 1.0,
             skipped: false,
+            guarded: false,
             snapshot_copy_s: 0.0,
             stages: Vec::new(),
         };

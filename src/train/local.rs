@@ -15,8 +15,10 @@ use tenax_actors::{CheckpointEvent, Checkpointer, StepReport, Trainer};
 use tenax_core::membership::{compute_plan, MemberId, MemberInfo, PlannerConfig};
 use tenax_core::node::{Action, Event, Exit, NodeConfig, NodeMachine, PeerState};
 
-use super::{save, Prepared, Start};
+use super::guard::{flagged_line, say, Guarding};
+use super::{save_at, Prepared, SaveAt, Start};
 use crate::plot::LossPoint;
+use tenax_core::guard::Verdict;
 
 /// The member id of the one-member job.
 const LOCAL: &str = "local";
@@ -50,6 +52,22 @@ pub(crate) struct Local<'a> {
     tps_sum: f64,
     steps_run: u64,
     exit: Option<(Exit, String)>,
+    /// The training guard, its snapshot and its log.
+    guarding: Guarding,
+}
+
+/// A trainer over `prep`'s ranks (pipelines when configured) from this state.
+async fn start_trainer(
+    prep: &Prepared,
+    params: Vec<f32>,
+    opt: tenax_model::AdamW,
+) -> Result<Trainer> {
+    let (setup, data) = (prep.setup.clone(), prep.data.clone());
+    match prep.pipeline {
+        None => Trainer::start(setup, data, params, opt).await,
+        Some(spec) => Trainer::start_pipeline(setup, spec, data, params, opt).await,
+    }
+    .map_err(|e| anyhow!("{e}"))
 }
 
 /// The node machine of a one-member job with `prep`'s cadences.
@@ -71,6 +89,7 @@ impl<'a> Local<'a> {
         metrics: &'a mut std::fs::File,
         history: &'a mut Vec<LossPoint>,
         start: Start,
+        guarding: Guarding,
     ) -> Self {
         let bar = ProgressBar::new(prep.cfg.steps);
         bar.set_style(
@@ -100,6 +119,7 @@ impl<'a> Local<'a> {
             tps_sum: 0.0,
             steps_run: 0,
             exit: None,
+            guarding,
         }
     }
 
@@ -243,15 +263,16 @@ impl<'a> Local<'a> {
                 let Some(state) = self.state.take() else {
                     return self.fatal("no state to train from".into());
                 };
-                let (setup, data) = (prep.setup.clone(), prep.data.clone());
-                let started = match prep.pipeline {
-                    None => Trainer::start(setup, data, state.params, state.opt).await,
-                    Some(spec) => {
-                        Trainer::start_pipeline(setup, spec, data, state.params, state.opt).await
-                    }
-                };
-                match started {
+                let step = state.step;
+                match start_trainer(prep, state.params, state.opt).await {
                     Ok(t) => {
+                        if std::mem::take(&mut self.guarding.snapshot_on_start) {
+                            // The run resumed from the state the guard's snapshot names.
+                            match t.snapshot().await {
+                                Ok(snap) => self.guarding.snapshot = Some((step, snap)),
+                                Err(e) => return self.fatal(format!("guard snapshot: {e}")),
+                            }
+                        }
                         self.trainer = Some(t);
                         self.queue.push_back(Event::TrainerStarted { generation });
                     }
@@ -287,7 +308,13 @@ impl<'a> Local<'a> {
                     return;
                 };
                 let t_save = Instant::now();
-                let r = save(t, self.checkpointer, prep, step, cursor, 0, None).await;
+                let guard = self.guarding.checkpoint_state();
+                let at = SaveAt {
+                    step,
+                    cursor,
+                    generation: 0,
+                };
+                let r = save_at(t, self.checkpointer, prep, at, None, guard).await;
                 if let Some(line) = self.line.as_mut().filter(|l| l["step"] == json!(step)) {
                     line["ckpt_stall_s"] = json!(t_save.elapsed().as_secs_f64());
                 }
@@ -322,8 +349,15 @@ impl<'a> Local<'a> {
         };
         let lr = self.prep.schedule.lr_at(step);
         let t0 = Instant::now();
-        match t.step(step, cursor, lr as f32).await {
+        let limits = self.guarding.limits();
+        match t
+            .step_guarded(t.generation(), step, cursor, lr as f32, limits)
+            .await
+        {
             Ok(report) => {
+                if let Err(e) = self.guard_step(step + 1, cursor, &report, limits).await {
+                    return self.fatal(format!("{e:#}"));
+                }
                 let secs = t0.elapsed().as_secs_f64();
                 let event = Event::StepDone {
                     generation,
@@ -336,6 +370,69 @@ impl<'a> Local<'a> {
             }
             Err(e) => self.fatal(format!("training stopped at step {}: {e}", step + 1)),
         }
+    }
+
+    /// The guard's part of finished step `step` (the batch from `cursor`): keep a
+    /// snapshot, or log a flagged step and, after a streak, restore the snapshot.
+    async fn guard_step(
+        &mut self,
+        step: u64,
+        cursor: u64,
+        report: &StepReport,
+        limits: Option<tenax_core::guard::GuardLimits>,
+    ) -> Result<()> {
+        let g = &mut self.guarding;
+        if !g.guard.cfg.enabled() {
+            return Ok(());
+        }
+        let verdict = g
+            .guard
+            .observe(step, report.loss, report.grad_norm, report.skipped);
+        if report.guarded != (verdict != Verdict::Apply) {
+            return Err(anyhow!(
+                "step {step}: the ranks and the guard disagree on whether to skip ({} vs {verdict:?})",
+                report.guarded
+            ));
+        }
+        if verdict == Verdict::Apply {
+            if g.guard.snapshot_due(step) {
+                let t = self.trainer.as_ref().ok_or_else(|| anyhow!("no trainer"))?;
+                let snap = t
+                    .snapshot()
+                    .await
+                    .map_err(|e| anyhow!("guard snapshot: {e}"))?;
+                self.guarding.snapshot = Some((step, snap));
+            }
+            return Ok(());
+        }
+        let line = flagged_line(
+            self.prep,
+            step,
+            cursor,
+            report.loss,
+            report.grad_norm,
+            limits,
+            &verdict,
+        );
+        self.guarding.log(&line);
+        self.bar.suspend(|| eprintln!("{}", say(&line)));
+        let Verdict::Rollback { to_step, .. } = verdict else {
+            return Ok(());
+        };
+        let snap = match &self.guarding.snapshot {
+            Some((s, snap)) if *s == to_step => snap.clone(),
+            _ => {
+                return Err(anyhow!(
+                    "guard: no snapshot of step {to_step} to roll back to"
+                ))
+            }
+        };
+        if let Some(old) = self.trainer.take() {
+            old.shutdown().await;
+        }
+        let (params, opt) = ((*snap.params).clone(), (*snap.opt).clone());
+        self.trainer = Some(start_trainer(self.prep, params, opt).await?);
+        Ok(())
     }
 
     fn log_step(&mut self, step: u64, val_loss: Option<f64>) {
@@ -355,6 +452,9 @@ impl<'a> Local<'a> {
         self.bar
             .set_message(format!("loss {:.4} | {tokens_per_s:.0} tok/s", r.loss));
         let mut line = json!({"step": step, "loss": r.loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": r.grad_norm, "skipped": r.skipped});
+        if r.guarded {
+            line["guarded"] = json!(true);
+        }
         if let Some(v) = val_loss {
             line["val_loss"] = json!(v);
         }

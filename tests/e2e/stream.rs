@@ -301,3 +301,77 @@ fn three_daemons_on_a_streamed_dataset_train_bit_identically_to_train_ranks_3() 
         "the job's final weights differ from tenax train --ranks 3 on the same streamed dataset"
     );
 }
+
+/// The training guard on a streamed mixture: a planted loss spike is skipped and logged
+/// with the source, shard and window of every sample of its batch, and `tenax data report`
+/// shows the run's dataset (mixture, filters, scrubbing) and the flagged batch.
+#[test]
+fn a_planted_spike_on_a_mixture_is_logged_with_its_sources_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ds");
+    let d = ds.to_str().unwrap().to_string();
+    ok(&strs(&prepare_args(tmp.path(), &d)));
+    let dir = tmp.path().join("run");
+    let guard = [
+        "--steps",
+        "12",
+        "--guard-sigma",
+        "6",
+        "--guard-warmup-steps",
+        "5",
+        "--ckpt-every",
+        "6",
+    ];
+    let args = train_args(&d, dir.to_str().unwrap(), &guard);
+    let env = [(
+        "TENAX_CHAOS_LOSS_SPIKE_AT_STEPS".to_string(),
+        "8".to_string(),
+    )];
+    let out = tenax_env(&args, &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("guard: step 9: loss"), "{stderr}");
+    let text = std::fs::read_to_string(dir.join("flagged.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(lines[0]["step"], 9);
+    let samples = lines[0]["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 6);
+    for s in samples {
+        let (source, shard) = (s["source"].as_str().unwrap(), s["shard"].as_str().unwrap());
+        assert!(["web", "books", "code"].contains(&source), "{s}");
+        assert!(
+            shard.starts_with(&format!("shards/{source}-")) && shard.ends_with(".tok"),
+            "{s}"
+        );
+        assert!(s["window"].is_u64(), "{s}");
+    }
+    let report = ok(&["data", "report", dir.to_str().unwrap()]);
+    assert!(report.contains(&format!("dataset file://{d}")), "{report}");
+    for want in [
+        "mixture",
+        "web",
+        "books",
+        "code",
+        "50.0%",
+        "filters",
+        "scrubbing",
+    ] {
+        assert!(report.contains(want), "{want}: {report}");
+    }
+    assert!(report.contains("flagged batches: 1"), "{report}");
+    assert!(report.contains("  step 9 skip: loss "), "{report}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["data", "report", &d, "--json"])).unwrap();
+    let shares: Vec<f64> = json["dataset"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["drawn_share"].as_f64().unwrap())
+        .collect();
+    assert_eq!(shares, vec![512.0 / 1024.0, 341.0 / 1024.0, 171.0 / 1024.0]);
+    assert!(json.get("flagged").is_none(), "{json}");
+}
