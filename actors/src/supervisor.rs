@@ -823,6 +823,7 @@ mod guard_tests {
             seed: 1,
             ranks: 2,
             step_timeout: Duration::from_secs(120),
+            device: Default::default(),
         };
         let trainer = Trainer::start(
             setup,
