@@ -359,6 +359,7 @@ mod tests {
             if [
                 "rack-loss",
                 "kill-in-etcd-outage",
+                "leader-kill-in-etcd-outage",
                 "brownout-and-kill",
                 "leader-in-partition-while-etcd-restarts",
             ]
