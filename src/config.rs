@@ -137,7 +137,7 @@ pub struct TrainArgs {
     /// Where each rank's forward, backward and update run: cpu (fused kernels), cuda
     /// (rank i of this process on GPU i; needs a build with `--features cuda`), cuda:N
     /// (from GPU N) or candle-cpu (the GPU path's code on the CPU). The gradient
-    /// reduction stays exact and on the host [default: cpu].
+    /// reduction stays exact and on the host. Never taken from a checkpoint [default: cpu].
     #[arg(long)]
     pub device: Option<String>,
     /// Compute precision off the fused CPU path: bf16 (f32 master weights and AdamW
@@ -523,7 +523,9 @@ impl TrainConfig {
             guard_snapshot_every: Some(self.guard_snapshot_every),
             pipeline_stages: Some(self.pipeline_stages),
             schedule: Some(self.schedule.clone()),
-            device: Some(self.device.clone()),
+            // Where a run computes is the machine's business: a run trained on GPUs resumes
+            // on the CPU unless --device says otherwise.
+            device: None,
             precision: Some(self.precision.clone()),
             prefetch_mb: Some(self.prefetch_mb),
             shuffle_shards: Some(self.shuffle_shards),
@@ -604,6 +606,31 @@ mod tests {
         );
         assert_eq!((c.preset.as_str(), c.tokenizer.as_str()), ("nano", "bytes"));
         assert_eq!((c.batch_size, c.micro_batch_size), (12, 4));
+    }
+
+    /// A checkpoint written on GPUs resumes on the CPU unless --device says otherwise; the
+    /// precision is inherited like the other keys.
+    #[test]
+    fn the_device_is_never_taken_from_a_checkpoint() {
+        let on_gpu = TrainConfig {
+            device: "cuda:1".into(),
+            precision: "f32".into(),
+            ..TrainConfig::resolve(TrainArgs::default(), None).unwrap()
+        };
+        let resumed = TrainConfig::resolve(TrainArgs::default(), Some(&on_gpu)).unwrap();
+        assert_eq!(
+            (resumed.device.as_str(), resumed.precision.as_str()),
+            ("cpu", "f32")
+        );
+        let flagged = TrainArgs {
+            device: Some("candle-cpu".into()),
+            ..Default::default()
+        };
+        let resumed = TrainConfig::resolve(flagged, Some(&on_gpu)).unwrap();
+        assert_eq!(
+            resumed.step_device().unwrap(),
+            tenax_model::StepDevice::CandleCpu { bf16: false }
+        );
     }
 
     #[test]
