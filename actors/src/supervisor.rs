@@ -719,11 +719,35 @@ impl Trainer {
     }
 }
 
+#[cfg(test)]
+/// The supervisor tests' job: `model` on 2 ranks, batch 4 in slots of 2, and 64 windows
+/// of a repeating token pattern (for training and validation).
+fn two_rank_setup(model: &tenax_model::GptConfig) -> (TrainSetup, Vec<u32>) {
+    let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 64)
+        .map(|i| (i * 7) % 64)
+        .collect();
+    let setup = TrainSetup {
+        model: model.clone(),
+        adamw: tenax_model::AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+        grad_clip: 1.0,
+        batch: tenax_core::slots::BatchLayout::new(4, 2).unwrap(),
+        seed: 1,
+        ranks: 2,
+        step_timeout: Duration::from_secs(120),
+        device: Default::default(),
+    };
+    (setup, tokens)
+}
+
 #[cfg(all(test, feature = "chaos-hooks"))]
 mod tests {
     use super::*;
-    use tenax_core::slots::BatchLayout;
-    use tenax_model::{AdamWConfig, GptConfig, ParamLayout};
+    use tenax_model::{GptConfig, ParamLayout};
 
     /// A rank that panics fails its trainer, and the node supervisor that adopted the
     /// trainer counts the failure (it does not restart it: the node rejoins).
@@ -732,24 +756,7 @@ mod tests {
         std::env::set_var("TENAX_CHAOS_PANIC_RANK_AT_STEP", "0");
         let model = GptConfig::preset("nano", 64).unwrap();
         let layout = ParamLayout::for_config(&model);
-        let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 64)
-            .map(|i| (i * 7) % 64)
-            .collect();
-        let setup = TrainSetup {
-            model: model.clone(),
-            adamw: AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.99,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            },
-            grad_clip: 1.0,
-            batch: BatchLayout::new(4, 2).unwrap(),
-            seed: 1,
-            ranks: 2,
-            step_timeout: Duration::from_secs(120),
-            device: Default::default(),
-        };
+        let (setup, tokens) = two_rank_setup(&model);
         let node = crate::NodeSupervisor::start(Vec::new()).await.unwrap();
         let group = GroupStart {
             generation: 7,
@@ -797,8 +804,7 @@ mod tests {
 #[cfg(test)]
 mod guard_tests {
     use super::*;
-    use tenax_core::slots::BatchLayout;
-    use tenax_model::{AdamWConfig, GptConfig, ParamLayout};
+    use tenax_model::{GptConfig, ParamLayout};
 
     /// Every rank skips a step whose reduced loss or gradient norm is above the guard's
     /// bounds (the parameters stay as they were, the report says `guarded`), and applies
@@ -807,24 +813,7 @@ mod guard_tests {
     async fn a_step_above_the_guard_limits_is_skipped_on_every_rank() {
         let model = GptConfig::preset("tiny", 64).unwrap();
         let layout = ParamLayout::for_config(&model);
-        let tokens: Vec<u32> = (0..(model.block_size as u32 + 1) * 64)
-            .map(|i| (i * 7) % 64)
-            .collect();
-        let setup = TrainSetup {
-            model: model.clone(),
-            adamw: AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.99,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            },
-            grad_clip: 1.0,
-            batch: BatchLayout::new(4, 2).unwrap(),
-            seed: 1,
-            ranks: 2,
-            step_timeout: Duration::from_secs(120),
-            device: Default::default(),
-        };
+        let (setup, tokens) = two_rank_setup(&model);
         let trainer = Trainer::start(
             setup,
             Arc::new(TrainData::in_memory(tokens.clone(), tokens)),
