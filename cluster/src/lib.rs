@@ -42,4 +42,4 @@ pub mod tls;
 
 pub use collective::{Collective, CollectiveError, Reduced, SlotContribution, SlotFold};
 pub use inprocess::InProcessCollective;
-pub use peer::{CommSpec, GrpcCollective, PeerAddr, PeerHub, Reduction};
+pub use peer::{CommSpec, GrpcCollective, PeerAddr, PeerHub, Reduction, StageMessage, StagePart};

@@ -342,6 +342,7 @@ fn proto_seeds() {
         offset: 0,
         loss_sum: 2.5,
         data: f32_bytes(&[1.0, -2.0]),
+        total: 0,
     };
     write("proto_decode", "peer-frame", &frame.encode_to_vec());
     let chunk = StateChunk {

@@ -18,7 +18,9 @@ use tonic::transport::Channel;
 
 use super::hub::{Counters, PeerHub};
 use super::step::{Geometry, Outgoing, StepState};
-use super::{message_limit_bytes, piece_count, CommSpec, MemberState, PeerAddr, Reduction};
+use super::{
+    message_limit_bytes, piece_count, CommSpec, MemberState, PeerAddr, Reduction, StageMessage,
+};
 use crate::collective::{Collective, CollectiveError, Reduced, SlotContribution};
 
 /// Most attempts of the first connect to a peer (within [`CommSpec::connect_deadline`]).
@@ -73,6 +75,24 @@ struct State {
     states: BTreeMap<u64, Vec<Option<MemberState>>>,
     /// Members that said they stop after a step ([`GrpcCollective::stop_after`]).
     stopped_after: BTreeMap<usize, u64>,
+    /// Messages between pipeline stages, by (message, step, slot): being assembled or
+    /// complete and not yet taken.
+    stage_msgs: BTreeMap<(StageMessage, u64, u64), StageMsg>,
+}
+
+/// A message between pipeline stages on its way in.
+struct StageMsg {
+    from: usize,
+    values: Vec<f32>,
+    /// Pieces' offsets in, to refuse a duplicate.
+    offsets: std::collections::BTreeSet<u64>,
+    filled: usize,
+}
+
+impl StageMsg {
+    fn complete(&self) -> bool {
+        self.filled == self.values.len()
+    }
 }
 
 /// Most state-exchange rounds held at once (rounds a fast peer opened early included).
@@ -483,6 +503,13 @@ impl GrpcCollective {
                 }
                 Ok(())
             }
+            FrameKind::Stage => {
+                self.take_stage_frame(&mut st, from, frame)
+                    .map_err(FrameError::Protocol)?;
+                drop(st);
+                self.changed.notify_all();
+                Ok(())
+            }
             FrameKind::State => {
                 let hash = String::from_utf8(frame.data.clone())
                     .map_err(|_| FrameError::Protocol("state hash is not UTF-8".into()))?;
@@ -591,6 +618,7 @@ impl GrpcCollective {
             offset,
             loss_sum,
             data,
+            total: 0,
         }
     }
 
@@ -773,9 +801,245 @@ fn check_step(st: &State, step: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Most messages between pipeline stages held at once (being assembled or not yet
+/// taken), beyond the slots of two steps.
+const STAGE_MSG_SLACK: usize = 16;
+
+impl GrpcCollective {
+    /// A STAGE frame into the stage mailbox (under the state lock).
+    fn take_stage_frame(&self, st: &mut State, from: usize, f: &PeerFrame) -> Result<(), String> {
+        let which = StageMessage::from_code(f.chunk)
+            .ok_or_else(|| format!("unknown stage message {}", f.chunk))?;
+        let total = usize::try_from(f.total).map_err(|_| "stage message too long".to_string())?;
+        // A slot's activations are at most a micro-batch's: bounded by the frame limit
+        // times the pieces of a message the hub could ever hold.
+        if total > 64 * self.spec.max_frame_floats || f.data.len() % 4 != 0 {
+            return Err(format!("stage message of {total} values, piece of {} bytes", f.data.len()));
+        }
+        let key = (which, f.step, f.index);
+        let bound = 6 * self.geo.num_slots as usize + STAGE_MSG_SLACK;
+        if !st.stage_msgs.contains_key(&key) && st.stage_msgs.len() >= bound {
+            return Err(format!(
+                "more than {bound} stage messages held: the receiving stage is not taking them"
+            ));
+        }
+        let msg = st.stage_msgs.entry(key).or_insert_with(|| StageMsg {
+            from,
+            values: vec![0.0; total],
+            offsets: Default::default(),
+            filled: 0,
+        });
+        if msg.from != from || msg.values.len() != total || msg.complete() {
+            return Err(format!(
+                "{} of step {} slot {} sent twice or by two members",
+                which.as_str(),
+                f.step,
+                f.index
+            ));
+        }
+        let offset = usize::try_from(f.offset).unwrap_or(usize::MAX);
+        let n = f.data.len() / 4;
+        let end = offset.checked_add(n).filter(|&e| e <= total);
+        let Some(end) = end else {
+            return Err(format!("a piece at {offset} of a message of {total} values"));
+        };
+        if (n == 0 && total != 0) || !msg.offsets.insert(f.offset) {
+            return Err(format!("a piece at {offset} arrived twice or is empty"));
+        }
+        for (v, b) in msg.values[offset..end].iter_mut().zip(f.data.chunks_exact(4)) {
+            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        msg.filled += n;
+        Ok(())
+    }
+
+    /// Sends `values` as message `which` of (`step`, `slot`) to member `to` (another
+    /// pipeline stage). Never waits: the frames go to the bounded send queue, and a full
+    /// queue aborts the communicator as for gradients.
+    pub fn send_stage(
+        &self,
+        to: usize,
+        which: StageMessage,
+        step: u64,
+        slot: u64,
+        values: &[f32],
+    ) -> Result<(), CollectiveError> {
+        if to == self.spec.me || to >= self.spec.members.len() {
+            return Err(CollectiveError::BadContribution {
+                step,
+                reason: format!("a stage message to member index {to}"),
+            });
+        }
+        if let Some(reason) = &self.lock().aborted {
+            return Err(CollectiveError::Aborted {
+                reason: reason.clone(),
+            });
+        }
+        let mut frames = Vec::new();
+        self.pieces(
+            step,
+            FrameKind::Stage,
+            slot,
+            which as u32,
+            0.0,
+            values,
+            &[to],
+            &mut frames,
+        );
+        for (_, f) in &mut frames {
+            f.total = values.len() as u64;
+        }
+        self.send(frames)
+    }
+
+    /// Waits, at most `timeout`, for message `which` of (`step`, `slot`) from member
+    /// `from` and takes it. Fails at once when the communicator is aborted.
+    pub fn recv_stage(
+        &self,
+        from: usize,
+        which: StageMessage,
+        step: u64,
+        slot: u64,
+        timeout: Duration,
+    ) -> Result<Vec<f32>, CollectiveError> {
+        let start = Instant::now();
+        let key = (which, step, slot);
+        let mut st = self.lock();
+        loop {
+            if let Some(reason) = &st.aborted {
+                return Err(CollectiveError::Aborted {
+                    reason: reason.clone(),
+                });
+            }
+            if st.stage_msgs.get(&key).is_some_and(StageMsg::complete) {
+                let msg = st.stage_msgs.remove(&key).expect("present");
+                if msg.from != from {
+                    let reason = format!(
+                        "{} of step {step} slot {slot} came from member {}, expected {}",
+                        which.as_str(),
+                        self.spec.members[msg.from].id,
+                        self.spec.members[from].id
+                    );
+                    drop(st);
+                    return Err(self.fail(&reason));
+                }
+                return Ok(msg.values);
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(CollectiveError::Timeout {
+                    step,
+                    waited_ms: waited.as_millis() as u64,
+                    arrived: 0,
+                    expected: 1,
+                });
+            }
+            st = self
+                .changed
+                .wait_timeout(st, timeout - waited)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// True if message `which` of (`step`, `slot`) is complete and waiting.
+    pub fn has_stage(&self, which: StageMessage, step: u64, slot: u64) -> bool {
+        self.lock()
+            .stage_msgs
+            .get(&(which, step, slot))
+            .is_some_and(StageMsg::complete)
+    }
+
+    /// A stage part of a slot (see [`crate::StagePart`]): `c.grad` holds the values of the
+    /// part's ranges, concatenated; `c.loss_sum` counts only from the head stage.
+    fn contribute_part(&self, step: u64, c: SlotContribution) -> Result<(), CollectiveError> {
+        let bad = |reason: String| CollectiveError::BadContribution { step, reason };
+        let want = self.geo.part.as_ref().map_or(0, |p| p.len());
+        if c.grad.len() != want {
+            return Err(bad(format!(
+                "slot {} has {} gradient values, the stage part {want}",
+                c.slot,
+                c.grad.len()
+            )));
+        }
+        if !self.geo.is_mine(c.slot) {
+            return Err(bad(format!(
+                "slot {} is not computed by member {} (local ranks {:?})",
+                c.slot, self.spec.members[self.spec.me].id, self.spec.local_ranks
+            )));
+        }
+        let (slot, grad) = (c.slot, &c.grad);
+        let loss = self.geo.gives_loss().then_some(c.loss_sum);
+        let out = {
+            let mut st = self.lock();
+            if let Some(reason) = &st.aborted {
+                return Err(CollectiveError::Aborted {
+                    reason: reason.clone(),
+                });
+            }
+            if st.closed {
+                return Err(CollectiveError::Aborted {
+                    reason: "the communicator is closed".into(),
+                });
+            }
+            check_step(&st, step).map_err(bad)?;
+            if let Some(reason) = self.stopped_before(&st, step) {
+                drop(st);
+                return Err(self.fail(&reason));
+            }
+            let s = st
+                .steps
+                .entry(step)
+                .or_insert_with(|| StepState::new(&self.geo, step));
+            if s.has_local(slot) {
+                return Err(bad(format!("slot {slot} contributed twice")));
+            }
+            let segments = self
+                .geo
+                .part_segments(self.spec.me)
+                .into_iter()
+                .map(|(r, offset)| (offset, &grad[r]))
+                .collect();
+            let out = s.local_part(&self.geo, slot, loss, segments).map_err(bad)?;
+            self.complete_if_done(&mut st, step);
+            out
+        };
+        let mut frames = Vec::new();
+        let others: Vec<usize> = self.others().collect();
+        if let Some(loss) = loss {
+            for &k in &others {
+                frames.push((
+                    k,
+                    self.frame(step, FrameKind::Loss, slot, 0, 0, f64::from(loss), Vec::new()),
+                ));
+            }
+        }
+        let mff = self.spec.max_frame_floats;
+        for &k in &others {
+            for (r, offset) in self.geo.part_segments(k) {
+                let values = &grad[r];
+                for i in 0..values.len().div_ceil(mff) {
+                    let piece = &values[i * mff..values.len().min((i + 1) * mff)];
+                    let mut data = Vec::with_capacity(4 * piece.len());
+                    for v in piece {
+                        data.extend_from_slice(&v.to_le_bytes());
+                    }
+                    let at = (offset + i * mff) as u64;
+                    frames.push((k, self.frame(step, FrameKind::Slot, slot, k as u32, at, 0.0, data)));
+                }
+            }
+        }
+        frames.extend(self.encode_all(step, out));
+        self.send(frames)
+    }
+}
+
 impl Collective for GrpcCollective {
     fn contribute(&self, step: u64, c: SlotContribution) -> Result<(), CollectiveError> {
         let bad = |reason: String| CollectiveError::BadContribution { step, reason };
+        if self.geo.part.is_some() {
+            return self.contribute_part(step, c);
+        }
         if c.grad.len() != self.geo.p {
             return Err(bad(format!(
                 "slot {} has {} gradient values, expected {}",

@@ -220,6 +220,78 @@ pub struct CommSpec {
     pub max_frame_floats: usize,
     /// How long the first connect to each peer is retried.
     pub connect_deadline: Duration,
+    /// `Some` when this member runs one pipeline stage of its slots' pipeline (the stages
+    /// of a pipeline on different members): it contributes only its stage's share of
+    /// each slot's gradient (see [`StagePart`]); `None`: whole slots.
+    pub stage: Option<StagePart>,
+}
+
+/// What a STAGE frame carries between the stages of one pipeline on different members
+/// ([`GrpcCollective::send_stage`], [`GrpcCollective::recv_stage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StageMessage {
+    /// A slot's activations, to the next stage.
+    Activations = 0,
+    /// A slot's input gradient, to the previous stage.
+    Gradient = 1,
+    /// A slot's embedding-output gradient, from the first stage to the head stage
+    /// (which forms the tied token embedding's gradient).
+    Embedding = 2,
+}
+
+impl StageMessage {
+    /// The message of a frame's `chunk` field.
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            0 => Some(Self::Activations),
+            1 => Some(Self::Gradient),
+            2 => Some(Self::Embedding),
+            _ => None,
+        }
+    }
+
+    /// Its name in errors.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Activations => "activations",
+            Self::Gradient => "gradient",
+            Self::Embedding => "embedding rows",
+        }
+    }
+}
+
+/// A member's share of its slots' gradients when the stages of a pipeline run on
+/// different members (with [`Reduction::Exact`] only).
+///
+/// Every slot's whole-model gradient is then the union of its pipeline's stages' parts,
+/// which cover the flat layout without overlap. The owner of chunk `k` assembles each
+/// slot's chunk from the parts that reach into it (any order, each value once) and folds
+/// the complete slots in slot order, as it folds whole slots: each value sees the same
+/// additions, so the result is bit-identical to whole slots. Every member receives the
+/// whole reduced gradient (the clip norm needs every tensor's sum of squares).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagePart {
+    /// The ranges of the whole flat gradient this member's stage gives, ascending and
+    /// disjoint; a contribution's `grad` is their values, concatenated in this order.
+    pub gives: Vec<Range<usize>>,
+    /// Whether this member's stage computes the slots' loss (the head stage): only its
+    /// contributions carry a loss.
+    pub head: bool,
+    /// Most STAGE frames this member sends any one member in a step (activations and
+    /// gradients to its neighbours), for sizing the send queues.
+    pub stage_frames_per_step: usize,
+}
+
+impl StagePart {
+    /// Values a contribution carries: the sum of the ranges' lengths.
+    pub fn len(&self) -> usize {
+        self.gives.iter().map(|r| r.len()).sum()
+    }
+
+    /// True if the stage gives nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A [`CommSpec`] that cannot work.
@@ -254,6 +326,7 @@ impl CommSpec {
             reduction,
             max_frame_floats: HubConfig::default().max_frame_floats,
             connect_deadline: Duration::from_secs(10),
+            stage: None,
         }
     }
 
@@ -302,6 +375,28 @@ impl CommSpec {
         }
         if self.max_frame_floats == 0 {
             return bad("max_frame_floats is 0".into());
+        }
+        if let Some(part) = &self.stage {
+            if self.num_params < self.members.len() {
+                return bad(format!(
+                    "stage parts need a chunk for every member: {} values for {} members",
+                    self.num_params,
+                    self.members.len()
+                ));
+            }
+            if self.reduction != Reduction::Exact {
+                return bad("stage parts need the exact reduction".into());
+            }
+            let mut end = 0;
+            for r in &part.gives {
+                if r.start < end || r.end < r.start || r.end > self.num_params {
+                    return bad(format!(
+                        "stage part {r:?} is not ascending, disjoint and within {} values",
+                        self.num_params
+                    ));
+                }
+                end = r.end;
+            }
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use tenax_proto::v1::FrameKind;
 
-use super::{chunk_range, piece_count, CommSpec, Reduction};
+use super::{chunk_range, piece_count, CommSpec, Reduction, StagePart};
 use crate::collective::{Reduced, SlotContribution, SlotFold};
 
 /// The shape of a generation, derived once from its [`CommSpec`].
@@ -26,6 +26,8 @@ pub(super) struct Geometry {
     pub reduction: Reduction,
     /// This member's slots, ascending.
     pub my_slots: Vec<u64>,
+    /// This member's stage share of its slots' gradients (stages across members).
+    pub part: Option<StagePart>,
 }
 
 impl Geometry {
@@ -38,7 +40,33 @@ impl Geometry {
             mff: spec.max_frame_floats,
             reduction: spec.reduction,
             my_slots: spec.my_slots(),
+            part: spec.stage.clone(),
         }
+    }
+
+    /// True if this member computes the loss of its slots (always, unless it runs a
+    /// stage other than the head).
+    pub fn gives_loss(&self) -> bool {
+        self.part.as_ref().is_none_or(|p| p.head)
+    }
+
+    /// With a stage part: the segments of it that fall into chunk `k`, each as (range
+    /// in the contribution's values, offset in the chunk).
+    pub fn part_segments(&self, k: usize) -> Vec<(Range<usize>, usize)> {
+        let Some(part) = &self.part else {
+            return Vec::new();
+        };
+        let chunk = self.chunk(k);
+        let mut out = Vec::new();
+        let mut at = 0;
+        for r in &part.gives {
+            let (lo, hi) = (r.start.max(chunk.start), r.end.min(chunk.end));
+            if lo < hi {
+                out.push((at + (lo - r.start)..at + (hi - r.start), lo - chunk.start));
+            }
+            at += r.len();
+        }
+        out
     }
 
     pub fn chunk(&self, k: usize) -> Range<usize> {
@@ -72,6 +100,12 @@ impl Geometry {
         let slots = self.my_slots.len();
         let pieces = |k: usize| piece_count(self.chunk(k).len(), self.mff);
         let grad = match self.reduction {
+            Reduction::Exact if self.part.is_some() => {
+                let part = self.part.as_ref().map_or(0, |p| {
+                    p.gives.len() * (1 + slots) + p.stage_frames_per_step
+                });
+                slots * pieces(dest) + pieces(self.me) + part
+            }
             Reduction::Exact => slots * pieces(dest) + pieces(self.me),
             Reduction::Ring if dest == self.next() => {
                 let most = (0..self.m).map(pieces).max().unwrap_or(1);
@@ -101,6 +135,48 @@ struct Assembly {
     values: Vec<f32>,
     got: Vec<bool>,
     missing: usize,
+}
+
+/// A slot's chunk assembled from the stage parts that reach into it (stages across
+/// members): each value once, in any order.
+#[derive(Debug)]
+struct PartAssembly {
+    values: Vec<f32>,
+    /// Filled ranges of the chunk, sorted and disjoint.
+    covered: Vec<Range<usize>>,
+    filled: usize,
+}
+
+impl PartAssembly {
+    fn new(len: usize) -> Self {
+        Self {
+            values: vec![0.0; len],
+            covered: Vec::new(),
+            filled: 0,
+        }
+    }
+
+    /// Writes `values` at `offset`; true once every value of the chunk is in.
+    fn fill(&mut self, offset: usize, values: impl ExactSizeIterator<Item = f32>) -> Result<bool, String> {
+        let len = values.len();
+        let end = offset.checked_add(len).filter(|&e| e <= self.values.len());
+        let Some(end) = end else {
+            return Err(format!(
+                "a part of {len} values at offset {offset} of a chunk of {}",
+                self.values.len()
+            ));
+        };
+        let at = self.covered.partition_point(|r| r.end <= offset);
+        if self.covered.get(at).is_some_and(|r| r.start < end) {
+            return Err(format!("the part at {offset}..{end} overlaps one already in"));
+        }
+        self.covered.insert(at, offset..end);
+        for (v, x) in self.values[offset..end].iter_mut().zip(values) {
+            *v = x;
+        }
+        self.filled += len;
+        Ok(self.filled == self.values.len())
+    }
 }
 
 /// The reduced gradient, filled chunk by chunk.
@@ -202,6 +278,8 @@ pub(super) struct StepState {
     losses_in: u64,
     local_in: HashSet<u64>,
     assembling: HashMap<(i32, u64), Assembly>,
+    /// Stage parts: slots of this member's chunk being assembled, by slot.
+    parts: HashMap<u64, PartAssembly>,
     done_keys: HashSet<(i32, u64)>,
     gathered: Gathered,
     /// Exact: the fold of this member's chunk over all slots.
@@ -229,6 +307,7 @@ impl StepState {
             losses_in: 0,
             local_in: HashSet::new(),
             assembling: HashMap::new(),
+            parts: HashMap::new(),
             done_keys: HashSet::new(),
             gathered: Gathered::default(),
             owner_fold,
@@ -282,6 +361,64 @@ impl StepState {
         Ok(out)
     }
 
+    /// A local slot's stage part: `segments` are its values that fall into this
+    /// member's chunk, with their offsets; `loss` only from the head stage. The caller
+    /// sends the other chunks' segments and the LOSS frames.
+    pub fn local_part(
+        &mut self,
+        geo: &Geometry,
+        slot: u64,
+        loss: Option<f32>,
+        segments: Vec<(usize, &[f32])>,
+    ) -> Result<Vec<Outgoing>, String> {
+        if !self.local_in.insert(slot) {
+            return Err(format!("slot {slot} contributed twice"));
+        }
+        if let Some(loss) = loss {
+            self.set_loss(slot, loss)?;
+        }
+        let mut out = Vec::new();
+        for (offset, values) in segments {
+            self.fill_part(geo, slot, offset, values.iter().copied(), &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// One segment of slot `slot`'s part of this member's chunk; folds the slot once its
+    /// chunk is complete.
+    fn fill_part(
+        &mut self,
+        geo: &Geometry,
+        slot: u64,
+        offset: usize,
+        values: impl ExactSizeIterator<Item = f32>,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), String> {
+        let key = (FrameKind::Slot as i32, slot);
+        if self.done_keys.contains(&key) {
+            return Err(format!("a part of slot {slot} arrived after it was complete"));
+        }
+        let len = geo.chunk(geo.me).len();
+        let asm = self
+            .parts
+            .entry(slot)
+            .or_insert_with(|| PartAssembly::new(len));
+        if !asm.fill(offset, values).map_err(|e| format!("slot {slot}: {e}"))? {
+            return Ok(());
+        }
+        let values = self.parts.remove(&slot).map(|a| a.values).unwrap_or_default();
+        self.done_keys.insert(key);
+        self.fold_own(
+            geo,
+            SlotContribution {
+                slot,
+                loss_sum: 0.0,
+                grad: values,
+            },
+            out,
+        )
+    }
+
     fn set_loss(&mut self, slot: u64, loss: f32) -> Result<(), String> {
         let n = self.losses.len();
         let cell = usize::try_from(slot)
@@ -317,7 +454,7 @@ impl StepState {
         let ring_rounds = geo.m.saturating_sub(1) as u64;
         let expected_chunk = match kind {
             FrameKind::Loss => {
-                if geo.is_mine(index) {
+                if geo.is_mine(index) && geo.gives_loss() {
                     return Err(format!("loss of slot {index}, which this member computes"));
                 }
                 let loss = loss_sum as f32;
@@ -325,6 +462,26 @@ impl StepState {
                     return Err(format!("loss {loss_sum} of slot {index} is not an f32"));
                 }
                 self.set_loss(index, loss)?;
+                return Ok(out);
+            }
+            FrameKind::Slot if exact && geo.part.is_some() => {
+                if index >= geo.num_slots {
+                    return Err(format!("gradient part of slot {index}, which is out of range"));
+                }
+                if chunk as usize != geo.me {
+                    return Err(format!(
+                        "gradient part of slot {index} for chunk {chunk}, expected chunk {}",
+                        geo.me
+                    ));
+                }
+                if data.len() % 4 != 0 {
+                    return Err(format!("a part of {} bytes", data.len()));
+                }
+                let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+                let values = data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                self.fill_part(geo, index, offset, values, &mut out)?;
                 return Ok(out);
             }
             FrameKind::Slot if exact => {
@@ -587,5 +744,68 @@ impl StepState {
             loss_sum: self.loss_sum()?,
             grad_sum: std::mem::take(&mut self.gathered.grad),
         })
+    }
+}
+
+#[cfg(test)]
+mod part_tests {
+    use super::*;
+
+    /// Parts fill a chunk in any order, each value once; overlaps and overruns are refused.
+    #[test]
+    fn part_assembly_table() {
+        // (parts as (offset, len), expected result of each fill: Ok(complete) or an error
+        // containing the text)
+        type Case = (&'static [(usize, usize)], &'static [Result<bool, &'static str>]);
+        let cases: &[Case] = &[
+            (&[(0, 10)], &[Ok(true)]),
+            (&[(5, 5), (0, 5)], &[Ok(false), Ok(true)]),
+            (&[(0, 3), (7, 3), (3, 4)], &[Ok(false), Ok(false), Ok(true)]),
+            (&[(0, 5), (4, 6)], &[Ok(false), Err("overlaps")]),
+            (&[(5, 5), (0, 6)], &[Ok(false), Err("overlaps")]),
+            (&[(8, 3)], &[Err("of a chunk of 10")]),
+            (&[(0, 4), (4, 0), (4, 6)], &[Ok(false), Ok(false), Ok(true)]),
+        ];
+        for (parts, want) in cases {
+            let mut a = PartAssembly::new(10);
+            for (&(offset, len), want) in parts.iter().zip(*want) {
+                let values = (offset..offset + len).map(|i| i as f32);
+                match (a.fill(offset, values), want) {
+                    (Ok(got), Ok(w)) => assert_eq!(got, *w, "{parts:?}"),
+                    (Err(e), Err(w)) => assert!(e.contains(w), "{parts:?}: {e}"),
+                    (got, w) => panic!("{parts:?}: got {got:?}, want {w:?}"),
+                }
+            }
+            if want.last() == Some(&Ok(true)) {
+                let expect: Vec<f32> = (0..10).map(|i| i as f32).collect();
+                assert_eq!(a.values, expect, "{parts:?}");
+            }
+        }
+    }
+
+    /// A stage part's segments per chunk: the values of its ranges that fall into the
+    /// chunk, with their place in the part's values and in the chunk.
+    #[test]
+    fn part_segments_cut_ranges_at_chunk_bounds() {
+        let spec = CommSpec {
+            members: (0..3)
+                .map(|i| super::super::PeerAddr {
+                    id: format!("m{i}"),
+                    addr: "x:1".into(),
+                })
+                .collect(),
+            stage: Some(StagePart {
+                gives: vec![2..5, 8..12],
+                head: false,
+                stage_frames_per_step: 0,
+            }),
+            ..CommSpec::for_generation("j", 1, vec![0], 1, 1, 12, Reduction::Exact)
+        };
+        let geo = Geometry::new(&spec);
+        // Chunks of 12 over 3 members: 0..4, 4..8, 8..12.
+        assert_eq!(geo.part_segments(0), vec![(0..2, 2)]);
+        assert_eq!(geo.part_segments(1), vec![(2..3, 0)]);
+        assert_eq!(geo.part_segments(2), vec![(3..7, 0)]);
+        assert!(!geo.gives_loss());
     }
 }

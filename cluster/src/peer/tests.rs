@@ -110,6 +110,7 @@ fn spec_with(
         reduction,
         max_frame_floats: 7,
         connect_deadline: Duration::from_secs(5),
+        stage: None,
     }
 }
 
@@ -1096,4 +1097,119 @@ async fn state_is_served_only_to_its_receivers() {
         "{text}"
     );
     assert_eq!(nodes[0].hub.state_refused(), 1);
+}
+
+/// Two pipelines of two stages on four members (member `2p + s` runs stage `s` of
+/// pipeline `p`): stage 0 gives values 0..300 and 600..700 of every slot, stage 1 the
+/// rest and the loss. The reduced result is the single fold's, bit for bit, on every
+/// member; and stage messages cross between them in pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_parts_fold_like_whole_slots_and_stage_messages_cross() {
+    let nodes: Vec<Node> = futures::future::join_all((0..4).map(|_| start_node())).await;
+    let gives = [vec![0..300, 600..700], vec![300..600, 700..1000]];
+    let comms: Vec<Arc<GrpcCollective>> = (0..4)
+        .map(|me| {
+            let (p, s) = (me / 2, me % 2);
+            let spec = CommSpec {
+                local_ranks: vec![p as u32],
+                world: 2,
+                stage: Some(StagePart {
+                    gives: gives[s].clone(),
+                    head: s == 1,
+                    stage_frames_per_step: 64,
+                }),
+                ..spec_with(&nodes, me, 1, Reduction::Exact, PARAMS)
+            };
+            GrpcCollective::new(&nodes[me].hub, spec).unwrap()
+        })
+        .collect();
+    for step in 3..5u64 {
+        let jobs: Vec<_> = (0..4)
+            .map(|me| {
+                let comm = Arc::clone(&comms[me]);
+                let ranges = gives[me % 2].clone();
+                std::thread::spawn(move || {
+                    let p = me as u64 / 2;
+                    let slots = tenax_core::slots::slots_for_rank(SLOTS, 2, p);
+                    // Stage messages: activations forward, gradients back, in pieces of 7.
+                    for slot in slots.clone() {
+                        let acts: Vec<f32> = (0..30).map(|i| (slot * 100 + i) as f32).collect();
+                        if me % 2 == 0 {
+                            comm.send_stage(me + 1, StageMessage::Activations, step, slot, &acts)
+                                .unwrap();
+                            let g = comm
+                                .recv_stage(me + 1, StageMessage::Gradient, step, slot, WAIT)
+                                .unwrap();
+                            assert_eq!(g, acts.iter().map(|x| -x).collect::<Vec<_>>());
+                        } else {
+                            let a = comm
+                                .recv_stage(me - 1, StageMessage::Activations, step, slot, WAIT)
+                                .unwrap();
+                            assert_eq!(a, acts);
+                            let back: Vec<f32> = a.iter().map(|x| -x).collect();
+                            comm.send_stage(me - 1, StageMessage::Gradient, step, slot, &back)
+                                .unwrap();
+                        }
+                    }
+                    for slot in slots.rev() {
+                        let whole = contribution(step, slot);
+                        let grad = ranges.iter().flat_map(|r| whole.grad[r.clone()].to_vec()).collect();
+                        // Only the head's loss counts: the others' must not.
+                        let loss_sum = if me % 2 == 1 { whole.loss_sum } else { 1e9 };
+                        comm.contribute(step, SlotContribution { slot, loss_sum, grad })
+                            .unwrap();
+                    }
+                    comm.reduced(step, WAIT)
+                })
+            })
+            .collect();
+        let want = expected(step);
+        for (me, j) in jobs.into_iter().enumerate() {
+            let r = j.join().unwrap().unwrap_or_else(|e| panic!("member {me}: {e}"));
+            assert_eq!(r.loss_sum.to_bits(), want.loss_sum.to_bits(), "member {me}");
+            assert!(bits(&r.grad_sum) == bits(&want.grad_sum), "member {me} step {step}");
+        }
+    }
+    // A part of the wrong size is refused before anything is sent.
+    let e = comms[0]
+        .contribute(
+            9,
+            SlotContribution {
+                slot: 0,
+                loss_sum: 0.0,
+                grad: vec![0.0; 10],
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("the stage part 400"), "{e}");
+    for c in &comms {
+        c.close(Duration::from_secs(5)).await;
+        assert!(c.aborted().is_none(), "{:?}", c.aborted());
+    }
+}
+
+/// A stage message sent twice is a protocol error that aborts the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_message_sent_twice_is_refused() {
+    let nodes = vec![start_node().await, start_node().await];
+    let comm = GrpcCollective::new(&nodes[0].hub, spec(&nodes, 0, 1, Reduction::Exact)).unwrap();
+    let msg = PeerFrame {
+        job: JOB.into(),
+        generation: 1,
+        from_member: "m1".into(),
+        step: 2,
+        kind: FrameKind::Stage as i32,
+        index: 1,
+        chunk: StageMessage::Activations as u32,
+        data: 1f32.to_le_bytes().to_vec(),
+        total: 1,
+        ..PeerFrame::default()
+    };
+    let reply = send_raw(&nodes[0].addr, vec![msg.clone()]).await;
+    assert_eq!(reply.accepted, 1);
+    assert!(comm.has_stage(StageMessage::Activations, 2, 1));
+    let reply = send_raw(&nodes[0].addr, vec![msg]).await;
+    assert_eq!(reply.refused_other, 1);
+    let reason = comm.aborted().expect("aborted");
+    assert!(reason.contains("sent twice"), "{reason}");
 }
