@@ -814,7 +814,10 @@ impl GrpcCollective {
         // A slot's activations are at most a micro-batch's: bounded by the frame limit
         // times the pieces of a message the hub could ever hold.
         if total > 64 * self.spec.max_frame_floats || f.data.len() % 4 != 0 {
-            return Err(format!("stage message of {total} values, piece of {} bytes", f.data.len()));
+            return Err(format!(
+                "stage message of {total} values, piece of {} bytes",
+                f.data.len()
+            ));
         }
         let key = (which, f.step, f.index);
         let bound = 6 * self.geo.num_slots as usize + STAGE_MSG_SLACK;
@@ -841,12 +844,17 @@ impl GrpcCollective {
         let n = f.data.len() / 4;
         let end = offset.checked_add(n).filter(|&e| e <= total);
         let Some(end) = end else {
-            return Err(format!("a piece at {offset} of a message of {total} values"));
+            return Err(format!(
+                "a piece at {offset} of a message of {total} values"
+            ));
         };
         if (n == 0 && total != 0) || !msg.offsets.insert(f.offset) {
             return Err(format!("a piece at {offset} arrived twice or is empty"));
         }
-        for (v, b) in msg.values[offset..end].iter_mut().zip(f.data.chunks_exact(4)) {
+        for (v, b) in msg.values[offset..end]
+            .iter_mut()
+            .zip(f.data.chunks_exact(4))
+        {
             *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
         msg.filled += n;
@@ -1010,7 +1018,15 @@ impl GrpcCollective {
             for &k in &others {
                 frames.push((
                     k,
-                    self.frame(step, FrameKind::Loss, slot, 0, 0, f64::from(loss), Vec::new()),
+                    self.frame(
+                        step,
+                        FrameKind::Loss,
+                        slot,
+                        0,
+                        0,
+                        f64::from(loss),
+                        Vec::new(),
+                    ),
                 ));
             }
         }
@@ -1025,7 +1041,10 @@ impl GrpcCollective {
                         data.extend_from_slice(&v.to_le_bytes());
                     }
                     let at = (offset + i * mff) as u64;
-                    frames.push((k, self.frame(step, FrameKind::Slot, slot, k as u32, at, 0.0, data)));
+                    frames.push((
+                        k,
+                        self.frame(step, FrameKind::Slot, slot, k as u32, at, 0.0, data),
+                    ));
                 }
             }
         }

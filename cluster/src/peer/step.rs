@@ -101,9 +101,10 @@ impl Geometry {
         let pieces = |k: usize| piece_count(self.chunk(k).len(), self.mff);
         let grad = match self.reduction {
             Reduction::Exact if self.part.is_some() => {
-                let part = self.part.as_ref().map_or(0, |p| {
-                    p.gives.len() * (1 + slots) + p.stage_frames_per_step
-                });
+                let part = self
+                    .part
+                    .as_ref()
+                    .map_or(0, |p| p.gives.len() * (1 + slots) + p.stage_frames_per_step);
                 slots * pieces(dest) + pieces(self.me) + part
             }
             Reduction::Exact => slots * pieces(dest) + pieces(self.me),
@@ -157,7 +158,11 @@ impl PartAssembly {
     }
 
     /// Writes `values` at `offset`; true once every value of the chunk is in.
-    fn fill(&mut self, offset: usize, values: impl ExactSizeIterator<Item = f32>) -> Result<bool, String> {
+    fn fill(
+        &mut self,
+        offset: usize,
+        values: impl ExactSizeIterator<Item = f32>,
+    ) -> Result<bool, String> {
         let len = values.len();
         let end = offset.checked_add(len).filter(|&e| e <= self.values.len());
         let Some(end) = end else {
@@ -168,7 +173,9 @@ impl PartAssembly {
         };
         let at = self.covered.partition_point(|r| r.end <= offset);
         if self.covered.get(at).is_some_and(|r| r.start < end) {
-            return Err(format!("the part at {offset}..{end} overlaps one already in"));
+            return Err(format!(
+                "the part at {offset}..{end} overlaps one already in"
+            ));
         }
         self.covered.insert(at, offset..end);
         for (v, x) in self.values[offset..end].iter_mut().zip(values) {
@@ -396,17 +403,26 @@ impl StepState {
     ) -> Result<(), String> {
         let key = (FrameKind::Slot as i32, slot);
         if self.done_keys.contains(&key) {
-            return Err(format!("a part of slot {slot} arrived after it was complete"));
+            return Err(format!(
+                "a part of slot {slot} arrived after it was complete"
+            ));
         }
         let len = geo.chunk(geo.me).len();
         let asm = self
             .parts
             .entry(slot)
             .or_insert_with(|| PartAssembly::new(len));
-        if !asm.fill(offset, values).map_err(|e| format!("slot {slot}: {e}"))? {
+        if !asm
+            .fill(offset, values)
+            .map_err(|e| format!("slot {slot}: {e}"))?
+        {
             return Ok(());
         }
-        let values = self.parts.remove(&slot).map(|a| a.values).unwrap_or_default();
+        let values = self
+            .parts
+            .remove(&slot)
+            .map(|a| a.values)
+            .unwrap_or_default();
         self.done_keys.insert(key);
         self.fold_own(
             geo,
@@ -466,7 +482,9 @@ impl StepState {
             }
             FrameKind::Slot if exact && geo.part.is_some() => {
                 if index >= geo.num_slots {
-                    return Err(format!("gradient part of slot {index}, which is out of range"));
+                    return Err(format!(
+                        "gradient part of slot {index}, which is out of range"
+                    ));
                 }
                 if chunk as usize != geo.me {
                     return Err(format!(
@@ -756,7 +774,10 @@ mod part_tests {
     fn part_assembly_table() {
         // (parts as (offset, len), expected result of each fill: Ok(complete) or an error
         // containing the text)
-        type Case = (&'static [(usize, usize)], &'static [Result<bool, &'static str>]);
+        type Case = (
+            &'static [(usize, usize)],
+            &'static [Result<bool, &'static str>],
+        );
         let cases: &[Case] = &[
             (&[(0, 10)], &[Ok(true)]),
             (&[(5, 5), (0, 5)], &[Ok(false), Ok(true)]),

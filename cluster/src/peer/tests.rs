@@ -1153,11 +1153,21 @@ async fn stage_parts_fold_like_whole_slots_and_stage_messages_cross() {
                     }
                     for slot in slots.rev() {
                         let whole = contribution(step, slot);
-                        let grad = ranges.iter().flat_map(|r| whole.grad[r.clone()].to_vec()).collect();
+                        let grad = ranges
+                            .iter()
+                            .flat_map(|r| whole.grad[r.clone()].to_vec())
+                            .collect();
                         // Only the head's loss counts: the others' must not.
                         let loss_sum = if me % 2 == 1 { whole.loss_sum } else { 1e9 };
-                        comm.contribute(step, SlotContribution { slot, loss_sum, grad })
-                            .unwrap();
+                        comm.contribute(
+                            step,
+                            SlotContribution {
+                                slot,
+                                loss_sum,
+                                grad,
+                            },
+                        )
+                        .unwrap();
                     }
                     comm.reduced(step, WAIT)
                 })
@@ -1165,9 +1175,15 @@ async fn stage_parts_fold_like_whole_slots_and_stage_messages_cross() {
             .collect();
         let want = expected(step);
         for (me, j) in jobs.into_iter().enumerate() {
-            let r = j.join().unwrap().unwrap_or_else(|e| panic!("member {me}: {e}"));
+            let r = j
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("member {me}: {e}"));
             assert_eq!(r.loss_sum.to_bits(), want.loss_sum.to_bits(), "member {me}");
-            assert!(bits(&r.grad_sum) == bits(&want.grad_sum), "member {me} step {step}");
+            assert!(
+                bits(&r.grad_sum) == bits(&want.grad_sum),
+                "member {me} step {step}"
+            );
         }
     }
     // A part of the wrong size is refused before anything is sent.
