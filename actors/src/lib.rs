@@ -48,6 +48,6 @@ pub use node::{
     ActorFactory, AdoptFactory, ChildSpec, ChildStart, NodeSupervisor, ServiceFactory,
     ServiceFuture,
 };
-pub use pipeline::PipelineSpec;
+pub use pipeline::{stage_part, PipelineSpec, StageOnPeers};
 pub use rank::{param_hash, RankOutcome, SampleSource, StageTime, TrainData, TrainSetup};
 pub use supervisor::{ActorsError, GroupStart, Snapshot, StepReport, Trainer, TRAINER_POLICY};

@@ -45,7 +45,10 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tenax_cluster::{Collective, InProcessCollective, Reduced, SlotContribution};
+use tenax_cluster::{
+    Collective, GrpcCollective, InProcessCollective, Reduced, SlotContribution, StageMessage,
+    StagePart,
+};
 use tenax_core::guard::GuardLimits;
 use tenax_core::pipeline::{
     peak_in_flight, stage_ops, GridPos, Op, PipelineConfig, PipelinePlan, Schedule, StageLayers,
@@ -206,9 +209,9 @@ impl Meet {
     }
 }
 
-/// A stage's ends of its pipeline's channels.
+/// A stage's ends of its pipeline's channels in one process.
 #[derive(Default)]
-struct Links {
+struct Channels {
     /// Activations from the previous stage.
     acts_in: Option<Receiver<Piece>>,
     /// Activations to the next stage.
@@ -221,6 +224,83 @@ struct Links {
     emb_in: Option<Receiver<Piece>>,
     /// On the first stage (S > 1): embedding-output gradients to the head stage.
     emb_out: Option<SyncSender<Piece>>,
+}
+
+/// Where a stage's messages go: channels to stages in this process, or the peer plane
+/// to stages on other members.
+enum Links {
+    /// The pipeline's stages are all in this process.
+    Local(Channels),
+    /// This stage's neighbours are other members of the generation.
+    Peer(PeerLinks),
+}
+
+/// A stage's neighbours on other members: indices into the communicator's members.
+struct PeerLinks {
+    comm: Arc<GrpcCollective>,
+    prev: Option<usize>,
+    next: Option<usize>,
+    /// The first stage's member (on the head stage of S > 1).
+    first: Option<usize>,
+    /// The head stage's member (on the first stage of S > 1).
+    head: Option<usize>,
+}
+
+/// A stage of one pipeline whose other stages run on other members: which stage, and
+/// where the others are. See [`Trainer::start_stage`].
+#[derive(Clone)]
+pub struct StageOnPeers {
+    /// The stage this process runs (0-based).
+    pub stage: u32,
+    /// The generation's communicator, built with this stage's [`StagePart`]
+    /// ([`stage_part`]): gradient parts and stage messages both travel over it.
+    pub comm: Arc<GrpcCollective>,
+    /// The members (indices into the communicator's members) running this pipeline's
+    /// stages, in stage order; entry `stage` is this member.
+    pub pipeline_members: Vec<usize>,
+}
+
+/// A stage on other members' view of the whole model: how its flat layout maps onto it.
+struct WholeView {
+    whole: ParamLayout,
+    /// (range in the stage's layout, range in the whole model's) of every tensor the
+    /// stage holds (the first stage's tied copy of the token embedding included).
+    takes: Vec<(Range<usize>, Range<usize>)>,
+    /// The stage-layout ranges it gives to the reduction, ascending (the first stage's
+    /// copy of the token embedding left out when another stage holds the head).
+    gives: Vec<Range<usize>>,
+}
+
+/// The [`StagePart`] of stage `layers` of `model`: the whole layout's ranges whose
+/// gradients the stage forms (its tensors, less the first stage's copy of the tied token
+/// embedding when another stage holds the head), merged where adjacent.
+/// `stage_frames_per_step` sizes the send queues for the stage messages.
+pub fn stage_part(
+    model: &tenax_model::GptConfig,
+    layers: &StageLayers,
+    stage_frames_per_step: usize,
+) -> StagePart {
+    let whole = ParamLayout::for_config(model);
+    let stage = ParamLayout::for_stage(model, layers);
+    let mut gives: Vec<Range<usize>> = Vec::new();
+    for e in &stage.entries {
+        if e.name == WTE && !layers.head {
+            continue;
+        }
+        let r = whole
+            .get(&e.name)
+            .expect("a stage holds the model's tensors")
+            .range();
+        match gives.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => gives.push(r),
+        }
+    }
+    StagePart {
+        gives,
+        head: layers.head,
+        stage_frames_per_step,
+    }
 }
 
 /// A slot whose forward ran: its workspace (holding the activations) and token ids.
@@ -266,6 +346,9 @@ pub(crate) struct StageCompute {
     collective: Arc<dyn Collective>,
     meet: Arc<Meet>,
     links: Links,
+    /// With the pipeline's other stages on other members: the whole model's view (the
+    /// reduction gives every member the whole gradient; no [`Meet`]).
+    view: Option<WholeView>,
     abort: Aborter,
     sampler: Sampler,
 }
@@ -308,13 +391,26 @@ impl StageCompute {
         (inputs, targets)
     }
 
-    /// Receive the piece `(step, slot)` from `rx`, waiting at most the step timeout and
-    /// giving up at once when the trainer is aborted.
+    /// Receive the piece `(step, slot)` of `which` ("activations", "gradient" or
+    /// "embedding"), waiting at most the step timeout and giving up at once when the
+    /// trainer is aborted.
     fn recv(&self, which: &str, step: u64, slot: u64) -> Result<Piece, String> {
+        let links = match &self.links {
+            Links::Local(links) => links,
+            Links::Peer(peer) => {
+                let (msg, from) = peer_route(peer, which, false);
+                let from = from.ok_or_else(|| self.err(format!("has no {which} sender")))?;
+                let data = peer
+                    .comm
+                    .recv_stage(from, msg, step, slot, self.setup.step_timeout)
+                    .map_err(|e| self.err(format!("{which} of step {step} slot {slot}: {e}")))?;
+                return Ok(Piece { step, slot, data });
+            }
+        };
         let rx = match which {
-            "activations" => self.links.acts_in.as_ref(),
-            "gradient" => self.links.grads_in.as_ref(),
-            _ => self.links.emb_in.as_ref(),
+            "activations" => links.acts_in.as_ref(),
+            "gradient" => links.grads_in.as_ref(),
+            _ => links.emb_in.as_ref(),
         }
         .ok_or_else(|| self.err(format!("has no {which} channel")))?;
         let start = Instant::now();
@@ -345,10 +441,28 @@ impl StageCompute {
         }
     }
 
-    /// Send `piece` on `tx`; a full queue (only validation can fill one) waits for the
-    /// receiver, at most the step timeout, and gives up when the trainer is aborted.
-    fn send(&self, tx: Option<&SyncSender<Piece>>, mut piece: Piece) -> Result<(), String> {
-        let tx = tx.ok_or_else(|| self.err("has no channel to send on"))?;
+    /// Send `piece` as `which` ("activations" to the next stage, "gradient" to the
+    /// previous, "embedding" to the head). On channels a full queue (only validation can
+    /// fill one) waits for the receiver, at most the step timeout, and gives up when the
+    /// trainer is aborted; on the peer plane the send never waits.
+    fn send(&self, which: &str, mut piece: Piece) -> Result<(), String> {
+        let links = match &self.links {
+            Links::Local(links) => links,
+            Links::Peer(peer) => {
+                let (msg, to) = peer_route(peer, which, true);
+                let to = to.ok_or_else(|| self.err(format!("has no {which} receiver")))?;
+                return peer
+                    .comm
+                    .send_stage(to, msg, piece.step, piece.slot, &piece.data)
+                    .map_err(|e| self.err(e));
+            }
+        };
+        let tx = match which {
+            "activations" => links.acts_out.as_ref(),
+            "gradient" => links.grads_out.as_ref(),
+            _ => links.emb_out.as_ref(),
+        }
+        .ok_or_else(|| self.err("has no channel to send on"))?;
         let start = Instant::now();
         loop {
             match tx.try_send(piece) {
@@ -370,6 +484,29 @@ impl StageCompute {
         }
     }
 
+    /// On the head stage: embedding rows that already arrived for one of `waiting`'s
+    /// slots, without waiting.
+    fn try_recv_embedding(
+        &self,
+        step: u64,
+        waiting: &BTreeMap<u64, Waiting>,
+    ) -> Result<Option<Piece>, String> {
+        match &self.links {
+            Links::Local(links) => match links.emb_in.as_ref().map(Receiver::try_recv) {
+                Some(Ok(p)) => Ok(Some(p)),
+                Some(Err(TryRecvError::Empty)) => Ok(None),
+                _ => Err(self.err("the first stage is gone")),
+            },
+            Links::Peer(peer) => match waiting
+                .keys()
+                .find(|&&slot| peer.comm.has_stage(StageMessage::Embedding, step, slot))
+            {
+                Some(&slot) => self.recv("embedding", step, slot).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
     fn contribute(
         &self,
         step: u64,
@@ -377,6 +514,14 @@ impl StageCompute {
         loss_sum: f32,
         grad: Vec<f32>,
     ) -> Result<(), String> {
+        let grad = match &self.view {
+            None => grad,
+            Some(v) => v
+                .gives
+                .iter()
+                .flat_map(|r| grad[r.clone()].iter().copied())
+                .collect(),
+        };
         self.collective
             .contribute(
                 step,
@@ -403,14 +548,10 @@ impl StageCompute {
                     None => return Ok(()),
                     Some(&slot) => self.recv("embedding", step, slot)?,
                 },
-                false => {
-                    let rx = self.links.emb_in.as_ref();
-                    match rx.map(Receiver::try_recv) {
-                        Some(Ok(p)) => p,
-                        Some(Err(TryRecvError::Empty)) => return Ok(()),
-                        _ => return Err(self.err("the first stage is gone")),
-                    }
-                }
+                false => match self.try_recv_embedding(step, waiting)? {
+                    Some(p) => p,
+                    None => return Ok(()),
+                },
             };
             let Some(mut w) = waiting.remove(&piece.slot).filter(|_| piece.step == step) else {
                 return Err(self.err(format!(
@@ -506,7 +647,7 @@ impl StageCompute {
                 }
                 Op::SendActivation { .. } => {
                     let piece = output.take().ok_or_else(|| self.err("nothing to send"))?;
-                    self.send(self.links.acts_out.as_ref(), piece)?;
+                    self.send("activations", piece)?;
                 }
                 Op::RecvGrad { .. } => dout = Some(self.recv("gradient", step, slot)?),
                 Op::Backward { .. } => {
@@ -538,7 +679,7 @@ impl StageCompute {
                         // The embedding rows go to the head stage, which forms the tied
                         // weight's gradient; this copy's stays zero.
                         (true, false) => {
-                            self.send(self.links.emb_out.as_ref(), rows)?;
+                            self.send("embedding", rows)?;
                             self.contribute(step, slot, 0.0, grad)?;
                         }
                         (false, true) => {
@@ -554,7 +695,7 @@ impl StageCompute {
                 }
                 Op::SendGrad { .. } => {
                     let piece = dx.take().ok_or_else(|| self.err("no gradient to send"))?;
-                    self.send(self.links.grads_out.as_ref(), piece)?;
+                    self.send("gradient", piece)?;
                 }
             }
             if computes {
@@ -585,6 +726,9 @@ impl StageCompute {
             .collective
             .reduced(step, self.setup.step_timeout)
             .map_err(|e| self.err(e))?;
+        if self.view.is_some() {
+            return self.finish_whole(step, lr, limits, reduced);
+        }
         let ws = &self.spare[0];
         let (grad, layout) = (&reduced.grad_sum, &self.layout);
         let sums = ws.install(|| tensor_squares(grad, layout));
@@ -633,6 +777,55 @@ impl StageCompute {
                 &patched
             }
         };
+        Ok(self.apply(grad, grad_scale, lr, loss, grad_norm))
+    }
+
+    /// The end of a step on a stage whose pipeline's other stages run on other members:
+    /// the reduction gave every member the whole gradient and loss, so the clip norm comes
+    /// from every tensor's sum of squares in the whole layout's order (the same sums, in
+    /// the same order, as the stages' meeting adds) and the stage takes its tensors out
+    /// of the whole (the first stage's tied copy of the token embedding gets the head's).
+    fn finish_whole(
+        &mut self,
+        step: u64,
+        lr: f32,
+        limits: Option<GuardLimits>,
+        reduced: Arc<Reduced>,
+    ) -> Result<RankOutcome, String> {
+        let Some(view) = &self.view else {
+            return Err(self.err("no whole-model view"));
+        };
+        if reduced.grad_sum.len() != view.whole.total {
+            return Err(self.err(format!(
+                "the reduction gave {} values, the model has {}",
+                reduced.grad_sum.len(),
+                view.whole.total
+            )));
+        }
+        let all = self.spare[0].install(|| tensor_squares(&reduced.grad_sum, &view.whole));
+        let tokens = (self.setup.batch.batch_size as usize * self.setup.model.block_size) as f32;
+        let loss = crate::rank::chaos_loss(step, reduced.loss_sum / f64::from(tokens));
+        let (grad_norm, grad_scale) = clip_scale_from_squares(&all, tokens, self.setup.grad_clip);
+        if let Some(out) = crate::rank::skip(loss, grad_norm, limits) {
+            return Ok(out);
+        }
+        let mut grad = vec![0f32; self.layout.total];
+        for (mine, whole) in &view.takes {
+            grad[mine.clone()].copy_from_slice(&reduced.grad_sum[whole.clone()]);
+        }
+        Ok(self.apply(&grad, grad_scale, lr, loss, grad_norm))
+    }
+
+    /// AdamW on this stage's tensors with the reduced gradient `grad` (this stage's
+    /// layout) scaled by `grad_scale`.
+    fn apply(
+        &mut self,
+        grad: &[f32],
+        grad_scale: f32,
+        lr: f32,
+        loss: f64,
+        grad_norm: f64,
+    ) -> RankOutcome {
         let t_copy = Instant::now();
         let shared = Arc::strong_count(&self.params) > 1 || Arc::strong_count(&self.opt) > 1;
         let (opt, params) = (
@@ -645,14 +838,14 @@ impl StageCompute {
         };
         let (params, layout, adamw) = (params.as_mut_slice(), &self.layout, &self.setup.adamw);
         self.spare[0].install(|| opt.update_scaled(params, grad, grad_scale, lr, layout, adamw));
-        Ok(RankOutcome {
+        RankOutcome {
             loss,
             grad_norm,
             skipped: false,
             guarded: false,
             snapshot_copy_s,
             stage_time: None,
-        })
+        }
     }
 
     /// Validation through the stages (pipeline 0): the head stage returns the mean token
@@ -691,7 +884,7 @@ impl StageCompute {
             match head {
                 true => sum += f64::from(loss),
                 false => self.send(
-                    self.links.acts_out.as_ref(),
+                    "activations",
                     Piece {
                         step: EVAL_STEP,
                         slot: k,
@@ -701,6 +894,19 @@ impl StageCompute {
             }
         }
         Ok(head.then(|| sum / (windows.len() * self.setup.model.block_size) as f64))
+    }
+}
+
+/// The message and the member of `which` ("activations", "gradient", "embedding") for a
+/// stage on the peer plane: whom it is sent to (`sending`) or whom it comes from.
+fn peer_route(peer: &PeerLinks, which: &str, sending: bool) -> (StageMessage, Option<usize>) {
+    match (which, sending) {
+        ("activations", true) => (StageMessage::Activations, peer.next),
+        ("activations", false) => (StageMessage::Activations, peer.prev),
+        ("gradient", true) => (StageMessage::Gradient, peer.prev),
+        ("gradient", false) => (StageMessage::Gradient, peer.next),
+        (_, true) => (StageMessage::Embedding, peer.head),
+        (_, false) => (StageMessage::Embedding, peer.first),
     }
 }
 
@@ -740,9 +946,12 @@ fn gather_state(whole: &ParamLayout, stages: &[StageState]) -> Snapshot {
     let mut params = vec![0f32; whole.total];
     let mut opt = AdamW::new(whole.total);
     opt.step = stages.first().map_or(0, |s| s.opt.step);
+    // The token embedding from the head stage, or from the first stage's copy when the
+    // head runs in another process.
+    let has_head = stages.iter().any(|s| s.head);
     for s in stages {
         for e in &s.layout.entries {
-            if e.name == WTE && !s.head {
+            if e.name == WTE && !s.head && has_head {
                 continue;
             }
             let w = whole
@@ -772,6 +981,9 @@ struct PipelineArgs {
     /// [`crate::stage_slices`]); `None`: every pipeline is here, each stage reduces in
     /// process.
     dp: Option<Arc<dyn Collective>>,
+    /// `Some`: this process runs one stage of its one pipeline, the other stages are
+    /// other members (and `dp` is unused: the stage reduces in `remote.comm`).
+    remote: Option<StageOnPeers>,
     data: Arc<TrainData>,
     params: Vec<f32>,
     opt: AdamW,
@@ -779,9 +991,14 @@ struct PipelineArgs {
 
 struct PipelineState {
     generation: u64,
-    /// Stage ranks by global rank (`pipeline * S + stage`).
+    /// Stage ranks by local pipeline, then local stage.
     ranks: Vec<ActorRef<RankMsg<StageCompute>>>,
+    /// Stages of each pipeline in this process.
     stages: usize,
+    /// Which stages those are (all of them, or the one of a [`StageOnPeers`]).
+    local_stages: Vec<usize>,
+    /// Stages of a pipeline.
+    total_stages: usize,
     pipelines: usize,
     whole: Arc<ParamLayout>,
     layouts: Arc<Vec<ParamLayout>>,
@@ -810,7 +1027,8 @@ impl PipelineState {
                     .map(move |(s, r)| (p, s, r))
             })
             .map(|(p, s, r)| {
-                let (layout, head) = (self.layouts[s].clone(), s + 1 == self.stages);
+                let g = self.local_stages[s];
+                let (layout, head) = (self.layouts[g].clone(), g + 1 == self.total_stages);
                 on_rank(
                     r,
                     self.timeout,
@@ -855,14 +1073,20 @@ impl Actor for PipelineSupervisor {
             plan,
             local_pipelines,
             dp,
+            remote,
             data,
             params,
             opt,
         } = args;
         let cfg = *plan.config();
-        // `pipelines` and `world` count this process's.
+        // `pipelines`, `per` and `world` count this process's.
         let (stages, pipelines) = (cfg.stages as usize, local_pipelines.len());
-        let world = stages * pipelines;
+        let local_stages: Vec<usize> = match &remote {
+            Some(r) => vec![r.stage as usize],
+            None => (0..stages).collect(),
+        };
+        let per = local_stages.len();
+        let world = per * pipelines;
         let model = setup.model.clone();
         let whole = ParamLayout::for_config(&model);
         let layouts: Vec<ParamLayout> = plan
@@ -872,14 +1096,15 @@ impl Actor for PipelineSupervisor {
             .collect();
         let num_slots = setup.batch.num_slots();
         // Per local pipeline, per stage.
-        let collectives: Vec<Vec<Arc<dyn Collective>>> = match dp {
-            None => {
+        let collectives: Vec<Vec<Arc<dyn Collective>>> = match (&remote, dp) {
+            (Some(r), _) => vec![vec![Arc::clone(&r.comm) as Arc<dyn Collective>]],
+            (None, None) => {
                 let per_stage: Vec<Arc<dyn Collective>> = (0..stages)
                     .map(|_| Arc::new(InProcessCollective::new(num_slots)) as Arc<dyn Collective>)
                     .collect();
                 vec![per_stage; pipelines]
             }
-            Some(dp) => {
+            (None, Some(dp)) => {
                 let asm = Assembler::new(dp, &whole, &layouts, WTE, pipelines)?;
                 let asm = Arc::new(asm);
                 (0..pipelines)
@@ -891,7 +1116,7 @@ impl Actor for PipelineSupervisor {
                     .collect()
             }
         };
-        let meet = Arc::new(Meet::new(stages, world));
+        let meet = Arc::new(Meet::new(per, world));
         let abort: Aborter = {
             let (collectives, meet) = (collectives.clone(), Arc::clone(&meet));
             Arc::new(move |reason: &str| {
@@ -904,30 +1129,47 @@ impl Actor for PipelineSupervisor {
         let sampler = data.sampler(setup.seed, model.block_size)?;
         // Every channel holds a whole step's messages: a training send never waits.
         let capacity = num_slots as usize + 1;
-        let mut links: Vec<Links> = (0..world).map(|_| Links::default()).collect();
-        for p in 0..pipelines {
-            let at = |s: usize| p * stages + s;
-            for s in 0..stages.saturating_sub(1) {
-                let (tx, rx) = mpsc::sync_channel(capacity);
-                links[at(s)].acts_out = Some(tx);
-                links[at(s + 1)].acts_in = Some(rx);
-                let (tx, rx) = mpsc::sync_channel(capacity);
-                links[at(s + 1)].grads_out = Some(tx);
-                links[at(s)].grads_in = Some(rx);
+        let links: Vec<Links> = match &remote {
+            Some(r) => {
+                let (s, m) = (r.stage as usize, &r.pipeline_members);
+                let at = |i: usize| m.get(i).copied();
+                let multi = stages > 1;
+                vec![Links::Peer(PeerLinks {
+                    comm: Arc::clone(&r.comm),
+                    prev: s.checked_sub(1).and_then(at),
+                    next: at(s + 1),
+                    first: (multi && s + 1 == stages).then(|| at(0)).flatten(),
+                    head: (multi && s == 0).then(|| at(stages - 1)).flatten(),
+                })]
             }
-            if stages > 1 {
-                let (tx, rx) = mpsc::sync_channel(capacity);
-                links[at(0)].emb_out = Some(tx);
-                links[at(stages - 1)].emb_in = Some(rx);
+            None => {
+                let mut links: Vec<Channels> = (0..world).map(|_| Channels::default()).collect();
+                for p in 0..pipelines {
+                    let at = |s: usize| p * stages + s;
+                    for s in 0..stages.saturating_sub(1) {
+                        let (tx, rx) = mpsc::sync_channel(capacity);
+                        links[at(s)].acts_out = Some(tx);
+                        links[at(s + 1)].acts_in = Some(rx);
+                        let (tx, rx) = mpsc::sync_channel(capacity);
+                        links[at(s + 1)].grads_out = Some(tx);
+                        links[at(s)].grads_in = Some(rx);
+                    }
+                    if stages > 1 {
+                        let (tx, rx) = mpsc::sync_channel(capacity);
+                        links[at(0)].emb_out = Some(tx);
+                        links[at(stages - 1)].emb_in = Some(rx);
+                    }
+                }
+                links.into_iter().map(Links::Local).collect()
             }
-        }
+        };
         // The process's compute threads, shared evenly by its stage ranks.
         let threads = (tenax_model::step::default_threads() / world.max(1)).max(1);
         let wte_of = |l: &ParamLayout| l.get(WTE).map(|e| e.range());
         let head_wte = wte_of(&layouts[stages - 1]);
         let mut ranks = Vec::with_capacity(world);
         for (i, links) in links.into_iter().enumerate() {
-            let (local, s) = (i / stages, i % stages);
+            let (local, s) = (i / per, local_stages[i % per]);
             let rank = local_pipelines[local] as usize * stages + s;
             let pos = plan.position(rank as u32).expect("a rank of the plan");
             let layers = plan.layers()[s].clone();
@@ -959,6 +1201,28 @@ impl Actor for PipelineSupervisor {
                 .map(|_| Workspace::for_stage(&model, &layers, threads))
                 .collect();
             let (p, o) = split_state(&whole, &layout, &params, &opt);
+            let view = remote.as_ref().map(|_| {
+                let mut takes = Vec::new();
+                let mut gives: Vec<Range<usize>> = Vec::new();
+                for e in &layout.entries {
+                    let w = whole
+                        .get(&e.name)
+                        .expect("a stage holds the model's tensors");
+                    takes.push((e.range(), w.range()));
+                    if e.name == WTE && !layers.head {
+                        continue;
+                    }
+                    match gives.last_mut() {
+                        Some(last) if last.end == e.offset => last.end = e.range().end,
+                        _ => gives.push(e.range()),
+                    }
+                }
+                WholeView {
+                    whole: whole.clone(),
+                    takes,
+                    gives,
+                }
+            });
             let compute = StageCompute {
                 rank,
                 pos,
@@ -976,9 +1240,10 @@ impl Actor for PipelineSupervisor {
                 params: Arc::new(p),
                 opt: Arc::new(o),
                 spare,
-                collective: Arc::clone(&collectives[local][s]),
+                collective: Arc::clone(&collectives[local][i % per]),
                 meet: Arc::clone(&meet),
                 links,
+                view,
                 abort: Arc::clone(&abort),
                 sampler: sampler.clone(),
             };
@@ -994,7 +1259,9 @@ impl Actor for PipelineSupervisor {
         Ok(PipelineState {
             generation,
             ranks,
-            stages,
+            stages: per,
+            local_stages,
+            total_stages: stages,
             pipelines,
             whole: Arc::new(whole),
             layouts: Arc::new(layouts),
@@ -1103,6 +1370,13 @@ impl Actor for PipelineSupervisor {
                 seed,
                 reply,
             } => {
+                if st.stages != st.total_stages {
+                    let _ = reply.send(Err(ActorsError::Rank(format!(
+                        "generate: this process runs stage {:?} of {} only",
+                        st.local_stages, st.total_stages
+                    ))));
+                    return Ok(());
+                }
                 let states = st.states(0..1);
                 let (whole, model) = (Arc::clone(&st.whole), st.model.clone());
                 tokio::spawn(async move {
@@ -1222,6 +1496,48 @@ impl Trainer {
         spec: PipelineSpec,
         node: Option<&crate::NodeSupervisor>,
     ) -> Result<Self, ActorsError> {
+        Self::start_pipelines(g, spec, None, node).await
+    }
+
+    /// Start one stage, `on.stage`, of pipeline `g.local_ranks[0]` of a data-parallel
+    /// group of `g.setup.ranks` pipelines whose other stages run on other members: the
+    /// stage's activations and gradients and its share of every slot's gradient travel
+    /// over `on.comm` (built with [`stage_part`] of this stage), whose exact reduction
+    /// gives every member the whole reduced gradient; the stage takes its clip factor
+    /// from all of it and its tensors out of it, so the bits are those of one rank.
+    /// `g.params` and `g.opt` are the whole model's (the stage keeps its tensors).
+    ///
+    /// What this process can answer is its stage's: a snapshot or parameter hash holds
+    /// this stage's tensors in the whole layout (the others zero); validation loss comes
+    /// from the head stage's process; sampling is refused.
+    pub async fn start_stage(
+        mut g: GroupStart,
+        spec: PipelineSpec,
+        on: StageOnPeers,
+        node: Option<&crate::NodeSupervisor>,
+    ) -> Result<Self, ActorsError> {
+        let start = |e: String| ActorsError::Start(e);
+        let me = on.comm.spec().me;
+        if g.local_ranks.len() != 1
+            || on.stage >= spec.stages
+            || on.pipeline_members.len() != spec.stages as usize
+            || on.pipeline_members.get(on.stage as usize) != Some(&me)
+        {
+            return Err(start(format!(
+                "stage {} of pipeline {:?} with members {:?}: a process runs one stage of one pipeline of {} stages, and is that stage's member (index {me})",
+                on.stage, g.local_ranks, on.pipeline_members, spec.stages
+            )));
+        }
+        g.collective = Some(Arc::clone(&on.comm) as Arc<dyn Collective>);
+        Self::start_pipelines(g, spec, Some(on), node).await
+    }
+
+    async fn start_pipelines(
+        g: GroupStart,
+        spec: PipelineSpec,
+        remote: Option<StageOnPeers>,
+        node: Option<&crate::NodeSupervisor>,
+    ) -> Result<Self, ActorsError> {
         let start = |e: String| ActorsError::Start(e);
         let stages = spec.stages.max(1);
         let pipelines = g.setup.ranks as u32;
@@ -1261,13 +1577,18 @@ impl Trainer {
             )));
         }
         let (timeout, generation) = (g.setup.step_timeout, g.generation);
-        let stage_ranks = local.len() * stages as usize;
+        let per = match remote {
+            Some(_) => 1,
+            None => stages as usize,
+        };
+        let stage_ranks = local.len() * per;
         let args = PipelineArgs {
             generation,
             setup: g.setup,
             plan,
             local_pipelines: local,
             dp: g.collective,
+            remote,
             data: g.data,
             params: g.params,
             opt: g.opt,
@@ -1475,6 +1796,158 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("need a collective"), "{e}");
+    }
+
+    /// A peer hub served on 127.0.0.1 (a "member"), stopped when the token is cancelled.
+    async fn serve_hub(
+        job: &str,
+    ) -> (
+        tenax_cluster::PeerHub,
+        String,
+        tokio_util::sync::CancellationToken,
+    ) {
+        let hub = tenax_cluster::PeerHub::new(job, tenax_cluster::peer::HubConfig::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (service, token) = (hub.service(), stop.clone());
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    token.cancelled_owned(),
+                )
+                .await;
+        });
+        (hub, addr, stop)
+    }
+
+    /// The stages of each pipeline on different members (one process per stage, each
+    /// with its own peer hub on loopback): D = 2 pipelines x S = 2 stages (1F1B) and
+    /// D = 1 x S = 3 (GPipe) give the losses and every tensor of one rank, bit for bit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stages_on_separate_members_match_one_rank_bit_for_bit() {
+        use tenax_cluster::peer::{CommSpec, PeerAddr, Reduction};
+        let (model, whole, data) = three_blocks();
+        let init = tenax_model::init_params(&model, &whole, 1);
+        let one = Trainer::start(
+            setup(&model, 1),
+            Arc::clone(&data),
+            init.clone(),
+            AdamW::new(whole.total),
+        )
+        .await
+        .unwrap();
+        let (want_losses, want, _, _) = run(one, 3, 6, &[0]).await;
+        for (pipelines, stages, schedule) in
+            [(2u32, 2u32, Schedule::OneFOneB), (1, 3, Schedule::GPipe)]
+        {
+            let what = format!("{pipelines} x {stages} {schedule:?}");
+            let n = (pipelines * stages) as usize;
+            let mut hubs = Vec::new();
+            for _ in 0..n {
+                hubs.push(serve_hub("job-s").await);
+            }
+            let members: Vec<PeerAddr> = hubs
+                .iter()
+                .enumerate()
+                .map(|(i, h)| PeerAddr {
+                    id: format!("n{i}"),
+                    addr: h.1.clone(),
+                })
+                .collect();
+            let num_slots = setup(&model, 1).batch.num_slots();
+            let slots = slots_for_rank(num_slots, u64::from(pipelines), 0);
+            let plan = PipelinePlan::new(
+                PipelineConfig {
+                    pipelines,
+                    stages,
+                    blocks: 3,
+                    slots: (slots.end - slots.start) as u32,
+                    schedule,
+                },
+                pipelines * stages,
+            )
+            .unwrap();
+            let mut trainers = Vec::new();
+            for me in 0..n {
+                // Member `p * S + s` runs stage `s` of pipeline `p`.
+                let (p, s) = (me as u32 / stages, me as u32 % stages);
+                let spec = CommSpec {
+                    members: members.clone(),
+                    me,
+                    stage: Some(stage_part(&model, &plan.layers()[s as usize], 64)),
+                    max_frame_floats: 1000,
+                    ..CommSpec::for_generation(
+                        "job-s",
+                        1,
+                        vec![p],
+                        pipelines,
+                        num_slots,
+                        whole.total,
+                        Reduction::Exact,
+                    )
+                };
+                let comm = tenax_cluster::GrpcCollective::new(&hubs[me].0, spec).unwrap();
+                let group = GroupStart {
+                    generation: 1,
+                    setup: setup(&model, pipelines as usize),
+                    local_ranks: vec![p as usize],
+                    collective: None,
+                    data: Arc::clone(&data),
+                    params: init.clone(),
+                    opt: AdamW::new(whole.total),
+                };
+                let on = StageOnPeers {
+                    stage: s,
+                    comm,
+                    pipeline_members: (0..stages).map(|k| (p * stages + k) as usize).collect(),
+                };
+                let spec = PipelineSpec { stages, schedule };
+                trainers.push(Trainer::start_stage(group, spec, on, None).await.unwrap());
+            }
+            let mut losses = Vec::new();
+            for step in 0..3u64 {
+                let outs = join_all(trainers.iter().map(|t| t.step(step, step * 6, 3e-3))).await;
+                let outs: Vec<_> = outs.into_iter().map(|o| o.unwrap()).collect();
+                for o in &outs {
+                    assert_eq!(
+                        o.loss.to_bits(),
+                        outs[0].loss.to_bits(),
+                        "{what}: step {step}"
+                    );
+                }
+                losses.push(outs[0].loss.to_bits());
+            }
+            assert_eq!(losses, want_losses, "{what}: losses");
+            // Every member holds its stage's tensors, equal to one rank's.
+            for (me, t) in trainers.iter().enumerate() {
+                let s = me as u32 % stages;
+                let layout = ParamLayout::for_stage(&model, &plan.layers()[s as usize]);
+                let snap = t.snapshot().await.unwrap();
+                for e in &layout.entries {
+                    let r = whole.get(&e.name).unwrap().range();
+                    let name = &e.name;
+                    assert_eq!(
+                        bits(&snap.params[r.clone()]),
+                        bits(&want.params[r.clone()]),
+                        "{what}: member {me} {name}"
+                    );
+                    assert_eq!(
+                        bits(&snap.opt.v[r.clone()]),
+                        bits(&want.opt.v[r]),
+                        "{what}: member {me} {name} v"
+                    );
+                }
+            }
+            for t in trainers {
+                t.shutdown().await;
+            }
+            for h in hubs {
+                h.2.cancel();
+            }
+        }
     }
 
     /// A bad shape is refused with a reason naming it.
