@@ -1871,7 +1871,7 @@ mod tests {
             )
             .unwrap();
             let mut trainers = Vec::new();
-            for me in 0..n {
+            for (me, hub) in hubs.iter().enumerate() {
                 // Member `p * S + s` runs stage `s` of pipeline `p`.
                 let (p, s) = (me as u32 / stages, me as u32 % stages);
                 let spec = CommSpec {
@@ -1889,7 +1889,7 @@ mod tests {
                         Reduction::Exact,
                     )
                 };
-                let comm = tenax_cluster::GrpcCollective::new(&hubs[me].0, spec).unwrap();
+                let comm = tenax_cluster::GrpcCollective::new(&hub.0, spec).unwrap();
                 let group = GroupStart {
                     generation: 1,
                     setup: setup(&model, pipelines as usize),

@@ -813,7 +813,7 @@ impl GrpcCollective {
         let total = usize::try_from(f.total).map_err(|_| "stage message too long".to_string())?;
         // A slot's activations are at most a micro-batch's: bounded by the frame limit
         // times the pieces of a message the hub could ever hold.
-        if total > 64 * self.spec.max_frame_floats || f.data.len() % 4 != 0 {
+        if total > 64 * self.spec.max_frame_floats || !f.data.len().is_multiple_of(4) {
             return Err(format!(
                 "stage message of {total} values, piece of {} bytes",
                 f.data.len()

@@ -492,7 +492,7 @@ impl StepState {
                         geo.me
                     ));
                 }
-                if data.len() % 4 != 0 {
+                if !data.len().is_multiple_of(4) {
                     return Err(format!("a part of {} bytes", data.len()));
                 }
                 let offset = usize::try_from(offset).unwrap_or(usize::MAX);
