@@ -93,8 +93,11 @@ pub const CAMPAIGN_WAIT: Duration = Duration::from_secs(600);
 /// [`CAMPAIGN_BACKOFF_MAX`].
 const CAMPAIGN_BACKOFF: Duration = Duration::from_millis(200);
 
-/// The longest pause between two failed campaigns.
-const CAMPAIGN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest pause between two failed campaigns. Short: after an etcd outage the
+/// first campaign often fails on the old connection, and the survivors wait only 6 s for
+/// the next plan (the 1-hour soak found a 5 s cap leaving them without a leader in time).
+/// One campaign a second is one etcd request a second.
+const CAMPAIGN_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The default of [`Detection::probe_timeout`].
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
