@@ -78,6 +78,10 @@ pub struct Report {
     pub recoveries: Vec<Recovery>,
     /// Problems of the run itself (a fault that could not be injected, a timeout).
     pub harness_errors: Vec<String>,
+    /// The daemons' RSS and open fds, one segment per process life, with slopes per
+    /// hour ([`crate::resources::segments`]).
+    #[serde(default)]
+    pub resources: Vec<crate::resources::ResourceSegment>,
 }
 
 /// Where a run's time went, from its own timeline ([`lost_time`]).
@@ -418,6 +422,7 @@ pub fn build(
         committed_steps,
         recoveries,
         harness_errors,
+        resources: crate::resources::segments(&h.resources),
     }
 }
 
@@ -427,6 +432,45 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 }
 
 impl Report {
+    /// The resources section of `report.md`: one row per process life (empty without
+    /// samples).
+    fn resources_markdown(&self, h: &History) -> String {
+        if self.resources.is_empty() {
+            return String::new();
+        }
+        let t0 = h.steps.iter().map(|x| x.t_ms).min().unwrap_or(h.started_ms);
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut s = format!(
+            "\n## Memory and file descriptors\n\nEvery daemon sampled every {} s (VmRSS of /proc/PID/status, entries of /proc/PID/fd); \
+             one row per process life (a restarted daemon has a new PID and a fresh heap). Slopes are least-squares fits over \
+             the life, per hour; lives shorter than {} s or {} samples get none.\n\n\
+             | node | pid | from (s) | to (s) | samples | RSS first / last / max (MiB) | RSS slope (MiB/h) | fds first / last / max | fd slope (/h) |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
+            crate::resources::SAMPLE_EVERY.as_secs(),
+            crate::resources::MIN_SPAN_S,
+            crate::resources::MIN_SAMPLES
+        );
+        for g in &self.resources {
+            s.push_str(&format!(
+                "| node-{} | {} | {:.0} | {:.0} | {} | {:.1} / {:.1} / {:.1} | {} | {} / {} / {} | {} |\n",
+                g.node,
+                g.pid,
+                (g.first_ms as f64 - t0 as f64) / 1000.0,
+                (g.last_ms as f64 - t0 as f64) / 1000.0,
+                g.samples,
+                mib(g.rss_first),
+                mib(g.rss_last),
+                mib(g.rss_max),
+                opt(g.rss_slope_per_h.map(|b| b / (1024.0 * 1024.0)), 2),
+                g.fds_first,
+                g.fds_last,
+                g.fds_max,
+                opt(g.fds_slope_per_h, 2),
+            ));
+        }
+        s
+    }
+
     /// `report.md`: the verdicts, the figures and the faults, for people.
     pub fn markdown(&self, h: &History) -> String {
         let mut s = String::new();
@@ -546,6 +590,7 @@ impl Report {
                 f.detail.replace('|', "\\|")
             ));
         }
+        s.push_str(&self.resources_markdown(h));
         if !self.harness_errors.is_empty() {
             s.push_str("\n## Harness errors\n\n");
             for e in &self.harness_errors {
