@@ -1255,33 +1255,43 @@ async fn drive_faults(sh: &Shared, scenario: &Scenario, plan: &[PlannedFault]) -
     if let Some(stop_after_s) = scenario.run.stop_after_s {
         return stop_when_time_is_up(sh, t0, stop_after_s).await;
     }
-    // The job ends by itself at the target step.
-    let mut h = sh.lock().await;
-    let limit = h
+    // The job ends by itself at the target step. Polled with the lock held only for
+    // each check, so that the resource sampler goes on meanwhile.
+    let limit = sh
+        .lock()
+        .await
         .deadline
         .saturating_duration_since(Instant::now())
         .max(FINISH_MIN);
     let until = Instant::now() + limit;
     let bar = spinner("training to the target step");
-    for n in 0..h.nodes {
-        let left = until.saturating_duration_since(Instant::now());
-        match tokio::task::block_in_place(|| h.c.wait(n, left))? {
-            Some(s) if s.success() => {}
-            Some(s) => {
-                let tail = h.c.log_tail(n);
-                h.errors
-                    .push(format!("node-{n} exited with {s}; its log ends:\n{tail}"));
+    let nodes = sh.lock().await.nodes;
+    for n in 0..nodes {
+        loop {
+            let mut h = sh.lock().await;
+            match h.c.wait(n, Duration::ZERO)? {
+                Some(s) if s.success() => break,
+                Some(s) => {
+                    let tail = h.c.log_tail(n);
+                    h.errors
+                        .push(format!("node-{n} exited with {s}; its log ends:\n{tail}"));
+                    break;
+                }
+                None if Instant::now() >= until => {
+                    h.errors.push(format!(
+                        "node-{n} still ran when the run's time was up ({} s)",
+                        scenario.run.timeout_s
+                    ));
+                    break;
+                }
+                None => {}
             }
-            None => {
-                h.errors.push(format!(
-                    "node-{n} still ran when the run's time was up ({} s)",
-                    scenario.run.timeout_s
-                ));
-            }
+            drop(h);
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     bar.finish_and_clear();
-    h.c.kill_all();
+    sh.lock().await.c.kill_all();
     Ok(())
 }
 

@@ -475,7 +475,7 @@ impl Report {
     pub fn markdown(&self, h: &History) -> String {
         let mut s = String::new();
         s.push_str(&format!(
-            "# Chaos run: {} (seed {})\n\n**{}**: {} nodes, target step {}, {} faults injected.\n\n",
+            "# Chaos run: {} (seed {})\n\n**{}**: {} nodes, target step {}{}, {} faults injected.\n\n",
             self.scenario,
             self.seed,
             if self.passed {
@@ -485,6 +485,11 @@ impl Report {
             },
             self.nodes,
             self.target_step,
+            if h.stopped_by_time {
+                " (sized by time: the newest checkpoint committed when the harness stopped the job)"
+            } else {
+                ""
+            },
             h.faults.len()
         ));
         s.push_str("## Invariants\n\n| invariant | verdict | evidence |\n|---|---|---|\n");
@@ -632,6 +637,37 @@ mod tests {
         }
         let m = fault_free_median_step_s(&h).unwrap();
         assert!((m - 0.0205).abs() < 1e-9, "{m}");
+    }
+
+    #[test]
+    fn the_report_lists_memory_and_fds_per_process_life() {
+        let mut h = History {
+            nodes: 1,
+            stopped_by_time: true,
+            ..History::default()
+        };
+        h.steps.push(step(0, 1, 1, 0));
+        assert!(!build("t", 1, &h, BTreeMap::new(), vec![])
+            .markdown(&h)
+            .contains("Memory and file descriptors"));
+        // 1 MiB more every 10 minutes over an hour: +6 MiB/h, fds flat.
+        for k in 0..=6u64 {
+            h.resources.push(crate::resources::ResourceSample {
+                node: 0,
+                pid: 42,
+                t_ms: k * 600_000,
+                rss_bytes: (100 + k) << 20,
+                fds: 20,
+            });
+        }
+        let r = build("t", 1, &h, BTreeMap::new(), vec![]);
+        assert_eq!(r.resources.len(), 1);
+        let md = r.markdown(&h);
+        assert!(md.contains("sized by time"), "{md}");
+        assert!(
+            md.contains("| node-0 | 42 | 0 | 3600 | 7 | 100.0 / 106.0 / 106.0 | 6.00 | 20 / 20 / 20 | 0.00 |"),
+            "{md}"
+        );
     }
 
     #[test]

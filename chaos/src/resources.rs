@@ -170,7 +170,8 @@ mod tests {
     #[test]
     fn slope_table() {
         const H: u64 = 3_600_000;
-        let table: &[(&[(u64, f64)], Option<f64>)] = &[
+        type Case<'a> = (&'a [(u64, f64)], Option<f64>);
+        let table: &[Case] = &[
             // Too few points or no spread in time.
             (&[], None),
             (&[(5, 1.0)], None),
