@@ -691,8 +691,11 @@ pub enum Event {
 /// re-checks every settle window and writes once the record is taken, or at the latest
 /// this long after the plan was first ready (an etcd that takes plans but keeps failing
 /// the record must not stop the group from re-forming; the record is then refused and
-/// the plan's reason says so).
-pub const RECORD_HOLD_MAX_MS: u64 = 10_000;
+/// the plan's reason says so). Kept well inside the members' re-formation window
+/// (`NodeConfig::reform_window_ms`: lease TTL + 2 s + 3 x settle + 2 s, of which the
+/// lease's expiry and one settle window are already spent when the plan is ready), so
+/// that the hold never makes the survivors give up waiting for the plan.
+pub const RECORD_HOLD_MAX_MS: u64 = 2_000;
 
 /// Something the planner asks its shell to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
