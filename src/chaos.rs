@@ -41,6 +41,7 @@ use tenax_chaos::cluster::{ClusterSpec, LocalCluster, Signal};
 use tenax_chaos::history::{
     read_node_logs, CommitEntry, FinalComparison, History, InjectedFault, PlanEntry, ReferenceRun,
 };
+use tenax_chaos::resources::{sample_pid, ResourceSample, SAMPLE_EVERY};
 use tenax_chaos::roles::{pick_roles, NodeStatus, Roles};
 use tenax_chaos::scenario::{FaultKind, PartitionFrom, PartitionMode, Scenario};
 use tenax_chaos::schedule::{resolve_group, schedule, PlannedFault, Target, Trigger};
@@ -241,6 +242,9 @@ struct Harness {
     errors: Vec<String>,
     /// The run's end at the latest.
     deadline: Instant,
+    /// Every daemon's RSS and open fds, sampled every
+    /// [`tenax_chaos::resources::SAMPLE_EVERY`] while the run is driven.
+    resources: Vec<ResourceSample>,
 }
 
 /// The harness as the faults in flight share it.
@@ -807,6 +811,12 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     } else {
         scenario.name.clone()
     };
+    if scenario.run.stop_after_s.is_some() && a.reference_runs > 0 {
+        bail!(
+            "{}: --reference-runs with run.stop_after_s: a run sized by time has no wall time to compare (both end when the time is up)",
+            a.scenario.display()
+        );
+    }
     let plan = schedule(&scenario, seed);
     if a.dry_run {
         for f in &plan {
@@ -864,6 +874,8 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         ended_ms,
         faults: std::mem::take(&mut h.faults),
         faulted_run_order: refs_before,
+        resources: std::mem::take(&mut h.resources),
+        stopped_by_time: scenario.run.stop_after_s.is_some(),
         ..History::default()
     };
     history.faults.sort_by_key(|f| (f.start_ms, f.index));
@@ -879,6 +891,10 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         Ok((plans, commits)) => {
             history.plans = plans;
             history.commits = commits;
+            if history.stopped_by_time {
+                // Sized by time: the target is what the job committed when it was stopped.
+                history.target_step = history.commits.iter().map(|c| c.step).max().unwrap_or(0);
+            }
         }
         Err(e) => h.errors.push(format!("reading etcd's history: {e:#}")),
     }
@@ -909,18 +925,30 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let finished = history
-        .commits
-        .iter()
-        .any(|c| c.step >= scenario.train.steps);
-    if finished {
+    let finished = history.target_step > 0
+        && history
+            .commits
+            .iter()
+            .any(|c| c.step >= history.target_step);
+    // The fault-free replay costs as long as the job: only when the scenario checks it.
+    let compare = scenario
+        .invariants()
+        .contains(&"final_params_match_fault_free");
+    if finished && compare {
         let bar = spinner("training the fault-free reference (tenax train)");
         history.final_params = Some(
-            compare_with_reference(&exe, &scenario, &data, &out, &h.c, &job).unwrap_or_else(|e| {
-                FinalComparison {
-                    identical: false,
-                    detail: format!("could not compare: {e:#}"),
-                }
+            compare_with_reference(
+                &exe,
+                &scenario,
+                history.target_step,
+                &data,
+                &out,
+                &h.c,
+                &job,
+            )
+            .unwrap_or_else(|e| FinalComparison {
+                identical: false,
+                detail: format!("could not compare: {e:#}"),
             }),
         );
         bar.finish_and_clear();
@@ -1061,6 +1089,7 @@ fn start_harness(
         faults: Vec::new(),
         errors: Vec::new(),
         deadline: Instant::now() + Duration::from_secs(scenario.run.timeout_s),
+        resources: Vec::new(),
     })
 }
 
@@ -1133,9 +1162,57 @@ fn spinner(msg: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// Starts the daemons, waits for a steady cluster, injects every fault at its own time
-/// (faults in flight at once overlap), waits for the job to end.
+/// Drives the run ([`drive_faults`]) while sampling every daemon's RSS and open fds
+/// every [`SAMPLE_EVERY`] into the harness (until the run ends, at most until its
+/// deadline).
 async fn drive(sh: &Shared, scenario: &Scenario, plan: &[PlannedFault]) -> Result<()> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let run = async {
+        let r = drive_faults(sh, scenario, plan).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    };
+    let sample = async {
+        // Bounded by count (the run's timeout over the period) and by the deadline.
+        let rounds = scenario.run.timeout_s / SAMPLE_EVERY.as_secs().max(1) + 2;
+        for _ in 0..rounds {
+            if done.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            {
+                let mut h = sh.lock().await;
+                if Instant::now() >= h.deadline {
+                    break;
+                }
+                let t_ms = now_unix_ms();
+                for node in 0..h.nodes {
+                    let Some(pid) = h.c.pid(node) else { continue };
+                    if let Some((rss_bytes, fds)) = sample_pid(pid) {
+                        h.resources.push(ResourceSample {
+                            node,
+                            pid,
+                            t_ms,
+                            rss_bytes,
+                            fds,
+                        });
+                    }
+                }
+            }
+            // Sleep a period in short pieces, to stop soon after the run ends.
+            let until = Instant::now() + SAMPLE_EVERY;
+            while Instant::now() < until && !done.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let (r, ()) = tokio::join!(run, sample);
+    r
+}
+
+/// Starts the daemons, waits for a steady cluster, injects every fault at its own time
+/// (faults in flight at once overlap), waits for the job to end: at its target step, or,
+/// with `run.stop_after_s`, stopped by the harness when the time is up.
+async fn drive_faults(sh: &Shared, scenario: &Scenario, plan: &[PlannedFault]) -> Result<()> {
     {
         let mut h = sh.lock().await;
         for n in 0..h.nodes {
@@ -1175,32 +1252,79 @@ async fn drive(sh: &Shared, scenario: &Scenario, plan: &[PlannedFault]) -> Resul
     );
     futures::future::join_all(plan.iter().map(|f| run_fault(sh, f, t0, &bar))).await;
     bar.finish_and_clear();
-    // The job ends by itself at the target step.
-    let mut h = sh.lock().await;
-    let limit = h
+    if let Some(stop_after_s) = scenario.run.stop_after_s {
+        return stop_when_time_is_up(sh, t0, stop_after_s).await;
+    }
+    // The job ends by itself at the target step. Polled with the lock held only for
+    // each check, so that the resource sampler goes on meanwhile.
+    let limit = sh
+        .lock()
+        .await
         .deadline
         .saturating_duration_since(Instant::now())
         .max(FINISH_MIN);
     let until = Instant::now() + limit;
     let bar = spinner("training to the target step");
-    for n in 0..h.nodes {
-        let left = until.saturating_duration_since(Instant::now());
-        match tokio::task::block_in_place(|| h.c.wait(n, left))? {
-            Some(s) if s.success() => {}
-            Some(s) => {
-                let tail = h.c.log_tail(n);
-                h.errors
-                    .push(format!("node-{n} exited with {s}; its log ends:\n{tail}"));
+    let nodes = sh.lock().await.nodes;
+    for n in 0..nodes {
+        loop {
+            let mut h = sh.lock().await;
+            match h.c.wait(n, Duration::ZERO)? {
+                Some(s) if s.success() => break,
+                Some(s) => {
+                    let tail = h.c.log_tail(n);
+                    h.errors
+                        .push(format!("node-{n} exited with {s}; its log ends:\n{tail}"));
+                    break;
+                }
+                None if Instant::now() >= until => {
+                    h.errors.push(format!(
+                        "node-{n} still ran when the run's time was up ({} s)",
+                        scenario.run.timeout_s
+                    ));
+                    break;
+                }
+                None => {}
             }
-            None => {
+            drop(h);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    bar.finish_and_clear();
+    sh.lock().await.c.kill_all();
+    Ok(())
+}
+
+/// A run sized by time: waits until `stop_after_s` seconds after the first step (`t0`,
+/// unix ms), at most until the deadline, polling each second; a daemon that exits by
+/// itself meanwhile (the job reached `train.steps`, or failed) ends the wait. Then every
+/// daemon is killed: the target is the newest committed checkpoint (see [`run`]).
+async fn stop_when_time_is_up(sh: &Shared, t0: u64, stop_after_s: f64) -> Result<()> {
+    let until_ms = t0.saturating_add((stop_after_s * 1000.0) as u64);
+    let deadline = sh.lock().await.deadline;
+    let bar = spinner("training until the scenario's time is up");
+    loop {
+        let now = now_unix_ms();
+        if now >= until_ms || Instant::now() >= deadline || sh.lock().await.job_ended() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis((until_ms - now).min(1000))).await;
+    }
+    bar.finish_and_clear();
+    let mut h = sh.lock().await;
+    for n in 0..h.nodes {
+        if h.down.contains(&n) {
+            continue;
+        }
+        if let Ok(Some(s)) = h.c.wait(n, Duration::ZERO) {
+            if !s.success() {
+                let tail = h.c.log_tail(n);
                 h.errors.push(format!(
-                    "node-{n} still ran when the run's time was up ({} s)",
-                    scenario.run.timeout_s
+                    "node-{n} exited with {s} before the scenario's time was up; its log ends:\n{tail}"
                 ));
             }
         }
     }
-    bar.finish_and_clear();
     h.c.kill_all();
     Ok(())
 }
@@ -1256,9 +1380,14 @@ async fn etcd_history(endpoint: &str, job: &str) -> Result<(Vec<PlanEntry>, Vec<
 }
 
 /// Exports the job's final checkpoint and a fault-free `tenax train` run's, compares bytes.
+/// Trains the fault-free reference to `steps` (the scenario's target, or what a run
+/// sized by time committed; the learning-rate schedule must not depend on `--steps`
+/// then, so such scenarios give `--lr-decay-steps`) and compares its exported weights
+/// with the job's final checkpoint, byte for byte.
 fn compare_with_reference(
     exe: &Path,
     s: &Scenario,
+    steps: u64,
     data: &Path,
     out: &Path,
     c: &LocalCluster,
@@ -1284,9 +1413,13 @@ fn compare_with_reference(
     let _ = std::fs::remove_dir_all(&reference);
     // The unsplit model on one rank: the oracle whatever the job's ranks and stages.
     let mut args = vec!["train".to_string()];
-    args.extend(tenax_chaos::scenario::without_pipeline_flags(&train_flags(
-        s, data,
-    )));
+    let mut flags = train_flags(s, data);
+    if let Some(i) = flags.iter().position(|f| f == "--steps") {
+        if let Some(v) = flags.get_mut(i + 1) {
+            *v = steps.to_string();
+        }
+    }
+    args.extend(tenax_chaos::scenario::without_pipeline_flags(&flags));
     args.extend([
         "--ranks".into(),
         "1".into(),
@@ -1324,7 +1457,7 @@ fn compare_with_reference(
             identical: true,
             detail: format!(
                 "the job's final checkpoint (step {}) exports to the same {} bytes as a fault-free `tenax train --ranks 1`",
-                s.train.steps,
+                steps,
                 got.len()
             ),
         }

@@ -68,6 +68,9 @@ enum Msg {
     Leave(RpcReplyPort<Result<(), String>>),
     /// A fresh registration replaces the current one.
     Swap(Box<Member>, RpcReplyPort<()>),
+    /// This node's checkpoint record etcd has not taken, by generation, for the
+    /// leader's planner ([`Member::set_record_pending`]); kept across registrations.
+    RecordPending(Option<u64>),
     /// Leave and stop.
     Shutdown(RpcReplyPort<Result<(), String>>),
     /// Publish the figures.
@@ -81,6 +84,8 @@ struct State {
     stats: Arc<watch::Sender<MemberStats>>,
     /// Counters of earlier registrations.
     base: (u64, u64),
+    /// The last [`Msg::RecordPending`], handed to each new registration.
+    record_pending: Option<u64>,
 }
 
 impl State {
@@ -111,6 +116,7 @@ impl Actor for MembershipActor {
             member: Some(member),
             stats,
             base: (last.probes_sent, last.revocations),
+            record_pending: None,
         };
         st.publish();
         Ok(st)
@@ -164,6 +170,7 @@ impl Actor for MembershipActor {
                 st.publish();
                 let last = *st.stats.borrow();
                 st.base = (last.probes_sent, last.revocations);
+                fresh.set_record_pending(st.record_pending);
                 if let Some(old) = st.member.replace(*fresh) {
                     tokio::spawn(async move {
                         if let Err(e) = old.shutdown().await {
@@ -173,6 +180,12 @@ impl Actor for MembershipActor {
                 }
                 st.publish();
                 let _ = reply.send(());
+            }
+            Msg::RecordPending(generation) => {
+                st.record_pending = generation;
+                if let Some(m) = &st.member {
+                    m.set_record_pending(generation);
+                }
             }
             Msg::Shutdown(reply) => {
                 st.publish();
@@ -197,6 +210,9 @@ pub struct Membership {
     state: watch::Receiver<MemberState>,
     lease: watch::Receiver<LeaseState>,
     stats: Arc<watch::Sender<MemberStats>>,
+    /// The pending-record generation last sent to the actor (`None`: nothing sent to
+    /// this actor yet), so that an unchanged value costs no message.
+    record_sent: std::sync::Mutex<Option<Option<u64>>>,
 }
 
 impl Membership {
@@ -231,6 +247,7 @@ impl Membership {
             state,
             lease,
             stats,
+            record_sent: std::sync::Mutex::new(None),
         })
     }
 
@@ -271,6 +288,21 @@ impl Membership {
             member,
             why,
         });
+    }
+
+    /// The generation of this node's checkpoint record that etcd has not taken (`None`:
+    /// none), for the leader's planner: a leader does not write the plan of g+1 while its
+    /// own record of g is pending (see [`Member::set_record_pending`]). Sent to the actor
+    /// only when it changes.
+    pub fn set_record_pending(&self, generation: Option<u64>) {
+        let mut sent = self
+            .record_sent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *sent != Some(generation) {
+            *sent = Some(generation);
+            let _ = self.actor.cast(Msg::RecordPending(generation));
+        }
     }
 
     /// Write `value` at the job's `key`, fenced on `generation` and this node's lease.

@@ -142,6 +142,14 @@ pub struct History {
     /// this one (`tenax chaos run --reference-runs N`).
     #[serde(default)]
     pub reference_runs: Vec<ReferenceRun>,
+    /// Every daemon's RSS and open fds, sampled over the faulted run
+    /// ([`crate::resources`]).
+    #[serde(default)]
+    pub resources: Vec<crate::resources::ResourceSample>,
+    /// Whether the run was sized by time (`run.stop_after_s`): the harness stopped the
+    /// job and `target_step` is the newest committed checkpoint's step.
+    #[serde(default)]
+    pub stopped_by_time: bool,
 }
 
 /// One fault-free run of the scenario, for the reference goodput.

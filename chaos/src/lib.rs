@@ -17,6 +17,8 @@
 //! - [`invariants`]: the checker, from a history alone.
 //! - [`report`]: `report.json` and `report.md`: recovery, steps lost, goodput (lost-time
 //!   accounting from the run's own timeline; the ratio to fault-free reference runs).
+//! - [`resources`]: the daemons' RSS and open fds sampled over a run, cut into one
+//!   segment per process life, with least-squares slopes per hour.
 //! - [`roles`]: the leader and the checkpoint writer from the daemons' own status, so
 //!   that faults aimed at roles resolve while etcd is down.
 //!
@@ -53,6 +55,7 @@ pub mod invariants;
 mod local;
 pub mod moto;
 pub mod report;
+pub mod resources;
 pub mod roles;
 pub mod scenario;
 pub mod schedule;

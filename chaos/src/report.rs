@@ -78,6 +78,10 @@ pub struct Report {
     pub recoveries: Vec<Recovery>,
     /// Problems of the run itself (a fault that could not be injected, a timeout).
     pub harness_errors: Vec<String>,
+    /// The daemons' RSS and open fds, one segment per process life, with slopes per
+    /// hour ([`crate::resources::segments`]).
+    #[serde(default)]
+    pub resources: Vec<crate::resources::ResourceSegment>,
 }
 
 /// Where a run's time went, from its own timeline ([`lost_time`]).
@@ -418,6 +422,7 @@ pub fn build(
         committed_steps,
         recoveries,
         harness_errors,
+        resources: crate::resources::segments(&h.resources),
     }
 }
 
@@ -427,11 +432,50 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 }
 
 impl Report {
+    /// The resources section of `report.md`: one row per process life (empty without
+    /// samples).
+    fn resources_markdown(&self, h: &History) -> String {
+        if self.resources.is_empty() {
+            return String::new();
+        }
+        let t0 = h.steps.iter().map(|x| x.t_ms).min().unwrap_or(h.started_ms);
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut s = format!(
+            "\n## Memory and file descriptors\n\nEvery daemon sampled every {} s (VmRSS of /proc/PID/status, entries of /proc/PID/fd); \
+             one row per process life (a restarted daemon has a new PID and a fresh heap). Slopes are least-squares fits over \
+             the life, per hour; lives shorter than {} s or {} samples get none.\n\n\
+             | node | pid | from (s) | to (s) | samples | RSS first / last / max (MiB) | RSS slope (MiB/h) | fds first / last / max | fd slope (/h) |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
+            crate::resources::SAMPLE_EVERY.as_secs(),
+            crate::resources::MIN_SPAN_S,
+            crate::resources::MIN_SAMPLES
+        );
+        for g in &self.resources {
+            s.push_str(&format!(
+                "| node-{} | {} | {:.0} | {:.0} | {} | {:.1} / {:.1} / {:.1} | {} | {} / {} / {} | {} |\n",
+                g.node,
+                g.pid,
+                (g.first_ms as f64 - t0 as f64) / 1000.0,
+                (g.last_ms as f64 - t0 as f64) / 1000.0,
+                g.samples,
+                mib(g.rss_first),
+                mib(g.rss_last),
+                mib(g.rss_max),
+                opt(g.rss_slope_per_h.map(|b| b / (1024.0 * 1024.0)), 2),
+                g.fds_first,
+                g.fds_last,
+                g.fds_max,
+                opt(g.fds_slope_per_h, 2),
+            ));
+        }
+        s
+    }
+
     /// `report.md`: the verdicts, the figures and the faults, for people.
     pub fn markdown(&self, h: &History) -> String {
         let mut s = String::new();
         s.push_str(&format!(
-            "# Chaos run: {} (seed {})\n\n**{}**: {} nodes, target step {}, {} faults injected.\n\n",
+            "# Chaos run: {} (seed {})\n\n**{}**: {} nodes, target step {}{}, {} faults injected.\n\n",
             self.scenario,
             self.seed,
             if self.passed {
@@ -441,6 +485,11 @@ impl Report {
             },
             self.nodes,
             self.target_step,
+            if h.stopped_by_time {
+                " (sized by time: the newest checkpoint committed when the harness stopped the job)"
+            } else {
+                ""
+            },
             h.faults.len()
         ));
         s.push_str("## Invariants\n\n| invariant | verdict | evidence |\n|---|---|---|\n");
@@ -546,6 +595,7 @@ impl Report {
                 f.detail.replace('|', "\\|")
             ));
         }
+        s.push_str(&self.resources_markdown(h));
         if !self.harness_errors.is_empty() {
             s.push_str("\n## Harness errors\n\n");
             for e in &self.harness_errors {
@@ -587,6 +637,37 @@ mod tests {
         }
         let m = fault_free_median_step_s(&h).unwrap();
         assert!((m - 0.0205).abs() < 1e-9, "{m}");
+    }
+
+    #[test]
+    fn the_report_lists_memory_and_fds_per_process_life() {
+        let mut h = History {
+            nodes: 1,
+            stopped_by_time: true,
+            ..History::default()
+        };
+        h.steps.push(step(0, 1, 1, 0));
+        assert!(!build("t", 1, &h, BTreeMap::new(), vec![])
+            .markdown(&h)
+            .contains("Memory and file descriptors"));
+        // 1 MiB more every 10 minutes over an hour: +6 MiB/h, fds flat.
+        for k in 0..=6u64 {
+            h.resources.push(crate::resources::ResourceSample {
+                node: 0,
+                pid: 42,
+                t_ms: k * 600_000,
+                rss_bytes: (100 + k) << 20,
+                fds: 20,
+            });
+        }
+        let r = build("t", 1, &h, BTreeMap::new(), vec![]);
+        assert_eq!(r.resources.len(), 1);
+        let md = r.markdown(&h);
+        assert!(md.contains("sized by time"), "{md}");
+        assert!(
+            md.contains("| node-0 | 42 | 0 | 3600 | 7 | 100.0 / 106.0 / 106.0 | 6.00 | 20 / 20 / 20 | 0.00 |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //!
 //! [run]
 //! timeout_s = 600       # the whole run is bounded; past it the run fails
+//! # stop_after_s = 3700 # a run sized by time: stop the job this long after the first step
+//! #                     # (its target step is then the newest committed checkpoint)
 //!
 //! [[faults]]            # a fixed fault: at a time (at_s, seconds since the first step) or a step
 //! kind = "kill"
@@ -201,6 +203,12 @@ pub struct RunSection {
     /// anyway and the wait is reported.
     #[serde(default = "default_steady")]
     pub steady_timeout_s: u64,
+    /// A run sized by time, not steps: seconds since the first step after which the
+    /// harness ends the job (once the faults in flight have ended) by stopping every
+    /// daemon; the run's target step is then the newest checkpoint etcd committed, and
+    /// `train.steps` only an upper bound. Absent: the job ends at `train.steps`.
+    #[serde(default)]
+    pub stop_after_s: Option<f64>,
 }
 
 fn default_timeout() -> u64 {
@@ -215,6 +223,7 @@ impl Default for RunSection {
         RunSection {
             timeout_s: default_timeout(),
             steady_timeout_s: default_steady(),
+            stop_after_s: None,
         }
     }
 }
@@ -708,6 +717,14 @@ impl Scenario {
         if self.run.timeout_s == 0 {
             return Err(bad("run.timeout_s = 0: give the run time to finish"));
         }
+        if let Some(stop) = self.run.stop_after_s {
+            if !(stop.is_finite() && stop > 0.0 && stop < self.run.timeout_s as f64) {
+                return Err(bad(format!(
+                    "run.stop_after_s = {stop}: use a time in (0, run.timeout_s = {})",
+                    self.run.timeout_s
+                )));
+            }
+        }
         for (i, f) in self.faults.iter().enumerate() {
             f.check(&format!("faults[{i}]"), n, true)?;
             if let Some(s) = f.at_step {
@@ -856,6 +873,14 @@ mod tests {
             ("[cluster]\nnodes = 1\n[train]\nsteps = 4\n", "cluster.nodes = 1"),
             ("[cluster]\nnodes = 3\n[train]\nsteps = 0\n", "train.steps = 0"),
             ("[cluster]\nnodes = 3\n[train]\nsteps = 4\nbatch_size = 5\n", "multiple"),
+            (
+                "[cluster]\nnodes = 3\n[train]\nsteps = 4\n[run]\ntimeout_s = 60\nstop_after_s = 60\n",
+                "run.stop_after_s = 60",
+            ),
+            (
+                "[cluster]\nnodes = 3\n[train]\nsteps = 4\n[run]\nstop_after_s = -1\n",
+                "run.stop_after_s = -1",
+            ),
             (
                 "[cluster]\nnodes = 3\n[train]\nsteps = 40\n[[faults]]\nkind = \"kill\"\n",
                 "faults[0] (kind kill): give it a time",

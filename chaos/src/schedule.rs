@@ -312,6 +312,37 @@ mod tests {
         Scenario::parse(&text, &path).unwrap()
     }
 
+    /// The soak is sized by time, its faults end before the harness stops the job, and
+    /// its templates cover every fault kind the harness has.
+    #[test]
+    fn the_soak_is_sized_by_time_and_draws_every_fault_kind() {
+        let s = scenario_file("soak");
+        let stop = s.run.stop_after_s.expect("sized by time");
+        let r = s.random.as_ref().expect("random faults");
+        assert!(r.start_s + r.duration_s < stop && stop < s.run.timeout_s as f64);
+        assert!((r.rate_per_min - 1.0).abs() < 1e-9, "one a minute");
+        let kinds: std::collections::BTreeSet<&str> =
+            r.faults.iter().map(|f| f.kind.name()).collect();
+        for k in [
+            FaultKind::Kill,
+            FaultKind::Hang,
+            FaultKind::Slow,
+            FaultKind::Partition,
+            FaultKind::S3,
+            FaultKind::EtcdRestart,
+            FaultKind::EtcdDown,
+            FaultKind::KillInUpload,
+            FaultKind::Group,
+        ] {
+            assert!(kinds.contains(k.name()), "soak lacks {k}");
+        }
+        let plan = schedule(&s, 1);
+        assert_eq!(plan, schedule(&s, 1));
+        assert!(plan
+            .iter()
+            .all(|f| f.window_s().is_some_and(|(_, end)| end < stop)));
+    }
+
     #[test]
     fn the_overlap_scenarios_overlap_as_planned_whatever_the_seed() {
         // (file, pairs of fault indices whose planned windows overlap)

@@ -262,6 +262,9 @@ pub struct Member {
     agent: Option<JoinHandle<()>>,
     /// Suspicions for the agent ([`Member::suspect`]).
     suspect_tx: mpsc::Sender<(MemberId, String)>,
+    /// This node's checkpoint record etcd has not taken, for the agent's planner
+    /// ([`Member::set_record_pending`]).
+    record_tx: watch::Sender<Option<u64>>,
     /// Failure-detection counters.
     counters: Arc<Counters>,
 }
@@ -349,6 +352,7 @@ impl Member {
         let (leader_tx, leader_rx) = watch::channel(false);
         let cancel = CancellationToken::new();
         let (suspect_tx, suspect_rx) = mpsc::channel(SUSPECT_QUEUE);
+        let (record_tx, record_rx) = watch::channel(None);
         let counters = Arc::new(Counters::default());
         let agent = Agent {
             etcd: etcd.clone(),
@@ -364,6 +368,7 @@ impl Member {
             detection,
             counters: counters.clone(),
             suspect_rx,
+            record_rx: Some(record_rx),
             reported: BTreeMap::new(),
             leases: BTreeMap::new(),
             leadership: None,
@@ -389,8 +394,23 @@ impl Member {
             cancel,
             agent: Some(agent),
             suspect_tx,
+            record_tx,
             counters,
         })
+    }
+
+    /// Tells the agent's planner which generation this node's checkpoint record that
+    /// etcd has not taken belongs to (`None`: none); the node machine's
+    /// `pending_record_generation`, handed over after each of its steps. While it names
+    /// the current generation, a leader holds the next plan (at most
+    /// `tenax_core::membership::RECORD_HOLD_MAX_MS`): pending records of generation g
+    /// are committed before the plan of g+1 is written. Cheap when unchanged.
+    pub fn set_record_pending(&self, generation: Option<u64>) {
+        self.record_tx.send_if_modified(|g| {
+            let changed = *g != generation;
+            *g = generation;
+            changed
+        });
     }
 
     /// Reports that `member` seems dead or hung (e.g. it missed a collective's deadline),
@@ -796,6 +816,9 @@ struct Agent {
     counters: Arc<Counters>,
     /// Suspicions from [`Member::suspect`].
     suspect_rx: mpsc::Receiver<(MemberId, String)>,
+    /// This node's pending checkpoint record ([`Member::set_record_pending`]); `None`
+    /// once its sender is gone.
+    record_rx: Option<watch::Receiver<Option<u64>>>,
     /// When each suspect was last reported (at most [`MAX_REPORTED`]).
     reported: BTreeMap<MemberId, Instant>,
     /// While leader: the lease of each registered member (for revocations).
@@ -829,6 +852,17 @@ async fn next_member_event(watch: &mut Option<MemberWatch>) -> Option<MemberEven
 async fn next_suspect_event(watch: &mut Option<SuspectWatch>) -> Option<SuspectEvent> {
     match watch {
         Some(w) => w.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next value of the pending-record channel (`None`: its sender is gone).
+async fn next_record_change(rx: &mut Option<watch::Receiver<Option<u64>>>) -> Option<Option<u64>> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(*rx.borrow_and_update()),
+            Err(_) => None,
+        },
         None => std::future::pending().await,
     }
 }
@@ -867,6 +901,13 @@ impl Agent {
                 }
                 Some((member, reason)) = self.suspect_rx.recv() => {
                     self.on_suspect_call(member, reason);
+                    Ok(())
+                }
+                changed = next_record_change(&mut self.record_rx), if self.record_rx.is_some() => {
+                    match changed {
+                        Some(generation) => self.feed(Event::RecordPending { generation }),
+                        None => self.record_rx = None,
+                    }
                     Ok(())
                 }
                 done = self.jobs.join_next(), if !self.jobs.is_empty() => match done {

@@ -673,7 +673,29 @@ pub enum Event {
     },
     /// This node is no longer leader (its election key or lease is gone).
     LostLeadership,
+    /// This node's checkpoint record that etcd has not taken yet (still being written,
+    /// or waiting to be tried again), by the generation that saved it; `None`: none.
+    /// From the node machine ([`crate::node::NodeMachine::pending_record_generation`]).
+    /// While it names the current generation, the leader holds the next plan (see
+    /// [`RECORD_HOLD_MAX_MS`]).
+    RecordPending {
+        /// The generation the pending record is fenced on.
+        generation: Option<u64>,
+    },
 }
+
+/// The rule "pending records of generation g are committed before the plan of g+1 is
+/// written": a leader whose own node holds a checkpoint record of the current
+/// generation g that etcd has not taken does not write g+1 (the record is fenced on g,
+/// so g+1 would make etcd refuse it and the checkpoint would never be committed); it
+/// re-checks every settle window and writes once the record is taken, or at the latest
+/// this long after the plan was first ready (an etcd that takes plans but keeps failing
+/// the record must not stop the group from re-forming; the record is then refused and
+/// the plan's reason says so). Kept well inside the members' re-formation window
+/// (`NodeConfig::reform_window_ms`: lease TTL + 2 s + 3 x settle + 2 s, of which the
+/// lease's expiry and one settle window are already spent when the plan is ready), so
+/// that the hold never makes the survivors give up waiting for the plan.
+pub const RECORD_HOLD_MAX_MS: u64 = 2_000;
 
 /// Something the planner asks its shell to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -765,6 +787,10 @@ pub struct Planner {
     write_failures: u32,
     /// Suspicions and their confirmation.
     confirmation: Confirmation,
+    /// The generation of this node's checkpoint record that etcd has not taken, if any.
+    record_pending: Option<u64>,
+    /// Since when the next plan is held for that record ([`RECORD_HOLD_MAX_MS`]).
+    held_since_ms: Option<u64>,
 }
 
 impl Planner {
@@ -780,7 +806,15 @@ impl Planner {
             settle: None,
             in_flight: None,
             write_failures: 0,
+            record_pending: None,
+            held_since_ms: None,
         })
+    }
+
+    /// Since when the next plan waits for this node's pending checkpoint record, if it
+    /// does ([`RECORD_HOLD_MAX_MS`]).
+    pub fn held_for_record_since_ms(&self) -> Option<u64> {
+        self.held_since_ms
     }
 
     /// The configuration in use.
@@ -843,7 +877,44 @@ impl Planner {
             }
             Event::BecameLeader { current } => self.on_became_leader(current, now_ms),
             Event::LostLeadership => self.on_lost_leadership(),
+            Event::RecordPending { generation } => self.on_record_pending(generation, now_ms),
         }
+    }
+
+    /// This node's pending checkpoint record changed. A record taken (or given up) while
+    /// the next plan was held for it: plan at once.
+    fn on_record_pending(&mut self, generation: Option<u64>, now_ms: u64) -> Vec<Effect> {
+        let before = self.record_pending;
+        self.record_pending = generation;
+        let what = match generation {
+            Some(g) => format!("this node's checkpoint record of gen {g} is not committed yet"),
+            None => "this node has no checkpoint record pending".to_string(),
+        };
+        if !self.leader {
+            return wait(format!("{what}; follower: the leader plans"));
+        }
+        let held = self.held_since_ms.is_some();
+        if held && !self.holds_for_record() {
+            self.held_since_ms = None;
+            self.settle = Some(Settle {
+                first_change_ms: now_ms,
+                deadline_ms: now_ms,
+            });
+            return vec![Effect::ArmSettleTimer {
+                at_ms: now_ms,
+                reason: format!(
+                    "{what} (was gen {}): the held plan is written now",
+                    before.map_or("-".to_string(), |g| g.to_string())
+                ),
+            }];
+        }
+        wait(what)
+    }
+
+    /// Whether this node's pending record is of the current generation (the next plan
+    /// would fence it out).
+    fn holds_for_record(&self) -> bool {
+        self.current.is_some() && self.record_pending == Some(self.current_generation())
     }
 
     fn on_joined(&mut self, info: MemberInfo, now_ms: u64) -> Vec<Effect> {
@@ -1011,7 +1082,36 @@ impl Planner {
                 "settled; registered members match gen {}: no new generation",
                 self.current_generation()
             )),
-            Ok(Some(plan)) => {
+            Ok(Some(mut plan)) => {
+                // Pending records of gen g are committed before gen g+1 is written.
+                if self.holds_for_record() {
+                    let g = self.current_generation();
+                    let since = *self.held_since_ms.get_or_insert(now_ms);
+                    let until = since.saturating_add(RECORD_HOLD_MAX_MS);
+                    if now_ms < until {
+                        let at = now_ms
+                            .saturating_add(self.config.settle_ms.max(1))
+                            .min(until);
+                        self.settle = Some(Settle {
+                            first_change_ms: now_ms,
+                            deadline_ms: at,
+                        });
+                        return vec![Effect::ArmSettleTimer {
+                            at_ms: at,
+                            reason: format!(
+                                "settled, but gen {} waits: this node's checkpoint record of gen {g} is not committed yet \
+                                 (it is fenced on gen {g}; written first, it is not lost); checking again at {at} ms, \
+                                 writing anyway at {until} ms",
+                                plan.generation
+                            ),
+                        }];
+                    }
+                    plan.reason = format!(
+                        "{}; written although this node's checkpoint record of gen {g} was not committed within {RECORD_HOLD_MAX_MS} ms (etcd will refuse it)",
+                        plan.reason
+                    );
+                }
+                self.held_since_ms = None;
                 self.in_flight = Some(plan.generation);
                 vec![Effect::WritePlan {
                     expected_prev_generation: self.current_generation(),
@@ -1067,6 +1167,7 @@ impl Planner {
             Err(e) => format!("{what} (malformed, adopted as the fence anyway: {e})"),
         };
         self.write_failures = 0;
+        self.held_since_ms = None;
         self.current = Some(plan);
         self.reevaluate(what, now_ms)
     }
@@ -1125,6 +1226,7 @@ impl Planner {
         self.leader = false;
         self.in_flight = None;
         self.settle = None;
+        self.held_since_ms = None;
         self.confirmation =
             Confirmation::new(self.config.confirmation.clone()).expect("validated in Planner::new");
         wait(if was {
@@ -1561,6 +1663,120 @@ mod tests {
         assert_eq!(p.current_generation(), 1);
         // A second fire with nothing pending does nothing.
         assert!(writes(&p.handle(Event::SettleTimerFired, 500)).is_empty());
+    }
+
+    /// The rule "pending checkpoint records of generation g are committed before the
+    /// plan of g+1 is written", as tables of (event, time, what must come out). Each
+    /// table starts from a leader at gen 1 with members a and b (settle 100 ms); the
+    /// first two would fail if the leader wrote gen 2 while its record of gen 1 is
+    /// pending.
+    #[test]
+    fn pending_records_of_a_generation_are_committed_before_the_next_plan() {
+        #[derive(Debug)]
+        enum Want {
+            /// A plan of this generation is written (its reason containing the text).
+            Write(u64, &'static str),
+            /// No write; the settle timer is armed at this time.
+            Armed(u64, &'static str),
+            /// No write, no timer; the reason contains the text.
+            Wait(&'static str),
+        }
+        use Want::*;
+        let pending = |g: Option<u64>| Event::RecordPending { generation: g };
+        let gone = || Event::LeaseExpired(id("b"));
+        let late = RECORD_HOLD_MAX_MS + 300;
+        type Case = (&'static str, bool, Vec<(Event, u64, Want)>);
+        let table: Vec<Case> = vec![
+            (
+                "the record is taken while the plan waits: the plan is written right after",
+                true,
+                vec![
+                    (pending(Some(1)), 120, Wait("record of gen 1 is not committed")),
+                    (gone(), 200, Armed(300, "settling")),
+                    (Event::SettleTimerFired, 300, Armed(400, "gen 2 waits")),
+                    (Event::SettleTimerFired, 400, Armed(500, "gen 2 waits")),
+                    (pending(None), 450, Armed(450, "written now")),
+                    (Event::SettleTimerFired, 450, Write(2, "left: b")),
+                ],
+            ),
+            (
+                "a record etcd never takes holds the plan at most RECORD_HOLD_MAX_MS",
+                true,
+                vec![
+                    (pending(Some(1)), 120, Wait("not committed")),
+                    (gone(), 200, Armed(300, "settling")),
+                    (Event::SettleTimerFired, 300, Armed(400, "gen 2 waits")),
+                    (Event::SettleTimerFired, late - 50, Armed(late, "gen 2 waits")),
+                    (Event::SettleTimerFired, late, Write(2, "etcd will refuse it")),
+                ],
+            ),
+            (
+                "a record pending before the change and taken before the settle window ends: no wait",
+                true,
+                vec![
+                    (pending(Some(1)), 120, Wait("not committed")),
+                    (gone(), 200, Armed(300, "settling")),
+                    (pending(None), 250, Wait("no checkpoint record pending")),
+                    (Event::SettleTimerFired, 300, Write(2, "left: b")),
+                ],
+            ),
+            (
+                "a pending record of an older generation does not hold the plan (the fence \
+                 refuses it whatever the leader does)",
+                true,
+                vec![
+                    (pending(Some(0)), 120, Wait("not committed")),
+                    (gone(), 200, Armed(300, "settling")),
+                    (Event::SettleTimerFired, 300, Write(2, "left: b")),
+                ],
+            ),
+            (
+                "a follower's pending record changes nothing (the leader plans)",
+                false,
+                vec![
+                    (pending(Some(1)), 120, Wait("follower")),
+                    (gone(), 200, Wait("follower")),
+                    (Event::SettleTimerFired, 300, Wait("follower")),
+                ],
+            ),
+        ];
+        for (name, lead, steps) in table {
+            let mut p = Planner::new(cfg(1)).unwrap();
+            if lead {
+                p.handle(Event::BecameLeader { current: None }, 0);
+            }
+            p.handle(Event::MemberJoined(info("a", 1, 0)), 0);
+            p.handle(Event::MemberJoined(info("b", 1, 0)), 0);
+            let g1 = match lead {
+                true => writes(&p.handle(Event::SettleTimerFired, 100))[0].clone(),
+                false => {
+                    compute_plan(None, &[info("a", 1, 0), info("b", 1, 0)], &cfg(1), 1).unwrap()
+                }
+            };
+            p.handle(Event::PlanCommitted(g1), 110);
+            assert_eq!(p.current_generation(), 1, "{name}");
+            for (i, (event, now, want)) in steps.into_iter().enumerate() {
+                let e = p.handle(event, now);
+                let why = format!("{name}, step {i}: want {want:?}, got {e:?}");
+                match want {
+                    Write(g, text) => {
+                        let w = writes(&e);
+                        assert!(w.len() == 1 && w[0].generation == g, "{why}");
+                        assert!(w[0].reason.contains(text), "{why}");
+                        assert_eq!(p.held_for_record_since_ms(), None, "{why}");
+                    }
+                    Armed(at, text) => {
+                        assert!(writes(&e).is_empty(), "{why}");
+                        assert_eq!(armed(&e), Some(at), "{why}");
+                        assert!(e.iter().any(|x| x.reason().contains(text)), "{why}");
+                    }
+                    Wait(text) => {
+                        assert!(writes(&e).is_empty() && armed(&e).is_none(), "{why}");
+                        assert!(e.iter().any(|x| x.reason().contains(text)), "{why}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -877,6 +877,19 @@ impl NodeMachine {
         self.recorded_step
     }
 
+    /// The generation of this node's checkpoint record that etcd has not taken yet:
+    /// being written, or waiting to be tried again (etcd did not answer); `None`: none.
+    /// The shell hands it to its membership agent
+    /// ([`crate::membership::Event::RecordPending`]): a leader does not write the plan
+    /// of generation g+1 while its node holds a record of g (the record is fenced on g:
+    /// written after g+1 it would be refused), at most
+    /// [`crate::membership::RECORD_HOLD_MAX_MS`].
+    pub fn pending_record_generation(&self) -> Option<u64> {
+        let writing = self.writing.as_ref().map(|(r, _)| r.generation);
+        let waiting = self.pending_record.as_ref().map(|(r, _)| r.generation);
+        writing.max(waiting)
+    }
+
     /// When to feed [`Event::Tick`] next, if any timer is armed.
     pub fn next_timer_ms(&self) -> Option<u64> {
         let phase = match &self.phase {
@@ -3265,6 +3278,84 @@ mod tests {
         // Nothing left to retry.
         let a = t.at(t.now + 10_000);
         assert!(!a.iter().any(|x| matches!(x, Action::WriteRecord(_))));
+    }
+
+    /// What the leader's planner is told ([`NodeMachine::pending_record_generation`]):
+    /// the generation of a record etcd has not taken, from the write's start until etcd
+    /// takes it or the fence refuses it, through unanswered tries.
+    #[test]
+    fn a_record_is_pending_from_its_write_until_etcd_takes_or_refuses_it() {
+        type Step = (&'static str, Option<u64>);
+        let table: &[(&str, &[Step])] = &[
+            (
+                "taken at once",
+                &[("commit 1", Some(1)), ("written 1", None)],
+            ),
+            (
+                "etcd does not answer, then takes it",
+                &[
+                    ("commit 1", Some(1)),
+                    ("unreachable 1", Some(1)),
+                    ("retry", Some(1)),
+                    ("unreachable 1", Some(1)),
+                    ("retry", Some(1)),
+                    ("written 1", None),
+                ],
+            ),
+            (
+                "refused by the fence (a newer generation is current)",
+                &[
+                    ("commit 1", Some(1)),
+                    ("unreachable 1", Some(1)),
+                    ("retry", Some(1)),
+                    ("refused 1", None),
+                ],
+            ),
+        ];
+        for (case, steps) in table {
+            let mut c = config("a");
+            c.ckpt_every = 1;
+            let mut t = T::new(c);
+            t.train_from(0, 1, &["a", "b"]);
+            t.step_done(10);
+            assert_eq!(t.m.pending_record_generation(), None, "{case}: before");
+            for (what, want) in *steps {
+                match *what {
+                    "commit 1" => {
+                        t.ev(committed(1));
+                    }
+                    "written 1" => {
+                        t.ev(Event::RecordWritten { step: 1 });
+                    }
+                    "unreachable 1" => {
+                        t.ev(Event::RecordUnreachable {
+                            step: 1,
+                            error: "timeout".into(),
+                        });
+                    }
+                    "refused 1" => {
+                        t.ev(Event::RecordRefused {
+                            step: 1,
+                            reason: "gen 2 is current".into(),
+                        });
+                    }
+                    "retry" => {
+                        let a = t.at(t.now + 2_000);
+                        assert!(
+                            a.iter()
+                                .any(|x| matches!(x, Action::WriteRecord(r) if r.step == 1)),
+                            "{case}: {a:?}"
+                        );
+                    }
+                    other => unreachable!("{other}"),
+                }
+                assert_eq!(
+                    t.m.pending_record_generation(),
+                    *want,
+                    "{case}: after {what}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -161,6 +161,11 @@ impl<'a> Shell<'a> {
                     self.carry_out(effect).await;
                 }
                 self.p.shared.set_phase(self.machine.phase().name());
+                // The leader's planner holds the next plan while this is of the
+                // current generation (pending records of g before the plan of g+1).
+                self.p
+                    .member
+                    .set_record_pending(self.machine.pending_record_generation());
             }
             if let Some(end) = self.exit.take() {
                 return Ok(end);
