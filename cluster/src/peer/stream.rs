@@ -588,9 +588,9 @@ impl StreamFetch {
             let (kind, tensor) = (head[0], head[1]);
             let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
             let offset = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
-            self.chunks.fetch_add(1, Ordering::Relaxed);
             match kind {
                 FRAME_DATA => {
+                    self.chunks.fetch_add(1, Ordering::Relaxed);
                     if len > STATE_CHUNK_FLOATS * 4 {
                         return Err(bad(format!(
                             "{len} data bytes (at most {})",
