@@ -1709,10 +1709,11 @@ pub async fn state_copy(a: BenchStateCopyArgs) -> Result<()> {
         .strip_prefix("listening ")
         .map(|a| a.split(' ').map(str::to_string).collect())
         .unwrap_or_default();
-    let [addr, raw_addr, tls_addr, raw_tls_addr] = <[String; 4]>::try_from(addrs).map_err(|_| {
-        let _ = child.kill();
-        anyhow!("the donor process did not start: {first:?}")
-    })?;
+    let [addr, raw_addr, tls_addr, raw_tls_addr] =
+        <[String; 4]>::try_from(addrs).map_err(|_| {
+            let _ = child.kill();
+            anyhow!("the donor process did not start: {first:?}")
+        })?;
     let grpc_only = HubConfig {
         state_stream: false,
         ..HubConfig::default()
@@ -1720,7 +1721,8 @@ pub async fn state_copy(a: BenchStateCopyArgs) -> Result<()> {
     let hub = PeerHub::new(BENCH_JOB, grpc_only.clone());
     let stream_hub = PeerHub::new(BENCH_JOB, HubConfig::default());
     let tls_hub = PeerHub::with_tls(BENCH_JOB, grpc_only, Some(receiver_tls.clone()));
-    let tls_stream_hub = PeerHub::with_tls(BENCH_JOB, HubConfig::default(), Some(receiver_tls.clone()));
+    let tls_stream_hub =
+        PeerHub::with_tls(BENCH_JOB, HubConfig::default(), Some(receiver_tls.clone()));
     let donor = PeerAddr {
         id: "donor".into(),
         addr,
@@ -1769,7 +1771,11 @@ pub async fn state_copy(a: BenchStateCopyArgs) -> Result<()> {
         // Baselines: bare TCP and bare TLS sockets, the same bytes, decoded into the same
         // vectors.
         for tls in [false, true] {
-            let addr = if tls { raw_tls_addr.clone() } else { raw_addr.clone() };
+            let addr = if tls {
+                raw_tls_addr.clone()
+            } else {
+                raw_addr.clone()
+            };
             let n = a.params;
             let (config, name) = (client_config.clone(), donor_name.clone());
             let r = tokio::task::spawn_blocking(move || -> Result<f64> {

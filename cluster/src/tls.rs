@@ -389,8 +389,13 @@ impl TlsMaterial {
     pub fn rustls_client_for_node(
         &self,
         node_id: &str,
-    ) -> Result<(Arc<rustls::ClientConfig>, rustls_pki_types::ServerName<'static>), TlsError>
-    {
+    ) -> Result<
+        (
+            Arc<rustls::ClientConfig>,
+            rustls_pki_types::ServerName<'static>,
+        ),
+        TlsError,
+    > {
         let name = rustls_pki_types::ServerName::try_from(node_dns_name(node_id)?)
             .map_err(|e| TlsError::Config(format!("server name of node {node_id:?}: {e}")))?;
         let mut roots = RootCertStore::empty();

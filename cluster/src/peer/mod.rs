@@ -78,8 +78,8 @@ use std::time::Duration;
 pub use comm::{GrpcCollective, MAX_CONNECT_ATTEMPTS};
 pub use hub::{HubConfig, PeerHub};
 pub use stream::{
-    BlockingIo, PeerConn, Rewind, DONOR_WRITE_TIMEOUT, FIRST_BYTES_TIMEOUT, FRAME_ABORT, FRAME_DATA,
-    FRAME_END, MAX_REQUEST_BYTES, STATE_STREAM_MAGIC,
+    BlockingIo, PeerConn, Rewind, DONOR_WRITE_TIMEOUT, FIRST_BYTES_TIMEOUT, FRAME_ABORT,
+    FRAME_DATA, FRAME_END, MAX_REQUEST_BYTES, STATE_STREAM_MAGIC,
 };
 pub use transfer::{
     fetch_state, Publication, StateSnapshot, TransferError, TransferStats, CHUNKS_IN_FLIGHT,

@@ -126,7 +126,11 @@ impl PeerConn for TcpStream {
 impl PeerConn for tokio_rustls::server::TlsStream<TcpStream> {
     fn client_identity(&self) -> Option<Option<PeerIdentity>> {
         let certs = self.get_ref().1.peer_certificates();
-        Some(certs.and_then(|c| c.first()).and_then(|c| crate::tls::identity_of_der(c)))
+        Some(
+            certs
+                .and_then(|c| c.first())
+                .and_then(|c| crate::tls::identity_of_der(c)),
+        )
     }
 
     fn into_blocking(self, timeout: Duration) -> io::Result<Box<dyn BlockingIo>> {
@@ -209,7 +213,10 @@ impl PeerHub {
     /// bytes are awaited on its own task (at most [`FIRST_BYTES_TIMEOUT`]; a connection
     /// that sends none is dropped). Ends when the returned stream is dropped or `conns`
     /// ends.
-    pub fn incoming<S, IO>(&self, conns: S) -> tokio_stream::wrappers::ReceiverStream<io::Result<Rewind<IO>>>
+    pub fn incoming<S, IO>(
+        &self,
+        conns: S,
+    ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Rewind<IO>>>
     where
         S: Stream<Item = io::Result<IO>> + Send + Unpin + 'static,
         IO: PeerConn,
@@ -249,7 +256,9 @@ impl PeerHub {
                                 }))
                                 .await;
                         }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "connection closed before its first bytes"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "connection closed before its first bytes")
+                        }
                         Err(_) => tracing::debug!("connection sent no first bytes in time"),
                     }
                 });
@@ -370,7 +379,13 @@ fn send_state(
                 return io.flush();
             }
             encode_and_hash_into(piece, known.is_none().then_some(&mut hasher), &mut block);
-            write_frame(&mut io, FRAME_DATA, t as u8, (k * chunk_floats) as u64, &block)?;
+            write_frame(
+                &mut io,
+                FRAME_DATA,
+                t as u8,
+                (k * chunk_floats) as u64,
+                &block,
+            )?;
             bytes += block.len() as u64;
             Counters::add(&counters.state_bytes_served, block.len() as u64);
         }
@@ -454,7 +469,9 @@ impl StreamFetch {
             let tried = (|| -> io::Result<std::net::TcpStream> {
                 let mut last = None;
                 for addr in self.peer.addr.to_socket_addrs()? {
-                    let timeout = self.left().clamp(Duration::from_millis(100), Duration::from_secs(5));
+                    let timeout = self
+                        .left()
+                        .clamp(Duration::from_millis(100), Duration::from_secs(5));
                     match std::net::TcpStream::connect_timeout(&addr, timeout) {
                         Ok(s) => return Ok(s),
                         Err(e) => last = Some(e),
@@ -470,8 +487,9 @@ impl StreamFetch {
                         tcp.set_write_timeout(Some(self.left()))?;
                         let mut io: Box<dyn BlockingIo> = match &tls {
                             Some((config, name)) => {
-                                let conn = rustls::ClientConnection::new(config.clone(), name.clone())
-                                    .map_err(err_other)?;
+                                let conn =
+                                    rustls::ClientConnection::new(config.clone(), name.clone())
+                                        .map_err(err_other)?;
                                 Box::new(rustls::StreamOwned::new(conn, tcp))
                             }
                             None => Box::new(tcp),
@@ -527,10 +545,11 @@ impl StreamFetch {
             }
             let code = Code::from_i32(i32::from(head[0]));
             if code == Code::Ok {
-                let header = StateHeader::decode(&payload[..]).map_err(|e| TransferError::BadHeader {
-                    donor: self.donor.clone(),
-                    reason: format!("unreadable: {e}"),
-                })?;
+                let header =
+                    StateHeader::decode(&payload[..]).map_err(|e| TransferError::BadHeader {
+                        donor: self.donor.clone(),
+                        reason: format!("unreadable: {e}"),
+                    })?;
                 break (io, header);
             }
             let message = String::from_utf8_lossy(&payload).into_owned();
@@ -597,7 +616,9 @@ impl StreamFetch {
                             STATE_CHUNK_FLOATS * 4
                         )));
                     }
-                    place.check(u32::from(tensor), offset, len, false).map_err(bad)?;
+                    place
+                        .check(u32::from(tensor), offset, len, false)
+                        .map_err(bad)?;
                     if block.len() < len {
                         block.resize(len, 0);
                     }

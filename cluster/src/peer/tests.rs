@@ -685,7 +685,10 @@ async fn state_transfer_round_trip_is_bit_identical() {
         assert!(stats.gb_per_s() > 0.0);
         publication.wait_served(1, WAIT).await.unwrap();
         assert_eq!(publication.served(), 1);
-        assert_eq!(donor_node.hub.state_bytes_served(), bytes * (2 * k as u64 + 1));
+        assert_eq!(
+            donor_node.hub.state_bytes_served(),
+            bytes * (2 * k as u64 + 1)
+        );
         assert_eq!(hub.state_bytes_fetched(), bytes);
         // Any hash is fine when none is asked for; a second transfer counts too.
         let (again, _) = fetch_state(&hub, generation, "m1", &donor, 42, "", t)
@@ -701,7 +704,9 @@ async fn state_transfer_round_trip_is_bit_identical() {
 
         // An empty state travels as one chunk over gRPC, as no data frame over the stream.
         let empty = Arc::new(snapshot(0, 1, 1));
-        let _p = donor_node.hub.publish_state(generation + 1, Arc::clone(&empty));
+        let _p = donor_node
+            .hub
+            .publish_state(generation + 1, Arc::clone(&empty));
         let (got, stats) = fetch_state(&hub, generation + 1, "m1", &donor, 1, "", t)
             .await
             .unwrap();
@@ -1323,7 +1328,9 @@ async fn state_stream_over_mutual_tls_checks_the_certificate() {
     }
     let m1 = tls_fetcher(&ca, "m1", true);
     // m1's certificate claiming m2.
-    let e = fetch_state(&m1, 2, "m2", &donor, 5, "", t).await.unwrap_err();
+    let e = fetch_state(&m1, 2, "m2", &donor, 5, "", t)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&e, TransferError::Refused { code: tonic::Code::PermissionDenied, message, .. }
             if message.contains("\"m2\" claimed by a client whose certificate names node \"m1\"")),
@@ -1334,23 +1341,48 @@ async fn state_stream_over_mutual_tls_checks_the_certificate() {
     let e = fetch_state(&tls_fetcher(&ca, "m2", true), 2, "m2", &donor, 5, "", t)
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("\"m2\" is not among the receivers"), "{e}");
+    assert!(
+        e.to_string().contains("\"m2\" is not among the receivers"),
+        "{e}"
+    );
     assert_eq!(node.hub.state_refused(), 1);
     // A certificate of another CA: the handshake fails, nothing is served.
     let served = node.hub.state_bytes_served();
-    let e = fetch_state(&tls_fetcher(&other_ca, "m1", true), 2, "m1", &donor, 5, "", t)
-        .await
-        .unwrap_err();
+    let e = fetch_state(
+        &tls_fetcher(&other_ca, "m1", true),
+        2,
+        "m1",
+        &donor,
+        5,
+        "",
+        t,
+    )
+    .await
+    .unwrap_err();
     assert!(
-        matches!(e, TransferError::Connect { .. } | TransferError::Refused { .. }),
+        matches!(
+            e,
+            TransferError::Connect { .. } | TransferError::Refused { .. }
+        ),
         "{e}"
     );
     // A plain TCP requester gets no answer from a TLS port either.
-    let e = fetch_state(&fetcher(true), 2, "m1", &donor, 5, "", Duration::from_secs(5))
-        .await
-        .unwrap_err();
+    let e = fetch_state(
+        &fetcher(true),
+        2,
+        "m1",
+        &donor,
+        5,
+        "",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_err();
     assert!(!matches!(e, TransferError::BadChunk { .. }), "{e}");
     assert_eq!(node.hub.state_bytes_served(), served);
     let tls = node.hub.tls().unwrap().clone();
-    wait_until("both refused handshakes counted", || tls.handshakes_refused() >= 2).await;
+    wait_until("both refused handshakes counted", || {
+        tls.handshakes_refused() >= 2
+    })
+    .await;
 }

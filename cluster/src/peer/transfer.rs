@@ -881,7 +881,12 @@ impl Fetch<'_> {
             let checksum = std::mem::take(&mut chunk.payload_checksum);
             current
                 .place
-                .check(chunk.tensor, chunk.offset, chunk.data.len(), !checksum.is_empty())
+                .check(
+                    chunk.tensor,
+                    chunk.offset,
+                    chunk.data.len(),
+                    !checksum.is_empty(),
+                )
                 .map_err(bad)?;
             current
                 .feed(chunk.tensor as usize, Arc::new(chunk.data))
@@ -1035,10 +1040,7 @@ impl Placement {
             ));
         }
         if !bytes.is_multiple_of(4) {
-            return Err(format!(
-                "{} data bytes are not whole f32 values",
-                bytes
-            ));
+            return Err(format!("{} data bytes are not whole f32 values", bytes));
         }
         let values = bytes / 4;
         if values > self.n - have {
@@ -1067,7 +1069,6 @@ impl Placement {
         }
         Ok(())
     }
-
 }
 
 /// The data of one received chunk, shared by the hashing and the decoding thread.
