@@ -419,8 +419,9 @@ pub(super) struct StreamFetch {
     pub(super) tls: Option<crate::tls::Tls>,
     /// The request.
     pub(super) request: StateRequest,
-    /// The requested step and hash (`""`: any).
+    /// The requested step.
     pub(super) want_step: u64,
+    /// The requested parameter hash (`""`: any).
     pub(super) want_hash: String,
     /// When the whole fetch must be over.
     pub(super) deadline: Instant,
