@@ -245,7 +245,8 @@ enum BenchCommand {
     /// copy from a peer (starts etcd and moto).
     Recovery(bench::BenchRecoveryArgs),
     /// Throughput of a joining daemon's state copy from a peer: a donor process and this
-    /// one on loopback, over the peer data plane (gRPC FetchState).
+    /// one on loopback, over the peer data plane (gRPC FetchState and the state stream,
+    /// each without and with mutual TLS) against bare TCP and TLS sockets.
     StateCopy(bench::BenchStateCopyArgs),
     /// Pipeline parallelism in one process: tokens/s of S stages against one rank (same
     /// model, batch and total threads), GPipe and 1F1B, for several micro-batch counts;

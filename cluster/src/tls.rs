@@ -379,6 +379,46 @@ impl TlsMaterial {
         Ok(self.client(node_dns_name(node_id)?))
     }
 
+    /// The rustls client configuration and server name for dialling node `node_id`
+    /// outside tonic (the state stream, [`crate::peer`]): the same checks as
+    /// [`TlsMaterial::client_for_node`] (the server's certificate is of the cluster CA and
+    /// names that node), with this party's certificate as the client certificate.
+    ///
+    /// # Errors
+    /// [`node_dns_name`]'s, or unusable material.
+    pub fn rustls_client_for_node(
+        &self,
+        node_id: &str,
+    ) -> Result<
+        (
+            Arc<rustls::ClientConfig>,
+            rustls_pki_types::ServerName<'static>,
+        ),
+        TlsError,
+    > {
+        let name = rustls_pki_types::ServerName::try_from(node_dns_name(node_id)?)
+            .map_err(|e| TlsError::Config(format!("server name of node {node_id:?}: {e}")))?;
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            let ca = ca.map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+            roots
+                .add(ca)
+                .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Config(format!("certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| TlsError::Config(format!("private key: {e}")))?;
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(format!("TLS versions: {e}")))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?;
+        Ok((Arc::new(config), name))
+    }
+
     /// The client configuration for dialling any node of the cluster by address (an
     /// operator's `tenax status`, `tenax control`).
     pub fn client_for_any_node(&self) -> ClientTlsConfig {

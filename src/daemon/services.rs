@@ -57,15 +57,18 @@ pub(crate) async fn start(
                     .add_service(control);
                 // Mutual TLS: each connection's handshake with the certificates current
                 // then (SIGHUP reloads them); connections already up keep theirs.
+                // Either way the hub takes the state streams off the connections first.
                 match shared.hub.tls() {
                     Some(tls) => {
                         let incoming = tls.incoming(listener).map_err(|e| e.to_string())?;
+                        let incoming = shared.hub.incoming(incoming);
                         router
                             .serve_with_incoming_shutdown(incoming, token.cancelled())
                             .await
                     }
                     None => {
                         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                        let incoming = shared.hub.incoming(incoming);
                         router
                             .serve_with_incoming_shutdown(incoming, token.cancelled())
                             .await

@@ -34,6 +34,11 @@ pub struct HubConfig {
     pub buffered_share_per_peer: usize,
     /// Most `FetchState` transfers served at once (more are refused, to be retried).
     pub max_state_transfers: usize,
+    /// [`fetch_state`](super::fetch_state) takes the state over the state stream
+    /// ([`super::stream`]: raw frames on the donor's peer port, the donor's listener
+    /// passing its connections through [`PeerHub::incoming`]) rather than over gRPC
+    /// `FetchState` (which donors serve either way).
+    pub state_stream: bool,
 }
 
 impl Default for HubConfig {
@@ -44,6 +49,7 @@ impl Default for HubConfig {
             max_buffered_frames: 1 << 16,
             buffered_share_per_peer: 2,
             max_state_transfers: 4,
+            state_stream: true,
         }
     }
 }
@@ -295,7 +301,17 @@ impl PeerHub {
         request: &Request<T>,
         claimed: Option<&str>,
     ) -> Result<Option<String>, Status> {
-        let Some(identity) = crate::tls::peer_identity(request) else {
+        self.check_identity_of(crate::tls::peer_identity(request), claimed)
+    }
+
+    /// [`PeerHub::check_identity`] for a client whose certificate names `identity`
+    /// (`None`: plain TCP; `Some(None)`: a certificate that names none of ours).
+    pub(super) fn check_identity_of(
+        &self,
+        identity: Option<Option<crate::tls::PeerIdentity>>,
+        claimed: Option<&str>,
+    ) -> Result<Option<String>, Status> {
+        let Some(identity) = identity else {
             return Ok(None);
         };
         let node = identity.as_ref().and_then(|i| i.node().map(str::to_string));

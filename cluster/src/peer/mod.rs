@@ -53,14 +53,19 @@
 //! A member that lacks the training state (it (re)joins, or ended up behind) takes
 //! parameters and Adam's moments from a live peer, the donor: the donor publishes a
 //! [`StateSnapshot`] for a generation ([`PeerHub::publish_state`]), the requester calls
-//! [`fetch_state`], which streams it over the `FetchState` rpc in chunks of at most
-//! [`STATE_CHUNK_FLOATS`] values, checked by header (step, parameter hash, size),
-//! offsets and a Fletcher-64 checksum of the payload (the caller checks the parameters'
-//! SHA-256 against the hash it expected).
+//! [`fetch_state`], which takes it in chunks of at most [`STATE_CHUNK_FLOATS`] values,
+//! checked by header (step, parameter hash, size), offsets and a Fletcher-64 checksum of
+//! the payload (the caller checks the parameters' SHA-256 against the hash it expected).
+//! By default the chunks travel as raw frames on a connection of their own to the
+//! donor's peer port, authenticated like every peer connection (the state stream,
+//! `stream.rs`: the listener's connections pass through [`PeerHub::incoming`], which
+//! tells them from gRPC by their first bytes); with [`HubConfig::state_stream`] off they
+//! travel over the `FetchState` rpc, which donors always serve too.
 
 mod comm;
 mod hub;
 mod step;
+mod stream;
 #[cfg(test)]
 mod tests;
 mod transfer;
@@ -72,6 +77,10 @@ use std::time::Duration;
 
 pub use comm::{GrpcCollective, MAX_CONNECT_ATTEMPTS};
 pub use hub::{HubConfig, PeerHub};
+pub use stream::{
+    BlockingIo, PeerConn, Rewind, DONOR_WRITE_TIMEOUT, FIRST_BYTES_TIMEOUT, FRAME_ABORT,
+    FRAME_DATA, FRAME_END, MAX_REQUEST_BYTES, STATE_STREAM_MAGIC,
+};
 pub use transfer::{
     fetch_state, Publication, StateSnapshot, TransferError, TransferStats, CHUNKS_IN_FLIGHT,
     MAX_PUBLICATION_WAIT, STATE_CHUNK_FLOATS,

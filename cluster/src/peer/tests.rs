@@ -43,11 +43,15 @@ async fn start_node_with(hub: PeerHub) -> Node {
     let addr = listener.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
     let service = hub.service();
+    let incoming_hub = hub.clone();
     let token = stop.clone();
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+            .serve_with_incoming_shutdown(
+                incoming_hub.incoming(TcpListenerStream::new(listener)),
+                token.cancelled_owned(),
+            )
             .await;
     });
     Node {
@@ -644,52 +648,72 @@ fn donor_of(node: &Node) -> PeerAddr {
     }
 }
 
+/// A fetching hub that takes the state over the state stream (`true`) or gRPC.
+fn fetcher(stream: bool) -> PeerHub {
+    PeerHub::new(
+        JOB,
+        HubConfig {
+            state_stream: stream,
+            ..HubConfig::default()
+        },
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_transfer_round_trip_is_bit_identical() {
-    let nodes = [start_node().await, start_node().await];
+    let donor_node = start_node().await;
+    let donor = donor_of(&donor_node);
     let n = 2_500_003; // three chunks per tensor, the last one short
     let state = Arc::new(snapshot(n, 42, 7));
-    let publication = nodes[0].hub.publish_state(3, Arc::clone(&state));
-    assert_eq!(nodes[0].hub.published_generation(), Some(3));
-    let donor = donor_of(&nodes[0]);
     let t = Duration::from_secs(60);
-    let (got, stats) = fetch_state(&nodes[1].hub, 3, "m1", &donor, 42, &state.param_hash, t)
-        .await
-        .unwrap();
-    assert_eq!(
-        (got.step, got.cursor, got.opt_step, got.param_hash.as_str()),
-        (42, 42_017, 45, state.param_hash.as_str())
-    );
-    assert!(same_bits(&got.params, &state.params));
-    assert!(same_bits(&got.m, &state.m));
-    assert!(same_bits(&got.v, &state.v));
     let bytes = 12 * n as u64;
-    assert_eq!((stats.bytes, stats.chunks), (bytes, 9));
-    assert!(stats.gb_per_s() > 0.0);
-    publication.wait_served(1, WAIT).await.unwrap();
-    assert_eq!(publication.served(), 1);
-    assert_eq!(nodes[0].hub.state_bytes_served(), bytes);
-    assert_eq!(nodes[1].hub.state_bytes_fetched(), bytes);
-    // Any hash is fine when none is asked for; a second transfer counts too.
-    let (again, _) = fetch_state(&nodes[1].hub, 3, "m1", &donor, 42, "", t)
-        .await
-        .unwrap();
-    assert!(same_bits(&again.v, &state.v));
-    publication.wait_served(2, WAIT).await.unwrap();
-    let err = publication
-        .wait_served(3, Duration::from_millis(50))
-        .await
-        .unwrap_err();
-    assert!(err.contains("2 of 3"), "{err}");
+    for (k, stream) in [true, false].into_iter().enumerate() {
+        let generation = 3 + 2 * k as u64;
+        let hub = fetcher(stream);
+        let publication = donor_node.hub.publish_state(generation, Arc::clone(&state));
+        assert_eq!(donor_node.hub.published_generation(), Some(generation));
+        let (got, stats) = fetch_state(&hub, generation, "m1", &donor, 42, &state.param_hash, t)
+            .await
+            .unwrap();
+        assert_eq!(
+            (got.step, got.cursor, got.opt_step, got.param_hash.as_str()),
+            (42, 42_017, 45, state.param_hash.as_str())
+        );
+        assert!(same_bits(&got.params, &state.params), "stream {stream}");
+        assert!(same_bits(&got.m, &state.m), "stream {stream}");
+        assert!(same_bits(&got.v, &state.v), "stream {stream}");
+        assert_eq!((stats.bytes, stats.chunks), (bytes, 9), "stream {stream}");
+        assert!(stats.gb_per_s() > 0.0);
+        publication.wait_served(1, WAIT).await.unwrap();
+        assert_eq!(publication.served(), 1);
+        assert_eq!(
+            donor_node.hub.state_bytes_served(),
+            bytes * (2 * k as u64 + 1)
+        );
+        assert_eq!(hub.state_bytes_fetched(), bytes);
+        // Any hash is fine when none is asked for; a second transfer counts too.
+        let (again, _) = fetch_state(&hub, generation, "m1", &donor, 42, "", t)
+            .await
+            .unwrap();
+        assert!(same_bits(&again.v, &state.v));
+        publication.wait_served(2, WAIT).await.unwrap();
+        let err = publication
+            .wait_served(3, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(err.contains("2 of 3"), "{err}");
 
-    // An empty state travels as one chunk.
-    let empty = Arc::new(snapshot(0, 1, 1));
-    let _p = nodes[0].hub.publish_state(4, Arc::clone(&empty));
-    let (got, stats) = fetch_state(&nodes[1].hub, 4, "m1", &donor, 1, "", t)
-        .await
-        .unwrap();
-    assert_eq!(got, *empty);
-    assert_eq!((stats.bytes, stats.chunks), (0, 1));
+        // An empty state travels as one chunk over gRPC, as no data frame over the stream.
+        let empty = Arc::new(snapshot(0, 1, 1));
+        let _p = donor_node
+            .hub
+            .publish_state(generation + 1, Arc::clone(&empty));
+        let (got, stats) = fetch_state(&hub, generation + 1, "m1", &donor, 1, "", t)
+            .await
+            .unwrap();
+        assert_eq!(got, *empty);
+        assert_eq!((stats.bytes, stats.chunks), (0, u64::from(!stream)));
+    }
 }
 
 async fn raw_fetch(addr: &str, req: StateRequest) -> tonic::Status {
@@ -925,7 +949,7 @@ fn fake_chunks() -> Vec<StateChunk> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_transfer_checks_every_chunk_and_the_checksum() {
-    let hub = PeerHub::new(JOB, HubConfig::default());
+    let hub = fetcher(false);
     let t = WAIT;
     // The untampered stream is accepted.
     let (donor, stop) = fake_donor(fake_chunks()).await;
@@ -1228,4 +1252,269 @@ async fn a_stage_message_sent_twice_is_refused() {
     assert_eq!(reply.refused_other, 1);
     let reason = comm.aborted().expect("aborted");
     assert!(reason.contains("sent twice"), "{reason}");
+}
+
+/// The bytes a state stream donor sends for `chunks` (as [`fake_chunks`] makes them):
+/// an accepting status with the first chunk's header, one data frame per chunk, and the
+/// end frame with the last chunk's checksum unless `end` is false.
+fn stream_bytes(chunks: &[StateChunk], end: bool) -> Vec<u8> {
+    use prost::Message;
+    fn frame(out: &mut Vec<u8>, kind: u8, tensor: u8, offset: u64, payload: &[u8]) {
+        out.extend_from_slice(&[kind, tensor, 0, 0]);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(payload);
+    }
+    let header = chunks[0].header.clone().unwrap().encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    for c in chunks {
+        frame(&mut out, FRAME_DATA, c.tensor as u8, c.offset, &c.data);
+    }
+    if end {
+        let sum = fake_chunks().last().unwrap().payload_checksum.clone();
+        frame(&mut out, FRAME_END, 0, 0, sum.as_bytes());
+    }
+    out
+}
+
+/// A donor speaking the state stream protocol that answers every request with `bytes`.
+async fn fake_stream_donor(bytes: Vec<u8>) -> PeerAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 12];
+                if conn.read_exact(&mut first).await.is_err() {
+                    return;
+                }
+                assert_eq!(first[..8], STATE_STREAM_MAGIC);
+                let len = u32::from_le_bytes(first[8..].try_into().unwrap()) as usize;
+                let mut req = vec![0u8; len];
+                if conn.read_exact(&mut req).await.is_err() {
+                    return;
+                }
+                let _ = conn.write_all(&bytes).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    PeerAddr {
+        id: "fake".into(),
+        addr,
+    }
+}
+
+/// Over the state stream, the requester checks what it checks over gRPC: every frame's
+/// place and size, the header, completeness and the checksum; a tampered frame is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_stream_checks_every_frame_and_the_checksum() {
+    let hub = fetcher(true);
+    let t = WAIT;
+    let donor = fake_stream_donor(stream_bytes(&fake_chunks(), true)).await;
+    let (got, stats) = fetch_state(&hub, 1, "m1", &donor, 5, "h", t).await.unwrap();
+    assert_eq!(
+        (got.params, got.m, got.v),
+        (vec![0.0, 1.0], vec![10.0, 11.0], vec![20.0, 21.0])
+    );
+    assert_eq!((stats.bytes, stats.chunks), (24, 6));
+
+    type Tamper = fn(&mut Vec<StateChunk>);
+    let cases: Vec<(&str, Tamper)> = vec![
+        ("checksum mismatch", |c| {
+            c[3].data = 7.0f32.to_le_bytes().to_vec()
+        }),
+        ("offset 0 but 1 values came before", |c| c[3].offset = 0),
+        ("not whole f32 values", |c| c[2].data = vec![1, 2, 3]),
+        ("past its end", |c| c[1].data = vec![0; 8]),
+        ("tensor 2 starts but tensor 1 has only 1", |c| {
+            c.remove(3);
+        }),
+        ("the last chunk came but tensor 2 has only 1", |c| {
+            c.pop();
+        }),
+        ("tensor 3 (not 0, 1 or 2)", |c| c[5].tensor = 3),
+        ("step 5, not the requested step 6", |_| {}),
+    ];
+    for (want, tamper) in cases {
+        let mut chunks = fake_chunks();
+        tamper(&mut chunks);
+        let donor = fake_stream_donor(stream_bytes(&chunks, true)).await;
+        let step = if want.contains("step 6") { 6 } else { 5 };
+        let err = fetch_state(&hub, 1, "m1", &donor, step, "", t)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(want) && err.contains(&donor.addr),
+            "{want}: {err}"
+        );
+    }
+    // Cut before the end frame; a frame of an unknown kind; a frame too large to hold.
+    let mut cut = stream_bytes(&fake_chunks(), true);
+    cut.truncate(cut.len() - 20);
+    let mut odd = stream_bytes(&fake_chunks(), false);
+    odd.extend_from_slice(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let mut huge = stream_bytes(&fake_chunks()[..1], false);
+    huge.extend_from_slice(&[FRAME_DATA, 0, 0, 0]);
+    huge.extend_from_slice(&(u32::MAX).to_le_bytes());
+    huge.extend_from_slice(&1u64.to_le_bytes());
+    for (want, bytes) in [
+        ("stream failed after 24 bytes", cut),
+        ("frame kind 9", odd),
+        ("4294967295 data bytes (at most 4194304)", huge),
+    ] {
+        let donor = fake_stream_donor(bytes).await;
+        let err = fetch_state(&hub, 1, "m1", &donor, 5, "", t)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    // A donor that refuses: its code and message come back.
+    let mut no = vec![tonic::Code::NotFound as i32 as u8];
+    no.extend_from_slice(&7u32.to_le_bytes());
+    no.extend_from_slice(b"nothing");
+    let donor = fake_stream_donor(no).await;
+    let err = fetch_state(&hub, 1, "m1", &donor, 5, "", t)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TransferError::Refused { code: tonic::Code::NotFound, message, .. } if message == "nothing"),
+        "{err}"
+    );
+}
+
+/// A hub serving over mutual TLS as node `id` with the certificates in `dir`, and its
+/// listener passing state streams to the hub.
+async fn start_tls_node(dir: &std::path::Path, id: &str) -> Node {
+    let tls = crate::tls::Tls::load(crate::tls::TlsFiles::in_folder(
+        dir,
+        &crate::tls::PeerIdentity::Node(id.into()),
+    ))
+    .unwrap();
+    let hub = PeerHub::with_tls(JOB, HubConfig::default(), Some(tls.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let stop = CancellationToken::new();
+    let (service, incoming_hub, token) = (hub.service(), hub.clone(), stop.clone());
+    let server = tokio::spawn(async move {
+        let incoming = incoming_hub.incoming(tls.incoming(listener).unwrap());
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+            .await;
+    });
+    Node {
+        hub,
+        addr,
+        stop,
+        _server: server,
+    }
+}
+
+fn tls_fetcher(dir: &std::path::Path, id: &str, stream: bool) -> PeerHub {
+    let tls = crate::tls::Tls::load(crate::tls::TlsFiles::in_folder(
+        dir,
+        &crate::tls::PeerIdentity::Node(id.into()),
+    ))
+    .unwrap();
+    let config = HubConfig {
+        state_stream: stream,
+        ..HubConfig::default()
+    };
+    PeerHub::with_tls(JOB, config, Some(tls))
+}
+
+/// Over mutual TLS the state stream authenticates like gRPC: a member's certificate must
+/// name the member it claims, a certificate of another CA gets nothing, a member that is
+/// not a receiver is refused; gRPC on the same port still works (the listener tells the
+/// two apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_stream_over_mutual_tls_checks_the_certificate() {
+    use crate::tls::{init_ca, issue, PeerIdentity};
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, other_ca) = (tmp.path().join("ca"), tmp.path().join("other"));
+    init_ca(&ca, 1).unwrap();
+    init_ca(&other_ca, 1).unwrap();
+    for id in ["donor", "m1", "m2"] {
+        issue(&ca, &PeerIdentity::Node(id.into()), &ca, 1).unwrap();
+    }
+    issue(&other_ca, &PeerIdentity::Node("m1".into()), &other_ca, 1).unwrap();
+    let node = start_tls_node(&ca, "donor").await;
+    let state = Arc::new(snapshot(300_000, 5, 9));
+    let _p = node
+        .hub
+        .publish_state_for(2, Arc::clone(&state), vec!["m1".into()]);
+    let donor = donor_of(&node);
+    let t = Duration::from_secs(20);
+    for stream in [true, false] {
+        let (got, _) = fetch_state(&tls_fetcher(&ca, "m1", stream), 2, "m1", &donor, 5, "", t)
+            .await
+            .unwrap();
+        assert!(same_bits(&got.v, &state.v), "stream {stream}");
+    }
+    let m1 = tls_fetcher(&ca, "m1", true);
+    // m1's certificate claiming m2.
+    let e = fetch_state(&m1, 2, "m2", &donor, 5, "", t)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, TransferError::Refused { code: tonic::Code::PermissionDenied, message, .. }
+            if message.contains("\"m2\" claimed by a client whose certificate names node \"m1\"")),
+        "{e}"
+    );
+    assert_eq!(node.hub.identity_refused(), 1);
+    // m2 is who it says, but not a receiver.
+    let e = fetch_state(&tls_fetcher(&ca, "m2", true), 2, "m2", &donor, 5, "", t)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("\"m2\" is not among the receivers"),
+        "{e}"
+    );
+    assert_eq!(node.hub.state_refused(), 1);
+    // A certificate of another CA: the handshake fails, nothing is served.
+    let served = node.hub.state_bytes_served();
+    let e = fetch_state(
+        &tls_fetcher(&other_ca, "m1", true),
+        2,
+        "m1",
+        &donor,
+        5,
+        "",
+        t,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TransferError::Connect { .. } | TransferError::Refused { .. }
+        ),
+        "{e}"
+    );
+    // A plain TCP requester gets no answer from a TLS port either.
+    let e = fetch_state(
+        &fetcher(true),
+        2,
+        "m1",
+        &donor,
+        5,
+        "",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_err();
+    assert!(!matches!(e, TransferError::BadChunk { .. }), "{e}");
+    assert_eq!(node.hub.state_bytes_served(), served);
+    let tls = node.hub.tls().unwrap().clone();
+    wait_until("both refused handshakes counted", || {
+        tls.handshakes_refused() >= 2
+    })
+    .await;
 }

@@ -91,11 +91,11 @@ impl std::fmt::Debug for StateSnapshot {
 }
 
 impl StateSnapshot {
-    fn tensors(&self) -> [&[f32]; 3] {
+    pub(super) fn tensors(&self) -> [&[f32]; 3] {
         [&self.params, &self.m, &self.v]
     }
 
-    fn header(&self) -> StateHeader {
+    pub(super) fn header(&self) -> StateHeader {
         StateHeader {
             step: self.step,
             cursor: self.cursor,
@@ -212,14 +212,16 @@ pub enum TransferError {
 
 /// A published state, as the hub holds it.
 pub(super) struct Published {
-    generation: u64,
-    state: Arc<StateSnapshot>,
+    /// The generation whose requests it answers.
+    pub(super) generation: u64,
+    /// The state.
+    pub(super) state: Arc<StateSnapshot>,
     /// The members it is served to; `None`: any member of the job.
     receivers: Option<Vec<String>>,
     /// Complete transfers served.
-    served: watch::Sender<u64>,
+    pub(super) served: watch::Sender<u64>,
     /// The payload checksum, once a transfer computed it.
-    payload_checksum: OnceLock<String>,
+    pub(super) payload_checksum: OnceLock<String>,
 }
 
 /// Handle of a published state: served to `FetchState` requests of its generation until
@@ -364,11 +366,24 @@ fn failed_precondition(msg: String) -> Status {
     Status::failed_precondition(msg)
 }
 
-/// The hub's answer to one `FetchState` request.
-pub(super) async fn serve(
-    hub: &PeerHub,
-    req: StateRequest,
-) -> Result<Response<ChunkStream>, Status> {
+/// A `FetchState` request the donor accepted: the state to send, and a transfer slot held
+/// until it is sent (or abandoned).
+pub(super) struct Admitted {
+    /// The publication it is served from.
+    pub(super) published: Arc<Published>,
+    /// The slot of [`HubConfig::max_state_transfers`](super::HubConfig) it holds.
+    pub(super) permit: tokio::sync::OwnedSemaphorePermit,
+    /// Values per chunk.
+    pub(super) chunk_floats: usize,
+    /// The requesting member.
+    pub(super) to: String,
+}
+
+/// Checks one `FetchState` request (whichever path it came by: gRPC or the state stream)
+/// against the hub: its job, its generation (waiting for a publication of it, at most
+/// `min(wait_ms, 60 s)`), the receivers of the publication, the transfer slots, the step
+/// and hash, and takes a transfer slot. The caller checked the requester's certificate.
+pub(super) async fn admit(hub: &PeerHub, req: StateRequest) -> Result<Admitted, Status> {
     if req.job != hub.job() {
         return Err(failed_precondition(format!(
             "job {:?} but this donor serves job {:?}",
@@ -456,11 +471,31 @@ pub(super) async fn serve(
         )));
     }
     let chunk_floats = STATE_CHUNK_FLOATS.min(hub.config().max_frame_floats).max(1);
+    Ok(Admitted {
+        published,
+        permit,
+        chunk_floats,
+        to: req.from_member,
+    })
+}
+
+/// The hub's answer to one `FetchState` request over gRPC.
+pub(super) async fn serve(
+    hub: &PeerHub,
+    req: StateRequest,
+) -> Result<Response<ChunkStream>, Status> {
+    let Admitted {
+        published,
+        permit,
+        chunk_floats,
+        to,
+    } = admit(hub, req).await?;
+    let shutdown = hub.shutdown_token().clone();
     let (tx, chunks) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let producer = Producer {
         published,
         chunk_floats,
-        to: req.from_member,
+        to,
         counters: hub.counters(),
         shutdown: shutdown.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -585,8 +620,21 @@ impl Producer {
 }
 
 /// `values` as little-endian bytes, fed to `hasher` (if any) as they are written.
-fn encode_and_hash(values: &[f32], mut hasher: Option<&mut PayloadSum>) -> Vec<u8> {
-    let mut data = vec![0u8; values.len() * 4];
+fn encode_and_hash(values: &[f32], hasher: Option<&mut PayloadSum>) -> Vec<u8> {
+    let mut data = Vec::new();
+    encode_and_hash_into(values, hasher, &mut data);
+    data
+}
+
+/// [`encode_and_hash`] into `data` (its old content replaced; its allocation reused).
+pub(super) fn encode_and_hash_into(
+    values: &[f32],
+    mut hasher: Option<&mut PayloadSum>,
+    data: &mut Vec<u8>,
+) {
+    // Every byte is overwritten below: only new room is zeroed.
+    data.truncate(values.len() * 4);
+    data.resize(values.len() * 4, 0);
     for (block, vals) in data
         .chunks_mut(BLOCK_BYTES)
         .zip(values.chunks(BLOCK_BYTES / 4))
@@ -598,11 +646,10 @@ fn encode_and_hash(values: &[f32], mut hasher: Option<&mut PayloadSum>) -> Vec<u
             h.update(&*block);
         }
     }
-    data
 }
 
 /// Appends the little-endian f32 values of `data` (a multiple of 4 bytes) to `out`.
-fn decode(data: &[u8], out: &mut Vec<f32>) {
+pub(super) fn decode(data: &[u8], out: &mut Vec<f32>) {
     out.extend(
         data.chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
@@ -642,7 +689,11 @@ pub async fn fetch_state(
         deadline: started + timeout,
     };
     let mut progress = Progress::default();
-    let outcome = tokio::time::timeout_at(fetch.deadline.into(), fetch.run(&mut progress)).await;
+    let outcome = if hub.config().state_stream {
+        fetch.run_stream(&mut progress).await
+    } else {
+        tokio::time::timeout_at(fetch.deadline.into(), fetch.run(&mut progress)).await
+    };
     let seconds = started.elapsed().as_secs_f64();
     match outcome {
         Ok(Ok(state)) => {
@@ -693,6 +744,49 @@ struct Fetch<'a> {
 }
 
 impl Fetch<'_> {
+    /// The fetch over the state stream ([`super::stream`]), on a blocking thread; `Err`
+    /// once the deadline passed (the thread then ends at its socket timeouts, which are
+    /// set to the time left).
+    async fn run_stream(
+        &self,
+        progress: &mut Progress,
+    ) -> Result<Result<StateSnapshot, TransferError>, tokio::time::error::Elapsed> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let wait = (left - (left / 4).min(Duration::from_secs(2))).min(MAX_PUBLICATION_WAIT);
+        let got = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let chunks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let total = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let job = super::stream::StreamFetch {
+            donor: self.donor.clone(),
+            peer: self.peer.clone(),
+            tls: self.hub.tls().cloned(),
+            request: StateRequest {
+                job: self.hub.job().to_string(),
+                generation: self.generation,
+                from_member: self.me.to_string(),
+                step: self.want_step,
+                param_hash: self.want_hash.to_string(),
+                wait_ms: wait.as_millis() as u64,
+            },
+            want_step: self.want_step,
+            want_hash: self.want_hash.to_string(),
+            deadline: self.deadline,
+            got: Arc::clone(&got),
+            chunks: Arc::clone(&chunks),
+            total: Arc::clone(&total),
+            counters: self.hub.counters(),
+        };
+        let outcome = tokio::time::timeout_at(
+            self.deadline.into(),
+            tokio::task::spawn_blocking(move || job.run()),
+        )
+        .await;
+        progress.got = got.load(Ordering::Relaxed);
+        progress.chunks = chunks.load(Ordering::Relaxed);
+        progress.total = Some(total.load(Ordering::Relaxed)).filter(|&t| t != u64::MAX);
+        outcome.map(joined)
+    }
+
     async fn run(&self, progress: &mut Progress) -> Result<StateSnapshot, TransferError> {
         let limit = message_limit_bytes(self.hub.config().max_frame_floats);
         let channel = self.connect().await?;
@@ -785,7 +879,15 @@ impl Fetch<'_> {
                 (Some(a), None) => a,
             };
             let checksum = std::mem::take(&mut chunk.payload_checksum);
-            current.check(&chunk, !checksum.is_empty()).map_err(bad)?;
+            current
+                .place
+                .check(
+                    chunk.tensor,
+                    chunk.offset,
+                    chunk.data.len(),
+                    !checksum.is_empty(),
+                )
+                .map_err(bad)?;
             current
                 .feed(chunk.tensor as usize, Arc::new(chunk.data))
                 .await
@@ -882,6 +984,93 @@ impl Fetch<'_> {
     }
 }
 
+/// Where the chunks received so far put a state of `n` values per tensor: the three
+/// tensors in order, each contiguous from offset 0, within bounds, whole values.
+pub(super) struct Placement {
+    /// Values per tensor.
+    n: usize,
+    /// Values received per tensor.
+    lens: [usize; 3],
+    /// The tensor being filled; the ones before it are complete.
+    current: usize,
+}
+
+impl Placement {
+    /// Nothing received yet of three tensors of `n` values.
+    pub(super) fn new(n: usize) -> Self {
+        Self {
+            n,
+            lens: [0; 3],
+            current: 0,
+        }
+    }
+
+    /// Checks the place of a chunk of `bytes` data bytes of tensor `tensor` at value
+    /// `offset` against what came before (`last`: it carries the checksum, so every
+    /// tensor must be complete with it) and counts its values.
+    pub(super) fn check(
+        &mut self,
+        tensor: u32,
+        offset: u64,
+        bytes: usize,
+        last: bool,
+    ) -> Result<(), String> {
+        let t = tensor as usize;
+        if t > 2 {
+            return Err(format!("tensor {t} (not 0, 1 or 2)"));
+        }
+        if t < self.current {
+            return Err(format!("tensor {t} after tensor {}", self.current));
+        }
+        while self.current < t {
+            let have = self.lens[self.current];
+            if have != self.n {
+                return Err(format!(
+                    "tensor {t} starts but tensor {} has only {have} of {} values",
+                    self.current, self.n
+                ));
+            }
+            self.current += 1;
+        }
+        let have = self.lens[t];
+        if offset != have as u64 {
+            return Err(format!(
+                "tensor {t} offset {} but {have} values came before",
+                offset
+            ));
+        }
+        if !bytes.is_multiple_of(4) {
+            return Err(format!("{} data bytes are not whole f32 values", bytes));
+        }
+        let values = bytes / 4;
+        if values > self.n - have {
+            return Err(format!(
+                "tensor {t} values {have}..{} past its end {}",
+                have + values,
+                self.n
+            ));
+        }
+        self.lens[t] += values;
+        if last {
+            self.complete()?;
+        }
+        Ok(())
+    }
+
+    /// Checks that every tensor is complete (the last chunk came).
+    pub(super) fn complete(&self) -> Result<(), String> {
+        for (k, &len) in self.lens.iter().enumerate() {
+            if len != self.n {
+                return Err(format!(
+                    "the last chunk came but tensor {k} has only {len} of {} values",
+                    self.n
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The data of one received chunk, shared by the hashing and the decoding thread.
 type ChunkData = Arc<Vec<u8>>;
 
@@ -891,10 +1080,8 @@ type ChunkData = Arc<Vec<u8>>;
 struct Assembly {
     header: StateHeader,
     n: usize,
-    /// Values received per tensor.
-    lens: [usize; 3],
-    /// The tensor being filled; the ones before it are complete.
-    current: usize,
+    /// Where the chunks so far go.
+    place: Placement,
     to_hasher: mpsc::Sender<ChunkData>,
     hasher: JoinHandle<String>,
     to_writer: mpsc::Sender<(usize, ChunkData)>,
@@ -922,68 +1109,12 @@ impl Assembly {
         Self {
             header,
             n,
-            lens: [0; 3],
-            current: 0,
+            place: Placement::new(n),
             to_hasher,
             hasher,
             to_writer,
             writer,
         }
-    }
-
-    /// Checks `chunk`'s place against what came before (`last`: it carries the
-    /// checksum, so every tensor must be complete with it) and counts its values.
-    fn check(&mut self, chunk: &StateChunk, last: bool) -> Result<(), String> {
-        let t = chunk.tensor as usize;
-        if t > 2 {
-            return Err(format!("tensor {t} (not 0, 1 or 2)"));
-        }
-        if t < self.current {
-            return Err(format!("tensor {t} after tensor {}", self.current));
-        }
-        while self.current < t {
-            let have = self.lens[self.current];
-            if have != self.n {
-                return Err(format!(
-                    "tensor {t} starts but tensor {} has only {have} of {} values",
-                    self.current, self.n
-                ));
-            }
-            self.current += 1;
-        }
-        let have = self.lens[t];
-        if chunk.offset != have as u64 {
-            return Err(format!(
-                "tensor {t} offset {} but {have} values came before",
-                chunk.offset
-            ));
-        }
-        if !chunk.data.len().is_multiple_of(4) {
-            return Err(format!(
-                "{} data bytes are not whole f32 values",
-                chunk.data.len()
-            ));
-        }
-        let values = chunk.data.len() / 4;
-        if values > self.n - have {
-            return Err(format!(
-                "tensor {t} values {have}..{} past its end {}",
-                have + values,
-                self.n
-            ));
-        }
-        self.lens[t] += values;
-        if last {
-            for (k, &len) in self.lens.iter().enumerate() {
-                if len != self.n {
-                    return Err(format!(
-                        "the last chunk came but tensor {k} has only {len} of {} values",
-                        self.n
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Hands a checked chunk's data of tensor `t` to both threads.
