@@ -241,7 +241,8 @@ pub fn prepare(
         tenax_data::num_windows(dataset.val.len(), model_cfg.block_size) as u64,
         cfg.eval_batches * cfg.micro_batch_size,
     );
-    let data = Arc::new(TrainData::in_memory(dataset.train, dataset.val));
+    let canaries = crate::memorisation::plan(&cfg, &model_cfg, &tokenizer)?;
+    let data = Arc::new(TrainData::in_memory(dataset.train, dataset.val).with_canaries(canaries));
     finish_prepare(
         cfg,
         stored_cfg,
@@ -303,6 +304,9 @@ fn finish_prepare(
         )
         .map_err(|e| anyhow!("--pipeline-stages: {e}"))?;
         println!("pipelines: {}", plan.reason());
+    }
+    if let Some(plan) = &data.canaries {
+        println!("canaries: {}", plan.reason);
     }
     Ok(Prepared {
         cfg,
@@ -380,6 +384,7 @@ fn prepare_streamed(
         train: Vec::new(),
         val: stream.val.clone(),
         stream: Some(stream.clone() as Arc<dyn tenax_actors::SampleSource>),
+        canaries: crate::memorisation::plan(&cfg, &model_cfg, &tokenizer)?,
     });
     finish_prepare(
         cfg,
@@ -486,6 +491,9 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         }
     }
     let prep = prepare(cfg, stored.as_ref(), &run_dir)?;
+    if let Some(plan) = &prep.data.canaries {
+        crate::memorisation::write_canaries(plan, &prep.tokenizer, &run_dir)?;
+    }
     let start = start_state(&prep, resumed.as_ref())?;
     if let Some(stream) = &prep.stream {
         stream.seek(start.cursor);
@@ -555,6 +563,13 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         }
         (None, None) => bail!("the run ended without a trainer or a state"),
     };
+    if prep.data.canaries.is_some() {
+        let snap = trainer
+            .snapshot()
+            .await
+            .map_err(|e| anyhow!("the final state, for the canaries' exposure: {e}"))?;
+        crate::memorisation::report_run(&prep, snap.params, end.step, &run_dir).await?;
+    }
     let Prepared { cfg, tokenizer, .. } = prep;
 
     // A short sample of what the model learnt.

@@ -3585,3 +3585,6 @@ mod stream;
 
 #[path = "e2e/guard.rs"]
 mod guard;
+
+#[path = "e2e/canary.rs"]
+mod canary;

@@ -380,7 +380,8 @@ pub fn ln_phi(z: f64) -> f64 {
                         + t * (-0.186_288_06
                             + t * (0.278_868_07
                                 + t * (-1.135_203_98
-                                    + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77))))))));
         t.ln() + poly
     } else {
         // erfc(x) = 2 - erfc(-x) for x < 0: no tail to keep.
@@ -414,15 +415,32 @@ mod tests {
             // Second of 4 -> rank 2, exposure 1.
             (2.5, &[2.0, 3.0, 4.0], 2.0, true, 1.0, 1.0),
             // A tie counts half: rank 1.5.
-            (2.0, &[2.0, 3.0, 4.0], 2.0, true, 2.0 - 1.5f64.log2(), 1.5f64.log2()),
+            (
+                2.0,
+                &[2.0, 3.0, 4.0],
+                2.0,
+                true,
+                2.0 - 1.5f64.log2(),
+                1.5f64.log2(),
+            ),
             // Sampled: 7 candidates all worse in a space of 2^20: 3 bits (log2 8), the most 7 can show.
             (0.0, &[1.0; 7], 20.0, false, 3.0, 17.0),
             // Sampled: half the candidates better -> about 1 bit whatever the space.
-            (5.0, &[1.0, 1.0, 1.0, 9.0, 9.0, 9.0, 9.0], 40.0, false, -(4.0f64 / 8.0).log2(), 39.0),
+            (
+                5.0,
+                &[1.0, 1.0, 1.0, 9.0, 9.0, 9.0, 9.0],
+                40.0,
+                false,
+                -(4.0f64 / 8.0).log2(),
+                39.0,
+            ),
         ];
         for &(c, cands, space, en, want, rank) in table {
             let e = exposure(c, cands, space, en);
-            assert!((e.exposure_bits - want).abs() < 1e-12, "{c} {cands:?}: {e:?}");
+            assert!(
+                (e.exposure_bits - want).abs() < 1e-12,
+                "{c} {cands:?}: {e:?}"
+            );
             assert!((e.log2_rank - rank).abs() < 1e-12, "{c} {cands:?}: {e:?}");
             assert!(e.exposure_bits <= e.max_measurable_bits + 1e-12, "{e:?}");
         }
@@ -437,7 +455,11 @@ mod tests {
             (-10.0, 7.619_853_024_160_5e-24f64.ln()),
             (1.0, 0.841_344_746_068_543f64.ln()),
         ] {
-            assert!((ln_phi(z) - want).abs() < 1e-6 * want.abs().max(1.0), "z {z}: {} vs {want}", ln_phi(z));
+            assert!(
+                (ln_phi(z) - want).abs() < 1e-6 * want.abs().max(1.0),
+                "z {z}: {} vs {want}",
+                ln_phi(z)
+            );
         }
         // Far tails stay finite.
         assert!(ln_phi(-40.0).is_finite() && ln_phi(-40.0) < -700.0);
@@ -467,7 +489,9 @@ mod tests {
         let (some, en) = candidates(&c, 3, 5, 1);
         assert!(!en);
         assert_eq!(some.len(), 5);
-        assert!(some.iter().all(|s| s.len() == 2 && s.iter().all(|&t| t < 3)));
+        assert!(some
+            .iter()
+            .all(|s| s.len() == 2 && s.iter().all(|&t| t < 3)));
         assert_eq!(candidates(&c, 3, 5, 1), (some, false), "seeded");
         // A space too large for u64 is sampled.
         let big = Canary {
@@ -482,7 +506,16 @@ mod tests {
         let cases: &[(CanaryConfig, u32, u64, usize, &str)] = &[
             (cfg(1, &[]), 10, 100, 17, "--canary-reps"),
             (cfg(1, &[1, 0]), 10, 100, 17, "--canary-reps"),
-            (CanaryConfig { prefix_tokens: 0, ..cfg(1, &[1]) }, 10, 100, 17, "--canary-prefix-tokens"),
+            (
+                CanaryConfig {
+                    prefix_tokens: 0,
+                    ..cfg(1, &[1])
+                },
+                10,
+                100,
+                17,
+                "--canary-prefix-tokens",
+            ),
             (cfg(1, &[1]), 10, 100, 6, "does not fit"),
             (cfg(2, &[1, 10, 100]), 10, 221, 17, "222 canary insertions"),
             (cfg(1, &[1]), 1, 100, 17, "at least 2"),
