@@ -22,6 +22,7 @@ use tenax_storage::{CheckpointMeta, LoadedCheckpoint, Store, TensorData};
 use crate::config::{TrainArgs, TrainConfig};
 use crate::plot::{plot_loss, LossPoint};
 
+mod builtin;
 pub(crate) mod guard;
 mod local;
 use local::Local;
@@ -147,8 +148,8 @@ impl Prepared {
     }
 }
 
-/// Check `cfg`, load and tokenize the data (caching token shards under `run_dir/data`) and
-/// build the model shape; `stored` is the config of the checkpoint being resumed, whose
+/// Check `cfg`, load and tokenize the data (caching token shards under `run_dir/data`; the
+/// built-in corpus is prepared there as a dataset, see `builtin`) and build the model shape; `stored` is the config of the checkpoint being resumed, whose
 /// corpus must match.
 pub fn prepare(
     cfg: TrainConfig,
@@ -189,12 +190,13 @@ pub fn prepare(
     if let Some(url) = crate::stream::dataset_url(&cfg.data)? {
         return prepare_streamed(cfg, stored, &url, layout, stages, pipelines, pipe_schedule);
     }
-    let corpus = if cfg.data.is_empty() {
-        tenax_data::default_corpus()
-    } else {
-        tenax_data::load_corpus(&cfg.data)
+    // The built-in corpus: prepared once into the run dir by `tenax data prepare`'s code,
+    // then streamed like any prepared dataset.
+    if cfg.data.is_empty() {
+        let url = builtin::builtin_dataset(kind, run_dir)?;
+        return prepare_streamed(cfg, stored, &url, layout, stages, pipelines, pipe_schedule);
     }
-    .map_err(|e| anyhow!("{e}"))?;
+    let corpus = tenax_data::load_corpus(&cfg.data).map_err(|e| anyhow!("{e}"))?;
     println!(
         "corpus: {}; {} bytes; sha256 {}",
         corpus.description,
