@@ -322,13 +322,13 @@ pub async fn eval(args: MemorisationArgs) -> Result<()> {
     let (stored, flat) = crate::ckpt::model_of(&loaded)?;
     let StoredConfig { train, model, .. } = &stored;
     let block = model.block_size;
-    let k = args.k.unwrap_or(32.min((block + 1) / 2));
+    let k = args.k.unwrap_or(32.min(block.div_ceil(2)));
     if k == 0 || 2 * k > block + 1 {
         bail!(
             "--k {k}: a prefix and continuation of {k} tokens each need a window of {} tokens, this model's is {} (block size + 1): use --k 1..={}",
             2 * k,
             block + 1,
-            (block + 1) / 2
+            block.div_ceil(2)
         );
     }
     if args.count == 0 || args.candidates == 0 {

@@ -404,10 +404,12 @@ mod tests {
         }
     }
 
+    /// (canary, candidates, log2 |R|, enumerated) -> (exposure bits, log2 rank).
+    type RankRow<'a> = (f64, &'a [f64], f64, bool, f64, f64);
+
     #[test]
     fn exposure_from_ranks_table() {
-        // (canary, candidates, log2 |R|, enumerated) -> (exposure bits, log2 rank)
-        let table: &[(f64, &[f64], f64, bool, f64, f64)] = &[
+        let table: &[RankRow] = &[
             // Enumerated space of 4: the canary first of 4 -> rank 1, exposure 2 bits.
             (1.0, &[2.0, 3.0, 4.0], 2.0, true, 2.0, 0.0),
             // Last of 4 -> rank 4, exposure 0.
@@ -503,7 +505,9 @@ mod tests {
 
     #[test]
     fn bad_configs_name_the_flag() {
-        let cases: &[(CanaryConfig, u32, u64, usize, &str)] = &[
+        // (config, alphabet, horizon, window) -> the error names this.
+        type BadRow<'a> = (CanaryConfig, u32, u64, usize, &'a str);
+        let cases: &[BadRow] = &[
             (cfg(1, &[]), 10, 100, 17, "--canary-reps"),
             (cfg(1, &[1, 0]), 10, 100, 17, "--canary-reps"),
             (

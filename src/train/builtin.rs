@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
-use tenax_data::prepare::config::{PrepareConfig, RunOptions};
+use tenax_data::prepare::config::{
+    DedupConfig, FilterConfig, InputConfig, OutputConfig, PrepareConfig, RunOptions, ScrubConfig,
+};
 use tenax_data::prepare::source::SourceSpec;
 use tenax_data::prepare::MANIFEST_FILE;
 use tenax_data::TokenizerKind;
@@ -20,15 +22,30 @@ pub const BUILTIN_SHARD_TOKENS: u64 = 512 << 10;
 /// filter, no scrubbing (its e-mail addresses are crate authors'), no dedup and no
 /// normalisation (the text is trained on as cargo stores it); one document.
 pub fn builtin_config(doc_bytes: usize) -> PrepareConfig {
-    let mut c = PrepareConfig::default();
-    c.nfc = false;
-    c.dedup.exact = false;
-    c.dedup.near = false;
-    c.filters.enabled = false;
-    c.scrub.enabled = false;
-    c.input.max_doc_bytes = doc_bytes.max(c.input.max_doc_bytes);
-    c.output.shard_tokens = BUILTIN_SHARD_TOKENS;
-    c
+    let d = PrepareConfig::default();
+    PrepareConfig {
+        input: InputConfig {
+            max_doc_bytes: doc_bytes.max(d.input.max_doc_bytes),
+            ..d.input
+        },
+        nfc: false,
+        dedup: DedupConfig {
+            exact: false,
+            near: false,
+            ..d.dedup
+        },
+        filters: FilterConfig {
+            enabled: false,
+            ..d.filters
+        },
+        scrub: ScrubConfig {
+            enabled: false,
+            ..d.scrub
+        },
+        output: OutputConfig {
+            shard_tokens: BUILTIN_SHARD_TOKENS,
+        },
+    }
 }
 
 /// The folder of the built-in corpus prepared for `kind` under `run_dir`, prepared now
