@@ -167,6 +167,7 @@ pub async fn stream(a: BenchStreamArgs) -> Result<()> {
             train: Vec::new(),
             val: stream.val.clone(),
             stream: Some(stream.clone() as Arc<dyn tenax_actors::SampleSource>),
+            canaries: None,
         }),
         params.clone(),
         AdamW::new(layout.total),

@@ -321,7 +321,7 @@ pub async fn prune(
 
 /// The checkpoint that `export` and `eval` read: the one the URL names, `--step`'s, or the
 /// newest good one of the store (with `trust_key`, the newest that verifies and is signed).
-async fn load_one(
+pub(crate) async fn load_one(
     url: &str,
     step: Option<u64>,
     trust_key: Option<&Path>,
@@ -430,7 +430,7 @@ fn write_atomic(out: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The model of a checkpoint: its stored config (model shape and tokenizer) and its
 /// parameters, flat in layout order.
-fn model_of(
+pub(crate) fn model_of(
     loaded: &tenax_storage::LoadedCheckpoint,
 ) -> Result<(crate::train::StoredConfig, Vec<f32>)> {
     let stored: crate::train::StoredConfig =

@@ -9,7 +9,10 @@
 //! pipelined run gives the same bits as one rank; a run moved to another device or
 //! precision goes on from the same state but with that device's bits. The training
 //! guard's keys (`guard_*`) are a policy like `max_bad_steps`: a resumed run inherits them
-//! and may change them (they change the bits only when the guard flags a step).
+//! and may change them (they change the bits only when the guard flags a step). The
+//! memorisation probe's keys (`canaries`, `canary_reps`, `canary_prefix_tokens`,
+//! `canary_secret_tokens`) are math keys while canaries are on ([`CANARY_MATH_KEYS`]);
+//! `canary_candidates` only sizes the end-of-run exposure.
 
 use std::path::PathBuf;
 
@@ -153,6 +156,25 @@ pub struct TrainArgs {
     /// another key or edited after signing are refused. Never taken from a checkpoint.
     #[arg(long, value_name = "FILE.pub")]
     pub trust_key: Option<PathBuf>,
+    /// Memorisation probe: plant this many random canary sequences per repetition count of
+    /// --canary-reps in the training samples (their secrets go to <run-dir>/canaries.json,
+    /// their exposure to <run-dir>/memorisation.json at the end); 0: off [default: 0].
+    #[arg(long, value_name = "N")]
+    pub canaries: Option<u32>,
+    /// Memorisation probe: how many times each canary is inserted, comma-separated
+    /// [default: 1,10,100].
+    #[arg(long, value_name = "R,R,...", value_delimiter = ',')]
+    pub canary_reps: Option<Vec<u64>>,
+    /// Memorisation probe: tokens of a canary's prefix, the context its secret follows [default: 8].
+    #[arg(long, value_name = "TOKENS")]
+    pub canary_prefix_tokens: Option<usize>,
+    /// Memorisation probe: tokens of a canary's secret, on which exposure is measured [default: 6].
+    #[arg(long, value_name = "TOKENS")]
+    pub canary_secret_tokens: Option<usize>,
+    /// Memorisation probe: candidate secrets each canary is ranked among at the end of the
+    /// run (all of them when the secret space is no larger) [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub canary_candidates: Option<u64>,
 }
 
 impl TrainArgs {
@@ -195,7 +217,12 @@ impl TrainArgs {
             prefetch_mb,
             shuffle_shards,
             sign_key,
-            trust_key
+            trust_key,
+            canaries,
+            canary_reps,
+            canary_prefix_tokens,
+            canary_secret_tokens,
+            canary_candidates
         )
     }
 
@@ -309,6 +336,37 @@ pub struct TrainConfig {
     /// data identity a resumed run must match, not of the math keys).
     #[serde(default = "default_shuffle_shards")]
     pub shuffle_shards: u32,
+    /// Memorisation probe: canaries per repetition count (0: off).
+    #[serde(default)]
+    pub canaries: u32,
+    /// Memorisation probe: insertions of each canary, per group.
+    #[serde(default = "default_canary_reps")]
+    pub canary_reps: Vec<u64>,
+    /// Memorisation probe: prefix tokens of a canary.
+    #[serde(default = "default_canary_prefix_tokens")]
+    pub canary_prefix_tokens: usize,
+    /// Memorisation probe: secret tokens of a canary.
+    #[serde(default = "default_canary_secret_tokens")]
+    pub canary_secret_tokens: usize,
+    /// Memorisation probe: candidates per canary in the end-of-run exposure.
+    #[serde(default = "default_canary_candidates")]
+    pub canary_candidates: u64,
+}
+
+fn default_canary_reps() -> Vec<u64> {
+    vec![1, 10, 100]
+}
+
+fn default_canary_prefix_tokens() -> usize {
+    8
+}
+
+fn default_canary_secret_tokens() -> usize {
+    6
+}
+
+fn default_canary_candidates() -> u64 {
+    1000
 }
 
 fn default_prefetch_mb() -> u64 {
@@ -360,6 +418,16 @@ pub const MATH_KEYS: &[&str] = &[
     "seed",
 ];
 
+/// The memorisation probe's keys that change which tokens a step reads: math keys, but
+/// part of [`TrainConfig::math`] (and so of the config hash) only when canaries are on, so
+/// a run without canaries hashes as before they existed.
+pub const CANARY_MATH_KEYS: &[&str] = &[
+    "canaries",
+    "canary_reps",
+    "canary_prefix_tokens",
+    "canary_secret_tokens",
+];
+
 impl TrainConfig {
     /// Resolve: unset keys take the checkpoint's value (when resuming), else the default.
     pub fn resolve(args: TrainArgs, from_checkpoint: Option<&TrainConfig>) -> Result<TrainConfig> {
@@ -408,6 +476,17 @@ impl TrainConfig {
             precision: args.precision.unwrap_or_else(default_precision),
             prefetch_mb: args.prefetch_mb.unwrap_or_else(default_prefetch_mb),
             shuffle_shards: args.shuffle_shards.unwrap_or_else(default_shuffle_shards),
+            canaries: args.canaries.unwrap_or(0),
+            canary_reps: args.canary_reps.unwrap_or_else(default_canary_reps),
+            canary_prefix_tokens: args
+                .canary_prefix_tokens
+                .unwrap_or_else(default_canary_prefix_tokens),
+            canary_secret_tokens: args
+                .canary_secret_tokens
+                .unwrap_or_else(default_canary_secret_tokens),
+            canary_candidates: args
+                .canary_candidates
+                .unwrap_or_else(default_canary_candidates),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -463,7 +542,29 @@ impl TrainConfig {
             );
         }
         self.guard().validate()?;
+        if self.canaries > 0 && self.canary_candidates == 0 {
+            bail!("--canary-candidates must be at least 1 with --canaries");
+        }
         Ok(())
+    }
+
+    /// The memorisation probe's canaries (`None` when `canaries` is 0).
+    pub fn canary_config(&self) -> Option<tenax_core::canary::CanaryConfig> {
+        (self.canaries > 0).then(|| tenax_core::canary::CanaryConfig {
+            per_reps: self.canaries,
+            reps: self.canary_reps.clone(),
+            prefix_tokens: self.canary_prefix_tokens,
+            secret_tokens: self.canary_secret_tokens,
+        })
+    }
+
+    /// The math keys in force: [`MATH_KEYS`], and [`CANARY_MATH_KEYS`] with canaries on.
+    fn math_keys(&self) -> Vec<&'static str> {
+        let mut keys = MATH_KEYS.to_vec();
+        if self.canaries > 0 {
+            keys.extend_from_slice(CANARY_MATH_KEYS);
+        }
+        keys
     }
 
     /// Where ranks step, parsed from `device` and `precision`.
@@ -529,6 +630,11 @@ impl TrainConfig {
             precision: Some(self.precision.clone()),
             prefetch_mb: Some(self.prefetch_mb),
             shuffle_shards: Some(self.shuffle_shards),
+            canaries: Some(self.canaries),
+            canary_reps: Some(self.canary_reps.clone()),
+            canary_prefix_tokens: Some(self.canary_prefix_tokens),
+            canary_secret_tokens: Some(self.canary_secret_tokens),
+            canary_candidates: Some(self.canary_candidates),
             // Keys are this process's: a checkpoint never names them.
             sign_key: None,
             trust_key: None,
@@ -538,7 +644,7 @@ impl TrainConfig {
     /// The math keys as one JSON object, in a fixed order.
     pub fn math(&self) -> serde_json::Map<String, serde_json::Value> {
         let all = serde_json::to_value(self).expect("config serialises");
-        MATH_KEYS
+        self.math_keys()
             .iter()
             .map(|k| (k.to_string(), all[*k].clone()))
             .collect()
@@ -546,9 +652,17 @@ impl TrainConfig {
 
     /// Keys whose values differ from `other`'s among the math keys, as "key: a -> b".
     pub fn math_differences(&self, other: &TrainConfig) -> Vec<String> {
-        let (a, b) = (self.math(), other.math());
+        let (a, b) = (
+            serde_json::to_value(self).expect("config serialises"),
+            serde_json::to_value(other).expect("config serialises"),
+        );
+        let canary_keys = match self.canaries > 0 || other.canaries > 0 {
+            true => CANARY_MATH_KEYS,
+            false => &[],
+        };
         MATH_KEYS
             .iter()
+            .chain(canary_keys)
             .filter(|k| a[**k] != b[**k])
             .map(|k| format!("{k}: checkpoint has {}, this run has {}", b[*k], a[*k]))
             .collect()

@@ -467,6 +467,11 @@ async fn prepare_node(
     }
     let mut prep = prepare(cfg, stored.as_ref(), &run_dir)?;
     prep.setup.step_timeout = s.step_timeout;
+    if let Some(plan) = &prep.data.canaries {
+        // Planted as in `tenax train` (the same samples whatever the members); their
+        // exposure is measured by `tenax eval memorisation` on the job's checkpoints.
+        crate::memorisation::write_canaries(plan, &prep.tokenizer, &run_dir)?;
+    }
     let job_nonce = agree_on_config(etcd, &s.node_id, &prep).await?;
     let start = start_state(&prep, resumed.as_ref())?;
     if let Some(stream) = &prep.stream {

@@ -3,7 +3,8 @@
 //! This binary only wires subcommands to the crates that do the work:
 //! `train` (src/train.rs), `daemon` (src/daemon.rs), `status` and `control`
 //! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs; `bench pipeline` in src/bench_pipeline.rs), `chaos` (src/chaos.rs),
-//! `data` (src/data_cmd.rs), `certs` (src/certs.rs);
+//! `data` (src/data_cmd.rs), `certs` (src/certs.rs), `eval memorisation` and the canaries of
+//! `train --canaries` (src/memorisation.rs);
 //! test-only fault hooks and their guard in src/hooks.rs.
 
 mod bench;
@@ -18,6 +19,7 @@ mod daemon;
 mod data_cmd;
 mod etcd_args;
 mod hooks;
+mod memorisation;
 mod metrics;
 mod plot;
 mod status;
@@ -94,6 +96,11 @@ enum Command {
     Data {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
+    },
+    /// Evaluate what a trained model holds: `tenax eval memorisation RUN_OR_CKPT`.
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
     },
     /// Benchmarks that print one JSON line.
     Bench {
@@ -215,6 +222,14 @@ enum CkptCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum EvalCommand {
+    /// Memorisation: the exposure of the run's canaries (with `tenax train --canaries`)
+    /// and verbatim extraction: greedy-decode k tokens after a k-token prefix of training
+    /// sequences, and of validation ones as a baseline; the share reproduced exactly.
+    Memorisation(memorisation::MemorisationArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -355,6 +370,9 @@ fn main() -> ExitCode {
             Command::Data { command } => match command {
                 data_cmd::DataCommand::Prepare(a) => data_cmd::prepare(a).await,
                 data_cmd::DataCommand::Report(a) => data_cmd::report(a).await,
+            },
+            Command::Eval { command } => match command {
+                EvalCommand::Memorisation(a) => memorisation::eval(a).await,
             },
             Command::Bench { command } => match command {
                 BenchCommand::Train(a) => bench::train(a).await,

@@ -22,6 +22,7 @@ use tenax_storage::{CheckpointMeta, LoadedCheckpoint, Store, TensorData};
 use crate::config::{TrainArgs, TrainConfig};
 use crate::plot::{plot_loss, LossPoint};
 
+mod builtin;
 pub(crate) mod guard;
 mod local;
 use local::Local;
@@ -147,8 +148,8 @@ impl Prepared {
     }
 }
 
-/// Check `cfg`, load and tokenize the data (caching token shards under `run_dir/data`) and
-/// build the model shape; `stored` is the config of the checkpoint being resumed, whose
+/// Check `cfg`, load and tokenize the data (caching token shards under `run_dir/data`; the
+/// built-in corpus is prepared there as a dataset, see `builtin`) and build the model shape; `stored` is the config of the checkpoint being resumed, whose
 /// corpus must match.
 pub fn prepare(
     cfg: TrainConfig,
@@ -189,12 +190,13 @@ pub fn prepare(
     if let Some(url) = crate::stream::dataset_url(&cfg.data)? {
         return prepare_streamed(cfg, stored, &url, layout, stages, pipelines, pipe_schedule);
     }
-    let corpus = if cfg.data.is_empty() {
-        tenax_data::default_corpus()
-    } else {
-        tenax_data::load_corpus(&cfg.data)
+    // The built-in corpus: prepared once into the run dir by `tenax data prepare`'s code,
+    // then streamed like any prepared dataset.
+    if cfg.data.is_empty() {
+        let url = builtin::builtin_dataset(kind, run_dir)?;
+        return prepare_streamed(cfg, stored, &url, layout, stages, pipelines, pipe_schedule);
     }
-    .map_err(|e| anyhow!("{e}"))?;
+    let corpus = tenax_data::load_corpus(&cfg.data).map_err(|e| anyhow!("{e}"))?;
     println!(
         "corpus: {}; {} bytes; sha256 {}",
         corpus.description,
@@ -241,7 +243,8 @@ pub fn prepare(
         tenax_data::num_windows(dataset.val.len(), model_cfg.block_size) as u64,
         cfg.eval_batches * cfg.micro_batch_size,
     );
-    let data = Arc::new(TrainData::in_memory(dataset.train, dataset.val));
+    let canaries = crate::memorisation::plan(&cfg, &model_cfg, &tokenizer)?;
+    let data = Arc::new(TrainData::in_memory(dataset.train, dataset.val).with_canaries(canaries));
     finish_prepare(
         cfg,
         stored_cfg,
@@ -303,6 +306,9 @@ fn finish_prepare(
         )
         .map_err(|e| anyhow!("--pipeline-stages: {e}"))?;
         println!("pipelines: {}", plan.reason());
+    }
+    if let Some(plan) = &data.canaries {
+        println!("canaries: {}", plan.reason);
     }
     Ok(Prepared {
         cfg,
@@ -380,6 +386,7 @@ fn prepare_streamed(
         train: Vec::new(),
         val: stream.val.clone(),
         stream: Some(stream.clone() as Arc<dyn tenax_actors::SampleSource>),
+        canaries: crate::memorisation::plan(&cfg, &model_cfg, &tokenizer)?,
     });
     finish_prepare(
         cfg,
@@ -486,6 +493,9 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         }
     }
     let prep = prepare(cfg, stored.as_ref(), &run_dir)?;
+    if let Some(plan) = &prep.data.canaries {
+        crate::memorisation::write_canaries(plan, &prep.tokenizer, &run_dir)?;
+    }
     let start = start_state(&prep, resumed.as_ref())?;
     if let Some(stream) = &prep.stream {
         stream.seek(start.cursor);
@@ -555,6 +565,13 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         }
         (None, None) => bail!("the run ended without a trainer or a state"),
     };
+    if prep.data.canaries.is_some() {
+        let snap = trainer
+            .snapshot()
+            .await
+            .map_err(|e| anyhow!("the final state, for the canaries' exposure: {e}"))?;
+        crate::memorisation::report_run(&prep, snap.params, end.step, &run_dir).await?;
+    }
     let Prepared { cfg, tokenizer, .. } = prep;
 
     // A short sample of what the model learnt.

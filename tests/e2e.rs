@@ -343,6 +343,54 @@ fn default_corpus_needs_no_flags_but_a_preset() {
     ]);
     assert!(out.contains("corpus: built-in corpus"), "{out}");
     assert!(out.contains("done: step 2"), "{out}");
+    // The built-in corpus went through `tenax data prepare`'s code into the run dir and
+    // was streamed from there, as a prepared dataset is.
+    assert!(out.contains("prepared dataset: "), "{out}");
+    assert!(out.contains("dataset: file://"), "{out}");
+    let prepared: Vec<PathBuf> = std::fs::read_dir(dir.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    assert_eq!(prepared.len(), 1, "{prepared:?}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(prepared[0].join("manifest.json")).unwrap())
+            .unwrap();
+    assert!(
+        manifest["totals"]["shards"].as_u64().unwrap() >= 2,
+        "{manifest}"
+    );
+    // A resume reuses it, and continues.
+    let out = ok(&[
+        "train",
+        "--steps",
+        "4",
+        "--resume",
+        "--run-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.contains("(reused)"), "{out}");
+    assert!(out.contains("resumed from step 2"), "{out}");
+    // A cached shard changed behind its manifest's back is refused by name.
+    let shard = std::fs::read_dir(prepared[0].join("shards"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let err = fails(&[
+        "train",
+        "--steps",
+        "6",
+        "--resume",
+        "--run-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let name = shard.file_name().unwrap().to_string_lossy().to_string();
+    assert!(err.contains(&name), "{err}");
 }
 
 #[test]
@@ -3585,3 +3633,6 @@ mod stream;
 
 #[path = "e2e/guard.rs"]
 mod guard;
+
+#[path = "e2e/canary.rs"]
+mod canary;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tenax_cluster::{Collective, SlotContribution};
+use tenax_core::canary::CanaryPlan;
 use tenax_core::guard::GuardLimits;
 use tenax_core::sampler::Sampler;
 use tenax_core::slots::{slots_for_rank, BatchLayout};
@@ -39,6 +40,9 @@ pub struct TrainData {
     pub val: Vec<u32>,
     /// Where training samples come from instead of `train` and the in-memory sampler.
     pub stream: Option<Arc<dyn SampleSource>>,
+    /// Canaries planted in the training samples (the memorisation probe; `None`: off, and
+    /// every sample is read as before).
+    pub canaries: Option<Arc<CanaryPlan>>,
 }
 
 impl TrainData {
@@ -48,7 +52,28 @@ impl TrainData {
             train,
             val,
             stream: None,
+            canaries: None,
         }
+    }
+
+    /// The same data with `plan`'s canaries planted in the training samples.
+    pub fn with_canaries(mut self, plan: Option<Arc<CanaryPlan>>) -> Self {
+        self.canaries = plan;
+        self
+    }
+
+    /// Reads training samples `samples` as a rank does (canaries included), for
+    /// evaluations outside training: appends their inputs and targets.
+    pub fn read_samples(
+        &self,
+        seed: u64,
+        block_size: usize,
+        samples: std::ops::Range<u64>,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<u32>,
+    ) -> Result<(), String> {
+        let mut sampler = self.sampler(seed, block_size)?;
+        self.read_train(&mut sampler, samples, block_size, inputs, targets)
     }
 
     /// The in-memory sampler over `train` (a placeholder one when streaming).
@@ -79,6 +104,7 @@ impl TrainData {
         if let Some(stream) = &self.stream {
             for s in samples {
                 stream.sample(s, block_size, inputs, targets)?;
+                self.plant(s, block_size, inputs, targets);
             }
             return Ok(());
         }
@@ -91,8 +117,18 @@ impl TrainData {
             tenax_data::window(&self.train, block_size, w as usize, &mut i, &mut t);
             inputs.extend_from_slice(&i);
             targets.extend_from_slice(&t);
+            self.plant(s, block_size, inputs, targets);
         }
         Ok(())
+    }
+
+    /// Overwrites the sample just appended (the last `block_size` inputs and targets) with
+    /// its canary, if sample `s` carries one.
+    fn plant(&self, s: u64, block_size: usize, inputs: &mut [u32], targets: &mut [u32]) {
+        if let Some(plan) = &self.canaries {
+            let (i, t) = (inputs.len() - block_size, targets.len() - block_size);
+            plan.overlay(s, &mut inputs[i..], &mut targets[t..]);
+        }
     }
 }
 

@@ -5,6 +5,9 @@
 //! table tests and property tests.
 //!
 //! Modules:
+//! - [`canary`]: the memorisation probe: canary sequences planted at chosen repetition
+//!   counts (which samples carry which canary, where in the window), the candidates a
+//!   canary's secret is ranked among, and its exposure (Carlini et al.).
 //! - [`ckpt`]: the checkpoint save plan (which rank writes which tensor slices), the load
 //!   plan for another number of ranks, and retention (which checkpoint folders to delete).
 //! - [`detector`]: failure detection: a peer is suspected after missing k x the observed
@@ -38,6 +41,7 @@
 //! - [`slots`]: how a step's global batch is cut into micro-batch slots and how slots are
 //!   spread over data-parallel ranks.
 
+pub mod canary;
 pub mod ckpt;
 pub mod detector;
 pub mod guard;
