@@ -702,40 +702,74 @@ fn assemble_tensors(
         }
         reads_of.entry(read.tensor.as_str()).or_default().push(read);
     }
-    // Tensors are disjoint: fill them on a few threads, biggest first to the least loaded.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let mut jobs: Vec<&mut TensorData> = out.values_mut().collect();
-    jobs.sort_by_key(|t| std::cmp::Reverse(t.data.len()));
-    let mut groups: Vec<(usize, Vec<&mut TensorData>)> =
-        (0..threads).map(|_| (0, Vec::new())).collect();
-    for t in jobs {
+    // Reads fill disjoint rows: cut them into pieces of rows of about an equal share and
+    // convert the pieces on every core (a checkpoint of one big tensor is then not
+    // converted on one thread), biggest first to the least loaded.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
+    let total: usize = out.values().map(|t| t.data.len()).sum();
+    let share = (total / threads).max(1 << 16);
+    let mut pieces: Vec<(&tenax_core::ckpt::Read, usize, usize, &mut [f32])> = Vec::new();
+    for dst in out.values_mut() {
+        let per_row = row_elems(&dst.shape);
+        let mut reads: Vec<&tenax_core::ckpt::Read> = reads_of
+            .get(dst.name.as_str())
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        reads.sort_by_key(|r| r.dst_rows.start);
+        let (mut rest, mut at): (&mut [f32], usize) = (&mut dst.data, 0);
+        for read in reads {
+            let (from, to) = (read.dst_rows.start * per_row, read.dst_rows.end * per_row);
+            if from < at || to > at + rest.len() {
+                return Err(format!(
+                    "{}: rows of {} overlap or overrun",
+                    read.file, read.tensor
+                ));
+            }
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(from - at);
+            let (mut target, tail) = tail.split_at_mut(to - from);
+            (rest, at) = (tail, to);
+            let rows_per_piece = (share / per_row.max(1)).max(1);
+            let mut row = read.src_rows.start;
+            while !target.is_empty() {
+                let n = (rows_per_piece * per_row).min(target.len());
+                let (piece, tail) = std::mem::take(&mut target).split_at_mut(n);
+                pieces.push((read, row, per_row, piece));
+                row += rows_per_piece;
+                target = tail;
+            }
+        }
+    }
+    pieces.sort_by_key(|p| std::cmp::Reverse(p.3.len()));
+    let mut groups: Vec<(
+        usize,
+        Vec<(&tenax_core::ckpt::Read, usize, usize, &mut [f32])>,
+    )> = (0..threads).map(|_| (0, Vec::new())).collect();
+    for p in pieces {
         let g = groups
             .iter_mut()
             .min_by_key(|(load, _)| *load)
             .expect("at least one thread");
-        g.0 += t.data.len();
-        g.1.push(t);
+        g.0 += p.3.len();
+        g.1.push(p);
     }
-    let (parsed, reads_of) = (&parsed, &reads_of);
+    let parsed = &parsed;
     let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = groups
             .into_iter()
+            .filter(|(load, _)| *load > 0)
             .map(|(_, group)| {
                 scope.spawn(move || {
-                    for dst in group {
-                        let per_row = row_elems(&dst.shape);
-                        for read in reads_of.get(dst.name.as_str()).into_iter().flatten() {
-                            let target = &mut dst.data
-                                [read.dst_rows.start * per_row..read.dst_rows.end * per_row];
-                            read_rows_into(
-                                &parsed[read.file.as_str()],
-                                &read.tensor,
-                                read.src_rows.start,
-                                per_row,
-                                target,
-                            )
-                            .map_err(|e| format!("{}: {e}", read.file))?;
-                        }
+                    for (read, first_row, per_row, target) in group {
+                        read_rows_into(
+                            &parsed[read.file.as_str()],
+                            &read.tensor,
+                            first_row,
+                            per_row,
+                            target,
+                        )
+                        .map_err(|e| format!("{}: {e}", read.file))?;
                     }
                     Ok(())
                 })

@@ -45,7 +45,9 @@ pub use checkpoint::{
     LoadedCheckpoint, PendingSave, PruneReport, SavedCheckpoint, VerifyReport, WrittenShard,
 };
 pub use error::StorageError;
-pub use manifest::{FileEntry, HashAlg, Manifest, TensorEntry, FORMAT_VERSION, MANIFEST_FILE};
+pub use manifest::{
+    FileEntry, HashAlg, Manifest, TensorEntry, FORMAT_VERSION, MANIFEST_FILE, PARALLEL_HASH_BYTES,
+};
 pub use shard::{encode_shard, TensorData};
 pub use shared::{
     begin_shared_save, collect_shares, put_receipt, put_skip_receipt, receipt_name, replica_plan,

@@ -147,10 +147,18 @@ impl HashAlg {
         }
     }
 
-    /// Lowercase hex hash of `bytes`.
+    /// Lowercase hex hash of `bytes`. BLAKE3 hashes inputs of at least
+    /// [`PARALLEL_HASH_BYTES`] on every core (rayon's pool: a BLAKE3 tree's subtrees are
+    /// independent; the result is the same as hashing on one thread). Call it from a
+    /// blocking thread, never on an async worker.
     pub fn hex(self, bytes: &[u8]) -> String {
         match self {
             HashAlg::Sha256 => sha256_hex(bytes),
+            HashAlg::Blake3 if bytes.len() >= PARALLEL_HASH_BYTES => blake3::Hasher::new()
+                .update_rayon(bytes)
+                .finalize()
+                .to_hex()
+                .to_string(),
             HashAlg::Blake3 => blake3::hash(bytes).to_hex().to_string(),
         }
     }
@@ -163,6 +171,10 @@ impl HashAlg {
         }
     }
 }
+
+/// Inputs from this size on are hashed on every core by [`HashAlg::hex`] (BLAKE3):
+/// below it, splitting the work costs more than it saves.
+pub const PARALLEL_HASH_BYTES: usize = 1 << 20;
 
 /// An incremental [`HashAlg`] hash.
 pub enum ContentHasher {
