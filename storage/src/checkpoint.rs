@@ -708,7 +708,9 @@ fn assemble_tensors(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
     let total: usize = out.values().map(|t| t.data.len()).sum();
     let share = (total / threads).max(1 << 16);
-    let mut pieces: Vec<(&tenax_core::ckpt::Read, usize, usize, &mut [f32])> = Vec::new();
+    /// A read's rows to convert: (the read, its first source row, values per row, target).
+    type Piece<'a> = (&'a tenax_core::ckpt::Read, usize, usize, &'a mut [f32]);
+    let mut pieces: Vec<Piece<'_>> = Vec::new();
     for dst in out.values_mut() {
         let per_row = row_elems(&dst.shape);
         let mut reads: Vec<&tenax_core::ckpt::Read> = reads_of
@@ -742,10 +744,7 @@ fn assemble_tensors(
         }
     }
     pieces.sort_by_key(|p| std::cmp::Reverse(p.3.len()));
-    let mut groups: Vec<(
-        usize,
-        Vec<(&tenax_core::ckpt::Read, usize, usize, &mut [f32])>,
-    )> = (0..threads).map(|_| (0, Vec::new())).collect();
+    let mut groups: Vec<(usize, Vec<Piece<'_>>)> = (0..threads).map(|_| (0, Vec::new())).collect();
     for p in pieces {
         let g = groups
             .iter_mut()
