@@ -801,6 +801,43 @@ fn check_step(st: &State, step: u64) -> Result<(), String> {
     Ok(())
 }
 
+impl GrpcCollective {
+    /// The state, locked, with `step` open for local slot `slot`: refused if the
+    /// communicator is aborted or closed, the step is out of the window, a member stopped
+    /// before it, or the slot was handed in already.
+    fn open_for_local(
+        &self,
+        step: u64,
+        slot: u64,
+    ) -> Result<MutexGuard<'_, State>, CollectiveError> {
+        let bad = |reason: String| CollectiveError::BadContribution { step, reason };
+        let mut st = self.lock();
+        if let Some(reason) = &st.aborted {
+            return Err(CollectiveError::Aborted {
+                reason: reason.clone(),
+            });
+        }
+        if st.closed {
+            return Err(CollectiveError::Aborted {
+                reason: "the communicator is closed".into(),
+            });
+        }
+        check_step(&st, step).map_err(bad)?;
+        if let Some(reason) = self.stopped_before(&st, step) {
+            drop(st);
+            return Err(self.fail(&reason));
+        }
+        let s = st
+            .steps
+            .entry(step)
+            .or_insert_with(|| StepState::new(&self.geo, step));
+        if s.has_local(slot) {
+            return Err(bad(format!("slot {slot} contributed twice")));
+        }
+        Ok(st)
+    }
+}
+
 /// Most messages between pipeline stages held at once (being assembled or not yet
 /// taken), beyond the slots of two steps.
 const STAGE_MSG_SLACK: usize = 16;
@@ -979,29 +1016,8 @@ impl GrpcCollective {
         let (slot, grad) = (c.slot, &c.grad);
         let loss = self.geo.gives_loss().then_some(c.loss_sum);
         let out = {
-            let mut st = self.lock();
-            if let Some(reason) = &st.aborted {
-                return Err(CollectiveError::Aborted {
-                    reason: reason.clone(),
-                });
-            }
-            if st.closed {
-                return Err(CollectiveError::Aborted {
-                    reason: "the communicator is closed".into(),
-                });
-            }
-            check_step(&st, step).map_err(bad)?;
-            if let Some(reason) = self.stopped_before(&st, step) {
-                drop(st);
-                return Err(self.fail(&reason));
-            }
-            let s = st
-                .steps
-                .entry(step)
-                .or_insert_with(|| StepState::new(&self.geo, step));
-            if s.has_local(slot) {
-                return Err(bad(format!("slot {slot} contributed twice")));
-            }
+            let mut st = self.open_for_local(step, slot)?;
+            let s = st.steps.get_mut(&step).expect("opened for the slot");
             let segments = self
                 .geo
                 .part_segments(self.spec.me)
@@ -1083,29 +1099,8 @@ impl Collective for GrpcCollective {
             Reduction::Ring => (grad, Vec::new()),
         };
         let out = {
-            let mut st = self.lock();
-            if let Some(reason) = &st.aborted {
-                return Err(CollectiveError::Aborted {
-                    reason: reason.clone(),
-                });
-            }
-            if st.closed {
-                return Err(CollectiveError::Aborted {
-                    reason: "the communicator is closed".into(),
-                });
-            }
-            check_step(&st, step).map_err(bad)?;
-            if let Some(reason) = self.stopped_before(&st, step) {
-                drop(st);
-                return Err(self.fail(&reason));
-            }
-            let s = st
-                .steps
-                .entry(step)
-                .or_insert_with(|| StepState::new(&self.geo, step));
-            if s.has_local(slot) {
-                return Err(bad(format!("slot {slot} contributed twice")));
-            }
+            let mut st = self.open_for_local(step, slot)?;
+            let s = st.steps.get_mut(&step).expect("opened for the slot");
             let out = s.local(&self.geo, slot, loss_sum, local).map_err(bad)?;
             self.complete_if_done(&mut st, step);
             out
