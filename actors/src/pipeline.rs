@@ -1715,6 +1715,26 @@ mod tests {
         assert_ne!(bits(&snap.params), bits(&want.params));
     }
 
+    /// Losses (as bits) and final state of one data-parallel rank over 3 steps of 6
+    /// samples from `init`: the reference the split runs must equal.
+    async fn one_rank_reference(
+        model: &GptConfig,
+        whole: &ParamLayout,
+        data: &Arc<TrainData>,
+        init: &[f32],
+    ) -> (Vec<u64>, Snapshot) {
+        let one = Trainer::start(
+            setup(model, 1),
+            Arc::clone(data),
+            init.to_vec(),
+            AdamW::new(whole.total),
+        )
+        .await
+        .unwrap();
+        let (losses, snap, _, _) = run(one, 3, 6, &[0]).await;
+        (losses, snap)
+    }
+
     /// Two "processes", each running one pipeline of a data-parallel group of 2 and
     /// meeting in one whole-model collective (as daemons meet over the peer plane): the
     /// bits of one rank.
@@ -1722,15 +1742,7 @@ mod tests {
     async fn pipelines_of_separate_processes_meet_in_a_whole_model_collective() {
         let (model, whole, data) = three_blocks();
         let init = tenax_model::init_params(&model, &whole, 1);
-        let one = Trainer::start(
-            setup(&model, 1),
-            Arc::clone(&data),
-            init.clone(),
-            AdamW::new(whole.total),
-        )
-        .await
-        .unwrap();
-        let (want_losses, want, _, _) = run(one, 3, 6, &[0]).await;
+        let (want_losses, want) = one_rank_reference(&model, &whole, &data, &init).await;
         for (stages_a, stages_b) in [(2u32, 2u32), (3, 1)] {
             let dp: Arc<dyn Collective> = Arc::new(InProcessCollective::new(3));
             let start = |p: usize, stages: u32| {
@@ -1831,15 +1843,7 @@ mod tests {
         use tenax_cluster::peer::{CommSpec, PeerAddr, Reduction};
         let (model, whole, data) = three_blocks();
         let init = tenax_model::init_params(&model, &whole, 1);
-        let one = Trainer::start(
-            setup(&model, 1),
-            Arc::clone(&data),
-            init.clone(),
-            AdamW::new(whole.total),
-        )
-        .await
-        .unwrap();
-        let (want_losses, want, _, _) = run(one, 3, 6, &[0]).await;
+        let (want_losses, want) = one_rank_reference(&model, &whole, &data, &init).await;
         for (pipelines, stages, schedule) in
             [(2u32, 2u32, Schedule::OneFOneB), (1, 3, Schedule::GPipe)]
         {

@@ -802,6 +802,20 @@ fn check_step(st: &State, step: u64) -> Result<(), String> {
 }
 
 impl GrpcCollective {
+    /// LOSS frames carrying local slot `slot`'s loss sum to every other member.
+    fn loss_frames(&self, step: u64, slot: u64, loss: f32) -> Vec<(usize, PeerFrame)> {
+        let frame = self.frame(
+            step,
+            FrameKind::Loss,
+            slot,
+            0,
+            0,
+            f64::from(loss),
+            Vec::new(),
+        );
+        self.others().map(|k| (k, frame.clone())).collect()
+    }
+
     /// The state, locked, with `step` open for local slot `slot`: refused if the
     /// communicator is aborted or closed, the step is out of the window, a member stopped
     /// before it, or the slot was handed in already.
@@ -1031,20 +1045,7 @@ impl GrpcCollective {
         let mut frames = Vec::new();
         let others: Vec<usize> = self.others().collect();
         if let Some(loss) = loss {
-            for &k in &others {
-                frames.push((
-                    k,
-                    self.frame(
-                        step,
-                        FrameKind::Loss,
-                        slot,
-                        0,
-                        0,
-                        f64::from(loss),
-                        Vec::new(),
-                    ),
-                ));
-            }
+            frames.extend(self.loss_frames(step, slot, loss));
         }
         let mff = self.spec.max_frame_floats;
         for &k in &others {
@@ -1107,20 +1108,7 @@ impl Collective for GrpcCollective {
         };
         let mut frames = Vec::new();
         let others: Vec<usize> = self.others().collect();
-        for &k in &others {
-            frames.push((
-                k,
-                self.frame(
-                    step,
-                    FrameKind::Loss,
-                    slot,
-                    0,
-                    0,
-                    f64::from(loss_sum),
-                    Vec::new(),
-                ),
-            ));
-        }
+        frames.extend(self.loss_frames(step, slot, loss_sum));
         if self.geo.reduction == Reduction::Exact {
             for &k in &others {
                 self.pieces(
