@@ -383,6 +383,7 @@ async fn bind(s: &Settings, prep: &Prepared, step: u64) -> Result<Bound> {
         metrics_addr,
         config_hash: prep.config_hash.clone(),
         pipeline: prep.pipeline,
+        stages_across_nodes: s.stages_across_nodes,
         view: Mutex::new(NodeView {
             step,
             target_steps: prep.cfg.steps,
@@ -487,6 +488,8 @@ fn join_config(s: &Settings, etcd: EtcdConfig, addr: String, metrics_addr: Strin
         etcd,
         planner: PlannerConfig {
             min_members: s.min_nodes,
+            pp_depth: s.across_stages(),
+            shrink_pipeline: s.stages_across_nodes,
             max_ranks_per_member: s.devices,
             settle_ms: s.settle_ms,
             settle_max_ms: s.settle_ms.saturating_mul(3).max(s.settle_ms),

@@ -2610,6 +2610,8 @@ fn a_daemon_with_another_training_config_is_refused() {
 struct StepLine {
     node: usize,
     step: u64,
+    /// When it was logged (Unix ms).
+    t_ms: u64,
     generation: u64,
     cursor: u64,
     slots: Vec<u64>,
@@ -2626,6 +2628,7 @@ fn step_lines(c: &LocalCluster, nodes: &[usize]) -> Vec<StepLine> {
             out.push(StepLine {
                 node,
                 step: m["step"].as_u64().unwrap(),
+                t_ms: m["t_ms"].as_u64().unwrap(),
                 generation: m["generation"].as_u64().unwrap(),
                 cursor: m["cursor"].as_u64().unwrap(),
                 slots: m["slots"]
@@ -3636,3 +3639,6 @@ mod guard;
 
 #[path = "e2e/canary.rs"]
 mod canary;
+
+#[path = "e2e/stages.rs"]
+mod stages;

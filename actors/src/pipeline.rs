@@ -260,9 +260,18 @@ pub struct StageOnPeers {
     pub pipeline_members: Vec<usize>,
 }
 
-/// A stage on other members' view of the whole model: how its flat layout maps onto it.
+/// A stage on other members' view of the whole model: how its flat layout maps onto it,
+/// and the whole model's state, which such a stage keeps up to date (see
+/// [`Trainer::start_stage`]).
 struct WholeView {
     whole: ParamLayout,
+    /// The whole model's parameters: every member updates all of them with the whole
+    /// reduced gradient, as one rank does, and takes its stage's tensors out of them.
+    params: Arc<Vec<f32>>,
+    /// The whole model's AdamW state.
+    opt: Arc<AdamW>,
+    /// A workspace for evaluating the whole model (made at the first evaluation).
+    eval_ws: Option<Workspace>,
     /// (range in the stage's layout, range in the whole model's) of every tensor the
     /// stage holds (the first stage's tied copy of the token embedding included).
     takes: Vec<(Range<usize>, Range<usize>)>,
@@ -792,28 +801,59 @@ impl StageCompute {
         limits: Option<GuardLimits>,
         reduced: Arc<Reduced>,
     ) -> Result<RankOutcome, String> {
-        let Some(view) = &self.view else {
+        let Some(total) = self.view.as_ref().map(|v| v.whole.total) else {
             return Err(self.err("no whole-model view"));
         };
-        if reduced.grad_sum.len() != view.whole.total {
+        if reduced.grad_sum.len() != total {
             return Err(self.err(format!(
-                "the reduction gave {} values, the model has {}",
+                "the reduction gave {} values, the model has {total}",
                 reduced.grad_sum.len(),
-                view.whole.total
             )));
         }
-        let all = self.spare[0].install(|| tensor_squares(&reduced.grad_sum, &view.whole));
-        let tokens = (self.setup.batch.batch_size as usize * self.setup.model.block_size) as f32;
+        let Self {
+            view: Some(view),
+            spare,
+            setup,
+            params: mine,
+            ..
+        } = self
+        else {
+            return Err("no whole-model view".into());
+        };
+        let ws = &spare[0];
+        let all = ws.install(|| tensor_squares(&reduced.grad_sum, &view.whole));
+        let tokens = (setup.batch.batch_size as usize * setup.model.block_size) as f32;
         let loss = crate::rank::chaos_loss(step, reduced.loss_sum / f64::from(tokens));
-        let (grad_norm, grad_scale) = clip_scale_from_squares(&all, tokens, self.setup.grad_clip);
+        let (grad_norm, grad_scale) = clip_scale_from_squares(&all, tokens, setup.grad_clip);
         if let Some(out) = crate::rank::skip(loss, grad_norm, limits) {
             return Ok(out);
         }
-        let mut grad = vec![0f32; self.layout.total];
-        for (mine, whole) in &view.takes {
-            grad[mine.clone()].copy_from_slice(&reduced.grad_sum[whole.clone()]);
+        // AdamW on the whole model, as one rank runs it (element by element, so the bits
+        // are one rank's), then this stage's tensors out of it.
+        let t_copy = Instant::now();
+        let shared = Arc::strong_count(&view.params) > 1 || Arc::strong_count(&view.opt) > 1;
+        let (opt, params) = (
+            Arc::make_mut(&mut view.opt),
+            Arc::make_mut(&mut view.params),
+        );
+        let snapshot_copy_s = match shared {
+            true => t_copy.elapsed().as_secs_f64(),
+            false => 0.0,
+        };
+        let (grad, layout, adamw) = (&reduced.grad_sum, &view.whole, &setup.adamw);
+        ws.install(|| opt.update_scaled(params, grad, grad_scale, lr, layout, adamw));
+        let mine = Arc::make_mut(mine);
+        for (m, w) in &view.takes {
+            mine[m.clone()].copy_from_slice(&params[w.clone()]);
         }
-        Ok(self.apply(&grad, grad_scale, lr, loss, grad_norm))
+        Ok(RankOutcome {
+            loss,
+            grad_norm,
+            skipped: false,
+            guarded: false,
+            snapshot_copy_s,
+            stage_time: None,
+        })
     }
 
     /// AdamW on this stage's tensors with the reduced gradient `grad` (this stage's
@@ -851,6 +891,13 @@ impl StageCompute {
     /// Validation through the stages (pipeline 0): the head stage returns the mean token
     /// loss over `windows` in batches of the micro-batch size, the others `None`.
     pub(crate) fn eval(&mut self, windows: &[u64]) -> Result<Option<f64>, String> {
+        if self.view.is_some() {
+            let r = self.eval_whole(windows).map(Some);
+            if let Err(e) = &r {
+                (self.abort)(e);
+            }
+            return r;
+        }
         let mut ws = self
             .spare
             .pop()
@@ -861,6 +908,39 @@ impl StageCompute {
             (self.abort)(e);
         }
         r
+    }
+
+    /// Validation of the whole model held by a stage on other members, in this process
+    /// (no stage messages): the mean token loss over `windows` in batches of the
+    /// micro-batch size.
+    fn eval_whole(&mut self, windows: &[u64]) -> Result<f64, String> {
+        let mb = (self.setup.batch.micro_batch_size as usize).max(1);
+        let model = &self.setup.model;
+        let bs = model.block_size;
+        let mut batches = Vec::new();
+        for chunk in windows.chunks(mb) {
+            batches.push((self.tokens(chunk, true), chunk.len()));
+        }
+        let Some(view) = self.view.as_mut() else {
+            return Err(self.err("no whole-model view"));
+        };
+        let ws = view.eval_ws.get_or_insert_with(|| {
+            let all = StageLayers {
+                stage: 0,
+                blocks: 0..model.n_layer as u32,
+                embeddings: true,
+                head: true,
+            };
+            Workspace::for_stage(model, &all, 1)
+        });
+        let mut sum = 0f64;
+        for ((inputs, targets), n) in &batches {
+            let loss = ws
+                .stage_forward(&view.params, StageInput::Tokens(inputs), targets, *n, false)
+                .map_err(|e| format!("eval: {e}"))?;
+            sum += f64::from(loss);
+        }
+        Ok(sum / (windows.len() * bs) as f64)
     }
 
     fn eval_with(&self, ws: &mut Workspace, windows: &[u64]) -> Result<Option<f64>, String> {
@@ -938,11 +1018,16 @@ struct StageState {
     head: bool,
     params: Arc<Vec<f32>>,
     opt: Arc<AdamW>,
+    /// A stage on other members: the whole model's state it keeps.
+    whole: Option<(Arc<Vec<f32>>, Arc<AdamW>)>,
 }
 
 /// The whole model's parameters and optimizer state, gathered by name from one
 /// pipeline's stages (the token embedding from the head stage).
 fn gather_state(whole: &ParamLayout, stages: &[StageState]) -> Snapshot {
+    if let Some((params, opt)) = stages.iter().find_map(|s| s.whole.clone()) {
+        return Snapshot { params, opt };
+    }
     let mut params = vec![0f32; whole.total];
     let mut opt = AdamW::new(whole.total);
     opt.step = stages.first().map_or(0, |s| s.opt.step);
@@ -1005,6 +1090,8 @@ struct PipelineState {
     model: tenax_model::GptConfig,
     abort: Aborter,
     timeout: Duration,
+    /// A stage on other members: it keeps the whole model's state.
+    replicated: bool,
 }
 
 impl PipelineState {
@@ -1039,6 +1126,10 @@ impl PipelineState {
                             head,
                             params: Arc::clone(&c.params),
                             opt: Arc::clone(&c.opt),
+                            whole: c
+                                .view
+                                .as_ref()
+                                .map(|v| (Arc::clone(&v.params), Arc::clone(&v.opt))),
                         })
                     },
                 )
@@ -1219,6 +1310,9 @@ impl Actor for PipelineSupervisor {
                 }
                 WholeView {
                     whole: whole.clone(),
+                    params: Arc::new(params.clone()),
+                    opt: Arc::new(opt.clone()),
+                    eval_ws: None,
                     takes,
                     gives,
                 }
@@ -1268,6 +1362,7 @@ impl Actor for PipelineSupervisor {
             model,
             abort,
             timeout: setup.step_timeout,
+            replicated: remote.is_some(),
         })
     }
 
@@ -1370,7 +1465,7 @@ impl Actor for PipelineSupervisor {
                 seed,
                 reply,
             } => {
-                if st.stages != st.total_stages {
+                if st.stages != st.total_stages && !st.replicated {
                     let _ = reply.send(Err(ActorsError::Rank(format!(
                         "generate: this process runs stage {:?} of {} only",
                         st.local_stages, st.total_stages
@@ -1507,9 +1602,14 @@ impl Trainer {
     /// from all of it and its tensors out of it, so the bits are those of one rank.
     /// `g.params` and `g.opt` are the whole model's (the stage keeps its tensors).
     ///
-    /// What this process can answer is its stage's: a snapshot or parameter hash holds
-    /// this stage's tensors in the whole layout (the others zero); validation loss comes
-    /// from the head stage's process; sampling is refused.
+    /// Every such stage also keeps the whole model's state: it runs AdamW on every tensor
+    /// with the whole reduced gradient (as one rank does, so the bits are one rank's) and
+    /// takes its stage's tensors out of it. A snapshot, a parameter hash, validation and
+    /// sampling are then the whole model's, the same on every member, so state
+    /// comparisons, state copies and checkpoints work as for whole replicas, and a lost
+    /// stage's state is on every survivor (an in-memory copy of every stage on every
+    /// member, refreshed every step). The cost: the whole model's parameters and AdamW
+    /// moments in each member's host memory, and an update of the whole model per step.
     pub async fn start_stage(
         mut g: GroupStart,
         spec: PipelineSpec,
@@ -1925,26 +2025,40 @@ mod tests {
                 losses.push(outs[0].loss.to_bits());
             }
             assert_eq!(losses, want_losses, "{what}: losses");
-            // Every member holds its stage's tensors, equal to one rank's.
+            // Every member holds the whole model's state, equal to one rank's, and
+            // evaluates it as one rank does.
+            let want_hash = param_hash(&want.params);
+            let mut evals = Vec::new();
             for (me, t) in trainers.iter().enumerate() {
-                let s = me as u32 % stages;
-                let layout = ParamLayout::for_stage(&model, &plan.layers()[s as usize]);
                 let snap = t.snapshot().await.unwrap();
-                for e in &layout.entries {
-                    let r = whole.get(&e.name).unwrap().range();
-                    let name = &e.name;
-                    assert_eq!(
-                        bits(&snap.params[r.clone()]),
-                        bits(&want.params[r.clone()]),
-                        "{what}: member {me} {name}"
-                    );
-                    assert_eq!(
-                        bits(&snap.opt.v[r.clone()]),
-                        bits(&want.opt.v[r]),
-                        "{what}: member {me} {name} v"
-                    );
-                }
+                assert_eq!(
+                    bits(&snap.params),
+                    bits(&want.params),
+                    "{what}: member {me}"
+                );
+                assert_eq!(
+                    bits(&snap.opt.m),
+                    bits(&want.opt.m),
+                    "{what}: member {me} m"
+                );
+                assert_eq!(
+                    bits(&snap.opt.v),
+                    bits(&want.opt.v),
+                    "{what}: member {me} v"
+                );
+                assert_eq!(snap.opt.step, want.opt.step, "{what}: member {me} step");
+                assert_eq!(t.param_hashes().await.unwrap(), vec![want_hash.clone()]);
+                let loss = t.eval(vec![0, 3, 5]).await.unwrap();
+                assert!(
+                    loss.is_finite() && loss > 0.0,
+                    "{what}: member {me} eval {loss}"
+                );
+                evals.push(loss.to_bits());
             }
+            assert!(
+                evals.windows(2).all(|w| w[0] == w[1]),
+                "{what}: evals {evals:?}"
+            );
             for t in trainers {
                 t.shutdown().await;
             }

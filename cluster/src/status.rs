@@ -89,6 +89,7 @@ pub fn summarize(
                 "ranks": r.ranks,
                 "pipeline_stages": r.pipeline_stages.max(1),
                 "pipeline_schedule": non_empty(&r.pipeline_schedule),
+                "stages_across_nodes": r.stages_across_nodes,
                 "step": r.step,
                 "param_hash": non_empty(&r.param_hash),
                 "loss": finite(r.loss),
@@ -110,6 +111,7 @@ pub fn summarize(
                 "ranks": Value::Null,
                 "pipeline_stages": Value::Null,
                 "pipeline_schedule": Value::Null,
+                "stages_across_nodes": Value::Null,
                 "step": Value::Null,
                 "param_hash": Value::Null,
                 "loss": Value::Null,
@@ -254,6 +256,11 @@ pub fn render_table(summary: &Value) -> String {
             cell(&m["addr"]),
             match (m["ranks"].is_null(), m["pipeline_stages"].as_u64()) {
                 (true, _) => "-".to_string(),
+                (false, Some(s)) if s > 1 && m["stages_across_nodes"] == true => ranks
+                    .iter()
+                    .map(|r| format!("{r} (stage {} of {s}, pipeline {})", r % s, r / s))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 (false, Some(s)) if s > 1 => format!(
                     "{} ({s} stages, {})",
                     format_ranks(&ranks),
@@ -331,6 +338,7 @@ mod tests {
             config_hash: "cfg".into(),
             pipeline_stages: 0,
             pipeline_schedule: String::new(),
+            stages_across_nodes: false,
         }
     }
 
@@ -356,11 +364,11 @@ mod tests {
                     "last_checkpoint": {"step": 40, "url": "file:///c/40"},
                     "leader": "a",
                     "members": [
-                        {"id": "a", "addr": "h:1", "rank": 0, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [0, 1], "step": 42,
+                        {"id": "a", "addr": "h:1", "rank": 0, "pipeline_stages": 1, "pipeline_schedule": null, "stages_across_nodes": false, "ranks": [0, 1], "step": 42,
                          "param_hash": format!("{:0>64}", 42), "loss": 2.92, "phase": "training",
                          "leader": true, "generation": 3, "stale_refused": 1,
                          "metrics_addr": "h:19", "error": null},
-                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "pipeline_stages": null, "pipeline_schedule": null, "step": null,
+                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "pipeline_stages": null, "pipeline_schedule": null, "stages_across_nodes": null, "step": null,
                          "param_hash": null, "loss": null, "phase": null, "leader": null,
                          "generation": null, "stale_refused": null, "metrics_addr": "h:29",
                          "error": "connection refused"},
@@ -389,11 +397,11 @@ mod tests {
                     "loss": null, "tokens_per_s": 1007.0, "last_checkpoint": null,
                     "leader": "a",
                     "members": [
-                        {"id": "a", "addr": "h:1", "rank": null, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [], "step": 5,
+                        {"id": "a", "addr": "h:1", "rank": null, "pipeline_stages": 1, "pipeline_schedule": null, "stages_across_nodes": false, "ranks": [], "step": 5,
                          "param_hash": format!("{:0>64}", 5), "loss": 2.55, "phase": "training",
                          "leader": true, "generation": 3, "stale_refused": 1,
                          "metrics_addr": "h:19", "error": null},
-                        {"id": "b", "addr": null, "rank": 2, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [2], "step": 7,
+                        {"id": "b", "addr": null, "rank": 2, "pipeline_stages": 1, "pipeline_schedule": null, "stages_across_nodes": false, "ranks": [2], "step": 7,
                          "param_hash": format!("{:0>64}", 7), "loss": null, "phase": "training",
                          "leader": false, "generation": 5, "stale_refused": 1,
                          "metrics_addr": "m:1", "error": null},
@@ -411,11 +419,11 @@ mod tests {
                     "job": "j", "generation": null, "step": null, "target_steps": null,
                     "loss": null, "tokens_per_s": null, "last_checkpoint": null, "leader": null,
                     "members": [
-                        {"id": "a", "addr": "h:1", "rank": null, "ranks": null, "pipeline_stages": null, "pipeline_schedule": null, "step": null,
+                        {"id": "a", "addr": "h:1", "rank": null, "ranks": null, "pipeline_stages": null, "pipeline_schedule": null, "stages_across_nodes": null, "step": null,
                          "param_hash": null, "loss": null, "phase": null, "leader": null,
                          "generation": null, "stale_refused": null, "metrics_addr": "h:19",
                          "error": "h:1 answered as member z: the registration is stale"},
-                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "pipeline_stages": null, "pipeline_schedule": null, "step": null,
+                        {"id": "b", "addr": "h:2", "rank": null, "ranks": null, "pipeline_stages": null, "pipeline_schedule": null, "stages_across_nodes": null, "step": null,
                          "param_hash": null, "loss": null, "phase": null, "leader": null,
                          "generation": null, "stale_refused": null, "metrics_addr": "h:29",
                          "error": "no answer within 5s"},
@@ -444,11 +452,11 @@ mod tests {
                     "last_checkpoint": {"step": 30, "url": "s3://b/30"},
                     "leader": "b",
                     "members": [
-                        {"id": "a", "addr": "h:1", "rank": 0, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [0], "step": 25,
+                        {"id": "a", "addr": "h:1", "rank": 0, "pipeline_stages": 1, "pipeline_schedule": null, "stages_across_nodes": false, "ranks": [0], "step": 25,
                          "param_hash": format!("{:0>64}", 25), "loss": 2.75, "phase": "training",
                          "leader": true, "generation": 3, "stale_refused": 1,
                          "metrics_addr": "h:19", "error": null},
-                        {"id": "b", "addr": "h:2", "rank": 1, "pipeline_stages": 1, "pipeline_schedule": null, "ranks": [1], "step": 19,
+                        {"id": "b", "addr": "h:2", "rank": 1, "pipeline_stages": 1, "pipeline_schedule": null, "stages_across_nodes": false, "ranks": [1], "step": 19,
                          "param_hash": format!("{:0>64}", 19), "loss": 2.69, "phase": "training",
                          "leader": true, "generation": 9, "stale_refused": 1,
                          "metrics_addr": "h:29", "error": null},
@@ -496,6 +504,24 @@ b   10.0.0.2:7000  -                   -     -         -             (unreachabl
 c   10.0.0.3:7000  6 (2 stages, 1f1b)  42    training  ffffffffffff  param_hash differs
 ";
         assert_eq!(render_table(&summary), want);
+
+        // Each member one stage of a pipeline on several members.
+        let across = |id: &str, rank: u32| {
+            let mut r = reply(id, 9, vec![rank], rank == 0);
+            r.pipeline_stages = 2;
+            r.pipeline_schedule = "gpipe".into();
+            r.stages_across_nodes = true;
+            (info(id, "h:1"), Ok(r))
+        };
+        let stages = summarize("j", Some(3), vec![across("a", 0), across("b", 3)]);
+        let table = render_table(&stages);
+        for want in [
+            "0 (stage 0 of 2, pipeline 0)",
+            "3 (stage 1 of 2, pipeline 1)",
+        ] {
+            assert!(table.contains(want), "{table}");
+        }
+        assert_eq!(stages["members"][1]["stages_across_nodes"], true);
 
         let nobody = summarize("j", None, vec![(info("a", "h:1"), Err("x".into()))]);
         let want = "\

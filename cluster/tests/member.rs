@@ -55,6 +55,7 @@ fn planner(min_members: usize) -> PlannerConfig {
         min_members,
         max_members: 16,
         pp_depth: 1,
+        shrink_pipeline: false,
         max_ranks_per_member: 8,
         settle_ms: SETTLE_MS,
         settle_max_ms: 3 * SETTLE_MS,

@@ -20,6 +20,7 @@ fn planner() -> PlannerConfig {
         min_members: 1,
         max_members: 16,
         pp_depth: 1,
+        shrink_pipeline: false,
         max_ranks_per_member: 8,
         settle_ms: 300,
         settle_max_ms: 900,

@@ -338,6 +338,11 @@ pub struct PlannerConfig {
     /// The fixed pipeline depth S; the data-parallel width is
     /// `floor(usable ranks / S)` (at least 1).
     pub pp_depth: u32,
+    /// When the usable ranks cannot fill one pipeline of `pp_depth` stages, plan one
+    /// shorter pipeline of as many stages as there are usable ranks instead of waiting
+    /// (for members that each hold the whole model's state, so any depth goes on exactly).
+    #[serde(default)]
+    pub shrink_pipeline: bool,
     /// A member hosts at most this many ranks, however many devices it has (at least 1).
     pub max_ranks_per_member: u32,
     /// After a membership change, wait this long for more changes before planning.
@@ -358,6 +363,7 @@ impl Default for PlannerConfig {
             min_members: 1,
             max_members: 256,
             pp_depth: 1,
+            shrink_pipeline: false,
             max_ranks_per_member: 64,
             settle_ms: 2_000,
             settle_max_ms: 6_000,
@@ -485,9 +491,12 @@ pub fn compute_plan(
             min: config.min_members,
         });
     }
-    let pp = config.pp_depth;
     let capacity = |m: &MemberInfo| m.devices.min(config.max_ranks_per_member);
     let usable: u64 = admitted.iter().map(|m| u64::from(capacity(m))).sum();
+    let pp = match config.shrink_pipeline {
+        true => config.pp_depth.min(usable.max(1) as u32),
+        false => config.pp_depth,
+    };
     let dp = usable / u64::from(pp);
     if dp == 0 {
         return Err(PlanError::TooFewRanks {
@@ -596,6 +605,12 @@ pub fn compute_plan(
         names(joined),
         names(left),
     );
+    if pp < config.pp_depth {
+        reason.push_str(&format!(
+            "; pipeline shortened to {pp} stage(s) of {} (too few usable ranks for a full one)",
+            config.pp_depth
+        ));
+    }
     if !spares.is_empty() {
         reason.push_str(&format!(
             "; spares (over max_members {}): {}",
@@ -1272,6 +1287,7 @@ mod tests {
             min_members: 1,
             max_members: 16,
             pp_depth,
+            shrink_pipeline: false,
             max_ranks_per_member: 8,
             settle_ms: 100,
             settle_max_ms: 300,
@@ -1463,6 +1479,52 @@ mod tests {
             "{}",
             p.reason
         );
+    }
+
+    /// With `shrink_pipeline`, too few usable ranks for a full pipeline give one shorter
+    /// pipeline (and more ranks the full depth again); without it the planner waits.
+    #[test]
+    fn a_short_cluster_shrinks_the_pipeline_when_told() {
+        let shrink = PlannerConfig {
+            shrink_pipeline: true,
+            ..cfg(3)
+        };
+        let ones =
+            |ids: &[&str]| -> Vec<MemberInfo> { ids.iter().map(|i| info(i, 1, 0)).collect() };
+        // (members, depth, data-parallel width, shortened)
+        let table: &[(&[&str], u32, u32, bool)] = &[
+            (&["a"], 1, 1, true),
+            (&["a", "b"], 2, 1, true),
+            (&["a", "b", "c"], 3, 1, false),
+            (&["a", "b", "c", "d"], 3, 1, false),
+            (&["a", "b", "c", "d", "e", "f"], 3, 2, false),
+        ];
+        for &(ids, pp, dp, short) in table {
+            let p = compute_plan(None, &ones(ids), &shrink, 1).unwrap();
+            assert_eq!(
+                (p.pp_depth, p.dp_width, p.world),
+                (pp, dp, pp * dp),
+                "{ids:?}"
+            );
+            assert_eq!(
+                p.reason.contains("pipeline shortened"),
+                short,
+                "{}",
+                p.reason
+            );
+            for a in &p.ranks {
+                assert_eq!((a.dp_index, a.stage), rank_coords(a.rank, pp));
+            }
+        }
+        // A member lost from 1 x 3: the next generation is 1 x 2 with the survivors.
+        let prev = compute_plan(None, &ones(&["a", "b", "c"]), &shrink, 1).unwrap();
+        let next = compute_plan(Some(&prev), &ones(&["a", "c"]), &shrink, 2).unwrap();
+        assert_eq!((next.pp_depth, next.world), (2, 2));
+        assert_eq!(next.members, vec![id("a"), id("c")]);
+        assert!(matches!(
+            compute_plan(None, &ones(&["a", "b"]), &cfg(3), 1),
+            Err(PlanError::TooFewRanks { .. })
+        ));
     }
 
     #[test]

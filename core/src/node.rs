@@ -718,12 +718,10 @@ pub struct Share {
     pub commits: bool,
 }
 
-/// This node's share of the generation's checkpoints: `None` when it hosts no rank, is the
-/// only replica, or the model is split into pipeline stages (no member holds it whole).
+/// This node's share of the generation's checkpoints: `None` when it hosts no rank or is
+/// the only member hosting ranks. Every member hosting ranks holds the whole state (with
+/// pipeline stages on different members too: each keeps the whole model's state).
 pub fn share_of(plan: &Plan, me: &MemberId) -> Option<Share> {
-    if plan.pp_depth > 1 {
-        return None;
-    }
     let holders: Vec<&MemberId> = plan
         .members
         .iter()
@@ -3085,7 +3083,8 @@ mod tests {
             (&no_ranks_for_c, "a", share(0, 2, false)),
             (&no_ranks_for_c, "c", None),
             (&alone, "a", None),
-            (&stages, "a", None),
+            (&stages, "a", share(0, 2, true)),
+            (&stages, "b", share(1, 2, false)),
         ];
         for (plan, me, want) in cases {
             assert_eq!(

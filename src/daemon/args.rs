@@ -39,6 +39,13 @@ pub struct DaemonArgs {
     /// Ranks this node hosts, on its CPUs (tenax has no GPU path yet) [default: 1].
     #[arg(long)]
     pub devices: Option<u32>,
+    /// With --pipeline-stages S above 1: each node runs one stage of a pipeline whose other
+    /// stages are other nodes (S nodes per pipeline, --devices 1), and keeps the whole
+    /// model's state, so a lost stage's state is on every survivor and too few nodes for
+    /// S stages train as a shorter pipeline, with the same bits. Without it each of a
+    /// node's devices runs a whole pipeline of S stages.
+    #[arg(long)]
+    pub stages_across_nodes: bool,
     /// The job trains only with at least this many nodes; below it, it waits [default: 1].
     #[arg(long)]
     pub min_nodes: Option<usize>,
@@ -116,6 +123,7 @@ struct DaemonToml {
     metrics_listen: Option<String>,
     node_id: Option<String>,
     devices: Option<u32>,
+    stages_across_nodes: Option<bool>,
     min_nodes: Option<usize>,
     start_nodes: Option<usize>,
     reduction: Option<String>,
@@ -145,6 +153,7 @@ const DAEMON_KEYS: &[&str] = &[
     "metrics_listen",
     "node_id",
     "devices",
+    "stages_across_nodes",
     "min_nodes",
     "start_nodes",
     "reduction",
@@ -209,6 +218,8 @@ impl DaemonArgs {
             tls_key
         );
         self.insecure = self.insecure || own.insecure.unwrap_or(false);
+        self.stages_across_nodes =
+            self.stages_across_nodes || own.stages_across_nodes.unwrap_or(false);
         self.etcd_client
             .fill_unset(crate::etcd_args::EtcdClientArgs {
                 etcd_ca: own.etcd_ca,
@@ -231,6 +242,10 @@ pub(crate) struct Settings {
     pub(crate) metrics_listen: Option<SocketAddr>,
     pub(crate) node_id: String,
     pub(crate) devices: u32,
+    /// Each node runs one pipeline stage (`--stages-across-nodes`).
+    pub(crate) stages_across_nodes: bool,
+    /// `--pipeline-stages` (1 without pipelines).
+    pub(crate) pipeline_stages: u32,
     pub(crate) min_nodes: usize,
     pub(crate) start_nodes: usize,
     pub(crate) reduction: Reduction,
@@ -244,6 +259,17 @@ pub(crate) struct Settings {
     pub(crate) store_root: String,
     /// Mutual TLS material (`None`: `--insecure`).
     pub(crate) tls: Option<Tls>,
+}
+
+impl Settings {
+    /// The pipeline depth the job's plans have: `--pipeline-stages` when each node runs
+    /// one stage, else 1 (each node's pipelines are whole, in its process).
+    pub(crate) fn across_stages(&self) -> u32 {
+        match self.stages_across_nodes {
+            true => self.pipeline_stages,
+            false => 1,
+        }
+    }
 }
 
 fn default_node_id() -> String {
@@ -319,6 +345,16 @@ pub(crate) fn settings(args: &mut DaemonArgs) -> Result<Settings> {
     if devices == 0 {
         bail!("--devices 0: a node hosts at least one rank");
     }
+    let stages = args.train.pipeline_stages.unwrap_or(1);
+    if args.stages_across_nodes && stages < 2 {
+        bail!("--stages-across-nodes: needs --pipeline-stages of 2 or more (the stages the nodes share)");
+    }
+    if args.stages_across_nodes && devices != 1 {
+        bail!("--stages-across-nodes with --devices {devices}: a node runs one stage; pass --devices 1");
+    }
+    if args.stages_across_nodes && reduction != Reduction::Exact {
+        bail!("--stages-across-nodes with --reduction {}: stages on different nodes reduce exactly; pass --reduction exact", args.reduction.as_deref().unwrap_or(""));
+    }
     let min_nodes = args.min_nodes.unwrap_or(1);
     if min_nodes == 0 {
         bail!("--min-nodes 0: a job needs at least one node");
@@ -351,6 +387,8 @@ pub(crate) fn settings(args: &mut DaemonArgs) -> Result<Settings> {
         metrics_listen,
         node_id,
         devices,
+        stages_across_nodes: args.stages_across_nodes,
+        pipeline_stages: stages.max(1),
         min_nodes,
         start_nodes: args.start_nodes.unwrap_or(min_nodes).max(min_nodes),
         reduction,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::Result;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
+use tenax_actors::PipelineSpec;
 use tenax_actors::{Checkpointer, Membership, NodeSupervisor, Trainer};
 use tenax_cluster::etcd::EtcdMembership;
 use tenax_cluster::etcd::LeaseState;
@@ -24,6 +25,7 @@ use tenax_cluster::peer::{CommSpec, GrpcCollective, PeerAddr};
 use tenax_cluster::Collective;
 use tenax_core::membership::{MemberId, Plan};
 use tenax_core::node::{Action, Effect, Event, Exit, NodeMachine};
+use tenax_core::pipeline::{split_blocks, StageLayers};
 use tenax_storage::Store;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -32,7 +34,7 @@ mod saving;
 
 use super::steplog::StepLog;
 use super::view::Request;
-use super::work::{self, Done, StepInfo};
+use super::work::{self, Done, StepInfo, TrainerKind};
 use super::{Settings, Shared};
 use crate::train::{Prepared, Start};
 
@@ -74,6 +76,8 @@ pub(crate) struct Shell<'a> {
     peers: Vec<PeerAddr>,
     /// Which member computes each slot (a late step names the members it waits for).
     slot_owner: Vec<usize>,
+    /// The plan of the generation being formed or trained in.
+    gen_plan: Option<Plan>,
     /// Cancelled when the generation's communicator is replaced: its pollers stop.
     gen_cancel: CancellationToken,
     work: FuturesUnordered<BoxFuture<'a, Done>>,
@@ -118,6 +122,7 @@ impl<'a> Shell<'a> {
             comm: None,
             peers: Vec::new(),
             slot_owner: Vec::new(),
+            gen_plan: None,
             gen_cancel: CancellationToken::new(),
             work: FuturesUnordered::new(),
             queue: VecDeque::new(),
@@ -302,7 +307,23 @@ impl<'a> Shell<'a> {
         let plan = self.p.member.current_plan();
         let plan = plan.filter(|plan| plan.generation == spec.generation);
         let ids = peers.iter().map(|p| p.id.as_str());
-        let ranks = plan.map_or_else(|| vec![Vec::new(); peers.len()], |p| p.ranks_of_each(ids));
+        let ranks = match plan {
+            // Stages on different members: a slot's loss comes from its pipeline's head
+            // stage, so a late slot names that member (the stage it waits for may be
+            // another member of the pipeline).
+            Some(plan) if self.p.s.stages_across_nodes && plan.pp_depth > 1 => peers
+                .iter()
+                .map(|p| {
+                    plan.ranks
+                        .iter()
+                        .filter(|a| a.member.as_str() == p.id && a.stage + 1 == plan.pp_depth)
+                        .map(|a| a.dp_index)
+                        .collect()
+                })
+                .collect(),
+            Some(p) => p.ranks_of_each(ids),
+            None => vec![Vec::new(); peers.len()],
+        };
         self.slot_owner =
             tenax_core::slots::slot_owners(spec.num_slots, u64::from(spec.world), &ranks);
         self.peers = peers;
@@ -518,15 +539,36 @@ impl<'a> Shell<'a> {
             self.p.prep.param_layout.total,
         );
         let (job, reduction) = (&self.p.s.job, self.p.s.reduction);
-        let spec = CommSpec::for_generation(
-            job,
-            plan.generation,
-            local,
-            plan.world,
-            slots,
-            params,
-            reduction,
-        );
+        let spec = match self.stage_in(&plan) {
+            Some((_, pipeline, layers)) => {
+                let spec = CommSpec::for_generation(
+                    job,
+                    plan.generation,
+                    vec![pipeline],
+                    plan.dp_width,
+                    slots,
+                    params,
+                    reduction,
+                );
+                let frames =
+                    stage_frames_per_step(&self.p.prep.setup, plan.dp_width, spec.max_frame_floats);
+                let part = tenax_actors::stage_part(&self.p.prep.setup.model, &layers, frames);
+                CommSpec {
+                    stage: Some(part),
+                    ..spec
+                }
+            }
+            None => CommSpec::for_generation(
+                job,
+                plan.generation,
+                local,
+                plan.world,
+                slots,
+                params,
+                reduction,
+            ),
+        };
+        self.gen_plan = Some(plan.clone());
         let (etcd, hub) = (self.p.etcd.clone(), self.p.shared.hub.clone());
         let f = work::build_comm(etcd, hub, plan, spec, me);
         self.work.push(Box::pin(f));
@@ -600,9 +642,77 @@ impl<'a> Shell<'a> {
             (state, false) => state,
         };
         let (setup, data) = (self.p.prep.setup.clone(), self.p.prep.data.clone());
-        let pipeline = self.p.prep.pipeline;
-        let f = work::start_trainer(comm, setup, data, state, pipeline, self.p.node);
+        let kind = match self.trainer_kind(generation) {
+            Ok(k) => k,
+            Err(error) => {
+                self.queue.push_back(Event::Fatal { error });
+                return;
+            }
+        };
+        let f = work::start_trainer(comm, setup, data, state, kind, self.p.node);
         self.work.push(Box::pin(f));
+    }
+
+    /// With `--stages-across-nodes` and a plan of more than one stage: this node's
+    /// stage, its pipeline and the stage's layers.
+    fn stage_in(&self, plan: &Plan) -> Option<(u32, u32, StageLayers)> {
+        if !self.p.s.stages_across_nodes || plan.pp_depth < 2 {
+            return None;
+        }
+        let me = MemberId::new(self.me());
+        let a = plan.ranks.iter().find(|a| a.member == me)?;
+        let layers = split_blocks(self.p.prep.setup.model.n_layer as u32, plan.pp_depth)
+            .ok()?
+            .into_iter()
+            .nth(a.stage as usize)?;
+        let layers = StageLayers {
+            stage: a.stage,
+            blocks: layers,
+            embeddings: a.stage == 0,
+            head: a.stage + 1 == plan.pp_depth,
+        };
+        Some((a.stage, a.dp_index, layers))
+    }
+
+    /// What the trainer of `generation` runs: one stage of a pipeline on several
+    /// members, whole pipelines here, or whole-model ranks.
+    fn trainer_kind(&self, generation: u64) -> Result<TrainerKind, String> {
+        let plan = self
+            .gen_plan
+            .as_ref()
+            .filter(|p| p.generation == generation);
+        let schedule = self.p.prep.pipeline.map(|p| p.schedule).unwrap_or_default();
+        match plan.and_then(|p| self.stage_in(p).map(|s| (p, s))) {
+            Some((plan, (stage, pipeline, _))) => {
+                let stages = plan.pp_depth;
+                let pipeline_members = (0..stages)
+                    .map(|k| {
+                        let rank = pipeline * stages + k;
+                        let member = plan.member_of(rank).map(|m| m.as_str().to_string());
+                        member
+                            .and_then(|id| self.peers.iter().position(|p| p.id == id))
+                            .ok_or_else(|| {
+                                format!("generation {generation}: rank {rank} has no member among the peers")
+                            })
+                    })
+                    .collect::<Result<Vec<usize>, String>>()?;
+                println!(
+                    "node {}: generation {generation}: runs stage {stage} of {stages} of pipeline {pipeline} (of {}); it keeps the whole model's state",
+                    self.me(),
+                    plan.dp_width
+                );
+                Ok(TrainerKind::Stage {
+                    spec: PipelineSpec { stages, schedule },
+                    stage,
+                    pipeline_members,
+                })
+            }
+            None if self.p.s.stages_across_nodes => Ok(TrainerKind::Whole),
+            None => Ok(match self.p.prep.pipeline {
+                Some(p) => TrainerKind::Pipelines(p),
+                None => TrainerKind::Whole,
+            }),
+        }
     }
 
     /// Take the trainer's state back (the last completed step) and stop it.
@@ -672,4 +782,20 @@ impl<'a> Shell<'a> {
     pub fn step(&self) -> u64 {
         self.machine.position().0
     }
+}
+
+/// Most STAGE frames a stage sends any one member in a step: a pipeline's slots'
+/// activations and input gradients (the first stage of two also sends the head its
+/// embedding rows), each cut into frames of `max_frame_floats`, with room to spare.
+fn stage_frames_per_step(
+    setup: &tenax_actors::TrainSetup,
+    pipelines: u32,
+    max_frame_floats: usize,
+) -> usize {
+    let b = &setup.batch;
+    let slots = tenax_core::slots::slots_for_rank(b.num_slots(), u64::from(pipelines.max(1)), 0);
+    let slots = (slots.end - slots.start) as usize;
+    let values = b.micro_batch_size as usize * setup.model.block_size * setup.model.n_embd;
+    let per_message = values.div_ceil(max_frame_floats.max(1)).max(1);
+    2 * slots * per_message + 8
 }

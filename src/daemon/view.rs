@@ -72,6 +72,8 @@ pub(crate) struct NodeView {
     pub(crate) generation: u64,
     pub(crate) ranks: Vec<u32>,
     pub(crate) world: u32,
+    /// The plan's pipeline depth (above 1 only with `--stages-across-nodes`).
+    pub(crate) pp_depth: u32,
     pub(crate) step: u64,
     pub(crate) target_steps: u64,
     pub(crate) loss: f64,
@@ -197,6 +199,7 @@ impl NodeView {
         self.generation = plan.generation;
         self.ranks = local.to_vec();
         self.world = plan.world;
+        self.pp_depth = plan.pp_depth;
         self.leader = leader;
     }
 }
@@ -208,8 +211,11 @@ pub(crate) struct Shared {
     pub(crate) addr: String,
     pub(crate) metrics_addr: String,
     pub(crate) config_hash: String,
-    /// With `--pipeline-stages` above 1: the pipeline each of the node's ranks runs as.
+    /// With `--pipeline-stages` above 1: the pipeline each of the node's ranks runs as
+    /// (or, with `stages_across_nodes`, whose stages the nodes share).
     pub(crate) pipeline: Option<tenax_actors::PipelineSpec>,
+    /// Each node runs one stage (`--stages-across-nodes`).
+    pub(crate) stages_across_nodes: bool,
     pub(crate) view: Mutex<NodeView>,
     /// The node's loop, for the supervisor's own requests (a child that keeps failing).
     pub(crate) requests: mpsc::Sender<Request>,
@@ -263,7 +269,11 @@ impl Shared {
             stale_refused: self.hub.stale_refused(),
             metrics_addr: self.metrics_addr.clone(),
             config_hash: self.config_hash.clone(),
-            pipeline_stages: self.pipeline.map_or(1, |p| p.stages),
+            pipeline_stages: match self.stages_across_nodes {
+                true => v.pp_depth.max(1),
+                false => self.pipeline.map_or(1, |p| p.stages),
+            },
+            stages_across_nodes: self.stages_across_nodes,
             pipeline_schedule: self
                 .pipeline
                 .map(|p| p.schedule.to_string())

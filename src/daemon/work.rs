@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tenax_actors::{
-    GroupStart, Membership, NodeSupervisor, PipelineSpec, StepReport, TrainSetup, Trainer,
+    GroupStart, Membership, NodeSupervisor, PipelineSpec, StageOnPeers, StepReport, TrainSetup,
+    Trainer,
 };
 use tenax_cluster::etcd::{EtcdMembership, FenceOutcome};
 use tenax_cluster::member::{Member, MemberConfig};
@@ -371,12 +372,29 @@ pub(super) async fn serve(
 }
 
 /// Start the trainer of this node's ranks in the communicator's generation.
+/// What a node's trainer runs in a generation.
+#[derive(Clone)]
+pub(super) enum TrainerKind {
+    /// Its ranks each run the whole model.
+    Whole,
+    /// Its ranks each run a whole pipeline of stages, in this process.
+    Pipelines(PipelineSpec),
+    /// One stage of a pipeline whose other stages are other members
+    /// (`--stages-across-nodes`): which, and the members (indices into the
+    /// communicator's) running the pipeline's stages, in stage order.
+    Stage {
+        spec: PipelineSpec,
+        stage: u32,
+        pipeline_members: Vec<usize>,
+    },
+}
+
 pub(super) async fn start_trainer(
     comm: Arc<GrpcCollective>,
     mut setup: TrainSetup,
     data: Arc<tenax_actors::TrainData>,
     state: Start,
-    pipeline: Option<PipelineSpec>,
+    kind: TrainerKind,
     node: &NodeSupervisor,
 ) -> Done {
     let spec = comm.spec();
@@ -393,9 +411,21 @@ pub(super) async fn start_trainer(
         params: state.params,
         opt: state.opt,
     };
-    let started = match pipeline {
-        None => Trainer::start_group(group, Some(node)).await,
-        Some(p) => Trainer::start_pipeline_group(group, p, Some(node)).await,
+    let started = match kind {
+        TrainerKind::Whole => Trainer::start_group(group, Some(node)).await,
+        TrainerKind::Pipelines(p) => Trainer::start_pipeline_group(group, p, Some(node)).await,
+        TrainerKind::Stage {
+            spec,
+            stage,
+            pipeline_members,
+        } => {
+            let on = StageOnPeers {
+                stage,
+                comm: Arc::clone(&comm),
+                pipeline_members,
+            };
+            Trainer::start_stage(group, spec, on, Some(node)).await
+        }
     };
     match started {
         Ok(t) => Done::Trainer(t, Event::TrainerStarted { generation }),
