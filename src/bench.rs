@@ -1240,6 +1240,10 @@ pub struct BenchRecoveryArgs {
     /// stages (a killed node's stages come back from the survivors' twins).
     #[arg(long, default_value_t = 1)]
     pub pipeline_stages: u32,
+    /// The daemons run --stages-across-nodes: each node runs one stage of a pipeline of
+    /// --pipeline-stages nodes (and keeps the whole state).
+    #[arg(long)]
+    pub stages_across_nodes: bool,
 }
 
 /// Waits (polling every 50 ms, at most `limit`) until `f` gives a value.
@@ -1305,6 +1309,10 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(
+        a.stages_across_nodes
+            .then(|| "--stages-across-nodes".to_string()),
+    )
     .collect();
     let job = "bench-recovery".to_string();
     let mut c = LocalCluster::start(ClusterSpec {
@@ -1466,7 +1474,7 @@ pub async fn recovery(a: BenchRecoveryArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "recovery", "nodes": a.nodes, "kills": a.kills, "preset": a.preset, "kill_leader": a.kill_leader, "pipeline_stages": a.pipeline_stages,
+            "bench": "recovery", "nodes": a.nodes, "kills": a.kills, "preset": a.preset, "kill_leader": a.kill_leader, "pipeline_stages": a.pipeline_stages, "stages_across_nodes": a.stages_across_nodes,
             "settle_ms": a.settle_ms, "lease_ttl_s": a.lease_ttl_s, "suspect_after_ms": a.suspect_after_ms,
             "recovery_s": recoveries_s, "recovery_p50_s": percentile(&sorted, 50.0), "recovery_p99_s": percentile(&sorted, 99.0),
             "steps_lost": lost, "steps_lost_mean": mean_lost, "steps_lost_max": max_lost,

@@ -777,6 +777,38 @@ fn saved_from_2_stages_resumes_into_1_and_from_1_into_2() {
     assert_eq!(b.losses(), straight.losses());
 }
 
+/// The nano model (4 blocks): saved by 2 stages, resumed by 4 stages and by 1; both
+/// end as a straight run of one rank.
+#[test]
+fn saved_from_2_stages_resumes_into_4_and_into_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let with = |steps: &'static str, extra: &[&'static str]| {
+        let mut v = vec!["--lr-decay-steps", "4", "--steps", steps];
+        v.extend_from_slice(extra);
+        v
+    };
+    let (straight, _) = train_preset(&data, &tmp.path().join("straight"), "nano", &with("4", &[]));
+    let stages2 = ["--pipeline-stages", "2", "--ranks", "2"];
+    for (name, resume) in [
+        (
+            "into-4",
+            ["--pipeline-stages", "4", "--ranks", "4", "--resume"],
+        ),
+        (
+            "into-1",
+            ["--pipeline-stages", "1", "--ranks", "1", "--resume"],
+        ),
+    ] {
+        let dir = tmp.path().join(name);
+        let (run, _) = train_preset(&data, &dir, "nano", &with("2", &stages2));
+        let (_, out) = train_preset(&data, &dir, "nano", &with("4", &resume));
+        assert!(out.contains("resumed from step 2"), "{out}");
+        assert_eq!(run.state(4), straight.state(4), "2 stages -> {name}");
+        assert_eq!(run.losses(), straight.losses(), "2 stages -> {name}");
+    }
+}
+
 /// Pipeline flags that cannot work get one line naming the flag.
 #[test]
 fn bad_pipeline_flags_get_one_clear_line() {

@@ -794,9 +794,11 @@ impl Scenario {
 
 /// Training flags for the fault-free reference run: `args` without the pipeline flags
 /// (`--pipeline-stages`, `--schedule`, with their values, in either `--flag value` or
-/// `--flag=value` form), so a pipelined job is compared with the unsplit model.
+/// `--flag=value` form, and the daemon's `--stages-across-nodes`), so a pipelined job is
+/// compared with the unsplit model.
 pub fn without_pipeline_flags(args: &[String]) -> Vec<String> {
     const FLAGS: [&str; 2] = ["--pipeline-stages", "--schedule"];
+    const SWITCHES: [&str; 1] = ["--stages-across-nodes"];
     let mut out = Vec::with_capacity(args.len());
     let mut skip_value = false;
     for a in args {
@@ -804,6 +806,9 @@ pub fn without_pipeline_flags(args: &[String]) -> Vec<String> {
             continue;
         }
         let name = a.split('=').next().unwrap_or_default();
+        if SWITCHES.contains(&name) {
+            continue;
+        }
         if FLAGS.contains(&name) {
             skip_value = !a.contains('=');
             continue;
@@ -829,6 +834,16 @@ mod tests {
                 &["--x"],
             ),
             (&["--lr", "1", "--schedule", "1f1b"], &["--lr", "1"]),
+            (
+                &[
+                    "--pipeline-stages",
+                    "2",
+                    "--stages-across-nodes",
+                    "--lr",
+                    "1",
+                ],
+                &["--lr", "1"],
+            ),
         ];
         for (args, want) in cases {
             let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();

@@ -133,6 +133,7 @@ impl SimConfig {
             min_members: 2,
             max_members,
             pp_depth,
+            shrink_pipeline: false,
             max_ranks_per_member: 4,
             settle_ms,
             settle_max_ms: 3 * settle_ms,
