@@ -7,6 +7,7 @@
 //! Sources, per node `i` (run directory `node-i/`):
 //! - `metrics.jsonl`: one line per step the node applied: `step`, `generation`, `cursor`
 //!   (the first sample of the step), `slots` (the batch slots this node computed),
+//!   `stage` (with a pipeline's stages on different nodes: the stage it computed them as),
 //!   `param_hash` (after the step), `t_ms`, `loss`.
 //! - `events.jsonl`: one line each time the node's state was set other than by a step:
 //!   `{"event":"state","how":"init"|"checkpoint"|"copy"|"none","step":N,...}`.
@@ -28,6 +29,10 @@ pub struct StepRecord {
     pub cursor: u64,
     /// The batch slots this node computed.
     pub slots: Vec<u64>,
+    /// With a pipeline's stages on different nodes: the stage it computed them as (each
+    /// slot is then computed once per stage).
+    #[serde(default)]
+    pub stage: Option<u32>,
     /// The parameters' hash after the step.
     pub param_hash: String,
     /// Unix milliseconds when it was logged.
@@ -188,6 +193,7 @@ pub fn read_node_logs(node: usize, run_dir: &Path) -> (Vec<StepRecord>, Vec<Stat
                     .iter()
                     .filter_map(|s| s.as_u64())
                     .collect(),
+                stage: m["stage"].as_u64().map(|s| s as u32),
                 param_hash: m["param_hash"].as_str().unwrap_or_default().to_string(),
                 t_ms: m["t_ms"].as_u64()?,
                 loss: m["loss"].as_f64().unwrap_or(f64::NAN),

@@ -111,6 +111,11 @@ fn process_faults(h: &History) -> usize {
         .sum()
 }
 
+/// Whether any record of a step's lineage names its pipeline stage.
+fn names_stages(lineage: &[&&StepRecord]) -> bool {
+    lineage.iter().any(|r| r.stage.is_some())
+}
+
 fn slots_exactly_once(h: &History) -> Verdict {
     let mut by_step: BTreeMap<u64, Vec<&StepRecord>> = BTreeMap::new();
     for s in &h.steps {
@@ -127,7 +132,9 @@ fn slots_exactly_once(h: &History) -> Verdict {
         let newest = records.iter().map(|r| r.generation).max().unwrap_or(0);
         let lineage: Vec<&&StepRecord> =
             records.iter().filter(|r| r.generation == newest).collect();
-        let mut seen: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        // Per (stage, slot): the nodes that computed it (stage 0 without stages on
+        // different nodes).
+        let mut seen: BTreeMap<(u32, u64), Vec<usize>> = BTreeMap::new();
         let mut nodes = BTreeSet::new();
         for r in &lineage {
             let want_cursor = (step - 1) * h.batch_size;
@@ -150,13 +157,19 @@ fn slots_exactly_once(h: &History) -> Verdict {
                 ));
             }
             for &slot in &r.slots {
-                seen.entry(slot).or_default().push(r.node);
+                seen.entry((r.stage.unwrap_or(0), slot))
+                    .or_default()
+                    .push(r.node);
             }
         }
-        for (slot, by) in &seen {
+        for ((stage, slot), by) in &seen {
             if by.len() > 1 {
+                let of = match names_stages(&lineage) {
+                    true => format!(" of stage {stage}"),
+                    false => String::new(),
+                };
                 problems.push(format!(
-                    "step {step} generation {newest}: slot {slot} computed {} times (nodes {by:?})",
+                    "step {step} generation {newest}: slot {slot}{of} computed {} times (nodes {by:?})",
                     by.len()
                 ));
             }
@@ -167,7 +180,14 @@ fn slots_exactly_once(h: &History) -> Verdict {
                 ));
             }
         }
-        if (0..h.slots).any(|s| !seen.contains_key(&s)) {
+        // Every stage that logged the step (stage 0 always) computed every slot.
+        let stages: BTreeSet<u32> = std::iter::once(0)
+            .chain(lineage.iter().filter_map(|r| r.stage))
+            .collect();
+        if stages
+            .iter()
+            .any(|&st| (0..h.slots).any(|s| !seen.contains_key(&(st, s))))
+        {
             // A member that computed its slots but failed before it applied the step
             // (its collective broke mid-way, or it was killed) logs nothing; if it copied
             // or loaded a state holding the step afterwards, its slots are accounted for.
@@ -403,6 +423,7 @@ mod tests {
                     generation: 1,
                     cursor: (step - 1) * 4,
                     slots: vec![node as u64],
+                    stage: None,
                     param_hash: format!("h{step}"),
                     t_ms: 1000 * step + node as u64,
                     loss: 3.0 - step as f64 * 0.1,
@@ -473,6 +494,29 @@ mod tests {
         assert_eq!(violated(&h), vec!["slots_exactly_once"]);
         let v = &check(&h, &["slots_exactly_once"])["slots_exactly_once"];
         assert!(v.evidence.contains("step 3"), "{}", v.evidence);
+    }
+
+    /// A pipeline's 2 stages on the 2 nodes: each computes both slots, once per stage.
+    #[test]
+    fn stages_on_different_nodes_compute_each_slot_once_per_stage() {
+        let staged = || {
+            let mut h = clean();
+            for s in h.steps.iter_mut() {
+                s.slots = vec![0, 1];
+                s.stage = Some(s.node as u32);
+            }
+            h
+        };
+        assert!(violated(&staged()).is_empty(), "{:?}", violated(&staged()));
+        // Both nodes claim stage 0 of step 3.
+        let mut h = staged();
+        h.steps[5].stage = Some(0);
+        let v = &check(&h, &["slots_exactly_once"])["slots_exactly_once"];
+        assert!(!v.is_held() && v.evidence.contains("of stage 0"), "{}", v.evidence);
+        // Stage 1 of step 3 misses slot 1 (and nothing explains it).
+        let mut h = staged();
+        h.steps[5].slots = vec![0];
+        assert_eq!(violated(&h), vec!["slots_exactly_once"]);
     }
 
     #[test]

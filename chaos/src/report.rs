@@ -619,6 +619,7 @@ mod tests {
             generation,
             cursor: 0,
             slots: vec![],
+            stage: None,
             param_hash: String::new(),
             t_ms,
             loss: 1.0,

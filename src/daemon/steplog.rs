@@ -31,6 +31,9 @@ pub(super) struct StepLine {
     pub cursor: u64,
     /// The slots this member computed.
     pub slots: Vec<u64>,
+    /// With stages on different members: the pipeline stage this member computed the
+    /// slots as.
+    pub stage: Option<u32>,
     pub val_loss: Option<f64>,
 }
 
@@ -150,6 +153,9 @@ impl StepLog {
         if let Some(v) = l.val_loss {
             line["val_loss"] = json!(v);
         }
+        if let Some(s) = l.stage {
+            line["stage"] = json!(s);
+        }
         // One write of the whole line: a reader of the live file never sees half a line
         // followed by another line.
         if let Err(e) = self.metrics.write_all(format!("{line}\n").as_bytes()) {
@@ -200,6 +206,7 @@ mod tests {
             param_hash: String::new(),
             cursor: 0,
             slots: vec![0],
+            stage: None,
             val_loss,
         }
     }

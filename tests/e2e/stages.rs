@@ -258,3 +258,48 @@ fn three_stages_go_on_as_two_after_a_kill() {
         "3 stages shrunk to 2 changed the final weights"
     );
 }
+
+/// 2 daemons as 1 pipeline x 2 stages with a long lease (20 s): the stage-0 node is
+/// stopped (SIGSTOP). The head stage's late step names it (its pipeline's members are
+/// the suspects, not only the head that owns the slots), the leader evicts it, the
+/// survivor trains on alone, and after SIGCONT the stopped node rejoins; the final weights
+/// are one rank's.
+#[test]
+fn a_hung_stage_is_named_by_the_stage_waiting_on_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let steps = 2500;
+    let want = reference_export(&data, tmp.path(), steps);
+    let job = "stagehang";
+    let mut daemon_args = daemon_train_flags(&data, steps, &across("2"));
+    daemon_args.extend(
+        ["--settle-ms", "300", "--lease-ttl-s", "20", "--suspect-after-ms", "500"]
+            .map(String::from),
+    );
+    let mut c = LocalCluster::start(ClusterSpec {
+        tenax_bin: PathBuf::from(env!("CARGO_BIN_EXE_tenax")),
+        job: job.to_string(),
+        bucket: format!("{job}-bucket"),
+        daemon_args,
+        env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
+        tls: false,
+    })
+    .expect("start etcd and the S3 server (scripts/setup installs them)");
+    let s = start_all(&mut c, job, 2);
+    let (stopped, head) = (node_with_rank(&s, 0), node_with_rank(&s, 1));
+    c.signal(stopped, Signal::Stop).unwrap();
+    let named = format!("waits for node-{stopped}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !c.log(head).contains(&named) {
+        assert!(
+            Instant::now() < deadline,
+            "the head stage never named the stopped stage:\n{}",
+            c.log(head)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.signal(stopped, Signal::Cont).unwrap();
+    wait_all_ok(&mut c, &[0, 1], Duration::from_secs(400));
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(got == want, "a hung stage changed the final weights");
+}

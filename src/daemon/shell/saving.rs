@@ -77,6 +77,13 @@ impl Shell<'_> {
             return;
         };
         let spec = self.comm.as_ref().map(|c| c.spec());
+        let stage = match (self.gen_plan.as_ref(), self.p.s.stages_across_nodes) {
+            (Some(plan), true) if plan.generation == generation && plan.pp_depth > 1 => {
+                let me = self.p.member.id();
+                plan.ranks.iter().find(|a| &a.member == me).map(|a| a.stage)
+            }
+            _ => None,
+        };
         let r = &info.report;
         let line = StepLine {
             step,
@@ -90,6 +97,7 @@ impl Shell<'_> {
             param_hash: String::new(),
             cursor,
             slots: spec.map(|s| s.my_slots()).unwrap_or_default(),
+            stage,
             val_loss,
         };
         if let Some(text) = line.progress(self.p.member.id().as_str(), self.p.prep.cfg.steps) {
