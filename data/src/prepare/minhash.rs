@@ -19,14 +19,15 @@
 //! 0.80–0.85 are flagged (99.3% of all pairs at J >= 0.8), 71% at 0.75–0.80, 31% at
 //! 0.70–0.75, 0.6% at 0.60–0.65 and none below 0.6.
 //!
-//! Memory: the index keeps, per indexed document, the low 16 bits of each signature value
+//! Memory: an index keeps, per indexed document, the low 16 bits of each signature value
 //! (`2 * num_perm` bytes: 256 with the defaults; b-bit MinHash, Li & König 2010, whose
 //! estimate is corrected for the 2^-16 chance of equal low bits) and one table entry per
-//! band (a u64 key and a u32 id). With the defaults that is about 1 KiB a document with
-//! table overhead, so the default cap of 1,000,000 indexed documents bounds it near 1 GiB.
-//! A band key remembers only the first document that had it; a later document sharing
-//! that band with a different, non-duplicate document is still found through its other
-//! bands.
+//! band (a u64 key and a u32 id). A band key remembers only the first document that had
+//! it; a later document sharing that band with a different, non-duplicate document is
+//! still found through its other bands. [`LshIndex`] holds all of it in memory (about
+//! 1 KiB a document with table overhead) and is the reference; the pipeline uses
+//! [`NearDupIndex`](super::neardup::NearDupIndex), which takes the same decisions under a
+//! memory bound and spills the rest to disk.
 
 use std::collections::HashMap;
 

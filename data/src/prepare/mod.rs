@@ -8,7 +8,8 @@
 //! 2. normalise ([`normalize`]): NFC, line ends, control characters, trimming;
 //! 3. exact dedup: SHA-256 of the normalised text, first 16 bytes remembered;
 //! 4. quality filters ([`filters`]): Gopher-style rules, the first failed rule counted;
-//! 5. near dedup ([`minhash`]): MinHash signature, LSH lookup, estimated Jaccard check;
+//! 5. near dedup ([`minhash`], [`neardup`]): MinHash signature, LSH lookup, estimated
+//!    Jaccard check;
 //! 6. scrub ([`scrub`]): PII and secrets replaced by typed placeholders;
 //! 7. tokenize and append, followed by a document separator, to the source's current shard;
 //!    every `shard_tokens` tokens a shard is written.
@@ -19,17 +20,20 @@
 //! depends on earlier documents (dedup, appending to shards) is taken in input order on
 //! one thread.
 //!
-//! Memory does not grow with the corpus except through the two dedup indexes, each capped
-//! by a configured document count (`dedup.max_exact_docs` at about 40 bytes a document,
-//! `dedup.max_near_docs` at about 1 KiB): one batch being read and two queued
+//! Memory does not grow with the corpus except through the exact dedup index (capped by
+//! `dedup.max_exact_docs`, about 40 bytes a document): one batch being read and two queued
 //! (`RunOptions::batch_bytes` each, 8 MiB by default), the batch being processed (its
 //! normalised and scrubbed copies), one shard buffer per source (`4 * shard_tokens`
-//! bytes), and the indexes. The char tokenizer needs the whole vocabulary before the first
+//! bytes), the exact index, and the near-dup index, which holds at most
+//! `RunOptions::near_dup_memory_bytes` (256 MiB by default) and spills the rest of its
+//! band keys and signatures to files under `RunOptions::spill_dir` (the output folder by
+//! default), removed at the end; the manifest's `near_dup_index` reports its peak and
+//! the bytes spilled. The char tokenizer needs the whole vocabulary before the first
 //! token, so with it the kept documents are spilled to a temporary file in the output
 //! folder and tokenized in a second pass.
 //!
-//! Modules: [`config`], [`source`], [`normalize`], [`filters`], [`minhash`], [`scrub`],
-//! [`manifest`].
+//! Modules: [`config`], [`source`], [`normalize`], [`filters`], [`minhash`], [`neardup`],
+//! [`scrub`], [`manifest`].
 
 pub mod config;
 pub mod filters;
