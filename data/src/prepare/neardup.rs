@@ -581,7 +581,7 @@ impl NearDupIndex {
         let id = self.docs;
         self.docs += 1;
         let slot = (id - self.spilled_docs) as usize;
-        if slot % self.page_docs == 0 {
+        if slot.is_multiple_of(self.page_docs) {
             self.pages
                 .push(Vec::with_capacity(self.page_docs * self.num_perm));
         }
@@ -601,7 +601,7 @@ impl NearDupIndex {
     fn insert_peak(&self) -> u64 {
         let (table_peak, _) = self.table.reserve_cost(self.bands);
         let slot = (self.docs - self.spilled_docs) as usize;
-        let new_page = if slot % self.page_docs == 0 {
+        let new_page = if slot.is_multiple_of(self.page_docs) {
             self.page_bytes()
         } else {
             0
