@@ -890,6 +890,33 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_spill_file_is_an_error_naming_it_and_the_folder_still_goes() {
+        let config = DedupConfig::default();
+        let hasher = crate::prepare::minhash::MinHasher::new(&config);
+        let sigs: Vec<Vec<u32>> = corpus(7, 200)
+            .iter()
+            .map(|t| hasher.signature(t).unwrap())
+            .collect();
+        let refs: Vec<&[u32]> = sigs.iter().map(|s| s.as_slice()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let memory = NearDupMemory {
+            bound_bytes: 16 << 10,
+            spill_dir: dir.path().to_path_buf(),
+        };
+        let mut index = NearDupIndex::new(&config, &memory).unwrap();
+        index.decide(&refs[..100]).unwrap();
+        assert!(index.stats().spills > 0);
+        let folder = index.spill_folder().to_path_buf();
+        let run = folder.join("run-000000.bin");
+        std::fs::remove_file(&run).unwrap();
+        let err = index.decide(&refs[100..]).unwrap_err().to_string();
+        assert!(err.contains("run-000000.bin"), "{err}");
+        drop(index);
+        assert!(!folder.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
     fn an_unusable_spill_folder_names_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a-file");
