@@ -16,6 +16,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tenax_data::prepare::config::{PrepareConfig, RunOptions, DEFAULT_NEAR_DUP_MEMORY_MIB};
 use tenax_data::prepare::manifest::Manifest;
+use tenax_data::prepare::neardup::NearDupStats;
 use tenax_data::prepare::source::SourceSpec;
 use tenax_data::prepare::{prepare as run_prepare, Progress, MANIFEST_FILE};
 use tenax_data::TokenizerKind;
@@ -251,9 +252,17 @@ fn print_summary(m: &Manifest, out: &str, elapsed_s: f64) {
             s.tokens
         );
     }
-    let n = &m.near_dup_index;
-    if n.bound_bytes > 0 {
-        println!(
+    if let Some(line) = near_dup_line(&m.near_dup_index) {
+        println!("{line}");
+    }
+    println!("dataset hash {}", m.dataset_hash);
+}
+
+/// The near-dup index's memory and spills in one line (`None` when near dedup was off or
+/// the manifest predates the report).
+fn near_dup_line(n: &NearDupStats) -> Option<String> {
+    (n.bound_bytes > 0).then(|| {
+        format!(
             "near-dup index: peak {:.1} MiB of a {:.1} MiB bound, {} spills, {:.1} MiB \
              spilled, {:.1} MiB read back",
             n.peak_bytes as f64 / MIB,
@@ -261,9 +270,8 @@ fn print_summary(m: &Manifest, out: &str, elapsed_s: f64) {
             n.spills,
             n.spilled_bytes as f64 / MIB,
             n.spill_read_bytes as f64 / MIB,
-        );
-    }
-    println!("dataset hash {}", m.dataset_hash);
+        )
+    })
 }
 
 /// Bytes in a MiB, for printing.
@@ -375,6 +383,9 @@ mod tests {
         let bounded = prepare_blocking(&near_args(&spill_str, out2.to_str().unwrap())).unwrap();
         assert_eq!(bounded.near_dup_index.bound_bytes, 1 << 20);
         assert!(bounded.near_dup_index.peak_bytes <= 1 << 20);
+        let report = render_report(Some(("out2", &bounded)), None);
+        assert!(report.contains("near-dup index: peak "), "{report}");
+        assert!(report.contains("of a 1.0 MiB bound"), "{report}");
         assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
         let file = root.join("a.jsonl");
         let err = format!(
@@ -627,6 +638,9 @@ pub fn render_report(
                 counts(&s.skipped)
             );
         }
+        if let Some(line) = near_dup_line(&m.near_dup_index) {
+            let _ = writeln!(o, "  {line}");
+        }
         let _ = writeln!(o, "\nscrubbing (values replaced)");
         for s in &m.sources {
             let _ = writeln!(
@@ -703,7 +717,7 @@ fn report_json(
                 })
             })
             .collect();
-        v["dataset"] = serde_json::json!({"url": url, "dataset_hash": m.dataset_hash, "totals": m.totals, "sources": sources});
+        v["dataset"] = serde_json::json!({"url": url, "dataset_hash": m.dataset_hash, "totals": m.totals, "near_dup_index": m.near_dup_index, "sources": sources});
     }
     if let Some(f) = flagged {
         v["flagged"] = serde_json::json!(f);
