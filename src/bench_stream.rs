@@ -124,6 +124,8 @@ pub async fn stream(a: BenchStreamArgs) -> Result<()> {
         config: Some(config),
         shard_tokens: Some(a.shard_tokens),
         threads: 0,
+        near_dup_memory_mib: tenax_data::prepare::config::DEFAULT_NEAR_DUP_MEMORY_MIB,
+        spill_dir: None,
         staging: None,
         quiet: true,
     };

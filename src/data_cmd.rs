@@ -14,8 +14,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use tenax_data::prepare::config::{PrepareConfig, RunOptions};
+use tenax_data::prepare::config::{PrepareConfig, RunOptions, DEFAULT_NEAR_DUP_MEMORY_MIB};
 use tenax_data::prepare::manifest::Manifest;
+use tenax_data::prepare::neardup::NearDupStats;
 use tenax_data::prepare::source::SourceSpec;
 use tenax_data::prepare::{prepare as run_prepare, Progress, MANIFEST_FILE};
 use tenax_data::TokenizerKind;
@@ -60,6 +61,16 @@ pub struct PrepareArgs {
     /// Worker threads (default: one per CPU). Never changes the output.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
+    /// Most MiB the near-dup (MinHash/LSH) index holds in memory; past it, band keys and
+    /// signatures spill to files under --spill-dir. Never changes the output; spilling
+    /// costs time (each batch rereads the spilled runs), so size it to the corpus
+    /// (about 1 KiB a kept document with the default [dedup]).
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_NEAR_DUP_MEMORY_MIB)]
+    pub near_dup_memory_mib: u64,
+    /// Folder for near-dup spill files (a private subfolder, removed at the end; default:
+    /// the local output or staging folder).
+    #[arg(long, value_name = "DIR")]
+    pub spill_dir: Option<PathBuf>,
     /// Local folder to prepare in before uploading to a remote --out (default: a temporary
     /// folder, deleted afterwards).
     #[arg(long, value_name = "DIR")]
@@ -149,8 +160,13 @@ pub fn prepare_blocking(args: &PrepareArgs) -> Result<Manifest> {
         );
         bar
     };
+    if args.near_dup_memory_mib == 0 {
+        bail!("--near-dup-memory-mib 0: the near-dup index needs at least 1 MiB; pass 1 or more");
+    }
     let options = RunOptions {
         threads: args.threads,
+        near_dup_memory_bytes: args.near_dup_memory_mib.saturating_mul(1 << 20),
+        spill_dir: args.spill_dir.clone(),
         ..RunOptions::default()
     };
     let started = Instant::now();
@@ -236,8 +252,30 @@ fn print_summary(m: &Manifest, out: &str, elapsed_s: f64) {
             s.tokens
         );
     }
+    if let Some(line) = near_dup_line(&m.near_dup_index) {
+        println!("{line}");
+    }
     println!("dataset hash {}", m.dataset_hash);
 }
+
+/// The near-dup index's memory and spills in one line (`None` when near dedup was off or
+/// the manifest predates the report).
+fn near_dup_line(n: &NearDupStats) -> Option<String> {
+    (n.bound_bytes > 0).then(|| {
+        format!(
+            "near-dup index: peak {:.1} MiB of a {:.1} MiB bound, {} spills, {:.1} MiB \
+             spilled, {:.1} MiB read back",
+            n.peak_bytes as f64 / MIB,
+            n.bound_bytes as f64 / MIB,
+            n.spills,
+            n.spilled_bytes as f64 / MIB,
+            n.spill_read_bytes as f64 / MIB,
+        )
+    })
+}
+
+/// Bytes in a MiB, for printing.
+const MIB: f64 = (1u64 << 20) as f64;
 
 #[cfg(test)]
 mod tests {
@@ -319,6 +357,46 @@ mod tests {
         let mut remote = parse(&["--source", &web, "--out", "memory://ds", "--quiet"]);
         remote.tokenizer = "bytes".into();
         prepare_blocking(&remote).unwrap();
+
+        // A tiny near-dup bound with a spill folder: same dataset, the bound reported,
+        // no spill files left; an unusable spill folder is named.
+        let spill = root.join("spill");
+        let spill_str = spill.to_str().unwrap().to_string();
+        let near_args = |spill_dir: &str, out: &str| {
+            let mut a = parse(&[
+                "--source",
+                &web,
+                "--out",
+                out,
+                "--tokenizer",
+                "bytes",
+                "--quiet",
+                "--near-dup-memory-mib",
+                "1",
+                "--spill-dir",
+                spill_dir,
+            ]);
+            a.shard_tokens = Some(100);
+            a
+        };
+        let out2 = root.join("out2");
+        let bounded = prepare_blocking(&near_args(&spill_str, out2.to_str().unwrap())).unwrap();
+        assert_eq!(bounded.near_dup_index.bound_bytes, 1 << 20);
+        assert!(bounded.near_dup_index.peak_bytes <= 1 << 20);
+        let report = render_report(Some(("out2", &bounded)), None);
+        assert!(report.contains("near-dup index: peak "), "{report}");
+        assert!(report.contains("of a 1.0 MiB bound"), "{report}");
+        assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
+        let file = root.join("a.jsonl");
+        let err = format!(
+            "{:#}",
+            prepare_blocking(&near_args(file.to_str().unwrap(), out2.to_str().unwrap()))
+                .unwrap_err()
+        );
+        assert!(
+            err.contains("a.jsonl") && err.contains("--spill-dir"),
+            "{err}"
+        );
 
         // User errors name the flag.
         let bad = parse(&["--source", "nope", "--out", &out_url, "--quiet"]);
@@ -560,6 +638,9 @@ pub fn render_report(
                 counts(&s.skipped)
             );
         }
+        if let Some(line) = near_dup_line(&m.near_dup_index) {
+            let _ = writeln!(o, "  {line}");
+        }
         let _ = writeln!(o, "\nscrubbing (values replaced)");
         for s in &m.sources {
             let _ = writeln!(
@@ -636,7 +717,7 @@ fn report_json(
                 })
             })
             .collect();
-        v["dataset"] = serde_json::json!({"url": url, "dataset_hash": m.dataset_hash, "totals": m.totals, "sources": sources});
+        v["dataset"] = serde_json::json!({"url": url, "dataset_hash": m.dataset_hash, "totals": m.totals, "near_dup_index": m.near_dup_index, "sources": sources});
     }
     if let Some(f) = flagged {
         v["flagged"] = serde_json::json!(f);

@@ -4,11 +4,11 @@
 //! ```sh
 //! cargo run --release -p tenax-data --example prepare -- \
 //!     --source NAME=PATH[:WEIGHT]... --out DIR [--tokenizer bytes|char|gpt2] \
-//!     [--config FILE.toml] [--threads N]
+//!     [--config FILE.toml] [--threads N] [--near-dup-memory-kib N] [--spill-dir DIR]
 //! ```
 //!
-//! Prints one JSON line: input MB, seconds, MB/s, documents read and kept, tokens, and the
-//! dataset hash.
+//! Prints one JSON line: input MB, seconds, MB/s, documents read and kept, tokens, the
+//! dataset hash, and the near-dup index's peak memory and spills.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -40,6 +40,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--tokenizer" => tokenizer = value()?.parse()?,
             "--config" => config = PrepareConfig::from_toml_file(&PathBuf::from(value()?))?,
             "--threads" => options.threads = value()?.parse()?,
+            "--near-dup-memory-kib" => {
+                options.near_dup_memory_bytes = value()?.parse::<u64>()? << 10
+            }
+            "--spill-dir" => options.spill_dir = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
@@ -69,6 +73,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "tokens": manifest.totals.tokens,
             "shards": manifest.totals.shards,
             "dataset_hash": manifest.dataset_hash,
+            "near_dup_index": manifest.near_dup_index,
         })
     );
     Ok(())

@@ -147,6 +147,20 @@ pub enum DataError {
         reason: String,
     },
 
+    /// The folder for near-dup spill files cannot be used.
+    #[error(
+        "cannot create near-dup spill files under {}: {source}: pass --spill-dir DIR with a \
+         writable local folder that has room for them",
+        path.display()
+    )]
+    SpillDir {
+        /// The spill folder asked for.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A worker thread of the preparation pipeline panicked or could not be started.
     #[error("data prepare worker failed: {reason}: this is a bug, please report it")]
     Worker {

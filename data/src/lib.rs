@@ -17,11 +17,11 @@
 //! - [`prepare`] — `tenax data prepare`: [`prepare::prepare`] streams raw text from several
 //!   sources through normalisation, exact and near (MinHash/LSH) dedup, quality filters and
 //!   PII/secret scrubbing into fixed-size token shards and a dataset manifest; its
-//!   submodules are `config`, `source`, `normalize`, `filters`, `minhash`, `scrub` and
-//!   `manifest`.
+//!   submodules are `config`, `source`, `normalize`, `filters`, `minhash`, `neardup` (the
+//!   near-dup index under a memory bound, spilling to disk), `scrub` and `manifest`.
 //!
-//! Nothing here is async or touches the network; the only I/O is reading corpus files and
-//! reading and writing shards in local directories.
+//! Nothing here is async or touches the network; the only I/O is reading corpus files,
+//! reading and writing shards in local directories, and the near-dup spill files.
 
 pub mod corpus;
 pub mod dataset;

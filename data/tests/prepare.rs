@@ -307,6 +307,7 @@ fn run(
     let options = RunOptions {
         threads,
         batch_bytes: 700,
+        ..RunOptions::default()
     };
     prepare(
         &specs(root),
@@ -333,6 +334,7 @@ fn prepare_end_to_end_counts_shards_and_scrubs() {
         &RunOptions {
             threads: 2,
             batch_bytes: 700,
+            ..RunOptions::default()
         },
         &out,
         &|p: &Progress| {
@@ -514,4 +516,88 @@ fn user_errors_name_the_source() {
     .unwrap_err()
     .to_string();
     assert!(empty.contains("none kept"), "{empty}");
+}
+
+/// The near-dup index under a 16 KiB bound, through `prepare`: it spills many times, holds
+/// no more than the bound, leaves no spill files, and writes the same dataset as with the
+/// default bound (which never spills here); an unusable spill folder is named in the error.
+#[test]
+fn near_dup_index_spills_under_a_tiny_bound_with_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut rng = SplitMix64::new(0x5eed_0183);
+    let originals: Vec<String> = (0..150).map(|i| prose(1000 + i, 90)).collect();
+    let mut lines = String::new();
+    for (i, doc) in originals.iter().enumerate() {
+        lines.push_str(&jsonl(doc));
+        if i >= 20 && i % 2 == 0 {
+            // A near copy of an earlier document: one word inserted.
+            let of = &originals[(rng.next_u64() % i as u64) as usize];
+            lines.push_str(&jsonl(&of.replacen(' ', " inserted ", 1)));
+        }
+    }
+    std::fs::create_dir_all(root.join("web")).unwrap();
+    std::fs::write(root.join("web/a.jsonl"), lines).unwrap();
+    let specs = vec![SourceSpec::parse(&format!("web={}", root.join("web").display())).unwrap()];
+    let config = small_config();
+    let go = |options: &RunOptions, out: &Path| {
+        prepare(
+            &specs,
+            TokenizerKind::Bytes,
+            &config,
+            options,
+            out,
+            &|_: &Progress| {},
+        )
+    };
+
+    let free = go(&RunOptions::default(), &root.join("free")).unwrap();
+    let spill_dir = root.join("spill");
+    let bound = 16 << 10;
+    let tight = go(
+        &RunOptions {
+            near_dup_memory_bytes: bound,
+            spill_dir: Some(spill_dir.clone()),
+            batch_bytes: 4096,
+            ..RunOptions::default()
+        },
+        &root.join("tight"),
+    )
+    .unwrap();
+    eprintln!(
+        "free {:?}\ntight {:?}",
+        free.near_dup_index, tight.near_dup_index
+    );
+    // 65 copies planted; a second copy of the same original is an exact duplicate.
+    let copies = free.sources[0].near_dups + free.sources[0].exact_dups;
+    assert_eq!(copies, 65, "{:?}", free.sources[0]);
+    assert!(free.sources[0].near_dups >= 40, "{:?}", free.sources[0]);
+    assert_eq!(free.near_dup_index.spills, 0);
+    assert_eq!(tight.dataset_hash, free.dataset_hash);
+    assert_eq!(tight.totals, free.totals);
+    assert_eq!(tight.sources, free.sources);
+    let stats = &tight.near_dup_index;
+    assert_eq!(stats.bound_bytes, bound);
+    assert!(stats.peak_bytes <= bound, "{stats:?}");
+    assert!(stats.spills >= 10 && stats.spilled_bytes > 0, "{stats:?}");
+    assert!(stats.spill_read_bytes > 0, "{stats:?}");
+    let left: Vec<_> = std::fs::read_dir(&spill_dir).unwrap().collect();
+    assert!(left.is_empty(), "spill files left behind: {left:?}");
+    let written = std::fs::read_to_string(root.join("tight").join(MANIFEST_FILE)).unwrap();
+    assert!(written.contains("\"near_dup_index\""), "{written}");
+
+    let not_a_dir = root.join("web/a.jsonl");
+    let err = go(
+        &RunOptions {
+            spill_dir: Some(not_a_dir.clone()),
+            ..RunOptions::default()
+        },
+        &root.join("bad"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(&not_a_dir.display().to_string()) && err.contains("--spill-dir"),
+        "{err}"
+    );
 }

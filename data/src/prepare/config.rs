@@ -3,8 +3,8 @@
 //! datatrove for the quality rules.
 //!
 //! Unknown keys are errors, so a misspelt key never silently falls back to a default.
-//! The whole struct is part of the dataset hash; [`RunOptions`] (threads, batch size) is
-//! not, because it never changes the output.
+//! The whole struct is part of the dataset hash; [`RunOptions`] (threads, batch size, the
+//! near-dup memory bound and spill folder) is not, because it never changes the output.
 
 use std::path::Path;
 
@@ -73,7 +73,8 @@ pub struct DedupConfig {
     /// remembered, and counted as `exact_index_full`.
     pub max_exact_docs: usize,
     /// At most this many kept documents are indexed for near-dup search (`2 * num_perm`
-    /// bytes of signature plus `bands` table entries each); later documents are still
+    /// bytes of signature plus `bands` table entries each, in memory up to
+    /// `RunOptions::near_dup_memory_bytes` and on disk past it); later documents are still
     /// checked but not indexed, and counted as `near_index_full`.
     pub max_near_docs: usize,
 }
@@ -333,13 +334,25 @@ pub struct RunOptions {
     pub threads: usize,
     /// Bytes of raw documents read per batch; about four batches are in memory at once.
     pub batch_bytes: usize,
+    /// Most bytes the near-dup (LSH) index holds in memory; past it, its band keys and
+    /// signatures spill to files under `spill_dir` (the same documents are kept either
+    /// way; see `minhash` and `neardup`). `--near-dup-memory-mib`, default 256 MiB.
+    pub near_dup_memory_bytes: u64,
+    /// Folder for the near-dup spill files (a private subfolder, removed at the end);
+    /// `None`: the output folder.
+    pub spill_dir: Option<std::path::PathBuf>,
 }
+
+/// The default of [`RunOptions::near_dup_memory_bytes`] in MiB.
+pub const DEFAULT_NEAR_DUP_MEMORY_MIB: u64 = 256;
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             threads: 0,
             batch_bytes: 8 << 20,
+            near_dup_memory_bytes: DEFAULT_NEAR_DUP_MEMORY_MIB << 20,
+            spill_dir: None,
         }
     }
 }

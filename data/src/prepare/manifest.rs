@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::error::DataError;
 use crate::prepare::config::PrepareConfig;
 use crate::prepare::filters::Rule;
+use crate::prepare::neardup::NearDupStats;
 use crate::prepare::scrub::PiiKind;
 use crate::prepare::source::SkipReason;
 use crate::tokenizer::TokenizerSpec;
@@ -116,6 +117,10 @@ pub struct Manifest {
     pub sources: Vec<SourceReport>,
     /// Counts over all sources.
     pub totals: Totals,
+    /// Memory and disk use of the near-dup index (depends on `RunOptions`, so not part
+    /// of the dataset hash; all zero when near dedup is off).
+    #[serde(default)]
+    pub near_dup_index: NearDupStats,
 }
 
 /// Exactly what the dataset hash covers.
@@ -231,6 +236,7 @@ mod tests {
                 ..Default::default()
             }],
             totals: Totals::default(),
+            near_dup_index: NearDupStats::default(),
         };
         m.dataset_hash = m.compute_hash();
         m

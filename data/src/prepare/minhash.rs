@@ -19,14 +19,15 @@
 //! 0.80–0.85 are flagged (99.3% of all pairs at J >= 0.8), 71% at 0.75–0.80, 31% at
 //! 0.70–0.75, 0.6% at 0.60–0.65 and none below 0.6.
 //!
-//! Memory: the index keeps, per indexed document, the low 16 bits of each signature value
+//! Memory: an index keeps, per indexed document, the low 16 bits of each signature value
 //! (`2 * num_perm` bytes: 256 with the defaults; b-bit MinHash, Li & König 2010, whose
 //! estimate is corrected for the 2^-16 chance of equal low bits) and one table entry per
-//! band (a u64 key and a u32 id). With the defaults that is about 1 KiB a document with
-//! table overhead, so the default cap of 1,000,000 indexed documents bounds it near 1 GiB.
-//! A band key remembers only the first document that had it; a later document sharing
-//! that band with a different, non-duplicate document is still found through its other
-//! bands.
+//! band (a u64 key and a u32 id). A band key remembers only the first document that had
+//! it; a later document sharing that band with a different, non-duplicate document is
+//! still found through its other bands. [`LshIndex`] holds all of it in memory (about
+//! 1 KiB a document with table overhead) and is the reference; the pipeline uses
+//! [`NearDupIndex`](super::neardup::NearDupIndex), which takes the same decisions under a
+//! memory bound and spills the rest to disk.
 
 use std::collections::HashMap;
 
@@ -235,15 +236,7 @@ impl LshIndex {
 
     fn band_keys(&self, sig: &[u32]) -> Vec<u64> {
         debug_assert_eq!(sig.len(), self.num_perm);
-        (0..self.bands)
-            .map(|band| {
-                let mut h = mix64(band as u64 ^ 0x6c73_6862_616e_6400);
-                for &v in &sig[band * self.rows..(band + 1) * self.rows] {
-                    h = mix64(h ^ u64::from(v));
-                }
-                h
-            })
-            .collect()
+        band_keys(sig, self.bands, self.rows)
     }
 
     fn lookup(&self, keys: &[u64], sig: &[u32]) -> Option<(u32, f64)> {
@@ -266,16 +259,39 @@ impl LshIndex {
     /// Estimated Jaccard similarity of indexed document `doc` and `sig`.
     fn estimate(&self, doc: u32, sig: &[u32]) -> f64 {
         let stored = &self.sigs[doc as usize * self.num_perm..(doc as usize + 1) * self.num_perm];
-        let equal = stored
-            .iter()
-            .zip(sig)
-            .filter(|(&s, &v)| s == v as u16)
-            .count();
-        let m = equal as f64 / self.num_perm as f64;
-        // P(equal low 16 bits) = J + (1 - J) / 2^16.
-        let c = 1.0 / 65536.0;
-        ((m - c) / (1.0 - c)).max(0.0)
+        estimate_b16(stored, sig)
     }
+}
+
+/// The `bands` LSH keys of `sig`, in band order: band `b` hashes values
+/// `b * rows .. (b + 1) * rows` together with `b`, so equal rows in different bands give
+/// different keys.
+pub fn band_keys(sig: &[u32], bands: usize, rows: usize) -> Vec<u64> {
+    (0..bands)
+        .map(|band| {
+            let mut h = mix64(band as u64 ^ 0x6c73_6862_616e_6400);
+            for &v in &sig[band * rows..(band + 1) * rows] {
+                h = mix64(h ^ u64::from(v));
+            }
+            h
+        })
+        .collect()
+}
+
+/// Estimated Jaccard similarity of a stored b-bit signature (the low 16 bits of each
+/// value) and a full signature of the same length, corrected for the 2^-16 chance that
+/// two different values share their low bits.
+pub fn estimate_b16(stored: &[u16], sig: &[u32]) -> f64 {
+    debug_assert_eq!(stored.len(), sig.len());
+    let equal = stored
+        .iter()
+        .zip(sig)
+        .filter(|(&s, &v)| s == v as u16)
+        .count();
+    let m = equal as f64 / sig.len() as f64;
+    // P(equal low 16 bits) = J + (1 - J) / 2^16.
+    let c = 1.0 / 65536.0;
+    ((m - c) / (1.0 - c)).max(0.0)
 }
 
 #[cfg(test)]

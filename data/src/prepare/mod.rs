@@ -8,7 +8,8 @@
 //! 2. normalise ([`normalize`]): NFC, line ends, control characters, trimming;
 //! 3. exact dedup: SHA-256 of the normalised text, first 16 bytes remembered;
 //! 4. quality filters ([`filters`]): Gopher-style rules, the first failed rule counted;
-//! 5. near dedup ([`minhash`]): MinHash signature, LSH lookup, estimated Jaccard check;
+//! 5. near dedup ([`minhash`], [`neardup`]): MinHash signature, LSH lookup, estimated
+//!    Jaccard check;
 //! 6. scrub ([`scrub`]): PII and secrets replaced by typed placeholders;
 //! 7. tokenize and append, followed by a document separator, to the source's current shard;
 //!    every `shard_tokens` tokens a shard is written.
@@ -19,22 +20,26 @@
 //! depends on earlier documents (dedup, appending to shards) is taken in input order on
 //! one thread.
 //!
-//! Memory does not grow with the corpus except through the two dedup indexes, each capped
-//! by a configured document count (`dedup.max_exact_docs` at about 40 bytes a document,
-//! `dedup.max_near_docs` at about 1 KiB): one batch being read and two queued
+//! Memory does not grow with the corpus except through the exact dedup index (capped by
+//! `dedup.max_exact_docs`, about 40 bytes a document): one batch being read and two queued
 //! (`RunOptions::batch_bytes` each, 8 MiB by default), the batch being processed (its
 //! normalised and scrubbed copies), one shard buffer per source (`4 * shard_tokens`
-//! bytes), and the indexes. The char tokenizer needs the whole vocabulary before the first
+//! bytes), the exact index, and the near-dup index, which holds at most
+//! `RunOptions::near_dup_memory_bytes` (256 MiB by default) and spills the rest of its
+//! band keys and signatures to files under `RunOptions::spill_dir` (the output folder by
+//! default), removed at the end; the manifest's `near_dup_index` reports its peak and
+//! the bytes spilled. The char tokenizer needs the whole vocabulary before the first
 //! token, so with it the kept documents are spilled to a temporary file in the output
 //! folder and tokenized in a second pass.
 //!
-//! Modules: [`config`], [`source`], [`normalize`], [`filters`], [`minhash`], [`scrub`],
-//! [`manifest`].
+//! Modules: [`config`], [`source`], [`normalize`], [`filters`], [`minhash`], [`neardup`],
+//! [`scrub`], [`manifest`].
 
 pub mod config;
 pub mod filters;
 pub mod manifest;
 pub mod minhash;
+pub mod neardup;
 pub mod normalize;
 pub mod scrub;
 pub mod source;
@@ -54,7 +59,8 @@ use crate::tokenizer::{Tokenizer, TokenizerKind};
 use config::{PrepareConfig, RunOptions};
 use filters::Rule;
 use manifest::{Manifest, ShardEntry, SourceReport, Totals, MANIFEST_FORMAT};
-use minhash::{LshIndex, MinHasher, NearDecision};
+use minhash::{MinHasher, NearDecision};
+use neardup::{NearDupIndex, NearDupMemory, NearDupStats};
 use scrub::{ScrubCounts, Scrubber};
 use source::{DocReader, InputFile, Item, SkipReason, SourceSpec};
 
@@ -162,13 +168,23 @@ pub fn prepare(
         bytes_total,
         ..Default::default()
     };
+    let memory = NearDupMemory {
+        bound_bytes: options.near_dup_memory_bytes,
+        spill_dir: options
+            .spill_dir
+            .clone()
+            .unwrap_or_else(|| out_dir.to_path_buf()),
+    };
+    let mut near_dup_index = NearDupStats::default();
     let result = pool.install(|| {
         run_pass(
             &files,
             config,
             options,
+            &memory,
             &mut reports,
             &mut totals,
+            &mut near_dup_index,
             &mut sink,
             &mut progress_state,
             progress,
@@ -229,6 +245,7 @@ pub fn prepare(
         config: config.clone(),
         sources: reports,
         totals,
+        near_dup_index,
     };
     manifest.dataset_hash = manifest.compute_hash();
     manifest.write(&out_dir.join(MANIFEST_FILE))?;
@@ -285,8 +302,10 @@ fn run_pass(
     files: &[Vec<InputFile>],
     config: &PrepareConfig,
     options: &RunOptions,
+    memory: &NearDupMemory,
     reports: &mut [SourceReport],
     totals: &mut Totals,
+    near_stats: &mut NearDupStats,
     sink: &mut Sink,
     state: &mut Progress,
     progress: &(dyn Fn(&Progress) + Sync),
@@ -294,7 +313,11 @@ fn run_pass(
     let hasher = MinHasher::new(&config.dedup);
     let scrubber = Scrubber::new(&config.scrub);
     let mut exact: HashSet<[u8; 16]> = HashSet::new();
-    let mut lsh = LshIndex::new(&config.dedup);
+    let mut lsh = if config.dedup.near {
+        Some(NearDupIndex::new(&config.dedup, memory)?)
+    } else {
+        None
+    };
     let mut input_hashers: Vec<Sha256> = files.iter().map(|_| Sha256::new()).collect();
 
     std::thread::scope(|scope| -> Result<(), DataError> {
@@ -334,8 +357,9 @@ fn run_pass(
                     Verdict::Candidate { key, sig }
                 })
                 .collect();
-            // Stage 2 (in order): dedup decisions.
-            let mut kept: Vec<usize> = Vec::new();
+            // Stage 2 (in order): exact dedup, then near dedup of the survivors that
+            // have a signature (the exact index never depends on near decisions).
+            let mut survivors: Vec<(usize, Option<Vec<u32>>)> = Vec::new();
             for (i, verdict) in verdicts.into_iter().enumerate() {
                 let src = batch.docs[i].0;
                 let report = &mut reports[src];
@@ -356,19 +380,32 @@ fn run_pass(
                                 totals.exact_index_full += 1;
                             }
                         }
-                        if let Some(sig) = sig {
-                            match lsh.check_and_insert(&sig) {
-                                NearDecision::Duplicate { .. } => {
-                                    report.near_dups += 1;
-                                    continue;
-                                }
-                                NearDecision::UniqueNotIndexed => totals.near_index_full += 1,
-                                NearDecision::Unique => {}
-                            }
-                        }
-                        kept.push(i);
+                        survivors.push((i, sig));
                     }
                 }
+            }
+            let sigs: Vec<&[u32]> = survivors
+                .iter()
+                .filter_map(|(_, sig)| sig.as_deref())
+                .collect();
+            let mut decisions = match lsh.as_mut() {
+                Some(index) => index.decide(&sigs)?,
+                None => Vec::new(),
+            }
+            .into_iter();
+            let mut kept: Vec<usize> = Vec::new();
+            for (i, sig) in &survivors {
+                if sig.is_some() {
+                    match decisions.next().expect("one decision per signature") {
+                        NearDecision::Duplicate { .. } => {
+                            reports[batch.docs[*i].0].near_dups += 1;
+                            continue;
+                        }
+                        NearDecision::UniqueNotIndexed => totals.near_index_full += 1,
+                        NearDecision::Unique => {}
+                    }
+                }
+                kept.push(*i);
             }
             for (src, reason) in &batch.skipped {
                 *reports[*src].skipped.entry(*reason).or_default() += 1;
@@ -423,6 +460,9 @@ fn run_pass(
     })?;
     for (report, hasher) in reports.iter_mut().zip(input_hashers) {
         report.input_hash = hex::encode(hasher.finalize());
+    }
+    if let Some(index) = lsh {
+        *near_stats = index.stats();
     }
     Ok(())
 }
