@@ -206,7 +206,21 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     // A lease is kept (not given up) as long as the node waits for etcd.
     etcd_cfg.give_up_after = s.etcd_outage_timeout;
     args.etcd_client.apply(&mut etcd_cfg)?;
-    let etcd = connect_waiting(&etcd_cfg, s.etcd_outage_timeout).await?;
+    // A node that ran before may be restarting during an etcd outage: it waits as long
+    // as the members do. A new one gives up sooner: a mistyped --etcd is the likelier cause.
+    let run_dir = run_dir_of(&s, &args);
+    let ran_before = run_dir.join("events.jsonl").exists();
+    let wait = match ran_before {
+        true => (s.etcd_outage_timeout, "--etcd-outage-timeout-s"),
+        false => (s.etcd_start_timeout, "--etcd-start-timeout-s"),
+    };
+    let etcd = connect_waiting(&etcd_cfg, wait).await.map_err(|e| {
+        let why = match ran_before {
+            true => format!("this node ran before ({} holds its earlier life), so it waited as long as a member waits for etcd", run_dir.display()),
+            false => format!("a new node (no earlier life in {}) waits {} s, --etcd-start-timeout-s", run_dir.display(), s.etcd_start_timeout.as_secs()),
+        };
+        anyhow!("{e:#} ({why}): check --etcd and that etcd runs")
+    })?;
     let store_url = job_store_url(&s.store_root, &s.job);
     // --sign-key: this node signs the manifests it commits; --trust-key: a (re)start loads
     // only a checkpoint signed by that key (a joining node copies a peer's state instead).
@@ -246,7 +260,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         },
         &prep.config_hash[..12]
     );
-    if let Some(p) = prep.pipeline {
+    if let Some(p) = prep.pipeline.filter(|_| s.stages_across_nodes) {
+        println!(
+            "node {}: runs one stage of a pipeline of {} stages ({}) whose other stages are other nodes (--stages-across-nodes); it keeps the whole model's state",
+            s.node_id, p.stages, p.schedule
+        );
+    } else if let Some(p) = prep.pipeline {
         println!(
             "node {}: each of its {} data-parallel rank(s) runs as a pipeline of {} stages ({}) in this process; the pipelines of the other nodes hold twins of its stages",
             s.node_id, s.devices, p.stages, p.schedule
@@ -431,11 +450,7 @@ async fn prepare_node(
         })?),
         None => None,
     };
-    let run_dir = args
-        .train
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("runs/{}/{}", s.job, s.node_id)));
+    let run_dir = run_dir_of(s, args);
     std::fs::create_dir_all(&run_dir).map_err(|e| {
         anyhow!(
             "run dir {}: cannot create it ({e}): pick a writable --run-dir",
@@ -480,6 +495,14 @@ async fn prepare_node(
         stream.seek(start.cursor);
     }
     Ok((prep, start, run_dir, job_nonce))
+}
+
+/// The node's run directory: `--run-dir`, or `runs/<job>/<node id>`.
+fn run_dir_of(s: &Settings, args: &DaemonArgs) -> PathBuf {
+    args.train
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/{}/{}", s.job, s.node_id)))
 }
 
 /// How this node registers in the job (again, after losing its membership).
@@ -559,10 +582,14 @@ const ETCD_START_RETRY: Duration = Duration::from_secs(1);
 
 /// Connects to etcd; while it is unreachable (a node started again during an etcd
 /// outage, e.g. by its supervisor after a crash), tries again every
-/// [`ETCD_START_RETRY`] for at most `outage_timeout` (`--etcd-outage-timeout-s`, the
-/// same bound the running members wait), saying so every 10 s. Any other error (a bad
-/// setting, TLS, authentication) fails at once.
-async fn connect_waiting(cfg: &EtcdConfig, outage_timeout: Duration) -> Result<EtcdMembership> {
+/// [`ETCD_START_RETRY`] for at most `outage_timeout` (given by `flag`:
+/// `--etcd-outage-timeout-s`, the bound the running members wait, for a node that ran
+/// before; `--etcd-start-timeout-s` for a new one), saying so every 10 s. Any other error
+/// (a bad setting, TLS, authentication) fails at once.
+async fn connect_waiting(
+    cfg: &EtcdConfig,
+    (outage_timeout, flag): (Duration, &str),
+) -> Result<EtcdMembership> {
     let started = Instant::now();
     let mut said = None::<Instant>;
     loop {
@@ -581,7 +608,7 @@ async fn connect_waiting(cfg: &EtcdConfig, outage_timeout: Duration) -> Result<E
             {
                 if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     eprintln!(
-                        "warning: {e}; waiting for etcd (at most {} s, --etcd-outage-timeout-s)",
+                        "warning: {e}; waiting for etcd (at most {} s, {flag})",
                         outage_timeout.as_secs()
                     );
                     said = Some(Instant::now());

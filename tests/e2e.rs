@@ -3415,6 +3415,73 @@ fn a_node_started_while_etcd_is_down_waits_for_it_and_joins() {
     }
 }
 
+/// A new node whose --etcd answers nothing (a typo) gives up after
+/// --etcd-start-timeout-s with one error line that names the flag; a node whose run dir
+/// holds an earlier life waits --etcd-outage-timeout-s instead (it may be restarting
+/// during an outage). Nothing is written to the store either way.
+#[test]
+fn a_new_node_gives_up_on_an_unreachable_etcd_sooner_than_one_that_ran_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let etcd = format!("http://127.0.0.1:{port}");
+    let store = tmp.path().join("store");
+    let store_url = format!("file://{}", store.display());
+    let start = |run: &Path| -> (String, String) {
+        let mut args: Vec<String> = [
+            "daemon",
+            "--job",
+            "typo",
+            "--etcd",
+            &etcd,
+            "--store",
+            &store_url,
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd-start-timeout-s",
+            "2",
+            "--etcd-outage-timeout-s",
+            "4",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(daemon_train_flags(&data, 10, &[]));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = tenax(&refs);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        (errors[0].to_string(), stderr)
+    };
+    let (error, stderr) = start(&tmp.path().join("new"));
+    assert!(
+        stderr.contains("waiting for etcd (at most 2 s, --etcd-start-timeout-s)"),
+        "{stderr}"
+    );
+    assert!(
+        error.contains("a new node") && error.contains("check --etcd"),
+        "{error}"
+    );
+    let before = tmp.path().join("before");
+    std::fs::create_dir_all(&before).unwrap();
+    std::fs::write(before.join("events.jsonl"), "").unwrap();
+    let (error, stderr) = start(&before);
+    assert!(
+        stderr.contains("waiting for etcd (at most 4 s, --etcd-outage-timeout-s)"),
+        "{stderr}"
+    );
+    assert!(error.contains("this node ran before"), "{error}");
+    assert!(!store.exists(), "nothing is written to the store");
+}
+
 #[test]
 fn a_member_killed_while_etcd_is_down_is_replaced_when_etcd_returns() {
     let tmp = tempfile::tempdir().unwrap();

@@ -71,6 +71,12 @@ pub struct DaemonArgs {
     /// answer tries again for this long before it exits [default: 600].
     #[arg(long)]
     pub etcd_outage_timeout_s: Option<u64>,
+    /// A new node (its run dir holds no earlier life of it) that cannot reach etcd at
+    /// start gives up after this long, so a mistyped --etcd fails fast; a node that ran
+    /// before waits --etcd-outage-timeout-s instead (it may be restarting during an
+    /// outage) [default: 30].
+    #[arg(long)]
+    pub etcd_start_timeout_s: Option<u64>,
     /// Deadline of one step, collective included [default: 300].
     #[arg(long)]
     pub step_timeout_s: Option<u64>,
@@ -131,6 +137,7 @@ struct DaemonToml {
     lease_ttl_s: Option<i64>,
     settle_ms: Option<u64>,
     etcd_outage_timeout_s: Option<u64>,
+    etcd_start_timeout_s: Option<u64>,
     step_timeout_s: Option<u64>,
     suspect_after_ms: Option<u64>,
     hash_check_every: Option<u64>,
@@ -161,6 +168,7 @@ const DAEMON_KEYS: &[&str] = &[
     "lease_ttl_s",
     "settle_ms",
     "etcd_outage_timeout_s",
+    "etcd_start_timeout_s",
     "step_timeout_s",
     "suspect_after_ms",
     "hash_check_every",
@@ -210,6 +218,7 @@ impl DaemonArgs {
             lease_ttl_s,
             settle_ms,
             etcd_outage_timeout_s,
+            etcd_start_timeout_s,
             step_timeout_s,
             suspect_after_ms,
             hash_check_every,
@@ -253,6 +262,8 @@ pub(crate) struct Settings {
     pub(crate) lease_ttl_s: i64,
     pub(crate) settle_ms: u64,
     pub(crate) etcd_outage_timeout: Duration,
+    /// How long a new node waits for etcd at start (`--etcd-start-timeout-s`).
+    pub(crate) etcd_start_timeout: Duration,
     pub(crate) step_timeout: Duration,
     pub(crate) suspect_after_ms: u64,
     pub(crate) hash_check_every: u64,
@@ -396,6 +407,7 @@ pub(crate) fn settings(args: &mut DaemonArgs) -> Result<Settings> {
         lease_ttl_s,
         settle_ms: args.settle_ms.unwrap_or(300),
         etcd_outage_timeout: Duration::from_secs(args.etcd_outage_timeout_s.unwrap_or(600).max(1)),
+        etcd_start_timeout: Duration::from_secs(args.etcd_start_timeout_s.unwrap_or(30).max(1)),
         step_timeout: Duration::from_secs(args.step_timeout_s.unwrap_or(300).max(1)),
         suspect_after_ms: args.suspect_after_ms.unwrap_or(2000).max(1),
         hash_check_every: args.hash_check_every.unwrap_or(100),

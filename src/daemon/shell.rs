@@ -780,7 +780,11 @@ impl<'a> Shell<'a> {
             .collect();
         let me = self.me();
         let mut out: Vec<String> = Vec::new();
-        for a in plan.ranks.iter().filter(|a| pipelines.contains(&a.dp_index)) {
+        for a in plan
+            .ranks
+            .iter()
+            .filter(|a| pipelines.contains(&a.dp_index))
+        {
             let id = a.member.as_str().to_string();
             if id != me && !out.contains(&id) {
                 out.push(id);
