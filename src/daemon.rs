@@ -314,6 +314,23 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     };
     let mut shell = Shell::new(parts, node_machine(&s, &prep)?);
     let outcome = shell.run(start, live.is_none()).await;
+    if matches!(outcome, Ok((Exit::Done, _)))
+        && prep.data.canaries.is_some()
+        && shell.is_committer()
+    {
+        // The canaries' exposure in the final state, by the node that committed it (every
+        // member holds the same state).
+        let reported = match shell.params().await {
+            Some(params) => {
+                let dir = shell.p.run_dir.clone();
+                crate::memorisation::report_run(&prep, params, shell.step(), &dir).await
+            }
+            None => Err(anyhow!("no final state to measure")),
+        };
+        if let Err(e) = reported {
+            eprintln!("warning: node {}: the canaries' exposure: {e:#}", s.node_id);
+        }
+    }
     let failed = !matches!(outcome, Ok((Exit::Done | Exit::Left, _)));
     shell.stop(failed).await;
     let step = shell.step();

@@ -819,6 +819,20 @@ impl<'a> Shell<'a> {
         }
     }
 
+    /// Whether this node commits the generation's checkpoints (it hosts rank 0).
+    pub fn is_committer(&self) -> bool {
+        self.machine.is_committer()
+    }
+
+    /// The parameters of the node's state after its last step: the trainer's, else the
+    /// state it holds.
+    pub async fn params(&self) -> Option<Arc<Vec<f32>>> {
+        if let Some(t) = &self.trainer {
+            return t.snapshot().await.ok().map(|s| s.params);
+        }
+        self.state.as_ref().map(|s| Arc::new(s.params.clone()))
+    }
+
     /// The step the node's state is at.
     pub fn step(&self) -> u64 {
         self.machine.position().0

@@ -214,3 +214,57 @@ fn eval_memorisation_without_canaries_and_bad_input() {
         "{err}"
     );
 }
+
+/// Canaries in a job of daemons whose pipeline stages run on different nodes: the final
+/// weights are those of `tenax train --ranks 1` with the same canaries, and the node that
+/// committed the final checkpoint writes the same end-of-run exposure as `tenax train`.
+#[test]
+fn daemons_plant_the_same_canaries_and_the_committer_reports_their_exposure() {
+    use super::{cluster, daemon_train_flags, export_bytes, job_export, wait_all_ok};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let steps = 30;
+    let canaries = ["--canaries", "1", "--canary-reps", "1,10,100"];
+    let run = tmp.path().join("reference");
+    let mut args: Vec<String> = vec!["train".into()];
+    args.extend(daemon_train_flags(&data, steps, &canaries));
+    args.extend(["--run-dir", run.to_str().unwrap()].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&refs);
+    let store = format!("file://{}", run.join("checkpoints").display());
+    let want = export_bytes(&store, &[], &tmp.path().join("reference.safetensors"));
+    let exposure = |dir: &std::path::Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(dir.join("memorisation.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["exposure"].clone()
+    };
+    let want_exposure = exposure(&run);
+
+    let job = "canaries";
+    let mut flags = vec!["--pipeline-stages", "2", "--stages-across-nodes"];
+    flags.extend(canaries);
+    let mut c = cluster(job, &data, steps, &flags);
+    for n in 0..2 {
+        c.spawn_daemon(n, &["--start-nodes".into(), "2".into()])
+            .unwrap();
+    }
+    wait_all_ok(&mut c, &[0, 1], std::time::Duration::from_secs(300));
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(got == want, "daemons with canaries trained other weights");
+    let reports: Vec<usize> = (0..2)
+        .filter(|&n| c.run_dir(n).join("memorisation.json").exists())
+        .collect();
+    assert_eq!(
+        reports.len(),
+        1,
+        "one node (the committer) reports the exposure"
+    );
+    let e = exposure(&c.run_dir(reports[0]));
+    assert_eq!(e["canaries"], want_exposure["canaries"], "{e}");
+    assert_eq!(e["step"], steps);
+    for n in 0..2 {
+        assert!(
+            c.run_dir(n).join("canaries.json").exists(),
+            "node {n} keeps the secrets"
+        );
+    }
+}
