@@ -2,14 +2,16 @@
 //!
 //! This binary only wires subcommands to the crates that do the work:
 //! `train` (src/train.rs), `daemon` (src/daemon.rs), `status` and `control`
-//! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs; `bench pipeline` in src/bench_pipeline.rs), `chaos` (src/chaos.rs),
+//! (src/status.rs), `ckpt` (src/ckpt.rs), `bench` (src/bench.rs, and src/bench_*.rs), `chaos` (src/chaos.rs),
 //! `data` (src/data_cmd.rs), `certs` (src/certs.rs), `eval memorisation` and the canaries of
 //! `train --canaries` (src/memorisation.rs);
 //! test-only fault hooks and their guard in src/hooks.rs.
 
 mod bench;
+mod bench_cluster;
 mod bench_gpu;
 mod bench_pipeline;
+mod bench_state;
 mod bench_stream;
 mod certs;
 mod chaos;
