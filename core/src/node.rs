@@ -2180,6 +2180,36 @@ impl NodeMachine {
         self.rejoin(now_ms, out);
     }
 
+    /// A failure that no newer plan followed within the window: the group this node
+    /// failed in may still stand (the failure was this node's own, e.g. etcd refused it
+    /// one call while the plan stayed), so waiting longer changes nothing. It leaves and
+    /// registers again holding its state (the rejoins in a row are bounded), so that the
+    /// others re-form with it or without it.
+    fn rejoin_after_failure(&mut self, error: String, now_ms: u64, out: &mut Vec<Effect>) {
+        let Some(generation) = self.gen.as_ref().map(|g| g.plan.generation) else {
+            return;
+        };
+        let window_s = self.cfg.reform_window_ms / 1000;
+        out.push(fx(
+            Action::Abort { generation },
+            format!("no newer plan within {window_s} s after the failure: nothing more is computed in generation {generation}"),
+        ));
+        self.end_generation(out);
+        out.push(fx(
+            Action::Say(format!(
+                "generation {generation}: no new plan within {window_s} s after its failure ({error}); leaving and registering again, holding the state of step {}",
+                self.step
+            )),
+            "the plan stands without this node training in it: registering again makes the leader plan anew",
+        ));
+        out.push(fx(
+            Action::Leave,
+            "the others re-form without this node at once",
+        ));
+        self.lost = Some(format!("no new plan after: {error}"));
+        self.rejoin(now_ms, out);
+    }
+
     /// The generation's work is over on this node: take the trainer's state back.
     fn end_generation(&mut self, out: &mut Vec<Effect>) {
         if let Some(g) = self.gen.as_mut() {
@@ -2349,6 +2379,11 @@ impl NodeMachine {
                 format!("the final checkpoint of step {step} was not committed within {} s", self.cfg.final_timeout_ms / 1000),
                 out,
             ),
+            Phase::AfterFailure { until_ms, error }
+                if now_ms >= until_ms && self.etcd_down_since_ms.is_none() =>
+            {
+                self.rejoin_after_failure(error, now_ms, out)
+            }
             Phase::AfterFailure { until_ms, error } if now_ms >= until_ms => {
                 let why = match self.etcd_down_since_ms {
                     Some(since) => format!(
@@ -2864,8 +2899,60 @@ mod tests {
                 let a = t.ev(Event::PlanSeen(plan(2, &["a"])));
                 assert_eq!(a.last(), Some(&Action::CheckJobDone), "{a:?}");
             } else {
+                // The plan stands: leave and register again, holding the state.
                 let a = t.at(t.now + 1);
-                assert_eq!(a, vec![Action::Exit(Exit::Failed)]);
+                assert!(
+                    matches!(
+                        &a[..],
+                        [
+                            Action::Abort { generation: 1 },
+                            Action::StopTrainer { generation: 1 },
+                            Action::Say(_),
+                            Action::Leave,
+                            Action::Say(_)
+                        ]
+                    ),
+                    "{a:?}"
+                );
+                assert!(t.m.holds_state());
+                let Phase::Rejoining { at_ms } = *t.m.phase() else {
+                    panic!("{:?}", t.m.phase())
+                };
+                assert_eq!(t.at(at_ms), vec![Action::Register]);
+            }
+        }
+    }
+
+    /// A node whose failures are never followed by a newer plan rejoins a bounded number
+    /// of times in a row, then stops.
+    #[test]
+    fn failures_without_a_new_plan_rejoin_a_bounded_number_of_times() {
+        let c = config("a");
+        let max = c.max_rejoins;
+        let mut t = T::new(c);
+        t.train_from(0, 1, &["a", "b"]);
+        let window = reform_window_ms(3, 300);
+        for g in 1..=u64::from(max) + 1 {
+            if g > 1 {
+                t.ev(Event::Registered);
+                t.ev(Event::PlanSeen(plan(g, &["a", "b"])));
+                t.ev(Event::JobRecord { step: None });
+                t.ev(Event::CommunicatorBuilt { generation: g });
+            }
+            t.ev(Event::Failed {
+                generation: g,
+                peers_may_have_failed: false,
+                error: "etcd refused a call".into(),
+            });
+            let a = t.at(t.now + window);
+            if g <= u64::from(max) {
+                assert!(a.contains(&Action::Leave), "rejoin {g}: {a:?}");
+                let Phase::Rejoining { at_ms } = *t.m.phase() else {
+                    panic!("{:?}", t.m.phase())
+                };
+                assert_eq!(t.at(at_ms), vec![Action::Register]);
+            } else {
+                assert_eq!(a.last(), Some(&Action::Exit(Exit::Failed)), "{a:?}");
             }
         }
     }
@@ -2926,9 +3013,11 @@ mod tests {
                         let a = t.ev(Event::PlanSeen(plan(2, &["a", "b"])));
                         assert_eq!(a.last(), Some(&Action::CheckJobDone), "{case}: {a:?}");
                     } else {
+                        // etcd is back and the plan stands: leave and register again.
                         assert!(t.at(t.now + window - 1).is_empty(), "{case}");
                         let a = t.at(t.now + 1);
-                        assert_eq!(a, vec![Action::Exit(Exit::Failed)], "{case}");
+                        assert!(a.contains(&Action::Leave), "{case}: {a:?}");
+                        assert!(t.m.holds_state(), "{case}");
                     }
                 }
                 None => {
