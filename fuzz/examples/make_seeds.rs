@@ -627,7 +627,8 @@ async fn stream_answer(request: &[u8]) -> Vec<u8> {
 
 /// The state stream's seeds, recorded from tenax's own two ends: requests as
 /// `fetch_state` sends them, and a donor hub's answers to them (the whole state, and a
-/// refusal); plus an HTTP/2 client preface (a connection for the gRPC side).
+/// refusal), the state's answer with a header claiming 2^40 values; plus an HTTP/2 client
+/// preface (a connection for the gRPC side).
 async fn stream_seeds() {
     use tenax_fuzz::stream::{self as st, Case};
     let any = stream_request(st::RECEIVER, st::STEP, "").await;
@@ -638,12 +639,29 @@ async fn stream_seeds() {
     let refused = stream_answer(&wrong_step).await;
     assert_eq!(state[0], 0, "the donor accepts");
     assert_ne!(refused[0], 0, "the donor refuses the wrong step");
-    let seeds: [(&str, Case); 7] = [
+    // The same answer with a header that claims 2^40 values (12 TiB): the requester must
+    // reserve as data comes, not what the header says (fixed in 959240e).
+    let len = u32::from_le_bytes(state[1..5].try_into().expect("4 bytes")) as usize;
+    let mut header = StateHeader::decode(&state[5..5 + len]).expect("the donor's header");
+    header.num_params = 1 << 40;
+    let header = header.encode_to_vec();
+    let mut huge = vec![0u8];
+    huge.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    huge.extend_from_slice(&header);
+    huge.extend_from_slice(&state[5 + len..]);
+    let seeds: [(&str, Case); 8] = [
         (
             "answer-state",
             Case::Answer {
                 want_hash: true,
                 bytes: &state,
+            },
+        ),
+        (
+            "answer-huge-claim",
+            Case::Answer {
+                want_hash: true,
+                bytes: &huge,
             },
         ),
         (
