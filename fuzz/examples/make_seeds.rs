@@ -390,6 +390,7 @@ fn frame(
         chunk,
         offset: 0,
         loss_bits: u64::from(1.5f32.to_bits()),
+        total: 0,
         data: f32_bytes(values),
     }
 }

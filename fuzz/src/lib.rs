@@ -156,6 +156,8 @@ pub mod exchange {
         pub const RAW_LOSS: u8 = 32;
         /// The data length byte counts bytes (else f32 values).
         pub const RAW_DATA: u8 = 64;
+        /// The frame carries [`super::Frame::total`] (else 0).
+        pub const TOTAL: u8 = 128;
     }
 
     /// One frame, as the input describes it.
@@ -167,7 +169,7 @@ pub mod exchange {
         pub from: u8,
         /// The step.
         pub step: u8,
-        /// The frame kind (as the wire's i32; 0..=7 are known).
+        /// The frame kind (as the wire's i32; 0..=8 are known).
         pub kind: u8,
         /// Slot or round.
         pub index: u64,
@@ -177,6 +179,8 @@ pub mod exchange {
         pub offset: u64,
         /// The loss sum's bits (see [`flags::RAW_LOSS`]).
         pub loss_bits: u64,
+        /// A stage message's length in values, with [`flags::TOTAL`].
+        pub total: u16,
         /// The data.
         pub data: Vec<u8>,
     }
@@ -215,6 +219,7 @@ pub mod exchange {
             } else {
                 u64::from(inp.u32())
             };
+            let total = if fl & flags::TOTAL != 0 { inp.u16() } else { 0 };
             let len = usize::from(inp.u8());
             let len = if fl & flags::RAW_DATA != 0 {
                 len
@@ -231,6 +236,7 @@ pub mod exchange {
                 chunk,
                 offset,
                 loss_bits,
+                total,
                 data,
             });
         }
@@ -264,6 +270,9 @@ pub mod exchange {
                 out.u64(f.loss_bits);
             } else {
                 out.u32(f.loss_bits as u32);
+            }
+            if f.flags & flags::TOTAL != 0 {
+                out.u16(f.total);
             }
             if f.flags & flags::RAW_DATA != 0 {
                 out.u8(f.data.len() as u8);
