@@ -1,18 +1,21 @@
 //! Writes the seed corpus of every fuzz target under `fuzz/seeds/<target>/` (run from the
 //! repository root: `cargo run --manifest-path fuzz/Cargo.toml --example make_seeds`).
 //! Each seed is a valid input made with tenax's own writers (the checkpoint writer, the
-//! shard and record encoders, the prost messages) or copied from the repository (the
-//! chaos scenarios, the example training configs), so the fuzzers start past the parse.
+//! shard and record encoders, the prost messages, the state stream's requester and donor
+//! recorded on 127.0.0.1) or copied from the repository (the chaos scenarios, the example
+//! training configs), so the fuzzers start past the parse.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use prost::Message;
 use serde_json::json;
+use tenax_cluster::peer::{fetch_state, STATE_STREAM_MAGIC};
 use tenax_cluster::records::{
     encode_checkpoint, encode_config, encode_member_info, encode_plan, encode_plan_envelope,
     encode_suspect_report, CheckpointRecord, ConfigRecord, SuspectRecord,
 };
+use tenax_cluster::{PeerAddr, PeerHub};
 use tenax_core::membership::{compute_plan, MemberId, MemberInfo, PlannerConfig};
 use tenax_fuzz::exchange::{self, flags};
 use tenax_fuzz::transfer::{self, answer_flags, chunk_flags, request_flags};
@@ -387,6 +390,7 @@ fn frame(
         chunk,
         offset: 0,
         loss_bits: u64::from(1.5f32.to_bits()),
+        total: 0,
         data: f32_bytes(values),
     }
 }
@@ -545,6 +549,170 @@ fn transfer_seeds() {
     }
 }
 
+/// The first bytes tenax's requester (`fetch_state` over the state stream) sends to ask
+/// for the state at `step` as `member`, recorded by a listener that then refuses. The
+/// request's `wait_ms`, which depends on the time left, is set to 0 (and the request
+/// encoded again) so that the seed is the same on every run.
+async fn stream_request(member: &str, step: u64, hash: &str) -> Vec<u8> {
+    use tenax_fuzz::stream as st;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port on 127.0.0.1");
+    let donor = PeerAddr {
+        id: "donor".into(),
+        addr: listener.local_addr().expect("its address").to_string(),
+    };
+    let recorder = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.expect("the requester dials");
+        let mut first = [0u8; 12];
+        conn.read_exact(&mut first)
+            .await
+            .expect("the magic and length");
+        let len = u32::from_le_bytes(first[8..].try_into().expect("4 bytes")) as usize;
+        let mut body = vec![0u8; len];
+        conn.read_exact(&mut body).await.expect("the request");
+        let mut no = vec![tonic::Code::NotFound as i32 as u8];
+        no.extend_from_slice(&4u32.to_le_bytes());
+        no.extend_from_slice(b"seed");
+        conn.write_all(&no).await.expect("the refusal");
+        conn.shutdown().await.expect("the end");
+        (first, body)
+    });
+    let hub = PeerHub::new(st::JOB, st::requester_config());
+    let refused = fetch_state(
+        &hub,
+        st::GENERATION,
+        member,
+        &donor,
+        step,
+        hash,
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    assert!(refused.is_err(), "the recorder refuses");
+    let (first, body) = recorder.await.expect("the recorder");
+    assert_eq!(first[..8], STATE_STREAM_MAGIC);
+    let mut req = StateRequest::decode(&body[..]).expect("tenax's request decodes");
+    req.wait_ms = 0;
+    let body = req.encode_to_vec();
+    let mut out = STATE_STREAM_MAGIC.to_vec();
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// What a donor hub (publishing the state_stream target's state, passing its
+/// connections through `PeerHub::incoming`) answers to the first bytes `request`.
+async fn stream_answer(request: &[u8]) -> Vec<u8> {
+    use tenax_fuzz::stream as st;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = PeerHub::new(st::JOB, st::donor_config());
+    let _publication = hub.publish_state(st::GENERATION, Arc::new(st::state()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port on 127.0.0.1");
+    let addr = listener.local_addr().expect("its address");
+    // Held: the hub stops accepting when the gRPC side's stream is dropped.
+    let _grpc_side = hub.incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the donor listens");
+    conn.write_all(request).await.expect("the request");
+    conn.shutdown().await.expect("the end of the request");
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.expect("the answer");
+    assert!(!answer.is_empty(), "the donor answers");
+    answer
+}
+
+/// The state stream's seeds, recorded from tenax's own two ends: requests as
+/// `fetch_state` sends them, and a donor hub's answers to them (the whole state, and a
+/// refusal), the state's answer with a header claiming 2^40 values; plus an HTTP/2 client
+/// preface (a connection for the gRPC side).
+async fn stream_seeds() {
+    use tenax_fuzz::stream::{self as st, Case};
+    let any = stream_request(st::RECEIVER, st::STEP, "").await;
+    let hash = stream_request(st::RECEIVER, st::STEP, st::HASH).await;
+    let other = stream_request("other", st::STEP, "").await;
+    let wrong_step = stream_request(st::RECEIVER, st::STEP + 1, "").await;
+    let state = stream_answer(&hash).await;
+    let refused = stream_answer(&wrong_step).await;
+    assert_eq!(state[0], 0, "the donor accepts");
+    assert_ne!(refused[0], 0, "the donor refuses the wrong step");
+    // The same answer with a header that claims 2^40 values (12 TiB): the requester must
+    // reserve as data comes, not what the header says (fixed in 959240e).
+    let len = u32::from_le_bytes(state[1..5].try_into().expect("4 bytes")) as usize;
+    let mut header = StateHeader::decode(&state[5..5 + len]).expect("the donor's header");
+    header.num_params = 1 << 40;
+    let header = header.encode_to_vec();
+    let mut huge = vec![0u8];
+    huge.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    huge.extend_from_slice(&header);
+    huge.extend_from_slice(&state[5 + len..]);
+    let seeds: [(&str, Case); 8] = [
+        (
+            "answer-state",
+            Case::Answer {
+                want_hash: true,
+                bytes: &state,
+            },
+        ),
+        (
+            "answer-huge-claim",
+            Case::Answer {
+                want_hash: true,
+                bytes: &huge,
+            },
+        ),
+        (
+            "answer-refused",
+            Case::Answer {
+                want_hash: false,
+                bytes: &refused,
+            },
+        ),
+        (
+            "request-any",
+            Case::Request {
+                receivers: false,
+                bytes: &any,
+            },
+        ),
+        (
+            "request-hash",
+            Case::Request {
+                receivers: false,
+                bytes: &hash,
+            },
+        ),
+        (
+            "request-receiver",
+            Case::Request {
+                receivers: true,
+                bytes: &any,
+            },
+        ),
+        (
+            "request-not-receiver",
+            Case::Request {
+                receivers: true,
+                bytes: &other,
+            },
+        ),
+        (
+            "request-grpc",
+            Case::Request {
+                receivers: false,
+                bytes: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            },
+        ),
+    ];
+    for (name, case) in seeds {
+        write("state_stream", name, &st::encode(&case));
+    }
+}
+
 /// Inputs that crashed a target once (see the regression tests next to the fixes), kept
 /// as seeds so that every run starts from them.
 fn regression_seeds() {
@@ -594,6 +762,7 @@ async fn main() {
     proto_seeds();
     exchange_seeds();
     transfer_seeds();
+    stream_seeds().await;
     regression_seeds();
     println!("seeds written under fuzz/seeds/");
 }

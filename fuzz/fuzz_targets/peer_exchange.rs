@@ -64,6 +64,8 @@ fn spec_of(s: &exchange::Spec, generation: u64) -> CommSpec {
         },
         max_frame_floats: 1 + usize::from(s.max_frame_floats) % HUB_FRAME_FLOATS,
         connect_deadline: Duration::from_secs(3600),
+        // Whole slots: the stage parts of a pipeline split across members are not fed.
+        stage: None,
     }
 }
 
@@ -97,6 +99,7 @@ fn body_of(frames: &[exchange::Frame], members: usize) -> bytes::Bytes {
                 f64::from(f32::from_bits(f.loss_bits as u32))
             },
             data: f.data.clone(),
+            total: u64::from(f.total),
         };
         body.put_u8(0);
         body.put_u32(frame.encoded_len() as u32);

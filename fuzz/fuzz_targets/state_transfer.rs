@@ -101,6 +101,9 @@ fn world() -> &'static World {
                 JOB,
                 HubConfig {
                     max_frame_floats: HUB_FRAME_FLOATS,
+                    // The gRPC FetchState path (the state stream, on by default, is the
+                    // state_stream target's).
+                    state_stream: false,
                     ..HubConfig::default()
                 },
             )

@@ -1,6 +1,7 @@
 //! Helpers of tenax's fuzz targets: a reader that turns fuzz input into small fields
 //! (and the writer the seed generator uses to write inputs in the same layout), and the
-//! input layouts of the structure-aware targets `peer_exchange` and `state_transfer`.
+//! input layouts of the structure-aware targets `peer_exchange` and `state_transfer`,
+//! and the fixed world of the `state_stream` target.
 
 /// Reads fuzz input as a sequence of small little-endian fields. Reads past the end give
 /// zeros (and empty byte strings), so every input is a valid one.
@@ -155,6 +156,8 @@ pub mod exchange {
         pub const RAW_LOSS: u8 = 32;
         /// The data length byte counts bytes (else f32 values).
         pub const RAW_DATA: u8 = 64;
+        /// The frame carries [`super::Frame::total`] (else 0).
+        pub const TOTAL: u8 = 128;
     }
 
     /// One frame, as the input describes it.
@@ -166,7 +169,7 @@ pub mod exchange {
         pub from: u8,
         /// The step.
         pub step: u8,
-        /// The frame kind (as the wire's i32; 0..=7 are known).
+        /// The frame kind (as the wire's i32; 0..=8 are known).
         pub kind: u8,
         /// Slot or round.
         pub index: u64,
@@ -176,6 +179,8 @@ pub mod exchange {
         pub offset: u64,
         /// The loss sum's bits (see [`flags::RAW_LOSS`]).
         pub loss_bits: u64,
+        /// A stage message's length in values, with [`flags::TOTAL`].
+        pub total: u16,
         /// The data.
         pub data: Vec<u8>,
     }
@@ -214,6 +219,7 @@ pub mod exchange {
             } else {
                 u64::from(inp.u32())
             };
+            let total = if fl & flags::TOTAL != 0 { inp.u16() } else { 0 };
             let len = usize::from(inp.u8());
             let len = if fl & flags::RAW_DATA != 0 {
                 len
@@ -230,6 +236,7 @@ pub mod exchange {
                 chunk,
                 offset,
                 loss_bits,
+                total,
                 data,
             });
         }
@@ -263,6 +270,9 @@ pub mod exchange {
                 out.u64(f.loss_bits);
             } else {
                 out.u32(f.loss_bits as u32);
+            }
+            if f.flags & flags::TOTAL != 0 {
+                out.u16(f.total);
             }
             if f.flags & flags::RAW_DATA != 0 {
                 out.u8(f.data.len() as u8);
@@ -496,6 +506,125 @@ pub mod transfer {
         /// The checksum so far.
         pub fn hex(&self) -> String {
             format!("{:016x}{:016x}", self.a, self.b)
+        }
+    }
+}
+
+/// The fixed world of the `state_stream` target, whose inputs are raw bytes: a first
+/// byte of [`mode`] bits, then either a donor's answer on a state stream (what the
+/// requester's `fetch_state` reads) or a client's request (what a donor hub's
+/// `PeerHub::incoming` reads). The seeds are recorded from tenax's own two ends.
+pub mod stream {
+    use tenax_cluster::peer::{HubConfig, StateSnapshot};
+
+    /// The job of both sides.
+    pub const JOB: &str = "j";
+    /// The generation the donor hubs publish (and the requester asks for): the largest,
+    /// so that no request is for a newer one, which a donor would wait up to a minute
+    /// for (`MAX_PUBLICATION_WAIT`) instead of answering.
+    pub const GENERATION: u64 = u64::MAX;
+    /// The step of the donors' state (and the one the requester asks for).
+    pub const STEP: u64 = 7;
+    /// The parameter hash of the donors' state.
+    pub const HASH: &str = "h";
+    /// The member the requester is (and the only receiver of the donor that names one).
+    pub const RECEIVER: &str = "r";
+    /// Values per tensor of the donors' state.
+    pub const PARAMS: usize = 5;
+    /// Values per frame of the donors: [`PARAMS`] takes three frames per tensor.
+    pub const FRAME_FLOATS: usize = 2;
+
+    /// Bits of the first byte.
+    pub mod mode {
+        /// The rest is a client's request to a donor hub (else a donor's answer to the
+        /// requester).
+        pub const DONOR: u8 = 1;
+        /// Request: to the donor that serves only [`super::RECEIVER`] (else to the one
+        /// that serves every member). Answer: the requester asks for the hash
+        /// [`super::HASH`] (else any).
+        pub const NARROW: u8 = 2;
+    }
+
+    /// One input of the target.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Case<'a> {
+        /// A donor's answer to the requester (status, header, frames).
+        Answer {
+            /// The requester asks for [`HASH`] (else any hash).
+            want_hash: bool,
+            /// The bytes the donor sends.
+            bytes: &'a [u8],
+        },
+        /// A client's first bytes to a donor hub (magic, length, request).
+        Request {
+            /// To the donor that serves only [`RECEIVER`].
+            receivers: bool,
+            /// The bytes the client sends.
+            bytes: &'a [u8],
+        },
+    }
+
+    /// Reads an input.
+    pub fn parse(data: &[u8]) -> Case<'_> {
+        let (first, bytes) = match data.split_first() {
+            Some((&f, rest)) => (f, rest),
+            None => (0, data),
+        };
+        let narrow = first & mode::NARROW != 0;
+        if first & mode::DONOR != 0 {
+            Case::Request {
+                receivers: narrow,
+                bytes,
+            }
+        } else {
+            Case::Answer {
+                want_hash: narrow,
+                bytes,
+            }
+        }
+    }
+
+    /// Writes an input that [`parse`] reads back.
+    pub fn encode(case: &Case<'_>) -> Vec<u8> {
+        let (first, bytes) = match *case {
+            Case::Answer { want_hash, bytes } => (if want_hash { mode::NARROW } else { 0 }, bytes),
+            Case::Request { receivers, bytes } => (
+                mode::DONOR | if receivers { mode::NARROW } else { 0 },
+                bytes,
+            ),
+        };
+        let mut out = vec![first];
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    /// The state the donor hubs publish.
+    pub fn state() -> StateSnapshot {
+        let values = |k: f32| (0..PARAMS).map(|i| k + i as f32).collect::<Vec<f32>>();
+        StateSnapshot {
+            step: STEP,
+            cursor: 3,
+            opt_step: 2,
+            param_hash: HASH.into(),
+            params: values(0.0),
+            m: values(0.5),
+            v: values(0.25),
+        }
+    }
+
+    /// The donor hubs' config: frames of [`FRAME_FLOATS`] values.
+    pub fn donor_config() -> HubConfig {
+        HubConfig {
+            max_frame_floats: FRAME_FLOATS,
+            ..HubConfig::default()
+        }
+    }
+
+    /// The requester's config: the state stream on (whatever the default is).
+    pub fn requester_config() -> HubConfig {
+        HubConfig {
+            state_stream: true,
+            ..HubConfig::default()
         }
     }
 }

@@ -81,6 +81,33 @@ pub const FRAME_END: u8 = 2;
 /// Frame kind: the donor gave up (its reason follows).
 pub const FRAME_ABORT: u8 = 3;
 
+/// Most values per tensor a requester reserves before they arrive: a header's parameter
+/// count is only the donor's word, so a larger count is reserved as data comes
+/// ([`make_room`]), not up front (a header claiming 2^40 values must not make the
+/// requester reserve 12 TiB, nor fail a fetch that a cut stream would end anyway).
+pub(super) const RESERVE_AHEAD_FLOATS: usize = STATE_CHUNK_FLOATS;
+
+/// Makes room in `values` (a tensor of `n` values, `values.len() + more <= n`) for `more`
+/// values: at least doubling its capacity, never past `n`, so that what is reserved is
+/// at most twice what came (plus [`RESERVE_AHEAD_FLOATS`]) and a tensor of `n` values
+/// ends with a capacity of exactly `n` after about log2(n / RESERVE_AHEAD_FLOATS)
+/// reallocations (a large one moves pages with `mremap`, not bytes).
+///
+/// # Errors
+/// The allocator's, when that room cannot be had.
+pub(super) fn make_room(
+    values: &mut Vec<f32>,
+    n: usize,
+    more: usize,
+) -> Result<(), std::collections::TryReserveError> {
+    let need = values.len() + more;
+    if need <= values.capacity() {
+        return Ok(());
+    }
+    let want = values.capacity().saturating_mul(2).min(n).max(need);
+    values.try_reserve_exact(want - values.len())
+}
+
 /// Bytes of a frame head.
 const FRAME_HEAD_BYTES: usize = 16;
 
@@ -581,10 +608,13 @@ impl StreamFetch {
             .ok()
             .filter(|n| n.checked_mul(12).is_some())
             .ok_or_else(|| bad_header(format!("num_params {} is too large", header.num_params)))?;
+        // The count is the donor's word: reserve at most RESERVE_AHEAD_FLOATS values per
+        // tensor now, the rest as data arrives (make_room).
         let mut tensors: [Vec<f32>; 3] = Default::default();
         for t in &mut tensors {
-            t.try_reserve_exact(n)
-                .map_err(|e| bad_header(format!("cannot hold {n} values: {e}")))?;
+            let ahead = n.min(RESERVE_AHEAD_FLOATS);
+            t.try_reserve_exact(ahead)
+                .map_err(|e| bad_header(format!("cannot hold {ahead} values: {e}")))?;
         }
         self.total.store(n as u64 * 12, Ordering::Relaxed);
         let mut place = Placement::new(n);
@@ -626,7 +656,11 @@ impl StreamFetch {
                     let data = &mut block[..len];
                     io.read_exact(data).map_err(broken)?;
                     sum.update(data);
-                    decode(data, &mut tensors[tensor as usize]);
+                    let values = &mut tensors[tensor as usize];
+                    make_room(values, n, len / 4).map_err(|e| {
+                        bad(format!("cannot hold tensor {tensor}'s {n} values: {e}"))
+                    })?;
+                    decode(data, values);
                     self.got.fetch_add(len as u64, Ordering::Relaxed);
                     Counters::add(&self.counters.state_bytes_fetched, len as u64);
                 }

@@ -1389,6 +1389,53 @@ async fn state_stream_checks_every_frame_and_the_checksum() {
     );
 }
 
+/// A state stream header's parameter count is the donor's word: the requester reserves
+/// room as data arrives, so a header claiming 2^40 values (12 TiB) costs nothing up front
+/// and the stream is refused at the frame that shows it short (before this, the
+/// requester reserved the whole claim on the header and refused with "cannot hold").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_stream_reserves_as_data_arrives_not_what_the_header_claims() {
+    let hub = fetcher(true);
+    let mut chunks = fake_chunks();
+    chunks[0].header.as_mut().unwrap().num_params = 1 << 40;
+    let donor = fake_stream_donor(stream_bytes(&chunks, true)).await;
+    let err = fetch_state(&hub, 1, "m1", &donor, 5, "", WAIT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tensor 1 starts but tensor 0 has only 2 of 1099511627776 values"),
+        "{err}"
+    );
+}
+
+/// `make_room` grows a tensor by doubling, never past its `n` values, and not at all
+/// while it has room: (capacity, len, n, more) -> capacity after.
+#[test]
+fn make_room_doubles_up_to_n() {
+    use super::stream::{make_room, RESERVE_AHEAD_FLOATS};
+    let cases: &[(usize, usize, usize, usize, usize)] = &[
+        (0, 0, 0, 0, 0),
+        (0, 0, 5, 3, 3),
+        (4, 2, 100, 2, 4),
+        (4, 4, 100, 1, 8),
+        (4, 4, 6, 1, 6),
+        (4, 4, 100, 20, 24),
+        (8, 8, 1 << 40, 1, 16),
+    ];
+    for &(cap, len, n, more, want) in cases {
+        let mut v: Vec<f32> = Vec::with_capacity(cap);
+        v.resize(len, 0.0);
+        assert_eq!(v.capacity(), cap);
+        make_room(&mut v, n, more).unwrap();
+        assert_eq!(v.capacity(), want, "cap {cap} len {len} n {n} more {more}");
+    }
+    // The requester's first reservation is bounded whatever the header says.
+    let (n, mut v) = (1usize << 40, Vec::<f32>::new());
+    v.try_reserve_exact(n.min(RESERVE_AHEAD_FLOATS)).unwrap();
+    assert_eq!(v.capacity(), RESERVE_AHEAD_FLOATS);
+}
+
 /// A hub serving over mutual TLS as node `id` with the certificates in `dir`, and its
 /// listener passing state streams to the hub.
 async fn start_tls_node(dir: &std::path::Path, id: &str) -> Node {
