@@ -512,7 +512,11 @@ mod tests {
         let mut h = staged();
         h.steps[5].stage = Some(0);
         let v = &check(&h, &["slots_exactly_once"])["slots_exactly_once"];
-        assert!(!v.is_held() && v.evidence.contains("of stage 0"), "{}", v.evidence);
+        assert!(
+            !v.is_held() && v.evidence.contains("of stage 0"),
+            "{}",
+            v.evidence
+        );
         // Stage 1 of step 3 misses slot 1 (and nothing explains it).
         let mut h = staged();
         h.steps[5].slots = vec![0];

@@ -273,8 +273,15 @@ fn a_hung_stage_is_named_by_the_stage_waiting_on_it() {
     let job = "stagehang";
     let mut daemon_args = daemon_train_flags(&data, steps, &across("2"));
     daemon_args.extend(
-        ["--settle-ms", "300", "--lease-ttl-s", "20", "--suspect-after-ms", "500"]
-            .map(String::from),
+        [
+            "--settle-ms",
+            "300",
+            "--lease-ttl-s",
+            "20",
+            "--suspect-after-ms",
+            "500",
+        ]
+        .map(String::from),
     );
     let mut c = LocalCluster::start(ClusterSpec {
         tenax_bin: PathBuf::from(env!("CARGO_BIN_EXE_tenax")),

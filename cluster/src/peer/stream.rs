@@ -670,6 +670,7 @@ impl StreamFetch {
             params,
             m,
             v,
+            guard_state: header.guard_state,
         })
     }
 }
