@@ -97,6 +97,7 @@ pub async fn state_donor(a: StateDonorArgs) -> Result<()> {
         params: vector(),
         m: vector(),
         v: vector(),
+        guard_state: Vec::new(),
     };
     let snap = std::sync::Arc::new(snap);
     let _publication = hub.publish_state(1, snap.clone());

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use sha2::Digest as _;
 use tenax_actors::{CheckpointPolicy, Checkpointer, Control, Membership};
 use tenax_cluster::etcd::{EtcdConfig, EtcdMembership};
 use tenax_cluster::member::{Detection, Member, MemberConfig, Prober};
@@ -139,9 +140,22 @@ async fn live_group(etcd: &EtcdMembership) -> Result<Option<String>> {
 
 /// Fix the job's training config in etcd (the first node does) or check ours against it.
 async fn agree_on_config(etcd: &EtcdMembership, node: &str, prep: &Prepared) -> Result<String> {
+    // The training guard decides on every member from the same reduced values, so the
+    // members must run it with the same settings: they join the math. A guard-off node
+    // keeps the hash an older build writes.
+    let guard = prep.cfg.guard();
+    let guard_json = serde_json::to_value(guard).expect("guard settings serialise");
+    let config_hash = match guard.enabled() {
+        false => prep.config_hash.clone(),
+        true => hex::encode(sha2::Sha256::digest(
+            format!("{}/guard:{guard_json}", prep.config_hash).as_bytes(),
+        )),
+    };
+    let mut math = prep.cfg.math();
+    math.insert("guard".to_string(), guard_json);
     let ours = ConfigRecord {
-        config_hash: prep.config_hash.clone(),
-        math: prep.cfg.math(),
+        config_hash,
+        math,
         corpus_sha256: prep.stored_cfg.corpus_sha256.clone(),
         node: node.to_string(),
         // 16 hex characters, unique to this incarnation of the job.
@@ -481,10 +495,10 @@ async fn prepare_node(
     // each of the node's --devices data-parallel ranks runs one such pipeline.
     train_args.ranks = Some(train_args.pipeline_stages.unwrap_or(1).max(1) as usize);
     let cfg = TrainConfig::resolve(train_args, stored.as_ref().map(|s| &s.train))?;
-    if cfg.guard().enabled() {
+    if cfg.guard().enabled() && cfg.guard_rollback_after > 0 {
         bail!(
-            "--guard-sigma {}: the training guard runs in `tenax train` only so far (its state is not yet carried in a daemon's state copies): pass --guard-sigma 0",
-            cfg.guard_sigma
+            "--guard-rollback-after {}: a daemon's training guard skips flagged steps but does not roll back yet (that would restart the group's trainer from an in-memory snapshot mid-generation): pass --guard-rollback-after 0",
+            cfg.guard_rollback_after
         );
     }
     if let Some(st) = &stored {

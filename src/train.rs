@@ -112,6 +112,9 @@ pub struct Start {
     pub params: Vec<f32>,
     /// Optimizer state.
     pub opt: AdamW,
+    /// The training guard's state that goes with it (from a checkpoint's `extra.guard` or
+    /// a state copy); `None` when it holds none (a fresh start, or the guard was off).
+    pub guard: Option<tenax_core::guard::GuardState>,
 }
 
 /// Everything a run needs besides its starting state: the resolved config, the data, the
@@ -409,6 +412,7 @@ pub fn start_state(prep: &Prepared, resumed: Option<&LoadedCheckpoint>) -> Resul
             cursor: 0,
             params: tenax_model::init_params(&prep.setup.model, &prep.param_layout, prep.cfg.seed),
             opt: AdamW::new(prep.param_layout.total),
+            guard: None,
         },
         Some(c) => {
             let all = named_from(&c.tensors);
@@ -422,12 +426,14 @@ pub fn start_state(prep: &Prepared, resumed: Option<&LoadedCheckpoint>) -> Resul
                 .ok_or_else(|| anyhow!("checkpoint {}: manifest has no adamw_step", c.url))?;
             let opt = AdamW::from_named_state(&prep.param_layout, &all, adamw_step)
                 .map_err(|e| anyhow!("checkpoint {}: {e}", c.url))?;
+            let guard = guard::state_of(c)?;
             println!("resumed from step {} ({})", c.manifest.step, c.url);
             Start {
                 step: c.manifest.step,
                 cursor: c.manifest.data_cursor,
                 params,
                 opt,
+                guard,
             }
         }
     })
@@ -523,11 +529,7 @@ pub async fn run(args: TrainArgs, resume: bool) -> Result<()> {
         Ok(c) => c,
         Err(e) => return Err(anyhow!("{e}")),
     };
-    let guard_state = match &resumed {
-        Some(c) => guard::state_of(c)?,
-        None => None,
-    };
-    let guarding = guard::Guarding::new(&prep, &run_dir, start.step, guard_state);
+    let guarding = guard::Guarding::new(&prep, &run_dir, start.step, start.guard.clone());
     let mut local = Local::new(
         &prep,
         &mut checkpointer,
@@ -629,25 +631,6 @@ fn report_events(checkpointer: &mut Checkpointer) {
     }
 }
 
-/// Take a host-memory snapshot (copy-on-write: it copies nothing) and hand it to the
-/// checkpoint actor: all the training loop pays for a save.
-pub(crate) async fn save(
-    trainer: &Trainer,
-    checkpointer: &Checkpointer,
-    prep: &Prepared,
-    step: u64,
-    cursor: u64,
-    generation: u64,
-    share: Option<ShareJob>,
-) -> Result<()> {
-    let at = SaveAt {
-        step,
-        cursor,
-        generation,
-    };
-    save_at(trainer, checkpointer, prep, at, share, None).await
-}
-
 /// Where a checkpoint is taken.
 pub(crate) struct SaveAt {
     /// Steps done.
@@ -658,7 +641,9 @@ pub(crate) struct SaveAt {
     pub generation: u64,
 }
 
-/// [`save`], with the training guard's state for the manifest's `extra.guard`.
+/// Take a host-memory snapshot (copy-on-write: it copies nothing) and hand it to the
+/// checkpoint actor: all the training loop pays for a save. `guard`: the training guard's
+/// state for the manifest's `extra.guard` (`None` while the guard is off).
 pub(crate) async fn save_at(
     trainer: &Trainer,
     checkpointer: &Checkpointer,

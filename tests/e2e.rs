@@ -2634,6 +2634,30 @@ fn a_daemon_with_another_training_config_is_refused() {
         "{}",
         errors[0]
     );
+    // The training guard decides on every member alike: a node with other guard settings
+    // is refused by name; a daemon refuses to roll back (it only skips).
+    let refusal = |c: &mut LocalCluster, n: usize, args: &[&str]| -> String {
+        let mut v: Vec<String> = vec!["--start-nodes".into(), "2".into()];
+        v.extend(args.iter().map(|s| s.to_string()));
+        c.spawn_daemon(n, &v).unwrap();
+        let status = c.wait(n, Duration::from_secs(120)).unwrap();
+        assert!(status.is_some_and(|s| !s.success()), "{}", c.log(n));
+        let log = c.log(n);
+        let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{log}");
+        errors[0].to_string()
+    };
+    let e = refusal(&mut c, 2, &["--guard-sigma", "6"]);
+    assert!(
+        e.contains("training config differs") && e.contains("guard: job has"),
+        "{e}"
+    );
+    let e = refusal(
+        &mut c,
+        3,
+        &["--guard-sigma", "6", "--guard-rollback-after", "3"],
+    );
+    assert!(e.contains("--guard-rollback-after 3"), "{e}");
     c.kill_all();
 }
 

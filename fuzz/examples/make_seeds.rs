@@ -355,6 +355,7 @@ fn proto_seeds() {
             opt_step: 2,
             param_hash: "h".into(),
             num_params: 2,
+            guard_state: Vec::new(),
         }),
         tensor: 0,
         offset: 0,

@@ -139,6 +139,7 @@ fn answer_of(a: &Answer) -> Answered {
         } else {
             u64::from(a.params)
         },
+        guard_state: Vec::new(),
     };
     let mut sent = [0u64; 256];
     let mut sum = Fletcher64::default();
@@ -217,6 +218,7 @@ fn donor(w: &World, r: &Request) {
             params: values(0.0),
             m: values(0.5),
             v: values(0.25),
+            guard_state: Vec::new(),
         });
         let _publication = if r.flags & request_flags::RECEIVERS != 0 {
             hub.publish_state_for(GENERATION, Arc::clone(&state), vec![RECEIVER.into()])

@@ -609,6 +609,7 @@ pub mod stream {
             params: values(0.0),
             m: values(0.5),
             v: values(0.25),
+            guard_state: Vec::new(),
         }
     }
 

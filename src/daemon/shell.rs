@@ -36,7 +36,8 @@ use super::steplog::StepLog;
 use super::view::Request;
 use super::work::{self, Done, StepInfo, TrainerKind};
 use super::{Settings, Shared};
-use crate::train::{Prepared, Start};
+use crate::train::{guard, Prepared, Start};
+use tenax_core::guard::{Guard, GuardState, Verdict};
 
 /// How long releasing the membership may take before the node goes on (its lease then
 /// expires after its TTL).
@@ -101,6 +102,9 @@ pub(crate) struct Shell<'a> {
     compare_after_hash: Option<(u64, u64)>,
     /// The generation each save was handed over in, by step.
     saves: BTreeMap<u64, u64>,
+    /// The training guard (off unless `--guard-sigma`): its state is the one of the state
+    /// the trainer holds; while no trainer runs, the guard state is in `state`.
+    guard: Guard,
     /// Generations formed so far.
     formed: u64,
     exit: Option<(Exit, String)>,
@@ -112,6 +116,7 @@ impl<'a> Shell<'a> {
         let plans = p.member.plan_receiver();
         let member_state = p.member.state_receiver();
         let lease_state = p.member.lease_state_receiver();
+        let guard = Guard::new(p.prep.cfg.guard());
         Self {
             p,
             machine,
@@ -137,6 +142,7 @@ impl<'a> Shell<'a> {
             hashing: FuturesUnordered::new(),
             compare_after_hash: None,
             saves: BTreeMap::new(),
+            guard,
             formed: 0,
             exit: None,
         }
@@ -278,6 +284,9 @@ impl<'a> Shell<'a> {
                 event
             }
             Done::Step(mut info, event) => {
+                if let Err(error) = self.guard_step(&info) {
+                    return Event::Fatal { error };
+                }
                 // The hash after this step comes later (`hashed`).
                 self.hash = None;
                 if let Some(params) = info.params.take() {
@@ -503,7 +512,8 @@ impl<'a> Shell<'a> {
                     return;
                 };
                 let lr = self.p.prep.schedule.lr_at(step);
-                Box::pin(work::step(t, generation, step, cursor, lr))
+                let limits = self.guard.limits();
+                Box::pin(work::step(t, generation, step, cursor, lr, limits))
             }
             Action::Evaluate { generation, step } => {
                 let Some(t) = self.trainer.clone() else {
@@ -633,6 +643,14 @@ impl<'a> Shell<'a> {
             });
             return;
         };
+        // The guard goes on from the state's guard state (every member's is the same: a
+        // copy carries the donor's, a checkpoint the committer's).
+        let mut state = state;
+        let cfg = self.p.prep.cfg.guard();
+        self.guard = match state.guard.take() {
+            Some(st) => Guard::resumed(cfg, st, state.step).0,
+            None => Guard::new(cfg),
+        };
         #[cfg(feature = "chaos-hooks")]
         let state = match crate::hooks::flip_once(state, &self.me()) {
             (state, true) => {
@@ -715,6 +733,39 @@ impl<'a> Shell<'a> {
         }
     }
 
+    /// The guard state that goes with the trainer's state (checkpoints, state copies):
+    /// `None` while the guard is off, so a guard-off node writes what it wrote before.
+    fn guard_state(&self) -> Option<GuardState> {
+        self.guard.cfg.enabled().then(|| self.guard.state.clone())
+    }
+
+    /// The guard's part of a finished step: it takes the step's reduced loss and gradient
+    /// norm in and must decide as the ranks did (they checked the same values against the
+    /// same bounds); a flagged step goes to `flagged.jsonl` in the run dir. An error: the
+    /// ranks and the guard disagree (the node stops).
+    fn guard_step(&mut self, info: &StepInfo) -> Result<(), String> {
+        if !self.guard.cfg.enabled() {
+            return Ok(());
+        }
+        let (done, cursor) = self.machine.position();
+        let (step, r) = (done + 1, &info.report);
+        let verdict = self.guard.observe(step, r.loss, r.grad_norm, r.skipped);
+        if r.guarded != (verdict != Verdict::Apply) {
+            return Err(format!(
+                "step {step}: the ranks and the training guard disagree on whether to skip ({} vs {verdict:?})",
+                r.guarded
+            ));
+        }
+        if verdict == Verdict::Apply {
+            return Ok(());
+        }
+        let (prep, limits) = (self.p.prep, info.limits);
+        let line = guard::flagged_line(prep, step, cursor, r.loss, r.grad_norm, limits, &verdict);
+        guard::append_flagged(&self.p.run_dir.join(guard::FLAGGED_FILE), &line);
+        println!("node {}: {}", self.me(), guard::say(&line));
+        Ok(())
+    }
+
     /// Take the trainer's state back (the last completed step) and stop it.
     async fn stop_trainer(&mut self) {
         let Some(trainer) = self.trainer.take() else {
@@ -731,6 +782,7 @@ impl<'a> Shell<'a> {
                     // The ranks are gone: the buffers are no longer shared.
                     params: Arc::unwrap_or_clone(snap.params),
                     opt: Arc::unwrap_or_clone(snap.opt),
+                    guard: self.guard_state(),
                 })
             }
             Err(e) => self.queue.push_back(Event::Fatal {

@@ -23,6 +23,9 @@ pub(super) struct StepLine {
     pub tokens_per_s: f64,
     pub grad_norm: f64,
     pub skipped: bool,
+    /// The training guard flagged the step and its update was skipped (the line says so
+    /// only then, as `tenax train`'s).
+    pub guarded: bool,
     pub generation: u64,
     pub world: u32,
     /// Filled in when the hash is in (see [`StepLog::hashed`]).
@@ -150,6 +153,9 @@ impl StepLog {
             "grad_norm": l.grad_norm, "skipped": l.skipped, "generation": l.generation,
             "world": l.world, "param_hash": l.param_hash, "cursor": l.cursor, "slots": l.slots,
             "t_ms": tenax_storage::now_unix_ms()});
+        if l.guarded {
+            line["guarded"] = json!(true);
+        }
         if let Some(v) = l.val_loss {
             line["val_loss"] = json!(v);
         }
@@ -201,6 +207,7 @@ mod tests {
             tokens_per_s: 1234.4,
             grad_norm: 1.0,
             skipped: false,
+            guarded: false,
             generation: 3,
             world: 2,
             param_hash: String::new(),

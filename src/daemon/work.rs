@@ -17,6 +17,7 @@ use tenax_cluster::peer::{
     fetch_state, CommSpec, GrpcCollective, PeerAddr, PeerHub, StateSnapshot,
 };
 use tenax_cluster::Collective;
+use tenax_core::guard::{GuardLimits, GuardState};
 use tenax_core::membership::{MemberId, Plan};
 use tenax_core::node::{Event, PeerState, Record};
 use tenax_storage::Store;
@@ -64,6 +65,8 @@ pub(super) struct StepInfo {
     /// The parameters after the step (shared copy-on-write with the trainer), to hash off
     /// the loop; taken out at once, so that the next update does not have to copy them.
     pub params: Option<Arc<Vec<f32>>>,
+    /// The training guard's bounds the step ran with (`None`: off or warming up).
+    pub limits: Option<GuardLimits>,
 }
 
 fn failed(generation: u64, peers_may_have_failed: bool, error: String) -> Done {
@@ -74,7 +77,9 @@ fn failed(generation: u64, peers_may_have_failed: bool, error: String) -> Done {
     })
 }
 
-fn into_start(snap: StateSnapshot) -> Start {
+/// A copied or served state back as the node's, with its guard state (parsed by the
+/// caller: `guard`).
+fn into_start(snap: StateSnapshot, guard: Option<GuardState>) -> Start {
     Start {
         step: snap.step,
         cursor: snap.cursor,
@@ -84,7 +89,26 @@ fn into_start(snap: StateSnapshot) -> Start {
             v: snap.v,
             step: snap.opt_step,
         },
+        guard,
     }
+}
+
+/// The training guard's state as a state copy carries it (`StateSnapshot::guard_state`):
+/// JSON as in a checkpoint's `extra.guard` (f64 values as their bits), empty for none.
+pub(super) fn guard_blob(guard: Option<&GuardState>) -> Vec<u8> {
+    guard.map_or_else(Vec::new, |g| {
+        serde_json::to_vec(g).expect("a guard state serialises")
+    })
+}
+
+/// The guard state a copy carried: `None` when empty (the donor's guard is off).
+pub(super) fn guard_from_blob(blob: &[u8]) -> Result<Option<GuardState>, String> {
+    if blob.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_slice(blob)
+        .map(Some)
+        .map_err(|e| format!("its training guard state does not parse ({e})"))
 }
 
 /// Register in the job again.
@@ -263,6 +287,10 @@ pub(super) async fn fetch(f: Fetch) -> Done {
             )
         }
     };
+    let guard = match guard_from_blob(&snap.guard_state) {
+        Ok(g) => g,
+        Err(e) => return failed(g, true, format!("the state copied from {donor}: {e}")),
+    };
     let got = tokio::task::block_in_place(|| tenax_actors::param_hash(&snap.params));
     if got != f.hash {
         return failed(
@@ -287,7 +315,7 @@ pub(super) async fn fetch(f: Fetch) -> Done {
         }
     );
     (f.shared.view()).note_state_copy(stats.bytes, t0.elapsed().as_secs_f64());
-    let state = into_start(snap);
+    let state = into_start(snap, guard);
     Done::State {
         event: Event::StateCopied {
             generation: g,
@@ -317,6 +345,7 @@ pub(super) async fn serve(
         cursor,
         params,
         opt,
+        guard,
     } = state;
     let snap = Arc::new(StateSnapshot {
         step,
@@ -326,6 +355,7 @@ pub(super) async fn serve(
         params,
         m: opt.m,
         v: opt.v,
+        guard_state: guard_blob(guard.as_ref()),
     });
     let publication = hub.publish_state_for(generation, snap.clone(), names.clone());
     let started = Instant::now();
@@ -349,7 +379,8 @@ pub(super) async fn serve(
         }
     };
     drop(publication);
-    let state = into_start(Arc::try_unwrap(snap).unwrap_or_else(|a| StateSnapshot::clone(&a)));
+    let snap = Arc::try_unwrap(snap).unwrap_or_else(|a| StateSnapshot::clone(&a));
+    let state = into_start(snap, guard);
     let names = names.join(", ");
     let event = match result {
         Ok(()) => {
@@ -442,9 +473,11 @@ pub(super) async fn step(
     step: u64,
     cursor: u64,
     lr: f64,
+    limits: Option<GuardLimits>,
 ) -> Done {
     let t0 = Instant::now();
-    let report = match trainer.step_of(generation, step, cursor, lr as f32).await {
+    let stepped = trainer.step_guarded(generation, step, cursor, lr as f32, limits);
+    let report = match stepped.await {
         Ok(r) => r,
         Err(e) if e.trainer_is_gone() => {
             return Done::Event(Event::TrainerFailed {
@@ -467,6 +500,7 @@ pub(super) async fn step(
             lr,
             secs,
             params: Some(snap.params),
+            limits,
         })
     }
     .await;
@@ -652,4 +686,49 @@ async fn peers_of(etcd: &EtcdMembership, plan: &Plan) -> Result<Vec<PeerAddr>, S
             Ok(PeerAddr { id, addr })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenax_core::guard::{Ema, GuardStats};
+
+    /// The guard state a copy carries comes back bit for bit (f64 values that JSON numbers
+    /// would round, a NaN, the snapshot's estimates); none travels as nothing.
+    #[test]
+    fn a_copied_guard_state_round_trips_bit_for_bit() {
+        let ema = |n, mean: f64, var: f64| Ema { n, mean, var };
+        let st = GuardState {
+            stats: GuardStats {
+                loss: ema(57, 0.1 + 0.2, f64::MIN_POSITIVE / 3.0),
+                grad_norm: ema(57, f64::NAN, 1e308),
+            },
+            streak: 2,
+            flagged: 9,
+            rollbacks: 1,
+            snapshot: Some((
+                50,
+                GuardStats {
+                    loss: ema(50, -0.0, 3.5),
+                    grad_norm: ema(50, 1.0 / 3.0, 0.0),
+                },
+            )),
+        };
+        let blob = guard_blob(Some(&st));
+        let back = guard_from_blob(&blob).unwrap().unwrap();
+        assert_eq!(guard_blob(Some(&back)), blob);
+        let bits = |s: &GuardStats| {
+            [s.loss.mean, s.loss.var, s.grad_norm.mean, s.grad_norm.var].map(f64::to_bits)
+        };
+        assert_eq!(bits(&back.stats), bits(&st.stats));
+        assert_eq!(
+            bits(&back.snapshot.unwrap().1),
+            bits(&st.snapshot.unwrap().1)
+        );
+        assert_eq!((back.streak, back.flagged, back.rollbacks), (2, 9, 1));
+        assert!(guard_blob(None).is_empty());
+        assert_eq!(guard_from_blob(&[]), Ok(None));
+        let err = guard_from_blob(b"{\"stats\":").unwrap_err();
+        assert!(err.contains("guard state does not parse"), "{err}");
+    }
 }

@@ -75,14 +75,22 @@ impl Guarding {
     /// Appends one flagged step to `flagged.jsonl` (a failure to write is a warning: the
     /// decision stands).
     pub fn log(&self, line: &Value) {
-        let r = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .and_then(|mut f| writeln!(f, "{line}"));
-        if let Err(e) = r {
-            eprintln!("warning: {}: cannot append: {e}", self.path.display());
-        }
+        append_flagged(&self.path, line);
+    }
+}
+
+/// Appends one flagged step's line to `path` (a `flagged.jsonl`) in one write, so that a
+/// process killed meanwhile leaves no half line for the next start to append to; a
+/// failure to write is a warning: the decision stands.
+pub(crate) fn append_flagged(path: &Path, line: &Value) {
+    let text = format!("{line}\n");
+    let r = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()));
+    if let Err(e) = r {
+        eprintln!("warning: {}: cannot append: {e}", path.display());
     }
 }
 

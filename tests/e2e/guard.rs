@@ -220,3 +220,123 @@ fn a_resumed_run_keeps_the_guard_state_and_decides_as_a_straight_one() {
         "final state differs after resume"
     );
 }
+
+/// The guard's flags of the daemon test: 6 sigma after 5 steps, no rollback (a daemon
+/// only skips).
+#[cfg(feature = "chaos-hooks")]
+const DAEMON_GUARD: [&str; 4] = ["--guard-sigma", "6", "--guard-warmup-steps", "5"];
+
+/// The line `  extra {...}` of `tenax ckpt inspect` of the checkpoint of `step` in `store`.
+#[cfg(feature = "chaos-hooks")]
+fn manifest_extra(store: &str, step: u64, env: &[(String, String)]) -> String {
+    let out = super::ok_env(
+        &["ckpt", "inspect", store, "--step", &step.to_string()],
+        env,
+    );
+    out.lines()
+        .find_map(|l| l.trim_start().strip_prefix("extra "))
+        .unwrap_or_else(|| panic!("no extra in:\n{out}"))
+        .to_string()
+}
+
+/// Three daemons with the guard on and the same loss spikes planted in each (every 4th
+/// step after the warm-up): a killed member rejoins with the state copied from a peer,
+/// the guard's state with it, so it flags the later spikes as the others do (a fresh
+/// guard would still be warming up and apply one, and its parameters would differ). The
+/// final weights and the final checkpoint's guard state are `tenax train --ranks 3`'s with
+/// the same flags and spikes.
+#[cfg(feature = "chaos-hooks")]
+#[test]
+fn daemons_carry_the_guard_state_in_state_copies_and_checkpoints() {
+    use super::{
+        cluster, daemon_train_flags, export_bytes, job_export, leader_and_follower, wait_all_ok,
+        wait_status,
+    };
+    use std::time::{Duration, Instant};
+    use tenax_chaos::cluster::Signal;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    // Long enough that the pair cannot finish while the killed node restarts.
+    let steps = 3000;
+    let spikes: Vec<String> = (9..steps).step_by(4).map(|s| s.to_string()).collect();
+    let env = vec![(
+        "TENAX_CHAOS_LOSS_SPIKE_AT_STEPS".to_string(),
+        spikes.join(","),
+    )];
+
+    // The reference: one process, three ranks, the same guard and spikes.
+    let run = tmp.path().join("reference");
+    let mut args: Vec<String> = vec!["train".into()];
+    args.extend(daemon_train_flags(&data, steps, &DAEMON_GUARD));
+    args.extend(["--ranks", "3", "--run-dir", run.to_str().unwrap()].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok_env(&refs, &env);
+    let reference = Run { dir: run.clone() };
+    let ref_store = format!("file://{}", run.join("checkpoints").display());
+    let want = export_bytes(&ref_store, &[], &tmp.path().join("reference.safetensors"));
+
+    let job = "guarded";
+    let mut extra = vec!["--ckpt-every", "500"];
+    extra.extend_from_slice(&DAEMON_GUARD);
+    let mut c = cluster(job, &data, steps, &extra);
+    for n in 0..3 {
+        c.spawn_daemon_env(n, &["--start-nodes".into(), "3".into()], &env)
+            .unwrap();
+    }
+    let s = wait_status(&c, job, "3 members at step 20", |s| {
+        s["members"].as_array().is_some_and(|m| m.len() == 3) && s["step"].as_u64() >= Some(20)
+    });
+    let (leader, _) = leader_and_follower(&c, job);
+    let victim = (0..3).rev().find(|&n| n != leader).unwrap();
+    let generation = s["generation"].as_u64().unwrap();
+    c.signal(victim, Signal::Kill).unwrap();
+    wait_status(&c, job, "the pair in a new generation", |s| {
+        s["members"].as_array().is_some_and(|m| m.len() == 2)
+            && s["generation"].as_u64() > Some(generation)
+    });
+    // The killed node restarts while the leader is frozen (well under the lease), so
+    // that the pair cannot finish the job first.
+    let _ = c.wait(victim, Duration::from_secs(10));
+    c.signal(leader, Signal::Stop).unwrap();
+    c.spawn_daemon_env(victim, &[], &env).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !c.log(victim).contains("gRPC on") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.signal(leader, Signal::Cont).unwrap();
+    wait_all_ok(&mut c, &[0, 1, 2], Duration::from_secs(400));
+
+    let log = c.log(victim);
+    let restarted = log.rsplit("start 2 ---").next().unwrap();
+    let copied: u64 = restarted
+        .split("copied the state of step ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the restarted node copies the state from a peer:\n{log}"));
+    for n in 0..3 {
+        assert!(!c.log(n).contains("ALARM"), "node {n}:\n{}", c.log(n));
+    }
+    // After its copy, the restarted node flagged exactly the steps the reference did.
+    let after = |r: &Run| -> Vec<u64> {
+        flagged(r)
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .filter(|&s| s > copied)
+            .collect()
+    };
+    let victim_run = Run {
+        dir: c.run_dir(victim),
+    };
+    let want_flagged = after(&reference);
+    assert!(want_flagged.len() > 100, "{want_flagged:?}");
+    assert_eq!(after(&victim_run), want_flagged);
+    // The daemons' checkpoints carry the guard state, the reference's bits.
+    let store = format!("{}/{job}", c.store_url());
+    let extra = manifest_extra(&store, steps, &c.s3_env());
+    assert!(extra.contains("\"guard\""), "{extra}");
+    assert_eq!(extra, manifest_extra(&ref_store, steps, &[]));
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(got == want, "the guarded daemons' final weights differ");
+}

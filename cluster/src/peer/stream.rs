@@ -704,6 +704,7 @@ impl StreamFetch {
             params,
             m,
             v,
+            guard_state: header.guard_state,
         })
     }
 }

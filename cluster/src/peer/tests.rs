@@ -626,6 +626,8 @@ fn snapshot(n: usize, step: u64, seed: u64) -> StateSnapshot {
             .collect()
     };
     let (params, m, v) = (vector(), vector(), vector());
+    // Arbitrary bytes (not even UTF-8) in the guard state: the hub must not read them.
+    let guard_state = (0..(n % 300 + 40)).map(|_| lcg(&mut s) as u8).collect();
     StateSnapshot {
         step,
         cursor: step * 1000 + 17,
@@ -634,6 +636,7 @@ fn snapshot(n: usize, step: u64, seed: u64) -> StateSnapshot {
         params,
         m,
         v,
+        guard_state,
     }
 }
 
@@ -682,6 +685,9 @@ async fn state_transfer_round_trip_is_bit_identical() {
         assert!(same_bits(&got.params, &state.params), "stream {stream}");
         assert!(same_bits(&got.m, &state.m), "stream {stream}");
         assert!(same_bits(&got.v, &state.v), "stream {stream}");
+        // The training guard's state comes with the header, byte for byte.
+        assert!(!state.guard_state.is_empty());
+        assert_eq!(got.guard_state, state.guard_state, "stream {stream}");
         assert_eq!((stats.bytes, stats.chunks), (bytes, 9), "stream {stream}");
         assert!(stats.gb_per_s() > 0.0);
         publication.wait_served(1, WAIT).await.unwrap();
@@ -922,6 +928,8 @@ fn fake_chunks() -> Vec<StateChunk> {
         opt_step: 5,
         param_hash: "h".into(),
         num_params: 2,
+        // As a donor without the training guard sends it.
+        guard_state: Vec::new(),
     };
     let mut chunks = Vec::new();
     let mut all = Vec::new();
@@ -1010,6 +1018,7 @@ async fn state_transfer_throughput() {
         params: values(0),
         m: values(1),
         v: values(2),
+        guard_state: Vec::new(),
     });
     let _p = nodes[0].hub.publish_state(1, Arc::clone(&state));
     let donor = donor_of(&nodes[0]);

@@ -74,6 +74,10 @@ pub struct StateSnapshot {
     pub m: Vec<f32>,
     /// Adam's second moment, as long as `params`.
     pub v: Vec<f32>,
+    /// What the owner carries with the tensors besides them, opaque here: the training
+    /// guard's state (JSON; empty: none). It travels in the [`StateHeader`] and comes
+    /// back bit for bit.
+    pub guard_state: Vec<u8>,
 }
 
 impl std::fmt::Debug for StateSnapshot {
@@ -86,6 +90,7 @@ impl std::fmt::Debug for StateSnapshot {
             .field("params", &self.params.len())
             .field("m", &self.m.len())
             .field("v", &self.v.len())
+            .field("guard_state", &self.guard_state.len())
             .finish()
     }
 }
@@ -102,6 +107,7 @@ impl StateSnapshot {
             opt_step: self.opt_step,
             param_hash: self.param_hash.clone(),
             num_params: self.params.len() as u64,
+            guard_state: self.guard_state.clone(),
         }
     }
 }
@@ -917,6 +923,7 @@ impl Fetch<'_> {
             params,
             m,
             v,
+            guard_state: header.guard_state,
         })
     }
 

@@ -92,6 +92,7 @@ impl Shell<'_> {
             tokens_per_s: tokens_per_step / info.secs.max(1e-9),
             grad_norm: r.grad_norm,
             skipped: r.skipped,
+            guarded: r.guarded,
             generation,
             world: spec.map(|s| s.world).unwrap_or(0),
             param_hash: String::new(),
@@ -131,16 +132,15 @@ impl Shell<'_> {
             node: self.me(),
             commits: s.commits,
         });
-        let r = crate::train::save(
-            &trainer,
-            &self.p.checkpointer,
-            self.p.prep,
+        let at = crate::train::SaveAt {
             step,
             cursor,
             generation,
-            share,
-        )
-        .await;
+        };
+        let guard = self.guard_state();
+        let (checkpointer, prep) = (&self.p.checkpointer, self.p.prep);
+        let r =
+            crate::train::save_at(&trainer, checkpointer, prep, at, share, guard.as_ref()).await;
         if let Err(e) = r {
             self.saves.remove(&step);
             let error = format!("{e:#}");
