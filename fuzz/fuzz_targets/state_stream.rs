@@ -161,6 +161,7 @@ fn accepted_answer() -> Vec<u8> {
         opt_step: s.opt_step,
         param_hash: s.param_hash.clone(),
         num_params: s.params.len() as u64,
+        guard_state: s.guard_state.clone(),
     }
     .encode_to_vec();
     let mut out = vec![0u8];
