@@ -495,12 +495,6 @@ async fn prepare_node(
     // each of the node's --devices data-parallel ranks runs one such pipeline.
     train_args.ranks = Some(train_args.pipeline_stages.unwrap_or(1).max(1) as usize);
     let cfg = TrainConfig::resolve(train_args, stored.as_ref().map(|s| &s.train))?;
-    if cfg.guard().enabled() && cfg.guard_rollback_after > 0 {
-        bail!(
-            "--guard-rollback-after {}: a daemon's training guard skips flagged steps but does not roll back yet (that would restart the group's trainer from an in-memory snapshot mid-generation): pass --guard-rollback-after 0",
-            cfg.guard_rollback_after
-        );
-    }
     if let Some(st) = &stored {
         let diffs = cfg.math_differences(&st.train);
         if !diffs.is_empty() {

@@ -105,6 +105,10 @@ pub(crate) struct Shell<'a> {
     /// The training guard (off unless `--guard-sigma`): its state is the one of the state
     /// the trainer holds; while no trainer runs, the guard state is in `state`.
     guard: Guard,
+    /// The guard's in-memory snapshot (with `--guard-rollback-after`): its step and the
+    /// state then. Every member takes it at the same steps, and a generation that starts
+    /// from it holds it on every member (or forgets it on every member: `Guard::resumed`).
+    guard_snapshot: Option<(u64, tenax_actors::Snapshot)>,
     /// Generations formed so far.
     formed: u64,
     exit: Option<(Exit, String)>,
@@ -143,6 +147,7 @@ impl<'a> Shell<'a> {
             compare_after_hash: None,
             saves: BTreeMap::new(),
             guard,
+            guard_snapshot: None,
             formed: 0,
             exit: None,
         }
@@ -284,7 +289,7 @@ impl<'a> Shell<'a> {
                 event
             }
             Done::Step(mut info, event) => {
-                if let Err(error) = self.guard_step(&info) {
+                if let Err(error) = self.guard_step(&mut info).await {
                     return Event::Fatal { error };
                 }
                 // The hash after this step comes later (`hashed`).
@@ -647,8 +652,21 @@ impl<'a> Shell<'a> {
         // copy carries the donor's, a checkpoint the committer's).
         let mut state = state;
         let cfg = self.p.prep.cfg.guard();
+        let rolls_back = cfg.enabled() && cfg.rollback_after > 0;
+        self.guard_snapshot = None;
         self.guard = match state.guard.take() {
-            Some(st) => Guard::resumed(cfg, st, state.step).0,
+            Some(st) => {
+                let (guard, holds) = Guard::resumed(cfg, st, state.step);
+                if holds && rolls_back {
+                    // The state this generation starts from is the snapshot's.
+                    let snap = tenax_actors::Snapshot {
+                        params: Arc::new(state.params.clone()),
+                        opt: Arc::new(state.opt.clone()),
+                    };
+                    self.guard_snapshot = Some((state.step, snap));
+                }
+                guard
+            }
             None => Guard::new(cfg),
         };
         #[cfg(feature = "chaos-hooks")]
@@ -743,7 +761,13 @@ impl<'a> Shell<'a> {
     /// norm in and must decide as the ranks did (they checked the same values against the
     /// same bounds); a flagged step goes to `flagged.jsonl` in the run dir. An error: the
     /// ranks and the guard disagree (the node stops).
-    fn guard_step(&mut self, info: &StepInfo) -> Result<(), String> {
+    ///
+    /// With `--guard-rollback-after`, a step the guard's cadence names is snapshot (the
+    /// trainer's copy-on-write state), and a streak of flagged steps restores it: the
+    /// trainer is started again from the snapshot in the same generation, on every member
+    /// at the same step (they decide from the same reduced values); training goes on
+    /// from the next batch, as in `tenax train`.
+    async fn guard_step(&mut self, info: &mut StepInfo) -> Result<(), String> {
         if !self.guard.cfg.enabled() {
             return Ok(());
         }
@@ -757,13 +781,65 @@ impl<'a> Shell<'a> {
             ));
         }
         if verdict == Verdict::Apply {
+            if self.guard.snapshot_due(step) {
+                let t = self.trainer.clone().ok_or("no trainer to snapshot")?;
+                let snap = t
+                    .snapshot()
+                    .await
+                    .map_err(|e| format!("the guard's snapshot of step {step}: {e}"))?;
+                self.guard_snapshot = Some((step, snap));
+            }
             return Ok(());
         }
         let (prep, limits) = (self.p.prep, info.limits);
         let line = guard::flagged_line(prep, step, cursor, r.loss, r.grad_norm, limits, &verdict);
         guard::append_flagged(&self.p.run_dir.join(guard::FLAGGED_FILE), &line);
         println!("node {}: {}", self.me(), guard::say(&line));
+        if let Verdict::Rollback { to_step, .. } = verdict {
+            let params = self.roll_back(to_step).await?;
+            // The step's hash is the restored state's.
+            info.params = Some(params);
+        }
         Ok(())
+    }
+
+    /// Start the trainer again, in the same generation, from the guard's snapshot of
+    /// `to_step`; gives the restored parameters.
+    async fn roll_back(&mut self, to_step: u64) -> Result<Arc<Vec<f32>>, String> {
+        let snap = match &self.guard_snapshot {
+            Some((s, snap)) if *s == to_step => snap.clone(),
+            _ => {
+                return Err(format!(
+                    "guard: no snapshot of step {to_step} to roll back to"
+                ))
+            }
+        };
+        let generation = self.machine.generation().ok_or("guard: no generation")?;
+        let comm = self
+            .comm_of(generation)
+            .ok_or("guard: no communicator to roll back in")?;
+        let kind = self.trainer_kind(generation)?;
+        if let Some(old) = self.trainer.take() {
+            Trainer::release(old).await;
+        }
+        let (step, cursor) = self.machine.position();
+        let state = Start {
+            step,
+            cursor,
+            params: (*snap.params).clone(),
+            opt: (*snap.opt).clone(),
+            guard: None,
+        };
+        let (setup, data) = (self.p.prep.setup.clone(), self.p.prep.data.clone());
+        match work::start_trainer(comm, setup, data, state, kind, self.p.node).await {
+            Done::Trainer(t, _) => {
+                self.trainer = Some(Arc::new(t));
+                self.hash = None;
+                Ok(snap.params)
+            }
+            Done::Event(Event::Fatal { error }) => Err(format!("guard rollback: {error}")),
+            _ => Err("guard rollback: the trainer did not start".into()),
+        }
     }
 
     /// Take the trainer's state back (the last completed step) and stop it.

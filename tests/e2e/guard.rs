@@ -340,3 +340,78 @@ fn daemons_carry_the_guard_state_in_state_copies_and_checkpoints() {
     let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
     assert!(got == want, "the guarded daemons' final weights differ");
 }
+
+/// Two daemons with a rollback streak of 3: spikes at steps 22, 23 and 24 (1-based) make
+/// both skip two steps and roll back to the snapshot of step 20, as `tenax train --ranks 2`
+/// does with the same flags and spikes: the same flagged steps and actions, the same
+/// final weights.
+#[cfg(feature = "chaos-hooks")]
+#[test]
+fn daemons_roll_a_streak_back_as_train_does() {
+    use super::{cluster, daemon_train_flags, export_bytes, job_export, wait_all_ok};
+    use std::time::Duration;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let steps = 60;
+    let env = vec![(
+        "TENAX_CHAOS_LOSS_SPIKE_AT_STEPS".to_string(),
+        "21,22,23".to_string(),
+    )];
+    let guard = [
+        "--guard-sigma",
+        "6",
+        "--guard-warmup-steps",
+        "5",
+        "--guard-rollback-after",
+        "3",
+        "--guard-snapshot-every",
+        "10",
+    ];
+    let run = tmp.path().join("reference");
+    let mut args: Vec<String> = vec!["train".into()];
+    args.extend(daemon_train_flags(&data, steps, &guard));
+    args.extend(["--ranks", "2", "--run-dir", run.to_str().unwrap()].map(String::from));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok_env(&refs, &env);
+    let reference = Run { dir: run.clone() };
+    let ref_store = format!("file://{}", run.join("checkpoints").display());
+    let want = export_bytes(&ref_store, &[], &tmp.path().join("reference.safetensors"));
+    let actions = |r: &Run| -> Vec<(u64, String)> {
+        flagged(r)
+            .iter()
+            .map(|l| {
+                (
+                    l["step"].as_u64().unwrap(),
+                    l["action"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let want_actions = actions(&reference);
+    assert_eq!(
+        want_actions,
+        vec![
+            (22, "skip".into()),
+            (23, "skip".into()),
+            (24, "rollback".into())
+        ]
+    );
+
+    let job = "rollback";
+    let mut c = cluster(job, &data, steps, &guard);
+    for n in 0..2 {
+        c.spawn_daemon_env(n, &["--start-nodes".into(), "2".into()], &env)
+            .unwrap();
+    }
+    wait_all_ok(&mut c, &[0, 1], Duration::from_secs(300));
+    for n in 0..2 {
+        let node = Run { dir: c.run_dir(n) };
+        assert_eq!(actions(&node), want_actions, "node {n}:\n{}", c.log(n));
+    }
+    let got = job_export(&c, job, &tmp.path().join("job.safetensors"));
+    assert!(
+        got == want,
+        "the daemons' rollback differs from tenax train's"
+    );
+}
