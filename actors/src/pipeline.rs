@@ -830,16 +830,7 @@ impl StageCompute {
         }
         // AdamW on the whole model, as one rank runs it (element by element, so the bits
         // are one rank's), then this stage's tensors out of it.
-        let t_copy = Instant::now();
-        let shared = Arc::strong_count(&view.params) > 1 || Arc::strong_count(&view.opt) > 1;
-        let (opt, params) = (
-            Arc::make_mut(&mut view.opt),
-            Arc::make_mut(&mut view.params),
-        );
-        let snapshot_copy_s = match shared {
-            true => t_copy.elapsed().as_secs_f64(),
-            false => 0.0,
-        };
+        let (params, opt, snapshot_copy_s) = crate::rank::unshare(&mut view.params, &mut view.opt);
         let (grad, layout, adamw) = (&reduced.grad_sum, &view.whole, &setup.adamw);
         ws.install(|| opt.update_scaled(params, grad, grad_scale, lr, layout, adamw));
         let mine = Arc::make_mut(mine);
@@ -866,16 +857,7 @@ impl StageCompute {
         loss: f64,
         grad_norm: f64,
     ) -> RankOutcome {
-        let t_copy = Instant::now();
-        let shared = Arc::strong_count(&self.params) > 1 || Arc::strong_count(&self.opt) > 1;
-        let (opt, params) = (
-            Arc::make_mut(&mut self.opt),
-            Arc::make_mut(&mut self.params),
-        );
-        let snapshot_copy_s = match shared {
-            true => t_copy.elapsed().as_secs_f64(),
-            false => 0.0,
-        };
+        let (params, opt, snapshot_copy_s) = crate::rank::unshare(&mut self.params, &mut self.opt);
         let (params, layout, adamw) = (params.as_mut_slice(), &self.layout, &self.setup.adamw);
         self.spare[0].install(|| opt.update_scaled(params, grad, grad_scale, lr, layout, adamw));
         RankOutcome {

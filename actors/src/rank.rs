@@ -358,18 +358,7 @@ impl RankCompute {
         if let Some(out) = skip(loss, grad_norm, limits) {
             return Ok(out);
         }
-        // Copy-on-write: a snapshot still read by a checkpoint's background work makes
-        // this update copy what it shares (its cost shows in the report).
-        let t_copy = std::time::Instant::now();
-        let shared = Arc::strong_count(&self.params) > 1 || Arc::strong_count(&self.opt) > 1;
-        let (opt, params) = (
-            Arc::make_mut(&mut self.opt),
-            Arc::make_mut(&mut self.params),
-        );
-        let snapshot_copy_s = match shared {
-            true => t_copy.elapsed().as_secs_f64(),
-            false => 0.0,
-        };
+        let (params, opt, snapshot_copy_s) = unshare(&mut self.params, &mut self.opt);
         let (opt, params, layout, adamw) = (
             opt,
             params.as_mut_slice(),
@@ -446,6 +435,24 @@ impl RankCompute {
 /// The outcome of a step whose update is not applied, or `None` to apply it: a non-finite
 /// loss or gradient norm (`skipped`), else one above the guard's `limits` (`guarded`).
 /// Every rank and stage decides from the same reduced values, so all decide the same.
+/// Copy-on-write access to a rank's parameters and optimizer state before an update: a
+/// snapshot still read elsewhere (a checkpoint's background work) makes this copy what
+/// it shares. Also gives the seconds that copy took (0 when nothing was shared), which
+/// the step report shows.
+pub(crate) fn unshare<'a>(
+    params: &'a mut Arc<Vec<f32>>,
+    opt: &'a mut Arc<AdamW>,
+) -> (&'a mut Vec<f32>, &'a mut AdamW, f64) {
+    let t_copy = std::time::Instant::now();
+    let shared = Arc::strong_count(params) > 1 || Arc::strong_count(opt) > 1;
+    let (opt, params) = (Arc::make_mut(opt), Arc::make_mut(params));
+    let copy_s = match shared {
+        true => t_copy.elapsed().as_secs_f64(),
+        false => 0.0,
+    };
+    (params, opt, copy_s)
+}
+
 pub(crate) fn skip(loss: f64, grad_norm: f64, limits: Option<GuardLimits>) -> Option<RankOutcome> {
     let skipped = !loss.is_finite() || !grad_norm.is_finite();
     let guarded = !skipped && limits.is_some_and(|l| l.exceeded(loss, grad_norm).is_some());
