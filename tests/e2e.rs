@@ -1876,13 +1876,18 @@ fn cluster_with_tls(job: &str, data: &Path, steps: u64, extra: &[&str], tls: boo
             .iter()
             .map(|s| s.to_string()),
     );
+    cluster_with_args(job, daemon_args, tls)
+}
+
+/// A local cluster (etcd, S3, the tenax binary) whose daemons take `daemon_args`, one
+/// candle thread each; mutual TLS with `tls` (only in the tests that ask for it).
+fn cluster_with_args(job: &str, daemon_args: Vec<String>, tls: bool) -> LocalCluster {
     LocalCluster::start(ClusterSpec {
         tenax_bin: PathBuf::from(env!("CARGO_BIN_EXE_tenax")),
         job: job.to_string(),
         bucket: format!("{job}-bucket"),
         daemon_args,
         env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
-        // Mutual TLS only in the tests that ask for it.
         tls,
     })
     .expect("start etcd and the S3 server (scripts/setup installs them)")

@@ -212,15 +212,7 @@ fn three_stages_go_on_as_two_after_a_kill() {
     let job = "stages3";
     let mut daemon_args = nano_flags(&data, steps, &across("3"));
     daemon_args.extend(["--settle-ms", "300", "--lease-ttl-s", "3"].map(String::from));
-    let mut c = LocalCluster::start(ClusterSpec {
-        tenax_bin: PathBuf::from(env!("CARGO_BIN_EXE_tenax")),
-        job: job.to_string(),
-        bucket: format!("{job}-bucket"),
-        daemon_args,
-        env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
-        tls: false,
-    })
-    .expect("start etcd and the S3 server (scripts/setup installs them)");
+    let mut c = cluster_with_args(job, daemon_args, false);
     let s = start_all(&mut c, job, 3);
     let table = {
         let etcd = c.etcd_endpoint();
@@ -283,15 +275,7 @@ fn a_hung_stage_is_named_by_the_stage_waiting_on_it() {
         ]
         .map(String::from),
     );
-    let mut c = LocalCluster::start(ClusterSpec {
-        tenax_bin: PathBuf::from(env!("CARGO_BIN_EXE_tenax")),
-        job: job.to_string(),
-        bucket: format!("{job}-bucket"),
-        daemon_args,
-        env: vec![("CANDLE_NUM_THREADS".into(), "1".into())],
-        tls: false,
-    })
-    .expect("start etcd and the S3 server (scripts/setup installs them)");
+    let mut c = cluster_with_args(job, daemon_args, false);
     let s = start_all(&mut c, job, 2);
     let (stopped, head) = (node_with_rank(&s, 0), node_with_rank(&s, 1));
     c.signal(stopped, Signal::Stop).unwrap();
