@@ -890,23 +890,34 @@ impl<'a> Shell<'a> {
     /// slots (this one left out), each once. The leader's probe then tells the hung one
     /// (no answer) from the ones waiting on it.
     fn late_pipelines(&self, comm: &GrpcCollective, step: u64) -> Vec<String> {
-        let (Some((losses, chunks)), Some(plan)) = (comm.progress(step), self.gen_plan.as_ref())
-        else {
+        let Some(plan) = self.gen_plan.as_ref() else {
             return Vec::new();
         };
-        let late = tenax_core::detector::late_members(&self.slot_owner, &losses, Some(&chunks));
-        let members = &comm.spec().members;
-        let late: Vec<&str> = late
-            .iter()
-            .filter_map(|&k| members.get(k).map(|m| m.id.as_str()))
-            .collect();
-        let pipelines: Vec<u32> = plan
-            .ranks
-            .iter()
-            .filter(|a| late.contains(&a.member.as_str()))
-            .map(|a| a.dp_index)
-            .collect();
         let me = self.me();
+        let pipelines: Vec<u32> = match comm.progress(step) {
+            Some((losses, chunks)) => {
+                let late =
+                    tenax_core::detector::late_members(&self.slot_owner, &losses, Some(&chunks));
+                let members = &comm.spec().members;
+                let late: Vec<&str> = late
+                    .iter()
+                    .filter_map(|&k| members.get(k).map(|m| m.id.as_str()))
+                    .collect();
+                plan.ranks
+                    .iter()
+                    .filter(|a| late.contains(&a.member.as_str()))
+                    .map(|a| a.dp_index)
+                    .collect()
+            }
+            // Nothing of the step reached the communicator here: this stage still waits
+            // for its neighbours' messages, so its own pipeline is late.
+            None => plan
+                .ranks
+                .iter()
+                .filter(|a| a.member.as_str() == me)
+                .map(|a| a.dp_index)
+                .collect(),
+        };
         let mut out: Vec<String> = Vec::new();
         for a in plan
             .ranks
