@@ -837,14 +837,7 @@ impl StageCompute {
         for (m, w) in &view.takes {
             mine[m.clone()].copy_from_slice(&params[w.clone()]);
         }
-        Ok(RankOutcome {
-            loss,
-            grad_norm,
-            skipped: false,
-            guarded: false,
-            snapshot_copy_s,
-            stage_time: None,
-        })
+        Ok(RankOutcome::applied(loss, grad_norm, snapshot_copy_s))
     }
 
     /// AdamW on this stage's tensors with the reduced gradient `grad` (this stage's
@@ -860,14 +853,7 @@ impl StageCompute {
         let (params, opt, snapshot_copy_s) = crate::rank::unshare(&mut self.params, &mut self.opt);
         let (params, layout, adamw) = (params.as_mut_slice(), &self.layout, &self.setup.adamw);
         self.spare[0].install(|| opt.update_scaled(params, grad, grad_scale, lr, layout, adamw));
-        RankOutcome {
-            loss,
-            grad_norm,
-            skipped: false,
-            guarded: false,
-            snapshot_copy_s,
-            stage_time: None,
-        }
+        RankOutcome::applied(loss, grad_norm, snapshot_copy_s)
     }
 
     /// Validation through the stages (pipeline 0): the head stage returns the mean token

@@ -197,6 +197,21 @@ pub struct RankOutcome {
     pub stage_time: Option<StageTime>,
 }
 
+impl RankOutcome {
+    /// A step whose update was applied: its loss, gradient norm and the seconds the
+    /// update spent unsharing a snapshot's state.
+    pub(crate) fn applied(loss: f64, grad_norm: f64, snapshot_copy_s: f64) -> Self {
+        Self {
+            loss,
+            grad_norm,
+            skipped: false,
+            guarded: false,
+            snapshot_copy_s,
+            stage_time: None,
+        }
+    }
+}
+
 /// The state a compute thread owns.
 pub(crate) struct RankCompute {
     pub(crate) rank: usize,
@@ -378,14 +393,7 @@ impl RankCompute {
                 .install(|| opt.update_scaled(params, grad, grad_scale, lr, layout, adamw)),
         }
         self.model_stale = true;
-        Ok(RankOutcome {
-            loss,
-            grad_norm,
-            skipped: false,
-            guarded: false,
-            snapshot_copy_s,
-            stage_time: None,
-        })
+        Ok(RankOutcome::applied(loss, grad_norm, snapshot_copy_s))
     }
 
     /// Mean token loss over the given validation windows, in batches of the micro-batch size.
