@@ -98,10 +98,15 @@ pub struct ChaosRunArgs {
     pub dry_run: bool,
     /// Fault-free runs of the same scenario (same cluster, no faults), interleaved with
     /// the faulted one (half before it, half after), for the goodput against a reference:
-    /// their wall time over the faulted run's, reported unclamped with min/median/max.
-    /// Each costs about one fault-free run of the job; 0 (the default) skips it.
+    /// the faulted run's steps per second over theirs (for a scenario sized in steps, their
+    /// wall time over the faulted run's), reported unclamped with min/median/max. Each
+    /// costs about one fault-free run of the job; 0 (the default) skips it.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub reference_runs: usize,
+    /// For a scenario sized by time (`run.stop_after_s`): how long each reference run
+    /// trains, in seconds from its first step (default: as long as the faulted run).
+    #[arg(long, value_name = "SECONDS", requires = "reference_runs")]
+    pub reference_s: Option<f64>,
 }
 
 /// Flags of `tenax chaos up`.
@@ -397,11 +402,18 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     } else {
         scenario.name.clone()
     };
-    if scenario.run.stop_after_s.is_some() && a.reference_runs > 0 {
-        bail!(
-            "{}: --reference-runs with run.stop_after_s: a run sized by time has no wall time to compare (both end when the time is up)",
-            a.scenario.display()
-        );
+    // The reference runs: the scenario without faults, for a run sized by time stopped
+    // after --reference-s.
+    let mut reference = scenario.clone();
+    match (a.reference_s, scenario.run.stop_after_s) {
+        (Some(s), Some(_)) if s.is_finite() && s > 0.0 => reference.run.stop_after_s = Some(s),
+        (Some(s), Some(_)) => bail!("--reference-s {s}: give a positive number of seconds"),
+        (Some(_), None) => bail!(
+            "{}: --reference-s is for scenarios sized by time (run.stop_after_s); this one runs {} steps, and so do its reference runs",
+            a.scenario.display(),
+            scenario.train.steps
+        ),
+        (None, _) => {}
     }
     let plan = schedule(&scenario, seed);
     if a.dry_run {
@@ -436,7 +448,7 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     let mut reference_runs = Vec::with_capacity(a.reference_runs);
     for order in 0..refs_before {
         reference_runs
-            .push(reference_run(&scenario, &exe, &data, &job, order, a.reference_runs).await);
+            .push(reference_run(&reference, &exe, &data, &job, order, a.reference_runs).await);
     }
     let h = start_harness(&scenario, &plan, seed, &exe, &data, &job)?;
     let sh = tokio::sync::Mutex::new(h);
@@ -544,7 +556,7 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     drop(h);
     for order in refs_before + 1..=a.reference_runs {
         reference_runs
-            .push(reference_run(&scenario, &exe, &data, &job, order, a.reference_runs).await);
+            .push(reference_run(&reference, &exe, &data, &job, order, a.reference_runs).await);
     }
     history.reference_runs = reference_runs;
 
@@ -715,10 +727,14 @@ async fn reference_run(
         for e in &h.errors {
             println!("reference run {order}: {e}");
         }
+        // A run sized by time ends when its time is up, not at the target step.
+        let reached = scenario.run.stop_after_s.is_some() || newest >= scenario.train.steps;
         Ok(ReferenceRun {
             order,
             wall_s,
-            finished: outcome.is_ok() && h.errors.is_empty() && newest >= scenario.train.steps,
+            steps: tenax_chaos::report::lineage_steps(&history),
+            finished: outcome.is_ok() && h.errors.is_empty() && newest > 0 && reached,
+            resources: tenax_chaos::resources::segments(&h.resources),
         })
     }
     .await;
@@ -728,14 +744,17 @@ async fn reference_run(
         ReferenceRun {
             order,
             wall_s: 0.0,
+            steps: 0,
             finished: false,
+            resources: Vec::new(),
         }
     });
     println!(
-        "reference run {} of {}: {}wall {:.1} s",
+        "reference run {} of {}: {}{} steps in {:.1} s",
         order + 1,
         of + 1,
         if r.finished { "" } else { "DID NOT FINISH, " },
+        r.steps,
         r.wall_s
     );
     r

@@ -2360,6 +2360,13 @@ fn start_three_with_hook_on_2(c: &mut LocalCluster, var: &str, value: &str) {
         .unwrap();
 }
 
+/// The logs of nodes `0..n`, each under its name, for assertion messages.
+fn every_log(c: &LocalCluster, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("--- log of node {i} ---\n{}", c.log(i)))
+        .collect()
+}
+
 /// The save attempts of a job as `ckpt list --json` rows.
 fn listed_rows(c: &LocalCluster, job: &str) -> Vec<serde_json::Value> {
     let listing = ok_env(
@@ -2387,7 +2394,7 @@ fn every_replica_writes_its_share_and_a_writer_killed_mid_save_leaves_no_torn_ch
     // step 30, after its shard is uploaded and before its receipt.
     start_three_with_hook_on_2(&mut c, "TENAX_CHAOS_KILL_IN_SHARE_AT_STEP", "30");
     let status = c.wait(2, Duration::from_secs(300)).unwrap();
-    assert!(status.is_some_and(|s| !s.success()), "{}", c.log(2));
+    assert!(status.is_some_and(|s| !s.success()), "{}", every_log(&c, 3));
     let log2 = c.log(2);
     let killed_at: u64 = log2
         .split("in the middle of the save of step ")
@@ -2406,42 +2413,50 @@ fn every_replica_writes_its_share_and_a_writer_killed_mid_save_leaves_no_torn_ch
         .filter(|r| r["status"] == "committed")
         .collect();
     let steps_committed: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();
-    // Every checkpoint was written by at least two nodes.
-    for r in &rows {
-        let writers = r["writers"].as_array().unwrap();
-        assert!(writers.len() >= 2, "written by fewer than 2 nodes: {r}");
-    }
+    // Replicas write their shares: a checkpoint before the kill lists all three nodes,
+    // one after it both survivors. (Not every one: a writer slower than the committer's
+    // wait, as on a loaded machine, has its share written by the committer instead.)
+    let writers = |r: &serde_json::Value| r["writers"].as_array().unwrap().clone();
     assert!(
-        rows.iter()
-            .any(|r| r["writers"].as_array().unwrap().len() == 3),
+        rows.iter().any(|r| writers(r).len() == 3),
         "no checkpoint lists all three nodes: {rows:?}"
     );
+    assert!(
+        rows.iter().any(|r| r["step"].as_u64() > Some(killed_at)
+            && writers(r) == [serde_json::json!("node-0"), serde_json::json!("node-1")]),
+        "no checkpoint after the kill lists both survivors: {rows:?}"
+    );
     // The save node 2 died in committed whole: the committer wrote its share instead.
-    let torn = rows
-        .iter()
-        .find(|r| r["step"].as_u64() == Some(killed_at))
-        .unwrap_or_else(|| panic!("step {killed_at} is not committed: {steps_committed:?}"));
-    let files = torn["files"].as_array().unwrap();
-    assert!(
-        files.iter().any(|f| f["name"]
-            .as_str()
-            .is_some_and(|n| n.starts_with("shard-00002.by-"))),
-        "the dead writer's share was not written by the committer: {torn}"
-    );
-    assert!(
-        c.log(0).contains("written here (not reported in time)"),
-        "{}",
-        c.log(0)
-    );
-    // The next save commits (saves due while one waits are superseded by the newest; at
-    // the latest it is the final one), written by the two survivors.
+    // Unless the committer never wrote that save: on a loaded machine its previous save
+    // can still be uploading when a newer one comes due, and the newer replaces the one
+    // waiting (the policy of the Checkpoint actor); node 2 dies in a save nobody commits.
+    let superseded = format!("checkpoint at step {killed_at} skipped, step");
+    match rows.iter().find(|r| r["step"].as_u64() == Some(killed_at)) {
+        Some(torn) => {
+            let files = torn["files"].as_array().unwrap();
+            assert!(
+                files.iter().any(|f| f["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("shard-00002.by-"))),
+                "the dead writer's share was not written by the committer: {torn}"
+            );
+            assert!(
+                c.log(0).contains("written here (not reported in time)"),
+                "{}",
+                c.log(0)
+            );
+        }
+        None if c.log(0).contains(&superseded) => {
+            println!("the committer skipped the save of step {killed_at} for a newer one: no takeover to check");
+        }
+        None => panic!(
+            "step {killed_at} is not committed: {steps_committed:?}\nlisted: {listed:?}\n{}",
+            every_log(&c, 3)
+        ),
+    }
+    // The final save commits.
     let last = rows.last().unwrap();
     assert_eq!(last["step"].as_u64(), Some(steps), "{steps_committed:?}");
-    assert_eq!(
-        last["writers"],
-        serde_json::json!(["node-0", "node-1"]),
-        "{last}"
-    );
     // Every committed checkpoint verifies; the job's weights equal the fault-free run's.
     let store = format!("{}/{job}", c.store_url());
     ok_env(&["ckpt", "verify", &store], &c.s3_env());
@@ -3662,6 +3677,76 @@ fn chaos_smoke_scenario_holds_every_invariant_and_writes_its_report() {
         "a kill and a hang re-form the group"
     );
     assert!(!history["commits"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn chaos_sized_by_time_compares_throughput_with_fault_free_reference_runs() {
+    // A run sized by time (the harness stops the job after stop_after_s) with one kill,
+    // and one fault-free reference run of 4 s: the goodput against it is a ratio of
+    // steps per second, and the reference's RSS and fds are reported next to the run's.
+    let tmp = tempfile::tempdir().unwrap();
+    let scenario = tmp.path().join("timed.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"timed\"\n[cluster]\nnodes = 2\n[train]\nsteps = 100000000\nckpt_every = 500\n\
+         args = [\"--lr-decay-steps\", \"100000\", \"--eval-every\", \"0\"]\n\
+         [run]\ntimeout_s = 240\nstop_after_s = 10.0\n\
+         [invariants]\ncheck = [\"target_step_reached\", \"slots_exactly_once\", \"no_stale_generation\", \"steps_never_go_backwards\"]\n\
+         [[faults]]\nkind = \"kill\"\nat_s = 3.0\nnode = \"non-leader\"\nrestart_after_s = 0.5\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let args = [
+        "chaos",
+        "run",
+        scenario.to_str().unwrap(),
+        "--seed",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    // --reference-s belongs to runs sized by time; the smoke scenario runs in steps.
+    let smoke = concat!(env!("CARGO_MANIFEST_DIR"), "/chaos/scenarios/smoke.toml");
+    let err = fails(&[
+        "chaos",
+        "run",
+        smoke,
+        "--seed",
+        "1",
+        "--reference-runs",
+        "1",
+        "--reference-s",
+        "4",
+    ]);
+    assert!(
+        err.contains("--reference-s is for scenarios sized by time"),
+        "{err}"
+    );
+    let stdout = ok(&[&args[..], &["--reference-runs", "1", "--reference-s", "4"]].concat());
+    println!("{stdout}");
+    assert!(stdout.contains("reference run 1 of 2: "), "{stdout}");
+    let report = read_json(&out.join("report.json"));
+    assert_eq!(report["passed"], true, "{report}");
+    let g = &report["reference_goodput"];
+    assert_eq!(g["runs"], 1, "{report}");
+    let ref_steps = g["steps"][0].as_u64().unwrap();
+    let ref_wall = g["wall_s"][0].as_f64().unwrap();
+    let faulted_rate = g["faulted_steps_per_s"].as_f64().unwrap();
+    assert!(ref_steps > 0 && ref_wall > 0.0 && faulted_rate > 0.0, "{g}");
+    let ratio = faulted_rate / (ref_steps as f64 / ref_wall);
+    assert!((g["median"].as_f64().unwrap() - ratio).abs() < 1e-9, "{g}");
+    let history = read_json(&out.join("history.json"));
+    let refs = history["reference_runs"].as_array().unwrap();
+    assert_eq!(refs.len(), 1);
+    assert_eq!(refs[0]["finished"], true, "{}", refs[0]);
+    assert!(
+        !refs[0]["resources"].as_array().unwrap().is_empty(),
+        "the reference run's daemons were sampled: {}",
+        refs[0]
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Against fault-free reference runs"), "{md}");
+    assert!(md.contains("(reference run 1)"), "{md}");
 }
 
 #[test]

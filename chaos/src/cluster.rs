@@ -34,7 +34,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, TcpListener};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -626,9 +626,8 @@ impl Drop for LocalCluster {
     }
 }
 
-/// Two distinct ports that were free a moment ago (both bound at once, then released).
+/// Two distinct ports that were free a moment ago ([`crate::local::free_ports`]).
 fn free_port_pair() -> io::Result<(u16, u16)> {
-    let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
+    let p = crate::local::free_ports(2)?;
+    Ok((p[0], p[1]))
 }

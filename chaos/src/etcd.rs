@@ -28,7 +28,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -591,15 +591,9 @@ fn not_found() -> io::Error {
     )
 }
 
-/// Three distinct ports that were free a moment ago (all bound at once, then released):
+/// Three distinct ports that were free a moment ago ([`crate::local::free_ports`]):
 /// client, peer, and metrics (used by a TLS server only).
 fn free_ports() -> io::Result<(u16, u16, u16)> {
-    let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let c = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok((
-        a.local_addr()?.port(),
-        b.local_addr()?.port(),
-        c.local_addr()?.port(),
-    ))
+    let p = crate::local::free_ports(3)?;
+    Ok((p[0], p[1], p[2]))
 }

@@ -165,8 +165,17 @@ pub struct ReferenceRun {
     pub order: usize,
     /// Seconds from its first step to its last (plus one step), like the faulted run's.
     pub wall_s: f64,
-    /// Whether it reached the target step.
+    /// Steps its lineage applied in that time (0 in reports written before it was
+    /// recorded: read as the faulted run's count, i.e. a ratio of wall times).
+    #[serde(default)]
+    pub steps: u64,
+    /// Whether it ran to its end: the target step, or for a run sized by time, its
+    /// time with steps applied and no harness error.
     pub finished: bool,
+    /// Its daemons' RSS and open fds, one segment per process life: the growth of a
+    /// run without faults, next to the faulted run's.
+    #[serde(default)]
+    pub resources: Vec<crate::resources::ResourceSegment>,
 }
 
 /// Reads node `node`'s step log and state events from its run directory (missing files

@@ -1,9 +1,11 @@
-//! Helpers shared by the local server launchers ([`crate::moto`], [`crate::etcd`]):
-//! port attempts, a raw HTTP/1.1 request for health checks, and a log file's tail.
+//! Helpers shared by the local server launchers ([`crate::moto`], [`crate::etcd`],
+//! [`crate::cluster`]): free ports, port attempts, a raw HTTP/1.1 request for health
+//! checks, and a log file's tail.
 
 use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
@@ -27,6 +29,54 @@ pub(crate) fn with_port_attempts<T>(
         }
     }
     Err(last_err.unwrap_or_else(|| io::Error::other(format!("{what} did not start"))))
+}
+
+/// The lowest port [`free_ports`] draws from.
+const LOW_PORT: u16 = 10_000;
+
+/// How many random ports [`free_ports`] tries before it falls back to the kernel's.
+const PORT_DRAWS: usize = 256;
+
+/// `n` distinct loopback ports that were free a moment ago (all bound at once, then
+/// released), for a child process to bind later. They are drawn at random below the
+/// kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`) when it leaves
+/// room there: every outgoing connection of every process takes its local port from
+/// that range, so a port the kernel hands out for `bind(0)` can be taken by a client
+/// between its release and the child's bind (a daemon that then cannot listen, seen
+/// as a cluster that never forms when tests run in parallel). Falls back to ports the
+/// kernel picks.
+pub(crate) fn free_ports(n: usize) -> io::Result<Vec<u16>> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
+    let mut held: Vec<TcpListener> = Vec::with_capacity(n);
+    if let Some(high) = ephemeral_low.filter(|&lo| lo > LOW_PORT.saturating_add(1000)) {
+        let span = u64::from(high - LOW_PORT);
+        let random = std::collections::hash_map::RandomState::new();
+        for draw in 0..PORT_DRAWS {
+            if held.len() == n {
+                break;
+            }
+            let mut h = random.build_hasher();
+            h.write_usize(draw);
+            let port = LOW_PORT + (h.finish() % span) as u16;
+            if held
+                .iter()
+                .any(|l| l.local_addr().is_ok_and(|a| a.port() == port))
+            {
+                continue;
+            }
+            if let Ok(l) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+                held.push(l);
+            }
+        }
+    }
+    while held.len() < n {
+        held.push(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?);
+    }
+    held.iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
 }
 
 /// Sends one bodiless HTTP/1.1 request and returns the status code and the whole
@@ -72,4 +122,28 @@ pub(crate) fn log_tail(path: &Path, bytes: u64) -> String {
         Ok(String::from_utf8_lossy(&buf).into_owned())
     };
     read().unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()))
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports = free_ports(5).unwrap();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), 5, "{ports:?}");
+        for &p in &ports {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, p)).unwrap();
+        }
+        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
+        if let Some(low) = low.filter(|&l| l > LOW_PORT + 1000) {
+            assert!(
+                ports.iter().all(|&p| (LOW_PORT..low).contains(&p)),
+                "{ports:?}"
+            );
+        }
+    }
 }

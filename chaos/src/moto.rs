@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,8 +37,9 @@ impl MotoServer {
     /// Starts `moto_server` on a free port of 127.0.0.1 and waits (at most
     /// [`START_TIMEOUT`]) until it answers an HTTP request.
     ///
-    /// A port is chosen by binding `127.0.0.1:0` and releasing it; if another process
-    /// takes it first and the server exits, a new port is tried (3 attempts in all).
+    /// A port is chosen by binding it and releasing it (drawn below the kernel's
+    /// ephemeral range, see `local::free_ports`); if another process takes it first and
+    /// the server exits, a new port is tried (3 attempts in all).
     ///
     /// # Errors
     /// [`io::ErrorKind::NotFound`] when `moto_server` is not installed; otherwise an
@@ -188,8 +189,7 @@ fn not_found() -> io::Error {
     )
 }
 
-/// A port that was free a moment ago (bound, read and released).
+/// A port that was free a moment ago ([`crate::local::free_ports`]).
 fn free_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+    Ok(crate::local::free_ports(1)?[0])
 }

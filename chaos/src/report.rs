@@ -11,10 +11,12 @@
 //!   first applied by a generation; its normal step time is the median of windowed mean
 //!   intervals; lost is time with no step applied (stalls), the excess of slow spells, and
 //!   steps applied and then redone by a newer generation.
-//! - Goodput against reference runs (secondary, [`reference_goodput`]): the wall time of
-//!   fault-free runs of the same scenario, interleaved with the faulted one, over the
-//!   faulted run's; unclamped, with min/median/max over the reference runs. A ratio above
-//!   1 can be real on a shared machine: a killed daemon frees cores for the others.
+//! - Goodput against reference runs (secondary, [`reference_goodput`]): the faulted run's
+//!   throughput (steps of its surviving lineage per second of its wall time) over that of
+//!   fault-free runs of the same scenario, interleaved with the faulted one; for runs
+//!   sized in steps that is the reference wall time over the faulted one. Unclamped, with
+//!   min/median/max over the reference runs. A ratio above 1 can be real on a shared
+//!   machine: a killed daemon frees cores for the others.
 //! - Fault overlaps: for each fault, the others whose injected `[start, end]` overlaps
 //!   its own ([`crate::schedule::overlaps`]).
 
@@ -225,15 +227,21 @@ pub fn lost_time(h: &History) -> Option<LostTime> {
     account(&applied_timeline(h))
 }
 
-/// The secondary goodput: each finished reference run's wall time over the faulted
+/// The secondary goodput: the faulted run's throughput over each finished reference
 /// run's, unclamped (above 1 can be real: a killed daemon frees cores on a shared
 /// machine).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReferenceGoodput {
-    /// Reference runs that reached the target step (the others are left out).
+    /// Reference runs that ran to their end (the others are left out).
     pub runs: usize,
     /// Their wall times, in run order.
     pub wall_s: Vec<f64>,
+    /// Their steps applied, in run order.
+    #[serde(default)]
+    pub steps: Vec<u64>,
+    /// The faulted run's steps (of its surviving lineage) per second of its wall time.
+    #[serde(default)]
+    pub faulted_steps_per_s: f64,
     /// Smallest ratio.
     pub min: f64,
     /// Median ratio (of an even count: the mean of the middle two).
@@ -242,19 +250,38 @@ pub struct ReferenceGoodput {
     pub max: f64,
 }
 
-/// [`ReferenceGoodput`] of reference wall times against the faulted run's wall time;
-/// `None` without a finished reference or a faulted wall time.
+/// One run's throughput: steps applied in a wall time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Throughput {
+    /// Steps applied (0: unknown, read as the faulted run's count).
+    pub steps: u64,
+    /// Seconds they took.
+    pub wall_s: f64,
+}
+
+/// [`ReferenceGoodput`] of reference runs against the faulted run: each ratio is the
+/// faulted steps per second over the reference's. `None` without a reference or a
+/// faulted run that applied steps in a positive wall time.
 pub fn reference_goodput(
-    reference_wall_s: &[f64],
-    faulted_wall_s: f64,
+    references: &[Throughput],
+    faulted: Throughput,
 ) -> Option<ReferenceGoodput> {
-    if reference_wall_s.is_empty() || faulted_wall_s.is_nan() || faulted_wall_s <= 0.0 {
+    let valid = |t: &Throughput| t.wall_s.is_finite() && t.wall_s > 0.0;
+    if references.is_empty() || !valid(&faulted) || faulted.steps == 0 {
         return None;
     }
-    let mut r: Vec<f64> = reference_wall_s
+    let faulted_rate = faulted.steps as f64 / faulted.wall_s;
+    let mut r: Vec<f64> = references
         .iter()
-        .map(|w| w / faulted_wall_s)
+        .filter(|t| valid(t))
+        .map(|t| {
+            let steps = if t.steps == 0 { faulted.steps } else { t.steps };
+            faulted_rate / (steps as f64 / t.wall_s)
+        })
         .collect();
+    if r.is_empty() {
+        return None;
+    }
     r.sort_by(f64::total_cmp);
     let n = r.len();
     let median = if n % 2 == 1 {
@@ -264,11 +291,19 @@ pub fn reference_goodput(
     };
     Some(ReferenceGoodput {
         runs: n,
-        wall_s: reference_wall_s.to_vec(),
+        wall_s: references.iter().map(|t| t.wall_s).collect(),
+        steps: references.iter().map(|t| t.steps).collect(),
+        faulted_steps_per_s: faulted_rate,
         min: r[0],
         median,
         max: r[n - 1],
     })
+}
+
+/// Steps of the history's surviving lineage: each step counted once, in the newest
+/// generation that applied it.
+pub fn lineage_steps(h: &History) -> u64 {
+    lineage_times(h).len() as u64
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -393,15 +428,24 @@ pub fn build(
     };
     let lost = lost_time(h);
     let goodput = lost.as_ref().map(|l| l.goodput);
-    let refs: Vec<f64> = h
+    let refs: Vec<Throughput> = h
         .reference_runs
         .iter()
         .filter(|r| r.finished)
-        .map(|r| r.wall_s)
+        .map(|r| Throughput {
+            steps: r.steps,
+            wall_s: r.wall_s,
+        })
         .collect();
-    let reference_goodput = lost
-        .as_ref()
-        .and_then(|l| reference_goodput(&refs, l.wall_s));
+    let reference_goodput = lost.as_ref().and_then(|l| {
+        reference_goodput(
+            &refs,
+            Throughput {
+                steps: times.len() as u64,
+                wall_s: l.wall_s,
+            },
+        )
+    });
     let passed = harness_errors.is_empty() && invariants.values().all(Verdict::is_held);
     Report {
         scenario: scenario.to_string(),
@@ -435,7 +479,7 @@ impl Report {
     /// The resources section of `report.md`: one row per process life (empty without
     /// samples).
     fn resources_markdown(&self, h: &History) -> String {
-        if self.resources.is_empty() {
+        if self.resources.is_empty() && h.reference_runs.iter().all(|r| r.resources.is_empty()) {
             return String::new();
         }
         let t0 = h.steps.iter().map(|x| x.t_ms).min().unwrap_or(h.started_ms);
@@ -450,9 +494,19 @@ impl Report {
             crate::resources::MIN_SPAN_S,
             crate::resources::MIN_SAMPLES
         );
-        for g in &self.resources {
+        // The faulted run's lives, then each fault-free reference run's (its times from
+        // its own first sample).
+        let lives = self.resources.iter().map(|g| (String::new(), t0, g)).chain(
+            h.reference_runs.iter().flat_map(|r| {
+                let r0 = r.resources.iter().map(|g| g.first_ms).min().unwrap_or(0);
+                r.resources
+                    .iter()
+                    .map(move |g| (format!(" (reference run {})", r.order + 1), r0, g))
+            }),
+        );
+        for (run, t0, g) in lives {
             s.push_str(&format!(
-                "| node-{} | {} | {:.0} | {:.0} | {} | {:.1} / {:.1} / {:.1} | {} | {} / {} / {} | {} |\n",
+                "| node-{}{run} | {} | {:.0} | {:.0} | {} | {:.1} / {:.1} / {:.1} | {} | {} / {} / {} | {} |\n",
                 g.node,
                 g.pid,
                 (g.first_ms as f64 - t0 as f64) / 1000.0,
@@ -538,20 +592,26 @@ impl Report {
         match &self.reference_goodput {
             Some(r) => s.push_str(&format!(
                 "\n## Against fault-free reference runs\n\n{} fault-free runs of the same scenario, interleaved with this one; \
-                 their wall time over this run's, unclamped: min {:.3}, median {:.3}, max {:.3} (walls {} s). \
-                 A ratio above 1 can be real on a shared machine: a killed daemon frees cores for the others.\n",
+                 this run's throughput ({:.2} steps/s of its surviving lineage) over theirs, unclamped: min {:.3}, median {:.3}, max {:.3} \
+                 (references: {}). A ratio above 1 can be real on a shared machine: a killed daemon frees cores for the others.\n",
                 r.runs,
+                r.faulted_steps_per_s,
                 r.min,
                 r.median,
                 r.max,
                 r.wall_s
                     .iter()
-                    .map(|w| format!("{w:.1}"))
+                    .zip(r.steps.iter().chain(std::iter::repeat(&0)))
+                    .map(|(w, n)| if *n == 0 {
+                        format!("{w:.1} s")
+                    } else {
+                        format!("{n} steps in {w:.1} s")
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             )),
             None if !h.reference_runs.is_empty() => s.push_str(
-                "\n## Against fault-free reference runs\n\nNo reference run reached the target step: no ratio.\n",
+                "\n## Against fault-free reference runs\n\nNo reference run ran to its end: no ratio.\n",
             ),
             None => {}
         }
@@ -801,12 +861,30 @@ mod tests {
 
     #[test]
     fn reference_goodput_is_unclamped_with_its_spread() {
-        assert_eq!(reference_goodput(&[], 10.0), None);
-        assert_eq!(reference_goodput(&[10.0], 0.0), None);
-        let r = reference_goodput(&[9.0, 11.0, 10.0], 10.0).unwrap();
-        assert_eq!((r.runs, r.min, r.median, r.max), (3, 0.9, 1.0, 1.1));
-        let r = reference_goodput(&[12.0, 8.0, 9.0, 11.0], 10.0).unwrap();
+        let t = |steps, wall_s| Throughput { steps, wall_s };
+        // Sized in steps: the same count, so the ratio of wall times.
+        assert_eq!(reference_goodput(&[], t(100, 10.0)), None);
+        assert_eq!(reference_goodput(&[t(100, 10.0)], t(100, 0.0)), None);
+        assert_eq!(reference_goodput(&[t(100, 10.0)], t(0, 10.0)), None);
+        let r =
+            reference_goodput(&[t(100, 9.0), t(100, 11.0), t(100, 10.0)], t(100, 10.0)).unwrap();
+        assert_eq!((r.runs, r.median), (3, 1.0));
+        assert!(
+            (r.min - 0.9).abs() < 1e-12 && (r.max - 1.1).abs() < 1e-12,
+            "{r:?}"
+        );
+        let r = reference_goodput(
+            &[t(100, 12.0), t(100, 8.0), t(100, 9.0), t(100, 11.0)],
+            t(100, 10.0),
+        )
+        .unwrap();
         assert!((r.median - 1.0).abs() < 1e-12 && r.max > 1.0, "{r:?}");
+        // Sized by time: throughputs. 900 steps in 100 s against 100 steps in 10 s: 0.9.
+        let r = reference_goodput(&[t(100, 10.0)], t(900, 100.0)).unwrap();
+        assert!((r.median - 0.9).abs() < 1e-12 && (r.faulted_steps_per_s - 9.0).abs() < 1e-12);
+        // A reference of an old report (no step count) reads as the faulted count.
+        let r = reference_goodput(&[t(0, 12.0)], t(100, 10.0)).unwrap();
+        assert!((r.median - 1.2).abs() < 1e-12, "{r:?}");
     }
 
     proptest::proptest! {
