@@ -486,11 +486,13 @@ impl Report {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let mut s = format!(
             "\n## Memory and file descriptors\n\nEvery daemon sampled every {} s (VmRSS of /proc/PID/status, entries of /proc/PID/fd); \
-             one row per process life (a restarted daemon has a new PID and a fresh heap). Slopes are least-squares fits over \
-             the life, per hour; lives shorter than {} s or {} samples get none.\n\n\
-             | node | pid | from (s) | to (s) | samples | RSS first / last / max (MiB) | RSS slope (MiB/h) | fds first / last / max | fd slope (/h) |\n\
+             one row per process life (a restarted daemon has a new PID and a fresh heap). Slopes are least-squares fits per hour \
+             over the life after its first {} s (its start-up climb: model, buffers, allocator arenas; \"settled\" is the RSS \
+             then); lives with less than {} s or {} samples after that get none.\n\n\
+             | node | pid | from (s) | to (s) | samples | RSS first / settled / last / max (MiB) | RSS slope (MiB/h) | fds first / last / max | fd slope (/h) |\n\
              |---|---|---|---|---|---|---|---|---|\n",
             crate::resources::SAMPLE_EVERY.as_secs(),
+            crate::resources::WARMUP_S,
             crate::resources::MIN_SPAN_S,
             crate::resources::MIN_SAMPLES
         );
@@ -506,13 +508,14 @@ impl Report {
         );
         for (run, t0, g) in lives {
             s.push_str(&format!(
-                "| node-{}{run} | {} | {:.0} | {:.0} | {} | {:.1} / {:.1} / {:.1} | {} | {} / {} / {} | {} |\n",
+                "| node-{}{run} | {} | {:.0} | {:.0} | {} | {:.1} / {} / {:.1} / {:.1} | {} | {} / {} / {} | {} |\n",
                 g.node,
                 g.pid,
                 (g.first_ms as f64 - t0 as f64) / 1000.0,
                 (g.last_ms as f64 - t0 as f64) / 1000.0,
                 g.samples,
                 mib(g.rss_first),
+                opt(g.rss_settled.map(mib), 1),
                 mib(g.rss_last),
                 mib(g.rss_max),
                 opt(g.rss_slope_per_h.map(|b| b / (1024.0 * 1024.0)), 2),
@@ -726,7 +729,7 @@ mod tests {
         let md = r.markdown(&h);
         assert!(md.contains("sized by time"), "{md}");
         assert!(
-            md.contains("| node-0 | 42 | 0 | 3600 | 7 | 100.0 / 106.0 / 106.0 | 6.00 | 20 / 20 / 20 | 0.00 |"),
+            md.contains("| node-0 | 42 | 0 | 3600 | 7 | 100.0 / 101.0 / 106.0 / 106.0 | 6.00 | 20 / 20 / 20 | 0.00 |"),
             "{md}"
         );
     }

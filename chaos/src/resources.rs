@@ -24,6 +24,9 @@ pub const MIN_SAMPLES: usize = 3;
 /// nothing per hour.
 pub const MIN_SPAN_S: f64 = 60.0;
 
+/// The slopes leave out a life's first this many seconds (its start-up).
+pub const WARMUP_S: f64 = 120.0;
+
 /// One sample of one daemon process.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResourceSample {
@@ -58,7 +61,12 @@ pub struct ResourceSegment {
     pub rss_last: u64,
     /// See `rss_first`.
     pub rss_max: u64,
-    /// Least-squares slope of RSS in bytes per hour (`None`: too few samples or too short).
+    /// RSS at the first sample after the warm-up ([`WARMUP_S`]), in bytes (`None`: the
+    /// life ended before).
+    #[serde(default)]
+    pub rss_settled: Option<u64>,
+    /// Least-squares slope of RSS in bytes per hour after the warm-up (`None`: too few
+    /// samples or too short after it).
     pub rss_slope_per_h: Option<f64>,
     /// Open fds at the first sample, the last, and the most.
     pub fds_first: u64,
@@ -66,7 +74,7 @@ pub struct ResourceSegment {
     pub fds_last: u64,
     /// See `fds_first`.
     pub fds_max: u64,
-    /// Least-squares slope of open fds per hour.
+    /// Least-squares slope of open fds per hour after the warm-up.
     pub fds_slope_per_h: Option<f64>,
 }
 
@@ -133,13 +141,21 @@ pub fn segments(samples: &[ResourceSample]) -> Vec<ResourceSegment> {
         .map(|((node, pid), mut v)| {
             v.sort_by_key(|s| s.t_ms);
             let (first, last) = (v[0], v[v.len() - 1]);
-            let long_enough =
-                v.len() >= MIN_SAMPLES && (last.t_ms - first.t_ms) as f64 / 1000.0 >= MIN_SPAN_S;
+            let settled: Vec<&ResourceSample> = v
+                .iter()
+                .copied()
+                .filter(|s| (s.t_ms - first.t_ms) as f64 / 1000.0 >= WARMUP_S)
+                .collect();
+            let long_enough = settled.len() >= MIN_SAMPLES
+                && settled
+                    .first()
+                    .zip(settled.last())
+                    .is_some_and(|(a, b)| (b.t_ms - a.t_ms) as f64 / 1000.0 >= MIN_SPAN_S);
             let slope = |f: fn(&ResourceSample) -> u64| {
                 if !long_enough {
                     return None;
                 }
-                let pts: Vec<(u64, f64)> = v.iter().map(|s| (s.t_ms, f(s) as f64)).collect();
+                let pts: Vec<(u64, f64)> = settled.iter().map(|s| (s.t_ms, f(s) as f64)).collect();
                 slope_per_hour(&pts)
             };
             ResourceSegment {
@@ -151,6 +167,7 @@ pub fn segments(samples: &[ResourceSample]) -> Vec<ResourceSegment> {
                 rss_first: first.rss_bytes,
                 rss_last: last.rss_bytes,
                 rss_max: v.iter().map(|s| s.rss_bytes).max().unwrap_or(0),
+                rss_settled: settled.first().map(|s| s.rss_bytes),
                 rss_slope_per_h: slope(|s| s.rss_bytes),
                 fds_first: first.fds,
                 fds_last: last.fds,
@@ -235,29 +252,33 @@ mod tests {
             fds,
         };
         let samples = vec![
-            // node 0: one life of 20 minutes, RSS +3600 bytes in 20 min = +10800/h.
-            s(0, 10, 0, 1000, 20),
-            s(0, 10, 600, 2800, 20),
-            s(0, 10, 1200, 4600, 20),
+            // node 0: one life; its start-up climb (100 -> 1000 bytes) is left out, then
+            // RSS +3600 bytes in 20 min = +10800/h.
+            s(0, 10, 0, 100, 5),
+            s(0, 10, 120, 1000, 20),
+            s(0, 10, 720, 2800, 20),
+            s(0, 10, 1320, 4600, 20),
             // node 1: killed after 20 s (too short for a slope), restarted as pid 12.
             s(1, 11, 0, 5000, 30),
             s(1, 11, 20, 5000, 31),
             s(1, 12, 40, 900, 25),
-            s(1, 12, 400, 900, 27),
-            s(1, 12, 760, 900, 29),
+            s(1, 12, 160, 900, 25),
+            s(1, 12, 520, 900, 27),
+            s(1, 12, 880, 900, 29),
         ];
         let seg = segments(&samples);
         assert_eq!(seg.len(), 3);
-        assert_eq!((seg[0].node, seg[0].pid, seg[0].samples), (0, 10, 3));
+        assert_eq!((seg[0].node, seg[0].pid, seg[0].samples), (0, 10, 4));
         assert!((seg[0].rss_slope_per_h.unwrap() - 10_800.0).abs() < 1e-6);
+        assert_eq!((seg[0].rss_first, seg[0].rss_settled), (100, Some(1000)));
         assert_eq!(seg[0].fds_slope_per_h, Some(0.0));
         assert_eq!((seg[1].pid, seg[1].rss_slope_per_h), (11, None));
-        assert_eq!(seg[1].fds_max, 31);
+        assert_eq!((seg[1].fds_max, seg[1].rss_settled), (31, None));
         assert_eq!(
             (seg[2].pid, seg[2].rss_first, seg[2].rss_last),
             (12, 900, 900)
         );
-        // +4 fds in 720 s = +20 per hour, the restart's drop not counted.
+        // +4 fds in 720 s after the warm-up = +20 per hour, the restart's drop not counted.
         assert!((seg[2].fds_slope_per_h.unwrap() - 20.0).abs() < 1e-6);
     }
 }

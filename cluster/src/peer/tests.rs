@@ -984,6 +984,12 @@ async fn state_transfer_checks_every_chunk_and_the_checksum() {
         }),
         ("first chunk has no header", |c| c[0].header = None),
         ("step 5, not the requested step 6", |_| {}),
+        // The header's count is the donor's word: nothing is reserved for it up front
+        // (12 TiB here), the stream is refused where it falls short.
+        (
+            "tensor 1 starts but tensor 0 has only 2 of 1099511627776 values",
+            |c| c[0].header.as_mut().unwrap().num_params = 1 << 40,
+        ),
     ];
     for (want, tamper) in cases {
         let mut chunks = fake_chunks();

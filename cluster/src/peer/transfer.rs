@@ -907,7 +907,12 @@ impl Fetch<'_> {
         };
         let asm = asm.expect("the header came before the checksum");
         let header = asm.header.clone();
-        let (actual, [params, m, v]) = asm.finish().await;
+        let (actual, tensors) = asm.finish().await;
+        let [params, m, v] = tensors.map_err(|reason| TransferError::BadChunk {
+            donor: self.donor.clone(),
+            index: progress.chunks.saturating_sub(1),
+            reason,
+        })?;
         if actual != expected {
             return Err(TransferError::Checksum {
                 donor: self.donor.clone(),
@@ -949,10 +954,13 @@ impl Fetch<'_> {
             .ok()
             .filter(|n| n.checked_mul(12).is_some())
             .ok_or_else(|| bad(format!("num_params {} is too large", h.num_params)))?;
+        // The count is the donor's word: reserve at most RESERVE_AHEAD_FLOATS values per
+        // tensor now, the rest as data arrives (make_room, on the writer thread).
         let mut tensors: [Vec<f32>; 3] = Default::default();
         for t in &mut tensors {
-            t.try_reserve_exact(n)
-                .map_err(|e| bad(format!("cannot hold {n} values: {e}")))?;
+            let ahead = n.min(super::stream::RESERVE_AHEAD_FLOATS);
+            t.try_reserve_exact(ahead)
+                .map_err(|e| bad(format!("cannot hold {ahead} values: {e}")))?;
         }
         Ok(Assembly::new(h.clone(), n, tensors))
     }
@@ -1092,11 +1100,13 @@ struct Assembly {
     to_hasher: mpsc::Sender<ChunkData>,
     hasher: JoinHandle<String>,
     to_writer: mpsc::Sender<(usize, ChunkData)>,
-    writer: JoinHandle<[Vec<f32>; 3]>,
+    /// The tensors, or why the room for a chunk could not be had.
+    writer: JoinHandle<Result<[Vec<f32>; 3], String>>,
 }
 
 impl Assembly {
-    /// Starts the two threads; `tensors` are empty with room for `n` values each.
+    /// Starts the two threads; `tensors` are empty, with room for what comes first of
+    /// their `n` values each (the writer makes more as chunks come, never past `n`).
     fn new(header: StateHeader, n: usize, mut tensors: [Vec<f32>; 3]) -> Self {
         let (to_hasher, mut chunks) = mpsc::channel::<ChunkData>(CHUNKS_IN_FLIGHT);
         let hasher = tokio::task::spawn_blocking(move || {
@@ -1109,9 +1119,17 @@ impl Assembly {
         let (to_writer, mut chunks) = mpsc::channel::<(usize, ChunkData)>(CHUNKS_IN_FLIGHT);
         let writer = tokio::task::spawn_blocking(move || {
             while let Some((t, data)) = chunks.blocking_recv() {
-                decode(&data, &mut tensors[t]);
+                let values = &mut tensors[t];
+                super::stream::make_room(values, n, data.len() / 4).map_err(|e| {
+                    format!(
+                        "cannot hold {} more values of tensor {t} ({} so far): {e}",
+                        data.len() / 4,
+                        values.len()
+                    )
+                })?;
+                decode(&data, values);
             }
-            tensors
+            Ok(tensors)
         });
         Self {
             header,
@@ -1137,8 +1155,8 @@ impl Assembly {
             .map_err(|_| gone.to_string())
     }
 
-    /// The checksum of every chunk fed, and the tensors.
-    async fn finish(self) -> (String, [Vec<f32>; 3]) {
+    /// The checksum of every chunk fed, and the tensors (or why they could not be held).
+    async fn finish(self) -> (String, Result<[Vec<f32>; 3], String>) {
         drop(self.to_hasher);
         drop(self.to_writer);
         (joined(self.hasher.await), joined(self.writer.await))
