@@ -21,6 +21,7 @@ mod daemon;
 mod data_cmd;
 mod etcd_args;
 mod hooks;
+mod malloc;
 mod memorisation;
 mod metrics;
 mod plot;
@@ -286,6 +287,9 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: the allocator settings of a long-lived process (see
+    // src/malloc.rs; a variable the operator set wins).
+    malloc::tune();
     // Before anything runs: a hook variable this build cannot honour is an error, never
     // silently ignored (see src/hooks.rs).
     let names: Vec<String> = std::env::vars_os()

@@ -21,6 +21,94 @@ pub struct LossPoint {
     pub val_loss: Option<f64>,
 }
 
+/// Most points a [`LossCurve`] holds of each kind, before it thins them.
+pub const CURVE_POINTS: usize = 8192;
+
+/// A loss curve of bounded size for a run of any length (a daemon lives for months): it
+/// holds every step's point until it has 2 x [`CURVE_POINTS`], then drops every other one
+/// and from then on keeps every second step, and so on (the stride doubles each time).
+/// Points with a validation loss are held apart, thinned the same way. A point at or
+/// before the newest one (a step redone after a restart) replaces what was held from
+/// its step on: the curve keeps the last run of each step. Memory stays below 4 x
+/// [`CURVE_POINTS`] points whatever the run's length; the plot is as wide as ever.
+#[derive(Clone, Debug, Default)]
+pub struct LossCurve {
+    train: Thinned,
+    val: Thinned,
+}
+
+/// One kind of point, thinned by a doubling stride.
+#[derive(Clone, Debug, Default)]
+struct Thinned {
+    points: Vec<LossPoint>,
+    /// Only every `stride`-th point offered is kept (1 until the first thinning).
+    stride: u64,
+    /// Points offered since the last kept one.
+    skipped: u64,
+}
+
+impl Thinned {
+    fn push(&mut self, p: LossPoint) {
+        if self.points.last().is_some_and(|l| p.step <= l.step) {
+            let keep = self.points.partition_point(|q| q.step < p.step);
+            self.points.truncate(keep);
+        } else if self.skipped + 1 < self.stride.max(1) {
+            self.skipped += 1;
+            return;
+        }
+        self.skipped = 0;
+        self.points.push(p);
+        if self.points.len() >= 2 * CURVE_POINTS {
+            let mut i = 0;
+            self.points.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+            self.stride = self.stride.max(1) * 2;
+        }
+    }
+}
+
+impl LossCurve {
+    /// An empty curve.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one step's point (see the type's documentation for what is kept).
+    pub fn push(&mut self, p: LossPoint) {
+        if p.val_loss.is_some() {
+            self.val.push(p);
+        }
+        self.train.push(LossPoint {
+            val_loss: None,
+            ..p
+        });
+    }
+
+    /// The points held, in step order (a step with a validation loss once, with it).
+    pub fn points(&self) -> Vec<LossPoint> {
+        let mut out: Vec<LossPoint> = self.train.points.clone();
+        out.extend(self.val.points.iter().copied());
+        out.sort_by_key(|p| (p.step, p.val_loss.is_some()));
+        // A step held in both lists: its validation point only.
+        let mut merged: Vec<LossPoint> = Vec::with_capacity(out.len());
+        for p in out {
+            match merged.last_mut() {
+                Some(last) if last.step == p.step => *last = p,
+                _ => merged.push(p),
+            }
+        }
+        merged
+    }
+
+    /// How many points are held (both kinds).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.train.points.len() + self.val.points.len()
+    }
+}
+
 fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -437,5 +525,62 @@ mod tests {
         }];
         assert!(plot_timeline(&png, "nan", &nan, &[], &[]).is_err());
         assert!(!png.exists());
+    }
+}
+
+#[cfg(test)]
+mod curve_tests {
+    use super::*;
+
+    fn pt(step: u64, val: bool) -> LossPoint {
+        LossPoint {
+            step,
+            loss: step as f64,
+            val_loss: val.then_some(step as f64 / 2.0),
+        }
+    }
+
+    #[test]
+    fn a_curve_keeps_every_point_until_it_thins_and_stays_bounded() {
+        let mut c = LossCurve::new();
+        for s in 1..=100 {
+            c.push(pt(s, s % 10 == 0));
+        }
+        let p = c.points();
+        assert_eq!(p.len(), 100);
+        assert_eq!(p.iter().filter(|p| p.val_loss.is_some()).count(), 10);
+        // A month of steps at 3 a second, with an evaluation every 1000: bounded.
+        let mut c = LossCurve::new();
+        let n = 8_000_000u64;
+        for s in 1..=n {
+            c.push(pt(s, s % 1000 == 0));
+        }
+        assert!(c.len() <= 4 * CURVE_POINTS, "{}", c.len());
+        let p = c.points();
+        assert!(p.len() >= CURVE_POINTS, "{}", p.len());
+        assert!(p.windows(2).all(|w| w[0].step < w[1].step));
+        // The whole run is still covered, ends included, evenly.
+        assert!(
+            p[0].step <= 1024 && p.last().unwrap().step > n - 1024,
+            "{:?}",
+            (p[0].step, p.last().unwrap().step)
+        );
+        assert!(p.iter().filter(|p| p.val_loss.is_some()).count() >= 4000);
+    }
+
+    #[test]
+    fn a_redone_step_replaces_what_was_held_from_it_on() {
+        let mut c = LossCurve::new();
+        for s in 1..=10 {
+            c.push(pt(s, false));
+        }
+        c.push(LossPoint {
+            step: 6,
+            loss: -1.0,
+            val_loss: None,
+        });
+        let p = c.points();
+        assert_eq!(p.len(), 6);
+        assert_eq!((p[5].step, p[5].loss), (6, -1.0));
     }
 }

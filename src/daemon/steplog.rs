@@ -7,13 +7,13 @@
 //! Writes go through `block_in_place`, off the async workers.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use crate::plot::LossPoint;
+use crate::plot::{LossCurve, LossPoint};
 
 /// One step's line.
 pub(super) struct StepLine {
@@ -63,7 +63,8 @@ pub(super) struct StepLog {
     dir: PathBuf,
     metrics: std::fs::File,
     events: std::fs::File,
-    history: Vec<LossPoint>,
+    /// The loss curve for the plot, bounded however long the daemon lives.
+    history: LossCurve,
     /// Lines waiting for their step's hash, in step order.
     waiting: VecDeque<StepLine>,
     /// The hashes of the last few steps.
@@ -86,20 +87,41 @@ fn append(path: &Path) -> Result<std::fs::File> {
         })
 }
 
+/// The loss curve of an existing `metrics.jsonl`, read a line at a time (a months-long
+/// run's file is large; the curve is bounded). Lines that do not parse are skipped.
+fn read_curve(path: &Path) -> Result<LossCurve> {
+    let mut curve = LossCurve::new();
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(curve),
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    };
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.with_context(|| format!("{}: cannot read", path.display()))?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let Some(step) = v["step"].as_u64() {
+            curve.push(LossPoint {
+                step,
+                loss: v["loss"].as_f64().unwrap_or(f64::NAN),
+                val_loss: v["val_loss"].as_f64(),
+            });
+        }
+    }
+    Ok(curve)
+}
+
 impl StepLog {
     /// Open the logs in `dir`, keeping the history already there (a step redone after a
     /// whole-job restart appears again; the plot keeps the last).
     pub fn open(dir: &Path) -> Result<Self> {
         let metrics_path = dir.join("metrics.jsonl");
-        let mut by_step = BTreeMap::new();
-        for p in crate::train::load_history(&metrics_path, u64::MAX)? {
-            by_step.insert(p.step, p);
-        }
         Ok(Self {
             dir: dir.to_path_buf(),
+            history: read_curve(&metrics_path)?,
             metrics: append(&metrics_path)?,
             events: append(&dir.join("events.jsonl"))?,
-            history: by_step.into_values().collect(),
             waiting: VecDeque::new(),
             hashes: BTreeMap::new(),
         })
@@ -189,7 +211,7 @@ impl StepLog {
     /// Plot the loss curve to `loss.png`.
     pub fn plot(&self, title: &str) {
         let png = self.dir.join("loss.png");
-        if let Err(e) = crate::plot::plot_loss(&png, title, &self.history) {
+        if let Err(e) = crate::plot::plot_loss(&png, title, &self.history.points()) {
             eprintln!("warning: {e}");
         }
     }
