@@ -337,10 +337,12 @@ pub fn recoveries(h: &History) -> Vec<Recovery> {
     h.faults
         .iter()
         .filter(|f| {
-            matches!(
+            // A fault with no daemon hit was not injected (its daemon was down).
+            (matches!(
                 f.kind.as_str(),
                 "kill" | "hang" | "partition" | "kill_in_upload"
-            ) || (f.kind == "group" && !f.nodes.is_empty())
+            ) && f.node.is_some())
+                || (f.kind == "group" && !f.nodes.is_empty())
         })
         .map(|f| {
             let g = h.generation_at(f.start_ms);
@@ -757,6 +759,17 @@ mod tests {
             start_ms: 1050,
             end_ms: 1400,
             detail: String::new(),
+        });
+        // A hang whose daemon was down (another fault's kill) was not injected: no
+        // recovery of its own.
+        h.faults.push(InjectedFault {
+            index: 1,
+            kind: "hang".into(),
+            node: None,
+            nodes: vec![],
+            start_ms: 1100,
+            end_ms: 1100,
+            detail: "not injected: node-1 was down".into(),
         });
         h.commits.push(crate::history::CommitEntry {
             revision: 5,

@@ -155,6 +155,28 @@ pub(super) async fn inject(sh: &Shared, f: &PlannedFault) -> Result<Done> {
         detail: format!("{detail}{how}"),
         start_ms,
     };
+    // Faults overlap: another one's kill may have this daemon down (not restarted yet).
+    // A fault on a daemon that is not running is not injected, and says so.
+    let one_node = matches!(
+        f.kind,
+        FaultKind::Kill
+            | FaultKind::Hang
+            | FaultKind::Slow
+            | FaultKind::Partition
+            | FaultKind::KillInUpload
+    );
+    if let Some(n) = node.filter(|_| one_node) {
+        if sh.lock().await.down.contains(&n) {
+            return Ok(Done {
+                node: None,
+                nodes: Vec::new(),
+                detail: format!(
+                    "not injected: node-{n}{how} was down (killed by another fault, not restarted yet)"
+                ),
+                start_ms,
+            });
+        }
+    }
     match f.kind {
         FaultKind::Kill => {
             let n = node.ok_or_else(|| anyhow!("no node to kill{how}"))?;
@@ -168,11 +190,19 @@ pub(super) async fn inject(sh: &Shared, f: &PlannedFault) -> Result<Done> {
             let n = node.ok_or_else(|| anyhow!("no node to hang{how}"))?;
             sh.lock().await.c.signal(n, Signal::Stop)?;
             pause(deadline, dur).await;
-            sh.lock().await.c.signal(n, Signal::Cont)?;
-            Ok(single(format!(
-                "SIGSTOP for {:.1} s, then SIGCONT",
-                dur.as_secs_f64()
-            )))
+            let h = sh.lock().await;
+            match h.c.signal(n, Signal::Cont) {
+                // Another fault killed it during the hang: the kill ended it.
+                Err(_) if h.down.contains(&n) => Ok(single(format!(
+                    "SIGSTOP for {:.1} s, killed by another fault meanwhile",
+                    dur.as_secs_f64()
+                ))),
+                Err(e) => Err(e.into()),
+                Ok(()) => Ok(single(format!(
+                    "SIGSTOP for {:.1} s, then SIGCONT",
+                    dur.as_secs_f64()
+                ))),
+            }
         }
         FaultKind::Slow => {
             let n = node.ok_or_else(|| anyhow!("no node to slow down{how}"))?;
