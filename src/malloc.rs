@@ -2,39 +2,56 @@
 //!
 //! A daemon allocates multi-MiB buffers all the time (gradient frames, state-copy
 //! chunks, checkpoint shards) on many threads (the runtime's workers, blocking threads,
-//! the trainer). glibc's defaults suit short programs: each thread that contends gets
-//! an arena of its own (up to 8 per core), and after a large `mmap`ed block is freed the
-//! threshold above which blocks are `mmap`ed rises (up to 32 MiB), so later blocks of
-//! that size come from the arenas, whose free space is returned to the system only from
-//! their top. A daemon's RSS then climbs with every re-formation and state copy and is
-//! not given back (measured in BENCHMARKS.md, "Daemon memory").
+//! the trainer). glibc keeps what they free: each thread that contends gets an arena of
+//! its own (up to 8 per core), and after a large `mmap`ed block is freed the threshold
+//! above which blocks are `mmap`ed rises (up to 32 MiB), so later blocks of that size
+//! come from the arenas, which return memory to the system only from their top. A
+//! daemon's RSS then climbed with every re-formation and state copy (BENCHMARKS.md,
+//! "Daemon memory").
 //!
-//! [`tune`] fixes that at start: at most [`ARENA_MAX`] arenas, and blocks of
-//! [`MMAP_THRESHOLD_BYTES`] or more always `mmap`ed (a fixed threshold, so it never
-//! rises), so that a freed buffer goes back to the system at once. A variable the
-//! operator set (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`) wins over ours.
+//! [`tune`] sets at most [`ARENA_MAX`] arenas (unless `MALLOC_ARENA_MAX` is set) and
+//! starts a thread that calls `malloc_trim(0)` every [`TRIM_EVERY`] (unless
+//! `TENAX_MALLOC_TRIM_S=0`; another number of seconds sets the period): glibc then hands
+//! the free pages inside every arena back to the system. Keeping every large block
+//! `mmap`ed instead (a fixed `M_MMAP_THRESHOLD`) also bounded RSS but cost 42% of the
+//! training throughput (a page fault per page of every gradient buffer, every step).
+
+use std::time::Duration;
 
 /// Most malloc arenas (glibc's default is 8 per core).
 pub const ARENA_MAX: i32 = 2;
 
-/// Blocks at least this large are always `mmap`ed, and unmapped when freed.
-pub const MMAP_THRESHOLD_BYTES: i32 = 1 << 20;
+/// How often the trim thread hands free pages back to the system.
+pub const TRIM_EVERY: Duration = Duration::from_secs(10);
 
-/// Applies [`ARENA_MAX`] and [`MMAP_THRESHOLD_BYTES`] unless the environment sets them;
-/// returns what it applied, as `NAME=VALUE` (empty where nothing applies: another C
-/// library, or both set by the operator).
+/// The variable that sets the trim period in seconds (0: no trim thread).
+pub const TRIM_VAR: &str = "TENAX_MALLOC_TRIM_S";
+
+/// Applies [`ARENA_MAX`] unless `MALLOC_ARENA_MAX` is set, and starts the trim thread
+/// unless [`TRIM_VAR`] is `0`; returns what it did, in words (empty where nothing
+/// applies: another C library).
 pub fn tune() -> Vec<String> {
     let mut applied = Vec::new();
-    for (var, param, value) in [
-        ("MALLOC_ARENA_MAX", sys::M_ARENA_MAX, ARENA_MAX),
-        (
-            "MALLOC_MMAP_THRESHOLD_",
-            sys::M_MMAP_THRESHOLD,
-            MMAP_THRESHOLD_BYTES,
-        ),
-    ] {
-        if std::env::var_os(var).is_none() && sys::set(param, value) {
-            applied.push(format!("{var}={value}"));
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() && sys::set_arena_max(ARENA_MAX) {
+        applied.push(format!("MALLOC_ARENA_MAX={ARENA_MAX}"));
+    }
+    let every = match std::env::var(TRIM_VAR) {
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .unwrap_or(TRIM_EVERY),
+        Err(_) => TRIM_EVERY,
+    };
+    if !every.is_zero() && sys::HAS_TRIM {
+        let started = std::thread::Builder::new()
+            .name("malloc-trim".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                sys::trim();
+            });
+        if started.is_ok() {
+            applied.push(format!("malloc_trim every {} s", every.as_secs()));
         }
     }
     applied
@@ -44,56 +61,69 @@ pub fn tune() -> Vec<String> {
 mod sys {
     use std::ffi::c_int;
 
-    /// `M_MMAP_THRESHOLD` of glibc's malloc.h.
-    pub const M_MMAP_THRESHOLD: c_int = -3;
     /// `M_ARENA_MAX` of glibc's malloc.h.
-    pub const M_ARENA_MAX: c_int = -8;
+    const M_ARENA_MAX: c_int = -8;
+
+    /// Whether this C library has `malloc_trim`.
+    pub const HAS_TRIM: bool = true;
 
     unsafe extern "C" {
         /// glibc's `int mallopt(int param, int value)`: 1 on success, 0 on error.
         fn mallopt(param: c_int, value: c_int) -> c_int;
+        /// glibc's `int malloc_trim(size_t pad)`: 1 if memory was released.
+        fn malloc_trim(pad: usize) -> c_int;
     }
 
-    /// Sets one malloc parameter; whether glibc took it.
-    pub fn set(param: c_int, value: c_int) -> bool {
+    /// Sets the most arenas; whether glibc took it.
+    pub fn set_arena_max(value: c_int) -> bool {
         // SAFETY: mallopt only reads its two integer arguments; glibc documents it as
         // safe to call at any time (it takes the arena locks itself).
-        unsafe { mallopt(param, value) == 1 }
+        unsafe { mallopt(M_ARENA_MAX, value) == 1 }
+    }
+
+    /// Hands the free pages of every arena back to the system.
+    pub fn trim() {
+        // SAFETY: malloc_trim takes no pointer and locks each arena itself; it may be
+        // called from any thread at any time.
+        unsafe {
+            malloc_trim(0);
+        }
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 mod sys {
-    pub const M_MMAP_THRESHOLD: i32 = -3;
-    pub const M_ARENA_MAX: i32 = -8;
+    /// No glibc: no `malloc_trim`.
+    pub const HAS_TRIM: bool = false;
 
     /// No glibc: nothing to set.
-    pub fn set(_param: i32, _value: i32) -> bool {
+    pub fn set_arena_max(_value: i32) -> bool {
         false
     }
+
+    /// No glibc: nothing to trim.
+    pub fn trim() {}
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    fn glibc_takes_both_settings() {
-        assert!(super::sys::set(super::sys::M_ARENA_MAX, super::ARENA_MAX));
-        assert!(super::sys::set(
-            super::sys::M_MMAP_THRESHOLD,
-            super::MMAP_THRESHOLD_BYTES
-        ));
-        // tune() applies what the environment does not set.
-        let applied = super::tune();
-        for var in ["MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_"] {
-            assert_eq!(
-                applied.iter().any(|a| a.starts_with(var)),
-                std::env::var_os(var).is_none(),
-                "{var}: {applied:?}"
-            );
-        }
-        // A big block is usable after the change.
+    fn glibc_takes_the_settings_and_trims() {
+        assert!(super::sys::set_arena_max(super::ARENA_MAX));
+        // A big block freed, then trimmed: still usable afterwards.
         let v = vec![7u8; 4 << 20];
         assert_eq!(v.iter().map(|&b| u64::from(b)).sum::<u64>(), 7 * (4 << 20));
+        drop(v);
+        super::sys::trim();
+        let w = vec![1u8; 1 << 20];
+        assert_eq!(w.len(), 1 << 20);
+        // tune() applies what the environment does not set.
+        let applied = super::tune();
+        assert_eq!(
+            applied.iter().any(|a| a.starts_with("MALLOC_ARENA_MAX")),
+            std::env::var_os("MALLOC_ARENA_MAX").is_none(),
+            "{applied:?}"
+        );
     }
 }
