@@ -54,7 +54,7 @@ mod results;
 
 use faults::{run_fault, wait_until};
 pub use results::report;
-use results::{compare_with_reference, etcd_history, print_summary, timeline};
+use results::{compare_with_reference, etcd_history, print_summary, reference_run, timeline};
 
 /// `tenax chaos` subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -689,75 +689,6 @@ fn start_harness(
         deadline: Instant::now() + Duration::from_secs(scenario.run.timeout_s),
         resources: Vec::new(),
     })
-}
-
-/// One fault-free run of the scenario on a fresh cluster (the reference goodput): its
-/// wall time, measured like the faulted run's ([`tenax_chaos::report::lost_time`]).
-/// A run that fails is reported, not fatal: it counts as not finished.
-async fn reference_run(
-    scenario: &Scenario,
-    exe: &Path,
-    data: &Path,
-    job: &str,
-    order: usize,
-    of: usize,
-) -> ReferenceRun {
-    let bar = spinner(&format!(
-        "fault-free reference run (run {} of {})",
-        order + 1,
-        of + 1
-    ));
-    let result: Result<ReferenceRun> = async {
-        let h = start_harness(scenario, &[], 0, exe, data, job)?;
-        let sh = tokio::sync::Mutex::new(h);
-        let outcome = drive(&sh, scenario, &[]).await;
-        let h = sh.into_inner();
-        let mut history = History {
-            target_step: scenario.train.steps,
-            ..History::default()
-        };
-        for n in 0..h.nodes {
-            history.steps.extend(read_node_logs(n, &h.c.run_dir(n)).0);
-        }
-        let newest = history.steps.iter().map(|s| s.step).max().unwrap_or(0);
-        let wall_s = tenax_chaos::report::lost_time(&history).map_or(0.0, |l| l.wall_s);
-        if let Err(e) = &outcome {
-            println!("reference run {order}: {e:#}");
-        }
-        for e in &h.errors {
-            println!("reference run {order}: {e}");
-        }
-        // A run sized by time ends when its time is up, not at the target step.
-        let reached = scenario.run.stop_after_s.is_some() || newest >= scenario.train.steps;
-        Ok(ReferenceRun {
-            order,
-            wall_s,
-            steps: tenax_chaos::report::lineage_steps(&history),
-            finished: outcome.is_ok() && h.errors.is_empty() && newest > 0 && reached,
-            resources: tenax_chaos::resources::segments(&h.resources),
-        })
-    }
-    .await;
-    bar.finish_and_clear();
-    let r = result.unwrap_or_else(|e| {
-        println!("reference run {order}: {e:#}");
-        ReferenceRun {
-            order,
-            wall_s: 0.0,
-            steps: 0,
-            finished: false,
-            resources: Vec::new(),
-        }
-    });
-    println!(
-        "reference run {} of {}: {}{} steps in {:.1} s",
-        order + 1,
-        of + 1,
-        if r.finished { "" } else { "DID NOT FINISH, " },
-        r.steps,
-        r.wall_s
-    );
-    r
 }
 
 fn spinner(msg: &str) -> indicatif::ProgressBar {
