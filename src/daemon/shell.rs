@@ -43,6 +43,12 @@ use tenax_core::guard::{Guard, GuardState, Verdict};
 /// expires after its TTL).
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Parameter hashes taken at once off the loop; a step that would start another waits
+/// for one (each holds a copy of the parameters, and a step's log line waits for its
+/// hash, so this also bounds the lines a `kill -9` can lose: these and the step in
+/// flight).
+const HASHES_IN_FLIGHT: usize = 2;
+
 /// What the node runs with: its settings and services.
 pub(crate) struct Parts<'a> {
     pub s: &'a Settings,
@@ -96,7 +102,8 @@ pub(crate) struct Shell<'a> {
     member_live: bool,
     log: Option<StepLog>,
     last_step: Option<StepInfo>,
-    /// Parameter hashes being taken off the loop: (step, hash).
+    /// Parameter hashes being taken off the loop: (step, hash); at most
+    /// [`HASHES_IN_FLIGHT`].
     hashing: FuturesUnordered<tokio::task::JoinHandle<(u64, String)>>,
     /// A comparison waiting for its step's hash: (generation, step).
     compare_after_hash: Option<(u64, u64)>,
@@ -295,6 +302,14 @@ impl<'a> Shell<'a> {
                 // The hash after this step comes later (`hashed`).
                 self.hash = None;
                 if let Some(params) = info.params.take() {
+                    // On a loaded host hashing can fall behind the steps: wait for the
+                    // oldest rather than hold an unbounded queue of parameter copies.
+                    while self.hashing.len() >= HASHES_IN_FLIGHT {
+                        match self.hashing.next().await {
+                            Some(Ok((step, hash))) => self.hashed(step, hash),
+                            Some(Err(_)) | None => {}
+                        }
+                    }
                     let step = self.machine.position().0 + 1;
                     self.hashing.push(tokio::task::spawn_blocking(move || {
                         (step, tenax_actors::param_hash(&params))
