@@ -33,6 +33,7 @@
 //! interleaved with the faulted one (half before, half after) for the reference goodput.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,7 @@ pub enum ChaosCommand {
     /// Prints `seed S` first; the same seed replays the same fault schedule. Writes
     /// report.json, report.md, history.json, schedule.json and timeline.png into --out.
     /// Exits 0 only if every invariant held. Needs etcd and moto_server (scripts/setup).
+    /// Ctrl-C or SIGTERM stops every process it started and ends it without a report.
     Run(ChaosRunArgs),
     /// Start a local cluster (etcd, S3, N daemons) and leave it running for a demo.
     ///
@@ -376,8 +378,52 @@ impl Harness {
     }
 }
 
-/// `tenax chaos run`.
+/// Ctrl-C (SIGINT) and SIGTERM, caught from the moment this is made (a signal that
+/// comes while the run starts its processes is not lost, nor does it kill the harness
+/// before they are stopped).
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("listening for Ctrl-C")?,
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "Ctrl-C",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// `tenax chaos run`. Ctrl-C or SIGTERM stops every process the run started (daemons,
+/// etcd, the S3 server) and ends it without a report.
 pub async fn run(a: ChaosRunArgs) -> Result<()> {
+    let mut signals = StopSignals::new()?;
+    let out = a.out.clone();
+    tokio::select! {
+        r = run_to_end(a) => r,
+        signal = signals.recv() => {
+            // Dropping the run's future drops its clusters and servers: they stop their
+            // own children, by PID.
+            bail!(
+                "chaos run: {signal}: stopped every process it started; no report written{}",
+                out.map(|o| format!(" (schedule and logs so far in {})", o.display()))
+                    .unwrap_or_default()
+            )
+        }
+    }
+}
+
+async fn run_to_end(a: ChaosRunArgs) -> Result<()> {
     let seed = a.seed.unwrap_or_else(|| now_unix_ms() % 1_000_000);
     println!("seed {seed}");
     let text = std::fs::read_to_string(&a.scenario).with_context(|| {
@@ -417,8 +463,13 @@ pub async fn run(a: ChaosRunArgs) -> Result<()> {
     }
     let plan = schedule(&scenario, seed);
     if a.dry_run {
+        // Written, not printed: `| head` closing the pipe ends the listing, not a panic.
+        let mut stdout = std::io::stdout().lock();
         for f in &plan {
-            println!("{}", serde_json::to_string(f)?);
+            match writeln!(stdout, "{}", serde_json::to_string(f)?) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                r => r.context("writing the schedule to stdout")?,
+            }
         }
         return Ok(());
     }
@@ -867,6 +918,7 @@ async fn stop_when_time_is_up(sh: &Shared, t0: u64, stop_after_s: f64) -> Result
 
 /// `tenax chaos up`.
 pub async fn up(a: ChaosUpArgs) -> Result<()> {
+    let mut signals = StopSignals::new()?;
     if !(1..=tenax_chaos::scenario::MAX_NODES).contains(&a.nodes) {
         bail!(
             "--nodes {}: use 1 to {}",
@@ -940,11 +992,8 @@ pub async fn up(a: ChaosUpArgs) -> Result<()> {
         std::process::id(),
         a.for_s
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listening for SIGTERM")?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => println!("stopping"),
-        _ = term.recv() => println!("SIGTERM: stopping"),
+        signal = signals.recv() => println!("{signal}: stopping"),
         _ = tokio::time::sleep(Duration::from_secs(a.for_s)) => println!("--for-s {} passed: stopping", a.for_s),
     }
     c.kill_all();

@@ -3860,6 +3860,103 @@ fn chaos_up_prints_how_to_watch_and_stops_everything_by_itself() {
     }
 }
 
+/// The PIDs whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // "pid (comm) state ppid ...": comm may hold spaces; split after ')'.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Kills (SIGKILL) those of its processes that still run when dropped.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in self.0.iter().filter(|&&pid| runs(pid)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn chaos_run_stopped_by_sigterm_stops_every_process_it_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let scenario = concat!(env!("CARGO_MANIFEST_DIR"), "/chaos/scenarios/smoke.toml");
+    let log = std::fs::File::create(tmp.path().join("chaos.log")).unwrap();
+    let mut chaos = Command::new(env!("CARGO_BIN_EXE_tenax"))
+        .args(["chaos", "run", scenario, "--seed", "1", "--out"])
+        .arg(&out)
+        .env("CANDLE_NUM_THREADS", "1")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = chaos.id();
+    // Wait until etcd, the S3 server and the daemons run (more than 2 children).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let started = loop {
+        let children = children_of(pid);
+        if children.len() > 2 && out.join("schedule.json").exists() {
+            break children;
+        }
+        assert!(
+            Instant::now() < deadline && chaos.try_wait().unwrap().is_none(),
+            "the run did not start its processes: {}",
+            std::fs::read_to_string(tmp.path().join("chaos.log")).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Should the test fail, what the run started does not outlive it.
+    let _cleanup = KillOnDrop(started.clone());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = chaos.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "chaos run did not end after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(tmp.path().join("chaos.log")).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("SIGTERM: stopped every process it started; no report written"),
+        "{text}"
+    );
+    assert!(!out.join("report.json").exists());
+    for child in started {
+        assert!(!runs(child), "process {child} outlived the run:\n{text}");
+    }
+}
+
 #[path = "e2e/etcd_tls.rs"]
 mod etcd_tls;
 #[path = "e2e/gpu.rs"]
