@@ -2723,9 +2723,8 @@ fn step_lines(c: &LocalCluster, nodes: &[usize]) -> Vec<StepLine> {
     out
 }
 
-/// The step-log lines a member killed with `kill -9` may not have written: its step in
-/// flight and those waiting for their parameter hash (at most 2 in the daemon).
-const LINES_LOST_PER_FAULT: u64 = 3;
+/// The step-log lines a member killed with `kill -9` may not have written.
+const LINES_LOST_PER_FAULT: u64 = tenax_core::node::STEP_LINES_LOST_PER_KILL;
 
 /// The daemon tests' batch: 12 samples per step in 6 slots of 2.
 const BATCH: u64 = 12;

@@ -38,6 +38,16 @@ use crate::membership::{keeps_every_member, state_donors, MemberId, Plan};
 /// member loaded the committed checkpoint.
 pub const LOADED_ROUND: u64 = u64::MAX;
 
+/// Parameter hashes a node's shell takes at once off its loop; a step that would start
+/// another waits for one. Each holds a copy of the parameters, and a step's log line is
+/// written once its hash is in.
+pub const HASHES_IN_FLIGHT: usize = 2;
+
+/// Step-log lines a member killed with `kill -9` may not have written although its slots
+/// counted: those waiting for their hash ([`HASHES_IN_FLIGHT`]) and its step in flight.
+/// The invariant checks allow this many per killed process.
+pub const STEP_LINES_LOST_PER_KILL: u64 = HASHES_IN_FLIGHT as u64 + 1;
+
 /// The rules' numbers. Durations are in milliseconds of the shell's monotonic clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {

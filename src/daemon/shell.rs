@@ -24,7 +24,7 @@ use tenax_cluster::member::{MemberConfig, MemberState};
 use tenax_cluster::peer::{CommSpec, GrpcCollective, PeerAddr};
 use tenax_cluster::Collective;
 use tenax_core::membership::{MemberId, Plan};
-use tenax_core::node::{Action, Effect, Event, Exit, NodeMachine};
+use tenax_core::node::{Action, Effect, Event, Exit, NodeMachine, HASHES_IN_FLIGHT};
 use tenax_core::pipeline::{split_blocks, StageLayers};
 use tenax_storage::Store;
 use tokio::sync::{mpsc, watch};
@@ -42,12 +42,6 @@ use tenax_core::guard::{Guard, GuardState, Verdict};
 /// How long releasing the membership may take before the node goes on (its lease then
 /// expires after its TTL).
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Parameter hashes taken at once off the loop; a step that would start another waits
-/// for one (each holds a copy of the parameters, and a step's log line waits for its
-/// hash, so this also bounds the lines a `kill -9` can lose: these and the step in
-/// flight).
-const HASHES_IN_FLIGHT: usize = 2;
 
 /// What the node runs with: its settings and services.
 pub(crate) struct Parts<'a> {
