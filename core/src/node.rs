@@ -770,6 +770,9 @@ struct Gen {
     val_loss: Option<f64>,
     /// The cursor of the last step's first sample.
     step_cursor: u64,
+    /// A step applied whose log line waits for its comparison or evaluation: logged
+    /// then, or when the generation breaks off first ([`NodeMachine::log_unlogged`]).
+    unlogged: Option<u64>,
 }
 
 /// The node's life. See the module docs.
@@ -1190,6 +1193,7 @@ impl NodeMachine {
     }
 
     fn exit(&mut self, how: Exit, message: String, out: &mut Vec<Effect>) {
+        self.log_unlogged(out);
         self.phase = Phase::Ended(how);
         out.push(fx(Action::Exit(how), message));
     }
@@ -1517,6 +1521,7 @@ impl NodeMachine {
             trainer: false,
             val_loss: None,
             step_cursor: self.cursor,
+            unlogged: None,
         });
         self.phase = Phase::Forming;
         out.push(fx(Action::BuildCommunicator { plan }, reason));
@@ -1914,6 +1919,7 @@ impl NodeMachine {
             && self.step < c.target_steps
         {
             self.phase = Phase::Comparing;
+            g.unlogged = Some(self.step);
             out.push(fx(
                 Action::CompareHashes {
                     generation,
@@ -1950,6 +1956,7 @@ impl NodeMachine {
         }
         let cursor = g.step_cursor;
         g.round = step;
+        g.unlogged = None;
         out.push(fx(
             Action::Alarm {
                 generation,
@@ -1992,12 +1999,14 @@ impl NodeMachine {
             && ((c.eval_every > 0 && step.is_multiple_of(c.eval_every)) || last)
         {
             self.phase = Phase::Evaluating;
+            g.unlogged = Some(step);
             out.push(fx(
                 Action::Evaluate { generation, step },
                 "the committer evaluates at the evaluation cadence and at the end",
             ));
             return;
         }
+        g.unlogged = None;
         out.push(fx(
             Action::LogStep {
                 generation,
@@ -2056,6 +2065,7 @@ impl NodeMachine {
         ) {
             return;
         }
+        self.log_unlogged(out);
         if peers_may_have_failed {
             out.push(fx(
                 Action::ReportFailedPeers { generation },
@@ -2063,7 +2073,7 @@ impl NodeMachine {
             ));
         }
         let step = self.step;
-        if let Some(why) = g.ending.clone() {
+        if let Some(why) = self.gen.as_ref().and_then(|g| g.ending.clone()) {
             out.push(fx(
                 Action::Say(format!(
                     "generation {generation} ended during step {} ({error}); re-forming",
@@ -2220,8 +2230,30 @@ impl NodeMachine {
         self.rejoin(now_ms, out);
     }
 
+    /// A step applied but not logged yet (its comparison or evaluation broke off): its
+    /// line now, without the validation loss. The state goes on from that step, so the
+    /// step log must show it.
+    fn log_unlogged(&mut self, out: &mut Vec<Effect>) {
+        let step = self.step;
+        let Some(g) = self.gen.as_mut() else {
+            return;
+        };
+        if g.unlogged.take() == Some(step) {
+            out.push(fx(
+                Action::LogStep {
+                    generation: g.plan.generation,
+                    step,
+                    cursor: g.step_cursor,
+                    val_loss: None,
+                },
+                "a step applied before its comparison or evaluation broke off is still logged",
+            ));
+        }
+    }
+
     /// The generation's work is over on this node: take the trainer's state back.
     fn end_generation(&mut self, out: &mut Vec<Effect>) {
+        self.log_unlogged(out);
         if let Some(g) = self.gen.as_mut() {
             g.abort_at_ms = None;
             if std::mem::take(&mut g.trainer) {
@@ -3734,6 +3766,76 @@ mod tests {
         ));
         let a = t.ev(Event::TrainerStarted { generation: 1 });
         assert_eq!(run_step(&a).map(|x| (x.0, x.1)), Some((4, 32)));
+    }
+
+    /// A step is applied before its comparison (or the committer's evaluation); when the
+    /// generation breaks off first, the node still goes on from that step, so its line is
+    /// written then, once (the soak found steps no member had logged).
+    #[test]
+    fn a_step_whose_comparison_or_evaluation_breaks_off_is_still_logged_once() {
+        let logged = |a: &[Action]| {
+            a.iter()
+                .filter(|x| matches!(x, Action::LogStep { step: 2, .. }))
+                .count()
+        };
+        // (what runs after step 2, how the generation breaks off)
+        for (evaluate, newer_plan) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut c = config("a");
+            match evaluate {
+                true => c.eval_every = 2,
+                false => c.hash_check_every = 2,
+            }
+            let mut t = T::new(c);
+            t.train_from(0, 1, &["a", "b", "c"]);
+            t.step_done(10);
+            let a = t.step_done(10);
+            let want = match evaluate {
+                true => Action::Evaluate {
+                    generation: 1,
+                    step: 2,
+                },
+                false => Action::CompareHashes {
+                    generation: 1,
+                    step: 2,
+                },
+            };
+            assert_eq!(a, vec![want], "evaluate {evaluate}");
+            let mut after = Vec::new();
+            if newer_plan {
+                after.extend(t.ev(Event::PlanSeen(plan(2, &["a", "b"]))));
+            }
+            after.extend(t.ev(Event::Failed {
+                generation: 1,
+                peers_may_have_failed: true,
+                error: "collective aborted".into(),
+            }));
+            assert_eq!(
+                logged(&after),
+                1,
+                "evaluate {evaluate}, newer plan {newer_plan}: {after:?}"
+            );
+            let cursor = after.iter().find_map(|x| match x {
+                Action::LogStep {
+                    step: 2,
+                    cursor,
+                    val_loss,
+                    ..
+                } => Some((*cursor, *val_loss)),
+                _ => None,
+            });
+            assert_eq!(
+                cursor,
+                Some((8, None)),
+                "the cursor of step 2's first sample"
+            );
+            // Later events of the old generation log nothing again.
+            let a = t.ev(Event::Failed {
+                generation: 1,
+                peers_may_have_failed: false,
+                error: "again".into(),
+            });
+            assert_eq!(logged(&a), 0, "{a:?}");
+        }
     }
 
     #[test]
