@@ -177,6 +177,16 @@ pub(super) async fn inject(sh: &Shared, f: &PlannedFault) -> Result<Done> {
             });
         }
     }
+    // Nor is a fault on "the leader" while no daemon leads (another fault has the group
+    // re-forming) or on "a non-leader" while none runs.
+    if one_node && node.is_none() && matches!(f.target, Target::Leader | Target::NonLeader) {
+        return Ok(Done {
+            node: None,
+            nodes: Vec::new(),
+            detail: format!("not injected: no daemon found{how}"),
+            start_ms,
+        });
+    }
     match f.kind {
         FaultKind::Kill => {
             let n = node.ok_or_else(|| anyhow!("no node to kill{how}"))?;
