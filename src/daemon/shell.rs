@@ -299,9 +299,8 @@ impl<'a> Shell<'a> {
                     // On a loaded host hashing can fall behind the steps: wait for the
                     // oldest rather than hold an unbounded queue of parameter copies.
                     while self.hashing.len() >= HASHES_IN_FLIGHT {
-                        match self.hashing.next().await {
-                            Some(Ok((step, hash))) => self.hashed(step, hash),
-                            Some(Err(_)) | None => {}
+                        if let Some(Ok((step, hash))) = self.hashing.next().await {
+                            self.hashed(step, hash);
                         }
                     }
                     let step = self.machine.position().0 + 1;
