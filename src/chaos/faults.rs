@@ -371,7 +371,24 @@ pub(super) async fn inject(sh: &Shared, f: &PlannedFault) -> Result<Done> {
             let start_ms = now_unix_ms();
             let (hit, why) = {
                 let mut h = sh.lock().await;
-                let (hit, why) = resolve_group(&f.nodes, leader, h.nodes);
+                let (mut hit, mut why) = resolve_group(&f.nodes, leader, h.nodes);
+                // Faults overlap: a daemon another fault has down is left out (that
+                // fault restarts it).
+                hit.retain(|n| {
+                    let down = h.down.contains(n);
+                    if down {
+                        why.push(format!("node-{n} was down (another fault), left out"));
+                    }
+                    !down
+                });
+                if hit.is_empty() && !f.etcd {
+                    return Ok(Done {
+                        node: None,
+                        nodes: Vec::new(),
+                        detail: format!("not injected: every daemon it names was down{how}"),
+                        start_ms,
+                    });
+                }
                 // All at the same instant: the signals first, then etcd.
                 for &n in &hit {
                     h.kill(n)?;
