@@ -52,10 +52,12 @@ use tonic::transport::ClientTlsConfig;
 
 mod faults;
 mod results;
+mod signals;
 
 use faults::{run_fault, wait_until};
 pub use results::report;
 use results::{compare_with_reference, etcd_history, print_summary, reference_run, timeline};
+use signals::StopSignals;
 
 /// `tenax chaos` subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -375,32 +377,6 @@ impl Harness {
         self.c.signal(node, Signal::Kill)?;
         self.down.insert(node);
         Ok(())
-    }
-}
-
-/// Ctrl-C (SIGINT) and SIGTERM, caught from the moment this is made (a signal that
-/// comes while the run starts its processes is not lost, nor does it kill the harness
-/// before they are stopped).
-struct StopSignals {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    fn new() -> Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Self {
-            int: signal(SignalKind::interrupt()).context("listening for Ctrl-C")?,
-            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
-        })
-    }
-
-    /// The next signal's name.
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.int.recv() => "Ctrl-C",
-            _ = self.term.recv() => "SIGTERM",
-        }
     }
 }
 
