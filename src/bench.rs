@@ -647,6 +647,7 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
     let (mut save_ratio, mut load_ratio, mut save_mb_s, mut load_mb_s) =
         (vec![], vec![], vec![], vec![]);
     let mut bytes_total = 0u64;
+    let mut read_direct = false;
     for r in 0..a.repeats {
         // The same bytes as our files, put and got with plain object_store calls (one PUT and
         // one GET per file, all files at once); ours and raw alternate which goes first.
@@ -711,6 +712,7 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
                     .await
                     .map_err(|e| anyhow!("{e}"))?;
                 t_load = t0.elapsed().as_secs_f64();
+                read_direct = loaded.read_direct;
                 drop(loaded);
             } else {
                 let t0 = Instant::now();
@@ -749,6 +751,7 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
             "deep_copy_slowdown_ms_per_save": copy_slowdown_per_save_s * 1e3,
             "save_mb_s_median": median(save_mb_s), "upload_ratio_to_raw_put_median": median(save_ratio),
             "load_mb_s_median": median(load_mb_s), "restore_ratio_to_raw_get_median": median(load_ratio),
+            "restore_read_direct": read_direct,
         })
     );
     Ok(())

@@ -15,7 +15,9 @@
 //! (inside the one `PutMode::Create` PUT); one with a trust key refuses to verify or load a
 //! manifest that is not signed by it ([`StorageError::Untrusted`]). Loading assembles whole
 //! tensors from the slices with [`tenax_core::ckpt::load_plan`], whatever number of ranks
-//! wrote them.
+//! wrote them; from a `file://` store it reads the files straight into the tensors and hashes
+//! them there (no intermediate buffer), falling back to the buffered read, which names any
+//! problem, when that does not check out.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,12 +26,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use safetensors::SafeTensors;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tenax_core::ckpt::{
-    load_plan, replicated_needs, retention, row_elems, FolderInfo, FolderState, RetentionDecision,
-    RetentionPolicy, WriterShard,
+    retention, row_elems, FolderInfo, FolderState, RetentionDecision, RetentionPolicy, WriterShard,
 };
 
 use crate::error::StorageError;
@@ -37,7 +37,8 @@ use crate::manifest::{
     check_hashed, folder_name, parse_folder_name, FileEntry, HashAlg, Manifest, TensorEntry,
     DTYPE_F32, FORMAT_VERSION, MANIFEST_FILE,
 };
-use crate::shard::{decode_shard, encode_refs, read_rows_into, TensorData, TensorRef};
+use crate::restore::load_direct;
+use crate::shard::{decode_shard, encode_refs, TensorData, TensorRef};
 use crate::signing::TrustKey;
 use crate::store::{ObjectInfo, Store};
 
@@ -232,6 +233,9 @@ pub struct LoadedCheckpoint {
     pub folder: String,
     /// Every tensor, whole (assembled from its slices), sorted by name.
     pub tensors: Vec<TensorData>,
+    /// Whether the tensors were read from local files straight into their memory and
+    /// hashed there (a `file://` store), rather than downloaded into buffers first.
+    pub read_direct: bool,
 }
 
 impl LoadedCheckpoint {
@@ -577,7 +581,7 @@ async fn read_checkpoint(
     folder: &str,
     assemble: bool,
     trust: Option<&TrustKey>,
-) -> Result<(Manifest, Vec<TensorData>, VerifyReport), StorageError> {
+) -> Result<(Manifest, Vec<TensorData>, VerifyReport, bool), StorageError> {
     let url = store.url_of(folder);
     let corrupt = |file: &str, reason: String| StorageError::Corrupt {
         url: url.clone(),
@@ -606,6 +610,16 @@ async fn read_checkpoint(
                 reason,
             }
         })?;
+    }
+    if assemble {
+        if let Some(tensors) = load_local(store, folder, &manifest).await {
+            let report = VerifyReport {
+                files: manifest.files.len(),
+                bytes: manifest.files.iter().map(|f| f.size).sum(),
+                tensors: manifest.tensors.len(),
+            };
+            return Ok((manifest, tensors, report, true));
+        }
     }
     let manifest_ref = &manifest;
     let corrupt_ref = &corrupt;
@@ -647,140 +661,39 @@ async fn read_checkpoint(
         tensors: files.iter().map(|f| f.2).sum(),
     };
     if !assemble {
-        return Ok((manifest, Vec::new(), report));
+        return Ok((manifest, Vec::new(), report, false));
     }
     let for_assembly = manifest.clone();
     let tensors = tokio::task::spawn_blocking(move || {
         let files: Vec<(String, Bytes)> = files.into_iter().map(|(n, b, _)| (n, b)).collect();
-        assemble_tensors(&for_assembly, &files)
+        crate::restore::assemble_tensors(&for_assembly, &files)
     })
     .await
     .map_err(|e| corrupt(MANIFEST_FILE, format!("assembling panicked: {e}")))?
     .map_err(|reason| corrupt(MANIFEST_FILE, reason))?;
-    Ok((manifest, tensors, report))
+    Ok((manifest, tensors, report, false))
 }
 
-/// Whole tensors from verified shard files, following the load plan for one rank: each value
-/// is converted once, straight from the file bytes into its place.
-fn assemble_tensors(
-    manifest: &Manifest,
-    files: &[(String, Bytes)],
-) -> Result<Vec<TensorData>, String> {
-    let mut out: BTreeMap<String, TensorData> = manifest
-        .tensor_shapes()
-        .into_iter()
-        .map(|(name, shape)| {
-            let n = shape.iter().product();
-            (
-                name.clone(),
-                TensorData {
-                    name,
-                    shape,
-                    data: vec![0.0; n],
-                },
-            )
-        })
-        .collect();
-    if out.is_empty() {
-        return Ok(Vec::new());
-    }
-    let saved = manifest.saved_slices();
-    let plan = load_plan(&saved, &replicated_needs(&saved, 1)).map_err(|e| e.to_string())?;
-    let parsed: BTreeMap<&str, SafeTensors<'_>> = files
+/// A restore from a `file://` store straight into tensor memory ([`load_direct`]), or
+/// `None` to read the buffered way: another store, a checkpoint that path does not take,
+/// or anything wrong (the buffered read then says what, as a verify does).
+async fn load_local(store: &Store, folder: &str, manifest: &Manifest) -> Option<Vec<TensorData>> {
+    store.local_file(folder)?;
+    let paths: BTreeMap<String, std::path::PathBuf> = manifest
+        .files
         .iter()
-        .map(|(name, bytes)| {
-            SafeTensors::deserialize(bytes)
-                .map(|st| (name.as_str(), st))
-                .map_err(|e| format!("{name}: not a readable safetensors file ({e})"))
+        .map(|f| {
+            Some((
+                f.name.clone(),
+                store.local_file(&format!("{folder}/{}", f.name))?,
+            ))
         })
-        .collect::<Result<_, String>>()?;
-    let rank = plan.ranks.first().ok_or("the load plan is empty")?;
-    let mut reads_of: BTreeMap<&str, Vec<&tenax_core::ckpt::Read>> = BTreeMap::new();
-    for read in &rank.reads {
-        if !parsed.contains_key(read.file.as_str()) {
-            return Err(format!("{} is not among the files read", read.file));
-        }
-        reads_of.entry(read.tensor.as_str()).or_default().push(read);
-    }
-    // Reads fill disjoint rows: cut them into pieces of rows of about an equal share and
-    // convert the pieces on every core (a checkpoint of one big tensor is then not
-    // converted on one thread), biggest first to the least loaded.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
-    let total: usize = out.values().map(|t| t.data.len()).sum();
-    let share = (total / threads).max(1 << 16);
-    /// A read's rows to convert: (the read, its first source row, values per row, target).
-    type Piece<'a> = (&'a tenax_core::ckpt::Read, usize, usize, &'a mut [f32]);
-    let mut pieces: Vec<Piece<'_>> = Vec::new();
-    for dst in out.values_mut() {
-        let per_row = row_elems(&dst.shape);
-        let mut reads: Vec<&tenax_core::ckpt::Read> = reads_of
-            .get(dst.name.as_str())
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        reads.sort_by_key(|r| r.dst_rows.start);
-        let (mut rest, mut at): (&mut [f32], usize) = (&mut dst.data, 0);
-        for read in reads {
-            let (from, to) = (read.dst_rows.start * per_row, read.dst_rows.end * per_row);
-            if from < at || to > at + rest.len() {
-                return Err(format!(
-                    "{}: rows of {} overlap or overrun",
-                    read.file, read.tensor
-                ));
-            }
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(from - at);
-            let (mut target, tail) = tail.split_at_mut(to - from);
-            (rest, at) = (tail, to);
-            let rows_per_piece = (share / per_row.max(1)).max(1);
-            let mut row = read.src_rows.start;
-            while !target.is_empty() {
-                let n = (rows_per_piece * per_row).min(target.len());
-                let (piece, tail) = std::mem::take(&mut target).split_at_mut(n);
-                pieces.push((read, row, per_row, piece));
-                row += rows_per_piece;
-                target = tail;
-            }
-        }
-    }
-    pieces.sort_by_key(|p| std::cmp::Reverse(p.3.len()));
-    let mut groups: Vec<(usize, Vec<Piece<'_>>)> = (0..threads).map(|_| (0, Vec::new())).collect();
-    for p in pieces {
-        let g = groups
-            .iter_mut()
-            .min_by_key(|(load, _)| *load)
-            .expect("at least one thread");
-        g.0 += p.3.len();
-        g.1.push(p);
-    }
-    let parsed = &parsed;
-    let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = groups
-            .into_iter()
-            .filter(|(load, _)| *load > 0)
-            .map(|(_, group)| {
-                scope.spawn(move || {
-                    for (read, first_row, per_row, target) in group {
-                        read_rows_into(
-                            &parsed[read.file.as_str()],
-                            &read.tensor,
-                            first_row,
-                            per_row,
-                            target,
-                        )
-                        .map_err(|e| format!("{}: {e}", read.file))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("assembly panicked".into())))
-            .collect()
-    });
-    results.into_iter().collect::<Result<(), String>>()?;
-    Ok(out.into_values().collect())
+        .collect::<Option<_>>()?;
+    let manifest = manifest.clone();
+    tokio::task::spawn_blocking(move || load_direct(&manifest, &|name| paths.get(name).cloned()))
+        .await
+        .ok()?
+        .ok()?
 }
 
 /// Re-read every file of a committed checkpoint and check its size and hash against the
@@ -790,7 +703,7 @@ fn assemble_tensors(
 pub async fn verify_checkpoint(store: &Store, folder: &str) -> Result<VerifyReport, StorageError> {
     read_checkpoint(store, folder, false, store.trust_key())
         .await
-        .map(|(_, _, report)| report)
+        .map(|(_, _, report, _)| report)
 }
 
 /// Load a committed checkpoint, verifying it as it reads (see [`verify_checkpoint`]), and
@@ -799,12 +712,14 @@ pub async fn load_checkpoint(
     store: &Store,
     folder: &str,
 ) -> Result<LoadedCheckpoint, StorageError> {
-    let (manifest, tensors, _) = read_checkpoint(store, folder, true, store.trust_key()).await?;
+    let (manifest, tensors, _, read_direct) =
+        read_checkpoint(store, folder, true, store.trust_key()).await?;
     Ok(LoadedCheckpoint {
         manifest,
         url: store.url_of(folder),
         folder: folder.to_string(),
         tensors,
+        read_direct,
     })
 }
 

@@ -16,6 +16,8 @@
 //! - `signing`: ed25519 manifest signatures ([`SignKey`], [`TrustKey`], [`ManifestKeys`],
 //!   given to a store with [`Store::with_keys`]) and key files (pure but for key files).
 //! - `shard`: [`TensorData`] to and from safetensors bytes, checked against the manifest (pure).
+//! - `restore`: whole tensors from a checkpoint's slices, on every core; from a `file://`
+//!   store read straight into tensor memory and hashed there (crate-private).
 //! - `checkpoint`: [`save_checkpoint`] (or its steps [`begin_save`], [`write_shard`],
 //!   [`commit_save`]), [`list_checkpoints`], [`verify_checkpoint`], [`load_checkpoint`],
 //!   [`latest_verified`], [`prune`] (async, tokio).
@@ -33,6 +35,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod manifest;
+mod restore;
 pub mod shard;
 pub mod shared;
 pub mod signing;

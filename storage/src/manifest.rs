@@ -185,10 +185,13 @@ pub enum ContentHasher {
 }
 
 impl ContentHasher {
-    /// Feed bytes.
+    /// Feed bytes (BLAKE3: from [`PARALLEL_HASH_BYTES`] on, on every core).
     pub fn update(&mut self, bytes: &[u8]) {
         match self {
             ContentHasher::Sha256(h) => h.update(bytes),
+            ContentHasher::Blake3(h) if bytes.len() >= PARALLEL_HASH_BYTES => {
+                h.update_rayon(bytes);
+            }
             ContentHasher::Blake3(h) => {
                 h.update(bytes);
             }

@@ -104,6 +104,9 @@ pub struct Store {
     /// Whether the backend is across a network (S3, or a wrapped store of unknown kind):
     /// large reads then go as parallel ranged GETs, hashed as they arrive.
     remote: bool,
+    /// The backend again when it is a local directory (`file://`): a restore then reads
+    /// files straight into tensor memory ([`Store::local_file`]).
+    local: Option<Arc<LocalFileSystem>>,
     /// Sign committed manifests / accept only signed ones (none by default).
     keys: ManifestKeys,
 }
@@ -140,6 +143,7 @@ impl Store {
                 prefix,
                 options,
                 remote: false,
+                local: None,
                 keys: ManifestKeys::default(),
             });
         }
@@ -161,12 +165,14 @@ impl Store {
                 let local = LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| create(std::io::Error::other(e.to_string())))?
                     .with_fsync(true);
+                let local = Arc::new(local);
                 Ok(Store {
                     url: url.to_string(),
-                    inner: Arc::new(local),
+                    inner: Arc::clone(&local) as Arc<dyn ObjectStore>,
                     prefix: Path::default(),
                     options,
                     remote: false,
+                    local: Some(local),
                     keys: ManifestKeys::default(),
                 })
             }
@@ -213,6 +219,7 @@ impl Store {
                     prefix,
                     options,
                     remote: true,
+                    local: None,
                     keys: ManifestKeys::default(),
                 })
             }
@@ -234,6 +241,7 @@ impl Store {
             prefix,
             options: StoreOptions::default(),
             remote: true,
+            local: None,
             keys: ManifestKeys::default(),
         }
     }
@@ -298,6 +306,7 @@ impl Store {
             prefix: self.prefix.clone().join(name),
             options: self.options.clone(),
             remote: self.remote,
+            local: self.local.clone(),
             keys: self.keys.clone(),
         })
     }
@@ -309,6 +318,15 @@ impl Store {
         } else {
             format!("{}/{key}", self.url)
         }
+    }
+
+    /// The file on local disk that holds `key`, for a `file://` store (`None` for any other):
+    /// a restore reads such files straight into tensor memory.
+    pub(crate) fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
+        self.local
+            .as_ref()?
+            .path_to_filesystem(&self.path(key))
+            .ok()
     }
 
     /// The backend path of a key (for calling the backend directly, e.g. in benchmarks).

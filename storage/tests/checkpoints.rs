@@ -521,9 +521,16 @@ async fn manifest_and_files_must_agree() {
             }
             other => panic!("{what}: want Corrupt, got {other:?}"),
         }
+        // A load (from local disk: straight into the tensors, then, as that does not check
+        // out, the buffered read that names the problem) says the same as a verify.
         match load_checkpoint(&store, &saved.folder).await {
-            Err(StorageError::Corrupt { file: got_file, .. }) => {
-                assert_eq!(&got_file, file, "{what}")
+            Err(StorageError::Corrupt {
+                file: got_file,
+                reason,
+                ..
+            }) => {
+                assert_eq!(&got_file, file, "{what}: load: {reason}");
+                assert!(reason.contains(want), "{what}: load: {reason}");
             }
             other => panic!("{what}: load: want Corrupt, got {other:?}"),
         }

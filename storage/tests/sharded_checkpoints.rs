@@ -123,6 +123,12 @@ async fn any_number_of_writers_loads_back_bit_for_bit() {
 
             let loaded = load_checkpoint(&store, &saved.folder).await.unwrap();
             assert_bit_identical(&loaded.tensors, &sorted(&tensors), &what);
+            // On local disk the files are read straight into the tensors' memory.
+            let on_disk = store.url().starts_with("file://");
+            assert_eq!(
+                loaded.read_direct, on_disk,
+                "{what}: read straight into tensors"
+            );
             let report = verify_checkpoint(&store, &saved.folder).await.unwrap();
             assert_eq!(report.files, want_files.len(), "{what}");
             assert_eq!(report.tensors, saved.manifest.tensors.len(), "{what}");
@@ -151,15 +157,12 @@ async fn any_number_of_writers_loads_back_bit_for_bit() {
         assert_eq!(latest.folder, saved.folder);
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_bit_identical(&latest.tensors, &sorted(&tensors), "64 writers");
+        assert_eq!(latest.read_direct, store.url().starts_with("file://"));
     }
 }
 
-/// `save_checkpoint` accepts content without tensors and commits a manifest with no files,
-/// and `verify_checkpoint` passes it, but `load_checkpoint` (and so `latest_verified`) calls it
-/// corrupt: "MANIFEST.json: the load plan is empty" (storage/src/checkpoint.rs,
-/// `assemble_tensors`: `plan.ranks.first().ok_or("the load plan is empty")`, as `load_plan`
-/// gives no rank entry when there is nothing to read). Save and load disagree; either the save
-/// should be refused as `Format` or the load should return no tensors.
+/// `save_checkpoint` accepts content without tensors and commits a manifest with no files;
+/// `verify_checkpoint` passes it and `load_checkpoint` gives its manifest and no tensors.
 #[tokio::test]
 async fn a_checkpoint_without_tensors_is_a_manifest_alone() {
     let store = Store::open("memory://").unwrap();
