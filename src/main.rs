@@ -289,7 +289,10 @@ enum BenchCommand {
 fn main() -> ExitCode {
     // Before any thread starts: the allocator settings of a long-lived process (see
     // src/malloc.rs; a variable the operator set wins).
-    malloc::tune();
+    if let Err(line) = malloc::tune() {
+        eprintln!("error: {line}");
+        return ExitCode::FAILURE;
+    }
     // Before anything runs: a hook variable this build cannot honour is an error, never
     // silently ignored (see src/hooks.rs).
     let names: Vec<String> = std::env::vars_os()

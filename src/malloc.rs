@@ -27,22 +27,31 @@ pub const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// The variable that sets the trim period in seconds (0: no trim thread).
 pub const TRIM_VAR: &str = "TENAX_MALLOC_TRIM_S";
 
+/// The trim period [`TRIM_VAR`] asks for: unset, [`TRIM_EVERY`]; a whole number of
+/// seconds, that (0: never); anything else, a one-line error naming the variable. Pure.
+pub fn trim_period(value: Option<&str>) -> Result<Duration, String> {
+    let Some(value) = value else {
+        return Ok(TRIM_EVERY);
+    };
+    value.trim().parse::<u64>().map(Duration::from_secs).map_err(|_| {
+        format!(
+            "{TRIM_VAR}={value:?} is not a whole number of seconds; set e.g. {TRIM_VAR}=10, or 0 for no trimming, or unset it for every {} s",
+            TRIM_EVERY.as_secs()
+        )
+    })
+}
+
 /// Applies [`ARENA_MAX`] unless `MALLOC_ARENA_MAX` is set, and starts the trim thread
 /// unless [`TRIM_VAR`] is `0`; returns what it did, in words (empty where nothing
-/// applies: another C library).
-pub fn tune() -> Vec<String> {
+/// applies: another C library). A [`TRIM_VAR`] that is not a number is an error (and
+/// nothing is applied).
+pub fn tune() -> Result<Vec<String>, String> {
+    let var = std::env::var_os(TRIM_VAR).map(|v| v.to_string_lossy().into_owned());
+    let every = trim_period(var.as_deref())?;
     let mut applied = Vec::new();
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() && sys::set_arena_max(ARENA_MAX) {
         applied.push(format!("MALLOC_ARENA_MAX={ARENA_MAX}"));
     }
-    let every = match std::env::var(TRIM_VAR) {
-        Ok(v) => v
-            .trim()
-            .parse::<u64>()
-            .map(Duration::from_secs)
-            .unwrap_or(TRIM_EVERY),
-        Err(_) => TRIM_EVERY,
-    };
     if !every.is_zero() && sys::HAS_TRIM {
         let started = std::thread::Builder::new()
             .name("malloc-trim".into())
@@ -54,7 +63,7 @@ pub fn tune() -> Vec<String> {
             applied.push(format!("malloc_trim every {} s", every.as_secs()));
         }
     }
-    applied
+    Ok(applied)
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -107,6 +116,33 @@ mod sys {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn the_trim_period_is_whole_seconds_or_an_error_naming_the_variable() {
+        let cases: &[(Option<&str>, Result<Duration, ()>)] = &[
+            (None, Ok(super::TRIM_EVERY)),
+            (Some("0"), Ok(Duration::ZERO)),
+            (Some("30"), Ok(Duration::from_secs(30))),
+            (Some(" 5 "), Ok(Duration::from_secs(5))),
+            (Some(""), Err(())),
+            (Some("10s"), Err(())),
+            (Some("-1"), Err(())),
+            (Some("2.5"), Err(())),
+        ];
+        for (value, want) in cases {
+            match (super::trim_period(*value), want) {
+                (Ok(got), Ok(w)) => assert_eq!(got, *w, "{value:?}"),
+                (Err(line), Err(())) => {
+                    assert!(line.starts_with("TENAX_MALLOC_TRIM_S="), "{line}");
+                    assert!(line.contains("whole number of seconds"), "{line}");
+                    assert!(!line.contains('\n'), "{line}");
+                }
+                (got, _) => panic!("{value:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn glibc_takes_the_settings_and_trims() {
@@ -119,7 +155,7 @@ mod tests {
         let w = vec![1u8; 1 << 20];
         assert_eq!(w.len(), 1 << 20);
         // tune() applies what the environment does not set.
-        let applied = super::tune();
+        let applied = super::tune().unwrap();
         assert_eq!(
             applied.iter().any(|a| a.starts_with("MALLOC_ARENA_MAX")),
             std::env::var_os("MALLOC_ARENA_MAX").is_none(),

@@ -491,6 +491,20 @@ fn bad_input_gets_one_clear_line() {
         r,
     ]);
     assert!(err.contains("no checkpoint"), "{err}");
+
+    // An allocator setting that is not a number stops the process before anything runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_tenax"))
+        .args(["ckpt", "list", "memory://"])
+        .env("TENAX_MALLOC_TRIM_S", "10s")
+        .output()
+        .expect("run tenax");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: TENAX_MALLOC_TRIM_S=\"10s\" is not a whole number"),
+        "{stderr}"
+    );
 }
 
 #[test]
