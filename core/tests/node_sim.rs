@@ -159,6 +159,9 @@ struct SimConfig {
     lie_in_exchange: bool,
     /// Planted-bug switch: records are fenced on generation and lease.
     fence_records: bool,
+    /// Planted-bug switch: the line of a step whose comparison or evaluation broke off
+    /// is dropped (the machine's behaviour before `log_unlogged`).
+    drop_late_lines: bool,
     /// Hard cap on processed events (a runaway simulation is a failure, not a hang).
     max_events: usize,
 }
@@ -197,6 +200,7 @@ impl SimConfig {
             liveness_bound_ms,
             lie_in_exchange: false,
             fence_records: true,
+            drop_late_lines: false,
             max_events: 1_000_000,
         }
     }
@@ -380,6 +384,8 @@ struct Node {
     tick_at: Option<u64>,
     /// When its checkpoint actor commits the last checkpoint handed to it.
     last_commit_ms: u64,
+    /// Steps this process took whose line is not in the step log yet.
+    unlogged: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -524,6 +530,7 @@ impl Sim {
                     lease: None,
                     tick_at: None,
                     last_commit_ms: 0,
+                    unlogged: Vec::new(),
                 }
             })
             .collect();
@@ -1059,6 +1066,7 @@ impl Sim {
         node.op = None;
         node.lease = None;
         node.tick_at = None;
+        node.unlogged.clear();
         let inc = node.inc;
         self.log(format!("{} starts", self.n[i].id));
         let at = self.jitter(1, 10);
@@ -1073,7 +1081,19 @@ impl Sim {
             let line = format!("{} <- {}", self.n[i].id, brief(&event));
             self.log(line);
         }
+        let stepping = matches!(event, Event::StepDone { .. });
+        let before = self.n[i].m.position().0;
         let effects = self.n[i].m.handle(event, self.now);
+        // Every step a process takes gets one line in the step log before its next step;
+        // only a kill may lose it.
+        let after = self.n[i].m.position().0;
+        if stepping && after == before + 1 {
+            if let Some(s) = self.n[i].unlogged.first() {
+                let id = self.n[i].id.clone();
+                self.violation(format!("{id} took step {after} with step {s} not logged"));
+            }
+            self.n[i].unlogged.push(after);
+        }
         for e in effects {
             if e.reason.is_empty() {
                 self.violation(format!("{:?} has no reason", e.action));
@@ -1154,9 +1174,20 @@ impl Sim {
         let inc = self.n[i].inc;
         let id = self.n[i].id.clone();
         match e.action {
+            Action::LogStep { .. }
+                if self.cfg.drop_late_lines && e.reason.starts_with("a step applied before") => {}
+            Action::LogStep { step, .. } => {
+                let node = &mut self.n[i];
+                if let Some(at) = node.unlogged.iter().position(|&s| s == step) {
+                    node.unlogged.remove(at);
+                } else {
+                    self.violation(format!(
+                        "{id} logs step {step}, which it did not take or logged already"
+                    ));
+                }
+            }
             Action::NoteState { .. }
             | Action::Say(_)
-            | Action::LogStep { .. }
             | Action::Plot
             | Action::Close { .. }
             | Action::StopTrainer { .. } => {}
@@ -1392,6 +1423,10 @@ impl Sim {
     fn exit(&mut self, i: Idx, how: Exit, reason: &str) {
         let id = self.n[i].id.clone();
         self.log(format!("{id} exits {how:?}: {reason}"));
+        if !self.n[i].unlogged.is_empty() {
+            let steps = self.n[i].unlogged.clone();
+            self.violation(format!("{id} exits with steps {steps:?} not logged"));
+        }
         match how {
             Exit::Done => {
                 self.stats.exits_done += 1;
@@ -1923,6 +1958,8 @@ impl Sim {
                 .any(|(j, x)| j != i && !x.permanent && x.ever_started);
         let id = self.n[i].id.clone();
         self.stop_process(i);
+        // A killed process's last step line may be lost (it was not written yet).
+        self.n[i].unlogged.clear();
         self.n[i].inc += 1;
         if permanent {
             self.permanent_losses += 1;
@@ -2161,6 +2198,22 @@ fn planted_bug_lying_exchange_is_caught() {
             .map(|v| (seed, v))
     });
     let (seed, v) = caught.expect("a lying exchange must be caught within 20 seeds");
+    eprintln!("caught with seed {seed}: {v}");
+}
+
+/// Planted bug: the line of a step whose comparison or evaluation broke off is dropped
+/// (the node machine before `log_unlogged`), and the simulation says so.
+#[test]
+fn planted_bug_lost_step_lines_are_caught() {
+    let caught = (0..40u64).find_map(|seed| {
+        let o = run_seed(seed, |c| c.drop_late_lines = true, false);
+        o.safety
+            .iter()
+            .find(|v| v.contains("not logged"))
+            .cloned()
+            .map(|v| (seed, v))
+    });
+    let (seed, v) = caught.expect("a lost step line must be caught within 40 seeds");
     eprintln!("caught with seed {seed}: {v}");
 }
 
