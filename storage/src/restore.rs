@@ -364,6 +364,7 @@ pub(crate) fn load_direct(
             i,
         ));
     }
+    let mut to_hash: Vec<(&str, &OpenFile, Vec<&[f32]>)> = Vec::with_capacity(files.len());
     for (name, f) in &files {
         let ranges = order.remove(name).unwrap_or_default();
         // A file some of whose bytes the plan does not read (a slice saved twice): hashing
@@ -371,16 +372,37 @@ pub(crate) fn load_direct(
         let Some(in_order) = tiles(f.header.len() as u64, f.size, ranges) else {
             return Ok(None);
         };
-        let mut hasher = f.hash.0.hasher();
-        hasher.update(&f.header);
-        for i in in_order {
-            hasher.update(bytes_of(pieces[i].3));
-        }
-        let got = hasher.finalize_hex();
-        if !got.eq_ignore_ascii_case(&f.hash.1) {
-            return Err(format!("{name}: {} mismatch", f.hash.0.name()));
-        }
+        to_hash.push((name, f, in_order.into_iter().map(|i| pieces[i].3).collect()));
     }
+    // Files hashed side by side (SHA-256 is one thread per file; BLAKE3 also splits each
+    // large piece over every core).
+    for batch in to_hash.chunks(threads()) {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|(name, f, parts)| {
+                    scope.spawn(move || {
+                        let mut hasher = f.hash.0.hasher();
+                        hasher.update(&f.header);
+                        for part in parts {
+                            hasher.update(bytes_of(part));
+                        }
+                        let got = hasher.finalize_hex();
+                        if got.eq_ignore_ascii_case(&f.hash.1) {
+                            Ok(())
+                        } else {
+                            Err(format!("{name}: {} mismatch", f.hash.0.name()))
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("hashing panicked".into())))
+                .collect::<Result<(), String>>()
+        })?;
+    }
+    drop(to_hash);
     drop(pieces);
     drop(groups);
     Ok(Some(out.into_values().collect()))
