@@ -398,8 +398,7 @@ pub(crate) fn load_direct(
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err("hashing panicked".into())))
-                .collect::<Result<(), String>>()
+                .try_for_each(|h| h.join().unwrap_or_else(|_| Err("hashing panicked".into())))
         })?;
     }
     drop(to_hash);
