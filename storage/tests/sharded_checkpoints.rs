@@ -94,9 +94,16 @@ async fn any_number_of_writers_loads_back_bit_for_bit() {
         (5, &[0, 1, 2, 3, 4]),
         (8, &[0, 1, 2, 3, 4, 5, 7]),
     ];
+    // A wrapped object store counts as remote (S3-like): streamed GETs, hashed as they come.
+    let wrapped = Store::from_object_store(
+        "test://remote",
+        std::sync::Arc::new(object_store::memory::InMemory::new()),
+        "runs",
+    );
     for store in [
         Store::open("memory://").unwrap(),
         Store::open(&file_url(tmp.path())).unwrap(),
+        wrapped,
     ] {
         for (step, (writers, with_shard)) in cases.iter().enumerate() {
             let what = format!("{writers} writers on {}", store.url());
@@ -123,10 +130,11 @@ async fn any_number_of_writers_loads_back_bit_for_bit() {
 
             let loaded = load_checkpoint(&store, &saved.folder).await.unwrap();
             assert_bit_identical(&loaded.tensors, &sorted(&tensors), &what);
-            // On local disk the files are read straight into the tensors' memory.
-            let on_disk = store.url().starts_with("file://");
+            // On local disk the files are read straight into the tensors' memory (pread);
+            // memory:// and remote stores go the buffered way.
+            let direct = store.url().starts_with("file://");
             assert_eq!(
-                loaded.read_direct, on_disk,
+                loaded.read_direct, direct,
                 "{what}: read straight into tensors"
             );
             let report = verify_checkpoint(&store, &saved.folder).await.unwrap();
@@ -159,6 +167,39 @@ async fn any_number_of_writers_loads_back_bit_for_bit() {
         assert_bit_identical(&latest.tensors, &sorted(&tensors), "64 writers");
         assert_eq!(latest.read_direct, store.url().starts_with("file://"));
     }
+}
+
+/// A remote store's shard with one flipped byte (header or data): a load refuses it,
+/// naming the file.
+#[tokio::test]
+async fn a_flipped_byte_in_a_remote_shard_is_refused() {
+    use object_store::{ObjectStore, ObjectStoreExt};
+    let inner: std::sync::Arc<dyn ObjectStore> =
+        std::sync::Arc::new(object_store::memory::InMemory::new());
+    let store = Store::from_object_store("test://remote", inner.clone(), "");
+    let tensors = odd_tensors();
+    let saved = save_checkpoint(&store, &with_tensors(1, &tensors), 2)
+        .await
+        .unwrap();
+    let loaded = load_checkpoint(&store, &saved.folder).await.unwrap();
+    assert!(
+        !loaded.read_direct,
+        "a remote store is read the buffered way"
+    );
+    assert_bit_identical(&loaded.tensors, &sorted(&tensors), "remote");
+    let path = object_store::path::Path::from(format!("{}/{S1}", saved.folder));
+    let good = inner.get(&path).await.unwrap().bytes().await.unwrap();
+    for at in [3, 20, good.len() / 2, good.len() - 1] {
+        let mut bad = good.to_vec();
+        bad[at] ^= 0x10;
+        inner.put(&path, Bytes::from(bad).into()).await.unwrap();
+        match load_checkpoint(&store, &saved.folder).await {
+            Err(StorageError::Corrupt { file, .. }) => assert_eq!(file, S1, "byte {at}"),
+            other => panic!("byte {at}: want Corrupt, got {other:?}"),
+        }
+    }
+    inner.put(&path, good.into()).await.unwrap();
+    load_checkpoint(&store, &saved.folder).await.unwrap();
 }
 
 /// `save_checkpoint` accepts content without tensors and commits a manifest with no files;
