@@ -16,7 +16,8 @@
 //! manifest that is not signed by it ([`StorageError::Untrusted`]). Loading assembles whole
 //! tensors from the slices with [`tenax_core::ckpt::load_plan`], whatever number of ranks
 //! wrote them; from a `file://` store it reads the files straight into the tensors and hashes
-//! them there (no intermediate buffer), falling back to the buffered read, which names any
+//! them there, from a remote store it places the streamed chunks straight into the tensors
+//! (no intermediate buffer either way), falling back to the buffered read, which names any
 //! problem, when that does not check out.
 
 use std::collections::BTreeMap;
@@ -37,7 +38,7 @@ use crate::manifest::{
     check_hashed, folder_name, parse_folder_name, FileEntry, HashAlg, Manifest, TensorEntry,
     DTYPE_F32, FORMAT_VERSION, MANIFEST_FILE,
 };
-use crate::restore::load_direct;
+use crate::restore::{load_direct, load_streamed};
 use crate::shard::{decode_shard, encode_refs, TensorData, TensorRef};
 use crate::signing::TrustKey;
 use crate::store::{ObjectInfo, Store};
@@ -233,8 +234,9 @@ pub struct LoadedCheckpoint {
     pub folder: String,
     /// Every tensor, whole (assembled from its slices), sorted by name.
     pub tensors: Vec<TensorData>,
-    /// Whether the tensors were read from local files straight into their memory and
-    /// hashed there (a `file://` store), rather than downloaded into buffers first.
+    /// Whether the files were read straight into the tensors' memory (a `file://` store:
+    /// `pread`s, hashed there; a remote one: streamed chunks placed as they arrive), rather
+    /// than downloaded into buffers and converted.
     pub read_direct: bool,
 }
 
@@ -612,7 +614,13 @@ async fn read_checkpoint(
         })?;
     }
     if assemble {
-        if let Some(tensors) = load_local(store, folder, &manifest).await {
+        let direct = if store.is_remote() {
+            let streamed = load_streamed(store, folder, &manifest, MAX_CONCURRENT_TRANSFERS);
+            streamed.await.ok().flatten()
+        } else {
+            load_local(store, folder, &manifest).await
+        };
+        if let Some(tensors) = direct {
             let report = VerifyReport {
                 files: manifest.files.len(),
                 bytes: manifest.files.iter().map(|f| f.size).sum(),

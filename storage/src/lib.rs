@@ -17,7 +17,8 @@
 //!   given to a store with [`Store::with_keys`]) and key files (pure but for key files).
 //! - `shard`: [`TensorData`] to and from safetensors bytes, checked against the manifest (pure).
 //! - `restore`: whole tensors from a checkpoint's slices, on every core; from a `file://`
-//!   store read straight into tensor memory and hashed there (crate-private).
+//!   store read straight into tensor memory and hashed there, from a remote store streamed
+//!   straight into it (crate-private).
 //! - `checkpoint`: [`save_checkpoint`] (or its steps [`begin_save`], [`write_shard`],
 //!   [`commit_save`]), [`list_checkpoints`], [`verify_checkpoint`], [`load_checkpoint`],
 //!   [`latest_verified`], [`prune`] (async, tokio).

@@ -6,15 +6,18 @@
 //! [`assemble_tensors`] converts from file bytes already in memory (downloaded and hashed);
 //! [`load_direct`] reads each piece from its file into its place in the tensor with one
 //! `pread` (no intermediate buffer, no conversion pass) and then hashes the tensors' memory
-//! in file order, so what is returned is exactly what was hashed. `load_direct` takes only
-//! the common case (little-endian host, files whose every data byte the plan reads) and
-//! says `Ok(None)` for anything else; any error in it sends the caller to the buffered path
-//! too, which names the problem the way a verify does.
+//! in file order, so what is returned is exactly what was hashed. [`load_streamed`] does
+//! the same from a remote store: one streamed GET per file, each chunk copied to its place
+//! in the tensors as it arrives ([`Placer`]) and hashed on a blocking thread meanwhile.
+//! Both take only the common case (little-endian host, files whose every data byte the
+//! plan reads) and say `Ok(None)` for anything else; any error in them sends the caller to
+//! the buffered path, which names the problem the way a verify does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 use tenax_core::ckpt::{load_plan, replicated_needs, row_elems, Read};
@@ -230,6 +233,34 @@ fn open_file(manifest: &Manifest, name: &str, path: &std::path::Path) -> Result<
     let mut header = vec![0u8; 8 + n as usize];
     file.read_exact_at(&mut header, 0)
         .map_err(|e| format!("{name}: {e}"))?;
+    check_header(manifest, name, header, size).map(|(header, meta, hash)| OpenFile {
+        file,
+        header,
+        meta,
+        hash,
+        size,
+    })
+}
+
+/// A checked header: its bytes, their parse, and the hash the manifest gives the file.
+type CheckedHeader = (Vec<u8>, Metadata, (HashAlg, String));
+
+/// A file's header (its first `8 + n` bytes, `n` from the first 8) parsed and checked
+/// against the manifest's slices of that file: present, F32, the stored shape, nothing
+/// else, and describing exactly `size` bytes. Returns the header, its parse and the hash
+/// the manifest gives the file.
+fn check_header(
+    manifest: &Manifest,
+    name: &str,
+    header: Vec<u8>,
+    size: u64,
+) -> Result<CheckedHeader, String> {
+    let entry = manifest
+        .files
+        .iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| format!("{name} is not in MANIFEST.json"))?;
+    let n = header.len() as u64 - 8;
     // Deserializing checks the offsets: contiguous from 0, each the size its shape says.
     let meta: Metadata =
         serde_json::from_slice(&header[8..]).map_err(|e| format!("{name}: header: {e}"))?;
@@ -252,13 +283,7 @@ fn open_file(manifest: &Manifest, name: &str, path: &std::path::Path) -> Result<
         }
     }
     let (alg, hash) = entry.hash();
-    Ok(OpenFile {
-        file,
-        header,
-        meta,
-        hash: (alg, hash.to_string()),
-        size,
-    })
+    Ok((header, meta, (alg, hash.to_string())))
 }
 
 /// The bytes of `f32` values as they are in memory (little-endian on this host).
@@ -407,6 +432,224 @@ pub(crate) fn load_direct(
     Ok(Some(out.into_values().collect()))
 }
 
+/// Restore from a remote store (S3) straight into tensor memory: one streamed GET per file,
+/// as the buffered path does, but each chunk is copied to where its bytes belong in the
+/// tensors as it arrives (no file buffer, no conversion pass) and hashed on a blocking
+/// thread meanwhile; at most `concurrency` files at once. `Ok(None)`/`Err` as for
+/// [`load_direct`]: the caller then reads the buffered way.
+pub(crate) async fn load_streamed(
+    store: &crate::Store,
+    folder: &str,
+    manifest: &Manifest,
+    concurrency: usize,
+) -> Result<Option<Vec<TensorData>>, String> {
+    if cfg!(not(target_endian = "little")) {
+        return Ok(None);
+    }
+    let mut out = empty_tensors(manifest);
+    if out.is_empty() {
+        return Ok(None);
+    }
+    let reads = whole_tensor_reads(manifest)?;
+    let groups = plan_pieces(manifest, &reads, &mut out, 1)?;
+    let mut by_file: BTreeMap<&str, Vec<Piece<'_>>> = BTreeMap::new();
+    for piece in groups.into_iter().flatten() {
+        by_file
+            .entry(piece.0.file.as_str())
+            .or_default()
+            .push(piece);
+    }
+    let mut jobs = Vec::with_capacity(manifest.files.len());
+    for entry in &manifest.files {
+        let pieces = by_file.remove(entry.name.as_str()).unwrap_or_default();
+        jobs.push(stream_file(store, folder, manifest, entry, pieces));
+    }
+    if !by_file.is_empty() {
+        return Err("the load plan reads files the manifest does not list".into());
+    }
+    futures::stream::iter(jobs)
+        .buffer_unordered(concurrency.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(Some(out.into_values().collect()))
+}
+
+/// [`load_streamed`] for one file and the pieces read from it.
+async fn stream_file(
+    store: &crate::Store,
+    folder: &str,
+    manifest: &Manifest,
+    entry: &crate::manifest::FileEntry,
+    pieces: Vec<Piece<'_>>,
+) -> Result<(), String> {
+    use object_store::ObjectStoreExt;
+    let name = entry.name.as_str();
+    let path = store.path(&format!("{folder}/{name}"));
+    let got = store
+        .inner()
+        .get(&path)
+        .await
+        .map_err(|e| format!("{name}: {e}"))?;
+    if got.meta.size != entry.size {
+        return Err(format!(
+            "{name}: size {}, MANIFEST.json says {}",
+            got.meta.size, entry.size
+        ));
+    }
+    let alg = entry.hash().0;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut hasher = alg.hasher();
+        while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        hasher.finalize_hex()
+    });
+    let mut placer = Placer::new(manifest, entry, pieces);
+    let mut stream = got.into_stream();
+    while let Some(chunk) = stream
+        .try_next()
+        .await
+        .map_err(|e| format!("{name}: {e}"))?
+    {
+        tx.send(chunk.clone())
+            .await
+            .map_err(|_| format!("{name}: hashing stopped"))?;
+        placer.feed(&chunk)?;
+    }
+    drop(tx);
+    let want = placer.finish()?;
+    let got = hasher
+        .await
+        .map_err(|e| format!("{name}: hashing panicked: {e}"))?;
+    if !got.eq_ignore_ascii_case(&want) {
+        return Err(format!("{name}: {} mismatch", alg.name()));
+    }
+    Ok(())
+}
+
+/// Places one file's bytes, fed in chunks of any size in file order, into the tensors:
+/// first the header (its length, then that much JSON), checked against the manifest, then
+/// every data byte into the piece it belongs to (the pieces must tile the data section).
+struct Placer<'m, 'a> {
+    manifest: &'m Manifest,
+    name: &'m str,
+    size: u64,
+    /// The pieces, until the header is in.
+    pieces: Option<Vec<Piece<'a>>>,
+    header: Vec<u8>,
+    /// The hash the manifest gives the file.
+    want_hash: String,
+    /// Once the header is in: each piece's bytes, in file order (none empty).
+    targets: Vec<&'a mut [u8]>,
+    /// The piece being filled, and how far.
+    next: usize,
+    filled: usize,
+    /// Bytes fed so far.
+    pos: u64,
+}
+
+impl<'m, 'a> Placer<'m, 'a> {
+    fn new(
+        manifest: &'m Manifest,
+        entry: &'m crate::manifest::FileEntry,
+        pieces: Vec<Piece<'a>>,
+    ) -> Self {
+        Placer {
+            manifest,
+            name: &entry.name,
+            size: entry.size,
+            pieces: Some(pieces),
+            header: Vec::new(),
+            want_hash: String::new(),
+            targets: Vec::new(),
+            next: 0,
+            filled: 0,
+            pos: 0,
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
+        let name = self.name;
+        self.pos += chunk.len() as u64;
+        if self.pos > self.size || self.size < 8 {
+            return Err(format!("{name}: longer than MANIFEST.json says"));
+        }
+        let mut body = chunk;
+        if self.pieces.is_some() {
+            if self.header.len() < 8 {
+                let take = (8 - self.header.len()).min(body.len());
+                self.header.extend_from_slice(&body[..take]);
+                body = &body[take..];
+            }
+            if self.header.len() >= 8 {
+                let n = u64::from_le_bytes(self.header[..8].try_into().expect("8 bytes"));
+                if n > MAX_HEADER_BYTES || n > self.size - 8 {
+                    return Err(format!("{name}: header of {n} bytes"));
+                }
+                let need = 8 + n as usize;
+                let take = (need - self.header.len()).min(body.len());
+                self.header.extend_from_slice(&body[..take]);
+                body = &body[take..];
+                if self.header.len() == need {
+                    self.place_pieces()?;
+                }
+            }
+        }
+        while !body.is_empty() {
+            let Some(target) = self.targets.get_mut(self.next) else {
+                return Err(format!("{name}: bytes past the last tensor"));
+            };
+            let n = (target.len() - self.filled).min(body.len());
+            target[self.filled..self.filled + n].copy_from_slice(&body[..n]);
+            body = &body[n..];
+            self.filled += n;
+            if self.filled == target.len() {
+                (self.next, self.filled) = (self.next + 1, 0);
+            }
+        }
+        Ok(())
+    }
+
+    /// The header is in: check it and lay the pieces out in file order.
+    fn place_pieces(&mut self) -> Result<(), String> {
+        let name = self.name;
+        let header = std::mem::take(&mut self.header);
+        let (header, meta, hash) = check_header(self.manifest, name, header, self.size)?;
+        self.want_hash = hash.1;
+        let data_start = header.len() as u64;
+        let mut ranges = Vec::new();
+        let mut placed = Vec::new();
+        for (read, first_row, per_row, target) in self.pieces.take().unwrap_or_default() {
+            let info = meta
+                .info(&read.tensor)
+                .ok_or_else(|| format!("{name}: {} missing", read.tensor))?;
+            let start = info.data_offsets.0 as u64 + (first_row * per_row * 4) as u64;
+            let bytes = bytes_of_mut(target);
+            if start + bytes.len() as u64 > info.data_offsets.1 as u64 {
+                return Err(format!("{name}: {} has fewer rows", read.tensor));
+            }
+            ranges.push((data_start + start, bytes.len() as u64, placed.len()));
+            placed.push(Some(bytes));
+        }
+        let order = tiles(data_start, self.size, ranges)
+            .ok_or_else(|| format!("{name}: the plan does not read every byte"))?;
+        self.targets = order
+            .into_iter()
+            .filter_map(|i| placed.get_mut(i).and_then(Option::take))
+            .collect();
+        Ok(())
+    }
+
+    /// Every byte fed and placed: the hash the manifest gives the file.
+    fn finish(self) -> Result<String, String> {
+        if self.pieces.is_some() || self.pos != self.size || self.next != self.targets.len() {
+            return Err(format!("{}: ended early", self.name));
+        }
+        Ok(self.want_hash)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,6 +695,91 @@ mod tests {
         for (what, start, size, ranges, want) in cases {
             assert_eq!(tiles(start, size, ranges), want, "{what}");
         }
+    }
+
+    /// A file fed to the placer in chunks of any size (1 byte, across the header's
+    /// length and JSON, across pieces) ends up in the tensors bit for bit.
+    #[tokio::test]
+    async fn chunks_of_any_size_land_where_they_belong() {
+        use crate::checkpoint::{save_checkpoint, CheckpointContent, CheckpointMeta};
+        let store = crate::Store::open("memory://").unwrap();
+        let tensors: Vec<TensorData> = [
+            ("a", vec![7, 3]),
+            ("b", vec![5]),
+            ("c", vec![]),
+            ("d", vec![4, 0]),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let n: usize = shape.iter().product();
+            TensorData {
+                name: name.into(),
+                shape,
+                data: (0..n)
+                    .map(|i| f32::from_bits(0x3f80_0000 ^ (i * 7919 + k) as u32))
+                    .collect(),
+            }
+        })
+        .collect();
+        let content = CheckpointContent {
+            meta: CheckpointMeta {
+                step: 1,
+                generation: 0,
+                config: serde_json::json!({}),
+                config_hash: "x".into(),
+                data_cursor: 0,
+                rng: serde_json::json!(null),
+                extra: serde_json::json!({}),
+            },
+            tensors: tensors.clone(),
+        };
+        let saved = save_checkpoint(&store, &content, 2).await.unwrap();
+        let m = &saved.manifest;
+        let mut files = Vec::new();
+        for f in &m.files {
+            let key = format!("{}/{}", saved.folder, f.name);
+            files.push(store.get(&key).await.unwrap().unwrap());
+        }
+        for chunk in [1usize, 2, 3, 7, 8, 9, 13, 64, 1000, 1 << 20] {
+            let mut out = empty_tensors(m);
+            let reads = whole_tensor_reads(m).unwrap();
+            let groups = plan_pieces(m, &reads, &mut out, 1).unwrap();
+            let mut by_file: BTreeMap<&str, Vec<Piece<'_>>> = BTreeMap::new();
+            for p in groups.into_iter().flatten() {
+                by_file.entry(p.0.file.as_str()).or_default().push(p);
+            }
+            for (entry, bytes) in m.files.iter().zip(&files) {
+                let pieces = by_file.remove(entry.name.as_str()).unwrap_or_default();
+                let mut placer = Placer::new(m, entry, pieces);
+                for c in bytes.chunks(chunk) {
+                    placer.feed(c).unwrap();
+                }
+                assert_eq!(placer.finish().unwrap(), entry.hash().1, "chunk {chunk}");
+            }
+            let got: Vec<TensorData> = out.into_values().collect();
+            for (g, w) in got.iter().zip(&tensors) {
+                let bits = |t: &TensorData| t.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    (&g.name, &g.shape, bits(g)),
+                    (&w.name, &w.shape, bits(w)),
+                    "chunk {chunk}"
+                );
+            }
+        }
+        // Short, long and cut-off files are refused.
+        let (entry, bytes) = (&m.files[0], &files[0]);
+        let mut out = empty_tensors(m);
+        let reads = whole_tensor_reads(m).unwrap();
+        let groups = plan_pieces(m, &reads, &mut out, 1).unwrap();
+        let pieces: Vec<Piece<'_>> = groups
+            .into_iter()
+            .flatten()
+            .filter(|p| p.0.file == entry.name)
+            .collect();
+        let mut placer = Placer::new(m, entry, pieces);
+        placer.feed(&bytes[..bytes.len() - 1]).unwrap();
+        assert!(placer.finish().unwrap_err().contains("ended early"));
     }
 
     #[test]

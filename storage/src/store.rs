@@ -320,6 +320,11 @@ impl Store {
         }
     }
 
+    /// Whether the backend is across a network (S3, or a wrapped store of unknown kind).
+    pub(crate) fn is_remote(&self) -> bool {
+        self.remote
+    }
+
     /// The file on local disk that holds `key`, for a `file://` store (`None` for any other):
     /// a restore reads such files straight into tensor memory.
     pub(crate) fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
