@@ -47,6 +47,13 @@ fn empty_tensors(manifest: &Manifest) -> BTreeMap<String, TensorData> {
         .collect()
 }
 
+/// The zeroed tensors a direct read fills, or `None` when there is none to take: a
+/// big-endian host (file bytes are little-endian) or a checkpoint without tensors.
+fn direct_tensors(manifest: &Manifest) -> Option<BTreeMap<String, TensorData>> {
+    let out = empty_tensors(manifest);
+    (cfg!(target_endian = "little") && !out.is_empty()).then_some(out)
+}
+
 /// How many threads convert or read pieces.
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
@@ -330,13 +337,9 @@ pub(crate) fn load_direct(
     manifest: &Manifest,
     path_of: &dyn Fn(&str) -> Option<PathBuf>,
 ) -> Result<Option<Vec<TensorData>>, String> {
-    if cfg!(not(target_endian = "little")) {
+    let Some(mut out) = direct_tensors(manifest) else {
         return Ok(None);
-    }
-    let mut out = empty_tensors(manifest);
-    if out.is_empty() {
-        return Ok(None);
-    }
+    };
     let mut files: BTreeMap<&str, OpenFile> = BTreeMap::new();
     for entry in &manifest.files {
         let Some(path) = path_of(&entry.name) else {
@@ -443,13 +446,9 @@ pub(crate) async fn load_streamed(
     manifest: &Manifest,
     concurrency: usize,
 ) -> Result<Option<Vec<TensorData>>, String> {
-    if cfg!(not(target_endian = "little")) {
+    let Some(mut out) = direct_tensors(manifest) else {
         return Ok(None);
-    }
-    let mut out = empty_tensors(manifest);
-    if out.is_empty() {
-        return Ok(None);
-    }
+    };
     let reads = whole_tensor_reads(manifest)?;
     let groups = plan_pieces(manifest, &reads, &mut out, 1)?;
     let mut by_file: BTreeMap<&str, Vec<Piece<'_>>> = BTreeMap::new();
