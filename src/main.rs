@@ -8,6 +8,7 @@
 //! test-only fault hooks and their guard in src/hooks.rs.
 
 mod bench;
+mod bench_ckpt;
 mod bench_cluster;
 mod bench_gpu;
 mod bench_pipeline;
