@@ -1,8 +1,9 @@
 //! The training config TOML of `tenax train --config FILE` and `tenax daemon --config FILE`
-//! (src/config.rs of the binary package, which has no library target: included here by
-//! path, unchanged). `TrainArgs::from_toml_file` is `toml::from_str` of the file's text;
-//! this target parses the text the same way, then resolves it (alone, and over a
-//! checkpoint's config as `--resume` does) and compares the math keys as a resume does.
+//! (src/config.rs of the binary package, with its src/config/args.rs; the package has no
+//! library target: included here by path, unchanged). `TrainArgs::from_toml_file` is
+//! `toml::from_str` of the file's text; this target parses the text the same way, then
+//! resolves it (alone, and over a checkpoint's config as `--resume` does) and compares the
+//! math keys as a resume does.
 #![no_main]
 
 #[allow(dead_code, unused_imports)]
