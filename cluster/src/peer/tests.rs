@@ -984,8 +984,8 @@ async fn state_transfer_checks_every_chunk_and_the_checksum() {
         }),
         ("first chunk has no header", |c| c[0].header = None),
         ("step 5, not the requested step 6", |_| {}),
-        // The header's count is the donor's word: nothing is reserved for it up front
-        // (12 TiB here), the stream is refused where it falls short.
+        // The header's count is the donor's word: it is not reserved up front (12 TiB
+        // here), the stream is refused where it falls short.
         (
             "tensor 1 starts but tensor 0 has only 2 of 1099511627776 values",
             |c| c[0].header.as_mut().unwrap().num_params = 1 << 40,
@@ -1405,8 +1405,8 @@ async fn state_stream_checks_every_frame_and_the_checksum() {
 }
 
 /// A state stream header's parameter count is the donor's word: the requester reserves
-/// room as data arrives, so a header claiming 2^40 values (12 TiB) costs nothing up front
-/// and the stream is refused at the frame that shows it short (before this, the
+/// room as data arrives, so a header claiming 2^40 values (12 TiB) costs at most
+/// `RESERVE_AHEAD_FLOATS` values per tensor up front and the stream is refused at the frame that shows it short (before this, the
 /// requester reserved the whole claim on the header and refused with "cannot hold").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_stream_reserves_as_data_arrives_not_what_the_header_claims() {
@@ -1422,6 +1422,37 @@ async fn state_stream_reserves_as_data_arrives_not_what_the_header_claims() {
         err.contains("tensor 1 starts but tensor 0 has only 2 of 1099511627776 values"),
         "{err}"
     );
+}
+
+proptest::proptest! {
+    /// The lane-wise payload checksum is the word-by-word Fletcher-64 exactly, from any
+    /// running state and for any split of the words into updates (full and partial rows
+    /// of lanes, words near u32::MAX so that both halves wrap).
+    #[test]
+    fn the_lane_wise_checksum_is_the_word_by_word_one(
+        words in proptest::collection::vec(proptest::prop_oneof![
+            proptest::prelude::any::<u32>(),
+            (u32::MAX - 3)..=u32::MAX,
+        ], 0..600),
+        cuts in proptest::collection::vec(0usize..600, 0..6),
+        start in proptest::prelude::any::<(u32, u32)>(),
+    ) {
+        use super::transfer::PayloadSum;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(words.len()) * 4).collect();
+        cuts.push(0);
+        cuts.push(bytes.len());
+        cuts.sort_unstable();
+        let (mut by_lanes, mut by_words) = (PayloadSum::default(), PayloadSum::default());
+        let lead = [start.0.to_le_bytes(), start.1.to_le_bytes()].concat();
+        by_lanes.update_words(&lead);
+        by_words.update_words(&lead);
+        for part in cuts.windows(2) {
+            by_lanes.update(&bytes[part[0]..part[1]]);
+        }
+        by_words.update_words(&bytes);
+        proptest::prop_assert_eq!(by_lanes.finalize(), by_words.finalize());
+    }
 }
 
 /// `make_room` grows a tensor by doubling, never past its `n` values, and not at all

@@ -654,6 +654,18 @@ pub(super) fn encode_and_hash_into(
     }
 }
 
+/// Lanes of [`PayloadSum::update`].
+const SUM_LANES: usize = 8;
+
+/// [`decode`] and [`PayloadSum::update`] over `data` in blocks of [`BLOCK_BYTES`], each
+/// summed while it is still in cache (one pass over the received bytes, not two).
+pub(super) fn decode_and_sum(data: &[u8], out: &mut Vec<f32>, sum: &mut PayloadSum) {
+    for block in data.chunks(BLOCK_BYTES) {
+        sum.update(block);
+        decode(block, out);
+    }
+}
+
 /// Appends the little-endian f32 values of `data` (a multiple of 4 bytes) to `out`.
 pub(super) fn decode(data: &[u8], out: &mut Vec<f32>) {
     out.extend(
@@ -1185,7 +1197,48 @@ pub(super) struct PayloadSum {
 
 impl PayloadSum {
     /// Adds `data` (a multiple of 4 bytes).
+    ///
+    /// Word by word this is `a += w; b += a` (see [`PayloadSum::update_words`]); here the
+    /// words are summed in [`SUM_LANES`] independent lanes, which the compiler vectorises,
+    /// and folded back exactly (all arithmetic wraps, so it is exact mod 2^64): for the
+    /// `k = L * M` words `w[m][j]` of `M` rows of `L` lanes, with per-lane sums `A_j` and
+    /// prefix sums `B_j = sum over m of (M - 1 - m) * w[m][j]`,
+    /// `a += sum A_j` and `b += k * a_before + L * sum (A_j + B_j) - sum j * A_j`.
     pub(super) fn update(&mut self, data: &[u8]) {
+        const L: usize = SUM_LANES;
+        let rows = data.chunks_exact(4 * L);
+        let tail = rows.remainder();
+        let k = (rows.len() * L) as u64;
+        let (mut lane_a, mut lane_b) = ([0u64; L], [0u64; L]);
+        for row in rows {
+            for j in 0..L {
+                lane_b[j] = lane_b[j].wrapping_add(lane_a[j]);
+                let w = u32::from_le_bytes([
+                    row[4 * j],
+                    row[4 * j + 1],
+                    row[4 * j + 2],
+                    row[4 * j + 3],
+                ]);
+                lane_a[j] = lane_a[j].wrapping_add(u64::from(w));
+            }
+        }
+        let (mut sum_a, mut sum_b, mut weighted) = (0u64, 0u64, 0u64);
+        for j in 0..L {
+            sum_a = sum_a.wrapping_add(lane_a[j]);
+            sum_b = sum_b.wrapping_add(lane_b[j]);
+            weighted = weighted.wrapping_add((j as u64).wrapping_mul(lane_a[j]));
+        }
+        self.b = self
+            .b
+            .wrapping_add(k.wrapping_mul(self.a))
+            .wrapping_add((L as u64).wrapping_mul(sum_a.wrapping_add(sum_b)))
+            .wrapping_sub(weighted);
+        self.a = self.a.wrapping_add(sum_a);
+        self.update_words(tail);
+    }
+
+    /// [`PayloadSum::update`] one word at a time: the definition.
+    pub(super) fn update_words(&mut self, data: &[u8]) {
         let (mut a, mut b) = (self.a, self.b);
         for w in data.chunks_exact(4) {
             a = a.wrapping_add(u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]])));
