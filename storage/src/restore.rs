@@ -61,7 +61,7 @@ fn threads() -> usize {
 
 /// The reads of the load plan for one rank, cut into pieces of rows of about an equal share
 /// of `out`, and dealt biggest first to the least loaded of `threads` groups (empty groups
-/// left out). `known(file)` says whether a read's file is among those at hand.
+/// left out). A read of a file the manifest does not list is an error.
 fn plan_pieces<'a>(
     manifest: &Manifest,
     reads: &'a [Read],
