@@ -1406,8 +1406,9 @@ async fn state_stream_checks_every_frame_and_the_checksum() {
 
 /// A state stream header's parameter count is the donor's word: the requester reserves
 /// room as data arrives, so a header claiming 2^40 values (12 TiB) costs at most
-/// `RESERVE_AHEAD_FLOATS` values per tensor up front and the stream is refused at the frame that shows it short (before this, the
-/// requester reserved the whole claim on the header and refused with "cannot hold").
+/// `RESERVE_AHEAD_FLOATS` values per tensor up front and the stream is refused at the
+/// frame that shows it short (before this, the requester reserved the whole claim on the
+/// header and refused with "cannot hold").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_stream_reserves_as_data_arrives_not_what_the_header_claims() {
     let hub = fetcher(true);
